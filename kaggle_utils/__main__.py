@@ -1,0 +1,3 @@
+from kaggle_utils.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,17 @@
+"""Errors a user can act on. The CLI prints them as one line and exits 2; nothing else is caught."""
+
+
+class UsageError(Exception):
+    """Input the user can fix (bad file, bad option): printed as one line, exit code 2."""
+
+
+class DataError(UsageError):
+    """A competition file that cannot be used as it is. The message names the file, column and ids/rows."""
+
+
+class SubmissionError(UsageError):
+    """A submission file that Kaggle would reject. The message names the file and the first offending rows."""
+
+
+class ArtifactError(UsageError):
+    """A model artifact that is incomplete or disagrees with the code (template version, manifest fields)."""

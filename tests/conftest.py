@@ -1,0 +1,39 @@
+"""Shared fixtures: generated competition files, their parsed form, and a locally trained tokenizer.
+
+Everything is built offline from the project's own generator, once per session.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+# Two cores on CI: keep torch from oversubscribing when several workers or BLAS pools compete.
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def sample_files(tmp_path_factory):
+    from kaggle_utils.sample import generate_competition_files
+
+    return generate_competition_files(tmp_path_factory.mktemp("sample"), n_train=400, n_test=40, seed=0)
+
+
+@pytest.fixture(scope="session")
+def train_data(sample_files):
+    from kaggle_utils.data import load_competition
+
+    return load_competition(sample_files.train_csv, split="train")
+
+
+@pytest.fixture(scope="session")
+def demo_tokenizer(train_data, tmp_path_factory):
+    from kaggle_utils.tokenizer import train_demo_tokenizer
+
+    frame = train_data.frame
+    texts = [turn for column in ("prompt", "response_a", "response_b") for turns in frame[column] for turn in turns]
+    return train_demo_tokenizer(texts, tmp_path_factory.mktemp("tokenizer"), vocab_size=1024)
