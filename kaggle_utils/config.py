@@ -43,6 +43,25 @@ class FoldConfig:
 
 
 @dataclass
+class BaselineConfig:
+    """Feature baseline (lengths, turns, formatting -> scikit-learn): the sanity check (~1.065 on real data)
+    and inference's cheap fallback predictor."""
+
+    model: Literal["hgb", "logreg"] = "hgb"
+    max_iter: int = 100
+    learning_rate: float = 0.05
+    max_leaf_nodes: int = 15
+    min_samples_leaf: int = 40
+    l2_regularization: float = 1.0
+    # Train on each row and its A/B-swapped copy, predict as the mean of both orders (position symmetry).
+    swap_augmentation: bool = True
+    seed: int = 42
+    # OpenMP/BLAS threads while fitting and predicting (None: the libraries' default, all cores). The fits are
+    # small; on a shared 2-core box OpenMP's busy-waiting made them about 10x slower than one thread.
+    n_threads: int | None = 1
+
+
+@dataclass
 class FormatConfig:
     """Conversation -> text -> tokens. Changing the template must change `template_version`."""
 
@@ -66,6 +85,7 @@ class ModelConfig:
     attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] = "eager"
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"  # auto: bf16 native, fp16 T4, fp32 CPU
     gradient_checkpointing: bool = True
+    init_seed: int = 0  # random-weight bases (tiny / config.json): every ordering starts from the same weights
 
 
 @dataclass
@@ -113,6 +133,23 @@ class TrainConfig:
     fold: int = 0
     output_dir: str = "runs/train"
     max_steps: int | None = None  # cap for demos and tests
+    eval_token_budget: int = 8192  # tokens per evaluation batch (rows x padded length)
+
+
+@dataclass
+class QAwareConfig:
+    """Quantization-aware variants (kaggle_utils.qaware): group-wise INT4 base, QA-LoRA / QA-HiRA, ApiQ init."""
+
+    group_size: int = 64  # INT4 group along the input dim; must divide every target layer's in_features
+    int4_method: Literal["rtn", "hqq"] = "hqq"  # rtn: integer zero points; hqq: HQQ's optimised float ones
+    adapter_rank: int = 16  # QA-LoRA rank (a foldable update has rank <= in_features / group_size)
+    adapter_alpha: float = 16.0
+    hira_output_repeat: int | None = None  # QA-HiRA: None -> QA-LoRA rank's parameter count
+    apiq_rows: int = 128  # calibration rows (the ApiQ paper: 128 samples)
+    apiq_epochs: int = 20
+    apiq_batch_size: int = 8
+    apiq_lora_lr: float = 5e-4
+    apiq_clip_lr: float = 5e-3
 
 
 @dataclass
@@ -120,12 +157,50 @@ class InferenceConfig:
     """Offline prediction under Kaggle's limits."""
 
     token_budget: int = 8192  # tokens per batch (rows * padded length), per device
+    max_rows_per_batch: int | None = 64  # cap on rows per batch whatever the budget (short rows)
     tta_swap: bool = True
+    # shared_queue: every device pulls the next longest batch (original order first, then swapped).
+    # view_per_device: the winners' 2-GPU layout (original on GPU0, swapped on GPU1); a device whose view is
+    # done helps with the other, so both stay busy to the end.
+    layout: Literal["shared_queue", "view_per_device"] = "shared_queue"
     device: Literal["auto", "cuda", "cpu", "tpu"] = "auto"
     num_gpus: int | None = None  # None -> all visible
-    deadline_hours: float = 9.0
-    safety_margin_hours: float = 0.75
-    warmup_batches: int = 3
+    compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"  # auto: bf16 native, fp16 T4
+    deadline_hours: float = 9.0  # Kaggle's limit, counted from the notebook's start
+    safety_margin_hours: float = 0.75  # kept free for loading, the fallback and writing
+    warmup_batches: int = 3  # per device, excluded from the rate used for the projection
+    max_consecutive_failures: int = 3  # a device that fails this many batches in a row is retired
+    # False: batch errors are logged and their rows served by the fallback, and predict() returns normally
+    # (on Kaggle any exception fails the submission). True: re-raise after the valid file is written.
+    raise_after_write: bool = False
+    progress: bool = True
+
+
+@dataclass
+class KaggleConfig:
+    """Kaggle accounts, slugs and kernel settings for `python -m kaggle_utils kaggle ...` (kaggle_cli.py)."""
+
+    owner: str | None = None  # None -> the authenticated user (KAGGLE_USERNAME, kaggle.json or the token's user)
+    competition: str = "llm-classification-finetuning"
+    submission_kernel: str = "arena-preference-submission"  # kernel slug; the title is derived from it
+    artifact_dataset: str = "arena-preference-artifact"
+    wheels_dataset: str = "kaggle-utils-wheels"  # third-party wheels the Kaggle image lacks
+    package_dataset: str | None = "kaggle-utils-package"  # the kaggle_utils wheel alone; None -> in the wheels
+    machine_shape: str = "NvidiaTeslaT4"  # two T4s, the GPU a code-competition submission runs on
+    is_private: bool = True
+    build_dir: str = "build/kaggle"
+    # Wheels for an offline notebook: these packages at the versions installed here, plus their dependencies
+    # minus `wheel_exclude` (what Kaggle's image already ships and must keep: torch and its CUDA stack).
+    wheel_packages: tuple[str, ...] = (
+        "transformers", "peft", "accelerate", "bitsandbytes", "tokenizers", "safetensors", "huggingface-hub", "polars",
+    )
+    wheel_exclude: tuple[str, ...] = (
+        "torch", "triton", "nvidia-*", "numpy", "sympy", "mpmath", "networkx", "jinja2", "markupsafe", "filelock",
+        "fsspec", "typing-extensions", "setuptools", "pip", "wheel",
+    )
+    wheel_python_version: str = "3.11"  # Kaggle's image
+    # Kaggle's image: Ubuntu 22.04 (glibc 2.35); every older manylinux tag of the same architecture fits too.
+    wheel_platform: str = "manylinux_2_35_x86_64"
 
 
 @dataclass
@@ -134,12 +209,15 @@ class PipelineConfig:
 
     data: DataConfig = field(default_factory=DataConfig)
     folds: FoldConfig = field(default_factory=FoldConfig)
+    baseline: BaselineConfig = field(default_factory=BaselineConfig)
     format: FormatConfig = field(default_factory=FormatConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraSettings = field(default_factory=LoraSettings)
     quant: QuantConfig = field(default_factory=QuantConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     inference: InferenceConfig = field(default_factory=InferenceConfig)
+    qaware: QAwareConfig = field(default_factory=QAwareConfig)
+    kaggle: KaggleConfig = field(default_factory=KaggleConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -1,0 +1,248 @@
+"""The demo behind `python -m kaggle_utils demo --out DIR`: the whole pipeline on generated data, offline.
+
+A list of steps run in order over one shared `DemoState`; each step does one thing, prints one line and
+records its results under its own key of the report (`demo_report.json` / `demo_report.md` in `out_dir`).
+Later stages (the LLM orderings' comparison, LLM inference) are added as further steps in `DEMO_STEPS`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from kaggle_utils import __version__
+from kaggle_utils.baseline import BaselineResult, run_baseline_cv
+from kaggle_utils.config import BaselineConfig, FoldConfig
+from kaggle_utils.data import LoadedData, load_competition
+from kaggle_utils.fileio import atomic_write_bytes
+from kaggle_utils.folds import fold_summary, make_folds, save_folds
+from kaggle_utils.metrics import save_oof
+from kaggle_utils.sample import SampleFiles, generate_competition_files
+from kaggle_utils.submission import validate_submission, write_submission
+
+
+@dataclass
+class DemoState:
+    """Everything the steps pass along; each step reads what earlier steps set."""
+
+    out_dir: Path
+    submission_path: Path
+    n_train: int
+    n_test: int
+    seed: int
+    fold_config: FoldConfig
+    baseline_config: BaselineConfig
+    files: SampleFiles | None = None
+    train: LoadedData | None = None
+    test: LoadedData | None = None
+    folds: pl.DataFrame | None = None
+    folds_path: Path | None = None
+    baseline: BaselineResult | None = None
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class DemoStep:
+    """One step: `run(state)` does the work, stores its results in `state.report[key]`, returns one line."""
+
+    key: str
+    title: str
+    run: Callable[[DemoState], str]
+
+
+def step_sample(state: DemoState) -> str:
+    state.files = generate_competition_files(
+        state.out_dir / "data", n_train=state.n_train, n_test=state.n_test, seed=state.seed
+    )
+    state.report["sample"] = {
+        "train_csv": str(state.files.train_csv),
+        "test_csv": str(state.files.test_csv),
+        "n_train": state.n_train,
+        "n_test": state.n_test,
+        "seed": state.seed,
+    }
+    return f"{state.n_train} train / {state.n_test} test rows in competition format -> {state.files.train_csv.parent}"
+
+
+def step_load(state: DemoState) -> str:
+    state.train = load_competition(state.files.train_csv, split="train")
+    state.test = load_competition(state.files.test_csv, split="test")
+    train_report, test_report = state.train.report, state.test.report
+    state.report["load"] = {"train": train_report.to_dict(), "test": test_report.to_dict()}
+    state.report["load_text"] = {"train": train_report.to_text(), "test": test_report.to_text()}
+    return (
+        f"train {train_report.rows_kept}/{train_report.rows_read} rows kept "
+        f"({sum(train_report.repairs.values())} repairs, {train_report.rows_dropped} dropped), "
+        f"test {test_report.rows_kept}/{test_report.rows_read} rows ({sum(test_report.repairs.values())} repairs)"
+    )
+
+
+def step_folds(state: DemoState) -> str:
+    frame = state.train.frame
+    state.folds = make_folds(frame, state.fold_config)
+    state.folds_path = state.out_dir / "folds.parquet"
+    digest = save_folds(state.folds, state.folds_path)
+    summary = fold_summary(state.folds, frame)
+    state.report["folds"] = {
+        "path": str(state.folds_path),
+        "sha256": digest,
+        "n_folds": state.fold_config.n_folds,
+        "seed": state.fold_config.seed,
+        "groups": state.folds["group"].n_unique(),
+        "per_fold": summary.to_dicts(),
+    }
+    return (
+        f"{state.fold_config.n_folds} folds over {state.folds['group'].n_unique()} prompt groups, "
+        f"fold sizes {summary['rows'].to_list()} -> {state.folds_path.name}"
+    )
+
+
+def step_baseline(state: DemoState) -> str:
+    state.baseline = run_baseline_cv(state.train.frame, state.folds, state.baseline_config)
+    oof_path = state.out_dir / "oof.parquet"
+    save_oof(state.baseline.oof, oof_path)
+    model_path = state.baseline.model.save(state.out_dir / "baseline_model.joblib")
+    score = state.baseline.score
+    state.report["baseline"] = {
+        **score.to_dict(),
+        "model": state.baseline_config.model,
+        "oof_path": str(oof_path),
+        "model_path": str(model_path),
+    }
+    return (
+        f"OOF log loss {score.log_loss:.4f} vs class prior {score.prior_log_loss:.4f} and uniform "
+        f"{score.uniform_log_loss:.4f}; per fold " + ", ".join(f"{v:.4f}" for v in score.per_fold.values())
+    )
+
+
+def step_submission(state: DemoState) -> str:
+    test_frame = state.test.frame
+    probs = state.baseline.model.predict_proba(test_frame)
+    written = write_submission(
+        test_frame["id"],
+        probs,
+        state.submission_path,
+        expected_ids=test_frame["id"],
+        fallback_prior=state.baseline.model.class_prior,
+    )
+    validated = validate_submission(state.submission_path, state.files.test_csv)
+    state.report["submission"] = {
+        **written.to_dict(),
+        "validated": True,
+        "mean_probs": dict(zip(("a", "b", "tie"), np.round(probs.mean(axis=0), 4).tolist(), strict=True)),
+    }
+    return f"{validated.rows} rows written and validated -> {state.submission_path}"
+
+
+DEMO_STEPS: list[DemoStep] = [
+    DemoStep("sample", "generate competition-format data", step_sample),
+    DemoStep("load", "load and parse (data report)", step_load),
+    DemoStep("folds", "stratified folds grouped by prompt", step_folds),
+    DemoStep("baseline", "feature baseline, grouped CV", step_baseline),
+    DemoStep("submission", "predict test, write and validate submission", step_submission),
+]
+
+
+def run_demo(
+    out_dir: str | Path,
+    submission_path: str | Path = "submissions/submission.csv",
+    n_train: int = 2000,
+    n_test: int = 200,
+    seed: int = 0,
+    steps: list[DemoStep] | None = None,
+    fold_config: FoldConfig | None = None,
+    baseline_config: BaselineConfig | None = None,
+    echo: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Run every step in order; writes demo_report.json/.md under `out_dir` and returns the report dict."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    steps = DEMO_STEPS if steps is None else steps
+    state = DemoState(
+        out_dir=out_dir,
+        submission_path=Path(submission_path),
+        n_train=n_train,
+        n_test=n_test,
+        seed=seed,
+        fold_config=fold_config or FoldConfig(),
+        baseline_config=baseline_config or BaselineConfig(),
+    )
+    state.report["meta"] = {
+        "package_version": __version__,
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "out_dir": str(out_dir),
+    }
+    timings: dict[str, float] = {}
+    lines: list[str] = []
+    for number, step in enumerate(steps, start=1):
+        started = time.perf_counter()
+        line = step.run(state)
+        timings[step.key] = round(time.perf_counter() - started, 3)
+        message = f"[{number}/{len(steps)}] {step.title}: {line} ({timings[step.key]:.1f}s)"
+        lines.append(message)
+        echo(message)
+    state.report["timings_s"] = timings
+    state.report["steps"] = lines
+    _write_reports(state.report, out_dir)
+    echo(f"report -> {out_dir / 'demo_report.md'}")
+    return state.report
+
+
+def _write_reports(report: dict[str, Any], out_dir: Path) -> None:
+    atomic_write_bytes(
+        out_dir / "demo_report.json", json.dumps(report, indent=2, default=str).encode("utf-8")
+    )
+    atomic_write_bytes(out_dir / "demo_report.md", _markdown(report).encode("utf-8"))
+
+
+def _markdown(report: dict[str, Any]) -> str:
+    lines = [
+        "# Demo report",
+        "",
+        f"kaggle_utils {report['meta']['package_version']}, {report['meta']['created_at']}",
+        "",
+    ]
+    lines += ["## Steps", "", *[f"- {line}" for line in report.get("steps", [])], ""]
+    if "load_text" in report:
+        lines += ["## Data reports", ""]
+        for split, text in report["load_text"].items():
+            lines += [f"### {split}", "", "```", text, "```", ""]
+    if "folds" in report:
+        per_fold = report["folds"]["per_fold"]
+        if per_fold:
+            columns = list(per_fold[0])
+            lines += ["## Folds", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+            lines += ["| " + " | ".join(str(row[c]) for c in columns) + " |" for row in per_fold]
+            lines += ["", f"sha256 `{report['folds']['sha256']}`", ""]
+    if "baseline" in report:
+        base = report["baseline"]
+        lines += [
+            "## Baseline OOF log loss",
+            "",
+            "| predictor | log loss |",
+            "|---|---|",
+            f"| feature baseline ({base['model']}) | {base['log_loss']:.4f} |",
+            f"| class prior | {base['prior_log_loss']:.4f} |",
+            f"| uniform | {base['uniform_log_loss']:.4f} |",
+            "",
+            "per fold: " + ", ".join(f"{fold}: {value:.4f}" for fold, value in base["per_fold"].items()),
+            "",
+        ]
+    if "submission" in report:
+        sub = report["submission"]
+        lines += [
+            "## Submission",
+            "",
+            f"`{sub['path']}`: {sub['rows']} rows, validated; "
+            f"{sub['renormalised_rows']} renormalised, {sub['fallback_rows']} fallback rows",
+            "",
+        ]
+    return "\n".join(lines)

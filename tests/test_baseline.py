@@ -1,0 +1,133 @@
+"""Feature baseline: the features mean what they say, CV beats the class prior, the model is A/B symmetric,
+saves and loads."""
+
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+import pytest
+
+from kaggle_utils.baseline import BaselineModel, baseline_features, feature_names, run_baseline_cv
+from kaggle_utils.config import BaselineConfig, FoldConfig
+from kaggle_utils.errors import ArtifactError, DataError
+from kaggle_utils.folds import make_folds
+from kaggle_utils.metrics import OOF_COLUMNS, log_loss
+
+SCHEMA = {
+    "id": pl.Int64,
+    "prompt": pl.List(pl.String),
+    "response_a": pl.List(pl.String),
+    "response_b": pl.List(pl.String),
+    "label": pl.Int8,
+}
+
+
+@pytest.fixture(scope="module")
+def train_frame(train_data):
+    return train_data.frame
+
+
+@pytest.fixture(scope="module")
+def cv_result(train_frame):
+    folds = make_folds(train_frame, FoldConfig(n_folds=4, seed=0))
+    return folds, run_baseline_cv(train_frame, folds)
+
+
+def test_features_measure_lengths_formatting_refusals_and_flags():
+    frame = pl.DataFrame(
+        {
+            "id": [1, 2],
+            "prompt": [["first question", "second?"], ["q"]],
+            "response_a": [
+                ["old turn", "# Title\n- one\n- two\n1. three\n**bold** and ```code``` here"],
+                ["same"],
+            ],
+            "response_b": [["x", "I'm sorry, but I can't help with that."], ["same"]],
+            "label": [0, 2],
+        },
+        schema=SCHEMA,
+    )
+    features = baseline_features(frame)
+    assert features.columns == feature_names()
+    assert features.null_count().sum_horizontal().item() == 0
+    row = features.row(0, named=True)
+    last_a = "# Title\n- one\n- two\n1. three\n**bold** and ```code``` here"
+    assert row["prompt_turns"] == 2
+    assert row["prompt_chars_total"] == len("first question\nsecond?")
+    assert row["a_chars_last"] == len(last_a)
+    assert row["a_chars_total"] == len("old turn\n" + last_a)
+    assert row["a_lines_last"] == 4
+    assert row["a_bullets_last"] == 3
+    assert row["a_headers_last"] == 1
+    assert row["a_bold_last"] == 1
+    assert row["a_code_blocks_last"] == 1
+    assert row["a_refusal_last"] == 0 and row["b_refusal_last"] == 1
+    assert row["diff_chars_last"] == row["a_chars_last"] - row["b_chars_last"]
+    assert row["identical_responses"] == 0
+    assert features.row(1, named=True)["identical_responses"] == 1
+
+
+def test_empty_and_null_turns_give_flags_not_nulls():
+    frame = pl.DataFrame(
+        {"id": [1], "prompt": [[""]], "response_a": [[None]], "response_b": [["", "  "]], "label": [2]},
+        schema=SCHEMA,
+    )
+    row = baseline_features(frame).row(0, named=True)
+    assert row["a_empty_last"] == row["a_empty_total"] == row["b_empty_last"] == row["b_empty_total"] == 1
+    assert row["a_chars_total"] == 0 and np.isfinite(row["logratio_chars_total"])
+
+
+def test_cv_beats_class_prior_on_generated_data(cv_result, train_frame):
+    folds, result = cv_result
+    score = result.score
+    assert score.rows == train_frame.height
+    assert score.log_loss < score.prior_log_loss - 0.05
+    assert score.prior_log_loss < score.uniform_log_loss
+    assert set(score.per_fold) == {0, 1, 2, 3}
+    assert result.oof.columns == list(OOF_COLUMNS)
+    assert result.oof["id"].to_list() == train_frame["id"].to_list()
+    expected_folds = train_frame.select("id").join(folds, on="id")["fold"]
+    assert result.oof["fold"].to_list() == expected_folds.to_list()
+    probs = result.oof.select("p_a", "p_b", "p_tie").to_numpy()
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-12)
+    assert log_loss(train_frame["label"].to_numpy(), probs) == pytest.approx(score.log_loss)
+
+
+def test_logistic_regression_variant_also_learns(train_frame, cv_result):
+    folds, _ = cv_result
+    result = run_baseline_cv(train_frame, folds, BaselineConfig(model="logreg"))
+    assert result.log_loss < result.score.prior_log_loss - 0.05
+
+
+def test_predictions_are_symmetric_under_swapping_responses(cv_result, train_frame):
+    _, result = cv_result
+    sample = train_frame.head(50)
+    swapped = sample.with_columns(response_a=pl.col("response_b"), response_b=pl.col("response_a"))
+    probs = result.model.predict_proba(sample)
+    np.testing.assert_allclose(result.model.predict_proba(swapped), probs[:, [1, 0, 2]], atol=1e-12)
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-12)
+
+
+def test_model_round_trips_and_refuses_other_features(cv_result, train_frame, tmp_path):
+    _, result = cv_result
+    path = result.model.save(tmp_path / "baseline.joblib")
+    loaded = BaselineModel.load(path)
+    np.testing.assert_array_equal(loaded.predict_proba(train_frame), result.model.predict_proba(train_frame))
+    assert loaded.class_prior == pytest.approx(
+        np.bincount(train_frame["label"].to_numpy(), minlength=3) / train_frame.height
+    )
+
+    loaded.feature_version = "baseline-features-v0"
+    stale = loaded.save(tmp_path / "stale.joblib")
+    with pytest.raises(ArtifactError, match="trained on features"):
+        BaselineModel.load(stale)
+    with pytest.raises(ArtifactError, match="not found"):
+        BaselineModel.load(tmp_path / "absent.joblib")
+
+
+def test_cv_refuses_rows_without_a_fold_or_label(cv_result, train_frame):
+    folds, _ = cv_result
+    with pytest.raises(DataError, match="have no fold"):
+        run_baseline_cv(train_frame, folds.slice(3))
+    with pytest.raises(DataError, match="label"):
+        run_baseline_cv(train_frame.with_columns(label=pl.lit(None, dtype=pl.Int8)), folds)

@@ -1,0 +1,123 @@
+"""The data commands through the real `cli.main`: exit 0 on success, exit 2 with one `error:` line otherwise."""
+
+from __future__ import annotations
+
+import json
+
+import polars as pl
+import pytest
+
+from kaggle_utils import cli
+from kaggle_utils.folds import load_folds
+from kaggle_utils.submission import validate_submission
+
+
+@pytest.fixture
+def main(monkeypatch):
+    """cli.main with only this command group, so the test does not depend on the other groups' modules."""
+    monkeypatch.setattr(cli, "COMMAND_GROUPS", ("data",))
+    return cli.main
+
+
+def assert_one_line_error(capsys, *fragments: str) -> str:
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err, err
+    for fragment in fragments:
+        assert fragment in err, err
+    return err
+
+
+def test_validate_data_prints_the_report(main, sample_files, capsys):
+    assert main(["validate-data", str(sample_files.train_csv)]) == 0
+    out = capsys.readouterr().out
+    assert "data report" in out and "rows read" in out
+    assert main(["validate-data", str(sample_files.test_csv), "--split", "test"]) == 0
+
+
+def test_validate_data_exit_2_for_missing_file_and_missing_columns(main, tmp_path, capsys):
+    missing = tmp_path / "nope.csv"
+    assert main(["validate-data", str(missing)]) == 2
+    assert_one_line_error(capsys, "nope.csv")
+    broken = tmp_path / "broken.csv"
+    pl.DataFrame({"id": [1], "prompt": ['["x"]']}).write_csv(broken)
+    assert main(["validate-data", str(broken), "--split", "train"]) == 2
+    assert_one_line_error(capsys, "broken.csv", "response_a")
+
+
+def test_folds_command_writes_checked_folds(main, sample_files, train_data, tmp_path, capsys):
+    out = tmp_path / "folds.parquet"
+    assert main(["folds", "--train", str(sample_files.train_csv), "--out", str(out), "--n-folds", "4"]) == 0
+    printed = capsys.readouterr().out
+    assert "share_tie" in printed and "sha256" in printed
+    folds = load_folds(out)
+    assert sorted(folds["fold"].unique().to_list()) == [0, 1, 2, 3]
+    assert folds.height == train_data.frame.height
+
+
+def test_validate_submission_exit_codes(main, sample_files, tmp_path, capsys):
+    good = tmp_path / "good.csv"
+    test_ids = pl.read_csv(sample_files.test_csv, columns=["id"])["id"]
+    pl.DataFrame({"id": test_ids, "winner_model_a": 0.4, "winner_model_b": 0.4, "winner_tie": 0.2}).write_csv(
+        good
+    )
+    assert main(["validate-submission", str(good), "--test", str(sample_files.test_csv)]) == 0
+    assert "ok:" in capsys.readouterr().out
+
+    bad = tmp_path / "bad.csv"
+    pl.read_csv(good).head(len(test_ids) - 1).write_csv(bad)
+    assert main(["validate-submission", str(bad), "--test", str(sample_files.test_csv)]) == 2
+    assert_one_line_error(capsys, "bad.csv", "test ids missing", str(test_ids[-1]))
+
+
+def test_baseline_command_scores_and_writes_a_valid_submission(main, sample_files, tmp_path, capsys):
+    folds = tmp_path / "folds.parquet"
+    assert main(["folds", "--train", str(sample_files.train_csv), "--out", str(folds)]) == 0
+    submission, oof, model = tmp_path / "sub.csv", tmp_path / "oof.parquet", tmp_path / "model.joblib"
+    argv = [
+        "baseline",
+        "--train",
+        str(sample_files.train_csv),
+        "--folds",
+        str(folds),
+        "--test",
+        str(sample_files.test_csv),
+        "--out",
+        str(submission),
+        "--oof",
+        str(oof),
+        "--save-model",
+        str(model),
+    ]
+    capsys.readouterr()
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "OOF log loss" in out and "class prior" in out and "(validated)" in out
+    validate_submission(submission, sample_files.test_csv)
+    assert oof.exists() and model.exists()
+
+
+def test_baseline_command_needs_test_and_out_together(main, sample_files, tmp_path, capsys):
+    argv = ["baseline", "--train", str(sample_files.train_csv), "--test", str(sample_files.test_csv)]
+    assert main(argv) == 2
+    assert_one_line_error(capsys, "--test and --out")
+
+
+def test_demo_command_runs_small(main, tmp_path, capsys):
+    submission = tmp_path / "submissions" / "submission.csv"
+    argv = [
+        "demo",
+        "--out",
+        str(tmp_path / "demo"),
+        "--submission",
+        str(submission),
+        "--n-train",
+        "300",
+        "--n-test",
+        "30",
+        "--seed",
+        "3",
+    ]
+    assert main(argv) == 0
+    assert "[5/5]" in capsys.readouterr().out
+    report = json.loads((tmp_path / "demo" / "demo_report.json").read_text())
+    assert report["submission"]["rows"] == 30 and report["sample"]["seed"] == 3

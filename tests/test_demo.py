@@ -1,0 +1,64 @@
+"""The demo end to end on a small generated set: valid submission, reports, determinism, extensible steps."""
+
+from __future__ import annotations
+
+import json
+
+import polars as pl
+
+from kaggle_utils.demo import DEMO_STEPS, DemoStep, run_demo
+from kaggle_utils.folds import check_folds, load_folds
+from kaggle_utils.metrics import load_oof, score_oof
+from kaggle_utils.submission import validate_submission
+
+
+def test_demo_writes_a_valid_submission_and_reports(tmp_path):
+    submission = tmp_path / "submissions" / "submission.csv"
+    lines: list[str] = []
+    report = run_demo(
+        tmp_path / "demo", submission_path=submission, n_train=400, n_test=40, seed=0, echo=lines.append
+    )
+
+    assert len(lines) == len(DEMO_STEPS) + 1  # one line per step, then where the report is
+    assert all(line.startswith(f"[{i}/{len(DEMO_STEPS)}]") for i, line in enumerate(lines[:-1], start=1))
+    validated = validate_submission(submission, report["sample"]["test_csv"])
+    assert validated.rows == 40
+
+    out = tmp_path / "demo"
+    on_disk = json.loads((out / "demo_report.json").read_text())
+    assert set(on_disk) >= {"sample", "load", "folds", "baseline", "submission", "timings_s", "steps", "meta"}
+    assert (
+        on_disk["baseline"]["log_loss"]
+        < on_disk["baseline"]["prior_log_loss"]
+        < on_disk["baseline"]["uniform_log_loss"]
+    )
+    markdown = (out / "demo_report.md").read_text()
+    assert "| class prior |" in markdown and "data report" in markdown
+
+    # the artifacts the report points at are the real ones
+    train = pl.read_csv(report["sample"]["train_csv"], columns=["id"])
+    folds = load_folds(out / "folds.parquet")
+    assert folds.height == report["load"]["train"]["rows_kept"] <= train.height
+    check_folds(folds)
+    assert score_oof(load_oof(out / "oof.parquet")).log_loss == on_disk["baseline"]["log_loss"]
+
+
+def test_demo_is_deterministic_by_seed_and_takes_extra_steps(tmp_path):
+    seen = {}
+
+    def record_baseline_score(state):
+        seen["log_loss"] = state.baseline.log_loss
+        state.report["extra"] = {"rows": state.baseline.oof.height}
+        return "recorded"
+
+    steps = [*DEMO_STEPS[:4], DemoStep("extra", "a later stage", record_baseline_score), DEMO_STEPS[4]]
+    first = run_demo(
+        tmp_path / "a", tmp_path / "a.csv", n_train=300, n_test=20, seed=5, steps=steps, echo=lambda _: None
+    )
+    second = run_demo(tmp_path / "b", tmp_path / "b.csv", n_train=300, n_test=20, seed=5, echo=lambda _: None)
+
+    assert first["extra"]["rows"] == first["baseline"]["rows"]
+    assert seen["log_loss"] == first["baseline"]["log_loss"] == second["baseline"]["log_loss"]
+    assert first["folds"]["sha256"] == second["folds"]["sha256"]
+    assert "[5/6] a later stage: recorded" in first["steps"][4]
+    assert (tmp_path / "a.csv").read_bytes() == (tmp_path / "b.csv").read_bytes()
