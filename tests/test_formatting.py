@@ -1,0 +1,464 @@
+"""Prompt template, token-budget truncation and the A/B swap, checked on two differently built tokenizers.
+
+* ``word_tok``: a WordLevel tokenizer whose every content word is its own token and names its origin
+  ("p1x7" = prompt of turn 1, word 7). Counting and ordering those tokens in the output checks truncation
+  exactly, independently of the implementation's own bookkeeping.
+* ``bpe_tok``: the byte-level BPE demo tokenizer (Gemma layout) on arbitrary unicode text, literal special
+  tokens included.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import numpy as np
+import polars as pl
+import pytest
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+from kaggle_utils.config import FormatConfig
+from kaggle_utils.errors import DataError, UsageError
+from kaggle_utils.formatting import (
+    TEMPLATE_VERSION,
+    TEMPLATES,
+    TRUNCATION_MODES,
+    encode_both_orders,
+    encode_rows,
+    minimum_max_length,
+    swap_frame,
+    swap_labels,
+    swap_probs,
+)
+from kaggle_utils.tokenizer import END_OF_TURN, START_OF_TURN, train_demo_tokenizer
+
+MAX_TURNS, MAX_WORDS = 4, 120
+CONTENT = re.compile(r"^([pab])(\d+)x(\d+)$")
+PIECES = "pab"
+FLOOR_SHARES = (0.0, 0.1, 0.2, 1 / 3)
+HYPOTHESIS = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+# ------------------------------------------------------------------------------------------------ fixtures
+def _template_words() -> set[str]:
+    splitter = pre_tokenizers.Whitespace()
+    texts = [FormatConfig().truncation_marker]
+    for template in TEMPLATES.values():
+        texts += [template.turn_open, template.prompt_to_a, template.a_to_b, template.turn_close, template.suffix]
+    words = set()
+    for text in texts:
+        for part in re.split(f"({re.escape(START_OF_TURN)}|{re.escape(END_OF_TURN)})", text):
+            words.update(word for word, _ in splitter.pre_tokenize_str(part))
+    return words - {START_OF_TURN, END_OF_TURN}
+
+
+@pytest.fixture(scope="module")
+def word_tok() -> PreTrainedTokenizerFast:
+    """WordLevel, specials at the start, Gemma's turn tokens appended at the end of the vocabulary."""
+    content = {f"{piece}{turn}x{i}" for piece in PIECES for turn in range(MAX_TURNS) for i in range(MAX_WORDS)}
+    vocab_words = ["[UNK]", "[PAD]", "[BOS]", "[EOS]", *sorted(_template_words() | content)]
+    backend = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(vocab_words)}, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        bos_token="[BOS]",
+        eos_token="[EOS]",
+        extra_special_tokens=[START_OF_TURN, END_OF_TURN],
+    )
+
+
+@pytest.fixture(scope="module")
+def bpe_tok() -> PreTrainedTokenizerFast:
+    corpus = [
+        "Which response is better? A, B or tie? The model answers the user.",
+        "naïve café — 数据 😊 <response_a> </response_b> ### Prompt",
+        "def solve(x):\n    return x * 2\n",
+    ] * 30
+    return train_demo_tokenizer(corpus, None, vocab_size=400)
+
+
+def _frame(rows: list[list[tuple[str, str, str]]], labels: list[int | None] | None = None) -> pl.DataFrame:
+    data = {
+        "id": list(range(100, 100 + len(rows))),
+        "prompt": [[turn[0] for turn in row] for row in rows],
+        "response_a": [[turn[1] for turn in row] for row in rows],
+        "response_b": [[turn[2] for turn in row] for row in rows],
+    }
+    schema = {"id": pl.Int64, "prompt": pl.List(pl.String), "response_a": pl.List(pl.String),
+              "response_b": pl.List(pl.String)}  # fmt: skip
+    if labels is not None:
+        data["label"] = labels
+        schema["label"] = pl.Int8
+    return pl.DataFrame(data, schema=schema)
+
+
+def _words(piece: str, turn: int, n: int) -> str:
+    return " ".join(f"{piece}{turn}x{i}" for i in range(n))
+
+
+def _word_rows(lengths: list[list[tuple[int, int, int]]]) -> list[list[tuple[str, str, str]]]:
+    return [[tuple(_words(PIECES[k], t, turn[k]) for k in range(3)) for t, turn in enumerate(row)] for row in lengths]
+
+
+def _pieces(tok, text_or_texts):
+    return tok(text_or_texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+
+
+def _template_parts(tok, cfg):
+    template = TEMPLATES[cfg.template]
+    fixed = tok([template.turn_open, template.prompt_to_a, template.a_to_b, template.turn_close, template.suffix],
+                add_special_tokens=False)["input_ids"]  # fmt: skip
+    marker = _pieces(tok, cfg.truncation_marker)
+    return fixed, marker
+
+
+def _priority(n_turns: int, mode: str) -> list[int]:
+    """Turn order of preference: last first (keep_end), first first (keep_start), alternating (head_tail)."""
+    if mode == "keep_end":
+        return list(reversed(range(n_turns)))
+    if mode == "keep_start":
+        return list(range(n_turns))
+    ends = [x for pair in zip(reversed(range(n_turns)), range(n_turns), strict=True) for x in pair]
+    return list(dict.fromkeys(ends))
+
+
+def _contains(sequence: list[int], part: list[int]) -> bool:
+    return any(sequence[i : i + len(part)] == part for i in range(len(sequence) - len(part) + 1))
+
+
+# ---------------------------------------------------------------------------------------- word strategy
+turn_lengths = st.tuples(*(st.integers(0, MAX_WORDS) for _ in range(3)))
+word_rows = st.lists(st.lists(turn_lengths, min_size=1, max_size=MAX_TURNS), min_size=1, max_size=3)
+
+
+@HYPOTHESIS
+@given(
+    lengths=word_rows,
+    mode=st.sampled_from(TRUNCATION_MODES),
+    template=st.sampled_from(sorted(TEMPLATES)),
+    floor_share=st.sampled_from(FLOOR_SHARES),
+    slack=st.integers(0, 400),
+)
+def test_truncation_properties_counted_word_by_word(word_tok, lengths, mode, template, floor_share, slack):
+    base = FormatConfig(template=template, truncation=mode, floor_share=floor_share)
+    cfg = FormatConfig(template=template, truncation=mode, floor_share=floor_share,
+                       max_length=minimum_max_length(word_tok, base) + slack)  # fmt: skip
+    encoded = encode_rows(_frame(_word_rows(lengths)), word_tok, cfg)
+    (turn_open, prompt_to_a, a_to_b, turn_close, suffix), marker = _template_parts(word_tok, cfg)
+    assert len(marker) == 1
+    turn_template = turn_open + prompt_to_a + a_to_b + turn_close
+    overhead = len(turn_template)
+    fixed_cost = 1 + len(suffix)
+
+    for row, ids in zip(lengths, encoded.input_ids, strict=True):
+        n_turns = len(row)
+        tokens = word_tok.convert_ids_to_tokens(ids)
+        # Never longer than max_length; bos first; the suffix whole at the end.
+        assert len(ids) <= cfg.max_length
+        assert ids[0] == word_tok.bos_token_id and ids[-len(suffix) :] == suffix
+        # Delimiters and special tokens never cut: without text and markers, bos + k whole turn templates + suffix.
+        skeleton = [i for i, t in zip(ids, tokens, strict=True) if not CONTENT.match(t) and i != marker[0]]
+        kept_turns = (len(skeleton) - fixed_cost) // max(overhead, 1)
+        assert skeleton == [word_tok.bos_token_id] + turn_template * kept_turns + suffix
+        assert 1 <= kept_turns <= n_turns
+
+        # Which words of which piece survived, in output order.
+        seen: dict[tuple[int, int], list[int]] = {}
+        positions: dict[tuple[int, int], list[int]] = {}
+        for pos, token in enumerate(tokens):
+            match = CONTENT.match(token)
+            if match:
+                key = (int(match[2]), PIECES.index(match[1]))
+                seen.setdefault(key, []).append(int(match[3]))
+                positions.setdefault(key, []).append(pos)
+        turns_with_text = sorted({turn for turn, _ in seen})
+        n_markers = sum(1 for i in ids if i == marker[0])
+
+        fits_whole = fixed_cost + sum(overhead + sum(turn) for turn in row) <= cfg.max_length
+        event("fits whole" if fits_whole else f"cut, {kept_turns} of {n_turns} turns kept")
+        if fits_whole:
+            assert n_markers == 0
+            for t, turn in enumerate(row):
+                for k in range(3):
+                    assert seen.get((t, k), []) == list(range(turn[k]))
+            continue
+
+        # Text was lost, so a marker shows it (inside a cut piece or where whole turns were dropped).
+        assert n_markers >= 1
+        # Kept turns are the highest-priority ones.
+        kept_set = set(_priority(n_turns, mode)[:kept_turns])
+        assert set(turns_with_text) <= kept_set
+        # The highest-priority turn survives whole whenever it fits alone (beside the dropped-turns marker).
+        first = 0 if mode == "keep_start" else n_turns - 1
+        gap_room = len(marker) if n_turns > 1 else 0
+        if fixed_cost + overhead + sum(row[first]) + gap_room <= cfg.max_length:
+            for k in range(3):
+                assert seen.get((first, k), []) == list(range(row[first][k]))
+
+        cut_pieces = 0
+        for t, k in ((t, k) for t in sorted(kept_set) for k in range(3)):
+            total, kept = row[t][k], seen.get((t, k), [])
+            if len(kept) == total:
+                assert kept == list(range(total))
+                continue
+            cut_pieces += 1
+            if not kept:  # cut to nothing but its marker (floor_share 0, tiny budget)
+                continue
+            where = positions[(t, k)]
+            if mode == "keep_end":  # the end of the piece, marker just before it
+                assert kept == list(range(total - len(kept), total)) and ids[where[0] - 1] == marker[0]
+            elif mode == "keep_start":  # the start, marker just after
+                assert kept == list(range(len(kept))) and ids[where[-1] + 1] == marker[0]
+            else:  # head and tail around the marker
+                head = math.ceil(len(kept) / 2)
+                assert kept == list(range(head)) + list(range(total - (len(kept) - head), total))
+                assert ids[where[head - 1] + 1] == marker[0]
+        # One marker per cut piece, plus one where whole turns were dropped.
+        assert n_markers == cut_pieces + (kept_turns < n_turns)
+        if kept_turns < n_turns and mode == "keep_end":
+            assert ids[1] == marker[0]  # dropped turns were the first ones
+        elif kept_turns < n_turns and mode == "keep_start":
+            assert ids[-len(suffix) - 1] == marker[0]  # dropped turns were the last ones
+
+        if n_turns == 1:
+            # Each piece keeps at least its floor share of the content budget (or all its text).
+            content_budget = cfg.max_length - fixed_cost - overhead - 3 * len(marker)
+            floor = int(floor_share * content_budget)
+            for k in range(3):
+                assert len(seen.get((0, k), [])) >= min(row[0][k], floor)
+            # Unused share flows to the others: a cut single turn fills the budget (up to rounding).
+            assert len(ids) >= cfg.max_length - 2
+            assert n_markers == sum(1 for k in range(3) if len(seen.get((0, k), [])) < row[0][k])
+
+    # The implementation's own bookkeeping agrees with the count.
+    for r, ids in enumerate(encoded.input_ids):
+        tokens = word_tok.convert_ids_to_tokens(ids)
+        for k in range(3):
+            assert encoded.kept_tokens[r, k] == sum(1 for t in tokens if CONTENT.match(t) and t[0] == PIECES[k])
+            assert encoded.content_tokens[r, k] == sum(turn[k] for turn in lengths[r])
+
+
+def test_floor_share_protects_a_short_piece_and_the_rest_goes_by_length(word_tok):
+    cfg = FormatConfig(template="plain", max_length=200, floor_share=0.2)
+    (turn_open, prompt_to_a, a_to_b, turn_close, suffix), marker = _template_parts(word_tok, cfg)
+    content_budget = cfg.max_length - 1 - len(suffix) - len(turn_open + prompt_to_a + a_to_b + turn_close)
+    encoded = encode_rows(_frame(_word_rows([[(100, 118, 40)]])), word_tok, cfg)
+    prompt, a, b = encoded.kept_tokens[0]
+    available = content_budget - 3 * len(marker)
+    assert prompt + a + b == available  # the whole budget is used
+    assert min(prompt, a, b) >= int(0.2 * available)  # nobody is starved
+    assert a > prompt > b  # the remainder follows how much each piece still had
+    equal = encode_rows(_frame(_word_rows([[(100, 118, 90)]])), word_tok,
+                        FormatConfig(template="plain", max_length=200, floor_share=1 / 3))  # fmt: skip
+    assert max(equal.kept_tokens[0]) - min(equal.kept_tokens[0]) <= 2  # floor 1/3: an equal split (+ rounding)
+
+
+def test_short_pieces_give_their_share_to_the_long_one(word_tok):
+    cfg = FormatConfig(template="plain", max_length=100, floor_share=0.2)
+    (turn_open, prompt_to_a, a_to_b, turn_close, suffix), marker = _template_parts(word_tok, cfg)
+    content_budget = cfg.max_length - 1 - len(suffix) - len(turn_open + prompt_to_a + a_to_b + turn_close)
+    encoded = encode_rows(_frame(_word_rows([[(3, 119, 2)]])), word_tok, cfg)
+    assert encoded.kept_tokens[0].tolist() == [3, content_budget - len(marker) - 5, 2]
+
+
+# ----------------------------------------------------------------------------------------- BPE strategy
+piece_text = st.one_of(
+    st.text(alphabet=st.characters(blacklist_categories=["Cs"]), max_size=500),
+    st.sampled_from(["", "<start_of_turn>", "<bos> <pad> <end_of_turn>", "<response_b>", " [...] "]),
+    st.lists(st.sampled_from(["the", "model", "café", "😊", "数据", "\n", "  "]), max_size=200).map(" ".join),
+)
+bpe_rows = st.lists(st.lists(st.tuples(piece_text, piece_text, piece_text), min_size=1, max_size=3),
+                    min_size=1, max_size=3)  # fmt: skip
+
+
+@HYPOTHESIS
+@given(rows=bpe_rows, mode=st.sampled_from(TRUNCATION_MODES), slack=st.integers(0, 200),
+       floor_share=st.sampled_from(FLOOR_SHARES))  # fmt: skip
+def test_truncation_properties_on_arbitrary_text_with_bpe(bpe_tok, rows, mode, slack, floor_share):
+    base = FormatConfig(truncation=mode, floor_share=floor_share)
+    cfg = FormatConfig(truncation=mode, floor_share=floor_share, max_length=minimum_max_length(bpe_tok, base) + slack)
+    encoded = encode_rows(_frame(rows), bpe_tok, cfg)
+    (turn_open, prompt_to_a, a_to_b, turn_close, suffix), marker = _template_parts(bpe_tok, cfg)
+    start, end = bpe_tok.convert_tokens_to_ids([START_OF_TURN, END_OF_TURN])
+    for row, ids in zip(rows, encoded.input_ids, strict=True):
+        assert len(ids) <= cfg.max_length
+        assert ids[0] == bpe_tok.bos_token_id and ids[-len(suffix) :] == suffix
+        # Literal special tokens in text stay text: the only special ids are the template's own.
+        assert bpe_tok.bos_token_id not in ids[1:] and bpe_tok.pad_token_id not in ids and bpe_tok.eos_token_id not in ids
+        kept_turns = (ids.count(end) - 1) // 2  # per turn: two of each; the suffix: two starts, one end
+        assert kept_turns >= 1 and ids.count(end) == 2 * kept_turns + 1 and ids.count(start) == 2 * kept_turns + 2
+        turns = [turn_open + p + prompt_to_a + a + a_to_b + b + turn_close
+                 for p, a, b in (_pieces(bpe_tok, list(turn)) for turn in row)]  # fmt: skip
+        fits_whole = 1 + sum(map(len, turns)) + len(suffix) <= cfg.max_length
+        event("fits whole" if fits_whole else f"cut, {kept_turns} of {len(row)} turns kept")
+        if fits_whole:
+            assert ids == [bpe_tok.bos_token_id] + [i for turn in turns for i in turn] + suffix
+            continue
+        assert _contains(ids, marker)
+        gap_room = len(marker) if len(row) > 1 else 0  # the marker for dropped turns
+        if mode == "keep_start":
+            if 1 + len(turns[0]) + len(suffix) + gap_room <= cfg.max_length:
+                assert ids[1 : 1 + len(turns[0])] == turns[0]
+        elif 1 + len(turns[-1]) + len(suffix) + gap_room <= cfg.max_length:  # the last turn survives if it fits
+            assert ids[-len(suffix) - len(turns[-1]) :] == turns[-1] + suffix
+
+
+# ------------------------------------------------------------------------------------------------- swap
+def _sections(tok, ids: list[int]) -> tuple[str, str, str]:
+    text = tok.decode(ids)
+    prompts = re.findall(r"<start_of_turn>user\n(.*?)<end_of_turn>", text, flags=re.S)[:-1]
+    a = re.findall(r"<response_a>\n(.*?)\n</response_a>", text, flags=re.S)
+    b = re.findall(r"<response_b>\n(.*?)\n</response_b>", text, flags=re.S)
+    return "|".join(prompts), "|".join(a), "|".join(b)
+
+
+def _equivariant_model(tok, input_ids: list[list[int]]) -> np.ndarray:
+    """A toy model that treats A and B alike: its scores depend on the sections' text only."""
+    def score(text: str) -> float:
+        return (sum(map(ord, text)) % 101) / 25 + len(text) / 500
+
+    logits = []
+    for ids in input_ids:
+        prompt, a, b = _sections(tok, ids)
+        logits.append([score(a), score(b), 0.5 + score(prompt) / 10])
+    logits = np.asarray(logits)
+    exp = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return exp / exp.sum(axis=1, keepdims=True)
+
+
+safe_text = st.text(alphabet=st.sampled_from(list("abcdefgh éü数😊,.?\n")), max_size=400)
+
+
+@HYPOTHESIS
+@given(rows=st.lists(st.lists(st.tuples(safe_text, safe_text, safe_text), min_size=1, max_size=3), min_size=1,
+                     max_size=4),
+       mode=st.sampled_from(TRUNCATION_MODES), slack=st.integers(0, 300),
+       floor_share=st.sampled_from(FLOOR_SHARES))  # fmt: skip
+def test_swapped_encoding_exchanges_a_and_b_exactly(bpe_tok, rows, mode, slack, floor_share):
+    labels = [i % 3 for i in range(len(rows))]
+    frame = _frame(rows, labels)
+    base = FormatConfig(truncation=mode, floor_share=floor_share)
+    cfg = FormatConfig(truncation=mode, floor_share=floor_share, max_length=minimum_max_length(bpe_tok, base) + slack)
+    original, swapped = encode_both_orders(frame, bpe_tok, cfg)
+    assert swapped.input_ids == encode_rows(frame, bpe_tok, cfg, swap=True).input_ids
+    assert swapped.input_ids == encode_rows(swap_frame(frame), bpe_tok, cfg).input_ids
+    assert original.input_ids == encode_rows(frame, bpe_tok, cfg).input_ids
+    for ids, ids_swapped in zip(original.input_ids, swapped.input_ids, strict=True):
+        prompt, a, b = _sections(bpe_tok, ids)
+        assert _sections(bpe_tok, ids_swapped) == (prompt, b, a)
+    # Labels and probabilities permute together: swap_probs(model(original)) == model(swapped).
+    assert swapped.labels.tolist() == swap_labels(original.labels).tolist()
+    np.testing.assert_allclose(
+        swap_probs(_equivariant_model(bpe_tok, original.input_ids)), _equivariant_model(bpe_tok, swapped.input_ids)
+    )
+    np.testing.assert_array_equal(swapped.kept_tokens, original.kept_tokens[:, [0, 2, 1]])
+    np.testing.assert_array_equal(swapped.content_tokens, original.content_tokens[:, [0, 2, 1]])
+
+
+@given(labels=st.lists(st.integers(0, 2), max_size=50))
+def test_swap_label_and_probability_algebra(labels):
+    labels = np.asarray(labels, dtype=np.int64)
+    assert swap_labels(swap_labels(labels)).tolist() == labels.tolist()
+    assert ((swap_labels(labels) == 2) == (labels == 2)).all()
+    one_hot = np.eye(3)[labels]
+    np.testing.assert_array_equal(swap_probs(one_hot), np.eye(3)[swap_labels(labels)])
+    probs = np.random.default_rng(len(labels)).dirichlet(np.ones(3), size=len(labels))
+    np.testing.assert_array_equal(swap_probs(swap_probs(probs)), probs)
+    np.testing.assert_array_equal(swap_probs(probs)[:, 2], probs[:, 2])
+    assert swap_probs(np.array([[0.7, 0.3]])).tolist() == [[0.3, 0.7]]
+    with pytest.raises(ValueError, match="shape"):
+        swap_probs(np.ones((2, 4)))
+
+
+def test_swap_frame_exchanges_every_a_b_pair_and_is_an_involution():
+    frame = _frame([[("q", "left", "right")], [("q2", "x", "y")], [("q3", "s", "t")]], labels=[0, 1, 2]).with_columns(
+        model_a=pl.Series(["m1", "m2", "m3"]), model_b=pl.Series(["n1", "n2", "n3"])
+    )
+    swapped = swap_frame(frame)
+    assert swapped.columns == frame.columns
+    assert swapped["label"].dtype == pl.Int8 and swapped["label"].to_list() == [1, 0, 2]
+    assert swapped["response_a"].to_list() == [["right"], ["y"], ["t"]]
+    assert swapped["model_a"].to_list() == ["n1", "n2", "n3"] and swapped["model_b"].to_list() == ["m1", "m2", "m3"]
+    assert swapped["prompt"].to_list() == frame["prompt"].to_list()
+    assert swap_frame(swapped).equals(frame)
+    test_frame = frame.drop("label")
+    assert swap_frame(swap_frame(test_frame)).equals(test_frame)
+
+
+# ----------------------------------------------------------------------------------- contract and errors
+def test_encoded_rows_carry_ids_labels_and_version(bpe_tok):
+    frame = _frame([[("hi", "a", "b")], [("q", "long " * 50, "b")]], labels=[0, 2])
+    encoded = encode_rows(frame, bpe_tok, FormatConfig(max_length=512))
+    assert encoded.ids == [100, 101] and encoded.swapped is False
+    assert encoded.labels.dtype == np.int64 and encoded.labels.tolist() == [0, 2]
+    assert encoded.template_version == TEMPLATE_VERSION
+    assert encoded.lengths.tolist() == [len(ids) for ids in encoded.input_ids]
+    assert not encoded.truncated.any() and "0 truncated" in encoded.summary()
+    assert encode_rows(frame.drop("label"), bpe_tok, FormatConfig(max_length=256)).labels is None
+    null_labels = frame.with_columns(pl.lit(None, dtype=pl.Int8).alias("label"))
+    assert encode_rows(null_labels, bpe_tok, FormatConfig(max_length=256)).labels is None
+
+
+def test_default_gemma_template_text(bpe_tok):
+    encoded = encode_rows(_frame([[("Hi?", "Hello!", "Hey.")]]), bpe_tok, FormatConfig())
+    assert bpe_tok.decode(encoded.input_ids[0]) == (
+        "<bos><start_of_turn>user\nHi?<end_of_turn>\n<start_of_turn>model\n<response_a>\nHello!\n</response_a>\n"
+        "<response_b>\nHey.\n</response_b><end_of_turn>\n<start_of_turn>user\nWhich response is better? A, B or "
+        "tie?<end_of_turn>\n<start_of_turn>model\n"
+    )
+
+
+def test_gemma_template_needs_the_turn_tokens(word_tok):
+    backend = Tokenizer(models.WordLevel(vocab={"[UNK]": 0, "[BOS]": 1, "hi": 2}, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    plain_tok = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", bos_token="[BOS]")
+    frame = _frame([[("hi", "hi", "hi")]])
+    with pytest.raises(UsageError, match="template='plain'"):
+        encode_rows(frame, plain_tok, FormatConfig(template="gemma"))
+    assert encode_rows(frame, plain_tok, FormatConfig(template="plain")).input_ids[0][0] == 1
+
+
+def test_config_and_length_errors_are_usage_errors(word_tok):
+    frame = _frame([[("p0x1", "a0x1", "b0x1")]])
+    with pytest.raises(UsageError, match="floor_share"):
+        encode_rows(frame, word_tok, FormatConfig(floor_share=0.5))
+    with pytest.raises(UsageError, match="truncation"):
+        encode_rows(frame, word_tok, FormatConfig(truncation="middle"))
+    minimum = minimum_max_length(word_tok, FormatConfig())
+    with pytest.raises(UsageError, match=f"max_length={minimum - 1} .* at least {minimum}"):
+        encode_rows(frame, word_tok, FormatConfig(max_length=minimum - 1))
+    assert len(encode_rows(frame, word_tok, FormatConfig(max_length=minimum)).input_ids[0]) <= minimum
+
+
+def test_bad_frames_raise_data_errors_naming_ids(word_tok):
+    good = _frame([[("a", "b", "c")], [("d", "e", "f")]], labels=[0, 1])
+    with pytest.raises(DataError, match="response_b"):
+        encode_rows(good.drop("response_b"), word_tok, FormatConfig())
+    uneven = good.with_columns(pl.Series("response_a", [["b"], ["e", "extra"]]))
+    with pytest.raises(DataError, match=r"different lengths, ids \[101\]"):
+        encode_rows(uneven, word_tok, FormatConfig())
+    null_turn = good.with_columns(pl.Series("prompt", [["a"], [None]], dtype=pl.List(pl.String)))
+    with pytest.raises(DataError, match=r"'prompt'.*ids \[101\]"):
+        encode_rows(null_turn, word_tok, FormatConfig())
+    partial_labels = good.with_columns(pl.Series("label", [0, None], dtype=pl.Int8))
+    with pytest.raises(DataError, match=r"no label.*ids \[101\]"):
+        encode_rows(partial_labels, word_tok, FormatConfig())
+    bad_label = good.with_columns(pl.Series("label", [0, 7], dtype=pl.Int8))
+    with pytest.raises(DataError, match=r"ids \[101\]"):
+        encode_rows(bad_label, word_tok, FormatConfig())
+
+
+def test_generated_competition_data_encodes_within_limits(demo_tokenizer, train_data):
+    cfg = FormatConfig(max_length=256)
+    original, swapped = encode_both_orders(train_data.frame, demo_tokenizer, cfg)
+    suffix = _template_parts(demo_tokenizer, cfg)[0][4]
+    assert len(original) == train_data.frame.height
+    assert max(original.lengths) <= 256 and max(swapped.lengths) <= 256
+    assert all(ids[0] == demo_tokenizer.bos_token_id and ids[-len(suffix) :] == suffix for ids in original.input_ids)
+    assert original.truncated.any() and (original.kept_tokens <= original.content_tokens).all()
+    np.testing.assert_array_equal(swapped.labels, swap_labels(original.labels))
