@@ -15,8 +15,9 @@ from kaggle_utils.errors import UsageError
 
 COMMAND_GROUPS: tuple[str, ...] = (
     "data",
-
+    "modeling",
 )
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m kaggle_utils", description=__doc__.splitlines()[0])
@@ -25,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
         module = importlib.import_module(f"kaggle_utils.commands.{group}")
         module.register(subparsers)
     return parser
+
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)

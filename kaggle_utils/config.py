@@ -134,6 +134,7 @@ class TrainConfig:
     output_dir: str = "runs/train"
     max_steps: int | None = None  # cap for demos and tests
     eval_token_budget: int = 8192  # tokens per evaluation batch (rows x padded length)
+    cv_folds: tuple[int, ...] | None = None  # folds compare-orderings trains (None: all); `fold` is train's one
 
 
 @dataclass
@@ -187,6 +188,9 @@ class KaggleConfig:
     wheels_dataset: str = "kaggle-utils-wheels"  # third-party wheels the Kaggle image lacks
     package_dataset: str | None = "kaggle-utils-package"  # the kaggle_utils wheel alone; None -> in the wheels
     machine_shape: str = "NvidiaTeslaT4"  # two T4s, the GPU a code-competition submission runs on
+    # Kaggle model the training kernels attach (owner/model/framework/variation/version), e.g. a Gemma-2 9B
+    # checkpoint; None: none attached (the notebooks then train the config-built model).
+    base_model_source: str | None = None
     is_private: bool = True
     build_dir: str = "build/kaggle"
     # Wheels for an offline notebook: these packages at the versions installed here, plus their dependencies

@@ -1,0 +1,334 @@
+"""One inference-artifact layout for both orderings, described by `manifest.json`.
+
+```
+<artifact>/
+  manifest.json      what it is and how it was made (below); written last, so a directory without it is incomplete
+  model/             transformers checkpoint: ft-then-quant -> the merged model, quantized (bnb nf4 / int8);
+                     quant-then-ft -> the quantized base exactly as trained on (no LoRA layers)
+  adapter/           quant-then-ft only: the unmerged peft adapter, incl. the fully trained `score` head
+  merged/            optional (quant-then-ft): the adapter folded into the 4-bit weights (one more rounding)
+  tokenizer/         the tokenizer the model was trained with
+```
+
+Manifest fields: ordering, variant, base_model, quant_scheme, dtype, max_length, template_version,
+format_config, folds_file_hash, cv_scores, class_prior, package_version, created_at, files (relative path ->
+bytes, sha256), plus layout_version, num_labels, pad_token_id, has_adapter, has_merged and any extra fields the
+caller passes. `load_artifact` refuses an artifact whose template version differs from the code's (the model
+would see differently formatted text) and one whose files are missing or truncated.
+
+Loading is offline and works on CPU and CUDA (bitsandbytes 4-bit / 8-bit on both). Runtimes without
+bitsandbytes (TPU) use ``load_artifact(..., dequantize=True)``: plain 16-bit layers holding exactly the
+quantized values, with the adapter merged in.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+import kaggle_utils
+from kaggle_utils.config import FormatConfig
+from kaggle_utils.errors import ArtifactError
+
+MANIFEST_NAME = "manifest.json"
+LAYOUT_VERSION = 1
+MODEL_DIR, ADAPTER_DIR, MERGED_DIR, TOKENIZER_DIR = "model", "adapter", "merged", "tokenizer"
+REQUIRED_FIELDS: tuple[str, ...] = (
+    "ordering",
+    "variant",
+    "base_model",
+    "quant_scheme",
+    "dtype",
+    "max_length",
+    "template_version",
+    "format_config",
+    "folds_file_hash",
+    "cv_scores",
+    "package_version",
+    "created_at",
+    "files",
+)
+# Fields the caller must supply; the rest are derived from the model, tokenizer and format config.
+CALLER_FIELDS: tuple[str, ...] = ("ordering", "variant", "base_model", "folds_file_hash", "cv_scores")
+
+
+@dataclass
+class LoadedArtifact:
+    model: Any  # PreTrainedModel, or a PeftModel (quantized base + adapter)
+    tokenizer: Any
+    manifest: dict
+    format_config: FormatConfig
+    path: Path | None = None
+
+
+def save_artifact(
+    out_dir: str | Path,
+    model: nn.Module,
+    tokenizer,
+    manifest_fields: dict,
+    format_config: FormatConfig,
+    merged_model: nn.Module | None = None,
+) -> Path:
+    """Write `model` (a plain/quantized classifier, or a peft model whose adapter stays unmerged) as an artifact.
+
+    The directory is assembled beside `out_dir` and renamed into place, so an interrupted save never leaves a
+    half-written artifact under the real name. An existing artifact at `out_dir` is replaced.
+    """
+    from kaggle_utils.formatting import TEMPLATE_VERSION
+    from kaggle_utils.quantization import quant_scheme_of
+
+    missing = [name for name in CALLER_FIELDS if name not in manifest_fields]
+    if missing:
+        raise ArtifactError(f"save_artifact: manifest_fields lacks {missing}")
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        has_adapter = hasattr(model, "peft_config")
+        save_checkpoint(model, staging / MODEL_DIR)
+        if has_adapter:
+            model.save_pretrained(str(staging / ADAPTER_DIR))
+        if merged_model is not None:
+            save_checkpoint(merged_model, staging / MERGED_DIR)
+        tokenizer.save_pretrained(str(staging / TOKENIZER_DIR))
+        inner = model.get_base_model() if has_adapter else model
+        manifest = {
+            "layout_version": LAYOUT_VERSION,
+            "quant_scheme": quant_scheme_of(model) or "none",
+            "dtype": _compute_dtype_name(model),
+            "max_length": format_config.max_length,
+            "template_version": TEMPLATE_VERSION,
+            "format_config": _plain(dataclasses.asdict(format_config)),
+            "package_version": kaggle_utils.__version__,
+            "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "num_labels": int(inner.config.num_labels),
+            "pad_token_id": int(inner.config.pad_token_id),
+            "attn_implementation": inner.config._attn_implementation,
+            "has_adapter": has_adapter,
+            "has_merged": merged_model is not None,
+            **_plain(manifest_fields),
+        }
+        manifest["files"] = _file_table(staging)
+        (staging / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2), encoding="utf-8")
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def save_checkpoint(model: nn.Module, out_dir: str | Path) -> Path:
+    """Save a classifier as a plain transformers checkpoint (config.json + model.safetensors), quantized layers
+    included; for a peft model, only the frozen base (the adapter is saved by peft, unmerged).
+
+    Written by hand because transformers 5 cannot always do it: `save_pretrained(state_dict=...)` ignores the
+    given state dict for quantized models, and a model loaded from a pre-quantized bnb checkpoint fails to
+    save again (its load-time conversion has no reverse). Here LoRA tensors are dropped, `base_layer.` and the
+    head's `original_module.` unwrapped, and the config (with its quantization_config) saved beside.
+    """
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    inner = model.get_base_model() if hasattr(model, "peft_config") else model
+    state = {}
+    for key, value in inner.state_dict().items():
+        if ".lora_" in key or ".modules_to_save." in key or "lora_magnitude_vector" in key:
+            continue
+        state[key.replace(".base_layer.", ".").replace(".original_module.", ".")] = value.detach().contiguous()
+    inner.config.save_pretrained(str(out_dir))
+    save_file(state, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    return out_dir
+
+
+def read_manifest(path: str | Path, verify_hashes: bool = False) -> dict:
+    """The artifact's manifest, checked: required fields present, listed files present with their sizes
+    (and sha256 with `verify_hashes`), template version equal to the code's."""
+    from kaggle_utils.formatting import TEMPLATE_VERSION
+
+    root = Path(path)
+    manifest_path = root / MANIFEST_NAME
+    if not manifest_path.is_file():
+        raise ArtifactError(f"{root} is not a complete artifact: {MANIFEST_NAME} is missing")
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ArtifactError(f"{manifest_path}: not valid JSON ({error})") from error
+    missing = [name for name in REQUIRED_FIELDS if name not in manifest]
+    if missing:
+        raise ArtifactError(f"{manifest_path}: missing fields {missing}")
+    if manifest.get("layout_version") != LAYOUT_VERSION:
+        raise ArtifactError(
+            f"{manifest_path}: layout_version {manifest.get('layout_version')} but this code reads {LAYOUT_VERSION}"
+        )
+    if manifest["template_version"] != TEMPLATE_VERSION:
+        raise ArtifactError(
+            f"{manifest_path}: trained with prompt template version {manifest['template_version']!r} but this code "
+            f"formats with {TEMPLATE_VERSION!r}; predictions would be made on differently formatted text"
+        )
+    for relative, info in manifest["files"].items():
+        file = root / relative
+        if not file.is_file():
+            raise ArtifactError(f"{root}: file {relative} listed in the manifest is missing")
+        if file.stat().st_size != info["bytes"]:
+            raise ArtifactError(f"{root}: file {relative} has {file.stat().st_size} bytes, manifest says {info['bytes']}")
+        if verify_hashes and _sha256(file) != info["sha256"]:
+            raise ArtifactError(f"{root}: file {relative} does not match its sha256 in the manifest")
+    return manifest
+
+
+def load_artifact(
+    path: str | Path,
+    device: str | torch.device | None = None,
+    compute_dtype: torch.dtype | None = None,
+    dequantize: bool = False,
+    use_merged: bool = False,
+    verify_hashes: bool = False,
+) -> LoadedArtifact:
+    """Load an artifact for prediction (eval mode) on `device` (default: CUDA if present, else CPU).
+
+    `compute_dtype` (default: the hardware's, see `modeling.resolve_dtype`) applies to the unquantized tensors
+    and the 4-bit layers' compute. `dequantize=True` returns plain `nn.Linear` layers (adapter merged) in
+    `compute_dtype or bfloat16` on CPU, for runtimes without bitsandbytes. `use_merged` loads `merged/`.
+    """
+    from peft import PeftModel
+    from transformers import Gemma2ForSequenceClassification
+
+    from kaggle_utils.modeling import default_device, resolve_dtype
+    from kaggle_utils.quantization import dequantize_model, disable_cpu_weight_repacking, set_compute_dtype
+    from kaggle_utils.tokenizer import load_tokenizer
+
+    root = Path(path)
+    manifest = read_manifest(root, verify_hashes=verify_hashes)
+    if use_merged and not manifest.get("has_merged"):
+        raise ArtifactError(f"{root}: use_merged=True but the artifact has no {MERGED_DIR}/ copy")
+    if dequantize:
+        device = torch.device("cpu")
+        dtype = compute_dtype or torch.bfloat16
+    else:
+        device = torch.device(device) if device is not None else default_device()
+        dtype = compute_dtype or resolve_dtype("auto", device)
+    model_dir = root / (MERGED_DIR if use_merged else MODEL_DIR)
+    try:
+        model = Gemma2ForSequenceClassification.from_pretrained(
+            str(model_dir),
+            dtype=dtype,
+            attn_implementation=manifest.get("attn_implementation") or "eager",
+            device_map={"": str(device)},
+            local_files_only=True,
+        )
+    except (OSError, ValueError, RuntimeError) as error:
+        raise ArtifactError(f"{model_dir}: could not load the model ({error})") from error
+    disable_cpu_weight_repacking(model)
+    if manifest["quant_scheme"] not in ("none", "int8"):
+        set_compute_dtype(model, dtype)
+    if dequantize:
+        model = dequantize_model(model, dtype)
+    if manifest.get("has_adapter") and not use_merged:
+        model = PeftModel.from_pretrained(model, str(root / ADAPTER_DIR), is_trainable=False)
+        if dequantize:
+            model = model.merge_and_unload()
+    if dequantize:
+        model = model.to(dtype)
+    model.eval()
+    tokenizer = load_tokenizer(root / TOKENIZER_DIR)
+    format_config = FormatConfig(**_restore_tuples(FormatConfig, manifest["format_config"]))
+    return LoadedArtifact(model=model, tokenizer=tokenizer, manifest=manifest, format_config=format_config, path=root)
+
+
+def artifact_size_bytes(path: str | Path, include_merged: bool = False) -> int:
+    """Bytes on disk of what ships (everything but the optional merged copy unless asked)."""
+    root = Path(path)
+    total = 0
+    for file in root.rglob("*"):
+        if file.is_file() and (include_merged or MERGED_DIR not in file.relative_to(root).parts[:1]):
+            total += file.stat().st_size
+    return total
+
+
+def attach_merged_copy(path: str | Path, merged_model: nn.Module) -> Path:
+    """Add `merged/` (the adapter folded into the quantized weights) to an existing adapter artifact."""
+    root = Path(path)
+    manifest = read_manifest(root)
+    if not manifest.get("has_adapter"):
+        raise ArtifactError(f"{root}: has no adapter, so there is nothing to merge")
+    target = root / MERGED_DIR
+    staging = root / f".{MERGED_DIR}.tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    save_checkpoint(merged_model, staging)
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(staging, target)
+    files = {k: v for k, v in manifest["files"].items() if not k.startswith(f"{MERGED_DIR}/")}
+    files.update({f"{MERGED_DIR}/{name}": info for name, info in _file_table(target).items()})
+    update_manifest(root, has_merged=True, files=files)
+    return target
+
+
+def update_manifest(path: str | Path, **fields) -> dict:
+    """Add or replace manifest fields after the fact (e.g. CV scores measured on the saved artifact)."""
+    from kaggle_utils.fileio import atomic_write_bytes
+
+    root = Path(path)
+    manifest = json.loads((root / MANIFEST_NAME).read_text(encoding="utf-8"))
+    manifest.update(_plain(fields))
+    atomic_write_bytes(root / MANIFEST_NAME, json.dumps(manifest, indent=2).encode("utf-8"))
+    return manifest
+
+
+def _compute_dtype_name(model: nn.Module) -> str:
+    for param in model.parameters():
+        if param.is_floating_point():
+            return str(param.dtype).removeprefix("torch.")
+    return "unknown"
+
+
+def _file_table(root: Path) -> dict[str, dict]:
+    return {
+        str(file.relative_to(root)): {"bytes": file.stat().st_size, "sha256": _sha256(file)}
+        for file in sorted(root.rglob("*"))
+        if file.is_file()
+    }
+
+
+def _sha256(file: Path) -> str:
+    digest = hashlib.sha256()
+    with open(file, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _plain(value: Any) -> Any:
+    """JSON-ready copy: tuples -> lists, paths -> str, numpy scalars -> Python."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    if hasattr(value, "item") and callable(value.item) and getattr(value, "ndim", 1) == 0:
+        return value.item()
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    return value
+
+
+def _restore_tuples(section_cls: type, values: dict) -> dict:
+    known = {f.name for f in dataclasses.fields(section_cls)}
+    unknown = set(values) - known
+    if unknown:
+        raise ArtifactError(f"manifest format_config has fields this code does not know: {sorted(unknown)}")
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}

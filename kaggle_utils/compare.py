@@ -1,0 +1,675 @@
+"""Which ordering wins: fine-tune -> quantize or quantize -> fine-tune, trained on identical folds, base and seed.
+
+`compare_orderings(cfg, train_path, out_dir)` trains every requested variant on the same folds (made once, or
+read from `folds_path`), from the same base weights (a random-weight base is written once and loaded by all),
+with the same seed(s) and data order, and writes `report.json`, `report.md` and `report.png` under `out_dir`,
+plus the OOF probabilities (`oof.parquet`, metrics' layout) and one inference artifact per variant/seed/fold.
+
+Per variant and fold it measures: log loss / accuracy on the held-out fold of the 16-bit model and of the
+shipped quantized artifact (reloaded from disk, predicted as inference predicts: with swap TTA when
+`cfg.inference.tta_swap`), QiD = quantized - 16-bit log loss, training wall time, peak memory (CPU RSS; CUDA
+max allocated), trainable parameters, artifact size on disk and inference rows/s. The "16-bit model" is, for
+ft-then-quant, the merged model before quantization and, for quant-then-ft, the trained adapter on the
+16-bit base (what merging the QLoRA adapter into the original weights gives): in both, QiD is the cost of the
+quantized weights the artifact ships, for the same trained adapter.
+
+Extension point: the variant registry
+-------------------------------------
+`VARIANTS` maps a name to a `Variant`; `compare_orderings(..., variants=[...])` runs any registered names.
+A variant says which ordering it belongs to and supplies two functions:
+
+- ``builder(ctx: FoldContext) -> BuildModel``: the `build_model(cfg, tokenizer, device)` that
+  `training.train_fold` calls to make the trainable model for this fold (ctx gives the fold's training rows,
+  e.g. for calibration data, and the shared 16-bit base directory);
+- ``export(ctx: ExportContext) -> Exported``: from the trained model, write the shipped artifact under
+  ``ctx.artifact_dir`` (usually with `artifacts.save_artifact`) and return the 16-bit reference model, and
+  optionally the shipped model itself (when it cannot be reloaded through `artifacts.load_artifact`) and
+  extra models to score (e.g. a merged copy).
+
+Optional ``configure(cfg) -> cfg`` adjusts the config for the variant (e.g. ``quant.scheme = "int8"``).
+Register with `register_variant(Variant(...))` from any module; `compare_orderings` imports
+`kaggle_utils.qaware.variants` (when present) before resolving names, so variants defined there are found.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import gc
+import importlib
+import importlib.util
+import json
+import logging
+import math
+import platform
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+import torch
+from torch import nn
+
+from kaggle_utils.config import PipelineConfig
+from kaggle_utils.errors import UsageError
+from kaggle_utils.training import BuildModel, PeakMemory, TrainResult
+
+logger = logging.getLogger(__name__)
+
+ORDERINGS: tuple[str, str] = ("ft-then-quant", "quant-then-ft")
+DEFAULT_VARIANTS: tuple[str, ...] = ORDERINGS
+PLUGIN_MODULES: tuple[str, ...] = ("kaggle_utils.qaware.variants",)
+REPORT_JSON, REPORT_MD, REPORT_PNG, OOF_FILE = "report.json", "report.md", "report.png", "oof.parquet"
+# Demo scale (tiny Gemma-2, max length 128, one held-out fold, 2 epochs): learns the generated data's signal
+# well below the class prior; about 1.5 minutes for both orderings on ~2,000 generated rows, 1 CPU thread.
+DEMO_CONFIG = Path(__file__).resolve().parent / "resources" / "compare_demo.yaml"
+# A winner is declared only when the paired per-row difference exceeds this many standard errors.
+NOISE_Z = 2.0
+
+
+# ------------------------------------------------------------------------------------------------ registry
+
+
+@dataclass
+class FoldContext:
+    """What a variant may use to build its trainable model for one fold."""
+
+    cfg: PipelineConfig
+    fold: int
+    seed: int
+    train_frame: pl.DataFrame  # this fold's training rows only (never the held-out ones)
+    tokenizer: Any
+    base_dir: Path  # the 16-bit base checkpoint every variant starts from
+    device: torch.device
+    notes: dict = field(default_factory=dict)  # variant-specific numbers for the report
+
+
+@dataclass
+class ExportContext:
+    fold_ctx: FoldContext
+    result: TrainResult
+    artifact_dir: Path
+    manifest_fields: dict  # ordering, variant, base_model, folds_file_hash, cv_scores, class_prior
+
+    @property
+    def cfg(self) -> PipelineConfig:
+        return self.fold_ctx.cfg
+
+
+@dataclass
+class Exported:
+    """What a variant ships, and the 16-bit model its QiD is measured against."""
+
+    artifact_dir: Path | None
+    reference_model: nn.Module
+    shipped_model: nn.Module | None = None  # None: loaded back from artifact_dir with artifacts.load_artifact
+    extra_models: dict[str, nn.Module] = field(default_factory=dict)  # scored too, e.g. {"merged-into-nf4": m}
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    ordering: str  # "ft-then-quant" | "quant-then-ft"
+    description: str
+    builder: Callable[[FoldContext], BuildModel]
+    export: Callable[[ExportContext], Exported]
+    configure: Callable[[PipelineConfig], PipelineConfig] | None = None
+
+
+VARIANTS: dict[str, Variant] = {}
+
+
+def register_variant(variant: Variant, replace: bool = False) -> Variant:
+    if variant.ordering not in ORDERINGS:
+        raise UsageError(f"variant {variant.name!r}: ordering must be one of {ORDERINGS}, got {variant.ordering!r}")
+    if variant.name in VARIANTS and not replace and VARIANTS[variant.name] is not variant:
+        raise UsageError(f"a variant named {variant.name!r} is already registered")
+    VARIANTS[variant.name] = variant
+    return variant
+
+
+def resolve_variants(names: Sequence[str] | None) -> list[Variant]:
+    for module in PLUGIN_MODULES:
+        if importlib.util.find_spec(module) is not None:
+            importlib.import_module(module)
+    names = list(names or DEFAULT_VARIANTS)
+    unknown = [name for name in names if name not in VARIANTS]
+    if unknown:
+        raise UsageError(f"unknown variant(s) {unknown}; registered: {sorted(VARIANTS)}")
+    if len(set(names)) != len(names):
+        raise UsageError(f"variants listed twice: {names}")
+    return [VARIANTS[name] for name in names]
+
+
+def _default_builder(ctx: FoldContext) -> BuildModel:
+    from kaggle_utils.training import default_build_model
+
+    return default_build_model
+
+
+def _export_ft_then_quant(ctx: ExportContext) -> Exported:
+    """Merge the LoRA into the 16-bit weights, quantize the merged model (cfg.quant.scheme), ship it."""
+    from kaggle_utils.artifacts import save_artifact
+    from kaggle_utils.quantization import quantize_merged
+
+    merged = ctx.result.model.merge_and_unload()
+    quantized = quantize_merged(merged, ctx.cfg.quant, ctx.cfg.model, device=ctx.fold_ctx.device,
+                                work_dir=ctx.artifact_dir.parent)
+    save_artifact(ctx.artifact_dir, quantized, ctx.fold_ctx.tokenizer, ctx.manifest_fields, ctx.cfg.format)
+    del quantized
+    return Exported(artifact_dir=ctx.artifact_dir, reference_model=merged.eval())
+
+
+def _export_quant_then_ft(ctx: ExportContext) -> Exported:
+    """Ship the quantized base exactly as trained on plus the unmerged adapter; optionally a merged copy."""
+    from peft import PeftModel
+
+    from kaggle_utils.artifacts import attach_merged_copy, load_artifact, save_artifact
+    from kaggle_utils.modeling import build_classifier
+    from kaggle_utils.quantization import merge_adapter_into_quantized
+
+    tokenizer = ctx.fold_ctx.tokenizer
+    save_artifact(ctx.artifact_dir, ctx.result.model, tokenizer, ctx.manifest_fields, ctx.cfg.format)
+    base16 = build_classifier(dataclasses.replace(ctx.cfg.model, base_model=str(ctx.fold_ctx.base_dir)),
+                              pad_token_id=tokenizer.pad_token_id, device=ctx.fold_ctx.device)
+    reference = PeftModel.from_pretrained(base16, str(ctx.artifact_dir / "adapter"), is_trainable=False).eval()
+    extra = {}
+    if ctx.cfg.quant.merge_adapter_into_quantized:
+        merged = merge_adapter_into_quantized(load_artifact(ctx.artifact_dir, device=ctx.fold_ctx.device).model)
+        attach_merged_copy(ctx.artifact_dir, merged)
+        extra[f"merged-into-{ctx.cfg.quant.scheme}"] = merged.eval()
+    return Exported(artifact_dir=ctx.artifact_dir, reference_model=reference, extra_models=extra)
+
+
+register_variant(Variant(
+    name="ft-then-quant",
+    ordering="ft-then-quant",
+    description="LoRA on the 16-bit base; merge; quantize the merged model with bitsandbytes (quant.scheme)",
+    builder=_default_builder,
+    export=_export_ft_then_quant,
+))
+register_variant(Variant(
+    name="quant-then-ft",
+    ordering="quant-then-ft",
+    description="QLoRA: LoRA on the bitsandbytes base (NF4, double quant); ship base + unmerged adapter",
+    builder=_default_builder,
+    export=_export_quant_then_ft,
+))
+
+
+# ------------------------------------------------------------------------------------------------ the run
+
+
+def demo_config() -> PipelineConfig:
+    """The demo-scale settings (`DEMO_CONFIG`), e.g. for `compare_orderings(demo_config(), train_csv, out)`."""
+    return PipelineConfig.from_yaml(DEMO_CONFIG)
+
+
+def compare_orderings(
+    cfg: PipelineConfig,
+    train_path: str | Path,
+    out_dir: str | Path,
+    folds_path: str | Path | None = None,
+    seeds: Sequence[int] = (42,),
+    variants: Sequence[str] | None = None,
+    progress: bool = True,
+) -> dict:
+    """Train each variant (default: both orderings) on the same folds/base/seed(s); write and return the report.
+
+    Folds trained: `cfg.train.cv_folds` (None: every fold of the folds file). With several seeds the report
+    gives mean ± std over seeds.
+    """
+    from kaggle_utils.data import load_competition
+    from kaggle_utils.folds import folds_file_hash, load_folds, make_folds, save_folds
+    from kaggle_utils.modeling import default_device, materialize_base
+
+    chosen = resolve_variants(variants)
+    if not seeds:
+        raise UsageError("compare_orderings needs at least one seed")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    began = time.perf_counter()
+    frame = load_competition(train_path, cfg.data, split="train").frame
+    if folds_path is None:
+        folds_path = out_dir / "folds.parquet"
+        save_folds(make_folds(frame, cfg.folds), folds_path)
+    folds = load_folds(folds_path)
+    folds_hash = folds_file_hash(folds_path)
+    fold_ids = sorted(folds["fold"].unique().to_list()) if cfg.train.cv_folds is None else list(cfg.train.cv_folds)
+    missing = sorted(set(fold_ids) - set(folds["fold"].unique().to_list()))
+    if missing:
+        raise UsageError(f"train.cv_folds {missing} are not in {folds_path}")
+    tokenizer = _tokenizer(cfg, frame, out_dir)
+    device = default_device()
+    base_dir = materialize_base(cfg.model, out_dir / "base", vocab_size=len(tokenizer),
+                                pad_token_id=tokenizer.pad_token_id)
+
+    runs: list[dict] = []
+    oof_tables: list[pl.DataFrame] = []
+    for seed in seeds:
+        for variant in chosen:
+            run_cfg = _variant_config(cfg, variant, seed, base_dir)
+            run_dir = out_dir / "runs" / f"seed{seed}" / variant.name
+            folds_out = []
+            for fold in fold_ids:
+                fold_run, tables = _run_fold(run_cfg, variant, frame, folds, fold, seed, tokenizer, base_dir,
+                                             device, run_dir / f"fold{fold}", folds_hash, progress)
+                folds_out.append(fold_run)
+                oof_tables += tables
+            runs.append(_aggregate_run(variant, seed, folds_out))
+
+    from kaggle_utils.metrics import save_oof
+
+    for table in oof_tables:
+        save_oof(table, out_dir / OOF_FILE)
+    report = _build_report(cfg, chosen, seeds, fold_ids, runs, frame, folds_path, folds_hash, device, began)
+    (out_dir / REPORT_JSON).write_text(json.dumps(report, indent=2), encoding="utf-8")
+    (out_dir / REPORT_MD).write_text(render_markdown(report), encoding="utf-8")
+    plot_report(report, out_dir / REPORT_PNG)
+    return report
+
+
+def _tokenizer(cfg: PipelineConfig, frame: pl.DataFrame, out_dir: Path):
+    from kaggle_utils.tokenizer import load_tokenizer, train_demo_tokenizer
+
+    if cfg.format.tokenizer_path:
+        return load_tokenizer(cfg.format.tokenizer_path)
+    texts = (turn for column in ("prompt", "response_a", "response_b") for turns in frame[column] for turn in turns)
+    return train_demo_tokenizer(texts, out_dir / "tokenizer")
+
+
+def _variant_config(cfg: PipelineConfig, variant: Variant, seed: int, base_dir: Path) -> PipelineConfig:
+    run_cfg = copy.deepcopy(cfg)
+    run_cfg.train.ordering = variant.ordering
+    run_cfg.train.seed = seed
+    run_cfg.model.base_model = str(base_dir)
+    if variant.configure is not None:
+        run_cfg = variant.configure(run_cfg)
+    return run_cfg
+
+
+def _run_fold(cfg, variant: Variant, frame, folds, fold: int, seed: int, tokenizer, base_dir: Path, device,
+              run_dir: Path, folds_hash: str, progress: bool) -> tuple[dict, list[pl.DataFrame]]:
+    from kaggle_utils.artifacts import artifact_size_bytes, load_artifact, update_manifest
+    from kaggle_utils.metrics import class_prior, log_loss, make_oof
+    from kaggle_utils.training import split_fold, train_fold
+
+    train_part, val_part = split_fold(frame, folds, fold)
+    fold_ctx = FoldContext(cfg=cfg, fold=fold, seed=seed, train_frame=train_part, tokenizer=tokenizer,
+                           base_dir=base_dir, device=device)
+    logger.info("variant %s, seed %d, fold %d: training", variant.name, seed, fold)
+    with PeakMemory(device) as memory:
+        result = train_fold(cfg, frame, folds, tokenizer, run_dir / "train", fold=fold,
+                            build_model=variant.builder(fold_ctx), progress=progress)
+    prior = class_prior(train_part["label"].to_numpy().astype(np.int64))
+    manifest_fields = {
+        "ordering": variant.ordering,
+        "variant": variant.name,
+        "base_model": str(base_dir),
+        "folds_file_hash": folds_hash,
+        "cv_scores": {"fold": fold, "train_time_eval_log_loss": result.best_eval_loss},
+        "class_prior": prior.tolist(),
+        "seed": seed,
+    }
+    exported = variant.export(ExportContext(fold_ctx, result, run_dir / "artifact", manifest_fields))
+    val_rows = _encode_views(val_part, tokenizer, cfg)
+    labels = result.val_labels
+    probs16, _ = _predict_views(exported.reference_model, val_rows, tokenizer.pad_token_id, cfg, progress)
+    if exported.shipped_model is not None:
+        shipped, artifact_bytes = exported.shipped_model, _model_bytes(exported.shipped_model)
+    else:
+        shipped = load_artifact(exported.artifact_dir, device=device).model
+        artifact_bytes = artifact_size_bytes(exported.artifact_dir)
+    probs_q, rows_per_s = _predict_views(shipped, val_rows, tokenizer.pad_token_id, cfg, progress)
+    loss16, loss_q = log_loss(labels, probs16), log_loss(labels, probs_q)
+    extras = {}
+    for name, model in exported.extra_models.items():
+        probs_x, _ = _predict_views(model, val_rows, tokenizer.pad_token_id, cfg, progress)
+        extras[name] = {"log_loss": log_loss(labels, probs_x), "qid_vs_16bit": log_loss(labels, probs_x) - loss16,
+                        "max_abs_prob_diff_vs_shipped": float(np.abs(probs_x - probs_q).max())}
+    scores = {"fold": fold, "log_loss_16bit": loss16, "log_loss_quantized": loss_q, "qid": loss_q - loss16,
+              "train_time_eval_log_loss": result.best_eval_loss}
+    if exported.artifact_dir is not None:
+        update_manifest(exported.artifact_dir, cv_scores=scores)
+    name = f"{variant.name}/seed{seed}"
+    folds_column = np.full(len(labels), fold)
+    tables = [make_oof(f"{name}/16bit", result.val_ids, folds_column, probs16, labels),
+              make_oof(f"{name}/quantized", result.val_ids, folds_column, probs_q, labels)]
+    fold_run = {
+        "fold": fold,
+        "labels": labels,
+        "probs_16bit": probs16,
+        "probs_quantized": probs_q,
+        "train": result.summary(),
+        "peak_rss_bytes": memory.peak_rss_bytes,
+        "peak_cuda_bytes": memory.peak_cuda_bytes,
+        "rss_is_lifetime_peak": memory.rss_is_lifetime_peak,
+        "artifact_dir": str(exported.artifact_dir) if exported.artifact_dir else None,
+        "artifact_bytes": artifact_bytes,
+        "inference_rows_per_s": rows_per_s,
+        "extras": extras,
+        "notes": fold_ctx.notes,
+        "prior_log_loss": result.prior_log_loss,
+    }
+    del result, exported, shipped
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return fold_run, tables
+
+
+def _encode_views(frame: pl.DataFrame, tokenizer, cfg: PipelineConfig) -> list[list[list[int]]]:
+    from kaggle_utils.formatting import encode_both_orders, encode_rows
+
+    if cfg.inference.tta_swap:
+        original, swapped = encode_both_orders(frame, tokenizer, cfg.format)
+        return [original.input_ids, swapped.input_ids]
+    return [encode_rows(frame, tokenizer, cfg.format).input_ids]
+
+
+def _predict_views(model, views, pad_token_id: int, cfg: PipelineConfig, progress: bool = False
+                   ) -> tuple[np.ndarray, float]:
+    """Probabilities as inference makes them (mean of the original and the swapped-back view with TTA),
+    and rows per second."""
+    from kaggle_utils.formatting import swap_probs
+    from kaggle_utils.modeling import predict_probs
+
+    started = time.perf_counter()
+    probs = [predict_probs(model, rows, pad_token_id, token_budget=cfg.train.eval_token_budget, progress=progress)
+             for rows in views]
+    elapsed = time.perf_counter() - started
+    if len(probs) == 2:
+        probs = [probs[0], swap_probs(probs[1])]
+    mean = np.mean(probs, axis=0)
+    return mean, len(views[0]) / elapsed if elapsed > 0 else float("nan")
+
+
+def _model_bytes(model: nn.Module) -> int:
+    return int(sum(t.numel() * t.element_size() for t in model.state_dict().values() if torch.is_tensor(t)))
+
+
+# ------------------------------------------------------------------------------------------------ numbers
+
+
+def _aggregate_run(variant: Variant, seed: int, folds_out: list[dict]) -> dict:
+    """One (variant, seed): CV over all trained folds' OOF rows, and the per-fold records."""
+    from kaggle_utils.metrics import log_loss
+
+    labels = np.concatenate([f["labels"] for f in folds_out])
+    p16 = np.concatenate([f["probs_16bit"] for f in folds_out])
+    pq = np.concatenate([f["probs_quantized"] for f in folds_out])
+    trains = [f["train"] for f in folds_out]
+    return {
+        "variant": variant.name,
+        "ordering": variant.ordering,
+        "seed": seed,
+        "rows": len(labels),
+        "cv_log_loss_16bit": log_loss(labels, p16),
+        "cv_log_loss_quantized": log_loss(labels, pq),
+        "qid": log_loss(labels, pq) - log_loss(labels, p16),
+        "accuracy_16bit": float((p16.argmax(1) == labels).mean()),
+        "accuracy_quantized": float((pq.argmax(1) == labels).mean()),
+        "prior_log_loss": float(np.mean([f["prior_log_loss"] for f in folds_out])),
+        "train_time_eval_log_loss": float(np.mean([t["best_eval_loss"] for t in trains])),
+        "train_wall_time_s": float(sum(t["wall_time_s"] for t in trains)),
+        "train_tokens_per_s": float(np.mean([t["tokens_per_s"] for t in trains])),
+        "peak_rss_bytes": max(f["peak_rss_bytes"] or 0 for f in folds_out),
+        "peak_cuda_bytes": max((f["peak_cuda_bytes"] for f in folds_out if f["peak_cuda_bytes"]), default=None),
+        "trainable_params": trains[0]["trainable_params"],
+        "total_params": trains[0]["total_params"],
+        "artifact_bytes": int(np.mean([f["artifact_bytes"] for f in folds_out])),
+        "inference_rows_per_s": float(np.mean([f["inference_rows_per_s"] for f in folds_out])),
+        "steps": trains[0]["total_steps"],
+        "per_fold": [
+            {"fold": f["fold"], "log_loss_16bit": log_loss(f["labels"], f["probs_16bit"]),
+             "log_loss_quantized": log_loss(f["labels"], f["probs_quantized"]),
+             "best_step": f["train"]["best_step"], "history": f["train"]["history"],
+             "artifact_dir": f["artifact_dir"], "extras": f["extras"], "notes": f["notes"]}
+            for f in folds_out
+        ],
+        # per-row losses (not written to JSON) for the paired noise estimate
+        "_row_losses_quantized": _row_losses(labels, pq),
+    }
+
+
+def _row_losses(labels: np.ndarray, probs: np.ndarray) -> np.ndarray:
+    eps = np.finfo(np.float64).eps
+    clipped = np.clip(probs, eps, 1 - eps)
+    clipped = clipped / clipped.sum(axis=1, keepdims=True)
+    return -np.log(clipped[np.arange(len(labels)), labels])
+
+
+SUMMARY_METRICS: tuple[str, ...] = (
+    "cv_log_loss_16bit", "cv_log_loss_quantized", "qid", "accuracy_16bit", "accuracy_quantized",
+    "train_time_eval_log_loss", "train_wall_time_s", "train_tokens_per_s", "peak_rss_bytes", "peak_cuda_bytes",
+    "trainable_params", "artifact_bytes", "inference_rows_per_s",
+)
+
+
+def _summarise(runs: list[dict], variant: Variant) -> dict:
+    mine = [run for run in runs if run["variant"] == variant.name]
+    summary: dict[str, Any] = {"variant": variant.name, "ordering": variant.ordering,
+                               "description": variant.description, "seeds": [run["seed"] for run in mine]}
+    for metric in SUMMARY_METRICS:
+        values = [run[metric] for run in mine if run[metric] is not None]
+        if not values:
+            summary[metric] = None
+            continue
+        summary[metric] = {"mean": float(np.mean(values)),
+                           "std": float(np.std(values, ddof=1)) if len(values) > 1 else None}
+    return summary
+
+
+def decide_winner(runs: list[dict], names: list[str]) -> dict:
+    """The variant with the lowest mean quantized CV log loss (what ships), and whether its lead is noise.
+
+    Noise: the paired per-row loss difference to the runner-up on the same OOF rows, per seed; the lead counts
+    when its mean exceeds NOISE_Z standard errors (rows) and, with several seeds, NOISE_Z standard errors of the
+    per-seed differences as well.
+    """
+    means = {name: float(np.mean([r["cv_log_loss_quantized"] for r in runs if r["variant"] == name]))
+             for name in names}
+    ranked = sorted(means, key=means.get)
+    if len(ranked) < 2:
+        return {"winner": ranked[0], "runner_up": None, "difference": None, "within_noise": None,
+                "statement": f"only {ranked[0]} was run: nothing to compare"}
+    best, second = ranked[0], ranked[1]
+    per_seed, row_se = [], []
+    for seed in sorted({r["seed"] for r in runs}):
+        a = next(r for r in runs if r["variant"] == best and r["seed"] == seed)
+        b = next(r for r in runs if r["variant"] == second and r["seed"] == seed)
+        diff = b["_row_losses_quantized"] - a["_row_losses_quantized"]
+        per_seed.append(float(diff.mean()))
+        row_se.append(float(diff.std(ddof=1) / math.sqrt(len(diff))) if len(diff) > 1 else math.inf)
+    difference = float(np.mean(per_seed))
+    se_rows = float(np.sqrt(np.mean(np.square(row_se))) / math.sqrt(len(per_seed)))
+    se_seeds = float(np.std(per_seed, ddof=1) / math.sqrt(len(per_seed))) if len(per_seed) > 1 else None
+    noise = max(se_rows, se_seeds or 0.0)
+    within = difference <= NOISE_Z * noise
+    statement = (
+        f"{best} has the lower quantized CV log loss by {difference:.4f} "
+        f"(paired standard error {noise:.4f} over {len(per_seed)} seed(s))"
+        + (": the difference is within noise, so neither ordering wins on this data." if within
+           else f": {best} wins.")
+    )
+    return {"winner": best, "runner_up": second, "difference": difference, "standard_error": noise,
+            "standard_error_rows": se_rows, "standard_error_seeds": se_seeds, "within_noise": bool(within),
+            "statement": statement}
+
+
+def _build_report(cfg, chosen, seeds, fold_ids, runs, frame, folds_path, folds_hash, device, began) -> dict:
+    import transformers
+
+    import kaggle_utils
+
+    names = [variant.name for variant in chosen]
+    decision = decide_winner(runs, names)
+    try:
+        import bitsandbytes
+        import peft
+        versions = {"bitsandbytes": bitsandbytes.__version__, "peft": peft.__version__}
+    except ImportError:
+        versions = {}
+    return {
+        "question": "fine-tune -> quantize vs quantize -> fine-tune: which ships the better classifier?",
+        "decision": decision,
+        "variants": [_summarise(runs, variant) for variant in chosen],
+        "runs": [{k: v for k, v in run.items() if not k.startswith("_")} for run in runs],
+        "setup": {
+            "rows": frame.height,
+            "folds_file": str(folds_path),
+            "folds_file_hash": folds_hash,
+            "folds_trained": fold_ids,
+            "seeds": list(seeds),
+            "base_model": cfg.model.base_model,
+            "max_length": cfg.format.max_length,
+            "lora": dataclasses.asdict(cfg.lora),
+            "quant": dataclasses.asdict(cfg.quant),
+            "train": dataclasses.asdict(cfg.train),
+            "tta_swap": cfg.inference.tta_swap,
+        },
+        "environment": {
+            "device": _describe_device(device),
+            "torch_threads": torch.get_num_threads(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            **versions,
+            "kaggle_utils": kaggle_utils.__version__,
+            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        },
+        "total_time_s": time.perf_counter() - began,
+        "definitions": {
+            "cv_log_loss_16bit": "held-out log loss of the 16-bit model (ft-then-quant: merged before quantizing; "
+                                 "quant-then-ft: the trained adapter on the 16-bit base)",
+            "cv_log_loss_quantized": "held-out log loss of the shipped artifact, reloaded from disk",
+            "qid": "cv_log_loss_quantized - cv_log_loss_16bit (quantization-induced degradation)",
+            "train_time_eval_log_loss": "best held-out log loss seen during training (the model that trains)",
+            "peak_rss_bytes": "peak resident memory of the process during training incl. model building",
+            "inference_rows_per_s": "held-out rows per second of the shipped model"
+                                    + (" (both TTA views)" if cfg.inference.tta_swap else ""),
+        },
+    }
+
+
+def _describe_device(device: torch.device) -> str:
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        return f"CUDA {props.name} (cc {props.major}.{props.minor}, {props.total_memory / 2**30:.0f} GiB)"
+    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads), no GPU"
+
+
+# ------------------------------------------------------------------------------------------------ outputs
+
+
+def _fmt(stat: dict | None, digits: int = 4, scale: float = 1.0, unit: str = "") -> str:
+    if stat is None:
+        return "n/a"
+    mean = stat["mean"] / scale
+    text = f"{mean:.{digits}f}"
+    if stat.get("std"):  # None (one seed) or 0 (a count that cannot vary) shows no spread
+        text += f" ± {stat['std'] / scale:.{digits}f}"
+    return text + unit
+
+
+def render_markdown(report: dict) -> str:
+    setup, env = report["setup"], report["environment"]
+    lines = [
+        "# Fine-tune → quantize vs quantize → fine-tune",
+        "",
+        f"**{report['decision']['statement']}**",
+        "",
+        f"Device: {env['device']}. {setup['rows']} training rows, folds {setup['folds_trained']} of "
+        f"`{Path(setup['folds_file']).name}` (sha256 {setup['folds_file_hash'][:12]}…), seeds {setup['seeds']}, "
+        f"base `{Path(setup['base_model']).name}`, max length {setup['max_length']}, "
+        f"LoRA r{setup['lora']['r']}/α{setup['lora']['alpha']}, quant {setup['quant']['scheme']}, "
+        f"swap TTA {'on' if setup['tta_swap'] else 'off'}. Total time {report['total_time_s']:.0f} s.",
+        "",
+        "| variant | CV log loss 16-bit | CV log loss quantized | QiD | accuracy (quantized) | best eval in training "
+        "| train wall time (s) | train tokens/s | peak RSS (MB) | peak CUDA (MB) | trainable params "
+        "| artifact (MB) | inference rows/s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for v in report["variants"]:
+        lines.append(
+            f"| {v['variant']} | {_fmt(v['cv_log_loss_16bit'])} | {_fmt(v['cv_log_loss_quantized'])} "
+            f"| {_fmt(v['qid'])} | {_fmt(v['accuracy_quantized'], 3)} | {_fmt(v['train_time_eval_log_loss'])} "
+            f"| {_fmt(v['train_wall_time_s'], 1)} | {_fmt(v['train_tokens_per_s'], 0)} "
+            f"| {_fmt(v['peak_rss_bytes'], 0, 1e6)} | {_fmt(v['peak_cuda_bytes'], 0, 1e6)} "
+            f"| {_fmt(v['trainable_params'], 0)} | {_fmt(v['artifact_bytes'], 2, 1e6)} "
+            f"| {_fmt(v['inference_rows_per_s'], 1)} |"
+        )
+    priors = sorted({round(run["prior_log_loss"], 4) for run in report["runs"]})
+    lines += [
+        "",
+        f"Class-prior log loss on the same held-out rows: {', '.join(map(str, priors))} (uniform: 1.0986).",
+        "",
+        "## Definitions",
+        "",
+        *[f"- `{key}`: {text}" for key, text in report["definitions"].items()],
+        "",
+        "## Per fold",
+        "",
+        "| variant | seed | fold | log loss 16-bit | log loss quantized | best step | extras |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for run in report["runs"]:
+        for fold in run["per_fold"]:
+            extras = "; ".join(f"{k}: log loss {x['log_loss']:.4f}, largest probability change vs shipped "
+                               f"{x['max_abs_prob_diff_vs_shipped']:.4f}" for k, x in fold["extras"].items())
+            lines.append(f"| {run['variant']} | {run['seed']} | {fold['fold']} | {fold['log_loss_16bit']:.4f} "
+                         f"| {fold['log_loss_quantized']:.4f} | {fold['best_step']} | {extras or '-'} |")
+    lines += ["", f"Versions: torch {env['torch']}, transformers {env['transformers']}, "
+                  f"peft {env.get('peft', '?')}, bitsandbytes {env.get('bitsandbytes', '?')}; {env['date']}.", ""]
+    return "\n".join(lines)
+
+
+def plot_report(report: dict, path: str | Path) -> Path:
+    """Bar chart: CV log loss (16-bit vs quantized, ± std over seeds), QiD, training time, artifact size."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    variants = report["variants"]
+    names = [v["variant"] for v in variants]
+    x = np.arange(len(names))
+
+    def series(metric: str, scale: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+        means = np.array([(v[metric] or {}).get("mean", np.nan) / scale for v in variants], dtype=float)
+        stds = np.array([((v[metric] or {}).get("std") or 0.0) / scale for v in variants], dtype=float)
+        return means, stds
+
+    fig, axes = plt.subplots(1, 4, figsize=(16, 4))
+    m16, s16 = series("cv_log_loss_16bit")
+    mq, sq = series("cv_log_loss_quantized")
+    axes[0].bar(x - 0.2, m16, 0.4, yerr=s16, label="16-bit", color="#4C72B0")
+    axes[0].bar(x + 0.2, mq, 0.4, yerr=sq, label="quantized (shipped)", color="#DD8452")
+    priors = [run["prior_log_loss"] for run in report["runs"]]
+    axes[0].axhline(float(np.mean(priors)), color="grey", linestyle="--", label="class prior")
+    low = np.nanmin(np.concatenate([m16 - s16, mq - sq, [np.mean(priors)]]))
+    high = np.nanmax(np.concatenate([m16 + s16, mq + sq, [np.mean(priors)]]))
+    axes[0].set_ylim(low - 0.05 * (high - low + 1e-3), high + 0.05 * (high - low + 1e-3))
+    axes[0].set_title("CV log loss (lower is better)")
+    axes[0].legend(fontsize=8)
+    for axis, metric, title, scale in (
+        (axes[1], "qid", "QiD = quantized - 16-bit", 1.0),
+        (axes[2], "train_wall_time_s", "training wall time (s)", 1.0),
+        (axes[3], "artifact_bytes", "artifact size (MB)", 1e6),
+    ):
+        means, stds = series(metric, scale)
+        axis.bar(x, means, 0.6, yerr=stds, color="#55A868")
+        axis.set_title(title)
+        axis.axhline(0, color="black", linewidth=0.5)
+    for axis in axes:
+        axis.set_xticks(x)
+        axis.set_xticklabels(names, rotation=15, fontsize=8)
+    fig.suptitle(f"{report['decision']['statement']}\n{report['environment']['device']}", fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,750 @@
+"""The training loop: one fold, either ordering, resumable after interruption, on accelerate.
+
+A lean loop rather than the HF Trainer because the parts that matter here are explicit and tested: the
+A/B-swap augmentation, length-bucketed batches, the held-out-fold evaluation every N optimizer steps with the
+best trainable weights kept, and an exact resume. Multi-GPU runs go through ``accelerate launch`` (DDP); each
+process takes every world-size-th batch and evaluates a contiguous share of the held-out rows.
+
+Resume: every `save_every_steps` optimizer steps a checkpoint is written (atomically: a temp directory renamed
+into place) with accelerate's `save_state` (optimizer, LR scheduler, grad scaler, Python/NumPy/torch/CUDA RNG
+states) holding only the trainable weights (LoRA + head: megabytes, not the frozen 9B base), plus
+`trainer_state.json` (optimizer step, epoch, position in the epoch's batch order, history, best so far). The
+batch order of an epoch is a pure function of (seed, epoch), so a resumed run re-creates it and skips what
+was done: on CPU, resuming gives the same step and bit-identical weights as an uninterrupted run.
+
+Optimiser: bitsandbytes 8-bit AdamW on CUDA, torch AdamW on CPU (`TrainConfig.optimizer`); cosine schedule with
+linear warm-up; gradient clipping; gradient accumulation; gradient checkpointing (non-reentrant) as
+`ModelConfig.gradient_checkpointing` says. The 16-bit model trains in its dtype with accelerate's autocast
+(bf16, or fp16 with a grad scaler on T4-class GPUs); trainable parameters are kept in fp32.
+
+Backends (`TrainConfig.backend`): "hf" (transformers + peft, every device) or "unsloth" (CUDA only; imported
+lazily; unsloth's CPU path builds a causal LM without the classification head, so it is refused on CPU).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import resource
+import shutil
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+import torch
+from torch import nn
+
+from kaggle_utils.config import PipelineConfig, TrainConfig
+from kaggle_utils.errors import DataError, UsageError
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINTS_DIR = "checkpoints"
+BEST_DIR = "best"
+STATE_FILE = "trainer_state.json"
+BEST_WEIGHTS = "trainable.safetensors"
+BEST_PROBS = "val_probs.npy"
+HEAD_MARKER = "modules_to_save"  # peft's name for the fully trained copy of the head
+
+BuildModel = Callable[[PipelineConfig, Any, torch.device], nn.Module]
+
+
+@dataclass
+class TrainResult:
+    """What one fold's training produced. `model` holds the best evaluated trainable weights."""
+
+    model: nn.Module
+    fold: int
+    ordering: str
+    best_step: int
+    best_eval_loss: float
+    global_step: int
+    total_steps: int
+    history: list[dict]
+    val_ids: list
+    val_labels: np.ndarray
+    val_probs: np.ndarray  # the returned model's probabilities on the held-out fold (no TTA)
+    prior_log_loss: float  # training rows' class prior, scored on the held-out labels
+    train_rows: int
+    train_examples: int  # with the swapped copies
+    trainable_params: int
+    total_params: int
+    wall_time_s: float  # this process's training time incl. evaluation, summed over resumed sessions
+    train_time_s: float  # forward/backward/optimizer only
+    tokens_seen: int  # real (unpadded) training tokens
+    peak_rss_bytes: int | None
+    peak_cuda_bytes: int | None
+    resumed_from_step: int | None
+    out_dir: Path
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens_seen / self.train_time_s if self.train_time_s > 0 else float("nan")
+
+    def summary(self) -> dict:
+        """JSON-ready numbers (no model, no arrays)."""
+        return {
+            "fold": self.fold,
+            "ordering": self.ordering,
+            "best_step": self.best_step,
+            "best_eval_loss": self.best_eval_loss,
+            "prior_log_loss": self.prior_log_loss,
+            "global_step": self.global_step,
+            "total_steps": self.total_steps,
+            "train_rows": self.train_rows,
+            "train_examples": self.train_examples,
+            "val_rows": len(self.val_ids),
+            "trainable_params": self.trainable_params,
+            "total_params": self.total_params,
+            "wall_time_s": self.wall_time_s,
+            "train_time_s": self.train_time_s,
+            "tokens_seen": self.tokens_seen,
+            "tokens_per_s": self.tokens_per_s,
+            "peak_rss_bytes": self.peak_rss_bytes,
+            "peak_cuda_bytes": self.peak_cuda_bytes,
+            "resumed_from_step": self.resumed_from_step,
+            "history": self.history,
+        }
+
+
+@dataclass
+class _State:
+    """Everything besides tensors a resumed run needs (saved as trainer_state.json)."""
+
+    global_step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0  # micro-batches of `epoch` already consumed (always a whole accumulation group)
+    tokens_seen: int = 0
+    train_time_s: float = 0.0
+    wall_time_s: float = 0.0
+    loss_sum: float = 0.0  # since the last history entry
+    loss_count: int = 0
+    best_step: int = -1
+    best_eval_loss: float = math.inf
+    history: list[dict] = field(default_factory=list)
+    fingerprint: str = ""  # what the run is (config, fold, rows): a checkpoint of another run is never resumed
+
+
+# ------------------------------------------------------------------------------------------------ memory
+
+
+class PeakMemory:
+    """Peak memory over a block: CPU resident set (Linux VmHWM, reset on entry) and CUDA max allocated.
+
+    Linux lets a process reset its own RSS high-water mark (/proc/self/clear_refs), so two phases in one
+    process are measured separately. Elsewhere the process-lifetime `ru_maxrss` is reported, flagged by
+    `rss_is_lifetime_peak`.
+    """
+
+    def __init__(self, device: torch.device | str | None = None):
+        self.device = torch.device(device) if device is not None else None
+        self.peak_rss_bytes: int | None = None
+        self.peak_cuda_bytes: int | None = None
+        self.rss_is_lifetime_peak = False
+
+    def __enter__(self) -> PeakMemory:
+        try:
+            with open("/proc/self/clear_refs", "w") as handle:
+                handle.write("5")
+        except OSError:
+            self.rss_is_lifetime_peak = True
+        if self._cuda():
+            torch.cuda.reset_peak_memory_stats(self.device)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.peak_rss_bytes = _current_peak_rss()
+        if self._cuda():
+            self.peak_cuda_bytes = int(torch.cuda.max_memory_allocated(self.device))
+
+    def _cuda(self) -> bool:
+        return self.device is not None and self.device.type == "cuda" and torch.cuda.is_available()
+
+
+def _current_peak_rss() -> int:
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+
+def split_fold(frame: pl.DataFrame, folds: pl.DataFrame, fold: int) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """(training rows, held-out rows) of `frame` for `fold`; every frame row must have a label and a fold."""
+    from kaggle_utils.folds import check_folds
+
+    check_folds(folds, frame)
+    available = sorted(folds["fold"].unique().to_list())
+    if fold not in available:
+        raise UsageError(f"fold {fold} is not in the folds file (it has folds {available})")
+    if "label" not in frame.columns:
+        raise DataError("training frame has no 'label' column (a test file?)")
+    unlabelled = frame.filter(pl.col("label").is_null())["id"]
+    if len(unlabelled):
+        raise DataError(f"training frame: {len(unlabelled)} rows have no label (ids {unlabelled.head(5).to_list()})")
+    joined = frame.join(folds.select("id", "fold"), on="id", how="left", maintain_order="left")
+    val = joined.filter(pl.col("fold") == fold).drop("fold")
+    train = joined.filter(pl.col("fold") != fold).drop("fold")
+    if val.is_empty() or train.is_empty():
+        raise DataError(f"fold {fold} leaves {train.height} training and {val.height} held-out rows of the frame")
+    return train, val
+
+
+@dataclass
+class _Examples:
+    input_ids: list[list[int]]
+    labels: np.ndarray
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.fromiter((len(ids) for ids in self.input_ids), dtype=np.int64, count=len(self.input_ids))
+
+
+def _training_examples(frame: pl.DataFrame, tokenizer, cfg: PipelineConfig) -> _Examples:
+    """Encoded training rows, plus their A/B-swapped copies (labels swapped) with swap augmentation."""
+    from kaggle_utils.formatting import encode_both_orders, encode_rows
+
+    if cfg.train.swap_augmentation:
+        original, swapped = encode_both_orders(frame, tokenizer, cfg.format)
+        logger.info("train encoding: %s", original.summary())
+        return _Examples(original.input_ids + swapped.input_ids, np.concatenate([original.labels, swapped.labels]))
+    original = encode_rows(frame, tokenizer, cfg.format)
+    logger.info("train encoding: %s", original.summary())
+    return _Examples(original.input_ids, original.labels)
+
+
+def epoch_batches(lengths: np.ndarray, cfg: TrainConfig, epoch: int, rank: int = 0, world: int = 1) -> list[list[int]]:
+    """This process's micro-batches of `epoch`: a pure function of (seed, epoch), which exact resume relies on.
+
+    Every process gets the same number of batches (DDP steps in lockstep); the < world-size leftover
+    batches of an epoch are skipped.
+    """
+    from kaggle_utils.batching import LengthBucketSampler
+
+    sampler = LengthBucketSampler(lengths, cfg.per_device_batch_size, seed=cfg.seed)
+    sampler.set_epoch(epoch)
+    batches = list(iter(sampler))
+    per_process = len(batches) // world
+    return batches[rank::world][:per_process]
+
+
+def planned_steps(n_examples: int, cfg: TrainConfig, world: int = 1) -> int:
+    """Optimizer steps of the run: ceil(epochs x steps per epoch), capped by `max_steps`."""
+    micro = (-(-n_examples // cfg.per_device_batch_size)) // world
+    if micro < 1:
+        raise UsageError(f"{n_examples} training examples make no batch for {world} process(es)")
+    per_epoch = -(-micro // cfg.grad_accum)
+    total = math.ceil(cfg.epochs * per_epoch)
+    if cfg.max_steps is not None:
+        total = min(total, cfg.max_steps)
+    if total < 1:
+        raise UsageError(f"train.epochs={cfg.epochs} / max_steps={cfg.max_steps} give no optimizer step")
+    return total
+
+
+def run_fingerprint(cfg: PipelineConfig, fold: int, train_ids: list, total_steps: int) -> str:
+    """sha256 over what determines a run's trajectory: the format/model/LoRA/quant/train settings, the fold,
+    the training row ids and the planned steps."""
+    import hashlib
+
+    relevant = {name: getattr(cfg, name) for name in ("format", "model", "lora", "quant", "train")}
+    payload = json.dumps({"sections": {k: asdict(v) for k, v in relevant.items()}, "fold": fold,
+                          "train_ids": [str(i) for i in train_ids], "total_steps": total_steps},
+                         sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()
+
+
+# ------------------------------------------------------------------------------------------------ model
+
+
+def default_build_model(cfg: PipelineConfig, tokenizer, device: torch.device) -> nn.Module:
+    """The trainable peft model for `cfg.train.ordering`: LoRA on the 16-bit base (ft-then-quant) or QLoRA on
+    the NF4 base (quant-then-ft); through unsloth when `cfg.train.backend == "unsloth"`."""
+    from kaggle_utils.modeling import apply_lora, build_classifier
+
+    if cfg.train.backend == "unsloth":
+        return build_unsloth_classifier(cfg, tokenizer, device)
+    if cfg.train.backend != "hf":
+        raise UsageError(f"train.backend must be 'hf' or 'unsloth', got {cfg.train.backend!r}")
+    quant = cfg.quant if cfg.train.ordering == "quant-then-ft" else None
+    if cfg.train.ordering not in ("ft-then-quant", "quant-then-ft"):
+        raise UsageError(f"train.ordering must be 'ft-then-quant' or 'quant-then-ft', got {cfg.train.ordering!r}")
+    base = build_classifier(
+        cfg.model, quant=quant, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, device=device
+    )
+    return apply_lora(base, cfg.lora)
+
+
+def build_unsloth_classifier(cfg: PipelineConfig, tokenizer, device: torch.device) -> nn.Module:
+    """unsloth's fast LoRA/QLoRA path: `FastLanguageModel.from_pretrained(..., num_labels=3)` on CUDA only."""
+    from kaggle_utils.modeling import base_has_weights
+
+    if device.type != "cuda" or not torch.cuda.is_available():
+        raise UsageError(
+            "train.backend='unsloth' needs a CUDA GPU: on CPU unsloth only builds a causal LM "
+            "(AutoModelForCausalLM, no classification head). Use train.backend='hf' here."
+        )
+    if not base_has_weights(cfg.model.base_model):
+        raise UsageError("train.backend='unsloth' loads a checkpoint directory; materialize random bases first")
+    try:
+        from unsloth import FastLanguageModel
+    except ImportError as error:
+        raise UsageError(f"train.backend='unsloth' but unsloth is not importable ({error}); "
+                         "install requirements-gpu.txt") from error
+    model, _ = FastLanguageModel.from_pretrained(
+        model_name=cfg.model.base_model,
+        max_seq_length=cfg.format.max_length,
+        dtype=None,
+        load_in_4bit=cfg.train.ordering == "quant-then-ft",
+        num_labels=cfg.model.num_labels,
+    )
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return FastLanguageModel.get_peft_model(
+        model,
+        r=cfg.lora.r,
+        lora_alpha=cfg.lora.alpha,
+        lora_dropout=cfg.lora.dropout,
+        target_modules=list(cfg.lora.target_modules),
+        modules_to_save=list(cfg.lora.modules_to_save),
+        use_gradient_checkpointing="unsloth" if cfg.model.gradient_checkpointing else False,
+        random_state=cfg.train.seed,
+    )
+
+
+def check_unsloth_head_roundtrip(model: nn.Module, tokenizer, out_dir: str | Path, probe: list[list[int]]) -> dict:
+    """Save an unsloth-trained classifier merged to 16-bit, reload it with plain transformers and check what
+    unsloth is known to lose: the trained `score` head and `num_labels` (GPU only; the GPU benchmark calls it).
+
+    Raises UsageError naming what was lost; returns the measured differences.
+    """
+    from transformers import AutoModelForSequenceClassification
+
+    from kaggle_utils.modeling import predict_probs
+
+    out_dir = Path(out_dir)
+    trained_head = _head_weight(model).detach().float().cpu()
+    expected = predict_probs(model, probe, tokenizer.pad_token_id)
+    model.save_pretrained_merged(str(out_dir), tokenizer, save_method="merged_16bit")
+    reloaded = AutoModelForSequenceClassification.from_pretrained(str(out_dir), local_files_only=True,
+                                                                  device_map={"": str(_device_of(model))})
+    problems = []
+    if reloaded.config.num_labels != model.config.num_labels:
+        problems.append(f"num_labels {reloaded.config.num_labels} != {model.config.num_labels}")
+    head_difference = float((reloaded.score.weight.detach().float().cpu() - trained_head).abs().max())
+    if head_difference > 1e-2:
+        problems.append(f"score head differs from the trained one by {head_difference:.3g} (dropped on save?)")
+    probs_difference = float(np.abs(predict_probs(reloaded, probe, tokenizer.pad_token_id) - expected).max())
+    if problems:
+        raise UsageError(f"unsloth merged save in {out_dir} lost the classifier: " + "; ".join(problems))
+    return {"num_labels": reloaded.config.num_labels, "head_max_abs_diff": head_difference,
+            "probs_max_abs_diff": probs_difference}
+
+
+def _head_weight(model: nn.Module) -> torch.Tensor:
+    for name, param in model.named_parameters():
+        if name.endswith(f"score.{HEAD_MARKER}.default.weight"):
+            return param
+    for name, param in model.named_parameters():
+        if name.endswith("score.weight"):
+            return param
+    raise UsageError("model has no score head")
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters; the head may get its own learning rate. 8-bit on CUDA by default."""
+    head, body = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (head if HEAD_MARKER in name else body).append(param)
+    if not head and not body:
+        raise UsageError("the model has no trainable parameters")
+    groups = [
+        {"params": body, "lr": cfg.learning_rate, "weight_decay": cfg.weight_decay},
+        {"params": head, "lr": cfg.head_learning_rate or cfg.learning_rate, "weight_decay": cfg.weight_decay},
+    ]
+    groups = [group for group in groups if group["params"]]
+    kind = cfg.optimizer
+    if kind == "auto":
+        kind = "adamw_8bit" if device.type == "cuda" else "adamw"
+    if kind == "adamw_8bit":
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(groups, lr=cfg.learning_rate)
+    if kind == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.learning_rate)
+    raise UsageError(f"train.optimizer must be auto, adamw or adamw_8bit; got {cfg.optimizer!r}")
+
+
+def upcast_trainable(model: nn.Module) -> None:
+    """fp32 master copies of what trains (LoRA, head): a 16-bit head cannot be unscaled by the fp16 grad scaler
+    and loses small updates in bf16."""
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()
+
+
+def mixed_precision_for(model: nn.Module, device: torch.device) -> str:
+    if device.type != "cuda":
+        return "no"
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point() and not p.requires_grad}
+    if torch.float16 in dtypes:
+        return "fp16"
+    if torch.bfloat16 in dtypes:
+        return "bf16"
+    return "no"
+
+
+# ------------------------------------------------------------------------------------------------ the loop
+
+
+def train_fold(
+    cfg: PipelineConfig,
+    train_frame: pl.DataFrame,
+    folds: pl.DataFrame,
+    tokenizer,
+    out_dir: str | Path,
+    *,
+    fold: int | None = None,
+    build_model: BuildModel | None = None,
+    resume: bool = True,
+    on_step: Callable[[int], None] | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Train on every fold but `fold` (default `cfg.train.fold`), evaluate on `fold`, keep the best weights.
+
+    `build_model(cfg, tokenizer, device)` makes the trainable model (default: `default_build_model`, i.e. the
+    ordering's LoRA / QLoRA); the variant registry in compare.py passes its own. With `resume`, the newest
+    complete checkpoint under `out_dir/checkpoints` is continued. `on_step(step)` runs after every optimizer
+    step (after that step's evaluation and checkpoint): progress hooks, and the tests' simulated crash.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from transformers import get_cosine_schedule_with_warmup
+
+    from kaggle_utils.formatting import encode_rows
+    from kaggle_utils.metrics import class_prior, prior_log_loss
+    from kaggle_utils.modeling import count_parameters, resolve_dtype
+
+    tc = cfg.train
+    fold = tc.fold if fold is None else fold
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if tc.grad_accum < 1 or tc.per_device_batch_size < 1:
+        raise UsageError("train.grad_accum and train.per_device_batch_size must be >= 1")
+    if tc.eval_every_steps < 1 or tc.save_every_steps < 1:
+        raise UsageError("train.eval_every_steps and train.save_every_steps must be >= 1")
+
+    train_part, val_part = split_fold(train_frame, folds, fold)
+    examples = _training_examples(train_part, tokenizer, cfg)
+    val = encode_rows(val_part, tokenizer, cfg.format)
+    val_labels = np.asarray(val.labels, dtype=np.int64)
+    prior = prior_log_loss(val_labels, class_prior(np.asarray(train_part["label"].to_numpy(), dtype=np.int64)))
+
+    # The accelerator first: under `accelerate launch` it binds this process to its GPU.
+    cuda = torch.cuda.is_available()
+    dtype = resolve_dtype(cfg.model.dtype, "cuda" if cuda else "cpu")
+    accelerator = Accelerator(
+        cpu=not cuda,
+        mixed_precision={torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "no") if cuda else "no",
+        step_scheduler_with_optimizer=False,
+    )
+    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+    set_seed(tc.seed)
+    model = (build_model or default_build_model)(cfg, tokenizer, device)
+    if cfg.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    upcast_trainable(model)
+    total_steps = planned_steps(len(examples.input_ids), tc, world)
+    optimizer = make_optimizer(model, tc, device)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(tc.warmup_ratio * total_steps), total_steps)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    trainable_names = {name for name, param in model.named_parameters() if param.requires_grad}
+    _register_trainable_only_checkpoints(accelerator, trainable_names)
+
+    fingerprint = run_fingerprint(cfg, fold, train_part["id"].to_list(), total_steps)
+    state, resumed_from = _State(fingerprint=fingerprint), None
+    latest = _latest_checkpoint(out_dir) if resume else None
+    if latest is not None:
+        saved = _State(**json.loads((latest / STATE_FILE).read_text(encoding="utf-8")))
+        if saved.fingerprint != fingerprint:
+            raise UsageError(
+                f"{latest} is a checkpoint of a different run (config, fold or training rows differ); "
+                "resume with the same settings, pass resume=False to start over, or use another output directory"
+            )
+        accelerator.load_state(str(latest))
+        state = saved
+        resumed_from = state.global_step
+        if accelerator.is_main_process:
+            _prune_best(out_dir, keep={state.best_step}, newer_than=state.global_step)
+        logger.info("resuming fold %d from %s (step %d of %d)", fold, latest, state.global_step, total_steps)
+    elif resume is False and (out_dir / CHECKPOINTS_DIR).exists():
+        shutil.rmtree(out_dir / CHECKPOINTS_DIR)
+    if resume is False and (out_dir / BEST_DIR).exists():
+        shutil.rmtree(out_dir / BEST_DIR)
+
+    from kaggle_utils.batching import PadCollator
+
+    collate = PadCollator(tokenizer.pad_token_id)
+    lengths = examples.lengths
+    session_start = time.perf_counter()
+    wall_at_start = state.wall_time_s
+    trainable_params, total_params = count_parameters(accelerator.unwrap_model(model))
+    checkpointed_best = state.best_step  # the best the latest checkpoint refers to: kept until superseded there
+    model.train()
+    with PeakMemory(device) as memory, _progress(total_steps, state.global_step, progress, fold) as bar:
+        while state.global_step < total_steps:
+            batches = epoch_batches(lengths, tc, state.epoch, rank, world)
+            groups = [batches[i : i + tc.grad_accum] for i in range(0, len(batches), tc.grad_accum)]
+            first_group = state.batch_in_epoch // tc.grad_accum
+            for group_index in range(first_group, len(groups)):
+                step_began = time.perf_counter()
+                loss_value, tokens = _accumulate(accelerator, model, groups[group_index], examples, collate, device)
+                if tc.max_grad_norm and tc.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], tc.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                state.train_time_s += time.perf_counter() - step_began
+                state.global_step += 1
+                state.tokens_seen += tokens
+                state.loss_sum += loss_value
+                state.loss_count += 1
+                last_of_epoch = group_index == len(groups) - 1
+                state.epoch, state.batch_in_epoch = (
+                    (state.epoch + 1, 0) if last_of_epoch else (state.epoch, (group_index + 1) * tc.grad_accum)
+                )
+                step = state.global_step
+                finished = step >= total_steps
+                if step % tc.eval_every_steps == 0 or finished:
+                    probs = _evaluate(accelerator, model, val.input_ids, tokenizer.pad_token_id, tc.eval_token_budget,
+                                      progress)
+                    _record(state, step, probs, val_labels, scheduler, session_start, wall_at_start)
+                    if state.history[-1]["eval_loss"] < state.best_eval_loss:
+                        state.best_eval_loss, state.best_step = state.history[-1]["eval_loss"], step
+                        _save_best(accelerator, model, trainable_names, probs, out_dir, step, state.best_eval_loss,
+                                   keep=checkpointed_best)
+                    model.train()
+                state.wall_time_s = wall_at_start + time.perf_counter() - session_start
+                if step % tc.save_every_steps == 0 or finished:
+                    _save_checkpoint(accelerator, state, out_dir)
+                    checkpointed_best = state.best_step
+                    if accelerator.is_main_process:
+                        _prune_best(out_dir, keep={state.best_step})
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss_value:.4f}", best=f"{state.best_eval_loss:.4f}")
+                if on_step is not None:
+                    on_step(step)
+                if finished:
+                    break
+
+    accelerator.wait_for_everyone()  # best/ is written by the main process
+    unwrapped = accelerator.unwrap_model(model)
+    best_probs = _load_best(unwrapped, out_dir, state.best_step)
+    unwrapped.eval()
+    return TrainResult(
+        model=unwrapped,
+        fold=fold,
+        ordering=tc.ordering,
+        best_step=state.best_step,
+        best_eval_loss=state.best_eval_loss,
+        global_step=state.global_step,
+        total_steps=total_steps,
+        history=state.history,
+        val_ids=list(val.ids),
+        val_labels=val_labels,
+        val_probs=best_probs,
+        prior_log_loss=prior,
+        train_rows=train_part.height,
+        train_examples=len(examples.input_ids),
+        trainable_params=trainable_params,
+        total_params=total_params,
+        wall_time_s=state.wall_time_s,
+        train_time_s=state.train_time_s,
+        tokens_seen=state.tokens_seen,
+        peak_rss_bytes=memory.peak_rss_bytes,
+        peak_cuda_bytes=memory.peak_cuda_bytes,
+        resumed_from_step=resumed_from,
+        out_dir=out_dir,
+    )
+
+
+def _accumulate(accelerator, model, group, examples: _Examples, collate, device) -> tuple[float, int]:
+    """Forward/backward over one accumulation group; gradients sync across processes on its last batch only."""
+    total_loss, tokens = 0.0, 0
+    for index, rows in enumerate(group):
+        batch = collate([{"input_ids": examples.input_ids[row], "labels": int(examples.labels[row])} for row in rows])
+        batch = {key: value.to(device) for key, value in batch.items()}
+        sync = index == len(group) - 1
+        with contextlib.ExitStack() as stack:
+            if not sync:
+                stack.enter_context(accelerator.no_sync(model))
+            with accelerator.autocast():
+                loss = model(**batch).loss / len(group)
+            accelerator.backward(loss)
+        total_loss += float(loss.detach())
+        tokens += int(batch["attention_mask"].sum())
+    return total_loss, tokens
+
+
+def _evaluate(accelerator, model, input_ids: list[list[int]], pad_token_id: int, token_budget: int,
+              progress: bool = False) -> np.ndarray:
+    """Held-out probabilities: each process predicts a contiguous share, gathered in order."""
+    from accelerate.utils import gather_object
+
+    from kaggle_utils.modeling import predict_probs
+
+    rank, world = accelerator.process_index, accelerator.num_processes
+    share = -(-len(input_ids) // world)
+    local = predict_probs(accelerator.unwrap_model(model), input_ids[rank * share : (rank + 1) * share], pad_token_id,
+                          token_budget=token_budget, progress=progress and accelerator.is_main_process)
+    if world == 1:
+        return local
+    return np.concatenate([part for part in gather_object([local]) if len(part)])
+
+
+def _record(state: _State, step: int, probs, labels, scheduler, session_start: float, wall_at_start: float) -> None:
+    from kaggle_utils.metrics import log_loss
+
+    state.history.append({
+        "step": step,
+        "train_loss": state.loss_sum / max(state.loss_count, 1),
+        "eval_loss": log_loss(labels, probs),
+        "eval_accuracy": float((probs.argmax(axis=1) == labels).mean()),
+        "lr": float(scheduler.get_last_lr()[0]),
+        "wall_time_s": wall_at_start + time.perf_counter() - session_start,
+    })
+    state.loss_sum, state.loss_count = 0.0, 0
+
+
+def _register_trainable_only_checkpoints(accelerator, names: set[str]) -> None:
+    """Checkpoints carry only the trainable tensors; loading puts them back into the already-built model."""
+    from safetensors.torch import load_file
+
+    def save_hook(models, weights, output_dir):
+        for index in range(len(weights)):
+            weights[index] = {k: v for k, v in weights[index].items() if k in names}
+
+    def load_hook(models, input_dir):
+        for index, model in enumerate(models):
+            file = Path(input_dir) / ("model.safetensors" if index == 0 else f"model_{index}.safetensors")
+            tensors = load_file(str(file), device=str(_device_of(model)))
+            result = model.load_state_dict(tensors, strict=False)
+            absent = names - set(tensors)
+            if result.unexpected_keys or absent:
+                raise UsageError(f"checkpoint {input_dir} does not match the model "
+                                 f"(unexpected {result.unexpected_keys[:3]}, missing {sorted(absent)[:3]})")
+        models.clear()
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+
+
+def _save_checkpoint(accelerator, state: _State, out_dir: Path) -> None:
+    root = out_dir / CHECKPOINTS_DIR
+    final = root / f"step-{state.global_step:07d}"
+    staging = root / f".{final.name}.tmp"
+    if accelerator.is_main_process:
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(staging))
+    accelerator.wait_for_everyone()  # every process has written its RNG state before the rename
+    if accelerator.is_main_process:
+        (staging / STATE_FILE).write_text(json.dumps(asdict(state), indent=1), encoding="utf-8")
+        shutil.rmtree(final, ignore_errors=True)
+        staging.rename(final)
+        for old in root.glob("step-*"):
+            if old != final:
+                shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def _latest_checkpoint(out_dir: Path) -> Path | None:
+    complete = [p for p in (out_dir / CHECKPOINTS_DIR).glob("step-*") if (p / STATE_FILE).is_file()]
+    return max(complete, key=lambda p: p.name) if complete else None
+
+
+def _best_dir(out_dir: Path, step: int) -> Path:
+    return out_dir / BEST_DIR / f"step-{step:07d}"
+
+
+def _save_best(accelerator, model, names: set[str], probs: np.ndarray, out_dir: Path, step: int, loss: float,
+               keep: int) -> None:
+    """Write the new best trainable weights (and their held-out probabilities) as best/step-N.
+
+    The best that the latest checkpoint refers to (`keep`) stays until a newer checkpoint supersedes it, so a
+    run resumed from that checkpoint finds the weights its state names, whatever happened after it.
+    """
+    from safetensors.torch import save_file
+
+    if not accelerator.is_main_process:
+        return
+    target = _best_dir(out_dir, step)
+    staging = target.parent / f".{target.name}.tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    unwrapped_names = {name.removeprefix("module.") for name in names}
+    tensors = {k: v.detach().contiguous().cpu() for k, v in accelerator.unwrap_model(model).state_dict().items()
+               if k in unwrapped_names}
+    save_file(tensors, str(staging / BEST_WEIGHTS))
+    np.save(staging / BEST_PROBS, probs)
+    (staging / "best.json").write_text(json.dumps({"step": step, "eval_loss": loss}), encoding="utf-8")
+    shutil.rmtree(target, ignore_errors=True)
+    staging.rename(target)
+    _prune_best(out_dir, keep={step, keep})
+
+
+def _prune_best(out_dir: Path, keep: set[int], newer_than: int | None = None) -> None:
+    """Remove best/step-N directories not in `keep` (with `newer_than`: only those after that step)."""
+    for path in (out_dir / BEST_DIR).glob("*step-*"):
+        try:
+            step = int(path.name.lstrip(".").split("step-")[1].split(".")[0])
+        except (IndexError, ValueError):
+            continue
+        if step in keep and path.name.startswith("step-"):
+            continue
+        if newer_than is None or step > newer_than or not path.name.startswith("step-"):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _load_best(model: nn.Module, out_dir: Path, step: int) -> np.ndarray:
+    from safetensors.torch import load_file
+
+    best = _best_dir(out_dir, step)
+    if not (best / BEST_WEIGHTS).is_file():
+        raise UsageError(f"{best} is missing: the best weights of step {step} were not kept (was {out_dir} "
+                         "edited while the run was stopped?)")
+    tensors = load_file(str(best / BEST_WEIGHTS), device=str(_device_of(model)))
+    result = model.load_state_dict(tensors, strict=False)
+    if result.unexpected_keys:
+        raise UsageError(f"{best}: weights do not match the model ({result.unexpected_keys[:3]})")
+    return np.load(best / BEST_PROBS)
+
+
+@contextlib.contextmanager
+def _progress(total: int, initial: int, enabled: bool, fold: int) -> Iterator[Any]:
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, initial=initial, desc=f"train fold {fold}", unit="step", disable=not enabled, leave=False)
+    try:
+        yield bar
+    finally:
+        bar.close()

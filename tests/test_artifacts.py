@@ -1,0 +1,161 @@
+"""Artifact layout and manifest; reloading reproduces the in-memory model for both orderings; refusals."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from peft import PeftModel
+
+from kaggle_utils import artifacts, modeling, quantization
+from kaggle_utils.config import FormatConfig, LoraSettings, ModelConfig, QuantConfig
+from kaggle_utils.errors import ArtifactError
+from kaggle_utils.formatting import TEMPLATE_VERSION
+
+FIELDS = {
+    "ordering": "quant-then-ft",
+    "variant": "quant-then-ft",
+    "base_model": "tiny",
+    "folds_file_hash": "0" * 64,
+    "cv_scores": {"fold_0": 1.0},
+    "class_prior": [0.35, 0.34, 0.31],
+}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Tiny models are dominated by per-op overhead; one thread avoids OpenMP spinning on a shared 2-core box."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def setup(demo_tokenizer, tmp_path_factory):
+    vocab, pad = len(demo_tokenizer), demo_tokenizer.pad_token_id
+    base = modeling.materialize_base(ModelConfig(), tmp_path_factory.mktemp("base"), vocab_size=vocab, pad_token_id=pad)
+    rng = np.random.default_rng(2)
+    rows = [[2, *rng.integers(6, vocab, size=n).tolist()] for n in (8, 31, 15, 22, 5)]
+    return ModelConfig(base_model=str(base)), rows, pad
+
+
+def _perturb_adapter(peft_model) -> None:
+    """Stand-in for training: non-zero LoRA B and a changed head, so the adapter matters."""
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name or "modules_to_save" in name:
+                param.add_(torch.randn_like(param) * 0.05)
+
+
+def _probs(model, rows, pad):
+    return modeling.predict_probs(model, rows, pad, token_budget=128)
+
+
+def test_quant_then_ft_artifact_reloads_with_identical_predictions(setup, demo_tokenizer, tmp_path):
+    model_cfg, rows, pad = setup
+    peft_model = modeling.apply_lora(modeling.build_classifier(model_cfg, quant=QuantConfig(), device="cpu"),
+                                     LoraSettings(r=4))
+    _perturb_adapter(peft_model)
+    expected = _probs(peft_model, rows, pad)
+    fmt = FormatConfig(max_length=256)
+    path = artifacts.save_artifact(tmp_path / "art", peft_model, demo_tokenizer, FIELDS, fmt)
+
+    assert sorted(p.name for p in path.iterdir()) == ["adapter", "manifest.json", "model", "tokenizer"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging directory left behind
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert set(artifacts.REQUIRED_FIELDS) <= set(manifest)
+    assert manifest["quant_scheme"] == "nf4" and manifest["has_adapter"] and manifest["max_length"] == 256
+    assert manifest["template_version"] == TEMPLATE_VERSION and manifest["class_prior"] == FIELDS["class_prior"]
+    assert "model/model.safetensors" in manifest["files"] and "adapter/adapter_model.safetensors" in manifest["files"]
+
+    loaded = artifacts.load_artifact(path, device="cpu")
+    assert isinstance(loaded.model, PeftModel) and quantization.quant_scheme_of(loaded.model) == "nf4"
+    assert loaded.format_config == fmt and loaded.tokenizer.pad_token_id == pad
+    np.testing.assert_array_equal(_probs(loaded.model, rows, pad), expected)
+    assert artifacts.artifact_size_bytes(path) == sum(info["bytes"] for info in manifest["files"].values()) + len(
+        (path / "manifest.json").read_bytes()
+    )
+
+    # Runtimes without bitsandbytes: plain layers with the adapter merged, same predictions up to fp32 rounding.
+    plain = artifacts.load_artifact(path, compute_dtype=torch.float32, dequantize=True)
+    assert quantization.quant_scheme_of(plain.model) is None and not isinstance(plain.model, PeftModel)
+    np.testing.assert_allclose(_probs(plain.model, rows, pad), expected, atol=1e-5)
+
+
+def test_quant_then_ft_merged_copy_is_shipped_beside_the_adapter(setup, demo_tokenizer, tmp_path):
+    model_cfg, rows, pad = setup
+    peft_model = modeling.apply_lora(modeling.build_classifier(model_cfg, quant=QuantConfig(), device="cpu"),
+                                     LoraSettings(r=4))
+    _perturb_adapter(peft_model)
+    path = artifacts.save_artifact(tmp_path / "art", peft_model, demo_tokenizer, FIELDS, FormatConfig())
+    merged = quantization.merge_adapter_into_quantized(artifacts.load_artifact(path, device="cpu").model)
+    expected = _probs(merged, rows, pad)
+    path = artifacts.save_artifact(tmp_path / "art", peft_model, demo_tokenizer, FIELDS, FormatConfig(),
+                                   merged_model=merged)
+    loaded = artifacts.load_artifact(path, device="cpu", use_merged=True)
+    assert not isinstance(loaded.model, PeftModel) and quantization.quant_scheme_of(loaded.model) == "nf4"
+    np.testing.assert_array_equal(_probs(loaded.model, rows, pad), expected)
+    assert artifacts.artifact_size_bytes(path, include_merged=True) > artifacts.artifact_size_bytes(path)
+
+
+@pytest.mark.parametrize("scheme", ["nf4", "int8"])
+def test_ft_then_quant_artifact_reloads_with_identical_predictions(setup, demo_tokenizer, tmp_path, scheme):
+    model_cfg, rows, pad = setup
+    peft_model = modeling.apply_lora(modeling.build_classifier(model_cfg, device="cpu"), LoraSettings(r=4))
+    _perturb_adapter(peft_model)
+    quantized = quantization.quantize_merged(peft_model.merge_and_unload(), QuantConfig(scheme=scheme), model_cfg)
+    expected = _probs(quantized, rows, pad)
+    fields = {**FIELDS, "ordering": "ft-then-quant", "variant": f"ft-then-quant-{scheme}"}
+    path = artifacts.save_artifact(tmp_path / "art", quantized, demo_tokenizer, fields, FormatConfig())
+    assert sorted(p.name for p in path.iterdir()) == ["manifest.json", "model", "tokenizer"]
+    loaded = artifacts.load_artifact(path, device="cpu")
+    assert loaded.manifest["quant_scheme"] == scheme and not loaded.manifest["has_adapter"]
+    np.testing.assert_array_equal(_probs(loaded.model, rows, pad), expected)
+    plain = artifacts.load_artifact(path, compute_dtype=torch.float32, dequantize=True)
+    assert quantization.quant_scheme_of(plain.model) is None
+    np.testing.assert_allclose(_probs(plain.model, rows, pad), expected, atol=1e-2 if scheme == "int8" else 1e-5)
+
+
+def _small_artifact(setup, demo_tokenizer, path):
+    model_cfg, _, _ = setup
+    model = modeling.build_classifier(model_cfg, device="cpu")
+    return artifacts.save_artifact(path, model, demo_tokenizer, {**FIELDS, "ordering": "ft-then-quant"}, FormatConfig())
+
+
+def test_template_version_mismatch_is_refused(setup, demo_tokenizer, tmp_path):
+    path = _small_artifact(setup, demo_tokenizer, tmp_path / "art")
+    artifacts.update_manifest(path, template_version="some-older-template")
+    with pytest.raises(ArtifactError, match="template version 'some-older-template'"):
+        artifacts.load_artifact(path, device="cpu")
+
+
+def test_incomplete_or_damaged_artifacts_are_refused(setup, demo_tokenizer, tmp_path):
+    path = _small_artifact(setup, demo_tokenizer, tmp_path / "art")
+    artifacts.read_manifest(path, verify_hashes=True)
+    weights = path / "model" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match="sha256"):
+        artifacts.read_manifest(path, verify_hashes=True)
+    weights.write_bytes(bytes(data[:-10]))
+    with pytest.raises(ArtifactError, match="bytes"):
+        artifacts.load_artifact(path, device="cpu")
+    weights.unlink()
+    with pytest.raises(ArtifactError, match="missing"):
+        artifacts.load_artifact(path, device="cpu")
+    (path / "manifest.json").unlink()
+    with pytest.raises(ArtifactError, match="manifest.json is missing"):
+        artifacts.load_artifact(path, device="cpu")
+    with pytest.raises(ArtifactError, match="lacks"):
+        artifacts.save_artifact(tmp_path / "x", modeling.build_classifier(setup[0], device="cpu"), demo_tokenizer,
+                                {"ordering": "ft-then-quant"}, FormatConfig())
+
+
+def test_use_merged_without_a_merged_copy_is_refused(setup, demo_tokenizer, tmp_path):
+    path = _small_artifact(setup, demo_tokenizer, tmp_path / "art")
+    with pytest.raises(ArtifactError, match="no merged"):
+        artifacts.load_artifact(path, device="cpu", use_merged=True)

@@ -1,0 +1,157 @@
+"""compare_orderings end to end (tiny Gemma-2, CPU), the variant registry, the noise rule and the CLI."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+import yaml
+
+from kaggle_utils import compare
+from kaggle_utils.artifacts import load_artifact
+from kaggle_utils.cli import main
+from kaggle_utils.config import PipelineConfig
+from kaggle_utils.errors import UsageError
+from kaggle_utils.metrics import load_oof, log_loss, oof_probs
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Tiny models are dominated by per-op overhead; one thread avoids OpenMP spinning on a shared 2-core box."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def quick_config(max_steps: int = 8) -> PipelineConfig:
+    cfg = compare.demo_config()
+    cfg.folds.n_folds = 4
+    cfg.lora.r = 4
+    cfg.train = dataclasses.replace(cfg.train, max_steps=max_steps, eval_every_steps=4, save_every_steps=4)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def comparison(sample_files, tmp_path_factory):
+    out = tmp_path_factory.mktemp("compare")
+    report = compare.compare_orderings(quick_config(), sample_files.train_csv, out, seeds=(1, 2), progress=False)
+    return report, out
+
+
+@pytest.mark.slow
+def test_report_files_and_numbers_come_from_the_run(comparison):
+    report, out = comparison
+    for name in (compare.REPORT_JSON, compare.REPORT_MD, compare.REPORT_PNG, compare.OOF_FILE):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0
+    assert (out / compare.REPORT_PNG).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    on_disk = json.loads((out / compare.REPORT_JSON).read_text())
+    assert on_disk["decision"] == report["decision"]
+    assert [v["variant"] for v in report["variants"]] == ["ft-then-quant", "quant-then-ft"]
+    assert report["decision"]["winner"] in ("ft-then-quant", "quant-then-ft")
+    assert isinstance(report["decision"]["within_noise"], bool)
+    assert "no GPU" in report["environment"]["device"]
+
+    oof = load_oof(out / compare.OOF_FILE)
+    for run in report["runs"]:
+        name = f"{run['variant']}/seed{run['seed']}"
+        rows16, rows_q = oof.filter(pl.col("name") == f"{name}/16bit"), oof.filter(pl.col("name") == f"{name}/quantized")
+        assert rows16.height == rows_q.height == run["rows"] > 0
+        assert run["cv_log_loss_16bit"] == pytest.approx(log_loss(rows16["label"].to_numpy(), oof_probs(rows16)))
+        assert run["cv_log_loss_quantized"] == pytest.approx(log_loss(rows_q["label"].to_numpy(), oof_probs(rows_q)))
+        assert run["qid"] == pytest.approx(run["cv_log_loss_quantized"] - run["cv_log_loss_16bit"])
+        assert run["steps"] == 8 and run["trainable_params"] > 0 and run["artifact_bytes"] > 0
+        assert run["train_wall_time_s"] > 0 and run["inference_rows_per_s"] > 0 and run["peak_rss_bytes"] > 0
+    # Identical held-out rows for every variant and seed: the same folds.
+    held_out = {tuple(sorted(part["id"].to_list())) for _, part in oof.group_by("name")}
+    assert len(held_out) == 1
+    for summary in report["variants"]:
+        assert summary["seeds"] == [1, 2] and summary["cv_log_loss_quantized"]["std"] is not None
+    markdown = (out / compare.REPORT_MD).read_text()
+    assert report["decision"]["statement"] in markdown and "| ft-then-quant |" in markdown
+
+
+@pytest.mark.slow
+def test_both_artifacts_share_folds_base_and_reload(comparison):
+    report, out = comparison
+    manifests = []
+    for run in report["runs"]:
+        artifact = run["per_fold"][0]["artifact_dir"]
+        loaded = load_artifact(artifact, device="cpu")
+        manifests.append(loaded.manifest)
+        assert loaded.manifest["cv_scores"]["log_loss_quantized"] == pytest.approx(
+            run["per_fold"][0]["log_loss_quantized"])
+    assert len({m["folds_file_hash"] for m in manifests}) == 1
+    assert len({m["base_model"] for m in manifests}) == 1
+    assert {m["quant_scheme"] for m in manifests} == {"nf4"}
+    assert {m["has_adapter"] for m in manifests if m["ordering"] == "quant-then-ft"} == {True}
+    assert {m["has_merged"] for m in manifests if m["ordering"] == "quant-then-ft"} == {True}
+    extras = [f["extras"] for r in report["runs"] if r["ordering"] == "quant-then-ft" for f in r["per_fold"]]
+    assert all("merged-into-nf4" in extra for extra in extras)
+
+
+def test_a_registered_variant_runs_without_touching_compare(sample_files, tmp_path):
+    """The extension point: a variant defined elsewhere (here: ft-then-quant exported in LLM.int8)."""
+    base = compare.VARIANTS["ft-then-quant"]
+
+    def int8(cfg: PipelineConfig) -> PipelineConfig:
+        cfg.quant.scheme = "int8"
+        return cfg
+
+    variant = compare.register_variant(dataclasses.replace(base, name="test-ft-then-int8", configure=int8))
+    try:
+        with pytest.raises(UsageError, match="already registered"):
+            compare.register_variant(dataclasses.replace(variant, description="another"))
+        cfg = quick_config(max_steps=2)
+        cfg.train.eval_every_steps = 2
+        report = compare.compare_orderings(cfg, sample_files.train_csv, tmp_path, variants=["test-ft-then-int8"],
+                                           progress=False)
+        assert [v["variant"] for v in report["variants"]] == ["test-ft-then-int8"]
+        artifact = report["runs"][0]["per_fold"][0]["artifact_dir"]
+        assert load_artifact(artifact, device="cpu").manifest["quant_scheme"] == "int8"
+        assert report["decision"]["runner_up"] is None
+    finally:
+        compare.VARIANTS.pop("test-ft-then-int8", None)
+    with pytest.raises(UsageError, match="unknown variant"):
+        compare.resolve_variants(["no-such-variant"])
+
+
+def _run(name: str, seed: int, losses: np.ndarray) -> dict:
+    return {"variant": name, "seed": seed, "cv_log_loss_quantized": float(losses.mean()),
+            "_row_losses_quantized": losses}
+
+
+def test_winner_needs_a_difference_beyond_noise():
+    rng = np.random.default_rng(0)
+    common = rng.exponential(1.0, size=2000)
+    clear = [_run("a", 0, common), _run("b", 0, common + 0.05 + rng.normal(0, 0.1, 2000))]
+    decision = compare.decide_winner(clear, ["a", "b"])
+    assert decision["winner"] == "a" and decision["within_noise"] is False and "a wins" in decision["statement"]
+    close = [_run("a", 0, common), _run("b", 0, common + 0.001 + rng.normal(0, 0.3, 2000))]
+    decision = compare.decide_winner(close, ["a", "b"])
+    assert decision["within_noise"] is True and "within noise" in decision["statement"]
+    # Several seeds: seed-to-seed spread counts as noise too.
+    seeds = [_run("a", s, common) for s in range(3)] + [
+        _run("b", s, common + shift) for s, shift in enumerate((0.08, -0.07, 0.02))]
+    assert compare.decide_winner(seeds, ["a", "b"])["within_noise"] is True
+
+
+def test_cli_train_writes_an_artifact(sample_files, tmp_path, capsys):
+    cfg = quick_config(max_steps=2)
+    cfg.train.eval_every_steps = 2
+    config_path = tmp_path / "cfg.yaml"
+    cfg.to_yaml(config_path)
+    assert yaml.safe_load(config_path.read_text())["train"]["max_steps"] == 2
+    code = main(["train", "--ordering", "quant-then-ft", "--config", str(config_path), "--train",
+                 str(sample_files.train_csv), "--out", str(tmp_path / "out"), "--fold", "1"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "quant-then-ft, fold 1" in printed and "artifact:" in printed
+    artifact = printed.split("artifact:")[1].strip()
+    assert load_artifact(artifact, device="cpu").manifest["ordering"] == "quant-then-ft"
+    assert main(["compare-orderings", "--config", str(tmp_path / "missing.yaml"), "--out", str(tmp_path)]) == 2
+
