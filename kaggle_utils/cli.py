@@ -16,6 +16,7 @@ from kaggle_utils.errors import UsageError
 COMMAND_GROUPS: tuple[str, ...] = (
     "data",
     "modeling",
+    "inference",
 )
 
 

@@ -1,0 +1,79 @@
+"""Inference commands: predict (artifact + test file -> submission.csv) and find-inputs. Thin: the package works."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+
+from kaggle_utils.config import InferenceConfig, PipelineConfig
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    defaults = InferenceConfig()
+    parser = subparsers.add_parser(
+        "predict",
+        help="offline prediction with an artifact; always writes a valid submission (fallback for rows not reached)",
+    )
+    parser.add_argument("--artifact", required=True, help="artifact directory (with manifest.json), either ordering")
+    parser.add_argument("--test", required=True, help="competition test file (test.csv)")
+    parser.add_argument("--out", required=True, help="submission CSV to write (a .inference.json report goes beside)")
+    parser.add_argument("--config", help="YAML pipeline config; its `inference` section sets the defaults below")
+    parser.add_argument("--no-tta", action="store_true", help="skip the A/B-swapped pass")
+    parser.add_argument("--deadline-hours", type=float, help=f"total time limit (default {defaults.deadline_hours})")
+    parser.add_argument("--margin-hours", type=float, help=f"kept free (default {defaults.safety_margin_hours})")
+    parser.add_argument("--fallback", help="baseline model (joblib) for rows no model pass serves")
+    parser.add_argument("--device", choices=("auto", "cuda", "cpu", "tpu"))
+    parser.add_argument("--num-gpus", type=int, help="use the first N GPUs (default: all)")
+    parser.add_argument("--dtype", choices=("auto", "bfloat16", "float16", "float32"), help="compute dtype")
+    parser.add_argument("--token-budget", type=int, help=f"padded tokens per batch (default {defaults.token_budget})")
+    parser.add_argument("--layout", choices=("shared_queue", "view_per_device"), help="work layout over GPUs")
+    parser.add_argument("--strict", action="store_true", help="exit 1 after writing if any error was absorbed")
+    parser.add_argument("--no-progress", action="store_true")
+    parser.set_defaults(handler=predict)
+
+    parser = subparsers.add_parser("find-inputs", help="show the artifact / test file / wheels found under a root")
+    parser.add_argument("root", nargs="?", help="input root (default /kaggle/input, else ./data)")
+    parser.add_argument("--artifact-hint", help="substring of the wanted artifact path")
+    parser.add_argument("--test-hint", help="substring of the wanted test file path")
+    parser.set_defaults(handler=find_inputs)
+
+
+def inference_config(args: argparse.Namespace) -> InferenceConfig:
+    cfg = PipelineConfig.from_yaml(args.config).inference if args.config else InferenceConfig()
+    overrides = {
+        "tta_swap": False if args.no_tta else None,
+        "deadline_hours": args.deadline_hours,
+        "safety_margin_hours": args.margin_hours,
+        "device": args.device,
+        "num_gpus": args.num_gpus,
+        "compute_dtype": args.dtype,
+        "token_budget": args.token_budget,
+        "layout": args.layout,
+        "raise_after_write": True if args.strict else None,
+        "progress": False if args.no_progress else None,
+    }
+    return dataclasses.replace(cfg, **{key: value for key, value in overrides.items() if value is not None})
+
+
+def predict(args: argparse.Namespace) -> int:
+    from kaggle_utils.inference import InferenceError
+    from kaggle_utils.inference import predict as run_predict
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        report = run_predict(args.artifact, args.test, args.out, inference_config(args), fallback_path=args.fallback)
+    except InferenceError as error:
+        print(f"error (submission written): {error}", file=sys.stderr)
+        return 1
+    print(report.summary())
+    print(f"report: {report.report_path}")
+    return 0
+
+
+def find_inputs(args: argparse.Namespace) -> int:
+    from kaggle_utils.runtime import find_inputs as find
+
+    print(find(args.root, artifact_hint=args.artifact_hint, test_hint=args.test_hint).describe())
+    return 0

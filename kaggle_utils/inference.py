@@ -1,0 +1,873 @@
+"""Offline prediction that always leaves a valid `submission.csv` inside Kaggle's 9 hours.
+
+Two layers:
+
+* `run_schedule`: the engine. It knows nothing of models: it takes token sequences (one list per view: the
+  original order and, with TTA, the A/B-swapped order), one `forward(list_of_token_lists) -> probs (B, 3)`
+  callable per device and a clock. Work is cut into token-budget batches, longest first, and every device
+  pulls the next batch from one shared queue, so the split between devices is by tokens, not rows, and no
+  device idles while another has work left. Out-of-memory halves the batch and retries the same rows (and
+  remembers the smaller size for that device). The time guard measures each device's tokens/s after its
+  warm-up batches: when the projection overruns the deadline it drops the swapped view for the rows not yet
+  done; a batch that cannot finish before the deadline is not started. An exception in a batch is logged
+  and its rows left to the other view or the fallback; a device failing repeatedly is retired.
+* `predict`: artifact + test file -> submission. It writes a fallback submission first (so a valid file
+  exists from the first seconds), loads one model replica per device, runs the engine, combines the views
+  (mean of the original and the un-swapped swapped prediction), fills every row no model pass served with
+  the cheapest good prediction (baseline model, else the class prior from the manifest, else uniform),
+  writes the submission atomically and a JSON report beside it with how many rows each path served.
+
+Error policy (decided here): after the test ids are read, no exception escapes `predict` by default, because
+on Kaggle any exception fails the submission even when the file exists; errors are logged, counted and
+written to the report. `InferenceConfig.raise_after_write=True` (CLI `--strict`) re-raises the first one,
+but only after the valid file is on disk.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import threading
+import time
+import traceback
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+from tqdm.auto import tqdm
+
+from kaggle_utils.config import LABEL_COLUMNS, DataConfig, InferenceConfig
+from kaggle_utils.errors import UsageError
+from kaggle_utils.fileio import atomic_write_bytes
+
+logger = logging.getLogger(__name__)
+
+ForwardFn = Callable[[list[list[int]]], np.ndarray]
+VIEW_NAMES: tuple[str, ...] = ("original", "swapped")
+ORIGINAL, SWAPPED = 0, 1
+# How each row's final prediction was made (the report counts rows per path).
+PATH_TTA, PATH_ORIGINAL, PATH_SWAPPED, PATH_FALLBACK = "tta", "original_only", "swapped_only", "fallback"
+MANIFEST_NAME = "manifest.json"
+_ERRORS_KEPT = 20
+
+
+class InferenceError(RuntimeError):
+    """Raised only with `raise_after_write=True`, after the submission was written; wraps the first error."""
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """CUDA raises torch.OutOfMemoryError; other backends (XLA, older torch) a RuntimeError saying so."""
+    try:
+        import torch
+
+        if isinstance(error, torch.OutOfMemoryError):
+            return True
+    except ImportError:  # pragma: no cover - torch is a dependency
+        pass
+    text = str(error)
+    return isinstance(error, RuntimeError) and ("out of memory" in text.lower() or "RESOURCE_EXHAUSTED" in text)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The engine
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Task:
+    view: int
+    rows: list[int]
+    padded_tokens: int
+
+
+@dataclass
+class WorkerStats:
+    """One device's share of the work: batches, padded tokens, busy seconds, and why it stopped early."""
+
+    name: str
+    batches: int = 0
+    rows: int = 0
+    padded_tokens: int = 0
+    real_tokens: int = 0
+    busy_seconds: float = 0.0
+    finished_at: float = 0.0  # seconds after the schedule started
+    oom_retries: int = 0
+    token_cap: int | None = None  # padded tokens per forward after an OOM
+    failures: int = 0
+    retired: str = ""
+    # rate measurement (after warm-up)
+    measured_tokens: int = 0
+    measured_seconds: float = 0.0
+    consecutive_failures: int = 0
+
+    @property
+    def rate(self) -> float | None:
+        """Padded tokens per busy second after warm-up; None until one measured batch exists."""
+        return self.measured_tokens / self.measured_seconds if self.measured_seconds > 0 else None
+
+
+@dataclass
+class ScheduleReport:
+    """What the engine did: per view and per device, what the time guard decided, every error."""
+
+    rows: int
+    views: int
+    batches_planned: int
+    batches_done: int = 0
+    batches_failed: int = 0
+    rows_done_per_view: list[int] = field(default_factory=list)
+    nonfinite_rows: int = 0  # rows the model returned NaN/inf for (fp16 overflow): left to other view/fallback
+    rows_out_of_memory: int = 0  # rows that did not fit in memory even alone
+    padding_efficiency: float = 1.0  # real tokens / padded tokens over the batches run
+    tta_dropped: bool = False
+    tta_dropped_after_s: float | None = None
+    tta_rows_dropped: int = 0
+    stopped: str = ""  # "deadline" | "all devices retired" | "interrupted" | ""
+    stopped_after_s: float | None = None
+    rows_not_reached: int = 0  # row-views never started (deadline, retired devices)
+    projected_total_s: float | None = None  # last projection of the whole schedule (from its start)
+    elapsed_s: float = 0.0
+    workers: list[WorkerStats] = field(default_factory=list)
+    errors: list[dict] = field(default_factory=list)
+    oom_events: list[dict] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        for worker, stats in zip(data["workers"], self.workers, strict=True):
+            worker["rate_tokens_per_s"] = stats.rate
+        return data
+
+
+@dataclass
+class ViewPredictions:
+    """(views, rows, 3) probabilities in each view's own column order; `done` marks the rows served."""
+
+    probs: np.ndarray
+    done: np.ndarray
+
+
+class _Scheduler:
+    """Shared queue of token-budget batches, the time guard, and the bookkeeping; every method holds the lock."""
+
+    def __init__(
+        self,
+        sequences: Sequence[Sequence[Sequence[int]]],
+        n_workers: int,
+        worker_names: Sequence[str],
+        cfg: InferenceConfig,
+        deadline: float | None,
+        clock: Callable[[], float],
+        progress: bool,
+    ) -> None:
+        from kaggle_utils.batching import token_budget_batches
+
+        self.sequences = sequences
+        self.n_views = len(sequences)
+        self.n_rows = len(sequences[0])
+        self.cfg = cfg
+        self.deadline = deadline
+        self.clock = clock
+        self.started = clock()
+        self.lock = threading.Lock()
+        self.stop_requested = False
+
+        self.pending: list[deque[_Task]] = []
+        for view, seqs in enumerate(sequences):
+            lengths = [len(seq) for seq in seqs]
+            batches = token_budget_batches(lengths, cfg.token_budget, cfg.max_rows_per_batch)
+            tasks = [_Task(view, list(rows), len(rows) * max(lengths[r] for r in rows)) for rows in batches if rows]
+            self.pending.append(deque(tasks))
+        self.probs = np.full((self.n_views, self.n_rows, len(LABEL_COLUMNS)), np.nan)
+        self.done = np.zeros((self.n_views, self.n_rows), dtype=bool)
+        self.in_flight = np.zeros((self.n_views, self.n_rows), dtype=bool)
+        self.workers = [WorkerStats(name=str(name)) for name in worker_names]
+        self.report = ScheduleReport(
+            rows=self.n_rows, views=self.n_views, batches_planned=sum(len(q) for q in self.pending),
+            workers=self.workers,
+        )
+        self.real_tokens = 0
+        self.padded_tokens = 0
+        total = sum(len(task.rows) for queue in self.pending for task in queue)
+        self.bar = tqdm(total=total, unit="row", desc="inference", disable=not progress, smoothing=0.1)
+
+    # -- layout -------------------------------------------------------------------------------------------
+    def _view_order(self, worker: int) -> list[int]:
+        """shared_queue: original first for everyone; view_per_device: device i starts on view i % views."""
+        first = worker % self.n_views if self.cfg.layout == "view_per_device" else ORIGINAL
+        return [first] + [view for view in range(self.n_views) if view != first]
+
+    # -- time guard ---------------------------------------------------------------------------------------
+    def _throughput(self) -> float | None:
+        """Sum of the measured per-device rates; devices still warming up count as the mean measured one."""
+        active = [w for w in self.workers if not w.retired]
+        rates = [w.rate for w in active if w.rate]
+        if not rates:
+            return None
+        return sum(rates) / len(rates) * len(active)
+
+    def _pending_tokens(self, views: Sequence[int]) -> int:
+        return sum(task.padded_tokens for view in views for task in self.pending[view])
+
+    def _drop_tta(self, now: float, throughput: float) -> None:
+        """Drop swapped passes, longest first (the most time per row freed, so the most rows keep TTA), until
+        the projection fits the deadline; once none is left, original passes of rows the swapped view already
+        served are dropped too (they have a prediction)."""
+        dropped = 0
+        pending = self._pending_tokens(range(self.n_views))
+        for view in range(1, self.n_views):
+            queue = self.pending[view]
+            while queue and now + pending / throughput > self.deadline:
+                task = queue.popleft()
+                pending -= task.padded_tokens
+                dropped += len(task.rows)
+        if all(not self.pending[view] for view in range(1, self.n_views)) and now + pending / throughput > self.deadline:
+            covered = self.done[1:].any(axis=0) | self.in_flight[1:].any(axis=0)
+            lengths = [len(seq) for seq in self.sequences[ORIGINAL]]
+            kept: deque[_Task] = deque()
+            for task in self.pending[ORIGINAL]:
+                rows = [row for row in task.rows if not covered[row]]
+                dropped += len(task.rows) - len(rows)
+                if rows:
+                    kept.append(_Task(ORIGINAL, rows, len(rows) * max(lengths[r] for r in rows)))
+            self.pending[ORIGINAL] = kept
+        if not dropped:
+            return
+        if not self.report.tta_dropped:
+            self.report.tta_dropped = True
+            self.report.tta_dropped_after_s = now - self.started
+        self.report.tta_rows_dropped += dropped
+        self.bar.total -= dropped
+        self.bar.refresh()
+        logger.warning(
+            "time guard: projected to overrun the deadline; swap TTA dropped for %d more row passes", dropped
+        )
+
+    def _stop(self, reason: str, now: float) -> None:
+        not_reached = sum(len(task.rows) for queue in self.pending for task in queue)
+        for queue in self.pending:
+            queue.clear()
+        if not self.report.stopped:
+            self.report.stopped = reason
+            self.report.stopped_after_s = now - self.started
+        self.report.rows_not_reached += not_reached
+        self.bar.total -= not_reached
+        self.bar.refresh()
+        if not_reached:
+            logger.warning("inference stopped (%s): %d row passes left to the fallback", reason, not_reached)
+
+    def _guard(self, now: float) -> None:
+        if self.deadline is None:
+            return
+        if now >= self.deadline:
+            self._stop("deadline", now)
+            return
+        throughput = self._throughput()
+        if throughput is None:
+            return
+        projected = now + self._pending_tokens(range(self.n_views)) / throughput
+        self.report.projected_total_s = projected - self.started
+        if projected > self.deadline and self.n_views > 1:
+            self._drop_tta(now, throughput)
+
+    # -- worker API ---------------------------------------------------------------------------------------
+    def next_task(self, worker: int) -> _Task | None:
+        with self.lock:
+            stats = self.workers[worker]
+            if self.stop_requested or stats.retired:
+                return None
+            now = self.clock()
+            self._guard(now)
+            for view in self._view_order(worker):
+                if not self.pending[view]:
+                    continue
+                task = self.pending[view][0]
+                rate = stats.rate or (self._throughput() or 0.0) / max(1, len(self.workers))
+                if self.deadline is not None and rate > 0 and now + task.padded_tokens / rate > self.deadline:
+                    self._stop("deadline", now)
+                    return None
+                self.pending[view].popleft()
+                self.in_flight[view, task.rows] = True
+                return task
+            return None
+
+    def complete(self, worker: int, task: _Task, probs: np.ndarray, seconds: float, skipped: int = 0) -> None:
+        """Store a finished batch; `skipped` rows (NaN) did not fit in memory even alone."""
+        with self.lock:
+            stats = self.workers[worker]
+            lengths = [len(self.sequences[task.view][row]) for row in task.rows]
+            finite = np.all(np.isfinite(probs), axis=1)
+            rows = np.asarray(task.rows)
+            self.probs[task.view, rows[finite]] = probs[finite]
+            self.done[task.view, rows[finite]] = True
+            self.in_flight[task.view, rows] = False
+            self.report.nonfinite_rows += int((~finite).sum()) - skipped
+            stats.batches += 1
+            stats.rows += len(task.rows)
+            stats.padded_tokens += task.padded_tokens
+            stats.real_tokens += sum(lengths)
+            stats.busy_seconds += seconds
+            stats.consecutive_failures = 0
+            if stats.batches > self.cfg.warmup_batches:
+                stats.measured_tokens += task.padded_tokens
+                stats.measured_seconds += seconds
+            self.report.batches_done += 1
+            self.real_tokens += sum(lengths)
+            self.padded_tokens += task.padded_tokens
+            self.bar.update(len(task.rows))
+            throughput = self._throughput()
+            if throughput:
+                projected = self.report.projected_total_s
+                self.bar.set_postfix(
+                    tok_s=f"{throughput:,.0f}",
+                    tta="off" if self.report.tta_dropped else "on",
+                    projected_h="-" if projected is None else f"{projected / 3600:.2f}",
+                    refresh=False,
+                )
+
+    def fail(self, worker: int, task: _Task, error: BaseException) -> None:
+        with self.lock:
+            stats = self.workers[worker]
+            self.in_flight[task.view, task.rows] = False
+            stats.failures += 1
+            stats.consecutive_failures += 1
+            self.report.batches_failed += 1
+            if len(self.report.errors) < _ERRORS_KEPT:
+                self.report.errors.append(
+                    {
+                        "where": "batch",
+                        "device": stats.name,
+                        "view": VIEW_NAMES[task.view],
+                        "rows": [int(row) for row in task.rows[:10]],
+                        "n_rows": len(task.rows),
+                        **_describe_error(error),
+                    }
+                )
+            self.bar.total -= len(task.rows)
+            logger.error("device %s: batch of %d rows failed: %r", stats.name, len(task.rows), error)
+            if stats.consecutive_failures >= self.cfg.max_consecutive_failures:
+                stats.retired = f"{stats.consecutive_failures} consecutive failures"
+                logger.error("device %s retired after %s", stats.name, stats.retired)
+                if all(w.retired for w in self.workers):
+                    self._stop("all devices retired", self.clock())
+
+    def record_oom(self, worker: int, rows: int, length: int, new_cap: int) -> None:
+        with self.lock:
+            stats = self.workers[worker]
+            stats.oom_retries += 1
+            stats.token_cap = new_cap
+            self.report.oom_events.append({"device": stats.name, "rows": rows, "length": length, "new_cap": new_cap})
+            logger.warning("device %s: out of memory on %d x %d tokens; retrying in halves", stats.name, rows, length)
+
+    def record_row_oom(self, worker: int, length: int, error: BaseException) -> None:
+        with self.lock:
+            self.report.rows_out_of_memory += 1
+            if len(self.report.errors) < _ERRORS_KEPT:
+                self.report.errors.append({"where": "row", "device": self.workers[worker].name, "length": length,
+                                           **_describe_error(error)})
+            logger.error("device %s: one row of %d tokens does not fit in memory alone", self.workers[worker].name,
+                         length)
+
+    def finish_worker(self, worker: int) -> None:
+        with self.lock:
+            self.workers[worker].finished_at = self.clock() - self.started
+
+    def interrupt(self) -> None:
+        with self.lock:
+            self.stop_requested = True
+            self._stop("interrupted", self.clock())
+
+    def close(self) -> tuple[ViewPredictions, ScheduleReport]:
+        self.bar.close()
+        report = self.report
+        report.rows_done_per_view = [int(row_done.sum()) for row_done in self.done]
+        report.padding_efficiency = self.real_tokens / self.padded_tokens if self.padded_tokens else 1.0
+        report.elapsed_s = self.clock() - self.started
+        return ViewPredictions(self.probs, self.done), report
+
+
+def _forward_with_backoff(
+    scheduler: _Scheduler, worker: int, forward: ForwardFn, seqs: list[list[int]], on_oom: Callable[[], None] | None
+) -> tuple[np.ndarray, int]:
+    """Run `seqs` in chunks under the device's token cap; on OOM halve the chunk and retry the same rows.
+
+    The cap (padded tokens per forward) is kept for the device's later batches, so one OOM is paid once, not
+    on every batch of that size. A single row that does not fit comes back as NaN (not served) and is counted
+    in the returned number of skipped rows.
+    """
+    stats = scheduler.workers[worker]
+    length = max(len(seq) for seq in seqs)
+    outputs = []
+    start = skipped = 0
+    while start < len(seqs):
+        per_chunk = len(seqs) if stats.token_cap is None else max(1, stats.token_cap // length)
+        chunk = seqs[start : start + per_chunk]
+        out_of_memory = False
+        try:
+            probs = np.asarray(forward(chunk), dtype=np.float64)
+        except Exception as error:
+            if not is_out_of_memory(error):
+                raise
+            out_of_memory = True
+            if len(chunk) == 1:  # cannot be halved: this row alone is left to the other view / the fallback
+                scheduler.record_row_oom(worker, len(chunk[0]), error)
+            else:
+                scheduler.record_oom(worker, len(chunk), length, (len(chunk) // 2) * length)
+        if out_of_memory:
+            # Outside the except block, so the failed forward's frames (and their activations) are freed first.
+            if on_oom is not None:
+                on_oom()
+            if len(chunk) == 1:
+                outputs.append(np.full((1, len(LABEL_COLUMNS)), np.nan))
+                start += 1
+                skipped += 1
+            continue
+        if probs.shape != (len(chunk), len(LABEL_COLUMNS)):
+            raise ValueError(f"forward returned shape {probs.shape} for {len(chunk)} rows")
+        outputs.append(probs)
+        start += len(chunk)
+    return np.concatenate(outputs), skipped
+
+
+def _worker_loop(scheduler: _Scheduler, worker: int, forward: ForwardFn, on_oom: Callable[[], None] | None) -> None:
+    try:
+        while (task := scheduler.next_task(worker)) is not None:
+            seqs = [list(scheduler.sequences[task.view][row]) for row in task.rows]
+            began = scheduler.clock()
+            try:
+                probs, skipped = _forward_with_backoff(scheduler, worker, forward, seqs, on_oom)
+            except Exception as error:  # logged and counted; the rows go to the other view or the fallback
+                scheduler.fail(worker, task, error)
+                continue
+            scheduler.complete(worker, task, probs, scheduler.clock() - began, skipped)
+    finally:
+        scheduler.finish_worker(worker)
+
+
+def run_schedule(
+    sequences: Sequence[Sequence[Sequence[int]]],
+    forwards: Sequence[ForwardFn],
+    cfg: InferenceConfig | None = None,
+    *,
+    deadline: float | None = None,
+    clock: Callable[[], float] = time.monotonic,
+    names: Sequence[str] | None = None,
+    on_oom: Sequence[Callable[[], None] | None] | None = None,
+) -> tuple[ViewPredictions, ScheduleReport]:
+    """Predict every view of every row with one worker thread per `forwards` entry (one per device).
+
+    `sequences[v][i]` is row i's token ids in view v (view 0 original, view 1 swapped). `deadline` is a
+    `clock()` value. Never raises for a failing batch: see the module docstring.
+    """
+    cfg = cfg or InferenceConfig()
+    if not forwards:
+        raise ValueError("run_schedule needs at least one forward function (one per device)")
+    if not sequences or any(len(view) != len(sequences[0]) for view in sequences):
+        raise ValueError("every view must hold one token sequence per row")
+    names = list(names) if names is not None else [f"device{i}" for i in range(len(forwards))]
+    hooks = list(on_oom) if on_oom is not None else [None] * len(forwards)
+    scheduler = _Scheduler(sequences, len(forwards), names, cfg, deadline, clock, cfg.progress)
+    try:
+        if len(forwards) == 1:
+            _worker_loop(scheduler, 0, forwards[0], hooks[0])
+        else:
+            threads = [
+                threading.Thread(
+                    target=_worker_loop, args=(scheduler, i, fn, hooks[i]), name=f"inference-{names[i]}", daemon=True
+                )
+                for i, fn in enumerate(forwards)
+            ]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                while thread.is_alive():
+                    thread.join(timeout=0.5)
+    except KeyboardInterrupt:
+        scheduler.interrupt()
+        logger.error("interrupted: writing what was predicted, the rest from the fallback")
+    return scheduler.close()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Combining views and the fallback
+# ----------------------------------------------------------------------------------------------------------
+
+
+def swap_columns(probs: np.ndarray) -> np.ndarray:
+    """(A, B, tie) -> (B, A, tie): a swapped-order prediction read back in the original order."""
+    from kaggle_utils.formatting import swap_probs
+
+    return swap_probs(probs)
+
+
+def combine_views(views: ViewPredictions, fallback: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Final (n, 3) probabilities and each row's path: mean of both views where both ran (the swapped view
+    un-swapped first), the one view that ran, else the fallback row."""
+    probs, done = views.probs, views.done
+    has_original = done[ORIGINAL]
+    has_swapped = done[SWAPPED] if len(done) > 1 else np.zeros_like(has_original)
+    final = np.array(fallback, dtype=np.float64, copy=True)
+    paths = np.full(len(final), PATH_FALLBACK, dtype=object)
+    final[has_original] = probs[ORIGINAL, has_original]
+    paths[has_original] = PATH_ORIGINAL
+    if len(done) > 1:
+        unswapped = swap_columns(probs[SWAPPED])
+        only_swapped = has_swapped & ~has_original
+        both = has_swapped & has_original
+        final[only_swapped] = unswapped[only_swapped]
+        paths[only_swapped] = PATH_SWAPPED
+        final[both] = (probs[ORIGINAL, both] + unswapped[both]) / 2.0
+        paths[both] = PATH_TTA
+    return final, paths
+
+
+def class_prior_from_manifest(manifest: dict | None) -> np.ndarray | None:
+    """`class_prior` in the manifest as [a, b, tie] or {winner_model_a|a: ..}; None when absent or unusable."""
+    raw = (manifest or {}).get("class_prior")
+    if raw is None:
+        return None
+    if isinstance(raw, dict):
+        keys = [(column, column.removeprefix("winner_model_").removeprefix("winner_")) for column in LABEL_COLUMNS]
+        values = [raw.get(full, raw.get(short)) for full, short in keys]
+    else:
+        values = list(raw)
+    try:
+        prior = np.asarray(values, dtype=np.float64)
+    except (TypeError, ValueError):
+        return None
+    if prior.shape != (len(LABEL_COLUMNS),) or not np.all(np.isfinite(prior)) or np.any(prior < 0) or prior.sum() <= 0:
+        return None
+    return prior / prior.sum()
+
+
+def fallback_predictions(
+    frame: Any, n_rows: int, baseline_path: str | Path | None, manifest: dict | None
+) -> tuple[np.ndarray, str, list[dict]]:
+    """The cheap prediction for rows no model pass served: baseline model, else class prior, else uniform.
+
+    Returns (probs (n, 3), source name, errors met on the way); never raises.
+    """
+    errors: list[dict] = []
+    if baseline_path is not None and frame is not None:
+        try:
+            from kaggle_utils.baseline import BaselineModel
+
+            probs = np.asarray(BaselineModel.load(baseline_path).predict_proba(frame), dtype=np.float64)
+            if probs.shape != (n_rows, len(LABEL_COLUMNS)) or not np.all(np.isfinite(probs)):
+                raise ValueError(f"baseline returned shape {probs.shape} (or non-finite values) for {n_rows} rows")
+            return probs, f"baseline model {baseline_path}", errors
+        except Exception as error:  # the baseline is an optional helper: fall through to the prior
+            errors.append({"where": "fallback baseline", **_describe_error(error)})
+            logger.error("fallback baseline %s unusable (%r); using the class prior", baseline_path, error)
+    prior = class_prior_from_manifest(manifest)
+    if prior is not None:
+        return np.tile(prior, (n_rows, 1)), "class prior from manifest", errors
+    uniform = np.full(len(LABEL_COLUMNS), 1.0 / len(LABEL_COLUMNS))
+    return np.tile(uniform, (n_rows, 1)), "uniform", errors
+
+
+# ----------------------------------------------------------------------------------------------------------
+# predict(): artifact + test file -> submission
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class InferenceReport:
+    """Everything a silent Kaggle rerun cannot tell you; written as JSON beside the submission."""
+
+    submission_path: str
+    test_path: str
+    artifact_dir: str
+    rows: int = 0
+    rows_by_path: dict[str, int] = field(default_factory=dict)
+    fallback_source: str = ""
+    tta_requested: bool = True
+    runtime: dict = field(default_factory=dict)
+    kaggle: dict = field(default_factory=dict)  # on_kaggle, competition_rerun (which run wrote this report)
+    manifest: dict = field(default_factory=dict)
+    data_report: dict = field(default_factory=dict)
+    encoding: str = ""  # truncation summary of the original view
+    schedule: dict = field(default_factory=dict)
+    submission: dict = field(default_factory=dict)
+    timings_s: dict[str, float] = field(default_factory=dict)
+    deadline_s: float | None = None  # seconds from predict()'s start left for the whole run
+    errors: list[dict] = field(default_factory=list)
+
+    @property
+    def report_path(self) -> Path:
+        return report_path_for(self.submission_path)
+
+    def summary(self) -> str:
+        paths = ", ".join(f"{name} {count}" for name, count in self.rows_by_path.items() if count)
+        text = f"{self.submission_path}: {self.rows} rows ({paths}); fallback = {self.fallback_source}"
+        if self.schedule.get("tta_dropped"):
+            text += f"; TTA dropped for {self.schedule['tta_rows_dropped']} row passes"
+        if self.schedule.get("stopped"):
+            text += f"; stopped: {self.schedule['stopped']}"
+        if self.errors:
+            text += f"; {len(self.errors)} error(s), first: {self.errors[0].get('type')}: {self.errors[0].get('message')}"
+        return text
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def report_path_for(submission_path: str | Path) -> Path:
+    path = Path(submission_path)
+    return path.with_name(path.stem + ".inference.json")
+
+
+def predict(
+    artifact_dir: str | Path,
+    test_path: str | Path,
+    out_path: str | Path,
+    cfg: InferenceConfig | None = None,
+    *,
+    fallback_path: str | Path | None = None,
+    data_cfg: DataConfig | None = None,
+    started_at: float | None = None,
+    clock: Callable[[], float] = time.monotonic,
+    runtime: Any = None,
+    wrap_forward: Callable[[ForwardFn, str], ForwardFn] | None = None,
+) -> InferenceReport:
+    """Write a valid submission for `test_path` with the artifact's model; see the module docstring.
+
+    `started_at` (epoch seconds, e.g. the notebook's first cell) makes the deadline count time already spent.
+    `clock` and `wrap_forward(forward, device_name)` are seams for tests and benchmarks (fault injection, fake
+    time). Raises only when the test ids cannot be read or the file cannot be written, or after writing with
+    `raise_after_write`.
+    """
+    from kaggle_utils.submission import read_test_ids, write_submission
+
+    cfg = cfg or InferenceConfig()
+    began = clock()
+    spent_before = max(0.0, time.time() - started_at) if started_at is not None else 0.0
+    budget = (cfg.deadline_hours - cfg.safety_margin_hours) * 3600.0 - spent_before
+    deadline = began + budget
+    out_path = Path(out_path)
+    report = InferenceReport(
+        submission_path=str(out_path), test_path=str(test_path), artifact_dir=str(artifact_dir),
+        tta_requested=cfg.tta_swap, deadline_s=budget,
+    )
+    from kaggle_utils.runtime import is_competition_rerun, on_kaggle
+
+    report.kaggle = {"on_kaggle": on_kaggle(), "competition_rerun": is_competition_rerun()}
+    first_error: BaseException | None = None
+
+    def record(where: str, error: BaseException) -> None:
+        nonlocal first_error
+        first_error = first_error or error
+        report.errors.append({"where": where, **_describe_error(error)})
+        logger.error("%s failed: %r (rows go to the fallback)", where, error)
+
+    # 1. The ids every row needs, read directly; then the parsed rows (a parse failure leaves ids only).
+    ids = read_test_ids(test_path)
+    report.rows = len(ids)
+    frame = None
+    try:
+        from kaggle_utils.data import load_competition
+
+        loaded = load_competition(test_path, data_cfg or DataConfig(), split="test")
+        frame = loaded.frame
+        report.data_report = loaded.report.to_dict()
+        frame_ids = frame["id"].cast(pl.String).str.strip_chars().to_list()
+        if frame_ids != ids.to_list():
+            raise UsageError(f"{test_path}: parsed rows do not match the file's ids in order ({len(frame_ids)} "
+                             f"parsed, {len(ids)} ids)")
+    except Exception as error:
+        record("reading test rows", error)
+        frame = None
+    report.timings_s["read_test"] = clock() - began
+
+    # 2. The fallback, and a valid submission made of it before any model work.
+    manifest = _read_manifest(artifact_dir, record)
+    report.manifest = {key: manifest.get(key) for key in _MANIFEST_KEYS if key in manifest}
+    fallback, report.fallback_source, fallback_errors = fallback_predictions(frame, len(ids), fallback_path, manifest)
+    report.errors.extend(fallback_errors)
+    write_submission(ids, fallback, out_path, expected_ids=ids)
+    views = ViewPredictions(
+        np.full((1, len(ids), len(LABEL_COLUMNS)), np.nan), np.zeros((1, len(ids)), dtype=bool)
+    )
+
+    # 3. Models and the schedule; any failure here leaves the fallback in place.
+    if frame is not None:
+        try:
+            views = _run_models(artifact_dir, frame, cfg, deadline, clock, runtime, wrap_forward, report)
+        except Exception as error:
+            record("model inference", error)
+
+    # 4. Combine, fill, write, report.
+    final, paths = combine_views(views, fallback)
+    report.rows_by_path = {name: int((paths == name).sum()) for name in
+                           (PATH_TTA, PATH_ORIGINAL, PATH_SWAPPED, PATH_FALLBACK)}
+    submission = write_submission(ids, final, out_path, expected_ids=ids)
+    report.submission = submission.to_dict()
+    report.timings_s["total"] = clock() - began
+    for error in report.schedule.get("errors", []):
+        report.errors.append(error)
+    atomic_write_bytes(report.report_path, json.dumps(report.to_dict(), indent=2, default=str).encode("utf-8"))
+    logger.info(report.summary())
+    if cfg.raise_after_write and (first_error is not None or report.errors):
+        raise InferenceError(f"inference had errors (the submission was written from the fallback where needed): "
+                             f"{report.summary()}") from first_error
+    return report
+
+
+_MANIFEST_KEYS = ("ordering", "variant", "base_model", "quant_scheme", "dtype", "max_length", "template_version",
+                  "cv_scores", "package_version", "created_at", "class_prior")
+
+
+def _read_manifest(artifact_dir: str | Path, record: Callable[[str, BaseException], None]) -> dict:
+    """The manifest alone (cheap: the fallback needs its class prior before any model is loaded)."""
+    path = Path(artifact_dir) / MANIFEST_NAME
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(manifest, dict):
+            raise ValueError(f"{path}: expected a JSON object")
+        return manifest
+    except Exception as error:
+        record(f"reading {path}", error)
+        return {}
+
+
+def _run_models(
+    artifact_dir: str | Path,
+    frame: Any,
+    cfg: InferenceConfig,
+    deadline: float,
+    clock: Callable[[], float],
+    runtime: Any,
+    wrap_forward: Callable[[ForwardFn, str], ForwardFn] | None,
+    report: InferenceReport,
+) -> ViewPredictions:
+    from kaggle_utils.artifacts import load_artifact
+    from kaggle_utils.formatting import encode_both_orders, encode_rows
+    from kaggle_utils.runtime import detect_runtime
+
+    runtime = runtime or detect_runtime(cfg)
+    report.runtime = runtime.to_dict()
+    logger.info("runtime: %s", runtime.describe())
+
+    began = clock()
+    replicas = []
+    if runtime.kind == "tpu":
+        from kaggle_utils import tpu
+
+        loaded = tpu.load_plain(artifact_dir)
+        replicas.append(loaded)
+        forwards = [tpu.make_forward(loaded.model, _pad_id(loaded.tokenizer), cfg)]
+        names = ["xla"]
+        hooks: list[Callable[[], None] | None] = [None]
+    else:
+        for device in runtime.devices:
+            replicas.append(load_artifact(artifact_dir, device=device, compute_dtype=runtime.compute_dtype))
+        forwards = [make_forward(rep.model, _pad_id(rep.tokenizer), device)
+                    for rep, device in zip(replicas, runtime.devices, strict=True)]
+        names = list(runtime.devices)
+        hooks = [_empty_cache_hook(device) for device in runtime.devices]
+    report.timings_s["load_models"] = clock() - began
+
+    began = clock()
+    first = replicas[0]
+    if cfg.tta_swap:
+        original, swapped = encode_both_orders(frame, first.tokenizer, first.format_config)
+        encoded = [original.input_ids, swapped.input_ids]
+    else:
+        original = encode_rows(frame, first.tokenizer, first.format_config)
+        encoded = [original.input_ids]
+    report.encoding = original.summary()
+    report.timings_s["encode"] = clock() - began
+
+    if wrap_forward is not None:
+        forwards = [wrap_forward(fn, name) for fn, name in zip(forwards, names, strict=True)]
+    began = clock()
+    views, schedule = run_schedule(encoded, forwards, cfg, deadline=deadline, clock=clock, names=names, on_oom=hooks)
+    report.timings_s["schedule"] = clock() - began
+    report.schedule = schedule.to_dict()
+    return views
+
+
+def make_forward(model: Any, pad_token_id: int, device: str) -> ForwardFn:
+    """token lists -> probs on one device, through the shared collator and `modeling.forward_probs`."""
+    import torch
+
+    from kaggle_utils.batching import PadCollator
+    from kaggle_utils.modeling import forward_probs
+
+    collate = PadCollator(pad_token_id)
+    # Each device's worker thread makes its GPU the current one (kernels that use the current device, e.g.
+    # some bitsandbytes paths, would otherwise run against cuda:0).
+    context = (lambda: torch.cuda.device(device)) if str(device).startswith("cuda") else contextlib.nullcontext
+
+    def forward(seqs: list[list[int]]) -> np.ndarray:
+        batch = collate([{"input_ids": seq} for seq in seqs])
+        with context():
+            batch = {key: value.to(device) for key, value in batch.items() if isinstance(value, torch.Tensor)}
+            return forward_probs(model, batch)
+
+    return forward
+
+
+def _pad_id(tokenizer: Any) -> int:
+    pad = tokenizer.pad_token_id
+    if pad is None:
+        raise UsageError("the artifact's tokenizer has no pad token id")
+    return int(pad)
+
+
+def _empty_cache_hook(device: str) -> Callable[[], None] | None:
+    if not device.startswith("cuda"):
+        return None
+
+    def empty_cache() -> None:
+        import gc
+
+        import torch
+
+        gc.collect()
+        with torch.cuda.device(device):
+            torch.cuda.empty_cache()
+
+    return empty_cache
+
+
+def _describe_error(error: BaseException) -> dict:
+    return {
+        "type": type(error).__name__,
+        "message": str(error)[:500],
+        "traceback": "".join(traceback.format_exception(type(error), error, error.__traceback__)[-3:])[-1500:],
+    }
+
+
+def run_submission(
+    input_root: str | Path | None = None,
+    *,
+    artifact_dir: str | Path | None = None,
+    test_path: str | Path | None = None,
+    out_path: str | Path | None = None,
+    cfg: InferenceConfig | None = None,
+    fallback_path: str | Path | None = None,
+    artifact_hint: str | None = None,
+    test_hint: str | None = None,
+    started_at: float | None = None,
+) -> InferenceReport:
+    """The submission notebook's one call: find what is not given under `input_root` (see
+    `runtime.find_inputs`), default the output to /kaggle/working/submission.csv on Kaggle (else
+    submissions/submission.csv), predict, and validate the written file against the test file."""
+    from kaggle_utils.runtime import default_submission_path, find_inputs
+    from kaggle_utils.submission import validate_submission
+
+    if artifact_dir is None or test_path is None:
+        found = find_inputs(input_root, artifact_hint=artifact_hint, test_hint=test_hint)
+        logger.info("found: %s", found.describe())
+        artifact_dir = artifact_dir or found.artifact_dir
+        test_path = test_path or found.test_path
+        fallback_path = fallback_path or found.baseline_path
+    out_path = Path(out_path) if out_path is not None else default_submission_path()
+    report = predict(artifact_dir, test_path, out_path, cfg, fallback_path=fallback_path, started_at=started_at)
+    validate_submission(out_path, test_path)
+    return report

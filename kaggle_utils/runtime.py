@@ -1,0 +1,280 @@
+"""Which accelerator this process has, the compute dtype to use on it, and where a Kaggle run's inputs are.
+
+Kaggle offers 2x T4 (compute capability 7.5: no native bf16; `torch.cuda.is_bf16_supported()` says True there
+through emulation, which ran Gemma-2 about twice as slow), TPU v3-8 / v5e-8 (torch_xla) and CPU. Detection is
+the default; every choice can be forced through `InferenceConfig` (device, num_gpus, compute_dtype).
+The hardware probe is a plain function argument so the decision logic is tested without the hardware.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import importlib.util
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from kaggle_utils.config import InferenceConfig
+from kaggle_utils.errors import UsageError
+
+logger = logging.getLogger(__name__)
+DeviceKind = Literal["cuda", "tpu", "cpu"]
+_DTYPES: dict[str, torch.dtype] = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+# bf16 tensor cores arrive with Ampere (8.0); below it bf16 is emulated.
+_NATIVE_BF16_CAPABILITY = (8, 0)
+
+
+@dataclass(frozen=True)
+class GpuInfo:
+    index: int
+    name: str
+    capability: tuple[int, int]
+    total_memory_gb: float
+    native_bf16: bool
+
+
+@dataclass(frozen=True)
+class HardwareProbe:
+    """What the machine has, as seen by torch (and whether torch_xla can be imported)."""
+
+    gpus: tuple[GpuInfo, ...] = ()
+    tpu_available: bool = False
+    cpu_threads: int = 1
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """The devices inference runs on (one model replica each) and the compute dtype."""
+
+    kind: DeviceKind
+    devices: tuple[str, ...]
+    compute_dtype: torch.dtype
+    gpus: tuple[GpuInfo, ...] = field(default=())
+    reason: str = ""
+
+    @property
+    def num_replicas(self) -> int:
+        return len(self.devices)
+
+    def describe(self) -> str:
+        if self.kind == "cuda":
+            names = ", ".join(f"{gpu.name} (cc {gpu.capability[0]}.{gpu.capability[1]})" for gpu in self.gpus)
+            hardware = f"{len(self.devices)}x CUDA [{names}]"
+        elif self.kind == "tpu":
+            hardware = "TPU (torch_xla)"
+        else:
+            hardware = "CPU"
+        return f"{hardware}, compute {str(self.compute_dtype).removeprefix('torch.')}; {self.reason}"
+
+    def to_dict(self) -> dict:
+        return {
+            "kind": self.kind,
+            "devices": list(self.devices),
+            "compute_dtype": str(self.compute_dtype).removeprefix("torch."),
+            "gpus": [asdict(gpu) for gpu in self.gpus],
+            "reason": self.reason,
+            "description": self.describe(),
+        }
+
+
+def probe_hardware() -> HardwareProbe:
+    """Ask torch what is there. `including_emulation=False` gives the hardware bf16 answer (False on a T4)."""
+    gpus: list[GpuInfo] = []
+    if torch.cuda.is_available():
+        for index in range(torch.cuda.device_count()):
+            props = torch.cuda.get_device_properties(index)
+            capability = (props.major, props.minor)
+            with torch.cuda.device(index):
+                native = bool(torch.cuda.is_bf16_supported(including_emulation=False))
+            gpus.append(GpuInfo(index, props.name, capability, round(props.total_memory / 2**30, 1), native))
+    tpu = importlib.util.find_spec("torch_xla") is not None
+    return HardwareProbe(gpus=tuple(gpus), tpu_available=tpu, cpu_threads=torch.get_num_threads())
+
+
+def detect_runtime(
+    cfg: InferenceConfig | None = None, probe: HardwareProbe | Callable[[], HardwareProbe] | None = None
+) -> Runtime:
+    """Pick device kind, devices and compute dtype: the config's explicit choices win, detection fills the rest.
+
+    auto: CUDA if any GPU, else TPU if torch_xla imports, else CPU. Compute dtype on CUDA: bf16 only when every
+    used GPU has it natively (cc >= 8.0), else fp16 (T4); TPU: bf16; CPU: fp32 (bnb CPU kernels and the tiny test
+    models are exact there).
+    """
+    cfg = cfg or InferenceConfig()
+    if probe is None:
+        probe = probe_hardware()
+    elif callable(probe):
+        probe = probe()
+
+    kind = cfg.device
+    if kind == "auto":
+        kind = "cuda" if probe.gpus else "tpu" if probe.tpu_available else "cpu"
+        reason = "detected"
+    else:
+        reason = f"device={kind} from config"
+    if kind == "cuda" and not probe.gpus:
+        raise UsageError("inference device 'cuda' was requested but torch sees no CUDA GPU")
+    if kind == "tpu" and not probe.tpu_available:
+        raise UsageError("inference device 'tpu' was requested but torch_xla is not importable")
+
+    gpus: tuple[GpuInfo, ...] = ()
+    if kind == "cuda":
+        wanted = cfg.num_gpus if cfg.num_gpus is not None else len(probe.gpus)
+        if not 1 <= wanted <= len(probe.gpus):
+            raise UsageError(f"inference num_gpus={cfg.num_gpus} but {len(probe.gpus)} CUDA GPU(s) are visible")
+        gpus = probe.gpus[:wanted]
+        devices = tuple(f"cuda:{gpu.index}" for gpu in gpus)
+    elif kind == "tpu":
+        devices = ("xla",)
+    else:
+        devices = ("cpu",)
+
+    if cfg.compute_dtype != "auto":
+        dtype = _DTYPES[cfg.compute_dtype]
+        reason += f", compute_dtype={cfg.compute_dtype} from config"
+    elif kind == "cuda":
+        native = all(gpu.native_bf16 for gpu in gpus)
+        dtype = torch.bfloat16 if native else torch.float16
+        lowest = min(gpu.capability for gpu in gpus)
+        reason += (
+            ", bf16 native" if native else f", fp16 because cc {lowest[0]}.{lowest[1]} < 8.0 has no native bf16"
+        )
+    elif kind == "tpu":
+        dtype = torch.bfloat16
+        reason += ", bf16 on TPU"
+    else:
+        dtype = torch.float32
+        reason += ", fp32 on CPU"
+    return Runtime(kind=kind, devices=devices, compute_dtype=dtype, gpus=gpus, reason=reason)
+
+
+def native_bf16_for(capability: tuple[int, int]) -> bool:
+    """The capability rule, for probes built by hand (tests, benchmarks projecting to a T4)."""
+    return tuple(capability) >= _NATIVE_BF16_CAPABILITY
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Where the notebook runs, and where its inputs are
+# ----------------------------------------------------------------------------------------------------------
+
+KAGGLE_INPUT = Path("/kaggle/input")
+KAGGLE_WORKING = Path("/kaggle/working")
+WHEEL_GLOB = "kaggle_utils-*.whl"
+_MAX_DEPTH = 8
+
+
+def on_kaggle() -> bool:
+    """Inside a Kaggle kernel (interactive, commit or the competition rerun)."""
+    return bool(os.environ.get("KAGGLE_KERNEL_RUN_TYPE")) or KAGGLE_WORKING.is_dir()
+
+
+def is_competition_rerun() -> bool:
+    """Kaggle sets KAGGLE_IS_COMPETITION_RERUN in the scoring rerun (the hidden ~25k-row test set)."""
+    return bool(os.environ.get("KAGGLE_IS_COMPETITION_RERUN"))
+
+
+def default_input_root() -> Path:
+    return KAGGLE_INPUT if KAGGLE_INPUT.is_dir() else Path("data")
+
+
+def default_submission_path() -> Path:
+    """/kaggle/working/submission.csv on Kaggle (the only place it is scored), else submissions/submission.csv."""
+    return KAGGLE_WORKING / "submission.csv" if on_kaggle() else Path("submissions") / "submission.csv"
+
+
+@dataclass(frozen=True)
+class FoundInputs:
+    """What the submission notebook needs, found under an input root (no hard-coded mount layout)."""
+
+    artifact_dir: Path
+    test_path: Path
+    wheels_dir: Path | None = None
+    baseline_path: Path | None = None
+
+    def describe(self) -> str:
+        return (
+            f"artifact {self.artifact_dir}; test {self.test_path}; wheels {self.wheels_dir or '-'}; "
+            f"baseline {self.baseline_path or '-'}"
+        )
+
+
+def _walk(root: Path) -> list[tuple[Path, list[str], list[str]]]:
+    """Directories under root (links followed, hidden ones skipped, depth-limited); an artifact's own
+    subfolders are not entered (its model files are large and hold nothing we look for)."""
+    found = []
+    root_depth = len(root.parts)
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        path = Path(dirpath)
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        if "manifest.json" in filenames or len(path.parts) - root_depth >= _MAX_DEPTH:
+            dirnames[:] = []
+        found.append((path, dirnames, sorted(filenames)))
+    return found
+
+
+def _pick(kind: str, candidates: list[Path], hint: str | None, root: Path) -> Path:
+    if hint:
+        matching = [path for path in candidates if hint in str(path)]
+        if not matching:
+            raise UsageError(f"no {kind} under {root} matches {hint!r}; found: {[str(p) for p in candidates]}")
+        candidates = matching
+    if len(candidates) > 1:
+        raise UsageError(
+            f"{len(candidates)} candidates for the {kind} under {root}: {[str(p) for p in candidates]}; "
+            f"pass a hint (a substring of the wanted path) to choose"
+        )
+    return candidates[0]
+
+
+def find_inputs(
+    root: str | Path | None = None,
+    *,
+    artifact_hint: str | None = None,
+    test_hint: str | None = None,
+    test_names: tuple[str, ...] = ("test.csv", "test.parquet"),
+    baseline_name: str = "baseline.joblib",
+) -> FoundInputs:
+    """Search `root` (default /kaggle/input, else ./data) for the artifact (a directory with manifest.json),
+    the competition's test file, an attached wheels folder and a baseline model file.
+
+    Mounts differ between Kaggle images (/kaggle/input/<slug>/ or /kaggle/input/competitions/<slug>/, datasets
+    and models nested by owner and version), so nothing is assumed about the layout. A test file beside a
+    sample_submission.csv (a competition folder) wins over other files of that name. Ambiguity raises a
+    UsageError listing the candidates; a hint (substring of the path) chooses.
+    """
+    root = Path(root) if root is not None else default_input_root()
+    if not root.is_dir():
+        raise UsageError(f"input root {root} is not a directory")
+    artifacts, tests, competition_tests, wheels, baselines = [], [], [], [], []
+    for path, _dirs, files in _walk(root):
+        if "manifest.json" in files:
+            artifacts.append(path)
+        for name in test_names:
+            if name in files:
+                tests.append(path / name)
+                if any(file.startswith("sample_submission") for file in files):
+                    competition_tests.append(path / name)
+        if any(fnmatch.fnmatch(file, WHEEL_GLOB) for file in files):
+            wheels.append(path)
+        if baseline_name in files:
+            baselines.append(path / baseline_name)
+        # an artifact may carry its baseline inside it
+        if "manifest.json" in files and (path / baseline_name).is_file() and path / baseline_name not in baselines:
+            baselines.append(path / baseline_name)
+    if not artifacts:
+        raise UsageError(f"no model artifact (a directory with manifest.json) under {root}")
+    if not tests:
+        raise UsageError(f"no test file ({' or '.join(test_names)}) under {root}")
+    artifact = _pick("artifact", artifacts, artifact_hint, root)
+    test = _pick("test file", competition_tests if competition_tests and not test_hint else tests, test_hint, root)
+    # The baseline is optional: one inside the artifact wins, else a unique one; several -> none (logged).
+    inside = [path for path in baselines if artifact in path.parents]
+    baseline = inside[0] if inside else baselines[0] if len(baselines) == 1 else None
+    if baseline is None and len(baselines) > 1:
+        logger.warning("several %s under %s, none chosen: %s", baseline_name, root, [str(p) for p in baselines])
+    return FoundInputs(artifact, test, wheels[0] if wheels else None, baseline)

@@ -1,0 +1,601 @@
+"""Offline inference: the scheduling engine with fake devices and a fake clock, TTA, the time guard, failure
+paths, and `predict` end to end on tiny artifacts of both orderings (CPU, bitsandbytes int8 / nf4)."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from kaggle_utils import inference, tpu
+from kaggle_utils.batching import padding_efficiency, token_budget_batches
+from kaggle_utils.config import FormatConfig, InferenceConfig, LoraSettings, ModelConfig, QuantConfig
+from kaggle_utils.errors import UsageError
+from kaggle_utils.formatting import encode_both_orders, swap_frame, swap_probs
+from kaggle_utils.submission import validate_submission
+
+SWAP_MARKER = 1  # first token of every swapped-view sequence in the fake data, so a fake device can tell views
+
+
+# ----------------------------------------------------------------------------------------------------------
+# fakes
+# ----------------------------------------------------------------------------------------------------------
+
+
+def fake_probs(seq) -> np.ndarray:
+    """A deterministic, position-asymmetric 'model' of one row (depends on every token and the length)."""
+    seq = np.asarray(seq, dtype=np.float64)
+    logits = np.array([np.sin(seq).sum(), np.cos(seq[::2]).sum(), len(seq) / 50.0])
+    exp = np.exp(logits - logits.max())
+    return exp / exp.sum()
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+        self.lock = threading.Lock()
+
+    def __call__(self) -> float:
+        with self.lock:
+            return self.now
+
+    def advance(self, seconds: float) -> None:
+        with self.lock:
+            self.now += seconds
+
+
+class FakeDevice:
+    """forward(list of token lists) -> probs, recording calls; optional fake cost, OOM and failures."""
+
+    def __init__(self, clock=None, seconds_per_token=0.0, sleep_per_token=0.0, oom_above=None, fail_calls=(),
+                 always_fail=False):
+        self.clock, self.seconds_per_token, self.sleep_per_token = clock, seconds_per_token, sleep_per_token
+        self.oom_above, self.fail_calls, self.always_fail = oom_above, set(fail_calls), always_fail
+        self.calls: list[list[list[int]]] = []
+        self.tokens = 0
+
+    def __call__(self, seqs):
+        self.calls.append([list(seq) for seq in seqs])
+        padded = len(seqs) * max(len(seq) for seq in seqs)
+        if self.always_fail or len(self.calls) in self.fail_calls:
+            raise ValueError(f"fake failure on call {len(self.calls)}")
+        if self.oom_above is not None and padded > self.oom_above:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (fake)")
+        if self.clock is not None:
+            self.clock.advance(padded * self.seconds_per_token)
+        if self.sleep_per_token:
+            time.sleep(padded * self.sleep_per_token)
+        self.tokens += padded
+        return np.stack([fake_probs(seq) for seq in seqs])
+
+
+def make_views(n: int = 120, seed: int = 0, tta: bool = True) -> list[list[list[int]]]:
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(4, 120, size=n)
+    original = [rng.integers(3, 1000, size=length).tolist() for length in lengths]
+    views = [original]
+    if tta:
+        views.append([[SWAP_MARKER, *seq[::-1][:-1]] for seq in original])  # same length, different tokens
+    return views
+
+
+def engine_cfg(**overrides) -> InferenceConfig:
+    values = {"token_budget": 512, "max_rows_per_batch": 16, "warmup_batches": 1, "progress": False}
+    return InferenceConfig(**{**values, **overrides})
+
+
+def expected(views) -> np.ndarray:
+    return np.stack([[fake_probs(seq) for seq in view] for view in views])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# engine
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_every_row_is_served_once_per_view_longest_first():
+    views = make_views()
+    device = FakeDevice()
+    result, report = inference.run_schedule(views, [device], engine_cfg())
+    assert result.done.all()
+    np.testing.assert_allclose(result.probs, expected(views))
+    assert report.batches_done == report.batches_planned and report.batches_failed == 0
+    assert sum(len(call) for call in device.calls) == 2 * len(views[0])
+    first_lengths = [max(len(seq) for seq in call) for call in device.calls[: len(device.calls) // 2]]
+    assert first_lengths == sorted(first_lengths, reverse=True)  # original view, longest batch first
+    lengths = [len(seq) for seq in views[0]]
+    planned = token_budget_batches(lengths, 512, 16)
+    assert report.padding_efficiency == pytest.approx(padding_efficiency(lengths, planned))
+
+
+def test_two_devices_split_the_work_by_tokens_and_each_row_runs_once():
+    views = make_views(n=200)
+    devices = [FakeDevice(sleep_per_token=2e-6), FakeDevice(sleep_per_token=2e-6)]
+    result, report = inference.run_schedule(views, devices, engine_cfg(), names=["cuda:0", "cuda:1"])
+    assert result.done.all()
+    np.testing.assert_allclose(result.probs, expected(views))
+    seen = sorted(tuple(seq) for device in devices for call in device.calls for seq in call)
+    assert seen == sorted(tuple(seq) for view in views for seq in view)  # no row twice, none missing
+    shares = [device.tokens / sum(d.tokens for d in devices) for device in devices]
+    assert min(shares) > 0.3, shares  # a shared queue keeps both busy; a dead split would give ~0
+    assert [w.name for w in report.workers] == ["cuda:0", "cuda:1"]
+
+
+def test_view_per_device_layout_starts_each_device_on_its_own_view():
+    views = make_views(n=100)
+    devices = [FakeDevice(sleep_per_token=1e-6), FakeDevice(sleep_per_token=1e-6)]
+    result, _ = inference.run_schedule(views, devices, engine_cfg(layout="view_per_device"))
+    assert result.done.all()
+    np.testing.assert_allclose(result.probs, expected(views))
+    assert all(seq[0] != SWAP_MARKER for seq in devices[0].calls[0])  # GPU0: original order
+    assert all(seq[0] == SWAP_MARKER for seq in devices[1].calls[0])  # GPU1: swapped order
+
+
+def test_out_of_memory_halves_the_batch_and_retries_the_same_rows():
+    views = make_views(n=150, tta=False)
+    device = FakeDevice(oom_above=200)
+    result, report = inference.run_schedule(views, [device], engine_cfg(token_budget=1024, max_rows_per_batch=64))
+    served = result.done[0]
+    lengths = np.array([len(seq) for seq in views[0]])
+    assert served[lengths <= 200].all()  # everything that fits in memory alone was served, exactly
+    np.testing.assert_allclose(result.probs[0, served], expected(views)[0, served])
+    assert report.oom_events and report.workers[0].oom_retries == len(report.oom_events)
+    assert report.workers[0].token_cap is not None and report.workers[0].token_cap <= 200
+    # The smaller size is remembered: far fewer OOMs than batches.
+    assert len(report.oom_events) < report.batches_done / 2
+
+
+def test_a_row_too_big_even_alone_is_a_logged_failure_not_a_crash():
+    views = [[[5] * 300, [6] * 10, [7] * 12]]
+    result, report = inference.run_schedule(views, [FakeDevice(oom_above=200)], engine_cfg(token_budget=4096))
+    assert result.done[0].tolist() == [False, True, True]  # the others in its batch are still served
+    assert report.rows_out_of_memory == 1 and report.batches_failed == 0 and report.nonfinite_rows == 0
+    assert report.errors[0]["where"] == "row" and report.errors[0]["type"] == "OutOfMemoryError"
+
+
+def test_time_guard_drops_tta_when_the_projection_overruns():
+    views = make_views(n=150)
+    clock = FakeClock()
+    cost = 1e-3
+    lengths = [len(seq) for seq in views[0]]
+    original_tokens = sum(len(b) * max(lengths[r] for r in b) for b in token_budget_batches(lengths, 512, 16))
+    deadline = clock() + original_tokens * cost * 1.3  # room for the original view, not for both
+    device = FakeDevice(clock=clock, seconds_per_token=cost)
+    result, report = inference.run_schedule(views, [device], engine_cfg(), deadline=deadline, clock=clock)
+    assert report.tta_dropped and report.tta_rows_dropped > 0
+    assert result.done[0].all()  # the original view still covers every row
+    assert result.done[1].sum() + report.tta_rows_dropped == len(lengths)
+    assert not report.stopped and clock() <= deadline
+    # Swapped passes are dropped longest first, so the time left keeps TTA for as many rows as possible.
+    kept, dropped = np.array(lengths)[result.done[1]], np.array(lengths)[~result.done[1]]
+    assert len(kept) > 0 and kept.max() <= dropped.min()
+
+
+def test_time_guard_stops_before_the_deadline_and_leaves_the_rest_to_the_fallback():
+    views = make_views(n=150)
+    clock = FakeClock()
+    cost = 1e-3
+    lengths = [len(seq) for seq in views[0]]
+    original_tokens = sum(len(b) * max(lengths[r] for r in b) for b in token_budget_batches(lengths, 512, 16))
+    deadline = clock() + original_tokens * cost * 0.5
+    device = FakeDevice(clock=clock, seconds_per_token=cost)
+    result, report = inference.run_schedule(views, [device], engine_cfg(), deadline=deadline, clock=clock)
+    assert report.tta_dropped and report.stopped == "deadline"
+    assert clock() <= deadline  # no batch was started that could not end in time (the fake rate is exact)
+    served = int(result.done.any(axis=0).sum())
+    assert 0 < served < len(lengths)
+    assert report.rows_not_reached == len(lengths) - served
+    final, paths = inference.combine_views(result, np.full((len(lengths), 3), 1 / 3))
+    assert (paths == inference.PATH_FALLBACK).sum() == len(lengths) - served
+    np.testing.assert_allclose(final.sum(axis=1), 1.0)
+
+
+def test_deadline_already_passed_runs_nothing():
+    clock = FakeClock()
+    device = FakeDevice()
+    result, report = inference.run_schedule(make_views(20), [device], engine_cfg(), deadline=clock() - 1, clock=clock)
+    assert not device.calls and not result.done.any() and report.stopped == "deadline"
+
+
+def test_an_exception_in_a_batch_is_logged_and_the_rest_still_served():
+    views = make_views(n=100)
+    device = FakeDevice(fail_calls={2})
+    result, report = inference.run_schedule(views, [device], engine_cfg())
+    failed_rows = len(device.calls[1])
+    assert report.batches_failed == 1 and report.errors[0]["type"] == "ValueError"
+    assert report.errors[0]["view"] == "original" and "fake failure" in report.errors[0]["message"]
+    assert result.done[0].sum() == 100 - failed_rows and result.done[1].all()
+    final, paths = inference.combine_views(result, np.full((100, 3), 1 / 3))
+    assert (paths == inference.PATH_SWAPPED).sum() == failed_rows  # the other view covers them
+
+
+def test_a_failing_device_is_retired_and_the_other_finishes_the_work():
+    views = make_views(n=100)
+    devices = [FakeDevice(always_fail=True), FakeDevice(sleep_per_token=1e-6)]
+    result, report = inference.run_schedule(views, devices, engine_cfg(max_consecutive_failures=2))
+    assert report.workers[0].retired and not report.workers[1].retired
+    assert report.batches_failed == 2
+    failed = {tuple(seq) for call in devices[0].calls for seq in call}
+    served = {tuple(seq) for view, done in zip(views, result.done, strict=True)
+              for seq, ok in zip(view, done, strict=True) if ok}
+    assert len(served) == 200 - len(failed)
+
+
+def test_all_devices_failing_stops_and_leaves_everything_to_the_fallback():
+    result, report = inference.run_schedule(make_views(50), [FakeDevice(always_fail=True)], engine_cfg())
+    assert not result.done.any() and report.stopped == "all devices retired" and report.rows_not_reached > 0
+
+
+def test_combine_views_averages_the_unswapped_swapped_view():
+    probs = np.array([[[0.6, 0.3, 0.1], [0.5, 0.2, 0.3], [0.1, 0.1, 0.8], [0.3, 0.3, 0.4]],
+                      [[0.2, 0.7, 0.1], [0.6, 0.1, 0.3], [0.1, 0.5, 0.4], [0.3, 0.3, 0.4]]])
+    done = np.array([[True, True, False, False], [True, False, True, False]])
+    fallback = np.tile([0.35, 0.34, 0.31], (4, 1))
+    final, paths = inference.combine_views(inference.ViewPredictions(probs, done), fallback)
+    np.testing.assert_allclose(final[0], [(0.6 + 0.7) / 2, (0.3 + 0.2) / 2, 0.1])
+    np.testing.assert_allclose(final[1], [0.5, 0.2, 0.3])
+    np.testing.assert_allclose(final[2], [0.5, 0.1, 0.4])
+    np.testing.assert_allclose(final[3], [0.35, 0.34, 0.31])
+    assert paths.tolist() == ["tta", "original_only", "swapped_only", "fallback"]
+
+
+def test_class_prior_and_fallback_chain(tmp_path):
+    assert inference.class_prior_from_manifest({"class_prior": [2, 1, 1]}).tolist() == [0.5, 0.25, 0.25]
+    named = {"class_prior": {"winner_model_a": 0.4, "winner_model_b": 0.4, "winner_tie": 0.2}}
+    assert inference.class_prior_from_manifest(named).tolist() == pytest.approx([0.4, 0.4, 0.2])
+    assert inference.class_prior_from_manifest({"class_prior": {"a": 1, "b": 1, "tie": 2}})[2] == 0.5
+    for bad in ({}, {"class_prior": [1, 2]}, {"class_prior": [1, -1, 1]}, {"class_prior": "x"}, None):
+        assert inference.class_prior_from_manifest(bad) is None
+    frame = pl.DataFrame({"id": [1, 2]})
+    probs, source, errors = inference.fallback_predictions(frame, 2, tmp_path / "missing.joblib",
+                                                           {"class_prior": [1, 1, 2]})
+    assert source == "class prior from manifest" and probs.tolist() == [[0.25, 0.25, 0.5]] * 2
+    assert errors and errors[0]["where"] == "fallback baseline"
+    probs, source, _ = inference.fallback_predictions(None, 3, None, None)
+    assert source == "uniform" and probs.shape == (3, 3)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# tiny artifacts of both orderings (built here: random weights, the session's demo tokenizer)
+# ----------------------------------------------------------------------------------------------------------
+
+ORDERINGS = ("ft-then-quant", "quant-then-ft")
+CLASS_PRIOR = [0.35, 0.34, 0.31]
+
+
+def build_tiny_artifacts(out_dir: Path, tokenizer, max_length: int = 256) -> dict[str, Path]:
+    """ft-then-quant: a random tiny classifier quantized to int8; quant-then-ft: an nf4 base + a LoRA adapter
+    with non-zero weights (so the adapter changes predictions)."""
+    from kaggle_utils import artifacts, modeling, quantization
+
+    model_cfg = ModelConfig()
+    fmt = FormatConfig(max_length=max_length)
+    common = {"variant": "test", "base_model": "tiny", "folds_file_hash": "none", "cv_scores": {},
+              "class_prior": CLASS_PRIOR}
+    vocab, pad = len(tokenizer), tokenizer.pad_token_id
+    merged = modeling.build_classifier(model_cfg, vocab_size=vocab, pad_token_id=pad, device="cpu")
+    quantized = quantization.quantize_merged(merged, QuantConfig(scheme="int8"), model_cfg, device="cpu")
+    paths = {"ft-then-quant": artifacts.save_artifact(out_dir / "ftq", quantized, tokenizer,
+                                                       {**common, "ordering": "ft-then-quant"}, fmt)}
+    base = modeling.build_classifier(model_cfg, quant=QuantConfig(scheme="nf4"), vocab_size=vocab,
+                                     pad_token_id=pad, device="cpu")
+    adapted = modeling.apply_lora(base, LoraSettings(r=4, alpha=8))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in adapted.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
+    paths["quant-then-ft"] = artifacts.save_artifact(out_dir / "qft", adapted, tokenizer,
+                                                     {**common, "ordering": "quant-then-ft"}, fmt)
+    return paths
+
+
+@pytest.fixture(scope="module")
+def tiny_artifacts(tmp_path_factory, demo_tokenizer):
+    torch.set_num_threads(1)
+    return build_tiny_artifacts(tmp_path_factory.mktemp("artifacts"), demo_tokenizer)
+
+
+def predict_cfg(**overrides) -> InferenceConfig:
+    values = {"device": "cpu", "token_budget": 2048, "max_rows_per_batch": 16, "warmup_batches": 1,
+              "progress": False}
+    return InferenceConfig(**{**values, **overrides})
+
+
+def read_probs(path) -> np.ndarray:
+    return pl.read_csv(path).select("winner_model_a", "winner_model_b", "winner_tie").to_numpy()
+
+
+@pytest.mark.parametrize("ordering", ORDERINGS)
+def test_predict_both_orderings_match_an_independent_tta_computation(ordering, tiny_artifacts, sample_files, tmp_path):
+    from kaggle_utils.artifacts import load_artifact
+    from kaggle_utils.data import load_competition
+    from kaggle_utils.modeling import predict_probs
+
+    out = tmp_path / "submission.csv"
+    report = inference.predict(tiny_artifacts[ordering], sample_files.test_csv, out, predict_cfg())
+    validate_submission(out, sample_files.test_csv)
+    rows = pl.read_csv(sample_files.test_csv).height
+    assert report.rows == rows and report.rows_by_path["tta"] == rows and not report.errors
+    saved = json.loads(inference.report_path_for(out).read_text())
+    assert saved["rows_by_path"]["tta"] == rows and saved["manifest"]["ordering"] == ordering
+    assert saved["runtime"]["kind"] == "cpu" and saved["fallback_source"] == "class prior from manifest"
+
+    loaded = load_artifact(tiny_artifacts[ordering], device="cpu")
+    frame = load_competition(sample_files.test_csv, split="test").frame
+    original, swapped = encode_both_orders(frame, loaded.tokenizer, loaded.format_config)
+    pad = loaded.tokenizer.pad_token_id
+    want = (predict_probs(loaded.model, original.input_ids, pad) + swap_probs(
+        predict_probs(loaded.model, swapped.input_ids, pad))) / 2
+    np.testing.assert_allclose(read_probs(out), want, atol=1e-5)
+
+
+def test_predict_without_tta_serves_the_original_view_only(tiny_artifacts, sample_files, tmp_path):
+    out = tmp_path / "sub.csv"
+    report = inference.predict(tiny_artifacts["ft-then-quant"], sample_files.test_csv, out,
+                               predict_cfg(tta_swap=False))
+    validate_submission(out, sample_files.test_csv)
+    assert report.rows_by_path["original_only"] == report.rows and report.schedule["views"] == 1
+
+
+def test_predict_on_the_swapped_file_gives_the_swapped_predictions(tiny_artifacts, sample_files, tmp_path):
+    """With TTA on, predictions for a swapped row equal the swapped predictions of the row (real model)."""
+    swapped_csv = tmp_path / "test_swapped.csv"
+    raw = pl.read_csv(sample_files.test_csv)
+    raw.with_columns(response_a=raw["response_b"], response_b=raw["response_a"]).write_csv(swapped_csv)
+    artifact = tiny_artifacts["quant-then-ft"]
+    inference.predict(artifact, sample_files.test_csv, tmp_path / "a.csv", predict_cfg())
+    inference.predict(artifact, swapped_csv, tmp_path / "b.csv", predict_cfg())
+    np.testing.assert_allclose(read_probs(tmp_path / "b.csv"), swap_probs(read_probs(tmp_path / "a.csv")), atol=1e-6)
+
+
+texts = st.text(alphabet=st.sampled_from(list("abcdefghij klmnop.,?!\n")), min_size=0, max_size=80)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.tuples(st.integers(1, 2), texts, texts, texts), min_size=1, max_size=6))
+def test_property_tta_prediction_of_a_swapped_row_is_the_swapped_prediction(demo_tokenizer, rows):
+    """Through the real formatting and the engine, with an asymmetric fake model: f(swap(x)) = swap(f(x))."""
+    frame = pl.DataFrame(
+        {"id": list(range(len(rows))),
+         "prompt": [[p] * turns for turns, p, _, _ in rows],
+         "response_a": [[a] * turns for turns, _, a, _ in rows],
+         "response_b": [[b] * turns for turns, _, _, b in rows]},
+        schema={"id": pl.Int64, "prompt": pl.List(pl.String), "response_a": pl.List(pl.String),
+                "response_b": pl.List(pl.String)},
+    )
+    fmt = FormatConfig(max_length=160)
+
+    def tta_predict(f: pl.DataFrame) -> np.ndarray:
+        original, swapped = encode_both_orders(f, demo_tokenizer, fmt, progress=False)
+        views, _ = inference.run_schedule([original.input_ids, swapped.input_ids], [FakeDevice()], engine_cfg())
+        final, paths = inference.combine_views(views, np.full((f.height, 3), 1 / 3))
+        assert (paths == inference.PATH_TTA).all()
+        return final
+
+    np.testing.assert_allclose(tta_predict(swap_frame(frame)), swap_probs(tta_predict(frame)), atol=1e-12)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# predict(): the guarantees
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_deadline_hit_mid_run_still_writes_a_full_valid_submission(tiny_artifacts, sample_files, tmp_path):
+    clock = FakeClock()
+
+    def slow(forward, name):  # every padded token costs 0.1 fake seconds
+        def wrapped(seqs):
+            clock.advance(0.1 * len(seqs) * max(len(seq) for seq in seqs))
+            return forward(seqs)
+        return wrapped
+
+    # 40 rows x ~200 tokens x 2 views ~ 1600 fake s for everything; the deadline leaves ~600 s.
+    cfg = predict_cfg(deadline_hours=(600 / 3600) + 0.1, safety_margin_hours=0.1)
+    out = tmp_path / "submission.csv"
+    report = inference.predict(tiny_artifacts["ft-then-quant"], sample_files.test_csv, out, cfg, clock=clock,
+                               wrap_forward=slow)
+    validate_submission(out, sample_files.test_csv)
+    counts = json.loads(inference.report_path_for(out).read_text())["rows_by_path"]
+    assert sum(counts.values()) == report.rows
+    assert counts["fallback"] > 0 and counts["original_only"] > 0
+    assert report.schedule["tta_dropped"] and report.schedule["stopped"] == "deadline"
+    is_prior = np.all(np.abs(read_probs(out) - CLASS_PRIOR) < 1e-9, axis=1)
+    assert is_prior.sum() == counts["fallback"]  # rows not reached hold the manifest's class prior
+
+
+def test_exception_inside_a_batch_still_writes_a_full_valid_submission(tiny_artifacts, sample_files, tmp_path):
+    calls = {"n": 0}
+
+    def flaky(forward, name):
+        def wrapped(seqs):
+            calls["n"] += 1
+            if calls["n"] == 2:
+                raise RuntimeError("CUDA error: device-side assert triggered (injected)")
+            return forward(seqs)
+        return wrapped
+
+    out = tmp_path / "submission.csv"
+    cfg = predict_cfg(tta_swap=False)
+    report = inference.predict(tiny_artifacts["quant-then-ft"], sample_files.test_csv, out, cfg, wrap_forward=flaky)
+    validate_submission(out, sample_files.test_csv)
+    saved = json.loads(inference.report_path_for(out).read_text())
+    assert saved["rows_by_path"]["fallback"] > 0 and saved["rows_by_path"]["original_only"] > 0
+    assert any("device-side assert" in error["message"] for error in saved["errors"])
+
+    calls["n"] = 0
+    strict = tmp_path / "strict.csv"
+    with pytest.raises(inference.InferenceError, match="device-side assert"):
+        inference.predict(tiny_artifacts["quant-then-ft"], sample_files.test_csv, strict,
+                          predict_cfg(tta_swap=False, raise_after_write=True), wrap_forward=flaky)
+    validate_submission(strict, sample_files.test_csv)  # written before raising
+    assert report.rows_by_path == json.loads(inference.report_path_for(strict).read_text())["rows_by_path"]
+
+
+def test_out_of_memory_at_predict_level_is_absorbed(tiny_artifacts, sample_files, tmp_path):
+    def small_memory(forward, name):
+        def wrapped(seqs):
+            if len(seqs) > 2:
+                raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+            return forward(seqs)
+        return wrapped
+
+    out = tmp_path / "submission.csv"
+    report = inference.predict(tiny_artifacts["ft-then-quant"], sample_files.test_csv, out, predict_cfg(),
+                               wrap_forward=small_memory)
+    validate_submission(out, sample_files.test_csv)
+    assert report.rows_by_path["tta"] == report.rows and report.schedule["oom_events"]
+    reference = tmp_path / "reference.csv"
+    inference.predict(tiny_artifacts["ft-then-quant"], sample_files.test_csv, reference, predict_cfg())
+    np.testing.assert_allclose(read_probs(out), read_probs(reference), atol=1e-5)
+
+
+def test_unloadable_artifact_falls_back_to_the_manifest_prior(tiny_artifacts, sample_files, tmp_path):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    manifest = json.loads((tiny_artifacts["ft-then-quant"] / "manifest.json").read_text())
+    (broken / "manifest.json").write_text(json.dumps(manifest))  # lists files that are not there
+    out = tmp_path / "submission.csv"
+    report = inference.predict(broken, sample_files.test_csv, out, predict_cfg())
+    validate_submission(out, sample_files.test_csv)
+    assert report.rows_by_path["fallback"] == report.rows
+    assert report.errors and report.errors[0]["where"] == "model inference"
+    np.testing.assert_allclose(read_probs(out), np.tile(CLASS_PRIOR, (report.rows, 1)), atol=1e-9)
+
+
+def test_baseline_fallback_is_used_when_given(sample_files, train_data, tmp_path):
+    from kaggle_utils.baseline import run_baseline_cv
+    from kaggle_utils.config import FoldConfig
+    from kaggle_utils.folds import make_folds
+
+    frame = train_data.frame
+    result = run_baseline_cv(frame, make_folds(frame, FoldConfig(n_folds=2)))
+    baseline = result.model.save(tmp_path / "baseline.joblib")
+    out = tmp_path / "submission.csv"
+    report = inference.predict(tmp_path / "no-artifact", sample_files.test_csv, out, predict_cfg(),
+                               fallback_path=baseline)
+    validate_submission(out, sample_files.test_csv)
+    assert report.fallback_source.startswith("baseline model") and report.rows_by_path["fallback"] == report.rows
+    from kaggle_utils.data import load_competition
+
+    want = result.model.predict_proba(load_competition(sample_files.test_csv, split="test").frame)
+    np.testing.assert_allclose(read_probs(out), want, atol=1e-9)
+
+
+def test_test_rows_that_cannot_be_parsed_still_get_a_valid_submission(tiny_artifacts, sample_files, tmp_path):
+    """Only the ids are needed to write a valid file: a test file the parser rejects goes to the fallback."""
+    broken = tmp_path / "test.csv"
+    pl.read_csv(sample_files.test_csv).drop("prompt").write_csv(broken)
+    out = tmp_path / "submission.csv"
+    report = inference.predict(tiny_artifacts["ft-then-quant"], broken, out, predict_cfg())
+    validate_submission(out, broken)
+    assert report.rows_by_path["fallback"] == report.rows
+    assert report.errors[0]["where"] == "reading test rows" and "prompt" in report.errors[0]["message"]
+
+
+def test_unreadable_test_file_is_a_clear_error(tmp_path):
+    from kaggle_utils.errors import SubmissionError
+
+    with pytest.raises(SubmissionError, match="not found"):
+        inference.predict(tmp_path, tmp_path / "absent.csv", tmp_path / "sub.csv", predict_cfg())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# TPU path: what runs without torch_xla
+# ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ordering", ORDERINGS)
+def test_tpu_plain_bf16_model_has_no_quantized_layers_and_predicts_like_the_artifact(
+    ordering, tiny_artifacts, sample_files
+):
+    from kaggle_utils.artifacts import load_artifact
+    from kaggle_utils.data import load_competition
+    from kaggle_utils.modeling import predict_probs
+
+    plain = tpu.load_plain(tiny_artifacts[ordering])
+    state = tpu.plain_state_dict(plain.model)
+    assert all(t.dtype == torch.bfloat16 for t in state.values() if t.is_floating_point())
+    quantized = load_artifact(tiny_artifacts[ordering], device="cpu")
+    with pytest.raises(UsageError, match="quantized or adapter"):
+        tpu.plain_state_dict(quantized.model)
+    frame = load_competition(sample_files.test_csv, split="test").frame
+    original, _ = encode_both_orders(frame, plain.tokenizer, plain.format_config)
+    pad = plain.tokenizer.pad_token_id
+    got = predict_probs(plain.model, original.input_ids[:8], pad)
+    want = predict_probs(quantized.model, original.input_ids[:8], pad)
+    np.testing.assert_allclose(got, want, atol=0.03)  # bf16 rounding of the same weights
+
+
+def test_tpu_mesh_fits_gemma2_9b_on_16gb_cores_and_splits_rows_per_core():
+    nine_b_bf16 = int(9.24e9 * 2)
+    assert tpu.choose_mesh(8, nine_b_bf16, 16 * 2**30) == (4, 2)
+    assert tpu.choose_mesh(8, 10_000_000, 16 * 2**30) == (8, 1)
+    with pytest.raises(UsageError, match="do not fit"):
+        tpu.choose_mesh(8, 200 * 2**30, 16 * 2**30)
+    assert tpu.partition_spec("model.layers.0.self_attn.q_proj.weight", (4096, 3584), 2) == ("model", None)
+    assert tpu.partition_spec("model.layers.0.mlp.down_proj.weight", (3584, 14336), 2) == (None, "model")
+    assert tpu.partition_spec("model.layers.0.input_layernorm.weight", (3584,), 2) is None
+    assert tpu.partition_spec("score.weight", (3, 3584), 2) is None
+    assert tpu.partition_spec("model.layers.0.self_attn.q_proj.weight", (4096, 3584), 1) is None
+    # Static shapes: few distinct ones, rows a multiple of the data axis (each core the same share).
+    shapes = {tpu.static_shape(length, 8192, 256, 4) for length in range(1, 2049)}
+    assert len(shapes) == 8 and all(rows % 4 == 0 and rows * length <= 8192 for rows, length in shapes)
+    ids, mask = tpu.pad_static([[5, 6, 7], [8]], rows=4, length=4, pad_token_id=0)
+    assert ids.tolist() == [[5, 6, 7, 0], [8, 0, 0, 0], [5, 6, 7, 0], [5, 6, 7, 0]]
+    assert mask.sum(axis=1).tolist() == [3, 1, 3, 3]
+    with pytest.raises(ValueError, match="cannot pad"):
+        tpu.pad_static([[1] * 5], rows=1, length=4, pad_token_id=0)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# CLI: `python -m kaggle_utils predict ...` (the command group registered on its own parser)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def run_cli(argv: list[str]) -> int:
+    import argparse
+
+    from kaggle_utils.commands import inference as commands
+
+    parser = argparse.ArgumentParser()
+    commands.register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.handler(args)
+
+
+def test_cli_predict_writes_the_submission_and_strict_reports_absorbed_errors(
+    tiny_artifacts, sample_files, tmp_path, capsys
+):
+    from kaggle_utils.commands.inference import inference_config
+
+    out = tmp_path / "cli.csv"
+    code = run_cli(["predict", "--artifact", str(tiny_artifacts["ft-then-quant"]), "--test", str(sample_files.test_csv),
+                    "--out", str(out), "--no-tta", "--device", "cpu", "--token-budget", "1024", "--no-progress"])
+    assert code == 0
+    validate_submission(out, sample_files.test_csv)
+    assert "original_only" in capsys.readouterr().out
+
+    strict = tmp_path / "strict.csv"
+    code = run_cli(["predict", "--artifact", str(tmp_path / "missing"), "--test", str(sample_files.test_csv),
+                    "--out", str(strict), "--strict", "--no-progress"])
+    assert code == 1 and "submission written" in capsys.readouterr().err
+    validate_submission(strict, sample_files.test_csv)
+
+    import argparse
+
+    args = argparse.Namespace(config=None, no_tta=True, deadline_hours=2.5, margin_hours=None, device=None,
+                              num_gpus=2, dtype="float16", token_budget=None, layout="view_per_device",
+                              strict=False, no_progress=False)
+    cfg = inference_config(args)
+    assert (cfg.tta_swap, cfg.deadline_hours, cfg.num_gpus, cfg.compute_dtype, cfg.layout) == (
+        False, 2.5, 2, "float16", "view_per_device")
+    assert cfg.safety_margin_hours == InferenceConfig().safety_margin_hours and cfg.token_budget == 8192
