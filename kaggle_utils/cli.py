@@ -17,6 +17,7 @@ COMMAND_GROUPS: tuple[str, ...] = (
     "data",
     "modeling",
     "inference",
+    "kaggle",
 )
 
 

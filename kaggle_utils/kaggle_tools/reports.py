@@ -1,0 +1,106 @@
+"""One comparison report from the training kernels' outputs.
+
+On Kaggle each ordering trains in its own kernel (a session has 12 hours and one GPU pair), so the two halves of
+`compare.compare_orderings` arrive as two output folders, each with its own report.json and oof.parquet. This
+module joins them into the report `compare_orderings` would have written for both, after checking that they
+are comparable (same folds file, same folds trained, same seeds), and decides the winner with
+`compare.decide_winner` on the paired per-row losses of the OOF files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from kaggle_utils.errors import UsageError
+
+
+def find_report_dirs(root: str | Path) -> list[Path]:
+    """Every folder under `root` holding a report.json (the output of a training notebook or compare run)."""
+    from kaggle_utils.compare import REPORT_JSON
+
+    root = Path(root)
+    if not root.is_dir():
+        raise UsageError(f"{root}: not a directory")
+    found = sorted(Path(dirpath) for dirpath, _dirs, files in os.walk(root, followlinks=True) if REPORT_JSON in files)
+    if not found:
+        raise UsageError(f"no {REPORT_JSON} under {root}: run the training notebooks (or compare-orderings) first")
+    return found
+
+
+def _read(directory: Path) -> dict:
+    from kaggle_utils.compare import REPORT_JSON
+
+    path = directory / REPORT_JSON
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as error:
+        raise UsageError(f"{path}: cannot read the report ({error})") from None
+
+
+def _attach_row_losses(run: dict, directory: Path) -> dict:
+    """The per-row quantized losses `decide_winner` pairs, rebuilt from the OOF file in id order."""
+    from kaggle_utils.compare import OOF_FILE, _row_losses
+    from kaggle_utils.metrics import load_oof, oof_probs
+
+    name = f"{run['variant']}/seed{run['seed']}/quantized"
+    oof = load_oof(directory / OOF_FILE, name=name).sort("id")
+    labels = oof["label"].to_numpy().astype(np.int64)
+    return {**run, "_row_losses_quantized": _row_losses(labels, oof_probs(oof)), "_ids": oof["id"].to_list()}
+
+
+def combine_reports(report_dirs: Sequence[str | Path], out_dir: str | Path) -> dict:
+    """Join the reports of `report_dirs` into out_dir/report.json, report.md, report.png and oof.parquet."""
+    from kaggle_utils.compare import (
+        OOF_FILE,
+        REPORT_JSON,
+        REPORT_MD,
+        REPORT_PNG,
+        decide_winner,
+        plot_report,
+        render_markdown,
+    )
+    from kaggle_utils.metrics import load_oof, save_oof
+
+    directories = [Path(d) for d in report_dirs]
+    if not directories:
+        raise UsageError("combine_reports needs at least one report folder")
+    reports = [_read(d) for d in directories]
+    first = reports[0]["setup"]
+    for directory, report in zip(directories[1:], reports[1:], strict=True):
+        setup = report["setup"]
+        for key in ("folds_file_hash", "folds_trained", "seeds"):
+            if setup[key] != first[key]:
+                raise UsageError(
+                    f"{directory}: {key} {setup[key]!r} differs from {directories[0]}'s {first[key]!r}; "
+                    "the orderings must be trained on identical folds and seeds to be compared"
+                )
+    names = [variant["variant"] for report in reports for variant in report["variants"]]
+    duplicated = sorted({name for name in names if names.count(name) > 1})
+    if duplicated:
+        raise UsageError(f"variants {duplicated} appear in more than one of {[str(d) for d in directories]}")
+
+    runs = [_attach_row_losses(run, d) for d, report in zip(directories, reports, strict=True) for run in report["runs"]]
+    for run in runs[1:]:
+        if run["_ids"] != runs[0]["_ids"]:
+            raise UsageError(f"{run['variant']} seed {run['seed']} was scored on other rows than {runs[0]['variant']}")
+    combined = dict(reports[0])
+    combined["variants"] = [variant for report in reports for variant in report["variants"]]
+    combined["runs"] = [{k: v for k, v in run.items() if not k.startswith("_")} for run in runs]
+    combined["decision"] = decide_winner(runs, names)
+    combined["total_time_s"] = sum(report["total_time_s"] for report in reports)
+    combined["sources"] = [str(d) for d in directories]
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / REPORT_JSON).write_text(json.dumps(combined, indent=2), encoding="utf-8")
+    (out / REPORT_MD).write_text(render_markdown(combined), encoding="utf-8")
+    plot_report(combined, out / REPORT_PNG)
+    oof = pl.concat([load_oof(d / OOF_FILE) for d in directories], how="vertical")
+    save_oof(oof, out / OOF_FILE, append=False)
+    return combined

@@ -1,0 +1,137 @@
+# ---
+# jupyter:
+#   jupytext:
+#     cell_metadata_filter: tags,-all
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # CV report: which ordering ships the better classifier?
+#
+# Joins the outputs of the two training notebooks (or one `compare-orderings` run) into one report:
+# held-out log loss of the 16-bit model and of the shipped quantized artifact, QiD (the cost of quantization),
+# accuracy, training time, memory, artifact size and inference speed, and whether the winner's lead is larger
+# than the noise of the paired per-row differences. The runs must share the folds file and seeds (checked).
+# Logic: `kaggle_utils.kaggle_tools.reports.combine_reports` and `kaggle_utils.compare`.
+
+# %% tags=["parameters"]
+REPORT_DIRS = None  # folders holding report.json; None: every one found under INPUT_ROOT
+INPUT_ROOT = None  # None: /kaggle/input on Kaggle (the training kernels' outputs), else runs/
+FT_THEN_QUANT_KERNEL = "arena-train-ft-then-quant"  # the training kernels this one reads on Kaggle
+QUANT_THEN_FT_KERNEL = "arena-train-quant-then-ft"
+WHEELS_DATASET = "kaggle-utils-wheels"
+PACKAGE_DATASET = "kaggle-utils-package"
+OUT_DIR = None  # None: /kaggle/working/cv_report on Kaggle, else runs/cv_report
+
+# %%
+import importlib.util
+import os
+import subprocess
+import sys
+
+if importlib.util.find_spec("kaggle_utils") is None:  # a fresh Kaggle session: install from the datasets
+    folders = [os.path.join("/kaggle/input", slug) for slug in (WHEELS_DATASET, PACKAGE_DATASET) if slug]
+    folders = [folder for folder in folders if os.path.isfile(os.path.join(folder, "requirements.txt"))]
+    if not folders:
+        raise RuntimeError(f"kaggle_utils is not installed and no wheels dataset is attached ({WHEELS_DATASET})")
+    command = [sys.executable, "-m", "pip", "install", "--no-index"]
+    for folder in folders:
+        command += ["--find-links", folder, "-r", os.path.join(folder, "requirements.txt")]
+    subprocess.run(command, check=True)
+    importlib.invalidate_caches()
+
+# %%
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import polars as pl
+from IPython.display import Image, Markdown, display
+
+from kaggle_utils.compare import OOF_FILE, REPORT_MD, REPORT_PNG
+from kaggle_utils.kaggle_tools.reports import combine_reports, find_report_dirs
+from kaggle_utils.metrics import load_oof, score_oof
+from kaggle_utils.runtime import KAGGLE_INPUT, KAGGLE_WORKING, on_kaggle
+
+out_dir = Path(OUT_DIR) if OUT_DIR else (KAGGLE_WORKING if on_kaggle() else Path("runs")) / "cv_report"
+root = Path(INPUT_ROOT) if INPUT_ROOT else (KAGGLE_INPUT if on_kaggle() else Path("runs"))
+if REPORT_DIRS:
+    report_dirs = [Path(folder) for folder in REPORT_DIRS]
+else:
+    report_dirs = [folder for folder in find_report_dirs(root) if folder.resolve() != out_dir.resolve()]
+print("reports:", *report_dirs, sep="\n  ")
+report = combine_reports(report_dirs, out_dir)
+
+# %% [markdown]
+# ## Decision and the comparison table
+
+# %%
+print(report["decision"]["statement"])
+display(Markdown((out_dir / REPORT_MD).read_text()))
+
+# %%
+summary = pl.DataFrame(
+    [
+        {
+            "variant": v["variant"],
+            "cv_log_loss_16bit": v["cv_log_loss_16bit"]["mean"],
+            "cv_log_loss_quantized": v["cv_log_loss_quantized"]["mean"],
+            "qid": v["qid"]["mean"],
+            "accuracy_quantized": v["accuracy_quantized"]["mean"],
+            "train_wall_time_s": v["train_wall_time_s"]["mean"],
+            "peak_rss_mb": v["peak_rss_bytes"]["mean"] / 1e6,
+            "artifact_mb": v["artifact_bytes"]["mean"] / 1e6,
+            "inference_rows_per_s": v["inference_rows_per_s"]["mean"],
+        }
+        for v in report["variants"]
+    ]
+).sort("cv_log_loss_quantized")
+display(summary)
+
+# %% [markdown]
+# ## Charts: CV log loss, QiD, training time, artifact size
+
+# %%
+display(Image(filename=str(out_dir / REPORT_PNG)))
+
+# %% [markdown]
+# ## Out-of-fold scores per fold (16-bit and shipped), with the class-prior reference on the same rows
+
+# %%
+oof = load_oof(out_dir / OOF_FILE)
+scores = [score_oof(oof, name) for name in sorted(oof["name"].unique().to_list())]
+per_fold = pl.DataFrame(
+    [
+        {"name": s.name, "fold": fold, "log_loss": value, "prior_log_loss": s.prior_log_loss, "rows": s.rows}
+        for s in scores
+        for fold, value in sorted(s.per_fold.items())
+    ]
+)
+display(per_fold)
+
+# %% [markdown]
+# ## Learning curves: held-out log loss during training
+
+# %%
+figure, axis = plt.subplots(figsize=(7, 4))
+for run in report["runs"]:
+    for fold in run["per_fold"]:
+        steps = [point["step"] for point in fold["history"]]
+        losses = [point["eval_loss"] for point in fold["history"]]
+        axis.plot(steps, losses, marker="o", label=f"{run['variant']} seed {run['seed']} fold {fold['fold']}")
+axis.axhline(report["runs"][0]["prior_log_loss"], color="grey", linestyle="--", label="class prior")
+axis.set_xlabel("optimizer step")
+axis.set_ylabel("held-out log loss")
+axis.legend(fontsize=8)
+figure.tight_layout()
+figure.savefig(out_dir / "learning_curves.png", dpi=110)  # kept with the report
+plt.close(figure)
+display(Image(filename=str(out_dir / "learning_curves.png")))

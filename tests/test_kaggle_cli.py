@@ -1,0 +1,519 @@
+"""The real kaggle client builds its requests from our folders; the network is faked at `requests.Session.send`.
+
+Credentials are fake values in environment variables (HOME points at an empty folder), so nothing here can
+reach Kaggle: an unexpected request fails the test.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import textwrap
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import nbformat
+import pytest
+import requests
+from requests.structures import CaseInsensitiveDict
+
+from kaggle_utils import cli
+from kaggle_utils.config import KaggleConfig
+from kaggle_utils.errors import UsageError
+from kaggle_utils.kaggle_cli import push_notebook, submit_kernel, upload_dataset
+from kaggle_utils.kaggle_tools.client import MISSING_CREDENTIALS, credential_source
+from kaggle_utils.kaggle_tools.wheels import build_wheels, dependency_closure, platform_tags
+
+API = "https://api.kaggle.com/v1/"
+UPLOAD_HOST = "https://upload.kaggle.test/"
+FAKE_KEY = "0123456789abcdef-fake-key"
+FAKE_TOKEN = "KGAT_fake_access_token_42"
+
+
+@dataclass
+class Captured:
+    method: str
+    url: str
+    headers: dict
+    body: bytes
+
+    @property
+    def name(self) -> str:
+        return self.url.rsplit("/", 1)[-1]
+
+    def json(self) -> dict:
+        return json.loads(self.body)
+
+
+@dataclass
+class FakeKaggle:
+    """Answers the kaggle client's RPCs by name (e.g. "SaveKernel") with canned JSON; records every request."""
+
+    routes: dict = field(default_factory=dict)
+    requests: list[Captured] = field(default_factory=list)
+    uploads: dict[str, bytes] = field(default_factory=dict)
+
+    def calls(self, name: str) -> list[Captured]:
+        return [request for request in self.requests if request.name == name]
+
+    def send(self, session, prepared, **kwargs):
+        body = prepared.body
+        if hasattr(body, "read"):
+            body = body.read()
+        if isinstance(body, str):
+            body = body.encode()
+        headers = dict(prepared.headers)
+        if session.auth is not None and "Authorization" not in headers:  # as requests would add it
+            probe = requests.Request("GET", prepared.url, auth=session.auth).prepare()
+            headers["Authorization"] = probe.headers.get("Authorization", "")
+        captured = Captured(prepared.method, prepared.url, headers, body or b"")
+        self.requests.append(captured)
+        if prepared.url.startswith(UPLOAD_HOST):
+            self.uploads[prepared.url] = captured.body
+            return _response(prepared, 200, b"{}")
+        route = self.routes.get(captured.name)
+        if route is None:
+            return _response(prepared, 599, json.dumps({"code": 599, "message": f"unexpected {captured.name}"}))
+        status, payload, headers = route(captured) if callable(route) else (200, route, None)
+        return _response(prepared, status, payload, headers)
+
+
+def _response(prepared, status: int, payload, headers: dict | None = None, url: str | None = None):
+    response = requests.Response()
+    response.status_code = status
+    response.reason = {200: "OK", 404: "Not Found", 403: "Forbidden"}.get(status, "Error")
+    response.request = prepared
+    response.url = (headers or {}).pop("X-Url", None) or url or prepared.url
+    content = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+    response._content = content
+    response._content_consumed = True
+    response.raw = io.BytesIO(content)
+    response.encoding = "utf-8"
+    response.headers = CaseInsensitiveDict(headers or {"Content-Type": "application/json"})
+    return response
+
+
+@pytest.fixture
+def fake_kaggle(monkeypatch, tmp_path):
+    """Fake network + fake legacy credentials (alice / FAKE_KEY) in env vars; HOME is an empty folder."""
+    home = tmp_path / "home"
+    home.mkdir()
+    for name in list(os.environ):
+        if name.startswith("KAGGLE_"):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("KAGGLE_CONFIG_DIR", str(home / ".kaggle"))
+    monkeypatch.setenv("KAGGLE_USERNAME", "alice")
+    monkeypatch.setenv("KAGGLE_KEY", FAKE_KEY)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))  # the client's resumable-upload state
+    (tmp_path / "tmp").mkdir()
+    fake = FakeKaggle()
+    blob_count = iter(range(1, 1000))
+
+    def start_blob(request):
+        number = next(blob_count)
+        return 200, {"token": f"blob-token-{number}", "createUrl": f"{UPLOAD_HOST}{number}"}, None
+
+    fake.routes["StartBlobUpload"] = start_blob
+    monkeypatch.setattr(requests.Session, "send", lambda session, prepared, **kw: fake.send(session, prepared, **kw))
+    return fake
+
+
+def run_cli(argv: list[str], monkeypatch) -> int:
+    monkeypatch.setattr(cli, "COMMAND_GROUPS", ("kaggle",))
+    return cli.main(argv)
+
+
+def submission_notebook(path: Path) -> Path:
+    notebook = nbformat.v4.new_notebook()
+    parameters = nbformat.v4.new_code_cell('ARTIFACT_DATASET = "arena-preference-artifact"\n')
+    parameters.metadata["tags"] = ["parameters"]
+    run = nbformat.v4.new_code_cell(
+        "!pip install --no-index --find-links /kaggle/input/kaggle-utils-wheels -r "
+        "/kaggle/input/kaggle-utils-wheels/requirements.txt\n"
+        'print(open("/kaggle/input/llm-classification-finetuning/test.csv").read())\n'
+    )
+    run.outputs = [nbformat.v4.new_output("stream", text="a local output that must not be pushed\n")]
+    notebook.cells = [parameters, run]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nbformat.write(notebook, path)
+    return path
+
+
+SAVE_KERNEL_OK = {
+    "ref": "/code/alice/arena-preference-submission",
+    "url": "https://www.kaggle.com/code/alice/arena-preference-submission",
+    "versionNumber": 7,
+}
+
+
+# --------------------------------------------------------------------------- kernels push
+
+
+def test_push_sends_the_built_folder(fake_kaggle, tmp_path, monkeypatch, capsys):
+    fake_kaggle.routes["SaveKernel"] = SAVE_KERNEL_OK
+    notebook = submission_notebook(tmp_path / "notebooks" / "submission.ipynb")
+    cfg = KaggleConfig(build_dir=str(tmp_path / "build"))
+    result = push_notebook(notebook, cfg)
+
+    (call,) = fake_kaggle.requests
+    assert call.method == "POST" and call.url == API + "kernels.KernelsApiService/SaveKernel"
+    assert call.headers["Authorization"] == "Basic " + base64.b64encode(f"alice:{FAKE_KEY}".encode()).decode()
+    body = call.json()
+    assert body["slug"] == "alice/arena-preference-submission"
+    assert body["newTitle"] == "Arena Preference Submission"
+    assert body["enableInternet"] is False and body["enableGpu"] is True
+    assert body["machineShape"] == "NvidiaTeslaT4"
+    assert body["competitionDataSources"] == ["llm-classification-finetuning"]
+    assert body["datasetDataSources"] == [
+        "alice/arena-preference-artifact",
+        "alice/kaggle-utils-wheels",
+        "alice/kaggle-utils-package",
+    ]
+    assert body["kernelType"] == "notebook" and body["language"] == "python"
+    pushed = json.loads(body["text"])
+    assert pushed["cells"][1]["outputs"] == []  # the client strips outputs
+    assert "/kaggle/input/kaggle-utils-wheels" in pushed["cells"][1]["source"]
+    assert (result.kernel, result.version) == ("alice/arena-preference-submission", 7)
+    assert FAKE_KEY not in capsys.readouterr().out
+
+
+def test_push_command_with_accelerator(fake_kaggle, tmp_path, monkeypatch, capsys):
+    fake_kaggle.routes["SaveKernel"] = SAVE_KERNEL_OK
+    notebook = submission_notebook(tmp_path / "submission.ipynb")
+    config = tmp_path / "config.yaml"
+    config.write_text(f"kaggle:\n  build_dir: {tmp_path / 'build'}\n")
+    argv = ["kaggle", "push", str(notebook), "--accelerator", "NvidiaL4", "--config", str(config)]
+    assert run_cli(argv, monkeypatch) == 0
+    body = fake_kaggle.calls("SaveKernel")[0].json()
+    assert body["machineShape"] == "NvidiaL4" and body["enableGpu"] is True
+    assert "pushed alice/arena-preference-submission version 7" in capsys.readouterr().out
+
+
+def test_push_refused_when_the_check_fails(fake_kaggle, tmp_path):
+    notebook = submission_notebook(tmp_path / "submission.ipynb")
+    nb = nbformat.read(notebook, as_version=4)
+    nb.cells.append(nbformat.v4.new_code_cell('open("/kaggle/input/not-attached/x.bin")'))
+    nbformat.write(nb, notebook)
+    with pytest.raises(UsageError, match="'not-attached'"):
+        push_notebook(notebook, KaggleConfig(build_dir=str(tmp_path / "build")))
+    assert fake_kaggle.calls("SaveKernel") == []
+
+
+def test_push_reports_sources_kaggle_rejected(fake_kaggle, tmp_path):
+    fake_kaggle.routes["SaveKernel"] = {**SAVE_KERNEL_OK, "invalidDatasetSources": ["alice/kaggle-utils-package"]}
+    notebook = submission_notebook(tmp_path / "submission.ipynb")
+    with pytest.raises(UsageError, match="rejected its dataset sources"):
+        push_notebook(notebook, KaggleConfig(build_dir=str(tmp_path / "build")))
+
+
+def test_access_token_is_introspected_and_sent_as_bearer(fake_kaggle, tmp_path, monkeypatch):
+    monkeypatch.delenv("KAGGLE_USERNAME")
+    monkeypatch.delenv("KAGGLE_KEY")
+    monkeypatch.setenv("KAGGLE_API_TOKEN", FAKE_TOKEN)
+    fake_kaggle.routes["IntrospectToken"] = {"active": True, "username": "tokenuser"}
+    fake_kaggle.routes["SaveKernel"] = SAVE_KERNEL_OK
+    push_notebook(submission_notebook(tmp_path / "submission.ipynb"), KaggleConfig(build_dir=str(tmp_path / "b")))
+    assert fake_kaggle.calls("IntrospectToken")[0].json() == {"token": FAKE_TOKEN}
+    save = fake_kaggle.calls("SaveKernel")[0]
+    assert save.headers["Authorization"] == f"Bearer {FAKE_TOKEN}"
+    assert save.json()["slug"] == "tokenuser/arena-preference-submission"
+
+
+# --------------------------------------------------------------------------- credentials
+
+
+def test_missing_credentials_is_one_clear_line(fake_kaggle, tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("KAGGLE_USERNAME")
+    monkeypatch.delenv("KAGGLE_KEY")
+    assert credential_source() is None
+    notebook = submission_notebook(tmp_path / "submission.ipynb")
+    assert run_cli(["kaggle", "push", str(notebook)], monkeypatch) == 2
+    captured = capsys.readouterr()
+    assert captured.err == f"error: {MISSING_CREDENTIALS}\n"
+    for where in ("KAGGLE_API_TOKEN", "~/.kaggle/access_token", "KAGGLE_USERNAME", "~/.kaggle/kaggle.json"):
+        assert where in captured.err
+    assert fake_kaggle.requests == []
+
+
+def test_kaggle_json_is_found_and_never_printed(fake_kaggle, tmp_path, monkeypatch, capsys):
+    from kaggle.api.kaggle_api_extended import KaggleApi
+
+    monkeypatch.delenv("KAGGLE_USERNAME")
+    monkeypatch.delenv("KAGGLE_KEY")
+    config = Path(os.environ["KAGGLE_CONFIG_DIR"])
+    config.mkdir()
+    (config / "kaggle.json").write_text(json.dumps({"username": "carol", "key": FAKE_KEY}))
+    assert credential_source() == str(config / "kaggle.json")
+    # Even with the client's verbose mode on (it prints request headers), the key must not reach the terminal.
+    monkeypatch.setattr(KaggleApi, "args", ["--verbose"])
+    fake_kaggle.routes["SaveKernel"] = SAVE_KERNEL_OK
+    push_notebook(submission_notebook(tmp_path / "submission.ipynb"), KaggleConfig(build_dir=str(tmp_path / "b")))
+    assert fake_kaggle.calls("SaveKernel")[0].json()["slug"] == "carol/arena-preference-submission"
+    captured = capsys.readouterr()
+    encoded = base64.b64encode(f"carol:{FAKE_KEY}".encode()).decode()
+    assert FAKE_KEY not in captured.out + captured.err and encoded not in captured.out + captured.err
+
+
+def test_http_errors_become_one_line(fake_kaggle, tmp_path):
+    fake_kaggle.routes["SaveKernel"] = lambda request: (403, {"code": 403, "message": "Permission denied"}, None)
+    with pytest.raises(UsageError, match="Kaggle refused kernels push .*HTTP 403.*Permission denied"):
+        push_notebook(submission_notebook(tmp_path / "submission.ipynb"), KaggleConfig(build_dir=str(tmp_path / "b")))
+
+
+# --------------------------------------------------------------------------- datasets
+
+
+def make_artifact(folder: Path) -> Path:
+    """A folder shaped like an artifact (subfolders included), without the manifest check's model files."""
+    (folder / "adapter").mkdir(parents=True)
+    (folder / "adapter" / "adapter_config.json").write_text('{"r": 64}')
+    (folder / "adapter" / "adapter_model.safetensors").write_bytes(b"\x00" * 128)
+    (folder / "tokenizer").mkdir()
+    (folder / "tokenizer" / "tokenizer.json").write_text("{}")
+    (folder / "notes.txt").write_text("trained on fold 0")
+    return folder
+
+
+def _zip_names(data: bytes) -> set[str]:
+    return set(zipfile.ZipFile(io.BytesIO(data)).namelist())
+
+
+def test_upload_creates_a_dataset_with_subfolders_kept(fake_kaggle, tmp_path, capsys):
+    fake_kaggle.routes["GetDatasetStatus"] = lambda request: (404, {"code": 404, "message": "Not found"}, None)
+    fake_kaggle.routes["CreateDataset"] = {"ref": "alice/arena-preference-artifact", "url": "https://k/d", "status": "ok"}
+    artifact = make_artifact(tmp_path / "artifact")
+    result = upload_dataset(artifact, KaggleConfig(), role="artifact", message="fold 0")
+
+    assert result == {"ref": "alice/arena-preference-artifact", "created": True, "url": "https://k/d", "role": "artifact"}
+    written = json.loads((artifact / "dataset-metadata.json").read_text())
+    assert written == {
+        "title": "Arena Preference Artifact",
+        "id": "alice/arena-preference-artifact",
+        "licenses": [{"name": "CC0-1.0"}],
+    }
+    starts = {call.json()["name"]: call.json() for call in fake_kaggle.calls("StartBlobUpload")}
+    assert set(starts) == {"adapter.zip", "tokenizer.zip", "notes.txt"}  # folders kept, as archives
+    assert all(start["type"] == "DATASET" for start in starts.values())
+    zips = [body for body in fake_kaggle.uploads.values() if body.startswith(b"PK")]
+    assert {"adapter_config.json", "adapter_model.safetensors"} in [_zip_names(z) for z in zips]
+    assert b"trained on fold 0" in fake_kaggle.uploads.values()
+    (create,) = fake_kaggle.calls("CreateDataset")
+    body = create.json()
+    assert (body["ownerSlug"], body["slug"], body["title"]) == ("alice", "arena-preference-artifact", "Arena Preference Artifact")
+    assert body["licenseName"] == "CC0-1.0" and body["isPrivate"] is True
+    assert sorted(f["token"] for f in body["files"]) == ["blob-token-1", "blob-token-2", "blob-token-3"]
+    assert "created dataset alice/arena-preference-artifact" in capsys.readouterr().out
+
+
+def test_upload_versions_an_existing_dataset(fake_kaggle, tmp_path, monkeypatch):
+    fake_kaggle.routes["GetDatasetStatus"] = {"status": "ready"}
+    fake_kaggle.routes["CreateDatasetVersion"] = {"ref": "alice/kaggle-utils-wheels", "url": "https://k/w", "status": "ok"}
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    (wheels / "peft-0.21.2-py3-none-any.whl").write_bytes(b"PK-not-really")
+    (wheels / "wheels.json").write_text("{}")
+    argv = ["kaggle", "upload-artifact", str(wheels), "-m", "peft 0.21.2", "--dir-mode", "tar"]
+    assert run_cli(argv, monkeypatch) == 0  # role "wheels" found from wheels.json
+    (version,) = fake_kaggle.calls("CreateDatasetVersion")
+    body = version.json()
+    assert (body["ownerSlug"], body["datasetSlug"]) == ("alice", "kaggle-utils-wheels")
+    assert body["body"]["versionNotes"] == "peft 0.21.2"
+    assert len(body["body"]["files"]) == 2
+    assert fake_kaggle.calls("CreateDataset") == []
+
+
+def test_upload_checks_an_artifact_manifest_first(fake_kaggle, tmp_path):
+    artifact = make_artifact(tmp_path / "artifact")
+    (artifact / "manifest.json").write_text(json.dumps({"ordering": "quant-then-ft"}))
+    with pytest.raises(UsageError, match="missing fields"):
+        upload_dataset(artifact, KaggleConfig())
+    assert fake_kaggle.requests == []
+
+
+def test_upload_refuses_unknown_folders_and_skip_mode(fake_kaggle, tmp_path):
+    folder = tmp_path / "stuff"
+    folder.mkdir()
+    (folder / "x.txt").write_text("x")
+    with pytest.raises(UsageError, match="pass --role or --slug"):
+        upload_dataset(folder, KaggleConfig())
+    with pytest.raises(UsageError, match="other modes drop subfolders"):
+        upload_dataset(folder, KaggleConfig(), role="artifact", dir_mode="skip")
+
+
+# --------------------------------------------------------------------------- submit, status, download
+
+
+def test_submit_by_kernel_and_version(fake_kaggle, monkeypatch, capsys):
+    fake_kaggle.routes["CreateCodeSubmission"] = {"message": "Your submission was successfully saved", "ref": 42}
+    argv = ["kaggle", "submit", "--version", "7", "-m", "quant-then-ft fold 0, swap TTA"]
+    assert run_cli(argv, monkeypatch) == 0
+    (call,) = fake_kaggle.calls("CreateCodeSubmission")
+    assert call.url == API + "competitions.CompetitionApiService/CreateCodeSubmission"
+    assert call.json() == {
+        "competitionName": "llm-classification-finetuning",
+        "kernelOwner": "alice",
+        "kernelSlug": "arena-preference-submission",
+        "kernelVersion": 7,
+        "fileName": "submission.csv",
+        "submissionDescription": "quant-then-ft fold 0, swap TTA",
+    }
+    assert "successfully saved" in capsys.readouterr().out
+
+
+def test_submit_other_kernel(fake_kaggle):
+    fake_kaggle.routes["CreateCodeSubmission"] = {"message": "ok"}
+    submit_kernel(KaggleConfig(competition="lmsys-chatbot-arena"), 3, "m", kernel="bob/other-kernel")
+    body = fake_kaggle.calls("CreateCodeSubmission")[0].json()
+    assert (body["kernelOwner"], body["kernelSlug"], body["competitionName"]) == ("bob", "other-kernel", "lmsys-chatbot-arena")
+
+
+def test_status_with_submissions(fake_kaggle, monkeypatch, capsys):
+    fake_kaggle.routes["GetKernelSessionStatus"] = {"status": "ERROR", "failureMessage": "Notebook Threw Exception"}
+    fake_kaggle.routes["ListSubmissions"] = {
+        "submissions": [{"ref": 1, "description": "v7", "status": "COMPLETE", "publicScore": "0.9412"}]
+    }
+    assert run_cli(["kaggle", "status", "--submissions", "3"], monkeypatch) == 0
+    status = fake_kaggle.calls("GetKernelSessionStatus")[0].json()
+    assert (status["userName"], status["kernelSlug"]) == ("alice", "arena-preference-submission")
+    assert fake_kaggle.calls("ListSubmissions")[0].json()["competitionName"] == "llm-classification-finetuning"
+    out = capsys.readouterr().out
+    assert "alice/arena-preference-submission: ERROR (Notebook Threw Exception)" in out
+    assert "0.9412" in out and "v7" in out
+
+
+def test_download_unzips_competition_files(fake_kaggle, tmp_path, monkeypatch):
+    archive = io.BytesIO()
+    with zipfile.ZipFile(archive, "w") as bundle:
+        bundle.writestr("train.csv", "id,prompt\n1,[]\n")
+        bundle.writestr("test.csv", "id,prompt\n2,[]\n")
+    payload = archive.getvalue()
+    headers = {
+        "Content-Type": "application/zip",
+        "Content-Length": str(len(payload)),
+        "X-Url": "https://storage.kaggle.test/llm-classification-finetuning.zip?sig=x",
+    }
+    fake_kaggle.routes["DownloadDataFiles"] = lambda request: (200, payload, dict(headers))
+    assert run_cli(["kaggle", "download", "--path", str(tmp_path / "data")], monkeypatch) == 0
+    assert fake_kaggle.calls("DownloadDataFiles")[0].json() == {"competitionName": "llm-classification-finetuning"}
+    assert (tmp_path / "data" / "train.csv").read_text() == "id,prompt\n1,[]\n"
+    assert (tmp_path / "data" / "test.csv").is_file()
+
+
+def test_download_forbidden_says_to_accept_the_rules(fake_kaggle, tmp_path):
+    from kaggle_utils.kaggle_cli import download_competition
+
+    fake_kaggle.routes["DownloadDataFiles"] = lambda request: (403, {"code": 403, "message": "Forbidden"}, None)
+    with pytest.raises(UsageError, match="accept the rules"):
+        download_competition(KaggleConfig(), tmp_path)
+
+
+# --------------------------------------------------------------------------- build-wheels
+
+
+def test_dependency_closure_pins_installed_versions_and_leaves_torch_out():
+    from importlib import metadata
+
+    cfg = KaggleConfig()
+    pins, left_out = dependency_closure(["peft"], cfg.wheel_exclude)
+    assert pins["peft"] == metadata.version("peft")
+    assert pins["transformers"] == metadata.version("transformers")  # peft -> transformers
+    assert "accelerate" in pins and "safetensors" in pins
+    assert "torch" not in pins and "numpy" not in pins
+    assert left_out["torch"].startswith("excluded")
+    with pytest.raises(UsageError, match="not-a-real-package.*not installed"):
+        dependency_closure(["not-a-real-package"], ())
+
+
+def test_platform_tags_cover_older_manylinux():
+    tags = platform_tags("manylinux_2_35_x86_64")
+    assert tags[0] == "manylinux_2_35_x86_64"
+    assert {"manylinux_2_17_x86_64", "manylinux2014_x86_64", "manylinux_2_24_x86_64"} <= set(tags)
+    assert platform_tags("win_amd64") == ["win_amd64"]
+
+
+def _pip_env() -> dict:
+    """pip without the machine's index or find-links configuration: only what a test passes."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_")}
+    env["PIP_CONFIG_FILE"] = os.devnull
+    env["PIP_DISABLE_PIP_VERSION_CHECK"] = "1"
+    return env
+
+
+def test_build_wheels_installs_offline_in_a_fresh_venv(tmp_path, monkeypatch):
+    """The folder installs with `pip install --no-index --find-links` into a new venv and imports kaggle_utils.
+
+    The third-party part is a small local project here (no network in tests); `--no-deps` because the fresh
+    venv has no torch, which the folder leaves to Kaggle's image on purpose."""
+    for name in [k for k in os.environ if k.startswith("PIP_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("PIP_CONFIG_FILE", os.devnull)
+    probe = tmp_path / "probe"
+    (probe / "arena_probe").mkdir(parents=True)
+    (probe / "arena_probe" / "__init__.py").write_text('VALUE = "probe ok"\n')
+    (probe / "pyproject.toml").write_text(
+        textwrap.dedent(
+            """
+            [build-system]
+            requires = ["setuptools"]
+            build-backend = "setuptools.build_meta"
+            [project]
+            name = "arena-probe"
+            version = "0.1.0"
+            """
+        )
+    )
+    source = tmp_path / "source"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", str(source), str(probe)],
+        check=True,
+        capture_output=True,
+        env=_pip_env(),
+    )
+    out = tmp_path / "wheels"
+    report = build_wheels(out, packages=["arena-probe==0.1.0"], pip_args=["--no-index", "--find-links", str(source)])
+    names = sorted(path.name for path in report.wheels)
+    assert names[0].startswith("arena_probe-0.1.0-") and names[1].startswith("kaggle_utils-0.1.0-")
+    assert (out / "requirements.txt").read_text() == "arena-probe==0.1.0\nkaggle-utils==0.1.0\n"
+    manifest = json.loads((out / "wheels.json").read_text())
+    assert set(manifest["wheels"]) == set(names) and manifest["python_version"] == "3.11"
+    package_files = zipfile.ZipFile(out / names[1]).namelist()
+    assert "kaggle_utils/kaggle_tools/wheels.py" in package_files
+    assert "kaggle_utils/commands/kaggle.py" in package_files
+
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, capture_output=True)
+    python = venv / "bin" / "python"
+    install = [str(python), "-m", "pip", "install", "--no-index", "--find-links", str(out), "--no-deps"]
+    install += ["-r", str(out / "requirements.txt")]
+    result = subprocess.run(install, capture_output=True, text=True, env=_pip_env())
+    assert result.returncode == 0, result.stderr
+    probe_import = "import arena_probe, kaggle_utils; print(arena_probe.VALUE, kaggle_utils.__version__, kaggle_utils.__file__)"
+    imported = subprocess.run([str(python), "-c", probe_import], capture_output=True, text=True, cwd=tmp_path)
+    assert imported.returncode == 0, imported.stderr
+    assert imported.stdout.startswith("probe ok 0.1.0 ")
+    location = imported.stdout.split()[-1]
+    assert location.startswith(str(venv)), location  # the installed copy, not this checkout
+
+    # --package-only refreshes the package wheel alone, for the small package dataset.
+    package = tmp_path / "package"
+    report = build_wheels(package, include_dependencies=False)
+    assert [path.name for path in report.wheels] == [names[1]]
+    assert (package / "requirements.txt").read_text() == "kaggle-utils==0.1.0\n"
+
+
+def test_build_wheels_reports_pip_failure(tmp_path, monkeypatch):
+    monkeypatch.setenv("PIP_CONFIG_FILE", os.devnull)
+    with pytest.raises(UsageError, match="downloading 1 wheels failed"):
+        build_wheels(
+            tmp_path / "w",
+            packages=["arena-probe==9.9.9"],
+            include_package=False,
+            pip_args=["--no-index", "--find-links", str(tmp_path)],
+        )

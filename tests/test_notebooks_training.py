@@ -1,0 +1,150 @@
+"""The training and CV-report notebooks: paired with their scripts, pushable, and executed end to end on CPU.
+
+The notebooks run under papermill (nbclient) with the .venv's kernel, a tiny Gemma-2 and the generated sample
+data; the parameters cell is overridden exactly as a user would override it.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import jupytext
+import nbformat
+import pytest
+
+from kaggle_utils.config import KaggleConfig
+from kaggle_utils.errors import UsageError
+from kaggle_utils.kaggle_cli import build_kernel_folder, check_kernel_folder
+
+ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOKS = ROOT / "notebooks"
+MINE = ("train_ft_then_quant", "train_quant_then_ft", "cv_report")
+ORDERINGS = {"train_ft_then_quant": "ft-then-quant", "train_quant_then_ft": "quant-then-ft"}
+TINY = {
+    "train": {"max_steps": 2, "per_device_batch_size": 8, "grad_accum": 1, "eval_every_steps": 1,
+              "save_every_steps": 1000},
+    "format": {"max_length": 128},
+    "lora": {"r": 4, "alpha": 8},
+    "folds": {"n_folds": 4},
+    "model": {"gradient_checkpointing": False},
+}
+
+
+def _cells(notebook) -> list[tuple[str, str, list]]:
+    return [(c.cell_type, c.source.strip(), list(c.metadata.get("tags", []))) for c in notebook.cells]
+
+
+@pytest.mark.parametrize("name", [*MINE, "submission"])
+def test_script_and_notebook_are_in_sync(name):
+    """Reviews read the py:percent script; the .ipynb pushed to Kaggle must hold the same cells."""
+    script = jupytext.read(NOTEBOOKS / f"{name}.py")
+    notebook = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
+    assert _cells(script) == _cells(notebook)
+    assert sum("parameters" in tags for _, _, tags in _cells(notebook)) == 1
+
+
+@pytest.mark.parametrize("name", MINE)
+def test_kernel_folder_builds_and_passes_the_check(name, tmp_path):
+    source = "google/gemma-2/transformers/gemma-2-9b-it/2"
+    cfg = KaggleConfig(build_dir=str(tmp_path), base_model_source=source)
+    folder = build_kernel_folder(NOTEBOOKS / f"{name}.ipynb", cfg, owner="alice")
+    check = check_kernel_folder(folder)
+    assert check.ok, check.summary()
+    metadata = check.metadata
+    assert metadata["enable_internet"] is False
+    assert metadata["enable_gpu"] is (name != "cv_report")
+    assert metadata["model_sources"] == ([source] if name in ORDERINGS else [])
+    kinds = {(ref.kind, ref.ref) for ref in check.inputs}
+    assert ("dataset", "kaggle-utils-wheels") in kinds and ("dataset", "kaggle-utils-package") in kinds
+    if name == "cv_report":
+        assert ("kernel", "arena-train-ft-then-quant") in kinds
+    else:
+        assert ("competition", "llm-classification-finetuning") in kinds
+
+
+def _execute(name: str, parameters: dict, workdir: Path) -> nbformat.NotebookNode:
+    import papermill
+
+    return papermill.execute_notebook(
+        str(NOTEBOOKS / f"{name}.ipynb"),
+        str(workdir / f"{name}.executed.ipynb"),
+        parameters=parameters,
+        kernel_name="python3",
+        progress_bar=False,
+        cwd=str(workdir),
+    )
+
+
+def _outputs(notebook, mime: str) -> list:
+    return [o for c in notebook.cells if c.cell_type == "code" for o in c.get("outputs", []) if mime in o.get("data", {})]
+
+
+@pytest.fixture(scope="module")
+def trained(sample_files, tmp_path_factory):
+    """Both training notebooks executed on the sample data; their output folders."""
+    workdir = tmp_path_factory.mktemp("notebooks")
+    outputs = {}
+    for name, ordering in ORDERINGS.items():
+        parameters = {"TRAIN_PATH": str(sample_files.train_csv), "OUT_DIR": str(workdir / ordering), "OVERRIDES": TINY}
+        outputs[ordering] = (_execute(name, parameters, workdir), workdir / ordering)
+    return workdir, outputs
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ordering", list(ORDERINGS.values()))
+def test_training_notebook_runs_end_to_end(trained, ordering):
+    from kaggle_utils.artifacts import read_manifest
+
+    _, outputs = trained
+    executed, out_dir = outputs[ordering]
+    report = json.loads((out_dir / "report.json").read_text())
+    assert [v["variant"] for v in report["variants"]] == [ordering]
+    (run,) = report["runs"]
+    assert [fold["fold"] for fold in run["per_fold"]] == [0]
+    assert [point["step"] for point in run["per_fold"][0]["history"]] == [1, 2]  # the tiny overrides reached it
+    manifest = read_manifest(run["per_fold"][0]["artifact_dir"])
+    assert manifest["ordering"] == ordering
+    assert (out_dir / "report.png").stat().st_size > 0 and (out_dir / "oof.parquet").is_file()
+    assert len(_outputs(executed, "image/png")) == 2  # the report chart and the learning curve
+    markdown = "".join(o["data"]["text/markdown"] for o in _outputs(executed, "text/markdown"))
+    assert f"| {ordering} |" in markdown
+
+
+@pytest.mark.slow
+def test_cv_report_notebook_joins_both_orderings(trained):
+    workdir, outputs = trained
+    out_dir = workdir / "cv_report"
+    executed = _execute("cv_report", {"INPUT_ROOT": str(workdir), "OUT_DIR": str(out_dir)}, workdir)
+    report = json.loads((out_dir / "report.json").read_text())
+    assert sorted(v["variant"] for v in report["variants"]) == ["ft-then-quant", "quant-then-ft"]
+    decision = report["decision"]
+    assert {decision["winner"], decision["runner_up"]} == {"ft-then-quant", "quant-then-ft"}
+    assert decision["standard_error"] > 0
+    for ordering in ORDERINGS.values():
+        single = json.loads((outputs[ordering][1] / "report.json").read_text())["variants"][0]
+        joined = next(v for v in report["variants"] if v["variant"] == ordering)
+        assert joined == single  # numbers are carried over, not recomputed differently
+    html = "".join(o["data"]["text/html"] for o in _outputs(executed, "text/html"))
+    assert "cv_log_loss_quantized" in html and "prior_log_loss" in html  # the summary and per-fold tables
+    assert len(_outputs(executed, "image/png")) == 2
+    # A second run finds the same two training folders (its own output folder is not an input).
+    _execute("cv_report", {"INPUT_ROOT": str(workdir), "OUT_DIR": str(out_dir)}, workdir)
+
+
+@pytest.mark.slow
+def test_reports_on_different_folds_are_refused(trained, tmp_path):
+    from kaggle_utils.kaggle_tools.reports import combine_reports
+
+    _, outputs = trained
+    first, second = (outputs[o][1] for o in ORDERINGS.values())
+    altered = tmp_path / "altered"
+    shutil.copytree(second, altered, ignore=shutil.ignore_patterns("runs", "base"))
+    report = json.loads((altered / "report.json").read_text())
+    report["setup"]["folds_file_hash"] = "0" * 64
+    (altered / "report.json").write_text(json.dumps(report))
+    with pytest.raises(UsageError, match="folds_file_hash .* identical folds"):
+        combine_reports([first, altered], tmp_path / "out")
+    with pytest.raises(UsageError, match="more than one"):
+        combine_reports([first, first], tmp_path / "out")
