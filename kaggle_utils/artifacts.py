@@ -44,6 +44,8 @@ from kaggle_utils.errors import ArtifactError
 MANIFEST_NAME = "manifest.json"
 LAYOUT_VERSION = 1
 MODEL_DIR, ADAPTER_DIR, MERGED_DIR, TOKENIZER_DIR = "model", "adapter", "merged", "tokenizer"
+# bitsandbytes (or no) quantization, loaded through transformers; group-wise INT4 has its own loader.
+KNOWN_BNB_SCHEMES: frozenset[str] = frozenset({"none", "int8", "nf4"})
 REQUIRED_FIELDS: tuple[str, ...] = (
     "ordering",
     "variant",
@@ -213,6 +215,18 @@ def load_artifact(
 
     root = Path(path)
     manifest = read_manifest(root, verify_hashes=verify_hashes)
+    scheme = str(manifest["quant_scheme"])
+    if manifest.get("int4_format"):
+        # Group-wise INT4 (kaggle_utils.qaware): its own layers, which transformers cannot build; its forward is
+        # plain PyTorch (dequantize + matmul), so the same model also serves runtimes without bitsandbytes.
+        from kaggle_utils.qaware.int4 import load_int4_artifact
+
+        int4_device = torch.device("cpu") if dequantize else (torch.device(device) if device else default_device())
+        return load_int4_artifact(root, device=int4_device,
+                                  dtype=compute_dtype or (torch.bfloat16 if dequantize else None))
+    if scheme not in KNOWN_BNB_SCHEMES:
+        raise ArtifactError(f"{root}: unknown quant_scheme {scheme!r} in the manifest (known: "
+                            f"{sorted(KNOWN_BNB_SCHEMES)} and group-wise INT4 with int4_format)")
     if use_merged and not manifest.get("has_merged"):
         raise ArtifactError(f"{root}: use_merged=True but the artifact has no {MERGED_DIR}/ copy")
     if dequantize:
@@ -223,17 +237,23 @@ def load_artifact(
         dtype = compute_dtype or resolve_dtype("auto", device)
     model_dir = root / (MERGED_DIR if use_merged else MODEL_DIR)
     try:
-        model = Gemma2ForSequenceClassification.from_pretrained(
+        model, loading_info = Gemma2ForSequenceClassification.from_pretrained(
             str(model_dir),
             dtype=dtype,
             attn_implementation=manifest.get("attn_implementation") or "eager",
             device_map={"": str(device)},
             local_files_only=True,
+            output_loading_info=True,
         )
     except (OSError, ValueError, RuntimeError) as error:
         raise ArtifactError(f"{model_dir}: could not load the model ({error})") from error
+    # transformers only logs weights it had to initialise at random; a shipped model must have none.
+    missing = list(loading_info.get("missing_keys") or [])
+    if missing:
+        raise ArtifactError(f"{model_dir}: weights missing from the checkpoint, would be random: {missing[:5]}"
+                            + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
     disable_cpu_weight_repacking(model)
-    if manifest["quant_scheme"] not in ("none", "int8"):
+    if scheme not in ("none", "int8"):
         set_compute_dtype(model, dtype)
     if dequantize:
         model = dequantize_model(model, dtype)

@@ -159,3 +159,27 @@ def test_use_merged_without_a_merged_copy_is_refused(setup, demo_tokenizer, tmp_
     path = _small_artifact(setup, demo_tokenizer, tmp_path / "art")
     with pytest.raises(ArtifactError, match="no merged"):
         artifacts.load_artifact(path, device="cpu", use_merged=True)
+
+
+def test_missing_weights_and_unknown_schemes_are_refused_not_randomised(setup, demo_tokenizer, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    path = _small_artifact(setup, demo_tokenizer, tmp_path / "art")
+    manifest_path = path / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+
+    unknown = {**manifest, "quant_scheme": "gptq-int8"}
+    manifest_path.write_text(json.dumps(unknown))
+    with pytest.raises(ArtifactError, match="unknown quant_scheme"):
+        artifacts.load_artifact(path, device="cpu")
+
+    # a checkpoint that lost one tensor still matches its (rewritten) manifest: the loader must refuse it
+    weights = path / "model" / "model.safetensors"
+    state = load_file(str(weights))
+    dropped = next(name for name in state if name.endswith("mlp.down_proj.weight"))
+    del state[dropped]
+    save_file(state, str(weights), metadata={"format": "pt"})
+    manifest["files"]["model/model.safetensors"] = {"bytes": weights.stat().st_size, "sha256": "not-checked"}
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match="missing from the checkpoint"):
+        artifacts.load_artifact(path, device="cpu")
