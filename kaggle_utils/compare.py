@@ -117,6 +117,9 @@ class Variant:
     builder: Callable[[FoldContext], BuildModel]
     export: Callable[[ExportContext], Exported]
     configure: Callable[[PipelineConfig], PipelineConfig] | None = None
+    # Why the variant cannot run on this machine (e.g. LoftQ needs CUDA), or None when it can. Checked before any
+    # training: an unavailable variant is skipped and listed in the report, the others still run.
+    unavailable: Callable[[], str | None] | None = None
 
 
 VARIANTS: dict[str, Variant] = {}
@@ -226,7 +229,14 @@ def compare_orderings(
     from kaggle_utils.folds import folds_file_hash, load_folds, make_folds, save_folds
     from kaggle_utils.modeling import default_device, materialize_base
 
-    chosen = resolve_variants(variants)
+    requested = resolve_variants(variants)
+    skipped = {v.name: reason for v in requested if v.unavailable and (reason := v.unavailable())}
+    for name, reason in skipped.items():
+        logger.warning("skipping variant %s: %s", name, reason)
+    chosen = [v for v in requested if v.name not in skipped]
+    if not chosen:
+        raise UsageError("no requested variant can run on this machine: "
+                         + "; ".join(f"{name}: {why}" for name, why in skipped.items()))
     if not seeds:
         raise UsageError("compare_orderings needs at least one seed")
     out_dir = Path(out_dir)
@@ -266,6 +276,7 @@ def compare_orderings(
     for table in oof_tables:
         save_oof(table, out_dir / OOF_FILE)
     report = _build_report(cfg, chosen, seeds, fold_ids, runs, frame, folds_path, folds_hash, device, began)
+    report["skipped_variants"] = skipped
     (out_dir / REPORT_JSON).write_text(json.dumps(report, indent=2), encoding="utf-8")
     (out_dir / REPORT_MD).write_text(render_markdown(report), encoding="utf-8")
     plot_report(report, out_dir / REPORT_PNG)
@@ -582,6 +593,8 @@ def render_markdown(report: dict) -> str:
         "",
         f"**{report['decision']['statement']}**",
         "",
+        *[f"Skipped `{name}`: {why}" for name, why in report.get("skipped_variants", {}).items()],
+        *([""] if report.get("skipped_variants") else []),
         f"Device: {env['device']}. {setup['rows']} training rows, folds {setup['folds_trained']} of "
         f"`{Path(setup['folds_file']).name}` (sha256 {setup['folds_file_hash'][:12]}…), seeds {setup['seeds']}, "
         f"base `{Path(setup['base_model']).name}`, max length {setup['max_length']}, "

@@ -103,19 +103,26 @@ def test_a_registered_variant_runs_without_touching_compare(sample_files, tmp_pa
         return cfg
 
     variant = compare.register_variant(dataclasses.replace(base, name="test-ft-then-int8", configure=int8))
+    compare.register_variant(dataclasses.replace(base, name="test-needs-a-gpu", unavailable=lambda: "needs CUDA"))
     try:
         with pytest.raises(UsageError, match="already registered"):
             compare.register_variant(dataclasses.replace(variant, description="another"))
         cfg = quick_config(max_steps=2)
         cfg.train.eval_every_steps = 2
-        report = compare.compare_orderings(cfg, sample_files.train_csv, tmp_path, variants=["test-ft-then-int8"],
-                                           progress=False)
+        report = compare.compare_orderings(cfg, sample_files.train_csv, tmp_path,
+                                           variants=["test-ft-then-int8", "test-needs-a-gpu"], progress=False)
+        # the variant that cannot run here is skipped and listed; the others still run
         assert [v["variant"] for v in report["variants"]] == ["test-ft-then-int8"]
+        assert report["skipped_variants"] == {"test-needs-a-gpu": "needs CUDA"}
+        assert "test-needs-a-gpu" in (tmp_path / "report.md").read_text()
+        with pytest.raises(UsageError, match="no requested variant can run.*needs CUDA"):
+            compare.compare_orderings(cfg, sample_files.train_csv, tmp_path / "none", variants=["test-needs-a-gpu"])
         artifact = report["runs"][0]["per_fold"][0]["artifact_dir"]
         assert load_artifact(artifact, device="cpu").manifest["quant_scheme"] == "int8"
         assert report["decision"]["runner_up"] is None
     finally:
         compare.VARIANTS.pop("test-ft-then-int8", None)
+        compare.VARIANTS.pop("test-needs-a-gpu", None)
     with pytest.raises(UsageError, match="unknown variant"):
         compare.resolve_variants(["no-such-variant"])
 
