@@ -18,6 +18,7 @@ COMMAND_GROUPS: tuple[str, ...] = (
     "modeling",
     "inference",
     "kaggle",
+    "study",
 )
 
 

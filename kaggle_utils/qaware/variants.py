@@ -1,0 +1,235 @@
+"""The quantization-aware variants: how each builds its trainable model and what it ships.
+
+Every variant trains through `training.train_fold(..., build_model=...)` and then gives two models for the
+held-out fold: the *shipped* one (what the artifact holds) and its *16-bit reference* (the same trained
+adapter on the unquantized base), so that QiD = log loss(shipped) - log loss(reference) means the same for
+every variant:
+
+| variant | trains on | ships | 16-bit reference |
+|---|---|---|---|
+| apiq-init | NF4 base, clipped by ApiQ, LoRA initialised by ApiQ | NF4 base + adapter | adapter on the 16-bit base |
+| loftq | NF4 base, LoRA initialised by LoftQ (GPU only) | NF4 base + adapter | adapter on the 16-bit base |
+| qa-lora-merged | INT4 base + QA-LoRA | INT4, update folded into zeros | update added to 16-bit W |
+| qa-hira-merged | INT4 base + QA-HiRA | INT4, update folded into zeros | update added to 16-bit W |
+"""
+
+from __future__ import annotations
+
+import copy
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from kaggle_utils.errors import UsageError
+from kaggle_utils.qaware.group_adapters import (
+    GroupAdapterSettings,
+    GroupPooledAdapterLinear,
+    add_group_adapters,
+    merge_group_adapters,
+)
+from kaggle_utils.qaware.int4 import quantize_linears
+
+HEAD_NAMES = ("score",)
+
+
+def group_adapter_settings(cfg, kind: str) -> GroupAdapterSettings:
+    q = cfg.qaware
+    return GroupAdapterSettings(kind=kind, rank=q.adapter_rank, alpha=q.adapter_alpha,
+                                output_repeat=q.hira_output_repeat, dropout=cfg.lora.dropout)
+
+
+def _fp_classifier(cfg, tokenizer, device) -> nn.Module:
+    from kaggle_utils.modeling import build_classifier
+
+    return build_classifier(cfg.model, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, device=device)
+
+
+def make_group_adapter_builder(kind: str) -> Callable:
+    """`build_model` for train_fold: 16-bit base -> group-wise INT4 -> QA-LoRA / QA-HiRA; head trained in full."""
+    def build(cfg, tokenizer, device) -> nn.Module:
+        model = _fp_classifier(cfg, tokenizer, device)
+        for parameter in model.parameters():
+            parameter.requires_grad_(False)
+        quantize_linears(model, cfg.qaware.group_size, cfg.lora.target_modules, cfg.qaware.int4_method)
+        add_group_adapters(model, group_adapter_settings(cfg, kind))
+        for name, parameter in model.named_parameters():
+            if ".lora_" in name or ".hira_" in name or name.split(".")[0] in HEAD_NAMES:
+                parameter.requires_grad_(True)
+        return model
+    return build
+
+
+def merged_group_adapter_model(trained: nn.Module) -> nn.Module:
+    """The shipped model: a copy with every adapter folded into its layer's zero points (plain INT4)."""
+    shipped = copy.deepcopy(trained)
+    if not merge_group_adapters(shipped):
+        raise UsageError("the model has no group-pooled adapters to merge")
+    return shipped.eval()
+
+
+def group_adapter_reference(cfg, trained: nn.Module, tokenizer, device=None) -> nn.Module:
+    """16-bit base with each adapter's per-group update added to W and the trained head: the QiD reference."""
+    device = device or next(trained.parameters()).device
+    reference = _fp_classifier(cfg, tokenizer, device)
+    adapters = {name: module for name, module in trained.named_modules()
+                if isinstance(module, GroupPooledAdapterLinear)}
+    with torch.no_grad():
+        for name, adapter in adapters.items():
+            linear = reference.get_submodule(name)
+            update = adapter.group_update().repeat_interleave(adapter.base.group_size, dim=1)
+            linear.weight.add_(update.to(linear.weight))
+        for head in HEAD_NAMES:
+            reference.get_submodule(head).load_state_dict(trained.get_submodule(head).state_dict())
+    return reference.eval()
+
+
+# ------------------------------------------------------------------------------------------------ ApiQ / LoftQ
+
+
+def apiq_settings(cfg, device) -> object:
+    from kaggle_utils.qaware.apiq import ApiQSettings
+
+    q = cfg.qaware
+    return ApiQSettings(quantizer="nf4", rank=cfg.lora.r, alpha=float(cfg.lora.alpha),
+                        target_modules=tuple(cfg.lora.target_modules), epochs=q.apiq_epochs,
+                        batch_size=q.apiq_batch_size, lora_lr=q.apiq_lora_lr, clip_lr=q.apiq_clip_lr,
+                        seed=cfg.train.seed, device=str(device))
+
+
+def make_apiq_builder(calibration_ids: Sequence[Sequence[int]], report: dict | None = None) -> Callable:
+    """`build_model` for train_fold: ApiQ fits clipping + LoRA on the 16-bit base block by block, then the
+    clipped base is quantized by bitsandbytes (NF4, as QLoRA) and the fitted factors are loaded into peft.
+    `report` (optional) receives the per-block errors and the fitting time."""
+    if not calibration_ids:
+        raise UsageError("ApiQ init needs calibration rows")
+
+    def build(cfg, tokenizer, device) -> nn.Module:
+        import dataclasses
+
+        from kaggle_utils.modeling import apply_lora, build_classifier
+        from kaggle_utils.qaware.apiq import apiq_initialize, apply_clipping, load_lora_factors
+
+        if cfg.lora.frozen_layers:
+            raise UsageError("apiq-init fits every decoder block: lora.frozen_layers must be 0")
+        fp_model = _fp_classifier(cfg, tokenizer, device).eval()
+        result = apiq_initialize(fp_model, calibration_ids, tokenizer.pad_token_id, apiq_settings(cfg, device))
+        apply_clipping(fp_model, result)
+        with tempfile.TemporaryDirectory(prefix="apiq-clipped-") as tmp:
+            fp_model.save_pretrained(tmp)
+            del fp_model
+            base = build_classifier(dataclasses.replace(cfg.model, base_model=tmp), quant=cfg.quant,
+                                    pad_token_id=tokenizer.pad_token_id, device=device)
+        model = apply_lora(base, cfg.lora)
+        load_lora_factors(model, result)
+        if report is not None:
+            report["apiq_block_errors"] = result.summary()
+            report["apiq_seconds"] = result.seconds
+        return model
+    return build
+
+
+def build_loftq_model(cfg, tokenizer, device) -> nn.Module:
+    """`build_model` for train_fold: QLoRA (NF4 base) with peft's LoftQ init; LoftQUnavailable without a GPU."""
+    import dataclasses
+
+    from kaggle_utils.modeling import apply_lora, build_classifier, materialize_base
+    from kaggle_utils.qaware.loftq import LoftQUnavailable, apply_loftq, loftq_device, loftq_skip_message
+
+    if loftq_device() is None:
+        raise LoftQUnavailable(loftq_skip_message())
+    with tempfile.TemporaryDirectory(prefix="loftq-base-") as tmp:
+        base_dir = materialize_base(cfg.model, tmp, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
+        base = build_classifier(dataclasses.replace(cfg.model, base_model=str(base_dir)), quant=cfg.quant,
+                                pad_token_id=tokenizer.pad_token_id, device=device)
+        model = apply_lora(base, cfg.lora)
+        apply_loftq(model, Path(base_dir))
+    return model
+
+
+def calibration_rows(train_frame, tokenizer, cfg, n_rows: int, seed: int = 0) -> list[list[int]]:
+    """`n_rows` encoded training rows (never held-out ones: the caller passes the training part)."""
+    from kaggle_utils.formatting import encode_rows
+
+    n_rows = min(n_rows, train_frame.height)
+    sample = train_frame.sample(n=n_rows, seed=seed, shuffle=True) if n_rows < train_frame.height else train_frame
+    return list(encode_rows(sample, tokenizer, cfg.format).input_ids)
+
+
+# ------------------------------------------------------------------------------------------------ registry
+
+
+def _configure_scheme(scheme: str) -> Callable:
+    def configure(cfg):
+        cfg.quant.scheme = scheme
+        return cfg
+    return configure
+
+
+def _group_adapter_export(ctx):
+    """Merge into the zero points, ship plain INT4, reload it from disk; the unmerged model is scored too, so
+    the report shows the merge's exactness (max |p_unmerged - p_shipped|)."""
+    from kaggle_utils.compare import Exported
+    from kaggle_utils.qaware.int4 import load_int4_artifact, save_int4_artifact
+
+    cfg, tokenizer, device = ctx.cfg, ctx.fold_ctx.tokenizer, ctx.fold_ctx.device
+    trained = ctx.result.model.eval()
+    save_int4_artifact(ctx.artifact_dir, merged_group_adapter_model(trained), tokenizer, ctx.manifest_fields,
+                       cfg.format)
+    shipped = load_int4_artifact(ctx.artifact_dir, device=device, dtype=next(trained.parameters()).dtype).model
+    reference = group_adapter_reference(cfg, trained, tokenizer, device)
+    return Exported(artifact_dir=ctx.artifact_dir, reference_model=reference, shipped_model=shipped,
+                    extra_models={"unmerged-adapter": trained})
+
+
+def _apiq_builder(ctx):
+    rows = calibration_rows(ctx.train_frame, ctx.tokenizer, ctx.cfg, ctx.cfg.qaware.apiq_rows, seed=ctx.seed)
+    return make_apiq_builder(rows, ctx.notes)
+
+
+def register_all() -> None:
+    """Add this module's variants to compare.py's registry (idempotent)."""
+    from kaggle_utils.compare import VARIANTS, Variant, register_variant
+
+    base_ft, base_qlora = VARIANTS["ft-then-quant"], VARIANTS["quant-then-ft"]
+    for scheme, label in (("int8", "8-bit LLM.int8"), ("nf4", "4-bit NF4")):
+        register_variant(Variant(
+            name=f"ft-then-quant-{scheme}", ordering="ft-then-quant",
+            description=f"LoRA on the 16-bit base; merge; quantize the merged model to {label} (bitsandbytes)",
+            builder=base_ft.builder, export=base_ft.export, configure=_configure_scheme(scheme),
+        ), replace=True)
+    register_variant(Variant(
+        name="apiq-init", ordering="quant-then-ft",
+        description="QLoRA (NF4) whose base clipping and LoRA start are fitted block by block to reproduce "
+                    "the 16-bit blocks' outputs (ApiQ-style); ship base + unmerged adapter",
+        builder=_apiq_builder, export=base_qlora.export, configure=_configure_scheme("nf4"),
+    ), replace=True)
+    register_variant(Variant(
+        name="loftq", ordering="quant-then-ft",
+        description="QLoRA (NF4) with peft's LoftQ init (CUDA/XPU only; raises LoftQUnavailable elsewhere)",
+        builder=lambda ctx: build_loftq_model, export=base_qlora.export, configure=_configure_scheme("nf4"),
+        unavailable=_loftq_unavailable,
+    ), replace=True)
+    for kind in ("qa-lora", "qa-hira"):
+        register_variant(Variant(
+            name=f"{kind}-merged", ordering="quant-then-ft",
+            description=f"{kind.upper()} adapter on a group-wise asymmetric INT4 base, folded into the zero points: "
+                        "ships plain INT4, no adapter",
+            builder=lambda ctx, kind=kind: make_group_adapter_builder(kind), export=_group_adapter_export,
+        ), replace=True)
+
+
+QAWARE_VARIANTS: tuple[str, ...] = ("ft-then-quant-int8", "ft-then-quant-nf4", "apiq-init", "loftq",
+                                    "qa-lora-merged", "qa-hira-merged")
+
+
+def _loftq_unavailable() -> str | None:
+    """compare's availability hook: peft's LoftQ computes on CUDA / XPU only."""
+    from kaggle_utils.qaware.loftq import loftq_device, loftq_skip_message
+
+    return loftq_skip_message() if loftq_device() is None else None
+
+
+register_all()

@@ -1,0 +1,92 @@
+"""The quantization-aware variants train through training.train_fold and ship what they promise."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from kaggle_utils.config import PipelineConfig, TrainConfig
+from kaggle_utils.folds import make_folds
+from kaggle_utils.qaware import variants
+from kaggle_utils.qaware.group_adapters import GroupPooledAdapterLinear
+from kaggle_utils.qaware.int4 import Int4Linear
+from kaggle_utils.qaware.loftq import LoftQUnavailable, loftq_device
+
+
+@pytest.fixture(scope="module")
+def folds(train_data):
+    from kaggle_utils.config import FoldConfig
+
+    return make_folds(train_data.frame, FoldConfig(n_folds=4, seed=0))
+
+
+def short_config(ordering: str = "quant-then-ft") -> PipelineConfig:
+    cfg = PipelineConfig()
+    cfg.model.gradient_checkpointing = False
+    cfg.format.max_length = 128
+    cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout = 8, 16, 0.0
+    cfg.qaware.group_size, cfg.qaware.adapter_rank = 16, 4
+    cfg.qaware.apiq_epochs, cfg.qaware.apiq_rows = 2, 16
+    cfg.train = TrainConfig(ordering=ordering, learning_rate=2e-3, max_steps=3, per_device_batch_size=8, grad_accum=1,
+                            eval_every_steps=3, save_every_steps=100)
+    return cfg
+
+
+def held_out_ids(result, train_data, tokenizer, cfg):
+    import polars as pl
+
+    from kaggle_utils.formatting import encode_rows
+
+    return encode_rows(train_data.frame.filter(pl.col("id").is_in(result.val_ids)), tokenizer, cfg.format).input_ids
+
+
+@pytest.mark.parametrize("kind", ["qa-lora", "qa-hira"])
+def test_group_adapter_variant_trains_merges_exactly_and_has_a_16bit_reference(kind, train_data, folds,
+                                                                               demo_tokenizer, tmp_path):
+    from kaggle_utils.modeling import predict_probs
+    from kaggle_utils.training import train_fold
+
+    torch.set_num_threads(2)
+    cfg = short_config()
+    result = train_fold(cfg, train_data.frame, folds, demo_tokenizer, tmp_path, fold=0,
+                        build_model=variants.make_group_adapter_builder(kind), progress=False)
+    trainable = {n for n, p in result.model.named_parameters() if p.requires_grad}
+    assert trainable and all(".lora_" in n or ".hira_" in n or n.startswith("score.") for n in trainable)
+    assert any(n.startswith("score.") for n in trainable)
+    val_ids = held_out_ids(result, train_data, demo_tokenizer, cfg)
+    pad = demo_tokenizer.pad_token_id
+    trained = predict_probs(result.model, val_ids, pad)
+    np.testing.assert_allclose(trained, result.val_probs, atol=1e-6)
+
+    shipped = variants.merged_group_adapter_model(result.model)
+    assert not any(isinstance(m, GroupPooledAdapterLinear) for m in shipped.modules())
+    assert sum(isinstance(m, Int4Linear) for m in shipped.modules()) == 14
+    np.testing.assert_allclose(predict_probs(shipped, val_ids, pad), trained, atol=1e-6)
+
+    reference = variants.group_adapter_reference(cfg, result.model, demo_tokenizer)
+    assert not any(isinstance(m, Int4Linear) for m in reference.modules())
+    reference_probs = predict_probs(reference, val_ids, pad)
+    difference = float(np.abs(reference_probs - trained).max())
+    assert 0 < difference < 0.2  # the same adapter, only the base's quantization differs
+
+
+def test_apiq_variant_builds_a_qlora_model_with_fitted_factors(train_data, demo_tokenizer):
+    import bitsandbytes as bnb
+
+    cfg = short_config()
+    report: dict = {}
+    rows = variants.calibration_rows(train_data.frame.head(64), demo_tokenizer, cfg, 16)
+    assert len(rows) == 16
+    model = variants.make_apiq_builder(rows, report)(cfg, demo_tokenizer, torch.device("cpu"))
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+    lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
+    assert len(lora_b) == 14 and all(float(p.detach().abs().max()) > 0 for p in lora_b)  # default init: zeros
+    errors = report["apiq_block_errors"]
+    assert len(errors) == 2 and all(e["apiq"] < e["default"] for e in errors)
+
+
+@pytest.mark.skipif(loftq_device() is not None, reason="CUDA/XPU present: LoftQ runs")
+def test_loftq_variant_is_skipped_on_cpu_with_its_message(demo_tokenizer):
+    with pytest.raises(LoftQUnavailable, match="LoftQ skipped: .*CUDA or XPU"):
+        variants.build_loftq_model(short_config(), demo_tokenizer, torch.device("cpu"))
