@@ -2,7 +2,10 @@
 
 A list of steps run in order over one shared `DemoState`; each step does one thing, prints one line and
 records its results under its own key of the report (`demo_report.json` / `demo_report.md` in `out_dir`).
-Later stages (the LLM orderings' comparison, LLM inference) are added as further steps in `DEMO_STEPS`.
+`BASELINE_STEPS` end with a validated baseline submission, so a valid file exists whatever happens later;
+`LLM_STEPS` then train both quantization orderings on the same folds file (tiny random-weight Gemma-2, demo-scale
+settings from `compare.DEMO_CONFIG`), and ship the winner's quantized artifact through the offline inference
+engine (swap TTA, time guard, baseline as the fallback), replacing the submission with a validated one.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import polars as pl
 
 from kaggle_utils import __version__
 from kaggle_utils.baseline import BaselineResult, run_baseline_cv
-from kaggle_utils.config import BaselineConfig, FoldConfig
+from kaggle_utils.config import BaselineConfig, FoldConfig, InferenceConfig
 from kaggle_utils.data import LoadedData, load_competition
 from kaggle_utils.fileio import atomic_write_bytes
 from kaggle_utils.folds import fold_summary, make_folds, save_folds
@@ -46,6 +49,8 @@ class DemoState:
     folds: pl.DataFrame | None = None
     folds_path: Path | None = None
     baseline: BaselineResult | None = None
+    baseline_model_path: Path | None = None
+    comparison: dict[str, Any] | None = None
     report: dict[str, Any] = field(default_factory=dict)
 
 
@@ -110,6 +115,7 @@ def step_baseline(state: DemoState) -> str:
     oof_path = state.out_dir / "oof.parquet"
     save_oof(state.baseline.oof, oof_path)
     model_path = state.baseline.model.save(state.out_dir / "baseline_model.joblib")
+    state.baseline_model_path = Path(model_path)
     score = state.baseline.score
     state.report["baseline"] = {
         **score.to_dict(),
@@ -142,13 +148,79 @@ def step_submission(state: DemoState) -> str:
     return f"{validated.rows} rows written and validated -> {state.submission_path}"
 
 
-DEMO_STEPS: list[DemoStep] = [
+def step_orderings(state: DemoState) -> str:
+    """Both orderings on the demo's own folds file and seed: the comparison report (json, md, png)."""
+    import torch
+
+    from kaggle_utils.compare import compare_orderings, demo_config
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny model on a shared small box: one thread is far faster (see compare.py)
+    try:
+        state.comparison = compare_orderings(
+            demo_config(), state.files.train_csv, state.out_dir / "orderings",
+            folds_path=state.folds_path, seeds=(state.seed,), progress=False,
+        )
+    finally:
+        torch.set_num_threads(threads)
+    variants = {v["variant"]: v for v in state.comparison["variants"]}
+    decision = state.comparison["decision"]
+    state.report["orderings"] = {
+        "report_dir": str(state.out_dir / "orderings"),
+        "decision": decision,
+        "variants": {
+            name: {metric: (v[metric] or {}).get("mean") for metric in
+                   ("cv_log_loss_16bit", "cv_log_loss_quantized", "qid", "accuracy_quantized",
+                    "train_wall_time_s", "artifact_bytes", "inference_rows_per_s")}
+            for name, v in variants.items()
+        },
+    }
+    scores = ", ".join(
+        f"{name} {v['cv_log_loss_16bit']['mean']:.4f} -> {v['cv_log_loss_quantized']['mean']:.4f} "
+        f"(QiD {v['qid']['mean']:+.4f})" for name, v in variants.items()
+    )
+    return f"16-bit -> shipped CV log loss: {scores}; {decision['statement']}"
+
+
+def step_inference(state: DemoState) -> str:
+    """The comparison's winner, shipped: offline inference on the test file with swap TTA and the time guard."""
+    from kaggle_utils.inference import predict
+
+    decision = state.comparison["decision"]
+    winner = next(run for run in state.comparison["runs"] if run["variant"] == decision["winner"])
+    artifact_dir = winner["per_fold"][0]["artifact_dir"]
+    # A CPU-sized token budget: on CPU smaller batches are faster (benchmarks/bench_inference.py).
+    inference = predict(
+        artifact_dir, state.files.test_csv, state.submission_path,
+        InferenceConfig(token_budget=2048, progress=False), fallback_path=state.baseline_model_path,
+    )
+    validated = validate_submission(state.submission_path, state.files.test_csv)
+    state.report["inference"] = {
+        "artifact_dir": artifact_dir,
+        "variant": decision["winner"],
+        "submission": str(state.submission_path),
+        "validated_rows": validated.rows,
+        "rows_by_path": dict(inference.rows_by_path),
+        "fallback_source": inference.fallback_source,
+    }
+    return (
+        f"{decision['winner']} artifact -> {validated.rows} rows written and validated "
+        f"(rows by path: {inference.rows_by_path}) -> {state.submission_path}"
+    )
+
+
+BASELINE_STEPS: list[DemoStep] = [
     DemoStep("sample", "generate competition-format data", step_sample),
     DemoStep("load", "load and parse (data report)", step_load),
     DemoStep("folds", "stratified folds grouped by prompt", step_folds),
     DemoStep("baseline", "feature baseline, grouped CV", step_baseline),
     DemoStep("submission", "predict test, write and validate submission", step_submission),
 ]
+LLM_STEPS: list[DemoStep] = [
+    DemoStep("orderings", "Gemma-2 in both orderings on the same folds", step_orderings),
+    DemoStep("inference", "ship the winner: offline inference with swap TTA", step_inference),
+]
+DEMO_STEPS: list[DemoStep] = [*BASELINE_STEPS, *LLM_STEPS]
 
 
 def run_demo(
@@ -236,10 +308,33 @@ def _markdown(report: dict[str, Any]) -> str:
             "per fold: " + ", ".join(f"{fold}: {value:.4f}" for fold, value in base["per_fold"].items()),
             "",
         ]
+    if "orderings" in report:
+        orderings = report["orderings"]
+        lines += [
+            "## Both orderings (tiny Gemma-2, same folds and seed)",
+            "",
+            "| ordering | CV log loss 16-bit | CV log loss shipped | QiD | accuracy | train s | artifact MB |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for name, v in orderings["variants"].items():
+            lines.append(
+                f"| {name} | {v['cv_log_loss_16bit']:.4f} | {v['cv_log_loss_quantized']:.4f} | {v['qid']:+.4f} "
+                f"| {v['accuracy_quantized']:.3f} | {v['train_wall_time_s']:.1f} | {v['artifact_bytes'] / 1e6:.2f} |"
+            )
+        lines += ["", orderings["decision"]["statement"], "", f"full report: `{orderings['report_dir']}/report.md`", ""]
+    if "inference" in report:
+        inference = report["inference"]
+        lines += [
+            "## LLM inference",
+            "",
+            f"{inference['variant']} artifact `{inference['artifact_dir']}`: {inference['validated_rows']} rows "
+            f"validated; rows by path {inference['rows_by_path']}; fallback {inference['fallback_source']}",
+            "",
+        ]
     if "submission" in report:
         sub = report["submission"]
         lines += [
-            "## Submission",
+            "## Baseline submission",
             "",
             f"`{sub['path']}`: {sub['rows']} rows, validated; "
             f"{sub['renormalised_rows']} renormalised, {sub['fallback_rows']} fallback rows",

@@ -116,8 +116,10 @@ def test_demo_command_runs_small(main, tmp_path, capsys):
         "30",
         "--seed",
         "3",
+        "--baseline-only",
     ]
     assert main(argv) == 0
-    assert "[5/5]" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "[5/5]" in out and "orderings" not in out
     report = json.loads((tmp_path / "demo" / "demo_report.json").read_text())
     assert report["submission"]["rows"] == 30 and report["sample"]["seed"] == 3

@@ -6,7 +6,7 @@ import json
 
 import polars as pl
 
-from kaggle_utils.demo import DEMO_STEPS, DemoStep, run_demo
+from kaggle_utils.demo import BASELINE_STEPS, DEMO_STEPS, DemoStep, run_demo
 from kaggle_utils.folds import check_folds, load_folds
 from kaggle_utils.metrics import load_oof, score_oof
 from kaggle_utils.submission import validate_submission
@@ -26,7 +26,8 @@ def test_demo_writes_a_valid_submission_and_reports(tmp_path):
 
     out = tmp_path / "demo"
     on_disk = json.loads((out / "demo_report.json").read_text())
-    assert set(on_disk) >= {"sample", "load", "folds", "baseline", "submission", "timings_s", "steps", "meta"}
+    assert set(on_disk) >= {"sample", "load", "folds", "baseline", "submission", "orderings", "inference",
+                            "timings_s", "steps", "meta"}
     assert (
         on_disk["baseline"]["log_loss"]
         < on_disk["baseline"]["prior_log_loss"]
@@ -42,6 +43,16 @@ def test_demo_writes_a_valid_submission_and_reports(tmp_path):
     check_folds(folds)
     assert score_oof(load_oof(out / "oof.parquet")).log_loss == on_disk["baseline"]["log_loss"]
 
+    # both orderings ran on the demo's own folds file, and the shipped submission is the LLM's, not the baseline's
+    comparison = json.loads((out / "orderings" / "report.json").read_text())
+    assert comparison["setup"]["folds_file_hash"] == on_disk["folds"]["sha256"]
+    assert set(on_disk["orderings"]["variants"]) == {"ft-then-quant", "quant-then-ft"}
+    assert (out / "orderings" / "report.png").stat().st_size > 0
+    inference = on_disk["inference"]
+    assert inference["validated_rows"] == 40
+    assert sum(inference["rows_by_path"].values()) == 40
+    assert inference["rows_by_path"].get("fallback", 0) == 0
+
 
 def test_demo_is_deterministic_by_seed_and_takes_extra_steps(tmp_path):
     seen = {}
@@ -51,11 +62,13 @@ def test_demo_is_deterministic_by_seed_and_takes_extra_steps(tmp_path):
         state.report["extra"] = {"rows": state.baseline.oof.height}
         return "recorded"
 
-    steps = [*DEMO_STEPS[:4], DemoStep("extra", "a later stage", record_baseline_score), DEMO_STEPS[4]]
+    steps = [*BASELINE_STEPS[:4], DemoStep("extra", "a later stage", record_baseline_score), BASELINE_STEPS[4]]
     first = run_demo(
         tmp_path / "a", tmp_path / "a.csv", n_train=300, n_test=20, seed=5, steps=steps, echo=lambda _: None
     )
-    second = run_demo(tmp_path / "b", tmp_path / "b.csv", n_train=300, n_test=20, seed=5, echo=lambda _: None)
+    second = run_demo(
+        tmp_path / "b", tmp_path / "b.csv", n_train=300, n_test=20, seed=5, steps=BASELINE_STEPS, echo=lambda _: None
+    )
 
     assert first["extra"]["rows"] == first["baseline"]["rows"]
     assert seen["log_loss"] == first["baseline"]["log_loss"] == second["baseline"]["log_loss"]

@@ -47,13 +47,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=baseline)
 
     parser = subparsers.add_parser(
-        "demo", help="generated data -> folds -> baseline CV -> validated submission"
+        "demo",
+        help="generated data -> folds -> baseline CV -> both Gemma-2 orderings -> LLM inference -> validated submission",
     )
     parser.add_argument("--out", required=True, help="directory for data, folds, OOF, model and demo_report")
     parser.add_argument("--submission", default="submissions/submission.csv")
     parser.add_argument("--n-train", type=int, default=2000)
     parser.add_argument("--n-test", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--baseline-only", action="store_true", help="stop after the baseline submission (seconds, no LLM steps)"
+    )
     parser.set_defaults(handler=demo)
 
 
@@ -134,7 +138,7 @@ def baseline(args: argparse.Namespace) -> int:
 
 
 def demo(args: argparse.Namespace) -> int:
-    from kaggle_utils.demo import run_demo
+    from kaggle_utils.demo import BASELINE_STEPS, DEMO_STEPS, run_demo
 
     run_demo(
         Path(args.out),
@@ -142,5 +146,6 @@ def demo(args: argparse.Namespace) -> int:
         n_train=args.n_train,
         n_test=args.n_test,
         seed=args.seed,
+        steps=BASELINE_STEPS if args.baseline_only else DEMO_STEPS,
     )
     return 0
