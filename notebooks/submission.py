@@ -49,22 +49,26 @@ DEADLINE_HOURS = 9.0
 MARGIN_HOURS = 0.75
 
 # %% [markdown]
-# Offline install: when `kaggle_utils` is not importable, install it (and the wheels beside it) from an
-# attached dataset holding `kaggle_utils-*.whl`. This cell cannot use the package, which it installs.
+# Offline install: when `kaggle_utils` is not importable, install it from the attached datasets made by
+# `python -m kaggle_utils kaggle build-wheels` (the package wheel, and the pinned dependency wheels with their
+# `requirements.txt`; one dataset or two). Every folder holding wheels is a `--find-links`, and each pinned
+# `requirements.txt` is installed too, so the image's older transformers/peft do not satisfy the ranges instead.
+# This cell cannot use the package, which it installs.
 
 # %%
 if importlib.util.find_spec("kaggle_utils") is None:
     search_root = INPUT_ROOT or ("/kaggle/input" if os.path.isdir("/kaggle/input") else "data")
-    wheels = sorted(glob.glob(os.path.join(search_root, "**", "kaggle_utils-*.whl"), recursive=True))
-    if not wheels:
+    all_wheels = glob.glob(os.path.join(search_root, "**", "*.whl"), recursive=True)
+    if not any(os.path.basename(path).startswith("kaggle_utils-") for path in all_wheels):
         raise RuntimeError(
             f"kaggle_utils is not installed and no kaggle_utils-*.whl was found under {search_root}"
         )
-    wheel_dir = os.path.dirname(wheels[-1])
-    subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--no-index", "--find-links", wheel_dir, "kaggle_utils"],
-        check=True,
-    )
+    wheel_dirs = sorted({os.path.dirname(path) for path in all_wheels})
+    pinned = [os.path.join(d, "requirements.txt") for d in wheel_dirs if os.path.isfile(os.path.join(d, "requirements.txt"))]
+    command = [sys.executable, "-m", "pip", "install", "--no-index"]
+    command += [arg for d in wheel_dirs for arg in ("--find-links", d)]
+    command += [arg for path in pinned for arg in ("-r", path)]
+    subprocess.run([*command, "kaggle_utils"], check=True)
     importlib.invalidate_caches()
 
 # %%
