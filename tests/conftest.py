@@ -16,6 +16,21 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models are dominated by per-op overhead; one thread avoids OpenMP spinning on a shared 2-core box.
+
+    Module-scoped and not autouse: a model-heavy module opts in with
+    `pytestmark = pytest.mark.usefixtures("one_torch_thread")`; the previous setting is restored after it.
+    """
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="session")
 def sample_files(tmp_path_factory):
     from kaggle_utils.sample import generate_competition_files
@@ -37,3 +52,13 @@ def demo_tokenizer(train_data, tmp_path_factory):
     frame = train_data.frame
     texts = [turn for column in ("prompt", "response_a", "response_b") for turns in frame[column] for turn in turns]
     return train_demo_tokenizer(texts, tmp_path_factory.mktemp("tokenizer"), vocab_size=1024)
+
+
+@pytest.fixture(scope="session")
+def demo_base_dir(demo_tokenizer, tmp_path_factory):
+    """The default (tiny, seeded random-weight) Gemma-2 base sized for `demo_tokenizer`, written once; read-only."""
+    from kaggle_utils.config import ModelConfig
+    from kaggle_utils.modeling import materialize_base
+
+    return materialize_base(ModelConfig(), tmp_path_factory.mktemp("base"), vocab_size=len(demo_tokenizer),
+                            pad_token_id=demo_tokenizer.pad_token_id)

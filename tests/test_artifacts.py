@@ -24,22 +24,15 @@ FIELDS = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models are dominated by per-op overhead; one thread avoids OpenMP spinning on a shared 2-core box."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py
 
 
 @pytest.fixture(scope="module")
-def setup(demo_tokenizer, tmp_path_factory):
+def setup(demo_tokenizer, demo_base_dir):
     vocab, pad = len(demo_tokenizer), demo_tokenizer.pad_token_id
-    base = modeling.materialize_base(ModelConfig(), tmp_path_factory.mktemp("base"), vocab_size=vocab, pad_token_id=pad)
     rng = np.random.default_rng(2)
     rows = [[2, *rng.integers(6, vocab, size=n).tolist()] for n in (8, 31, 15, 22, 5)]
-    return ModelConfig(base_model=str(base)), rows, pad
+    return ModelConfig(base_model=str(demo_base_dir)), rows, pad
 
 
 def _perturb_adapter(peft_model) -> None:

@@ -13,16 +13,9 @@ from kaggle_utils.config import FoldConfig, PipelineConfig, TrainConfig
 from kaggle_utils.errors import DataError, UsageError
 from kaggle_utils.folds import make_folds
 from kaggle_utils.metrics import log_loss
-from kaggle_utils.modeling import materialize_base, predict_probs
+from kaggle_utils.modeling import predict_probs
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models are dominated by per-op overhead; one thread avoids OpenMP spinning on a shared 2-core box."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py
 
 
 class SimulatedCrash(Exception):
@@ -32,13 +25,6 @@ class SimulatedCrash(Exception):
 @pytest.fixture(scope="module")
 def folds(train_data):
     return make_folds(train_data.frame, FoldConfig(n_folds=4, seed=0))
-
-
-@pytest.fixture(scope="module")
-def base_dir(demo_tokenizer, tmp_path_factory):
-    cfg = PipelineConfig()
-    return materialize_base(cfg.model, tmp_path_factory.mktemp("base"), vocab_size=len(demo_tokenizer),
-                            pad_token_id=demo_tokenizer.pad_token_id)
 
 
 def learning_config(base_dir, ordering: str) -> PipelineConfig:
@@ -55,8 +41,9 @@ def learning_config(base_dir, ordering: str) -> PipelineConfig:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("ordering", ["ft-then-quant", "quant-then-ft"])
-def test_each_ordering_learns_below_the_class_prior(train_data, folds, demo_tokenizer, base_dir, tmp_path, ordering):
-    cfg = learning_config(base_dir, ordering)
+def test_each_ordering_learns_below_the_class_prior(train_data, folds, demo_tokenizer, demo_base_dir, tmp_path,
+                                                    ordering):
+    cfg = learning_config(demo_base_dir, ordering)
     result = training.train_fold(cfg, train_data.frame, folds, demo_tokenizer, tmp_path, fold=0, progress=False)
 
     assert result.global_step == result.total_steps == 225  # 3 epochs x 75 batches of 8 (300 rows + swaps)
@@ -89,11 +76,11 @@ def _resume_config(base_dir, ordering: str = "ft-then-quant") -> PipelineConfig:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("ordering", ["ft-then-quant", "quant-then-ft"])
-def test_an_interrupted_run_resumes_to_the_same_step_and_result(train_data, demo_tokenizer, base_dir, tmp_path,
-                                                                ordering):
+def test_an_interrupted_run_resumes_to_the_same_step_and_result(train_data, demo_tokenizer, demo_base_dir,
+                                                                tmp_path, ordering):
     frame = train_data.frame.head(120)
     folds = make_folds(frame, FoldConfig(n_folds=4, seed=0))
-    cfg = _resume_config(base_dir, ordering)
+    cfg = _resume_config(demo_base_dir, ordering)
 
     straight = training.train_fold(cfg, frame, folds, demo_tokenizer, tmp_path / "straight", progress=False)
     steps_per_epoch = int(np.ceil(np.ceil(straight.train_examples / 8) / 2))  # batches of 8, accumulation 2
@@ -122,10 +109,10 @@ def test_an_interrupted_run_resumes_to_the_same_step_and_result(train_data, demo
     assert again.resumed_from_step == straight.total_steps and again.history == resumed.history
 
 
-def test_resume_false_discards_old_checkpoints(train_data, demo_tokenizer, base_dir, tmp_path):
+def test_resume_false_discards_old_checkpoints(train_data, demo_tokenizer, demo_base_dir, tmp_path):
     frame = train_data.frame.head(60)
     folds = make_folds(frame, FoldConfig(n_folds=3, seed=0))
-    cfg = _resume_config(base_dir)
+    cfg = _resume_config(demo_base_dir)
     cfg.train.max_steps = 2
     first = training.train_fold(cfg, frame, folds, demo_tokenizer, tmp_path, progress=False)
     assert first.resumed_from_step is None and (tmp_path / "checkpoints").is_dir()
@@ -134,10 +121,10 @@ def test_resume_false_discards_old_checkpoints(train_data, demo_tokenizer, base_
                                progress=False).resumed_from_step is None
 
 
-def test_resume_refuses_a_checkpoint_of_another_run(train_data, demo_tokenizer, base_dir, tmp_path):
+def test_resume_refuses_a_checkpoint_of_another_run(train_data, demo_tokenizer, demo_base_dir, tmp_path):
     frame = train_data.frame.head(60)
     folds = make_folds(frame, FoldConfig(n_folds=3, seed=0))
-    cfg = _resume_config(base_dir)
+    cfg = _resume_config(demo_base_dir)
     cfg.train.max_steps = 2
     training.train_fold(cfg, frame, folds, demo_tokenizer, tmp_path, progress=False)
     cfg.train.learning_rate = 5e-4
