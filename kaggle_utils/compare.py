@@ -55,6 +55,7 @@ from torch import nn
 
 from kaggle_utils.config import PipelineConfig
 from kaggle_utils.errors import UsageError
+from kaggle_utils.runtime import find_competition_file, run_output_dir
 from kaggle_utils.training import BuildModel, PeakMemory, TrainResult
 
 logger = logging.getLogger(__name__)
@@ -209,6 +210,40 @@ register_variant(Variant(
 def demo_config() -> PipelineConfig:
     """The demo-scale settings (`DEMO_CONFIG`), e.g. for `compare_orderings(demo_config(), train_csv, out)`."""
     return PipelineConfig.from_yaml(DEMO_CONFIG)
+
+
+def resolve_training_notebook(
+    ordering: str,
+    competition: str,
+    *,
+    train_path: str | Path | None = None,
+    out_dir: str | Path | None = None,
+    config_path: str | Path | None = None,
+    base_model_path: str | None = None,
+    tokenizer_path: str | None = None,
+    cv_folds: Sequence[int] = (0,),
+    overrides: dict[str, dict[str, Any]] | None = None,
+) -> tuple[PipelineConfig, Path, Path]:
+    """(cfg, train_path, out_dir) from a training notebook's parameters, the same on Kaggle and locally.
+
+    The config is the YAML at `config_path` (else the defaults) with `overrides` applied section-wise; a given
+    base model / tokenizer path replaces the config's. `train_path` None: the competition's train.csv under
+    /kaggle/input (either mount layout), else data/train.csv. `out_dir` None: /kaggle/working/<ordering> on
+    Kaggle, else runs/<ordering>.
+    """
+    cfg = PipelineConfig.from_yaml(config_path) if config_path else PipelineConfig()
+    cfg = cfg.with_overrides(overrides)
+    cfg.model.base_model = base_model_path or cfg.model.base_model
+    cfg.format.tokenizer_path = tokenizer_path or cfg.format.tokenizer_path
+    cfg.train.cv_folds = tuple(cv_folds)
+    if train_path:
+        train = Path(train_path)
+    else:
+        try:
+            train = find_competition_file(competition, "train.csv")
+        except UsageError as error:
+            raise UsageError(f"{error}; set TRAIN_PATH") from None
+    return cfg, train, run_output_dir(ordering, out_dir)
 
 
 def compare_orderings(
@@ -686,3 +721,47 @@ def plot_report(report: dict, path: str | Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def plot_learning_curves(report: dict, path: str | Path) -> Path:
+    """Held-out log loss at each evaluation step, one line per run and fold, against the class prior: shows
+    whether a run was still improving when it stopped, or over-fitting. One run: titled with its variant."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = report["runs"]
+    single = len(runs) == 1
+    fig, axis = plt.subplots(figsize=(7, 4))
+    for run in runs:
+        for fold in run["per_fold"]:
+            steps = [point["step"] for point in fold["history"]]
+            losses = [point["eval_loss"] for point in fold["history"]]
+            label = f"fold {fold['fold']}" if single else f"{run['variant']} seed {run['seed']} fold {fold['fold']}"
+            axis.plot(steps, losses, marker="o", label=label)
+    axis.axhline(runs[0]["prior_log_loss"], color="grey", linestyle="--", label="class prior")
+    axis.set_xlabel("optimizer step")
+    axis.set_ylabel("held-out log loss")
+    if single:
+        axis.set_title(f"{runs[0]['variant']}: evaluation during training")
+        axis.legend()
+    else:
+        axis.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def artifact_table(report: dict) -> pl.DataFrame:
+    """The shipped artifacts, one row per trained fold: fold, held-out log loss of the artifact, its folder."""
+    return pl.DataFrame(
+        [
+            {"fold": fold["fold"], "log_loss_quantized": fold["log_loss_quantized"],
+             "artifact_dir": fold["artifact_dir"]}
+            for run in report["runs"]
+            for fold in run["per_fold"]
+        ]
+    )

@@ -238,6 +238,18 @@ class PipelineConfig:
             kwargs[f.name] = _build_section(section_cls, raw.get(f.name) or {}, f.name)
         return cls(**kwargs)
 
+    def with_overrides(self, overrides: dict[str, dict[str, Any]] | None) -> PipelineConfig:
+        """A copy with some fields of some sections replaced (a notebook's OVERRIDES parameter), the other
+        fields kept; unknown sections or keys are refused as `from_dict` refuses them."""
+        merged = self.to_dict()
+        for section, values in (overrides or {}).items():
+            if section not in merged:
+                raise ValueError(f"unknown config sections: {[section]}")
+            if not isinstance(values, dict):
+                raise ValueError(f"config overrides for section '{section}' must be a mapping, got {values!r}")
+            merged[section].update(values)
+        return type(self).from_dict(merged)
+
     @classmethod
     def from_yaml(cls, path: str | Path) -> PipelineConfig:
         with open(path, encoding="utf-8") as handle:

@@ -182,6 +182,29 @@ def default_input_root() -> Path:
     return KAGGLE_INPUT if KAGGLE_INPUT.is_dir() else Path("data")
 
 
+def run_output_dir(name: str, out_dir: str | Path | None = None) -> Path:
+    """`out_dir` when given, else /kaggle/working/<name> on Kaggle (kept as the kernel's output), else
+    runs/<name>."""
+    if out_dir:
+        return Path(out_dir)
+    return (KAGGLE_WORKING if on_kaggle() else Path("runs")) / name
+
+
+def find_competition_file(competition: str, name: str = "train.csv", local_dir: str | Path = "data") -> Path:
+    """A competition's file: /kaggle/input/<slug>/<name> or /kaggle/input/competitions/<slug>/<name> (Kaggle
+    images mount competitions either way), else <local_dir>/<name> outside Kaggle. A missing file is a
+    UsageError listing the places looked at."""
+    candidates = [
+        KAGGLE_INPUT / competition / name,
+        KAGGLE_INPUT / "competitions" / competition / name,
+        Path(local_dir) / name,
+    ]
+    for path in candidates:
+        if path.is_file():
+            return path
+    raise UsageError(f"no {name} in {[str(path) for path in candidates]}")
+
+
 def default_submission_path() -> Path:
     """/kaggle/working/submission.csv on Kaggle (the only place it is scored), else submissions/submission.csv."""
     return KAGGLE_WORKING / "submission.csv" if on_kaggle() else Path("submissions") / "submission.csv"

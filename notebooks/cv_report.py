@@ -52,16 +52,15 @@ if importlib.util.find_spec("kaggle_utils") is None:  # a fresh Kaggle session: 
 # %%
 from pathlib import Path
 
-import matplotlib.pyplot as plt
 import polars as pl
 from IPython.display import Image, Markdown, display
 
-from kaggle_utils.compare import OOF_FILE, REPORT_MD, REPORT_PNG
+from kaggle_utils.compare import OOF_FILE, REPORT_MD, REPORT_PNG, plot_learning_curves
 from kaggle_utils.kaggle_tools.reports import combine_reports, find_report_dirs
 from kaggle_utils.metrics import load_oof, score_oof
-from kaggle_utils.runtime import KAGGLE_INPUT, KAGGLE_WORKING, on_kaggle
+from kaggle_utils.runtime import KAGGLE_INPUT, on_kaggle, run_output_dir
 
-out_dir = Path(OUT_DIR) if OUT_DIR else (KAGGLE_WORKING if on_kaggle() else Path("runs")) / "cv_report"
+out_dir = run_output_dir("cv_report", OUT_DIR)
 root = Path(INPUT_ROOT) if INPUT_ROOT else (KAGGLE_INPUT if on_kaggle() else Path("runs"))
 if REPORT_DIRS:
     report_dirs = [Path(folder) for folder in REPORT_DIRS]
@@ -121,17 +120,5 @@ display(per_fold)
 # ## Learning curves: held-out log loss during training
 
 # %%
-figure, axis = plt.subplots(figsize=(7, 4))
-for run in report["runs"]:
-    for fold in run["per_fold"]:
-        steps = [point["step"] for point in fold["history"]]
-        losses = [point["eval_loss"] for point in fold["history"]]
-        axis.plot(steps, losses, marker="o", label=f"{run['variant']} seed {run['seed']} fold {fold['fold']}")
-axis.axhline(report["runs"][0]["prior_log_loss"], color="grey", linestyle="--", label="class prior")
-axis.set_xlabel("optimizer step")
-axis.set_ylabel("held-out log loss")
-axis.legend(fontsize=8)
-figure.tight_layout()
-figure.savefig(out_dir / "learning_curves.png", dpi=110)  # kept with the report
-plt.close(figure)
-display(Image(filename=str(out_dir / "learning_curves.png")))
+curves = plot_learning_curves(report, out_dir / "learning_curves.png")  # kept with the report
+display(Image(filename=str(curves)))

@@ -22,11 +22,11 @@
 # after training).
 #
 # One ordering per notebook (a Kaggle session has 12 hours and one pair of GPUs); `cv_report` joins both.
-# All logic is in `kaggle_utils.compare.compare_orderings`, which trains the folds, ships the artifact
-# (reloaded from disk and scored as inference scores it) and writes `report.json`, `report.md`, `report.png`
-# and `oof.parquet` under `OUT_DIR`. Folds are grouped by prompt and made deterministically from `train.csv`,
-# so both notebooks train on identical folds (the report records the folds file's sha256; `cv_report` checks
-# it).
+# All logic is in `kaggle_utils.compare`: `resolve_training_notebook` turns the parameters into a config and
+# paths, `compare_orderings` trains the folds, ships the artifact (reloaded from disk and scored as inference
+# scores it) and writes `report.json`, `report.md`, `report.png` and `oof.parquet` under `OUT_DIR`. Folds are
+# grouped by prompt and made deterministically from `train.csv`, so both notebooks train on identical folds
+# (the report records the folds file's sha256; `cv_report` checks it).
 
 # %% tags=["parameters"]
 ORDERING = "ft-then-quant"
@@ -67,37 +67,25 @@ if importlib.util.find_spec("kaggle_utils") is None:
 
 # %%
 import logging
-from pathlib import Path
 
-import polars as pl
 from IPython.display import Image, Markdown, display
 
-from kaggle_utils.compare import OOF_FILE, REPORT_MD, REPORT_PNG, compare_orderings
-from kaggle_utils.config import PipelineConfig
-from kaggle_utils.errors import UsageError
-from kaggle_utils.runtime import KAGGLE_INPUT, KAGGLE_WORKING, on_kaggle
+from kaggle_utils.compare import (
+    OOF_FILE,
+    REPORT_MD,
+    REPORT_PNG,
+    artifact_table,
+    compare_orderings,
+    plot_learning_curves,
+    resolve_training_notebook,
+)
 
 logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", force=True)
 
-cfg = PipelineConfig.from_yaml(CONFIG_PATH) if CONFIG_PATH else PipelineConfig()
-merged = cfg.to_dict()
-for section, values in OVERRIDES.items():
-    merged[section].update(values)
-cfg = PipelineConfig.from_dict(merged)
-cfg.model.base_model = BASE_MODEL_PATH or cfg.model.base_model
-cfg.format.tokenizer_path = TOKENIZER_PATH or cfg.format.tokenizer_path
-cfg.train.cv_folds = tuple(CV_FOLDS)
-
-if TRAIN_PATH:
-    train_path = Path(TRAIN_PATH)
-else:
-    candidates = [KAGGLE_INPUT / COMPETITION / "train.csv", KAGGLE_INPUT / "competitions" / COMPETITION / "train.csv",
-                  Path("data") / "train.csv"]
-    found = [path for path in candidates if path.is_file()]
-    if not found:
-        raise UsageError(f"no train.csv in {[str(path) for path in candidates]}; set TRAIN_PATH")
-    train_path = found[0]
-out_dir = Path(OUT_DIR) if OUT_DIR else (KAGGLE_WORKING if on_kaggle() else Path("runs")) / ORDERING
+cfg, train_path, out_dir = resolve_training_notebook(
+    ORDERING, COMPETITION, train_path=TRAIN_PATH, out_dir=OUT_DIR, config_path=CONFIG_PATH,
+    base_model_path=BASE_MODEL_PATH, tokenizer_path=TOKENIZER_PATH, cv_folds=CV_FOLDS, overrides=OVERRIDES,
+)
 print(f"ordering {ORDERING}: {train_path} -> {out_dir}; base {cfg.model.base_model}; folds {CV_FOLDS}; seeds {SEEDS}")
 
 # %%
@@ -115,22 +103,8 @@ display(Image(filename=str(out_dir / REPORT_PNG)))
 # ## Learning curves: held-out log loss during training, per fold
 
 # %%
-import matplotlib.pyplot as plt
-
-run = report["runs"][0]
-figure, axis = plt.subplots(figsize=(7, 4))
-for fold in run["per_fold"]:
-    steps = [point["step"] for point in fold["history"]]
-    axis.plot(steps, [point["eval_loss"] for point in fold["history"]], marker="o", label=f"fold {fold['fold']}")
-axis.axhline(run["prior_log_loss"], color="grey", linestyle="--", label="class prior")
-axis.set_xlabel("optimizer step")
-axis.set_ylabel("held-out log loss")
-axis.set_title(f"{ORDERING}: evaluation during training")
-axis.legend()
-figure.tight_layout()
-figure.savefig(out_dir / "learning_curves.png", dpi=110)  # kept with the report
-plt.close(figure)
-display(Image(filename=str(out_dir / "learning_curves.png")))
+curves = plot_learning_curves(report, out_dir / "learning_curves.png")  # kept with the report
+display(Image(filename=str(curves)))
 
 # %% [markdown]
 # ## The artifact to ship
@@ -138,9 +112,5 @@ display(Image(filename=str(out_dir / "learning_curves.png")))
 # `python -m kaggle_utils kaggle upload-artifact <artifact_dir> -m "<notes>"`.
 
 # %%
-artifacts = pl.DataFrame(
-    [{"fold": f["fold"], "log_loss_quantized": f["log_loss_quantized"], "artifact_dir": f["artifact_dir"]}
-     for f in run["per_fold"]]
-)
-display(artifacts)
+display(artifact_table(report))
 print(f"OOF predictions: {out_dir / OOF_FILE}")

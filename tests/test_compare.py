@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 import numpy as np
 import polars as pl
 import pytest
-import torch
 import yaml
 
 from kaggle_utils import compare
@@ -18,14 +18,7 @@ from kaggle_utils.config import PipelineConfig
 from kaggle_utils.errors import UsageError
 from kaggle_utils.metrics import load_oof, log_loss, oof_probs
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models are dominated by per-op overhead; one thread avoids OpenMP spinning on a shared 2-core box."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py
 
 
 def quick_config(max_steps: int = 8) -> PipelineConfig:
@@ -162,3 +155,72 @@ def test_cli_train_writes_an_artifact(sample_files, tmp_path, capsys):
     assert load_artifact(artifact, device="cpu").manifest["ordering"] == "quant-then-ft"
     assert main(["compare-orderings", "--config", str(tmp_path / "missing.yaml"), "--out", str(tmp_path)]) == 2
 
+
+
+def _report_with_history(variants: list[str]) -> dict:
+    """The fields of report.json the learning curves and the artifact table read, for two folds per run."""
+    runs = []
+    for variant in variants:
+        per_fold = [
+            {"fold": fold, "log_loss_quantized": 1.0 - 0.1 * fold, "artifact_dir": f"runs/{variant}/fold{fold}",
+             "history": [{"step": step, "eval_loss": 1.1 - 0.01 * step - fold} for step in (1, 2, 3)]}
+            for fold in (0, 1)
+        ]
+        runs.append({"variant": variant, "seed": 7, "prior_log_loss": 1.0986, "per_fold": per_fold})
+    return {"runs": runs}
+
+
+@pytest.mark.parametrize("variants", [["ft-then-quant"], ["ft-then-quant", "quant-then-ft"]])
+def test_learning_curves_draw_one_line_per_run_and_fold(variants, tmp_path, monkeypatch):
+    import matplotlib.axes
+
+    drawn = []
+    original_plot = matplotlib.axes.Axes.plot
+
+    def recording_plot(axis, x, y, **kwargs):
+        drawn.append((list(x), list(y), kwargs["label"]))
+        return original_plot(axis, x, y, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", recording_plot)
+    path = compare.plot_learning_curves(_report_with_history(variants), tmp_path / "curves.png")
+    assert path == tmp_path / "curves.png" and path.read_bytes().startswith(b"\x89PNG")
+    assert len(drawn) == 2 * len(variants)
+    steps, losses, label = drawn[-1]
+    assert steps == [1, 2, 3] and losses == pytest.approx([0.09, 0.08, 0.07])
+    assert label == ("fold 1" if len(variants) == 1 else "quant-then-ft seed 7 fold 1")
+
+
+def test_artifact_table_lists_every_trained_fold():
+    table = compare.artifact_table(_report_with_history(["ft-then-quant", "quant-then-ft"]))
+    assert table.columns == ["fold", "log_loss_quantized", "artifact_dir"]
+    assert table["artifact_dir"].to_list() == [f"runs/{v}/fold{f}" for v in ("ft-then-quant", "quant-then-ft")
+                                               for f in (0, 1)]
+    assert table["log_loss_quantized"].to_list() == pytest.approx([1.0, 0.9, 1.0, 0.9])
+
+
+def test_training_notebook_parameters_resolve_to_config_and_paths(tmp_path, monkeypatch):
+    from kaggle_utils import runtime
+
+    monkeypatch.setattr(runtime, "KAGGLE_INPUT", tmp_path / "input")
+    monkeypatch.setattr(runtime, "KAGGLE_WORKING", tmp_path / "working")
+    monkeypatch.setenv("KAGGLE_KERNEL_RUN_TYPE", "Interactive")
+    monkeypatch.chdir(tmp_path)  # no data/train.csv here
+    config = tmp_path / "cfg.yaml"
+    config.write_text(yaml.safe_dump({"lora": {"r": 4}, "train": {"max_steps": 50}}))
+    train_csv = tmp_path / "input" / "competitions" / "arena" / "train.csv"
+    train_csv.parent.mkdir(parents=True)
+    train_csv.write_text("id\n")
+    cfg, train_path, out_dir = compare.resolve_training_notebook(
+        "quant-then-ft", "arena", config_path=config, base_model_path="/models/gemma", cv_folds=[1, 2],
+        overrides={"train": {"max_steps": 2}},
+    )
+    assert (cfg.lora.r, cfg.train.max_steps, cfg.train.cv_folds) == (4, 2, (1, 2))
+    assert cfg.model.base_model == "/models/gemma" and cfg.format.tokenizer_path == PipelineConfig().format.tokenizer_path
+    assert train_path == train_csv and out_dir == tmp_path / "working" / "quant-then-ft"
+    cfg, train_path, out_dir = compare.resolve_training_notebook(
+        "ft-then-quant", "arena", train_path="mine.csv", out_dir=tmp_path / "out", tokenizer_path="/tok"
+    )
+    assert (train_path, out_dir, cfg.format.tokenizer_path) == (Path("mine.csv"), tmp_path / "out", "/tok")
+    assert cfg.model.base_model == PipelineConfig().model.base_model and cfg.train.cv_folds == (0,)
+    with pytest.raises(UsageError, match="no train.csv in .*; set TRAIN_PATH"):
+        compare.resolve_training_notebook("ft-then-quant", "other-competition")

@@ -171,3 +171,27 @@ def test_default_paths_follow_the_environment(monkeypatch):
     monkeypatch.setenv("KAGGLE_KERNEL_RUN_TYPE", "Batch")
     assert rt.on_kaggle()
     assert rt.default_submission_path() == rt.Path("/nonexistent-kaggle-working") / "submission.csv"
+
+
+def test_competition_file_is_found_in_either_mount_layout_then_locally(tmp_path, monkeypatch):
+    monkeypatch.setattr(rt, "KAGGLE_INPUT", tmp_path / "input")
+    local = tmp_path / "data"
+    with pytest.raises(UsageError, match=r"no train\.csv in .*competitions/arena.*data"):
+        rt.find_competition_file("arena", "train.csv", local_dir=local)
+    on_disk = _touch(local / "train.csv")
+    assert rt.find_competition_file("arena", local_dir=local) == on_disk
+    newer = _touch(tmp_path / "input" / "competitions" / "arena" / "train.csv")
+    assert rt.find_competition_file("arena", local_dir=local) == newer
+    older = _touch(tmp_path / "input" / "arena" / "train.csv")
+    assert rt.find_competition_file("arena", local_dir=local) == older
+    with pytest.raises(UsageError, match="no test.csv"):
+        rt.find_competition_file("arena", "test.csv", local_dir=local)
+
+
+def test_run_output_dir_follows_the_environment_unless_given(monkeypatch):
+    monkeypatch.setattr(rt, "KAGGLE_WORKING", rt.Path("/nonexistent-kaggle-working"))
+    monkeypatch.delenv("KAGGLE_KERNEL_RUN_TYPE", raising=False)
+    assert rt.run_output_dir("cv_report") == rt.Path("runs") / "cv_report"
+    assert rt.run_output_dir("cv_report", "elsewhere/out") == rt.Path("elsewhere/out")
+    monkeypatch.setenv("KAGGLE_KERNEL_RUN_TYPE", "Batch")
+    assert rt.run_output_dir("ft-then-quant") == rt.Path("/nonexistent-kaggle-working") / "ft-then-quant"
