@@ -26,12 +26,12 @@ from kaggle_utils.config import BaselineConfig
 from kaggle_utils.errors import ArtifactError, DataError
 from kaggle_utils.fileio import atomic_write_bytes
 from kaggle_utils.folds import check_folds
+from kaggle_utils.formatting import swap_frame, swap_labels, swap_probs
 from kaggle_utils.metrics import OofScore, class_prior, make_oof, score_oof
 
 # Bump when the features change: a saved model refuses to predict from features it was not trained on.
 FEATURE_VERSION = "baseline-features-v1"
 N_CLASSES = 3
-_SWAP_CLASSES = np.array([1, 0, 2])  # A <-> B, tie stays
 
 _BULLET = r"(?m)^[ \t]*(?:[-*+•]|\d{1,3}[.)])[ \t]+"
 _HEADER = r"(?m)^[ \t]*#{1,6}[ \t]"
@@ -117,10 +117,6 @@ def baseline_features(frame: pl.DataFrame) -> pl.DataFrame:
     return derived.select(feature_names())
 
 
-def _swapped(frame: pl.DataFrame) -> pl.DataFrame:
-    return frame.with_columns(response_a=pl.col("response_b"), response_b=pl.col("response_a"))
-
-
 def _new_estimator(cfg: BaselineConfig):
     if cfg.model == "hgb":
         return HistGradientBoostingClassifier(
@@ -167,11 +163,11 @@ class BaselineModel:
         with threadpool_limits(limits=self.config.n_threads):
             probs = np.mean([_full_proba(estimator, features) for estimator in self.estimators], axis=0)
             if self.config.swap_augmentation:
-                swapped = baseline_features(_swapped(frame)).to_numpy()
+                swapped = baseline_features(swap_frame(frame)).to_numpy()
                 probs_swapped = np.mean(
                     [_full_proba(estimator, swapped) for estimator in self.estimators], axis=0
                 )
-                probs = (probs + probs_swapped[:, _SWAP_CLASSES]) / 2
+                probs = (probs + swap_probs(probs_swapped)) / 2
         return probs / probs.sum(axis=1, keepdims=True)
 
     def save(self, path: str | Path) -> Path:
@@ -223,7 +219,8 @@ def run_baseline_cv(
     fold_of_row = train.select("id").join(folds.select("id", "fold"), on="id", how="left")["fold"].to_numpy()
     labels = train["label"].to_numpy().astype(np.int64)
     features = baseline_features(train).to_numpy()
-    swapped = baseline_features(_swapped(train)).to_numpy() if cfg.swap_augmentation else None
+    # Only the swapped copy's features are used; its labels are swap_labels(labels) below.
+    swapped = baseline_features(swap_frame(train)).to_numpy() if cfg.swap_augmentation else None
 
     oof_probs = np.zeros((train.height, N_CLASSES))
     estimators = []
@@ -233,12 +230,12 @@ def run_baseline_cv(
         fit_x, fit_y = features[fit_rows], labels[fit_rows]
         if swapped is not None:
             fit_x = np.vstack([fit_x, swapped[fit_rows]])
-            fit_y = np.concatenate([fit_y, _SWAP_CLASSES[labels[fit_rows]]])
+            fit_y = np.concatenate([fit_y, swap_labels(labels[fit_rows])])
         with threadpool_limits(limits=cfg.n_threads):
             estimator = _new_estimator(cfg).fit(fit_x, fit_y)
             probs = _full_proba(estimator, features[held_out])
             if swapped is not None:
-                probs = (probs + _full_proba(estimator, swapped[held_out])[:, _SWAP_CLASSES]) / 2
+                probs = (probs + swap_probs(_full_proba(estimator, swapped[held_out]))) / 2
         estimators.append(estimator)
         oof_probs[held_out] = probs / probs.sum(axis=1, keepdims=True)
 

@@ -497,16 +497,11 @@ def run_schedule(
 # ----------------------------------------------------------------------------------------------------------
 
 
-def swap_columns(probs: np.ndarray) -> np.ndarray:
-    """(A, B, tie) -> (B, A, tie): a swapped-order prediction read back in the original order."""
-    from kaggle_utils.formatting import swap_probs
-
-    return swap_probs(probs)
-
-
 def combine_views(views: ViewPredictions, fallback: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Final (n, 3) probabilities and each row's path: mean of both views where both ran (the swapped view
     un-swapped first), the one view that ran, else the fallback row."""
+    from kaggle_utils.formatting import swap_probs
+
     probs, done = views.probs, views.done
     has_original = done[ORIGINAL]
     has_swapped = done[SWAPPED] if len(done) > 1 else np.zeros_like(has_original)
@@ -515,7 +510,7 @@ def combine_views(views: ViewPredictions, fallback: np.ndarray) -> tuple[np.ndar
     final[has_original] = probs[ORIGINAL, has_original]
     paths[has_original] = PATH_ORIGINAL
     if len(done) > 1:
-        unswapped = swap_columns(probs[SWAPPED])
+        unswapped = swap_probs(probs[SWAPPED])  # read back in the original order
         only_swapped = has_swapped & ~has_original
         both = has_swapped & has_original
         final[only_swapped] = unswapped[only_swapped]
