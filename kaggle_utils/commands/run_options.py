@@ -1,0 +1,67 @@
+"""What the training commands (`train`, `compare-orderings`, `qid-study`) share: the options naming the config,
+the training data, the folds and torch's threads, and how they become a config, an output folder and a file.
+
+Not a command group (cli.COMMAND_GROUPS does not list it): the groups import it.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from kaggle_utils.config import PipelineConfig
+from kaggle_utils.errors import UsageError
+
+# Fewer generated rows leave a held-out fold too small to score.
+MIN_SAMPLE_ROWS = 50
+
+
+def add_run_options(parser: argparse.ArgumentParser, *, data_required: bool = False) -> None:
+    """--config, --train | --sample-rows (one of them required when `data_required`), --folds, --threads."""
+    parser.add_argument(
+        "--config",
+        help="pipeline YAML (default: the built-in defaults; kaggle_utils/resources/compare_demo.yaml is demo scale)",
+    )
+    source = parser.add_mutually_exclusive_group(required=data_required)
+    default = "" if data_required else " (default: config data.train_path)"
+    source.add_argument("--train", help=f"competition training file, CSV or parquet{default}")
+    source.add_argument("--sample-rows", type=int, help="generate this many competition-format rows instead")
+    parser.add_argument("--folds", help="folds parquet (default: made from the config's fold settings)")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's; 1 is fastest for tiny models)")
+
+
+def load_config(path: str | None) -> PipelineConfig:
+    """The YAML config at `path` (the defaults when None); a missing or invalid file is a UsageError."""
+    if path is None:
+        return PipelineConfig()
+    if not Path(path).is_file():
+        raise UsageError(f"config file {path} does not exist")
+    try:
+        return PipelineConfig.from_yaml(path)
+    except (ValueError, TypeError) as error:
+        raise UsageError(f"{path}: {error}") from error
+
+
+def prepare_run(args: argparse.Namespace) -> tuple[PipelineConfig, Path, str]:
+    """(cfg, out_dir, train_path) from the parsed options: sets torch's threads, creates `args.out`, and
+    generates --sample-rows rows under <out>/data when asked (else --train, else the config's data.train_path)."""
+    cfg = load_config(args.config)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if args.sample_rows is not None:
+        from kaggle_utils.sample import generate_competition_files
+
+        if args.sample_rows < MIN_SAMPLE_ROWS:
+            raise UsageError(
+                f"--sample-rows {args.sample_rows} is too few for a held-out fold; use >= {MIN_SAMPLE_ROWS}"
+            )
+        files = generate_competition_files(out_dir / "data", n_train=args.sample_rows, n_test=10, seed=0)
+        return cfg, out_dir, str(files.train_csv)
+    path = args.train or cfg.data.train_path
+    if not path:
+        raise UsageError("no training data: pass --train PATH or --sample-rows N (or set data.train_path)")
+    return cfg, out_dir, path
