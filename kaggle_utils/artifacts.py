@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
-import kaggle_utils
+from kaggle_utils import __version__
 from kaggle_utils.config import FormatConfig
 from kaggle_utils.errors import ArtifactError
 
@@ -112,7 +112,7 @@ def save_artifact(
             "max_length": format_config.max_length,
             "template_version": TEMPLATE_VERSION,
             "format_config": _plain(dataclasses.asdict(format_config)),
-            "package_version": kaggle_utils.__version__,
+            "package_version": __version__,
             "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "num_labels": int(inner.config.num_labels),
             "pad_token_id": int(inner.config.pad_token_id),

@@ -30,7 +30,7 @@ from pathlib import Path
 from packaging.requirements import InvalidRequirement, Requirement
 from packaging.utils import canonicalize_name
 
-import kaggle_utils
+from kaggle_utils import __version__
 from kaggle_utils.config import KaggleConfig
 from kaggle_utils.errors import UsageError
 
@@ -112,7 +112,7 @@ def platform_tags(platform: str) -> list[str]:
 
 def project_root() -> Path:
     """The checkout kaggle_utils is imported from (build-wheels builds the package wheel from its source)."""
-    root = Path(kaggle_utils.__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]  # kaggle_utils/kaggle_tools/wheels.py -> checkout root
     if not (root / "pyproject.toml").is_file():
         raise UsageError(f"build-wheels needs the kaggle_utils source checkout; {root} has no pyproject.toml")
     return root
@@ -206,7 +206,7 @@ def build_wheels(
     if include_package:
         print("build-wheels: building the kaggle_utils wheel from the checkout")
         build_package_wheel(out)
-        report.requirements.append(f"{PACKAGE_NAME}=={kaggle_utils.__version__}")
+        report.requirements.append(f"{PACKAGE_NAME}=={__version__}")
 
     report.wheels = sorted(out.glob("*.whl"))
     (out / REQUIREMENTS_FILE).write_text("\n".join(report.requirements) + "\n", encoding="utf-8")
