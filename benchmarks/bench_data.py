@@ -23,6 +23,7 @@ import polars as pl
 
 import kaggle_utils
 from kaggle_utils.data import load_competition
+from kaggle_utils.runtime import cpu_model, total_memory_gb
 from kaggle_utils.sample import generate_competition_files, sample_stats
 
 REAL_TRAIN_ROWS = 57_477
@@ -31,25 +32,9 @@ RESULTS = Path(__file__).resolve().parent / "results" / "bench_data.json"
 
 
 def cpu_description() -> dict[str, object]:
-    """CPU model from /proc/cpuinfo (Linux) or platform, logical cores, and total memory when known."""
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    memory_gb = None
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                memory_gb = round(int(line.split()[1]) / 1024**2, 1)
-                break
-    except OSError:
-        pass
+    """CPU model, usable cores and total memory: the machine the numbers belong to."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return {"cpu_model": model, "cores": cores, "memory_gb": memory_gb, "platform": platform.platform()}
+    return {"cpu_model": cpu_model(), "cores": cores, "memory_gb": total_memory_gb(), "platform": platform.platform()}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -42,6 +42,7 @@ sys.path.insert(0, str(ROOT))
 
 from kaggle_utils import inference  # noqa: E402
 from kaggle_utils.config import FormatConfig, InferenceConfig, ModelConfig, QuantConfig  # noqa: E402
+from kaggle_utils.runtime import cpu_model  # noqa: E402
 
 NINE_B_CONFIG = Path("/work/shared/reference/gemma-2-9b-config.json")
 PUBLIC_T4_HOURS_NO_TTA = {"nf4": 4.0, "int8": 4.5}  # COMPETITION.md: public notebook, 25k rows, 2x T4
@@ -245,15 +246,9 @@ def environment() -> dict:
 
     import kaggle_utils
 
-    cpu = platform.processor()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
-                 if line.startswith("model name")]
-        cpu = names[0] if names else cpu
     return {
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "cpu": cpu, "cores": os.cpu_count(), "load_average_1_5_15": list(os.getloadavg()),
+        "cpu": cpu_model(), "cores": os.cpu_count(), "load_average_1_5_15": list(os.getloadavg()),
         "cuda": torch.cuda.is_available(),
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,

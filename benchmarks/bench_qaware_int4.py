@@ -25,18 +25,9 @@ from pathlib import Path
 import torch
 
 from kaggle_utils.qaware.int4 import Int4Linear, dequantize, quantize_hqq, quantize_rtn
+from kaggle_utils.runtime import cpu_model
 
 RESULTS = Path(__file__).resolve().parent / "results" / "bench_qaware_int4.json"
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def relative_mse(approx: torch.Tensor, weight: torch.Tensor) -> float:

@@ -37,6 +37,7 @@ from kaggle_utils.batching import LengthBucketSampler, padding_efficiency, token
 from kaggle_utils.config import FormatConfig, InferenceConfig  # noqa: E402
 from kaggle_utils.data import load_competition  # noqa: E402
 from kaggle_utils.formatting import TEMPLATE_VERSION, TURN_COLUMNS, encode_both_orders, encode_rows  # noqa: E402
+from kaggle_utils.runtime import cpu_model, total_memory_gb  # noqa: E402
 from kaggle_utils.sample import generate_competition_files  # noqa: E402
 from kaggle_utils.tokenizer import train_demo_tokenizer  # noqa: E402
 
@@ -48,20 +49,8 @@ RESULTS = Path(__file__).resolve().parent / "results" / "bench_tokenize.json"
 
 def device_description() -> dict[str, object]:
     """CPU model, usable cores, memory and the load average (the machine is shared)."""
-    model = platform.processor() or platform.machine()
-    memory_gb = None
-    try:
-        model = next(
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.lower().startswith("model name")
-        )
-        kb = next(int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines() if "MemTotal" in line)
-        memory_gb = round(kb / 1024**2, 1)
-    except (OSError, StopIteration):
-        pass
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return {"cpu_model": model, "cores": cores, "memory_gb": memory_gb, "platform": platform.platform(),
+    return {"cpu_model": cpu_model(), "cores": cores, "memory_gb": total_memory_gb(), "platform": platform.platform(),
             "gpu": "none (CPU only)"}  # fmt: skip
 
 

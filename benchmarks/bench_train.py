@@ -173,21 +173,15 @@ def run_unsloth_check() -> dict:
 def device_description() -> dict:
     import torch
 
+    from kaggle_utils.runtime import cpu_model
+
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         return {"kind": "cuda", "name": props.name, "capability": f"{props.major}.{props.minor}",
                 "memory_gb": round(props.total_memory / GB, 1), "count": torch.cuda.device_count()}
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     import os
 
-    return {"kind": "cpu", "name": model, "logical_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+    return {"kind": "cpu", "name": cpu_model(), "logical_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "load_average_1_5_15min": [round(x, 2) for x in os.getloadavg()],
             "note": "no GPU: the tiny model was measured on CPU; these numbers say nothing about the 9B targets"}
 

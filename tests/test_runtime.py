@@ -195,3 +195,11 @@ def test_run_output_dir_follows_the_environment_unless_given(monkeypatch):
     assert rt.run_output_dir("cv_report", "elsewhere/out") == rt.Path("elsewhere/out")
     monkeypatch.setenv("KAGGLE_KERNEL_RUN_TYPE", "Batch")
     assert rt.run_output_dir("ft-then-quant") == rt.Path("/nonexistent-kaggle-working") / "ft-then-quant"
+
+
+def test_machine_facts_for_records_are_readable_here():
+    from kaggle_utils.runtime import cpu_model, total_memory_gb
+
+    assert isinstance(cpu_model(), str) and cpu_model()
+    memory = total_memory_gb()
+    assert memory is None or memory > 0
