@@ -215,26 +215,24 @@ def load_artifact(
 
     root = Path(path)
     manifest = read_manifest(root, verify_hashes=verify_hashes)
-    scheme = str(manifest["quant_scheme"])
-    if manifest.get("int4_format"):
-        # Group-wise INT4 (kaggle_utils.qaware): its own layers, which transformers cannot build; its forward is
-        # plain PyTorch (dequantize + matmul), so the same model also serves runtimes without bitsandbytes.
-        from kaggle_utils.qaware.int4 import load_int4_artifact
-
-        int4_device = torch.device("cpu") if dequantize else (torch.device(device) if device else default_device())
-        return load_int4_artifact(root, device=int4_device,
-                                  dtype=compute_dtype or (torch.bfloat16 if dequantize else None))
-    if scheme not in KNOWN_BNB_SCHEMES:
-        raise ArtifactError(f"{root}: unknown quant_scheme {scheme!r} in the manifest (known: "
-                            f"{sorted(KNOWN_BNB_SCHEMES)} and group-wise INT4 with int4_format)")
-    if use_merged and not manifest.get("has_merged"):
-        raise ArtifactError(f"{root}: use_merged=True but the artifact has no {MERGED_DIR}/ copy")
     if dequantize:
         device = torch.device("cpu")
         dtype = compute_dtype or torch.bfloat16
     else:
         device = torch.device(device) if device is not None else default_device()
         dtype = compute_dtype or resolve_dtype("auto", device)
+    scheme = str(manifest["quant_scheme"])
+    if manifest.get("int4_format"):
+        # Group-wise INT4 (kaggle_utils.qaware): its own layers, which transformers cannot build; its forward is
+        # plain PyTorch (dequantize + matmul), so the same model also serves runtimes without bitsandbytes.
+        from kaggle_utils.qaware.int4 import load_int4_artifact
+
+        return load_int4_artifact(root, device=device, dtype=dtype)
+    if scheme not in KNOWN_BNB_SCHEMES:
+        raise ArtifactError(f"{root}: unknown quant_scheme {scheme!r} in the manifest (known: "
+                            f"{sorted(KNOWN_BNB_SCHEMES)} and group-wise INT4 with int4_format)")
+    if use_merged and not manifest.get("has_merged"):
+        raise ArtifactError(f"{root}: use_merged=True but the artifact has no {MERGED_DIR}/ copy")
     model_dir = root / (MERGED_DIR if use_merged else MODEL_DIR)
     try:
         model, loading_info = Gemma2ForSequenceClassification.from_pretrained(
