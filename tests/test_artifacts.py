@@ -36,11 +36,14 @@ def setup(demo_tokenizer, demo_base_dir):
 
 
 def _perturb_adapter(peft_model) -> None:
-    """Stand-in for training: non-zero LoRA B and a changed head, so the adapter matters."""
+    """Stand-in for training: non-zero LoRA B and a changed head, so the adapter matters.
+
+    Drawn from its own seeded generator: the global RNG's state depends on which tests ran before."""
+    generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, param in peft_model.named_parameters():
             if "lora_B" in name or "modules_to_save" in name:
-                param.add_(torch.randn_like(param) * 0.05)
+                param.add_(torch.randn(param.shape, generator=generator, dtype=param.dtype) * 0.05)
 
 
 def _probs(model, rows, pad):
