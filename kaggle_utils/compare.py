@@ -572,6 +572,8 @@ def _build_report(cfg, chosen, seeds, fold_ids, runs, frame, folds_path, folds_h
             "seeds": list(seeds),
             "base_model": cfg.model.base_model,
             "max_length": cfg.format.max_length,
+            "template_version": _template_version(),
+            "format": dataclasses.asdict(cfg.format),
             "lora": dataclasses.asdict(cfg.lora),
             "quant": dataclasses.asdict(cfg.quant),
             "train": dataclasses.asdict(cfg.train),
@@ -765,3 +767,10 @@ def artifact_table(report: dict) -> pl.DataFrame:
             for fold in run["per_fold"]
         ]
     )
+
+
+def _template_version() -> str:
+    """The prompt template / truncation version the runs encoded with (their artifacts refuse any other)."""
+    from kaggle_utils.formatting import TEMPLATE_VERSION
+
+    return TEMPLATE_VERSION

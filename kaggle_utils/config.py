@@ -67,10 +67,11 @@ class FormatConfig:
 
     template: Literal["gemma", "plain"] = "gemma"
     max_length: int = 2048
+    # Which turns survive when a conversation is too long: last first, first first, or alternating ends.
     truncation: Literal["keep_end", "keep_start", "head_tail"] = "keep_end"
-    # Each of prompt / response A / response B is guaranteed at least this fraction of the content budget
-    # whenever it has that much text (a long response cannot starve the others).
-    floor_share: float = 0.2
+    # A cut piece keeps this share of its kept tokens from its start and the rest from its end (0 < x < 1:
+    # both its first and last token survive). Pieces of a cut turn share the budget max-min fairly.
+    head_fraction: float = 0.5
     truncation_marker: str = " [...] "
     tokenizer_path: str | None = None  # local Gemma tokenizer dir; None -> the locally trained demo tokenizer
 

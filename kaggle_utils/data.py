@@ -8,8 +8,8 @@ each cell is parsed with `json.loads` (fast path; polars' `str.json_decode` is n
 surrogates into U+0000), falls back to a tolerant scanner when that fails, and every change is counted by kind
 with example ids in a `DataReport`. Rows that cannot be recovered are dropped from train (listed by id) and
 never from test, where each id needs a prediction. Structural problems a user must fix (missing columns,
-duplicate ids, labels that are not one-hot, unreadable files) raise `DataError` naming the file, the column
-and the ids.
+empty or duplicate ids, labels that are not one-hot, unreadable files, a directory, no data rows) raise
+`DataError` naming the file, the column and the ids.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import polars as pl
 from tqdm.auto import tqdm
 
 from kaggle_utils.config import LABEL_COLUMNS, DataConfig
-from kaggle_utils.errors import DataError
+from kaggle_utils.errors import DataError, one_line
 
 TEXT_COLUMNS: tuple[str, str, str] = ("prompt", "response_a", "response_b")
 MODEL_COLUMNS: tuple[str, str] = ("model_a", "model_b")
@@ -403,7 +403,8 @@ def load_competition(
     `split="auto"` means train when the label columns are present; labels are read whenever they are present
     (also for split="test"), otherwise `label` is null. Train rows whose text cannot be recovered
     are dropped and listed in the report (`cfg.strict=True` raises `DataError` instead); test rows are never
-    dropped: an unrecoverable field becomes [""] and is counted. `progress=None` shows a bar for large files.
+    dropped: an unrecoverable field becomes [""] and is counted. A file left with no rows (header only, or
+    every train row dropped) raises `DataError`. `progress=None` shows a bar for large files.
     """
     cfg = cfg or DataConfig()
     if cfg.format not in ("lmsys", "wsdm"):
@@ -473,6 +474,12 @@ def load_competition(
     if keep is not None:
         frame = frame.filter(pl.Series(keep))
     report.rows_kept = frame.height
+    if frame.height == 0:
+        # Nothing to train on, or no ids to predict (a submission needs at least one row): never a silent pass.
+        if report.rows_read == 0:
+            raise DataError(f"{path}: no data rows (only a header); the {split} split needs at least one row")
+        reasons = ", ".join(f"{reason}: {len(ids)}" for reason, ids in report.dropped.items())
+        raise DataError(f"{path}: all {report.rows_read} data rows were dropped ({reasons}); nothing is left")
     _observe(frame, report)
     return LoadedData(frame=frame, report=report)
 
@@ -492,6 +499,8 @@ def _list_series(name: str, rows: list[list[str]]) -> pl.Series:
 
 def _read_table(path: Path, report: DataReport) -> pl.DataFrame:
     """CSV (all columns as strings, file order kept) or parquet; unreadable files become one DataError."""
+    if path.is_dir():
+        raise DataError(f"{path}: is a directory, not a competition file (give the CSV/parquet file inside it)")
     if not path.is_file():
         raise DataError(f"{path}: file not found")
     try:
@@ -508,8 +517,7 @@ def _read_table(path: Path, report: DataReport) -> pl.DataFrame:
     except pl.exceptions.NoDataError as error:
         raise DataError(f"{path}: cannot read: the file is empty ({error})") from error
     except (pl.exceptions.PolarsError, OSError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise DataError(f"{path}: cannot read as {_kind(path)}: {first_line}") from error
+        raise DataError(f"{path}: cannot read as {_kind(path)}: {one_line(error)}") from error
 
 
 def _kind(path: Path) -> str:
@@ -535,6 +543,13 @@ def _parse_ids(series: pl.Series, path: Path, report: DataReport) -> pl.Series:
         )
     if series.dtype == pl.String:
         stripped = series.str.strip_chars()
+        blank = stripped == ""
+        if blank.any():
+            rows = blank.arg_true().head(MAX_EXAMPLES).to_list()
+            raise DataError(
+                f"{path}: column 'id' is an empty string in {int(blank.sum())} row(s) "
+                f"(data rows {[r + 1 for r in rows]}); every row needs an id (a submission echoes it back)"
+            )
         as_int = stripped.cast(pl.Int64, strict=False)
         # integers only when that loses nothing ("007" or "1e3" stay strings: submissions echo ids back)
         if as_int.null_count() == 0 and (as_int.cast(pl.String) == stripped).all():

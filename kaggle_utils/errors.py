@@ -15,3 +15,12 @@ class SubmissionError(UsageError):
 
 class ArtifactError(UsageError):
     """A model artifact that is incomplete or disagrees with the code (template version, manifest fields)."""
+
+
+def one_line(error: BaseException) -> str:
+    """The first paragraph of an exception's text on one line: polars appends its query plan after a blank
+    line, which would break the CLI's one-line error."""
+    text = str(error).strip()
+    if not text:
+        return type(error).__name__
+    return " ".join(text.split("\n\n", 1)[0].split())

@@ -27,13 +27,17 @@ Truncation, for any Hugging Face fast tokenizer, to at most ``cfg.max_length`` t
   not fit is cut; turns after it in priority are dropped and one marker stands where they were (room
   for it is set aside first, so the top-priority turn is kept whole whenever it fits beside that marker).
   A lower-priority turn is only kept cut when at least ``MIN_PARTIAL_TURN_TOKENS`` of its text fit.
-* Inside the cut turn, prompt / response A / response B share the content budget: each first gets up to
-  ``floor_share`` of it (so a long response cannot starve the others), the rest goes to the pieces that
-  still have text in proportion to how much they have left (so the model still sees which response is
-  longer, the strongest single signal). Whatever a short piece does not use flows to the others. The
-  split is symmetric in A and B, so the swapped row is cut exactly like the original.
-* A piece is cut at token boundaries, keeping its end (``keep_end``), its start (``keep_start``) or both
-  halves (``head_tail``), with ``cfg.truncation_marker`` where text was removed.
+* Inside the cut turn, prompt / response A / response B share the content budget max-min fairly
+  (water-filling): a piece shorter than an equal share keeps all its text, what it leaves is split equally
+  among the longer ones, and so on. A short response is therefore never cut while a longer one keeps more
+  (the old proportional split did that: ``(50, 3000, 500)`` at 1,900 gave ``[50, 1422, 427]``, now
+  ``[50, 1350, 500]``). The price: when both responses are cut they keep the same amount, so their length
+  difference is no longer visible in that row. The split is symmetric in A and B (an integer remainder goes to
+  both responses or to neither), so the swapped row is cut exactly like the original.
+* A cut piece keeps its head and its end with ``cfg.truncation_marker`` between them: ``cfg.head_fraction``
+  of the kept tokens from the start (rounded; for 0 < head_fraction < 1 at least the first and the last
+  token), the rest from the end. Openers such as refusals and the final answer both survive.
+  ``head_fraction=0`` keeps only the end, ``1`` only the start. ``cfg.truncation`` picks the turn order only.
 * bos, template delimiters (incl. special tokens) and the question suffix are never cut. Text is tokenised
   with ``split_special_tokens=True``, so a literal ``<start_of_turn>`` or ``<pad>`` in user text is plain text.
 
@@ -60,7 +64,8 @@ from kaggle_utils.config import FormatConfig
 from kaggle_utils.errors import DataError, UsageError
 from kaggle_utils.tokenizer import END_OF_TURN, START_OF_TURN
 
-TEMPLATE_VERSION = "arena-pair-v1"
+# v2: max-min fair (water-filling) split of a cut turn; cut pieces keep head and end (format.head_fraction).
+TEMPLATE_VERSION = "arena-pair-v2"
 TURN_COLUMNS: tuple[str, str, str] = ("prompt", "response_a", "response_b")
 TRUNCATION_MODES: tuple[str, ...] = ("keep_end", "keep_start", "head_tail")
 QUESTION = "Which response is better? A, B or tie?"
@@ -244,8 +249,10 @@ def _check_config(cfg: FormatConfig) -> None:
         raise UsageError(f"format.template={cfg.template!r} is unknown; choose one of {sorted(TEMPLATES)}")
     if cfg.truncation not in TRUNCATION_MODES:
         raise UsageError(f"format.truncation={cfg.truncation!r} is unknown; choose one of {list(TRUNCATION_MODES)}")
-    if not 0.0 <= cfg.floor_share <= 1.0 / 3.0:
-        raise UsageError(f"format.floor_share={cfg.floor_share} must lie in [0, 1/3] (three pieces share the budget)")
+    if not 0.0 <= cfg.head_fraction <= 1.0:
+        raise UsageError(
+            f"format.head_fraction={cfg.head_fraction} must lie in [0, 1] (the share of a cut piece kept from its start)"
+        )
     if not isinstance(cfg.max_length, int) or cfg.max_length <= 0:
         raise UsageError(f"format.max_length={cfg.max_length!r} must be a positive integer")
 
@@ -324,52 +331,72 @@ def _turn_priority(n_turns: int, mode: str) -> list[int]:
     return order
 
 
-def _share(lengths: tuple[int, int, int], budget: int, floor_share: float) -> list[int]:
-    """Split ``budget`` text tokens among (prompt, A, B): floors first, the rest in proportion to what is left."""
+def _share(lengths: tuple[int, int, int], budget: int) -> list[int]:
+    """Split ``budget`` text tokens among (prompt, A, B) max-min fairly (water-filling).
+
+    Pieces shorter than an equal share of what is left keep all their text; the rest is split equally among
+    the longer ones. Integer remainders go to A and B together, then to the prompt, then to the one cut
+    response, so the split is symmetric in A and B (at most one token stays unused). Never more than a
+    piece's length, never more than ``budget`` in total.
+    """
     if sum(lengths) <= budget:
         return list(lengths)
-    budget = max(budget, 0)
-    floor = int(floor_share * budget)
-    alloc = [min(length, floor) for length in lengths]
-    rest = budget - sum(alloc)
-    need = [length - a for length, a in zip(lengths, alloc, strict=True)]
-    total_need = sum(need)
-    alloc = [a + rest * n // total_need for a, n in zip(alloc, need, strict=True)]
-    # Rounding leaves at most 2 tokens: prompt first, then A and B only together, to stay A/B symmetric.
-    left = budget - sum(alloc)
-    if left and alloc[0] < lengths[0]:
-        extra = min(left, lengths[0] - alloc[0])
-        alloc[0] += extra
-        left -= extra
-    a_open, b_open = alloc[1] < lengths[1], alloc[2] < lengths[2]
-    if left >= 2 and a_open and b_open:
-        alloc[1] += 1
-        alloc[2] += 1
-    elif left and a_open != b_open:
-        alloc[1 if a_open else 2] += 1
+    left = max(budget, 0)
+    alloc = [0, 0, 0]
+    open_pieces = sorted(range(3), key=lambda piece: lengths[piece])
+    while open_pieces:
+        shortest = open_pieces[0]
+        if lengths[shortest] * len(open_pieces) <= left:  # fits within an equal share: kept whole
+            alloc[shortest] = lengths[shortest]
+            left -= lengths[shortest]
+            open_pieces.pop(0)
+            continue
+        level, extra = divmod(left, len(open_pieces))
+        for piece in open_pieces:
+            alloc[piece] = level
+        if extra >= 2 and 1 in open_pieces and 2 in open_pieces:
+            alloc[1] += 1
+            alloc[2] += 1
+            extra -= 2
+        if extra and 0 in open_pieces:
+            alloc[0] += 1
+            extra -= 1
+        if extra and (1 in open_pieces) != (2 in open_pieces):
+            alloc[1 if 1 in open_pieces else 2] += 1
+        break
     return alloc
 
 
-def _cut_allocation(lengths: tuple[int, int, int], content_budget: int, marker_len: int, floor_share: float) -> list[int]:
-    """Text tokens kept per piece of a turn that does not fit whole; each cut piece also pays for a marker."""
+def _cut_allocation(lengths: tuple[int, int, int], content_budget: int, marker_len: int) -> list[int]:
+    """Text tokens kept per piece of a turn that does not fit whole; each cut piece also pays for a marker.
+
+    Fewer markers reserved leave more text, so the smallest marker count that covers the cut pieces wins
+    (the number of cut pieces only grows as the budget shrinks, so that count is exact).
+    """
     alloc = list(lengths)
     for n_markers in (1, 2, 3):
-        alloc = _share(lengths, content_budget - n_markers * marker_len, floor_share)
+        alloc = _share(lengths, content_budget - n_markers * marker_len)
         n_cut = sum(a < length for a, length in zip(alloc, lengths, strict=True))
         if n_cut <= n_markers:
             break
     return alloc
 
 
-def _cut_piece(ids: list[int], keep: int, marker: list[int], mode: str) -> list[int]:
+def _head_tokens(keep: int, head_fraction: float) -> int:
+    """How many of ``keep`` tokens come from the piece's start; with 0 < head_fraction < 1 and keep >= 2 both
+    the first and the last token of the piece are kept."""
+    head = math.floor(head_fraction * keep + 0.5)
+    if 0.0 < head_fraction < 1.0 and keep >= 2:
+        head = min(max(head, 1), keep - 1)
+    return head
+
+
+def _cut_piece(ids: list[int], keep: int, marker: list[int], head_fraction: float) -> list[int]:
+    """The piece's head and end around the marker (openers such as refusals and conclusions both survive)."""
     length = len(ids)
     if keep >= length:
         return ids
-    if mode == "keep_end":
-        return marker + ids[length - keep :]
-    if mode == "keep_start":
-        return ids[:keep] + marker
-    head = math.ceil(keep / 2)
+    head = _head_tokens(keep, head_fraction)
     return ids[:head] + marker + ids[length - (keep - head) :]
 
 
@@ -378,7 +405,7 @@ def _encode_row(
     ids: _TemplateIds,
     max_length: int,
     mode: str,
-    floor_share: float,
+    head_fraction: float,
 ) -> tuple[list[int], list[int]]:
     """One row's input ids (and kept text tokens per piece) from its tokenised turns."""
     n_turns = len(turns)
@@ -404,7 +431,7 @@ def _encode_row(
                 continue
             content_budget = budget - overhead
             if rank == 0 or content_budget - 3 * marker_len >= MIN_PARTIAL_TURN_TOKENS:
-                keep[turn] = _cut_allocation(lengths, content_budget, marker_len, floor_share)
+                keep[turn] = _cut_allocation(lengths, content_budget, marker_len)
             break  # turns after this one in priority are dropped (one marker stands for them)
     gap_marker = len(keep) < n_turns
 
@@ -421,11 +448,11 @@ def _encode_row(
         prompt, response_a, response_b = turns[turn]
         kept = keep[turn]
         out += ids.turn_open
-        out += _cut_piece(prompt, kept[0], ids.marker, mode)
+        out += _cut_piece(prompt, kept[0], ids.marker, head_fraction)
         out += ids.prompt_to_a
-        out += _cut_piece(response_a, kept[1], ids.marker, mode)
+        out += _cut_piece(response_a, kept[1], ids.marker, head_fraction)
         out += ids.a_to_b
-        out += _cut_piece(response_b, kept[2], ids.marker, mode)
+        out += _cut_piece(response_b, kept[2], ids.marker, head_fraction)
         out += ids.turn_close
         for piece in range(3):
             kept_total[piece] += kept[piece]
@@ -479,7 +506,7 @@ def _encode(
                 content[start + row] = [sum(len(turn[piece]) for turn in turns) for piece in range(3)]
                 for index, swap in enumerate(orders):
                     ordered = [(p, b, a) for p, a, b in turns] if swap else turns
-                    row_ids, row_kept = _encode_row(ordered, ids, cfg.max_length, cfg.truncation, cfg.floor_share)
+                    row_ids, row_kept = _encode_row(ordered, ids, cfg.max_length, cfg.truncation, cfg.head_fraction)
                     outputs[index].append(row_ids)
                     kept[index][start + row] = row_kept
             bar.update(chunk.height)

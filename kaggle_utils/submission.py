@@ -17,7 +17,7 @@ import numpy as np
 import polars as pl
 
 from kaggle_utils.config import LABEL_COLUMNS
-from kaggle_utils.errors import SubmissionError
+from kaggle_utils.errors import SubmissionError, one_line
 from kaggle_utils.fileio import atomic_write_bytes
 
 SUBMISSION_COLUMNS: tuple[str, ...] = ("id", *LABEL_COLUMNS)
@@ -144,7 +144,7 @@ def read_test_ids(test_path: str | Path) -> pl.Series:
         else:
             table = pl.read_csv(test_path, columns=["id"], infer_schema=False, encoding="utf8-lossy")
     except Exception as error:  # polars raises ColumnNotFoundError, ComputeError, ... for bad files
-        raise SubmissionError(f"test file {test_path}: cannot read its 'id' column ({error})") from error
+        raise SubmissionError(f"test file {test_path}: cannot read its 'id' column ({one_line(error)})") from error
     return table["id"].str.strip_chars()
 
 
@@ -161,7 +161,7 @@ def validate_submission(path: str | Path, test_path: str | Path) -> SubmissionRe
     try:
         table = pl.read_csv(path, infer_schema=False, encoding="utf8")
     except Exception as error:  # polars: ComputeError / NoDataError / ShapeError for malformed CSV
-        raise SubmissionError(f"{path}: not a readable CSV ({error})") from error
+        raise SubmissionError(f"{path}: not a readable CSV ({one_line(error)})") from error
 
     header = list(table.columns)
     if header != list(SUBMISSION_COLUMNS):

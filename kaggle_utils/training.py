@@ -257,12 +257,15 @@ def planned_steps(n_examples: int, cfg: TrainConfig, world: int = 1) -> int:
 
 
 def run_fingerprint(cfg: PipelineConfig, fold: int, train_ids: list, total_steps: int) -> str:
-    """sha256 over what determines a run's trajectory: the format/model/LoRA/quant/train settings, the fold,
-    the training row ids and the planned steps."""
+    """sha256 over what determines a run's trajectory: the format/model/LoRA/quant/train settings, the
+    template version, the fold, the training row ids and the planned steps."""
     import hashlib
+
+    from kaggle_utils.formatting import TEMPLATE_VERSION  # other encodings: never resume across it
 
     relevant = {name: getattr(cfg, name) for name in ("format", "model", "lora", "quant", "train")}
     payload = json.dumps({"sections": {k: asdict(v) for k, v in relevant.items()}, "fold": fold,
+                          "template_version": TEMPLATE_VERSION,
                           "train_ids": [str(i) for i in train_ids], "total_steps": total_steps},
                          sort_keys=True, default=str)
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()

@@ -44,6 +44,28 @@ def test_validate_data_exit_2_for_missing_file_and_missing_columns(main, tmp_pat
     assert_one_line_error(capsys, "broken.csv", "response_a")
 
 
+def test_validate_data_exit_2_for_a_header_only_train_file(main, tmp_path, capsys):
+    header_only = tmp_path / "train.csv"
+    header_only.write_text("id,model_a,model_b,prompt,response_a,response_b,winner_model_a,winner_model_b,winner_tie\n")
+    assert main(["validate-data", str(header_only)]) == 2
+    assert_one_line_error(capsys, "train.csv", "no data rows")
+    assert main(["validate-data", str(header_only), "--split", "train"]) == 2
+    assert_one_line_error(capsys, "train.csv", "no data rows")
+
+
+def test_validate_data_says_a_directory_is_a_directory(main, tmp_path, capsys):
+    assert main(["validate-data", str(tmp_path)]) == 2
+    err = assert_one_line_error(capsys, str(tmp_path), "is a directory")
+    assert "not found" not in err
+
+
+def test_validate_data_exit_2_for_an_empty_string_id(main, tmp_path, capsys):
+    path = tmp_path / "test.csv"
+    path.write_text('id,prompt,response_a,response_b\n1,["p"],["a"],["b"]\n"",["p"],["a"],["b"]\n')
+    assert main(["validate-data", str(path)]) == 2
+    assert_one_line_error(capsys, "test.csv", "'id'", "empty string", "data rows [2]")
+
+
 def test_folds_command_writes_checked_folds(main, sample_files, train_data, tmp_path, capsys):
     out = tmp_path / "folds.parquet"
     assert main(["folds", "--train", str(sample_files.train_csv), "--out", str(out), "--n-folds", "4"]) == 0
@@ -67,6 +89,17 @@ def test_validate_submission_exit_codes(main, sample_files, tmp_path, capsys):
     pl.read_csv(good).head(len(test_ids) - 1).write_csv(bad)
     assert main(["validate-submission", str(bad), "--test", str(sample_files.test_csv)]) == 2
     assert_one_line_error(capsys, "bad.csv", "test ids missing", str(test_ids[-1]))
+
+
+def test_validate_submission_test_file_without_id_is_one_clean_line(main, sample_files, tmp_path, capsys):
+    good = tmp_path / "good.csv"
+    test_ids = pl.read_csv(sample_files.test_csv, columns=["id"])["id"]
+    pl.DataFrame({"id": test_ids, "winner_model_a": 0.4, "winner_model_b": 0.4, "winner_tie": 0.2}).write_csv(good)
+    no_id = tmp_path / "test_no_id.csv"
+    pl.DataFrame({"row": [1], "prompt": ['["p"]']}).write_csv(no_id)
+    assert main(["validate-submission", str(good), "--test", str(no_id)]) == 2
+    err = assert_one_line_error(capsys, "test_no_id.csv", "'id'")
+    assert "plan" not in err.lower() and "---> FAILED" not in err
 
 
 def test_baseline_command_scores_and_writes_a_valid_submission(main, sample_files, tmp_path, capsys):

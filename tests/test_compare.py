@@ -16,6 +16,7 @@ from kaggle_utils.artifacts import load_artifact
 from kaggle_utils.cli import main
 from kaggle_utils.config import PipelineConfig
 from kaggle_utils.errors import UsageError
+from kaggle_utils.formatting import TEMPLATE_VERSION
 from kaggle_utils.metrics import load_oof, log_loss, oof_probs
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py
@@ -113,6 +114,9 @@ def test_a_registered_variant_runs_without_touching_compare(sample_files, tmp_pa
         artifact = report["runs"][0]["per_fold"][0]["artifact_dir"]
         assert load_artifact(artifact, device="cpu").manifest["quant_scheme"] == "int8"
         assert report["decision"]["runner_up"] is None
+        # the report records how its rows were encoded
+        assert report["setup"]["template_version"] == TEMPLATE_VERSION
+        assert report["setup"]["format"] == dataclasses.asdict(cfg.format)
     finally:
         compare.VARIANTS.pop("test-ft-then-int8", None)
         compare.VARIANTS.pop("test-needs-a-gpu", None)

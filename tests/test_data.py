@@ -396,12 +396,48 @@ def test_string_ids_are_kept_as_strings(tmp_path):
     assert load_competition(path).frame["id"].to_list() == ["007", "12"]  # leading zeros survive
 
 
-def test_header_only_file_loads_empty(tmp_path):
-    path = tmp_path / "test.csv"
-    path.write_text("id,prompt,response_a,response_b\n")
-    loaded = load_competition(path)
-    assert loaded.frame.height == 0 and loaded.report.rows_read == 0
-    assert loaded.frame.schema["prompt"] == pl.List(pl.String)
+@pytest.mark.parametrize("split", ["train", "test", "auto"])
+def test_header_only_file_is_an_error(tmp_path, split):
+    path = tmp_path / "train.csv"
+    path.write_text(",".join(TRAIN_HEADER) + "\n")
+    with pytest.raises(DataError, match=r"train\.csv: no data rows \(only a header\)"):
+        load_competition(path, split=split)
+
+
+def test_train_file_with_every_row_dropped_is_an_error(tmp_path):
+    path = write_train(tmp_path / "train.csv", [(1, '["p"]', "[unquoted, items]", '["b"]', 0)])
+    with pytest.raises(DataError, match=r"train\.csv: all 1 data rows were dropped \(unparseable response_a: 1\)"):
+        load_competition(path, split="train")
+    # the same row on test is kept (with empty text), so the file is usable there
+    assert load_competition(path, split="test").frame.height == 1
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+@pytest.mark.parametrize("blank", ['""', "   ", '"  "'])
+def test_empty_string_id_is_an_error_naming_file_row_and_field(tmp_path, split, blank):
+    path = tmp_path / "data.csv"
+    header = ",".join(TRAIN_HEADER)
+    row = 'm1,m2,["p"],["a"],["b"],1,0,0'
+    path.write_text(f"{header}\n7,{row}\n{blank},{row}\n")
+    with pytest.raises(DataError, match=r"data\.csv: column 'id' is an empty string in 1 row\(s\) \(data rows \[2\]\)"):
+        load_competition(path, split=split)
+
+
+def test_empty_string_id_in_parquet_is_an_error(tmp_path):
+    path = tmp_path / "test.parquet"
+    pl.DataFrame({"id": ["a", ""], "prompt": ["p"] * 2, "response_a": ["a"] * 2, "response_b": ["b"] * 2}).write_parquet(
+        path
+    )
+    with pytest.raises(DataError, match=r"test\.parquet: column 'id' is an empty string .*data rows \[2\]"):
+        load_competition(path, DataConfig(format="wsdm"))
+
+
+def test_directory_is_reported_as_a_directory(tmp_path):
+    folder = tmp_path / "train.csv"
+    folder.mkdir()
+    with pytest.raises(DataError, match=r"train\.csv: is a directory") as info:
+        load_competition(folder)
+    assert "not found" not in str(info.value)
 
 
 # ------------------------------------------------------------------------------------------------- WSDM

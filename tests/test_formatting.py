@@ -5,12 +5,17 @@
   exactly, independently of the implementation's own bookkeeping.
 * ``bpe_tok``: the byte-level BPE demo tokenizer (Gemma layout) on arbitrary unicode text, literal special
   tokens included.
+* ``gemma_tok``: Gemma-2's real tokenizer (SentencePiece, 256k pieces) from the shared reference folder
+  ``<repo>/../shared/reference/tokenizers/gemma2`` (or ``$KAGGLE_UTILS_GEMMA2_TOKENIZER``); loaded once per
+  module. Missing, it fails the test under CI (``CI=true``) and skips it elsewhere.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import re
+from pathlib import Path
 
 import numpy as np
 import polars as pl
@@ -33,12 +38,13 @@ from kaggle_utils.formatting import (
     swap_labels,
     swap_probs,
 )
-from kaggle_utils.tokenizer import END_OF_TURN, START_OF_TURN, train_demo_tokenizer
+from kaggle_utils.tokenizer import END_OF_TURN, START_OF_TURN, load_tokenizer, train_demo_tokenizer
 
 MAX_TURNS, MAX_WORDS = 4, 120
 CONTENT = re.compile(r"^([pab])(\d+)x(\d+)$")
 PIECES = "pab"
-FLOOR_SHARES = (0.0, 0.1, 0.2, 1 / 3)
+HEAD_FRACTIONS = (0.0, 0.1, 0.25, 0.5, 0.75, 1.0)
+GEMMA2_ENV = "KAGGLE_UTILS_GEMMA2_TOKENIZER"
 HYPOTHESIS = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
@@ -141,12 +147,12 @@ word_rows = st.lists(st.lists(turn_lengths, min_size=1, max_size=MAX_TURNS), min
     lengths=word_rows,
     mode=st.sampled_from(TRUNCATION_MODES),
     template=st.sampled_from(sorted(TEMPLATES)),
-    floor_share=st.sampled_from(FLOOR_SHARES),
+    head_fraction=st.sampled_from(HEAD_FRACTIONS),
     slack=st.integers(0, 400),
 )
-def test_truncation_properties_counted_word_by_word(word_tok, lengths, mode, template, floor_share, slack):
-    base = FormatConfig(template=template, truncation=mode, floor_share=floor_share)
-    cfg = FormatConfig(template=template, truncation=mode, floor_share=floor_share,
+def test_truncation_properties_counted_word_by_word(word_tok, lengths, mode, template, head_fraction, slack):
+    base = FormatConfig(template=template, truncation=mode, head_fraction=head_fraction)
+    cfg = FormatConfig(template=template, truncation=mode, head_fraction=head_fraction,
                        max_length=minimum_max_length(word_tok, base) + slack)  # fmt: skip
     encoded = encode_rows(_frame(_word_rows(lengths)), word_tok, cfg)
     (turn_open, prompt_to_a, a_to_b, turn_close, suffix), marker = _template_parts(word_tok, cfg)
@@ -207,17 +213,18 @@ def test_truncation_properties_counted_word_by_word(word_tok, lengths, mode, tem
                 assert kept == list(range(total))
                 continue
             cut_pieces += 1
-            if not kept:  # cut to nothing but its marker (floor_share 0, tiny budget)
+            if not kept:  # cut to nothing but its marker (tiny budget)
                 continue
+            # Head and end around the marker: head_fraction of the kept words from the start (rounded), and for
+            # 0 < head_fraction < 1 at least the first and the last word.
             where = positions[(t, k)]
-            if mode == "keep_end":  # the end of the piece, marker just before it
-                assert kept == list(range(total - len(kept), total)) and ids[where[0] - 1] == marker[0]
-            elif mode == "keep_start":  # the start, marker just after
-                assert kept == list(range(len(kept))) and ids[where[-1] + 1] == marker[0]
-            else:  # head and tail around the marker
-                head = math.ceil(len(kept) / 2)
-                assert kept == list(range(head)) + list(range(total - (len(kept) - head), total))
-                assert ids[where[head - 1] + 1] == marker[0]
+            head = math.floor(head_fraction * len(kept) + 0.5)
+            if 0 < head_fraction < 1 and len(kept) >= 2:
+                head = min(max(head, 1), len(kept) - 1)
+                assert kept[0] == 0 and kept[-1] == total - 1
+            assert kept == list(range(head)) + list(range(total - (len(kept) - head), total))
+            marker_at = where[head - 1] + 1 if head else where[0] - 1
+            assert ids[marker_at] == marker[0]
         # One marker per cut piece, plus one where whole turns were dropped.
         assert n_markers == cut_pieces + (kept_turns < n_turns)
         if kept_turns < n_turns and mode == "keep_end":
@@ -225,15 +232,23 @@ def test_truncation_properties_counted_word_by_word(word_tok, lengths, mode, tem
         elif kept_turns < n_turns and mode == "keep_start":
             assert ids[-len(suffix) - 1] == marker[0]  # dropped turns were the last ones
 
-        if n_turns == 1:
-            # Each piece keeps at least its floor share of the content budget (or all its text).
-            content_budget = cfg.max_length - fixed_cost - overhead - 3 * len(marker)
-            floor = int(floor_share * content_budget)
+        # Max-min fairness inside the cut turn: a cut piece keeps at least as much as any other piece of its
+        # turn, up to one token of integer rounding (so a piece kept whole is never longer than a cut one + 1).
+        cut_turns = [t for t in kept_set if any(len(seen.get((t, k), [])) < row[t][k] for k in range(3))]
+        assert len(cut_turns) <= 1
+        for t in cut_turns:
+            kept_counts = [len(seen.get((t, k), [])) for k in range(3)]
             for k in range(3):
-                assert len(seen.get((0, k), [])) >= min(row[0][k], floor)
-            # Unused share flows to the others: a cut single turn fills the budget (up to rounding).
-            assert len(ids) >= cfg.max_length - 2
-            assert n_markers == sum(1 for k in range(3) if len(seen.get((0, k), [])) < row[0][k])
+                if kept_counts[k] < row[t][k]:
+                    assert max(kept_counts) <= kept_counts[k] + 1, (row[t], kept_counts)
+
+        if n_turns == 1:
+            # The whole budget is used (one token may stay unused so that A and B are cut alike).
+            content_budget = cfg.max_length - fixed_cost - overhead
+            kept_counts = [len(seen.get((0, k), [])) for k in range(3)]
+            used = sum(kept_counts) + n_markers * len(marker)
+            assert content_budget - 1 <= used <= content_budget
+            assert n_markers == sum(1 for k in range(3) if kept_counts[k] < row[0][k])
 
     # The implementation's own bookkeeping agrees with the count.
     for r, ids in enumerate(encoded.input_ids):
@@ -243,23 +258,56 @@ def test_truncation_properties_counted_word_by_word(word_tok, lengths, mode, tem
             assert encoded.content_tokens[r, k] == sum(turn[k] for turn in lengths[r])
 
 
-def test_floor_share_protects_a_short_piece_and_the_rest_goes_by_length(word_tok):
-    cfg = FormatConfig(template="plain", max_length=200, floor_share=0.2)
+def test_water_filling_keeps_a_short_response_whole(word_tok):
+    """The issue's case, scaled: lengths (5, 119, 40) and 100 text tokens. The old proportional split cut B to
+    29 while A kept 65; water-filling keeps the prompt and B whole and gives A the rest."""
+    cfg = FormatConfig(template="plain", max_length=200)
     (turn_open, prompt_to_a, a_to_b, turn_close, suffix), marker = _template_parts(word_tok, cfg)
-    content_budget = cfg.max_length - 1 - len(suffix) - len(turn_open + prompt_to_a + a_to_b + turn_close)
-    encoded = encode_rows(_frame(_word_rows([[(100, 118, 40)]])), word_tok, cfg)
-    prompt, a, b = encoded.kept_tokens[0]
-    available = content_budget - 3 * len(marker)
-    assert prompt + a + b == available  # the whole budget is used
-    assert min(prompt, a, b) >= int(0.2 * available)  # nobody is starved
-    assert a > prompt > b  # the remainder follows how much each piece still had
-    equal = encode_rows(_frame(_word_rows([[(100, 118, 90)]])), word_tok,
-                        FormatConfig(template="plain", max_length=200, floor_share=1 / 3))  # fmt: skip
-    assert max(equal.kept_tokens[0]) - min(equal.kept_tokens[0]) <= 2  # floor 1/3: an equal split (+ rounding)
+    overhead = len(turn_open + prompt_to_a + a_to_b + turn_close)
+    cfg = FormatConfig(template="plain", max_length=1 + len(suffix) + overhead + 100 + len(marker))
+    encoded = encode_rows(_frame(_word_rows([[(5, 119, 40)]])), word_tok, cfg)
+    assert encoded.kept_tokens[0].tolist() == [5, 55, 40]
+    # Three long pieces, each paying for a marker: 98 words split equally, the 2 spare ones to A and B together.
+    equal = encode_rows(_frame(_word_rows([[(110, 118, 90)]])), word_tok, cfg)
+    assert equal.kept_tokens[0].tolist() == [32, 33, 33]
+
+
+@pytest.mark.parametrize(
+    ("lengths", "budget", "expected"),
+    [
+        ((50, 3000, 500), 1900, [50, 1350, 500]),  # was [50, 1422, 427]
+        ((3000, 3000, 3000), 1900, [634, 633, 633]),  # remainder 1: the prompt
+        ((3000, 3000, 3000), 1901, [633, 634, 634]),  # remainder 2: A and B together
+        ((10, 3000, 3000), 1901, [10, 945, 945]),  # remainder 1 between A and B: stays unused
+        ((3000, 10, 3000), 1901, [946, 10, 945]),
+        ((100, 200, 300), 600, [100, 200, 300]),  # everything fits: nothing cut
+        ((100, 200, 300), 0, [0, 0, 0]),
+    ],
+)
+def test_share_is_max_min_fair(lengths, budget, expected):
+    from kaggle_utils.formatting import _share
+
+    assert _share(lengths, budget) == expected
+
+
+@given(lengths=st.tuples(*(st.integers(0, 5000) for _ in range(3))), budget=st.integers(0, 9000))
+def test_share_properties(lengths, budget):
+    from kaggle_utils.formatting import _share
+
+    alloc = _share(lengths, budget)
+    assert all(0 <= a <= n for a, n in zip(alloc, lengths, strict=True))
+    if sum(lengths) <= budget:
+        assert alloc == list(lengths)
+        return
+    assert budget - 1 <= sum(alloc) <= budget
+    for k in range(3):
+        if alloc[k] < lengths[k]:  # cut: nobody keeps more than it (+1 rounding)
+            assert max(alloc) <= alloc[k] + 1
+    assert _share((lengths[0], lengths[2], lengths[1]), budget) == [alloc[0], alloc[2], alloc[1]]  # A/B symmetric
 
 
 def test_short_pieces_give_their_share_to_the_long_one(word_tok):
-    cfg = FormatConfig(template="plain", max_length=100, floor_share=0.2)
+    cfg = FormatConfig(template="plain", max_length=100)
     (turn_open, prompt_to_a, a_to_b, turn_close, suffix), marker = _template_parts(word_tok, cfg)
     content_budget = cfg.max_length - 1 - len(suffix) - len(turn_open + prompt_to_a + a_to_b + turn_close)
     encoded = encode_rows(_frame(_word_rows([[(3, 119, 2)]])), word_tok, cfg)
@@ -270,34 +318,57 @@ def test_short_pieces_give_their_share_to_the_long_one(word_tok):
 piece_text = st.one_of(
     st.text(alphabet=st.characters(blacklist_categories=["Cs"]), max_size=500),
     st.sampled_from(["", "<start_of_turn>", "<bos> <pad> <end_of_turn>", "<response_b>", " [...] "]),
-    st.lists(st.sampled_from(["the", "model", "café", "😊", "数据", "\n", "  "]), max_size=200).map(" ".join),
+    st.lists(st.sampled_from(["the", "model", "café", "😊", "数据", "\n", "  "]), max_size=400).map(" ".join),
 )
-bpe_rows = st.lists(st.lists(st.tuples(piece_text, piece_text, piece_text), min_size=1, max_size=3),
-                    min_size=1, max_size=3)  # fmt: skip
+
+# Long pieces with distinct words (so a wrong head/end split cannot pass by repetition) make cuts common.
+long_text = st.builds(lambda head, n, end: head + " ".join(f"w{i}" for i in range(n)) + end,
+                      st.text(max_size=30), st.integers(50, 1500), st.text(max_size=30))  # fmt: skip
 
 
-@HYPOTHESIS
-@given(rows=bpe_rows, mode=st.sampled_from(TRUNCATION_MODES), slack=st.integers(0, 200),
-       floor_share=st.sampled_from(FLOOR_SHARES))  # fmt: skip
-def test_truncation_properties_on_arbitrary_text_with_bpe(bpe_tok, rows, mode, slack, floor_share):
-    base = FormatConfig(truncation=mode, floor_share=floor_share)
-    cfg = FormatConfig(truncation=mode, floor_share=floor_share, max_length=minimum_max_length(bpe_tok, base) + slack)
-    encoded = encode_rows(_frame(rows), bpe_tok, cfg)
-    (turn_open, prompt_to_a, a_to_b, turn_close, suffix), marker = _template_parts(bpe_tok, cfg)
-    start, end = bpe_tok.convert_tokens_to_ids([START_OF_TURN, END_OF_TURN])
-    for row, ids in zip(rows, encoded.input_ids, strict=True):
+def _rows_of(text: st.SearchStrategy[str]) -> st.SearchStrategy[list[list[tuple[str, str, str]]]]:
+    """Rows of 1-3 turns; single-turn rows drawn often, since they are read back token by token."""
+    text = st.one_of(text, long_text)
+    turn = st.tuples(text, text, text)
+    row = st.one_of(st.lists(turn, min_size=1, max_size=1), st.lists(turn, min_size=1, max_size=3))
+    return st.lists(row, min_size=1, max_size=3)
+
+
+bpe_rows = _rows_of(piece_text)
+
+
+def _cut_segment_ok(segment: list[int], piece: list[int], keep: int, marker: list[int], head_fraction: float) -> bool:
+    """``segment`` is the piece's first h and last keep-h tokens around the marker, h ~ head_fraction * keep."""
+    for head in range(keep + 1):
+        if abs(head - head_fraction * keep) > 1:
+            continue
+        if segment == piece[:head] + marker + piece[len(piece) - (keep - head) :]:
+            return True
+    return False
+
+
+def _check_truncation_properties(tok, rows, mode: str, slack: int, head_fraction: float) -> None:
+    """Properties that hold for any fast tokenizer, checked against separately tokenised pieces."""
+    base = FormatConfig(truncation=mode, head_fraction=head_fraction)
+    cfg = FormatConfig(truncation=mode, head_fraction=head_fraction, max_length=minimum_max_length(tok, base) + slack)
+    encoded = encode_rows(_frame(rows), tok, cfg)
+    (turn_open, prompt_to_a, a_to_b, turn_close, suffix), marker = _template_parts(tok, cfg)
+    delimiters = (turn_open, prompt_to_a, a_to_b, turn_close)
+    start, end = tok.convert_tokens_to_ids([START_OF_TURN, END_OF_TURN])
+    for r, (row, ids) in enumerate(zip(rows, encoded.input_ids, strict=True)):
         assert len(ids) <= cfg.max_length
-        assert ids[0] == bpe_tok.bos_token_id and ids[-len(suffix) :] == suffix
+        assert ids[0] == tok.bos_token_id and ids[-len(suffix) :] == suffix
         # Literal special tokens in text stay text: the only special ids are the template's own.
-        assert bpe_tok.bos_token_id not in ids[1:] and bpe_tok.pad_token_id not in ids and bpe_tok.eos_token_id not in ids
+        assert tok.bos_token_id not in ids[1:] and tok.pad_token_id not in ids and tok.eos_token_id not in ids
         kept_turns = (ids.count(end) - 1) // 2  # per turn: two of each; the suffix: two starts, one end
         assert kept_turns >= 1 and ids.count(end) == 2 * kept_turns + 1 and ids.count(start) == 2 * kept_turns + 2
-        turns = [turn_open + p + prompt_to_a + a + a_to_b + b + turn_close
-                 for p, a, b in (_pieces(bpe_tok, list(turn)) for turn in row)]  # fmt: skip
+        pieces = [_pieces(tok, list(turn)) for turn in row]
+        turns = [turn_open + p + prompt_to_a + a + a_to_b + b + turn_close for p, a, b in pieces]
         fits_whole = 1 + sum(map(len, turns)) + len(suffix) <= cfg.max_length
         event("fits whole" if fits_whole else f"cut, {kept_turns} of {len(row)} turns kept")
-        if fits_whole:
-            assert ids == [bpe_tok.bos_token_id] + [i for turn in turns for i in turn] + suffix
+        if fits_whole:  # untouched
+            assert ids == [tok.bos_token_id] + [i for turn in turns for i in turn] + suffix
+            assert encoded.kept_tokens[r].tolist() == encoded.content_tokens[r].tolist()
             continue
         assert _contains(ids, marker)
         gap_room = len(marker) if len(row) > 1 else 0  # the marker for dropped turns
@@ -306,6 +377,93 @@ def test_truncation_properties_on_arbitrary_text_with_bpe(bpe_tok, rows, mode, s
                 assert ids[1 : 1 + len(turns[0])] == turns[0]
         elif 1 + len(turns[-1]) + len(suffix) + gap_room <= cfg.max_length:  # the last turn survives if it fits
             assert ids[-len(suffix) - len(turns[-1]) :] == turns[-1] + suffix
+        if len(row) > 1:
+            continue
+        # One turn: read the output back position by position, using only the kept counts.
+        kept = encoded.kept_tokens[r].tolist()
+        lengths = [len(piece) for piece in pieces[0]]
+        assert encoded.content_tokens[r].tolist() == lengths
+        cut = [k < n for k, n in zip(kept, lengths, strict=True)]
+        position = 1
+        for k in range(3):
+            assert ids[position : position + len(delimiters[k])] == delimiters[k]
+            position += len(delimiters[k])
+            segment = ids[position : position + kept[k] + (len(marker) if cut[k] else 0)]
+            position += len(segment)
+            piece = pieces[0][k]
+            if not cut[k]:
+                assert segment == piece
+                continue
+            assert _cut_segment_ok(segment, piece, kept[k], marker, head_fraction)
+            if 0 < head_fraction < 1 and kept[k] >= 2:  # the first and last token of a cut piece survive
+                assert segment[0] == piece[0] and segment[-1] == piece[-1]
+        assert ids[position:] == turn_close + suffix
+        # Max-min fair: a cut piece keeps at least as much as any other (+1 rounding); the budget is used up
+        # to the one token that may stay unused so that A and B are cut alike.
+        for k in range(3):
+            if cut[k]:
+                assert max(kept) <= kept[k] + 1, (lengths, kept)
+        content_budget = cfg.max_length - 1 - len(suffix) - sum(map(len, delimiters))
+        assert content_budget - 1 <= sum(kept) + sum(cut) * len(marker) <= content_budget
+
+
+@HYPOTHESIS
+@given(rows=bpe_rows, mode=st.sampled_from(TRUNCATION_MODES), slack=st.integers(0, 200),
+       head_fraction=st.sampled_from(HEAD_FRACTIONS))  # fmt: skip
+def test_truncation_properties_on_arbitrary_text_with_bpe(bpe_tok, rows, mode, slack, head_fraction):
+    _check_truncation_properties(bpe_tok, rows, mode, slack, head_fraction)
+
+
+# ------------------------------------------------------------------------------------ Gemma-2 tokenizer
+def _gemma2_dir() -> Path:
+    """$KAGGLE_UTILS_GEMMA2_TOKENIZER, else <repo>/../shared/reference/tokenizers/gemma2 (the CI layout)."""
+    override = os.environ.get(GEMMA2_ENV)
+    if override:
+        return Path(override)
+    return Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "tokenizers" / "gemma2"
+
+
+@pytest.fixture(scope="module")
+def gemma_tok() -> PreTrainedTokenizerFast:
+    """Gemma-2's real tokenizer; the 17 MB tokenizer.json takes seconds to load, so once per module."""
+    folder = _gemma2_dir()
+    if not (folder / "tokenizer.json").is_file():
+        message = (
+            f"Gemma-2 tokenizer not found: {folder / 'tokenizer.json'} is missing (expected the shared reference "
+            f"folder next to the repo clone, <repo>/../shared/reference/tokenizers/gemma2, or ${GEMMA2_ENV})"
+        )
+        if os.environ.get("CI", "").strip().lower() in ("1", "true", "yes"):
+            pytest.fail(message)
+        pytest.skip(message)
+    tok = load_tokenizer(folder)
+    assert (tok.bos_token_id, *tok.convert_tokens_to_ids([START_OF_TURN, END_OF_TURN])) == (2, 106, 107)
+    return tok
+
+
+gemma_piece_text = st.one_of(
+    st.text(alphabet=st.characters(blacklist_categories=["Cs"]), max_size=400),
+    st.sampled_from(["", "<start_of_turn>", "<bos> <pad> <end_of_turn>", "<response_b>", " [...] ", "I'm sorry"]),
+    st.lists(st.sampled_from(["the", "model", "café", "😊", "数据", "\n", "  ", "def", "```"]), max_size=500).map(" ".join),
+)
+gemma_rows = _rows_of(gemma_piece_text)
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(rows=gemma_rows, mode=st.sampled_from(TRUNCATION_MODES), slack=st.integers(0, 300),
+       head_fraction=st.sampled_from(HEAD_FRACTIONS))  # fmt: skip
+def test_truncation_properties_with_gemma2_tokenizer(gemma_tok, rows, mode, slack, head_fraction):
+    _check_truncation_properties(gemma_tok, rows, mode, slack, head_fraction)
+
+
+def test_gemma2_keeps_a_refusal_and_the_end_of_a_long_response(gemma_tok):
+    refusal = "I'm sorry, but I can't help with that. " + "Here is some general background instead. " * 200
+    refusal += "In short: please consult a professional."
+    frame = _frame([[("How do I do this?", refusal, "Sure! Step one: open the file.")]])
+    encoded = encode_rows(frame, gemma_tok, FormatConfig(max_length=256))
+    text = gemma_tok.decode(encoded.input_ids[0])
+    assert len(encoded.input_ids[0]) <= 256
+    assert "<response_a>\nI'm sorry, but I can't help" in text and "consult a professional.\n</response_a>" in text
+    assert " [...] " in text and "Sure! Step one: open the file." in text  # the short response is whole
 
 
 # ------------------------------------------------------------------------------------------------- swap
@@ -338,12 +496,12 @@ safe_text = st.text(alphabet=st.sampled_from(list("abcdefgh éü数😊,.?\n")),
 @given(rows=st.lists(st.lists(st.tuples(safe_text, safe_text, safe_text), min_size=1, max_size=3), min_size=1,
                      max_size=4),
        mode=st.sampled_from(TRUNCATION_MODES), slack=st.integers(0, 300),
-       floor_share=st.sampled_from(FLOOR_SHARES))  # fmt: skip
-def test_swapped_encoding_exchanges_a_and_b_exactly(bpe_tok, rows, mode, slack, floor_share):
+       head_fraction=st.sampled_from(HEAD_FRACTIONS))  # fmt: skip
+def test_swapped_encoding_exchanges_a_and_b_exactly(bpe_tok, rows, mode, slack, head_fraction):
     labels = [i % 3 for i in range(len(rows))]
     frame = _frame(rows, labels)
-    base = FormatConfig(truncation=mode, floor_share=floor_share)
-    cfg = FormatConfig(truncation=mode, floor_share=floor_share, max_length=minimum_max_length(bpe_tok, base) + slack)
+    base = FormatConfig(truncation=mode, head_fraction=head_fraction)
+    cfg = FormatConfig(truncation=mode, head_fraction=head_fraction, max_length=minimum_max_length(bpe_tok, base) + slack)
     original, swapped = encode_both_orders(frame, bpe_tok, cfg)
     assert swapped.input_ids == encode_rows(frame, bpe_tok, cfg, swap=True).input_ids
     assert swapped.input_ids == encode_rows(swap_frame(frame), bpe_tok, cfg).input_ids
@@ -425,8 +583,8 @@ def test_gemma_template_needs_the_turn_tokens(word_tok):
 
 def test_config_and_length_errors_are_usage_errors(word_tok):
     frame = _frame([[("p0x1", "a0x1", "b0x1")]])
-    with pytest.raises(UsageError, match="floor_share"):
-        encode_rows(frame, word_tok, FormatConfig(floor_share=0.5))
+    with pytest.raises(UsageError, match="head_fraction"):
+        encode_rows(frame, word_tok, FormatConfig(head_fraction=1.5))
     with pytest.raises(UsageError, match="truncation"):
         encode_rows(frame, word_tok, FormatConfig(truncation="middle"))
     minimum = minimum_max_length(word_tok, FormatConfig())

@@ -204,3 +204,14 @@ def test_a_best_saved_after_the_last_checkpoint_is_dropped_on_resume(tmp_path):
     assert sorted(p.name for p in (tmp_path / "best").iterdir()) == ["step-0000003", "step-0000006"]
     training._prune_best(tmp_path, keep={6})
     assert sorted(p.name for p in (tmp_path / "best").iterdir()) == ["step-0000006"]
+
+
+def test_run_fingerprint_changes_with_the_template_version(monkeypatch):
+    """A checkpoint written under one encoding (template/truncation version) must not be resumed under another."""
+    from kaggle_utils import formatting
+
+    cfg = PipelineConfig()
+    before = training.run_fingerprint(cfg, 0, [1, 2, 3], 10)
+    assert training.run_fingerprint(cfg, 0, [1, 2, 3], 10) == before
+    monkeypatch.setattr(formatting, "TEMPLATE_VERSION", "arena-pair-test")
+    assert training.run_fingerprint(cfg, 0, [1, 2, 3], 10) != before
