@@ -50,7 +50,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--dir-mode", choices=("zip", "tar"), default="zip", help="how subfolders are uploaded")
     parser.add_argument(
         "--include", action="append", metavar="PATTERN",
-        help="send only the files matching this glob (relative path; repeatable), for a folder that is neither",
+        help="send only the files matching this glob (relative path; repeatable); not for an artifact",
     )
 
     parser = add("build-wheels", "a dataset folder of the wheels an offline notebook installs", wheels)

@@ -8,7 +8,8 @@ them. `plan_upload` decides the exact file list instead:
   manifest itself;
 - a build-wheels folder (has wheels.json): top-level `*.whl`, requirements.txt and wheels.json (what
   build-wheels writes), the wheels checked against wheels.json's sha256 table when it has one;
-- any other folder: only the files matched by explicit `include` patterns.
+- any other folder: only the files matched by explicit `include` patterns (given for a build-wheels folder,
+  they replace its rule; an artifact refuses them).
 
 Everything else is left out and listed. A credential-looking file (by name, or a small text file holding a
 Kaggle-looking key/token) among the files to send refuses the whole upload before anything is sent.
