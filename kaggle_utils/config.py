@@ -152,6 +152,7 @@ class QAwareConfig:
     apiq_batch_size: int = 8
     apiq_lora_lr: float = 5e-4
     apiq_clip_lr: float = 5e-3
+    loftq_iterations: int = 1  # LoftQ alternating steps (1: peft's one-step init; the paper uses up to 5)
 
 
 @dataclass

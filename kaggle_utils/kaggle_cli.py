@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ast
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,12 +38,14 @@ from kaggle_utils.kaggle_tools.metadata import (
     with_owner,
     write_metadata,
 )
+from kaggle_utils.kaggle_tools.upload import ARTIFACT_MANIFEST, UploadPlan, plan_upload, stage_upload
 from kaggle_utils.kaggle_tools.wheels import MANIFEST_FILE as WHEELS_MANIFEST
 from kaggle_utils.kaggle_tools.wheels import WheelsReport, build_wheels, project_root
 
 __all__ = [
     "KernelCheck",
     "PushResult",
+    "UploadPlan",
     "WheelsReport",
     "build_kernel_folder",
     "build_wheels",
@@ -50,6 +53,7 @@ __all__ = [
     "download_competition",
     "kernel_status",
     "parse_parameters",
+    "plan_upload",
     "push_notebook",
     "resolve_owner",
     "submit_kernel",
@@ -57,7 +61,6 @@ __all__ = [
     "write_submission_metadata",
 ]
 
-ARTIFACT_MANIFEST = "manifest.json"
 
 
 def resolve_owner(cfg: KaggleConfig, owner: str | None = None, api: Any = None) -> str:
@@ -242,25 +245,23 @@ def upload_dataset(
     message: str = "update",
     owner: str | None = None,
     dir_mode: str = "zip",
-    verify_hashes: bool = False,
+    include: list[str] | None = None,
 ) -> dict[str, Any]:
-    """Write dataset-metadata.json into `directory`, then `datasets create` (new) or `datasets version`.
+    """Upload exactly the files `plan_upload` lists (an artifact's manifest, a wheels folder's wheels, or the
+    `include` patterns) as `datasets create` (new) or `datasets version`; everything else stays here.
 
-    Subfolders (model/, adapter/, tokenizer/ of an artifact) are uploaded as archives (`dir_mode` zip or tar):
-    the kaggle client skips them otherwise. An artifact is checked against its manifest first."""
+    The chosen files are staged (hard links) into a fresh folder with dataset-metadata.json, and the client
+    uploads that folder, so nothing unlisted can be sent. Subfolders (model/, adapter/, tokenizer/ of an
+    artifact) are uploaded as archives (`dir_mode` zip or tar): the client skips them otherwise. The list of
+    files sent (path + bytes) and of files left out is printed first."""
     directory = Path(directory)
     if not directory.is_dir():
         raise UsageError(f"{directory}: not a directory")
     if dir_mode not in ("zip", "tar"):
         raise UsageError(f"--dir-mode {dir_mode!r}: use zip or tar (other modes drop subfolders)")
-    content = [p for p in directory.iterdir() if p.name != DATASET_METADATA_FILE and not p.name.startswith(".")]
-    if not content:
-        raise UsageError(f"{directory}: nothing to upload")
-    role = role or _dataset_role(directory)
-    if role == "artifact" and (directory / ARTIFACT_MANIFEST).is_file():
-        from kaggle_utils.artifacts import read_manifest
-
-        read_manifest(directory, verify_hashes=verify_hashes)
+    marked = (directory / ARTIFACT_MANIFEST).is_file() or (directory / WHEELS_MANIFEST).is_file()
+    role = role or ("dataset" if slug and not marked else _dataset_role(directory))
+    plan = plan_upload(directory, include)
     slug = slug or dataset_slug(cfg, role)
     if not slug:
         raise UsageError(f"no dataset slug for role {role!r} (kaggle.{role}_dataset is None); pass --slug")
@@ -273,30 +274,36 @@ def upload_dataset(
     problems = validate_dataset_metadata(metadata, str(meta_path))
     if problems:
         raise UsageError("; ".join(problems))
-    write_metadata(metadata, meta_path)
+    write_metadata(metadata, meta_path)  # kept with the folder, so the next upload keeps title and license
     ref = metadata["id"]
-    folders = sorted(p.name for p in content if p.is_dir())
-    print(f"uploading {directory} as dataset {ref} ({len(content) - len(folders)} files, folders as {dir_mode}: {folders})")
+    folders = sorted({name.split("/", 1)[0] for name in plan.files if "/" in name})
+    print(f"uploading to dataset {ref} (folders as {dir_mode} archives: {folders})")
+    print(plan.summary())
 
     import requests
 
-    with kaggle_errors(f"dataset upload of {directory} to {ref}"):
-        try:
-            api.dataset_status(ref)
-            exists = True
-        except requests.HTTPError as error:
-            if error.response is None or error.response.status_code != 404:
-                raise
-            exists = False
-        if exists:
-            response = api.dataset_create_version(str(directory), message, quiet=False, dir_mode=dir_mode)
-        else:
-            response = api.dataset_create_new(str(directory), public=not cfg.is_private, quiet=False, dir_mode=dir_mode)
+    with tempfile.TemporaryDirectory(prefix="kaggle-upload-") as tmp:
+        staging = stage_upload(plan, Path(tmp) / directory.name)
+        write_metadata(metadata, staging / DATASET_METADATA_FILE)
+        with kaggle_errors(f"dataset upload of {directory} to {ref}"):
+            try:
+                api.dataset_status(ref)
+                exists = True
+            except requests.HTTPError as error:
+                if error.response is None or error.response.status_code != 404:
+                    raise
+                exists = False
+            if exists:
+                response = api.dataset_create_version(str(staging), message, quiet=False, dir_mode=dir_mode)
+            else:
+                response = api.dataset_create_new(
+                    str(staging), public=not cfg.is_private, quiet=False, dir_mode=dir_mode
+                )
     if response is None or response.error:
         raise UsageError(f"dataset upload to {ref} failed: {getattr(response, 'error', None) or 'no response'}")
     action = "new version of" if exists else "created"
     print(f"{action} dataset {ref}: {response.url} (processing on Kaggle takes a few minutes)")
-    return {"ref": ref, "created": not exists, "url": response.url, "role": role}
+    return {"ref": ref, "created": not exists, "url": response.url, "role": role, "files": dict(plan.files)}
 
 
 def download_competition(cfg: KaggleConfig, path: str | Path, competition: str | None = None, force: bool = False):

@@ -7,6 +7,7 @@ reach Kaggle: an unexpected request fails the test.
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import json
 import os
@@ -270,15 +271,43 @@ def test_http_errors_become_one_line(fake_kaggle, tmp_path):
 # --------------------------------------------------------------------------- datasets
 
 
-def make_artifact(folder: Path) -> Path:
-    """A folder shaped like an artifact (subfolders included), without the manifest check's model files."""
+def make_artifact(folder: Path, with_manifest: bool = True) -> Path:
+    """A folder shaped like an artifact (subfolders included) whose manifest.json lists its files; the model
+    files themselves are stand-ins (the upload never loads them)."""
+    from kaggle_utils.artifacts import LAYOUT_VERSION, REQUIRED_FIELDS, _file_table
+    from kaggle_utils.formatting import TEMPLATE_VERSION
+
     (folder / "adapter").mkdir(parents=True)
     (folder / "adapter" / "adapter_config.json").write_text('{"r": 64}')
     (folder / "adapter" / "adapter_model.safetensors").write_bytes(b"\x00" * 128)
     (folder / "tokenizer").mkdir()
     (folder / "tokenizer" / "tokenizer.json").write_text("{}")
     (folder / "notes.txt").write_text("trained on fold 0")
+    if with_manifest:
+        manifest = {name: None for name in REQUIRED_FIELDS}
+        manifest.update(layout_version=LAYOUT_VERSION, template_version=TEMPLATE_VERSION, files=_file_table(folder))
+        (folder / "manifest.json").write_text(json.dumps(manifest))
     return folder
+
+
+REAL_LOOKING_KEY = "0123456789abcdef0123456789abcdef"  # 32 hex digits, the shape of a legacy Kaggle key
+
+
+def add_junk(folder: Path) -> dict[str, bytes]:
+    """Secrets and clutter that real run folders collect; none of it is in the manifest."""
+    junk = {
+        ".env": b"KAGGLE_KEY=" + REAL_LOOKING_KEY.encode() + b"\n",
+        ".kaggle/kaggle.json": json.dumps({"username": "alice", "key": REAL_LOOKING_KEY}).encode(),
+        "kaggle.json": json.dumps({"username": "alice", "key": REAL_LOOKING_KEY}).encode(),
+        "checkpoint-500/optimizer.pt": b"optimizer state " * 8,
+        ".ipynb_checkpoints/train-checkpoint.ipynb": b"{}",
+        "tmp/scratch.bin": b"scratch",
+        "adapter/.ipynb_checkpoints/adapter_config-checkpoint.json": b"{}",
+    }
+    for relative, content in junk.items():
+        (folder / relative).parent.mkdir(parents=True, exist_ok=True)
+        (folder / relative).write_bytes(content)
+    return junk
 
 
 def _zip_names(data: bytes) -> set[str]:
@@ -291,7 +320,9 @@ def test_upload_creates_a_dataset_with_subfolders_kept(fake_kaggle, tmp_path, ca
     artifact = make_artifact(tmp_path / "artifact")
     result = upload_dataset(artifact, KaggleConfig(), role="artifact", message="fold 0")
 
-    assert result == {"ref": "alice/arena-preference-artifact", "created": True, "url": "https://k/d", "role": "artifact"}
+    assert {k: v for k, v in result.items() if k != "files"} == {
+        "ref": "alice/arena-preference-artifact", "created": True, "url": "https://k/d", "role": "artifact"
+    }
     written = json.loads((artifact / "dataset-metadata.json").read_text())
     assert written == {
         "title": "Arena Preference Artifact",
@@ -299,7 +330,7 @@ def test_upload_creates_a_dataset_with_subfolders_kept(fake_kaggle, tmp_path, ca
         "licenses": [{"name": "CC0-1.0"}],
     }
     starts = {call.json()["name"]: call.json() for call in fake_kaggle.calls("StartBlobUpload")}
-    assert set(starts) == {"adapter.zip", "tokenizer.zip", "notes.txt"}  # folders kept, as archives
+    assert set(starts) == {"adapter.zip", "tokenizer.zip", "notes.txt", "manifest.json"}  # folders as archives
     assert all(start["type"] == "DATASET" for start in starts.values())
     zips = [body for body in fake_kaggle.uploads.values() if body.startswith(b"PK")]
     assert {"adapter_config.json", "adapter_model.safetensors"} in [_zip_names(z) for z in zips]
@@ -308,7 +339,7 @@ def test_upload_creates_a_dataset_with_subfolders_kept(fake_kaggle, tmp_path, ca
     body = create.json()
     assert (body["ownerSlug"], body["slug"], body["title"]) == ("alice", "arena-preference-artifact", "Arena Preference Artifact")
     assert body["licenseName"] == "CC0-1.0" and body["isPrivate"] is True
-    assert sorted(f["token"] for f in body["files"]) == ["blob-token-1", "blob-token-2", "blob-token-3"]
+    assert sorted(f["token"] for f in body["files"]) == [f"blob-token-{n}" for n in range(1, 5)]
     assert "created dataset alice/arena-preference-artifact" in capsys.readouterr().out
 
 
@@ -330,7 +361,7 @@ def test_upload_versions_an_existing_dataset(fake_kaggle, tmp_path, monkeypatch)
 
 
 def test_upload_checks_an_artifact_manifest_first(fake_kaggle, tmp_path):
-    artifact = make_artifact(tmp_path / "artifact")
+    artifact = make_artifact(tmp_path / "artifact", with_manifest=False)
     (artifact / "manifest.json").write_text(json.dumps({"ordering": "quant-then-ft"}))
     with pytest.raises(UsageError, match="missing fields"):
         upload_dataset(artifact, KaggleConfig())
@@ -345,6 +376,121 @@ def test_upload_refuses_unknown_folders_and_skip_mode(fake_kaggle, tmp_path):
         upload_dataset(folder, KaggleConfig())
     with pytest.raises(UsageError, match="other modes drop subfolders"):
         upload_dataset(folder, KaggleConfig(), role="artifact", dir_mode="skip")
+
+
+def _sent(fake: FakeKaggle) -> tuple[set[str], set[str]]:
+    """Top-level names the client uploaded, and every member name inside the uploaded zip archives."""
+    names = {call.json()["name"] for call in fake.calls("StartBlobUpload")}
+    members = set()
+    for body in fake.uploads.values():
+        if body.startswith(b"PK"):
+            members |= _zip_names(body)
+    return names, members
+
+
+def test_upload_sends_exactly_the_manifest_files_and_lists_the_rest(fake_kaggle, tmp_path, capsys):
+    fake_kaggle.routes["GetDatasetStatus"] = {"status": "ready"}
+    fake_kaggle.routes["CreateDatasetVersion"] = {"ref": "alice/arena-preference-artifact", "url": "u", "status": "ok"}
+    artifact = make_artifact(tmp_path / "artifact")
+    junk = add_junk(artifact)
+    result = upload_dataset(artifact, KaggleConfig(), message="fold 0")
+
+    names, members = _sent(fake_kaggle)
+    assert names == {"adapter.zip", "tokenizer.zip", "notes.txt", "manifest.json"}
+    assert members == {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json"}
+    uploaded = b"".join(fake_kaggle.uploads.values())
+    assert REAL_LOOKING_KEY.encode() not in uploaded and b"optimizer state" not in uploaded
+    assert set(result["files"]) == {
+        "adapter/adapter_config.json", "adapter/adapter_model.safetensors", "tokenizer/tokenizer.json",
+        "notes.txt", "manifest.json",
+    }
+    out = capsys.readouterr().out
+    assert "sending 5 files" in out
+    for relative, size in result["files"].items():
+        assert f"  {relative}  {size:,} bytes" in out  # path + bytes of everything sent
+    assert f"left out (not sent): {len(junk)} files" in out
+    for relative in junk:
+        assert f"  {relative}  " in out
+    assert ".env  " in out and "[credential-looking]" in out
+
+
+def test_upload_refuses_a_credential_the_manifest_lists(fake_kaggle, tmp_path, monkeypatch, capsys):
+    artifact = make_artifact(tmp_path / "artifact")
+    manifest = json.loads((artifact / "manifest.json").read_text())
+    (artifact / ".env").write_text("SECRET=1\n")
+    manifest["files"][".env"] = {"bytes": 9, "sha256": hashlib.sha256(b"SECRET=1\n").hexdigest()}
+    (artifact / "manifest.json").write_text(json.dumps(manifest))
+    assert run_cli(["kaggle", "upload-artifact", str(artifact)], monkeypatch) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "refusing to upload" in err and ".env (credential-looking name)" in err
+    assert fake_kaggle.requests == []
+
+
+def test_upload_refuses_a_file_that_holds_a_kaggle_key(fake_kaggle, tmp_path):
+    folder = tmp_path / "stuff"
+    folder.mkdir()
+    (folder / "settings.json").write_text(json.dumps({"username": "alice", "key": REAL_LOOKING_KEY}))
+    (folder / "readme.txt").write_text("plain notes")
+    with pytest.raises(UsageError, match=r"settings.json \(contains a Kaggle-looking key or token\)"):
+        upload_dataset(folder, KaggleConfig(), slug="stuff", include=["*"])
+    assert fake_kaggle.requests == []
+
+
+def test_upload_refuses_an_artifact_whose_files_differ_from_the_manifest(fake_kaggle, tmp_path):
+    artifact = make_artifact(tmp_path / "artifact")
+    (artifact / "notes.txt").write_text("trained on fold 1")  # same size, different bytes
+    with pytest.raises(UsageError, match="notes.txt does not match its sha256"):
+        upload_dataset(artifact, KaggleConfig())
+    assert fake_kaggle.requests == []
+
+
+def test_upload_of_a_wheels_folder_sends_only_what_build_wheels_writes(fake_kaggle, tmp_path, capsys):
+    fake_kaggle.routes["GetDatasetStatus"] = {"status": "ready"}
+    fake_kaggle.routes["CreateDatasetVersion"] = {"ref": "alice/kaggle-utils-wheels", "url": "u", "status": "ok"}
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    wheel = wheels / "peft-0.21.2-py3-none-any.whl"
+    wheel.write_bytes(b"a stand-in wheel")
+    (wheels / "requirements.txt").write_text("peft==0.21.2\n")
+    listing = {"wheels": {wheel.name: hashlib.sha256(wheel.read_bytes()).hexdigest()}}
+    (wheels / "wheels.json").write_text(json.dumps(listing))
+    (wheels / ".env").write_text("KAGGLE_KEY=" + REAL_LOOKING_KEY)
+    (wheels / "pip-log.txt").write_text("log")
+    upload_dataset(wheels, KaggleConfig())
+    names, _ = _sent(fake_kaggle)
+    assert names == {wheel.name, "requirements.txt", "wheels.json"}
+    out = capsys.readouterr().out
+    assert "left out (not sent): 2 files" in out and "pip-log.txt" in out
+
+    wheel.write_bytes(b"a changed wheel!")  # the folder no longer matches its listing
+    with pytest.raises(UsageError, match="does not match its sha256 in wheels.json"):
+        upload_dataset(wheels, KaggleConfig())
+
+
+def test_upload_of_another_folder_needs_an_explicit_listing(fake_kaggle, tmp_path):
+    folder = tmp_path / "stuff"
+    folder.mkdir()
+    (folder / "x.txt").write_text("x")
+    with pytest.raises(UsageError, match="--include PATTERN"):
+        upload_dataset(folder, KaggleConfig(), role="artifact")
+    with pytest.raises(UsageError, match="'y.txt' matches no file"):
+        upload_dataset(folder, KaggleConfig(), slug="stuff", include=["y.txt"])
+    assert fake_kaggle.requests == []
+
+
+def test_network_failures_become_one_line_naming_the_operation(fake_kaggle, tmp_path, monkeypatch, capsys):
+    for failure in (requests.ReadTimeout("read timed out"), requests.ConnectionError("refused")):
+
+        def fail(request, failure=failure):
+            raise failure
+
+        fake_kaggle.routes["CreateCodeSubmission"] = fail
+        assert run_cli(["kaggle", "submit", "--version", "7", "-m", "m"], monkeypatch) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "Traceback" not in err
+        assert err.startswith("error: submission of alice/arena-preference-submission version 7")
+        assert type(failure).__name__ in err
+
 
 
 # --------------------------------------------------------------------------- submit, status, download

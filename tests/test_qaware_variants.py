@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 
+from kaggle_utils.compare import resolve_variants
 from kaggle_utils.config import PipelineConfig, TrainConfig
 from kaggle_utils.folds import make_folds
 from kaggle_utils.qaware import variants
 from kaggle_utils.qaware.group_adapters import GroupPooledAdapterLinear
 from kaggle_utils.qaware.int4 import Int4Linear
-from kaggle_utils.qaware.loftq import LoftQUnavailable, loftq_device
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +86,27 @@ def test_apiq_variant_builds_a_qlora_model_with_fitted_factors(train_data, demo_
     assert len(errors) == 2 and all(e["apiq"] < e["default"] for e in errors)
 
 
-@pytest.mark.skipif(loftq_device() is not None, reason="CUDA/XPU present: LoftQ runs")
-def test_loftq_variant_is_skipped_on_cpu_with_its_message(demo_tokenizer):
-    with pytest.raises(LoftQUnavailable, match="LoftQ skipped: .*CUDA or XPU"):
-        variants.build_loftq_model(short_config(), demo_tokenizer, torch.device("cpu"))
+def test_loftq_variant_trains_on_cpu_and_its_artifact_reloads(train_data, folds, demo_tokenizer, tmp_path):
+    """LoftQ runs on CPU (bitsandbytes 0.50 NF4 on CPU tensors); the fitted 4-bit base survives the artifact."""
+    import bitsandbytes as bnb
+
+    from kaggle_utils.artifacts import load_artifact, save_artifact
+    from kaggle_utils.modeling import predict_probs
+    from kaggle_utils.training import train_fold
+
+    cfg = short_config()
+    cfg.qaware.loftq_iterations = 2
+    (loftq,) = resolve_variants(["loftq"])
+    assert loftq.unavailable is None or loftq.unavailable() is None
+    result = train_fold(cfg, train_data.frame, folds, demo_tokenizer, tmp_path / "run", fold=0,
+                        build_model=variants.build_loftq_model, progress=False)
+    assert sum(isinstance(m, bnb.nn.Linear4bit) for m in result.model.modules()) == 14
+    lora_b = [p for n, p in result.model.named_parameters() if "lora_B" in n]
+    assert len(lora_b) == 14 and all(float(p.detach().abs().max()) > 0 for p in lora_b)
+    val_ids = held_out_ids(result, train_data, demo_tokenizer, cfg)[:16]
+    trained = predict_probs(result.model.eval(), val_ids, demo_tokenizer.pad_token_id)
+    fields = {"ordering": "quant-then-ft", "variant": "loftq", "base_model": "tiny", "folds_file_hash": "x",
+              "cv_scores": {}}
+    save_artifact(tmp_path / "artifact", result.model, demo_tokenizer, fields, cfg.format)
+    loaded = load_artifact(tmp_path / "artifact", device="cpu", compute_dtype=torch.float32)
+    np.testing.assert_allclose(predict_probs(loaded.model, val_ids, demo_tokenizer.pad_token_id), trained, atol=1e-4)

@@ -39,13 +39,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", default="kernel-metadata.json")
 
     parser = add("upload-artifact", "write dataset-metadata.json, then `datasets create` or `version`", upload_artifact)
-    parser.add_argument("directory", help="an artifact (manifest.json) or a build-wheels folder")
+    parser.add_argument(
+        "directory", help="an artifact (sends what manifest.json lists) or a build-wheels folder (wheels, "
+        "requirements.txt, wheels.json); anything else needs --include"
+    )
     parser.add_argument("--role", choices=("artifact", "wheels", "package"), help="default: from the folder")
     parser.add_argument("--slug", help="dataset slug (default: kaggle.<role>_dataset)")
     parser.add_argument("--title", help="dataset title (default: from the slug)")
     parser.add_argument("-m", "--message", default="update", help="version notes")
     parser.add_argument("--dir-mode", choices=("zip", "tar"), default="zip", help="how subfolders are uploaded")
-    parser.add_argument("--verify", action="store_true", help="check every artifact file's sha256 first")
+    parser.add_argument(
+        "--include", action="append", metavar="PATTERN",
+        help="send only the files matching this glob (relative path; repeatable); not for an artifact",
+    )
 
     parser = add("build-wheels", "a dataset folder of the wheels an offline notebook installs", wheels)
     parser.add_argument("--out", required=True, help="folder to fill (wheels, requirements.txt, wheels.json)")
@@ -118,7 +124,7 @@ def upload_artifact(args: argparse.Namespace) -> int:
         title=args.title,
         message=args.message,
         dir_mode=args.dir_mode,
-        verify_hashes=args.verify,
+        include=args.include,
     )
     return 0
 

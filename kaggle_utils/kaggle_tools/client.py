@@ -107,7 +107,8 @@ def authenticated_user(api: Any) -> str:
 
 @contextlib.contextmanager
 def kaggle_errors(action: str) -> Iterator[None]:
-    """Turn the client's HTTP and validation errors into one UsageError line (no headers, no credentials)."""
+    """Turn the client's HTTP, network (timeouts, connection) and validation errors into one UsageError line
+    naming `action` (no headers, no credentials)."""
     import requests
 
     try:
@@ -117,7 +118,9 @@ def kaggle_errors(action: str) -> Iterator[None]:
         status = f"HTTP {response.status_code} {response.reason or ''}".strip() if response is not None else "HTTP error"
         detail = str(error.args[0]) if error.args else ""
         raise UsageError(f"Kaggle refused {action}: {status}: {detail}") from None
-    except requests.ConnectionError as error:
-        raise UsageError(f"cannot reach the Kaggle API for {action}: {type(error).__name__}") from None
+    except requests.RequestException as error:  # ReadTimeout, ConnectionError, ChunkedEncodingError, ...
+        raise UsageError(
+            f"{action} failed talking to the Kaggle API: {type(error).__name__}; check the network and retry"
+        ) from None
     except ValueError as error:  # the client's own checks of folders and metadata
         raise UsageError(f"{action}: {error}") from None

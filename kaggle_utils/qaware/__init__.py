@@ -4,7 +4,8 @@ Modules (import them directly; this package imports nothing heavy on its own):
 - `int4`: the group-wise asymmetric INT4 format (plain-PyTorch dequantize, loadable on CPU / CUDA / TPU).
 - `group_adapters`: adapters whose update is constant within a quantization group, folded into zero points.
 - `apiq`: block-by-block activation-preserving initialisation of LoRA (+ clipping) on a quantized base.
-- `loftq`: peft's LoftQ initialisation (CUDA/XPU only), with an explicit skip elsewhere.
+- `loftq`: LoftQ initialisation (base and LoRA fitted to the 16-bit weights, `qaware.loftq_iterations` alternating
+  steps; single-file or sharded checkpoints; CPU or CUDA).
 - `variants`: the variants these add to `compare.py`'s registry.
 - `qid_study`: QiD against training tokens, the D^beta fit with a bootstrap interval.
 """

@@ -8,7 +8,7 @@ every variant:
 | variant | trains on | ships | 16-bit reference |
 |---|---|---|---|
 | apiq-init | NF4 base, clipped by ApiQ, LoRA initialised by ApiQ | NF4 base + adapter | adapter on the 16-bit base |
-| loftq | NF4 base, LoRA initialised by LoftQ (GPU only) | NF4 base + adapter | adapter on the 16-bit base |
+| loftq | NF4 base and LoRA initialised by LoftQ (alternating fit) | NF4 base + adapter | adapter on the 16-bit base |
 | qa-lora-merged | INT4 base + QA-LoRA | INT4, update folded into zeros | update added to 16-bit W |
 | qa-hira-merged | INT4 base + QA-HiRA | INT4, update folded into zeros | update added to 16-bit W |
 """
@@ -132,20 +132,19 @@ def make_apiq_builder(calibration_ids: Sequence[Sequence[int]], report: dict | N
 
 
 def build_loftq_model(cfg, tokenizer, device) -> nn.Module:
-    """`build_model` for train_fold: QLoRA (NF4 base) with peft's LoftQ init; LoftQUnavailable without a GPU."""
+    """`build_model` for train_fold: QLoRA (NF4 base) with LoftQ's init, `cfg.qaware.loftq_iterations`
+    alternating steps (CPU or CUDA)."""
     import dataclasses
 
     from kaggle_utils.modeling import apply_lora, build_classifier, materialize_base
-    from kaggle_utils.qaware.loftq import LoftQUnavailable, apply_loftq, loftq_device, loftq_skip_message
+    from kaggle_utils.qaware.loftq import apply_loftq
 
-    if loftq_device() is None:
-        raise LoftQUnavailable(loftq_skip_message())
     with tempfile.TemporaryDirectory(prefix="loftq-base-") as tmp:
         base_dir = materialize_base(cfg.model, tmp, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
         base = build_classifier(dataclasses.replace(cfg.model, base_model=str(base_dir)), quant=cfg.quant,
                                 pad_token_id=tokenizer.pad_token_id, device=device)
         model = apply_lora(base, cfg.lora)
-        apply_loftq(model, Path(base_dir))
+        apply_loftq(model, Path(base_dir), iterations=cfg.qaware.loftq_iterations)
     return model
 
 
@@ -208,9 +207,9 @@ def register_all() -> None:
     ), replace=True)
     register_variant(Variant(
         name="loftq", ordering="quant-then-ft",
-        description="QLoRA (NF4) with peft's LoftQ init (CUDA/XPU only; raises LoftQUnavailable elsewhere)",
+        description="QLoRA (NF4) with LoftQ's init: base and LoRA fitted to the 16-bit weights "
+                    "(qaware.loftq_iterations alternating steps)",
         builder=lambda ctx: build_loftq_model, export=base_qlora.export, configure=_configure_scheme("nf4"),
-        unavailable=_loftq_unavailable,
     ), replace=True)
     for kind in ("qa-lora", "qa-hira"):
         register_variant(Variant(
@@ -223,13 +222,6 @@ def register_all() -> None:
 
 QAWARE_VARIANTS: tuple[str, ...] = ("ft-then-quant-int8", "ft-then-quant-nf4", "apiq-init", "loftq",
                                     "qa-lora-merged", "qa-hira-merged")
-
-
-def _loftq_unavailable() -> str | None:
-    """compare's availability hook: peft's LoftQ computes on CUDA / XPU only."""
-    from kaggle_utils.qaware.loftq import loftq_device, loftq_skip_message
-
-    return loftq_skip_message() if loftq_device() is None else None
 
 
 register_all()
