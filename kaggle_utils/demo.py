@@ -114,7 +114,7 @@ def step_baseline(state: DemoState) -> str:
     state.baseline = run_baseline_cv(state.train.frame, state.folds, state.baseline_config)
     oof_path = state.out_dir / "oof.parquet"
     save_oof(state.baseline.oof, oof_path)
-    model_path = state.baseline.model.save(state.out_dir / "baseline_model.joblib")
+    model_path = state.baseline.model.save(state.out_dir / "baseline_model.json")
     state.baseline_model_path = Path(model_path)
     score = state.baseline.score
     state.report["baseline"] = {

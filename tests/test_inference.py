@@ -478,7 +478,7 @@ def test_baseline_fallback_is_used_when_given(sample_files, train_data, tmp_path
 
     frame = train_data.frame
     result = run_baseline_cv(frame, make_folds(frame, FoldConfig(n_folds=2)))
-    baseline = result.model.save(tmp_path / "baseline.joblib")
+    baseline = result.model.save(tmp_path / "baseline.json")
     out = tmp_path / "submission.csv"
     report = inference.predict(tmp_path / "no-artifact", sample_files.test_csv, out, predict_cfg(),
                                fallback_path=baseline)

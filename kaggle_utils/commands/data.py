@@ -43,7 +43,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--test", help="test file to predict (needs --out)")
     parser.add_argument("--out", help="submission CSV to write for --test")
     parser.add_argument("--oof", help="write the OOF predictions to this parquet")
-    parser.add_argument("--save-model", help="write the fitted model (joblib) here")
+    parser.add_argument("--save-model", help="write the fitted model here (JSON parameters + <name>.manifest.json)")
     parser.set_defaults(handler=baseline)
 
     parser = subparsers.add_parser(
