@@ -202,9 +202,13 @@ def step_inference(state: DemoState) -> str:
         "validated_rows": validated.rows,
         "rows_by_path": dict(inference.rows_by_path),
         "fallback_source": inference.fallback_source,
+        "fallback_rows": inference.fallback_rows,
     }
+    # predict() does not raise for fallback rows (the CLI exits 1 for them): the demo says so in its line.
+    warning = f"WARNING {inference.fallback_rows} rows from the fallback ({inference.fallback_source}); " \
+        if inference.fallback_rows else ""
     return (
-        f"{decision['winner']} artifact -> {validated.rows} rows written and validated "
+        f"{warning}{decision['winner']} artifact -> {validated.rows} rows written and validated "
         f"(rows by path: {inference.rows_by_path}) -> {state.submission_path}"
     )
 

@@ -45,7 +45,7 @@ def load_config(path: str | None) -> PipelineConfig:
     except (OSError, UnicodeDecodeError) as error:
         raise UsageError(f"{path}: cannot read the config ({error})") from error
     except (ValueError, TypeError, AttributeError) as error:  # unknown keys, wrong shapes (a list, not a mapping)
-        raise UsageError(f"{path}: invalid config ({error})") from error
+        raise UsageError(f"{path}: {error}") from error
 
 
 def prepare_run(args: argparse.Namespace) -> tuple[PipelineConfig, Path, str]:
