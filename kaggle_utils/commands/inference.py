@@ -85,10 +85,8 @@ def predict(args: argparse.Namespace) -> int:
               file=sys.stderr)
     try:
         raise_if_fallback(report)
-    except InferenceError as error:
-        first = report.errors[0] if report.errors else {}
-        cause = f" First error: {first.get('where')}: {first.get('type')}: {first.get('message')}" if first else ""
-        print(f"error (submission written): {error}.{cause}".replace("\n", " "), file=sys.stderr)
+    except InferenceError as error:  # the summary inside names the first error
+        print(f"error (submission written): {' '.join(str(error).split())}", file=sys.stderr)
         return 1
     return 0
 
