@@ -714,7 +714,14 @@ def predict(
     for output in (out_path, report_path_for(out_path), fallback_path_for(out_path)):
         check_output_target(output)
         check_not_an_input(output, inputs)
-    runtime = runtime or detect_runtime(cfg)  # a device asked for but not there: a usage error, up front
+    runtime_error: Exception | None = None
+    if runtime is None:
+        try:
+            runtime = detect_runtime(cfg)  # a device asked for but not there: a usage error, up front
+        except UsageError:
+            raise
+        except Exception as error:  # e.g. a CUDA driver failing to initialise: no model, but still a file
+            runtime_error = error
     began = clock()
     spent_before = max(0.0, time.time() - started_at) if started_at is not None else 0.0
     budget = (cfg.deadline_hours - cfg.safety_margin_hours) * 3600.0 - spent_before
@@ -772,7 +779,9 @@ def predict(
     )
 
     # 3. Models and the schedule; any failure here leaves the fallback in place.
-    if frame is not None:
+    if runtime_error is not None:
+        record("detecting the runtime", runtime_error)
+    elif frame is not None:
         try:
             views = _run_models(artifact_dir, frame, cfg, deadline, clock, runtime, wrap_forward, report)
         except Exception as error:

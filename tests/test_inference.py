@@ -788,3 +788,16 @@ def test_bad_config_files_are_one_line_errors(command, content, tiny_artifacts, 
     err = capsys.readouterr().err
     assert code == 2 and str(config) in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "sub.csv").exists()
+
+
+def test_a_runtime_probe_that_crashes_still_leaves_a_file_and_counts_as_fallback(sample_files, tmp_path, monkeypatch):
+    from kaggle_utils import runtime
+
+    def broken(cfg):
+        raise RuntimeError("CUDA driver initialization failed (injected)")
+
+    monkeypatch.setattr(runtime, "detect_runtime", broken)
+    out = tmp_path / "submission.csv"
+    report = inference.predict(tmp_path / "artifact", sample_files.test_csv, out, predict_cfg())
+    validate_submission(out, sample_files.test_csv)
+    assert report.fallback_rows == report.rows and report.errors[-1]["where"] == "detecting the runtime"
