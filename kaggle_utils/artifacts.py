@@ -17,7 +17,7 @@ caller passes. `load_artifact` refuses an artifact whose template version differ
 would see differently formatted text), one whose manifest does not fit its ordering (a quant-then-ft artifact
 without its adapter would predict with the untrained base and a random score head), one whose files are
 missing, unlisted or truncated, and, by default, one whose files do not match their sha256 (hashing runs at
-about 1 GB/s with SHA-NI: roughly 10 s for an 8-bit 9B artifact; `verify_hashes=False` skips it).
+0.65-0.97 GB/s measured with SHA-NI: ~10-15 s for an 8-bit 9B artifact of ~9.5 GB; `verify_hashes=False` skips it).
 
 Loading is offline and works on CPU and CUDA (bitsandbytes 4-bit / 8-bit on both). Runtimes without
 bitsandbytes (TPU) use ``load_artifact(..., dequantize=True)``: plain 16-bit layers holding exactly the
@@ -324,7 +324,7 @@ def load_artifact(
     `compute_dtype` (default: the hardware's, see `modeling.resolve_dtype`) applies to the unquantized tensors
     and the 4-bit layers' compute. `dequantize=True` returns plain `nn.Linear` layers (adapter merged) in
     `compute_dtype or bfloat16` on CPU, for runtimes without bitsandbytes. `use_merged` loads `merged/`.
-    `verify_hashes` (default) checks every listed file's sha256 first (~1 GB/s); False only checks sizes.
+    `verify_hashes` (default) checks every listed file's sha256 first (~0.65-0.97 GB/s); False only checks sizes.
     """
     from peft import PeftModel
     from transformers import Gemma2ForSequenceClassification

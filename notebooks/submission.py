@@ -50,7 +50,7 @@ DEVICE = "auto"
 TOKEN_BUDGET = 8192
 DEADLINE_HOURS = 9.0
 MARGIN_HOURS = 0.75
-VERIFY_HASHES = True  # check the artifact's files against their manifest sha256 (~10 s for an 8-bit 9B)
+VERIFY_HASHES = True  # check the artifact's files against their manifest sha256 (~10-15 s for an 8-bit 9B)
 
 # %% [markdown]
 # Offline install: when `kaggle_utils` is not importable, install it from the attached datasets made by

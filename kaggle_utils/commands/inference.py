@@ -32,7 +32,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--layout", choices=("shared_queue", "view_per_device"), help="work layout over GPUs")
     parser.add_argument("--strict", action="store_true", help="exit 1 after writing if any error was absorbed")
     parser.add_argument("--no-verify-hashes", action="store_true",
-                        help="skip checking the artifact's files against their manifest sha256 (~1 GB/s; ~10 s for "
+                        help="skip checking the artifact's files against their manifest sha256 (~10-15 s for "
                              "an 8-bit 9B artifact); only for an artifact you just checked")
     parser.add_argument("--no-progress", action="store_true")
     parser.set_defaults(handler=predict)
