@@ -15,7 +15,8 @@ Two layers:
   that is not there, an output that is an input or not a regular file) are refused before anything is
   written. It then writes a fallback submission first (so a valid file exists from the first seconds; when
   the output path already holds a valid submission for this test file, the fallback goes beside it as
-  `<stem>.fallback.csv` instead, so an interrupted run never replaces a good file with the fallback), loads one model replica per device, runs the engine, combines the views
+  `<stem>.fallback.csv` instead, so an interrupted run never replaces a good file with the fallback), loads
+  one model replica per device, runs the engine, combines the views
   (mean of the original and the un-swapped swapped prediction), fills every row no model pass served with
   the cheapest good prediction (baseline model, else the class prior from the manifest, else uniform),
   writes the submission atomically and a JSON report beside it with how many rows each path served.

@@ -782,7 +782,8 @@ def test_bad_config_files_are_one_line_errors(command, content, tiny_artifacts, 
         "predict": ["predict", "--artifact", str(tiny_artifacts["ft-then-quant"]), "--test",
                     str(sample_files.test_csv), "--out", str(tmp_path / "sub.csv")],
         "kaggle": ["kaggle", "metadata", "--out", str(tmp_path / "kernel-metadata.json")],
-        "train": ["train", "--ordering", "quant-then-ft", "--train", str(sample_files.train_csv), "--out", str(tmp_path / "run")],
+        "train": ["train", "--ordering", "quant-then-ft", "--train", str(sample_files.train_csv), "--out",
+                  str(tmp_path / "run")],
     }[command]
     code = main([*argv, "--config", str(config)])
     err = capsys.readouterr().err

@@ -24,7 +24,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--no-tta", action="store_true", help="skip the A/B-swapped pass")
     parser.add_argument("--deadline-hours", type=float, help=f"total time limit (default {defaults.deadline_hours})")
     parser.add_argument("--margin-hours", type=float, help=f"kept free (default {defaults.safety_margin_hours})")
-    parser.add_argument("--fallback", help="baseline model (baseline.json with its .manifest.json) for rows no model pass serves")
+    parser.add_argument("--fallback",
+                        help="baseline model (baseline.json with its .manifest.json) for rows no model pass serves")
     parser.add_argument("--device", choices=("auto", "cuda", "cpu", "tpu"))
     parser.add_argument("--num-gpus", type=int, help="use the first N GPUs (default: all)")
     parser.add_argument("--dtype", choices=("auto", "bfloat16", "float16", "float32"), help="compute dtype")
