@@ -114,7 +114,7 @@ def step_baseline(state: DemoState) -> str:
     state.baseline = run_baseline_cv(state.train.frame, state.folds, state.baseline_config)
     oof_path = state.out_dir / "oof.parquet"
     save_oof(state.baseline.oof, oof_path)
-    model_path = state.baseline.model.save(state.out_dir / "baseline_model.joblib")
+    model_path = state.baseline.model.save(state.out_dir / "baseline_model.json")
     state.baseline_model_path = Path(model_path)
     score = state.baseline.score
     state.report["baseline"] = {
@@ -202,9 +202,13 @@ def step_inference(state: DemoState) -> str:
         "validated_rows": validated.rows,
         "rows_by_path": dict(inference.rows_by_path),
         "fallback_source": inference.fallback_source,
+        "fallback_rows": inference.fallback_rows,
     }
+    # predict() does not raise for fallback rows (the CLI exits 1 for them): the demo says so in its line.
+    warning = f"WARNING {inference.fallback_rows} rows from the fallback ({inference.fallback_source}); " \
+        if inference.fallback_rows else ""
     return (
-        f"{decision['winner']} artifact -> {validated.rows} rows written and validated "
+        f"{warning}{decision['winner']} artifact -> {validated.rows} rows written and validated "
         f"(rows by path: {inference.rows_by_path}) -> {state.submission_path}"
     )
 

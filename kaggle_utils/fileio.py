@@ -9,22 +9,89 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import stat
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 
 import polars as pl
 
+from kaggle_utils.errors import UsageError
+
+
+class WriteError(UsageError, OSError):
+    """An output that cannot be written (missing permission, a file where a folder should be, not a regular
+    file). A UsageError, so the CLI prints one line; an OSError, so callers catching OSError still do."""
+
+
+def check_output_target(path: str | Path) -> Path:
+    """Refuse a target that `os.replace` must not replace: a symlink, device, FIFO or folder. A missing path or
+    a regular file is fine."""
+    path = Path(path)
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return path
+    except OSError as error:
+        raise WriteError(f"cannot write {path}: {error.strerror or error}") from error
+    if not stat.S_ISREG(info.st_mode):
+        kind = "a symlink" if stat.S_ISLNK(info.st_mode) else "a folder" if stat.S_ISDIR(info.st_mode) else \
+            "not a regular file (device, FIFO or socket)"
+        raise WriteError(f"refusing to write {path}: it is {kind}; give the path of a regular file")
+    return path
+
+
+def check_not_an_input(output: str | Path, inputs: Iterable[tuple[str, str | Path | None]]) -> None:
+    """Refuse an output that resolves to one of the inputs (or lies inside an input folder): writing it would
+    destroy what is being read. `inputs` are (what, path) pairs; None paths are skipped."""
+    target = Path(os.path.realpath(output))
+    for what, path in inputs:
+        if path is None:
+            continue
+        source = Path(os.path.realpath(path))
+        if target == source or (source.is_dir() and source in target.parents):
+            where = "is" if target == source else "is inside"
+            raise UsageError(f"refusing to write {output}: it {where} the {what} {path}")
+
+
+def _new_file_mode() -> int:
+    """0o666 minus the process umask: the mode `open()` gives a new file (tempfile's own is 0o600).
+
+    Linux reports the umask in /proc without changing it; elsewhere it is read by setting and restoring it."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    """Write `data` to a temp file in the target's directory, fsync it, then `os.replace` it onto `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle = tempfile.NamedTemporaryFile(  # noqa: SIM115 - closed explicitly before the rename
-        mode="wb", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False
-    )
+    """Write `data` to a temp file in the target's directory, fsync it, then `os.replace` it onto `path`.
+
+    The new file gets the mode a plain `open()` would give it: an existing file's mode, else 0o666 & ~umask.
+    A symlink, device or folder at `path` is refused (replacing it is never what was meant), and an output
+    that cannot be created raises `WriteError` naming the path."""
+    path = check_output_target(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle = tempfile.NamedTemporaryFile(  # noqa: SIM115 - closed explicitly before the rename
+            mode="wb", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False
+        )
+    except OSError as error:
+        raise WriteError(f"cannot write {path}: {error.strerror or error}") from error
     temp_path = Path(handle.name)
     try:
         with handle:
+            try:
+                mode = stat.S_IMODE(os.stat(path).st_mode)
+            except FileNotFoundError:
+                mode = _new_file_mode()
+            os.fchmod(handle.fileno(), mode)
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())

@@ -11,8 +11,12 @@ Two layers:
   warm-up batches: when the projection overruns the deadline it drops the swapped view for the rows not yet
   done; a batch that cannot finish before the deadline is not started. An exception in a batch is logged
   and its rows left to the other view or the fallback; a device failing repeatedly is retired.
-* `predict`: artifact + test file -> submission. It writes a fallback submission first (so a valid file
-  exists from the first seconds), loads one model replica per device, runs the engine, combines the views
+* `predict`: artifact + test file -> submission. Arguments a user can fix (token budget, deadline, a device
+  that is not there, an output that is an input or not a regular file) are refused before anything is
+  written. It then writes a fallback submission first (so a valid file exists from the first seconds; when
+  the output path already holds a valid submission for this test file, the fallback goes beside it as
+  `<stem>.fallback.csv` instead, so an interrupted run never replaces a good file with the fallback), loads
+  one model replica per device, runs the engine, combines the views
   (mean of the original and the un-swapped swapped prediction), fills every row no model pass served with
   the cheapest good prediction (baseline model, else the class prior from the manifest, else uniform),
   writes the submission atomically and a JSON report beside it with how many rows each path served.
@@ -20,7 +24,10 @@ Two layers:
 Error policy (decided here): after the test ids are read, no exception escapes `predict` by default, because
 on Kaggle any exception fails the submission even when the file exists; errors are logged, counted and
 written to the report. `InferenceConfig.raise_after_write=True` (CLI `--strict`) re-raises the first one,
-but only after the valid file is on disk.
+but only after the valid file is on disk. Rows served by the fallback are a failure of the run, not of the
+file: `raise_if_fallback` (called by the CLI, which then exits 1, and by the submission notebook after it
+wrote and validated the file) raises when any row fell back, except in Kaggle's hidden competition rerun
+(KAGGLE_IS_COMPETITION_RERUN), where the file must be kept and the notebook must finish.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import threading
 import time
 import traceback
@@ -42,8 +50,8 @@ import polars as pl
 from tqdm.auto import tqdm
 
 from kaggle_utils.config import LABEL_COLUMNS, DataConfig, InferenceConfig
-from kaggle_utils.errors import UsageError
-from kaggle_utils.fileio import atomic_write_bytes
+from kaggle_utils.errors import SubmissionError, UsageError
+from kaggle_utils.fileio import atomic_write_bytes, check_not_an_input, check_output_target
 
 logger = logging.getLogger(__name__)
 
@@ -590,15 +598,25 @@ class InferenceReport:
     submission: dict = field(default_factory=dict)
     timings_s: dict[str, float] = field(default_factory=dict)
     deadline_s: float | None = None  # seconds from predict()'s start left for the whole run
+    fallback_file: str = ""  # where the early fallback submission was written (the output, or beside it)
+    report_written: bool = False
     errors: list[dict] = field(default_factory=list)
 
     @property
     def report_path(self) -> Path:
         return report_path_for(self.submission_path)
 
+    @property
+    def fallback_rows(self) -> int:
+        """Rows no model pass served (the baseline / class prior / uniform predicted them)."""
+        return int(self.rows_by_path.get(PATH_FALLBACK, 0))
+
     def summary(self) -> str:
+        """One line; it starts with the fallback count when any row fell back, the thing to see first."""
         paths = ", ".join(f"{name} {count}" for name, count in self.rows_by_path.items() if count)
         text = f"{self.submission_path}: {self.rows} rows ({paths}); fallback = {self.fallback_source}"
+        if self.fallback_rows:
+            text = f"FALLBACK {self.fallback_rows} of {self.rows} rows; " + text
         if self.schedule.get("tta_dropped"):
             text += f"; TTA dropped for {self.schedule['tta_rows_dropped']} row passes"
         if self.schedule.get("stopped"):
@@ -614,6 +632,55 @@ class InferenceReport:
 def report_path_for(submission_path: str | Path) -> Path:
     path = Path(submission_path)
     return path.with_name(path.stem + ".inference.json")
+
+
+def fallback_path_for(submission_path: str | Path) -> Path:
+    """Where the early fallback goes while a valid previous submission is kept at the output path."""
+    path = Path(submission_path)
+    return path.with_name(path.stem + ".fallback" + (path.suffix or ".csv"))
+
+
+def raise_if_fallback(report: InferenceReport) -> None:
+    """Raise InferenceError when any row was served by the fallback, after the file was written; in Kaggle's
+    hidden competition rerun only log it (the written file is the submission and the notebook must finish)."""
+    if not report.fallback_rows:
+        return
+    from kaggle_utils.runtime import is_competition_rerun
+
+    message = (f"{report.fallback_rows} of {report.rows} rows were predicted by the fallback "
+               f"({report.fallback_source}), not the model; the submission was written: {report.summary()}")
+    if is_competition_rerun():
+        logger.warning("competition rerun, so not failing: %s", message)
+        return
+    raise InferenceError(message)
+
+
+def validate_inference_config(cfg: InferenceConfig) -> None:
+    """Refuse settings that cannot work, before anything is written (a NaN deadline would disable the guard)."""
+    def finite(value: object) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+    problems = []
+    if not isinstance(cfg.token_budget, int) or cfg.token_budget < 1:
+        problems.append(f"token_budget must be a positive integer, got {cfg.token_budget!r}")
+    if cfg.max_rows_per_batch is not None and (not isinstance(cfg.max_rows_per_batch, int)
+                                               or cfg.max_rows_per_batch < 1):
+        problems.append(f"max_rows_per_batch must be a positive integer or None, got {cfg.max_rows_per_batch!r}")
+    if not finite(cfg.deadline_hours) or cfg.deadline_hours <= 0:
+        problems.append(f"deadline_hours must be a finite number > 0, got {cfg.deadline_hours!r}")
+    if not finite(cfg.safety_margin_hours) or cfg.safety_margin_hours < 0:
+        problems.append(f"safety_margin_hours must be a finite number >= 0, got {cfg.safety_margin_hours!r}")
+    elif finite(cfg.deadline_hours) and cfg.safety_margin_hours >= cfg.deadline_hours:
+        problems.append(f"safety_margin_hours ({cfg.safety_margin_hours}) leaves no time of deadline_hours "
+                        f"({cfg.deadline_hours})")
+    if cfg.num_gpus is not None and (not isinstance(cfg.num_gpus, int) or cfg.num_gpus < 1):
+        problems.append(f"num_gpus must be a positive integer or None, got {cfg.num_gpus!r}")
+    if not isinstance(cfg.warmup_batches, int) or cfg.warmup_batches < 0:
+        problems.append(f"warmup_batches must be an integer >= 0, got {cfg.warmup_batches!r}")
+    if not isinstance(cfg.max_consecutive_failures, int) or cfg.max_consecutive_failures < 1:
+        problems.append(f"max_consecutive_failures must be a positive integer, got {cfg.max_consecutive_failures!r}")
+    if problems:
+        raise UsageError("inference settings: " + "; ".join(problems))
 
 
 def predict(
@@ -633,17 +700,33 @@ def predict(
 
     `started_at` (epoch seconds, e.g. the notebook's first cell) makes the deadline count time already spent.
     `clock` and `wrap_forward(forward, device_name)` are seams for tests and benchmarks (fault injection, fake
-    time). Raises only when the test ids cannot be read or the file cannot be written, or after writing with
-    `raise_after_write`.
+    time). Raises (UsageError, before writing anything) for invalid settings, a requested device that is not
+    there, an output that is an input or not a regular file, or unreadable test ids; otherwise only when the
+    file cannot be written, or after writing with `raise_after_write`. Fallback rows do not raise here: see
+    `raise_if_fallback`.
     """
-    from kaggle_utils.submission import read_test_ids, write_submission
+    from kaggle_utils.runtime import detect_runtime
+    from kaggle_utils.submission import read_test_ids, validate_submission, write_submission
 
     cfg = cfg or InferenceConfig()
+    validate_inference_config(cfg)
+    out_path = Path(out_path)
+    inputs = [("test file", test_path), ("fallback baseline", fallback_path), ("artifact", artifact_dir)]
+    for output in (out_path, report_path_for(out_path), fallback_path_for(out_path)):
+        check_output_target(output)
+        check_not_an_input(output, inputs)
+    runtime_error: Exception | None = None
+    if runtime is None:
+        try:
+            runtime = detect_runtime(cfg)  # a device asked for but not there: a usage error, up front
+        except UsageError:
+            raise
+        except Exception as error:  # e.g. a CUDA driver failing to initialise: no model, but still a file
+            runtime_error = error
     began = clock()
     spent_before = max(0.0, time.time() - started_at) if started_at is not None else 0.0
     budget = (cfg.deadline_hours - cfg.safety_margin_hours) * 3600.0 - spent_before
     deadline = began + budget
-    out_path = Path(out_path)
     report = InferenceReport(
         submission_path=str(out_path), test_path=str(test_path), artifact_dir=str(artifact_dir),
         tta_requested=cfg.tta_swap, deadline_s=budget,
@@ -683,13 +766,23 @@ def predict(
     report.manifest = {key: manifest.get(key) for key in _MANIFEST_KEYS if key in manifest}
     fallback, report.fallback_source, fallback_errors = fallback_predictions(frame, len(ids), fallback_path, manifest)
     report.errors.extend(fallback_errors)
-    write_submission(ids, fallback, out_path, expected_ids=ids)
+    early = out_path
+    if out_path.is_file():
+        try:  # a valid submission for this test file stays in place until the new one is complete
+            validate_submission(out_path, test_path)
+            early = fallback_path_for(out_path)
+        except SubmissionError:
+            pass  # not a valid file for this test set: the fallback replaces it at once
+    write_submission(ids, fallback, early, expected_ids=ids)
+    report.fallback_file = str(early)
     views = ViewPredictions(
         np.full((1, len(ids), len(LABEL_COLUMNS)), np.nan), np.zeros((1, len(ids)), dtype=bool)
     )
 
     # 3. Models and the schedule; any failure here leaves the fallback in place.
-    if frame is not None:
+    if runtime_error is not None:
+        record("detecting the runtime", runtime_error)
+    elif frame is not None:
         try:
             views = _run_models(artifact_dir, frame, cfg, deadline, clock, runtime, wrap_forward, report)
         except Exception as error:
@@ -701,15 +794,32 @@ def predict(
                            (PATH_TTA, PATH_ORIGINAL, PATH_SWAPPED, PATH_FALLBACK)}
     submission = write_submission(ids, final, out_path, expected_ids=ids)
     report.submission = submission.to_dict()
+    if early != out_path:
+        with contextlib.suppress(OSError):
+            early.unlink()
     report.timings_s["total"] = clock() - began
     for error in report.schedule.get("errors", []):
         report.errors.append(error)
-    atomic_write_bytes(report.report_path, json.dumps(report.to_dict(), indent=2, default=str).encode("utf-8"))
-    logger.info(report.summary())
+    _write_report(report, record)
+    (logger.warning if report.fallback_rows else logger.info)(report.summary())
     if cfg.raise_after_write and (first_error is not None or report.errors):
         raise InferenceError(f"inference had errors (the submission was written from the fallback where needed): "
                              f"{report.summary()}") from first_error
     return report
+
+
+def _write_report(report: InferenceReport, record: Callable[[str, BaseException], None]) -> None:
+    """The JSON report beside the submission. The submission is already complete, so a failure here is
+    recorded, not raised, and a report left by an earlier run is removed (it would describe another file)."""
+    path = report.report_path
+    try:
+        atomic_write_bytes(path, json.dumps(report.to_dict(), indent=2, default=str).encode("utf-8"))
+        report.report_written = True
+    except Exception as error:
+        record(f"writing the report {path}", error)
+        with contextlib.suppress(OSError):
+            if path.is_file() and not path.is_symlink():
+                path.unlink()
 
 
 _MANIFEST_KEYS = ("ordering", "variant", "base_model", "quant_scheme", "dtype", "max_length", "template_version",
@@ -741,9 +851,6 @@ def _run_models(
 ) -> ViewPredictions:
     from kaggle_utils.artifacts import load_artifact
     from kaggle_utils.formatting import encode_both_orders, encode_rows
-    from kaggle_utils.runtime import detect_runtime
-
-    runtime = runtime or detect_runtime(cfg)
     report.runtime = runtime.to_dict()
     logger.info("runtime: %s", runtime.describe())
 
@@ -752,14 +859,15 @@ def _run_models(
     if runtime.kind == "tpu":
         from kaggle_utils import tpu
 
-        loaded = tpu.load_plain(artifact_dir)
+        loaded = tpu.load_plain(artifact_dir, verify_hashes=cfg.verify_hashes)
         replicas.append(loaded)
         forwards = [tpu.make_forward(loaded.model, _pad_id(loaded.tokenizer), cfg)]
         names = ["xla"]
         hooks: list[Callable[[], None] | None] = [None]
     else:
-        for device in runtime.devices:
-            replicas.append(load_artifact(artifact_dir, device=device, compute_dtype=runtime.compute_dtype))
+        for index, device in enumerate(runtime.devices):  # the files are hashed once, by the first load
+            replicas.append(load_artifact(artifact_dir, device=device, compute_dtype=runtime.compute_dtype,
+                                          verify_hashes=cfg.verify_hashes and index == 0))
         forwards = [make_forward(rep.model, _pad_id(rep.tokenizer), device)
                     for rep, device in zip(replicas, runtime.devices, strict=True)]
         names = list(runtime.devices)
@@ -849,10 +957,14 @@ def run_submission(
     artifact_hint: str | None = None,
     test_hint: str | None = None,
     started_at: float | None = None,
+    fail_on_fallback: bool = True,
 ) -> InferenceReport:
     """The submission notebook's one call: find what is not given under `input_root` (see
     `runtime.find_inputs`), default the output to /kaggle/working/submission.csv on Kaggle (else
-    submissions/submission.csv), predict, and validate the written file against the test file."""
+    submissions/submission.csv), predict, and validate the written file against the test file.
+
+    With `fail_on_fallback` it then raises (`raise_if_fallback`) when any row fell back, except in the
+    competition rerun; the notebook passes False, prints the summary, then calls `raise_if_fallback` itself."""
     from kaggle_utils.runtime import default_submission_path, find_inputs
     from kaggle_utils.submission import validate_submission
 
@@ -865,4 +977,6 @@ def run_submission(
     out_path = Path(out_path) if out_path is not None else default_submission_path()
     report = predict(artifact_dir, test_path, out_path, cfg, fallback_path=fallback_path, started_at=started_at)
     validate_submission(out_path, test_path)
+    if fail_on_fallback:
+        raise_if_fallback(report)
     return report

@@ -284,7 +284,7 @@ def find_inputs(
     artifact_hint: str | None = None,
     test_hint: str | None = None,
     test_names: tuple[str, ...] = ("test.csv", "test.parquet"),
-    baseline_name: str = "baseline.joblib",
+    baseline_name: str = "baseline.json",
 ) -> FoundInputs:
     """Search `root` (default /kaggle/input, else ./data) for the artifact (a directory with manifest.json),
     the competition's test file, an attached wheels folder and a baseline model file.
@@ -319,8 +319,12 @@ def find_inputs(
         raise UsageError(f"no test file ({' or '.join(test_names)}) under {root}")
     artifact = _pick("artifact", artifacts, artifact_hint, root)
     test = _pick("test file", competition_tests if competition_tests and not test_hint else tests, test_hint, root)
-    # The baseline is optional: one inside the artifact wins, else a unique one; several -> none (logged).
+    # The baseline is optional: one inside the chosen artifact wins, else a unique one that is inside no
+    # artifact; one inside another artifact is never taken; several -> none (logged). (Loading it checks its
+    # manifest's sha256, and pickles are never loaded: see baseline.BaselineModel.load.)
     inside = [path for path in baselines if artifact in path.parents]
+    baselines = [path for path in baselines if artifact in path.parents
+                 or not any(other in path.parents for other in artifacts)]
     baseline = inside[0] if inside else baselines[0] if len(baselines) == 1 else None
     if baseline is None and len(baselines) > 1:
         logger.warning("several %s under %s, none chosen: %s", baseline_name, root, [str(p) for p in baselines])

@@ -32,12 +32,12 @@ _SPLIT_OUTPUT = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "embed_to
 _SPLIT_INPUT = ("o_proj", "down_proj")
 
 
-def load_plain(artifact_dir: str | Path) -> Any:
+def load_plain(artifact_dir: str | Path, verify_hashes: bool = True) -> Any:
     """The artifact as a plain bf16 model on the CPU (bnb layers dequantized, adapter merged): what XLA runs.
     Delegates to `artifacts.load_artifact(dequantize=True)`, the one loader for both orderings."""
     from kaggle_utils.artifacts import load_artifact
 
-    return load_artifact(artifact_dir, compute_dtype=torch.bfloat16, dequantize=True)
+    return load_artifact(artifact_dir, compute_dtype=torch.bfloat16, dequantize=True, verify_hashes=verify_hashes)
 
 
 def plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

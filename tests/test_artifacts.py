@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -175,7 +179,110 @@ def test_missing_weights_and_unknown_schemes_are_refused_not_randomised(setup, d
     dropped = next(name for name in state if name.endswith("mlp.down_proj.weight"))
     del state[dropped]
     save_file(state, str(weights), metadata={"format": "pt"})
-    manifest["files"]["model/model.safetensors"] = {"bytes": weights.stat().st_size, "sha256": "not-checked"}
+    manifest["files"]["model/model.safetensors"] = {"bytes": weights.stat().st_size,
+                                                    "sha256": hashlib.sha256(weights.read_bytes()).hexdigest()}
     manifest_path.write_text(json.dumps(manifest))
     with pytest.raises(ArtifactError, match="missing from the checkpoint"):
         artifacts.load_artifact(path, device="cpu")
+
+
+def _adapter_artifact(setup, demo_tokenizer, path):
+    model_cfg, _, _ = setup
+    peft_model = modeling.apply_lora(modeling.build_classifier(model_cfg, quant=QuantConfig(), device="cpu"),
+                                     LoraSettings(r=4))
+    _perturb_adapter(peft_model)
+    return artifacts.save_artifact(path, peft_model, demo_tokenizer, FIELDS, FormatConfig())
+
+
+def _edit_manifest(path, edit) -> None:
+    manifest = json.loads((path / "manifest.json").read_text())
+    edit(manifest)
+    (path / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_quant_then_ft_without_its_adapter_is_refused_not_run_on_the_base(setup, demo_tokenizer, tmp_path):
+    path = _adapter_artifact(setup, demo_tokenizer, tmp_path / "art")
+    original = (path / "manifest.json").read_text()
+    _edit_manifest(path, lambda m: m.pop("has_adapter"))
+    with pytest.raises(ArtifactError, match=r"missing fields \['has_adapter'\]"):
+        artifacts.load_artifact(path, device="cpu")
+    _edit_manifest(path, lambda m: m.update(has_adapter=False))
+    with pytest.raises(ArtifactError, match="has_adapter is False but 'files' lists files under adapter/"):
+        artifacts.load_artifact(path, device="cpu")
+
+    def drop_adapter(manifest):  # a consistent-looking manifest that forgot the adapter altogether
+        manifest["has_adapter"] = False
+        manifest["files"] = {k: v for k, v in manifest["files"].items() if not k.startswith("adapter/")}
+
+    _edit_manifest(path, drop_adapter)
+    with pytest.raises(ArtifactError, match="quant-then-ft needs its adapter"):
+        artifacts.load_artifact(path, device="cpu")
+    _edit_manifest(path, lambda m: m.update(ordering="ft-then-quant"))  # the adapter/ folder is still there
+    with pytest.raises(ArtifactError, match=r"adapter/\S+ is not listed"):
+        artifacts.load_artifact(path, device="cpu")
+    (path / "manifest.json").write_text(original)
+    _edit_manifest(path, lambda m: m.update(ordering="ft-then-quant"))
+    with pytest.raises(ArtifactError, match="ft-then-quant ships the merged model"):
+        artifacts.load_artifact(path, device="cpu")
+    _edit_manifest(path, lambda m: m.update(ordering="quant-first"))
+    with pytest.raises(ArtifactError, match="'ordering' must be one of"):
+        artifacts.load_artifact(path, device="cpu")
+
+
+def test_same_size_bit_flips_are_refused_by_default_and_the_check_can_be_skipped(setup, demo_tokenizer, tmp_path):
+    path = _adapter_artifact(setup, demo_tokenizer, tmp_path / "art")
+    weights = path / "adapter" / "adapter_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0x01
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match="adapter/adapter_model.safetensors does not match its sha256"):
+        artifacts.load_artifact(path, device="cpu")
+    artifacts.load_artifact(path, device="cpu", verify_hashes=False)  # opt-out: sizes only
+
+
+@pytest.mark.parametrize(("files", "message"), [
+    ([], "'files' must be dict"),
+    ({}, "lists no files"),
+    ({"model/config.json": 12}, "must be {'bytes'"),
+    ({"model/config.json": {"bytes": "12", "sha256": "0" * 64}}, "must be {'bytes'"),
+    ({"model/config.json": {"bytes": 12, "sha256": "xyz"}}, "must be {'bytes'"),
+    ({"../outside.json": {"bytes": 1, "sha256": "0" * 64}}, "not a path inside the artifact"),
+    ({"/etc/passwd": {"bytes": 1, "sha256": "0" * 64}}, "not a path inside the artifact"),
+])
+def test_malformed_manifest_files_entries_are_one_artifact_error(setup, demo_tokenizer, tmp_path, files, message):
+    path = _small_artifact(setup, demo_tokenizer, tmp_path / "art")
+    _edit_manifest(path, lambda m: m.update(files=files))
+    with pytest.raises(ArtifactError, match=message):
+        artifacts.load_artifact(path, device="cpu")
+
+
+def test_manifest_field_types_and_unlisted_files_are_refused(setup, demo_tokenizer, tmp_path):
+    path = _small_artifact(setup, demo_tokenizer, tmp_path / "art")
+    (path / "manifest.json").write_text("[1, 2]")
+    with pytest.raises(ArtifactError, match="expected a JSON object"):
+        artifacts.read_manifest(path)
+    path = _small_artifact(setup, demo_tokenizer, tmp_path / "art")
+    _edit_manifest(path, lambda m: m.update(max_length="2048"))
+    with pytest.raises(ArtifactError, match="'max_length' must be int"):
+        artifacts.load_artifact(path, device="cpu")
+    path = _small_artifact(setup, demo_tokenizer, tmp_path / "art")
+    (path / "model" / "extra.safetensors").write_bytes(b"x")
+    with pytest.raises(ArtifactError, match="model/extra.safetensors is not listed"):
+        artifacts.load_artifact(path, device="cpu")
+
+
+def test_stale_staging_folders_are_removed_live_ones_kept(setup, demo_tokenizer, tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)  # that process has exited
+    abandoned = tmp_path / f".art.{dead_pid}.abcd_123"
+    live = tmp_path / f".art.{os.getpid()}.zzzz_999"
+    old_style, fresh_old_style = tmp_path / ".art.qwerty12", tmp_path / ".art.asdfgh34"
+    other = tmp_path / f".other.{dead_pid}.abcd_123"
+    for folder in (abandoned, live, old_style, fresh_old_style, other):
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(b"partial")
+    day_ago = os.stat(old_style).st_mtime - artifacts.STALE_UNOWNED_STAGING_S - 60
+    os.utime(old_style, (day_ago, day_ago))
+    _small_artifact(setup, demo_tokenizer, tmp_path / "art")
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == sorted(["art", live.name, fresh_old_style.name, other.name])

@@ -3,11 +3,21 @@ saves and loads."""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import pickle
+
 import numpy as np
 import polars as pl
 import pytest
 
-from kaggle_utils.baseline import BaselineModel, baseline_features, feature_names, run_baseline_cv
+from kaggle_utils.baseline import (
+    BaselineModel,
+    baseline_features,
+    baseline_manifest_path,
+    feature_names,
+    run_baseline_cv,
+)
 from kaggle_utils.config import BaselineConfig, FoldConfig
 from kaggle_utils.errors import ArtifactError, DataError
 from kaggle_utils.folds import make_folds
@@ -108,21 +118,66 @@ def test_predictions_are_symmetric_under_swapping_responses(cv_result, train_fra
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-12)
 
 
-def test_model_round_trips_and_refuses_other_features(cv_result, train_frame, tmp_path):
-    _, result = cv_result
-    path = result.model.save(tmp_path / "baseline.joblib")
+@pytest.mark.parametrize("model", ["hgb", "logreg"])
+def test_model_round_trips_through_json_with_identical_predictions(model, cv_result, train_frame, tmp_path):
+    folds, result = cv_result
+    if model == "logreg":
+        result = run_baseline_cv(train_frame, folds, BaselineConfig(model="logreg"))
+    path = result.model.save(tmp_path / "baseline.json")
+    payload = json.loads(path.read_text())  # plain JSON parameters, nothing executable
+    assert payload["format"] == "kaggle_utils-baseline-params" and payload["estimators"][0]["kind"] == model
+    manifest = json.loads(baseline_manifest_path(path).read_text())
+    assert manifest["files"]["baseline.json"]["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
     loaded = BaselineModel.load(path)
     np.testing.assert_array_equal(loaded.predict_proba(train_frame), result.model.predict_proba(train_frame))
     assert loaded.class_prior == pytest.approx(
         np.bincount(train_frame["label"].to_numpy(), minlength=3) / train_frame.height
     )
+    again = loaded.save(tmp_path / "again.json")  # a loaded model saves the same parameters again
+    assert json.loads(again.read_text())["estimators"] == payload["estimators"]
 
-    loaded.feature_version = "baseline-features-v0"
-    stale = loaded.save(tmp_path / "stale.joblib")
+
+def test_model_load_refuses_other_features_pickles_unlisted_and_altered_files(cv_result, tmp_path, monkeypatch):
+    _, result = cv_result
+    path = result.model.save(tmp_path / "baseline.json")
+    stale = tmp_path / "stale.json"
+    payload = json.loads(path.read_text())
+    payload["feature_version"] = "baseline-features-v0"
+    _save_listed(stale, json.dumps(payload).encode())
     with pytest.raises(ArtifactError, match="trained on features"):
         BaselineModel.load(stale)
     with pytest.raises(ArtifactError, match="not found"):
-        BaselineModel.load(tmp_path / "absent.joblib")
+        BaselineModel.load(tmp_path / "absent.json")
+
+    # a pickle is never unpickled, whatever its name, even when a manifest lists it
+    unpickled = []
+    monkeypatch.setattr(pickle, "loads", lambda *a, **k: unpickled.append(a))
+    for name in ("baseline.joblib", "model.json"):
+        evil = tmp_path / name
+        _save_listed(evil, pickle.dumps({"x": 1}))
+        with pytest.raises(ArtifactError, match="never loaded"):
+            BaselineModel.load(evil)
+    assert not unpickled
+    with pytest.raises(ArtifactError, match="pickles"):
+        result.model.save(tmp_path / "out.joblib")
+
+    unlisted = tmp_path / "unlisted.json"
+    unlisted.write_bytes(path.read_bytes())
+    with pytest.raises(ArtifactError, match="unlisted"):
+        BaselineModel.load(unlisted)
+    altered = bytearray(path.read_bytes())
+    position = altered.index(b'"class_prior":[') + len(b'"class_prior":[')
+    altered[position] = ord("1") if altered[position] != ord("1") else ord("2")  # same size, other bytes
+    path.write_bytes(bytes(altered))
+    with pytest.raises(ArtifactError, match="sha256"):
+        BaselineModel.load(path)
+
+
+def _save_listed(path, data: bytes) -> None:
+    """Write `data` with a manifest that lists it correctly (only the content is wrong)."""
+    path.write_bytes(data)
+    entry = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    baseline_manifest_path(path).write_text(json.dumps({"files": {path.name: entry}}))
 
 
 def test_cv_refuses_rows_without_a_fold_or_label(cv_result, train_frame):

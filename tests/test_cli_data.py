@@ -105,7 +105,7 @@ def test_validate_submission_test_file_without_id_is_one_clean_line(main, sample
 def test_baseline_command_scores_and_writes_a_valid_submission(main, sample_files, tmp_path, capsys):
     folds = tmp_path / "folds.parquet"
     assert main(["folds", "--train", str(sample_files.train_csv), "--out", str(folds)]) == 0
-    submission, oof, model = tmp_path / "sub.csv", tmp_path / "oof.parquet", tmp_path / "model.joblib"
+    submission, oof, model = tmp_path / "sub.csv", tmp_path / "oof.parquet", tmp_path / "model.json"
     argv = [
         "baseline",
         "--train",

@@ -19,7 +19,7 @@ from kaggle_utils import inference, tpu
 from kaggle_utils.batching import padding_efficiency, token_budget_batches
 from kaggle_utils.config import FormatConfig, InferenceConfig, LoraSettings, ModelConfig, QuantConfig
 from kaggle_utils.errors import UsageError
-from kaggle_utils.formatting import encode_both_orders, swap_frame, swap_probs
+from kaggle_utils.formatting import encode_both_orders, encode_rows, swap_frame, swap_probs
 from kaggle_utils.submission import validate_submission
 
 SWAP_MARKER = 1  # first token of every swapped-view sequence in the fake data, so a fake device can tell views
@@ -318,7 +318,6 @@ def read_probs(path) -> np.ndarray:
 def test_predict_both_orderings_match_an_independent_tta_computation(ordering, tiny_artifacts, sample_files, tmp_path):
     from kaggle_utils.artifacts import load_artifact
     from kaggle_utils.data import load_competition
-    from kaggle_utils.modeling import predict_probs
 
     out = tmp_path / "submission.csv"
     report = inference.predict(tiny_artifacts[ordering], sample_files.test_csv, out, predict_cfg())
@@ -329,12 +328,23 @@ def test_predict_both_orderings_match_an_independent_tta_computation(ordering, t
     assert saved["rows_by_path"]["tta"] == rows and saved["manifest"]["ordering"] == ordering
     assert saved["runtime"]["kind"] == "cpu" and saved["fallback_source"] == "class prior from manifest"
 
+    # The expected value without the code under test (no batching, padding, scheduler, swap_frame, swap_probs
+    # or combine_views): each row alone through the model, the responses exchanged by hand for the swapped
+    # view, its A/B columns exchanged back by index, the two views averaged here.
     loaded = load_artifact(tiny_artifacts[ordering], device="cpu")
     frame = load_competition(sample_files.test_csv, split="test").frame
-    original, swapped = encode_both_orders(frame, loaded.tokenizer, loaded.format_config)
-    pad = loaded.tokenizer.pad_token_id
-    want = (predict_probs(loaded.model, original.input_ids, pad) + swap_probs(
-        predict_probs(loaded.model, swapped.input_ids, pad))) / 2
+    exchanged = frame.with_columns(response_a=pl.col("response_b"), response_b=pl.col("response_a"))
+    original = encode_rows(frame, loaded.tokenizer, loaded.format_config).input_ids
+    swapped = encode_rows(exchanged, loaded.tokenizer, loaded.format_config).input_ids
+
+    def alone(ids: list[int]) -> np.ndarray:
+        with torch.no_grad():
+            logits = loaded.model(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids),
+                                  dtype=torch.long)).logits[0].double().numpy()
+        exp = np.exp(logits - logits.max())
+        return exp / exp.sum()
+
+    want = np.array([(alone(a) + alone(b)[[1, 0, 2]]) / 2 for a, b in zip(original, swapped, strict=True)])
     np.testing.assert_allclose(read_probs(out), want, atol=1e-5)
 
 
@@ -478,7 +488,7 @@ def test_baseline_fallback_is_used_when_given(sample_files, train_data, tmp_path
 
     frame = train_data.frame
     result = run_baseline_cv(frame, make_folds(frame, FoldConfig(n_folds=2)))
-    baseline = result.model.save(tmp_path / "baseline.joblib")
+    baseline = result.model.save(tmp_path / "baseline.json")
     out = tmp_path / "submission.csv"
     report = inference.predict(tmp_path / "no-artifact", sample_files.test_csv, out, predict_cfg(),
                                fallback_path=baseline)
@@ -505,7 +515,7 @@ def test_unreadable_test_file_is_a_clear_error(tmp_path):
     from kaggle_utils.errors import SubmissionError
 
     with pytest.raises(SubmissionError, match="not found"):
-        inference.predict(tmp_path, tmp_path / "absent.csv", tmp_path / "sub.csv", predict_cfg())
+        inference.predict(tmp_path / "artifact", tmp_path / "absent.csv", tmp_path / "sub.csv", predict_cfg())
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -599,3 +609,196 @@ def test_cli_predict_writes_the_submission_and_strict_reports_absorbed_errors(
     assert (cfg.tta_swap, cfg.deadline_hours, cfg.num_gpus, cfg.compute_dtype, cfg.layout) == (
         False, 2.5, 2, "float16", "view_per_device")
     assert cfg.safety_margin_hours == InferenceConfig().safety_margin_hours and cfg.token_budget == 8192
+
+
+# ----------------------------------------------------------------------------------------------------------
+# fallback rows are a failure; invalid settings and outputs are refused before anything is written
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _broken_inputs(kind: str, tiny_artifacts, sample_files, tmp_path) -> tuple[Path, Path]:
+    """(artifact, test file) with one thing wrong that only the fallback can survive."""
+    artifact, test = tiny_artifacts["ft-then-quant"], sample_files.test_csv
+    if kind == "artifact typo":
+        artifact = tmp_path / "artefact"
+    elif kind == "no response_b":
+        test = tmp_path / "test.csv"
+        pl.read_csv(sample_files.test_csv).drop("response_b").write_csv(test)
+    elif kind == "corrupt manifest":
+        import shutil
+
+        artifact = tmp_path / "corrupt"
+        shutil.copytree(tiny_artifacts["ft-then-quant"], artifact)
+        (artifact / "manifest.json").write_text('{"ordering": "ft-then-quant", ')
+    return artifact, test
+
+
+@pytest.mark.parametrize("kind", ["artifact typo", "no response_b", "corrupt manifest"])
+def test_cli_predict_exits_nonzero_when_rows_fell_back_but_keeps_the_file(
+    kind, tiny_artifacts, sample_files, tmp_path, capsys, monkeypatch
+):
+    monkeypatch.delenv("KAGGLE_IS_COMPETITION_RERUN", raising=False)
+    artifact, test = _broken_inputs(kind, tiny_artifacts, sample_files, tmp_path)
+    out = tmp_path / "sub.csv"
+    argv = ["predict", "--artifact", str(artifact), "--test", str(test), "--out", str(out), "--device", "cpu",
+            "--no-progress"]
+    assert run_cli(argv) == 1
+    validate_submission(out, test)
+    captured = capsys.readouterr()
+    rows = pl.read_csv(test).height
+    assert captured.out.startswith(f"FALLBACK {rows} of {rows} rows")
+    assert f"{rows} of {rows} rows were predicted by the fallback" in captured.err
+
+    # the competition's hidden rerun keeps the file and finishes
+    monkeypatch.setenv("KAGGLE_IS_COMPETITION_RERUN", "1")
+    assert run_cli(argv) == 0
+    validate_submission(out, test)
+
+
+@pytest.mark.parametrize(("option", "value", "message"), [
+    ("--token-budget", "0", "token_budget must be a positive integer"),
+    ("--deadline-hours", "nan", "deadline_hours must be a finite number"),
+    ("--deadline-hours", "inf", "deadline_hours must be a finite number"),
+    ("--deadline-hours", "-1", "deadline_hours must be a finite number"),
+    ("--margin-hours", "nan", "safety_margin_hours must be a finite number"),
+    ("--margin-hours", "10", "leaves no time"),
+    ("--num-gpus", "0", "num_gpus must be a positive integer"),
+    ("--device", "cuda", "no CUDA GPU"),
+])
+def test_invalid_settings_are_usage_errors_before_anything_is_written(
+    option, value, message, tiny_artifacts, sample_files, tmp_path, capsys
+):
+    from kaggle_utils.cli import main
+
+    if option == "--device" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    out = tmp_path / "sub.csv"
+    code = main(["predict", "--artifact", str(tiny_artifacts["ft-then-quant"]), "--test", str(sample_files.test_csv),
+                 "--out", str(out), "--no-progress", option, value])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+    assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_a_valid_previous_submission_survives_until_the_new_one_is_complete(tiny_artifacts, sample_files, tmp_path):
+    out = tmp_path / "submission.csv"
+    inference.predict(tiny_artifacts["ft-then-quant"], sample_files.test_csv, out, predict_cfg(tta_swap=False))
+    previous = out.read_bytes()
+    seen = []
+
+    def watch(forward, name):
+        def wrapped(seqs):
+            seen.append((out.read_bytes() == previous, inference.fallback_path_for(out).is_file()))
+            return forward(seqs)
+        return wrapped
+
+    report = inference.predict(tiny_artifacts["ft-then-quant"], sample_files.test_csv, out, predict_cfg(),
+                               wrap_forward=watch)
+    assert seen and all(kept and fallback_beside for kept, fallback_beside in seen)
+    assert report.fallback_file == str(inference.fallback_path_for(out))
+    assert not inference.fallback_path_for(out).exists()  # removed once the new file is complete
+    validate_submission(out, sample_files.test_csv)
+    assert out.read_bytes() != previous  # TTA this time
+
+    # a previous file that is not a valid submission for this test file is replaced by the fallback at once
+    out.write_text("id,winner_model_a,winner_model_b,winner_tie\n1,1,0,0\n")
+    seen.clear()
+
+    def watch_invalid(forward, name):
+        def wrapped(seqs):
+            seen.append(validate_submission(out, sample_files.test_csv).rows)
+            return forward(seqs)
+        return wrapped
+
+    report = inference.predict(tiny_artifacts["ft-then-quant"], sample_files.test_csv, out, predict_cfg(),
+                               wrap_forward=watch_invalid)
+    assert seen and report.fallback_file == str(out)
+
+
+def test_outputs_that_are_inputs_or_not_regular_files_are_refused(tiny_artifacts, sample_files, tmp_path):
+    import shutil
+
+    test = tmp_path / "test.csv"
+    shutil.copy(sample_files.test_csv, test)
+    before = test.read_bytes()
+    artifact = tiny_artifacts["ft-then-quant"]
+    with pytest.raises(UsageError, match="it is the test file"):
+        inference.predict(artifact, test, test, predict_cfg())
+    with pytest.raises(UsageError, match="inside the artifact"):
+        inference.predict(artifact, test, artifact / "submission.csv", predict_cfg())
+    link = tmp_path / "link.csv"
+    link.symlink_to(tmp_path / "elsewhere.csv")
+    with pytest.raises(UsageError, match="symlink"):
+        inference.predict(artifact, test, link, predict_cfg())
+    assert test.read_bytes() == before and link.is_symlink() and not (tmp_path / "elsewhere.csv").exists()
+    assert not (artifact / "submission.csv").exists()
+
+
+def test_cli_baseline_refuses_to_overwrite_its_test_file(sample_files, tmp_path, capsys):
+    import shutil
+
+    from kaggle_utils.cli import main
+
+    test = tmp_path / "test.csv"
+    shutil.copy(sample_files.test_csv, test)
+    before = test.read_bytes()
+    code = main(["baseline", "--train", str(sample_files.train_csv), "--test", str(test), "--out", str(test)])
+    err = capsys.readouterr().err
+    assert code == 2 and "it is the test file" in err and len(err.strip().splitlines()) == 1
+    assert test.read_bytes() == before
+
+
+def test_a_failed_report_write_keeps_the_submission_and_removes_the_stale_report(
+    tiny_artifacts, sample_files, tmp_path, monkeypatch
+):
+    out = tmp_path / "submission.csv"
+    inference.predict(tiny_artifacts["ft-then-quant"], sample_files.test_csv, out, predict_cfg(tta_swap=False))
+    stale = inference.report_path_for(out)
+    assert stale.is_file()
+    real_write = inference.atomic_write_bytes
+
+    def failing(path, data):
+        if Path(path) == stale:
+            raise OSError(28, "No space left on device")
+        return real_write(path, data)
+
+    monkeypatch.setattr(inference, "atomic_write_bytes", failing)
+    report = inference.predict(tiny_artifacts["ft-then-quant"], sample_files.test_csv, out, predict_cfg())
+    validate_submission(out, sample_files.test_csv)
+    assert report.rows_by_path["tta"] == report.rows and not report.report_written
+    assert any(error["where"].startswith("writing the report") for error in report.errors)
+    assert not stale.exists()  # the earlier run's report no longer sits beside the new file
+
+
+@pytest.mark.parametrize("content", [None, "inference: [unclosed\n", "inference:\n  token_budgt: 5\n", "- a\n- b\n"])
+@pytest.mark.parametrize("command", ["predict", "kaggle", "train"])
+def test_bad_config_files_are_one_line_errors(command, content, tiny_artifacts, sample_files, tmp_path, capsys):
+    from kaggle_utils.cli import main
+
+    config = tmp_path / "config.yaml"
+    if content is not None:
+        config.write_text(content)
+    argv = {
+        "predict": ["predict", "--artifact", str(tiny_artifacts["ft-then-quant"]), "--test",
+                    str(sample_files.test_csv), "--out", str(tmp_path / "sub.csv")],
+        "kaggle": ["kaggle", "metadata", "--out", str(tmp_path / "kernel-metadata.json")],
+        "train": ["train", "--ordering", "quant-then-ft", "--train", str(sample_files.train_csv), "--out",
+                  str(tmp_path / "run")],
+    }[command]
+    code = main([*argv, "--config", str(config)])
+    err = capsys.readouterr().err
+    assert code == 2 and str(config) in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "sub.csv").exists()
+
+
+def test_a_runtime_probe_that_crashes_still_leaves_a_file_and_counts_as_fallback(sample_files, tmp_path, monkeypatch):
+    from kaggle_utils import runtime
+
+    def broken(cfg):
+        raise RuntimeError("CUDA driver initialization failed (injected)")
+
+    monkeypatch.setattr(runtime, "detect_runtime", broken)
+    out = tmp_path / "submission.csv"
+    report = inference.predict(tmp_path / "artifact", sample_files.test_csv, out, predict_cfg())
+    validate_submission(out, sample_files.test_csv)
+    assert report.fallback_rows == report.rows and report.errors[-1]["where"] == "detecting the runtime"

@@ -70,3 +70,30 @@ def test_notebook_runs_headless_and_writes_a_valid_submission(kaggle_input, orde
     executed = nbformat.read(tmp_path / "executed.ipynb", as_version=4)
     printed = "".join(o.get("text", "") for c in executed.cells for o in c.get("outputs", []))
     assert f"{report['rows']} rows (tta {report['rows']})" in printed
+
+
+def test_notebook_raises_after_writing_when_rows_fell_back_except_in_the_rerun(kaggle_input, tmp_path, monkeypatch):
+    import papermill
+
+    root, _ = kaggle_input
+    test_csv = root / "competitions" / "llm-classification-finetuning" / "test.csv"
+    parameters = {"TEST_PATH": str(test_csv), "ARTIFACT_DIR": str(tmp_path / "no-such-artifact"), "DEVICE": "cpu",
+                  "TOKEN_BUDGET": 2048}
+    monkeypatch.delenv("KAGGLE_IS_COMPETITION_RERUN", raising=False)
+    out = tmp_path / "submission.csv"
+    with pytest.raises(papermill.PapermillExecutionError, match="predicted by the fallback") as raised:
+        papermill.execute_notebook(str(NOTEBOOK), str(tmp_path / "failed.ipynb"),
+                                   parameters={**parameters, "OUT": str(out)}, kernel_name="python3",
+                                   progress_bar=False, cwd=str(tmp_path), execution_timeout=300)
+    assert raised.value.ename == "InferenceError"
+    validate_submission(out, test_csv)  # written and validated before the raise
+    executed = nbformat.read(tmp_path / "failed.ipynb", as_version=4)
+    printed = "".join(o.get("text", "") for c in executed.cells for o in c.get("outputs", []))
+    assert "FALLBACK 40 of 40 rows" in printed
+
+    monkeypatch.setenv("KAGGLE_IS_COMPETITION_RERUN", "1")  # the hidden rerun: keep the file, finish
+    rerun = tmp_path / "rerun.csv"
+    papermill.execute_notebook(str(NOTEBOOK), str(tmp_path / "rerun.ipynb"),
+                               parameters={**parameters, "OUT": str(rerun)}, kernel_name="python3",
+                               progress_bar=False, cwd=str(tmp_path), execution_timeout=300)
+    validate_submission(rerun, test_csv)

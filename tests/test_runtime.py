@@ -116,7 +116,7 @@ def _kaggle_like(root):
     artifact = root / "models" / "me" / "gemma-arena" / "transformers" / "qlora" / "3"
     _touch(artifact / "manifest.json", "{}")
     _touch(artifact / "model" / "config.json", "{}")
-    _touch(artifact / "baseline.joblib")
+    _touch(artifact / "baseline.json")
     _touch(root / "arena-wheels" / "kaggle_utils-0.1.0-py3-none-any.whl")
     return artifact
 
@@ -127,7 +127,7 @@ def test_find_inputs_searches_instead_of_assuming_a_layout(tmp_path):
     assert found.artifact_dir == artifact
     assert found.test_path == tmp_path / "competitions" / "llm-classification-finetuning" / "test.csv"
     assert found.wheels_dir == tmp_path / "arena-wheels"
-    assert found.baseline_path == artifact / "baseline.joblib"
+    assert found.baseline_path == artifact / "baseline.json"
     assert "arena-wheels" in found.describe()
 
 
@@ -137,6 +137,18 @@ def test_find_inputs_old_layout_without_extras(tmp_path):
     found = rt.find_inputs(tmp_path)
     assert found.test_path == tmp_path / "lmsys-chatbot-arena" / "test.csv"
     assert found.wheels_dir is None and found.baseline_path is None
+
+
+def test_find_inputs_never_takes_a_baseline_from_another_artifact(tmp_path):
+    _touch(tmp_path / "comp" / "test.csv")
+    _touch(tmp_path / "mine" / "manifest.json", "{}")
+    _touch(tmp_path / "theirs" / "manifest.json", "{}")
+    _touch(tmp_path / "theirs" / "baseline.json")
+    _touch(tmp_path / "mine" / "baseline.joblib")  # pickles are not baselines any more
+    found = rt.find_inputs(tmp_path, artifact_hint="mine")
+    assert found.artifact_dir == tmp_path / "mine" and found.baseline_path is None
+    _touch(tmp_path / "standalone" / "baseline.json")
+    assert rt.find_inputs(tmp_path, artifact_hint="mine").baseline_path == tmp_path / "standalone" / "baseline.json"
 
 
 def test_find_inputs_ambiguity_is_an_error_naming_candidates_and_a_hint_resolves_it(tmp_path):

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import stat
+
 import numpy as np
 import polars as pl
 import pytest
@@ -265,3 +268,50 @@ def test_read_test_ids_handles_quoted_multiline_fields_and_parquet(tmp_path, tes
     parquet = tmp_path / "test.parquet"
     pl.read_csv(test_csv).write_parquet(parquet)
     assert read_test_ids(parquet).to_list() == [str(i) for i in TEST_IDS]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_atomic_writes_respect_the_umask_like_open(tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        written = fileio.atomic_write_bytes(tmp_path / "new.csv", b"x")
+        with open(tmp_path / "plain.csv", "wb") as handle:
+            handle.write(b"x")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(written.stat().st_mode) == stat.S_IMODE((tmp_path / "plain.csv").stat().st_mode)
+    assert stat.S_IMODE(written.stat().st_mode) == 0o666 & ~umask
+    os.chmod(written, 0o640)  # an existing file keeps its mode, as with open(path, "wb")
+    fileio.atomic_write_bytes(written, b"y")
+    assert stat.S_IMODE(written.stat().st_mode) == 0o640
+
+
+def test_non_regular_targets_are_refused_and_left_alone(tmp_path):
+    target = tmp_path / "real.csv"
+    target.write_text("keep")
+    link = tmp_path / "link.csv"
+    link.symlink_to(target)
+    fifo = tmp_path / "fifo.csv"
+    os.mkfifo(fifo)
+    folder = tmp_path / "folder.csv"
+    folder.mkdir()
+    for path, kind in ((link, "symlink"), (fifo, "not a regular file"), (folder, "folder")):
+        with pytest.raises(fileio.WriteError, match=kind):
+            write_submission(TEST_IDS, good_probs(), path)
+    assert link.is_symlink() and stat.S_ISFIFO(os.lstat(fifo).st_mode) and folder.is_dir()
+    assert target.read_text() == "keep"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fifo.csv", "folder.csv", "link.csv", "real.csv"]
+
+
+def test_unwritable_outputs_are_one_line_usage_errors(tmp_path):
+    from kaggle_utils.errors import UsageError
+
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("x")
+    with pytest.raises(UsageError, match=r"cannot write .*file.txt/sub.csv"):
+        write_submission(TEST_IDS, good_probs(), blocker / "sub.csv")
+    if os.geteuid() != 0:  # root ignores directory permissions
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        with pytest.raises(UsageError, match="cannot write .*locked"):
+            write_submission(TEST_IDS, good_probs(), locked / "sub.csv")

@@ -43,7 +43,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--test", help="test file to predict (needs --out)")
     parser.add_argument("--out", help="submission CSV to write for --test")
     parser.add_argument("--oof", help="write the OOF predictions to this parquet")
-    parser.add_argument("--save-model", help="write the fitted model (joblib) here")
+    parser.add_argument("--save-model", help="write the fitted model here (JSON parameters + <name>.manifest.json)")
     parser.set_defaults(handler=baseline)
 
     parser = subparsers.add_parser(
@@ -103,6 +103,10 @@ def baseline(args: argparse.Namespace) -> int:
         raise UsageError(
             "baseline: --test and --out go together (the test file to predict, the CSV to write)"
         )
+    _check_outputs(
+        [args.out, args.oof, args.save_model, args.save_model and f"{args.save_model}.manifest.json"],
+        [("training file", args.train), ("test file", args.test), ("folds file", args.folds)],
+    )
     data_cfg = DataConfig(format=args.format)
     train = load_competition(args.train, data_cfg, split="train")
     fold_table = (
@@ -135,6 +139,17 @@ def baseline(args: argparse.Namespace) -> int:
         validate(args.out, args.test)
         print(f"submission: {report.summary()} (validated)")
     return 0
+
+
+def _check_outputs(outputs: list[str | None], inputs: list[tuple[str, str | None]]) -> None:
+    """Before any work: no output may be an input (it would be destroyed) or a symlink / device / folder, and
+    no two outputs may be the same file."""
+    from kaggle_utils.fileio import check_not_an_input, check_output_target
+
+    given = [output for output in outputs if output]
+    for index, output in enumerate(given):
+        check_output_target(output)
+        check_not_an_input(output, [*inputs, *((f"output {other}", other) for other in given[:index])])
 
 
 def demo(args: argparse.Namespace) -> int:

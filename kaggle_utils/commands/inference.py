@@ -7,7 +7,8 @@ import dataclasses
 import logging
 import sys
 
-from kaggle_utils.config import InferenceConfig, PipelineConfig
+from kaggle_utils.commands.run_options import load_config
+from kaggle_utils.config import InferenceConfig
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -23,13 +24,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--no-tta", action="store_true", help="skip the A/B-swapped pass")
     parser.add_argument("--deadline-hours", type=float, help=f"total time limit (default {defaults.deadline_hours})")
     parser.add_argument("--margin-hours", type=float, help=f"kept free (default {defaults.safety_margin_hours})")
-    parser.add_argument("--fallback", help="baseline model (joblib) for rows no model pass serves")
+    parser.add_argument("--fallback",
+                        help="baseline model (baseline.json with its .manifest.json) for rows no model pass serves")
     parser.add_argument("--device", choices=("auto", "cuda", "cpu", "tpu"))
     parser.add_argument("--num-gpus", type=int, help="use the first N GPUs (default: all)")
     parser.add_argument("--dtype", choices=("auto", "bfloat16", "float16", "float32"), help="compute dtype")
     parser.add_argument("--token-budget", type=int, help=f"padded tokens per batch (default {defaults.token_budget})")
     parser.add_argument("--layout", choices=("shared_queue", "view_per_device"), help="work layout over GPUs")
     parser.add_argument("--strict", action="store_true", help="exit 1 after writing if any error was absorbed")
+    parser.add_argument("--no-verify-hashes", action="store_true",
+                        help="skip checking the artifact's files against their manifest sha256 (~10-15 s for "
+                             "an 8-bit 9B artifact); only for an artifact you just checked")
     parser.add_argument("--no-progress", action="store_true")
     parser.set_defaults(handler=predict)
 
@@ -41,7 +46,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def inference_config(args: argparse.Namespace) -> InferenceConfig:
-    cfg = PipelineConfig.from_yaml(args.config).inference if args.config else InferenceConfig()
+    cfg = load_config(args.config).inference if args.config else InferenceConfig()
     overrides = {
         "tta_swap": False if args.no_tta else None,
         "deadline_hours": args.deadline_hours,
@@ -53,22 +58,37 @@ def inference_config(args: argparse.Namespace) -> InferenceConfig:
         "layout": args.layout,
         "raise_after_write": True if args.strict else None,
         "progress": False if args.no_progress else None,
+        "verify_hashes": False if getattr(args, "no_verify_hashes", False) else None,
     }
     return dataclasses.replace(cfg, **{key: value for key, value in overrides.items() if value is not None})
 
 
 def predict(args: argparse.Namespace) -> int:
-    from kaggle_utils.inference import InferenceError
+    """Exit 0 only when the model served every row. Invalid settings: exit 2 before anything is written.
+    Rows served by the fallback (a broken artifact, an unreadable test row, the deadline): the valid file is
+    written, the fallback count printed first, exit 1 (except in Kaggle's competition rerun, see
+    `inference.raise_if_fallback`)."""
+    from kaggle_utils.inference import InferenceError, raise_if_fallback
     from kaggle_utils.inference import predict as run_predict
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    cfg = inference_config(args)
     try:
-        report = run_predict(args.artifact, args.test, args.out, inference_config(args), fallback_path=args.fallback)
+        report = run_predict(args.artifact, args.test, args.out, cfg, fallback_path=args.fallback)
     except InferenceError as error:
         print(f"error (submission written): {error}", file=sys.stderr)
         return 1
     print(report.summary())
-    print(f"report: {report.report_path}")
+    if report.report_written:
+        print(f"report: {report.report_path}")
+    else:
+        print(f"warning: the report {report.report_path} could not be written (see the error above)",
+              file=sys.stderr)
+    try:
+        raise_if_fallback(report)
+    except InferenceError as error:  # the summary inside names the first error
+        print(f"error (submission written): {' '.join(str(error).split())}", file=sys.stderr)
+        return 1
     return 0
 
 

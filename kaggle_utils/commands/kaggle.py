@@ -9,7 +9,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from kaggle_utils.config import KaggleConfig, PipelineConfig
+from kaggle_utils.commands.run_options import load_config
+from kaggle_utils.config import KaggleConfig
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -78,7 +79,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _config(args: argparse.Namespace) -> KaggleConfig:
-    cfg = PipelineConfig.from_yaml(args.config).kaggle if args.config else KaggleConfig()
+    cfg = load_config(args.config).kaggle if args.config else KaggleConfig()
     return dataclasses.replace(cfg, owner=args.owner) if args.owner else cfg
 
 

@@ -34,11 +34,17 @@ def load_config(path: str | None) -> PipelineConfig:
     """The YAML config at `path` (the defaults when None); a missing or invalid file is a UsageError."""
     if path is None:
         return PipelineConfig()
+    import yaml
+
     if not Path(path).is_file():
         raise UsageError(f"config file {path} does not exist")
     try:
         return PipelineConfig.from_yaml(path)
-    except (ValueError, TypeError) as error:
+    except yaml.YAMLError as error:
+        raise UsageError(f"{path}: not valid YAML ({' '.join(str(error).split())})") from error
+    except (OSError, UnicodeDecodeError) as error:
+        raise UsageError(f"{path}: cannot read the config ({error})") from error
+    except (ValueError, TypeError, AttributeError) as error:  # unknown keys, wrong shapes (a list, not a mapping)
         raise UsageError(f"{path}: {error}") from error
 
 

@@ -404,15 +404,17 @@ def save_int4_artifact(
     return save_artifact(out_dir, model, tokenizer, fields, format_config)
 
 
-def load_int4_artifact(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
-    """`artifacts.LoadedArtifact` for an INT4 artifact (manifest, files and template version checked)."""
+def load_int4_artifact(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+                       manifest: dict | None = None):
+    """`artifacts.LoadedArtifact` for an INT4 artifact (manifest, files and template version checked; a
+    `manifest` already checked by `artifacts.read_manifest`, e.g. with its hashes, is not read again)."""
     from kaggle_utils.artifacts import MODEL_DIR, TOKENIZER_DIR, LoadedArtifact, read_manifest
     from kaggle_utils.config import FormatConfig
     from kaggle_utils.modeling import resolve_dtype
     from kaggle_utils.tokenizer import load_tokenizer
 
     root = Path(path)
-    manifest = read_manifest(root)
+    manifest = manifest if manifest is not None else read_manifest(root)
     if manifest.get("int4_format") != FORMAT_NAME:
         raise UsageError(f"{root}: not an INT4 artifact (manifest int4_format={manifest.get('int4_format')!r})")
     dtype = dtype or resolve_dtype("auto", device)
