@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 DEMO_OUT ?= runs/demo
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint bench clean tpu-setup tpu-check
 
 setup: $(VENV)/.installed
 
@@ -32,5 +32,27 @@ lint: setup
 bench: setup
 	$(PY) benchmarks/bench_data.py
 
+# The TPU path (tpu.make_forward) under torch_xla's CPU device: 8 virtual devices stand in for a TPU v3-8's
+# cores. Its own venv, because torch-xla pins torch 2.9.0 (see requirements-xla.txt). Prints its runtime.
+XLA_VENV ?= .venv-xla
+XLA_PY := $(XLA_VENV)/bin/python
+
+tpu-setup: $(XLA_VENV)/.installed
+
+$(XLA_VENV)/.installed: requirements-xla.txt pyproject.toml
+	test -x $(XLA_PY) || $(PYTHON) -m venv $(XLA_VENV)
+	$(XLA_PY) -m pip install -q -r requirements-xla.txt
+	$(XLA_PY) -m pip install -q --no-deps -e .
+	touch $@
+
+# KAGGLE_UTILS_REQUIRE_XLA=1: a missing torch_xla fails instead of skipping. TF_CPP_MIN_LOG_LEVEL=2 hides
+# XLA's per-compile "GSPMD is going to be deprecated" warning.
+tpu-check:
+	@start=$$(date +%s); \
+	$(MAKE) --no-print-directory tpu-setup && \
+	PJRT_DEVICE=CPU CPU_NUM_DEVICES=8 KAGGLE_UTILS_REQUIRE_XLA=1 TF_CPP_MIN_LOG_LEVEL=2 \
+		$(XLA_PY) -m pytest -q -s -p no:cacheprovider tests/tpu; \
+	rc=$$?; echo "tpu-check: $$(( $$(date +%s) - start )) s (venv build included when it ran), exit $$rc"; exit $$rc
+
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) $(XLA_VENV) runs .pytest_cache
