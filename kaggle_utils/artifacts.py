@@ -218,10 +218,11 @@ def save_checkpoint(model: nn.Module, out_dir: str | Path) -> Path:
     return out_dir
 
 
-def read_manifest(path: str | Path, verify_hashes: bool = False) -> dict:
+def read_manifest(path: str | Path, verify_hashes: bool = False, allow_unlisted: bool = False) -> dict:
     """The artifact's manifest, checked: required fields present with their types, the ordering's parts
     consistent (`check_manifest_schema`), listed files present with their sizes (and sha256 with
-    `verify_hashes`), no unlisted file in a folder that gets loaded, template version equal to the code's."""
+    `verify_hashes`), no unlisted file in a folder that gets loaded (`allow_unlisted` is for readers that
+    only ever touch the listed files, such as the upload), template version equal to the code's."""
     from kaggle_utils.formatting import TEMPLATE_VERSION
 
     root = Path(path)
@@ -258,7 +259,7 @@ def read_manifest(path: str | Path, verify_hashes: bool = False) -> dict:
             raise ArtifactError(f"{root}: file {relative} does not match its sha256 in the manifest (altered or "
                                 f"corrupt; verify_hashes=False / --no-verify-hashes skips this check)")
     for folder in (MODEL_DIR, ADAPTER_DIR, MERGED_DIR, TOKENIZER_DIR):
-        if not (root / folder).is_dir():
+        if allow_unlisted or not (root / folder).is_dir():
             continue
         for file in sorted((root / folder).rglob("*")):
             relative = file.relative_to(root).as_posix()

@@ -280,12 +280,19 @@ def make_artifact(folder: Path, with_manifest: bool = True) -> Path:
     (folder / "adapter").mkdir(parents=True)
     (folder / "adapter" / "adapter_config.json").write_text('{"r": 64}')
     (folder / "adapter" / "adapter_model.safetensors").write_bytes(b"\x00" * 128)
+    (folder / "model").mkdir()
+    (folder / "model" / "model.safetensors").write_bytes(b"\x01" * 256)
     (folder / "tokenizer").mkdir()
     (folder / "tokenizer" / "tokenizer.json").write_text("{}")
     (folder / "notes.txt").write_text("trained on fold 0")
     if with_manifest:
-        manifest = {name: None for name in REQUIRED_FIELDS}
-        manifest.update(layout_version=LAYOUT_VERSION, template_version=TEMPLATE_VERSION, files=_file_table(folder))
+        manifest = dict(
+            ordering="quant-then-ft", variant="quant-then-ft", base_model="tiny", quant_scheme="nf4",
+            dtype="float32", max_length=128, template_version=TEMPLATE_VERSION, format_config={},
+            folds_file_hash="0" * 64, cv_scores={}, package_version="0", created_at="2026-11-28T00:00:00+00:00",
+            layout_version=LAYOUT_VERSION, has_adapter=True, has_merged=False, files=_file_table(folder),
+        )
+        assert set(manifest) >= set(REQUIRED_FIELDS)
         (folder / "manifest.json").write_text(json.dumps(manifest))
     return folder
 
@@ -330,7 +337,7 @@ def test_upload_creates_a_dataset_with_subfolders_kept(fake_kaggle, tmp_path, ca
         "licenses": [{"name": "CC0-1.0"}],
     }
     starts = {call.json()["name"]: call.json() for call in fake_kaggle.calls("StartBlobUpload")}
-    assert set(starts) == {"adapter.zip", "tokenizer.zip", "notes.txt", "manifest.json"}  # folders as archives
+    assert set(starts) == {"adapter.zip", "model.zip", "tokenizer.zip", "notes.txt", "manifest.json"}  # folders as archives
     assert all(start["type"] == "DATASET" for start in starts.values())
     zips = [body for body in fake_kaggle.uploads.values() if body.startswith(b"PK")]
     assert {"adapter_config.json", "adapter_model.safetensors"} in [_zip_names(z) for z in zips]
@@ -339,7 +346,7 @@ def test_upload_creates_a_dataset_with_subfolders_kept(fake_kaggle, tmp_path, ca
     body = create.json()
     assert (body["ownerSlug"], body["slug"], body["title"]) == ("alice", "arena-preference-artifact", "Arena Preference Artifact")
     assert body["licenseName"] == "CC0-1.0" and body["isPrivate"] is True
-    assert sorted(f["token"] for f in body["files"]) == [f"blob-token-{n}" for n in range(1, 5)]
+    assert sorted(f["token"] for f in body["files"]) == [f"blob-token-{n}" for n in range(1, 6)]
     assert "created dataset alice/arena-preference-artifact" in capsys.readouterr().out
 
 
@@ -396,16 +403,16 @@ def test_upload_sends_exactly_the_manifest_files_and_lists_the_rest(fake_kaggle,
     result = upload_dataset(artifact, KaggleConfig(), message="fold 0")
 
     names, members = _sent(fake_kaggle)
-    assert names == {"adapter.zip", "tokenizer.zip", "notes.txt", "manifest.json"}
-    assert members == {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json"}
+    assert names == {"adapter.zip", "model.zip", "tokenizer.zip", "notes.txt", "manifest.json"}
+    assert members == {"adapter_config.json", "adapter_model.safetensors", "model.safetensors", "tokenizer.json"}
     uploaded = b"".join(fake_kaggle.uploads.values())
     assert REAL_LOOKING_KEY.encode() not in uploaded and b"optimizer state" not in uploaded
     assert set(result["files"]) == {
-        "adapter/adapter_config.json", "adapter/adapter_model.safetensors", "tokenizer/tokenizer.json",
-        "notes.txt", "manifest.json",
+        "adapter/adapter_config.json", "adapter/adapter_model.safetensors", "model/model.safetensors",
+        "tokenizer/tokenizer.json", "notes.txt", "manifest.json",
     }
     out = capsys.readouterr().out
-    assert "sending 5 files" in out
+    assert "sending 6 files" in out
     for relative, size in result["files"].items():
         assert f"  {relative}  {size:,} bytes" in out  # path + bytes of everything sent
     assert f"left out (not sent): {len(junk)} files" in out

@@ -119,7 +119,8 @@ def _safe_relative(directory: Path, relative: str, source: str) -> str:
 def _artifact_files(directory: Path) -> list[str]:
     from kaggle_utils.artifacts import read_manifest
 
-    manifest = read_manifest(directory, verify_hashes=True)  # every listed file present, sizes and sha256 match
+    # every listed file present, sizes and sha256 match; unlisted files are left out, not refused
+    manifest = read_manifest(directory, verify_hashes=True, allow_unlisted=True)
     listed = [_safe_relative(directory, name, ARTIFACT_MANIFEST) for name in manifest["files"]]
     return sorted(set(listed) | {ARTIFACT_MANIFEST})
 
