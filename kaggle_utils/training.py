@@ -325,31 +325,58 @@ def build_unsloth_classifier(cfg: PipelineConfig, tokenizer, device: torch.devic
     )
 
 
+# A reload that kept the trained head changes it by bf16 rounding only (~1e-3 relative); a dropped or re-initialised
+# head differs by the size of the weights themselves, and its probabilities by tenths.
+HEAD_ROUNDTRIP_HEAD_ATOL = 1e-2
+HEAD_ROUNDTRIP_PROBS_ATOL = 2e-2
+
+
 def check_unsloth_head_roundtrip(model: nn.Module, tokenizer, out_dir: str | Path, probe: list[list[int]]) -> dict:
     """Save an unsloth-trained classifier merged to 16-bit, reload it with plain transformers and check what
     unsloth is known to lose: the trained `score` head and `num_labels` (GPU only; the GPU benchmark calls it).
 
-    Raises UsageError naming what was lost; returns the measured differences.
+    Raises UsageError naming what was lost (`verify_reloaded_classifier`); returns the measured differences.
     """
     from transformers import AutoModelForSequenceClassification
 
-    from kaggle_utils.modeling import predict_probs
-
     out_dir = Path(out_dir)
-    trained_head = _head_weight(model).detach().float().cpu()
-    expected = predict_probs(model, probe, tokenizer.pad_token_id)
     model.save_pretrained_merged(str(out_dir), tokenizer, save_method="merged_16bit")
     reloaded = AutoModelForSequenceClassification.from_pretrained(str(out_dir), local_files_only=True,
                                                                   device_map={"": str(_device_of(model))})
+    return verify_reloaded_classifier(model, reloaded, probe, tokenizer.pad_token_id, source=str(out_dir))
+
+
+def verify_reloaded_classifier(trained: nn.Module, reloaded: nn.Module, probe: list[list[int]], pad_token_id: int,
+                               source: str = "reloaded model", head_atol: float = HEAD_ROUNDTRIP_HEAD_ATOL,
+                               probs_atol: float = HEAD_ROUNDTRIP_PROBS_ATOL) -> dict:
+    """Compare a saved-and-reloaded classifier with the model it was saved from: same `num_labels`, the same
+    trained head (max |diff| <= head_atol) and the same probabilities on `probe` (max |diff| <= probs_atol).
+
+    Raises UsageError listing every difference beyond tolerance (a save that silently dropped the head would
+    otherwise ship a random classifier); returns the measured differences.
+    """
+    from kaggle_utils.modeling import predict_probs
+
     problems = []
-    if reloaded.config.num_labels != model.config.num_labels:
-        problems.append(f"num_labels {reloaded.config.num_labels} != {model.config.num_labels}")
-    head_difference = float((reloaded.score.weight.detach().float().cpu() - trained_head).abs().max())
-    if head_difference > 1e-2:
-        problems.append(f"score head differs from the trained one by {head_difference:.3g} (dropped on save?)")
-    probs_difference = float(np.abs(predict_probs(reloaded, probe, tokenizer.pad_token_id) - expected).max())
+    if reloaded.config.num_labels != trained.config.num_labels:
+        problems.append(f"num_labels {reloaded.config.num_labels} != {trained.config.num_labels}")
+    trained_head = _head_weight(trained).detach().float().cpu()
+    reloaded_head = _head_weight(reloaded).detach().float().cpu()
+    if reloaded_head.shape != trained_head.shape:
+        problems.append(f"score head shape {tuple(reloaded_head.shape)} != {tuple(trained_head.shape)}")
+        head_difference = math.inf
+    else:
+        head_difference = float((reloaded_head - trained_head).abs().max())
+    if not head_difference <= head_atol:
+        problems.append(f"score head differs from the trained one by {head_difference:.3g} > {head_atol:g} "
+                        "(dropped on save?)")
+    expected = predict_probs(trained, probe, pad_token_id)
+    got = predict_probs(reloaded, probe, pad_token_id)
+    probs_difference = float(np.abs(got - expected).max()) if got.shape == expected.shape else math.inf
+    if not probs_difference <= probs_atol:
+        problems.append(f"probabilities on the probe rows differ by {probs_difference:.3g} > {probs_atol:g}")
     if problems:
-        raise UsageError(f"unsloth merged save in {out_dir} lost the classifier: " + "; ".join(problems))
+        raise UsageError(f"{source}: the saved classifier does not reproduce the trained one: " + "; ".join(problems))
     return {"num_labels": reloaded.config.num_labels, "head_max_abs_diff": head_difference,
             "probs_max_abs_diff": probs_difference}
 

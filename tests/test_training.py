@@ -204,3 +204,60 @@ def test_a_best_saved_after_the_last_checkpoint_is_dropped_on_resume(tmp_path):
     assert sorted(p.name for p in (tmp_path / "best").iterdir()) == ["step-0000003", "step-0000006"]
     training._prune_best(tmp_path, keep={6})
     assert sorted(p.name for p in (tmp_path / "best").iterdir()) == ["step-0000006"]
+
+
+class _FakeUnslothSave:
+    """Stands in for unsloth's `save_pretrained_merged` on a plain peft model (unsloth itself is GPU-only):
+    merges a copy and saves it, optionally broken the way a faulty export breaks it."""
+
+    def __init__(self, model, break_with=None):
+        self.model, self.break_with = model, break_with
+
+    def __call__(self, out_dir: str, tokenizer, save_method: str = "merged_16bit") -> None:
+        import copy
+
+        merged = copy.deepcopy(self.model).merge_and_unload()
+        if self.break_with is not None:
+            self.break_with(merged)
+        merged.save_pretrained(out_dir)
+
+
+def _trained_classifier(demo_tokenizer, demo_base_dir):
+    from kaggle_utils.config import LoraSettings, ModelConfig
+    from kaggle_utils.modeling import apply_lora, build_classifier
+
+    base = build_classifier(ModelConfig(base_model=str(demo_base_dir)), pad_token_id=demo_tokenizer.pad_token_id,
+                            device=torch.device("cpu"))
+    model = apply_lora(base, LoraSettings(r=4, alpha=8, dropout=0.0))
+    with torch.no_grad():  # a "trained" head and LoRA: far from their initial values
+        generator = torch.Generator().manual_seed(0)
+        for param in model.parameters():
+            if param.requires_grad:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
+    return model.eval()
+
+
+def test_head_roundtrip_check_raises_when_the_reload_differs(demo_tokenizer, demo_base_dir, tmp_path):
+    model = _trained_classifier(demo_tokenizer, demo_base_dir)
+    probe = [demo_tokenizer("a probe row " * k)["input_ids"] for k in range(1, 7)]
+
+    model.save_pretrained_merged = _FakeUnslothSave(model)
+    good = training.check_unsloth_head_roundtrip(model, demo_tokenizer, tmp_path / "good", probe)
+    assert good["num_labels"] == 3 and good["head_max_abs_diff"] < 1e-6 and good["probs_max_abs_diff"] < 1e-5
+
+    def drop_head(merged):  # the head re-initialised: what unsloth's merged save is known to do
+        with torch.no_grad():
+            merged.score.weight.normal_(0, 0.02, generator=torch.Generator().manual_seed(1))
+
+    model.save_pretrained_merged = _FakeUnslothSave(model, drop_head)
+    with pytest.raises(UsageError, match="score head differs"):
+        training.check_unsloth_head_roundtrip(model, demo_tokenizer, tmp_path / "no-head", probe)
+
+    def lose_the_adapter(merged):  # head intact, body wrong: only the probabilities show it
+        with torch.no_grad():
+            for module in merged.model.layers:
+                module.mlp.down_proj.weight.mul_(-3.0)
+
+    model.save_pretrained_merged = _FakeUnslothSave(model, lose_the_adapter)
+    with pytest.raises(UsageError, match="probabilities on the probe rows differ"):
+        training.check_unsloth_head_roundtrip(model, demo_tokenizer, tmp_path / "no-body", probe)
