@@ -308,8 +308,8 @@ def compare_orderings(
 
     from kaggle_utils.metrics import save_oof
 
-    for table in oof_tables:
-        save_oof(table, out_dir / OOF_FILE)
+    # One write for the whole run: every fold of every name at once (names of other runs in the file are kept).
+    save_oof(pl.concat(oof_tables, how="vertical"), out_dir / OOF_FILE, replace="name")
     report = _build_report(cfg, chosen, seeds, fold_ids, runs, frame, folds_path, folds_hash, device, began)
     report["skipped_variants"] = skipped
     (out_dir / REPORT_JSON).write_text(json.dumps(report, indent=2), encoding="utf-8")

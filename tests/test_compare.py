@@ -25,7 +25,9 @@ def quick_config(max_steps: int = 8) -> PipelineConfig:
     cfg = compare.demo_config()
     cfg.folds.n_folds = 4
     cfg.lora.r = 4
-    cfg.train = dataclasses.replace(cfg.train, max_steps=max_steps, eval_every_steps=4, save_every_steps=4)
+    # Two held-out folds: anything that keeps only one fold's rows (the OOF store once did) is caught.
+    cfg.train = dataclasses.replace(cfg.train, max_steps=max_steps, eval_every_steps=4, save_every_steps=4,
+                                    cv_folds=(0, 1))
     return cfg
 
 
@@ -54,6 +56,8 @@ def test_report_files_and_numbers_come_from_the_run(comparison):
         name = f"{run['variant']}/seed{run['seed']}"
         rows16, rows_q = oof.filter(pl.col("name") == f"{name}/16bit"), oof.filter(pl.col("name") == f"{name}/quantized")
         assert rows16.height == rows_q.height == run["rows"] > 0
+        assert [f["fold"] for f in run["per_fold"]] == [0, 1]
+        assert sorted(rows_q["fold"].unique().to_list()) == [0, 1]  # every trained fold's rows, not the last
         assert run["cv_log_loss_16bit"] == pytest.approx(log_loss(rows16["label"].to_numpy(), oof_probs(rows16)))
         assert run["cv_log_loss_quantized"] == pytest.approx(log_loss(rows_q["label"].to_numpy(), oof_probs(rows_q)))
         assert run["qid"] == pytest.approx(run["cv_log_loss_quantized"] - run["cv_log_loss_16bit"])
