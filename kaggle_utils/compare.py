@@ -5,13 +5,22 @@ read from `folds_path`), from the same base weights (a random-weight base is wri
 with the same seed(s) and data order, and writes `report.json`, `report.md` and `report.png` under `out_dir`,
 plus the OOF probabilities (`oof.parquet`, metrics' layout) and one inference artifact per variant/seed/fold.
 
-Per variant and fold it measures: log loss / accuracy on the held-out fold of the 16-bit model and of the
-shipped quantized artifact (reloaded from disk, predicted as inference predicts: with swap TTA when
-`cfg.inference.tta_swap`), QiD = quantized - 16-bit log loss, training wall time, peak memory (CPU RSS; CUDA
-max allocated), trainable parameters, artifact size on disk and inference rows/s. The "16-bit model" is, for
-ft-then-quant, the merged model before quantization and, for quant-then-ft, the trained adapter on the
-16-bit base (what merging the QLoRA adapter into the original weights gives): in both, QiD is the cost of the
-quantized weights the artifact ships, for the same trained adapter.
+Per variant and fold it measures: log loss / accuracy on the held-out fold of the shipped quantized artifact
+(reloaded from disk, predicted as inference predicts: with swap TTA when `cfg.inference.tta_swap`) and of the
+variant's own 16-bit reference, training wall time, peak memory (CPU RSS; CUDA max allocated), trainable
+parameters, artifact size on disk and inference rows/s. The held-out fold is only scored after training, by
+the weights `cfg.train.selection` shipped (training.py): checkpoints are never chosen on it.
+
+Two differences to a 16-bit model, under names that say what they are:
+
+- `qid_vs_common` = shipped - the common reference, the same model for every variant of a seed: the 16-bit
+  LoRA model of fine-tune -> quantize merged in fp32 (`merge_lora_fp32`), taken from the run of a variant with
+  `common_reference=True` (ft-then-quant, ft-then-quant-int8/-nf4). It is not trained separately: without such
+  a variant in the comparison (or, for `combine_reports`, in one of the joined reports) it is None.
+- `gap_vs_own_reference` = shipped - the variant's own reference (`own_reference` in the report). For
+  ft-then-quant that is its merged 16-bit model, and the gap is the quantization-induced degradation. For
+  quant-then-ft (QLoRA, ApiQ, LoftQ, QA-*) it is the adapter trained on the quantized base applied to the 16-bit
+  base, a mismatch that is usually worse than the shipped model: not a QiD, and not comparable across orderings.
 
 Extension point: the variant registry
 -------------------------------------
