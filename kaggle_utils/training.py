@@ -429,18 +429,26 @@ def check_unsloth_head_roundtrip(model: nn.Module, tokenizer, out_dir: str | Pat
     """
     from transformers import AutoModelForSequenceClassification
 
+    from kaggle_utils.modeling import predict_probs
+
     out_dir = Path(out_dir)
+    # What the trained model gives, taken before the save (which may merge the adapter in place).
+    trained_head = _head_weight(model).detach().float().cpu().clone()
+    expected = predict_probs(model, probe, tokenizer.pad_token_id)
+    num_labels = model.config.num_labels
     model.save_pretrained_merged(str(out_dir), tokenizer, save_method="merged_16bit")
     reloaded = AutoModelForSequenceClassification.from_pretrained(str(out_dir), local_files_only=True,
                                                                   device_map={"": str(_device_of(model))})
-    return verify_reloaded_classifier(model, reloaded, probe, tokenizer.pad_token_id, source=str(out_dir))
+    return verify_reloaded_classifier(reloaded, trained_head, expected, num_labels, probe, tokenizer.pad_token_id,
+                                      source=str(out_dir))
 
 
-def verify_reloaded_classifier(trained: nn.Module, reloaded: nn.Module, probe: list[list[int]], pad_token_id: int,
+def verify_reloaded_classifier(reloaded: nn.Module, trained_head: torch.Tensor, expected_probs: np.ndarray,
+                               num_labels: int, probe: list[list[int]], pad_token_id: int,
                                source: str = "reloaded model", head_atol: float = HEAD_ROUNDTRIP_HEAD_ATOL,
                                probs_atol: float = HEAD_ROUNDTRIP_PROBS_ATOL) -> dict:
-    """Compare a saved-and-reloaded classifier with the model it was saved from: same `num_labels`, the same
-    trained head (max |diff| <= head_atol) and the same probabilities on `probe` (max |diff| <= probs_atol).
+    """Compare a saved-and-reloaded classifier with what the trained model gave: the same `num_labels`, the
+    same head (max |diff| <= head_atol) and the same probabilities on `probe` (max |diff| <= probs_atol).
 
     Raises UsageError listing every difference beyond tolerance (a save that silently dropped the head would
     otherwise ship a random classifier); returns the measured differences.
@@ -448,9 +456,9 @@ def verify_reloaded_classifier(trained: nn.Module, reloaded: nn.Module, probe: l
     from kaggle_utils.modeling import predict_probs
 
     problems = []
-    if reloaded.config.num_labels != trained.config.num_labels:
-        problems.append(f"num_labels {reloaded.config.num_labels} != {trained.config.num_labels}")
-    trained_head = _head_weight(trained).detach().float().cpu()
+    if reloaded.config.num_labels != num_labels:
+        problems.append(f"num_labels {reloaded.config.num_labels} != {num_labels}")
+    trained_head = trained_head.detach().float().cpu()
     reloaded_head = _head_weight(reloaded).detach().float().cpu()
     if reloaded_head.shape != trained_head.shape:
         problems.append(f"score head shape {tuple(reloaded_head.shape)} != {tuple(trained_head.shape)}")
@@ -460,9 +468,8 @@ def verify_reloaded_classifier(trained: nn.Module, reloaded: nn.Module, probe: l
     if not head_difference <= head_atol:
         problems.append(f"score head differs from the trained one by {head_difference:.3g} > {head_atol:g} "
                         "(dropped on save?)")
-    expected = predict_probs(trained, probe, pad_token_id)
     got = predict_probs(reloaded, probe, pad_token_id)
-    probs_difference = float(np.abs(got - expected).max()) if got.shape == expected.shape else math.inf
+    probs_difference = float(np.abs(got - expected_probs).max()) if got.shape == expected_probs.shape else math.inf
     if not probs_difference <= probs_atol:
         problems.append(f"probabilities on the probe rows differ by {probs_difference:.3g} > {probs_atol:g}")
     if problems:
