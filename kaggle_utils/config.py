@@ -127,7 +127,8 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     # A/B-swap augmentation. "double": every row in both orders each epoch (an epoch is twice the rows);
     # "random": every row once per epoch, in an order drawn per row and epoch from a seeded RNG (resumable);
-    # "none": original order only. Default chosen by measurement on the demo (README, "Training choices").
+    # "none": original order only. "double" measured better for quant-then-ft on the demo (README, "Training
+    # choices"); "random" costs half the steps per epoch.
     swap_augment: Literal["none", "double", "random"] = "double"
     # Which weights ship. "final": the last step's (what the winners did after one epoch). "inner": the best
     # evaluation on an inner holdout carved from the training part (whole prompt groups, like the folds). Never
