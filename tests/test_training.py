@@ -375,3 +375,14 @@ def test_random_swap_shows_each_row_once_per_epoch_in_a_seeded_order():
     assert training.examples_per_epoch(n, TrainConfig(swap_augment="double")) == 2 * n
     with pytest.raises(UsageError, match="swap_augment"):
         training.examples_per_epoch(n, TrainConfig(swap_augment="sometimes"))
+
+
+def test_random_swap_trains_one_order_per_row_and_epoch(train_data, demo_tokenizer, demo_base_dir, tmp_path):
+    frame = train_data.frame.head(64)
+    folds = make_folds(frame, FoldConfig(n_folds=4, seed=0))
+    cfg = _resume_config(demo_base_dir)
+    cfg.train = TrainConfig(learning_rate=1e-3, epochs=1, per_device_batch_size=8, grad_accum=1,
+                            save_every_steps=100, swap_augment="random", eval_rows_cap=8, evals_per_run=1)
+    result = training.train_fold(cfg, frame, folds, demo_tokenizer, tmp_path, progress=False)
+    assert result.train_examples == result.train_rows  # not doubled
+    assert result.total_steps == result.global_step == int(np.ceil(result.train_rows / 8))
