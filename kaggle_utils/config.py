@@ -126,8 +126,21 @@ class TrainConfig:
     warmup_ratio: float = 0.05
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
-    swap_augmentation: bool = True
-    eval_every_steps: int = 200
+    # A/B-swap augmentation. "double": every row in both orders each epoch (an epoch is twice the rows);
+    # "random": every row once per epoch, in an order drawn per row and epoch from a seeded RNG (resumable);
+    # "none": original order only. "double" measured better for quant-then-ft on the demo (README, "Training
+    # choices"); "random" costs half the steps per epoch.
+    swap_augment: Literal["none", "double", "random"] = "double"
+    # Which weights ship. "final": the last step's (what the winners did after one epoch). "inner": the best
+    # evaluation on an inner holdout carved from the training part (whole prompt groups, like the folds). Never
+    # the reported held-out fold: that fold is scored exactly once, by the shipped weights.
+    selection: Literal["final", "inner"] = "final"
+    inner_holdout_fraction: float = 0.05  # "inner": share of the training rows held out (capped by eval_rows_cap)
+    # Rows scored at each evaluation during training: the inner holdout ("inner"), or a fixed seeded sample of
+    # the held-out fold used only to draw the learning curve ("final"; 0: no evaluation during training).
+    eval_rows_cap: int = 512
+    evals_per_run: int = 10  # evaluations during training, evenly spaced (the last at the final step)
+    eval_every_steps: int | None = None  # explicit interval instead of evals_per_run
     save_every_steps: int = 200
     optimizer: Literal["auto", "adamw", "adamw_8bit"] = "auto"  # auto: 8-bit on CUDA, torch AdamW on CPU
     seed: int = 42

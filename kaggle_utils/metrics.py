@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import polars as pl
@@ -139,20 +140,31 @@ def check_oof(oof: pl.DataFrame, source: str = "oof") -> None:
         )
 
 
-def save_oof(oof: pl.DataFrame, path: str | Path, append: bool = True) -> Path:
-    """Write OOF rows atomically. With `append`, rows of other names already in the file are kept and rows of
-    the names being written are replaced, so one file can hold every model's OOF predictions."""
+def save_oof(oof: pl.DataFrame, path: str | Path, append: bool = True,
+             replace: Literal["name_fold", "name"] = "name_fold") -> Path:
+    """Write OOF rows atomically; one file can hold every model's OOF predictions.
+
+    With `append`, rows already in the file are kept except those the new rows replace: with
+    `replace="name_fold"` (default) the rows of the same (name, fold), so folds written one at a time all
+    survive; with `replace="name"` every row of the names being written (a whole run written at once, which
+    also drops folds a previous run left behind). The combined table is checked: an id may appear only once
+    per name (a row is held out in one fold only), so a fold written twice under another fold number is refused.
+    """
+    if replace not in ("name_fold", "name"):
+        raise ValueError(f"replace must be 'name_fold' or 'name', got {replace!r}")
     check_oof(oof)
     path = Path(path)
     table = oof.select(OOF_COLUMNS)
     if append and path.exists():
         existing = load_oof(path)
-        kept = existing.filter(~pl.col("name").is_in(table["name"].unique().to_list()))
+        keys = ["name", "fold"] if replace == "name_fold" else ["name"]
+        kept = existing.join(table.select(keys).unique(), on=keys, how="anti")
         if kept.height and kept.schema["id"] != table.schema["id"]:
             raise DataError(
                 f"{path}: id dtype {kept.schema['id']} differs from the new rows' {table.schema['id']}"
             )
         table = pl.concat([kept, table], how="vertical")
+        check_oof(table, source=f"{path} (existing rows plus the new ones)")
     return atomic_write_parquet(table, path)
 
 

@@ -1,9 +1,16 @@
 """The training loop: one fold, either ordering, resumable after interruption, on accelerate.
 
 A lean loop rather than the HF Trainer because the parts that matter here are explicit and tested: the
-A/B-swap augmentation, length-bucketed batches, the held-out-fold evaluation every N optimizer steps with the
-best trainable weights kept, and an exact resume. Multi-GPU runs go through ``accelerate launch`` (DDP); each
-process takes every world-size-th batch and evaluates a contiguous share of the held-out rows.
+A/B-swap augmentation (`TrainConfig.swap_augment`), length-bucketed batches, which weights ship, and an exact
+resume. Multi-GPU runs go through ``accelerate launch`` (DDP); each process takes every world-size-th batch and
+evaluates a contiguous share of the evaluated rows.
+
+Which weights ship (`TrainConfig.selection`): "final" (default; the winners shipped the model after one epoch)
+or "inner", the best of the evaluations on an inner holdout carved from the training part by prompt group. The
+held-out fold whose score is reported as CV is never used to choose: it is scored once, after training, by the
+shipped weights. (Choosing the best of many evaluations on that same fold made the CV optimistic.) Evaluations
+during training are bounded: `evals_per_run` of them, each on at most `eval_rows_cap` rows (the inner holdout,
+or with "final" a fixed sample of the held-out fold that only draws the learning curve).
 
 Resume: every `save_every_steps` optimizer steps a checkpoint is written (atomically: a temp directory renamed
 into place) with accelerate's `save_state` (optimizer, LR scheduler, grad scaler, Python/NumPy/torch/CUDA RNG
@@ -58,22 +65,24 @@ BuildModel = Callable[[PipelineConfig, Any, torch.device], nn.Module]
 
 @dataclass
 class TrainResult:
-    """What one fold's training produced. `model` holds the best evaluated trainable weights."""
+    """What one fold's training produced. `model` holds the weights that ship (`TrainConfig.selection`)."""
 
     model: nn.Module
     fold: int
     ordering: str
-    best_step: int
-    best_eval_loss: float
+    best_step: int  # the step whose weights ship: the last ("final") or the inner holdout's best ("inner")
+    best_eval_loss: float  # loss on the evaluation set (`eval_set`) at best_step; nan if not evaluated there
+    selection: str
+    eval_set: str  # what was evaluated during training
     global_step: int
     total_steps: int
     history: list[dict]
     val_ids: list
     val_labels: np.ndarray
-    val_probs: np.ndarray  # the returned model's probabilities on the held-out fold (no TTA)
+    val_probs: np.ndarray  # the returned model's probabilities on the whole held-out fold (no TTA), scored once
     prior_log_loss: float  # training rows' class prior, scored on the held-out labels
     train_rows: int
-    train_examples: int  # with the swapped copies
+    train_examples: int  # per epoch, with the swapped copies ("double")
     trainable_params: int
     total_params: int
     wall_time_s: float  # this process's training time incl. evaluation, summed over resumed sessions
@@ -95,6 +104,8 @@ class TrainResult:
             "ordering": self.ordering,
             "best_step": self.best_step,
             "best_eval_loss": self.best_eval_loss,
+            "selection": self.selection,
+            "eval_set": self.eval_set,
             "prior_log_loss": self.prior_log_loss,
             "global_step": self.global_step,
             "total_steps": self.total_steps,
@@ -204,6 +215,57 @@ def split_fold(frame: pl.DataFrame, folds: pl.DataFrame, fold: int) -> tuple[pl.
     return train, val
 
 
+def split_inner(train_part: pl.DataFrame, folds: pl.DataFrame, cfg: TrainConfig
+                ) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """(rows to train on, inner holdout) of a fold's training part for `selection="inner"`.
+
+    Whole prompt groups (the folds file's `group`) are held out, drawn in a seeded order until the holdout has
+    `inner_holdout_fraction` of the rows, at most `eval_rows_cap`: a near-duplicate prompt never sits on both
+    sides, as with the folds. The reported held-out fold is not touched.
+    """
+    if not 0 < cfg.inner_holdout_fraction < 1:
+        raise UsageError(f"train.inner_holdout_fraction must be in (0, 1), got {cfg.inner_holdout_fraction}")
+    target = min(math.ceil(cfg.inner_holdout_fraction * train_part.height), cfg.eval_rows_cap)
+    if target < 1:
+        raise UsageError("train.selection='inner' needs train.eval_rows_cap >= 1 (the inner holdout's size)")
+    groups = train_part.select("id").join(folds.select("id", "group"), on="id", how="left", maintain_order="left")
+    sizes = groups.group_by("group").len().sort("group")
+    order = np.random.default_rng([cfg.seed, 0x1E]).permutation(sizes.height)
+    counts = sizes["len"].to_numpy()[order]
+    chosen, total = [], 0
+    for index, count in zip(order, counts, strict=True):
+        if total >= target:
+            break
+        if total + count > target and total > 0:
+            continue  # a big group would overshoot the cap; smaller ones may still fit
+        chosen.append(sizes["group"][int(index)])
+        total += int(count)
+    held = set(groups.filter(pl.col("group").is_in(chosen))["id"].to_list())
+    mask = train_part["id"].is_in(list(held))
+    inner, rest = train_part.filter(mask), train_part.filter(~mask)
+    if inner.is_empty() or rest.is_empty():
+        raise DataError(f"the inner holdout leaves {rest.height} training and {inner.height} inner rows")
+    return rest, inner
+
+
+def monitor_sample(n_rows: int, cap: int, seed: int) -> np.ndarray:
+    """Sorted row positions of a fixed, seeded sample of at most `cap` rows (all rows when n_rows <= cap)."""
+    if n_rows <= cap:
+        return np.arange(n_rows)
+    return np.sort(np.random.default_rng([seed, 0xE7]).choice(n_rows, size=cap, replace=False))
+
+
+def eval_interval(total_steps: int, cfg: TrainConfig) -> int:
+    """Optimizer steps between evaluations: `eval_every_steps`, else total / `evals_per_run` (rounded up)."""
+    if cfg.eval_every_steps is not None:
+        if cfg.eval_every_steps < 1:
+            raise UsageError("train.eval_every_steps must be >= 1 (or null: evals_per_run decides)")
+        return cfg.eval_every_steps
+    if cfg.evals_per_run < 1:
+        raise UsageError("train.evals_per_run must be >= 1")
+    return max(1, math.ceil(total_steps / cfg.evals_per_run))
+
+
 @dataclass
 class _Examples:
     input_ids: list[list[int]]
@@ -215,16 +277,44 @@ class _Examples:
 
 
 def _training_examples(frame: pl.DataFrame, tokenizer, cfg: PipelineConfig) -> _Examples:
-    """Encoded training rows, plus their A/B-swapped copies (labels swapped) with swap augmentation."""
+    """Encoded training rows; with swap augmentation ("double" or "random") followed by their A/B-swapped
+    copies (labels swapped), so example i + n is row i swapped. Which of them an epoch uses: `epoch_examples`."""
     from kaggle_utils.formatting import encode_both_orders, encode_rows
 
-    if cfg.train.swap_augmentation:
+    mode = _swap_mode(cfg.train)
+    if mode != "none":
         original, swapped = encode_both_orders(frame, tokenizer, cfg.format)
         logger.info("train encoding: %s", original.summary())
         return _Examples(original.input_ids + swapped.input_ids, np.concatenate([original.labels, swapped.labels]))
     original = encode_rows(frame, tokenizer, cfg.format)
     logger.info("train encoding: %s", original.summary())
     return _Examples(original.input_ids, original.labels)
+
+
+def _swap_mode(cfg: TrainConfig) -> str:
+    if cfg.swap_augment not in ("none", "double", "random"):
+        raise UsageError(f"train.swap_augment must be 'none', 'double' or 'random', got {cfg.swap_augment!r}")
+    return cfg.swap_augment
+
+
+def examples_per_epoch(n_rows: int, cfg: TrainConfig) -> int:
+    """Training examples one epoch shows: twice the rows with "double" swap augmentation, else the rows."""
+    return 2 * n_rows if _swap_mode(cfg) == "double" else n_rows
+
+
+def epoch_examples(n_rows: int, cfg: TrainConfig, epoch: int) -> np.ndarray:
+    """Indices into the encoded examples (`_training_examples`) that `epoch` trains on.
+
+    "double": all 2n (both orders); "none": the n originals; "random": for each row one order, drawn from an RNG
+    seeded by (seed, epoch) alone, so a resumed run re-draws the same orders.
+    """
+    mode = _swap_mode(cfg)
+    if mode == "double":
+        return np.arange(2 * n_rows)
+    if mode == "none":
+        return np.arange(n_rows)
+    flips = np.random.default_rng([cfg.seed, epoch, 0x5A]).integers(0, 2, size=n_rows)
+    return np.arange(n_rows) + flips * n_rows
 
 
 def epoch_batches(lengths: np.ndarray, cfg: TrainConfig, epoch: int, rank: int = 0, world: int = 1) -> list[list[int]]:
@@ -328,31 +418,65 @@ def build_unsloth_classifier(cfg: PipelineConfig, tokenizer, device: torch.devic
     )
 
 
+# A reload that kept the trained head changes it by bf16 rounding only (~1e-3 relative); a dropped or re-initialised
+# head differs by the size of the weights themselves, and its probabilities by tenths.
+HEAD_ROUNDTRIP_HEAD_ATOL = 1e-2
+HEAD_ROUNDTRIP_PROBS_ATOL = 2e-2
+
+
 def check_unsloth_head_roundtrip(model: nn.Module, tokenizer, out_dir: str | Path, probe: list[list[int]]) -> dict:
     """Save an unsloth-trained classifier merged to 16-bit, reload it with plain transformers and check what
     unsloth is known to lose: the trained `score` head and `num_labels` (GPU only; the GPU benchmark calls it).
 
-    Raises UsageError naming what was lost; returns the measured differences.
+    Raises UsageError naming what was lost (`verify_reloaded_classifier`); returns the measured differences.
     """
     from transformers import AutoModelForSequenceClassification
 
     from kaggle_utils.modeling import predict_probs
 
     out_dir = Path(out_dir)
-    trained_head = _head_weight(model).detach().float().cpu()
+    # What the trained model gives, taken before the save (which may merge the adapter in place).
+    trained_head = _head_weight(model).detach().float().cpu().clone()
     expected = predict_probs(model, probe, tokenizer.pad_token_id)
+    num_labels = model.config.num_labels
     model.save_pretrained_merged(str(out_dir), tokenizer, save_method="merged_16bit")
     reloaded = AutoModelForSequenceClassification.from_pretrained(str(out_dir), local_files_only=True,
                                                                   device_map={"": str(_device_of(model))})
+    return verify_reloaded_classifier(reloaded, trained_head, expected, num_labels, probe, tokenizer.pad_token_id,
+                                      source=str(out_dir))
+
+
+def verify_reloaded_classifier(reloaded: nn.Module, trained_head: torch.Tensor, expected_probs: np.ndarray,
+                               num_labels: int, probe: list[list[int]], pad_token_id: int,
+                               source: str = "reloaded model", head_atol: float = HEAD_ROUNDTRIP_HEAD_ATOL,
+                               probs_atol: float = HEAD_ROUNDTRIP_PROBS_ATOL) -> dict:
+    """Compare a saved-and-reloaded classifier with what the trained model gave: the same `num_labels`, the
+    same head (max |diff| <= head_atol) and the same probabilities on `probe` (max |diff| <= probs_atol).
+
+    Raises UsageError listing every difference beyond tolerance (a save that silently dropped the head would
+    otherwise ship a random classifier); returns the measured differences.
+    """
+    from kaggle_utils.modeling import predict_probs
+
     problems = []
-    if reloaded.config.num_labels != model.config.num_labels:
-        problems.append(f"num_labels {reloaded.config.num_labels} != {model.config.num_labels}")
-    head_difference = float((reloaded.score.weight.detach().float().cpu() - trained_head).abs().max())
-    if head_difference > 1e-2:
-        problems.append(f"score head differs from the trained one by {head_difference:.3g} (dropped on save?)")
-    probs_difference = float(np.abs(predict_probs(reloaded, probe, tokenizer.pad_token_id) - expected).max())
+    if reloaded.config.num_labels != num_labels:
+        problems.append(f"num_labels {reloaded.config.num_labels} != {num_labels}")
+    trained_head = trained_head.detach().float().cpu()
+    reloaded_head = _head_weight(reloaded).detach().float().cpu()
+    if reloaded_head.shape != trained_head.shape:
+        problems.append(f"score head shape {tuple(reloaded_head.shape)} != {tuple(trained_head.shape)}")
+        head_difference = math.inf
+    else:
+        head_difference = float((reloaded_head - trained_head).abs().max())
+    if not head_difference <= head_atol:
+        problems.append(f"score head differs from the trained one by {head_difference:.3g} > {head_atol:g} "
+                        "(dropped on save?)")
+    got = predict_probs(reloaded, probe, pad_token_id)
+    probs_difference = float(np.abs(got - expected_probs).max()) if got.shape == expected_probs.shape else math.inf
+    if not probs_difference <= probs_atol:
+        problems.append(f"probabilities on the probe rows differ by {probs_difference:.3g} > {probs_atol:g}")
     if problems:
-        raise UsageError(f"unsloth merged save in {out_dir} lost the classifier: " + "; ".join(problems))
+        raise UsageError(f"{source}: the saved classifier does not reproduce the trained one: " + "; ".join(problems))
     return {"num_labels": reloaded.config.num_labels, "head_max_abs_diff": head_difference,
             "probs_max_abs_diff": probs_difference}
 
@@ -431,7 +555,8 @@ def train_fold(
     on_step: Callable[[int], None] | None = None,
     progress: bool = True,
 ) -> TrainResult:
-    """Train on every fold but `fold` (default `cfg.train.fold`), evaluate on `fold`, keep the best weights.
+    """Train on every fold but `fold` (default `cfg.train.fold`); ship the weights `cfg.train.selection` picks
+    (the final step's, or the best on an inner holdout of the training part); score `fold` once, with them.
 
     `build_model(cfg, tokenizer, device)` makes the trainable model (default: `default_build_model`, i.e. the
     ordering's LoRA / QLoRA); the variant registry in compare.py passes its own. With `resume`, the newest
@@ -452,13 +577,29 @@ def train_fold(
     out_dir.mkdir(parents=True, exist_ok=True)
     if tc.grad_accum < 1 or tc.per_device_batch_size < 1:
         raise UsageError("train.grad_accum and train.per_device_batch_size must be >= 1")
-    if tc.eval_every_steps < 1 or tc.save_every_steps < 1:
-        raise UsageError("train.eval_every_steps and train.save_every_steps must be >= 1")
+    if tc.save_every_steps < 1:
+        raise UsageError("train.save_every_steps must be >= 1")
+    if tc.selection not in ("final", "inner"):
+        raise UsageError(f"train.selection must be 'final' or 'inner', got {tc.selection!r}")
+    if tc.eval_rows_cap < 0:
+        raise UsageError(f"train.eval_rows_cap must be >= 0, got {tc.eval_rows_cap}")
 
     train_part, val_part = split_fold(train_frame, folds, fold)
-    examples = _training_examples(train_part, tokenizer, cfg)
     val = encode_rows(val_part, tokenizer, cfg.format)
     val_labels = np.asarray(val.labels, dtype=np.int64)
+    if tc.selection == "inner":
+        # Weights are chosen on rows of the training part, never on the fold whose score is reported.
+        train_part, inner_part = split_inner(train_part, folds, tc)
+        monitor = encode_rows(inner_part, tokenizer, cfg.format)
+        monitor_ids, monitor_labels = monitor.input_ids, np.asarray(monitor.labels, dtype=np.int64)
+        eval_set = f"inner holdout ({inner_part.height} training rows)"
+    else:
+        # Learning curve only: a fixed sample of the held-out fold, never used to choose weights.
+        picked = monitor_sample(len(val.input_ids), tc.eval_rows_cap, tc.seed)
+        monitor_ids, monitor_labels = [val.input_ids[i] for i in picked], val_labels[picked]
+        eval_set = f"held-out fold sample ({len(picked)} rows, learning curve only)"
+    examples = _training_examples(train_part, tokenizer, cfg)
+    n_train_rows = train_part.height
     prior = prior_log_loss(val_labels, class_prior(np.asarray(train_part["label"].to_numpy(), dtype=np.int64)))
 
     # The accelerator first: under `accelerate launch` it binds this process to its GPU.
@@ -475,7 +616,8 @@ def train_fold(
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     upcast_trainable(model)
-    total_steps = planned_steps(len(examples.input_ids), tc, world)
+    total_steps = planned_steps(examples_per_epoch(n_train_rows, tc), tc, world)
+    interval = eval_interval(total_steps, tc)
     optimizer = make_optimizer(model, tc, device)
     scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(tc.warmup_ratio * total_steps), total_steps)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
@@ -514,7 +656,9 @@ def train_fold(
     model.train()
     with PeakMemory(device) as memory, _progress(total_steps, state.global_step, progress, fold) as bar:
         while state.global_step < total_steps:
-            batches = epoch_batches(lengths, tc, state.epoch, rank, world)
+            chosen = epoch_examples(n_train_rows, tc, state.epoch)
+            batches = [[int(chosen[i]) for i in batch]
+                       for batch in epoch_batches(lengths[chosen], tc, state.epoch, rank, world)]
             groups = [batches[i : i + tc.grad_accum] for i in range(0, len(batches), tc.grad_accum)]
             first_group = state.batch_in_epoch // tc.grad_accum
             for group_index in range(first_group, len(groups)):
@@ -536,11 +680,11 @@ def train_fold(
                 )
                 step = state.global_step
                 finished = step >= total_steps
-                if step % tc.eval_every_steps == 0 or finished:
-                    probs = _evaluate(accelerator, model, val.input_ids, tokenizer.pad_token_id, tc.eval_token_budget,
+                if len(monitor_ids) and (step % interval == 0 or finished):
+                    probs = _evaluate(accelerator, model, monitor_ids, tokenizer.pad_token_id, tc.eval_token_budget,
                                       progress)
-                    _record(state, step, probs, val_labels, scheduler, session_start, wall_at_start)
-                    if state.history[-1]["eval_loss"] < state.best_eval_loss:
+                    _record(state, step, probs, monitor_labels, scheduler, session_start, wall_at_start)
+                    if tc.selection == "inner" and state.history[-1]["eval_loss"] < state.best_eval_loss:
                         state.best_eval_loss, state.best_step = state.history[-1]["eval_loss"], step
                         _save_best(accelerator, model, trainable_names, probs, out_dir, step, state.best_eval_loss,
                                    keep=checkpointed_best)
@@ -560,23 +704,34 @@ def train_fold(
 
     accelerator.wait_for_everyone()  # best/ is written by the main process
     unwrapped = accelerator.unwrap_model(model)
-    best_probs = _load_best(unwrapped, out_dir, state.best_step)
+    if tc.selection == "inner":
+        _load_best(unwrapped, out_dir, state.best_step)
+        selected_step, selected_loss = state.best_step, state.best_eval_loss
+    else:
+        selected_step = state.global_step
+        last = state.history[-1] if state.history and state.history[-1]["step"] == selected_step else None
+        selected_loss = last["eval_loss"] if last else math.nan
     unwrapped.eval()
+    # The one score of the reported fold, by the weights that ship.
+    val_probs = _evaluate(accelerator, unwrapped, val.input_ids, tokenizer.pad_token_id, tc.eval_token_budget,
+                          progress)
     return TrainResult(
         model=unwrapped,
         fold=fold,
         ordering=tc.ordering,
-        best_step=state.best_step,
-        best_eval_loss=state.best_eval_loss,
+        best_step=selected_step,
+        best_eval_loss=selected_loss,
+        selection=tc.selection,
+        eval_set=eval_set,
         global_step=state.global_step,
         total_steps=total_steps,
         history=state.history,
         val_ids=list(val.ids),
         val_labels=val_labels,
-        val_probs=best_probs,
+        val_probs=val_probs,
         prior_log_loss=prior,
-        train_rows=train_part.height,
-        train_examples=len(examples.input_ids),
+        train_rows=n_train_rows,
+        train_examples=examples_per_epoch(n_train_rows, tc),
         trainable_params=trainable_params,
         total_params=total_params,
         wall_time_s=state.wall_time_s,

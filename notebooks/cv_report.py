@@ -18,9 +18,10 @@
 # # CV report: which ordering ships the better classifier?
 #
 # Joins the outputs of the two training notebooks (or one `compare-orderings` run) into one report:
-# held-out log loss of the 16-bit model and of the shipped quantized artifact, QiD (the cost of quantization),
-# accuracy, training time, memory, artifact size and inference speed, and whether the winner's lead is larger
-# than the noise of the paired per-row differences. The runs must share the folds file and seeds (checked).
+# held-out log loss of the shipped quantized artifact, QiD against one common reference (the fine-tune ->
+# quantize 16-bit LoRA model merged in fp32; comparable across orderings), each variant's gap to its own 16-bit
+# reference, accuracy, training time, memory, artifact size and inference speed, and whether the winner's lead is
+# larger than the noise of the paired per-row differences. The runs must share the folds file and seeds (checked).
 # Logic: `kaggle_utils.kaggle_tools.reports.combine_reports` and `kaggle_utils.compare`.
 
 # %% tags=["parameters"]
@@ -83,7 +84,8 @@ summary = pl.DataFrame(
             "variant": v["variant"],
             "cv_log_loss_16bit": v["cv_log_loss_16bit"]["mean"],
             "cv_log_loss_quantized": v["cv_log_loss_quantized"]["mean"],
-            "qid": v["qid"]["mean"],
+            "qid_vs_common": (v.get("qid_vs_common") or {}).get("mean"),
+            "gap_vs_own_reference": v["gap_vs_own_reference"]["mean"],
             "accuracy_quantized": v["accuracy_quantized"]["mean"],
             "train_wall_time_s": v["train_wall_time_s"]["mean"],
             "peak_rss_mb": v["peak_rss_bytes"]["mean"] / 1e6,

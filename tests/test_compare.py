@@ -26,7 +26,9 @@ def quick_config(max_steps: int = 8) -> PipelineConfig:
     cfg = compare.demo_config()
     cfg.folds.n_folds = 4
     cfg.lora.r = 4
-    cfg.train = dataclasses.replace(cfg.train, max_steps=max_steps, eval_every_steps=4, save_every_steps=4)
+    # Two held-out folds: anything that keeps only one fold's rows (the OOF store once did) is caught.
+    cfg.train = dataclasses.replace(cfg.train, max_steps=max_steps, eval_every_steps=4, save_every_steps=4,
+                                    cv_folds=(0, 1))
     return cfg
 
 
@@ -55,9 +57,17 @@ def test_report_files_and_numbers_come_from_the_run(comparison):
         name = f"{run['variant']}/seed{run['seed']}"
         rows16, rows_q = oof.filter(pl.col("name") == f"{name}/16bit"), oof.filter(pl.col("name") == f"{name}/quantized")
         assert rows16.height == rows_q.height == run["rows"] > 0
+        assert [f["fold"] for f in run["per_fold"]] == [0, 1]
+        assert sorted(rows_q["fold"].unique().to_list()) == [0, 1]  # every trained fold's rows, not the last
         assert run["cv_log_loss_16bit"] == pytest.approx(log_loss(rows16["label"].to_numpy(), oof_probs(rows16)))
         assert run["cv_log_loss_quantized"] == pytest.approx(log_loss(rows_q["label"].to_numpy(), oof_probs(rows_q)))
-        assert run["qid"] == pytest.approx(run["cv_log_loss_quantized"] - run["cv_log_loss_16bit"])
+        assert run["gap_vs_own_reference"] == pytest.approx(run["cv_log_loss_quantized"] - run["cv_log_loss_16bit"])
+        # One common reference per seed: ft-then-quant's 16-bit LoRA model (merged in fp32), for every variant.
+        reference = next(r for r in report["runs"] if r["variant"] == "ft-then-quant" and r["seed"] == run["seed"])
+        assert run["cv_log_loss_common_reference"] == reference["cv_log_loss_16bit"]
+        assert run["qid_vs_common"] == pytest.approx(run["cv_log_loss_quantized"] - reference["cv_log_loss_16bit"])
+        for fold, ref_fold in zip(run["per_fold"], reference["per_fold"], strict=True):
+            assert fold["qid_vs_common"] == pytest.approx(fold["log_loss_quantized"] - ref_fold["log_loss_16bit"])
         assert run["steps"] == 8 and run["trainable_params"] > 0 and run["artifact_bytes"] > 0
         assert run["train_wall_time_s"] > 0 and run["inference_rows_per_s"] > 0 and run["peak_rss_bytes"] > 0
     # Identical held-out rows for every variant and seed: the same folds.
@@ -65,8 +75,15 @@ def test_report_files_and_numbers_come_from_the_run(comparison):
     assert len(held_out) == 1
     for summary in report["variants"]:
         assert summary["seeds"] == [1, 2] and summary["cv_log_loss_quantized"]["std"] is not None
+    assert report["common_reference"]["variant"] == "ft-then-quant"
+    for summary in report["variants"]:
+        assert summary["qid_vs_common"]["mean"] == pytest.approx(
+            np.mean([r["qid_vs_common"] for r in report["runs"] if r["variant"] == summary["variant"]]))
+    assert "adapter, trained on the quantized base" in next(
+        v for v in report["variants"] if v["variant"] == "quant-then-ft")["own_reference"]
     markdown = (out / compare.REPORT_MD).read_text()
     assert report["decision"]["statement"] in markdown and "| ft-then-quant |" in markdown
+    assert "QiD vs common reference" in markdown and "shipped − own reference" in markdown
 
 
 @pytest.mark.slow
@@ -122,6 +139,36 @@ def test_a_registered_variant_runs_without_touching_compare(sample_files, tmp_pa
         compare.VARIANTS.pop("test-needs-a-gpu", None)
     with pytest.raises(UsageError, match="unknown variant"):
         compare.resolve_variants(["no-such-variant"])
+
+
+def test_lora_is_merged_in_fp32_for_the_common_reference(demo_tokenizer, demo_base_dir):
+    """A bf16 merge rounds a small LoRA update away; the reference is merged in fp32 and keeps it."""
+    import torch
+
+    from kaggle_utils.config import LoraSettings, ModelConfig
+    from kaggle_utils.modeling import apply_lora, build_classifier
+
+    def lora_model():
+        base = build_classifier(ModelConfig(base_model=str(demo_base_dir), dtype="bfloat16"),
+                                pad_token_id=demo_tokenizer.pad_token_id, device=torch.device("cpu"))
+        model = apply_lora(base, LoraSettings(r=4, alpha=4, dropout=0.0))
+        with torch.no_grad():
+            generator = torch.Generator().manual_seed(0)
+            for name, param in model.named_parameters():
+                if "lora_" in name:
+                    param.copy_((torch.randn(param.shape, generator=generator) * 1e-2).to(param.dtype))
+        return model
+
+    model = lora_model()
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    exact = (layer.base_layer.weight.double()
+             + layer.lora_B["default"].weight.double() @ layer.lora_A["default"].weight.double()
+             * layer.scaling["default"])
+    merged = compare.merge_lora_fp32(model)
+    weight = merged.model.layers[0].self_attn.q_proj.weight
+    assert weight.dtype == torch.float32
+    bf16_error = (lora_model().merge_and_unload().model.layers[0].self_attn.q_proj.weight.double() - exact).abs().max()
+    assert (weight.double() - exact).abs().max() < 1e-6 < bf16_error
 
 
 def _run(name: str, seed: int, losses: np.ndarray) -> dict:

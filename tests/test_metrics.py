@@ -135,6 +135,30 @@ def test_oof_round_trip_scores_per_fold_and_keeps_other_names(tmp_path):
         score_oof(load_oof(path))
 
 
+def test_oof_written_fold_by_fold_keeps_every_fold(tmp_path):
+    """compare writes each fold's table under the same name: all folds must survive, not only the last."""
+    path = tmp_path / "oof.parquet"
+    whole, *_ = _oof("gemma/seed1/quantized", n=30)
+    for _key, part in sorted(whole.partition_by("fold", as_dict=True).items()):
+        save_oof(part, path)
+    stored = load_oof(path, name="gemma/seed1/quantized")
+    assert stored.height == 30 and sorted(stored["fold"].unique().to_list()) == [0, 1, 2]
+    assert stored.sort("id").equals(whole.sort("id"))
+    # Rewriting one fold replaces that fold only.
+    again = whole.filter(pl.col("fold") == 1).with_columns(p_a=pl.col("p_a") * 0.5)
+    save_oof(again, path)
+    stored = load_oof(path, name="gemma/seed1/quantized")
+    assert stored.height == 30
+    assert stored.filter(pl.col("fold") == 1).sort("id")["p_a"].to_list() == again.sort("id")["p_a"].to_list()
+    # The same id under one name in two folds is refused: a row is held out once.
+    moved = whole.filter(pl.col("fold") == 1).with_columns(fold=pl.lit(7, dtype=pl.Int32))
+    with pytest.raises(DataError, match="share a"):
+        save_oof(moved, path)
+    # replace="name": a whole run written at once drops the name's folds a previous run left behind.
+    save_oof(whole.filter(pl.col("fold") == 0), path, replace="name")
+    assert sorted(load_oof(path)["fold"].unique().to_list()) == [0]
+
+
 def test_oof_checks_reject_bad_tables(tmp_path):
     oof, *_ = _oof("baseline")
     with pytest.raises(DataError, match="non-finite or negative"):

@@ -122,10 +122,18 @@ def test_cv_report_notebook_joins_both_orderings(trained):
     decision = report["decision"]
     assert {decision["winner"], decision["runner_up"]} == {"ft-then-quant", "quant-then-ft"}
     assert decision["standard_error"] > 0
+    common = {"cv_log_loss_common_reference", "qid_vs_common"}  # the ft-then-quant kernel supplies these
     for ordering in ORDERINGS.values():
         single = json.loads((outputs[ordering][1] / "report.json").read_text())["variants"][0]
         joined = next(v for v in report["variants"] if v["variant"] == ordering)
-        assert joined == single  # numbers are carried over, not recomputed differently
+        # numbers are carried over, not recomputed differently
+        assert {k: v for k, v in joined.items() if k not in common} == {
+            k: v for k, v in single.items() if k not in common}
+    by_name = {v["variant"]: v for v in report["variants"]}
+    reference = by_name["ft-then-quant"]["cv_log_loss_16bit"]["mean"]
+    assert report["common_reference"]["variant"] == "ft-then-quant"
+    for summary in by_name.values():  # QiD against the one common reference, also for the other kernel's run
+        assert summary["qid_vs_common"]["mean"] == pytest.approx(summary["cv_log_loss_quantized"]["mean"] - reference)
     html = "".join(o["data"]["text/html"] for o in _outputs(executed, "text/html"))
     assert "cv_log_loss_quantized" in html and "prior_log_loss" in html  # the summary and per-fold tables
     assert len(_outputs(executed, "image/png")) == 2

@@ -50,9 +50,11 @@ def test_each_ordering_learns_below_the_class_prior(train_data, folds, demo_toke
     assert result.train_examples == 2 * result.train_rows  # swap augmentation
     assert result.best_eval_loss < result.prior_log_loss - 0.03, [h["eval_loss"] for h in result.history]
     assert [h["step"] for h in result.history] == list(range(25, 226, 25))
-    assert result.best_step == min(result.history, key=lambda h: h["eval_loss"])["step"]
-    # The returned model carries the best weights: its predictions reproduce the best evaluation.
-    np.testing.assert_allclose(log_loss(result.val_labels, result.val_probs), result.best_eval_loss, atol=1e-12)
+    # selection="final": the last step's weights ship; the held-out fold (100 rows, under the monitor cap) was
+    # the learning curve's sample, so the last evaluation is the shipped model's score.
+    assert result.selection == "final" and result.best_step == result.global_step
+    np.testing.assert_allclose(log_loss(result.val_labels, result.val_probs), result.history[-1]["eval_loss"],
+                               atol=1e-12)
     from kaggle_utils.formatting import encode_rows
 
     val_rows = encode_rows(train_data.frame.filter(pl.col("id").is_in(result.val_ids)), demo_tokenizer, cfg.format)
@@ -215,3 +217,183 @@ def test_run_fingerprint_changes_with_the_template_version(monkeypatch):
     assert training.run_fingerprint(cfg, 0, [1, 2, 3], 10) == before
     monkeypatch.setattr(formatting, "TEMPLATE_VERSION", "arena-pair-test")
     assert training.run_fingerprint(cfg, 0, [1, 2, 3], 10) != before
+
+
+class _FakeUnslothSave:
+    """Stands in for unsloth's `save_pretrained_merged` on a plain peft model (unsloth itself is GPU-only):
+    merges a copy and saves it, optionally broken the way a faulty export breaks it."""
+
+    def __init__(self, model, break_with=None):
+        self.model, self.break_with = model, break_with
+
+    def __call__(self, out_dir: str, tokenizer, save_method: str = "merged_16bit") -> None:
+        import copy
+
+        merged = copy.deepcopy(self.model).merge_and_unload()
+        if self.break_with is not None:
+            self.break_with(merged)
+        merged.save_pretrained(out_dir)
+
+
+def _trained_classifier(demo_tokenizer, demo_base_dir):
+    from kaggle_utils.config import LoraSettings, ModelConfig
+    from kaggle_utils.modeling import apply_lora, build_classifier
+
+    base = build_classifier(ModelConfig(base_model=str(demo_base_dir)), pad_token_id=demo_tokenizer.pad_token_id,
+                            device=torch.device("cpu"))
+    model = apply_lora(base, LoraSettings(r=4, alpha=8, dropout=0.0))
+    with torch.no_grad():  # a "trained" head and LoRA: far from their initial values
+        generator = torch.Generator().manual_seed(0)
+        for param in model.parameters():
+            if param.requires_grad:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
+    return model.eval()
+
+
+def test_head_roundtrip_check_raises_when_the_reload_differs(demo_tokenizer, demo_base_dir, tmp_path):
+    model = _trained_classifier(demo_tokenizer, demo_base_dir)
+    probe = [demo_tokenizer("a probe row " * k)["input_ids"] for k in range(1, 7)]
+
+    model.save_pretrained_merged = _FakeUnslothSave(model)
+    good = training.check_unsloth_head_roundtrip(model, demo_tokenizer, tmp_path / "good", probe)
+    assert good["num_labels"] == 3 and good["head_max_abs_diff"] < 1e-6 and good["probs_max_abs_diff"] < 1e-5
+
+    def drop_head(merged):  # the head re-initialised: what unsloth's merged save is known to do
+        with torch.no_grad():
+            merged.score.weight.normal_(0, 0.02, generator=torch.Generator().manual_seed(1))
+
+    model.save_pretrained_merged = _FakeUnslothSave(model, drop_head)
+    with pytest.raises(UsageError, match="score head differs"):
+        training.check_unsloth_head_roundtrip(model, demo_tokenizer, tmp_path / "no-head", probe)
+
+    def lose_the_adapter(merged):  # head intact, body wrong: only the probabilities show it
+        with torch.no_grad():
+            for module in merged.model.layers:
+                module.mlp.down_proj.weight.mul_(-3.0)
+
+    model.save_pretrained_merged = _FakeUnslothSave(model, lose_the_adapter)
+    with pytest.raises(UsageError, match="probabilities on the probe rows differ"):
+        training.check_unsloth_head_roundtrip(model, demo_tokenizer, tmp_path / "no-body", probe)
+
+
+def _counting_evaluate(monkeypatch) -> list[int]:
+    """Record the number of rows of every evaluation train_fold makes."""
+    calls: list[int] = []
+    original = training._evaluate
+
+    def counting(accelerator, model, input_ids, *args, **kwargs):
+        calls.append(len(input_ids))
+        return original(accelerator, model, input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(training, "_evaluate", counting)
+    return calls
+
+
+@pytest.mark.parametrize("selection", ["final", "inner"])
+def test_reported_fold_is_scored_once_by_the_shipped_weights(train_data, demo_tokenizer, demo_base_dir, tmp_path,
+                                                             monkeypatch, selection):
+    """Evaluation during training is bounded (evals_per_run x eval_rows_cap rows) and never on the whole reported
+    fold; that fold is scored exactly once, at the end, by the weights that ship."""
+    frame = train_data.frame.head(160)
+    folds = make_folds(frame, FoldConfig(n_folds=4, seed=0))
+    cfg = _resume_config(demo_base_dir)
+    cfg.lora.dropout = 0.0
+    cfg.model.gradient_checkpointing = False
+    cfg.train = TrainConfig(learning_rate=1e-3, epochs=1, per_device_batch_size=8, grad_accum=1, max_steps=12,
+                            save_every_steps=100, selection=selection, eval_rows_cap=16, evals_per_run=3,
+                            inner_holdout_fraction=0.2)
+    calls = _counting_evaluate(monkeypatch)
+    final_weights = {}
+
+    def remember(step: int) -> None:
+        if step == 12:
+            model = holder["model"]
+            final_weights.update({k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad})
+
+    holder = {}
+
+    def build(cfg_, tokenizer_, device):
+        holder["model"] = training.default_build_model(cfg_, tokenizer_, device)
+        return holder["model"]
+
+    result = training.train_fold(cfg, frame, folds, demo_tokenizer, tmp_path, fold=0, build_model=build,
+                                 on_step=remember, progress=False)
+    n_val = len(result.val_ids)
+    assert n_val > 16
+    # 3 bounded evaluations (the cap: 16 rows), then the whole reported fold exactly once
+    assert len(calls) == 4 and len(set(calls[:-1])) == 1 and 0 < calls[0] <= 16 and calls[-1] == n_val
+    assert [h["step"] for h in result.history] == [4, 8, 12]
+    assert log_loss(result.val_labels, result.val_probs) == pytest.approx(
+        log_loss(result.val_labels, predict_probs(result.model, _val_input_ids(frame, result, demo_tokenizer, cfg),
+                                                  demo_tokenizer.pad_token_id)), abs=1e-9)
+    shipped = dict(result.model.named_parameters())
+    if selection == "final":
+        assert result.best_step == 12 and "learning curve only" in result.eval_set and calls[0] == 16
+        for name, value in final_weights.items():
+            assert torch.equal(shipped[name], value), name
+    else:
+        assert result.best_step == min(result.history, key=lambda h: h["eval_loss"])["step"]
+        assert result.best_eval_loss == min(h["eval_loss"] for h in result.history)
+        assert "inner holdout" in result.eval_set
+        # the inner holdout came out of the training part: fewer rows trained than the fold split leaves
+        train_part, _ = training.split_fold(frame, folds, 0)
+        assert result.train_rows == train_part.height - calls[0]
+
+
+def _val_input_ids(frame, result, tokenizer, cfg):
+    from kaggle_utils.formatting import encode_rows
+
+    return encode_rows(frame.filter(pl.col("id").is_in(result.val_ids)), tokenizer, cfg.format).input_ids
+
+
+def test_inner_holdout_takes_whole_prompt_groups_from_the_training_part(train_data, folds):
+    train_part, val_part = training.split_fold(train_data.frame, folds, 0)
+    cfg = TrainConfig(selection="inner", inner_holdout_fraction=0.05, eval_rows_cap=512, seed=3)
+    rest, inner = training.split_inner(train_part, folds, cfg)
+    assert rest.height + inner.height == train_part.height
+    assert 0 < inner.height <= int(np.ceil(0.05 * train_part.height))
+    assert not set(inner["id"]) & set(rest["id"]) and not set(inner["id"]) & set(val_part["id"])
+    group_of = dict(zip(folds["id"].to_list(), folds["group"].to_list(), strict=True))
+    assert not {group_of[i] for i in inner["id"]} & {group_of[i] for i in rest["id"]}
+    again, _ = training.split_inner(train_part, folds, cfg)
+    assert again["id"].to_list() == rest["id"].to_list()  # seeded: resumable
+    capped = training.split_inner(train_part, folds, TrainConfig(inner_holdout_fraction=0.5, eval_rows_cap=7))[1]
+    assert 0 < capped.height <= 7
+    with pytest.raises(UsageError, match="inner_holdout_fraction"):
+        training.split_inner(train_part, folds, TrainConfig(inner_holdout_fraction=0.0))
+
+
+def test_eval_interval_gives_a_fixed_number_of_evaluations():
+    assert training.eval_interval(11_500, TrainConfig()) == 1150  # 10 evaluations per run by default
+    assert training.eval_interval(7, TrainConfig(evals_per_run=10)) == 1
+    assert training.eval_interval(100, TrainConfig(eval_every_steps=30)) == 30
+    with pytest.raises(UsageError):
+        training.eval_interval(100, TrainConfig(evals_per_run=0))
+
+
+def test_random_swap_shows_each_row_once_per_epoch_in_a_seeded_order():
+    cfg = TrainConfig(swap_augment="random", seed=5)
+    n = 1000
+    first = training.epoch_examples(n, cfg, epoch=0)
+    assert len(first) == n and sorted(first % n) == list(range(n))  # every row exactly once
+    assert 400 < int((first >= n).sum()) < 600  # about half in the swapped order
+    np.testing.assert_array_equal(first, training.epoch_examples(n, cfg, epoch=0))  # resumable
+    assert not np.array_equal(first, training.epoch_examples(n, cfg, epoch=1))  # a new draw each epoch
+    assert not np.array_equal(first, training.epoch_examples(n, TrainConfig(swap_augment="random", seed=6), 0))
+    np.testing.assert_array_equal(training.epoch_examples(n, TrainConfig(swap_augment="double"), 0), np.arange(2 * n))
+    np.testing.assert_array_equal(training.epoch_examples(n, TrainConfig(swap_augment="none"), 0), np.arange(n))
+    assert training.examples_per_epoch(n, cfg) == n == training.examples_per_epoch(n, TrainConfig(swap_augment="none"))
+    assert training.examples_per_epoch(n, TrainConfig(swap_augment="double")) == 2 * n
+    with pytest.raises(UsageError, match="swap_augment"):
+        training.examples_per_epoch(n, TrainConfig(swap_augment="sometimes"))
+
+
+def test_random_swap_trains_one_order_per_row_and_epoch(train_data, demo_tokenizer, demo_base_dir, tmp_path):
+    frame = train_data.frame.head(64)
+    folds = make_folds(frame, FoldConfig(n_folds=4, seed=0))
+    cfg = _resume_config(demo_base_dir)
+    cfg.train = TrainConfig(learning_rate=1e-3, epochs=1, per_device_batch_size=8, grad_accum=1,
+                            save_every_steps=100, swap_augment="random", eval_rows_cap=8, evals_per_run=1)
+    result = training.train_fold(cfg, frame, folds, demo_tokenizer, tmp_path, progress=False)
+    assert result.train_examples == result.train_rows  # not doubled
+    assert result.total_steps == result.global_step == int(np.ceil(result.train_rows / 8))

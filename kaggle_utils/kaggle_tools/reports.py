@@ -61,9 +61,11 @@ def combine_reports(report_dirs: Sequence[str | Path], out_dir: str | Path) -> d
         REPORT_JSON,
         REPORT_MD,
         REPORT_PNG,
+        attach_common_reference,
         decide_winner,
         plot_report,
         render_markdown,
+        summarise_variant,
     )
     from kaggle_utils.metrics import load_oof, save_oof
 
@@ -90,7 +92,10 @@ def combine_reports(report_dirs: Sequence[str | Path], out_dir: str | Path) -> d
         if run["_ids"] != runs[0]["_ids"]:
             raise UsageError(f"{run['variant']} seed {run['seed']} was scored on other rows than {runs[0]['variant']}")
     combined = dict(reports[0])
-    combined["variants"] = [variant for report in reports for variant in report["variants"]]
+    # QiD against the common reference: the ft-then-quant run (usually another kernel's report) gives it to all.
+    combined["common_reference"] = attach_common_reference(runs)
+    combined["variants"] = [summarise_variant(runs, v["variant"], v["ordering"], v["description"])
+                            for report in reports for v in report["variants"]]
     combined["runs"] = [{k: v for k, v in run.items() if not k.startswith("_")} for run in runs]
     combined["decision"] = decide_winner(runs, names)
     combined["total_time_s"] = sum(report["total_time_s"] for report in reports)

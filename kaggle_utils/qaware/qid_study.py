@@ -260,7 +260,13 @@ def run_qid_study(
     from kaggle_utils.formatting import encode_rows
     from kaggle_utils.modeling import predict_probs
     from kaggle_utils.quantization import quantize_merged
-    from kaggle_utils.training import default_build_model, planned_steps, split_fold, train_fold
+    from kaggle_utils.training import (
+        default_build_model,
+        examples_per_epoch,
+        planned_steps,
+        split_fold,
+        train_fold,
+    )
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -269,11 +275,12 @@ def run_qid_study(
         raise UsageError(f"QiD study schemes must be int8 / nf4; got {unknown}")
     base_cfg = copy.deepcopy(cfg)
     base_cfg.train.ordering = "ft-then-quant"
+    base_cfg.train.selection = "final"  # the study measures checkpoints as they train; all training rows train
     train_part, val_part = split_fold(train_frame, folds, base_cfg.train.fold)
     val = encode_rows(val_part, tokenizer, base_cfg.format)
     labels = np.asarray(val.labels, dtype=np.int64)
     pad = tokenizer.pad_token_id
-    n_examples = train_part.height * (2 if base_cfg.train.swap_augmentation else 1)
+    n_examples = examples_per_epoch(train_part.height, base_cfg.train)
     total = planned_steps(n_examples, base_cfg.train)
     steps = checkpoint_steps(total, n_checkpoints, first_step)
 
