@@ -264,6 +264,11 @@ def load_artifact(
     model.eval()
     tokenizer = load_tokenizer(root / TOKENIZER_DIR)
     format_config = FormatConfig(**_restore_tuples(FormatConfig, manifest["format_config"]))
+    from kaggle_utils.real_models import check_tokenizer_model  # ids must index this model's own embeddings
+
+    check_tokenizer_model(tokenizer, model.config, root / TOKENIZER_DIR, model_dir, template=format_config.template,
+                          embedding_rows=model.get_input_embeddings().weight.shape[0], error=ArtifactError,
+                          real_weights=not getattr(model.config, "kaggle_utils_random_weights", False))
     return LoadedArtifact(model=model, tokenizer=tokenizer, manifest=manifest, format_config=format_config, path=root)
 
 

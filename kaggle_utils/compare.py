@@ -319,12 +319,10 @@ def compare_orderings(
 
 
 def _tokenizer(cfg: PipelineConfig, frame: pl.DataFrame, out_dir: Path):
-    from kaggle_utils.tokenizer import load_tokenizer, train_demo_tokenizer
+    from kaggle_utils.real_models import resolve_tokenizer
 
-    if cfg.format.tokenizer_path:
-        return load_tokenizer(cfg.format.tokenizer_path)
     texts = (turn for column in ("prompt", "response_a", "response_b") for turns in frame[column] for turn in turns)
-    return train_demo_tokenizer(texts, out_dir / "tokenizer")
+    return resolve_tokenizer(cfg, texts, out_dir / "tokenizer")  # a real checkpoint gets its own tokenizer
 
 
 def _variant_config(cfg: PipelineConfig, variant: Variant, seed: int, base_dir: Path) -> PipelineConfig:

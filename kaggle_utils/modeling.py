@@ -37,6 +37,8 @@ TINY_BASE_MODEL = "tiny"
 # The real Gemma-2-9B architecture (config only): `ModelConfig(base_model=str(GEMMA2_9B_CONFIG))` builds it with
 # random weights, e.g. on the meta device or for GPU benchmarks.
 GEMMA2_9B_CONFIG = Path(__file__).resolve().parent / "resources" / "gemma-2-9b-config.json"
+# Config attribute marking a model built here with random weights (kaggle_utils.real_models tells them apart).
+RANDOM_WEIGHTS_KEY = "kaggle_utils_random_weights"
 _DTYPES: dict[str, torch.dtype] = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 
@@ -178,6 +180,8 @@ def build_classifier(
         model = Gemma2ForSequenceClassification._from_config(
             config, attn_implementation=model_cfg.attn_implementation, dtype=dtype
         )
+    # Saved with the config (materialize_base, artifacts): random embeddings may be used with any tokenizer.
+    setattr(model.config, RANDOM_WEIGHTS_KEY, True)
     return model
 
 

@@ -45,6 +45,9 @@ GEMMA_SPECIAL_TOKENS: tuple[str, ...] = (PAD_TOKEN, EOS_TOKEN, BOS_TOKEN, UNK_TO
 DEMO_MODEL_MAX_LENGTH = 8192
 # Files of which at least one marks a directory as a Hugging Face tokenizer directory.
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+# Marks a tokenizer trained here in its tokenizer_config.json (transformers keeps unknown keys through
+# save/load, so an artifact's copy still carries it): real checkpoints refuse it (kaggle_utils.real_models).
+DEMO_TOKENIZER_KEY = "kaggle_utils_demo_tokenizer"
 _MIN_VOCAB_SIZE = len(pre_tokenizers.ByteLevel.alphabet()) + len(GEMMA_SPECIAL_TOKENS)
 
 
@@ -98,6 +101,7 @@ def train_demo_tokenizer(
         padding_side="right",
         model_max_length=DEMO_MODEL_MAX_LENGTH,
     )
+    tokenizer.init_kwargs[DEMO_TOKENIZER_KEY] = True
     if out_dir is None:
         return tokenizer
     out_path = Path(out_dir)

@@ -1,0 +1,150 @@
+"""Real pretrained checkpoints: the tokenizer that belongs to them, and checks that model and tokenizer agree.
+
+A checkpoint with real weights only means something on the token ids it was trained on. A tokenizer trained
+locally on the competition text (``tokenizer.train_demo_tokenizer``) produces ids that index arbitrary rows of
+its embedding matrix: training, the artifact and the submission would all "work" on meaningless inputs. So:
+
+- with a real checkpoint (`modeling.base_has_weights`), the tokenizer is the checkpoint's own (its directory)
+  unless ``format.tokenizer_path`` names another real tokenizer; the demo tokenizer is refused;
+- before training and when an artifact is loaded, `check_tokenizer_model` compares the two: vocabulary vs
+  embedding rows, pad/bos/eos ids, and the template's special tokens being single tokens.
+
+The random-weight bases (``tiny``, a config.json) keep the demo tokenizer: their embeddings are sized for it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+
+from transformers import PretrainedConfig, PreTrainedTokenizerBase
+
+from kaggle_utils.errors import UsageError
+from kaggle_utils.tokenizer import DEMO_TOKENIZER_KEY
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+# A model's own tokenizer fills (nearly) all its embedding rows; checkpoints pad the matrix a little for speed
+# (Qwen-2: 151,665 tokens in 151,936 rows, 99.8%). Fewer than this share means the ids are not the model's.
+MIN_VOCAB_COVERAGE = 0.98
+
+
+def is_demo_tokenizer(tokenizer: PreTrainedTokenizerBase) -> bool:
+    """True for a tokenizer made by `train_demo_tokenizer` (marked in its tokenizer_config.json)."""
+    return bool(getattr(tokenizer, "init_kwargs", {}).get(DEMO_TOKENIZER_KEY))
+
+
+def has_tokenizer_files(directory: str | Path) -> bool:
+    path = Path(directory).expanduser()
+    return path.is_dir() and any((path / name).is_file() for name in TOKENIZER_FILES)
+
+
+def has_real_weights(base_model: str) -> bool:
+    """A checkpoint directory with weights that were not drawn at random here (`modeling.RANDOM_WEIGHTS_KEY`)."""
+    from kaggle_utils.modeling import RANDOM_WEIGHTS_KEY, base_has_weights
+
+    if not base_has_weights(base_model):
+        return False
+    config_path = Path(base_model).expanduser() / "config.json"
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return True  # unreadable configs fail later, with their own message
+    return not config.get(RANDOM_WEIGHTS_KEY, False)
+
+
+def resolve_tokenizer(cfg, texts: Iterable[str], demo_dir: str | Path):
+    """The tokenizer for `cfg` (a PipelineConfig): the real checkpoint's own, a named one, or the demo BPE.
+
+    Real weights: ``format.tokenizer_path`` if set, else the checkpoint directory; a demo tokenizer is refused
+    and the pair is checked (`check_tokenizer_model`). Random-weight bases: ``format.tokenizer_path`` if set,
+    else a demo tokenizer trained on `texts` into `demo_dir`.
+    """
+    from kaggle_utils.tokenizer import load_tokenizer, train_demo_tokenizer
+
+    base = cfg.model.base_model
+    if not has_real_weights(base):
+        if cfg.format.tokenizer_path:
+            return load_tokenizer(cfg.format.tokenizer_path)
+        return train_demo_tokenizer(texts, demo_dir)
+    model_dir = Path(base).expanduser()
+    tokenizer_dir = Path(cfg.format.tokenizer_path).expanduser() if cfg.format.tokenizer_path else model_dir
+    if not cfg.format.tokenizer_path and not has_tokenizer_files(model_dir):
+        raise UsageError(
+            f"base model {model_dir} has real weights but no tokenizer files ({' / '.join(TOKENIZER_FILES)}): "
+            "its own tokenizer is needed; put them there or set format.tokenizer_path to the model's real tokenizer"
+        )
+    tokenizer = load_tokenizer(tokenizer_dir)
+    if is_demo_tokenizer(tokenizer):
+        raise UsageError(
+            f"tokenizer {tokenizer_dir} was trained locally (train_demo_tokenizer); base model {model_dir} has real "
+            "weights, which only mean something on their own tokenizer's ids: use the checkpoint's tokenizer"
+        )
+    check_tokenizer_model(tokenizer, load_checkpoint_config(model_dir), tokenizer_dir, model_dir,
+                          template=cfg.format.template, real_weights=True)
+    return tokenizer
+
+
+def load_checkpoint_config(model_dir: str | Path) -> PretrainedConfig:
+    """The (text) config of a checkpoint directory, whatever its architecture; offline."""
+    from transformers import AutoConfig
+
+    path = Path(model_dir).expanduser()
+    try:
+        config = AutoConfig.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError, KeyError) as error:
+        raise UsageError(f"{path}: could not read the model config ({error})") from error
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def check_tokenizer_model(
+    tokenizer: PreTrainedTokenizerBase,
+    config: PretrainedConfig,
+    tokenizer_path: str | Path,
+    model_path: str | Path,
+    *,
+    template: str | None = None,
+    embedding_rows: int | None = None,
+    real_weights: bool = True,
+    error: type[UsageError] = UsageError,
+) -> None:
+    """Raise `error` (one line naming both paths) unless `tokenizer` fits the model `config` describes.
+
+    Checked: no token id beyond the embedding rows; for real weights (not random ones drawn here) the tokenizer
+    is not the demo one and fills at least `MIN_VOCAB_COVERAGE` of the rows; the tokenizer's bos/eos/pad ids equal the
+    model config's where it sets them; each of the template's special tokens is one known token.
+    """
+    where = f"tokenizer {tokenizer_path} and model {model_path} disagree"
+    rows = int(embedding_rows if embedding_rows is not None else config.vocab_size)
+    size = len(tokenizer)
+    if size > rows:
+        raise error(f"{where}: the tokenizer has {size} tokens but the model only {rows} embedding rows")
+    if real_weights and is_demo_tokenizer(tokenizer):
+        raise error(f"{where}: the tokenizer was trained locally (train_demo_tokenizer), the model has real weights, "
+                    "which only mean something on their own tokenizer's ids")
+    if real_weights and size < MIN_VOCAB_COVERAGE * rows:
+        raise error(
+            f"{where}: the tokenizer has {size} tokens for {rows} embedding rows ({size / rows:.1%}); "
+            "a model's own tokenizer fills its vocabulary, so these ids are not the model's"
+        )
+    for name in ("bos", "eos", "pad"):
+        token_id = getattr(tokenizer, f"{name}_token_id", None)
+        expected = getattr(config, f"{name}_token_id", None)
+        if token_id is None or expected is None:
+            continue
+        allowed = set(expected) if isinstance(expected, list | tuple) else {expected}
+        if name == "pad" and int(token_id) == getattr(tokenizer, "eos_token_id", None):
+            continue  # a tokenizer without pad pads with eos (load_tokenizer); the pooled last token is unchanged
+        if int(token_id) not in {int(i) for i in allowed}:
+            shown = sorted(allowed) if len(allowed) > 1 else next(iter(allowed))
+            raise error(f"{where}: {name}_token_id is {token_id} in the tokenizer but {shown} in the model config")
+    if template is not None:
+        from kaggle_utils.formatting import TEMPLATES
+
+        for token in TEMPLATES[template].required_tokens if template in TEMPLATES else ():
+            ids = tokenizer(token, add_special_tokens=False)["input_ids"]
+            if len(ids) != 1 or ids[0] == tokenizer.unk_token_id:
+                raise error(
+                    f"{where}: template {template!r} needs {token} as one token, the tokenizer gives {len(ids)} ids"
+                )
+
