@@ -14,6 +14,7 @@ The random-weight bases (``tiny``, a config.json) keep the demo tokenizer: their
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -278,8 +279,13 @@ def _convert_gguf(gguf_file: Path, out: Path) -> None:
     directory, filename = str(gguf_file.parent), gguf_file.name
     tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=filename)
     loaded = AutoModelForCausalLM.from_pretrained(directory, gguf_file=filename, dtype=torch.bfloat16)
-    config = loaded.config
+    config = copy.deepcopy(loaded.config)
     config.use_cache = True
+    # The GGUF loader records itself as a quantization method; the written weights are plain bf16, and a
+    # checkpoint claiming to be GGUF-quantized would be loaded through the GGUF path again.
+    for attribute in ("quantization_config", "_model_name_or_path"):
+        if hasattr(config, attribute):
+            delattr(config, attribute)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
     del loaded

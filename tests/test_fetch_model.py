@@ -30,6 +30,8 @@ def test_converted_checkpoint_holds_bf16_weights_and_the_models_own_tokenizer(ge
     record = json.loads((gemma3_270m_dir / "fetch.json").read_text())
     assert record["quantization"] == "Q4_K_M" and "Q4_K_M rounding" in record["note"]
     assert record["gguf_sha256"] == PACKAGED_MODELS["gemma-3-270m"].gguf_sha256()
+    raw_config = json.loads((gemma3_270m_dir / "config.json").read_text())
+    assert "quantization_config" not in raw_config  # plain bf16 weights, not a GGUF-quantized checkpoint
     config = load_checkpoint_config(gemma3_270m_dir)
     assert config.model_type == "gemma3_text" and config.vocab_size == 262_144
     with safe_open(str(gemma3_270m_dir / "model.safetensors"), "pt") as weights:
