@@ -207,7 +207,7 @@ def load_artifact(
     `compute_dtype or bfloat16` on CPU, for runtimes without bitsandbytes. `use_merged` loads `merged/`.
     """
     from peft import PeftModel
-    from transformers import Gemma2ForSequenceClassification
+    from transformers import AutoModelForSequenceClassification
 
     from kaggle_utils.modeling import default_device, resolve_dtype
     from kaggle_utils.quantization import dequantize_model, disable_cpu_weight_repacking, set_compute_dtype
@@ -235,7 +235,7 @@ def load_artifact(
         raise ArtifactError(f"{root}: use_merged=True but the artifact has no {MERGED_DIR}/ copy")
     model_dir = root / (MERGED_DIR if use_merged else MODEL_DIR)
     try:
-        model, loading_info = Gemma2ForSequenceClassification.from_pretrained(
+        model, loading_info = AutoModelForSequenceClassification.from_pretrained(
             str(model_dir),
             dtype=dtype,
             attn_implementation=manifest.get("attn_implementation") or "eager",

