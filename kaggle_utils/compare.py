@@ -318,6 +318,12 @@ def compare_orderings(
     return report
 
 
+def _base_weights_note(base_model: str) -> str | None:
+    from kaggle_utils.real_models import base_weights_note
+
+    return base_weights_note(base_model)
+
+
 def _tokenizer(cfg: PipelineConfig, frame: pl.DataFrame, out_dir: Path):
     from kaggle_utils.real_models import resolve_tokenizer
 
@@ -569,6 +575,7 @@ def _build_report(cfg, chosen, seeds, fold_ids, runs, frame, folds_path, folds_h
             "folds_trained": fold_ids,
             "seeds": list(seeds),
             "base_model": cfg.model.base_model,
+            "base_model_note": _base_weights_note(cfg.model.base_model),  # e.g. GGUF-rounded weights
             "max_length": cfg.format.max_length,
             "template_version": _template_version(),
             "format": dataclasses.asdict(cfg.format),
@@ -635,6 +642,7 @@ def render_markdown(report: dict) -> str:
         f"base `{Path(setup['base_model']).name}`, max length {setup['max_length']}, "
         f"LoRA r{setup['lora']['r']}/α{setup['lora']['alpha']}, quant {setup['quant']['scheme']}, "
         f"swap TTA {'on' if setup['tta_swap'] else 'off'}. Total time {report['total_time_s']:.0f} s.",
+        *([f"Base weights: {setup['base_model_note']}."] if setup.get("base_model_note") else []),
         "",
         "| variant | CV log loss 16-bit | CV log loss quantized | QiD | accuracy (quantized) | best eval in training "
         "| train wall time (s) | train tokens/s | peak RSS (MB) | peak CUDA (MB) | trainable params "

@@ -295,6 +295,15 @@ def fetch_model(name: str, out_dir: str | Path, log: Callable[[str], None] = pri
     return out
 
 
+def base_weights_note(base_model: str) -> str | None:
+    """fetch.json's note on a fetched checkpoint (its weights carry the GGUF rounding), for reports; else None."""
+    path = Path(str(base_model)).expanduser() / FETCH_RECORD
+    try:
+        return str(json.loads(path.read_text(encoding="utf-8"))["note"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def _fetched(out: Path, name: str, sha256: str) -> bool:
     record_path = out / FETCH_RECORD
     try:

@@ -46,6 +46,9 @@ def test_real_checkpoint_trains_ships_and_submits(checkpoint, class_name, vocab,
     report = compare.compare_orderings(cfg, tiny_files.train_csv, tmp_path / "run", variants=["ft-then-quant"],
                                        progress=False)
     assert not (tmp_path / "run" / "tokenizer").exists()  # no locally trained tokenizer for real weights
+    rounding = "Q4_K_M" if "gemma" in checkpoint else "Q4_1"
+    assert f"they carry the {rounding} rounding" in report["setup"]["base_model_note"]
+    assert f"carry the {rounding} rounding" in (tmp_path / "run" / "report.md").read_text()
     fold = report["runs"][0]["per_fold"][0]
     artifact = load_artifact(fold["artifact_dir"], device="cpu")  # checks tokenizer against model
     inner = artifact.model.get_base_model() if hasattr(artifact.model, "get_base_model") else artifact.model
