@@ -523,7 +523,8 @@ def _encode(
     minimum = _minimum_length(ids)
     if cfg.max_length < minimum:
         raise UsageError(
-            f"format.max_length={cfg.max_length} is too small for template {cfg.template!r} with this tokenizer: "
+            f"format.max_length={cfg.max_length} is too small for template "
+            f"{resolve_template(tokenizer, cfg).name!r} with this tokenizer: "
             f"it needs at least {minimum} tokens (bos, turn delimiters, question suffix, truncation markers)"
         )
     _check_frame(frame)

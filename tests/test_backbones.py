@@ -111,3 +111,15 @@ def test_each_family_trains_ships_and_reloads(model_type, class_name, family, te
     assert type(inner).__name__ == class_name
     assert template_for_tokenizer(artifact.tokenizer) == template
     assert 0 < fold["log_loss_quantized"] < 5
+
+
+def test_auto_template_errors_name_the_resolved_template(texts, tmp_path):
+    import polars as pl
+
+    from kaggle_utils.config import FormatConfig
+    from kaggle_utils.formatting import encode_rows
+
+    tokenizer = train_demo_tokenizer(texts, tmp_path / "tok", vocab_size=400, family="chatml")
+    frame = pl.DataFrame({"id": [1], "prompt": [["hi"]], "response_a": [["a"]], "response_b": [["b"]]})
+    with pytest.raises(UsageError, match="too small for template 'chatml' with this tokenizer"):
+        encode_rows(frame, tokenizer, FormatConfig(template="auto", max_length=8))
