@@ -328,7 +328,7 @@ def load_artifact(
     `verify_hashes` (default) checks every listed file's sha256 first (~0.65-0.97 GB/s); False only checks sizes.
     """
     from peft import PeftModel
-    from transformers import Gemma2ForSequenceClassification
+    from transformers import AutoModelForSequenceClassification
 
     from kaggle_utils.modeling import default_device, resolve_dtype
     from kaggle_utils.quantization import dequantize_model, disable_cpu_weight_repacking, set_compute_dtype
@@ -356,7 +356,7 @@ def load_artifact(
         raise ArtifactError(f"{root}: use_merged=True but the artifact has no {MERGED_DIR}/ copy")
     model_dir = root / (MERGED_DIR if use_merged else MODEL_DIR)
     try:
-        model, loading_info = Gemma2ForSequenceClassification.from_pretrained(
+        model, loading_info = AutoModelForSequenceClassification.from_pretrained(
             str(model_dir),
             dtype=dtype,
             attn_implementation=manifest.get("attn_implementation") or "eager",
@@ -385,6 +385,11 @@ def load_artifact(
     model.eval()
     tokenizer = load_tokenizer(root / TOKENIZER_DIR)
     format_config = FormatConfig(**_restore_tuples(FormatConfig, manifest["format_config"]))
+    from kaggle_utils.real_models import check_tokenizer_model  # ids must index this model's own embeddings
+
+    check_tokenizer_model(tokenizer, model.config, root / TOKENIZER_DIR, model_dir, template=format_config.template,
+                          embedding_rows=model.get_input_embeddings().weight.shape[0], error=ArtifactError,
+                          real_weights=not getattr(model.config, "kaggle_utils_random_weights", False))
     return LoadedArtifact(model=model, tokenizer=tokenizer, manifest=manifest, format_config=format_config, path=root)
 
 

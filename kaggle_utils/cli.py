@@ -19,6 +19,7 @@ COMMAND_GROUPS: tuple[str, ...] = (
     "inference",
     "kaggle",
     "study",
+    "models",
 )
 
 

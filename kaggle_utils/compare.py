@@ -341,13 +341,17 @@ def compare_orderings(
     return report
 
 
-def _tokenizer(cfg: PipelineConfig, frame: pl.DataFrame, out_dir: Path):
-    from kaggle_utils.tokenizer import load_tokenizer, train_demo_tokenizer
+def _base_weights_note(base_model: str) -> str | None:
+    from kaggle_utils.real_models import base_weights_note
 
-    if cfg.format.tokenizer_path:
-        return load_tokenizer(cfg.format.tokenizer_path)
+    return base_weights_note(base_model)
+
+
+def _tokenizer(cfg: PipelineConfig, frame: pl.DataFrame, out_dir: Path):
+    from kaggle_utils.real_models import resolve_tokenizer
+
     texts = (turn for column in ("prompt", "response_a", "response_b") for turns in frame[column] for turn in turns)
-    return train_demo_tokenizer(texts, out_dir / "tokenizer")
+    return resolve_tokenizer(cfg, texts, out_dir / "tokenizer")  # a real checkpoint gets its own tokenizer
 
 
 def _variant_config(cfg: PipelineConfig, variant: Variant, seed: int, base_dir: Path) -> PipelineConfig:
@@ -661,6 +665,7 @@ def _build_report(cfg, chosen, seeds, fold_ids, runs, frame, folds_path, folds_h
             "folds_trained": fold_ids,
             "seeds": list(seeds),
             "base_model": cfg.model.base_model,
+            "base_model_note": _base_weights_note(cfg.model.base_model),  # e.g. GGUF-rounded weights
             "max_length": cfg.format.max_length,
             "template_version": _template_version(),
             "format": dataclasses.asdict(cfg.format),
@@ -740,6 +745,7 @@ def render_markdown(report: dict) -> str:
         f"base `{Path(setup['base_model']).name}`, max length {setup['max_length']}, "
         f"LoRA r{setup['lora']['r']}/α{setup['lora']['alpha']}, quant {setup['quant']['scheme']}, "
         f"swap TTA {'on' if setup['tta_swap'] else 'off'}. Total time {report['total_time_s']:.0f} s.",
+        *([f"Base weights: {setup['base_model_note']}."] if setup.get("base_model_note") else []),
         "",
         f"Common reference: {report.get('common_reference', {}).get('note', 'n/a')}.",
         "",

@@ -65,7 +65,7 @@ class BaselineConfig:
 class FormatConfig:
     """Conversation -> text -> tokens. Changing the template must change `template_version`."""
 
-    template: Literal["gemma", "plain"] = "gemma"
+    template: Literal["gemma", "llama3", "chatml", "plain", "auto"] = "gemma"  # auto: the tokenizer's family
     max_length: int = 2048
     # Which turns survive when a conversation is too long: last first, first first, or alternating ends.
     truncation: Literal["keep_end", "keep_start", "head_tail"] = "keep_end"

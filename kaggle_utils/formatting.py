@@ -18,7 +18,9 @@ Template ("gemma", the default; ``<bos>`` is the tokenizer's bos id, the rest is
 
 The question suffix is always present, whole, at the very end: the classifier pools the last token, so that
 token sees the whole conversation and the question. "plain" uses ``### Prompt`` / ``### Response A`` /
-``### Response B`` headings instead, for tokenizers without Gemma's turn tokens.
+``### Response B`` headings instead, for tokenizers without turn tokens. "llama3" (header tokens, ``<|eot_id|>``)
+and "chatml" (``<|im_start|>`` / ``<|im_end|>``, Qwen-2 and SmolLM2) put the same pieces in those families' turn
+markup; "auto" picks the tokenizer's family (Gemma, Llama-3, ChatML, else plain).
 
 Truncation, for any Hugging Face fast tokenizer, to at most ``cfg.max_length`` tokens:
 
@@ -64,6 +66,9 @@ from kaggle_utils.config import FormatConfig
 from kaggle_utils.errors import DataError, UsageError
 from kaggle_utils.tokenizer import END_OF_TURN, START_OF_TURN
 
+LLAMA3_HEADER_START, LLAMA3_HEADER_END, LLAMA3_EOT = "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"
+CHATML_START, CHATML_END = "<|im_start|>", "<|im_end|>"
+
 # v2: max-min fair (water-filling) split of a cut turn; cut pieces keep head and end (format.head_fraction).
 TEMPLATE_VERSION = "arena-pair-v2"
 TURN_COLUMNS: tuple[str, str, str] = ("prompt", "response_a", "response_b")
@@ -98,6 +103,27 @@ TEMPLATES: dict[str, PromptTemplate] = {
         suffix=f"{START_OF_TURN}user\n{QUESTION}{END_OF_TURN}\n{START_OF_TURN}model\n",
         required_tokens=(START_OF_TURN, END_OF_TURN),
     ),
+    # Llama-3 tokenizers: header tokens around the role, <|eot_id|> closes a message.
+    "llama3": PromptTemplate(
+        name="llama3",
+        turn_open=f"{LLAMA3_HEADER_START}user{LLAMA3_HEADER_END}\n\n",
+        prompt_to_a=f"{LLAMA3_EOT}{LLAMA3_HEADER_START}assistant{LLAMA3_HEADER_END}\n\n<response_a>\n",
+        a_to_b="\n</response_a>\n<response_b>\n",
+        turn_close=f"\n</response_b>{LLAMA3_EOT}",
+        suffix=f"{LLAMA3_HEADER_START}user{LLAMA3_HEADER_END}\n\n{QUESTION}{LLAMA3_EOT}"
+               f"{LLAMA3_HEADER_START}assistant{LLAMA3_HEADER_END}\n\n",
+        required_tokens=(LLAMA3_HEADER_START, LLAMA3_HEADER_END, LLAMA3_EOT),
+    ),
+    # ChatML (Qwen-2, SmolLM2): <|im_start|>role ... <|im_end|>.
+    "chatml": PromptTemplate(
+        name="chatml",
+        turn_open=f"{CHATML_START}user\n",
+        prompt_to_a=f"{CHATML_END}\n{CHATML_START}assistant\n<response_a>\n",
+        a_to_b="\n</response_a>\n<response_b>\n",
+        turn_close=f"\n</response_b>{CHATML_END}\n",
+        suffix=f"{CHATML_START}user\n{QUESTION}{CHATML_END}\n{CHATML_START}assistant\n",
+        required_tokens=(CHATML_START, CHATML_END),
+    ),
     "plain": PromptTemplate(
         name="plain",
         turn_open="### Prompt\n",
@@ -107,6 +133,30 @@ TEMPLATES: dict[str, PromptTemplate] = {
         suffix=f"### Question\n{QUESTION}\n### Answer\n",
     ),
 }
+
+
+# format.template="auto": the first family whose turn tokens the tokenizer has as single tokens, else "plain".
+AUTO_TEMPLATE = "auto"
+_AUTO_ORDER: tuple[str, ...] = ("gemma", "llama3", "chatml")
+
+
+def template_for_tokenizer(tokenizer: PreTrainedTokenizerFast) -> str:
+    """The template of the tokenizer's family: Gemma turn tokens, Llama-3 header tokens, ChatML, else plain."""
+    for name in _AUTO_ORDER:
+        if all(_single_token(tokenizer, token) for token in TEMPLATES[name].required_tokens):
+            return name
+    return "plain"
+
+
+def resolve_template(tokenizer: PreTrainedTokenizerFast, cfg: FormatConfig) -> PromptTemplate:
+    """`cfg.template`, with "auto" resolved from the tokenizer (an artifact ships its tokenizer: same answer)."""
+    name = template_for_tokenizer(tokenizer) if cfg.template == AUTO_TEMPLATE else cfg.template
+    return TEMPLATES[name]
+
+
+def _single_token(tokenizer: PreTrainedTokenizerFast, token: str) -> bool:
+    ids = tokenizer(token, add_special_tokens=False)["input_ids"]
+    return len(ids) == 1 and ids[0] != tokenizer.unk_token_id
 
 
 @dataclass
@@ -245,8 +295,9 @@ def _minimum_length(ids: _TemplateIds) -> int:
 
 
 def _check_config(cfg: FormatConfig) -> None:
-    if cfg.template not in TEMPLATES:
-        raise UsageError(f"format.template={cfg.template!r} is unknown; choose one of {sorted(TEMPLATES)}")
+    if cfg.template not in TEMPLATES and cfg.template != AUTO_TEMPLATE:
+        raise UsageError(f"format.template={cfg.template!r} is unknown; choose one of "
+                         f"{sorted(TEMPLATES) + [AUTO_TEMPLATE]}")
     if cfg.truncation not in TRUNCATION_MODES:
         raise UsageError(f"format.truncation={cfg.truncation!r} is unknown; choose one of {list(TRUNCATION_MODES)}")
     if not 0.0 <= cfg.head_fraction <= 1.0:
@@ -261,13 +312,14 @@ def _template_ids(tokenizer: PreTrainedTokenizerFast, cfg: FormatConfig) -> _Tem
     _check_config(cfg)
     if not getattr(tokenizer, "is_fast", False):
         raise UsageError(f"{type(tokenizer).__name__} is not a fast tokenizer; encode_rows needs a tokenizer.json one")
-    template = TEMPLATES[cfg.template]
+    template = resolve_template(tokenizer, cfg)
     for token in template.required_tokens:
         ids = tokenizer(token, add_special_tokens=False)["input_ids"]
         if len(ids) != 1 or ids[0] == tokenizer.unk_token_id:
             raise UsageError(
                 f"template {template.name!r} needs {token} as one special token, but this tokenizer splits it into "
-                f"{len(ids)} ids; use a Gemma tokenizer or format.template='plain'"
+                f"{len(ids)} ids; this tokenizer's family uses format.template={template_for_tokenizer(tokenizer)!r} "
+                "(or 'auto'; 'plain' fits any tokenizer)"
             )
     fixed = tokenizer(
         [template.turn_open, template.prompt_to_a, template.a_to_b, template.turn_close, template.suffix],
@@ -471,7 +523,8 @@ def _encode(
     minimum = _minimum_length(ids)
     if cfg.max_length < minimum:
         raise UsageError(
-            f"format.max_length={cfg.max_length} is too small for template {cfg.template!r} with this tokenizer: "
+            f"format.max_length={cfg.max_length} is too small for template "
+            f"{resolve_template(tokenizer, cfg).name!r} with this tokenizer: "
             f"it needs at least {minimum} tokens (bos, turn delimiters, question suffix, truncation markers)"
         )
     _check_frame(frame)

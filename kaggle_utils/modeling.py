@@ -1,4 +1,7 @@
-"""The preference classifier: Gemma-2 with a 3-way head on the last non-pad token, plus peft LoRA.
+"""The preference classifier: a decoder with a 3-way head on the last non-pad token, plus peft LoRA.
+
+Gemma-2 by default; any family of `SUPPORTED_MODEL_TYPES` (Gemma-3 text, Llama-3, Qwen-2, Mistral) through
+``AutoModelForSequenceClassification``, the architecture read from the config's ``model_type``.
 
 `ModelConfig.base_model` names where the backbone comes from:
 
@@ -26,7 +29,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from transformers import Gemma2Config, Gemma2ForSequenceClassification, PreTrainedModel
+from transformers import (
+    AutoModelForSequenceClassification,
+    Gemma2Config,
+    PretrainedConfig,
+    PreTrainedModel,
+)
 
 from kaggle_utils.config import LoraSettings, ModelConfig, QuantConfig
 from kaggle_utils.errors import UsageError
@@ -34,9 +42,20 @@ from kaggle_utils.errors import UsageError
 logger = logging.getLogger(__name__)
 
 TINY_BASE_MODEL = "tiny"
+# Decoder backbones the classifier is built from (config.model_type -> family), all through
+# AutoModelForSequenceClassification: last non-pad token pooled into a linear `score` head.
+SUPPORTED_MODEL_TYPES: dict[str, str] = {
+    "gemma2": "Gemma-2",
+    "gemma3_text": "Gemma-3 (text)",
+    "llama": "Llama-3",
+    "qwen2": "Qwen-2",
+    "mistral": "Mistral",
+}
 # The real Gemma-2-9B architecture (config only): `ModelConfig(base_model=str(GEMMA2_9B_CONFIG))` builds it with
 # random weights, e.g. on the meta device or for GPU benchmarks.
 GEMMA2_9B_CONFIG = Path(__file__).resolve().parent / "resources" / "gemma-2-9b-config.json"
+# Config attribute marking a model built here with random weights (kaggle_utils.real_models tells them apart).
+RANDOM_WEIGHTS_KEY = "kaggle_utils_random_weights"
 _DTYPES: dict[str, torch.dtype] = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 
@@ -106,10 +125,11 @@ def base_has_weights(base_model: str) -> bool:
 
 def load_model_config(
     model_cfg: ModelConfig, vocab_size: int | None = None, pad_token_id: int | None = None
-) -> Gemma2Config:
-    """The Gemma-2 config `model_cfg.base_model` describes, with the label count and pad id this task needs.
+) -> PretrainedConfig:
+    """The decoder config `model_cfg.base_model` describes, with the label count and pad id this task needs.
 
-    `vocab_size` is the tokenizer's size: it sets the tiny model's vocabulary and must fit in any other one.
+    The architecture is read from the config's ``model_type`` (`SUPPORTED_MODEL_TYPES`). `vocab_size` is the
+    tokenizer's size: it sets the tiny model's vocabulary and must fit in any other one.
     """
     source = model_cfg.base_model
     if source == TINY_BASE_MODEL:
@@ -123,12 +143,7 @@ def load_model_config(
             raise UsageError(
                 f"model.base_model={source!r} is neither 'tiny', a config.json file, nor a directory with config.json"
             )
-        try:
-            config = Gemma2Config.from_json_file(str(json_path))
-        except (ValueError, TypeError, OSError) as error:
-            raise UsageError(f"{json_path}: not a readable Gemma-2 config ({error})") from error
-        if config.model_type != "gemma2":
-            raise UsageError(f"{json_path}: model_type is {config.model_type!r}; this pipeline builds Gemma-2 only")
+        config = _read_config(json_path)
         if vocab_size is not None and vocab_size > config.vocab_size:
             raise UsageError(
                 f"{json_path}: vocab_size {config.vocab_size} is smaller than the tokenizer's {vocab_size} tokens"
@@ -142,6 +157,41 @@ def load_model_config(
     return config
 
 
+def _read_config(json_path: Path) -> PretrainedConfig:
+    import json
+
+    from transformers import CONFIG_MAPPING
+
+    try:
+        model_type = json.loads(json_path.read_text(encoding="utf-8")).get("model_type")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise UsageError(
+                f"{json_path}: model_type is {model_type!r}; this pipeline builds decoder classifiers for "
+                f"{', '.join(f'{k} ({v})' for k, v in SUPPORTED_MODEL_TYPES.items())}"
+            )
+        return CONFIG_MAPPING[model_type].from_json_file(str(json_path))
+    except (ValueError, TypeError, OSError) as error:
+        raise UsageError(f"{json_path}: not a readable model config ({error})") from error
+
+
+def tiny_decoder_config(model_type: str, vocab_size: int, pad_token_id: int | None, bos_token_id: int | None,
+                        eos_token_id: int, num_labels: int = 3) -> PretrainedConfig:
+    """A 2-layer random-weight config of any supported family (the tiny Gemma-2 shape), for CPU tests."""
+    from transformers import CONFIG_MAPPING
+
+    if model_type == "gemma2":
+        return tiny_gemma2_config(vocab_size, num_labels, pad_token_id=pad_token_id, bos_token_id=bos_token_id,
+                                  eos_token_id=eos_token_id)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise UsageError(f"model_type {model_type!r} is not one of {sorted(SUPPORTED_MODEL_TYPES)}")
+    shape = {k: v for k, v in TINY_GEMMA2_SHAPE.items() if k != "query_pre_attn_scalar" or model_type == "gemma3_text"}
+    if model_type not in ("gemma3_text", "mistral", "qwen2"):
+        shape.pop("sliding_window")
+    return CONFIG_MAPPING[model_type](**shape, vocab_size=int(vocab_size), num_labels=num_labels,
+                                      pad_token_id=pad_token_id, bos_token_id=bos_token_id,
+                                      eos_token_id=eos_token_id)
+
+
 def build_classifier(
     model_cfg: ModelConfig,
     quant: QuantConfig | None = None,
@@ -149,7 +199,8 @@ def build_classifier(
     pad_token_id: int | None = None,
     device: str | torch.device | None = None,
 ) -> PreTrainedModel:
-    """A `Gemma2ForSequenceClassification` as `model_cfg` describes; with `quant`, a bitsandbytes-quantized base.
+    """A sequence classifier (`AutoModelForSequenceClassification`: Gemma-2 by default, or any family of
+    `SUPPORTED_MODEL_TYPES` its config names) as `model_cfg` describes; with `quant`, a bitsandbytes base.
 
     Config sources get random weights drawn under `model_cfg.init_seed`. ``device="meta"`` builds the shape
     without memory (parameter counts for the 9B config). Quantizing a random-weight model goes through a
@@ -175,9 +226,11 @@ def build_classifier(
         return _load_pretrained(model_cfg, dtype, pad_token_id, device)
     config = load_model_config(model_cfg, vocab_size=vocab_size, pad_token_id=pad_token_id)
     with _seeded(model_cfg.init_seed, device), torch.device(device):
-        model = Gemma2ForSequenceClassification._from_config(
+        model = AutoModelForSequenceClassification.from_config(
             config, attn_implementation=model_cfg.attn_implementation, dtype=dtype
         )
+    # Saved with the config (materialize_base, artifacts): random embeddings may be used with any tokenizer.
+    setattr(model.config, RANDOM_WEIGHTS_KEY, True)
     return model
 
 
@@ -210,7 +263,7 @@ def _load_pretrained(
     path = Path(model_cfg.base_model).expanduser()
     config = load_model_config(model_cfg, pad_token_id=pad_token_id)
     try:
-        model = Gemma2ForSequenceClassification.from_pretrained(
+        model = AutoModelForSequenceClassification.from_pretrained(
             str(path),
             config=config,
             dtype=dtype,
@@ -266,7 +319,31 @@ def apply_lora(model: PreTrainedModel, lora: LoraSettings):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # peft calls transformers' renamed checkpointing API
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    lora = dataclasses.replace(lora, target_modules=lora_targets(model, lora))
     return get_peft_model(model, lora_config(lora, model.config.num_hidden_layers))
+
+
+ALL_LINEAR = "all-linear"
+
+
+def lora_targets(model: nn.Module, lora: LoraSettings) -> tuple[str, ...]:
+    """The LoRA target names for `model`: ``("all-linear",)`` = every linear layer of its decoder, whatever the
+    architecture calls them; a named list must each match a linear layer (a typo or another family's names
+    would otherwise train nothing there)."""
+    linear_names = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                           if _is_linear(module) and ".layers." in f".{name}"})
+    if tuple(lora.target_modules) == (ALL_LINEAR,):
+        return tuple(linear_names)
+    unknown = sorted(set(lora.target_modules) - set(linear_names))
+    if unknown:
+        raise UsageError(f"lora.target_modules {unknown} name no linear layer of {type(model).__name__} "
+                         f"(its decoder has {linear_names}); use {ALL_LINEAR!r} for all of them")
+    return tuple(lora.target_modules)
+
+
+def _is_linear(module: nn.Module) -> bool:
+    """nn.Linear and bitsandbytes' 4/8-bit linear layers (subclasses of it)."""
+    return isinstance(module, nn.Linear)
 
 
 def is_quantized(model: nn.Module) -> bool:

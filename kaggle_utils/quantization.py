@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import BitsAndBytesConfig, Gemma2ForSequenceClassification, PreTrainedModel
+from transformers import AutoModelForSequenceClassification, BitsAndBytesConfig, PreTrainedModel
 
 from kaggle_utils.config import ModelConfig, QuantConfig
 from kaggle_utils.errors import UsageError
@@ -65,7 +65,7 @@ def load_quantized_base(
     compute_dtype = resolve_dtype(quant.compute_dtype if quant.compute_dtype != "auto" else model_cfg.dtype, device)
     config = load_model_config(dataclasses.replace(model_cfg, base_model=str(source)), pad_token_id=pad_token_id)
     try:
-        model = Gemma2ForSequenceClassification.from_pretrained(
+        model = AutoModelForSequenceClassification.from_pretrained(
             str(source),
             config=config,
             quantization_config=bnb_config(quant, compute_dtype),

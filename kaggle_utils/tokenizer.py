@@ -41,26 +41,46 @@ START_OF_TURN = "<start_of_turn>"
 END_OF_TURN = "<end_of_turn>"
 # Order = ids 0..5 in the trained vocabulary (Gemma's layout for pad/eos/bos/unk).
 GEMMA_SPECIAL_TOKENS: tuple[str, ...] = (PAD_TOKEN, EOS_TOKEN, BOS_TOKEN, UNK_TOKEN, START_OF_TURN, END_OF_TURN)
+# Special-token layouts of the families the classifier supports (ids 0.. in this order in a demo tokenizer):
+# the tokens each family's prompt template needs, with that family's bos / eos / pad / unk roles (None: absent).
+FAMILY_SPECIAL_TOKENS: dict[str, dict] = {
+    "gemma": {"tokens": GEMMA_SPECIAL_TOKENS, "bos": BOS_TOKEN, "eos": EOS_TOKEN, "pad": PAD_TOKEN, "unk": UNK_TOKEN},
+    "llama3": {"tokens": ("<|begin_of_text|>", "<|end_of_text|>", "<|finetune_right_pad_id|>", "<|start_header_id|>",
+                          "<|end_header_id|>", "<|eot_id|>"),
+               "bos": "<|begin_of_text|>", "eos": "<|end_of_text|>", "pad": "<|finetune_right_pad_id|>", "unk": None},
+    "chatml": {"tokens": ("<|endoftext|>", "<|im_start|>", "<|im_end|>"),
+               "bos": None, "eos": "<|im_end|>", "pad": "<|endoftext|>", "unk": None},  # Qwen-2: no bos
+    "mistral": {"tokens": ("<unk>", "<s>", "</s>", "[INST]", "[/INST]"),
+                "bos": "<s>", "eos": "</s>", "pad": None, "unk": "<unk>"},  # no pad: load_tokenizer pads with eos
+}
 # Gemma-2's context length; only used as the tokenizer's advertised limit.
 DEMO_MODEL_MAX_LENGTH = 8192
 # Files of which at least one marks a directory as a Hugging Face tokenizer directory.
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
-_MIN_VOCAB_SIZE = len(pre_tokenizers.ByteLevel.alphabet()) + len(GEMMA_SPECIAL_TOKENS)
+# Marks a tokenizer trained here in its tokenizer_config.json (transformers keeps unknown keys through
+# save/load, so an artifact's copy still carries it): real checkpoints refuse it (kaggle_utils.real_models).
+DEMO_TOKENIZER_KEY = "kaggle_utils_demo_tokenizer"
 
 
 def train_demo_tokenizer(
-    texts: Iterable[str], out_dir: str | Path | None = None, vocab_size: int = 2048
+    texts: Iterable[str], out_dir: str | Path | None = None, vocab_size: int = 2048, family: str = "gemma"
 ) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE on ``texts`` and wrap it as a Gemma-like ``PreTrainedTokenizerFast``.
 
     Byte-level means any UTF-8 text encodes without ``<unk>``, as with Gemma's byte fallback. When ``out_dir``
     is given the tokenizer is saved there and the returned object is the one loaded back from disk, so what
-    tests use is exactly what an artifact ships.
+    tests use is exactly what an artifact ships. `family` picks another special-token layout
+    (`FAMILY_SPECIAL_TOKENS`: Llama-3 header tokens, ChatML), for tests of those backbones.
     """
-    if vocab_size < _MIN_VOCAB_SIZE:
+    if family not in FAMILY_SPECIAL_TOKENS:
+        raise UsageError(f"unknown tokenizer family {family!r}; choose one of {sorted(FAMILY_SPECIAL_TOKENS)}")
+    layout = FAMILY_SPECIAL_TOKENS[family]
+    special = tuple(layout["tokens"])
+    minimum = len(pre_tokenizers.ByteLevel.alphabet()) + len(special)
+    if vocab_size < minimum:
         raise UsageError(
-            f"vocab_size={vocab_size} is too small for a byte-level BPE: it needs at least {_MIN_VOCAB_SIZE} "
-            f"(256 bytes + {len(GEMMA_SPECIAL_TOKENS)} special tokens)"
+            f"vocab_size={vocab_size} is too small for a byte-level BPE: it needs at least {minimum} "
+            f"(256 bytes + {len(special)} special tokens)"
         )
     iterator = iter(texts)
     first = next(iterator, None)
@@ -68,36 +88,36 @@ def train_demo_tokenizer(
         raise UsageError("train_demo_tokenizer got no texts to train on")
     corpus = itertools.chain([first], iterator)
 
-    backend = Tokenizer(models.BPE(unk_token=UNK_TOKEN))
+    backend = Tokenizer(models.BPE(unk_token=layout["unk"]))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=list(GEMMA_SPECIAL_TOKENS),
+        special_tokens=list(special),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     backend.train_from_iterator(corpus, trainer=trainer)
-    for expected_id, token in enumerate(GEMMA_SPECIAL_TOKENS):
+    for expected_id, token in enumerate(special):
         actual = backend.token_to_id(token)
         if actual != expected_id:  # the trainer assigns special tokens first; guard the layout we promise
             raise RuntimeError(f"special token {token} got id {actual}, expected {expected_id}")
-    backend.post_processor = processors.TemplateProcessing(
-        single=f"{BOS_TOKEN} $A", pair=f"{BOS_TOKEN} $A $B:1", special_tokens=[(BOS_TOKEN, 2)]
-    )
-
+    bos = layout["bos"]
+    if bos is not None:
+        backend.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A $B:1", special_tokens=[(bos, special.index(bos))]
+        )
+    roles = {f"{role}_token": layout[role] for role in ("bos", "eos", "pad", "unk") if layout[role] is not None}
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend,
-        bos_token=BOS_TOKEN,
-        eos_token=EOS_TOKEN,
-        pad_token=PAD_TOKEN,
-        unk_token=UNK_TOKEN,
-        extra_special_tokens=[START_OF_TURN, END_OF_TURN],
-        add_bos_token=True,
+        **roles,
+        extra_special_tokens=[token for token in special if token not in roles.values()],
+        add_bos_token=bos is not None,
         add_eos_token=False,
         padding_side="right",
         model_max_length=DEMO_MODEL_MAX_LENGTH,
     )
+    tokenizer.init_kwargs[DEMO_TOKENIZER_KEY] = True
     if out_dir is None:
         return tokenizer
     out_path = Path(out_dir)

