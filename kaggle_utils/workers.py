@@ -60,9 +60,10 @@ def load_preprocessing(artifact_dir: str | Path, verify_hashes: bool) -> tuple[A
     return tokenizer, FormatConfig(**_restore_tuples(FormatConfig, manifest["format_config"]))
 
 
-def _fault(index: int) -> tuple[str, int] | None:
-    """This worker's injected fault from FAULT_ENV, or None."""
-    raw = os.environ.get(FAULT_ENV, "").strip()
+def _fault(index: int, raw: str) -> tuple[str, int] | None:
+    """This worker's injected fault from FAULT_ENV's value (read by the parent: a forkserver child has the
+    server's environment, not the parent's current one), or None."""
+    raw = raw.strip()
     if not raw:
         return None
     try:
@@ -77,7 +78,7 @@ def _fault(index: int) -> tuple[str, int] | None:
     return kind, parsed[2]
 
 
-def _child_main(index: int, artifact_dir: str, device: str, compute_dtype: Any, threads: int,
+def _child_main(index: int, artifact_dir: str, device: str, compute_dtype: Any, threads: int, fault_spec: str,
                 tasks: Any, results: Any) -> None:
     """Worker process: load the replica, say ready, then answer (task id, token lists) until None arrives."""
     import torch
@@ -87,7 +88,7 @@ def _child_main(index: int, artifact_dir: str, device: str, compute_dtype: Any, 
 
     try:
         torch.set_num_threads(threads)
-        fault = _fault(index)
+        fault = _fault(index, fault_spec)
         loaded = load_artifact(artifact_dir, device=device, compute_dtype=compute_dtype, verify_hashes=False)
         forward = make_forward(loaded.model, _pad_id(loaded.tokenizer), device)
     except Exception as error:
@@ -127,7 +128,8 @@ class ProcessWorker:
         self.results = ctx.Queue()
         self.process = ctx.Process(
             target=_child_main, name=f"inference-{name}", daemon=True,
-            args=(index, str(artifact_dir), device, compute_dtype, threads, self.tasks, self.results),
+            args=(index, str(artifact_dir), device, compute_dtype, threads, os.environ.get(FAULT_ENV, ""),
+                  self.tasks, self.results),
         )
         self.sent = 0
 
@@ -184,12 +186,28 @@ class ProcessWorker:
             channel.close()
 
 
+# What the forkserver imports once, so each CPU worker forks with them loaded (10-20 s of imports otherwise, per
+# worker, on a shared 2-core box).
+_PRELOAD = ["torch", "transformers", "peft", "kaggle_utils.artifacts", "kaggle_utils.inference", __name__]
+
+
+def _context(devices: Sequence[str]) -> Any:
+    """spawn for CUDA workers: nothing of the parent's CUDA state may reach a child (fork after CUDA is
+    initialised is unsafe, and importing bitsandbytes may probe CUDA). CPU workers: a forkserver that imported
+    the heavy modules once; it is a fresh process, not a fork of this one, and its children never touch CUDA."""
+    if any(not device.startswith("cpu") for device in devices) or "forkserver" not in mp.get_all_start_methods():
+        return mp.get_context("spawn")
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(_PRELOAD)  # no effect once the server runs (it already has them)
+    return ctx
+
+
 def start_workers(artifact_dir: str | Path, devices: Sequence[str], names: Sequence[str], compute_dtype: Any,
                   threads: int) -> tuple[list[ProcessWorker], list[dict]]:
     """Spawn one worker per device, loading in parallel; returns the ready ones and one error per failed one.
 
     Raises (after closing them all) only when no worker could load the model."""
-    ctx = mp.get_context("spawn")  # fork after torch (and CUDA) initialised in the parent is unsafe
+    ctx = _context([str(device) for device in devices])
     workers = [ProcessWorker(ctx, index, name, artifact_dir, device, compute_dtype, threads)
                for index, (device, name) in enumerate(zip(devices, names, strict=True))]
     for worker in workers:

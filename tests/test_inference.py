@@ -512,7 +512,7 @@ def test_out_of_memory_at_predict_level_is_absorbed(tiny_artifacts, sample_files
 
 def process_cfg(**overrides) -> InferenceConfig:
     # token_budget 1024: ~5 rows per batch, ~16 batches for the 40 rows x 2 views, so both workers get several
-    return predict_cfg(worker_backend="process", cpu_replicas=2, token_budget=1024, **overrides)
+    return predict_cfg(**{"worker_backend": "process", "cpu_replicas": 2, "token_budget": 1024, **overrides})
 
 
 @pytest.fixture(scope="module")
@@ -571,7 +571,7 @@ def test_out_of_memory_inside_a_worker_process_halves_the_batch_there(
     np.testing.assert_allclose(read_probs(out), single_process_reference, atol=1e-5)
 
 
-def test_a_worker_process_that_cannot_load_leaves_the_other_to_do_everything(
+def test_a_worker_process_that_cannot_start_leaves_the_other_to_do_everything(
     tiny_artifacts, sample_files, single_process_reference, tmp_path, monkeypatch
 ):
     from kaggle_utils.workers import FAULT_ENV
