@@ -10,15 +10,18 @@ Two layers:
   remembers the smaller size for that device). The time guard measures each device's tokens/s after its
   warm-up batches: when the projection overruns the deadline it drops the swapped view for the rows not yet
   done; a batch that cannot finish before the deadline is not started. An exception in a batch is logged
-  and its rows left to the other view or the fallback; a device failing repeatedly is retired.
+  and its rows left to the other view or the fallback; a device failing repeatedly is retired. A forward
+  raising `WorkerLost` (its worker process died: `workers.py`, `InferenceConfig.worker_backend="process"`)
+  retires that device at once and puts the batch back at the head of the queue for the others; idle workers
+  wait while batches are in flight, so such a batch is never stranded.
 * `predict`: artifact + test file -> submission. Arguments a user can fix (token budget, deadline, a device
   that is not there, an output that is an input or not a regular file) are refused before anything is
   written. It then writes a fallback submission first (so a valid file exists from the first seconds; when
   the output path already holds a valid submission for this test file, the fallback goes beside it as
   `<stem>.fallback.csv` instead, so an interrupted run never replaces a good file with the fallback), loads
-  one model replica per device, runs the engine, combines the views
-  (mean of the original and the un-swapped swapped prediction), fills every row no model pass served with
-  the cheapest good prediction (baseline model, else the class prior from the manifest, else uniform),
+  one model replica per device (threads here, or one worker process each), runs the engine, combines the
+  views (mean of the original and the un-swapped swapped prediction), fills every row no model pass served
+  with the cheapest good prediction (baseline model, else the class prior from the manifest, else uniform),
   writes the submission atomically and a JSON report beside it with how many rows each path served.
 
 Error policy (decided here): after the test ids are read, no exception escapes `predict` by default, because
@@ -308,7 +311,9 @@ class _Scheduler:
                         continue
                     task = self.pending[view][0]
                     rate = stats.rate or (self._throughput() or 0.0) / max(1, len(self.workers))
-                    if self.deadline is not None and rate > 0 and now + task.padded_tokens / rate > self.deadline:
+                    if self.deadline is not None and rate > 0 and (
+                        now + task.padded_tokens / rate > self.deadline
+                    ):
                         self._stop("deadline", now)
                         return None
                     self.pending[view].popleft()
@@ -392,10 +397,11 @@ class _Scheduler:
             self.report.rows_requeued += len(task.rows)
             self.pending[task.view].appendleft(task)
             if len(self.report.errors) < _ERRORS_KEPT:
-                self.report.errors.append({"where": "worker lost", "device": stats.name, "view": VIEW_NAMES[task.view],
-                                           "n_rows": len(task.rows), **_describe_error(error)})
-            logger.error("device %s lost (%s); its batch of %d rows goes back to the queue", stats.name, error,
-                         len(task.rows))
+                self.report.errors.append({"where": "worker lost", "device": stats.name,
+                                           "view": VIEW_NAMES[task.view], "n_rows": len(task.rows),
+                                           **_describe_error(error)})
+            logger.error("device %s lost (%s); its batch of %d rows goes back to the queue", stats.name,
+                         error, len(task.rows))
             if all(w.retired for w in self.workers):
                 self._stop("all devices retired", self.clock())
             self.changed.notify_all()
@@ -920,8 +926,8 @@ def _run_models(
         import torch
 
         threads = max(1, torch.get_num_threads() // len(names)) if runtime.kind == "cpu" else 1
-        pool, start_errors = workers.start_workers(artifact_dir, runtime.devices, names, runtime.compute_dtype,
-                                                   threads)
+        pool, start_errors = workers.start_workers(artifact_dir, runtime.devices, names,
+                                                   runtime.compute_dtype, threads)
         report.errors.extend(start_errors)
         forwards, names = list(pool), [worker.name for worker in pool]
         hooks = [None] * len(pool)  # each child empties its own CUDA cache after an OOM

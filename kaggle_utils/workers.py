@@ -49,7 +49,7 @@ class WorkerError(RuntimeError):
 
 
 def load_preprocessing(artifact_dir: str | Path, verify_hashes: bool) -> tuple[Any, Any]:
-    """The artifact's tokenizer and format settings without its model (the parent encodes; children predict)."""
+    """The artifact's tokenizer and format settings, not its model (the parent encodes, children predict)."""
     from kaggle_utils.artifacts import TOKENIZER_DIR, _restore_tuples, read_manifest
     from kaggle_utils.config import FormatConfig
     from kaggle_utils.tokenizer import load_tokenizer
@@ -109,7 +109,7 @@ def _child_main(index: int, artifact_dir: str, device: str, compute_dtype: Any, 
         except Exception as error:
             out_of_memory = is_out_of_memory(error)
             reply = ("oom" if out_of_memory else "error", task_id, _describe_error(error))
-        if out_of_memory and str(device).startswith("cuda"):  # outside the except: the failed frames are freed
+        if out_of_memory and str(device).startswith("cuda"):  # outside the except: failed frames are freed
             import gc
 
             gc.collect()
@@ -119,10 +119,10 @@ def _child_main(index: int, artifact_dir: str, device: str, compute_dtype: Any, 
 
 
 class ProcessWorker:
-    """The parent's handle on one worker process; calling it runs one batch there (see the module docstring)."""
+    """The parent's handle on one worker process; calling it runs one batch there (see module docstring)."""
 
-    def __init__(self, ctx: Any, index: int, name: str, artifact_dir: str | Path, device: str, compute_dtype: Any,
-                 threads: int) -> None:
+    def __init__(self, ctx: Any, index: int, name: str, artifact_dir: str | Path, device: str,
+                 compute_dtype: Any, threads: int) -> None:
         self.name = name
         self.tasks = ctx.Queue()
         self.results = ctx.Queue()
@@ -138,7 +138,7 @@ class ProcessWorker:
         return self.process.pid
 
     def _receive(self, what: str) -> tuple:
-        """The next message, polling liveness; WorkerLost once the process is gone with nothing left to read."""
+        """The next message, polling liveness; WorkerLost once the process is gone and nothing is left."""
         while True:
             try:
                 return self.results.get(timeout=_POLL_S)
@@ -154,7 +154,8 @@ class ProcessWorker:
     def wait_ready(self) -> None:
         kind, _, payload = self._receive("while loading the model")
         if kind != "ready":
-            raise WorkerError(f"worker {self.name} could not load the model: {payload['type']}: {payload['message']}")
+            raise WorkerError(f"worker {self.name} could not load the model: "
+                              f"{payload['type']}: {payload['message']}")
 
     def __call__(self, seqs: list[list[int]]) -> np.ndarray:
         import torch
@@ -186,16 +187,17 @@ class ProcessWorker:
             channel.close()
 
 
-# What the forkserver imports once, so each CPU worker forks with them loaded (10-20 s of imports otherwise, per
-# worker, on a shared 2-core box).
+# What the forkserver imports once, so each CPU worker forks with them loaded (10-20 s of imports otherwise,
+# per worker, on a shared 2-core box).
 _PRELOAD = ["torch", "transformers", "peft", "kaggle_utils.artifacts", "kaggle_utils.inference", __name__]
 
 
 def _context(devices: Sequence[str]) -> Any:
     """spawn for CUDA workers: nothing of the parent's CUDA state may reach a child (fork after CUDA is
-    initialised is unsafe, and importing bitsandbytes may probe CUDA). CPU workers: a forkserver that imported
-    the heavy modules once; it is a fresh process, not a fork of this one, and its children never touch CUDA."""
-    if any(not device.startswith("cpu") for device in devices) or "forkserver" not in mp.get_all_start_methods():
+    initialised is unsafe, and importing bitsandbytes may probe CUDA). CPU workers: a forkserver that
+    imported the heavy modules once; a fresh process, not a fork of this one; its children never use CUDA."""
+    on_cpu = all(device.startswith("cpu") for device in devices)
+    if not on_cpu or "forkserver" not in mp.get_all_start_methods():
         return mp.get_context("spawn")
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(_PRELOAD)  # no effect once the server runs (it already has them)
