@@ -785,6 +785,15 @@ def test_cli_predict_exits_nonzero_when_rows_fell_back_but_keeps_the_file(
     validate_submission(out, test)
 
 
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({"cpu_replicas": 0}, "cpu_replicas must be a positive integer"),
+    ({"worker_backend": "gpu"}, "worker_backend must be 'thread' or 'process'"),
+])
+def test_invalid_worker_settings_are_usage_errors(overrides, message):
+    with pytest.raises(UsageError, match=message):
+        inference.validate_inference_config(InferenceConfig(**overrides))
+
+
 @pytest.mark.parametrize(("option", "value", "message"), [
     ("--token-budget", "0", "token_budget must be a positive integer"),
     ("--deadline-hours", "nan", "deadline_hours must be a finite number"),
