@@ -731,6 +731,8 @@ def validate_inference_config(cfg: InferenceConfig) -> None:
         problems.append(f"max_consecutive_failures must be a positive integer, got {cfg.max_consecutive_failures!r}")
     if not isinstance(cfg.cpu_replicas, int) or isinstance(cfg.cpu_replicas, bool) or cfg.cpu_replicas < 1:
         problems.append(f"cpu_replicas must be a positive integer, got {cfg.cpu_replicas!r}")
+    if cfg.batch_timeout_s is not None and (not finite(cfg.batch_timeout_s) or cfg.batch_timeout_s <= 0):
+        problems.append(f"batch_timeout_s must be a finite number > 0 or None, got {cfg.batch_timeout_s!r}")
     if cfg.worker_backend not in ("thread", "process"):
         problems.append(f"worker_backend must be 'thread' or 'process', got {cfg.worker_backend!r}")
     if problems:
@@ -927,7 +929,8 @@ def _run_models(
 
         threads = max(1, torch.get_num_threads() // len(names)) if runtime.kind == "cpu" else 1
         pool, start_errors = workers.start_workers(artifact_dir, runtime.devices, names,
-                                                   runtime.compute_dtype, threads)
+                                                   runtime.compute_dtype, threads, deadline=deadline,
+                                                   clock=clock, batch_timeout_s=cfg.batch_timeout_s)
         report.errors.extend(start_errors)
         forwards, names = list(pool), [worker.name for worker in pool]
         hooks = [None] * len(pool)  # each child empties its own CUDA cache after an OOM

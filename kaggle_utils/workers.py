@@ -13,13 +13,15 @@ for the probabilities. What crosses back:
 * any other error: raised as `WorkerError` (a batch failure: logged, counted, the device retired after
   `max_consecutive_failures`);
 * the process dying (exit, SIGKILL) before answering: detected from its liveness while waiting, raised as
-  `inference.WorkerLost`; the scheduler retires the device and re-queues the batch for the surviving workers.
+  `inference.WorkerLost`; the scheduler retires the device and re-queues the batch for the surviving workers;
+* no answer by the deadline, or within `InferenceConfig.batch_timeout_s`: the device is taken as hung, its
+  process killed, and the same `WorkerLost` raised (a hung thread is waited for even past the deadline).
 
 The parent loads only the tokenizer and format settings (to encode the rows once); each child loads the
 artifact onto its own device with hash checks off (the parent already checked the manifest's hashes).
 `KAGGLE_UTILS_WORKER_FAULT` injects faults into the children, for tests: `<worker index>:exit:<n>` SIGKILLs
-worker <index> when its n-th batch arrives; `<worker index>:oom:<rows>` raises an out-of-memory error in it
-for every batch of more than <rows> rows.
+worker <index> when its n-th batch arrives; `<worker index>:hang:<n>` makes it sleep for an hour there;
+`<worker index>:oom:<rows>` raises an out-of-memory error in it for every batch of more than <rows> rows.
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ import multiprocessing as mp
 import os
 import queue
 import signal
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -70,11 +73,11 @@ def _fault(index: int, raw: str) -> tuple[str, int] | None:
         worker, kind, value = raw.split(":")
         parsed = (int(worker), kind, int(value))
     except ValueError as error:
-        raise ValueError(f"{FAULT_ENV}={raw!r}: expected <worker index>:exit|oom:<n>") from error
+        raise ValueError(f"{FAULT_ENV}={raw!r}: expected <worker index>:exit|hang|oom:<n>") from error
     if parsed[0] != index:
         return None
-    if kind not in ("exit", "oom"):  # only the named worker refuses it (tests a worker that fails to start)
-        raise ValueError(f"{FAULT_ENV}={raw!r}: unknown fault {kind!r} (exit, oom)")
+    if kind not in ("exit", "hang", "oom"):  # only the named worker refuses it (a worker failing to start)
+        raise ValueError(f"{FAULT_ENV}={raw!r}: unknown fault {kind!r} (exit, hang, oom)")
     return kind, parsed[2]
 
 
@@ -103,6 +106,8 @@ def _child_main(index: int, artifact_dir: str, device: str, compute_dtype: Any, 
         try:
             if fault is not None and fault[0] == "exit" and received >= fault[1]:
                 os.kill(os.getpid(), signal.SIGKILL)
+            if fault is not None and fault[0] == "hang" and received >= fault[1]:
+                time.sleep(3600)
             if fault is not None and fault[0] == "oom" and len(seqs) > fault[1]:
                 raise torch.OutOfMemoryError(f"CUDA out of memory (injected by {FAULT_ENV})")
             reply: tuple = ("ok", task_id, np.asarray(forward(seqs), dtype=np.float64))
@@ -122,8 +127,10 @@ class ProcessWorker:
     """The parent's handle on one worker process; calling it runs one batch there (see module docstring)."""
 
     def __init__(self, ctx: Any, index: int, name: str, artifact_dir: str | Path, device: str,
-                 compute_dtype: Any, threads: int) -> None:
+                 compute_dtype: Any, threads: int, deadline: float | None = None,
+                 clock: Callable[[], float] = time.monotonic, batch_timeout_s: float | None = None) -> None:
         self.name = name
+        self.deadline, self.clock, self.batch_timeout_s = deadline, clock, batch_timeout_s
         self.tasks = ctx.Queue()
         self.results = ctx.Queue()
         self.process = ctx.Process(
@@ -137,14 +144,20 @@ class ProcessWorker:
     def pid(self) -> int | None:
         return self.process.pid
 
-    def _receive(self, what: str) -> tuple:
-        """The next message, polling liveness; WorkerLost once the process is gone and nothing is left."""
+    def _receive(self, what: str, limit: float | None = None) -> tuple:
+        """The next message, polling liveness; WorkerLost once the process is gone and nothing is left, or
+        once `limit` (a clock() value) passed, after killing the process."""
         while True:
             try:
                 return self.results.get(timeout=_POLL_S)
             except queue.Empty:
                 if self.process.is_alive():
-                    continue
+                    if limit is None or self.clock() < limit:
+                        continue
+                    self.process.kill()
+                    self.process.join(timeout=_CLOSE_S)
+                    raise WorkerLost(f"worker process {self.name} (pid {self.pid}) gave no answer {what} "
+                                     f"by its time limit (deadline or batch_timeout_s); killed") from None
             try:  # it may have answered just before exiting
                 return self.results.get(timeout=_POLL_S)
             except queue.Empty:
@@ -152,7 +165,7 @@ class ProcessWorker:
                                  f"{self.process.exitcode} {what}") from None
 
     def wait_ready(self) -> None:
-        kind, _, payload = self._receive("while loading the model")
+        kind, _, payload = self._receive("while loading the model", self.deadline)
         if kind != "ready":
             raise WorkerError(f"worker {self.name} could not load the model: "
                               f"{payload['type']}: {payload['message']}")
@@ -161,9 +174,13 @@ class ProcessWorker:
         import torch
 
         self.sent += 1
+        limits = [self.deadline] if self.deadline is not None else []
+        if self.batch_timeout_s is not None:
+            limits.append(self.clock() + self.batch_timeout_s)
         self.tasks.put((self.sent, [list(seq) for seq in seqs]))
         while True:
-            kind, task_id, payload = self._receive(f"during a batch of {len(seqs)} rows")
+            limit = min(limits, default=None)
+            kind, task_id, payload = self._receive(f"during a batch of {len(seqs)} rows", limit)
             if task_id == self.sent:
                 break
         if kind == "ok":
@@ -205,12 +222,14 @@ def _context(devices: Sequence[str]) -> Any:
 
 
 def start_workers(artifact_dir: str | Path, devices: Sequence[str], names: Sequence[str], compute_dtype: Any,
-                  threads: int) -> tuple[list[ProcessWorker], list[dict]]:
+                  threads: int, *, deadline: float | None = None, clock: Callable[[], float] = time.monotonic,
+                  batch_timeout_s: float | None = None) -> tuple[list[ProcessWorker], list[dict]]:
     """Spawn one worker per device, loading in parallel; returns the ready ones and one error per failed one.
 
     Raises (after closing them all) only when no worker could load the model."""
     ctx = _context([str(device) for device in devices])
-    workers = [ProcessWorker(ctx, index, name, artifact_dir, device, compute_dtype, threads)
+    workers = [ProcessWorker(ctx, index, name, artifact_dir, device, compute_dtype, threads, deadline, clock,
+                             batch_timeout_s)
                for index, (device, name) in enumerate(zip(devices, names, strict=True))]
     for worker in workers:
         worker.process.start()

@@ -558,6 +558,24 @@ def test_a_worker_process_killed_mid_run_has_its_batch_redone_by_the_other(
     assert saved["schedule"]["workers_lost"] == 1 and saved["rows_by_path"]["tta"] == report.rows
 
 
+def test_a_hung_worker_process_is_killed_after_the_batch_timeout_and_its_batch_redone(
+    tiny_artifacts, sample_files, single_process_reference, tmp_path, monkeypatch
+):
+    from kaggle_utils.workers import FAULT_ENV
+
+    monkeypatch.setenv(FAULT_ENV, "1:hang:1")  # worker 1 never answers its first batch
+    out = tmp_path / "submission.csv"
+    began = time.monotonic()
+    report = inference.predict(tiny_artifacts["quant-then-ft"], sample_files.test_csv, out,
+                               process_cfg(batch_timeout_s=2.0))
+    assert time.monotonic() - began < 60  # not the hour the worker sleeps
+    validate_submission(out, sample_files.test_csv)
+    schedule = report.schedule
+    assert schedule["workers_lost"] == 1 and "killed" in schedule["workers"][1]["retired"]
+    assert schedule["workers"][1]["batches"] == 0 and report.rows_by_path["tta"] == report.rows
+    np.testing.assert_allclose(read_probs(out), single_process_reference, atol=1e-5)
+
+
 def test_out_of_memory_inside_a_worker_process_halves_the_batch_there(
     tiny_artifacts, sample_files, single_process_reference, tmp_path, monkeypatch
 ):
@@ -788,6 +806,8 @@ def test_cli_predict_exits_nonzero_when_rows_fell_back_but_keeps_the_file(
 @pytest.mark.parametrize(("overrides", "message"), [
     ({"cpu_replicas": 0}, "cpu_replicas must be a positive integer"),
     ({"worker_backend": "gpu"}, "worker_backend must be 'thread' or 'process'"),
+    ({"batch_timeout_s": 0}, "batch_timeout_s must be a finite number > 0 or None"),
+    ({"batch_timeout_s": float("nan")}, "batch_timeout_s must be a finite number > 0 or None"),
 ])
 def test_invalid_worker_settings_are_usage_errors(overrides, message):
     with pytest.raises(UsageError, match=message):
