@@ -207,6 +207,9 @@ class _Scheduler:
         self.done = np.zeros((self.n_views, self.n_rows), dtype=bool)
         self.in_flight = np.zeros((self.n_views, self.n_rows), dtype=bool)
         self.workers = [WorkerStats(name=str(name)) for name in worker_names]
+        # when each worker found the queue empty and began waiting on in-flight batches (its real finish time
+        # unless a lost worker's batch comes back to it)
+        self.idle_since: list[float | None] = [None] * len(self.workers)
         self.report = ScheduleReport(
             rows=self.n_rows, views=self.n_views, batches_planned=sum(len(q) for q in self.pending),
             workers=self.workers,
@@ -318,9 +321,12 @@ class _Scheduler:
                         return None
                     self.pending[view].popleft()
                     self.in_flight[view, task.rows] = True
+                    self.idle_since[worker] = None
                     return task
                 if not self.in_flight.any():
                     return None
+                if self.idle_since[worker] is None:
+                    self.idle_since[worker] = now
                 self.changed.wait(timeout=0.5)
 
     def complete(self, worker: int, task: _Task, probs: np.ndarray, seconds: float, skipped: int = 0) -> None:
@@ -425,7 +431,8 @@ class _Scheduler:
 
     def finish_worker(self, worker: int) -> None:
         with self.lock:
-            self.workers[worker].finished_at = self.clock() - self.started
+            idle = self.idle_since[worker]
+            self.workers[worker].finished_at = (self.clock() if idle is None else idle) - self.started
 
     def interrupt(self) -> None:
         with self.lock:

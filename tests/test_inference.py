@@ -258,6 +258,16 @@ def test_a_lost_worker_s_batch_is_redone_by_the_other_device_even_after_its_queu
     assert [error["where"] for error in report.errors] == ["worker lost"]
 
 
+def test_a_device_waiting_for_the_others_in_flight_batches_reports_when_its_own_work_ended():
+    """finished_at feeds the benchmarks' tail-idle share: the wait for others' batches is idle time."""
+    views = make_views(40)
+    devices = [FakeDevice(sleep_per_token=4e-4), FakeDevice()]  # device0's first batch alone takes ~0.4 s
+    _, report = inference.run_schedule(views, devices, engine_cfg(token_budget=1024))
+    slow, fast = report.workers
+    assert slow.batches >= 1 and fast.batches > slow.batches
+    assert slow.finished_at - fast.finished_at > 0.2
+
+
 def test_every_worker_lost_stops_and_leaves_the_rows_to_the_fallback():
     views = make_views(40)
     devices = [LosingDevice(lost_on=2), LosingDevice(lost_on=3)]
