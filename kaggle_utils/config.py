@@ -181,6 +181,14 @@ class InferenceConfig:
     layout: Literal["shared_queue", "view_per_device"] = "shared_queue"
     device: Literal["auto", "cuda", "cpu", "tpu"] = "auto"
     num_gpus: int | None = None  # None -> all visible
+    # thread: one worker thread per device, all replicas in this process. process: one spawned worker process
+    # per device, each loading its own replica, the scheduler staying here; a worker that dies (killed, CUDA
+    # fault) has its batch redone by the others instead of taking the run down (kaggle_utils/workers.py).
+    worker_backend: Literal["thread", "process"] = "thread"
+    cpu_replicas: int = 1  # on CPU: model replicas (workers) to run side by side; stand-ins for GPUs in tests
+    # process backend: a batch with no answer after this many seconds is a hung device; its process is killed
+    # and the batch redone by another worker. None: only the deadline does that (a thread cannot be killed).
+    batch_timeout_s: float | None = None
     compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"  # auto: bf16 native, fp16 T4
     deadline_hours: float = 9.0  # Kaggle's limit, counted from the notebook's start
     safety_margin_hours: float = 0.75  # kept free for loading, the fallback and writing

@@ -10,15 +10,18 @@ Two layers:
   remembers the smaller size for that device). The time guard measures each device's tokens/s after its
   warm-up batches: when the projection overruns the deadline it drops the swapped view for the rows not yet
   done; a batch that cannot finish before the deadline is not started. An exception in a batch is logged
-  and its rows left to the other view or the fallback; a device failing repeatedly is retired.
+  and its rows left to the other view or the fallback; a device failing repeatedly is retired. A forward
+  raising `WorkerLost` (its worker process died: `workers.py`, `InferenceConfig.worker_backend="process"`)
+  retires that device at once and puts the batch back at the head of the queue for the others; idle workers
+  wait while batches are in flight, so such a batch is never stranded.
 * `predict`: artifact + test file -> submission. Arguments a user can fix (token budget, deadline, a device
   that is not there, an output that is an input or not a regular file) are refused before anything is
   written. It then writes a fallback submission first (so a valid file exists from the first seconds; when
   the output path already holds a valid submission for this test file, the fallback goes beside it as
   `<stem>.fallback.csv` instead, so an interrupted run never replaces a good file with the fallback), loads
-  one model replica per device, runs the engine, combines the views
-  (mean of the original and the un-swapped swapped prediction), fills every row no model pass served with
-  the cheapest good prediction (baseline model, else the class prior from the manifest, else uniform),
+  one model replica per device (threads here, or one worker process each), runs the engine, combines the
+  views (mean of the original and the un-swapped swapped prediction), fills every row no model pass served
+  with the cheapest good prediction (baseline model, else the class prior from the manifest, else uniform),
   writes the submission atomically and a JSON report beside it with how many rows each path served.
 
 Error policy (decided here): after the test ids are read, no exception escapes `predict` by default, because
@@ -66,6 +69,11 @@ _ERRORS_KEPT = 20
 
 class InferenceError(RuntimeError):
     """Raised only with `raise_after_write=True`, after the submission was written; wraps the first error."""
+
+
+class WorkerLost(RuntimeError):
+    """A forward whose worker is gone for good (its process died): the batch is redone by another device and
+    this one retired at once, instead of counting it as a failed batch whose rows fall back."""
 
 
 def is_out_of_memory(error: BaseException) -> bool:
@@ -131,6 +139,8 @@ class ScheduleReport:
     rows_done_per_view: list[int] = field(default_factory=list)
     nonfinite_rows: int = 0  # rows the model returned NaN/inf for (fp16 overflow): left to other view/fallback
     rows_out_of_memory: int = 0  # rows that did not fit in memory even alone
+    workers_lost: int = 0  # worker processes that died mid-run (their device retired)
+    rows_requeued: int = 0  # row passes of a lost worker's in-flight batch, put back for the others to redo
     padding_efficiency: float = 1.0  # real tokens / padded tokens over the batches run
     tta_dropped: bool = False
     tta_dropped_after_s: float | None = None
@@ -182,6 +192,9 @@ class _Scheduler:
         self.clock = clock
         self.started = clock()
         self.lock = threading.Lock()
+        # Signalled whenever a batch ends: an idle worker waits on it while another's batch is in flight,
+        # since a lost worker's batch comes back to the queue.
+        self.changed = threading.Condition(self.lock)
         self.stop_requested = False
 
         self.pending: list[deque[_Task]] = []
@@ -194,6 +207,9 @@ class _Scheduler:
         self.done = np.zeros((self.n_views, self.n_rows), dtype=bool)
         self.in_flight = np.zeros((self.n_views, self.n_rows), dtype=bool)
         self.workers = [WorkerStats(name=str(name)) for name in worker_names]
+        # when each worker found the queue empty and began waiting on in-flight batches (its real finish time
+        # unless a lost worker's batch comes back to it)
+        self.idle_since: list[float | None] = [None] * len(self.workers)
         self.report = ScheduleReport(
             rows=self.n_rows, views=self.n_views, batches_planned=sum(len(q) for q in self.pending),
             workers=self.workers,
@@ -284,24 +300,34 @@ class _Scheduler:
 
     # -- worker API ---------------------------------------------------------------------------------------
     def next_task(self, worker: int) -> _Task | None:
+        """The next batch for `worker`; None when it should stop. With the queue empty it waits while other
+        workers still have batches in flight (one of them may die and its batch come back)."""
         with self.lock:
             stats = self.workers[worker]
-            if self.stop_requested or stats.retired:
-                return None
-            now = self.clock()
-            self._guard(now)
-            for view in self._view_order(worker):
-                if not self.pending[view]:
-                    continue
-                task = self.pending[view][0]
-                rate = stats.rate or (self._throughput() or 0.0) / max(1, len(self.workers))
-                if self.deadline is not None and rate > 0 and now + task.padded_tokens / rate > self.deadline:
-                    self._stop("deadline", now)
+            while True:
+                if self.stop_requested or stats.retired:
                     return None
-                self.pending[view].popleft()
-                self.in_flight[view, task.rows] = True
-                return task
-            return None
+                now = self.clock()
+                self._guard(now)
+                for view in self._view_order(worker):
+                    if not self.pending[view]:
+                        continue
+                    task = self.pending[view][0]
+                    rate = stats.rate or (self._throughput() or 0.0) / max(1, len(self.workers))
+                    if self.deadline is not None and rate > 0 and (
+                        now + task.padded_tokens / rate > self.deadline
+                    ):
+                        self._stop("deadline", now)
+                        return None
+                    self.pending[view].popleft()
+                    self.in_flight[view, task.rows] = True
+                    self.idle_since[worker] = None
+                    return task
+                if not self.in_flight.any():
+                    return None
+                if self.idle_since[worker] is None:
+                    self.idle_since[worker] = now
+                self.changed.wait(timeout=0.5)
 
     def complete(self, worker: int, task: _Task, probs: np.ndarray, seconds: float, skipped: int = 0) -> None:
         """Store a finished batch; `skipped` rows (NaN) did not fit in memory even alone."""
@@ -324,6 +350,7 @@ class _Scheduler:
                 stats.measured_tokens += task.padded_tokens
                 stats.measured_seconds += seconds
             self.report.batches_done += 1
+            self.changed.notify_all()
             self.real_tokens += sum(lengths)
             self.padded_tokens += task.padded_tokens
             self.bar.update(len(task.rows))
@@ -341,6 +368,7 @@ class _Scheduler:
         with self.lock:
             stats = self.workers[worker]
             self.in_flight[task.view, task.rows] = False
+            self.changed.notify_all()
             stats.failures += 1
             stats.consecutive_failures += 1
             self.report.batches_failed += 1
@@ -363,6 +391,27 @@ class _Scheduler:
                 if all(w.retired for w in self.workers):
                     self._stop("all devices retired", self.clock())
 
+    def lose(self, worker: int, task: _Task, error: BaseException) -> None:
+        """`worker` is gone (its process died): retire it now and put its in-flight batch back at the head of
+        its view's queue, so a surviving worker redoes those rows; with no worker left, stop (fallback)."""
+        with self.lock:
+            stats = self.workers[worker]
+            self.in_flight[task.view, task.rows] = False
+            stats.failures += 1
+            stats.retired = f"worker lost: {error}"
+            self.report.workers_lost += 1
+            self.report.rows_requeued += len(task.rows)
+            self.pending[task.view].appendleft(task)
+            if len(self.report.errors) < _ERRORS_KEPT:
+                self.report.errors.append({"where": "worker lost", "device": stats.name,
+                                           "view": VIEW_NAMES[task.view], "n_rows": len(task.rows),
+                                           **_describe_error(error)})
+            logger.error("device %s lost (%s); its batch of %d rows goes back to the queue", stats.name,
+                         error, len(task.rows))
+            if all(w.retired for w in self.workers):
+                self._stop("all devices retired", self.clock())
+            self.changed.notify_all()
+
     def record_oom(self, worker: int, rows: int, length: int, new_cap: int) -> None:
         with self.lock:
             stats = self.workers[worker]
@@ -382,12 +431,14 @@ class _Scheduler:
 
     def finish_worker(self, worker: int) -> None:
         with self.lock:
-            self.workers[worker].finished_at = self.clock() - self.started
+            idle = self.idle_since[worker]
+            self.workers[worker].finished_at = (self.clock() if idle is None else idle) - self.started
 
     def interrupt(self) -> None:
         with self.lock:
             self.stop_requested = True
             self._stop("interrupted", self.clock())
+            self.changed.notify_all()
 
     def close(self) -> tuple[ViewPredictions, ScheduleReport]:
         self.bar.close()
@@ -448,6 +499,9 @@ def _worker_loop(scheduler: _Scheduler, worker: int, forward: ForwardFn, on_oom:
             began = scheduler.clock()
             try:
                 probs, skipped = _forward_with_backoff(scheduler, worker, forward, seqs, on_oom)
+            except WorkerLost as error:  # the device is gone: its rows are redone by the others
+                scheduler.lose(worker, task, error)
+                break
             except Exception as error:  # logged and counted; the rows go to the other view or the fallback
                 scheduler.fail(worker, task, error)
                 continue
@@ -619,6 +673,9 @@ class InferenceReport:
             text = f"FALLBACK {self.fallback_rows} of {self.rows} rows; " + text
         if self.schedule.get("tta_dropped"):
             text += f"; TTA dropped for {self.schedule['tta_rows_dropped']} row passes"
+        if self.schedule.get("workers_lost"):
+            text += (f"; {self.schedule['workers_lost']} worker process(es) lost, "
+                     f"{self.schedule['rows_requeued']} row passes re-queued")
         if self.schedule.get("stopped"):
             text += f"; stopped: {self.schedule['stopped']}"
         if self.errors:
@@ -679,6 +736,12 @@ def validate_inference_config(cfg: InferenceConfig) -> None:
         problems.append(f"warmup_batches must be an integer >= 0, got {cfg.warmup_batches!r}")
     if not isinstance(cfg.max_consecutive_failures, int) or cfg.max_consecutive_failures < 1:
         problems.append(f"max_consecutive_failures must be a positive integer, got {cfg.max_consecutive_failures!r}")
+    if not isinstance(cfg.cpu_replicas, int) or isinstance(cfg.cpu_replicas, bool) or cfg.cpu_replicas < 1:
+        problems.append(f"cpu_replicas must be a positive integer, got {cfg.cpu_replicas!r}")
+    if cfg.batch_timeout_s is not None and (not finite(cfg.batch_timeout_s) or cfg.batch_timeout_s <= 0):
+        problems.append(f"batch_timeout_s must be a finite number > 0 or None, got {cfg.batch_timeout_s!r}")
+    if cfg.worker_backend not in ("thread", "process"):
+        problems.append(f"worker_backend must be 'thread' or 'process', got {cfg.worker_backend!r}")
     if problems:
         raise UsageError("inference settings: " + "; ".join(problems))
 
@@ -855,43 +918,69 @@ def _run_models(
     logger.info("runtime: %s", runtime.describe())
 
     began = clock()
-    replicas = []
+    pool: list[Any] = []
+    names = worker_names(runtime.devices)
+    hooks: list[Callable[[], None] | None] = [None] * len(names)
     if runtime.kind == "tpu":
         from kaggle_utils import tpu
 
         loaded = tpu.load_plain(artifact_dir, verify_hashes=cfg.verify_hashes)
-        replicas.append(loaded)
+        tokenizer, format_config = loaded.tokenizer, loaded.format_config
         forwards = [tpu.make_forward(loaded.model, _pad_id(loaded.tokenizer), cfg)]
-        names = ["xla"]
-        hooks: list[Callable[[], None] | None] = [None]
+        names, hooks = ["xla"], [None]
+    elif cfg.worker_backend == "process":
+        from kaggle_utils import workers
+
+        tokenizer, format_config = workers.load_preprocessing(artifact_dir, verify_hashes=cfg.verify_hashes)
+        import torch
+
+        threads = max(1, torch.get_num_threads() // len(names)) if runtime.kind == "cpu" else 1
+        pool, start_errors = workers.start_workers(artifact_dir, runtime.devices, names,
+                                                   runtime.compute_dtype, threads, deadline=deadline,
+                                                   clock=clock, batch_timeout_s=cfg.batch_timeout_s)
+        report.errors.extend(start_errors)
+        forwards, names = list(pool), [worker.name for worker in pool]
+        hooks = [None] * len(pool)  # each child empties its own CUDA cache after an OOM
     else:
+        replicas = []
         for index, device in enumerate(runtime.devices):  # the files are hashed once, by the first load
             replicas.append(load_artifact(artifact_dir, device=device, compute_dtype=runtime.compute_dtype,
                                           verify_hashes=cfg.verify_hashes and index == 0))
+        tokenizer, format_config = replicas[0].tokenizer, replicas[0].format_config
         forwards = [make_forward(rep.model, _pad_id(rep.tokenizer), device)
                     for rep, device in zip(replicas, runtime.devices, strict=True)]
-        names = list(runtime.devices)
         hooks = [_empty_cache_hook(device) for device in runtime.devices]
     report.timings_s["load_models"] = clock() - began
 
-    began = clock()
-    first = replicas[0]
-    if cfg.tta_swap:
-        original, swapped = encode_both_orders(frame, first.tokenizer, first.format_config)
-        encoded = [original.input_ids, swapped.input_ids]
-    else:
-        original = encode_rows(frame, first.tokenizer, first.format_config)
-        encoded = [original.input_ids]
-    report.encoding = original.summary()
-    report.timings_s["encode"] = clock() - began
+    try:
+        began = clock()
+        if cfg.tta_swap:
+            original, swapped = encode_both_orders(frame, tokenizer, format_config)
+            encoded = [original.input_ids, swapped.input_ids]
+        else:
+            original = encode_rows(frame, tokenizer, format_config)
+            encoded = [original.input_ids]
+        report.encoding = original.summary()
+        report.timings_s["encode"] = clock() - began
 
-    if wrap_forward is not None:
-        forwards = [wrap_forward(fn, name) for fn, name in zip(forwards, names, strict=True)]
-    began = clock()
-    views, schedule = run_schedule(encoded, forwards, cfg, deadline=deadline, clock=clock, names=names, on_oom=hooks)
-    report.timings_s["schedule"] = clock() - began
-    report.schedule = schedule.to_dict()
+        if wrap_forward is not None:
+            forwards = [wrap_forward(fn, name) for fn, name in zip(forwards, names, strict=True)]
+        began = clock()
+        views, schedule = run_schedule(encoded, forwards, cfg, deadline=deadline, clock=clock, names=names,
+                                       on_oom=hooks)
+        report.timings_s["schedule"] = clock() - began
+        report.schedule = schedule.to_dict()
+    finally:
+        for worker in pool:
+            worker.close()
     return views
+
+
+def worker_names(devices: Sequence[str]) -> list[str]:
+    """One report name per device: the device itself, numbered when it repeats (several CPU replicas)."""
+    if len(set(devices)) == len(devices):
+        return list(devices)
+    return [f"{device}#{index}" for index, device in enumerate(devices)]
 
 
 def make_forward(model: Any, pad_token_id: int, device: str) -> ForwardFn:

@@ -132,7 +132,7 @@ def detect_runtime(
     elif kind == "tpu":
         devices = ("xla",)
     else:
-        devices = ("cpu",)
+        devices = ("cpu",) * max(1, cfg.cpu_replicas)  # several replicas: CPU stand-ins for several GPUs
 
     if cfg.compute_dtype != "auto":
         dtype = _DTYPES[cfg.compute_dtype]

@@ -229,6 +229,53 @@ def test_a_failing_device_is_retired_and_the_other_finishes_the_work():
     assert len(served) == 200 - len(failed)
 
 
+class LosingDevice(FakeDevice):
+    """A device whose worker process dies during call `lost_on` (after `delay` s): raises WorkerLost there."""
+
+    def __init__(self, lost_on=1, delay=0.0, **kwargs):
+        super().__init__(**kwargs)
+        self.lost_on, self.delay = lost_on, delay
+
+    def __call__(self, seqs):
+        if len(self.calls) + 1 >= self.lost_on:
+            self.calls.append([list(seq) for seq in seqs])
+            time.sleep(self.delay)
+            raise inference.WorkerLost("worker process cpu#0 (pid 1) exited with code -9 (fake)")
+        return super().__call__(seqs)
+
+
+def test_a_lost_worker_s_batch_is_redone_by_the_other_device_even_after_its_queue_ran_dry():
+    """The lost batch comes back after the healthy device emptied the queue: it must wait, not leave."""
+    views = make_views(60)
+    devices = [LosingDevice(lost_on=1, delay=0.5), FakeDevice()]
+    result, report = inference.run_schedule(views, devices, engine_cfg(), names=["cpu#0", "cpu#1"])
+    assert result.done.all()
+    np.testing.assert_allclose(result.probs, expected(views), atol=1e-12)
+    lost = len(devices[0].calls[0])
+    assert report.workers_lost == 1 and report.rows_requeued == lost and report.batches_failed == 0
+    assert report.workers[0].retired.startswith("worker lost") and report.workers[0].batches == 0
+    assert report.workers[1].rows == 2 * 60 and not report.stopped
+    assert [error["where"] for error in report.errors] == ["worker lost"]
+
+
+def test_a_device_waiting_for_the_others_in_flight_batches_reports_when_its_own_work_ended():
+    """finished_at feeds the benchmarks' tail-idle share: the wait for others' batches is idle time."""
+    views = make_views(40)
+    devices = [FakeDevice(sleep_per_token=4e-4), FakeDevice()]  # device0's first batch alone takes ~0.4 s
+    _, report = inference.run_schedule(views, devices, engine_cfg(token_budget=1024))
+    slow, fast = report.workers
+    assert slow.batches >= 1 and fast.batches > slow.batches
+    assert slow.finished_at - fast.finished_at > 0.2
+
+
+def test_every_worker_lost_stops_and_leaves_the_rows_to_the_fallback():
+    views = make_views(40)
+    devices = [LosingDevice(lost_on=2), LosingDevice(lost_on=3)]
+    result, report = inference.run_schedule(views, devices, engine_cfg())
+    assert report.workers_lost == 2 and report.stopped == "all devices retired"
+    assert report.rows_not_reached == 2 * 40 - int(result.done.sum()) and not result.done.all()
+
+
 def test_all_devices_failing_stops_and_leaves_everything_to_the_fallback():
     result, report = inference.run_schedule(make_views(50), [FakeDevice(always_fail=True)], engine_cfg())
     assert not result.done.any() and report.stopped == "all devices retired" and report.rows_not_reached > 0
@@ -468,6 +515,117 @@ def test_out_of_memory_at_predict_level_is_absorbed(tiny_artifacts, sample_files
     np.testing.assert_allclose(read_probs(out), read_probs(reference), atol=1e-5)
 
 
+# ----------------------------------------------------------------------------------------------------------
+# predict() with two real worker processes (CPU stand-ins for Kaggle's 2x T4, one torch thread each)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def process_cfg(**overrides) -> InferenceConfig:
+    # token_budget 1024: ~5 rows per batch, ~16 batches for the 40 rows x 2 views, so both workers get several
+    return predict_cfg(**{"worker_backend": "process", "cpu_replicas": 2, "token_budget": 1024, **overrides})
+
+
+@pytest.fixture(scope="module")
+def single_process_reference(tiny_artifacts, sample_files, tmp_path_factory):
+    out = tmp_path_factory.mktemp("reference") / "submission.csv"
+    cfg = predict_cfg(token_budget=1024)
+    inference.predict(tiny_artifacts["quant-then-ft"], sample_files.test_csv, out, cfg)
+    return read_probs(out)
+
+
+def test_two_worker_processes_predict_like_the_single_process_path(
+    tiny_artifacts, sample_files, single_process_reference, tmp_path
+):
+    out = tmp_path / "submission.csv"
+    report = inference.predict(tiny_artifacts["quant-then-ft"], sample_files.test_csv, out, process_cfg())
+    validate_submission(out, sample_files.test_csv)
+    workers = report.schedule["workers"]
+    assert [w["name"] for w in workers] == ["cpu#0", "cpu#1"] and all(w["batches"] > 0 for w in workers)
+    assert report.rows_by_path["tta"] == report.rows and not report.errors
+    assert report.schedule["workers_lost"] == 0
+    # Same rows, same batches, another process with one thread: fp32 on CPU agrees to rounding.
+    np.testing.assert_allclose(read_probs(out), single_process_reference, atol=1e-5)
+
+
+def test_a_worker_process_killed_mid_run_has_its_batch_redone_by_the_other(
+    tiny_artifacts, sample_files, single_process_reference, tmp_path, monkeypatch
+):
+    from kaggle_utils.workers import FAULT_ENV
+
+    monkeypatch.setenv(FAULT_ENV, "1:exit:2")  # worker 1 SIGKILLs itself when its second batch arrives
+    out = tmp_path / "submission.csv"
+    report = inference.predict(tiny_artifacts["quant-then-ft"], sample_files.test_csv, out, process_cfg())
+    validate_submission(out, sample_files.test_csv)
+    schedule = report.schedule
+    assert schedule["workers_lost"] == 1 and schedule["rows_requeued"] > 0 and not schedule["stopped"]
+    lost, survivor = schedule["workers"][1], schedule["workers"][0]
+    assert lost["batches"] == 1 and "exited with code -9" in lost["retired"] and not survivor["retired"]
+    assert report.rows_by_path["tta"] == report.rows and report.fallback_rows == 0
+    assert [error["where"] for error in report.errors] == ["worker lost"]
+    assert "1 worker process(es) lost" in report.summary()
+    np.testing.assert_allclose(read_probs(out), single_process_reference, atol=1e-5)
+    saved = json.loads(inference.report_path_for(out).read_text())
+    assert saved["schedule"]["workers_lost"] == 1 and saved["rows_by_path"]["tta"] == report.rows
+
+
+def test_a_hung_worker_process_is_killed_after_the_batch_timeout_and_its_batch_redone(
+    tiny_artifacts, sample_files, single_process_reference, tmp_path, monkeypatch
+):
+    from kaggle_utils.workers import FAULT_ENV
+
+    monkeypatch.setenv(FAULT_ENV, "1:hang:1")  # worker 1 never answers its first batch
+    out = tmp_path / "submission.csv"
+    began = time.monotonic()
+    report = inference.predict(tiny_artifacts["quant-then-ft"], sample_files.test_csv, out,
+                               process_cfg(batch_timeout_s=2.0))
+    assert time.monotonic() - began < 60  # not the hour the worker sleeps
+    validate_submission(out, sample_files.test_csv)
+    schedule = report.schedule
+    assert schedule["workers_lost"] == 1 and "killed" in schedule["workers"][1]["retired"]
+    assert schedule["workers"][1]["batches"] == 0 and report.rows_by_path["tta"] == report.rows
+    np.testing.assert_allclose(read_probs(out), single_process_reference, atol=1e-5)
+
+
+def test_out_of_memory_inside_a_worker_process_halves_the_batch_there(
+    tiny_artifacts, sample_files, single_process_reference, tmp_path, monkeypatch
+):
+    from kaggle_utils.workers import FAULT_ENV
+
+    monkeypatch.setenv(FAULT_ENV, "1:oom:1")  # worker 1 runs out of memory on any batch of more than one row
+    out = tmp_path / "submission.csv"
+    report = inference.predict(tiny_artifacts["quant-then-ft"], sample_files.test_csv, out, process_cfg())
+    validate_submission(out, sample_files.test_csv)
+    events = report.schedule["oom_events"]
+    assert events and {event["device"] for event in events} == {"cpu#1"} and report.schedule["workers_lost"] == 0
+    oom_worker = report.schedule["workers"][1]
+    assert oom_worker["token_cap"] is not None and oom_worker["rows"] > 0
+    assert report.rows_by_path["tta"] == report.rows and not report.errors
+    np.testing.assert_allclose(read_probs(out), single_process_reference, atol=1e-5)
+
+
+def test_a_worker_process_that_cannot_start_leaves_the_other_to_do_everything(
+    tiny_artifacts, sample_files, single_process_reference, tmp_path, monkeypatch
+):
+    from kaggle_utils.workers import FAULT_ENV
+
+    monkeypatch.setenv(FAULT_ENV, "0:bogus:1")  # an unknown fault: worker 0 fails while starting
+    out = tmp_path / "submission.csv"
+    report = inference.predict(tiny_artifacts["quant-then-ft"], sample_files.test_csv, out, process_cfg())
+    validate_submission(out, sample_files.test_csv)
+    assert [error["where"] for error in report.errors] == ["starting worker"]
+    assert report.errors[0]["device"] == "cpu#0" and "unknown fault" in report.errors[0]["message"]
+    assert [w["name"] for w in report.schedule["workers"]] == ["cpu#1"]
+    assert report.rows_by_path["tta"] == report.rows
+    np.testing.assert_allclose(read_probs(out), single_process_reference, atol=1e-5)
+
+    monkeypatch.setenv(FAULT_ENV, "0:exit:1")
+    report = inference.predict(tiny_artifacts["quant-then-ft"], sample_files.test_csv, out,
+                               process_cfg(cpu_replicas=1))  # the only worker dies: every row falls back
+    validate_submission(out, sample_files.test_csv)
+    assert report.rows_by_path["fallback"] == report.rows
+    assert report.schedule["stopped"] == "all devices retired"
+
+
 def test_unloadable_artifact_falls_back_to_the_manifest_prior(tiny_artifacts, sample_files, tmp_path):
     broken = tmp_path / "broken"
     broken.mkdir()
@@ -653,6 +811,17 @@ def test_cli_predict_exits_nonzero_when_rows_fell_back_but_keeps_the_file(
     monkeypatch.setenv("KAGGLE_IS_COMPETITION_RERUN", "1")
     assert run_cli(argv) == 0
     validate_submission(out, test)
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({"cpu_replicas": 0}, "cpu_replicas must be a positive integer"),
+    ({"worker_backend": "gpu"}, "worker_backend must be 'thread' or 'process'"),
+    ({"batch_timeout_s": 0}, "batch_timeout_s must be a finite number > 0 or None"),
+    ({"batch_timeout_s": float("nan")}, "batch_timeout_s must be a finite number > 0 or None"),
+])
+def test_invalid_worker_settings_are_usage_errors(overrides, message):
+    with pytest.raises(UsageError, match=message):
+        inference.validate_inference_config(InferenceConfig(**overrides))
 
 
 @pytest.mark.parametrize(("option", "value", "message"), [

@@ -54,6 +54,15 @@ def test_config_overrides_every_choice():
     assert rt.detect_runtime(InferenceConfig(device="cpu"), probe=TPU).kind == "cpu"
 
 
+def test_cpu_replicas_give_several_cpu_devices_with_distinct_report_names():
+    from kaggle_utils.inference import worker_names
+
+    runtime = rt.detect_runtime(InferenceConfig(device="cpu", cpu_replicas=2), probe=T4X2)
+    assert runtime.devices == ("cpu", "cpu") and worker_names(runtime.devices) == ["cpu#0", "cpu#1"]
+    assert worker_names(("cuda:0", "cuda:1")) == ["cuda:0", "cuda:1"]
+    assert rt.detect_runtime(InferenceConfig(cpu_replicas=2), probe=T4X2).devices == ("cuda:0", "cuda:1")
+
+
 @pytest.mark.parametrize(
     ("cfg", "probe", "message"),
     [
