@@ -30,16 +30,17 @@ Truncation, for any Hugging Face fast tokenizer, to at most ``cfg.max_length`` t
   for it is set aside first, so the top-priority turn is kept whole whenever it fits beside that marker).
   A lower-priority turn is only kept cut when at least ``MIN_PARTIAL_TURN_TOKENS`` of its text fit.
 * Inside the cut turn, prompt / response A / response B first fill short pieces (water-filling): a piece
-  that fits within an equal share of what is left keeps all its text, and so on. A short response is
-  therefore never cut while a longer one keeps more (the old proportional split did that: ``(50, 3000, 500)``
-  at 1,900 gave ``[50, 1422, 427]``, now ``[50, 1350, 500]``). What remains goes to the pieces that must be
-  cut, by ``cfg.cut_split``: ``"proportional"`` (the default) in proportion to their lengths, each keeping at
-  least ``MIN_CUT_SHARE`` of an equal share, so the longer response keeps more and the row still shows which
-  was longer; ``"equal"`` splits it equally (max-min fair), which hides the length difference of two cut
-  responses. Response length is the strongest signal of this competition: with ``"equal"``,
-  tests/test_training.py::test_each_ordering_learns_below_the_class_prior failed for both orderings (best
-  eval 1.0900 vs bar 1.0594); with ``"proportional"`` both pass. Both splits are symmetric in A and B (an
-  integer remainder goes to both responses or to neither; at most one token stays unused), so the swapped
+  that fits within an equal share of what is left keeps all its text, and so on. A piece that an equal split
+  would keep whole is therefore never cut (the old split, proportional over all three pieces, did that:
+  ``(50, 3000, 500)`` at 1,900 gave ``[50, 1422, 427]``, now ``[50, 1350, 500]``). What remains goes to the
+  pieces that must be cut, by ``cfg.cut_split``: ``"proportional"`` (the default) in proportion to their
+  lengths, each keeping at least ``MIN_CUT_SHARE`` of an equal share, so the longer response keeps more and
+  the row still shows which was longer; ``"equal"`` splits it equally (max-min fair), which hides the length
+  difference of two cut responses. Response length is the strongest signal of this competition: in
+  tests/test_training.py::test_each_ordering_learns_below_the_class_prior (bar 1.0594) the best eval loss was
+  1.0900 / 1.0902 (ft-then-quant / quant-then-ft) with ``"equal"``, both failing, and 1.0049 / 0.9757 with
+  ``"proportional"``, both passing. Both splits are symmetric in A and B (equal lengths get equal shares; an
+  integer remainder goes to A and B together or to neither; at most one token stays unused), so the swapped
   row is cut exactly like the original.
 * A cut piece keeps its head and its end with ``cfg.truncation_marker`` between them: ``cfg.head_fraction``
   of the kept tokens from the start (rounded; for 0 < head_fraction < 1 at least the first and the last
