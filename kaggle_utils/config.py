@@ -70,8 +70,12 @@ class FormatConfig:
     # Which turns survive when a conversation is too long: last first, first first, or alternating ends.
     truncation: Literal["keep_end", "keep_start", "head_tail"] = "keep_end"
     # A cut piece keeps this share of its kept tokens from its start and the rest from its end (0 < x < 1:
-    # both its first and last token survive). Pieces of a cut turn share the budget max-min fairly.
+    # both its first and last token survive).
     head_fraction: float = 0.5
+    # Pieces of a cut turn that fit an equal share are kept whole; the pieces that must be cut split the rest
+    # in proportion to their lengths (each keeps at least half an equal share; the longer response keeps more,
+    # so the length signal survives) or equally ("equal": both cut responses keep the same amount).
+    cut_split: Literal["proportional", "equal"] = "proportional"
     truncation_marker: str = " [...] "
     tokenizer_path: str | None = None  # local Gemma tokenizer dir; None -> the locally trained demo tokenizer
 

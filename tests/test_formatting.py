@@ -28,6 +28,7 @@ from transformers import PreTrainedTokenizerFast
 from kaggle_utils.config import FormatConfig
 from kaggle_utils.errors import DataError, UsageError
 from kaggle_utils.formatting import (
+    CUT_SPLITS,
     TEMPLATE_VERSION,
     TEMPLATES,
     TRUNCATION_MODES,
@@ -150,10 +151,11 @@ word_rows = st.lists(st.lists(turn_lengths, min_size=1, max_size=MAX_TURNS), min
     template=st.sampled_from(sorted(n for n, t in TEMPLATES.items() if set(t.required_tokens) <= {START_OF_TURN, END_OF_TURN})),
     head_fraction=st.sampled_from(HEAD_FRACTIONS),
     slack=st.integers(0, 400),
+    split=st.sampled_from(CUT_SPLITS),
 )
-def test_truncation_properties_counted_word_by_word(word_tok, lengths, mode, template, head_fraction, slack):
-    base = FormatConfig(template=template, truncation=mode, head_fraction=head_fraction)
-    cfg = FormatConfig(template=template, truncation=mode, head_fraction=head_fraction,
+def test_truncation_properties_counted_word_by_word(word_tok, lengths, mode, template, head_fraction, slack, split):
+    base = FormatConfig(template=template, truncation=mode, head_fraction=head_fraction, cut_split=split)
+    cfg = FormatConfig(template=template, truncation=mode, head_fraction=head_fraction, cut_split=split,
                        max_length=minimum_max_length(word_tok, base) + slack)  # fmt: skip
     encoded = encode_rows(_frame(_word_rows(lengths)), word_tok, cfg)
     (turn_open, prompt_to_a, a_to_b, turn_close, suffix), marker = _template_parts(word_tok, cfg)
@@ -233,15 +235,11 @@ def test_truncation_properties_counted_word_by_word(word_tok, lengths, mode, tem
         elif kept_turns < n_turns and mode == "keep_start":
             assert ids[-len(suffix) - 1] == marker[0]  # dropped turns were the last ones
 
-        # Max-min fairness inside the cut turn: a cut piece keeps at least as much as any other piece of its
-        # turn, up to one token of integer rounding (so a piece kept whole is never longer than a cut one + 1).
+        # Fairness inside the cut turn (the split under test).
         cut_turns = [t for t in kept_set if any(len(seen.get((t, k), [])) < row[t][k] for k in range(3))]
         assert len(cut_turns) <= 1
         for t in cut_turns:
-            kept_counts = [len(seen.get((t, k), [])) for k in range(3)]
-            for k in range(3):
-                if kept_counts[k] < row[t][k]:
-                    assert max(kept_counts) <= kept_counts[k] + 1, (row[t], kept_counts)
+            _check_cut_split(list(row[t]), [len(seen.get((t, k), [])) for k in range(3)], split)
 
         if n_turns == 1:
             # The whole budget is used (one token may stay unused so that A and B are cut alike).
@@ -259,18 +257,21 @@ def test_truncation_properties_counted_word_by_word(word_tok, lengths, mode, tem
             assert encoded.content_tokens[r, k] == sum(turn[k] for turn in lengths[r])
 
 
-def test_water_filling_keeps_a_short_response_whole(word_tok):
+@pytest.mark.parametrize(("split", "three_cut"), [("proportional", [34, 37, 27]), ("equal", [32, 33, 33])])
+def test_water_filling_keeps_a_short_response_whole(word_tok, split, three_cut):
     """The issue's case, scaled: lengths (5, 119, 40) and 100 text tokens. The old proportional split cut B to
-    29 while A kept 65; water-filling keeps the prompt and B whole and gives A the rest."""
+    29 while A kept 65; water-filling keeps the prompt and B whole and gives A the rest (in both modes)."""
     cfg = FormatConfig(template="plain", max_length=200)
     (turn_open, prompt_to_a, a_to_b, turn_close, suffix), marker = _template_parts(word_tok, cfg)
     overhead = len(turn_open + prompt_to_a + a_to_b + turn_close)
-    cfg = FormatConfig(template="plain", max_length=1 + len(suffix) + overhead + 100 + len(marker))
+    cfg = FormatConfig(template="plain", max_length=1 + len(suffix) + overhead + 100 + len(marker), cut_split=split)
     encoded = encode_rows(_frame(_word_rows([[(5, 119, 40)]])), word_tok, cfg)
     assert encoded.kept_tokens[0].tolist() == [5, 55, 40]
-    # Three long pieces, each paying for a marker: 98 words split equally, the 2 spare ones to A and B together.
-    equal = encode_rows(_frame(_word_rows([[(110, 118, 90)]])), word_tok, cfg)
-    assert equal.kept_tokens[0].tolist() == [32, 33, 33]
+    # Three long pieces, each paying for a marker: 98 words. "equal": 32 each, the 2 spare ones to A and B
+    # (A and B keep the same, hiding that A is longer); "proportional": 98 * (110, 118, 90) / 318 rounded
+    # down, the 2 spare ones to the longest pieces (A, then the prompt): A keeps more than B.
+    three = encode_rows(_frame(_word_rows([[(110, 118, 90)]])), word_tok, cfg)
+    assert three.kept_tokens[0].tolist() == three_cut
 
 
 @pytest.mark.parametrize(
@@ -281,34 +282,82 @@ def test_water_filling_keeps_a_short_response_whole(word_tok):
         ((3000, 3000, 3000), 1901, [633, 634, 634]),  # remainder 2: A and B together
         ((10, 3000, 3000), 1901, [10, 945, 945]),  # remainder 1 between A and B: stays unused
         ((3000, 10, 3000), 1901, [946, 10, 945]),
+        ((100, 4000, 2000), 1000, [100, 450, 450]),  # both responses cut: the same amount, length hidden
         ((100, 200, 300), 600, [100, 200, 300]),  # everything fits: nothing cut
         ((100, 200, 300), 0, [0, 0, 0]),
     ],
 )
-def test_share_is_max_min_fair(lengths, budget, expected):
+def test_equal_split_is_max_min_fair(lengths, budget, expected):
     from kaggle_utils.formatting import _share
 
-    assert _share(lengths, budget) == expected
+    assert _share(lengths, budget, "equal") == expected
 
 
-@given(lengths=st.tuples(*(st.integers(0, 5000) for _ in range(3))), budget=st.integers(0, 9000))
-def test_share_properties(lengths, budget):
+@pytest.mark.parametrize(
+    ("lengths", "budget", "expected"),
+    [
+        ((50, 3000, 500), 1900, [50, 1350, 500]),  # short pieces first, as with "equal"
+        ((100, 4000, 2000), 1000, [100, 600, 300]),  # both responses cut: the longer keeps twice as much
+        ((1000, 3000, 1500), 1900, [345, 1037, 518]),  # 1900 * (1000, 3000, 1500) / 5500, remainder to the longest
+        ((700, 800, 100000), 1200, [200, 200, 800]),  # floor: half an equal share (200) for the starved two
+        ((3000, 3000, 3000), 1900, [634, 633, 633]),  # equal lengths: the equal split, remainder to the prompt
+        ((3000, 3000, 3000), 1901, [633, 634, 634]),  # remainder 2: A and B together
+        ((10, 3000, 3000), 1901, [10, 945, 945]),  # remainder 1 between A and B: stays unused
+        ((3000, 10, 3000), 1901, [945, 10, 946]),  # remainder 1 among equal prompt and B: the response first
+        ((100, 200, 300), 600, [100, 200, 300]),
+        ((100, 200, 300), 0, [0, 0, 0]),
+    ],
+)
+def test_proportional_split_keeps_the_length_signal(lengths, budget, expected):
     from kaggle_utils.formatting import _share
 
-    alloc = _share(lengths, budget)
+    assert _share(lengths, budget, "proportional") == expected
+
+
+def _water_filled(lengths: tuple[int, int, int], budget: int) -> tuple[set[int], int]:
+    """Reference first stage: the pieces that must be cut and the budget they share."""
+    left, cut = budget, sorted(range(3), key=lambda k: lengths[k])
+    while cut and lengths[cut[0]] * len(cut) <= left:
+        left -= lengths[cut.pop(0)]
+    return set(cut), left
+
+
+@given(lengths=st.tuples(*(st.integers(0, 5000) for _ in range(3))), budget=st.integers(0, 9000),
+       split=st.sampled_from(["proportional", "equal"]))  # fmt: skip
+def test_share_properties(lengths, budget, split):
+    from kaggle_utils.formatting import MIN_CUT_SHARE, _share
+
+    alloc = _share(lengths, budget, split)
     assert all(0 <= a <= n for a, n in zip(alloc, lengths, strict=True))
+    assert _share((lengths[0], lengths[2], lengths[1]), budget, split) == [alloc[0], alloc[2], alloc[1]]  # A/B
     if sum(lengths) <= budget:
         assert alloc == list(lengths)
         return
-    assert budget - 1 <= sum(alloc) <= budget
-    for k in range(3):
-        if alloc[k] < lengths[k]:  # cut: nobody keeps more than it (+1 rounding)
+    assert budget - 1 <= sum(alloc) <= budget  # at most one token unused
+    cut, left = _water_filled(lengths, budget)
+    event(f"{split}, {len(cut)} cut")
+    for k in set(range(3)) - cut:  # short pieces first: those that fit what is left are kept whole
+        assert alloc[k] == lengths[k]
+    if split == "equal":
+        for k in cut:  # max-min fair: nobody keeps more than a cut piece (+1 rounding)
             assert max(alloc) <= alloc[k] + 1
-    assert _share((lengths[0], lengths[2], lengths[1]), budget) == [alloc[0], alloc[2], alloc[1]]  # A/B symmetric
+        return
+    floor_share = math.floor(MIN_CUT_SHARE * left / len(cut))
+    for i in cut:
+        assert alloc[i] >= floor_share  # never starved
+        for j in cut:
+            if lengths[i] > lengths[j]:  # monotone: the longer never keeps fewer
+                assert alloc[i] >= alloc[j]
+    # Above the floor, shares follow the lengths (up to rounding).
+    above = [k for k in cut if alloc[k] > floor_share + 1]
+    kept_above, length_above = sum(alloc[k] for k in above), sum(lengths[k] for k in above)
+    for k in above:
+        assert abs(alloc[k] - kept_above * lengths[k] / length_above) <= 2
 
 
-def test_short_pieces_give_their_share_to_the_long_one(word_tok):
-    cfg = FormatConfig(template="plain", max_length=100)
+@pytest.mark.parametrize("split", ["proportional", "equal"])
+def test_short_pieces_give_their_share_to_the_long_one(word_tok, split):
+    cfg = FormatConfig(template="plain", max_length=100, cut_split=split)
     (turn_open, prompt_to_a, a_to_b, turn_close, suffix), marker = _template_parts(word_tok, cfg)
     content_budget = cfg.max_length - 1 - len(suffix) - len(turn_open + prompt_to_a + a_to_b + turn_close)
     encoded = encode_rows(_frame(_word_rows([[(3, 119, 2)]])), word_tok, cfg)
@@ -338,6 +387,21 @@ def _rows_of(text: st.SearchStrategy[str]) -> st.SearchStrategy[list[list[tuple[
 bpe_rows = _rows_of(piece_text)
 
 
+def _check_cut_split(lengths: list[int], kept: list[int], split: str) -> None:
+    """The split of a cut turn's text between its pieces, seen from the output. Both modes: a piece kept whole
+    is never longer than a cut one (short pieces first; up to one rounding token). "equal": a cut piece keeps at least as much as any
+    other (+1 rounding). "proportional": among cut pieces the longer never keeps fewer tokens."""
+    cut = [k for k in range(3) if kept[k] < lengths[k]]
+    for c in cut:
+        for k in range(3):
+            if split == "equal":
+                assert kept[k] <= kept[c] + 1, (lengths, kept)
+            elif k in cut and lengths[k] > lengths[c]:
+                assert kept[k] >= kept[c], (lengths, kept)
+            if k not in cut and lengths[k] > lengths[c]:  # only by one rounding token (it went to the longer)
+                assert kept[c] == lengths[c] - 1, (lengths, kept)
+
+
 def _cut_segment_ok(segment: list[int], piece: list[int], keep: int, marker: list[int], head_fraction: float) -> bool:
     """``segment`` is the piece's first h and last keep-h tokens around the marker, h ~ head_fraction * keep."""
     for head in range(keep + 1):
@@ -348,10 +412,11 @@ def _cut_segment_ok(segment: list[int], piece: list[int], keep: int, marker: lis
     return False
 
 
-def _check_truncation_properties(tok, rows, mode: str, slack: int, head_fraction: float) -> None:
+def _check_truncation_properties(tok, rows, mode: str, slack: int, head_fraction: float, split: str) -> None:
     """Properties that hold for any fast tokenizer, checked against separately tokenised pieces."""
-    base = FormatConfig(truncation=mode, head_fraction=head_fraction)
-    cfg = FormatConfig(truncation=mode, head_fraction=head_fraction, max_length=minimum_max_length(tok, base) + slack)
+    base = FormatConfig(truncation=mode, head_fraction=head_fraction, cut_split=split)
+    cfg = FormatConfig(truncation=mode, head_fraction=head_fraction, cut_split=split,
+                       max_length=minimum_max_length(tok, base) + slack)  # fmt: skip
     encoded = encode_rows(_frame(rows), tok, cfg)
     (turn_open, prompt_to_a, a_to_b, turn_close, suffix), marker = _template_parts(tok, cfg)
     delimiters = (turn_open, prompt_to_a, a_to_b, turn_close)
@@ -399,20 +464,18 @@ def _check_truncation_properties(tok, rows, mode: str, slack: int, head_fraction
             if 0 < head_fraction < 1 and kept[k] >= 2:  # the first and last token of a cut piece survive
                 assert segment[0] == piece[0] and segment[-1] == piece[-1]
         assert ids[position:] == turn_close + suffix
-        # Max-min fair: a cut piece keeps at least as much as any other (+1 rounding); the budget is used up
-        # to the one token that may stay unused so that A and B are cut alike.
-        for k in range(3):
-            if cut[k]:
-                assert max(kept) <= kept[k] + 1, (lengths, kept)
+        # The split under test; the budget is used up to the one token that may stay unused so that A and B
+        # are cut alike.
+        _check_cut_split(lengths, kept, split)
         content_budget = cfg.max_length - 1 - len(suffix) - sum(map(len, delimiters))
         assert content_budget - 1 <= sum(kept) + sum(cut) * len(marker) <= content_budget
 
 
 @HYPOTHESIS
 @given(rows=bpe_rows, mode=st.sampled_from(TRUNCATION_MODES), slack=st.integers(0, 200),
-       head_fraction=st.sampled_from(HEAD_FRACTIONS))  # fmt: skip
-def test_truncation_properties_on_arbitrary_text_with_bpe(bpe_tok, rows, mode, slack, head_fraction):
-    _check_truncation_properties(bpe_tok, rows, mode, slack, head_fraction)
+       head_fraction=st.sampled_from(HEAD_FRACTIONS), split=st.sampled_from(CUT_SPLITS))  # fmt: skip
+def test_truncation_properties_on_arbitrary_text_with_bpe(bpe_tok, rows, mode, slack, head_fraction, split):
+    _check_truncation_properties(bpe_tok, rows, mode, slack, head_fraction, split)
 
 
 # ------------------------------------------------------------------------------------ Gemma-2 tokenizer
@@ -451,9 +514,9 @@ gemma_rows = _rows_of(gemma_piece_text)
 
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(rows=gemma_rows, mode=st.sampled_from(TRUNCATION_MODES), slack=st.integers(0, 300),
-       head_fraction=st.sampled_from(HEAD_FRACTIONS))  # fmt: skip
-def test_truncation_properties_with_gemma2_tokenizer(gemma_tok, rows, mode, slack, head_fraction):
-    _check_truncation_properties(gemma_tok, rows, mode, slack, head_fraction)
+       head_fraction=st.sampled_from(HEAD_FRACTIONS), split=st.sampled_from(CUT_SPLITS))  # fmt: skip
+def test_truncation_properties_with_gemma2_tokenizer(gemma_tok, rows, mode, slack, head_fraction, split):
+    _check_truncation_properties(gemma_tok, rows, mode, slack, head_fraction, split)
 
 
 def test_gemma2_keeps_a_refusal_and_the_end_of_a_long_response(gemma_tok):
@@ -497,12 +560,13 @@ safe_text = st.text(alphabet=st.sampled_from(list("abcdefgh éü数😊,.?\n")),
 @given(rows=st.lists(st.lists(st.tuples(safe_text, safe_text, safe_text), min_size=1, max_size=3), min_size=1,
                      max_size=4),
        mode=st.sampled_from(TRUNCATION_MODES), slack=st.integers(0, 300),
-       head_fraction=st.sampled_from(HEAD_FRACTIONS))  # fmt: skip
-def test_swapped_encoding_exchanges_a_and_b_exactly(bpe_tok, rows, mode, slack, head_fraction):
+       head_fraction=st.sampled_from(HEAD_FRACTIONS), split=st.sampled_from(CUT_SPLITS))  # fmt: skip
+def test_swapped_encoding_exchanges_a_and_b_exactly(bpe_tok, rows, mode, slack, head_fraction, split):
     labels = [i % 3 for i in range(len(rows))]
     frame = _frame(rows, labels)
-    base = FormatConfig(truncation=mode, head_fraction=head_fraction)
-    cfg = FormatConfig(truncation=mode, head_fraction=head_fraction, max_length=minimum_max_length(bpe_tok, base) + slack)
+    base = FormatConfig(truncation=mode, head_fraction=head_fraction, cut_split=split)
+    cfg = FormatConfig(truncation=mode, head_fraction=head_fraction, cut_split=split,
+                       max_length=minimum_max_length(bpe_tok, base) + slack)  # fmt: skip
     original, swapped = encode_both_orders(frame, bpe_tok, cfg)
     assert swapped.input_ids == encode_rows(frame, bpe_tok, cfg, swap=True).input_ids
     assert swapped.input_ids == encode_rows(swap_frame(frame), bpe_tok, cfg).input_ids
@@ -586,6 +650,8 @@ def test_config_and_length_errors_are_usage_errors(word_tok):
     frame = _frame([[("p0x1", "a0x1", "b0x1")]])
     with pytest.raises(UsageError, match="head_fraction"):
         encode_rows(frame, word_tok, FormatConfig(head_fraction=1.5))
+    with pytest.raises(UsageError, match="cut_split='bogus' is unknown"):
+        encode_rows(frame, word_tok, FormatConfig(cut_split="bogus"))
     with pytest.raises(UsageError, match="truncation"):
         encode_rows(frame, word_tok, FormatConfig(truncation="middle"))
     minimum = minimum_max_length(word_tok, FormatConfig())
