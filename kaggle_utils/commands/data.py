@@ -58,6 +58,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--baseline-only", action="store_true", help="stop after the baseline submission (seconds, no LLM steps)"
     )
+    parser.add_argument(
+        "--record", action="store_true",
+        help="write this run's headline figures to reports/demo/headline.json and re-render the README's demo "
+             "figures from them (run from the repository root, with the default sizes)",
+    )
     parser.set_defaults(handler=demo)
 
 
@@ -153,9 +158,13 @@ def _check_outputs(outputs: list[str | None], inputs: list[tuple[str, str | None
 
 
 def demo(args: argparse.Namespace) -> int:
+    from kaggle_utils import demo_figures
     from kaggle_utils.demo import BASELINE_STEPS, DEMO_STEPS, run_demo
 
-    run_demo(
+    if args.record and (args.baseline_only or (args.n_train, args.n_test, args.seed) != (2000, 200, 0)):
+        raise UsageError("--record keeps the README's `make demo` figures: use it with the default sizes and seed, "
+                         "without --baseline-only")
+    report = run_demo(
         Path(args.out),
         submission_path=args.submission,
         n_train=args.n_train,
@@ -163,4 +172,7 @@ def demo(args: argparse.Namespace) -> int:
         seed=args.seed,
         steps=BASELINE_STEPS if args.baseline_only else DEMO_STEPS,
     )
+    if args.record:
+        demo_figures.record(report)
+        print(f"figures -> {demo_figures.HEADLINE_PATH} and {demo_figures.README_PATH}")
     return 0

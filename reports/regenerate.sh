@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Regenerates every committed demo-scale report and the README's demo figures from the current code, in the
+# order the README cites them. CPU, offline; about 15-25 minutes on 2 cores. Run from the repository root after
+# `make setup`:  bash reports/regenerate.sh [demo|orderings|qaware|qid ...]   (default: all four)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+steps=("$@")
+[ ${#steps[@]} -gt 0 ] || steps=(demo orderings qaware qid)
+
+for step in "${steps[@]}"; do
+  case "$step" in
+    demo)  # `make demo` with --record: reports/demo/headline.json and the README block rendered from it
+      $PY -m kaggle_utils demo --out runs/demo --record
+      ;;
+    orderings)  # both orderings over three seeds on the demo's own data and folds (needs the demo run)
+      $PY -m kaggle_utils compare-orderings --config kaggle_utils/resources/compare_demo.yaml \
+        --train runs/demo/data/train.csv --folds runs/demo/folds.parquet --seeds 1 2 3 --threads 1 \
+        --out runs/bench/compare_orderings_demo
+      mkdir -p benchmarks/results/compare_orderings_demo
+      cp runs/bench/compare_orderings_demo/report.{json,md,png} benchmarks/results/compare_orderings_demo/
+      ;;
+    qaware)  # every quantization variant that runs on this machine, three seeds
+      $PY -m kaggle_utils compare-orderings --config reports/compare_qaware_config.yaml --sample-rows 800 \
+        --out runs/reports/compare_qaware --seeds 42 43 44 \
+        --variants quant-then-ft ft-then-quant-int8 ft-then-quant-nf4 apiq-init loftq qa-lora-merged \
+        qa-hira-merged --threads 1
+      cp runs/reports/compare_qaware/report.{json,md,png} reports/compare_qaware/
+      ;;
+    qid)  # QiD against fine-tuning tokens
+      $PY -m kaggle_utils qid-study --config reports/qid_study_config.yaml --out runs/reports/qid_study \
+        --sample-rows 800 --checkpoints 6 --first-step 4 --bootstrap 1000 --threads 1 --seeds 42 43 44 \
+        --schemes int8 nf4
+      cp runs/reports/qid_study/{qid_study.json,qid_study.md,qid_study.png,COMMAND.txt} reports/qid_study/
+      ;;
+    *) echo "unknown step $step (demo, orderings, qaware, qid)" >&2; exit 2 ;;
+  esac
+done

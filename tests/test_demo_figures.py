@@ -1,0 +1,71 @@
+"""The README's demo figures are what `make demo` prints: rendered from the committed recording, and a fresh
+default demo run reproduces that recording."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from kaggle_utils import demo_figures
+from kaggle_utils.demo import run_demo
+from kaggle_utils.errors import UsageError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _recorded() -> dict:
+    return json.loads((ROOT / demo_figures.HEADLINE_PATH).read_text(encoding="utf-8"))
+
+
+def test_readme_block_is_the_rendering_of_the_committed_figures():
+    text = (ROOT / demo_figures.README_PATH).read_text(encoding="utf-8")
+    assert demo_figures.readme_block(text) == demo_figures.render(_recorded())
+
+
+def test_compare_figures_finds_a_moved_number_and_ignores_wall_time():
+    recorded = _recorded()
+    fresh = json.loads(json.dumps(recorded))
+    fresh["total_seconds"] += 100.0
+    assert demo_figures.compare_figures(recorded, fresh) == []
+    name = next(iter(fresh["orderings"]))
+    fresh["orderings"][name]["cv_log_loss_quantized"] += 0.01
+    fresh["shipped"] = "something-else"
+    found = demo_figures.compare_figures(recorded, fresh)
+    assert len(found) == 2 and any(f"orderings.{name}.cv_log_loss_quantized" in line for line in found)
+
+
+def test_record_rewrites_only_the_block(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# title\n\nbefore\n{demo_figures.BEGIN}\nstale 0.9999\n{demo_figures.END}\nafter\n")
+    report = {
+        "sample": {"n_train": 2000, "n_test": 200, "seed": 0},
+        "baseline": {"log_loss": 0.91, "prior_log_loss": 1.09},
+        "orderings": {
+            "variants": {"ft-then-quant": {"cv_log_loss_16bit": 0.95, "cv_log_loss_quantized": 0.951,
+                                           "qid_vs_common": 0.001, "gap_vs_own_reference": 0.001}},
+            "decision": {"winner": "ft-then-quant", "difference": None, "standard_error": None,
+                         "within_noise": None},
+        },
+        "inference": {"variant": "ft-then-quant", "rows_by_path": {"tta": 200}},
+        "timings_s": {"a": 1.0, "b": 2.5},
+    }
+    figures = demo_figures.record(report, tmp_path)
+    text = readme.read_text()
+    assert text.startswith("# title\n\nbefore\n") and text.endswith("\nafter\n")
+    assert "stale" not in text and demo_figures.readme_block(text) == demo_figures.render(figures)
+    assert json.loads((tmp_path / demo_figures.HEADLINE_PATH).read_text()) == figures
+    with pytest.raises(UsageError, match="lacks"):
+        demo_figures.headline({"sample": report["sample"], "baseline": report["baseline"]})
+
+
+@pytest.mark.slow
+def test_a_fresh_default_demo_reproduces_the_committed_figures(tmp_path):
+    """The whole default demo (what `make demo` runs); minutes on 2 cores, run by CI."""
+    report = run_demo(tmp_path / "demo", submission_path=tmp_path / "submission.csv", echo=lambda _: None)
+    differences = demo_figures.compare_figures(_recorded(), demo_figures.headline(report))
+    assert not differences, (
+        "the committed demo figures are stale; rerun `python -m kaggle_utils demo --out runs/demo --record`: "
+        + "; ".join(differences)
+    )
