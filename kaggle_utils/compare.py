@@ -65,7 +65,7 @@ from torch import nn
 from kaggle_utils.config import PipelineConfig
 from kaggle_utils.errors import UsageError
 from kaggle_utils.runtime import find_competition_file, run_output_dir
-from kaggle_utils.training import BuildModel, PeakMemory, TrainResult
+from kaggle_utils.training import BuildModel, PeakMemory, TrainResult, distributed_state
 
 logger = logging.getLogger(__name__)
 
@@ -285,7 +285,7 @@ def compare_orderings(
     """
     from kaggle_utils.data import load_competition
     from kaggle_utils.folds import folds_file_hash, load_folds, make_folds, save_folds
-    from kaggle_utils.modeling import default_device, materialize_base
+    from kaggle_utils.modeling import base_has_weights, default_device, materialize_base
 
     requested = resolve_variants(variants)
     skipped = {v.name: reason for v in requested if v.unavailable and (reason := v.unavailable())}
@@ -301,19 +301,28 @@ def compare_orderings(
     out_dir.mkdir(parents=True, exist_ok=True)
     began = time.perf_counter()
     frame = load_competition(train_path, cfg.data, split="train").frame
-    if folds_path is None:
-        folds_path = out_dir / "folds.parquet"
-        save_folds(make_folds(frame, cfg.folds), folds_path)
-    folds = load_folds(folds_path)
-    folds_hash = folds_file_hash(folds_path)
-    fold_ids = sorted(folds["fold"].unique().to_list()) if cfg.train.cv_folds is None else list(cfg.train.cv_folds)
-    missing = sorted(set(fold_ids) - set(folds["fold"].unique().to_list()))
-    if missing:
-        raise UsageError(f"train.cv_folds {missing} are not in {folds_path}")
-    tokenizer = _tokenizer(cfg, frame, out_dir)
-    device = default_device()
-    base_dir = materialize_base(cfg.model, out_dir / "base", vocab_size=len(tokenizer),
-                                pad_token_id=tokenizer.pad_token_id)
+    # Under `accelerate launch` every process runs this; the main one alone writes the shared inputs (folds,
+    # demo tokenizer, random-weight base) and the others read them once written.
+    dist = distributed_state()
+    with dist.main_process_first():
+        if folds_path is None:
+            folds_path = out_dir / "folds.parquet"
+            if dist.is_main_process:
+                save_folds(make_folds(frame, cfg.folds), folds_path)
+        folds = load_folds(folds_path)
+        folds_hash = folds_file_hash(folds_path)
+        fold_ids = (sorted(folds["fold"].unique().to_list()) if cfg.train.cv_folds is None
+                    else list(cfg.train.cv_folds))
+        missing = sorted(set(fold_ids) - set(folds["fold"].unique().to_list()))
+        if missing:
+            raise UsageError(f"train.cv_folds {missing} are not in {folds_path}")
+        tokenizer = _tokenizer(cfg, frame, out_dir, write=dist.is_main_process)
+        device = default_device()
+        if dist.is_main_process or base_has_weights(cfg.model.base_model):
+            base_dir = materialize_base(cfg.model, out_dir / "base", vocab_size=len(tokenizer),
+                                        pad_token_id=tokenizer.pad_token_id)
+        else:
+            base_dir = out_dir / "base"
 
     runs: list[dict] = []
     oof_tables: list[pl.DataFrame] = []
@@ -325,9 +334,14 @@ def compare_orderings(
             for fold in fold_ids:
                 fold_run, tables = _run_fold(run_cfg, variant, frame, folds, fold, seed, tokenizer, base_dir,
                                              device, run_dir / f"fold{fold}", folds_hash, progress)
+                if fold_run is None:  # not the main process: it only took its share of the training
+                    continue
                 folds_out.append(fold_run)
                 oof_tables += tables
-            runs.append(_aggregate_run(variant, seed, folds_out))
+            if folds_out:
+                runs.append(_aggregate_run(variant, seed, folds_out))
+    if not dist.is_main_process:
+        return {}
 
     from kaggle_utils.metrics import save_oof
 
@@ -347,9 +361,14 @@ def _base_weights_note(base_model: str) -> str | None:
     return base_weights_note(base_model)
 
 
-def _tokenizer(cfg: PipelineConfig, frame: pl.DataFrame, out_dir: Path):
-    from kaggle_utils.real_models import resolve_tokenizer
+def _tokenizer(cfg: PipelineConfig, frame: pl.DataFrame, out_dir: Path, write: bool = True):
+    """The run's tokenizer; with `write` False (a non-main process) the demo tokenizer the main process trained
+    into out_dir/tokenizer is read back instead of being trained and written a second time."""
+    from kaggle_utils.real_models import has_real_weights, resolve_tokenizer
+    from kaggle_utils.tokenizer import load_tokenizer
 
+    if not write and not has_real_weights(cfg.model.base_model) and not cfg.format.tokenizer_path:
+        return load_tokenizer(out_dir / "tokenizer")
     texts = (turn for column in ("prompt", "response_a", "response_b") for turns in frame[column] for turn in turns)
     return resolve_tokenizer(cfg, texts, out_dir / "tokenizer")  # a real checkpoint gets its own tokenizer
 
@@ -365,7 +384,7 @@ def _variant_config(cfg: PipelineConfig, variant: Variant, seed: int, base_dir: 
 
 
 def _run_fold(cfg, variant: Variant, frame, folds, fold: int, seed: int, tokenizer, base_dir: Path, device,
-              run_dir: Path, folds_hash: str, progress: bool) -> tuple[dict, list[pl.DataFrame]]:
+              run_dir: Path, folds_hash: str, progress: bool) -> tuple[dict | None, list[pl.DataFrame]]:
     from kaggle_utils.artifacts import artifact_size_bytes, load_artifact, update_manifest
     from kaggle_utils.metrics import class_prior, log_loss, make_oof
     from kaggle_utils.training import split_fold, train_fold
@@ -377,6 +396,8 @@ def _run_fold(cfg, variant: Variant, frame, folds, fold: int, seed: int, tokeniz
     with PeakMemory(device) as memory:
         result = train_fold(cfg, frame, folds, tokenizer, run_dir / "train", fold=fold,
                             build_model=variant.builder(fold_ctx), progress=progress)
+    if not distributed_state().is_main_process:
+        return None, []  # the artifact, its predictions and the report are the main process's
     prior = class_prior(train_part["label"].to_numpy().astype(np.int64))
     manifest_fields = {
         "ordering": variant.ordering,

@@ -3,7 +3,10 @@
 A lean loop rather than the HF Trainer because the parts that matter here are explicit and tested: the
 A/B-swap augmentation (`TrainConfig.swap_augment`), length-bucketed batches, which weights ship, and an exact
 resume. Multi-GPU runs go through ``accelerate launch`` (DDP); each process takes every world-size-th batch and
-evaluates a contiguous share of the evaluated rows.
+evaluates a contiguous share of the evaluated rows. The main process alone writes checkpoints (each process adds
+its RNG state) and best weights; the logged loss and `tokens_seen` are reduced over processes, so they describe
+the global batch once. Two CPU processes (gloo) reproduce one process with the same global batch
+(tests/test_training_multiprocess.py).
 
 Which weights ship (`TrainConfig.selection`): "final" (default; the winners shipped the model after one epoch)
 or "inner", the best of the evaluations on an inner holdout carved from the training part by prompt group. The
@@ -364,6 +367,15 @@ def run_fingerprint(cfg: PipelineConfig, fold: int, train_ids: list, total_steps
 # ------------------------------------------------------------------------------------------------ model
 
 
+def distributed_state():
+    """accelerate's process state (rank, world size, main process, barriers), initialised as `train_fold`'s
+    Accelerator will be: under ``accelerate launch`` / ``torchrun`` the process group exists from here on, so
+    callers can let the main process alone write the shared files (folds, tokenizer, base, artifacts)."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
 def default_build_model(cfg: PipelineConfig, tokenizer, device: torch.device) -> nn.Module:
     """The trainable peft model for `cfg.train.ordering`: LoRA on the 16-bit base (ft-then-quant) or QLoRA on
     the NF4 base (quant-then-ft); through unsloth when `cfg.train.backend == "unsloth"`."""
@@ -640,10 +652,11 @@ def train_fold(
         if accelerator.is_main_process:
             _prune_best(out_dir, keep={state.best_step}, newer_than=state.global_step)
         logger.info("resuming fold %d from %s (step %d of %d)", fold, latest, state.global_step, total_steps)
-    elif resume is False and (out_dir / CHECKPOINTS_DIR).exists():
+    elif resume is False and (out_dir / CHECKPOINTS_DIR).exists() and accelerator.is_main_process:
         shutil.rmtree(out_dir / CHECKPOINTS_DIR)
-    if resume is False and (out_dir / BEST_DIR).exists():
+    if resume is False and (out_dir / BEST_DIR).exists() and accelerator.is_main_process:
         shutil.rmtree(out_dir / BEST_DIR)
+    accelerator.wait_for_everyone()  # no process writes a checkpoint before the main one has cleared them
 
     from kaggle_utils.batching import PadCollator
 
@@ -654,6 +667,7 @@ def train_fold(
     trainable_params, total_params = count_parameters(accelerator.unwrap_model(model))
     checkpointed_best = state.best_step  # the best the latest checkpoint refers to: kept until superseded there
     model.train()
+    progress = progress and accelerator.is_main_process  # one bar, not one per process
     with PeakMemory(device) as memory, _progress(total_steps, state.global_step, progress, fold) as bar:
         while state.global_step < total_steps:
             chosen = epoch_examples(n_train_rows, tc, state.epoch)
@@ -745,7 +759,9 @@ def train_fold(
 
 
 def _accumulate(accelerator, model, group, examples: _Examples, collate, device) -> tuple[float, int]:
-    """Forward/backward over one accumulation group; gradients sync across processes on its last batch only."""
+    """Forward/backward over one accumulation group; gradients sync across processes on its last batch only.
+
+    Returns the step's loss and real tokens over all processes (the same numbers on every process)."""
     total_loss, tokens = 0.0, 0
     for index, rows in enumerate(group):
         batch = collate([{"input_ids": examples.input_ids[row], "labels": int(examples.labels[row])} for row in rows])
@@ -759,6 +775,12 @@ def _accumulate(accelerator, model, group, examples: _Examples, collate, device)
             accelerator.backward(loss)
         total_loss += float(loss.detach())
         tokens += int(batch["attention_mask"].sum())
+    if accelerator.num_processes > 1:
+        # Every process saw its own micro-batches: the step's tokens are their sum, its loss their mean (what
+        # DDP's averaged gradient descends), so tokens_seen and tokens/s count the global batch once.
+        both = accelerator.reduce(torch.tensor([total_loss, float(tokens)], dtype=torch.float64, device=device),
+                                  reduction="sum")
+        total_loss, tokens = float(both[0]) / accelerator.num_processes, int(round(float(both[1])))
     return total_loss, tokens
 
 
@@ -796,14 +818,20 @@ def _register_trainable_only_checkpoints(accelerator, names: set[str]) -> None:
     """Checkpoints carry only the trainable tensors; loading puts them back into the already-built model."""
     from safetensors.torch import load_file
 
+    # Names as the unwrapped model has them: under DDP the prepared model's parameters are "module."-prefixed
+    # but accelerate saves the unwrapped state dict (filtering by the prefixed names kept nothing).
+    names = {name.removeprefix("module.") for name in names}
+
     def save_hook(models, weights, output_dir):
         for index in range(len(weights)):
-            weights[index] = {k: v for k, v in weights[index].items() if k in names}
+            weights[index] = {k: v for k, v in weights[index].items() if k.removeprefix("module.") in names}
 
     def load_hook(models, input_dir):
         for index, model in enumerate(models):
+            model = accelerator.unwrap_model(model)
             file = Path(input_dir) / ("model.safetensors" if index == 0 else f"model_{index}.safetensors")
-            tensors = load_file(str(file), device=str(_device_of(model)))
+            tensors = {k.removeprefix("module."): v
+                       for k, v in load_file(str(file), device=str(_device_of(model))).items()}
             result = model.load_state_dict(tensors, strict=False)
             absent = names - set(tensors)
             if result.unexpected_keys or absent:

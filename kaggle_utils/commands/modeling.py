@@ -47,6 +47,8 @@ def train(args: argparse.Namespace) -> int:
     fold = cfg.train.fold if args.fold is None else args.fold
     cfg.train.cv_folds = (fold,)
     report = _run(args, [args.ordering], None, cfg, out_dir, train_path)
+    if not report:  # a non-main process of `accelerate launch`: the main one writes and reports
+        return 0
     run = report["runs"][0]
     per_fold = run["per_fold"][0]
     print(f"{args.ordering}, fold {fold}: held-out log loss 16-bit {per_fold['log_loss_16bit']:.4f}, "
@@ -58,6 +60,8 @@ def train(args: argparse.Namespace) -> int:
 def compare(args: argparse.Namespace) -> int:
     cfg, out_dir, train_path = prepare_run(args)
     report = _run(args, args.variants, args.seeds, cfg, out_dir, train_path)
+    if not report:  # a non-main process of `accelerate launch`
+        return 0
     print(report["decision"]["statement"])
     print(f"report: {Path(args.out) / 'report.md'}")
     return 0
