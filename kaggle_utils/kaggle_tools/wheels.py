@@ -14,7 +14,6 @@ so pip keeps every dependency the image already satisfies and takes the rest fro
 from __future__ import annotations
 
 import fnmatch
-import hashlib
 import json
 import re
 import shutil
@@ -33,6 +32,7 @@ from packaging.utils import canonicalize_name
 from kaggle_utils import __version__
 from kaggle_utils.config import KaggleConfig
 from kaggle_utils.errors import UsageError
+from kaggle_utils.fileio import file_sha256
 
 PACKAGE_NAME = "kaggle-utils"
 REQUIREMENTS_FILE = "requirements.txt"
@@ -155,14 +155,6 @@ def download_wheels(
     _run_pip(args, f"downloading {len(pins)} wheels")
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def build_wheels(
     out_dir: str | Path,
     cfg: KaggleConfig | None = None,
@@ -215,7 +207,7 @@ def build_wheels(
         "python_version": cfg.wheel_python_version,
         "platform": cfg.wheel_platform,
         "requirements": report.requirements,
-        "wheels": {path.name: _sha256(path) for path in report.wheels},
+        "wheels": {path.name: file_sha256(path) for path in report.wheels},
         "left_out": report.excluded,
         "install": report.install_command(),
     }
