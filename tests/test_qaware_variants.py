@@ -110,3 +110,20 @@ def test_loftq_variant_trains_on_cpu_and_its_artifact_reloads(train_data, folds,
     save_artifact(tmp_path / "artifact", result.model, demo_tokenizer, fields, cfg.format)
     loaded = load_artifact(tmp_path / "artifact", device="cpu", compute_dtype=torch.float32)
     np.testing.assert_allclose(predict_probs(loaded.model, val_ids, demo_tokenizer.pad_token_id), trained, atol=1e-4)
+
+
+def test_every_fine_tune_then_quantize_variant_provides_the_common_reference():
+    """A comparison of only the scheme variants (as reports/compare_qaware runs) must still get qid_vs_common."""
+    from kaggle_utils.compare import attach_common_reference
+
+    chosen = resolve_variants(["quant-then-ft", "ft-then-quant-int8", "ft-then-quant-nf4"])
+    runs = [
+        {"variant": v.name, "seed": 42, "rows": 4, "provides_common_reference": v.common_reference,
+         "cv_log_loss_16bit": 0.90 + i / 100, "cv_log_loss_quantized": 0.91 + i / 100,
+         "per_fold": [{"fold": 0, "log_loss_16bit": 0.90 + i / 100, "log_loss_quantized": 0.91 + i / 100}]}
+        for i, v in enumerate(chosen)
+    ]
+    common = attach_common_reference(runs)
+    assert common["variant"] == "ft-then-quant-int8"
+    assert [round(run["qid_vs_common"], 6) for run in runs] == [0.0, 0.01, 0.02]
+    assert runs[0]["per_fold"][0]["log_loss_common_reference"] == 0.91

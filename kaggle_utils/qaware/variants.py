@@ -198,6 +198,7 @@ def register_all() -> None:
             name=f"ft-then-quant-{scheme}", ordering="ft-then-quant",
             description=f"LoRA on the 16-bit base; merge; quantize the merged model to {label} (bitsandbytes)",
             builder=base_ft.builder, export=base_ft.export, configure=_configure_scheme(scheme),
+            common_reference=base_ft.common_reference,  # the same 16-bit LoRA model, merged in fp32
         ), replace=True)
     register_variant(Variant(
         name="apiq-init", ordering="quant-then-ft",
