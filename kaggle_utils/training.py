@@ -376,6 +376,17 @@ def distributed_state():
     return PartialState(cpu=not torch.cuda.is_available())
 
 
+def finish_distributed() -> None:
+    """Every process waits for the others, then leaves the process group. A rank that exits while the group is
+    still alive (the non-main ranks return as soon as training ends, while the main one exports) can abort at
+    interpreter shutdown ("terminate called without an active exception", SIGABRT), failing the whole launch."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def default_build_model(cfg: PipelineConfig, tokenizer, device: torch.device) -> nn.Module:
     """The trainable peft model for `cfg.train.ordering`: LoRA on the 16-bit base (ft-then-quant) or QLoRA on
     the NF4 base (quant-then-ft); through unsloth when `cfg.train.backend == "unsloth"`."""

@@ -37,9 +37,14 @@ def _common_options(parser: argparse.ArgumentParser) -> None:
 def _run(args: argparse.Namespace, variants: list[str] | None, seeds: list[int] | None, cfg, out_dir: Path,
          train_path: str) -> dict:
     from kaggle_utils.compare import compare_orderings
+    from kaggle_utils.training import finish_distributed
 
-    return compare_orderings(cfg, train_path, out_dir, folds_path=args.folds, seeds=seeds or [cfg.train.seed],
-                             variants=variants)
+    report = compare_orderings(cfg, train_path, out_dir, folds_path=args.folds, seeds=seeds or [cfg.train.seed],
+                               variants=variants)
+    # Under `accelerate launch`: all ranks leave the process group together once the main one has written. (On an
+    # error the rank exits at once and torchrun stops the others, rather than waiting here for a barrier.)
+    finish_distributed()
+    return report
 
 
 def train(args: argparse.Namespace) -> int:
