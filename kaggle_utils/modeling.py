@@ -42,6 +42,8 @@ from kaggle_utils.errors import UsageError
 logger = logging.getLogger(__name__)
 
 TINY_BASE_MODEL = "tiny"
+# The classification head AutoModelForSequenceClassification adds to a decoder (absent from causal-LM checkpoints).
+HEAD_MODULE = "score"
 # Decoder backbones the classifier is built from (config.model_type -> family), all through
 # AutoModelForSequenceClassification: last non-pad token pooled into a linear `score` head.
 SUPPORTED_MODEL_TYPES: dict[str, str] = {
@@ -270,10 +272,30 @@ def _load_pretrained(
             attn_implementation=model_cfg.attn_implementation,
             device_map={"": str(device)},
             local_files_only=True,
+            output_loading_info=True,
         )
     except (OSError, ValueError) as error:
         raise UsageError(f"could not load the base model from {path}: {error}") from error
+    model, loading_info = model
+    zero_new_score_head(model, loading_info)
     return model
+
+
+def zero_new_score_head(model: PreTrainedModel, loading_info: dict) -> None:
+    """Start a classification head the checkpoint lacks at zero instead of transformers' random draw.
+
+    A pretrained decoder's last hidden states are large (Gemma-3 270M: a random 0.02-std head gave a starting
+    loss of 2.7 against 1.10 for uniform), and the draw would differ between the 16-bit and the quantized base
+    of the two orderings. A zero head predicts uniform at step 0 and is the same for every ordering; its first
+    step moves only the head, then the LoRA gets gradients through it.
+    """
+    missing = {key.rsplit(".", 1)[0] for key in loading_info.get("missing_keys", ())}
+    for name, module in model.named_modules():
+        if name.rsplit(".", 1)[-1] == HEAD_MODULE and name in missing and isinstance(module, torch.nn.Linear):
+            with torch.no_grad():
+                module.weight.zero_()
+                if module.bias is not None:
+                    module.bias.zero_()
 
 
 @contextlib.contextmanager

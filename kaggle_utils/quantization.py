@@ -59,7 +59,7 @@ def load_quantized_base(
     device: str | torch.device | None = None,
 ) -> PreTrainedModel:
     """Load a 16-bit checkpoint directory quantized on the fly (the QLoRA base, or the ft-then-quant export)."""
-    from kaggle_utils.modeling import default_device, load_model_config, resolve_dtype
+    from kaggle_utils.modeling import default_device, load_model_config, resolve_dtype, zero_new_score_head
 
     device = torch.device(device) if device is not None else default_device()
     compute_dtype = resolve_dtype(quant.compute_dtype if quant.compute_dtype != "auto" else model_cfg.dtype, device)
@@ -73,9 +73,12 @@ def load_quantized_base(
             attn_implementation=model_cfg.attn_implementation,
             device_map={"": str(device)},
             local_files_only=True,
+            output_loading_info=True,
         )
     except (OSError, ValueError) as error:
         raise UsageError(f"could not load {source} quantized as {quant.scheme}: {error}") from error
+    model, loading_info = model
+    zero_new_score_head(model, loading_info)
     disable_cpu_weight_repacking(model)
     return model
 

@@ -153,3 +153,31 @@ def test_predict_probs_matches_row_by_row_forward_in_input_order(tiny):
         batch = {"input_ids": torch.tensor([row]), "attention_mask": torch.ones(1, len(row), dtype=torch.long)}
         np.testing.assert_allclose(probs[index], modeling.forward_probs(tiny, batch)[0], atol=1e-5)
     assert modeling.predict_probs(tiny, [], PAD).shape == (0, 3)
+
+
+@pytest.mark.parametrize("scheme", [None, "nf4"])
+def test_a_head_the_checkpoint_lacks_starts_at_zero(tmp_path, scheme):
+    """A causal-LM checkpoint has no `score`: both the 16-bit and the quantized base start it at zero (uniform
+    predictions, the same start for both orderings), not at a random draw that differs between them."""
+    from transformers import Gemma2ForCausalLM
+
+    from kaggle_utils.config import QuantConfig
+
+    config = modeling.tiny_gemma2_config(512)
+    Gemma2ForCausalLM(config).save_pretrained(str(tmp_path))
+    quant = QuantConfig(scheme=scheme) if scheme else None
+    model = modeling.build_classifier(ModelConfig(base_model=str(tmp_path), dtype="float32"), quant=quant,
+                                      device="cpu")
+    assert torch.count_nonzero(model.score.weight) == 0
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([[5, 6, 7]])).logits
+    assert torch.allclose(logits, torch.zeros_like(logits))
+
+
+def test_a_head_the_checkpoint_has_is_kept(tmp_path):
+    model = modeling.build_classifier(ModelConfig(dtype="float32"), vocab_size=512, device="cpu")
+    model.config.__dict__.pop(modeling.RANDOM_WEIGHTS_KEY, None)
+    model.save_pretrained(str(tmp_path))
+    loaded = modeling.build_classifier(ModelConfig(base_model=str(tmp_path), dtype="float32"), device="cpu")
+    assert torch.equal(loaded.score.weight, model.score.weight)
+    assert torch.count_nonzero(loaded.score.weight) > 0

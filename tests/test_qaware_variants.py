@@ -127,3 +127,17 @@ def test_every_fine_tune_then_quantize_variant_provides_the_common_reference():
     assert common["variant"] == "ft-then-quant-int8"
     assert [round(run["qid_vs_common"], 6) for run in runs] == [0.0, 0.01, 0.02]
     assert runs[0]["per_fold"][0]["log_loss_common_reference"] == 0.91
+
+
+@pytest.mark.parametrize("scheme", ["int8", "nf4"])
+def test_both_orderings_have_a_variant_per_bitsandbytes_scheme(scheme):
+    """The real-weights study runs both orderings at 8 and 4 bits side by side, whatever quant.scheme says."""
+    from kaggle_utils.config import PipelineConfig
+
+    for ordering in ("ft-then-quant", "quant-then-ft"):
+        (variant,) = resolve_variants([f"{ordering}-{scheme}"])
+        assert variant.ordering == ordering
+        other = "nf4" if scheme == "int8" else "int8"
+        cfg = PipelineConfig()
+        cfg.quant.scheme = other
+        assert variant.configure(cfg).quant.scheme == scheme

@@ -200,6 +200,11 @@ def register_all() -> None:
             builder=base_ft.builder, export=base_ft.export, configure=_configure_scheme(scheme),
             common_reference=base_ft.common_reference,  # the same 16-bit LoRA model, merged in fp32
         ), replace=True)
+        register_variant(Variant(
+            name=f"quant-then-ft-{scheme}", ordering="quant-then-ft",
+            description=f"QLoRA: LoRA on the {label} bitsandbytes base; ship base + unmerged adapter",
+            builder=base_qlora.builder, export=base_qlora.export, configure=_configure_scheme(scheme),
+        ), replace=True)
     register_variant(Variant(
         name="apiq-init", ordering="quant-then-ft",
         description="QLoRA (NF4) whose base clipping and LoRA start are fitted block by block to reproduce "
@@ -221,7 +226,8 @@ def register_all() -> None:
         ), replace=True)
 
 
-QAWARE_VARIANTS: tuple[str, ...] = ("ft-then-quant-int8", "ft-then-quant-nf4", "apiq-init", "loftq",
+QAWARE_VARIANTS: tuple[str, ...] = ("ft-then-quant-int8", "ft-then-quant-nf4", "quant-then-ft-int8",
+                                    "quant-then-ft-nf4", "apiq-init", "loftq",
                                     "qa-lora-merged", "qa-hira-merged")
 
 
