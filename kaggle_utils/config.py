@@ -9,11 +9,17 @@ folds. Each stage reads only its own section; `PipelineConfig` bundles them for 
 from __future__ import annotations
 
 import dataclasses
+import math
+import types
+import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+
+from kaggle_utils.errors import ConfigError
 
 LABEL_COLUMNS: tuple[str, str, str] = ("winner_model_a", "winner_model_b", "winner_tie")
 CLASS_NAMES: tuple[str, str, str] = ("a", "b", "tie")
@@ -22,6 +28,9 @@ CLASS_NAMES: tuple[str, str, str] = ("a", "b", "tie")
 @dataclass
 class DataConfig:
     """Where the competition files are and which dialect they speak."""
+
+    def __post_init__(self) -> None:
+        validate_section(self)
 
     # "lmsys": CSV with JSON-list columns and one-hot winner columns (lmsys-chatbot-arena,
     # llm-classification-finetuning). "wsdm": parquet with plain-string columns and `winner` = model_a|model_b.
@@ -37,15 +46,20 @@ class DataConfig:
 class FoldConfig:
     """Stratified K-fold grouped by normalised prompt (2nd place's scheme; row folds leak)."""
 
+    def __post_init__(self) -> None:
+        validate_section(self)
+
     n_folds: int = 5
     seed: int = 42
-    folds_path: str = "folds.parquet"
 
 
 @dataclass
 class BaselineConfig:
     """Feature baseline (lengths, turns, formatting -> scikit-learn): the sanity check (~1.065 on real data)
     and inference's cheap fallback predictor."""
+
+    def __post_init__(self) -> None:
+        validate_section(self)
 
     model: Literal["hgb", "logreg"] = "hgb"
     max_iter: int = 100
@@ -64,6 +78,9 @@ class BaselineConfig:
 @dataclass
 class FormatConfig:
     """Conversation -> text -> tokens. Changing the template must change `template_version`."""
+
+    def __post_init__(self) -> None:
+        validate_section(self)
 
     template: Literal["gemma", "llama3", "chatml", "plain", "auto"] = "gemma"  # auto: the tokenizer's family
     max_length: int = 2048
@@ -84,6 +101,9 @@ class FormatConfig:
 class ModelConfig:
     """Backbone and head. `base_model` is a local HF directory or a config.json (random weights)."""
 
+    def __post_init__(self) -> None:
+        validate_section(self)
+
     base_model: str = "tiny"  # "tiny" -> built-in 2-layer Gemma-2 config; a path -> local weights or config
     num_labels: int = 3
     # Gemma-2 soft-caps attention logits; eager is exact, SDPA ignores the cap.
@@ -97,6 +117,9 @@ class ModelConfig:
 class LoraSettings:
     """peft LoRA; winners: r64 / alpha16 on all linear layers, nothing frozen, head trained in full."""
 
+    def __post_init__(self) -> None:
+        validate_section(self)
+
     r: int = 64
     alpha: int = 16
     dropout: float = 0.05
@@ -109,6 +132,9 @@ class LoraSettings:
 class QuantConfig:
     """Quantization of the shipped model."""
 
+    def __post_init__(self) -> None:
+        validate_section(self)
+
     # ft-then-quant: scheme applied to the merged model; quant-then-ft: base loaded in nf4 for QLoRA.
     scheme: Literal["nf4", "int8"] = "nf4"
     double_quant: bool = True
@@ -119,6 +145,9 @@ class QuantConfig:
 @dataclass
 class TrainConfig:
     """Training loop. Effective batch = per_device_batch_size * grad_accum * world size."""
+
+    def __post_init__(self) -> None:
+        validate_section(self)
 
     ordering: Literal["ft-then-quant", "quant-then-ft"] = "quant-then-ft"
     backend: Literal["hf", "unsloth"] = "hf"
@@ -149,7 +178,6 @@ class TrainConfig:
     optimizer: Literal["auto", "adamw", "adamw_8bit"] = "auto"  # auto: 8-bit on CUDA, torch AdamW on CPU
     seed: int = 42
     fold: int = 0
-    output_dir: str = "runs/train"
     max_steps: int | None = None  # cap for demos and tests
     eval_token_budget: int = 8192  # tokens per evaluation batch (rows x padded length)
     cv_folds: tuple[int, ...] | None = None  # folds compare-orderings trains (None: all); `fold` is train's one
@@ -158,6 +186,9 @@ class TrainConfig:
 @dataclass
 class QAwareConfig:
     """Quantization-aware variants (kaggle_utils.qaware): group-wise INT4 base, QA-LoRA / QA-HiRA, ApiQ init."""
+
+    def __post_init__(self) -> None:
+        validate_section(self)
 
     group_size: int = 64  # INT4 group along the input dim; must divide every target layer's in_features
     int4_method: Literal["rtn", "hqq"] = "hqq"  # rtn: integer zero points; hqq: HQQ's optimised float ones
@@ -175,6 +206,9 @@ class QAwareConfig:
 @dataclass
 class InferenceConfig:
     """Offline prediction under Kaggle's limits."""
+
+    def __post_init__(self) -> None:
+        validate_section(self)
 
     token_budget: int = 8192  # tokens per batch (rows * padded length), per device
     max_rows_per_batch: int | None = 64  # cap on rows per batch whatever the budget (short rows)
@@ -211,6 +245,9 @@ class InferenceConfig:
 @dataclass
 class KaggleConfig:
     """Kaggle accounts, slugs and kernel settings for `python -m kaggle_utils kaggle ...` (kaggle_cli.py)."""
+
+    def __post_init__(self) -> None:
+        validate_section(self)
 
     owner: str | None = None  # None -> the authenticated user (KAGGLE_USERNAME, kaggle.json or the token's user)
     competition: str = "llm-classification-finetuning"
@@ -288,6 +325,143 @@ class PipelineConfig:
 
     def to_yaml(self, path: str | Path) -> None:
         Path(path).write_text(yaml.safe_dump(_plain(self.to_dict()), sort_keys=False), encoding="utf-8")
+
+
+# ------------------------------------------------------------------------------------------------ validation
+
+# Ranges beyond the types. A predicate per `section.field` (the YAML's names); None values of optional fields are not checked.
+_POSITIVE: Callable[[Any], bool] = lambda v: v > 0  # noqa: E731
+_AT_LEAST_ONE: Callable[[Any], bool] = lambda v: v >= 1  # noqa: E731
+_NON_NEGATIVE: Callable[[Any], bool] = lambda v: v >= 0  # noqa: E731
+_OPEN_UNIT: Callable[[Any], bool] = lambda v: 0 < v < 1  # noqa: E731
+_RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "folds.n_folds": (lambda v: v >= 2, ">= 2"),
+    "baseline.max_iter": (_AT_LEAST_ONE, ">= 1"),
+    "baseline.learning_rate": (_POSITIVE, "> 0"),
+    "baseline.max_leaf_nodes": (lambda v: v >= 2, ">= 2"),
+    "baseline.min_samples_leaf": (_AT_LEAST_ONE, ">= 1"),
+    "baseline.l2_regularization": (_NON_NEGATIVE, ">= 0"),
+    "baseline.n_threads": (_AT_LEAST_ONE, ">= 1"),
+    "format.max_length": (lambda v: v >= 16, ">= 16 (room for the template's own tokens)"),
+    "format.head_fraction": (_OPEN_UNIT, "strictly between 0 and 1"),
+    "model.num_labels": (lambda v: v >= 2, ">= 2"),
+    "lora.r": (_AT_LEAST_ONE, ">= 1"),
+    "lora.alpha": (_POSITIVE, "> 0"),
+    "lora.dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "lora.frozen_layers": (_NON_NEGATIVE, ">= 0"),
+    "train.learning_rate": (_POSITIVE, "> 0"),
+    "train.head_learning_rate": (_POSITIVE, "> 0"),
+    "train.epochs": (_POSITIVE, "> 0"),
+    "train.per_device_batch_size": (_AT_LEAST_ONE, ">= 1"),
+    "train.grad_accum": (_AT_LEAST_ONE, ">= 1"),
+    "train.warmup_ratio": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "train.weight_decay": (_NON_NEGATIVE, ">= 0"),
+    "train.max_grad_norm": (_POSITIVE, "> 0"),
+    "train.inner_holdout_fraction": (_OPEN_UNIT, "strictly between 0 and 1"),
+    "train.eval_rows_cap": (_NON_NEGATIVE, ">= 0"),
+    "train.evals_per_run": (_NON_NEGATIVE, ">= 0"),
+    "train.eval_every_steps": (_AT_LEAST_ONE, ">= 1"),
+    "train.save_every_steps": (_AT_LEAST_ONE, ">= 1"),
+    "train.fold": (_NON_NEGATIVE, ">= 0"),
+    "train.max_steps": (_AT_LEAST_ONE, ">= 1"),
+    "train.eval_token_budget": (_AT_LEAST_ONE, ">= 1"),
+    "qaware.group_size": (_AT_LEAST_ONE, ">= 1"),
+    "qaware.adapter_rank": (_AT_LEAST_ONE, ">= 1"),
+    "qaware.adapter_alpha": (_POSITIVE, "> 0"),
+    "qaware.hira_output_repeat": (_AT_LEAST_ONE, ">= 1"),
+    "qaware.apiq_rows": (_AT_LEAST_ONE, ">= 1"),
+    "qaware.apiq_epochs": (_AT_LEAST_ONE, ">= 1"),
+    "qaware.apiq_batch_size": (_AT_LEAST_ONE, ">= 1"),
+    "qaware.apiq_lora_lr": (_POSITIVE, "> 0"),
+    "qaware.apiq_clip_lr": (_POSITIVE, "> 0"),
+    "qaware.loftq_iterations": (_AT_LEAST_ONE, ">= 1"),
+    "inference.token_budget": (_AT_LEAST_ONE, ">= 1"),
+    "inference.max_rows_per_batch": (_AT_LEAST_ONE, ">= 1"),
+    "inference.num_gpus": (_AT_LEAST_ONE, ">= 1"),
+    "inference.cpu_replicas": (_AT_LEAST_ONE, ">= 1"),
+    "inference.batch_timeout_s": (_POSITIVE, "> 0"),
+    "inference.deadline_hours": (_POSITIVE, "> 0"),
+    "inference.safety_margin_hours": (_NON_NEGATIVE, ">= 0"),
+    "inference.warmup_batches": (_NON_NEGATIVE, ">= 0"),
+    "inference.max_consecutive_failures": (_AT_LEAST_ONE, ">= 1"),
+}
+
+
+def validate_section(section: Any) -> None:
+    """Check every field of a config section against its annotation (Literal choices, bool/int/float/str,
+    optional, tuples) and `_RANGES`, at construction: a typo in a YAML file or a notebook's OVERRIDES fails
+    here, naming `section.field`, not hours later deep inside training. Two repairs, both lossless: an int
+    where a float is expected becomes that float, and a numeric string for a float field (PyYAML reads `1e-4`
+    as text) becomes the number. Lists become tuples."""
+    cls = type(section)
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(section):
+        where = f"{_SECTION_NAMES.get(cls.__name__, cls.__name__)}.{f.name}"
+        value = _checked(where, getattr(section, f.name), hints[f.name])
+        object.__setattr__(section, f.name, value)
+        check = _RANGES.get(where)
+        if check is not None and value is not None and not check[0](value):
+            raise ConfigError(f"config {where} must be {check[1]}, got {value!r}")
+    if isinstance(section, InferenceConfig) and section.safety_margin_hours >= section.deadline_hours:
+        raise ConfigError(
+            f"config inference.safety_margin_hours ({section.safety_margin_hours}) must be below "
+            f"deadline_hours ({section.deadline_hours}): no time would be left to predict"
+        )
+
+
+def _checked(where: str, value: Any, annotation: Any) -> Any:
+    """`value` if it fits `annotation` (after the repairs `validate_section` names), else ConfigError."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        options = [a for a in args if a is not type(None)]
+        errors = []
+        for option in options:
+            try:
+                return _checked(where, value, option)
+            except ConfigError as error:
+                errors.append(error)
+        raise errors[0]
+    if origin is Literal:
+        if value not in args or isinstance(value, bool) != any(isinstance(a, bool) for a in args):
+            raise ConfigError(f"config {where} must be one of {list(args)}, got {value!r}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config {where} must be a list, got {value!r}")
+        item_type = args[0] if args else Any
+        return tuple(_checked(f"{where}[{i}]", item, item_type) for i, item in enumerate(value))
+    if annotation is Any:
+        return value
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"config {where} must be true or false, got {value!r}")
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"config {where} must be an integer, got {value!r}")
+        return value
+    if annotation is float:
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                raise ConfigError(f"config {where} must be a number, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ConfigError(f"config {where} must be a finite number, got {value!r}")
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"config {where} must be a string, got {value!r}")
+        return value
+    raise TypeError(f"config {where}: no check for the annotation {annotation!r}")
+
+
+# Section class -> its key in PipelineConfig / the YAML, for messages.
+_SECTION_NAMES: dict[str, str] = {
+    typing.get_type_hints(PipelineConfig)[f.name].__name__: f.name for f in dataclasses.fields(PipelineConfig)
+}
 
 
 def _build_section(section_cls: type, values: dict[str, Any], name: str) -> Any:

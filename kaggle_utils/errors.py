@@ -5,6 +5,10 @@ class UsageError(Exception):
     """Input the user can fix (bad file, bad option): printed as one line, exit code 2."""
 
 
+class ConfigError(UsageError, ValueError):
+    """A config value of the wrong type or out of range; the message names `section.field` and the value."""
+
+
 class DataError(UsageError):
     """A competition file that cannot be used as it is. The message names the file, column and ids/rows."""
 

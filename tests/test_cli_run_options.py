@@ -8,7 +8,7 @@ import polars as pl
 import pytest
 import torch
 
-from kaggle_utils.commands.run_options import add_run_options, load_config, prepare_run
+from kaggle_utils.commands.run_options import add_run_options, config_from_args, load_config, prepare_run
 from kaggle_utils.config import PipelineConfig
 from kaggle_utils.errors import UsageError
 
@@ -72,3 +72,40 @@ def test_prepare_run_sets_torch_threads_only_when_asked(tmp_path):
         assert torch.get_num_threads() == wanted
     finally:
         torch.set_num_threads(previous)
+
+
+def test_set_overrides_apply_on_top_of_the_config_file(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("train:\n  learning_rate: 0.001\n  epochs: 2.0\nlora:\n  r: 8\n", encoding="utf-8")
+    args = _parse(["--out", str(tmp_path), "--train", "t.csv", "--config", str(config), "--set", "train.learning_rate=2e-4",
+                                 "--set", "lora.target_modules=[q_proj, v_proj]", "--set", "train.max_steps=null"])
+    cfg = config_from_args(args)
+    assert cfg.train.learning_rate == 2e-4 and cfg.train.epochs == 2.0 and cfg.lora.r == 8
+    assert cfg.lora.target_modules == ("q_proj", "v_proj") and cfg.train.max_steps is None
+
+
+@pytest.mark.parametrize(
+    ("item", "message"),
+    [
+        ("train.learning_rate", "expected SECTION.FIELD=VALUE"),
+        ("learning_rate=1", "expected SECTION.FIELD=VALUE"),
+        ("train.no_such_field=1", "unknown keys in config section 'train'"),
+        ("training.epochs=1", "unknown config sections"),
+        ("train.ordering=sideways", "train.ordering must be one of"),
+        ("train.epochs=[1", "not valid YAML"),
+    ],
+)
+def test_bad_set_overrides_are_one_line_usage_errors(item, message):
+    args = _parse(["--out", "o", "--train", "t.csv", "--set", item])
+    with pytest.raises(UsageError, match=message):
+        config_from_args(args)
+
+
+def test_every_command_that_takes_a_config_takes_set_overrides():
+    from kaggle_utils.cli import build_parser
+
+    parser = build_parser()
+    for argv in (["compare-orderings"], ["train", "--ordering", "ft-then-quant"], ["qid-study", "--out", "x", "--sample-rows", "60"],
+                 ["predict", "--artifact", "a", "--test", "t", "--out", "o"], ["kaggle", "status"]):
+        args = parser.parse_args([*argv, "--set", "train.epochs=3"])
+        assert args.set_values == ["train.epochs=3"], argv

@@ -37,3 +37,66 @@ def test_overrides_coerce_lists_to_tuples_as_yaml_does():
 def test_unknown_sections_keys_and_non_mappings_are_refused(overrides, message):
     with pytest.raises(ValueError, match=message):
         PipelineConfig().with_overrides(overrides)
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ({"train": {"ordering": "ft-then-quantize"}}, "train.ordering must be one of"),
+        ({"format": {"truncation": "keep_middle"}}, "format.truncation must be one of"),
+        ({"inference": {"device": "gpu"}}, "inference.device must be one of"),
+        ({"train": {"epochs": 0}}, "train.epochs must be > 0"),
+        ({"train": {"learning_rate": "fast"}}, "train.learning_rate must be a number"),
+        ({"format": {"max_length": "256"}}, "format.max_length must be an integer"),
+        ({"format": {"head_fraction": 1.0}}, "format.head_fraction must be strictly between 0 and 1"),
+        ({"model": {"gradient_checkpointing": "yes"}}, "model.gradient_checkpointing must be true or false"),
+        ({"lora": {"target_modules": "q_proj"}}, "lora.target_modules must be a list"),
+        ({"lora": {"r": 0}}, "lora.r must be >= 1"),
+        ({"folds": {"n_folds": 1}}, "folds.n_folds must be >= 2"),
+        ({"train": {"max_steps": 0}}, "train.max_steps must be >= 1"),
+        ({"train": {"cv_folds": [0, "1"]}}, "train.cv_folds[1] must be an integer"),
+        ({"inference": {"safety_margin_hours": 9.5}}, "must be below deadline_hours"),
+        ({"baseline": {"swap_augmentation": 1}}, "baseline.swap_augmentation must be true or false"),
+    ],
+)
+def test_values_are_checked_when_the_config_is_built(raw, message):
+    """A wrong value fails at load, naming the YAML's section.field, not deep inside a run."""
+    from kaggle_utils.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        PipelineConfig.from_dict(raw)
+
+
+def test_sections_built_in_code_are_checked_too():
+    from kaggle_utils.config import TrainConfig
+    from kaggle_utils.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="train.selection must be one of"):
+        TrainConfig(selection="best")
+
+
+def test_lossless_repairs_numbers_from_yaml_text_and_ints_for_floats():
+    """PyYAML reads 1e-4 as a string; an int where a float is meant is the same number."""
+    cfg = PipelineConfig.from_dict({"train": {"learning_rate": "1e-4", "epochs": 2}, "lora": {"dropout": 0}})
+    assert cfg.train.learning_rate == 1e-4 and isinstance(cfg.train.learning_rate, float)
+    assert cfg.train.epochs == 2.0 and isinstance(cfg.train.epochs, float)
+    assert cfg.lora.dropout == 0.0
+
+
+def test_the_defaults_and_the_shipped_configs_are_valid():
+    from pathlib import Path
+
+    PipelineConfig()
+    root = Path(__file__).resolve().parents[1]
+    shipped = [*root.glob("kaggle_utils/resources/*.yaml"), *root.glob("reports/*.yaml")]
+    assert shipped
+    for path in shipped:
+        PipelineConfig.from_yaml(path)
+
+
+def test_dead_fields_are_gone():
+    """Run-specific paths are arguments of the commands, not config fields nobody reads."""
+    with pytest.raises(ValueError, match="unknown keys"):
+        PipelineConfig.from_dict({"train": {"output_dir": "runs/x"}})
+    with pytest.raises(ValueError, match="unknown keys"):
+        PipelineConfig.from_dict({"folds": {"folds_path": "f.parquet"}})

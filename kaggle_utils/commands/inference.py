@@ -7,7 +7,7 @@ import dataclasses
 import logging
 import sys
 
-from kaggle_utils.commands.run_options import load_config
+from kaggle_utils.commands.run_options import add_set_option, config_from_args
 from kaggle_utils.config import InferenceConfig
 
 
@@ -36,6 +36,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="skip checking the artifact's files against their manifest sha256 (~10-15 s for "
                              "an 8-bit 9B artifact); only for an artifact you just checked")
     parser.add_argument("--no-progress", action="store_true")
+    add_set_option(parser)
     parser.set_defaults(handler=predict)
 
     parser = subparsers.add_parser("find-inputs", help="show the artifact / test file / wheels found under a root")
@@ -46,7 +47,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def inference_config(args: argparse.Namespace) -> InferenceConfig:
-    cfg = load_config(args.config).inference if args.config else InferenceConfig()
+    cfg = config_from_args(args).inference
     overrides = {
         "tta_swap": False if args.no_tta else None,
         "deadline_hours": args.deadline_hours,

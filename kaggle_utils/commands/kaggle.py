@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from kaggle_utils.commands.run_options import load_config
+from kaggle_utils.commands.run_options import add_set_option, config_from_args
 from kaggle_utils.config import KaggleConfig
 
 
@@ -21,6 +21,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         parser = commands.add_parser(name, help=help_text)
         parser.add_argument("--config", help="YAML config; its `kaggle:` section sets owner, slugs, competition")
         parser.add_argument("--owner", help="Kaggle user name (default: kaggle.owner, else the authenticated user)")
+        add_set_option(parser)
         parser.set_defaults(handler=handler)
         return parser
 
@@ -79,7 +80,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _config(args: argparse.Namespace) -> KaggleConfig:
-    cfg = load_config(args.config).kaggle if args.config else KaggleConfig()
+    cfg = config_from_args(args).kaggle
     return dataclasses.replace(cfg, owner=args.owner) if args.owner else cfg
 
 

@@ -28,6 +28,46 @@ def add_run_options(parser: argparse.ArgumentParser, *, data_required: bool = Fa
     source.add_argument("--sample-rows", type=int, help="generate this many competition-format rows instead")
     parser.add_argument("--folds", help="folds parquet (default: made from the config's fold settings)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's; 1 is fastest for tiny models)")
+    add_set_option(parser)
+
+
+def add_set_option(parser: argparse.ArgumentParser) -> None:
+    """--set section.field=value (repeatable): change one config value for this run, on top of --config."""
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", dest="set_values",
+        help="override one config value, e.g. --set train.learning_rate=2e-4 --set lora.r=16 (YAML syntax for "
+             "the value; repeatable; applied after --config)",
+    )
+
+
+def parse_set_values(items: list[str]) -> dict[str, dict[str, object]]:
+    """`["train.lr=1e-4", ...]` -> {"train": {"lr": 0.0001}}; the value is read as YAML (lists, true, null)."""
+    import yaml
+
+    overrides: dict[str, dict[str, object]] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        section, dot, name = key.strip().partition(".")
+        if not sep or not dot or not section or not name:
+            raise UsageError(f"--set {item!r}: expected SECTION.FIELD=VALUE, e.g. train.learning_rate=2e-4")
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError as error:
+            raise UsageError(f"--set {item!r}: the value is not valid YAML ({' '.join(str(error).split())})") from error
+        overrides.setdefault(section, {})[name] = value
+    return overrides
+
+
+def config_from_args(args: argparse.Namespace) -> PipelineConfig:
+    """--config (the defaults without one) with every --set applied; any bad value is a one-line UsageError."""
+    cfg = load_config(getattr(args, "config", None))
+    items = getattr(args, "set_values", None) or []
+    if not items:
+        return cfg
+    try:
+        return cfg.with_overrides(parse_set_values(items))
+    except (ValueError, TypeError) as error:
+        raise UsageError(f"--set: {error}") from error
 
 
 def load_config(path: str | None) -> PipelineConfig:
@@ -51,7 +91,7 @@ def load_config(path: str | None) -> PipelineConfig:
 def prepare_run(args: argparse.Namespace) -> tuple[PipelineConfig, Path, str]:
     """(cfg, out_dir, train_path) from the parsed options: sets torch's threads, creates `args.out`, and
     generates --sample-rows rows under <out>/data when asked (else --train, else the config's data.train_path)."""
-    cfg = load_config(args.config)
+    cfg = config_from_args(args)
     if args.threads:
         import torch
 
