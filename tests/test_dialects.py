@@ -305,6 +305,32 @@ def test_predict_fallback_of_a_wsdm_artifact_is_a_valid_id_winner_file(wsdm_arti
     assert set(pl.read_csv(out)["winner"]) == {"model_b"}  # prior 0.48 / 0.52
 
 
+def test_submission_notebook_on_a_wsdm_competition_folder(wsdm_artifact, wsdm_files, tmp_path):
+    """The unchanged submission notebook, headless: WSDM's test.parquet beside sample_submission.csv and a WSDM
+    artifact under a Kaggle-like input root; the dialect comes from the manifest."""
+    import shutil
+
+    import papermill
+
+    from kaggle_utils.inference import report_path_for
+
+    root = tmp_path / "input"
+    competition = root / "competitions" / "wsdm-cup-multilingual-chatbot-arena"
+    competition.mkdir(parents=True)
+    shutil.copy(wsdm_files.test_path, competition / "test.parquet")
+    shutil.copy(wsdm_files.sample_submission_csv, competition / "sample_submission.csv")
+    shutil.copytree(wsdm_artifact, root / "models" / "wsdm-artifact")
+    out = tmp_path / "submission.csv"
+    notebook = Path(__file__).resolve().parents[1] / "notebooks" / "submission.ipynb"
+    papermill.execute_notebook(str(notebook), str(tmp_path / "executed.ipynb"),
+                               parameters={"INPUT_ROOT": str(root), "OUT": str(out), "DEVICE": "cpu",
+                                           "TOKEN_BUDGET": 2048},
+                               kernel_name="python3", progress_bar=False, cwd=str(tmp_path), execution_timeout=300)
+    assert WSDM.validate(out, competition / "test.parquet").rows == 30
+    report = json.loads(report_path_for(out).read_text())
+    assert report["dialect"] == "wsdm" and report["rows_by_path"]["tta"] == 30 and not report["errors"]
+
+
 # ------------------------------------------------------------------------------------------------ compare
 def test_compare_reports_the_dialect_metric_beside_log_loss():
     from kaggle_utils import compare
