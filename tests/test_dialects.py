@@ -219,6 +219,22 @@ def test_cli_validate_submission_and_baseline_in_the_wsdm_dialect(main, wsdm_fil
     assert "unknown competition dialect 'x'" in capsys.readouterr().err
 
 
+def test_sample_rows_of_a_wsdm_config_are_generated_in_the_wsdm_format(tmp_path):
+    """train / compare-orderings --sample-rows with `data.format: wsdm`: the files its loader can read."""
+    import argparse
+
+    from kaggle_utils.commands.run_options import add_run_options, prepare_run
+
+    config = write_text(tmp_path / "wsdm.yaml", "data:\n  format: wsdm\n")
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    add_run_options(parser)
+    cfg, _, train = prepare_run(parser.parse_args(["--out", str(tmp_path / "run"), "--sample-rows", "60",
+                                                   "--config", str(config)]))
+    assert train.endswith("train.parquet")
+    assert set(load_competition(train, cfg.data).frame["label"].unique()) <= {0, 1}
+
+
 # ------------------------------------------------------------------------------------------------ predict
 @pytest.fixture(scope="module")
 def wsdm_artifact(tmp_path_factory, demo_tokenizer):
