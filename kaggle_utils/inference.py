@@ -781,7 +781,7 @@ def predict(
 
     cfg = cfg or InferenceConfig()
     validate_inference_config(cfg)
-    chosen = resolve_dialect(artifact_dir, dialect)
+    chosen = resolve_dialect(artifact_dir, dialect, test_path)
     if data_cfg is not None and data_cfg.format != chosen.name:
         raise UsageError(f"data format {data_cfg.format!r} but the dialect is {chosen.name!r} "
                          f"({'given' if dialect else 'from the artifact manifest'}): they must agree")
@@ -901,11 +901,13 @@ _MANIFEST_KEYS = ("ordering", "variant", "base_model", "quant_scheme", "dtype", 
                   "cv_scores", "package_version", "created_at", "class_prior", "dialect")
 
 
-def resolve_dialect(artifact_dir: str | Path, dialect: str | None = None) -> Any:
+def resolve_dialect(artifact_dir: str | Path, dialect: str | None = None, test_path: str | Path | None = None) -> Any:
     """The `Dialect` to read the test file and write the submission with: `dialect` when given, else the
-    artifact manifest's (LMSYS when the field is absent or the manifest unreadable: the model-loading step
-    reports an unreadable manifest). UsageError, before anything is written, for an unknown name."""
-    from kaggle_utils.dialects import dialect_of_manifest, get_dialect
+    artifact manifest's (LMSYS when the field is absent). With no readable manifest (the run will fall back on
+    every row and report why), the one dialect whose test file has `test_path`'s suffix (test.parquet: WSDM),
+    so even that fallback file is the competition's format; else LMSYS. UsageError, before anything is
+    written, for an unknown name."""
+    from kaggle_utils.dialects import dialect_names, dialect_of_manifest, get_dialect
 
     if dialect is not None:
         return get_dialect(dialect)
@@ -913,7 +915,14 @@ def resolve_dialect(artifact_dir: str | Path, dialect: str | None = None) -> Any
         manifest = json.loads((Path(artifact_dir) / MANIFEST_NAME).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         manifest = None
-    return dialect_of_manifest(manifest if isinstance(manifest, dict) else None)
+    if isinstance(manifest, dict):
+        return dialect_of_manifest(manifest)
+    if test_path is not None:
+        suffix = Path(test_path).suffix.lower()
+        matching = [name for name in dialect_names() if Path(get_dialect(name).test_file).suffix == suffix]
+        if len(matching) == 1:
+            return get_dialect(matching[0])
+    return dialect_of_manifest(None)
 
 
 def _read_manifest(artifact_dir: str | Path, record: Callable[[str, BaseException], None]) -> dict:
@@ -1095,7 +1104,7 @@ def run_submission(
     out_path = Path(out_path) if out_path is not None else default_submission_path()
     report = predict(artifact_dir, test_path, out_path, cfg, fallback_path=fallback_path, started_at=started_at,
                      dialect=dialect)
-    resolve_dialect(artifact_dir, report.dialect).validate(out_path, test_path)
+    resolve_dialect(artifact_dir, report.dialect, test_path).validate(out_path, test_path)
     if fail_on_fallback:
         raise_if_fallback(report)
     return report

@@ -347,6 +347,20 @@ def test_submission_notebook_on_a_wsdm_competition_folder(wsdm_artifact, wsdm_fi
     assert report["dialect"] == "wsdm" and report["rows_by_path"]["tta"] == 30 and not report["errors"]
 
 
+def test_predict_without_a_readable_manifest_writes_the_test_file_s_dialect(wsdm_files, tmp_path):
+    """No artifact at all: every row falls back (uniform), and the file is still a valid WSDM submission
+    because test.parquet is only WSDM's test file."""
+    from kaggle_utils import inference
+    from kaggle_utils.config import InferenceConfig
+
+    out = tmp_path / "submission.csv"
+    report = inference.predict(tmp_path / "no-such-artifact", wsdm_files.test_path, out,
+                               InferenceConfig(device="cpu", progress=False))
+    assert report.dialect == "wsdm" and report.fallback_rows == 30 and report.errors
+    assert WSDM.validate(out, wsdm_files.test_path).rows == 30
+    assert report.submission["tied_rows"] == 30 and report.submission["tie_rule"] == TIE_RULE
+
+
 # ------------------------------------------------------------------------------------------------ compare
 def test_compare_reports_the_dialect_metric_beside_log_loss():
     from kaggle_utils import compare
