@@ -72,7 +72,7 @@ FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "ordering": (str,), "variant": (str,), "base_model": (str,), "quant_scheme": (str,), "dtype": (str,),
     "max_length": (int,), "template_version": (str,), "format_config": (dict,), "folds_file_hash": (str,),
     "cv_scores": (dict, list), "package_version": (str,), "created_at": (str,), "files": (dict,),
-    "layout_version": (int,), "has_adapter": (bool,), "has_merged": (bool,),
+    "layout_version": (int,), "has_adapter": (bool,), "has_merged": (bool,), "dialect": (str,),
 }  # fmt: skip
 # Written by save_artifact since layout 1; required on load so an ordering's parts cannot silently go missing.
 LAYOUT_FIELDS: tuple[str, ...] = ("layout_version", "has_adapter", "has_merged")

@@ -63,6 +63,7 @@ import torch
 from torch import nn
 
 from kaggle_utils.config import PipelineConfig
+from kaggle_utils.dialects import Dialect, get_dialect
 from kaggle_utils.errors import UsageError
 from kaggle_utils.runtime import find_competition_file, run_output_dir
 from kaggle_utils.training import BuildModel, PeakMemory, TrainResult, distributed_state
@@ -102,7 +103,7 @@ class ExportContext:
     fold_ctx: FoldContext
     result: TrainResult
     artifact_dir: Path
-    manifest_fields: dict  # ordering, variant, base_model, folds_file_hash, cv_scores, class_prior
+    manifest_fields: dict  # ordering, variant, base_model, folds_file_hash, cv_scores, class_prior, dialect
 
     @property
     def cfg(self) -> PipelineConfig:
@@ -263,7 +264,7 @@ def resolve_training_notebook(
         train = Path(train_path)
     else:
         try:
-            train = find_competition_file(competition, "train.csv")
+            train = find_competition_file(competition, get_dialect(cfg.data.format).train_file)
         except UsageError as error:
             raise UsageError(f"{error}; set TRAIN_PATH") from None
     return cfg, train, run_output_dir(ordering, out_dir)
@@ -339,7 +340,7 @@ def compare_orderings(
                 folds_out.append(fold_run)
                 oof_tables += tables
             if folds_out:
-                runs.append(_aggregate_run(variant, seed, folds_out))
+                runs.append(_aggregate_run(variant, seed, folds_out, get_dialect(cfg.data.format)))
     if not dist.is_main_process:
         return {}
 
@@ -407,6 +408,7 @@ def _run_fold(cfg, variant: Variant, frame, folds, fold: int, seed: int, tokeniz
         "cv_scores": {"fold": fold, "train_time_eval_log_loss": _finite(result.best_eval_loss)},
         "class_prior": prior.tolist(),
         "seed": seed,
+        "dialect": cfg.data.format,  # predict() reads the test file and writes the submission in this dialect
     }
     exported = variant.export(ExportContext(fold_ctx, result, run_dir / "artifact", manifest_fields))
     val_rows = _encode_views(val_part, tokenizer, cfg)
@@ -488,9 +490,12 @@ def _model_bytes(model: nn.Module) -> int:
 # ------------------------------------------------------------------------------------------------ numbers
 
 
-def _aggregate_run(variant: Variant, seed: int, folds_out: list[dict]) -> dict:
-    """One (variant, seed): CV over all trained folds' OOF rows, and the per-fold records."""
+def _aggregate_run(variant: Variant, seed: int, folds_out: list[dict], dialect: Dialect | None = None) -> dict:
+    """One (variant, seed): CV over all trained folds' OOF rows, and the per-fold records; `cv_metric_*` are
+    the competition dialect's metric (LMSYS: log loss again; WSDM: A/B accuracy) on the same rows."""
     from kaggle_utils.metrics import log_loss
+
+    dialect = dialect or get_dialect("lmsys")
 
     labels = np.concatenate([f["labels"] for f in folds_out])
     p16 = np.concatenate([f["probs_16bit"] for f in folds_out])
@@ -509,6 +514,10 @@ def _aggregate_run(variant: Variant, seed: int, folds_out: list[dict]) -> dict:
         # filled by attach_common_reference once every variant of the seed has run
         "cv_log_loss_common_reference": None,
         "qid_vs_common": None,
+        "metric": dialect.metric.name,
+        "cv_metric_16bit": dialect.metric(labels, p16),
+        "cv_metric_quantized": dialect.metric(labels, pq),
+        "cv_secondary_quantized": {m.name: m(labels, pq) for m in dialect.secondary_metrics},
         "accuracy_16bit": float((p16.argmax(1) == labels).mean()),
         "accuracy_quantized": float((pq.argmax(1) == labels).mean()),
         "prior_log_loss": float(np.mean([f["prior_log_loss"] for f in folds_out])),
@@ -527,6 +536,7 @@ def _aggregate_run(variant: Variant, seed: int, folds_out: list[dict]) -> dict:
             {"fold": f["fold"], "log_loss_16bit": log_loss(f["labels"], f["probs_16bit"]),
              "log_loss_quantized": log_loss(f["labels"], f["probs_quantized"]),
              "log_loss_common_reference": None, "qid_vs_common": None,
+             "metric_quantized": dialect.metric(f["labels"], f["probs_quantized"]),
              "best_step": f["train"]["best_step"], "history": f["train"]["history"],
              "artifact_dir": f["artifact_dir"], "extras": f["extras"], "notes": f["notes"]}
             for f in folds_out
@@ -596,7 +606,7 @@ def attach_common_reference(runs: list[dict]) -> dict:
 
 SUMMARY_METRICS: tuple[str, ...] = (
     "cv_log_loss_16bit", "cv_log_loss_quantized", "cv_log_loss_common_reference", "qid_vs_common",
-    "gap_vs_own_reference", "accuracy_16bit", "accuracy_quantized",
+    "gap_vs_own_reference", "accuracy_16bit", "accuracy_quantized", "cv_metric_16bit", "cv_metric_quantized",
     "train_time_eval_log_loss", "train_wall_time_s", "train_tokens_per_s", "peak_rss_bytes", "peak_cuda_bytes",
     "trainable_params", "artifact_bytes", "inference_rows_per_s",
 )
@@ -673,8 +683,10 @@ def _build_report(cfg, chosen, seeds, fold_ids, runs, frame, folds_path, folds_h
         versions = {"bitsandbytes": bitsandbytes.__version__, "peft": peft.__version__}
     except ImportError:
         versions = {}
+    dialect = get_dialect(cfg.data.format)
     return {
         "question": "fine-tune -> quantize vs quantize -> fine-tune: which ships the better classifier?",
+        "dialect": dialect.describe(),
         "decision": decision,
         "common_reference": common,
         "variants": [_summarise(runs, variant) for variant in chosen],
@@ -712,6 +724,11 @@ def _build_report(cfg, chosen, seeds, fold_ids, runs, frame, folds_path, folds_h
                                  "other QLoRA-style variants: the adapter trained on the quantized base, applied "
                                  "to the 16-bit base)",
             "cv_log_loss_quantized": "held-out log loss of the shipped artifact, reloaded from disk",
+            "cv_metric_quantized": f"the competition metric of dialect '{dialect.name}' ({dialect.metric.name}, "
+                                   f"{'higher' if dialect.metric.higher_is_better else 'lower'} is better) of the "
+                                   "shipped artifact on the same held-out rows; the winner is still chosen by log "
+                                   "loss (a proper score, far less noisy than accuracy on a few hundred rows)",
+            "cv_metric_16bit": "the same metric for the variant's own 16-bit reference",
             "cv_log_loss_common_reference": "held-out log loss of the common reference: the 16-bit LoRA model of "
                                             "fine-tune -> quantize merged in fp32, same folds and seed",
             "qid_vs_common": "cv_log_loss_quantized - cv_log_loss_common_reference: what each shipped model loses "
@@ -786,6 +803,7 @@ def render_markdown(report: dict) -> str:
             f"| {_fmt(v['trainable_params'], 0)} | {_fmt(v['artifact_bytes'], 2, 1e6)} "
             f"| {_fmt(v['inference_rows_per_s'], 1)} |"
         )
+    lines += _metric_lines(report)
     priors = sorted({round(run["prior_log_loss"], 4) for run in report["runs"]})
     lines += [
         "",
@@ -816,6 +834,28 @@ def render_markdown(report: dict) -> str:
     lines += ["", f"Versions: torch {env['torch']}, transformers {env['transformers']}, "
                   f"peft {env.get('peft', '?')}, bitsandbytes {env.get('bitsandbytes', '?')}; {env['date']}.", ""]
     return "\n".join(lines)
+
+
+def _metric_lines(report: dict) -> list[str]:
+    """The competition metric per variant, when the dialect's metric is not log loss itself (WSDM: accuracy)."""
+    dialect = report.get("dialect") or {}
+    if not dialect or dialect.get("metric") == "log_loss":
+        return []
+    better = "higher" if dialect.get("higher_is_better") else "lower"
+    lines = ["", f"Competition metric ({dialect['name']}): {dialect['metric']}, {better} is better "
+                 "(the winner above is chosen by log loss).", "",
+             f"| variant | {dialect['metric']} shipped | {dialect['metric']} own 16-bit reference | secondary (shipped) |",
+             "|---|---|---|---|"]
+    for v in report["variants"]:
+        secondary = {}
+        for run in report["runs"]:
+            if run["variant"] == v["variant"]:
+                for name, value in (run.get("cv_secondary_quantized") or {}).items():
+                    secondary.setdefault(name, []).append(value)
+        text = ", ".join(f"{name} {np.mean(values):.4f}" for name, values in secondary.items()) or "-"
+        lines.append(f"| {v['variant']} | {_fmt(v.get('cv_metric_quantized'))} | {_fmt(v.get('cv_metric_16bit'))} "
+                     f"| {text} |")
+    return lines
 
 
 def plot_report(report: dict, path: str | Path) -> Path:

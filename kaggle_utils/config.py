@@ -34,6 +34,8 @@ class DataConfig:
 
     # "lmsys": CSV with JSON-list columns and one-hot winner columns (lmsys-chatbot-arena,
     # llm-classification-finetuning). "wsdm": parquet with plain-string columns and `winner` = model_a|model_b.
+    # The name of a registered competition dialect (kaggle_utils/dialects.py): it also fixes the metric and the
+    # submission file, and training records it in the artifact's manifest.
     format: Literal["lmsys", "wsdm"] = "lmsys"
     train_path: str | None = None
     test_path: str | None = None

@@ -406,13 +406,16 @@ def load_competition(
     dropped: an unrecoverable field becomes [""] and is counted. A file left with no rows (header only, or
     every train row dropped) raises `DataError`. `progress=None` shows a bar for large files.
     """
+    from kaggle_utils.dialects import dialect_names, get_dialect
+
     cfg = cfg or DataConfig()
-    if cfg.format not in ("lmsys", "wsdm"):
-        raise DataError(f"{path}: unknown data format {cfg.format!r} (expected 'lmsys' or 'wsdm')")
+    if cfg.format not in dialect_names():
+        raise DataError(f"{path}: unknown data format {cfg.format!r} (expected one of: {', '.join(dialect_names())})")
+    dialect = get_dialect(cfg.format)
     path = Path(path)
     report = DataReport(file=str(path), split=split, format=cfg.format)
     raw = _read_table(path, report)
-    label_columns = LABEL_COLUMNS if cfg.format == "lmsys" else (WSDM_LABEL_COLUMN,)
+    label_columns = dialect.label_columns
     present = [c for c in label_columns if c in raw.columns]
     if split == "auto":
         split = "train" if present else "test"
@@ -428,14 +431,14 @@ def load_competition(
             f"{path}: missing required column(s) {', '.join(missing)} for the {split} split "
             f"(format {cfg.format}; columns found: {', '.join(raw.columns) or 'none'})"
         )
-    optional = [*MODEL_COLUMNS, "language"] if cfg.format == "wsdm" else list(MODEL_COLUMNS)
+    optional = list(dialect.optional_columns)
     ignored = [c for c in raw.columns if c not in required and c not in optional]
     if ignored:
         report.warnings.append(f"ignored column(s): {', '.join(ignored)}")
 
     id_series = _parse_ids(raw["id"], path, report)
     ids = id_series.to_list()
-    labels = _parse_labels(raw, ids, path, cfg.format) if present else None
+    labels = dialect.parse_labels(raw, ids, path) if present else None
     if report.warnings and any(w.startswith("invalid UTF-8") for w in report.warnings):
         _count_replacement_chars(raw, ids, report)
 
@@ -447,7 +450,7 @@ def load_competition(
             series = raw[column]
             if not isinstance(series.dtype, (pl.String, pl.List)):
                 series = series.cast(pl.String)  # e.g. a numeric parquet column: its text is the turn
-            if cfg.format == "lmsys" and series.dtype == pl.String:
+            if dialect.text_layout == "json_lists" and series.dtype == pl.String:
                 parsed, errors = _parse_json_column(series.to_list(), ids, column, report, bar)
             else:
                 parsed, errors = _wrap_plain_column(series.to_list(), ids, report)
@@ -566,48 +569,45 @@ def _parse_ids(series: pl.Series, path: Path, report: DataReport) -> pl.Series:
     return series.rename("id")
 
 
-def _parse_labels(raw: pl.DataFrame, ids: list[Any], path: Path, fmt: str) -> list[int]:
-    """One-hot winner columns (LMSYS) or `winner` (WSDM) -> class index 0=A, 1=B, 2=tie; else DataError."""
-    if fmt == "wsdm":
-        winner = raw[WSDM_LABEL_COLUMN].cast(pl.String)
-        bad = (~winner.is_in(list(WSDM_WINNERS))).fill_null(True)
-        if bad.any():
-            rows = bad.arg_true().head(MAX_EXAMPLES).to_list()
-            examples = [(ids[r], winner[r]) for r in rows]
-            raise DataError(
-                f"{path}: column '{WSDM_LABEL_COLUMN}' must be 'model_a' or 'model_b'; "
-                f"{int(bad.sum())} bad row(s), "
-                f"(id, value): {examples}"
-            )
-        return winner.replace_strict(WSDM_WINNERS, return_dtype=pl.Int8).to_list()
-    values = raw.select(
-        [
-            pl.col(c).cast(pl.String).str.strip_chars().cast(pl.Float64, strict=False).alias(c)
-            for c in LABEL_COLUMNS
-        ]
-    )
-    is_binary = pl.all_horizontal([pl.col(c).is_in([0.0, 1.0]).fill_null(False) for c in LABEL_COLUMNS])
-    bad = values.select(~is_binary | (pl.sum_horizontal(LABEL_COLUMNS) != 1.0)).to_series()
+def parse_winner_labels(
+    raw: pl.DataFrame, ids: list[Any], path: Path, column: str = WSDM_LABEL_COLUMN,
+    winners: dict[str, int] | None = None,
+) -> list[int]:
+    """One categorical winner column (WSDM: `winner` = model_a | model_b) -> class indices; else DataError."""
+    winners = WSDM_WINNERS if winners is None else winners
+    winner = raw[column].cast(pl.String)
+    bad = (~winner.is_in(list(winners))).fill_null(True)
     if bad.any():
         rows = bad.arg_true().head(MAX_EXAMPLES).to_list()
-        originals = raw.select(LABEL_COLUMNS)
+        examples = [(ids[r], winner[r]) for r in rows]
+        raise DataError(
+            f"{path}: column '{column}' must be one of {' / '.join(repr(k) for k in winners)}; "
+            f"{int(bad.sum())} bad row(s), "
+            f"(id, value): {examples}"
+        )
+    return winner.replace_strict(winners, return_dtype=pl.Int8).to_list()
+
+
+def parse_one_hot_labels(
+    raw: pl.DataFrame, ids: list[Any], path: Path, columns: Sequence[str] = LABEL_COLUMNS
+) -> list[int]:
+    """One-hot winner columns (LMSYS: A, B, tie) -> class index = the column holding the 1; else DataError."""
+    columns = list(columns)
+    values = raw.select(
+        [pl.col(c).cast(pl.String).str.strip_chars().cast(pl.Float64, strict=False).alias(c) for c in columns]
+    )
+    is_binary = pl.all_horizontal([pl.col(c).is_in([0.0, 1.0]).fill_null(False) for c in columns])
+    bad = values.select(~is_binary | (pl.sum_horizontal(columns) != 1.0)).to_series()
+    if bad.any():
+        rows = bad.arg_true().head(MAX_EXAMPLES).to_list()
+        originals = raw.select(columns)
         examples = ", ".join(f"id {ids[r]}: {tuple(originals.row(r))}" for r in rows)
         raise DataError(
-            f"{path}: columns {', '.join(LABEL_COLUMNS)} must be one-hot "
+            f"{path}: columns {', '.join(columns)} must be one-hot "
             "(each 0 or 1, exactly one 1 per row); "
             f"{int(bad.sum())} bad row(s): {examples}" + (" ..." if bad.sum() > len(rows) else "")
         )
-    return (
-        values.select(
-            pl.when(pl.col(LABEL_COLUMNS[0]) == 1.0)
-            .then(0)
-            .when(pl.col(LABEL_COLUMNS[1]) == 1.0)
-            .then(1)
-            .otherwise(2)
-        )
-        .to_series()
-        .to_list()
-    )
+    return np.argmax(values.to_numpy(), axis=1).tolist()
 
 
 def _handle_failures(

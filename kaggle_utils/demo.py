@@ -6,6 +6,8 @@ records its results under its own key of the report (`demo_report.json` / `demo_
 `LLM_STEPS` then train both quantization orderings on the same folds file (tiny random-weight Gemma-2, demo-scale
 settings from `compare.DEMO_CONFIG`), and ship the winner's quantized artifact through the offline inference
 engine (swap TTA, time guard, baseline as the fallback), replacing the submission with a validated one.
+`dialect="wsdm"` runs the same steps on generated WSDM Cup files (parquet, `winner` A/B): its metric (accuracy)
+is reported beside log loss, and both submissions are WSDM's `id, winner` files, validated.
 """
 
 from __future__ import annotations
@@ -24,12 +26,12 @@ import polars as pl
 from kaggle_utils import __version__
 from kaggle_utils.baseline import BaselineResult, run_baseline_cv
 from kaggle_utils.config import BaselineConfig, FoldConfig, InferenceConfig
-from kaggle_utils.data import LoadedData, load_competition
+from kaggle_utils.data import LoadedData
+from kaggle_utils.dialects import Dialect, get_dialect
 from kaggle_utils.fileio import atomic_write_bytes
 from kaggle_utils.folds import fold_summary, make_folds, save_folds
-from kaggle_utils.metrics import save_oof
-from kaggle_utils.sample import SampleFiles, generate_competition_files
-from kaggle_utils.submission import validate_submission, write_submission
+from kaggle_utils.metrics import oof_probs, save_oof
+from kaggle_utils.sample import SampleFiles
 
 
 @dataclass
@@ -43,6 +45,7 @@ class DemoState:
     seed: int
     fold_config: FoldConfig
     baseline_config: BaselineConfig
+    dialect: Dialect = field(default_factory=lambda: get_dialect("lmsys"))
     files: SampleFiles | None = None
     train: LoadedData | None = None
     test: LoadedData | None = None
@@ -64,22 +67,24 @@ class DemoStep:
 
 
 def step_sample(state: DemoState) -> str:
-    state.files = generate_competition_files(
+    state.files = state.dialect.generate_sample(
         state.out_dir / "data", n_train=state.n_train, n_test=state.n_test, seed=state.seed
     )
     state.report["sample"] = {
+        "dialect": state.dialect.name,
         "train_csv": str(state.files.train_csv),
         "test_csv": str(state.files.test_csv),
         "n_train": state.n_train,
         "n_test": state.n_test,
         "seed": state.seed,
     }
-    return f"{state.n_train} train / {state.n_test} test rows in competition format -> {state.files.train_csv.parent}"
+    return (f"{state.n_train} train / {state.n_test} test rows in {state.dialect.name} format -> "
+            f"{state.files.train_path.parent}")
 
 
 def step_load(state: DemoState) -> str:
-    state.train = load_competition(state.files.train_csv, split="train")
-    state.test = load_competition(state.files.test_csv, split="test")
+    state.train = state.dialect.load(state.files.train_path, split="train")
+    state.test = state.dialect.load(state.files.test_path, split="test")
     train_report, test_report = state.train.report, state.test.report
     state.report["load"] = {"train": train_report.to_dict(), "test": test_report.to_dict()}
     state.report["load_text"] = {"train": train_report.to_text(), "test": test_report.to_text()}
@@ -123,8 +128,14 @@ def step_baseline(state: DemoState) -> str:
         "oof_path": str(oof_path),
         "model_path": str(model_path),
     }
+    metric = state.dialect.metric
+    competition = ""
+    if metric.name != "log_loss":  # the competition's own metric first (WSDM: accuracy of the written winner)
+        scores = state.dialect.scores(state.baseline.oof["label"].to_numpy(), oof_probs(state.baseline.oof))
+        state.report["baseline"]["competition_metric"] = {"name": metric.name, "scores": scores}
+        competition = f"OOF {metric.name} {scores[metric.name]:.4f}; "
     return (
-        f"OOF log loss {score.log_loss:.4f} vs class prior {score.prior_log_loss:.4f} and uniform "
+        f"{competition}OOF log loss {score.log_loss:.4f} vs class prior {score.prior_log_loss:.4f} and uniform "
         f"{score.uniform_log_loss:.4f}; per fold " + ", ".join(f"{v:.4f}" for v in score.per_fold.values())
     )
 
@@ -132,15 +143,16 @@ def step_baseline(state: DemoState) -> str:
 def step_submission(state: DemoState) -> str:
     test_frame = state.test.frame
     probs = state.baseline.model.predict_proba(test_frame)
-    written = write_submission(
+    written = state.dialect.write(
         test_frame["id"],
         probs,
         state.submission_path,
         expected_ids=test_frame["id"],
         fallback_prior=state.baseline.model.class_prior,
     )
-    validated = validate_submission(state.submission_path, state.files.test_csv)
+    validated = state.dialect.validate(state.submission_path, state.files.test_path)
     state.report["submission"] = {
+        "dialect": state.dialect.name,
         **written.to_dict(),
         "validated": True,
         "mean_probs": dict(zip(("a", "b", "tie"), np.round(probs.mean(axis=0), 4).tolist(), strict=True)),
@@ -154,11 +166,13 @@ def step_orderings(state: DemoState) -> str:
 
     from kaggle_utils.compare import compare_orderings, demo_config
 
+    cfg = demo_config()
+    cfg.data.format = state.dialect.name  # type: ignore[assignment]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny model on a shared small box: one thread is far faster (see compare.py)
     try:
         state.comparison = compare_orderings(
-            demo_config(), state.files.train_csv, state.out_dir / "orderings",
+            cfg, state.files.train_path, state.out_dir / "orderings",
             folds_path=state.folds_path, seeds=(state.seed,), progress=False,
         )
     finally:
@@ -171,16 +185,20 @@ def step_orderings(state: DemoState) -> str:
         "variants": {
             name: {metric: (v[metric] or {}).get("mean") for metric in
                    ("cv_log_loss_16bit", "cv_log_loss_quantized", "qid_vs_common", "gap_vs_own_reference",
-                    "accuracy_quantized",
+                    "accuracy_quantized", "cv_metric_quantized",
                     "train_wall_time_s", "artifact_bytes", "inference_rows_per_s")}
             for name, v in variants.items()
         },
+        "metric": state.dialect.metric.name,
     }
     scores = ", ".join(
         f"{name} {v['cv_log_loss_quantized']['mean']:.4f} (QiD vs common 16-bit reference "
         f"{v['qid_vs_common']['mean']:+.4f})" for name, v in variants.items()
     )
-    return f"shipped CV log loss: {scores}; {decision['statement']}"
+    metric = state.dialect.metric.name
+    competition = "" if metric == "log_loss" else "shipped CV " + metric + ": " + ", ".join(
+        f"{name} {v['cv_metric_quantized']['mean']:.4f}" for name, v in variants.items()) + "; "
+    return f"{competition}shipped CV log loss: {scores}; {decision['statement']}"
 
 
 def step_inference(state: DemoState) -> str:
@@ -191,12 +209,14 @@ def step_inference(state: DemoState) -> str:
     winner = next(run for run in state.comparison["runs"] if run["variant"] == decision["winner"])
     artifact_dir = winner["per_fold"][0]["artifact_dir"]
     # A CPU-sized token budget: on CPU smaller batches are faster (benchmarks/bench_inference.py).
+    # The dialect comes from the artifact's manifest (the comparison trained it on this dialect's data).
     inference = predict(
-        artifact_dir, state.files.test_csv, state.submission_path,
+        artifact_dir, state.files.test_path, state.submission_path,
         InferenceConfig(token_budget=2048, progress=False), fallback_path=state.baseline_model_path,
     )
-    validated = validate_submission(state.submission_path, state.files.test_csv)
+    validated = state.dialect.validate(state.submission_path, state.files.test_path)
     state.report["inference"] = {
+        "dialect": inference.dialect,
         "artifact_dir": artifact_dir,
         "variant": decision["winner"],
         "submission": str(state.submission_path),
@@ -238,8 +258,10 @@ def run_demo(
     fold_config: FoldConfig | None = None,
     baseline_config: BaselineConfig | None = None,
     echo: Callable[[str], None] = print,
+    dialect: str = "lmsys",
 ) -> dict[str, Any]:
-    """Run every step in order; writes demo_report.json/.md under `out_dir` and returns the report dict."""
+    """Run every step in order; writes demo_report.json/.md under `out_dir` and returns the report dict.
+    `dialect` names the competition format generated and used throughout (lmsys or wsdm)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     steps = DEMO_STEPS if steps is None else steps
@@ -251,11 +273,13 @@ def run_demo(
         seed=seed,
         fold_config=fold_config or FoldConfig(),
         baseline_config=baseline_config or BaselineConfig(),
+        dialect=get_dialect(dialect),
     )
     state.report["meta"] = {
         "package_version": __version__,
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "out_dir": str(out_dir),
+        "dialect": state.dialect.describe(),
     }
     timings: dict[str, float] = {}
     lines: list[str] = []
@@ -313,6 +337,9 @@ def _markdown(report: dict[str, Any]) -> str:
             "per fold: " + ", ".join(f"{fold}: {value:.4f}" for fold, value in base["per_fold"].items()),
             "",
         ]
+        if "competition_metric" in base:
+            lines += ["Competition metric (OOF): " + ", ".join(
+                f"{name} {value:.4f}" for name, value in base["competition_metric"]["scores"].items()), ""]
     if "orderings" in report:
         orderings = report["orderings"]
         lines += [
@@ -328,6 +355,9 @@ def _markdown(report: dict[str, Any]) -> str:
                 f"| {v['qid_vs_common']:+.4f} | {v['gap_vs_own_reference']:+.4f} "
                 f"| {v['accuracy_quantized']:.3f} | {v['train_wall_time_s']:.1f} | {v['artifact_bytes'] / 1e6:.2f} |"
             )
+        if orderings.get("metric", "log_loss") != "log_loss":
+            lines += ["", f"Shipped CV {orderings['metric']}: " + ", ".join(
+                f"{name} {v['cv_metric_quantized']:.4f}" for name, v in orderings["variants"].items())]
         lines += ["", orderings["decision"]["statement"], "", f"full report: `{orderings['report_dir']}/report.md`", ""]
     if "inference" in report:
         inference = report["inference"]

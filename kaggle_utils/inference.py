@@ -22,7 +22,9 @@ Two layers:
   one model replica per device (threads here, or one worker process each), runs the engine, combines the
   views (mean of the original and the un-swapped swapped prediction), fills every row no model pass served
   with the cheapest good prediction (baseline model, else the class prior from the manifest, else uniform),
-  writes the submission atomically and a JSON report beside it with how many rows each path served.
+  writes the submission atomically and a JSON report beside it with how many rows each path served. The file
+  is the competition dialect's (`dialects.py`, named in the artifact's manifest): LMSYS's three probability
+  columns, or WSDM's `id, winner`.
 
 Error policy (decided here): after the test ids are read, no exception escapes `predict` by default, because
 on Kaggle any exception fails the submission even when the file exists; errors are logged, counted and
@@ -639,6 +641,7 @@ class InferenceReport:
     submission_path: str
     test_path: str
     artifact_dir: str
+    dialect: str = ""  # the competition dialect the file was written in (dialects.py)
     rows: int = 0
     rows_by_path: dict[str, int] = field(default_factory=dict)
     fallback_source: str = ""
@@ -758,8 +761,13 @@ def predict(
     clock: Callable[[], float] = time.monotonic,
     runtime: Any = None,
     wrap_forward: Callable[[ForwardFn, str], ForwardFn] | None = None,
+    dialect: str | None = None,
 ) -> InferenceReport:
     """Write a valid submission for `test_path` with the artifact's model; see the module docstring.
+
+    The competition dialect (how the test file is read, which submission file is written and validated) is
+    `dialect` when given, else the manifest's `dialect` field, else LMSYS (artifacts from before the field).
+    A `data_cfg` whose format is another dialect is refused.
 
     `started_at` (epoch seconds, e.g. the notebook's first cell) makes the deadline count time already spent.
     `clock` and `wrap_forward(forward, device_name)` are seams for tests and benchmarks (fault injection, fake
@@ -769,10 +777,14 @@ def predict(
     `raise_if_fallback`.
     """
     from kaggle_utils.runtime import detect_runtime
-    from kaggle_utils.submission import read_test_ids, validate_submission, write_submission
+    from kaggle_utils.submission import read_test_ids
 
     cfg = cfg or InferenceConfig()
     validate_inference_config(cfg)
+    chosen = resolve_dialect(artifact_dir, dialect, test_path)
+    if data_cfg is not None and data_cfg.format != chosen.name:
+        raise UsageError(f"data format {data_cfg.format!r} but the dialect is {chosen.name!r} "
+                         f"({'given' if dialect else 'from the artifact manifest'}): they must agree")
     out_path = Path(out_path)
     inputs = [("test file", test_path), ("fallback baseline", fallback_path), ("artifact", artifact_dir)]
     for output in (out_path, report_path_for(out_path), fallback_path_for(out_path)):
@@ -792,7 +804,7 @@ def predict(
     deadline = began + budget
     report = InferenceReport(
         submission_path=str(out_path), test_path=str(test_path), artifact_dir=str(artifact_dir),
-        tta_requested=cfg.tta_swap, deadline_s=budget,
+        tta_requested=cfg.tta_swap, deadline_s=budget, dialect=chosen.name,
     )
     from kaggle_utils.runtime import is_competition_rerun, on_kaggle
 
@@ -812,7 +824,7 @@ def predict(
     try:
         from kaggle_utils.data import load_competition
 
-        loaded = load_competition(test_path, data_cfg or DataConfig(), split="test")
+        loaded = load_competition(test_path, data_cfg or chosen.data_config(), split="test")
         frame = loaded.frame
         report.data_report = loaded.report.to_dict()
         frame_ids = frame["id"].cast(pl.String).str.strip_chars().to_list()
@@ -832,11 +844,11 @@ def predict(
     early = out_path
     if out_path.is_file():
         try:  # a valid submission for this test file stays in place until the new one is complete
-            validate_submission(out_path, test_path)
+            chosen.validate(out_path, test_path)
             early = fallback_path_for(out_path)
         except SubmissionError:
             pass  # not a valid file for this test set: the fallback replaces it at once
-    write_submission(ids, fallback, early, expected_ids=ids)
+    chosen.write(ids, fallback, early, expected_ids=ids)
     report.fallback_file = str(early)
     views = ViewPredictions(
         np.full((1, len(ids), len(LABEL_COLUMNS)), np.nan), np.zeros((1, len(ids)), dtype=bool)
@@ -855,7 +867,7 @@ def predict(
     final, paths = combine_views(views, fallback)
     report.rows_by_path = {name: int((paths == name).sum()) for name in
                            (PATH_TTA, PATH_ORIGINAL, PATH_SWAPPED, PATH_FALLBACK)}
-    submission = write_submission(ids, final, out_path, expected_ids=ids)
+    submission = chosen.write(ids, final, out_path, expected_ids=ids)
     report.submission = submission.to_dict()
     if early != out_path:
         with contextlib.suppress(OSError):
@@ -886,7 +898,31 @@ def _write_report(report: InferenceReport, record: Callable[[str, BaseException]
 
 
 _MANIFEST_KEYS = ("ordering", "variant", "base_model", "quant_scheme", "dtype", "max_length", "template_version",
-                  "cv_scores", "package_version", "created_at", "class_prior")
+                  "cv_scores", "package_version", "created_at", "class_prior", "dialect")
+
+
+def resolve_dialect(artifact_dir: str | Path, dialect: str | None = None, test_path: str | Path | None = None) -> Any:
+    """The `Dialect` to read the test file and write the submission with: `dialect` when given, else the
+    artifact manifest's (LMSYS when the field is absent). With no readable manifest (the run will fall back on
+    every row and report why), the one dialect whose test file has `test_path`'s suffix (test.parquet: WSDM),
+    so even that fallback file is the competition's format; else LMSYS. UsageError, before anything is
+    written, for an unknown name."""
+    from kaggle_utils.dialects import dialect_names, dialect_of_manifest, get_dialect
+
+    if dialect is not None:
+        return get_dialect(dialect)
+    try:
+        manifest = json.loads((Path(artifact_dir) / MANIFEST_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        manifest = None
+    if isinstance(manifest, dict):
+        return dialect_of_manifest(manifest)
+    if test_path is not None:
+        suffix = Path(test_path).suffix.lower()
+        matching = [name for name in dialect_names() if Path(get_dialect(name).test_file).suffix == suffix]
+        if len(matching) == 1:
+            return get_dialect(matching[0])
+    return dialect_of_manifest(None)
 
 
 def _read_manifest(artifact_dir: str | Path, record: Callable[[str, BaseException], None]) -> dict:
@@ -1047,15 +1083,17 @@ def run_submission(
     test_hint: str | None = None,
     started_at: float | None = None,
     fail_on_fallback: bool = True,
+    dialect: str | None = None,
 ) -> InferenceReport:
     """The submission notebook's one call: find what is not given under `input_root` (see
     `runtime.find_inputs`), default the output to /kaggle/working/submission.csv on Kaggle (else
     submissions/submission.csv), predict, and validate the written file against the test file.
 
     With `fail_on_fallback` it then raises (`raise_if_fallback`) when any row fell back, except in the
-    competition rerun; the notebook passes False, prints the summary, then calls `raise_if_fallback` itself."""
+    competition rerun; the notebook passes False, prints the summary, then calls `raise_if_fallback` itself.
+    `dialect` None: the artifact manifest's (LMSYS or WSDM: which test file is read and which submission
+    file is written and validated)."""
     from kaggle_utils.runtime import default_submission_path, find_inputs
-    from kaggle_utils.submission import validate_submission
 
     if artifact_dir is None or test_path is None:
         found = find_inputs(input_root, artifact_hint=artifact_hint, test_hint=test_hint)
@@ -1064,8 +1102,9 @@ def run_submission(
         test_path = test_path or found.test_path
         fallback_path = fallback_path or found.baseline_path
     out_path = Path(out_path) if out_path is not None else default_submission_path()
-    report = predict(artifact_dir, test_path, out_path, cfg, fallback_path=fallback_path, started_at=started_at)
-    validate_submission(out_path, test_path)
+    report = predict(artifact_dir, test_path, out_path, cfg, fallback_path=fallback_path, started_at=started_at,
+                     dialect=dialect)
+    resolve_dialect(artifact_dir, report.dialect, test_path).validate(out_path, test_path)
     if fail_on_fallback:
         raise_if_fallback(report)
     return report

@@ -169,6 +169,15 @@ class SampleFiles:
     sample_submission_csv: Path
     traps: dict[str, dict[str, list[int]]] = field(default_factory=dict)
 
+    # The generic names: for a parquet dialect (WSDM) the `*_csv` fields hold the parquet paths.
+    @property
+    def train_path(self) -> Path:
+        return self.train_csv
+
+    @property
+    def test_path(self) -> Path:
+        return self.test_csv
+
 
 @dataclass
 class SampleData:
@@ -521,6 +530,133 @@ def _to_frame(rows: list[_Row], ids: list[int], with_labels: bool) -> pl.DataFra
     if with_labels:
         schema.update(dict.fromkeys(LABEL_COLUMNS, pl.Int64))
     return pl.DataFrame(columns, schema=schema)
+
+
+# ------------------------------------------------------------------------------------------------------ WSDM
+WSDM_LANGUAGES: dict[str, tuple[float, str]] = {  # language -> (share of rows, a phrase in it added to the prompt)
+    "English": (0.55, ""),
+    "Russian": (0.12, "Пожалуйста, ответь подробно. "),
+    "Chinese": (0.12, "请详细回答这个问题。"),
+    "Spanish": (0.11, "Por favor, responde con detalle. "),
+    "German": (0.10, "Bitte antworte ausführlich. "),
+}
+# WSDM cells are plain parquet strings: no JSON traps; these are the traps that format still has.
+WSDM_TRAP_RATES: dict[str, float] = {
+    "null_response": 0.005,  # a missing response (parquet null)
+    "empty_prompt": 0.002,
+    "both_responses_empty": 0.002,
+    "nul_character": 0.002,
+    "identical_responses_non_tie": 0.003,
+}
+
+
+def generate_wsdm_frames(
+    n_train: int = 2000, n_test: int = 200, seed: int = 0, traps: bool = True
+) -> SampleData:
+    """The WSDM Cup files as polars frames: train (`id` strings, plain-string prompt/responses, `winner`
+    model_a|model_b, model names, `language`), test (`id` integers, `scored`), sample_submission (`id, winner`).
+
+    Same hidden-score signal as the LMSYS sample; rows the score calls a tie are not kept (WSDM has no tie
+    class), so rows are generated until `n_train + n_test` remain. Multi-turn rows are joined into one string
+    per side (WSDM cells hold one turn)."""
+    rng = np.random.default_rng(seed)
+    text = _TextMaker(rng)
+    needed = n_train + n_test
+    rows: list[_Row] = []
+    while len(rows) < needed:
+        batch = _generate_rows(rng, text, max(64, int((needed - len(rows)) * 1.6)), set(), desc="generating wsdm")
+        rows += [row for row in batch if row.label != 2]
+    rows = rows[:needed]
+    languages = list(WSDM_LANGUAGES)
+    shares = np.array([share for share, _ in WSDM_LANGUAGES.values()])
+    language = rng.choice(len(languages), size=needed, p=shares / shares.sum())
+    cells: list[dict[str, Any]] = []
+    for row, lang in zip(rows, language, strict=True):
+        phrase = WSDM_LANGUAGES[languages[lang]][1]
+        cells.append({
+            "prompt": phrase + "\n\n".join(row.prompt),
+            "response_a": "\n\n".join(row.response_a),
+            "response_b": "\n\n".join(row.response_b),
+            "winner": ("model_a", "model_b")[row.label],
+            "model_a": row.model_a,
+            "model_b": row.model_b,
+            "language": languages[lang],
+        })
+    order = rng.permutation(needed)
+    train_cells = [cells[i] for i in order[:n_train]]
+    test_cells = [cells[i] for i in order[n_train:]]
+    train_ids = [rng.bytes(20).hex() for _ in range(n_train)]
+    test_ids = (1_000_000 + np.cumsum(rng.integers(1, 5_000, size=n_test))).tolist()
+    trap_ids: dict[str, dict[str, list]] = {}
+    for split, split_cells, ids in (("train", train_cells, train_ids), ("test", test_cells, test_ids)):
+        plan = _plan_wsdm_traps(rng, len(split_cells)) if traps else {}
+        for kind, indices in plan.items():
+            for index in indices:
+                _apply_wsdm_trap(kind, split_cells[index], rng)
+        trap_ids[split] = {kind: [ids[i] for i in indices] for kind, indices in plan.items()}
+    train = pl.DataFrame(
+        {"id": train_ids, **{c: [cell[c] for cell in train_cells] for c in
+                             ("prompt", "response_a", "response_b", "winner", "model_a", "model_b", "language")}},
+        schema={"id": pl.String, **dict.fromkeys(
+            ("prompt", "response_a", "response_b", "winner", "model_a", "model_b", "language"), pl.String)},
+    )
+    test = pl.DataFrame(
+        {"id": test_ids, **{c: [cell[c] for cell in test_cells] for c in ("prompt", "response_a", "response_b")},
+         "scored": (rng.random(n_test) < 0.5).tolist()},
+        schema={"id": pl.Int64, "prompt": pl.String, "response_a": pl.String, "response_b": pl.String,
+                "scored": pl.Boolean},
+    )
+    submission = pl.DataFrame({"id": test_ids, "winner": ["model_a"] * n_test},
+                              schema={"id": pl.Int64, "winner": pl.String})
+    return SampleData(train=train, test=test, sample_submission=submission, traps=trap_ids)
+
+
+def generate_wsdm_files(
+    out_dir: str | Path, n_train: int = 2000, n_test: int = 200, seed: int = 0, traps: bool = True
+) -> SampleFiles:
+    """Write train.parquet, test.parquet, sample_submission.csv (WSDM Cup format) in `out_dir`."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    data = generate_wsdm_frames(n_train=n_train, n_test=n_test, seed=seed, traps=traps)
+    files = SampleFiles(
+        train_csv=out / "train.parquet",
+        test_csv=out / "test.parquet",
+        sample_submission_csv=out / "sample_submission.csv",
+        traps=data.traps,
+    )
+    data.train.write_parquet(files.train_csv)
+    data.test.write_parquet(files.test_csv)
+    data.sample_submission.write_csv(files.sample_submission_csv)
+    return files
+
+
+def _plan_wsdm_traps(rng: np.random.Generator, n: int) -> dict[str, list[int]]:
+    counts = {kind: max(1, round(rate * n)) for kind, rate in WSDM_TRAP_RATES.items()}
+    order = rng.permutation(n).tolist()
+    plan: dict[str, list[int]] = {}
+    used = 0
+    for kind, count in counts.items():
+        take = order[used : used + count]
+        if not take:
+            break
+        plan[kind] = sorted(take)
+        used += len(take)
+    return plan
+
+
+def _apply_wsdm_trap(kind: str, cell: dict[str, Any], rng: np.random.Generator) -> None:
+    if kind == "null_response":
+        cell["response_b" if rng.random() < 0.5 else "response_a"] = None
+    elif kind == "empty_prompt":
+        cell["prompt"] = ""
+    elif kind == "both_responses_empty":
+        cell["response_a"] = cell["response_b"] = ""
+    elif kind == "nul_character":
+        cell["response_a"] = _insert(cell["response_a"], "\x00", rng)
+    elif kind == "identical_responses_non_tie":
+        cell["response_b"] = cell["response_a"]
+    else:
+        raise ValueError(f"unknown WSDM trap kind {kind!r}")
 
 
 # ----------------------------------------------------------------------------------------------------- stats

@@ -37,6 +37,10 @@ class SubmissionReport:
     fallback_rows: int = 0
     fallback: str = ""
     fallback_ids: list = field(default_factory=list)
+    # label submissions (e.g. WSDM's `winner`): rows whose two probabilities were exactly equal, and the rule
+    # that decided them (see dialects.ab_winners)
+    tied_rows: int = 0
+    tie_rule: str = ""
 
     def summary(self) -> str:
         text = f"{self.path}: {self.rows} rows"
@@ -47,6 +51,8 @@ class SubmissionReport:
                 f", {self.fallback_rows} rows with non-finite, negative or all-zero probabilities replaced by "
                 f"the {self.fallback} (ids {_join(self.fallback_ids)})"
             )
+        if self.tied_rows:
+            text += f", {self.tied_rows} rows with equal probabilities decided by rule: {self.tie_rule}"
         return text
 
     def to_dict(self) -> dict:
@@ -57,6 +63,8 @@ class SubmissionReport:
             "fallback_rows": self.fallback_rows,
             "fallback": self.fallback,
             "fallback_ids": [str(value) for value in self.fallback_ids],
+            "tied_rows": self.tied_rows,
+            "tie_rule": self.tie_rule,
         }
 
 
@@ -74,11 +82,41 @@ def write_submission(
     and counted. With `expected_ids` (the test file's ids), the id sets must match exactly.
     """
     path = Path(path)
+    ids_series = check_ids(ids, path, len(LABEL_COLUMNS), probs, expected_ids)
+    repaired = repair_probabilities(probs, path, fallback_prior)
+    probs, unusable = repaired.probs, repaired.fallback_mask
+
+    table = pl.DataFrame(
+        {"id": ids_series, **{column: probs[:, i] for i, column in enumerate(LABEL_COLUMNS)}}
+    )
+    buffer = io.BytesIO()
+    table.write_csv(buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+    return SubmissionReport(
+        path=str(path),
+        rows=table.height,
+        renormalised_rows=repaired.renormalised_rows,
+        fallback_rows=int(unusable.sum()),
+        fallback=repaired.fallback_name if unusable.any() else "",
+        fallback_ids=ids_series.filter(pl.Series(unusable)).head(_SHOWN).to_list(),
+    )
+
+
+def check_ids(
+    ids: Sequence | pl.Series,
+    path: Path,
+    n_columns: int,
+    probs: np.ndarray,
+    expected_ids: Iterable | pl.Series | None = None,
+) -> pl.Series:
+    """The ids as a Series named `id`, after the checks every writer makes before touching the file:
+    `probs` is (rows, n_columns), at least one row, no null or duplicate id, and (with `expected_ids`) exactly
+    the test file's id set. Raises SubmissionError naming the file."""
     ids_series = ids.alias("id") if isinstance(ids, pl.Series) else pl.Series("id", list(ids))
-    probs = np.array(probs, dtype=np.float64, copy=True)
-    if probs.ndim != 2 or probs.shape != (len(ids_series), len(LABEL_COLUMNS)):
+    shape = np.shape(probs)
+    if len(shape) != 2 or tuple(shape) != (len(ids_series), n_columns):
         raise SubmissionError(
-            f"{path}: probabilities must have shape ({len(ids_series)}, {len(LABEL_COLUMNS)}), got {probs.shape}"
+            f"{path}: probabilities must have shape ({len(ids_series)}, {n_columns}), got {tuple(shape)}"
         )
     if len(ids_series) == 0:
         raise SubmissionError(f"{path}: refusing to write a submission with no rows")
@@ -91,19 +129,39 @@ def write_submission(
         )
     if problems:
         raise SubmissionError(f"{path}: " + "; ".join(problems))
+    return ids_series
 
+
+@dataclass
+class RepairedProbabilities:
+    """(n, k) rows summing to one; which rows were replaced by the fallback and how many renormalised."""
+
+    probs: np.ndarray
+    fallback_mask: np.ndarray
+    renormalised_rows: int
+    fallback_name: str
+
+
+def repair_probabilities(
+    probs: np.ndarray, path: Path, fallback_prior: np.ndarray | None = None
+) -> RepairedProbabilities:
+    """Rows renormalised to sum to one; a row that cannot be (NaN/inf, negative, all zeros) replaced by
+    `fallback_prior` (or uniform) and counted. Shared by every dialect's writer, so no writer drops a row."""
+    probs = np.array(probs, dtype=np.float64, copy=True)
+    n_columns = probs.shape[1]
     if fallback_prior is None:
-        fallback = np.full(len(LABEL_COLUMNS), 1.0 / len(LABEL_COLUMNS))
+        fallback = np.full(n_columns, 1.0 / n_columns)
         fallback_name = "uniform distribution"
     else:
         fallback = np.asarray(fallback_prior, dtype=np.float64)
         if (
-            fallback.shape != (len(LABEL_COLUMNS),)
+            fallback.shape != (n_columns,)
             or not np.all(np.isfinite(fallback))
             or np.any(fallback < 0)
+            or not fallback.sum() > 0
         ):
             raise SubmissionError(
-                f"{path}: fallback prior must be 3 finite non-negative numbers, got {fallback_prior}"
+                f"{path}: fallback prior must be {n_columns} finite non-negative numbers, got {fallback_prior}"
             )
         fallback = fallback / fallback.sum()
         fallback_name = "class prior " + "/".join(f"{value:.4f}" for value in fallback)
@@ -115,21 +173,7 @@ def write_submission(
     sums = probs.sum(axis=1)
     renormalised = (~unusable) & (np.abs(sums - 1.0) > _RENORMALISED_REPORT_TOLERANCE)
     probs /= sums[:, None]
-
-    table = pl.DataFrame(
-        {"id": ids_series, **{column: probs[:, i] for i, column in enumerate(LABEL_COLUMNS)}}
-    )
-    buffer = io.BytesIO()
-    table.write_csv(buffer)
-    atomic_write_bytes(path, buffer.getvalue())
-    return SubmissionReport(
-        path=str(path),
-        rows=table.height,
-        renormalised_rows=int(renormalised.sum()),
-        fallback_rows=int(unusable.sum()),
-        fallback=fallback_name if unusable.any() else "",
-        fallback_ids=ids_series.filter(pl.Series(unusable)).head(_SHOWN).to_list(),
-    )
+    return RepairedProbabilities(probs, unusable, int(renormalised.sum()), fallback_name)
 
 
 def read_test_ids(test_path: str | Path) -> pl.Series:

@@ -40,8 +40,9 @@ NOTEBOOK_STARTED = time.time()  # the deadline counts from here (Kaggle's 9 h in
 INPUT_ROOT = None  # None: /kaggle/input on Kaggle, else ./data
 ARTIFACT_DIR = None  # None: the directory with manifest.json found under INPUT_ROOT
 ARTIFACT_HINT = None  # substring of the artifact's path when several are attached
-TEST_PATH = None  # None: test.csv found under INPUT_ROOT (the one beside sample_submission.csv)
+TEST_PATH = None  # None: test.csv / test.parquet found under INPUT_ROOT (the one beside sample_submission.csv)
 TEST_HINT = None
+DIALECT = None  # None: the artifact manifest's competition dialect (lmsys: 3 probability columns; wsdm: id,winner)
 FALLBACK = None  # baseline.json (+ its manifest); None: one found inside the artifact / under INPUT_ROOT, else class prior
 OUT = None  # None: /kaggle/working/submission.csv on Kaggle, else submissions/submission.csv
 TTA = True
@@ -100,6 +101,7 @@ report = run_submission(
     test_hint=TEST_HINT,
     started_at=NOTEBOOK_STARTED,
     fail_on_fallback=False,  # the last cell decides, after the summary is printed
+    dialect=DIALECT,
 )
 print(report.summary())  # starts with "FALLBACK n of N rows" when any row fell back
 

@@ -14,7 +14,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "validate-data", help="load a competition file and print its data report (exit 2 if unusable)"
     )
     parser.add_argument("path", help="train/test CSV (LMSYS) or parquet (WSDM)")
-    parser.add_argument("--format", choices=("lmsys", "wsdm"), default="lmsys")
+    _add_dialect(parser)
     parser.add_argument("--split", choices=("train", "test", "auto"), default="auto")
     parser.set_defaults(handler=validate_data)
 
@@ -23,12 +23,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", required=True, help="folds parquet to write (id, fold, group)")
     parser.add_argument("--n-folds", type=int, default=FoldConfig.n_folds)
     parser.add_argument("--seed", type=int, default=FoldConfig.seed)
-    parser.add_argument("--format", choices=("lmsys", "wsdm"), default="lmsys")
+    _add_dialect(parser)
     parser.set_defaults(handler=folds)
 
     parser = subparsers.add_parser("validate-submission", help="check a submission CSV against the test file")
     parser.add_argument("path", help="submission CSV")
     parser.add_argument("--test", required=True, help="the competition test file whose ids must be covered")
+    _add_dialect(parser)
     parser.set_defaults(handler=validate_submission)
 
     parser = subparsers.add_parser(
@@ -39,7 +40,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--n-folds", type=int, default=FoldConfig.n_folds)
     parser.add_argument("--seed", type=int, default=FoldConfig.seed)
     parser.add_argument("--model", choices=("hgb", "logreg"), default=BaselineConfig.model)
-    parser.add_argument("--format", choices=("lmsys", "wsdm"), default="lmsys")
+    _add_dialect(parser)
     parser.add_argument("--test", help="test file to predict (needs --out)")
     parser.add_argument("--out", help="submission CSV to write for --test")
     parser.add_argument("--oof", help="write the OOF predictions to this parquet")
@@ -55,6 +56,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--n-train", type=int, default=2000)
     parser.add_argument("--n-test", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
+    _add_dialect(parser, "generate and run on this competition's format (wsdm: parquet, winner A/B, accuracy, "
+                         "submission id,winner)")
     parser.add_argument(
         "--baseline-only", action="store_true", help="stop after the baseline submission (seconds, no LLM steps)"
     )
@@ -64,6 +67,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
              "figures from them (run from the repository root, with the default sizes)",
     )
     parser.set_defaults(handler=demo)
+
+
+def _add_dialect(parser: argparse.ArgumentParser, help_text: str | None = None) -> None:
+    """`--dialect` (alias `--format`): a registered competition dialect, checked when the command runs
+    (kaggle_utils/dialects.py; an unknown name is a one-line usage error)."""
+    parser.add_argument("--dialect", "--format", dest="format", default="lmsys", metavar="NAME",
+                        help=help_text or "competition dialect: lmsys (CSV, A/B/tie, log loss) or wsdm (parquet, "
+                                          "winner A/B, accuracy)")
 
 
 def validate_data(args: argparse.Namespace) -> int:
@@ -89,9 +100,9 @@ def folds(args: argparse.Namespace) -> int:
 
 
 def validate_submission(args: argparse.Namespace) -> int:
-    from kaggle_utils.submission import validate_submission as validate
+    from kaggle_utils.dialects import get_dialect
 
-    report = validate(args.path, args.test)
+    report = get_dialect(args.format).validate(args.path, args.test)
     print(f"ok: {report.summary()}")
     return 0
 
@@ -99,10 +110,9 @@ def validate_submission(args: argparse.Namespace) -> int:
 def baseline(args: argparse.Namespace) -> int:
     from kaggle_utils.baseline import run_baseline_cv
     from kaggle_utils.data import load_competition
+    from kaggle_utils.dialects import get_dialect
     from kaggle_utils.folds import load_folds, make_folds
-    from kaggle_utils.metrics import save_oof
-    from kaggle_utils.submission import validate_submission as validate
-    from kaggle_utils.submission import write_submission
+    from kaggle_utils.metrics import oof_probs, save_oof
 
     if bool(args.test) != bool(args.out):
         raise UsageError(
@@ -112,7 +122,8 @@ def baseline(args: argparse.Namespace) -> int:
         [args.out, args.oof, args.save_model, args.save_model and f"{args.save_model}.manifest.json"],
         [("training file", args.train), ("test file", args.test), ("folds file", args.folds)],
     )
-    data_cfg = DataConfig(format=args.format)
+    dialect = get_dialect(args.format)
+    data_cfg = dialect.data_config()
     train = load_competition(args.train, data_cfg, split="train")
     fold_table = (
         load_folds(args.folds)
@@ -127,6 +138,9 @@ def baseline(args: argparse.Namespace) -> int:
         f"OOF log loss {score.log_loss:.4f} ({score.rows} rows); class prior {score.prior_log_loss:.4f}, "
         f"uniform {score.uniform_log_loss:.4f}"
     )
+    if dialect.metric.name != "log_loss":
+        metrics = dialect.scores(result.oof["label"].to_numpy(), oof_probs(result.oof))
+        print(f"OOF {dialect.name} metric: " + ", ".join(f"{name} {value:.4f}" for name, value in metrics.items()))
     if args.oof:
         save_oof(result.oof, args.oof)
         print(f"OOF -> {args.oof}")
@@ -134,14 +148,14 @@ def baseline(args: argparse.Namespace) -> int:
         print(f"model -> {result.model.save(args.save_model)}")
     if args.test:
         test = load_competition(args.test, data_cfg, split="test")
-        report = write_submission(
+        report = dialect.write(
             test.frame["id"],
             result.model.predict_proba(test.frame),
             args.out,
             expected_ids=test.frame["id"],
             fallback_prior=result.model.class_prior,
         )
-        validate(args.out, args.test)
+        dialect.validate(args.out, args.test)
         print(f"submission: {report.summary()} (validated)")
     return 0
 
@@ -160,10 +174,13 @@ def _check_outputs(outputs: list[str | None], inputs: list[tuple[str, str | None
 def demo(args: argparse.Namespace) -> int:
     from kaggle_utils import demo_figures
     from kaggle_utils.demo import BASELINE_STEPS, DEMO_STEPS, run_demo
+    from kaggle_utils.dialects import get_dialect
 
-    if args.record and (args.baseline_only or (args.n_train, args.n_test, args.seed) != (2000, 200, 0)):
-        raise UsageError("--record keeps the README's `make demo` figures: use it with the default sizes and seed, "
-                         "without --baseline-only")
+    dialect = get_dialect(args.format)  # an unknown name: one-line usage error before any work
+    if args.record and (args.baseline_only or (args.n_train, args.n_test, args.seed) != (2000, 200, 0)
+                        or dialect.name != "lmsys"):
+        raise UsageError("--record keeps the README's `make demo` figures: use it with the default sizes, seed "
+                         "and dialect, without --baseline-only")
     report = run_demo(
         Path(args.out),
         submission_path=args.submission,
@@ -171,6 +188,7 @@ def demo(args: argparse.Namespace) -> int:
         n_test=args.n_test,
         seed=args.seed,
         steps=BASELINE_STEPS if args.baseline_only else DEMO_STEPS,
+        dialect=dialect.name,
     )
     if args.record:
         demo_figures.record(report)

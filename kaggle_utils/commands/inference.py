@@ -18,7 +18,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="offline prediction with an artifact; always writes a valid submission (fallback for rows not reached)",
     )
     parser.add_argument("--artifact", required=True, help="artifact directory (with manifest.json), either ordering")
-    parser.add_argument("--test", required=True, help="competition test file (test.csv)")
+    parser.add_argument("--test", required=True, help="competition test file (test.csv, or test.parquet for WSDM)")
+    parser.add_argument("--dialect", help="competition dialect (lmsys, wsdm); default: the artifact manifest's")
     parser.add_argument("--out", required=True, help="submission CSV to write (a .inference.json report goes beside)")
     parser.add_argument("--config", help="YAML pipeline config; its `inference` section sets the defaults below")
     parser.add_argument("--no-tta", action="store_true", help="skip the A/B-swapped pass")
@@ -75,7 +76,8 @@ def predict(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     cfg = inference_config(args)
     try:
-        report = run_predict(args.artifact, args.test, args.out, cfg, fallback_path=args.fallback)
+        report = run_predict(args.artifact, args.test, args.out, cfg, fallback_path=args.fallback,
+                             dialect=args.dialect)
     except InferenceError as error:
         print(f"error (submission written): {error}", file=sys.stderr)
         return 1

@@ -99,14 +99,16 @@ def prepare_run(args: argparse.Namespace) -> tuple[PipelineConfig, Path, str]:
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     if args.sample_rows is not None:
-        from kaggle_utils.sample import generate_competition_files
+        from kaggle_utils.dialects import get_dialect
 
         if args.sample_rows < MIN_SAMPLE_ROWS:
             raise UsageError(
                 f"--sample-rows {args.sample_rows} is too few for a held-out fold; use >= {MIN_SAMPLE_ROWS}"
             )
-        files = generate_competition_files(out_dir / "data", n_train=args.sample_rows, n_test=10, seed=0)
-        return cfg, out_dir, str(files.train_csv)
+        # generated files in the config's dialect (data.format), so the loader reads what was written
+        files = get_dialect(cfg.data.format).generate_sample(out_dir / "data", n_train=args.sample_rows, n_test=10,
+                                                             seed=0)
+        return cfg, out_dir, str(files.train_path)
     path = args.train or cfg.data.train_path
     if not path:
         raise UsageError("no training data: pass --train PATH or --sample-rows N (or set data.train_path)")
