@@ -35,8 +35,9 @@ class DataConfig:
     # "lmsys": CSV with JSON-list columns and one-hot winner columns (lmsys-chatbot-arena,
     # llm-classification-finetuning). "wsdm": parquet with plain-string columns and `winner` = model_a|model_b.
     # The name of a registered competition dialect (kaggle_utils/dialects.py): it also fixes the metric and the
-    # submission file, and training records it in the artifact's manifest.
-    format: Literal["lmsys", "wsdm"] = "lmsys"
+    # submission file, and training records it in the artifact's manifest. A plain string, not a Literal, so a
+    # new dialect is one registration; an unregistered name fails when the data is read (dialects.get_dialect).
+    format: str = "lmsys"
     train_path: str | None = None
     test_path: str | None = None
     # Rows whose turns cannot be recovered at all are dropped and reported by id (never silently); with

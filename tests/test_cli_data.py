@@ -156,3 +156,26 @@ def test_demo_command_runs_small(main, tmp_path, capsys):
     assert "[5/5]" in out and "orderings" not in out
     report = json.loads((tmp_path / "demo" / "demo_report.json").read_text())
     assert report["submission"]["rows"] == 30 and report["sample"]["seed"] == 3
+
+
+def test_folds_and_baseline_read_the_config_and_flags_win(tmp_path, capsys):
+    """`folds` and `baseline` take --config/--set like the training commands; a flag given beats the config."""
+    import polars as pl
+
+    from kaggle_utils.cli import main
+    from kaggle_utils.sample import generate_competition_files
+
+    files = generate_competition_files(tmp_path / "data", n_train=120, n_test=5, seed=0)
+    config = tmp_path / "c.yaml"
+    config.write_text("folds:\n  n_folds: 3\n  seed: 7\nbaseline:\n  model: logreg\n", encoding="utf-8")
+    out = tmp_path / "folds.parquet"
+    assert main(["folds", "--train", str(files.train_csv), "--out", str(out), "--config", str(config)]) == 0
+    assert pl.read_parquet(out)["fold"].n_unique() == 3
+    assert main(["folds", "--train", str(files.train_csv), "--out", str(out), "--config", str(config),
+                 "--n-folds", "4"]) == 0
+    assert pl.read_parquet(out)["fold"].n_unique() == 4
+    assert main(["folds", "--train", str(files.train_csv), "--out", str(out), "--set", "folds.n_folds=2"]) == 0
+    assert pl.read_parquet(out)["fold"].n_unique() == 2
+    assert main(["baseline", "--train", str(files.train_csv), "--config", str(config)]) == 0
+    assert "fold 2:" in capsys.readouterr().out and main(
+        ["baseline", "--train", str(files.train_csv), "--set", "folds.n_folds=1"]) == 2

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
-from kaggle_utils.config import BaselineConfig, DataConfig, FoldConfig
+from kaggle_utils.commands.run_options import add_set_option, config_from_args
+from kaggle_utils.config import DataConfig, FoldConfig, PipelineConfig
 from kaggle_utils.errors import UsageError
 
 
@@ -21,9 +23,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("folds", help="stratified K-fold grouped by normalised prompt -> parquet")
     parser.add_argument("--train", required=True, help="training CSV/parquet")
     parser.add_argument("--out", required=True, help="folds parquet to write (id, fold, group)")
-    parser.add_argument("--n-folds", type=int, default=FoldConfig.n_folds)
-    parser.add_argument("--seed", type=int, default=FoldConfig.seed)
-    _add_dialect(parser)
+    _add_fold_options(parser)
+    _add_dialect(parser, default=None)
+    _add_config_options(parser)
     parser.set_defaults(handler=folds)
 
     parser = subparsers.add_parser("validate-submission", help="check a submission CSV against the test file")
@@ -37,10 +39,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--train", required=True, help="training CSV/parquet")
     parser.add_argument("--folds", help="folds parquet (default: make them with --n-folds/--seed)")
-    parser.add_argument("--n-folds", type=int, default=FoldConfig.n_folds)
-    parser.add_argument("--seed", type=int, default=FoldConfig.seed)
-    parser.add_argument("--model", choices=("hgb", "logreg"), default=BaselineConfig.model)
-    _add_dialect(parser)
+    _add_fold_options(parser)
+    parser.add_argument("--model", choices=("hgb", "logreg"), help="baseline model (default: config baseline.model)")
+    _add_dialect(parser, default=None)
+    _add_config_options(parser)
     parser.add_argument("--test", help="test file to predict (needs --out)")
     parser.add_argument("--out", help="submission CSV to write for --test")
     parser.add_argument("--oof", help="write the OOF predictions to this parquet")
@@ -69,10 +71,38 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=demo)
 
 
-def _add_dialect(parser: argparse.ArgumentParser, help_text: str | None = None) -> None:
+def _add_fold_options(parser: argparse.ArgumentParser) -> None:
+    defaults = FoldConfig()
+    parser.add_argument("--n-folds", type=int, help=f"folds (default: config folds.n_folds, {defaults.n_folds})")
+    parser.add_argument("--seed", type=int, help=f"fold seed (default: config folds.seed, {defaults.seed})")
+
+
+def _add_config_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="pipeline YAML: its data/folds/baseline sections set the defaults")
+    add_set_option(parser)
+
+
+def _command_config(args: argparse.Namespace) -> PipelineConfig:
+    """--config and --set, then this command's own flags on top (a flag given wins over the config)."""
+    from kaggle_utils.dialects import get_dialect
+
+    cfg = config_from_args(args)
+    if getattr(args, "format", None) is not None:
+        cfg.data = dataclasses.replace(cfg.data, format=get_dialect(args.format).name)
+    folds = {k: v for k, v in (("n_folds", getattr(args, "n_folds", None)), ("seed", getattr(args, "seed", None)))
+             if v is not None}
+    if folds:
+        cfg.folds = dataclasses.replace(cfg.folds, **folds)
+    if getattr(args, "model", None) is not None:
+        cfg.baseline = dataclasses.replace(cfg.baseline, model=args.model)
+    return cfg
+
+
+def _add_dialect(parser: argparse.ArgumentParser, help_text: str | None = None, default: str | None = "lmsys") -> None:
     """`--dialect` (alias `--format`): a registered competition dialect, checked when the command runs
-    (kaggle_utils/dialects.py; an unknown name is a one-line usage error)."""
-    parser.add_argument("--dialect", "--format", dest="format", default="lmsys", metavar="NAME",
+    (kaggle_utils/dialects.py; an unknown name is a one-line usage error). Commands with --config default to
+    its data.format (`default=None`)."""
+    parser.add_argument("--dialect", "--format", dest="format", default=default, metavar="NAME",
                         help=help_text or "competition dialect: lmsys (CSV, A/B/tie, log loss) or wsdm (parquet, "
                                           "winner A/B, accuracy)")
 
@@ -89,8 +119,9 @@ def folds(args: argparse.Namespace) -> int:
     from kaggle_utils.data import load_competition
     from kaggle_utils.folds import fold_summary, make_folds, save_folds
 
-    train = load_competition(args.train, DataConfig(format=args.format), split="train")
-    fold_table = make_folds(train.frame, FoldConfig(n_folds=args.n_folds, seed=args.seed))
+    cfg = _command_config(args)
+    train = load_competition(args.train, cfg.data, split="train")
+    fold_table = make_folds(train.frame, cfg.folds)
     digest = save_folds(fold_table, args.out)
     print(fold_summary(fold_table, train.frame))
     print(
@@ -122,15 +153,12 @@ def baseline(args: argparse.Namespace) -> int:
         [args.out, args.oof, args.save_model, args.save_model and f"{args.save_model}.manifest.json"],
         [("training file", args.train), ("test file", args.test), ("folds file", args.folds)],
     )
-    dialect = get_dialect(args.format)
-    data_cfg = dialect.data_config()
+    cfg = _command_config(args)
+    dialect = get_dialect(cfg.data.format)
+    data_cfg = cfg.data
     train = load_competition(args.train, data_cfg, split="train")
-    fold_table = (
-        load_folds(args.folds)
-        if args.folds
-        else make_folds(train.frame, FoldConfig(n_folds=args.n_folds, seed=args.seed))
-    )
-    result = run_baseline_cv(train.frame, fold_table, BaselineConfig(model=args.model))
+    fold_table = load_folds(args.folds) if args.folds else make_folds(train.frame, cfg.folds)
+    result = run_baseline_cv(train.frame, fold_table, cfg.baseline)
     score = result.score
     for fold, value in score.per_fold.items():
         print(f"fold {fold}: log loss {value:.4f}")
