@@ -23,10 +23,12 @@ import polars as pl
 
 from kaggle_utils import __version__
 from kaggle_utils.baseline import BaselineResult, run_baseline_cv
+from kaggle_utils.compare import compare_orderings, demo_config
 from kaggle_utils.config import BaselineConfig, FoldConfig, InferenceConfig
 from kaggle_utils.data import LoadedData, load_competition
 from kaggle_utils.fileio import atomic_write_bytes
 from kaggle_utils.folds import fold_summary, make_folds, save_folds
+from kaggle_utils.inference import predict
 from kaggle_utils.metrics import save_oof
 from kaggle_utils.sample import SampleFiles, generate_competition_files
 from kaggle_utils.submission import validate_submission, write_submission
@@ -152,8 +154,6 @@ def step_orderings(state: DemoState) -> str:
     """Both orderings on the demo's own folds file and seed: the comparison report (json, md, png)."""
     import torch
 
-    from kaggle_utils.compare import compare_orderings, demo_config
-
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny model on a shared small box: one thread is far faster (see compare.py)
     try:
@@ -185,8 +185,6 @@ def step_orderings(state: DemoState) -> str:
 
 def step_inference(state: DemoState) -> str:
     """The comparison's winner, shipped: offline inference on the test file with swap TTA and the time guard."""
-    from kaggle_utils.inference import predict
-
     decision = state.comparison["decision"]
     winner = next(run for run in state.comparison["runs"] if run["variant"] == decision["winner"])
     artifact_dir = winner["per_fold"][0]["artifact_dir"]

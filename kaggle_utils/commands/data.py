@@ -5,8 +5,17 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from kaggle_utils import demo_figures
+from kaggle_utils.baseline import run_baseline_cv
 from kaggle_utils.config import BaselineConfig, DataConfig, FoldConfig
+from kaggle_utils.data import load_competition
+from kaggle_utils.demo import BASELINE_STEPS, DEMO_STEPS, run_demo
 from kaggle_utils.errors import UsageError
+from kaggle_utils.fileio import check_not_an_input, check_output_target
+from kaggle_utils.folds import fold_summary, load_folds, make_folds, save_folds
+from kaggle_utils.metrics import save_oof
+from kaggle_utils.submission import validate_submission as validate
+from kaggle_utils.submission import write_submission
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -67,17 +76,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def validate_data(args: argparse.Namespace) -> int:
-    from kaggle_utils.data import load_competition
-
     loaded = load_competition(args.path, DataConfig(format=args.format), split=args.split)
     print(loaded.report.to_text())
     return 0
 
 
 def folds(args: argparse.Namespace) -> int:
-    from kaggle_utils.data import load_competition
-    from kaggle_utils.folds import fold_summary, make_folds, save_folds
-
     train = load_competition(args.train, DataConfig(format=args.format), split="train")
     fold_table = make_folds(train.frame, FoldConfig(n_folds=args.n_folds, seed=args.seed))
     digest = save_folds(fold_table, args.out)
@@ -89,21 +93,12 @@ def folds(args: argparse.Namespace) -> int:
 
 
 def validate_submission(args: argparse.Namespace) -> int:
-    from kaggle_utils.submission import validate_submission as validate
-
     report = validate(args.path, args.test)
     print(f"ok: {report.summary()}")
     return 0
 
 
 def baseline(args: argparse.Namespace) -> int:
-    from kaggle_utils.baseline import run_baseline_cv
-    from kaggle_utils.data import load_competition
-    from kaggle_utils.folds import load_folds, make_folds
-    from kaggle_utils.metrics import save_oof
-    from kaggle_utils.submission import validate_submission as validate
-    from kaggle_utils.submission import write_submission
-
     if bool(args.test) != bool(args.out):
         raise UsageError(
             "baseline: --test and --out go together (the test file to predict, the CSV to write)"
@@ -149,8 +144,6 @@ def baseline(args: argparse.Namespace) -> int:
 def _check_outputs(outputs: list[str | None], inputs: list[tuple[str, str | None]]) -> None:
     """Before any work: no output may be an input (it would be destroyed) or a symlink / device / folder, and
     no two outputs may be the same file."""
-    from kaggle_utils.fileio import check_not_an_input, check_output_target
-
     given = [output for output in outputs if output]
     for index, output in enumerate(given):
         check_output_target(output)
@@ -158,9 +151,6 @@ def _check_outputs(outputs: list[str | None], inputs: list[tuple[str, str | None
 
 
 def demo(args: argparse.Namespace) -> int:
-    from kaggle_utils import demo_figures
-    from kaggle_utils.demo import BASELINE_STEPS, DEMO_STEPS, run_demo
-
     if args.record and (args.baseline_only or (args.n_train, args.n_test, args.seed) != (2000, 200, 0)):
         raise UsageError("--record keeps the README's `make demo` figures: use it with the default sizes and seed, "
                          "without --baseline-only")

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from kaggle_utils.config import PipelineConfig
 from kaggle_utils.errors import UsageError
+from kaggle_utils.sample import generate_competition_files
 
 # Fewer generated rows leave a held-out fold too small to score.
 MIN_SAMPLE_ROWS = 50
@@ -59,8 +60,6 @@ def prepare_run(args: argparse.Namespace) -> tuple[PipelineConfig, Path, str]:
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     if args.sample_rows is not None:
-        from kaggle_utils.sample import generate_competition_files
-
         if args.sample_rows < MIN_SAMPLE_ROWS:
             raise UsageError(
                 f"--sample-rows {args.sample_rows} is too few for a held-out fold; use >= {MIN_SAMPLE_ROWS}"
