@@ -1,8 +1,8 @@
 """The variant registry `compare.compare_orderings` runs from, with the two orderings' own variants.
 
 A variant says which ordering it belongs to and supplies `builder(ctx) -> build_model` and
-`export(ctx) -> Exported` (see `compare`'s docstring). Kept apart from `compare` so that modules adding variants
-(`qaware.variants`) import the registry without importing the comparison that imports them.
+`export(ctx) -> Exported` (see `compare`'s docstring). Kept apart from `compare` so that modules adding
+variants (`qaware.variants`) import the registry without importing the comparison that imports them.
 """
 
 from __future__ import annotations

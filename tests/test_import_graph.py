@@ -1,4 +1,4 @@
-"""The package's own import graph, read statically: no cycles, and the package's modules imported at module top.
+"""The package's own import graph, read statically: no cycles; the package's modules imported at module top.
 
 An import inside a function hides a cycle (it runs after both modules finished loading), so the cycle check
 reads every import, in functions too, plus `importlib.import_module("kaggle_utils....")` calls with a literal
@@ -40,7 +40,7 @@ def package_modules(package_dir: Path = PACKAGE_DIR) -> dict[str, Path]:
 
 
 def _resolve(name: str, modules: dict[str, Path]) -> str | None:
-    """The package module `name` is, or lives in (an attribute imported from a module resolves to the module)."""
+    """The package module `name` is, or lives in (an attribute imported from a module resolves to it)."""
     while name:
         if name in modules:
             return name
@@ -64,13 +64,14 @@ def _is_type_checking(node: ast.If) -> bool:
 
 
 def import_edges(modules: dict[str, Path]) -> list[Edge]:
-    """Every import of a package module by a package module (TYPE_CHECKING blocks excluded: they never run)."""
+    """Every import of a package module by a package module (TYPE_CHECKING blocks left out: never run)."""
     edges: list[Edge] = []
     for module, path in modules.items():
         tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
         is_package = path.name == "__init__.py"
 
-        def visit(node: ast.AST, in_function: bool, module: str = module, is_package: bool = is_package) -> None:
+        def visit(node: ast.AST, in_function: bool, module: str = module,
+                  is_package: bool = is_package) -> None:
             if isinstance(node, ast.If) and _is_type_checking(node):
                 for child in node.orelse:
                     visit(child, in_function)
@@ -89,8 +90,10 @@ def import_edges(modules: dict[str, Path]) -> list[Edge]:
                 targets = [node.args[0].value]
             for target in targets:
                 resolved = _resolve(target, modules)
-                edge = Edge(module, resolved, node.lineno, in_function) if resolved not in (None, module) else None
-                if edge is not None and edge not in edges:
+                if resolved is None or resolved == module:
+                    continue
+                edge = Edge(module, resolved, node.lineno, in_function)
+                if edge not in edges:
                     edges.append(edge)
             for child in ast.iter_child_nodes(node):
                 visit(child, in_function)
@@ -102,12 +105,13 @@ def import_edges(modules: dict[str, Path]) -> list[Edge]:
 def _is_import_module_call(node: ast.Call) -> bool:
     func = node.func
     name = func.attr if isinstance(func, ast.Attribute) else func.id if isinstance(func, ast.Name) else ""
-    return (name in ("import_module", "__import__") and bool(node.args) and isinstance(node.args[0], ast.Constant)
-            and isinstance(node.args[0].value, str) and node.args[0].value.startswith(PACKAGE))
+    return (name in ("import_module", "__import__") and bool(node.args)
+            and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)
+            and node.args[0].value.startswith(PACKAGE))
 
 
 def find_cycles(edges: list[Edge]) -> list[list[str]]:
-    """One cycle (as a closed path of module names) per strongly connected component of more than one module."""
+    """One cycle (a closed path of module names) per strongly connected component of several modules."""
     graph: dict[str, set[str]] = {}
     for edge in edges:
         graph.setdefault(edge.source, set()).add(edge.target)
@@ -146,7 +150,7 @@ def find_cycles(edges: list[Edge]) -> list[list[str]]:
 
 
 def _cycle_path(component: list[str], graph: dict[str, set[str]]) -> list[str]:
-    """A shortest closed path from the component's first module back to it (breadth-first inside the component)."""
+    """A shortest closed path from the component's first module back to it (breadth-first inside it)."""
     members = set(component)
     start = component[0]
     parents: dict[str, str | None] = {start: None}
@@ -165,7 +169,8 @@ def _cycle_path(component: list[str], graph: dict[str, set[str]]) -> list[str]:
 
 
 def _describe(cycle: list[str], edges: list[Edge]) -> str:
-    lines = {(e.source, e.target): e for e in sorted(edges, key=lambda e: (e.in_function, e.line), reverse=True)}
+    ordered = sorted(edges, key=lambda e: (e.in_function, e.line), reverse=True)
+    lines = {(e.source, e.target): e for e in ordered}  # the first top-level import of each pair wins
     hops = []
     for source, target in zip(cycle, cycle[1:], strict=False):
         edge = lines[(source, target)]
@@ -176,18 +181,19 @@ def _describe(cycle: list[str], edges: list[Edge]) -> str:
 def test_no_import_cycles() -> None:
     edges = import_edges(package_modules())
     cycles = find_cycles(edges)
-    assert not cycles, "import cycles among kaggle_utils modules:\n" + "\n".join(_describe(c, edges) for c in cycles)
+    described = "\n".join(_describe(cycle, edges) for cycle in cycles)
+    assert not cycles, f"import cycles among kaggle_utils modules:\n{described}"
 
 
 def test_package_imports_at_module_top() -> None:
     edges = import_edges(package_modules())
     hidden = [e for e in edges if e.in_function and (e.source, e.target) not in IN_FUNCTION_ALLOWED]
-    assert not hidden, f"{len(hidden)} in-function imports of kaggle_utils modules (move them to the module top):\n" \
-        + "\n".join(f"{e.source}:{e.line} imports {e.target}" for e in hidden)
+    listed = "\n".join(f"{e.source}:{e.line} imports {e.target}" for e in hidden)
+    assert not hidden, f"{len(hidden)} in-function imports of kaggle_utils modules (move them up):\n{listed}"
 
 
 def dynamic_imports(modules: dict[str, Path]) -> list[str]:
-    """`importlib.import_module(...)` / `__import__(...)` calls whose module name is not a literal: the checker
+    """`importlib.import_module(...)` / `__import__(...)` calls whose module name is no literal: the checker
     cannot see what they import, so a cycle through one would go unnoticed."""
     found = []
     for module, path in modules.items():
@@ -195,9 +201,10 @@ def dynamic_imports(modules: dict[str, Path]) -> list[str]:
             if not isinstance(node, ast.Call):
                 continue
             func = node.func
-            name = func.attr if isinstance(func, ast.Attribute) else func.id if isinstance(func, ast.Name) else ""
-            if name in ("import_module", "__import__") and not (
-                    node.args and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)):
+            name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
+            literal = bool(node.args) and isinstance(node.args[0], ast.Constant) \
+                and isinstance(node.args[0].value, str)
+            if name in ("import_module", "__import__") and not literal:
                 found.append(f"{module}:{node.lineno}")
     return found
 
@@ -215,7 +222,7 @@ def test_allow_list_is_current() -> None:
 
 
 def test_checker_finds_a_cycle_and_a_hidden_import(tmp_path: Path) -> None:
-    """The checker itself: a two-module cycle closed by an in-function relative import, and an importlib one."""
+    """The checker: a cycle closed by an in-function relative import; one by importlib; a computed name."""
     package = tmp_path / PACKAGE
     (package / "sub").mkdir(parents=True)
     (package / "__init__.py").write_text("")
@@ -224,7 +231,8 @@ def test_checker_finds_a_cycle_and_a_hidden_import(tmp_path: Path) -> None:
     (package / "sub" / "b.py").write_text("def f():\n    from .. import a\n    return a\n")
     (package / "c.py").write_text("import importlib\nimportlib.import_module('kaggle_utils.d')\n")
     (package / "d.py").write_text("from kaggle_utils.c import x\n")
-    (package / "e.py").write_text("import importlib\nNAME = 'kaggle_utils.a'\nimportlib.import_module(NAME)\n")
+    (package / "e.py").write_text("import importlib\nNAME = 'kaggle_utils.a'\n"
+                                  "importlib.import_module(NAME)\n")
     modules = package_modules(package)
     edges = import_edges(modules)
     assert {(e.source, e.target, e.in_function) for e in edges} == {

@@ -1,4 +1,4 @@
-"""The quantization-backend registry: which backend owns a model, the manifest names it, loading dispatches on it."""
+"""The quantization-backend registry: which backend owns a model; the manifest names it; load dispatches."""
 
 from __future__ import annotations
 
@@ -58,7 +58,8 @@ def test_each_backend_quantizes_ships_and_reloads_its_model(setup, demo_tokenize
     path = artifacts.save_artifact(tmp_path / "art", quantized, demo_tokenizer, FIELDS, FormatConfig())
     manifest = json.loads((path / "manifest.json").read_text())
     assert manifest["quant_backend"] == backend_name
-    assert manifest["quant_scheme"] == {"bitsandbytes": "int8", "int4": "int4-asym-g16", "none": "none"}[backend_name]
+    schemes = {"bitsandbytes": "int8", "int4": "int4-asym-g16", "none": "none"}
+    assert manifest["quant_scheme"] == schemes[backend_name]
     loaded = artifacts.load_artifact(path, device="cpu", compute_dtype=torch.float32)
     np.testing.assert_allclose(_probs(loaded.model, rows, pad), _probs(quantized, rows, pad), atol=1e-6)
     if backend_name == "int4":
@@ -78,7 +79,8 @@ def test_load_base_gives_each_backend_its_own_layers(setup, demo_base_dir):
 def test_a_manifest_written_before_the_backend_field_still_loads(setup, demo_tokenizer, tmp_path):
     """Layout 1 artifacts made before `quant_backend` existed: the backend follows from quant_scheme."""
     cfg, rows, pad = setup
-    model = modeling.build_classifier(cfg.model, quant=QuantConfig(scheme="nf4"), pad_token_id=pad, device="cpu")
+    model = modeling.build_classifier(cfg.model, quant=QuantConfig(scheme="nf4"), pad_token_id=pad,
+                                      device="cpu")
     path = artifacts.save_artifact(tmp_path / "art", model, demo_tokenizer, FIELDS, FormatConfig())
     manifest = json.loads((path / "manifest.json").read_text())
     del manifest["quant_backend"]

@@ -50,8 +50,9 @@ class TransformersCheckpoint(QuantBackend):
         # transformers only logs weights it had to initialise at random; a shipped model must have none.
         missing = list(loading_info.get("missing_keys") or [])
         if missing:
-            raise ArtifactError(f"{model_dir}: weights missing from the checkpoint, would be random: {missing[:5]}"
-                                + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
+            raise ArtifactError(f"{model_dir}: weights missing from the checkpoint, would be random: "
+                                f"{missing[:5]}" + (f" and {len(missing) - 5} more" if len(missing) > 5
+                                                    else ""))
         disable_cpu_weight_repacking(model)
         if str(manifest["quant_scheme"]) not in ("none", "int8"):
             set_compute_dtype(model, options.dtype)
@@ -110,8 +111,8 @@ class PlainBackend(TransformersCheckpoint):
 
     def load_base(self, path: str | Path, cfg: PipelineConfig, pad_token_id: int | None = None,
                   device: str | torch.device | None = None) -> nn.Module:
-        return build_classifier(dataclasses.replace(cfg.model, base_model=str(path)), pad_token_id=pad_token_id,
-                                device=device)
+        return build_classifier(dataclasses.replace(cfg.model, base_model=str(path)),
+                                pad_token_id=pad_token_id, device=device)
 
 
 BITSANDBYTES = register_backend(BitsAndBytesBackend())

@@ -23,18 +23,18 @@ from kaggle_utils.errors import ArtifactError, UsageError
 # Manifest field naming the backend that wrote the artifact (artifacts written before it existed lack it:
 # `backend_name_for_manifest` tells their backend from `quant_scheme` / `int4_format`, which they do have).
 BACKEND_FIELD = "quant_backend"
-# What a manifest without `quant_backend` was written by: group-wise INT4 always set `int4_format`; every other
-# artifact of layout 1 was loaded through transformers with one of these schemes.
+# What a manifest without `quant_backend` was written by: group-wise INT4 always set `int4_format`; every
+# other artifact of layout 1 was loaded through transformers with one of these schemes.
 LEGACY_BACKENDS: dict[str, str] = {"none": "none", "int8": "bitsandbytes", "nf4": "bitsandbytes"}
 
 
 @dataclass(frozen=True)
 class LoadOptions:
-    """How `artifacts.load_artifact` wants the model: where, in which dtype, dequantized or not, which copy."""
+    """How `artifacts.load_artifact` wants the model: where, which dtype, dequantized or not, which copy."""
 
     device: torch.device
     dtype: torch.dtype
-    dequantize: bool = False  # plain nn.Linear layers (adapter merged) for runtimes without the backend's kernels
+    dequantize: bool = False  # plain nn.Linear layers (adapter merged), for runtimes without its kernels
     use_merged: bool = False  # load merged/ (the adapter folded into the quantized weights)
 
 
@@ -69,12 +69,12 @@ class QuantBackend(ABC):
     @abstractmethod
     def load_base(self, path: str | Path, cfg: PipelineConfig, pad_token_id: int | None = None,
                   device: str | torch.device | None = None) -> nn.Module:
-        """A 16-bit checkpoint directory loaded quantized: the base an adapter trains on (quantize -> fine-tune)."""
+        """A 16-bit checkpoint directory loaded quantized: the base an adapter trains on (quant-then-ft)."""
 
     @abstractmethod
     def load_artifact(self, root: Path, manifest: dict, options: LoadOptions) -> nn.Module:
         """The artifact's model (with its adapter when it has one), from a manifest `artifacts.read_manifest`
-        already checked; `artifacts.load_artifact` adds the tokenizer and the checks common to every backend."""
+        already checked; `artifacts.load_artifact` adds the tokenizer and the checks every backend shares."""
 
 
 BACKENDS: dict[str, QuantBackend] = {}
@@ -104,7 +104,8 @@ def backend_for_model(model: nn.Module) -> QuantBackend:
     for backend in BACKENDS.values():
         if backend.fallback:
             return backend
-    raise UsageError(f"no quantization backend handles {type(model).__name__} (registered: {sorted(BACKENDS)})")
+    raise UsageError(f"no quantization backend handles {type(model).__name__} "
+                     f"(registered: {sorted(BACKENDS)})")
 
 
 def backend_name_for_manifest(manifest: dict) -> str:
