@@ -22,7 +22,8 @@ from kaggle_utils.artifacts import attach_merged_copy, load_artifact, save_artif
 from kaggle_utils.config import PipelineConfig
 from kaggle_utils.errors import UsageError
 from kaggle_utils.modeling import build_classifier
-from kaggle_utils.quantization import merge_adapter_into_quantized, quantize_merged
+from kaggle_utils.quant_backends.bnb import BITSANDBYTES
+from kaggle_utils.quantization import merge_adapter_into_quantized
 from kaggle_utils.training import BuildModel, TrainResult, default_build_model
 
 ORDERINGS: tuple[str, str] = ("ft-then-quant", "quant-then-ft")
@@ -109,8 +110,7 @@ def merge_lora_fp32(peft_model) -> nn.Module:
 def _export_ft_then_quant(ctx: ExportContext) -> Exported:
     """Merge the LoRA into the 16-bit weights, quantize the merged model (cfg.quant.scheme), ship it."""
     merged = merge_lora_fp32(ctx.result.model)
-    quantized = quantize_merged(merged, ctx.cfg.quant, ctx.cfg.model, device=ctx.fold_ctx.device,
-                                work_dir=ctx.artifact_dir.parent)
+    quantized = BITSANDBYTES.quantize(merged, ctx.cfg, device=ctx.fold_ctx.device, work_dir=ctx.artifact_dir.parent)
     save_artifact(ctx.artifact_dir, quantized, ctx.fold_ctx.tokenizer, ctx.manifest_fields, ctx.cfg.format)
     del quantized
     return Exported(artifact_dir=ctx.artifact_dir, reference_model=merged.eval())
