@@ -64,11 +64,12 @@ from kaggle_utils import __version__
 from kaggle_utils.artifacts import artifact_size_bytes, load_artifact, update_manifest
 from kaggle_utils.config import PipelineConfig
 from kaggle_utils.data import load_competition
+from kaggle_utils.devices import default_device
 from kaggle_utils.errors import UsageError
 from kaggle_utils.folds import folds_file_hash, load_folds, make_folds, save_folds
 from kaggle_utils.formatting import TEMPLATE_VERSION, encode_both_orders, encode_rows, swap_probs
 from kaggle_utils.metrics import class_prior, log_loss, make_oof, save_oof
-from kaggle_utils.modeling import base_has_weights, default_device, materialize_base, predict_probs
+from kaggle_utils.modeling import base_has_weights, materialize_base, predict_probs
 from kaggle_utils.qaware import variants as _qaware_variants  # noqa: F401  registers the quantization-aware ones
 from kaggle_utils.real_models import base_weights_note, has_real_weights, resolve_tokenizer
 from kaggle_utils.runtime import find_competition_file, run_output_dir

@@ -185,7 +185,6 @@ class _Scheduler:
         clock: Callable[[], float],
         progress: bool,
     ) -> None:
-
         self.sequences = sequences
         self.n_views = len(sequences)
         self.n_rows = len(sequences[0])
@@ -612,7 +611,6 @@ def fallback_predictions(
     errors: list[dict] = []
     if baseline_path is not None and frame is not None:
         try:
-
             probs = np.asarray(BaselineModel.load(baseline_path).predict_proba(frame), dtype=np.float64)
             if probs.shape != (n_rows, len(LABEL_COLUMNS)) or not np.all(np.isfinite(probs)):
                 raise ValueError(f"baseline returned shape {probs.shape} (or non-finite values) for {n_rows} rows")
@@ -806,7 +804,6 @@ def predict(
     report.rows = len(ids)
     frame = None
     try:
-
         loaded = load_competition(test_path, data_cfg or DataConfig(), split="test")
         frame = loaded.frame
         report.data_report = loaded.report.to_dict()
@@ -915,15 +912,12 @@ def _run_models(
     names = worker_names(runtime.devices)
     hooks: list[Callable[[], None] | None] = [None] * len(names)
     if runtime.kind == "tpu":
-
         loaded = tpu.load_plain(artifact_dir, verify_hashes=cfg.verify_hashes)
         tokenizer, format_config = loaded.tokenizer, loaded.format_config
         forwards = [tpu.make_forward(loaded.model, _pad_id(loaded.tokenizer), cfg)]
         names, hooks = ["xla"], [None]
     elif cfg.worker_backend == "process":
-
         tokenizer, format_config = workers.load_preprocessing(artifact_dir, verify_hashes=cfg.verify_hashes)
-
         threads = max(1, torch.get_num_threads() // len(names)) if runtime.kind == "cpu" else 1
         pool, start_errors = workers.start_workers(artifact_dir, runtime.devices, names,
                                                    runtime.compute_dtype, threads, deadline=deadline,

@@ -53,6 +53,7 @@ from torch import nn
 
 from kaggle_utils.batching import LengthBucketSampler, PadCollator
 from kaggle_utils.config import PipelineConfig, TrainConfig
+from kaggle_utils.devices import resolve_dtype
 from kaggle_utils.errors import DataError, UsageError
 from kaggle_utils.folds import check_folds
 from kaggle_utils.formatting import TEMPLATE_VERSION, encode_both_orders, encode_rows
@@ -63,7 +64,6 @@ from kaggle_utils.modeling import (
     build_classifier,
     count_parameters,
     predict_probs,
-    resolve_dtype,
 )
 
 logger = logging.getLogger(__name__)

@@ -169,7 +169,6 @@ class ProcessWorker:
                               f"{payload['type']}: {payload['message']}")
 
     def __call__(self, seqs: list[list[int]]) -> np.ndarray:
-
         self.sent += 1
         limits = [self.deadline] if self.deadline is not None else []
         if self.batch_timeout_s is not None:
