@@ -49,7 +49,8 @@ def run_ordering(ordering: str, seq_len: int, steps: int, warmup: int) -> dict:
     import torch
 
     from kaggle_utils.config import LoraSettings, ModelConfig, QuantConfig, TrainConfig
-    from kaggle_utils.modeling import apply_lora, build_classifier, count_parameters, resolve_dtype
+    from kaggle_utils.devices import resolve_dtype
+    from kaggle_utils.modeling import apply_lora, build_classifier, count_parameters
     from kaggle_utils.training import PeakMemory, make_optimizer, mixed_precision_for, upcast_trainable
 
     cuda = torch.cuda.is_available()

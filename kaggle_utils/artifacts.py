@@ -12,8 +12,13 @@
 
 Manifest fields: ordering, variant, base_model, quant_scheme, dtype, max_length, template_version,
 format_config, folds_file_hash, cv_scores, class_prior, package_version, created_at, files (relative path ->
-bytes, sha256), plus layout_version, num_labels, pad_token_id, has_adapter, has_merged and any extra fields the
-caller passes. `load_artifact` refuses an artifact whose template version differs from the code's (the model
+bytes, sha256), plus layout_version, quant_backend, num_labels, pad_token_id, has_adapter, has_merged and any
+extra fields the caller passes. `quant_backend` names the backend of `kaggle_utils.quant_backends` that wrote
+the model (``bitsandbytes``, ``int4``, ``none``): `save_artifact` asks the registry which backend owns the model
+and records its fields (`quant_scheme`, INT4's `int4_format`), and `load_artifact` hands `model/` to that
+backend. A layout-1 manifest written before the field existed is read as before: `int4_format` means ``int4``,
+quant_scheme int8/nf4 ``bitsandbytes``, none ``none``; an unknown backend or a scheme the backend does not
+write is an ArtifactError naming the manifest. `load_artifact` refuses an artifact whose template version differs from the code's (the model
 would see differently formatted text), one whose manifest does not fit its ordering (a quant-then-ft artifact
 without its adapter would predict with the untrained base and a random score head), one whose files are
 missing, unlisted or truncated, and, by default, one whose files do not match their sha256 (hashing runs at
@@ -21,7 +26,7 @@ missing, unlisted or truncated, and, by default, one whose files do not match th
 
 Loading is offline and works on CPU and CUDA (bitsandbytes 4-bit / 8-bit on both). Runtimes without
 bitsandbytes (TPU) use ``load_artifact(..., dequantize=True)``: plain 16-bit layers holding exactly the
-quantized values, with the adapter merged in.
+quantized values, with the adapter merged in (INT4's layers are plain PyTorch already and stay as they are).
 """
 
 from __future__ import annotations
@@ -39,18 +44,32 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
 from kaggle_utils import __version__
+from kaggle_utils.artifact_layout import (
+    ADAPTER_DIR,
+    LAYOUT_VERSION,
+    MANIFEST_NAME,
+    MERGED_DIR,
+    MODEL_DIR,
+    TOKENIZER_DIR,
+)
 from kaggle_utils.config import FormatConfig
+from kaggle_utils.devices import default_device, resolve_dtype
 from kaggle_utils.errors import ArtifactError
-from kaggle_utils.fileio import file_sha256
+from kaggle_utils.fileio import atomic_write_bytes, file_sha256
+from kaggle_utils.formatting import TEMPLATE_VERSION
+from kaggle_utils.quant_backends import BACKEND_FIELD, LoadOptions, backend_for_manifest, backend_for_model
+from kaggle_utils.real_models import check_tokenizer_model
+from kaggle_utils.tokenizer import load_tokenizer
 
-MANIFEST_NAME = "manifest.json"
-LAYOUT_VERSION = 1
-MODEL_DIR, ADAPTER_DIR, MERGED_DIR, TOKENIZER_DIR = "model", "adapter", "merged", "tokenizer"
-# bitsandbytes (or no) quantization, loaded through transformers; group-wise INT4 has its own loader.
-KNOWN_BNB_SCHEMES: frozenset[str] = frozenset({"none", "int8", "nf4"})
+__all__ = [  # the layout names are part of this module's API
+    "ADAPTER_DIR", "LAYOUT_VERSION", "MANIFEST_NAME", "MERGED_DIR", "MODEL_DIR", "TOKENIZER_DIR",
+    "LoadedArtifact", "save_artifact", "load_artifact", "read_manifest", "check_manifest_schema",
+    "update_manifest", "attach_merged_copy", "artifact_size_bytes", "save_checkpoint", "remove_stale_staging",
+]
 REQUIRED_FIELDS: tuple[str, ...] = (
     "ordering",
     "variant",
@@ -73,6 +92,7 @@ FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "max_length": (int,), "template_version": (str,), "format_config": (dict,), "folds_file_hash": (str,),
     "cv_scores": (dict, list), "package_version": (str,), "created_at": (str,), "files": (dict,),
     "layout_version": (int,), "has_adapter": (bool,), "has_merged": (bool,), "dialect": (str,),
+    BACKEND_FIELD: (str,),
 }  # fmt: skip
 # Written by save_artifact since layout 1; required on load so an ordering's parts cannot silently go missing.
 LAYOUT_FIELDS: tuple[str, ...] = ("layout_version", "has_adapter", "has_merged")
@@ -106,9 +126,6 @@ def save_artifact(
     The directory is assembled beside `out_dir` and renamed into place, so an interrupted save never leaves a
     half-written artifact under the real name. An existing artifact at `out_dir` is replaced.
     """
-    from kaggle_utils.formatting import TEMPLATE_VERSION
-    from kaggle_utils.quantization import quant_scheme_of
-
     missing = [name for name in CALLER_FIELDS if name not in manifest_fields]
     if missing:
         raise ArtifactError(f"save_artifact: manifest_fields lacks {missing}")
@@ -126,9 +143,11 @@ def save_artifact(
             save_checkpoint(merged_model, staging / MERGED_DIR)
         tokenizer.save_pretrained(str(staging / TOKENIZER_DIR))
         inner = model.get_base_model() if has_adapter else model
+        backend = backend_for_model(model)
         manifest = {
             "layout_version": LAYOUT_VERSION,
-            "quant_scheme": quant_scheme_of(model) or "none",
+            BACKEND_FIELD: backend.name,
+            **backend.manifest_fields(model),
             "dtype": _compute_dtype_name(model),
             "max_length": format_config.max_length,
             "template_version": TEMPLATE_VERSION,
@@ -203,8 +222,6 @@ def save_checkpoint(model: nn.Module, out_dir: str | Path) -> Path:
     save again (its load-time conversion has no reverse). Here LoRA tensors are dropped, `base_layer.` and the
     head's `original_module.` unwrapped, and the config (with its quantization_config) saved beside.
     """
-    from safetensors.torch import save_file
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     inner = model.get_base_model() if hasattr(model, "peft_config") else model
@@ -223,8 +240,6 @@ def read_manifest(path: str | Path, verify_hashes: bool = False, allow_unlisted:
     consistent (`check_manifest_schema`), listed files present with their sizes (and sha256 with
     `verify_hashes`), no unlisted file in a folder that gets loaded (`allow_unlisted` is for readers that
     only ever touch the listed files, such as the upload), template version equal to the code's."""
-    from kaggle_utils.formatting import TEMPLATE_VERSION
-
     root = Path(path)
     manifest_path = root / MANIFEST_NAME
     if not manifest_path.is_file():
@@ -322,74 +337,33 @@ def load_artifact(
 ) -> LoadedArtifact:
     """Load an artifact for prediction (eval mode) on `device` (default: CUDA if present, else CPU).
 
-    `compute_dtype` (default: the hardware's, see `modeling.resolve_dtype`) applies to the unquantized tensors
+    `compute_dtype` (default: the hardware's, see `devices.resolve_dtype`) applies to the unquantized tensors
     and the 4-bit layers' compute. `dequantize=True` returns plain `nn.Linear` layers (adapter merged) in
     `compute_dtype or bfloat16` on CPU, for runtimes without bitsandbytes. `use_merged` loads `merged/`.
     `verify_hashes` (default) checks every listed file's sha256 first (~0.65-0.97 GB/s); False only checks sizes.
     """
-    from peft import PeftModel
-    from transformers import AutoModelForSequenceClassification
-
-    from kaggle_utils.modeling import default_device, resolve_dtype
-    from kaggle_utils.quantization import dequantize_model, disable_cpu_weight_repacking, set_compute_dtype
-    from kaggle_utils.tokenizer import load_tokenizer
-
     root = Path(path)
     manifest = read_manifest(root, verify_hashes=verify_hashes)
+    backend = backend_for_manifest(manifest, root / MANIFEST_NAME)
     if dequantize:
         device = torch.device("cpu")
         dtype = compute_dtype or torch.bfloat16
     else:
         device = torch.device(device) if device is not None else default_device()
         dtype = compute_dtype or resolve_dtype("auto", device)
-    scheme = str(manifest["quant_scheme"])
-    if manifest.get("int4_format"):
-        # Group-wise INT4 (kaggle_utils.qaware): its own layers, which transformers cannot build; its forward is
-        # plain PyTorch (dequantize + matmul), so the same model also serves runtimes without bitsandbytes.
-        from kaggle_utils.qaware.int4 import load_int4_artifact
-
-        return load_int4_artifact(root, device=device, dtype=dtype, manifest=manifest)
-    if scheme not in KNOWN_BNB_SCHEMES:
-        raise ArtifactError(f"{root}: unknown quant_scheme {scheme!r} in the manifest (known: "
-                            f"{sorted(KNOWN_BNB_SCHEMES)} and group-wise INT4 with int4_format)")
     if use_merged and not manifest.get("has_merged"):
         raise ArtifactError(f"{root}: use_merged=True but the artifact has no {MERGED_DIR}/ copy")
     model_dir = root / (MERGED_DIR if use_merged else MODEL_DIR)
-    try:
-        model, loading_info = AutoModelForSequenceClassification.from_pretrained(
-            str(model_dir),
-            dtype=dtype,
-            attn_implementation=manifest.get("attn_implementation") or "eager",
-            device_map={"": str(device)},
-            local_files_only=True,
-            output_loading_info=True,
-        )
-    except (OSError, ValueError, RuntimeError) as error:
-        raise ArtifactError(f"{model_dir}: could not load the model ({error})") from error
-    # transformers only logs weights it had to initialise at random; a shipped model must have none.
-    missing = list(loading_info.get("missing_keys") or [])
-    if missing:
-        raise ArtifactError(f"{model_dir}: weights missing from the checkpoint, would be random: {missing[:5]}"
-                            + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
-    disable_cpu_weight_repacking(model)
-    if scheme not in ("none", "int8"):
-        set_compute_dtype(model, dtype)
-    if dequantize:
-        model = dequantize_model(model, dtype)
-    if manifest["has_adapter"] and not use_merged:
-        model = PeftModel.from_pretrained(model, str(root / ADAPTER_DIR), is_trainable=False)
-        if dequantize:
-            model = model.merge_and_unload()
-    if dequantize:
-        model = model.to(dtype)
+    model = backend.load_artifact(root, manifest, LoadOptions(device=device, dtype=dtype, dequantize=dequantize,
+                                                              use_merged=use_merged))
     model.eval()
     tokenizer = load_tokenizer(root / TOKENIZER_DIR)
     format_config = FormatConfig(**_restore_tuples(FormatConfig, manifest["format_config"]))
-    from kaggle_utils.real_models import check_tokenizer_model  # ids must index this model's own embeddings
-
-    check_tokenizer_model(tokenizer, model.config, root / TOKENIZER_DIR, model_dir, template=format_config.template,
-                          embedding_rows=model.get_input_embeddings().weight.shape[0], error=ArtifactError,
-                          real_weights=not getattr(model.config, "kaggle_utils_random_weights", False))
+    if backend.checks_tokenizer:  # ids must index this model's own embeddings
+        check_tokenizer_model(tokenizer, model.config, root / TOKENIZER_DIR, model_dir,
+                              template=format_config.template,
+                              embedding_rows=model.get_input_embeddings().weight.shape[0], error=ArtifactError,
+                              real_weights=not getattr(model.config, "kaggle_utils_random_weights", False))
     return LoadedArtifact(model=model, tokenizer=tokenizer, manifest=manifest, format_config=format_config, path=root)
 
 
@@ -423,8 +397,6 @@ def attach_merged_copy(path: str | Path, merged_model: nn.Module) -> Path:
 
 def update_manifest(path: str | Path, **fields) -> dict:
     """Add or replace manifest fields after the fact (e.g. CV scores measured on the saved artifact)."""
-    from kaggle_utils.fileio import atomic_write_bytes
-
     root = Path(path)
     manifest = json.loads((root / MANIFEST_NAME).read_text(encoding="utf-8"))
     manifest.update(_plain(fields))

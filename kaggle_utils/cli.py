@@ -8,27 +8,22 @@ its subcommands with `set_defaults(handler=...)`. A handler returns the exit cod
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 
+from kaggle_utils.commands import data, inference, kaggle, modeling, models, study
 from kaggle_utils.errors import UsageError
 
-COMMAND_GROUPS: tuple[str, ...] = (
-    "data",
-    "modeling",
-    "inference",
-    "kaggle",
-    "study",
-    "models",
-)
+# Imported above (not by name at run time), so the package's import graph is what the source says.
+COMMAND_MODULES = {"data": data, "modeling": modeling, "inference": inference, "kaggle": kaggle,
+                   "study": study, "models": models}
+COMMAND_GROUPS: tuple[str, ...] = tuple(COMMAND_MODULES)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m kaggle_utils", description=__doc__.splitlines()[0])
     subparsers = parser.add_subparsers(dest="command", required=True)
     for group in COMMAND_GROUPS:
-        module = importlib.import_module(f"kaggle_utils.commands.{group}")
-        module.register(subparsers)
+        COMMAND_MODULES[group].register(subparsers)
     return parser
 
 

@@ -36,8 +36,9 @@ A variant says which ordering it belongs to and supplies two functions:
   extra models to score (e.g. a merged copy).
 
 Optional ``configure(cfg) -> cfg`` adjusts the config for the variant (e.g. ``quant.scheme = "int8"``).
-Register with `register_variant(Variant(...))` from any module; `compare_orderings` imports
-`kaggle_utils.qaware.variants` (when present) before resolving names, so variants defined there are found.
+The registry and the two orderings' variants live in `variant_registry.py`; register with
+`register_variant(Variant(...))` from any module. This module imports `kaggle_utils.qaware.variants` at its top,
+so the quantization-aware variants are registered whenever `compare` is imported.
 """
 
 from __future__ import annotations
@@ -45,15 +46,12 @@ from __future__ import annotations
 import copy
 import dataclasses
 import gc
-import importlib
-import importlib.util
 import json
 import logging
 import math
 import platform
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -62,17 +60,43 @@ import polars as pl
 import torch
 from torch import nn
 
+from kaggle_utils import __version__
+from kaggle_utils.artifacts import artifact_size_bytes, load_artifact, update_manifest
 from kaggle_utils.config import PipelineConfig
+from kaggle_utils.data import load_competition
+from kaggle_utils.devices import default_device
 from kaggle_utils.dialects import Dialect, get_dialect
 from kaggle_utils.errors import UsageError
+from kaggle_utils.folds import folds_file_hash, load_folds, make_folds, save_folds
+from kaggle_utils.formatting import TEMPLATE_VERSION, encode_both_orders, encode_rows, swap_probs
+from kaggle_utils.metrics import class_prior, log_loss, make_oof, save_oof
+from kaggle_utils.modeling import base_has_weights, materialize_base, predict_probs
+from kaggle_utils.qaware import variants as _qaware_variants  # noqa: F401  registers the quantization-aware ones
+from kaggle_utils.real_models import base_weights_note, has_real_weights, resolve_tokenizer
 from kaggle_utils.runtime import find_competition_file, run_output_dir
-from kaggle_utils.training import BuildModel, PeakMemory, TrainResult, distributed_state
+from kaggle_utils.tokenizer import load_tokenizer
+from kaggle_utils.training import PeakMemory, distributed_state, split_fold, train_fold
+from kaggle_utils.variant_registry import (
+    ORDERINGS,
+    VARIANTS,
+    ExportContext,
+    Exported,
+    FoldContext,
+    Variant,
+    merge_lora_fp32,
+    register_variant,
+)
 
 logger = logging.getLogger(__name__)
+# The registry's API is re-exported here: `compare` runs what the registry holds.
+__all__ = [
+    "ORDERINGS", "VARIANTS", "ExportContext", "Exported", "FoldContext", "Variant", "merge_lora_fp32",
+    "register_variant", "resolve_variants", "compare_orderings", "demo_config", "resolve_training_notebook",
+    "attach_common_reference", "summarise_variant", "decide_winner", "render_markdown", "plot_report",
+    "plot_learning_curves", "artifact_table", "own_reference_description",
+]
 
-ORDERINGS: tuple[str, str] = ("ft-then-quant", "quant-then-ft")
 DEFAULT_VARIANTS: tuple[str, ...] = ORDERINGS
-PLUGIN_MODULES: tuple[str, ...] = ("kaggle_utils.qaware.variants",)
 REPORT_JSON, REPORT_MD, REPORT_PNG, OOF_FILE = "report.json", "report.md", "report.png", "oof.parquet"
 # Demo scale (tiny Gemma-2, max length 128, one held-out fold, 2 epochs): learns the generated data's signal
 # well below the class prior; about 1.5 minutes for both orderings on ~2,000 generated rows, 1 CPU thread.
@@ -84,75 +108,7 @@ NOISE_Z = 2.0
 # ------------------------------------------------------------------------------------------------ registry
 
 
-@dataclass
-class FoldContext:
-    """What a variant may use to build its trainable model for one fold."""
-
-    cfg: PipelineConfig
-    fold: int
-    seed: int
-    train_frame: pl.DataFrame  # this fold's training rows only (never the held-out ones)
-    tokenizer: Any
-    base_dir: Path  # the 16-bit base checkpoint every variant starts from
-    device: torch.device
-    notes: dict = field(default_factory=dict)  # variant-specific numbers for the report
-
-
-@dataclass
-class ExportContext:
-    fold_ctx: FoldContext
-    result: TrainResult
-    artifact_dir: Path
-    manifest_fields: dict  # ordering, variant, base_model, folds_file_hash, cv_scores, class_prior, dialect
-
-    @property
-    def cfg(self) -> PipelineConfig:
-        return self.fold_ctx.cfg
-
-
-@dataclass
-class Exported:
-    """What a variant ships, and the 16-bit model its QiD is measured against."""
-
-    artifact_dir: Path | None
-    reference_model: nn.Module
-    shipped_model: nn.Module | None = None  # None: loaded back from artifact_dir with artifacts.load_artifact
-    extra_models: dict[str, nn.Module] = field(default_factory=dict)  # scored too, e.g. {"merged-into-nf4": m}
-
-
-@dataclass(frozen=True)
-class Variant:
-    name: str
-    ordering: str  # "ft-then-quant" | "quant-then-ft"
-    description: str
-    builder: Callable[[FoldContext], BuildModel]
-    export: Callable[[ExportContext], Exported]
-    configure: Callable[[PipelineConfig], PipelineConfig] | None = None
-    # Why the variant cannot run on this machine (e.g. LoftQ needs CUDA), or None when it can. Checked before any
-    # training: an unavailable variant is skipped and listed in the report, the others still run.
-    unavailable: Callable[[], str | None] | None = None
-    # True when the variant trains the 16-bit LoRA of fine-tune -> quantize with the default builder and its
-    # `Exported.reference_model` is that LoRA merged in fp32: the common reference every variant's shipped loss
-    # is compared with (`qid_vs_common`). ft-then-quant and its scheme variants (int8 / nf4) qualify.
-    common_reference: bool = False
-
-
-VARIANTS: dict[str, Variant] = {}
-
-
-def register_variant(variant: Variant, replace: bool = False) -> Variant:
-    if variant.ordering not in ORDERINGS:
-        raise UsageError(f"variant {variant.name!r}: ordering must be one of {ORDERINGS}, got {variant.ordering!r}")
-    if variant.name in VARIANTS and not replace and VARIANTS[variant.name] is not variant:
-        raise UsageError(f"a variant named {variant.name!r} is already registered")
-    VARIANTS[variant.name] = variant
-    return variant
-
-
 def resolve_variants(names: Sequence[str] | None) -> list[Variant]:
-    for module in PLUGIN_MODULES:
-        if importlib.util.find_spec(module) is not None:
-            importlib.import_module(module)
     names = list(names or DEFAULT_VARIANTS)
     unknown = [name for name in names if name not in VARIANTS]
     if unknown:
@@ -161,71 +117,6 @@ def resolve_variants(names: Sequence[str] | None) -> list[Variant]:
         raise UsageError(f"variants listed twice: {names}")
     return [VARIANTS[name] for name in names]
 
-
-def _default_builder(ctx: FoldContext) -> BuildModel:
-    from kaggle_utils.training import default_build_model
-
-    return default_build_model
-
-
-def merge_lora_fp32(peft_model) -> nn.Module:
-    """Fold the LoRA into the base in fp32 and return the merged fp32 model (consumes `peft_model`).
-
-    Adding a small LoRA update to bf16 weights rounds part of it away; this merged model is both what
-    ft-then-quant quantizes and the common QiD reference of every variant, so it is merged exactly.
-    """
-    return peft_model.float().merge_and_unload()
-
-
-def _export_ft_then_quant(ctx: ExportContext) -> Exported:
-    """Merge the LoRA into the 16-bit weights, quantize the merged model (cfg.quant.scheme), ship it."""
-    from kaggle_utils.artifacts import save_artifact
-    from kaggle_utils.quantization import quantize_merged
-
-    merged = merge_lora_fp32(ctx.result.model)
-    quantized = quantize_merged(merged, ctx.cfg.quant, ctx.cfg.model, device=ctx.fold_ctx.device,
-                                work_dir=ctx.artifact_dir.parent)
-    save_artifact(ctx.artifact_dir, quantized, ctx.fold_ctx.tokenizer, ctx.manifest_fields, ctx.cfg.format)
-    del quantized
-    return Exported(artifact_dir=ctx.artifact_dir, reference_model=merged.eval())
-
-
-def _export_quant_then_ft(ctx: ExportContext) -> Exported:
-    """Ship the quantized base exactly as trained on plus the unmerged adapter; optionally a merged copy."""
-    from peft import PeftModel
-
-    from kaggle_utils.artifacts import attach_merged_copy, load_artifact, save_artifact
-    from kaggle_utils.modeling import build_classifier
-    from kaggle_utils.quantization import merge_adapter_into_quantized
-
-    tokenizer = ctx.fold_ctx.tokenizer
-    save_artifact(ctx.artifact_dir, ctx.result.model, tokenizer, ctx.manifest_fields, ctx.cfg.format)
-    base16 = build_classifier(dataclasses.replace(ctx.cfg.model, base_model=str(ctx.fold_ctx.base_dir)),
-                              pad_token_id=tokenizer.pad_token_id, device=ctx.fold_ctx.device)
-    reference = PeftModel.from_pretrained(base16, str(ctx.artifact_dir / "adapter"), is_trainable=False).eval()
-    extra = {}
-    if ctx.cfg.quant.merge_adapter_into_quantized:
-        merged = merge_adapter_into_quantized(load_artifact(ctx.artifact_dir, device=ctx.fold_ctx.device).model)
-        attach_merged_copy(ctx.artifact_dir, merged)
-        extra[f"merged-into-{ctx.cfg.quant.scheme}"] = merged.eval()
-    return Exported(artifact_dir=ctx.artifact_dir, reference_model=reference, extra_models=extra)
-
-
-register_variant(Variant(
-    name="ft-then-quant",
-    ordering="ft-then-quant",
-    description="LoRA on the 16-bit base; merge; quantize the merged model with bitsandbytes (quant.scheme)",
-    builder=_default_builder,
-    export=_export_ft_then_quant,
-    common_reference=True,
-))
-register_variant(Variant(
-    name="quant-then-ft",
-    ordering="quant-then-ft",
-    description="QLoRA: LoRA on the bitsandbytes base (NF4, double quant); ship base + unmerged adapter",
-    builder=_default_builder,
-    export=_export_quant_then_ft,
-))
 
 
 # ------------------------------------------------------------------------------------------------ the run
@@ -284,10 +175,6 @@ def compare_orderings(
     Folds trained: `cfg.train.cv_folds` (None: every fold of the folds file). With several seeds the report
     gives mean ± std over seeds.
     """
-    from kaggle_utils.data import load_competition
-    from kaggle_utils.folds import folds_file_hash, load_folds, make_folds, save_folds
-    from kaggle_utils.modeling import base_has_weights, default_device, materialize_base
-
     requested = resolve_variants(variants)
     skipped = {v.name: reason for v in requested if v.unavailable and (reason := v.unavailable())}
     for name, reason in skipped.items():
@@ -344,8 +231,6 @@ def compare_orderings(
     if not dist.is_main_process:
         return {}
 
-    from kaggle_utils.metrics import save_oof
-
     # One write for the whole run: every fold of every name at once (names of other runs in the file are kept).
     save_oof(pl.concat(oof_tables, how="vertical"), out_dir / OOF_FILE, replace="name")
     report = _build_report(cfg, chosen, seeds, fold_ids, runs, frame, folds_path, folds_hash, device, began)
@@ -357,17 +242,12 @@ def compare_orderings(
 
 
 def _base_weights_note(base_model: str) -> str | None:
-    from kaggle_utils.real_models import base_weights_note
-
     return base_weights_note(base_model)
 
 
 def _tokenizer(cfg: PipelineConfig, frame: pl.DataFrame, out_dir: Path, write: bool = True):
     """The run's tokenizer; with `write` False (a non-main process) the demo tokenizer the main process trained
     into out_dir/tokenizer is read back instead of being trained and written a second time."""
-    from kaggle_utils.real_models import has_real_weights, resolve_tokenizer
-    from kaggle_utils.tokenizer import load_tokenizer
-
     if not write and not has_real_weights(cfg.model.base_model) and not cfg.format.tokenizer_path:
         return load_tokenizer(out_dir / "tokenizer")
     texts = (turn for column in ("prompt", "response_a", "response_b") for turns in frame[column] for turn in turns)
@@ -386,10 +266,6 @@ def _variant_config(cfg: PipelineConfig, variant: Variant, seed: int, base_dir: 
 
 def _run_fold(cfg, variant: Variant, frame, folds, fold: int, seed: int, tokenizer, base_dir: Path, device,
               run_dir: Path, folds_hash: str, progress: bool) -> tuple[dict | None, list[pl.DataFrame]]:
-    from kaggle_utils.artifacts import artifact_size_bytes, load_artifact, update_manifest
-    from kaggle_utils.metrics import class_prior, log_loss, make_oof
-    from kaggle_utils.training import split_fold, train_fold
-
     train_part, val_part = split_fold(frame, folds, fold)
     fold_ctx = FoldContext(cfg=cfg, fold=fold, seed=seed, train_frame=train_part, tokenizer=tokenizer,
                            base_dir=base_dir, device=device)
@@ -458,8 +334,6 @@ def _run_fold(cfg, variant: Variant, frame, folds, fold: int, seed: int, tokeniz
 
 
 def _encode_views(frame: pl.DataFrame, tokenizer, cfg: PipelineConfig) -> list[list[list[int]]]:
-    from kaggle_utils.formatting import encode_both_orders, encode_rows
-
     if cfg.inference.tta_swap:
         original, swapped = encode_both_orders(frame, tokenizer, cfg.format)
         return [original.input_ids, swapped.input_ids]
@@ -470,9 +344,6 @@ def _predict_views(model, views, pad_token_id: int, cfg: PipelineConfig, progres
                    ) -> tuple[np.ndarray, float]:
     """Probabilities as inference makes them (mean of the original and the swapped-back view with TTA),
     and rows per second."""
-    from kaggle_utils.formatting import swap_probs
-    from kaggle_utils.modeling import predict_probs
-
     started = time.perf_counter()
     probs = [predict_probs(model, rows, pad_token_id, token_budget=cfg.train.eval_token_budget, progress=progress)
              for rows in views]
@@ -493,7 +364,6 @@ def _model_bytes(model: nn.Module) -> int:
 def _aggregate_run(variant: Variant, seed: int, folds_out: list[dict], dialect: Dialect | None = None) -> dict:
     """One (variant, seed): CV over all trained folds' OOF rows, and the per-fold records; `cv_metric_*` are
     the competition dialect's metric (LMSYS: log loss again; WSDM: A/B accuracy) on the same rows."""
-    from kaggle_utils.metrics import log_loss
 
     dialect = dialect or get_dialect("lmsys")
 
@@ -672,8 +542,6 @@ def decide_winner(runs: list[dict], names: list[str]) -> dict:
 def _build_report(cfg, chosen, seeds, fold_ids, runs, frame, folds_path, folds_hash, device, began) -> dict:
     import transformers
 
-    import kaggle_utils
-
     names = [variant.name for variant in chosen]
     decision = decide_winner(runs, names)
     common = attach_common_reference(runs)
@@ -714,7 +582,7 @@ def _build_report(cfg, chosen, seeds, fold_ids, runs, frame, folds_path, folds_h
             "torch": torch.__version__,
             "transformers": transformers.__version__,
             **versions,
-            "kaggle_utils": kaggle_utils.__version__,
+            "kaggle_utils": __version__,
             "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         },
         "total_time_s": time.perf_counter() - began,
@@ -955,6 +823,4 @@ def artifact_table(report: dict) -> pl.DataFrame:
 
 def _template_version() -> str:
     """The prompt template / truncation version the runs encoded with (their artifacts refuse any other)."""
-    from kaggle_utils.formatting import TEMPLATE_VERSION
-
     return TEMPLATE_VERSION

@@ -25,11 +25,13 @@ import polars as pl
 
 from kaggle_utils import __version__
 from kaggle_utils.baseline import BaselineResult, run_baseline_cv
+from kaggle_utils.compare import compare_orderings, demo_config
 from kaggle_utils.config import BaselineConfig, FoldConfig, InferenceConfig
-from kaggle_utils.data import LoadedData
+from kaggle_utils.data import LoadedData, load_competition
 from kaggle_utils.dialects import Dialect, get_dialect
 from kaggle_utils.fileio import atomic_write_bytes
 from kaggle_utils.folds import fold_summary, make_folds, save_folds
+from kaggle_utils.inference import predict
 from kaggle_utils.metrics import oof_probs, save_oof
 from kaggle_utils.sample import SampleFiles
 
@@ -83,8 +85,8 @@ def step_sample(state: DemoState) -> str:
 
 
 def step_load(state: DemoState) -> str:
-    state.train = state.dialect.load(state.files.train_path, split="train")
-    state.test = state.dialect.load(state.files.test_path, split="test")
+    state.train = load_competition(state.files.train_path, state.dialect.data_config(), split="train")
+    state.test = load_competition(state.files.test_path, state.dialect.data_config(), split="test")
     train_report, test_report = state.train.report, state.test.report
     state.report["load"] = {"train": train_report.to_dict(), "test": test_report.to_dict()}
     state.report["load_text"] = {"train": train_report.to_text(), "test": test_report.to_text()}
@@ -164,8 +166,6 @@ def step_orderings(state: DemoState) -> str:
     """Both orderings on the demo's own folds file and seed: the comparison report (json, md, png)."""
     import torch
 
-    from kaggle_utils.compare import compare_orderings, demo_config
-
     cfg = demo_config()
     cfg.data.format = state.dialect.name  # type: ignore[assignment]
     threads = torch.get_num_threads()
@@ -203,8 +203,6 @@ def step_orderings(state: DemoState) -> str:
 
 def step_inference(state: DemoState) -> str:
     """The comparison's winner, shipped: offline inference on the test file with swap TTA and the time guard."""
-    from kaggle_utils.inference import predict
-
     decision = state.comparison["decision"]
     winner = next(run for run in state.comparison["runs"] if run["variant"] == decision["winner"])
     artifact_dir = winner["per_fold"][0]["artifact_dir"]

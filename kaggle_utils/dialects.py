@@ -32,7 +32,17 @@ import polars as pl
 from kaggle_utils.config import LABEL_COLUMNS, DataConfig
 from kaggle_utils.errors import SubmissionError, UsageError, one_line
 from kaggle_utils.fileio import atomic_write_bytes
+from kaggle_utils.labels import parse_one_hot_labels, parse_winner_labels
 from kaggle_utils.metrics import log_loss
+from kaggle_utils.sample import generate_competition_files, generate_wsdm_files
+from kaggle_utils.submission import (
+    SubmissionReport,
+    check_ids,
+    read_test_ids,
+    repair_probabilities,
+    validate_submission,
+    write_submission,
+)
 
 TIE_RULE = "equal A and B probabilities -> model_a"
 WSDM_WINNER_VALUES: tuple[str, str] = ("model_a", "model_b")
@@ -129,12 +139,6 @@ class Dialect(ABC):
         """The `DataConfig` that reads this dialect's files (`format` is the dialect's name)."""
         return DataConfig(format=self.name, **fields)  # type: ignore[arg-type]
 
-    def load(self, path: str | Path, split: str = "auto", **fields: Any) -> Any:
-        """`data.load_competition` with this dialect's reader."""
-        from kaggle_utils.data import load_competition
-
-        return load_competition(path, self.data_config(**fields), split=split)  # type: ignore[arg-type]
-
     @abstractmethod
     def parse_labels(self, raw: pl.DataFrame, ids: list[Any], path: Path) -> list[int]:
         """Label columns of the raw table -> class indices (0 = A, 1 = B, 2 = tie); DataError when bad."""
@@ -193,23 +197,15 @@ class LmsysDialect(Dialect):
     submission_columns = ("id", *LABEL_COLUMNS)
 
     def parse_labels(self, raw: pl.DataFrame, ids: list[Any], path: Path) -> list[int]:
-        from kaggle_utils.data import parse_one_hot_labels
-
         return parse_one_hot_labels(raw, ids, path, self.label_columns)
 
     def write(self, ids, probs, path, expected_ids=None, fallback_prior=None):
-        from kaggle_utils.submission import write_submission
-
         return write_submission(ids, probs, path, expected_ids=expected_ids, fallback_prior=fallback_prior)
 
     def validate(self, path, test_path):
-        from kaggle_utils.submission import validate_submission
-
         return validate_submission(path, test_path)
 
     def generate_sample(self, out_dir, n_train, n_test, seed=0, traps=True):
-        from kaggle_utils.sample import generate_competition_files
-
         return generate_competition_files(out_dir, n_train=n_train, n_test=n_test, seed=seed, traps=traps)
 
 
@@ -231,15 +227,11 @@ class WsdmDialect(Dialect):
     submission_columns = ("id", "winner")
 
     def parse_labels(self, raw: pl.DataFrame, ids: list[Any], path: Path) -> list[int]:
-        from kaggle_utils.data import parse_winner_labels
-
         return parse_winner_labels(raw, ids, path, "winner", dict(zip(WSDM_WINNER_VALUES, (0, 1), strict=True)))
 
     def write(self, ids, probs, path, expected_ids=None, fallback_prior=None):
         """`id, winner` with model_a / model_b from `ab_winners`; unusable rows are replaced by the fallback
         prior (or uniform, then decided by the tie rule) and counted, exact ties counted."""
-        from kaggle_utils.submission import SubmissionReport, check_ids, repair_probabilities
-
         path = Path(path)
         ids_series = check_ids(ids, path, len(LABEL_COLUMNS), probs, expected_ids)
         repaired = repair_probabilities(probs, path, fallback_prior)
@@ -263,8 +255,6 @@ class WsdmDialect(Dialect):
     def validate(self, path, test_path):
         """Header exactly `id, winner`; ids unique and the test file's set; every `winner` exactly model_a or
         model_b. All problems in one message, each with its field and the file's line numbers and ids."""
-        from kaggle_utils.submission import SubmissionReport, read_test_ids
-
         path = Path(path)
         if not path.is_file():
             raise SubmissionError(f"submission file not found: {path}")
@@ -309,8 +299,6 @@ class WsdmDialect(Dialect):
         return SubmissionReport(path=str(path), rows=table.height)
 
     def generate_sample(self, out_dir, n_train, n_test, seed=0, traps=True):
-        from kaggle_utils.sample import generate_wsdm_files
-
         return generate_wsdm_files(out_dir, n_train=n_train, n_test=n_test, seed=seed, traps=traps)
 
 

@@ -38,12 +38,12 @@ wrote and validated the file) raises when any row fell back, except in Kaggle's 
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import logging
 import math
 import threading
 import time
-import traceback
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -52,43 +52,47 @@ from typing import Any
 
 import numpy as np
 import polars as pl
+import torch
 from tqdm.auto import tqdm
 
+from kaggle_utils import tpu, workers
+from kaggle_utils.artifacts import MANIFEST_NAME, load_artifact
+from kaggle_utils.baseline import BaselineModel
+from kaggle_utils.batching import token_budget_batches
 from kaggle_utils.config import LABEL_COLUMNS, DataConfig, InferenceConfig
+from kaggle_utils.data import load_competition
+from kaggle_utils.device_forward import (  # WorkerLost, make_forward, is_out_of_memory: part of this API too
+    ForwardFn,
+    WorkerLost,
+    _describe_error,
+    _pad_id,
+    is_out_of_memory,
+    make_forward,
+)
+from kaggle_utils.dialects import dialect_names, dialect_of_manifest, get_dialect
 from kaggle_utils.errors import SubmissionError, UsageError
 from kaggle_utils.fileio import atomic_write_bytes, check_not_an_input, check_output_target
+from kaggle_utils.formatting import encode_both_orders, encode_rows, swap_probs
+from kaggle_utils.runtime import (
+    default_submission_path,
+    detect_runtime,
+    find_inputs,
+    is_competition_rerun,
+    on_kaggle,
+)
+from kaggle_utils.submission import read_test_ids
 
 logger = logging.getLogger(__name__)
 
-ForwardFn = Callable[[list[list[int]]], np.ndarray]
 VIEW_NAMES: tuple[str, ...] = ("original", "swapped")
 ORIGINAL, SWAPPED = 0, 1
 # How each row's final prediction was made (the report counts rows per path).
 PATH_TTA, PATH_ORIGINAL, PATH_SWAPPED, PATH_FALLBACK = "tta", "original_only", "swapped_only", "fallback"
-MANIFEST_NAME = "manifest.json"
 _ERRORS_KEPT = 20
 
 
 class InferenceError(RuntimeError):
     """Raised only with `raise_after_write=True`, after the submission was written; wraps the first error."""
-
-
-class WorkerLost(RuntimeError):
-    """A forward whose worker is gone for good (its process died): the batch is redone by another device and
-    this one retired at once, instead of counting it as a failed batch whose rows fall back."""
-
-
-def is_out_of_memory(error: BaseException) -> bool:
-    """CUDA raises torch.OutOfMemoryError; other backends (XLA, older torch) a RuntimeError saying so."""
-    try:
-        import torch
-
-        if isinstance(error, torch.OutOfMemoryError):
-            return True
-    except ImportError:  # pragma: no cover - torch is a dependency
-        pass
-    text = str(error)
-    return isinstance(error, RuntimeError) and ("out of memory" in text.lower() or "RESOURCE_EXHAUSTED" in text)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -184,8 +188,6 @@ class _Scheduler:
         clock: Callable[[], float],
         progress: bool,
     ) -> None:
-        from kaggle_utils.batching import token_budget_batches
-
         self.sequences = sequences
         self.n_views = len(sequences)
         self.n_rows = len(sequences[0])
@@ -564,7 +566,6 @@ def run_schedule(
 def combine_views(views: ViewPredictions, fallback: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Final (n, 3) probabilities and each row's path: mean of both views where both ran (the swapped view
     un-swapped first), the one view that ran, else the fallback row."""
-    from kaggle_utils.formatting import swap_probs
 
     probs, done = views.probs, views.done
     has_original = done[ORIGINAL]
@@ -613,8 +614,6 @@ def fallback_predictions(
     errors: list[dict] = []
     if baseline_path is not None and frame is not None:
         try:
-            from kaggle_utils.baseline import BaselineModel
-
             probs = np.asarray(BaselineModel.load(baseline_path).predict_proba(frame), dtype=np.float64)
             if probs.shape != (n_rows, len(LABEL_COLUMNS)) or not np.all(np.isfinite(probs)):
                 raise ValueError(f"baseline returned shape {probs.shape} (or non-finite values) for {n_rows} rows")
@@ -705,7 +704,6 @@ def raise_if_fallback(report: InferenceReport) -> None:
     hidden competition rerun only log it (the written file is the submission and the notebook must finish)."""
     if not report.fallback_rows:
         return
-    from kaggle_utils.runtime import is_competition_rerun
 
     message = (f"{report.fallback_rows} of {report.rows} rows were predicted by the fallback "
                f"({report.fallback_source}), not the model; the submission was written: {report.summary()}")
@@ -776,8 +774,6 @@ def predict(
     file cannot be written, or after writing with `raise_after_write`. Fallback rows do not raise here: see
     `raise_if_fallback`.
     """
-    from kaggle_utils.runtime import detect_runtime
-    from kaggle_utils.submission import read_test_ids
 
     cfg = cfg or InferenceConfig()
     validate_inference_config(cfg)
@@ -806,7 +802,6 @@ def predict(
         submission_path=str(out_path), test_path=str(test_path), artifact_dir=str(artifact_dir),
         tta_requested=cfg.tta_swap, deadline_s=budget, dialect=chosen.name,
     )
-    from kaggle_utils.runtime import is_competition_rerun, on_kaggle
 
     report.kaggle = {"on_kaggle": on_kaggle(), "competition_rerun": is_competition_rerun()}
     first_error: BaseException | None = None
@@ -822,8 +817,6 @@ def predict(
     report.rows = len(ids)
     frame = None
     try:
-        from kaggle_utils.data import load_competition
-
         loaded = load_competition(test_path, data_cfg or chosen.data_config(), split="test")
         frame = loaded.frame
         report.data_report = loaded.report.to_dict()
@@ -907,8 +900,6 @@ def resolve_dialect(artifact_dir: str | Path, dialect: str | None = None, test_p
     every row and report why), the one dialect whose test file has `test_path`'s suffix (test.parquet: WSDM),
     so even that fallback file is the competition's format; else LMSYS. UsageError, before anything is
     written, for an unknown name."""
-    from kaggle_utils.dialects import dialect_names, dialect_of_manifest, get_dialect
-
     if dialect is not None:
         return get_dialect(dialect)
     try:
@@ -948,8 +939,6 @@ def _run_models(
     wrap_forward: Callable[[ForwardFn, str], ForwardFn] | None,
     report: InferenceReport,
 ) -> ViewPredictions:
-    from kaggle_utils.artifacts import load_artifact
-    from kaggle_utils.formatting import encode_both_orders, encode_rows
     report.runtime = runtime.to_dict()
     logger.info("runtime: %s", runtime.describe())
 
@@ -958,18 +947,12 @@ def _run_models(
     names = worker_names(runtime.devices)
     hooks: list[Callable[[], None] | None] = [None] * len(names)
     if runtime.kind == "tpu":
-        from kaggle_utils import tpu
-
         loaded = tpu.load_plain(artifact_dir, verify_hashes=cfg.verify_hashes)
         tokenizer, format_config = loaded.tokenizer, loaded.format_config
         forwards = [tpu.make_forward(loaded.model, _pad_id(loaded.tokenizer), cfg)]
         names, hooks = ["xla"], [None]
     elif cfg.worker_backend == "process":
-        from kaggle_utils import workers
-
         tokenizer, format_config = workers.load_preprocessing(artifact_dir, verify_hashes=cfg.verify_hashes)
-        import torch
-
         threads = max(1, torch.get_num_threads() // len(names)) if runtime.kind == "cpu" else 1
         pool, start_errors = workers.start_workers(artifact_dir, runtime.devices, names,
                                                    runtime.compute_dtype, threads, deadline=deadline,
@@ -1019,56 +1002,18 @@ def worker_names(devices: Sequence[str]) -> list[str]:
     return [f"{device}#{index}" for index, device in enumerate(devices)]
 
 
-def make_forward(model: Any, pad_token_id: int, device: str) -> ForwardFn:
-    """token lists -> probs on one device, through the shared collator and `modeling.forward_probs`."""
-    import torch
-
-    from kaggle_utils.batching import PadCollator
-    from kaggle_utils.modeling import forward_probs
-
-    collate = PadCollator(pad_token_id)
-    # Each device's worker thread makes its GPU the current one (kernels that use the current device, e.g.
-    # some bitsandbytes paths, would otherwise run against cuda:0).
-    context = (lambda: torch.cuda.device(device)) if str(device).startswith("cuda") else contextlib.nullcontext
-
-    def forward(seqs: list[list[int]]) -> np.ndarray:
-        batch = collate([{"input_ids": seq} for seq in seqs])
-        with context():
-            batch = {key: value.to(device) for key, value in batch.items() if isinstance(value, torch.Tensor)}
-            return forward_probs(model, batch)
-
-    return forward
-
-
-def _pad_id(tokenizer: Any) -> int:
-    pad = tokenizer.pad_token_id
-    if pad is None:
-        raise UsageError("the artifact's tokenizer has no pad token id")
-    return int(pad)
-
-
 def _empty_cache_hook(device: str) -> Callable[[], None] | None:
     if not device.startswith("cuda"):
         return None
 
     def empty_cache() -> None:
-        import gc
 
-        import torch
 
         gc.collect()
         with torch.cuda.device(device):
             torch.cuda.empty_cache()
 
     return empty_cache
-
-
-def _describe_error(error: BaseException) -> dict:
-    return {
-        "type": type(error).__name__,
-        "message": str(error)[:500],
-        "traceback": "".join(traceback.format_exception(type(error), error, error.__traceback__)[-3:])[-1500:],
-    }
 
 
 def run_submission(
@@ -1093,7 +1038,6 @@ def run_submission(
     competition rerun; the notebook passes False, prints the summary, then calls `raise_if_fallback` itself.
     `dialect` None: the artifact manifest's (LMSYS or WSDM: which test file is read and which submission
     file is written and validated)."""
-    from kaggle_utils.runtime import default_submission_path, find_inputs
 
     if artifact_dir is None or test_path is None:
         found = find_inputs(input_root, artifact_hint=artifact_hint, test_hint=test_hint)

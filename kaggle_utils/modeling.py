@@ -22,176 +22,44 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import tempfile
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
+from peft import LoraConfig, TaskType, get_peft_model, prepare_model_for_kbit_training
 from torch import nn
-from transformers import (
-    AutoModelForSequenceClassification,
-    Gemma2Config,
-    PretrainedConfig,
-    PreTrainedModel,
-)
+from tqdm.auto import tqdm
+from transformers import AutoModelForSequenceClassification, PreTrainedModel
 
+from kaggle_utils.batching import PadCollator, token_budget_batches
 from kaggle_utils.config import LoraSettings, ModelConfig, QuantConfig
+from kaggle_utils.devices import default_device, model_device, resolve_dtype
 from kaggle_utils.errors import UsageError
+from kaggle_utils.model_config import (  # re-exported: modeling's API names the backbones it builds
+    GEMMA2_9B_CONFIG,
+    HEAD_MODULE,
+    RANDOM_WEIGHTS_KEY,
+    SUPPORTED_MODEL_TYPES,
+    TINY_BASE_MODEL,
+    TINY_GEMMA2_SHAPE,
+    base_has_weights,
+    load_model_config,
+    tiny_decoder_config,
+    tiny_gemma2_config,
+    zero_new_score_head,
+)
+from kaggle_utils.quantization import load_quantized_base
 
 logger = logging.getLogger(__name__)
-
-TINY_BASE_MODEL = "tiny"
-# The classification head AutoModelForSequenceClassification adds to a decoder (absent from causal-LM checkpoints).
-HEAD_MODULE = "score"
-# Decoder backbones the classifier is built from (config.model_type -> family), all through
-# AutoModelForSequenceClassification: last non-pad token pooled into a linear `score` head.
-SUPPORTED_MODEL_TYPES: dict[str, str] = {
-    "gemma2": "Gemma-2",
-    "gemma3_text": "Gemma-3 (text)",
-    "llama": "Llama-3",
-    "qwen2": "Qwen-2",
-    "mistral": "Mistral",
-}
-# The real Gemma-2-9B architecture (config only): `ModelConfig(base_model=str(GEMMA2_9B_CONFIG))` builds it with
-# random weights, e.g. on the meta device or for GPU benchmarks.
-GEMMA2_9B_CONFIG = Path(__file__).resolve().parent / "resources" / "gemma-2-9b-config.json"
-# Config attribute marking a model built here with random weights (kaggle_utils.real_models tells them apart).
-RANDOM_WEIGHTS_KEY = "kaggle_utils_random_weights"
-_DTYPES: dict[str, torch.dtype] = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
-
-# Shape of the tiny model: big enough to learn the generated data's signal in a few hundred CPU steps, small
-# enough that a test trains it in seconds. head_dim 16 and query_pre_attn_scalar 16 keep Gemma-2's scaling rule.
-TINY_GEMMA2_SHAPE: dict[str, int] = {
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "head_dim": 16,
-    "query_pre_attn_scalar": 16,
-    "max_position_embeddings": 8192,
-    "sliding_window": 4096,
-}
-
-
-def tiny_gemma2_config(vocab_size: int, num_labels: int = 3, **overrides) -> Gemma2Config:
-    """A 2-layer Gemma-2 config (random weights when built) with the real model's soft-capping and layer layout."""
-    values = {
-        **TINY_GEMMA2_SHAPE,
-        "vocab_size": int(vocab_size),
-        "num_labels": num_labels,
-        "pad_token_id": 0,
-        "eos_token_id": 1,
-        "bos_token_id": 2,
-        **overrides,
-    }
-    return Gemma2Config(**values)
-
-
-def resolve_dtype(setting: str, device: str | torch.device | None = None) -> torch.dtype:
-    """The parameter/compute dtype for `setting` on `device`: explicit settings win; "auto" follows the hardware.
-
-    CUDA: bf16 when the GPU has it natively (``including_emulation=False``: a T4 reports emulated bf16 as
-    supported), else fp16. CPU (and anything else): fp32, where the bitsandbytes CPU kernels are exact.
-    """
-    if setting != "auto":
-        if setting not in _DTYPES:
-            raise UsageError(f"model dtype must be one of auto, {', '.join(_DTYPES)}; got {setting!r}")
-        return _DTYPES[setting]
-    device = torch.device(device) if device is not None else default_device()
-    if device.type == "cuda":
-        return torch.bfloat16 if _cuda_native_bf16(device) else torch.float16
-    return torch.float32
-
-
-def _cuda_native_bf16(device: torch.device) -> bool:
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    with torch.cuda.device(index):
-        return bool(torch.cuda.is_bf16_supported(including_emulation=False))
-
-
-def default_device() -> torch.device:
-    """The first CUDA GPU when there is one, else the CPU (TPU runs go through kaggle_utils.tpu)."""
-    return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
-
-
-def base_has_weights(base_model: str) -> bool:
-    """True when `base_model` is a checkpoint directory (config + weights), False for config-only sources."""
-    if base_model == TINY_BASE_MODEL:
-        return False
-    path = Path(base_model).expanduser()
-    return path.is_dir() and any((path / name).is_file() for name in _WEIGHT_FILES)
-
-
-def load_model_config(
-    model_cfg: ModelConfig, vocab_size: int | None = None, pad_token_id: int | None = None
-) -> PretrainedConfig:
-    """The decoder config `model_cfg.base_model` describes, with the label count and pad id this task needs.
-
-    The architecture is read from the config's ``model_type`` (`SUPPORTED_MODEL_TYPES`). `vocab_size` is the
-    tokenizer's size: it sets the tiny model's vocabulary and must fit in any other one.
-    """
-    source = model_cfg.base_model
-    if source == TINY_BASE_MODEL:
-        if vocab_size is None:
-            raise UsageError("base_model='tiny' needs vocab_size (the tokenizer's length) to size its embeddings")
-        config = tiny_gemma2_config(vocab_size, model_cfg.num_labels)
-    else:
-        path = Path(source).expanduser()
-        json_path = path / "config.json" if path.is_dir() else path
-        if not json_path.is_file():
-            raise UsageError(
-                f"model.base_model={source!r} is neither 'tiny', a config.json file, nor a directory with config.json"
-            )
-        config = _read_config(json_path)
-        if vocab_size is not None and vocab_size > config.vocab_size:
-            raise UsageError(
-                f"{json_path}: vocab_size {config.vocab_size} is smaller than the tokenizer's {vocab_size} tokens"
-            )
-    config.num_labels = model_cfg.num_labels
-    if pad_token_id is not None:
-        config.pad_token_id = int(pad_token_id)
-    if config.pad_token_id is None:
-        raise UsageError("the classifier pools the last non-pad token, so the model needs a pad_token_id")
-    config.use_cache = False
-    return config
-
-
-def _read_config(json_path: Path) -> PretrainedConfig:
-    import json
-
-    from transformers import CONFIG_MAPPING
-
-    try:
-        model_type = json.loads(json_path.read_text(encoding="utf-8")).get("model_type")
-        if model_type not in SUPPORTED_MODEL_TYPES:
-            raise UsageError(
-                f"{json_path}: model_type is {model_type!r}; this pipeline builds decoder classifiers for "
-                f"{', '.join(f'{k} ({v})' for k, v in SUPPORTED_MODEL_TYPES.items())}"
-            )
-        return CONFIG_MAPPING[model_type].from_json_file(str(json_path))
-    except (ValueError, TypeError, OSError) as error:
-        raise UsageError(f"{json_path}: not a readable model config ({error})") from error
-
-
-def tiny_decoder_config(model_type: str, vocab_size: int, pad_token_id: int | None, bos_token_id: int | None,
-                        eos_token_id: int, num_labels: int = 3) -> PretrainedConfig:
-    """A 2-layer random-weight config of any supported family (the tiny Gemma-2 shape), for CPU tests."""
-    from transformers import CONFIG_MAPPING
-
-    if model_type == "gemma2":
-        return tiny_gemma2_config(vocab_size, num_labels, pad_token_id=pad_token_id, bos_token_id=bos_token_id,
-                                  eos_token_id=eos_token_id)
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise UsageError(f"model_type {model_type!r} is not one of {sorted(SUPPORTED_MODEL_TYPES)}")
-    shape = {k: v for k, v in TINY_GEMMA2_SHAPE.items() if k != "query_pre_attn_scalar" or model_type == "gemma3_text"}
-    if model_type not in ("gemma3_text", "mistral", "qwen2"):
-        shape.pop("sliding_window")
-    return CONFIG_MAPPING[model_type](**shape, vocab_size=int(vocab_size), num_labels=num_labels,
-                                      pad_token_id=pad_token_id, bos_token_id=bos_token_id,
-                                      eos_token_id=eos_token_id)
+__all__ = [
+    "GEMMA2_9B_CONFIG", "HEAD_MODULE", "RANDOM_WEIGHTS_KEY", "SUPPORTED_MODEL_TYPES", "TINY_BASE_MODEL", "TINY_GEMMA2_SHAPE",
+    "base_has_weights", "load_model_config", "tiny_decoder_config", "tiny_gemma2_config", "zero_new_score_head",
+    "build_classifier", "materialize_base", "lora_config", "apply_lora", "lora_targets", "is_quantized",
+    "count_parameters", "forward_probs", "predict_probs", "ALL_LINEAR",
+]
 
 
 def build_classifier(
@@ -210,12 +78,8 @@ def build_classifier(
     """
     device = torch.device(device) if device is not None else default_device()
     if quant is not None:
-        from kaggle_utils.quantization import load_quantized_base
-
         if base_has_weights(model_cfg.base_model):
             return load_quantized_base(model_cfg.base_model, quant, model_cfg, pad_token_id=pad_token_id, device=device)
-        import tempfile
-
         with tempfile.TemporaryDirectory(prefix="random-base-") as tmp:
             # Drawn on the target device in its 16-bit dtype on GPU (a 9B base is 18 GB there, 37 GB in fp32).
             on_gpu = device.type == "cuda"
@@ -281,23 +145,6 @@ def _load_pretrained(
     return model
 
 
-def zero_new_score_head(model: PreTrainedModel, loading_info: dict) -> None:
-    """Start a classification head the checkpoint lacks at zero instead of transformers' random draw.
-
-    A pretrained decoder's last hidden states are large (Gemma-3 270M: a random 0.02-std head gave a starting
-    loss of 2.7 against 1.10 for uniform), and the draw would differ between the 16-bit and the quantized base
-    of the two orderings. A zero head predicts uniform at step 0 and is the same for every ordering; its first
-    step moves only the head, then the LoRA gets gradients through it.
-    """
-    missing = {key.rsplit(".", 1)[0] for key in loading_info.get("missing_keys", ())}
-    for name, module in model.named_modules():
-        if name.rsplit(".", 1)[-1] == HEAD_MODULE and name in missing and isinstance(module, torch.nn.Linear):
-            with torch.no_grad():
-                module.weight.zero_()
-                if module.bias is not None:
-                    module.bias.zero_()
-
-
 @contextlib.contextmanager
 def _seeded(seed: int, device: torch.device) -> Iterator[None]:
     """Draw random weights under `seed` without disturbing the caller's random state."""
@@ -309,8 +156,6 @@ def _seeded(seed: int, device: torch.device) -> Iterator[None]:
 
 def lora_config(lora: LoraSettings, num_hidden_layers: int | None = None):
     """The peft `LoraConfig` for `lora`: all listed linear layers, head in `modules_to_save` (trained in full)."""
-    from peft import LoraConfig, TaskType
-
     layers = None
     if lora.frozen_layers:
         if num_hidden_layers is None or lora.frozen_layers >= num_hidden_layers:
@@ -335,8 +180,6 @@ def apply_lora(model: PreTrainedModel, lora: LoraSettings):
     Gradient checkpointing is switched on by the training loop, not here, so that inference-only users of this
     function (artifact loading) keep the plain forward.
     """
-    from peft import get_peft_model, prepare_model_for_kbit_training
-
     if is_quantized(model):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # peft calls transformers' renamed checkpointing API
@@ -387,10 +230,6 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     return trainable, total
 
 
-def model_device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
 def forward_probs(model: nn.Module, batch: dict[str, torch.Tensor]) -> np.ndarray:
     """Class probabilities (B, 3), float64, for one padded batch; no gradients, softmax in fp32."""
     device = model_device(model)
@@ -414,10 +253,6 @@ def predict_probs(
 
     Rows are grouped into token-budget batches (longest first, little padding); the model is put in eval mode.
     """
-    from tqdm.auto import tqdm
-
-    from kaggle_utils.batching import PadCollator, token_budget_batches
-
     if device is not None:
         model.to(device)
     model.eval()

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -27,7 +28,9 @@ from torch import nn
 from transformers import AutoModelForSequenceClassification, BitsAndBytesConfig, PreTrainedModel
 
 from kaggle_utils.config import ModelConfig, QuantConfig
+from kaggle_utils.devices import default_device, resolve_dtype
 from kaggle_utils.errors import UsageError
+from kaggle_utils.model_config import load_model_config, zero_new_score_head
 
 logger = logging.getLogger(__name__)
 
@@ -59,8 +62,6 @@ def load_quantized_base(
     device: str | torch.device | None = None,
 ) -> PreTrainedModel:
     """Load a 16-bit checkpoint directory quantized on the fly (the QLoRA base, or the ft-then-quant export)."""
-    from kaggle_utils.modeling import default_device, load_model_config, resolve_dtype, zero_new_score_head
-
     device = torch.device(device) if device is not None else default_device()
     compute_dtype = resolve_dtype(quant.compute_dtype if quant.compute_dtype != "auto" else model_cfg.dtype, device)
     config = load_model_config(dataclasses.replace(model_cfg, base_model=str(source)), pad_token_id=pad_token_id)
@@ -156,8 +157,6 @@ def dequantize_model(model: PreTrainedModel, dtype: torch.dtype = torch.bfloat16
 def merge_adapter_into_quantized(peft_model) -> PreTrainedModel:
     """Fold a LoRA adapter into its 4-bit base (peft dequantizes, adds, re-quantizes): one more rounding step,
     whose cost the quant-then-ft comparison measures. Consumes `peft_model`."""
-    import warnings
-
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Merge lora module to 4-bit linear")
         merged = peft_model.merge_and_unload()

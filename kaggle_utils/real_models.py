@@ -26,7 +26,9 @@ from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 from kaggle_utils.errors import UsageError
 from kaggle_utils.fileio import file_sha256
-from kaggle_utils.tokenizer import DEMO_TOKENIZER_KEY
+from kaggle_utils.formatting import AUTO_TEMPLATE, TEMPLATES, template_for_tokenizer
+from kaggle_utils.modeling import RANDOM_WEIGHTS_KEY, base_has_weights
+from kaggle_utils.tokenizer import DEMO_TOKENIZER_KEY, load_tokenizer, train_demo_tokenizer
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 # A model's own tokenizer fills (nearly) all its embedding rows; checkpoints pad the matrix a little for speed
@@ -46,8 +48,6 @@ def has_tokenizer_files(directory: str | Path) -> bool:
 
 def has_real_weights(base_model: str) -> bool:
     """A checkpoint directory with weights that were not drawn at random here (`modeling.RANDOM_WEIGHTS_KEY`)."""
-    from kaggle_utils.modeling import RANDOM_WEIGHTS_KEY, base_has_weights
-
     if not base_has_weights(base_model):
         return False
     config_path = Path(base_model).expanduser() / "config.json"
@@ -65,8 +65,6 @@ def resolve_tokenizer(cfg, texts: Iterable[str], demo_dir: str | Path):
     and the pair is checked (`check_tokenizer_model`). Random-weight bases: ``format.tokenizer_path`` if set,
     else a demo tokenizer trained on `texts` into `demo_dir`.
     """
-    from kaggle_utils.tokenizer import load_tokenizer, train_demo_tokenizer
-
     base = cfg.model.base_model
     if not has_real_weights(base):
         if cfg.format.tokenizer_path:
@@ -144,8 +142,6 @@ def check_tokenizer_model(
             shown = sorted(allowed) if len(allowed) > 1 else next(iter(allowed))
             raise error(f"{where}: {name}_token_id is {token_id} in the tokenizer but {shown} in the model config")
     if template is not None:
-        from kaggle_utils.formatting import AUTO_TEMPLATE, TEMPLATES, template_for_tokenizer
-
         if template == AUTO_TEMPLATE:
             template = template_for_tokenizer(tokenizer)
         for token in TEMPLATES[template].required_tokens if template in TEMPLATES else ():

@@ -19,12 +19,13 @@ from typing import Literal
 
 import torch
 
+from kaggle_utils.artifact_layout import MANIFEST_NAME
 from kaggle_utils.config import InferenceConfig
+from kaggle_utils.devices import DTYPES
 from kaggle_utils.errors import UsageError
 
 logger = logging.getLogger(__name__)
 DeviceKind = Literal["cuda", "tpu", "cpu"]
-_DTYPES: dict[str, torch.dtype] = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 # bf16 tensor cores arrive with Ampere (8.0); below it bf16 is emulated.
 _NATIVE_BF16_CAPABILITY = (8, 0)
 
@@ -135,7 +136,7 @@ def detect_runtime(
         devices = ("cpu",) * max(1, cfg.cpu_replicas)  # several replicas: CPU stand-ins for several GPUs
 
     if cfg.compute_dtype != "auto":
-        dtype = _DTYPES[cfg.compute_dtype]
+        dtype = DTYPES[cfg.compute_dtype]
         reason += f", compute_dtype={cfg.compute_dtype} from config"
     elif kind == "cuda":
         native = all(gpu.native_bf16 for gpu in gpus)
@@ -258,7 +259,7 @@ def _walk(root: Path) -> list[tuple[Path, list[str], list[str]]]:
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         path = Path(dirpath)
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        if "manifest.json" in filenames or len(path.parts) - root_depth >= _MAX_DEPTH:
+        if MANIFEST_NAME in filenames or len(path.parts) - root_depth >= _MAX_DEPTH:
             dirnames[:] = []
         found.append((path, dirnames, sorted(filenames)))
     return found
@@ -299,7 +300,7 @@ def find_inputs(
         raise UsageError(f"input root {root} is not a directory")
     artifacts, tests, competition_tests, wheels, baselines = [], [], [], [], []
     for path, _dirs, files in _walk(root):
-        if "manifest.json" in files:
+        if MANIFEST_NAME in files:
             artifacts.append(path)
         for name in test_names:
             if name in files:
@@ -311,10 +312,10 @@ def find_inputs(
         if baseline_name in files:
             baselines.append(path / baseline_name)
         # an artifact may carry its baseline inside it
-        if "manifest.json" in files and (path / baseline_name).is_file() and path / baseline_name not in baselines:
+        if MANIFEST_NAME in files and (path / baseline_name).is_file() and path / baseline_name not in baselines:
             baselines.append(path / baseline_name)
     if not artifacts:
-        raise UsageError(f"no model artifact (a directory with manifest.json) under {root}")
+        raise UsageError(f"no model artifact (a directory with {MANIFEST_NAME}) under {root}")
     if not tests:
         raise UsageError(f"no test file ({' or '.join(test_names)}) under {root}")
     artifact = _pick("artifact", artifacts, artifact_hint, root)

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from kaggle_utils.artifacts import load_artifact
 from kaggle_utils.config import InferenceConfig
 from kaggle_utils.errors import UsageError
 
@@ -37,8 +38,6 @@ _SPLIT_INPUT = ("o_proj", "down_proj")
 def load_plain(artifact_dir: str | Path, verify_hashes: bool = True) -> Any:
     """The artifact as a plain bf16 model on the CPU (bnb layers dequantized, adapter merged): what XLA runs.
     Delegates to `artifacts.load_artifact(dequantize=True)`, the one loader for both orderings."""
-    from kaggle_utils.artifacts import load_artifact
-
     return load_artifact(artifact_dir, compute_dtype=torch.bfloat16, dequantize=True, verify_hashes=verify_hashes)
 
 

@@ -51,8 +51,20 @@ import polars as pl
 import torch
 from torch import nn
 
+from kaggle_utils.batching import LengthBucketSampler, PadCollator
 from kaggle_utils.config import PipelineConfig, TrainConfig
+from kaggle_utils.devices import resolve_dtype
 from kaggle_utils.errors import DataError, UsageError
+from kaggle_utils.folds import check_folds
+from kaggle_utils.formatting import TEMPLATE_VERSION, encode_both_orders, encode_rows
+from kaggle_utils.metrics import class_prior, log_loss, prior_log_loss
+from kaggle_utils.modeling import (
+    apply_lora,
+    base_has_weights,
+    build_classifier,
+    count_parameters,
+    predict_probs,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -199,8 +211,6 @@ def _current_peak_rss() -> int:
 
 def split_fold(frame: pl.DataFrame, folds: pl.DataFrame, fold: int) -> tuple[pl.DataFrame, pl.DataFrame]:
     """(training rows, held-out rows) of `frame` for `fold`; every frame row must have a label and a fold."""
-    from kaggle_utils.folds import check_folds
-
     check_folds(folds, frame)
     available = sorted(folds["fold"].unique().to_list())
     if fold not in available:
@@ -282,8 +292,6 @@ class _Examples:
 def _training_examples(frame: pl.DataFrame, tokenizer, cfg: PipelineConfig) -> _Examples:
     """Encoded training rows; with swap augmentation ("double" or "random") followed by their A/B-swapped
     copies (labels swapped), so example i + n is row i swapped. Which of them an epoch uses: `epoch_examples`."""
-    from kaggle_utils.formatting import encode_both_orders, encode_rows
-
     mode = _swap_mode(cfg.train)
     if mode != "none":
         original, swapped = encode_both_orders(frame, tokenizer, cfg.format)
@@ -326,8 +334,6 @@ def epoch_batches(lengths: np.ndarray, cfg: TrainConfig, epoch: int, rank: int =
     Every process gets the same number of batches (DDP steps in lockstep); the < world-size leftover
     batches of an epoch are skipped.
     """
-    from kaggle_utils.batching import LengthBucketSampler
-
     sampler = LengthBucketSampler(lengths, cfg.per_device_batch_size, seed=cfg.seed)
     sampler.set_epoch(epoch)
     batches = list(iter(sampler))
@@ -353,8 +359,6 @@ def run_fingerprint(cfg: PipelineConfig, fold: int, train_ids: list, total_steps
     """sha256 over what determines a run's trajectory: the format/model/LoRA/quant/train settings, the
     template version, the fold, the training row ids and the planned steps."""
     import hashlib
-
-    from kaggle_utils.formatting import TEMPLATE_VERSION  # other encodings: never resume across it
 
     relevant = {name: getattr(cfg, name) for name in ("format", "model", "lora", "quant", "train")}
     payload = json.dumps({"sections": {k: asdict(v) for k, v in relevant.items()}, "fold": fold,
@@ -390,8 +394,6 @@ def finish_distributed() -> None:
 def default_build_model(cfg: PipelineConfig, tokenizer, device: torch.device) -> nn.Module:
     """The trainable peft model for `cfg.train.ordering`: LoRA on the 16-bit base (ft-then-quant) or QLoRA on
     the NF4 base (quant-then-ft); through unsloth when `cfg.train.backend == "unsloth"`."""
-    from kaggle_utils.modeling import apply_lora, build_classifier
-
     if cfg.train.backend == "unsloth":
         return build_unsloth_classifier(cfg, tokenizer, device)
     if cfg.train.backend != "hf":
@@ -407,8 +409,6 @@ def default_build_model(cfg: PipelineConfig, tokenizer, device: torch.device) ->
 
 def build_unsloth_classifier(cfg: PipelineConfig, tokenizer, device: torch.device) -> nn.Module:
     """unsloth's fast LoRA/QLoRA path: `FastLanguageModel.from_pretrained(..., num_labels=3)` on CUDA only."""
-    from kaggle_utils.modeling import base_has_weights
-
     if device.type != "cuda" or not torch.cuda.is_available():
         raise UsageError(
             "train.backend='unsloth' needs a CUDA GPU: on CPU unsloth only builds a causal LM "
@@ -455,8 +455,6 @@ def check_unsloth_head_roundtrip(model: nn.Module, tokenizer, out_dir: str | Pat
     """
     from transformers import AutoModelForSequenceClassification
 
-    from kaggle_utils.modeling import predict_probs
-
     out_dir = Path(out_dir)
     # What the trained model gives, taken before the save (which may merge the adapter in place).
     trained_head = _head_weight(model).detach().float().cpu().clone()
@@ -479,8 +477,6 @@ def verify_reloaded_classifier(reloaded: nn.Module, trained_head: torch.Tensor, 
     Raises UsageError listing every difference beyond tolerance (a save that silently dropped the head would
     otherwise ship a random classifier); returns the measured differences.
     """
-    from kaggle_utils.modeling import predict_probs
-
     problems = []
     if reloaded.config.num_labels != num_labels:
         problems.append(f"num_labels {reloaded.config.num_labels} != {num_labels}")
@@ -590,10 +586,6 @@ def train_fold(
     from accelerate.utils import set_seed
     from transformers import get_cosine_schedule_with_warmup
 
-    from kaggle_utils.formatting import encode_rows
-    from kaggle_utils.metrics import class_prior, prior_log_loss
-    from kaggle_utils.modeling import count_parameters, resolve_dtype
-
     tc = cfg.train
     fold = tc.fold if fold is None else fold
     out_dir = Path(out_dir)
@@ -668,8 +660,6 @@ def train_fold(
     if resume is False and (out_dir / BEST_DIR).exists() and accelerator.is_main_process:
         shutil.rmtree(out_dir / BEST_DIR)
     accelerator.wait_for_everyone()  # no process writes a checkpoint before the main one has cleared them
-
-    from kaggle_utils.batching import PadCollator
 
     collate = PadCollator(tokenizer.pad_token_id)
     lengths = examples.lengths
@@ -800,8 +790,6 @@ def _evaluate(accelerator, model, input_ids: list[list[int]], pad_token_id: int,
     """Held-out probabilities: each process predicts a contiguous share, gathered in order."""
     from accelerate.utils import gather_object
 
-    from kaggle_utils.modeling import predict_probs
-
     rank, world = accelerator.process_index, accelerator.num_processes
     share = -(-len(input_ids) // world)
     local = predict_probs(accelerator.unwrap_model(model), input_ids[rank * share : (rank + 1) * share], pad_token_id,
@@ -812,8 +800,6 @@ def _evaluate(accelerator, model, input_ids: list[list[int]], pad_token_id: int,
 
 
 def _record(state: _State, step: int, probs, labels, scheduler, session_start: float, wall_at_start: float) -> None:
-    from kaggle_utils.metrics import log_loss
-
     state.history.append({
         "step": step,
         "train_loss": state.loss_sum / max(state.loss_count, 1),

@@ -13,7 +13,7 @@ for the probabilities. What crosses back:
 * any other error: raised as `WorkerError` (a batch failure: logged, counted, the device retired after
   `max_consecutive_failures`);
 * the process dying (exit, SIGKILL) before answering: detected from its liveness while waiting, raised as
-  `inference.WorkerLost`; the scheduler retires the device and re-queues the batch for the surviving workers;
+  `device_forward.WorkerLost`; the scheduler retires the device and re-queues the batch for the surviving workers;
 * no answer by the deadline, or within `InferenceConfig.batch_timeout_s`: the device is taken as hung, its
   process killed, and the same `WorkerLost` raised (a hung thread is waited for even past the deadline).
 
@@ -27,6 +27,7 @@ worker <index> when its n-th batch arrives; `<worker index>:hang:<n>` makes it s
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import multiprocessing as mp
 import os
@@ -38,8 +39,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
-from kaggle_utils.inference import WorkerLost
+from kaggle_utils.artifacts import TOKENIZER_DIR, _restore_tuples, load_artifact, read_manifest
+from kaggle_utils.config import FormatConfig
+from kaggle_utils.device_forward import WorkerLost, _describe_error, _pad_id, is_out_of_memory, make_forward
+from kaggle_utils.tokenizer import load_tokenizer
 
 logger = logging.getLogger(__name__)
 FAULT_ENV = "KAGGLE_UTILS_WORKER_FAULT"
@@ -53,9 +58,6 @@ class WorkerError(RuntimeError):
 
 def load_preprocessing(artifact_dir: str | Path, verify_hashes: bool) -> tuple[Any, Any]:
     """The artifact's tokenizer and format settings, not its model (the parent encodes, children predict)."""
-    from kaggle_utils.artifacts import TOKENIZER_DIR, _restore_tuples, read_manifest
-    from kaggle_utils.config import FormatConfig
-    from kaggle_utils.tokenizer import load_tokenizer
 
     root = Path(artifact_dir)
     manifest = read_manifest(root, verify_hashes=verify_hashes)
@@ -84,10 +86,7 @@ def _fault(index: int, raw: str) -> tuple[str, int] | None:
 def _child_main(index: int, artifact_dir: str, device: str, compute_dtype: Any, threads: int, fault_spec: str,
                 tasks: Any, results: Any) -> None:
     """Worker process: load the replica, say ready, then answer (task id, token lists) until None arrives."""
-    import torch
 
-    from kaggle_utils.artifacts import load_artifact
-    from kaggle_utils.inference import _describe_error, _pad_id, is_out_of_memory, make_forward
 
     try:
         torch.set_num_threads(threads)
@@ -115,7 +114,6 @@ def _child_main(index: int, artifact_dir: str, device: str, compute_dtype: Any, 
             out_of_memory = is_out_of_memory(error)
             reply = ("oom" if out_of_memory else "error", task_id, _describe_error(error))
         if out_of_memory and str(device).startswith("cuda"):  # outside the except: failed frames are freed
-            import gc
 
             gc.collect()
             with torch.cuda.device(device):
@@ -171,8 +169,6 @@ class ProcessWorker:
                               f"{payload['type']}: {payload['message']}")
 
     def __call__(self, seqs: list[list[int]]) -> np.ndarray:
-        import torch
-
         self.sent += 1
         limits = [self.deadline] if self.deadline is not None else []
         if self.batch_timeout_s is not None:
@@ -206,7 +202,7 @@ class ProcessWorker:
 
 # What the forkserver imports once, so each CPU worker forks with them loaded (10-20 s of imports otherwise,
 # per worker, on a shared 2-core box).
-_PRELOAD = ["torch", "transformers", "peft", "kaggle_utils.artifacts", "kaggle_utils.inference", __name__]
+_PRELOAD = ["torch", "transformers", "peft", "kaggle_utils.artifacts", "kaggle_utils.device_forward", __name__]
 
 
 def _context(devices: Sequence[str]) -> Any:

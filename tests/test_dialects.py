@@ -94,11 +94,11 @@ def test_generated_wsdm_files_have_the_competition_layout_and_load(wsdm_files):
     assert train["language"].n_unique() > 1
     assert pl.read_csv(wsdm_files.sample_submission_csv).columns == ["id", "winner"]
 
-    loaded = WSDM.load(wsdm_files.train_path, split="train")
+    loaded = load_competition(wsdm_files.train_path, WSDM.data_config(), split="train")
     assert loaded.report.rows_kept == 300 and set(loaded.frame["label"].unique()) == {0, 1}
     assert loaded.report.repairs["null_cell"] == len(wsdm_files.traps["train"]["null_response"])
     assert loaded.frame["prompt"].list.len().max() == 1  # one plain string per side
-    test_loaded = WSDM.load(wsdm_files.test_path, split="test")
+    test_loaded = load_competition(wsdm_files.test_path, WSDM.data_config(), split="test")
     assert test_loaded.report.rows_kept == 30 and not test_loaded.report.warnings
     # same seed, same files
     again = generate_wsdm_files(Path(wsdm_files.train_path).parent.parent / "again", n_train=300, n_test=30)
@@ -277,7 +277,7 @@ def test_predict_with_a_wsdm_artifact_writes_a_validated_id_winner_file(wsdm_art
     import torch
 
     loaded = load_artifact(wsdm_artifact, device="cpu")
-    frame = WSDM.load(wsdm_files.test_path, split="test").frame
+    frame = load_competition(wsdm_files.test_path, WSDM.data_config(), split="test").frame
     exchanged = frame.with_columns(response_a=pl.col("response_b"), response_b=pl.col("response_a"))
 
     def alone(ids: list[int]) -> np.ndarray:

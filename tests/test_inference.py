@@ -961,12 +961,10 @@ def test_bad_config_files_are_one_line_errors(command, content, tiny_artifacts, 
 
 
 def test_a_runtime_probe_that_crashes_still_leaves_a_file_and_counts_as_fallback(sample_files, tmp_path, monkeypatch):
-    from kaggle_utils import runtime
-
     def broken(cfg):
         raise RuntimeError("CUDA driver initialization failed (injected)")
 
-    monkeypatch.setattr(runtime, "detect_runtime", broken)
+    monkeypatch.setattr(inference, "detect_runtime", broken)  # inference's own binding of runtime.detect_runtime
     out = tmp_path / "submission.csv"
     report = inference.predict(tmp_path / "artifact", sample_files.test_csv, out, predict_cfg())
     validate_submission(out, sample_files.test_csv)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import Gemma2ForSequenceClassification
 
-from kaggle_utils import modeling
+from kaggle_utils import devices, modeling
 from kaggle_utils.config import LoraSettings, ModelConfig
 from kaggle_utils.errors import UsageError
 
@@ -104,14 +104,14 @@ def test_checkpoint_directory_loads_its_weights(tmp_path, tiny):
 
 
 def test_resolve_dtype_follows_the_hardware(monkeypatch):
-    assert modeling.resolve_dtype("auto", "cpu") == torch.float32
-    assert modeling.resolve_dtype("bfloat16", "cpu") == torch.bfloat16
-    monkeypatch.setattr(modeling, "_cuda_native_bf16", lambda device: True)
-    assert modeling.resolve_dtype("auto", "cuda:0") == torch.bfloat16
-    monkeypatch.setattr(modeling, "_cuda_native_bf16", lambda device: False)  # T4: cc 7.5, bf16 only emulated
-    assert modeling.resolve_dtype("auto", "cuda:0") == torch.float16
+    assert devices.resolve_dtype("auto", "cpu") == torch.float32
+    assert devices.resolve_dtype("bfloat16", "cpu") == torch.bfloat16
+    monkeypatch.setattr(devices, "_cuda_native_bf16", lambda device: True)
+    assert devices.resolve_dtype("auto", "cuda:0") == torch.bfloat16
+    monkeypatch.setattr(devices, "_cuda_native_bf16", lambda device: False)  # T4: cc 7.5, bf16 only emulated
+    assert devices.resolve_dtype("auto", "cuda:0") == torch.float16
     with pytest.raises(UsageError):
-        modeling.resolve_dtype("int8", "cpu")
+        devices.resolve_dtype("int8", "cpu")
 
 
 def test_lora_defaults_wrap_every_linear_layer_and_train_the_head():

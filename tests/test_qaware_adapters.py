@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from kaggle_utils.artifacts import load_artifact
+from kaggle_utils.artifacts import load_artifact, save_artifact
 from kaggle_utils.errors import UsageError
 from kaggle_utils.qaware.group_adapters import (
     GroupAdapterSettings,
@@ -17,7 +17,7 @@ from kaggle_utils.qaware.group_adapters import (
     hira_output_repeat,
     merge_group_adapters,
 )
-from kaggle_utils.qaware.int4 import Int4Linear, load_int4_artifact, quantize_linears, save_int4_artifact
+from kaggle_utils.qaware.int4 import Int4Linear, quantize_linears
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -112,17 +112,15 @@ def test_merged_artifact_predicts_like_the_trained_unmerged_model(kind, tmp_path
 
     fields = {"ordering": "quant-then-ft", "variant": kind + "-merged", "base_model": "tiny",
               "folds_file_hash": "none", "cv_scores": {}}
-    out = save_int4_artifact(tmp_path / "artifact", model, demo_tokenizer, fields, fmt)
+    out = save_artifact(tmp_path / "artifact", model, demo_tokenizer, fields, fmt)  # the int4 backend's fields
     files = [p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()]
     assert not any(name.startswith("adapter") for name in files)
     with safe_open(str(out / "model" / "model.safetensors"), "pt") as handle:
         keys = list(handle.keys())
     assert keys and not any("lora" in k or "hira" in k or "adapter" in k for k in keys)
-    loaded = load_int4_artifact(out, device="cpu", dtype=torch.float32)
-    assert loaded.manifest["quant_scheme"] == "int4-asym-g16" and loaded.manifest["has_adapter"] is False
-    assert sum(isinstance(m, Int4Linear) for m in loaded.model.modules()) == 14
-    np.testing.assert_allclose(predict_probs(loaded.model, encoded.input_ids, pad), unmerged, atol=1e-6)
     # the generic loader (what inference and compare use) dispatches to the INT4 layers, never random weights
     generic = load_artifact(out, device="cpu", compute_dtype=torch.float32)
+    assert generic.manifest["quant_scheme"] == "int4-asym-g16" and generic.manifest["has_adapter"] is False
+    assert generic.manifest["quant_backend"] == "int4" and generic.manifest["int4_format"]
     assert sum(isinstance(m, Int4Linear) for m in generic.model.modules()) == 14
     np.testing.assert_allclose(predict_probs(generic.model, encoded.input_ids, pad), unmerged, atol=1e-6)

@@ -210,12 +210,10 @@ def test_a_best_saved_after_the_last_checkpoint_is_dropped_on_resume(tmp_path):
 
 def test_run_fingerprint_changes_with_the_template_version(monkeypatch):
     """A checkpoint written under one encoding (template/truncation version) must not be resumed under another."""
-    from kaggle_utils import formatting
-
     cfg = PipelineConfig()
     before = training.run_fingerprint(cfg, 0, [1, 2, 3], 10)
     assert training.run_fingerprint(cfg, 0, [1, 2, 3], 10) == before
-    monkeypatch.setattr(formatting, "TEMPLATE_VERSION", "arena-pair-test")
+    monkeypatch.setattr(training, "TEMPLATE_VERSION", "arena-pair-test")  # training's own binding of it
     assert training.run_fingerprint(cfg, 0, [1, 2, 3], 10) != before
 
 

@@ -6,9 +6,17 @@ import argparse
 import dataclasses
 from pathlib import Path
 
+from kaggle_utils import demo_figures
+from kaggle_utils.baseline import run_baseline_cv
 from kaggle_utils.commands.run_options import add_set_option, config_from_args
 from kaggle_utils.config import DataConfig, FoldConfig, PipelineConfig
+from kaggle_utils.data import load_competition
+from kaggle_utils.demo import BASELINE_STEPS, DEMO_STEPS, run_demo
+from kaggle_utils.dialects import get_dialect
 from kaggle_utils.errors import UsageError
+from kaggle_utils.fileio import check_not_an_input, check_output_target
+from kaggle_utils.folds import fold_summary, load_folds, make_folds, save_folds
+from kaggle_utils.metrics import oof_probs, save_oof
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -84,8 +92,6 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
 
 def _command_config(args: argparse.Namespace) -> PipelineConfig:
     """--config and --set, then this command's own flags on top (a flag given wins over the config)."""
-    from kaggle_utils.dialects import get_dialect
-
     cfg = config_from_args(args)
     if getattr(args, "format", None) is not None:
         cfg.data = dataclasses.replace(cfg.data, format=get_dialect(args.format).name)
@@ -108,17 +114,12 @@ def _add_dialect(parser: argparse.ArgumentParser, help_text: str | None = None, 
 
 
 def validate_data(args: argparse.Namespace) -> int:
-    from kaggle_utils.data import load_competition
-
     loaded = load_competition(args.path, DataConfig(format=args.format), split=args.split)
     print(loaded.report.to_text())
     return 0
 
 
 def folds(args: argparse.Namespace) -> int:
-    from kaggle_utils.data import load_competition
-    from kaggle_utils.folds import fold_summary, make_folds, save_folds
-
     cfg = _command_config(args)
     train = load_competition(args.train, cfg.data, split="train")
     fold_table = make_folds(train.frame, cfg.folds)
@@ -131,20 +132,12 @@ def folds(args: argparse.Namespace) -> int:
 
 
 def validate_submission(args: argparse.Namespace) -> int:
-    from kaggle_utils.dialects import get_dialect
-
     report = get_dialect(args.format).validate(args.path, args.test)
     print(f"ok: {report.summary()}")
     return 0
 
 
 def baseline(args: argparse.Namespace) -> int:
-    from kaggle_utils.baseline import run_baseline_cv
-    from kaggle_utils.data import load_competition
-    from kaggle_utils.dialects import get_dialect
-    from kaggle_utils.folds import load_folds, make_folds
-    from kaggle_utils.metrics import oof_probs, save_oof
-
     if bool(args.test) != bool(args.out):
         raise UsageError(
             "baseline: --test and --out go together (the test file to predict, the CSV to write)"
@@ -191,8 +184,6 @@ def baseline(args: argparse.Namespace) -> int:
 def _check_outputs(outputs: list[str | None], inputs: list[tuple[str, str | None]]) -> None:
     """Before any work: no output may be an input (it would be destroyed) or a symlink / device / folder, and
     no two outputs may be the same file."""
-    from kaggle_utils.fileio import check_not_an_input, check_output_target
-
     given = [output for output in outputs if output]
     for index, output in enumerate(given):
         check_output_target(output)
@@ -200,10 +191,6 @@ def _check_outputs(outputs: list[str | None], inputs: list[tuple[str, str | None
 
 
 def demo(args: argparse.Namespace) -> int:
-    from kaggle_utils import demo_figures
-    from kaggle_utils.demo import BASELINE_STEPS, DEMO_STEPS, run_demo
-    from kaggle_utils.dialects import get_dialect
-
     dialect = get_dialect(args.format)  # an unknown name: one-line usage error before any work
     if args.record and (args.baseline_only or (args.n_train, args.n_test, args.seed) != (2000, 200, 0)
                         or dialect.name != "lmsys"):

@@ -9,6 +9,9 @@ import sys
 
 from kaggle_utils.commands.run_options import add_set_option, config_from_args
 from kaggle_utils.config import InferenceConfig
+from kaggle_utils.inference import InferenceError, raise_if_fallback
+from kaggle_utils.inference import predict as run_predict
+from kaggle_utils.runtime import find_inputs as find
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -70,9 +73,6 @@ def predict(args: argparse.Namespace) -> int:
     Rows served by the fallback (a broken artifact, an unreadable test row, the deadline): the valid file is
     written, the fallback count printed first, exit 1 (except in Kaggle's competition rerun, see
     `inference.raise_if_fallback`)."""
-    from kaggle_utils.inference import InferenceError, raise_if_fallback
-    from kaggle_utils.inference import predict as run_predict
-
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     cfg = inference_config(args)
     try:
@@ -96,7 +96,5 @@ def predict(args: argparse.Namespace) -> int:
 
 
 def find_inputs(args: argparse.Namespace) -> int:
-    from kaggle_utils.runtime import find_inputs as find
-
     print(find(args.root, artifact_hint=args.artifact_hint, test_hint=args.test_hint).describe())
     return 0

@@ -11,6 +11,18 @@ import dataclasses
 
 from kaggle_utils.commands.run_options import add_set_option, config_from_args
 from kaggle_utils.config import KaggleConfig
+from kaggle_utils.kaggle_cli import (
+    build_wheels,
+    check_kernel_folder,
+    download_competition,
+    kernel_status,
+    parse_parameters,
+    push_notebook,
+    resolve_owner,
+    submit_kernel,
+    upload_dataset,
+    write_submission_metadata,
+)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -85,8 +97,6 @@ def _config(args: argparse.Namespace) -> KaggleConfig:
 
 
 def push(args: argparse.Namespace) -> int:
-    from kaggle_utils.kaggle_cli import parse_parameters, push_notebook
-
     push_notebook(
         args.notebook,
         _config(args),
@@ -99,16 +109,12 @@ def push(args: argparse.Namespace) -> int:
 
 
 def check_kernel(args: argparse.Namespace) -> int:
-    from kaggle_utils.kaggle_cli import check_kernel_folder
-
     check = check_kernel_folder(args.folder)
     print(check.summary())
     return 0 if check.ok else 1
 
 
 def metadata(args: argparse.Namespace) -> int:
-    from kaggle_utils.kaggle_cli import resolve_owner, write_submission_metadata
-
     cfg = _config(args)
     path = write_submission_metadata(args.out, cfg, resolve_owner(cfg))
     print(f"wrote {path}")
@@ -116,8 +122,6 @@ def metadata(args: argparse.Namespace) -> int:
 
 
 def upload_artifact(args: argparse.Namespace) -> int:
-    from kaggle_utils.kaggle_cli import upload_dataset
-
     upload_dataset(
         args.directory,
         _config(args),
@@ -132,8 +136,6 @@ def upload_artifact(args: argparse.Namespace) -> int:
 
 
 def wheels(args: argparse.Namespace) -> int:
-    from kaggle_utils.kaggle_cli import build_wheels
-
     report = build_wheels(
         args.out,
         _config(args),
@@ -146,15 +148,11 @@ def wheels(args: argparse.Namespace) -> int:
 
 
 def download(args: argparse.Namespace) -> int:
-    from kaggle_utils.kaggle_cli import download_competition
-
     download_competition(_config(args), args.path, competition=args.competition, force=args.force)
     return 0
 
 
 def submit(args: argparse.Namespace) -> int:
-    from kaggle_utils.kaggle_cli import submit_kernel
-
     submit_kernel(
         _config(args),
         version=args.version,
@@ -167,7 +165,5 @@ def submit(args: argparse.Namespace) -> int:
 
 
 def status(args: argparse.Namespace) -> int:
-    from kaggle_utils.kaggle_cli import kernel_status
-
     kernel_status(_config(args), kernel=args.kernel, submissions=args.submissions)
     return 0

@@ -6,6 +6,8 @@ import argparse
 from pathlib import Path
 
 from kaggle_utils.commands.run_options import add_run_options, prepare_run
+from kaggle_utils.compare import compare_orderings
+from kaggle_utils.training import finish_distributed
 
 ORDERING_CHOICES = ("ft-then-quant", "quant-then-ft")
 
@@ -36,9 +38,6 @@ def _common_options(parser: argparse.ArgumentParser) -> None:
 
 def _run(args: argparse.Namespace, variants: list[str] | None, seeds: list[int] | None, cfg, out_dir: Path,
          train_path: str) -> dict:
-    from kaggle_utils.compare import compare_orderings
-    from kaggle_utils.training import finish_distributed
-
     report = compare_orderings(cfg, train_path, out_dir, folds_path=args.folds, seeds=seeds or [cfg.train.seed],
                                variants=variants)
     # Under `accelerate launch`: all ranks leave the process group together once the main one has written. (On an

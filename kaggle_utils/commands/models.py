@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from kaggle_utils.real_models import fetch_model
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -16,7 +18,5 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def fetch(args: argparse.Namespace) -> int:
-    from kaggle_utils.real_models import fetch_model
-
     fetch_model(args.name, args.out)
     return 0

@@ -10,6 +10,7 @@ import argparse
 from pathlib import Path
 
 from kaggle_utils.config import PipelineConfig
+from kaggle_utils.dialects import get_dialect
 from kaggle_utils.errors import UsageError
 
 # Fewer generated rows leave a held-out fold too small to score.
@@ -99,8 +100,6 @@ def prepare_run(args: argparse.Namespace) -> tuple[PipelineConfig, Path, str]:
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     if args.sample_rows is not None:
-        from kaggle_utils.dialects import get_dialect
-
         if args.sample_rows < MIN_SAMPLE_ROWS:
             raise UsageError(
                 f"--sample-rows {args.sample_rows} is too few for a held-out fold; use >= {MIN_SAMPLE_ROWS}"

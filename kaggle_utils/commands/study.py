@@ -7,6 +7,10 @@ import shlex
 from pathlib import Path
 
 from kaggle_utils.commands.run_options import add_run_options, prepare_run
+from kaggle_utils.data import load_competition
+from kaggle_utils.folds import load_folds, make_folds, save_folds
+from kaggle_utils.qaware.qid_study import run_qid_study
+from kaggle_utils.real_models import resolve_tokenizer
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -26,10 +30,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def prepare_study_inputs(cfg, out_dir: Path, train: str, folds_path: str | None):
     """(frame, folds, tokenizer): the training rows, their folds and the tokenizer (local or trained here)."""
-    from kaggle_utils.data import load_competition
-    from kaggle_utils.folds import load_folds, make_folds, save_folds
-    from kaggle_utils.real_models import resolve_tokenizer
-
     frame = load_competition(train, cfg.data, split="train").frame
     if folds_path:
         folds = load_folds(folds_path)
@@ -56,8 +56,6 @@ def command_line(args: argparse.Namespace) -> str:
 
 
 def qid_study(args: argparse.Namespace) -> int:
-    from kaggle_utils.qaware.qid_study import run_qid_study
-
     cfg, out_dir, train_path = prepare_run(args)
     frame, folds, tokenizer = prepare_study_inputs(cfg, out_dir, train_path, args.folds)
     result = run_qid_study(

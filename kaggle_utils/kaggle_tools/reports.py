@@ -17,13 +17,24 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from kaggle_utils.compare import (
+    OOF_FILE,
+    REPORT_JSON,
+    REPORT_MD,
+    REPORT_PNG,
+    _row_losses,
+    attach_common_reference,
+    decide_winner,
+    plot_report,
+    render_markdown,
+    summarise_variant,
+)
 from kaggle_utils.errors import UsageError
+from kaggle_utils.metrics import load_oof, oof_probs, save_oof
 
 
 def find_report_dirs(root: str | Path) -> list[Path]:
     """Every folder under `root` holding a report.json (the output of a training notebook or compare run)."""
-    from kaggle_utils.compare import REPORT_JSON
-
     root = Path(root)
     if not root.is_dir():
         raise UsageError(f"{root}: not a directory")
@@ -34,8 +45,6 @@ def find_report_dirs(root: str | Path) -> list[Path]:
 
 
 def _read(directory: Path) -> dict:
-    from kaggle_utils.compare import REPORT_JSON
-
     path = directory / REPORT_JSON
     try:
         return json.loads(path.read_text(encoding="utf-8"))
@@ -45,9 +54,6 @@ def _read(directory: Path) -> dict:
 
 def _attach_row_losses(run: dict, directory: Path) -> dict:
     """The per-row quantized losses `decide_winner` pairs, rebuilt from the OOF file in id order."""
-    from kaggle_utils.compare import OOF_FILE, _row_losses
-    from kaggle_utils.metrics import load_oof, oof_probs
-
     name = f"{run['variant']}/seed{run['seed']}/quantized"
     oof = load_oof(directory / OOF_FILE, name=name).sort("id")
     labels = oof["label"].to_numpy().astype(np.int64)
@@ -56,19 +62,6 @@ def _attach_row_losses(run: dict, directory: Path) -> dict:
 
 def combine_reports(report_dirs: Sequence[str | Path], out_dir: str | Path) -> dict:
     """Join the reports of `report_dirs` into out_dir/report.json, report.md, report.png and oof.parquet."""
-    from kaggle_utils.compare import (
-        OOF_FILE,
-        REPORT_JSON,
-        REPORT_MD,
-        REPORT_PNG,
-        attach_common_reference,
-        decide_winner,
-        plot_report,
-        render_markdown,
-        summarise_variant,
-    )
-    from kaggle_utils.metrics import load_oof, save_oof
-
     directories = [Path(d) for d in report_dirs]
     if not directories:
         raise UsageError("combine_reports needs at least one report folder")

@@ -26,13 +26,15 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
+from kaggle_utils.artifact_layout import MANIFEST_NAME
+from kaggle_utils.artifacts import read_manifest
 from kaggle_utils.errors import ArtifactError, UsageError
 from kaggle_utils.fileio import file_sha256
 from kaggle_utils.kaggle_tools.metadata import DATASET_METADATA_FILE
 from kaggle_utils.kaggle_tools.wheels import MANIFEST_FILE as WHEELS_MANIFEST
 from kaggle_utils.kaggle_tools.wheels import REQUIREMENTS_FILE
 
-ARTIFACT_MANIFEST = "manifest.json"
+ARTIFACT_MANIFEST = MANIFEST_NAME  # the artifact's manifest (kaggle_utils.artifact_layout)
 # File names (any path component) that hold credentials in the usual tools' layouts.
 CREDENTIAL_NAMES: tuple[str, ...] = (
     ".env", ".env.*", "*.env", "kaggle.json", "access_token", "access_token.txt", "*.pem", "id_rsa*", "id_ed25519*",
@@ -109,8 +111,6 @@ def _safe_relative(directory: Path, relative: str, source: str) -> str:
 
 
 def _artifact_files(directory: Path) -> list[str]:
-    from kaggle_utils.artifacts import read_manifest
-
     # every listed file present, sizes and sha256 match; unlisted files are left out, not refused
     manifest = read_manifest(directory, verify_hashes=True, allow_unlisted=True)
     listed = [_safe_relative(directory, name, ARTIFACT_MANIFEST) for name in manifest["files"]]

@@ -26,7 +26,10 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from accelerate import init_empty_weights
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
+from transformers import AutoConfig, AutoModelForSequenceClassification
 
 from kaggle_utils.errors import UsageError
 
@@ -286,12 +289,10 @@ def save_int4_model(model: nn.Module, out_dir: str | Path) -> Path:
 
     Refuses a model that still carries adapters (merge first): the shipped file holds plain INT4 only.
     """
-    from safetensors.torch import save_file
-
     layers = int4_layer_names(model)
     if not layers:
         raise UsageError("save_int4_model: the model has no Int4Linear layers")
-    leftover = [name for name, module in model.named_modules() if _is_adapter_module(module)]
+    leftover = [name for name, module in model.named_modules() if is_adapter_module(module)]
     if leftover:
         raise UsageError(f"save_int4_model: unmerged adapter layers remain ({leftover[:3]}...): merge them first")
     out_dir = Path(out_dir)
@@ -313,7 +314,7 @@ def save_int4_model(model: nn.Module, out_dir: str | Path) -> Path:
     return out_dir
 
 
-def _is_adapter_module(module: nn.Module) -> bool:
+def is_adapter_module(module: nn.Module) -> bool:
     return hasattr(module, "merged") and any(isinstance(child, Int4Linear) for child in module.children())
 
 
@@ -336,10 +337,6 @@ def load_int4_model(
     """Rebuild the classifier from a checkpoint directory holding INT4 layers (config.json + model.safetensors)
     on any device: non-quantized tensors in `dtype`, INT4 layers dequantized to `dtype` on the fly in plain
     PyTorch (no CUDA kernel needed: CPU, T4 fp16, TPU). The INT4 layers are found from their tensor names."""
-    from accelerate import init_empty_weights
-    from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoModelForSequenceClassification
-
     model_dir = Path(model_dir)
     layers_path = model_dir / LAYERS_FILE
     if layers_path.is_file():
@@ -379,46 +376,5 @@ def int4_storage_bits_per_weight(group_size: int) -> float:
     return 4 + (16 + 32) / group_size
 
 
+# Manifest `quant_scheme` of an INT4 artifact: this prefix and the group size (kaggle_utils.quant_backends.int4).
 INT4_SCHEME_PREFIX = "int4-asym-g"
-
-
-def save_int4_artifact(
-    out_dir: str | Path, model: nn.Module, tokenizer, manifest_fields: dict, format_config
-) -> Path:
-    """An artifact in the project's layout (`artifacts.save_artifact`) whose `model/` holds INT4 layers.
-
-    `save_artifact` writes the model's state dict, i.e. each INT4 layer's `qweight`/`scale`/`zero` tensors, and
-    nothing else for it; the manifest records `quant_scheme="int4-asym-g<group>"` and `int4_format`, which
-    `load_int4_artifact` checks. Refuses a model that still has unmerged adapters.
-    """
-    from kaggle_utils.artifacts import save_artifact
-
-    leftover = [name for name, module in model.named_modules() if _is_adapter_module(module)]
-    if leftover:
-        raise UsageError(f"save_int4_artifact: unmerged adapter layers remain ({leftover[:3]}): merge them first")
-    group_sizes = {model.get_submodule(name).group_size for name in int4_layer_names(model)}
-    if len(group_sizes) != 1:
-        raise UsageError(f"save_int4_artifact: expected one group size, found {sorted(group_sizes)}")
-    fields = {**manifest_fields, "quant_scheme": f"{INT4_SCHEME_PREFIX}{group_sizes.pop()}",
-              "int4_format": FORMAT_NAME, "int4_format_version": FORMAT_VERSION}
-    return save_artifact(out_dir, model, tokenizer, fields, format_config)
-
-
-def load_int4_artifact(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-                       manifest: dict | None = None):
-    """`artifacts.LoadedArtifact` for an INT4 artifact (manifest, files and template version checked; a
-    `manifest` already checked by `artifacts.read_manifest`, e.g. with its hashes, is not read again)."""
-    from kaggle_utils.artifacts import MODEL_DIR, TOKENIZER_DIR, LoadedArtifact, read_manifest
-    from kaggle_utils.config import FormatConfig
-    from kaggle_utils.modeling import resolve_dtype
-    from kaggle_utils.tokenizer import load_tokenizer
-
-    root = Path(path)
-    manifest = manifest if manifest is not None else read_manifest(root)
-    if manifest.get("int4_format") != FORMAT_NAME:
-        raise UsageError(f"{root}: not an INT4 artifact (manifest int4_format={manifest.get('int4_format')!r})")
-    dtype = dtype or resolve_dtype("auto", device)
-    model = load_int4_model(root / MODEL_DIR, device=device, dtype=dtype)
-    format_values = {k: tuple(v) if isinstance(v, list) else v for k, v in manifest["format_config"].items()}
-    return LoadedArtifact(model=model, tokenizer=load_tokenizer(root / TOKENIZER_DIR), manifest=manifest,
-                          format_config=FormatConfig(**format_values), path=root)

@@ -31,7 +31,21 @@ from typing import Any
 
 import numpy as np
 
+from kaggle_utils import __version__
+from kaggle_utils.config import QuantConfig
 from kaggle_utils.errors import UsageError
+from kaggle_utils.fileio import atomic_write_bytes
+from kaggle_utils.formatting import encode_rows
+from kaggle_utils.metrics import log_loss
+from kaggle_utils.modeling import predict_probs
+from kaggle_utils.quantization import quantize_merged
+from kaggle_utils.training import (
+    default_build_model,
+    examples_per_epoch,
+    planned_steps,
+    split_fold,
+    train_fold,
+)
 
 PAPER_BETA = 0.5251  # QiD ~ D^0.5251 (arXiv 2411.17691, GPTQ on Pythia)
 MIN_IDENTIFIABLE = 0.9  # share of bootstrap resamples whose QiDs are all > 0
@@ -40,8 +54,6 @@ SCHEME_LABELS = {"int8": "8-bit (LLM.int8)", "nf4": "4-bit (NF4)"}
 
 def qid(labels: np.ndarray, probs_16bit: np.ndarray, probs_quantized: np.ndarray) -> float:
     """QiD = log_loss(quantized) - log_loss(16-bit), both with the competition's log loss."""
-    from kaggle_utils.metrics import log_loss
-
     return log_loss(labels, probs_quantized) - log_loss(labels, probs_16bit)
 
 
@@ -256,18 +268,6 @@ def run_qid_study(
     progress: bool = True,
 ) -> QidStudyResult:
     """Fine-tune (16-bit LoRA) once per seed, measuring QiD at geometric checkpoints; fit and report."""
-    from kaggle_utils.config import QuantConfig
-    from kaggle_utils.formatting import encode_rows
-    from kaggle_utils.modeling import predict_probs
-    from kaggle_utils.quantization import quantize_merged
-    from kaggle_utils.training import (
-        default_build_model,
-        examples_per_epoch,
-        planned_steps,
-        split_fold,
-        train_fold,
-    )
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     unknown = [s for s in schemes if s not in ("int8", "nf4")]
@@ -315,7 +315,6 @@ def run_qid_study(
             merged.eval()
             row = Checkpoint(seed=seed, step=step, tokens=holder["tokens"], log_loss_16bit=0.0, log_loss={},
                              qid={}, seconds=0.0)
-            from kaggle_utils.metrics import log_loss
 
             row.log_loss_16bit = log_loss(labels, p16)
             probs["16bit"].append(p16)
@@ -350,12 +349,11 @@ def study_meta(cfg, steps, seeds, n_val: int, n_train_examples: int, seconds: fl
     import torch
     import transformers
 
-    import kaggle_utils
 
     return {
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "device": _device_description(),
-        "versions": {"kaggle_utils": kaggle_utils.__version__, "torch": torch.__version__,
+        "versions": {"kaggle_utils": __version__, "torch": torch.__version__,
                      "transformers": transformers.__version__, "python": platform.python_version(),
                      **_optional_versions("peft", "bitsandbytes")},
         "checkpoint_steps": steps,
@@ -392,8 +390,6 @@ def _plain(value: Any) -> Any:
 
 
 def write_study_report(result: QidStudyResult, out_dir: Path) -> None:
-    from kaggle_utils.fileio import atomic_write_bytes
-
     atomic_write_bytes(out_dir / "qid_study.json", json.dumps(result.to_dict(), indent=2).encode("utf-8"))
     plot_study(result, out_dir / "qid_study.png")
     atomic_write_bytes(out_dir / "qid_study.md", study_markdown(result).encode("utf-8"))

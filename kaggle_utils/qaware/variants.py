@@ -23,14 +23,20 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from kaggle_utils.artifacts import load_artifact, save_artifact
 from kaggle_utils.errors import UsageError
+from kaggle_utils.formatting import encode_rows
+from kaggle_utils.modeling import apply_lora, build_classifier, materialize_base
+from kaggle_utils.qaware.apiq import ApiQSettings, apiq_initialize, apply_clipping, load_lora_factors
 from kaggle_utils.qaware.group_adapters import (
     GroupAdapterSettings,
     GroupPooledAdapterLinear,
     add_group_adapters,
     merge_group_adapters,
 )
-from kaggle_utils.qaware.int4 import quantize_linears
+from kaggle_utils.qaware.loftq import apply_loftq
+from kaggle_utils.quant_backends.int4 import INT4
+from kaggle_utils.variant_registry import VARIANTS, Exported, Variant, register_variant
 
 HEAD_NAMES = ("score",)
 
@@ -42,8 +48,6 @@ def group_adapter_settings(cfg, kind: str) -> GroupAdapterSettings:
 
 
 def _fp_classifier(cfg, tokenizer, device) -> nn.Module:
-    from kaggle_utils.modeling import build_classifier
-
     return build_classifier(cfg.model, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, device=device)
 
 
@@ -53,7 +57,7 @@ def make_group_adapter_builder(kind: str) -> Callable:
         model = _fp_classifier(cfg, tokenizer, device)
         for parameter in model.parameters():
             parameter.requires_grad_(False)
-        quantize_linears(model, cfg.qaware.group_size, cfg.lora.target_modules, cfg.qaware.int4_method)
+        INT4.quantize(model, cfg)  # cfg.lora.target_modules -> INT4, cfg.qaware.group_size / int4_method
         add_group_adapters(model, group_adapter_settings(cfg, kind))
         for name, parameter in model.named_parameters():
             if ".lora_" in name or ".hira_" in name or name.split(".")[0] in HEAD_NAMES:
@@ -90,8 +94,6 @@ def group_adapter_reference(cfg, trained: nn.Module, tokenizer, device=None) -> 
 
 
 def apiq_settings(cfg, device) -> object:
-    from kaggle_utils.qaware.apiq import ApiQSettings
-
     q = cfg.qaware
     return ApiQSettings(quantizer="nf4", rank=cfg.lora.r, alpha=float(cfg.lora.alpha),
                         target_modules=tuple(cfg.lora.target_modules), epochs=q.apiq_epochs,
@@ -108,9 +110,6 @@ def make_apiq_builder(calibration_ids: Sequence[Sequence[int]], report: dict | N
 
     def build(cfg, tokenizer, device) -> nn.Module:
         import dataclasses
-
-        from kaggle_utils.modeling import apply_lora, build_classifier
-        from kaggle_utils.qaware.apiq import apiq_initialize, apply_clipping, load_lora_factors
 
         if cfg.lora.frozen_layers:
             raise UsageError("apiq-init fits every decoder block: lora.frozen_layers must be 0")
@@ -136,9 +135,6 @@ def build_loftq_model(cfg, tokenizer, device) -> nn.Module:
     alternating steps (CPU or CUDA)."""
     import dataclasses
 
-    from kaggle_utils.modeling import apply_lora, build_classifier, materialize_base
-    from kaggle_utils.qaware.loftq import apply_loftq
-
     with tempfile.TemporaryDirectory(prefix="loftq-base-") as tmp:
         base_dir = materialize_base(cfg.model, tmp, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
         base = build_classifier(dataclasses.replace(cfg.model, base_model=str(base_dir)), quant=cfg.quant,
@@ -150,8 +146,6 @@ def build_loftq_model(cfg, tokenizer, device) -> nn.Module:
 
 def calibration_rows(train_frame, tokenizer, cfg, n_rows: int, seed: int = 0) -> list[list[int]]:
     """`n_rows` encoded training rows (never held-out ones: the caller passes the training part)."""
-    from kaggle_utils.formatting import encode_rows
-
     n_rows = min(n_rows, train_frame.height)
     sample = train_frame.sample(n=n_rows, seed=seed, shuffle=True) if n_rows < train_frame.height else train_frame
     return list(encode_rows(sample, tokenizer, cfg.format).input_ids)
@@ -170,14 +164,11 @@ def _configure_scheme(scheme: str) -> Callable:
 def _group_adapter_export(ctx):
     """Merge into the zero points, ship plain INT4, reload it from disk; the unmerged model is scored too, so
     the report shows the merge's exactness (max |p_unmerged - p_shipped|)."""
-    from kaggle_utils.compare import Exported
-    from kaggle_utils.qaware.int4 import load_int4_artifact, save_int4_artifact
-
     cfg, tokenizer, device = ctx.cfg, ctx.fold_ctx.tokenizer, ctx.fold_ctx.device
     trained = ctx.result.model.eval()
-    save_int4_artifact(ctx.artifact_dir, merged_group_adapter_model(trained), tokenizer, ctx.manifest_fields,
-                       cfg.format)
-    shipped = load_int4_artifact(ctx.artifact_dir, device=device, dtype=next(trained.parameters()).dtype).model
+    save_artifact(ctx.artifact_dir, merged_group_adapter_model(trained), tokenizer, ctx.manifest_fields, cfg.format)
+    shipped = load_artifact(ctx.artifact_dir, device=device, compute_dtype=next(trained.parameters()).dtype,
+                            verify_hashes=False).model  # written just above
     reference = group_adapter_reference(cfg, trained, tokenizer, device)
     return Exported(artifact_dir=ctx.artifact_dir, reference_model=reference, shipped_model=shipped,
                     extra_models={"unmerged-adapter": trained})
@@ -189,9 +180,7 @@ def _apiq_builder(ctx):
 
 
 def register_all() -> None:
-    """Add this module's variants to compare.py's registry (idempotent)."""
-    from kaggle_utils.compare import VARIANTS, Variant, register_variant
-
+    """Add this module's variants to the variant registry (`variant_registry`, which compare.py runs from) (idempotent)."""
     base_ft, base_qlora = VARIANTS["ft-then-quant"], VARIANTS["quant-then-ft"]
     for scheme, label in (("int8", "8-bit LLM.int8"), ("nf4", "4-bit NF4")):
         register_variant(Variant(

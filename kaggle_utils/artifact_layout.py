@@ -1,0 +1,11 @@
+"""Names of an inference artifact's parts: the one place `manifest.json` and the folder names are spelled.
+
+A leaf module (no torch), so that the light readers (input discovery in `runtime`, the upload in
+`kaggle_tools.upload`) and the quantization backends can name the parts without importing `artifacts`.
+"""
+
+from __future__ import annotations
+
+MANIFEST_NAME = "manifest.json"
+LAYOUT_VERSION = 1
+MODEL_DIR, ADAPTER_DIR, MERGED_DIR, TOKENIZER_DIR = "model", "adapter", "merged", "tokenizer"
