@@ -41,7 +41,6 @@ import contextlib
 import gc
 import json
 import logging
-import math
 import threading
 import time
 from collections import deque
@@ -59,7 +58,7 @@ from kaggle_utils import tpu, workers
 from kaggle_utils.artifacts import MANIFEST_NAME, load_artifact
 from kaggle_utils.baseline import BaselineModel
 from kaggle_utils.batching import token_budget_batches
-from kaggle_utils.config import LABEL_COLUMNS, DataConfig, InferenceConfig
+from kaggle_utils.config import LABEL_COLUMNS, DataConfig, InferenceConfig, validate_section
 from kaggle_utils.data import load_competition
 from kaggle_utils.device_forward import (  # WorkerLost, make_forward, is_out_of_memory: part of this API too
     ForwardFn,
@@ -714,37 +713,10 @@ def raise_if_fallback(report: InferenceReport) -> None:
 
 
 def validate_inference_config(cfg: InferenceConfig) -> None:
-    """Refuse settings that cannot work, before anything is written (a NaN deadline would disable the guard)."""
-    def finite(value: object) -> bool:
-        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-    problems = []
-    if not isinstance(cfg.token_budget, int) or cfg.token_budget < 1:
-        problems.append(f"token_budget must be a positive integer, got {cfg.token_budget!r}")
-    if cfg.max_rows_per_batch is not None and (not isinstance(cfg.max_rows_per_batch, int)
-                                               or cfg.max_rows_per_batch < 1):
-        problems.append(f"max_rows_per_batch must be a positive integer or None, got {cfg.max_rows_per_batch!r}")
-    if not finite(cfg.deadline_hours) or cfg.deadline_hours <= 0:
-        problems.append(f"deadline_hours must be a finite number > 0, got {cfg.deadline_hours!r}")
-    if not finite(cfg.safety_margin_hours) or cfg.safety_margin_hours < 0:
-        problems.append(f"safety_margin_hours must be a finite number >= 0, got {cfg.safety_margin_hours!r}")
-    elif finite(cfg.deadline_hours) and cfg.safety_margin_hours >= cfg.deadline_hours:
-        problems.append(f"safety_margin_hours ({cfg.safety_margin_hours}) leaves no time of deadline_hours "
-                        f"({cfg.deadline_hours})")
-    if cfg.num_gpus is not None and (not isinstance(cfg.num_gpus, int) or cfg.num_gpus < 1):
-        problems.append(f"num_gpus must be a positive integer or None, got {cfg.num_gpus!r}")
-    if not isinstance(cfg.warmup_batches, int) or cfg.warmup_batches < 0:
-        problems.append(f"warmup_batches must be an integer >= 0, got {cfg.warmup_batches!r}")
-    if not isinstance(cfg.max_consecutive_failures, int) or cfg.max_consecutive_failures < 1:
-        problems.append(f"max_consecutive_failures must be a positive integer, got {cfg.max_consecutive_failures!r}")
-    if not isinstance(cfg.cpu_replicas, int) or isinstance(cfg.cpu_replicas, bool) or cfg.cpu_replicas < 1:
-        problems.append(f"cpu_replicas must be a positive integer, got {cfg.cpu_replicas!r}")
-    if cfg.batch_timeout_s is not None and (not finite(cfg.batch_timeout_s) or cfg.batch_timeout_s <= 0):
-        problems.append(f"batch_timeout_s must be a finite number > 0 or None, got {cfg.batch_timeout_s!r}")
-    if cfg.worker_backend not in ("thread", "process"):
-        problems.append(f"worker_backend must be 'thread' or 'process', got {cfg.worker_backend!r}")
-    if problems:
-        raise UsageError("inference settings: " + "; ".join(problems))
+    """Refuse settings that cannot work, before anything is written (a NaN deadline would disable the guard).
+    The rules are the config's own (`config.validate_section`), re-checked here because a caller may have
+    changed a field after building the config."""
+    validate_section(cfg)
 
 
 def predict(

@@ -4,6 +4,7 @@ paths, and `predict` end to end on tiny artifacts of both orderings (CPU, bitsan
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 from pathlib import Path
@@ -814,24 +815,30 @@ def test_cli_predict_exits_nonzero_when_rows_fell_back_but_keeps_the_file(
 
 
 @pytest.mark.parametrize(("overrides", "message"), [
-    ({"cpu_replicas": 0}, "cpu_replicas must be a positive integer"),
-    ({"worker_backend": "gpu"}, "worker_backend must be 'thread' or 'process'"),
-    ({"batch_timeout_s": 0}, "batch_timeout_s must be a finite number > 0 or None"),
-    ({"batch_timeout_s": float("nan")}, "batch_timeout_s must be a finite number > 0 or None"),
+    ({"cpu_replicas": 0}, "inference.cpu_replicas must be >= 1"),
+    ({"worker_backend": "gpu"}, "inference.worker_backend must be one of ['thread', 'process']"),
+    ({"batch_timeout_s": 0}, "inference.batch_timeout_s must be > 0"),
+    ({"batch_timeout_s": float("nan")}, "inference.batch_timeout_s must be a finite number"),
 ])
 def test_invalid_worker_settings_are_usage_errors(overrides, message):
-    with pytest.raises(UsageError, match=message):
-        inference.validate_inference_config(InferenceConfig(**overrides))
+    """Refused when the config is built, and again by predict's check when a field was changed afterwards."""
+    with pytest.raises(UsageError, match=re.escape(message)):
+        InferenceConfig(**overrides)
+    cfg = InferenceConfig()
+    for name, value in overrides.items():
+        setattr(cfg, name, value)
+    with pytest.raises(UsageError, match=re.escape(message)):
+        inference.validate_inference_config(cfg)
 
 
 @pytest.mark.parametrize(("option", "value", "message"), [
-    ("--token-budget", "0", "token_budget must be a positive integer"),
-    ("--deadline-hours", "nan", "deadline_hours must be a finite number"),
-    ("--deadline-hours", "inf", "deadline_hours must be a finite number"),
-    ("--deadline-hours", "-1", "deadline_hours must be a finite number"),
-    ("--margin-hours", "nan", "safety_margin_hours must be a finite number"),
-    ("--margin-hours", "10", "leaves no time"),
-    ("--num-gpus", "0", "num_gpus must be a positive integer"),
+    ("--token-budget", "0", "inference.token_budget must be >= 1"),
+    ("--deadline-hours", "nan", "inference.deadline_hours must be a finite number"),
+    ("--deadline-hours", "inf", "inference.deadline_hours must be a finite number"),
+    ("--deadline-hours", "-1", "inference.deadline_hours must be > 0"),
+    ("--margin-hours", "nan", "inference.safety_margin_hours must be a finite number"),
+    ("--margin-hours", "10", "must be below deadline_hours"),
+    ("--num-gpus", "0", "inference.num_gpus must be >= 1"),
     ("--device", "cuda", "no CUDA GPU"),
 ])
 def test_invalid_settings_are_usage_errors_before_anything_is_written(
