@@ -28,8 +28,8 @@ from kaggle_utils.kaggle_tools.metadata import (
     KERNEL_METADATA_FILE,
     dataset_metadata,
     dataset_slug,
+    kernel_for_notebook,
     kernel_metadata,
-    notebook_kernels,
     read_metadata,
     submission_metadata,
     validate_dataset_metadata,
@@ -79,13 +79,6 @@ def write_submission_metadata(path: str | Path, cfg: KaggleConfig, owner: str) -
     if problems:
         raise UsageError("; ".join(problems))
     return write_metadata(metadata, Path(path))
-
-
-def _notebook_kernel_name(notebook: Path, cfg: KaggleConfig) -> str:
-    kernels = notebook_kernels(cfg)
-    if notebook.stem not in kernels:
-        raise UsageError(f"{notebook}: not one of the project's notebooks {sorted(kernels)} (see notebooks/)")
-    return notebook.stem
 
 
 def _write_notebook(notebook: Path, target: Path) -> None:
@@ -150,20 +143,22 @@ def build_kernel_folder(
     parameters: dict[str, Any] | None = None,
 ) -> Path:
     """`cfg.build_dir/kernels/<slug>/`: the notebook as .ipynb (with `parameters` injected) plus its
-    kernel-metadata.json.
+    kernel-metadata.json. A notebook pushed as several kernels (train: one per ORDERING) is built as the
+    kernel its parameters select.
 
     The submission kernel's metadata comes from the top-level kernel-metadata.json (the reviewed file); the
     other notebooks' metadata is generated from `cfg`."""
     notebook = Path(notebook)
-    name = _notebook_kernel_name(notebook, cfg)
-    code_file = f"{name}.ipynb"
-    if name == "submission":
+    kernel = kernel_for_notebook(cfg, notebook, parameters)
+    parameters = {**(parameters or {}), **dict(kernel.parameters)}  # the selecting values, stated in the copy
+    code_file = f"{kernel.notebook_name}.ipynb"
+    if kernel.name == "submission":
         source = Path(submission_metadata_path or project_root() / KERNEL_METADATA_FILE)
         metadata = read_metadata(source)
         metadata["code_file"] = code_file
         metadata = with_owner(metadata, owner)
     else:
-        metadata = kernel_metadata(notebook_kernels(cfg)[name], cfg, owner, code_file)
+        metadata = kernel_metadata(kernel, cfg, owner, code_file)
     if accelerator:
         metadata = with_accelerator(metadata, accelerator)
     slug = str(metadata["id"]).partition("/")[2]

@@ -13,6 +13,7 @@ from kaggle_utils.config import KaggleConfig
 from kaggle_utils.errors import UsageError
 from kaggle_utils.kaggle_cli import build_kernel_folder, check_kernel_folder, write_submission_metadata
 from kaggle_utils.kaggle_tools.metadata import (
+    TRAINING_ORDERINGS,
     dataset_metadata,
     kernel_metadata,
     notebook_kernels,
@@ -110,7 +111,7 @@ def test_other_notebooks_get_generated_metadata():
     cfg = KaggleConfig()
     kernels = notebook_kernels(cfg)
     for name in ("train_ft_then_quant", "train_quant_then_ft"):
-        metadata = kernel_metadata(kernels[name], cfg, "alice", f"{name}.ipynb")
+        metadata = kernel_metadata(kernels[name], cfg, "alice", "train.ipynb")
         assert validate_kernel_metadata(metadata) == []
         assert metadata["enable_gpu"] is True and metadata["enable_internet"] is False
         assert metadata["competition_sources"] == [cfg.competition]
@@ -119,6 +120,21 @@ def test_other_notebooks_get_generated_metadata():
     assert validate_kernel_metadata(report) == []
     assert report["enable_gpu"] is False and "machine_shape" not in report
     assert report["kernel_sources"] == ["alice/arena-train-ft-then-quant", "alice/arena-train-quant-then-ft"]
+
+
+def test_both_training_kernels_come_from_the_one_notebook_with_their_ordering():
+    kernels = notebook_kernels(KaggleConfig())
+    training = {name: kernel for name, kernel in kernels.items() if kernel.notebook == "train"}
+    assert {name: (k.slug, dict(k.parameters)) for name, k in training.items()} == {
+        "train_ft_then_quant": ("arena-train-ft-then-quant", {"ORDERING": "ft-then-quant"}),
+        "train_quant_then_ft": ("arena-train-quant-then-ft", {"ORDERING": "quant-then-ft"}),
+    }
+    assert kernels["cv_report"].reads_kernels == ("train_ft_then_quant", "train_quant_then_ft")
+    from kaggle_utils.compare import ORDERINGS
+
+    assert TRAINING_ORDERINGS == ORDERINGS  # one kernel per ordering the training code knows
+    assert not (ROOT / "notebooks" / "train_ft_then_quant.py").exists()  # the two old copies are gone
+    assert not (ROOT / "notebooks" / "train_quant_then_ft.ipynb").exists()
 
 
 # --------------------------------------------------------------------------- validation catches mistakes
@@ -220,20 +236,40 @@ def test_build_submission_folder_from_top_level_metadata(tmp_path):
 
 
 def test_build_from_jupytext_script_with_accelerator(tmp_path):
-    script = tmp_path / "train_quant_then_ft.py"
+    script = tmp_path / "train.py"
     script.write_text(
         "# %% [markdown]\n# Train\n\n"
-        '# %% tags=["parameters"]\nTRAIN_CSV = "/kaggle/input/llm-classification-finetuning/train.csv"\n\n'
+        '# %% tags=["parameters"]\nORDERING = "quant-then-ft"\n'
+        'TRAIN_CSV = "/kaggle/input/llm-classification-finetuning/train.csv"\n\n'
         "# %%\nprint(TRAIN_CSV)\n"
     )
     cfg = KaggleConfig(build_dir=str(tmp_path / "build"))
-    folder = build_kernel_folder(script, cfg, owner="alice", accelerator="NvidiaL4")
-    notebook = nbformat.read(folder / "train_quant_then_ft.ipynb", as_version=4)
-    assert [cell.cell_type for cell in notebook.cells] == ["markdown", "code", "code"]
+    folder = build_kernel_folder(script, cfg, owner="alice", accelerator="NvidiaL4", parameters={"ORDERING": "ft-then-quant"})
+    assert folder.name == "arena-train-ft-then-quant"
+    notebook = nbformat.read(folder / "train.ipynb", as_version=4)
+    assert [cell.cell_type for cell in notebook.cells] == ["markdown", "code", "code", "code"]
     assert notebook.cells[1].metadata["tags"] == ["parameters"]
+    assert 'ORDERING = "ft-then-quant"' in notebook.cells[2].source  # the injected parameters
     metadata = json.loads((folder / "kernel-metadata.json").read_text())
     assert metadata["machine_shape"] == "NvidiaL4" and metadata["enable_gpu"] is True
+    assert metadata["id"] == "alice/arena-train-ft-then-quant"
     assert check_kernel_folder(folder).ok
+
+
+def test_training_notebook_needs_a_valid_ordering_to_pick_its_kernel(tmp_path):
+    notebook = ROOT / "notebooks" / "train.ipynb"
+    cfg = KaggleConfig(build_dir=str(tmp_path))
+    with pytest.raises(UsageError, match="one kernel per ORDERING: pass -p ORDERING=ft-then-quant or -p ORDERING=quant-then-ft"):
+        build_kernel_folder(notebook, cfg, owner="alice")
+    with pytest.raises(UsageError, match="ORDERING='ft-then-qaunt' is not one of \\['ft-then-quant', 'quant-then-ft'\\]"):
+        build_kernel_folder(notebook, cfg, owner="alice", parameters={"ORDERING": "ft-then-qaunt"})
+    for ordering in ("ft-then-quant", "quant-then-ft"):
+        folder = build_kernel_folder(notebook, cfg, owner="alice", parameters={"ORDERING": ordering})
+        assert folder.name == f"arena-train-{ordering}"
+        assert json.loads((folder / "kernel-metadata.json").read_text())["id"] == f"alice/arena-train-{ordering}"
+        built = nbformat.read(folder / "train.ipynb", as_version=4)
+        injected = next(c for c in built.cells if "injected-parameters" in c.metadata.get("tags", []))
+        assert f'ORDERING = "{ordering}"' in injected.source
 
 
 def test_unknown_notebook_is_refused(tmp_path):
@@ -300,13 +336,17 @@ def test_repository_root_is_a_valid_kernel_folder_once_the_notebook_exists():
 def test_parameters_are_injected_and_checked(tmp_path, monkeypatch, capsys):
     from kaggle_utils.kaggle_cli import parse_parameters
 
-    notebook = ROOT / "notebooks" / "train_quant_then_ft.ipynb"
-    parameters = parse_parameters(["BASE_MODEL_PATH=/kaggle/input/gemma-2/transformers/gemma-2-9b-it/2", "CV_FOLDS=[0, 1]"])
-    assert parameters == {"BASE_MODEL_PATH": "/kaggle/input/gemma-2/transformers/gemma-2-9b-it/2", "CV_FOLDS": [0, 1]}
+    notebook = ROOT / "notebooks" / "train.ipynb"
+    parameters = parse_parameters(
+        ["ORDERING=quant-then-ft", "BASE_MODEL_PATH=/kaggle/input/gemma-2/transformers/gemma-2-9b-it/2", "CV_FOLDS=[0, 1]"]
+    )
+    assert parameters == {
+        "ORDERING": "quant-then-ft", "BASE_MODEL_PATH": "/kaggle/input/gemma-2/transformers/gemma-2-9b-it/2", "CV_FOLDS": [0, 1]
+    }
     source = "google/gemma-2/transformers/gemma-2-9b-it/2"
     cfg = KaggleConfig(build_dir=str(tmp_path / "with"), base_model_source=source)
     folder = build_kernel_folder(notebook, cfg, owner="alice", parameters=parameters)
-    built = nbformat.read(folder / "train_quant_then_ft.ipynb", as_version=4)
+    built = nbformat.read(folder / "train.ipynb", as_version=4)
     tags = [cell.metadata.get("tags", []) for cell in built.cells]
     injected = built.cells[tags.index(["injected-parameters"])]
     assert tags.index(["injected-parameters"]) == tags.index(["parameters"]) + 1
@@ -318,14 +358,14 @@ def test_parameters_are_injected_and_checked(tmp_path, monkeypatch, capsys):
     folder = build_kernel_folder(notebook, KaggleConfig(build_dir=str(tmp_path / "without")), "alice", parameters=parameters)
     assert any("'gemma-2'" in problem for problem in check_kernel_folder(folder).problems)
     with pytest.raises(UsageError, match="no parameters \\['BASE_MODEL'\\]"):
-        build_kernel_folder(notebook, cfg, "alice", parameters={"BASE_MODEL": "x"})
+        build_kernel_folder(notebook, cfg, "alice", parameters={"ORDERING": "quant-then-ft", "BASE_MODEL": "x"})
     with pytest.raises(UsageError, match="expected NAME=VALUE"):
         parse_parameters(["CV_FOLDS"])
     # Through the CLI: a dry run builds and checks without credentials when the owner is given.
-    argv = ["kaggle", "push", str(notebook), "--dry-run", "--owner", "alice", "-p", "SEEDS=[1, 2]"]
+    argv = ["kaggle", "push", str(notebook), "--dry-run", "--owner", "alice", "-p", "ORDERING=quant-then-ft", "-p", "SEEDS=[1, 2]"]
     config = tmp_path / "config.yaml"
     config.write_text(f"kaggle:\n  build_dir: {tmp_path / 'cli'}\n")
     assert run_cli([*argv, "--config", str(config)], monkeypatch) == 0
     assert "OK" in capsys.readouterr().out
-    built = nbformat.read(tmp_path / "cli" / "kernels" / "arena-train-quant-then-ft" / "train_quant_then_ft.ipynb", 4)
+    built = nbformat.read(tmp_path / "cli" / "kernels" / "arena-train-quant-then-ft" / "train.ipynb", 4)
     assert any("SEEDS = [1, 2]" in cell.source for cell in built.cells)

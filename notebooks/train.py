@@ -15,21 +15,28 @@
 # ---
 
 # %% [markdown]
-# # Train: quantize → fine-tune
+# # Train one ordering: quantize → fine-tune, or fine-tune → quantize
 #
-# QLoRA: the base is loaded in 4-bit NF4 (double quantisation) and the LoRA adapter is trained on the
-# quantized weights, so training sees the rounding it will ship with; the artifact is the 4-bit base plus the
-# unmerged adapter (the public 0.941 notebook and 3rd place).
+# `ORDERING` picks the ordering (a misspelt value stops the first package cell):
 #
-# One ordering per notebook (a Kaggle session has 12 hours and one pair of GPUs); `cv_report` joins both.
+# - `"quant-then-ft"`: QLoRA. The base is loaded in 4-bit NF4 (double quantisation) and the LoRA adapter is
+#   trained on the quantized weights, so training sees the rounding it will ship with; the artifact is the 4-bit
+#   base plus the unmerged adapter (the public 0.941 notebook and 3rd place).
+# - `"ft-then-quant"`: LoRA on the 16-bit base, merge, then quantize the merged model with bitsandbytes (NF4 or
+#   int8, `quant.scheme`): the weights are trained in full precision and rounded once at the end (1st place
+#   quantized after training).
+#
+# One ordering per run (a Kaggle session has 12 hours and one pair of GPUs): this notebook is pushed as two
+# kernels, `kaggle push notebooks/train.ipynb -p ORDERING=quant-then-ft` (arena-train-quant-then-ft) and
+# `-p ORDERING=ft-then-quant` (arena-train-ft-then-quant); `cv_report` joins both.
 # All logic is in `kaggle_utils.compare`: `resolve_training_notebook` turns the parameters into a config and
 # paths, `compare_orderings` trains the folds, ships the artifact (reloaded from disk and scored as inference
 # scores it) and writes `report.json`, `report.md`, `report.png` and `oof.parquet` under `OUT_DIR`. Folds are
-# grouped by prompt and made deterministically from `train.csv`, so both notebooks train on identical folds
+# grouped by prompt and made deterministically from `train.csv`, so both runs train on identical folds
 # (the report records the folds file's sha256; `cv_report` checks it).
 
 # %% tags=["parameters"]
-ORDERING = "quant-then-ft"
+ORDERING = "quant-then-ft"  # or "ft-then-quant"; `kaggle push` sets it per kernel (-p ORDERING=...)
 COMPETITION = "llm-classification-finetuning"
 WHEELS_DATASET = "kaggle-utils-wheels"  # offline install of kaggle_utils and the wheels it needs
 PACKAGE_DATASET = "kaggle-utils-package"
