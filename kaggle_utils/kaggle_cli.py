@@ -22,6 +22,7 @@ from typing import Any
 from kaggle_utils.config import KaggleConfig
 from kaggle_utils.errors import UsageError
 from kaggle_utils.kaggle_tools.client import authenticated_user, kaggle_api, kaggle_errors
+from kaggle_utils.kaggle_tools.install_cell import inject_install_cell
 from kaggle_utils.kaggle_tools.kernel_check import KernelCheck, check_kernel_folder
 from kaggle_utils.kaggle_tools.metadata import (
     DATASET_METADATA_FILE,
@@ -142,8 +143,8 @@ def build_kernel_folder(
     submission_metadata_path: str | Path | None = None,
     parameters: dict[str, Any] | None = None,
 ) -> Path:
-    """`cfg.build_dir/kernels/<slug>/`: the notebook as .ipynb (with `parameters` injected) plus its
-    kernel-metadata.json. A notebook pushed as several kernels (train: one per ORDERING) is built as the
+    """`cfg.build_dir/kernels/<slug>/`: the notebook as .ipynb (its `offline-install` cell set to the one
+    template, `parameters` injected) plus its kernel-metadata.json. A notebook pushed as several kernels (train: one per ORDERING) is built as the
     kernel its parameters select.
 
     The submission kernel's metadata comes from the top-level kernel-metadata.json (the reviewed file); the
@@ -167,6 +168,7 @@ def build_kernel_folder(
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
     _write_notebook(notebook, folder / code_file)
+    inject_install_cell(folder / code_file, notebook)
     if parameters:
         _inject_parameters(folder / code_file, parameters)
     write_metadata(metadata, folder / KERNEL_METADATA_FILE)

@@ -12,6 +12,7 @@ from kaggle_utils import cli
 from kaggle_utils.config import KaggleConfig
 from kaggle_utils.errors import UsageError
 from kaggle_utils.kaggle_cli import build_kernel_folder, check_kernel_folder, write_submission_metadata
+from kaggle_utils.kaggle_tools.install_cell import INSTALL_CELL_SOURCE
 from kaggle_utils.kaggle_tools.metadata import (
     TRAINING_ORDERINGS,
     dataset_metadata,
@@ -35,15 +36,16 @@ def run_cli(argv: list[str], monkeypatch) -> int:
 
 
 def write_notebook(path: Path, cells: list[tuple[str, str]]) -> Path:
-    """A notebook from (kind, source) pairs; kind "parameters" is a code cell tagged `parameters`."""
+    """A notebook from (kind, source) pairs; kind "parameters" / "install" is a code cell tagged `parameters` /
+    `offline-install`."""
     notebook = nbformat.v4.new_notebook()
     for kind, source in cells:
         if kind == "markdown":
             notebook.cells.append(nbformat.v4.new_markdown_cell(source))
         else:
             cell = nbformat.v4.new_code_cell(source)
-            if kind == "parameters":
-                cell.metadata["tags"] = ["parameters"]
+            if kind in ("parameters", "install"):
+                cell.metadata["tags"] = ["parameters" if kind == "parameters" else "offline-install"]
             notebook.cells.append(cell)
     path.parent.mkdir(parents=True, exist_ok=True)
     nbformat.write(notebook, path)
@@ -59,7 +61,7 @@ SUBMISSION_CELLS = [
         'WHEELS_DATASET = "kaggle-utils/kaggle-utils-wheels"\n'
         "MAX_ROWS = None\n",
     ),
-    ("code", "!pip install -q --no-index --find-links /kaggle/input/kaggle-utils-package kaggle-utils\n"),
+    ("install", "!pip install -q --no-index --find-links /kaggle/input/kaggle-utils-package kaggle-utils\n"),
     ("code", 'test = "/kaggle/input/competitions/llm-classification-finetuning/test.csv"\nprint(test)\n'),
 ]
 
@@ -227,12 +229,48 @@ def test_build_submission_folder_from_top_level_metadata(tmp_path):
     check = check_kernel_folder(folder)
     assert check.ok, check.summary()
     found = {(ref.kind, ref.ref) for ref in check.inputs}
-    assert found == {
+    assert found == {  # the `!pip` line naming kaggle-utils-package was replaced by the canonical install cell
         ("competition", "llm-classification-finetuning"),
         ("dataset", "arena-preference-artifact"),
         ("dataset", "kaggle-utils/kaggle-utils-wheels"),
-        ("any", "kaggle-utils-package"),
     }
+    built = nbformat.read(folder / "submission.ipynb", as_version=4)
+    assert built.cells[2].metadata["tags"] == ["offline-install"] and built.cells[2].source == INSTALL_CELL_SOURCE
+
+
+def test_build_refuses_a_notebook_without_the_install_cell(tmp_path):
+    cells = [cell for cell in SUBMISSION_CELLS if cell[0] != "install"]
+    notebook = write_notebook(tmp_path / "nb" / "submission.ipynb", cells)
+    cfg = KaggleConfig(build_dir=str(tmp_path / "build"))
+    with pytest.raises(UsageError, match="submission.ipynb: needs exactly one code cell tagged 'offline-install', found 0"):
+        build_kernel_folder(notebook, cfg, owner="alice", submission_metadata_path=TOP_LEVEL)
+
+
+def test_sync_install_cell_rewrites_every_copy_from_the_template(tmp_path, monkeypatch, capsys):
+    """After the template changes, one command rewrites the cell in each script and notebook, pairs kept equal."""
+    import jupytext
+
+    from kaggle_utils.kaggle_tools import install_cell
+
+    for name in ("train", "cv_report", "submission"):
+        for suffix in (".py", ".ipynb"):
+            (tmp_path / f"{name}{suffix}").write_bytes((ROOT / "notebooks" / f"{name}{suffix}").read_bytes())
+    assert all(install_cell.install_cell_problem(path) is None for path in tmp_path.iterdir())
+    edited = install_cell.INSTALL_CELL_SOURCE.replace("--no-index", "--no-index --no-cache-dir")
+    monkeypatch.setattr(install_cell, "INSTALL_CELL_SOURCE", edited)
+    assert "differs from the template" in install_cell.install_cell_problem(tmp_path / "train.py")
+    assert run_cli(["kaggle", "sync-install-cell", "--notebooks", str(tmp_path)], monkeypatch) == 0
+    assert "rewrote 6 files" in capsys.readouterr().out
+    for name in ("train", "cv_report", "submission"):
+        script = jupytext.read(tmp_path / f"{name}.py")
+        notebook = nbformat.read(tmp_path / f"{name}.ipynb", as_version=4)
+        assert [c.source for c in script.cells] == [c.source for c in notebook.cells]
+        assert install_cell.install_cell_problem(tmp_path / f"{name}.py") is None
+    assert run_cli(["kaggle", "sync-install-cell", "--notebooks", str(tmp_path)], monkeypatch) == 0
+    assert "rewrote 0 files" in capsys.readouterr().out
+    (tmp_path / "scratch.py").write_text("# %%\nprint(1)\n")
+    assert run_cli(["kaggle", "sync-install-cell", "--notebooks", str(tmp_path)], monkeypatch) == 2
+    assert "scratch.py: needs exactly one code cell tagged 'offline-install', found 0" in capsys.readouterr().err
 
 
 def test_build_from_jupytext_script_with_accelerator(tmp_path):
@@ -241,13 +279,15 @@ def test_build_from_jupytext_script_with_accelerator(tmp_path):
         "# %% [markdown]\n# Train\n\n"
         '# %% tags=["parameters"]\nORDERING = "quant-then-ft"\n'
         'TRAIN_CSV = "/kaggle/input/llm-classification-finetuning/train.csv"\n\n'
+        '# %% tags=["offline-install"]\npass\n\n'
         "# %%\nprint(TRAIN_CSV)\n"
     )
     cfg = KaggleConfig(build_dir=str(tmp_path / "build"))
     folder = build_kernel_folder(script, cfg, owner="alice", accelerator="NvidiaL4", parameters={"ORDERING": "ft-then-quant"})
     assert folder.name == "arena-train-ft-then-quant"
     notebook = nbformat.read(folder / "train.ipynb", as_version=4)
-    assert [cell.cell_type for cell in notebook.cells] == ["markdown", "code", "code", "code"]
+    assert [cell.cell_type for cell in notebook.cells] == ["markdown", "code", "code", "code", "code"]
+    assert notebook.cells[3].source == INSTALL_CELL_SOURCE
     assert notebook.cells[1].metadata["tags"] == ["parameters"]
     assert 'ORDERING = "ft-then-quant"' in notebook.cells[2].source  # the injected parameters
     metadata = json.loads((folder / "kernel-metadata.json").read_text())
@@ -273,7 +313,7 @@ def test_training_notebook_needs_a_valid_ordering_to_pick_its_kernel(tmp_path):
 
 
 def test_unknown_notebook_is_refused(tmp_path):
-    notebook = write_notebook(tmp_path / "scratch.ipynb", [("code", "print(1)")])
+    notebook = write_notebook(tmp_path / "scratch.ipynb", [("install", "print(1)")])
     with pytest.raises(UsageError, match="not one of the project's notebooks"):
         build_kernel_folder(notebook, KaggleConfig(build_dir=str(tmp_path)), owner="alice")
 

@@ -45,6 +45,15 @@ def test_script_and_notebook_are_in_sync(name):
     assert sum("parameters" in tags for _, _, tags in _cells(notebook)) == 1
 
 
+@pytest.mark.parametrize("name", [*MINE, "submission"])
+@pytest.mark.parametrize("suffix", [".py", ".ipynb"])
+def test_every_notebook_carries_the_one_install_cell(name, suffix):
+    """The offline-install code is written once (kaggle_tools/install_cell.py); each copy is that text."""
+    from kaggle_utils.kaggle_tools.install_cell import install_cell_problem
+
+    assert install_cell_problem(NOTEBOOKS / f"{name}{suffix}") is None
+
+
 @pytest.mark.parametrize(("name", "ordering"), [("train", "ft-then-quant"), ("train", "quant-then-ft"), ("cv_report", None)])
 def test_kernel_folder_builds_and_passes_the_check(name, ordering, tmp_path):
     source = "google/gemma-2/transformers/gemma-2-9b-it/2"

@@ -1,4 +1,5 @@
-"""`python -m kaggle_utils kaggle ...`: push, upload-artifact, build-wheels, download, submit, status, check-kernel.
+"""`python -m kaggle_utils kaggle ...`: push, upload-artifact, build-wheels, download, submit, status, check-kernel,
+sync-install-cell.
 
 Thin: kaggle_utils/kaggle_cli.py does the work. The kaggle package is imported only by commands that talk to
 Kaggle, and only when they run.
@@ -36,6 +37,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     parser = add("check-kernel", "check a kernel folder before pushing (metadata, code file, inputs)", check_kernel)
     parser.add_argument("folder", help="a folder with kernel-metadata.json (the repository root works too)")
+
+    parser = add(
+        "sync-install-cell", "rewrite every notebook's offline-install cell from its one template", sync_install_cell
+    )
+    parser.add_argument("--notebooks", help="folder of .py/.ipynb notebooks (default: the repository's notebooks/)")
 
     parser = add("metadata", "rewrite the top-level kernel-metadata.json (submission kernel) from the config", metadata)
     parser.add_argument("--out", default="kernel-metadata.json")
@@ -104,6 +110,15 @@ def check_kernel(args: argparse.Namespace) -> int:
     check = check_kernel_folder(args.folder)
     print(check.summary())
     return 0 if check.ok else 1
+
+
+def sync_install_cell(args: argparse.Namespace) -> int:
+    from kaggle_utils.kaggle_tools.install_cell import sync_install_cells
+    from kaggle_utils.kaggle_tools.wheels import project_root
+
+    changed = sync_install_cells(args.notebooks or project_root() / "notebooks")
+    print(f"rewrote {len(changed)} files" + "".join(f"\n  {path}" for path in changed))
+    return 0
 
 
 def metadata(args: argparse.Namespace) -> int:
