@@ -409,3 +409,34 @@ def test_parameters_are_injected_and_checked(tmp_path, monkeypatch, capsys):
     assert "OK" in capsys.readouterr().out
     built = nbformat.read(tmp_path / "cli" / "kernels" / "arena-train-quant-then-ft" / "train.ipynb", 4)
     assert any("SEEDS = [1, 2]" in cell.source for cell in built.cells)
+
+
+def test_install_cell_installs_from_every_attached_wheel_folder(tmp_path, monkeypatch):
+    """The template run as Kaggle runs it, with /kaggle/input pointed at a folder: one --find-links per wheel
+    folder (both mount layouts), each requirements.txt, then kaggle_utils; a clear error without its wheel."""
+    import importlib.util
+    import subprocess
+
+    root = tmp_path / "input"
+    wheels = root / "kaggle-utils-wheels"
+    package = root / "datasets" / "alice" / "kaggle-utils-package"
+    for folder, wheel in ((wheels, "peft-0.13.2-py3-none-any.whl"), (package, "kaggle_utils-0.1.0-py3-none-any.whl")):
+        folder.mkdir(parents=True)
+        (folder / wheel).write_bytes(b"")
+    (wheels / "requirements.txt").write_text("peft==0.13.2\n")
+    (root / "llm-classification-finetuning").mkdir()  # other inputs are not wheel folders
+    source = INSTALL_CELL_SOURCE.replace("/kaggle/input", str(root))
+    calls = []
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "kaggle_utils" else object())
+    monkeypatch.setattr(subprocess, "run", lambda command, check: calls.append(command))
+    exec(compile(source, "install-cell", "exec"), {})
+    ((_, *args),) = calls
+    assert args == [
+        "-m", "pip", "install", "--no-index",
+        "--find-links", str(package),
+        "--find-links", str(wheels), "-r", str(wheels / "requirements.txt"),
+        "kaggle_utils",
+    ]
+    (package / "kaggle_utils-0.1.0-py3-none-any.whl").unlink()
+    with pytest.raises(RuntimeError, match="no kaggle_utils-\\*.whl is under .*: attach the datasets made by"):
+        exec(compile(source, "install-cell", "exec"), {})
