@@ -27,7 +27,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         return parser
 
     parser = add("push", "build the kernel folder of a notebook, check it, then `kaggle kernels push` it", push)
-    parser.add_argument("notebook", help="notebooks/<name>.ipynb, or its py:percent script notebooks/<name>.py")
+    parser.add_argument(
+        "notebook",
+        help="notebooks/<name>.ipynb, or its py:percent script notebooks/<name>.py; notebooks/train is two kernels, "
+        "picked by -p ORDERING=quant-then-ft or -p ORDERING=ft-then-quant",
+    )
     parser.add_argument("--accelerator", help="machine shape, e.g. NvidiaTeslaT4 (2xT4), NvidiaL4, TpuV5E8")
     parser.add_argument("--timeout", type=int, help="session timeout in seconds")
     parser.add_argument("--dry-run", action="store_true", help="build and check the folder, do not push")
