@@ -144,8 +144,10 @@ def resolve_training_notebook(
     The config is the YAML at `config_path` (else the defaults) with `overrides` applied section-wise; a given
     base model / tokenizer path replaces the config's. `train_path` None: the competition's train.csv under
     /kaggle/input (either mount layout), else data/train.csv. `out_dir` None: /kaggle/working/<ordering> on
-    Kaggle, else runs/<ordering>.
+    Kaggle, else runs/<ordering>. An `ordering` that is not one of ORDERINGS stops here, before any work.
     """
+    if ordering not in ORDERINGS:
+        raise UsageError(f"ORDERING {ordering!r} is not one of {list(ORDERINGS)}")
     cfg = PipelineConfig.from_yaml(config_path) if config_path else PipelineConfig()
     cfg = cfg.with_overrides(overrides)
     cfg.model.base_model = base_model_path or cfg.model.base_model

@@ -22,14 +22,15 @@ from typing import Any
 from kaggle_utils.config import KaggleConfig
 from kaggle_utils.errors import UsageError
 from kaggle_utils.kaggle_tools.client import authenticated_user, kaggle_api, kaggle_errors
+from kaggle_utils.kaggle_tools.install_cell import inject_install_cell
 from kaggle_utils.kaggle_tools.kernel_check import KernelCheck, check_kernel_folder
 from kaggle_utils.kaggle_tools.metadata import (
     DATASET_METADATA_FILE,
     KERNEL_METADATA_FILE,
     dataset_metadata,
     dataset_slug,
+    kernel_for_notebook,
     kernel_metadata,
-    notebook_kernels,
     read_metadata,
     submission_metadata,
     validate_dataset_metadata,
@@ -79,13 +80,6 @@ def write_submission_metadata(path: str | Path, cfg: KaggleConfig, owner: str) -
     if problems:
         raise UsageError("; ".join(problems))
     return write_metadata(metadata, Path(path))
-
-
-def _notebook_kernel_name(notebook: Path, cfg: KaggleConfig) -> str:
-    kernels = notebook_kernels(cfg)
-    if notebook.stem not in kernels:
-        raise UsageError(f"{notebook}: not one of the project's notebooks {sorted(kernels)} (see notebooks/)")
-    return notebook.stem
 
 
 def _write_notebook(notebook: Path, target: Path) -> None:
@@ -149,21 +143,23 @@ def build_kernel_folder(
     submission_metadata_path: str | Path | None = None,
     parameters: dict[str, Any] | None = None,
 ) -> Path:
-    """`cfg.build_dir/kernels/<slug>/`: the notebook as .ipynb (with `parameters` injected) plus its
-    kernel-metadata.json.
+    """`cfg.build_dir/kernels/<slug>/`: the notebook as .ipynb (its `offline-install` cell set to the one
+    template, `parameters` injected) plus its kernel-metadata.json. A notebook pushed as several kernels (train: one per ORDERING) is built as the
+    kernel its parameters select.
 
     The submission kernel's metadata comes from the top-level kernel-metadata.json (the reviewed file); the
     other notebooks' metadata is generated from `cfg`."""
     notebook = Path(notebook)
-    name = _notebook_kernel_name(notebook, cfg)
-    code_file = f"{name}.ipynb"
-    if name == "submission":
+    kernel = kernel_for_notebook(cfg, notebook, parameters)
+    parameters = {**(parameters or {}), **dict(kernel.parameters)}  # the selecting values, stated in the copy
+    code_file = f"{kernel.notebook_name}.ipynb"
+    if kernel.name == "submission":
         source = Path(submission_metadata_path or project_root() / KERNEL_METADATA_FILE)
         metadata = read_metadata(source)
         metadata["code_file"] = code_file
         metadata = with_owner(metadata, owner)
     else:
-        metadata = kernel_metadata(notebook_kernels(cfg)[name], cfg, owner, code_file)
+        metadata = kernel_metadata(kernel, cfg, owner, code_file)
     if accelerator:
         metadata = with_accelerator(metadata, accelerator)
     slug = str(metadata["id"]).partition("/")[2]
@@ -172,6 +168,7 @@ def build_kernel_folder(
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
     _write_notebook(notebook, folder / code_file)
+    inject_install_cell(folder / code_file, notebook)
     if parameters:
         _inject_parameters(folder / code_file, parameters)
     write_metadata(metadata, folder / KERNEL_METADATA_FILE)

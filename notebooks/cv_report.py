@@ -29,25 +29,33 @@ REPORT_DIRS = None  # folders holding report.json; None: every one found under I
 INPUT_ROOT = None  # None: /kaggle/input on Kaggle (the training kernels' outputs), else runs/
 FT_THEN_QUANT_KERNEL = "arena-train-ft-then-quant"  # the training kernels this one reads on Kaggle
 QUANT_THEN_FT_KERNEL = "arena-train-quant-then-ft"
-WHEELS_DATASET = "kaggle-utils-wheels"
-PACKAGE_DATASET = "kaggle-utils-package"
 OUT_DIR = None  # None: /kaggle/working/cv_report on Kaggle, else runs/cv_report
 
-# %%
+# %% tags=["offline-install"]
+# Offline install, the same in every notebook (edit kaggle_utils/kaggle_tools/install_cell.py, then run
+# `python -m kaggle_utils kaggle sync-install-cell`). When kaggle_utils is not importable (a fresh Kaggle
+# session, internet off), install it and its pinned wheels from the attached `build-wheels` datasets: every
+# folder under /kaggle/input holding wheels is a --find-links, and each one's requirements.txt is installed
+# too, so the image's older transformers/peft cannot satisfy the ranges instead. It cannot use the package.
+import glob
 import importlib.util
 import os
 import subprocess
 import sys
 
-if importlib.util.find_spec("kaggle_utils") is None:  # a fresh Kaggle session: install from the datasets
-    folders = [os.path.join("/kaggle/input", slug) for slug in (WHEELS_DATASET, PACKAGE_DATASET) if slug]
-    folders = [folder for folder in folders if os.path.isfile(os.path.join(folder, "requirements.txt"))]
-    if not folders:
-        raise RuntimeError(f"kaggle_utils is not installed and no wheels dataset is attached ({WHEELS_DATASET})")
-    command = [sys.executable, "-m", "pip", "install", "--no-index"]
-    for folder in folders:
-        command += ["--find-links", folder, "-r", os.path.join(folder, "requirements.txt")]
-    subprocess.run(command, check=True)
+if importlib.util.find_spec("kaggle_utils") is None:
+    _wheels = glob.glob("/kaggle/input/**/*.whl", recursive=True)
+    if not any(os.path.basename(path).startswith("kaggle_utils-") for path in _wheels):
+        raise RuntimeError(
+            "kaggle_utils is not installed and no kaggle_utils-*.whl is under /kaggle/input: attach the "
+            "datasets made by `python -m kaggle_utils kaggle build-wheels`"
+        )
+    _command = [sys.executable, "-m", "pip", "install", "--no-index"]
+    for _folder in sorted({os.path.dirname(path) for path in _wheels}):
+        _command += ["--find-links", _folder]
+        if os.path.isfile(os.path.join(_folder, "requirements.txt")):
+            _command += ["-r", os.path.join(_folder, "requirements.txt")]
+    subprocess.run([*_command, "kaggle_utils"], check=True)
     importlib.invalidate_caches()
 
 # %%

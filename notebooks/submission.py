@@ -60,20 +60,31 @@ VERIFY_HASHES = True  # check the artifact's files against their manifest sha256
 # `requirements.txt` is installed too, so the image's older transformers/peft do not satisfy the ranges instead.
 # This cell cannot use the package, which it installs.
 
-# %%
+# %% tags=["offline-install"]
+# Offline install, the same in every notebook (edit kaggle_utils/kaggle_tools/install_cell.py, then run
+# `python -m kaggle_utils kaggle sync-install-cell`). When kaggle_utils is not importable (a fresh Kaggle
+# session, internet off), install it and its pinned wheels from the attached `build-wheels` datasets: every
+# folder under /kaggle/input holding wheels is a --find-links, and each one's requirements.txt is installed
+# too, so the image's older transformers/peft cannot satisfy the ranges instead. It cannot use the package.
+import glob
+import importlib.util
+import os
+import subprocess
+import sys
+
 if importlib.util.find_spec("kaggle_utils") is None:
-    search_root = INPUT_ROOT or ("/kaggle/input" if os.path.isdir("/kaggle/input") else "data")
-    all_wheels = glob.glob(os.path.join(search_root, "**", "*.whl"), recursive=True)
-    if not any(os.path.basename(path).startswith("kaggle_utils-") for path in all_wheels):
+    _wheels = glob.glob("/kaggle/input/**/*.whl", recursive=True)
+    if not any(os.path.basename(path).startswith("kaggle_utils-") for path in _wheels):
         raise RuntimeError(
-            f"kaggle_utils is not installed and no kaggle_utils-*.whl was found under {search_root}"
+            "kaggle_utils is not installed and no kaggle_utils-*.whl is under /kaggle/input: attach the "
+            "datasets made by `python -m kaggle_utils kaggle build-wheels`"
         )
-    wheel_dirs = sorted({os.path.dirname(path) for path in all_wheels})
-    pinned = [os.path.join(d, "requirements.txt") for d in wheel_dirs if os.path.isfile(os.path.join(d, "requirements.txt"))]
-    command = [sys.executable, "-m", "pip", "install", "--no-index"]
-    command += [arg for d in wheel_dirs for arg in ("--find-links", d)]
-    command += [arg for path in pinned for arg in ("-r", path)]
-    subprocess.run([*command, "kaggle_utils"], check=True)
+    _command = [sys.executable, "-m", "pip", "install", "--no-index"]
+    for _folder in sorted({os.path.dirname(path) for path in _wheels}):
+        _command += ["--find-links", _folder]
+        if os.path.isfile(os.path.join(_folder, "requirements.txt")):
+            _command += ["-r", os.path.join(_folder, "requirements.txt")]
+    subprocess.run([*_command, "kaggle_utils"], check=True)
     importlib.invalidate_caches()
 
 # %%

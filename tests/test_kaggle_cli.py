@@ -141,7 +141,9 @@ def submission_notebook(path: Path) -> Path:
         'print(open("/kaggle/input/llm-classification-finetuning/test.csv").read())\n'
     )
     run.outputs = [nbformat.v4.new_output("stream", text="a local output that must not be pushed\n")]
-    notebook.cells = [parameters, run]
+    install = nbformat.v4.new_code_cell("# replaced by the canonical install cell when built\n")
+    install.metadata["tags"] = ["offline-install"]
+    notebook.cells = [parameters, run, install]
     path.parent.mkdir(parents=True, exist_ok=True)
     nbformat.write(notebook, path)
     return path
@@ -181,6 +183,9 @@ def test_push_sends_the_built_folder(fake_kaggle, tmp_path, monkeypatch, capsys)
     pushed = json.loads(body["text"])
     assert pushed["cells"][1]["outputs"] == []  # the client strips outputs
     assert "/kaggle/input/kaggle-utils-wheels" in pushed["cells"][1]["source"]
+    from kaggle_utils.kaggle_tools.install_cell import INSTALL_CELL_SOURCE
+
+    assert "".join(pushed["cells"][2]["source"]) == INSTALL_CELL_SOURCE  # what is pushed is the template
     assert (result.kernel, result.version) == ("alice/arena-preference-submission", 7)
     assert FAKE_KEY not in capsys.readouterr().out
 

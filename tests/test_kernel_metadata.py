@@ -12,7 +12,9 @@ from kaggle_utils import cli
 from kaggle_utils.config import KaggleConfig
 from kaggle_utils.errors import UsageError
 from kaggle_utils.kaggle_cli import build_kernel_folder, check_kernel_folder, write_submission_metadata
+from kaggle_utils.kaggle_tools.install_cell import INSTALL_CELL_SOURCE
 from kaggle_utils.kaggle_tools.metadata import (
+    TRAINING_ORDERINGS,
     dataset_metadata,
     kernel_metadata,
     notebook_kernels,
@@ -34,15 +36,16 @@ def run_cli(argv: list[str], monkeypatch) -> int:
 
 
 def write_notebook(path: Path, cells: list[tuple[str, str]]) -> Path:
-    """A notebook from (kind, source) pairs; kind "parameters" is a code cell tagged `parameters`."""
+    """A notebook from (kind, source) pairs; kind "parameters" / "install" is a code cell tagged `parameters` /
+    `offline-install`."""
     notebook = nbformat.v4.new_notebook()
     for kind, source in cells:
         if kind == "markdown":
             notebook.cells.append(nbformat.v4.new_markdown_cell(source))
         else:
             cell = nbformat.v4.new_code_cell(source)
-            if kind == "parameters":
-                cell.metadata["tags"] = ["parameters"]
+            if kind in ("parameters", "install"):
+                cell.metadata["tags"] = ["parameters" if kind == "parameters" else "offline-install"]
             notebook.cells.append(cell)
     path.parent.mkdir(parents=True, exist_ok=True)
     nbformat.write(notebook, path)
@@ -58,7 +61,7 @@ SUBMISSION_CELLS = [
         'WHEELS_DATASET = "kaggle-utils/kaggle-utils-wheels"\n'
         "MAX_ROWS = None\n",
     ),
-    ("code", "!pip install -q --no-index --find-links /kaggle/input/kaggle-utils-package kaggle-utils\n"),
+    ("install", "!pip install -q --no-index --find-links /kaggle/input/kaggle-utils-package kaggle-utils\n"),
     ("code", 'test = "/kaggle/input/competitions/llm-classification-finetuning/test.csv"\nprint(test)\n'),
 ]
 
@@ -110,7 +113,7 @@ def test_other_notebooks_get_generated_metadata():
     cfg = KaggleConfig()
     kernels = notebook_kernels(cfg)
     for name in ("train_ft_then_quant", "train_quant_then_ft"):
-        metadata = kernel_metadata(kernels[name], cfg, "alice", f"{name}.ipynb")
+        metadata = kernel_metadata(kernels[name], cfg, "alice", "train.ipynb")
         assert validate_kernel_metadata(metadata) == []
         assert metadata["enable_gpu"] is True and metadata["enable_internet"] is False
         assert metadata["competition_sources"] == [cfg.competition]
@@ -119,6 +122,21 @@ def test_other_notebooks_get_generated_metadata():
     assert validate_kernel_metadata(report) == []
     assert report["enable_gpu"] is False and "machine_shape" not in report
     assert report["kernel_sources"] == ["alice/arena-train-ft-then-quant", "alice/arena-train-quant-then-ft"]
+
+
+def test_both_training_kernels_come_from_the_one_notebook_with_their_ordering():
+    kernels = notebook_kernels(KaggleConfig())
+    training = {name: kernel for name, kernel in kernels.items() if kernel.notebook == "train"}
+    assert {name: (k.slug, dict(k.parameters)) for name, k in training.items()} == {
+        "train_ft_then_quant": ("arena-train-ft-then-quant", {"ORDERING": "ft-then-quant"}),
+        "train_quant_then_ft": ("arena-train-quant-then-ft", {"ORDERING": "quant-then-ft"}),
+    }
+    assert kernels["cv_report"].reads_kernels == ("train_ft_then_quant", "train_quant_then_ft")
+    from kaggle_utils.compare import ORDERINGS
+
+    assert TRAINING_ORDERINGS == ORDERINGS  # one kernel per ordering the training code knows
+    assert not (ROOT / "notebooks" / "train_ft_then_quant.py").exists()  # the two old copies are gone
+    assert not (ROOT / "notebooks" / "train_quant_then_ft.ipynb").exists()
 
 
 # --------------------------------------------------------------------------- validation catches mistakes
@@ -211,33 +229,91 @@ def test_build_submission_folder_from_top_level_metadata(tmp_path):
     check = check_kernel_folder(folder)
     assert check.ok, check.summary()
     found = {(ref.kind, ref.ref) for ref in check.inputs}
-    assert found == {
+    assert found == {  # the `!pip` line naming kaggle-utils-package was replaced by the canonical install cell
         ("competition", "llm-classification-finetuning"),
         ("dataset", "arena-preference-artifact"),
         ("dataset", "kaggle-utils/kaggle-utils-wheels"),
-        ("any", "kaggle-utils-package"),
     }
+    built = nbformat.read(folder / "submission.ipynb", as_version=4)
+    assert built.cells[2].metadata["tags"] == ["offline-install"] and built.cells[2].source == INSTALL_CELL_SOURCE
+
+
+def test_build_refuses_a_notebook_without_the_install_cell(tmp_path):
+    cells = [cell for cell in SUBMISSION_CELLS if cell[0] != "install"]
+    notebook = write_notebook(tmp_path / "nb" / "submission.ipynb", cells)
+    cfg = KaggleConfig(build_dir=str(tmp_path / "build"))
+    with pytest.raises(UsageError, match="submission.ipynb: needs exactly one code cell tagged 'offline-install', found 0"):
+        build_kernel_folder(notebook, cfg, owner="alice", submission_metadata_path=TOP_LEVEL)
+
+
+def test_sync_install_cell_rewrites_every_copy_from_the_template(tmp_path, monkeypatch, capsys):
+    """After the template changes, one command rewrites the cell in each script and notebook, pairs kept equal."""
+    import jupytext
+
+    from kaggle_utils.kaggle_tools import install_cell
+
+    for name in ("train", "cv_report", "submission"):
+        for suffix in (".py", ".ipynb"):
+            (tmp_path / f"{name}{suffix}").write_bytes((ROOT / "notebooks" / f"{name}{suffix}").read_bytes())
+    assert all(install_cell.install_cell_problem(path) is None for path in tmp_path.iterdir())
+    edited = install_cell.INSTALL_CELL_SOURCE.replace("--no-index", "--no-index --no-cache-dir")
+    monkeypatch.setattr(install_cell, "INSTALL_CELL_SOURCE", edited)
+    assert "differs from the template" in install_cell.install_cell_problem(tmp_path / "train.py")
+    assert run_cli(["kaggle", "sync-install-cell", "--notebooks", str(tmp_path)], monkeypatch) == 0
+    assert "rewrote 6 files" in capsys.readouterr().out
+    for name in ("train", "cv_report", "submission"):
+        script = jupytext.read(tmp_path / f"{name}.py")
+        notebook = nbformat.read(tmp_path / f"{name}.ipynb", as_version=4)
+        assert [c.source for c in script.cells] == [c.source for c in notebook.cells]
+        assert install_cell.install_cell_problem(tmp_path / f"{name}.py") is None
+    assert run_cli(["kaggle", "sync-install-cell", "--notebooks", str(tmp_path)], monkeypatch) == 0
+    assert "rewrote 0 files" in capsys.readouterr().out
+    (tmp_path / "scratch.py").write_text("# %%\nprint(1)\n")
+    assert run_cli(["kaggle", "sync-install-cell", "--notebooks", str(tmp_path)], monkeypatch) == 2
+    assert "scratch.py: needs exactly one code cell tagged 'offline-install', found 0" in capsys.readouterr().err
 
 
 def test_build_from_jupytext_script_with_accelerator(tmp_path):
-    script = tmp_path / "train_quant_then_ft.py"
+    script = tmp_path / "train.py"
     script.write_text(
         "# %% [markdown]\n# Train\n\n"
-        '# %% tags=["parameters"]\nTRAIN_CSV = "/kaggle/input/llm-classification-finetuning/train.csv"\n\n'
+        '# %% tags=["parameters"]\nORDERING = "quant-then-ft"\n'
+        'TRAIN_CSV = "/kaggle/input/llm-classification-finetuning/train.csv"\n\n'
+        '# %% tags=["offline-install"]\npass\n\n'
         "# %%\nprint(TRAIN_CSV)\n"
     )
     cfg = KaggleConfig(build_dir=str(tmp_path / "build"))
-    folder = build_kernel_folder(script, cfg, owner="alice", accelerator="NvidiaL4")
-    notebook = nbformat.read(folder / "train_quant_then_ft.ipynb", as_version=4)
-    assert [cell.cell_type for cell in notebook.cells] == ["markdown", "code", "code"]
+    folder = build_kernel_folder(script, cfg, owner="alice", accelerator="NvidiaL4", parameters={"ORDERING": "ft-then-quant"})
+    assert folder.name == "arena-train-ft-then-quant"
+    notebook = nbformat.read(folder / "train.ipynb", as_version=4)
+    assert [cell.cell_type for cell in notebook.cells] == ["markdown", "code", "code", "code", "code"]
+    assert notebook.cells[3].source == INSTALL_CELL_SOURCE
     assert notebook.cells[1].metadata["tags"] == ["parameters"]
+    assert 'ORDERING = "ft-then-quant"' in notebook.cells[2].source  # the injected parameters
     metadata = json.loads((folder / "kernel-metadata.json").read_text())
     assert metadata["machine_shape"] == "NvidiaL4" and metadata["enable_gpu"] is True
+    assert metadata["id"] == "alice/arena-train-ft-then-quant"
     assert check_kernel_folder(folder).ok
 
 
+def test_training_notebook_needs_a_valid_ordering_to_pick_its_kernel(tmp_path):
+    notebook = ROOT / "notebooks" / "train.ipynb"
+    cfg = KaggleConfig(build_dir=str(tmp_path))
+    with pytest.raises(UsageError, match="one kernel per ORDERING: pass -p ORDERING=ft-then-quant or -p ORDERING=quant-then-ft"):
+        build_kernel_folder(notebook, cfg, owner="alice")
+    with pytest.raises(UsageError, match="ORDERING='ft-then-qaunt' is not one of \\['ft-then-quant', 'quant-then-ft'\\]"):
+        build_kernel_folder(notebook, cfg, owner="alice", parameters={"ORDERING": "ft-then-qaunt"})
+    for ordering in ("ft-then-quant", "quant-then-ft"):
+        folder = build_kernel_folder(notebook, cfg, owner="alice", parameters={"ORDERING": ordering})
+        assert folder.name == f"arena-train-{ordering}"
+        assert json.loads((folder / "kernel-metadata.json").read_text())["id"] == f"alice/arena-train-{ordering}"
+        built = nbformat.read(folder / "train.ipynb", as_version=4)
+        injected = next(c for c in built.cells if "injected-parameters" in c.metadata.get("tags", []))
+        assert f'ORDERING = "{ordering}"' in injected.source
+
+
 def test_unknown_notebook_is_refused(tmp_path):
-    notebook = write_notebook(tmp_path / "scratch.ipynb", [("code", "print(1)")])
+    notebook = write_notebook(tmp_path / "scratch.ipynb", [("install", "print(1)")])
     with pytest.raises(UsageError, match="not one of the project's notebooks"):
         build_kernel_folder(notebook, KaggleConfig(build_dir=str(tmp_path)), owner="alice")
 
@@ -300,13 +376,17 @@ def test_repository_root_is_a_valid_kernel_folder_once_the_notebook_exists():
 def test_parameters_are_injected_and_checked(tmp_path, monkeypatch, capsys):
     from kaggle_utils.kaggle_cli import parse_parameters
 
-    notebook = ROOT / "notebooks" / "train_quant_then_ft.ipynb"
-    parameters = parse_parameters(["BASE_MODEL_PATH=/kaggle/input/gemma-2/transformers/gemma-2-9b-it/2", "CV_FOLDS=[0, 1]"])
-    assert parameters == {"BASE_MODEL_PATH": "/kaggle/input/gemma-2/transformers/gemma-2-9b-it/2", "CV_FOLDS": [0, 1]}
+    notebook = ROOT / "notebooks" / "train.ipynb"
+    parameters = parse_parameters(
+        ["ORDERING=quant-then-ft", "BASE_MODEL_PATH=/kaggle/input/gemma-2/transformers/gemma-2-9b-it/2", "CV_FOLDS=[0, 1]"]
+    )
+    assert parameters == {
+        "ORDERING": "quant-then-ft", "BASE_MODEL_PATH": "/kaggle/input/gemma-2/transformers/gemma-2-9b-it/2", "CV_FOLDS": [0, 1]
+    }
     source = "google/gemma-2/transformers/gemma-2-9b-it/2"
     cfg = KaggleConfig(build_dir=str(tmp_path / "with"), base_model_source=source)
     folder = build_kernel_folder(notebook, cfg, owner="alice", parameters=parameters)
-    built = nbformat.read(folder / "train_quant_then_ft.ipynb", as_version=4)
+    built = nbformat.read(folder / "train.ipynb", as_version=4)
     tags = [cell.metadata.get("tags", []) for cell in built.cells]
     injected = built.cells[tags.index(["injected-parameters"])]
     assert tags.index(["injected-parameters"]) == tags.index(["parameters"]) + 1
@@ -318,14 +398,45 @@ def test_parameters_are_injected_and_checked(tmp_path, monkeypatch, capsys):
     folder = build_kernel_folder(notebook, KaggleConfig(build_dir=str(tmp_path / "without")), "alice", parameters=parameters)
     assert any("'gemma-2'" in problem for problem in check_kernel_folder(folder).problems)
     with pytest.raises(UsageError, match="no parameters \\['BASE_MODEL'\\]"):
-        build_kernel_folder(notebook, cfg, "alice", parameters={"BASE_MODEL": "x"})
+        build_kernel_folder(notebook, cfg, "alice", parameters={"ORDERING": "quant-then-ft", "BASE_MODEL": "x"})
     with pytest.raises(UsageError, match="expected NAME=VALUE"):
         parse_parameters(["CV_FOLDS"])
     # Through the CLI: a dry run builds and checks without credentials when the owner is given.
-    argv = ["kaggle", "push", str(notebook), "--dry-run", "--owner", "alice", "-p", "SEEDS=[1, 2]"]
+    argv = ["kaggle", "push", str(notebook), "--dry-run", "--owner", "alice", "-p", "ORDERING=quant-then-ft", "-p", "SEEDS=[1, 2]"]
     config = tmp_path / "config.yaml"
     config.write_text(f"kaggle:\n  build_dir: {tmp_path / 'cli'}\n")
     assert run_cli([*argv, "--config", str(config)], monkeypatch) == 0
     assert "OK" in capsys.readouterr().out
-    built = nbformat.read(tmp_path / "cli" / "kernels" / "arena-train-quant-then-ft" / "train_quant_then_ft.ipynb", 4)
+    built = nbformat.read(tmp_path / "cli" / "kernels" / "arena-train-quant-then-ft" / "train.ipynb", 4)
     assert any("SEEDS = [1, 2]" in cell.source for cell in built.cells)
+
+
+def test_install_cell_installs_from_every_attached_wheel_folder(tmp_path, monkeypatch):
+    """The template run as Kaggle runs it, with /kaggle/input pointed at a folder: one --find-links per wheel
+    folder (both mount layouts), each requirements.txt, then kaggle_utils; a clear error without its wheel."""
+    import importlib.util
+    import subprocess
+
+    root = tmp_path / "input"
+    wheels = root / "kaggle-utils-wheels"
+    package = root / "datasets" / "alice" / "kaggle-utils-package"
+    for folder, wheel in ((wheels, "peft-0.13.2-py3-none-any.whl"), (package, "kaggle_utils-0.1.0-py3-none-any.whl")):
+        folder.mkdir(parents=True)
+        (folder / wheel).write_bytes(b"")
+    (wheels / "requirements.txt").write_text("peft==0.13.2\n")
+    (root / "llm-classification-finetuning").mkdir()  # other inputs are not wheel folders
+    source = INSTALL_CELL_SOURCE.replace("/kaggle/input", str(root))
+    calls = []
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "kaggle_utils" else object())
+    monkeypatch.setattr(subprocess, "run", lambda command, check: calls.append(command))
+    exec(compile(source, "install-cell", "exec"), {})
+    ((_, *args),) = calls
+    assert args == [
+        "-m", "pip", "install", "--no-index",
+        "--find-links", str(package),
+        "--find-links", str(wheels), "-r", str(wheels / "requirements.txt"),
+        "kaggle_utils",
+    ]
+    (package / "kaggle_utils-0.1.0-py3-none-any.whl").unlink()
+    with pytest.raises(RuntimeError, match="no kaggle_utils-\\*.whl is under .*: attach the datasets made by"):
+        exec(compile(source, "install-cell", "exec"), {})

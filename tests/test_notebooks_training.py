@@ -20,8 +20,8 @@ from kaggle_utils.kaggle_cli import build_kernel_folder, check_kernel_folder
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = ROOT / "notebooks"
-MINE = ("train_ft_then_quant", "train_quant_then_ft", "cv_report")
-ORDERINGS = {"train_ft_then_quant": "ft-then-quant", "train_quant_then_ft": "quant-then-ft"}
+MINE = ("train", "cv_report")
+ORDERINGS = ("ft-then-quant", "quant-then-ft")  # one notebook, pushed as one kernel per ORDERING
 TINY = {
     "train": {"max_steps": 2, "per_device_batch_size": 8, "grad_accum": 1, "eval_every_steps": 1,
               "save_every_steps": 1000},
@@ -45,36 +45,57 @@ def test_script_and_notebook_are_in_sync(name):
     assert sum("parameters" in tags for _, _, tags in _cells(notebook)) == 1
 
 
-@pytest.mark.parametrize("name", MINE)
-def test_kernel_folder_builds_and_passes_the_check(name, tmp_path):
+@pytest.mark.parametrize("name", [*MINE, "submission"])
+@pytest.mark.parametrize("suffix", [".py", ".ipynb"])
+def test_every_notebook_carries_the_one_install_cell(name, suffix):
+    """The offline-install code is written once (kaggle_tools/install_cell.py); each copy is that text."""
+    from kaggle_utils.kaggle_tools.install_cell import install_cell_problem
+
+    assert install_cell_problem(NOTEBOOKS / f"{name}{suffix}") is None
+
+
+@pytest.mark.parametrize(("name", "ordering"), [("train", "ft-then-quant"), ("train", "quant-then-ft"), ("cv_report", None)])
+def test_kernel_folder_builds_and_passes_the_check(name, ordering, tmp_path):
     source = "google/gemma-2/transformers/gemma-2-9b-it/2"
     cfg = KaggleConfig(build_dir=str(tmp_path), base_model_source=source)
-    folder = build_kernel_folder(NOTEBOOKS / f"{name}.ipynb", cfg, owner="alice")
+    parameters = {"ORDERING": ordering} if ordering else None
+    folder = build_kernel_folder(NOTEBOOKS / f"{name}.ipynb", cfg, owner="alice", parameters=parameters)
     check = check_kernel_folder(folder)
     assert check.ok, check.summary()
     metadata = check.metadata
     assert metadata["enable_internet"] is False
     assert metadata["enable_gpu"] is (name != "cv_report")
-    assert metadata["model_sources"] == ([source] if name in ORDERINGS else [])
+    assert metadata["model_sources"] == ([source] if ordering else [])
+    assert {"alice/kaggle-utils-wheels", "alice/kaggle-utils-package"} <= set(metadata["dataset_sources"])
     kinds = {(ref.kind, ref.ref) for ref in check.inputs}
-    assert ("dataset", "kaggle-utils-wheels") in kinds and ("dataset", "kaggle-utils-package") in kinds
     if name == "cv_report":
         assert ("kernel", "arena-train-ft-then-quant") in kinds
     else:
+        assert metadata["id"] == f"alice/arena-train-{ordering}"
         assert ("competition", "llm-classification-finetuning") in kinds
 
 
-def _execute(name: str, parameters: dict, workdir: Path) -> nbformat.NotebookNode:
+def _execute(name: str, parameters: dict, workdir: Path, tag: str = "") -> nbformat.NotebookNode:
     import papermill
 
     return papermill.execute_notebook(
         str(NOTEBOOKS / f"{name}.ipynb"),
-        str(workdir / f"{name}.executed.ipynb"),
+        str(workdir / f"{name}{tag}.executed.ipynb"),
         parameters=parameters,
         kernel_name="python3",
         progress_bar=False,
         cwd=str(workdir),
     )
+
+
+def test_training_notebook_refuses_an_unknown_ordering(tmp_path):
+    """A misspelt ORDERING stops the run in its first package cell, naming the two orderings, before any work."""
+    import papermill
+
+    with pytest.raises(papermill.PapermillExecutionError, match="ORDERING 'ft-then-qaunt' is not one of"):
+        _execute("train", {"ORDERING": "ft-then-qaunt", "TRAIN_PATH": str(tmp_path / "unused.csv"),
+                           "OUT_DIR": str(tmp_path / "out")}, tmp_path)
+    assert not (tmp_path / "out").exists()
 
 
 def _outputs(notebook, mime: str) -> list:
@@ -83,17 +104,18 @@ def _outputs(notebook, mime: str) -> list:
 
 @pytest.fixture(scope="module")
 def trained(sample_files, tmp_path_factory):
-    """Both training notebooks executed on the sample data; their output folders."""
+    """The training notebook executed once per ordering on the sample data; their output folders."""
     workdir = tmp_path_factory.mktemp("notebooks")
     outputs = {}
-    for name, ordering in ORDERINGS.items():
-        parameters = {"TRAIN_PATH": str(sample_files.train_csv), "OUT_DIR": str(workdir / ordering), "OVERRIDES": TINY}
-        outputs[ordering] = (_execute(name, parameters, workdir), workdir / ordering)
+    for ordering in ORDERINGS:
+        parameters = {"ORDERING": ordering, "TRAIN_PATH": str(sample_files.train_csv), "OUT_DIR": str(workdir / ordering),
+                      "OVERRIDES": TINY}
+        outputs[ordering] = (_execute("train", parameters, workdir, tag=f".{ordering}"), workdir / ordering)
     return workdir, outputs
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("ordering", list(ORDERINGS.values()))
+@pytest.mark.parametrize("ordering", ORDERINGS)
 def test_training_notebook_runs_end_to_end(trained, ordering):
     from kaggle_utils.artifacts import read_manifest
 
@@ -123,7 +145,7 @@ def test_cv_report_notebook_joins_both_orderings(trained):
     assert {decision["winner"], decision["runner_up"]} == {"ft-then-quant", "quant-then-ft"}
     assert decision["standard_error"] > 0
     common = {"cv_log_loss_common_reference", "qid_vs_common"}  # the ft-then-quant kernel supplies these
-    for ordering in ORDERINGS.values():
+    for ordering in ORDERINGS:
         single = json.loads((outputs[ordering][1] / "report.json").read_text())["variants"][0]
         joined = next(v for v in report["variants"] if v["variant"] == ordering)
         # numbers are carried over, not recomputed differently
@@ -146,7 +168,7 @@ def test_reports_on_different_folds_are_refused(trained, tmp_path):
     from kaggle_utils.kaggle_tools.reports import combine_reports
 
     _, outputs = trained
-    first, second = (outputs[o][1] for o in ORDERINGS.values())
+    first, second = (outputs[o][1] for o in ORDERINGS)
     altered = tmp_path / "altered"
     shutil.copytree(second, altered, ignore=shutil.ignore_patterns("runs", "base"))
     report = json.loads((altered / "report.json").read_text())

@@ -1,4 +1,5 @@
-"""`python -m kaggle_utils kaggle ...`: push, upload-artifact, build-wheels, download, submit, status, check-kernel.
+"""`python -m kaggle_utils kaggle ...`: push, upload-artifact, build-wheels, download, submit, status, check-kernel,
+sync-install-cell.
 
 Thin: kaggle_utils/kaggle_cli.py does the work. The kaggle package is imported only by commands that talk to
 Kaggle, and only when they run.
@@ -38,7 +39,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         return parser
 
     parser = add("push", "build the kernel folder of a notebook, check it, then `kaggle kernels push` it", push)
-    parser.add_argument("notebook", help="notebooks/<name>.ipynb, or its py:percent script notebooks/<name>.py")
+    parser.add_argument(
+        "notebook",
+        help="notebooks/<name>.ipynb, or its py:percent script notebooks/<name>.py; notebooks/train is two kernels, "
+        "picked by -p ORDERING=quant-then-ft or -p ORDERING=ft-then-quant",
+    )
     parser.add_argument("--accelerator", help="machine shape, e.g. NvidiaTeslaT4 (2xT4), NvidiaL4, TpuV5E8")
     parser.add_argument("--timeout", type=int, help="session timeout in seconds")
     parser.add_argument("--dry-run", action="store_true", help="build and check the folder, do not push")
@@ -48,6 +53,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     parser = add("check-kernel", "check a kernel folder before pushing (metadata, code file, inputs)", check_kernel)
     parser.add_argument("folder", help="a folder with kernel-metadata.json (the repository root works too)")
+
+    parser = add(
+        "sync-install-cell", "rewrite every notebook's offline-install cell from its one template", sync_install_cell
+    )
+    parser.add_argument("--notebooks", help="folder of .py/.ipynb notebooks (default: the repository's notebooks/)")
 
     parser = add("metadata", "rewrite the top-level kernel-metadata.json (submission kernel) from the config", metadata)
     parser.add_argument("--out", default="kernel-metadata.json")
@@ -112,6 +122,15 @@ def check_kernel(args: argparse.Namespace) -> int:
     check = check_kernel_folder(args.folder)
     print(check.summary())
     return 0 if check.ok else 1
+
+
+def sync_install_cell(args: argparse.Namespace) -> int:
+    from kaggle_utils.kaggle_tools.install_cell import sync_install_cells
+    from kaggle_utils.kaggle_tools.wheels import project_root
+
+    changed = sync_install_cells(args.notebooks or project_root() / "notebooks")
+    print(f"rewrote {len(changed)} files" + "".join(f"\n  {path}" for path in changed))
+    return 0
 
 
 def metadata(args: argparse.Namespace) -> int:

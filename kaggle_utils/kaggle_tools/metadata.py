@@ -79,28 +79,47 @@ def title_for_slug(slug: str) -> str:
     return " ".join(part.capitalize() for part in slug.split("-"))
 
 
+TRAINING_ORDERINGS: tuple[str, str] = ("ft-then-quant", "quant-then-ft")  # compare.ORDERINGS, one kernel each
+
+
 @dataclass(frozen=True)
 class NotebookKernel:
-    """How one notebook of notebooks/ runs on Kaggle."""
+    """How one kernel runs on Kaggle: which notebook of notebooks/, with which parameters fixed.
 
-    name: str  # notebooks/<name>.py (jupytext) and notebooks/<name>.ipynb
+    One notebook can be pushed as several kernels (notebooks/train: one kernel per ORDERING); `parameters`
+    are the values that select this kernel, injected into every copy pushed as it."""
+
+    name: str  # the kernel's key in `notebook_kernels` (what `reads_kernels` names)
     slug: str
     gpu: bool
     datasets: tuple[str, ...]  # roles: "artifact", "wheels", "package"
     competition_data: bool = True
     base_model: bool = False  # attaches `KaggleConfig.base_model_source` (the checkpoint training starts from)
-    reads_kernels: tuple[str, ...] = ()  # names of notebooks whose output this one reads
+    reads_kernels: tuple[str, ...] = ()  # names of kernels whose output this one reads
+    notebook: str = ""  # notebooks/<notebook>.py (jupytext) and .ipynb; "" means `name`
+    parameters: tuple[tuple[str, str], ...] = ()  # (NAME, value) pairs that select this kernel
+
+    @property
+    def notebook_name(self) -> str:
+        return self.notebook or self.name
 
 
 def notebook_kernels(cfg: KaggleConfig) -> dict[str, NotebookKernel]:
-    """The project's notebooks and what each needs attached on Kaggle."""
+    """The project's kernels and what each needs attached on Kaggle. Both training kernels run the one
+    notebooks/train notebook, each with its ORDERING, so the CV report reads two kernels' outputs."""
     kernels = [
         NotebookKernel("submission", cfg.submission_kernel, gpu=True, datasets=("artifact", "wheels", "package")),
-        NotebookKernel(
-            "train_ft_then_quant", "arena-train-ft-then-quant", gpu=True, datasets=("wheels", "package"), base_model=True
-        ),
-        NotebookKernel(
-            "train_quant_then_ft", "arena-train-quant-then-ft", gpu=True, datasets=("wheels", "package"), base_model=True
+        *(
+            NotebookKernel(
+                f"train_{ordering.replace('-', '_')}",
+                f"arena-train-{ordering}",
+                gpu=True,
+                datasets=("wheels", "package"),
+                base_model=True,
+                notebook="train",
+                parameters=(("ORDERING", ordering),),
+            )
+            for ordering in TRAINING_ORDERINGS
         ),
         NotebookKernel(
             "cv_report",
@@ -111,6 +130,31 @@ def notebook_kernels(cfg: KaggleConfig) -> dict[str, NotebookKernel]:
         ),
     ]
     return {kernel.name: kernel for kernel in kernels}
+
+
+def kernel_for_notebook(
+    cfg: KaggleConfig, notebook: str | Path, parameters: Mapping[str, Any] | None = None
+) -> NotebookKernel:
+    """The kernel a push of `notebook` (notebooks/<name>.ipynb or .py) with these parameters is: the notebook's
+    only kernel, or, for a notebook pushed as several, the one whose selecting parameters (ORDERING) it sets."""
+    kernels = notebook_kernels(cfg)
+    candidates = [kernel for kernel in kernels.values() if kernel.notebook_name == Path(notebook).stem]
+    if not candidates:
+        names = sorted({kernel.notebook_name for kernel in kernels.values()})
+        raise UsageError(f"{notebook}: not one of the project's notebooks {names} (see notebooks/)")
+    if len(candidates) == 1:
+        return candidates[0]
+    parameters = dict(parameters or {})
+    selectors = sorted({name for kernel in candidates for name, _ in kernel.parameters})
+    for name in selectors:
+        choices = [value for kernel in candidates for key, value in kernel.parameters if key == name]
+        if name not in parameters:
+            options = " or ".join(f"-p {name}={value}" for value in choices)
+            raise UsageError(f"{notebook}: pushed as one kernel per {name}: pass {options}")
+        if parameters[name] not in choices:
+            raise UsageError(f"{notebook}: {name}={parameters[name]!r} is not one of {choices}")
+    (kernel,) = [k for k in candidates if all(parameters.get(name) == value for name, value in k.parameters)]
+    return kernel
 
 
 def dataset_slug(cfg: KaggleConfig, role: str) -> str | None:

@@ -15,24 +15,29 @@
 # ---
 
 # %% [markdown]
-# # Train: quantize → fine-tune
+# # Train one ordering: quantize → fine-tune, or fine-tune → quantize
 #
-# QLoRA: the base is loaded in 4-bit NF4 (double quantisation) and the LoRA adapter is trained on the
-# quantized weights, so training sees the rounding it will ship with; the artifact is the 4-bit base plus the
-# unmerged adapter (the public 0.941 notebook and 3rd place).
+# `ORDERING` picks the ordering (a misspelt value stops the first package cell):
 #
-# One ordering per notebook (a Kaggle session has 12 hours and one pair of GPUs); `cv_report` joins both.
+# - `"quant-then-ft"`: QLoRA. The base is loaded in 4-bit NF4 (double quantisation) and the LoRA adapter is
+#   trained on the quantized weights, so training sees the rounding it will ship with; the artifact is the 4-bit
+#   base plus the unmerged adapter (the public 0.941 notebook and 3rd place).
+# - `"ft-then-quant"`: LoRA on the 16-bit base, merge, then quantize the merged model with bitsandbytes (NF4 or
+#   int8, `quant.scheme`): the weights are trained in full precision and rounded once at the end (1st place
+#   quantized after training).
+#
+# One ordering per run (a Kaggle session has 12 hours and one pair of GPUs): this notebook is pushed as two
+# kernels, `kaggle push notebooks/train.ipynb -p ORDERING=quant-then-ft` (arena-train-quant-then-ft) and
+# `-p ORDERING=ft-then-quant` (arena-train-ft-then-quant); `cv_report` joins both.
 # All logic is in `kaggle_utils.compare`: `resolve_training_notebook` turns the parameters into a config and
 # paths, `compare_orderings` trains the folds, ships the artifact (reloaded from disk and scored as inference
 # scores it) and writes `report.json`, `report.md`, `report.png` and `oof.parquet` under `OUT_DIR`. Folds are
-# grouped by prompt and made deterministically from `train.csv`, so both notebooks train on identical folds
+# grouped by prompt and made deterministically from `train.csv`, so both runs train on identical folds
 # (the report records the folds file's sha256; `cv_report` checks it).
 
 # %% tags=["parameters"]
-ORDERING = "quant-then-ft"
+ORDERING = "quant-then-ft"  # or "ft-then-quant"; `kaggle push` sets it per kernel (-p ORDERING=...)
 COMPETITION = "llm-classification-finetuning"
-WHEELS_DATASET = "kaggle-utils-wheels"  # offline install of kaggle_utils and the wheels it needs
-PACKAGE_DATASET = "kaggle-utils-package"
 TRAIN_PATH = None  # None: COMPETITION's train.csv under /kaggle/input (either mount layout), else data/train.csv
 OUT_DIR = None  # None: /kaggle/working/<ORDERING> on Kaggle, else runs/<ORDERING>
 CONFIG_PATH = None  # a YAML PipelineConfig; None: the defaults (the winners' settings, config.py)
@@ -43,26 +48,31 @@ CV_FOLDS = [0]  # folds to train (each trains on the others and is scored on its
 SEEDS = [42]
 OVERRIDES = {}  # per-section config changes, e.g. {"train": {"max_steps": 100}, "format": {"max_length": 1024}}
 
-# %% [markdown]
-# Offline install: when `kaggle_utils` is not importable (a fresh Kaggle session, internet off), install it
-# and
-# the pinned wheels from the attached datasets (`build-wheels` wrote their `requirements.txt`).
-
-# %%
+# %% tags=["offline-install"]
+# Offline install, the same in every notebook (edit kaggle_utils/kaggle_tools/install_cell.py, then run
+# `python -m kaggle_utils kaggle sync-install-cell`). When kaggle_utils is not importable (a fresh Kaggle
+# session, internet off), install it and its pinned wheels from the attached `build-wheels` datasets: every
+# folder under /kaggle/input holding wheels is a --find-links, and each one's requirements.txt is installed
+# too, so the image's older transformers/peft cannot satisfy the ranges instead. It cannot use the package.
+import glob
 import importlib.util
 import os
 import subprocess
 import sys
 
 if importlib.util.find_spec("kaggle_utils") is None:
-    folders = [os.path.join("/kaggle/input", slug) for slug in (WHEELS_DATASET, PACKAGE_DATASET) if slug]
-    folders = [folder for folder in folders if os.path.isfile(os.path.join(folder, "requirements.txt"))]
-    if not folders:
-        raise RuntimeError(f"kaggle_utils is not installed and no wheels dataset is attached ({WHEELS_DATASET})")
-    command = [sys.executable, "-m", "pip", "install", "--no-index"]
-    for folder in folders:
-        command += ["--find-links", folder, "-r", os.path.join(folder, "requirements.txt")]
-    subprocess.run(command, check=True)
+    _wheels = glob.glob("/kaggle/input/**/*.whl", recursive=True)
+    if not any(os.path.basename(path).startswith("kaggle_utils-") for path in _wheels):
+        raise RuntimeError(
+            "kaggle_utils is not installed and no kaggle_utils-*.whl is under /kaggle/input: attach the "
+            "datasets made by `python -m kaggle_utils kaggle build-wheels`"
+        )
+    _command = [sys.executable, "-m", "pip", "install", "--no-index"]
+    for _folder in sorted({os.path.dirname(path) for path in _wheels}):
+        _command += ["--find-links", _folder]
+        if os.path.isfile(os.path.join(_folder, "requirements.txt")):
+            _command += ["-r", os.path.join(_folder, "requirements.txt")]
+    subprocess.run([*_command, "kaggle_utils"], check=True)
     importlib.invalidate_caches()
 
 # %%
