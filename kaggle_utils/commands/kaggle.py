@@ -24,6 +24,8 @@ from kaggle_utils.kaggle_cli import (
     upload_dataset,
     write_submission_metadata,
 )
+from kaggle_utils.kaggle_tools.install_cell import sync_install_cells
+from kaggle_utils.kaggle_tools.wheels import project_root
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -125,9 +127,6 @@ def check_kernel(args: argparse.Namespace) -> int:
 
 
 def sync_install_cell(args: argparse.Namespace) -> int:
-    from kaggle_utils.kaggle_tools.install_cell import sync_install_cells
-    from kaggle_utils.kaggle_tools.wheels import project_root
-
     changed = sync_install_cells(args.notebooks or project_root() / "notebooks")
     print(f"rewrote {len(changed)} files" + "".join(f"\n  {path}" for path in changed))
     return 0
