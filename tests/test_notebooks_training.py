@@ -178,3 +178,9 @@ def test_reports_on_different_folds_are_refused(trained, tmp_path):
         combine_reports([first, altered], tmp_path / "out")
     with pytest.raises(UsageError, match="more than one"):
         combine_reports([first, first], tmp_path / "out")
+    # the same join from the command line (`combine-reports`): one line and exit 2 when refused
+    from kaggle_utils.cli import main
+
+    assert main(["combine-reports", str(first), str(second), "--out", str(tmp_path / "cli")]) == 0
+    assert (tmp_path / "cli" / "report.md").is_file()
+    assert main(["combine-reports", str(first), str(altered), "--out", str(tmp_path / "cli2")]) == 2

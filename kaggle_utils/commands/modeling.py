@@ -7,6 +7,7 @@ from pathlib import Path
 
 from kaggle_utils.commands.run_options import add_run_options, prepare_run
 from kaggle_utils.compare import compare_orderings
+from kaggle_utils.kaggle_tools.reports import combine_reports
 from kaggle_utils.training import finish_distributed
 
 ORDERING_CHOICES = ("ft-then-quant", "quant-then-ft")
@@ -29,6 +30,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--seeds", type=int, nargs="+", help="training seeds (default: config train.seed)")
     parser.add_argument("--variants", nargs="+", help="registered variants to run (default: both orderings)")
     parser.set_defaults(handler=compare)
+
+    parser = subparsers.add_parser(
+        "combine-reports",
+        help="join compare-orderings reports made on identical folds and seeds (e.g. the two training kernels', "
+             "or variants run in separate batches) into one report with the common-reference QiD",
+    )
+    parser.add_argument("reports", nargs="+", help="folders holding report.json and oof.parquet")
+    parser.add_argument("--out", required=True, help="folder for the joined report.json/.md/.png and oof.parquet")
+    parser.set_defaults(handler=combine)
 
 
 def _common_options(parser: argparse.ArgumentParser) -> None:
@@ -66,6 +76,13 @@ def compare(args: argparse.Namespace) -> int:
     report = _run(args, args.variants, args.seeds, cfg, out_dir, train_path)
     if not report:  # a non-main process of `accelerate launch`
         return 0
+    print(report["decision"]["statement"])
+    print(f"report: {Path(args.out) / 'report.md'}")
+    return 0
+
+
+def combine(args: argparse.Namespace) -> int:
+    report = combine_reports(args.reports, args.out)
     print(report["decision"]["statement"])
     print(f"report: {Path(args.out) / 'report.md'}")
     return 0
