@@ -619,7 +619,7 @@ def train_fold(
     resume: bool = True,
     loss_fn: LossFn = cross_entropy_loss,
     target_columns: Sequence[str] = (),
-    on_step: StepCallback | Sequence[StepCallback] = (),
+    on_step: StepCallback | Sequence[StepCallback] | None = (),
     progress: bool = True,
 ) -> TrainResult:
     """Train on every fold but `fold` (default `cfg.train.fold`); ship the weights `cfg.train.selection` picks
@@ -643,7 +643,7 @@ def train_fold(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     _check_loop_settings(tc)
-    callbacks = [on_step] if callable(on_step) else list(on_step)
+    callbacks = [on_step] if callable(on_step) else list(on_step or ())
 
     # Setup: the fold's rows; the accelerator first (under `accelerate launch` it binds this process to its GPU),
     # then the model, optimiser and schedule; then where an earlier session of this run stopped.
@@ -662,7 +662,9 @@ def train_fold(
     collate = PadCollator(tokenizer.pad_token_id)
     trainable_params, total_params = count_parameters(accelerator.unwrap_model(model))
     session_start, wall_at_start = time.perf_counter(), state.wall_time_s
-    wall_time = lambda: wall_at_start + time.perf_counter() - session_start  # noqa: E731 (resumed sessions add up)
+
+    def wall_time() -> float:  # earlier sessions' time plus this one's
+        return wall_at_start + time.perf_counter() - session_start
 
     # The loop: optimizer steps over each epoch's length-bucketed accumulation groups; after each, a bounded
     # evaluation when due (selection "inner": maybe the new best), a checkpoint when due, then the callbacks.
