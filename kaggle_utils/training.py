@@ -15,12 +15,17 @@ shipped weights. (Choosing the best of many evaluations on that same fold made t
 during training are bounded: `evals_per_run` of them, each on at most `eval_rows_cap` rows (the inner holdout,
 or with "final" a fixed sample of the held-out fold that only draws the learning curve).
 
-Resume: every `save_every_steps` optimizer steps a checkpoint is written (atomically: a temp directory renamed
-into place) with accelerate's `save_state` (optimizer, LR scheduler, grad scaler, Python/NumPy/torch/CUDA RNG
-states) holding only the trainable weights (LoRA + head: megabytes, not the frozen 9B base), plus
-`trainer_state.json` (optimizer step, epoch, position in the epoch's batch order, history, best so far). The
-batch order of an epoch is a pure function of (seed, epoch), so a resumed run re-creates it and skips what
-was done: on CPU, resuming gives the same step and bit-identical weights as an uninterrupted run.
+Resume (`checkpointing.Checkpointer`): every `save_every_steps` optimizer steps a checkpoint is written
+(atomically) with accelerate's `save_state` (optimizer, LR scheduler, grad scaler, RNG states) holding only the
+trainable weights (LoRA + head: megabytes, not the frozen 9B base), plus `trainer_state.json` (optimizer step,
+epoch, position in the epoch's batch order, history, best so far). The batch order of an epoch is a pure
+function of (seed, epoch), so a resumed run re-creates it and skips what was done: on CPU, resuming gives the
+same step and bit-identical weights as an uninterrupted run.
+
+The objective is `loss_fn(logits, batch)` (losses.py; default cross-entropy on the labels, equal to the HF
+classifier's own loss): soft targets / distillation are a loss function plus `target_columns` carried into the
+batch. Studies watch training through `on_step` callbacks (`StepInfo`: step, tokens, examples, loss, model),
+never through hooks on the model.
 
 Optimiser: bitsandbytes 8-bit AdamW on CUDA, torch AdamW on CPU (`TrainConfig.optimizer`); cosine schedule with
 linear warm-up; gradient clipping; gradient accumulation; gradient checkpointing (non-reentrant) as
@@ -38,10 +43,9 @@ import json
 import logging
 import math
 import resource
-import shutil
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,11 +56,13 @@ import torch
 from torch import nn
 
 from kaggle_utils.batching import LengthBucketSampler, PadCollator
+from kaggle_utils.checkpointing import Checkpointer, TrainState
 from kaggle_utils.config import PipelineConfig, TrainConfig
 from kaggle_utils.devices import resolve_dtype
 from kaggle_utils.errors import DataError, UsageError
 from kaggle_utils.folds import check_folds
-from kaggle_utils.formatting import TEMPLATE_VERSION, encode_both_orders, encode_rows
+from kaggle_utils.formatting import TEMPLATE_VERSION, encode_both_orders, encode_rows, swap_probs
+from kaggle_utils.losses import LossFn, cross_entropy_loss
 from kaggle_utils.metrics import class_prior, log_loss, prior_log_loss
 from kaggle_utils.modeling import (
     apply_lora,
@@ -68,11 +74,6 @@ from kaggle_utils.modeling import (
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINTS_DIR = "checkpoints"
-BEST_DIR = "best"
-STATE_FILE = "trainer_state.json"
-BEST_WEIGHTS = "trainable.safetensors"
-BEST_PROBS = "val_probs.npy"
 HEAD_MARKER = "modules_to_save"  # peft's name for the fully trained copy of the head
 
 BuildModel = Callable[[PipelineConfig, Any, torch.device], nn.Module]
@@ -138,24 +139,6 @@ class TrainResult:
             "resumed_from_step": self.resumed_from_step,
             "history": self.history,
         }
-
-
-@dataclass
-class _State:
-    """Everything besides tensors a resumed run needs (saved as trainer_state.json)."""
-
-    global_step: int = 0
-    epoch: int = 0
-    batch_in_epoch: int = 0  # micro-batches of `epoch` already consumed (always a whole accumulation group)
-    tokens_seen: int = 0
-    train_time_s: float = 0.0
-    wall_time_s: float = 0.0
-    loss_sum: float = 0.0  # since the last history entry
-    loss_count: int = 0
-    best_step: int = -1
-    best_eval_loss: float = math.inf
-    history: list[dict] = field(default_factory=list)
-    fingerprint: str = ""  # what the run is (config, fold, rows): a checkpoint of another run is never resumed
 
 
 # ------------------------------------------------------------------------------------------------ memory
@@ -283,23 +266,49 @@ def eval_interval(total_steps: int, cfg: TrainConfig) -> int:
 class _Examples:
     input_ids: list[list[int]]
     labels: np.ndarray
+    n_rows: int  # training rows; with swap augmentation example i + n_rows is row i swapped
+    targets: dict[str, np.ndarray] = field(default_factory=dict)  # per-class vectors (examples, classes)
 
     @property
     def lengths(self) -> np.ndarray:
         return np.fromiter((len(ids) for ids in self.input_ids), dtype=np.int64, count=len(self.input_ids))
 
 
-def _training_examples(frame: pl.DataFrame, tokenizer, cfg: PipelineConfig) -> _Examples:
+def _training_examples(frame: pl.DataFrame, tokenizer, cfg: PipelineConfig, target_columns: Sequence[str] = ()
+                       ) -> _Examples:
     """Encoded training rows; with swap augmentation ("double" or "random") followed by their A/B-swapped
-    copies (labels swapped), so example i + n is row i swapped. Which of them an epoch uses: `epoch_examples`."""
+    copies (labels swapped, and the A/B entries of each target column), so example i + n is row i swapped.
+    Which of them an epoch uses: `epoch_examples`."""
+
+    targets = {name: _target_column(frame, name) for name in target_columns}
     mode = _swap_mode(cfg.train)
     if mode != "none":
         original, swapped = encode_both_orders(frame, tokenizer, cfg.format)
         logger.info("train encoding: %s", original.summary())
-        return _Examples(original.input_ids + swapped.input_ids, np.concatenate([original.labels, swapped.labels]))
+        return _Examples(original.input_ids + swapped.input_ids, np.concatenate([original.labels, swapped.labels]),
+                         frame.height, {name: np.concatenate([v, swap_probs(v)]) for name, v in targets.items()})
     original = encode_rows(frame, tokenizer, cfg.format)
     logger.info("train encoding: %s", original.summary())
-    return _Examples(original.input_ids, original.labels)
+    return _Examples(original.input_ids, original.labels, frame.height, targets)
+
+
+def _target_column(frame: pl.DataFrame, name: str) -> np.ndarray:
+    """A training-frame column of per-class vectors (A, B[, tie]) as float (rows, classes); refuses gaps."""
+    if name not in frame.columns:
+        raise DataError(f"training frame has no target column {name!r} (columns: {frame.columns})")
+    values = frame[name].to_list()
+    widths = {len(v) if isinstance(v, (list, tuple, np.ndarray)) else -1 for v in values}
+    if len(widths) != 1 or widths.pop() not in (2, 3):
+        bad = next(i for i, v in enumerate(values) if not isinstance(v, (list, tuple, np.ndarray))
+                   or len(v) != len(values[0]) or len(v) not in (2, 3))
+        raise DataError(f"training frame column {name!r}, row {bad} (id {frame['id'][bad]}): expected a vector of "
+                        f"2 or 3 class values like every row, got {values[bad]!r}")
+    array = np.asarray(values, dtype=np.float64)
+    if not np.isfinite(array).all():
+        bad = int(np.flatnonzero(~np.isfinite(array).all(axis=1))[0])
+        raise DataError(f"training frame column {name!r}, row {bad} (id {frame['id'][bad]}): non-finite value "
+                        f"{values[bad]!r}")
+    return array
 
 
 def _swap_mode(cfg: TrainConfig) -> str:
@@ -561,6 +570,40 @@ def mixed_precision_for(model: nn.Module, device: torch.device) -> str:
 # ------------------------------------------------------------------------------------------------ the loop
 
 
+@dataclass
+class StepInfo:
+    """What a step callback (`train_fold(on_step=...)`) sees after each optimizer step, after that step's
+    evaluation and checkpoint: enough for studies (tokens, examples, the model) without hooks into the model."""
+
+    step: int  # optimizer steps done
+    total_steps: int
+    epoch: int  # the epoch the next step belongs to
+    tokens_seen: int  # real (unpadded) training tokens so far, over all processes (resumed sessions included)
+    examples_seen: int  # training examples (swapped copies included) so far, over all processes
+    loss: float  # this step's training loss (mean over processes)
+    model: nn.Module  # the unwrapped model, in training mode (a callback that evaluates it must restore that)
+    history: list[dict]  # evaluations so far
+    fold: int
+
+
+StepCallback = Callable[[StepInfo], None]
+
+
+@dataclass
+class _FoldData:
+    """One fold's rows, encoded: what trains, what is evaluated during training, and the reported fold."""
+
+    examples: _Examples
+    train_ids: list
+    n_train_rows: int
+    val: Any  # EncodedRows of the reported fold
+    val_labels: np.ndarray
+    monitor_ids: list[list[int]]
+    monitor_labels: np.ndarray
+    eval_set: str
+    prior: float
+
+
 def train_fold(
     cfg: PipelineConfig,
     train_frame: pl.DataFrame,
@@ -571,25 +614,102 @@ def train_fold(
     fold: int | None = None,
     build_model: BuildModel | None = None,
     resume: bool = True,
-    on_step: Callable[[int], None] | None = None,
+    loss_fn: LossFn = cross_entropy_loss,
+    target_columns: Sequence[str] = (),
+    on_step: StepCallback | Sequence[StepCallback] | None = (),
     progress: bool = True,
 ) -> TrainResult:
     """Train on every fold but `fold` (default `cfg.train.fold`); ship the weights `cfg.train.selection` picks
     (the final step's, or the best on an inner holdout of the training part); score `fold` once, with them.
 
     `build_model(cfg, tokenizer, device)` makes the trainable model (default: `default_build_model`, i.e. the
-    ordering's LoRA / QLoRA); the variant registry in compare.py passes its own. With `resume`, the newest
-    complete checkpoint under `out_dir/checkpoints` is continued. `on_step(step)` runs after every optimizer
-    step (after that step's evaluation and checkpoint): progress hooks, and the tests' simulated crash.
+    ordering's LoRA / QLoRA); the variant registry in compare.py passes its own. `loss_fn(logits, batch)` is the
+    training objective (default: cross-entropy on the labels; see losses.py); `target_columns` names training
+    frame columns of per-class vectors (e.g. a teacher's probabilities) carried into every batch under their
+    names. With `resume`, the newest complete checkpoint under `out_dir/checkpoints` is continued
+    (`Checkpointer`). `on_step` (one callable or several) gets a `StepInfo` after every optimizer step, after
+    that step's evaluation and checkpoint: progress, studies, and the tests' simulated crash.
     """
-    from accelerate import Accelerator
     from accelerate.utils import set_seed
-    from transformers import get_cosine_schedule_with_warmup
 
     tc = cfg.train
     fold = tc.fold if fold is None else fold
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    _check_loop_settings(tc)
+    callbacks = [on_step] if callable(on_step) else list(on_step or ())
+
+    # Setup: the fold's rows; the accelerator first (under `accelerate launch` it binds this process to its GPU),
+    # then the model, optimiser and schedule; then where an earlier session of this run stopped.
+    data = _fold_data(cfg, train_frame, folds, fold, tokenizer, target_columns)
+    accelerator = _make_accelerator(cfg)
+    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+    set_seed(tc.seed)
+    total_steps = planned_steps(examples_per_epoch(data.n_train_rows, tc), tc, world)
+    interval = eval_interval(total_steps, tc)
+    model, optimizer, scheduler = _prepare_model(cfg, tokenizer, build_model, accelerator, total_steps)
+    trainable = {name for name, param in model.named_parameters() if param.requires_grad}
+    checkpointer = Checkpointer(out_dir, accelerator, trainable, tc.save_every_steps)
+    state, resumed_from = checkpointer.resume(run_fingerprint(cfg, fold, data.train_ids, total_steps), resume)
+    if resumed_from is not None:
+        logger.info("resuming fold %d from step %d of %d", fold, resumed_from, total_steps)
+    collate = PadCollator(tokenizer.pad_token_id)
+    trainable_params, total_params = count_parameters(accelerator.unwrap_model(model))
+    session_start, wall_at_start = time.perf_counter(), state.wall_time_s
+
+    def wall_time() -> float:  # earlier sessions' time plus this one's
+        return wall_at_start + time.perf_counter() - session_start
+
+    # The loop: optimizer steps over each epoch's length-bucketed accumulation groups; after each, a bounded
+    # evaluation when due (selection "inner": maybe the new best), a checkpoint when due, then the callbacks.
+    model.train()
+    progress = progress and accelerator.is_main_process  # one bar, not one per process
+    with PeakMemory(device) as memory, _progress(total_steps, state.global_step, progress, fold) as bar:
+        while state.global_step < total_steps:
+            groups = _epoch_groups(data.examples, tc, state.epoch, rank, world)
+            for group_index in range(state.batch_in_epoch // tc.grad_accum, len(groups)):
+                loss = _optimizer_step(accelerator, model, optimizer, scheduler, groups[group_index], data.examples,
+                                       collate, loss_fn, tc.max_grad_norm, state)
+                _advance_position(state, group_index, len(groups), tc.grad_accum)
+                finished = state.global_step >= total_steps
+                if len(data.monitor_ids) and (state.global_step % interval == 0 or finished):
+                    probs = _evaluate(accelerator, model, data.monitor_ids, tokenizer.pad_token_id,
+                                      tc.eval_token_budget, progress)
+                    _record(state, probs, data.monitor_labels, scheduler, wall_time())
+                    if tc.selection == "inner":
+                        checkpointer.keep_if_best(state, model, probs)
+                    model.train()
+                state.wall_time_s = wall_time()
+                checkpointer.after_step(state, finished)
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.4f}", best=f"{state.best_eval_loss:.4f}")
+                info = StepInfo(state.global_step, total_steps, state.epoch, state.tokens_seen, state.examples_seen,
+                                loss, accelerator.unwrap_model(model), state.history, fold)
+                for callback in callbacks:
+                    callback(info)
+                if finished:
+                    break
+
+    # Finish: the weights that ship, then the one score of the reported fold, by them.
+    accelerator.wait_for_everyone()  # best/ is written by the main process
+    unwrapped = accelerator.unwrap_model(model)
+    selected_step, selected_loss = _select_shipped_weights(tc.selection, state, checkpointer, unwrapped)
+    unwrapped.eval()
+    val_probs = _evaluate(accelerator, unwrapped, data.val.input_ids, tokenizer.pad_token_id, tc.eval_token_budget,
+                          progress)
+    return TrainResult(
+        model=unwrapped, fold=fold, ordering=tc.ordering, best_step=selected_step, best_eval_loss=selected_loss,
+        selection=tc.selection, eval_set=data.eval_set, global_step=state.global_step, total_steps=total_steps,
+        history=state.history, val_ids=list(data.val.ids), val_labels=data.val_labels, val_probs=val_probs,
+        prior_log_loss=data.prior, train_rows=data.n_train_rows,
+        train_examples=examples_per_epoch(data.n_train_rows, tc), trainable_params=trainable_params,
+        total_params=total_params, wall_time_s=state.wall_time_s, train_time_s=state.train_time_s,
+        tokens_seen=state.tokens_seen, peak_rss_bytes=memory.peak_rss_bytes, peak_cuda_bytes=memory.peak_cuda_bytes,
+        resumed_from_step=resumed_from, out_dir=out_dir,
+    )
+
+
+def _check_loop_settings(tc: TrainConfig) -> None:
     if tc.grad_accum < 1 or tc.per_device_batch_size < 1:
         raise UsageError("train.grad_accum and train.per_device_batch_size must be >= 1")
     if tc.save_every_steps < 1:
@@ -599,6 +719,11 @@ def train_fold(
     if tc.eval_rows_cap < 0:
         raise UsageError(f"train.eval_rows_cap must be >= 0, got {tc.eval_rows_cap}")
 
+
+def _fold_data(cfg: PipelineConfig, train_frame: pl.DataFrame, folds: pl.DataFrame, fold: int, tokenizer,
+               target_columns: Sequence[str]) -> _FoldData:
+    """The fold's training examples, the rows evaluated during training and the reported fold, encoded."""
+    tc = cfg.train
     train_part, val_part = split_fold(train_frame, folds, fold)
     val = encode_rows(val_part, tokenizer, cfg.format)
     val_labels = np.asarray(val.labels, dtype=np.int64)
@@ -613,176 +738,113 @@ def train_fold(
         picked = monitor_sample(len(val.input_ids), tc.eval_rows_cap, tc.seed)
         monitor_ids, monitor_labels = [val.input_ids[i] for i in picked], val_labels[picked]
         eval_set = f"held-out fold sample ({len(picked)} rows, learning curve only)"
-    examples = _training_examples(train_part, tokenizer, cfg)
-    n_train_rows = train_part.height
     prior = prior_log_loss(val_labels, class_prior(np.asarray(train_part["label"].to_numpy(), dtype=np.int64)))
+    return _FoldData(_training_examples(train_part, tokenizer, cfg, target_columns), train_part["id"].to_list(),
+                     train_part.height, val, val_labels, monitor_ids, monitor_labels, eval_set, prior)
 
-    # The accelerator first: under `accelerate launch` it binds this process to its GPU.
+
+def _make_accelerator(cfg: PipelineConfig):
+    """CPU or this process's GPU; autocast to the base model's 16-bit dtype on CUDA."""
+    from accelerate import Accelerator
+
     cuda = torch.cuda.is_available()
     dtype = resolve_dtype(cfg.model.dtype, "cuda" if cuda else "cpu")
-    accelerator = Accelerator(
+    return Accelerator(
         cpu=not cuda,
         mixed_precision={torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "no") if cuda else "no",
         step_scheduler_with_optimizer=False,
     )
-    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
-    set_seed(tc.seed)
-    model = (build_model or default_build_model)(cfg, tokenizer, device)
+
+
+def _prepare_model(cfg: PipelineConfig, tokenizer, build_model: BuildModel | None, accelerator, total_steps: int):
+    """(model, optimizer, scheduler), prepared by the accelerator: fp32 trainable weights, cosine schedule."""
+    from transformers import get_cosine_schedule_with_warmup
+
+    tc = cfg.train
+    model = (build_model or default_build_model)(cfg, tokenizer, accelerator.device)
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     upcast_trainable(model)
-    total_steps = planned_steps(examples_per_epoch(n_train_rows, tc), tc, world)
-    interval = eval_interval(total_steps, tc)
-    optimizer = make_optimizer(model, tc, device)
+    optimizer = make_optimizer(model, tc, accelerator.device)
     scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(tc.warmup_ratio * total_steps), total_steps)
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    trainable_names = {name for name, param in model.named_parameters() if param.requires_grad}
-    _register_trainable_only_checkpoints(accelerator, trainable_names)
+    return accelerator.prepare(model, optimizer, scheduler)
 
-    fingerprint = run_fingerprint(cfg, fold, train_part["id"].to_list(), total_steps)
-    state, resumed_from = _State(fingerprint=fingerprint), None
-    latest = _latest_checkpoint(out_dir) if resume else None
-    if latest is not None:
-        saved = _State(**json.loads((latest / STATE_FILE).read_text(encoding="utf-8")))
-        if saved.fingerprint != fingerprint:
-            raise UsageError(
-                f"{latest} is a checkpoint of a different run (config, fold or training rows differ); "
-                "resume with the same settings, pass resume=False to start over, or use another output directory"
-            )
-        accelerator.load_state(str(latest))
-        state = saved
-        resumed_from = state.global_step
-        if accelerator.is_main_process:
-            _prune_best(out_dir, keep={state.best_step}, newer_than=state.global_step)
-        logger.info("resuming fold %d from %s (step %d of %d)", fold, latest, state.global_step, total_steps)
-    elif resume is False and (out_dir / CHECKPOINTS_DIR).exists() and accelerator.is_main_process:
-        shutil.rmtree(out_dir / CHECKPOINTS_DIR)
-    if resume is False and (out_dir / BEST_DIR).exists() and accelerator.is_main_process:
-        shutil.rmtree(out_dir / BEST_DIR)
-    accelerator.wait_for_everyone()  # no process writes a checkpoint before the main one has cleared them
 
-    collate = PadCollator(tokenizer.pad_token_id)
-    lengths = examples.lengths
-    session_start = time.perf_counter()
-    wall_at_start = state.wall_time_s
-    trainable_params, total_params = count_parameters(accelerator.unwrap_model(model))
-    checkpointed_best = state.best_step  # the best the latest checkpoint refers to: kept until superseded there
-    model.train()
-    progress = progress and accelerator.is_main_process  # one bar, not one per process
-    with PeakMemory(device) as memory, _progress(total_steps, state.global_step, progress, fold) as bar:
-        while state.global_step < total_steps:
-            chosen = epoch_examples(n_train_rows, tc, state.epoch)
-            batches = [[int(chosen[i]) for i in batch]
-                       for batch in epoch_batches(lengths[chosen], tc, state.epoch, rank, world)]
-            groups = [batches[i : i + tc.grad_accum] for i in range(0, len(batches), tc.grad_accum)]
-            first_group = state.batch_in_epoch // tc.grad_accum
-            for group_index in range(first_group, len(groups)):
-                step_began = time.perf_counter()
-                loss_value, tokens = _accumulate(accelerator, model, groups[group_index], examples, collate, device)
-                if tc.max_grad_norm and tc.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], tc.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                state.train_time_s += time.perf_counter() - step_began
-                state.global_step += 1
-                state.tokens_seen += tokens
-                state.loss_sum += loss_value
-                state.loss_count += 1
-                last_of_epoch = group_index == len(groups) - 1
-                state.epoch, state.batch_in_epoch = (
-                    (state.epoch + 1, 0) if last_of_epoch else (state.epoch, (group_index + 1) * tc.grad_accum)
-                )
-                step = state.global_step
-                finished = step >= total_steps
-                if len(monitor_ids) and (step % interval == 0 or finished):
-                    probs = _evaluate(accelerator, model, monitor_ids, tokenizer.pad_token_id, tc.eval_token_budget,
-                                      progress)
-                    _record(state, step, probs, monitor_labels, scheduler, session_start, wall_at_start)
-                    if tc.selection == "inner" and state.history[-1]["eval_loss"] < state.best_eval_loss:
-                        state.best_eval_loss, state.best_step = state.history[-1]["eval_loss"], step
-                        _save_best(accelerator, model, trainable_names, probs, out_dir, step, state.best_eval_loss,
-                                   keep=checkpointed_best)
-                    model.train()
-                state.wall_time_s = wall_at_start + time.perf_counter() - session_start
-                if step % tc.save_every_steps == 0 or finished:
-                    _save_checkpoint(accelerator, state, out_dir)
-                    checkpointed_best = state.best_step
-                    if accelerator.is_main_process:
-                        _prune_best(out_dir, keep={state.best_step})
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss_value:.4f}", best=f"{state.best_eval_loss:.4f}")
-                if on_step is not None:
-                    on_step(step)
-                if finished:
-                    break
+def _epoch_groups(examples: _Examples, tc: TrainConfig, epoch: int, rank: int, world: int) -> list[list[list[int]]]:
+    """This process's accumulation groups of `epoch`: lists of micro-batches of example indices."""
+    chosen = epoch_examples(examples.n_rows, tc, epoch)
+    batches = [[int(chosen[i]) for i in batch] for batch in epoch_batches(examples.lengths[chosen], tc, epoch, rank,
+                                                                              world)]
+    return [batches[i : i + tc.grad_accum] for i in range(0, len(batches), tc.grad_accum)]
 
-    accelerator.wait_for_everyone()  # best/ is written by the main process
-    unwrapped = accelerator.unwrap_model(model)
-    if tc.selection == "inner":
-        _load_best(unwrapped, out_dir, state.best_step)
-        selected_step, selected_loss = state.best_step, state.best_eval_loss
+
+def _optimizer_step(accelerator, model, optimizer, scheduler, group, examples: _Examples, collate, loss_fn: LossFn,
+                    max_grad_norm: float | None, state: TrainState) -> float:
+    """One optimizer step over an accumulation group; adds its time, tokens, examples and loss to `state`."""
+    began = time.perf_counter()
+    loss, tokens, n_examples = _accumulate(accelerator, model, group, examples, collate, loss_fn)
+    if max_grad_norm and max_grad_norm > 0:
+        accelerator.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], max_grad_norm)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    state.train_time_s += time.perf_counter() - began
+    state.global_step += 1
+    state.tokens_seen += tokens
+    state.examples_seen += n_examples
+    state.loss_sum += loss
+    state.loss_count += 1
+    return loss
+
+
+def _advance_position(state: TrainState, group_index: int, n_groups: int, grad_accum: int) -> None:
+    """Where the next step starts: the next group of this epoch, or the first of the next epoch."""
+    if group_index == n_groups - 1:
+        state.epoch, state.batch_in_epoch = state.epoch + 1, 0
     else:
-        selected_step = state.global_step
-        last = state.history[-1] if state.history and state.history[-1]["step"] == selected_step else None
-        selected_loss = last["eval_loss"] if last else math.nan
-    unwrapped.eval()
-    # The one score of the reported fold, by the weights that ship.
-    val_probs = _evaluate(accelerator, unwrapped, val.input_ids, tokenizer.pad_token_id, tc.eval_token_budget,
-                          progress)
-    return TrainResult(
-        model=unwrapped,
-        fold=fold,
-        ordering=tc.ordering,
-        best_step=selected_step,
-        best_eval_loss=selected_loss,
-        selection=tc.selection,
-        eval_set=eval_set,
-        global_step=state.global_step,
-        total_steps=total_steps,
-        history=state.history,
-        val_ids=list(val.ids),
-        val_labels=val_labels,
-        val_probs=val_probs,
-        prior_log_loss=prior,
-        train_rows=n_train_rows,
-        train_examples=examples_per_epoch(n_train_rows, tc),
-        trainable_params=trainable_params,
-        total_params=total_params,
-        wall_time_s=state.wall_time_s,
-        train_time_s=state.train_time_s,
-        tokens_seen=state.tokens_seen,
-        peak_rss_bytes=memory.peak_rss_bytes,
-        peak_cuda_bytes=memory.peak_cuda_bytes,
-        resumed_from_step=resumed_from,
-        out_dir=out_dir,
-    )
+        state.batch_in_epoch = (group_index + 1) * grad_accum
 
 
-def _accumulate(accelerator, model, group, examples: _Examples, collate, device) -> tuple[float, int]:
+def _select_shipped_weights(selection: str, state: TrainState, checkpointer: Checkpointer, model: nn.Module
+                            ) -> tuple[int, float]:
+    """(step, its evaluation loss) of the weights that ship; with "inner", the best weights are loaded."""
+    if selection == "inner":
+        checkpointer.load_best(model, state.best_step)
+        return state.best_step, state.best_eval_loss
+    last = state.history[-1] if state.history and state.history[-1]["step"] == state.global_step else None
+    return state.global_step, last["eval_loss"] if last else math.nan
+
+
+def _accumulate(accelerator, model, group, examples: _Examples, collate, loss_fn: LossFn) -> tuple[float, int, int]:
     """Forward/backward over one accumulation group; gradients sync across processes on its last batch only.
 
-    Returns the step's loss and real tokens over all processes (the same numbers on every process)."""
-    total_loss, tokens = 0.0, 0
+    Returns the step's loss, real tokens and examples over all processes (the same numbers on every process)."""
+    device = accelerator.device
+    total_loss, tokens, n_examples = 0.0, 0, 0
     for index, rows in enumerate(group):
         batch = collate([{"input_ids": examples.input_ids[row], "labels": int(examples.labels[row])} for row in rows])
+        for name, values in examples.targets.items():
+            batch[name] = torch.as_tensor(values[rows], dtype=torch.float32)
         batch = {key: value.to(device) for key, value in batch.items()}
         sync = index == len(group) - 1
         with contextlib.ExitStack() as stack:
             if not sync:
                 stack.enter_context(accelerator.no_sync(model))
             with accelerator.autocast():
-                loss = model(**batch).loss / len(group)
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                loss = loss_fn(logits, batch) / len(group)
             accelerator.backward(loss)
         total_loss += float(loss.detach())
         tokens += int(batch["attention_mask"].sum())
+        n_examples += len(rows)
     if accelerator.num_processes > 1:
         # Every process saw its own micro-batches: the step's tokens are their sum, its loss their mean (what
         # DDP's averaged gradient descends), so tokens_seen and tokens/s count the global batch once.
-        both = accelerator.reduce(torch.tensor([total_loss, float(tokens)], dtype=torch.float64, device=device),
-                                  reduction="sum")
-        total_loss, tokens = float(both[0]) / accelerator.num_processes, int(round(float(both[1])))
-    return total_loss, tokens
+        summed = accelerator.reduce(torch.tensor([total_loss, float(tokens), float(n_examples)], dtype=torch.float64,
+                                                 device=device), reduction="sum")
+        total_loss = float(summed[0]) / accelerator.num_processes
+        tokens, n_examples = int(round(float(summed[1]))), int(round(float(summed[2])))
+    return total_loss, tokens, n_examples
 
 
 def _evaluate(accelerator, model, input_ids: list[list[int]], pad_token_id: int, token_budget: int,
@@ -799,127 +861,16 @@ def _evaluate(accelerator, model, input_ids: list[list[int]], pad_token_id: int,
     return np.concatenate([part for part in gather_object([local]) if len(part)])
 
 
-def _record(state: _State, step: int, probs, labels, scheduler, session_start: float, wall_at_start: float) -> None:
+def _record(state: TrainState, probs, labels, scheduler, wall_time_s: float) -> None:
     state.history.append({
-        "step": step,
+        "step": state.global_step,
         "train_loss": state.loss_sum / max(state.loss_count, 1),
         "eval_loss": log_loss(labels, probs),
         "eval_accuracy": float((probs.argmax(axis=1) == labels).mean()),
         "lr": float(scheduler.get_last_lr()[0]),
-        "wall_time_s": wall_at_start + time.perf_counter() - session_start,
+        "wall_time_s": wall_time_s,
     })
     state.loss_sum, state.loss_count = 0.0, 0
-
-
-def _register_trainable_only_checkpoints(accelerator, names: set[str]) -> None:
-    """Checkpoints carry only the trainable tensors; loading puts them back into the already-built model."""
-    from safetensors.torch import load_file
-
-    # Names as the unwrapped model has them: under DDP the prepared model's parameters are "module."-prefixed
-    # but accelerate saves the unwrapped state dict (filtering by the prefixed names kept nothing).
-    names = {name.removeprefix("module.") for name in names}
-
-    def save_hook(models, weights, output_dir):
-        for index in range(len(weights)):
-            weights[index] = {k: v for k, v in weights[index].items() if k.removeprefix("module.") in names}
-
-    def load_hook(models, input_dir):
-        for index, model in enumerate(models):
-            model = accelerator.unwrap_model(model)
-            file = Path(input_dir) / ("model.safetensors" if index == 0 else f"model_{index}.safetensors")
-            tensors = {k.removeprefix("module."): v
-                       for k, v in load_file(str(file), device=str(_device_of(model))).items()}
-            result = model.load_state_dict(tensors, strict=False)
-            absent = names - set(tensors)
-            if result.unexpected_keys or absent:
-                raise UsageError(f"checkpoint {input_dir} does not match the model "
-                                 f"(unexpected {result.unexpected_keys[:3]}, missing {sorted(absent)[:3]})")
-        models.clear()
-
-    accelerator.register_save_state_pre_hook(save_hook)
-    accelerator.register_load_state_pre_hook(load_hook)
-
-
-def _save_checkpoint(accelerator, state: _State, out_dir: Path) -> None:
-    root = out_dir / CHECKPOINTS_DIR
-    final = root / f"step-{state.global_step:07d}"
-    staging = root / f".{final.name}.tmp"
-    if accelerator.is_main_process:
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(staging))
-    accelerator.wait_for_everyone()  # every process has written its RNG state before the rename
-    if accelerator.is_main_process:
-        (staging / STATE_FILE).write_text(json.dumps(asdict(state), indent=1), encoding="utf-8")
-        shutil.rmtree(final, ignore_errors=True)
-        staging.rename(final)
-        for old in root.glob("step-*"):
-            if old != final:
-                shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
-
-
-def _latest_checkpoint(out_dir: Path) -> Path | None:
-    complete = [p for p in (out_dir / CHECKPOINTS_DIR).glob("step-*") if (p / STATE_FILE).is_file()]
-    return max(complete, key=lambda p: p.name) if complete else None
-
-
-def _best_dir(out_dir: Path, step: int) -> Path:
-    return out_dir / BEST_DIR / f"step-{step:07d}"
-
-
-def _save_best(accelerator, model, names: set[str], probs: np.ndarray, out_dir: Path, step: int, loss: float,
-               keep: int) -> None:
-    """Write the new best trainable weights (and their held-out probabilities) as best/step-N.
-
-    The best that the latest checkpoint refers to (`keep`) stays until a newer checkpoint supersedes it, so a
-    run resumed from that checkpoint finds the weights its state names, whatever happened after it.
-    """
-    from safetensors.torch import save_file
-
-    if not accelerator.is_main_process:
-        return
-    target = _best_dir(out_dir, step)
-    staging = target.parent / f".{target.name}.tmp"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    unwrapped_names = {name.removeprefix("module.") for name in names}
-    tensors = {k: v.detach().contiguous().cpu() for k, v in accelerator.unwrap_model(model).state_dict().items()
-               if k in unwrapped_names}
-    save_file(tensors, str(staging / BEST_WEIGHTS))
-    np.save(staging / BEST_PROBS, probs)
-    (staging / "best.json").write_text(json.dumps({"step": step, "eval_loss": loss}), encoding="utf-8")
-    shutil.rmtree(target, ignore_errors=True)
-    staging.rename(target)
-    _prune_best(out_dir, keep={step, keep})
-
-
-def _prune_best(out_dir: Path, keep: set[int], newer_than: int | None = None) -> None:
-    """Remove best/step-N directories not in `keep` (with `newer_than`: only those after that step)."""
-    for path in (out_dir / BEST_DIR).glob("*step-*"):
-        try:
-            step = int(path.name.lstrip(".").split("step-")[1].split(".")[0])
-        except (IndexError, ValueError):
-            continue
-        if step in keep and path.name.startswith("step-"):
-            continue
-        if newer_than is None or step > newer_than or not path.name.startswith("step-"):
-            shutil.rmtree(path, ignore_errors=True)
-
-
-def _load_best(model: nn.Module, out_dir: Path, step: int) -> np.ndarray:
-    from safetensors.torch import load_file
-
-    best = _best_dir(out_dir, step)
-    if not (best / BEST_WEIGHTS).is_file():
-        raise UsageError(f"{best} is missing: the best weights of step {step} were not kept (was {out_dir} "
-                         "edited while the run was stopped?)")
-    tensors = load_file(str(best / BEST_WEIGHTS), device=str(_device_of(model)))
-    result = model.load_state_dict(tensors, strict=False)
-    if result.unexpected_keys:
-        raise UsageError(f"{best}: weights do not match the model ({result.unexpected_keys[:3]})")
-    return np.load(best / BEST_PROBS)
 
 
 @contextlib.contextmanager

@@ -107,3 +107,35 @@ def test_checkpoint_steps_are_geometric_and_end_at_the_last_step():
     assert checkpoint_steps(3, 6) == [1, 2, 3]
     with pytest.raises(UsageError):
         checkpoint_steps(10, 1)
+
+
+def test_study_checkpoints_count_the_tokens_trained_on_up_to_their_step(train_data, demo_tokenizer, demo_base_dir,
+                                                                        tmp_path):
+    """Each checkpoint's token count is the real (unpadded) tokens of the micro-batches of the steps before it,
+    recomputed here from the batch order alone (the study learns it from the training loop's step callback)."""
+    from kaggle_utils import training
+    from kaggle_utils.config import FoldConfig, PipelineConfig, TrainConfig
+    from kaggle_utils.folds import make_folds
+    from kaggle_utils.qaware.qid_study import run_qid_study
+
+    frame = train_data.frame.head(60)
+    folds = make_folds(frame, FoldConfig(n_folds=3, seed=0))
+    cfg = PipelineConfig()
+    cfg.model.base_model = str(demo_base_dir)
+    cfg.model.gradient_checkpointing = False
+    cfg.format.max_length = 128
+    cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout = 4, 8, 0.0
+    cfg.train = TrainConfig(learning_rate=1e-3, epochs=1, per_device_batch_size=4, grad_accum=2, max_steps=4,
+                            save_every_steps=1000, eval_rows_cap=0)
+    result = run_qid_study(cfg, frame, folds, demo_tokenizer, tmp_path, n_checkpoints=3, schemes=("int8",),
+                           n_bootstrap=4, progress=False)
+
+    train_part, _ = training.split_fold(frame, folds, cfg.train.fold)
+    lengths = training._training_examples(train_part, demo_tokenizer, cfg).lengths
+    chosen = training.epoch_examples(train_part.height, cfg.train, 0)
+    batches = training.epoch_batches(lengths[chosen], cfg.train, 0)
+    per_step = [sum(int(lengths[chosen][i]) for batch in batches[k : k + 2] for i in batch)
+                for k in range(0, 8, 2)]
+    assert [c.step for c in result.checkpoints] == [1, 2, 4]
+    assert [c.tokens for c in result.checkpoints] == [sum(per_step[:s]) for s in (1, 2, 4)]
+    assert all(np.isfinite(c.log_loss_16bit) for c in result.checkpoints)

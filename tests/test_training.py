@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from kaggle_utils import training
+from kaggle_utils.checkpointing import prune_best
 from kaggle_utils.config import FoldConfig, PipelineConfig, TrainConfig
 from kaggle_utils.errors import DataError, UsageError
 from kaggle_utils.folds import make_folds
@@ -88,8 +89,8 @@ def test_an_interrupted_run_resumes_to_the_same_step_and_result(train_data, demo
     steps_per_epoch = int(np.ceil(np.ceil(straight.train_examples / 8) / 2))  # batches of 8, accumulation 2
     assert straight.total_steps == int(np.ceil(1.5 * steps_per_epoch)) > steps_per_epoch > 8
 
-    def crash_at_8(step: int) -> None:
-        if step == 8:
+    def crash_at_8(info: training.StepInfo) -> None:
+        if info.step == 8:
             raise SimulatedCrash
 
     with pytest.raises(SimulatedCrash):
@@ -202,9 +203,9 @@ def test_a_best_saved_after_the_last_checkpoint_is_dropped_on_resume(tmp_path):
     for step in (3, 6, 9):
         (tmp_path / "best" / f"step-{step:07d}").mkdir(parents=True)
     (tmp_path / "best" / ".step-0000012.tmp").mkdir()
-    training._prune_best(tmp_path, keep={3}, newer_than=6)
+    prune_best(tmp_path, keep={3}, newer_than=6)
     assert sorted(p.name for p in (tmp_path / "best").iterdir()) == ["step-0000003", "step-0000006"]
-    training._prune_best(tmp_path, keep={6})
+    prune_best(tmp_path, keep={6})
     assert sorted(p.name for p in (tmp_path / "best").iterdir()) == ["step-0000006"]
 
 
@@ -303,8 +304,8 @@ def test_reported_fold_is_scored_once_by_the_shipped_weights(train_data, demo_to
     calls = _counting_evaluate(monkeypatch)
     final_weights = {}
 
-    def remember(step: int) -> None:
-        if step == 12:
+    def remember(info: training.StepInfo) -> None:
+        if info.step == 12:
             model = holder["model"]
             final_weights.update({k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad})
 
@@ -395,3 +396,96 @@ def test_random_swap_trains_one_order_per_row_and_epoch(train_data, demo_tokeniz
     result = training.train_fold(cfg, frame, folds, demo_tokenizer, tmp_path, progress=False)
     assert result.train_examples == result.train_rows  # not doubled
     assert result.total_steps == result.global_step == int(np.ceil(result.train_rows / 8))
+
+
+# ------------------------------------------------------------------------------------------------ loss, callbacks
+
+
+def _tiny_run_config(base_dir) -> PipelineConfig:
+    cfg = _resume_config(base_dir)
+    cfg.lora.dropout = 0.0
+    cfg.model.gradient_checkpointing = False
+    cfg.train = TrainConfig(learning_rate=1e-3, epochs=1, per_device_batch_size=4, grad_accum=2, max_steps=4,
+                            save_every_steps=1000, eval_rows_cap=8, evals_per_run=2)
+    return cfg
+
+
+def _trainable(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
+
+
+def test_default_loss_is_the_classifiers_own_loss(train_data, demo_tokenizer, demo_base_dir):
+    from kaggle_utils.batching import PadCollator
+    from kaggle_utils.formatting import encode_rows
+    from kaggle_utils.losses import cross_entropy_loss
+
+    cfg = _tiny_run_config(demo_base_dir)
+    model = training.default_build_model(cfg, demo_tokenizer, torch.device("cpu"))
+    rows = encode_rows(train_data.frame.head(5), demo_tokenizer, cfg.format)
+    batch = PadCollator(demo_tokenizer.pad_token_id)([{"input_ids": ids, "labels": int(label)}
+                                                      for ids, label in zip(rows.input_ids, rows.labels, strict=True)])
+    out = model(**batch)
+    assert torch.equal(cross_entropy_loss(out.logits, batch), out.loss)
+
+
+def test_soft_target_loss_with_one_hot_targets_trains_like_the_default(train_data, demo_tokenizer, demo_base_dir,
+                                                                       tmp_path):
+    """Distillation is a loss function plus a batch field: one-hot soft targets (swapped with the rows) train
+    exactly as the default cross-entropy; other targets train differently."""
+    from kaggle_utils.losses import soft_target_cross_entropy
+
+    frame = train_data.frame.head(60)
+    folds = make_folds(frame, FoldConfig(n_folds=3, seed=0))
+    cfg = _tiny_run_config(demo_base_dir)
+    assert cfg.train.swap_augment == "double"  # the swapped copies' targets must be swapped as their labels are
+    one_hot = np.eye(3)[frame["label"].to_numpy()]
+    smoothed = 0.8 * one_hot + 0.2 / 3
+    frame = frame.with_columns(pl.Series("soft_labels", one_hot.tolist()), pl.Series("smoothed", smoothed.tolist()))
+
+    default = training.train_fold(cfg, frame, folds, demo_tokenizer, tmp_path / "default", progress=False)
+    soft = training.train_fold(cfg, frame, folds, demo_tokenizer, tmp_path / "soft", progress=False,
+                               loss_fn=soft_target_cross_entropy, target_columns=["soft_labels"])
+    other = training.train_fold(cfg, frame, folds, demo_tokenizer, tmp_path / "other", progress=False,
+                                loss_fn=lambda logits, batch: soft_target_cross_entropy(logits, batch, "smoothed"),
+                                target_columns=["smoothed"])
+
+    expected, got, changed = _trainable(default.model), _trainable(soft.model), _trainable(other.model)
+    for name, value in expected.items():
+        torch.testing.assert_close(got[name], value, rtol=0, atol=1e-7)
+    assert max(float((changed[name] - value).abs().max()) for name, value in expected.items()) > 1e-4
+    assert [h["train_loss"] for h in soft.history] == pytest.approx([h["train_loss"] for h in default.history],
+                                                                    abs=1e-6)
+
+
+def test_target_columns_must_be_class_vectors_in_every_row(train_data, demo_tokenizer, demo_base_dir, tmp_path):
+    frame = train_data.frame.head(60)
+    folds = make_folds(frame, FoldConfig(n_folds=3, seed=0))
+    cfg = _tiny_run_config(demo_base_dir)
+    with pytest.raises(DataError, match="no target column 'teacher'"):
+        training.train_fold(cfg, frame, folds, demo_tokenizer, tmp_path / "a", target_columns=["teacher"],
+                            progress=False)
+    vectors = [[0.2, 0.3, 0.5]] * frame.height
+    vectors[7] = [0.5, 0.5]
+    bad = frame.with_columns(pl.Series("teacher", vectors, dtype=pl.List(pl.Float64)))
+    with pytest.raises(DataError, match=r"column 'teacher', row \d+ \(id .*\): expected a vector"):
+        training.train_fold(cfg, bad, folds, demo_tokenizer, tmp_path / "b", target_columns=["teacher"],
+                            progress=False)
+
+
+def test_step_callbacks_see_step_tokens_examples_and_model(train_data, demo_tokenizer, demo_base_dir, tmp_path):
+    frame = train_data.frame.head(60)
+    folds = make_folds(frame, FoldConfig(n_folds=3, seed=0))
+    cfg = _tiny_run_config(demo_base_dir)
+    seen: list[training.StepInfo] = []
+    models = []
+
+    result = training.train_fold(cfg, frame, folds, demo_tokenizer, tmp_path, progress=False,
+                                 on_step=[seen.append, lambda info: models.append(info.model)])
+
+    assert [info.step for info in seen] == [1, 2, 3, 4] and all(info.total_steps == 4 for info in seen)
+    assert [info.examples_seen for info in seen] == [8, 16, 24, 32]  # batches of 4, accumulation 2
+    tokens = [info.tokens_seen for info in seen]
+    assert 0 < tokens[0] < tokens[1] < tokens[2] < tokens[3] == result.tokens_seen
+    assert all(model is result.model for model in models)
+    assert all(np.isfinite(info.loss) and info.loss > 0 for info in seen)
+    assert len(seen[-1].history) == len(result.history) == 2

@@ -40,7 +40,7 @@ from kaggle_utils.metrics import log_loss
 from kaggle_utils.modeling import predict_probs
 from kaggle_utils.quantization import quantize_merged
 from kaggle_utils.training import (
-    default_build_model,
+    StepInfo,
     examples_per_epoch,
     planned_steps,
     split_fold,
@@ -290,30 +290,18 @@ def run_qid_study(
     for seed in seeds:
         run_cfg = copy.deepcopy(base_cfg)
         run_cfg.train.seed = seed
-        holder: dict[str, Any] = {"tokens": 0}
 
-        def build(cfg_, tokenizer_, device, holder=holder):
-            model = default_build_model(cfg_, tokenizer_, device)
-
-            def count(module, args, kwargs):
-                mask = kwargs.get("attention_mask")
-                if module.training and mask is not None:
-                    holder["tokens"] += int(mask.sum())
-            model.register_forward_pre_hook(count, with_kwargs=True)
-            holder["model"] = model
-            return model
-
-        def on_step(step: int, holder=holder, seed=seed, model_cfg=run_cfg.model) -> None:
-            if step not in steps:
+        def on_step(info: StepInfo, seed=seed, model_cfg=run_cfg.model) -> None:
+            if info.step not in steps:
                 return
             began = time.perf_counter()
-            model = holder["model"]
+            model = info.model
             was_training = model.training
             p16 = predict_probs(model, val.input_ids, pad)
             device = next(model.parameters()).device
             merged = copy.deepcopy(model).merge_and_unload()
             merged.eval()
-            row = Checkpoint(seed=seed, step=step, tokens=holder["tokens"], log_loss_16bit=0.0, log_loss={},
+            row = Checkpoint(seed=seed, step=info.step, tokens=info.tokens_seen, log_loss_16bit=0.0, log_loss={},
                              qid={}, seconds=0.0)
 
             row.log_loss_16bit = log_loss(labels, p16)
@@ -329,8 +317,8 @@ def run_qid_study(
             checkpoints.append(row)
             model.train(was_training)
 
-        train_fold(run_cfg, train_frame, folds, tokenizer, out_dir / f"train-seed{seed}", build_model=build,
-                   resume=False, on_step=on_step, progress=progress)
+        train_fold(run_cfg, train_frame, folds, tokenizer, out_dir / f"train-seed{seed}", resume=False,
+                   on_step=on_step, progress=progress)
 
     tokens = np.array([c.tokens for c in checkpoints], dtype=np.float64)
     p16 = np.stack(probs["16bit"])
