@@ -51,7 +51,10 @@ Truncation, for any Hugging Face fast tokenizer, to at most ``cfg.max_length`` t
 
 Each text piece is tokenised once, in batch calls of the fast tokenizer over the dataset, without special
 tokens; sequences are assembled by list slicing. Pieces are tokenised separately, so merges never cross a
-delimiter; training and inference both go through ``encode_rows`` and therefore always agree.
+delimiter; training and inference both go through ``encode_rows`` and therefore always agree. Every character
+is tokenised, also what truncation throws away: the proportional split and ``content_tokens`` need each cut
+piece's exact token count, which only the whole text gives (benchmarks/bench_tokenize.py ``--survivors``
+measures what tokenising only the surviving text would save).
 
 ``TEMPLATE_VERSION`` names the template strings and the truncation rules; artifacts store it and refuse to
 load under another version. Change it whenever anything in this module changes the produced ids.
