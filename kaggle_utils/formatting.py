@@ -51,7 +51,10 @@ Truncation, for any Hugging Face fast tokenizer, to at most ``cfg.max_length`` t
 
 Each text piece is tokenised once, in batch calls of the fast tokenizer over the dataset, without special
 tokens; sequences are assembled by list slicing. Pieces are tokenised separately, so merges never cross a
-delimiter; training and inference both go through ``encode_rows`` and therefore always agree.
+delimiter; training and inference both go through ``encode_rows`` and therefore always agree. Every character
+is tokenised, also what truncation throws away: the proportional split and ``content_tokens`` need each cut
+piece's exact token count, which only the whole text gives (benchmarks/bench_tokenize.py ``--survivors``
+measures what tokenising only the surviving text would save).
 
 ``TEMPLATE_VERSION`` names the template strings and the truncation rules; artifacts store it and refuse to
 load under another version. Change it whenever anything in this module changes the produced ids.
@@ -509,19 +512,17 @@ def _cut_piece(ids: list[int], keep: int, marker: list[int], head_fraction: floa
     return ids[:head] + marker + ids[length - (keep - head) :]
 
 
-def _encode_row(
-    turns: list[tuple[list[int], list[int], list[int]]],
-    ids: _TemplateIds,
-    max_length: int,
-    mode: str,
-    head_fraction: float,
-    cut_split: str,
-) -> tuple[list[int], list[int]]:
-    """One row's input ids (and kept text tokens per piece) from its tokenised turns."""
-    n_turns = len(turns)
+def _turn_keep(
+    turn_lengths: list[tuple[int, int, int]], ids: _TemplateIds, max_length: int, mode: str, cut_split: str
+) -> dict[int, list[int]]:
+    """Text tokens kept per piece of each kept turn (dropped turns are absent), from the pieces' token counts.
+
+    Needs each piece's exact token count: the proportional split of a cut turn divides the budget in the
+    ratio of the cut pieces' full lengths, so tokens that truncation throws away still decide what is kept.
+    """
+    n_turns = len(turn_lengths)
     budget = max_length - len(ids.bos) - len(ids.suffix)
     overhead, marker_len = ids.turn_overhead, len(ids.marker)
-    turn_lengths = [(len(p), len(a), len(b)) for p, a, b in turns]
     keep: dict[int, list[int]] = {}  # turn -> kept text tokens per piece
     if sum(overhead + sum(lengths) for lengths in turn_lengths) <= budget:
         keep = {turn: list(lengths) for turn, lengths in enumerate(turn_lengths)}
@@ -543,6 +544,21 @@ def _encode_row(
             if rank == 0 or content_budget - 3 * marker_len >= MIN_PARTIAL_TURN_TOKENS:
                 keep[turn] = _cut_allocation(lengths, content_budget, marker_len, cut_split)
             break  # turns after this one in priority are dropped (one marker stands for them)
+    return keep
+
+
+def _encode_row(
+    turns: list[tuple[list[int], list[int], list[int]]],
+    ids: _TemplateIds,
+    max_length: int,
+    mode: str,
+    head_fraction: float,
+    cut_split: str,
+) -> tuple[list[int], list[int]]:
+    """One row's input ids (and kept text tokens per piece) from its tokenised turns."""
+    n_turns = len(turns)
+    turn_lengths = [(len(p), len(a), len(b)) for p, a, b in turns]
+    keep = _turn_keep(turn_lengths, ids, max_length, mode, cut_split)
     gap_marker = len(keep) < n_turns
 
     out = list(ids.bos)

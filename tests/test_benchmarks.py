@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SMOKE_RUNS = {
     "bench_data": ["--rows", "300", "--repeats", "1"],
     "bench_tokenize": ["--rows", "300", "--tokenizer-rows", "200", "--vocab-size", "512", "--max-lengths", "256",
-                       "--skip-pair"],
+                       "--skip-pair", "--survivors", "--long-cells", "1"],
     "bench_train": ["--steps", "1", "--warmup", "0", "--seq-len", "128"],
     "bench_inference": ["--rows", "20", "--max-length", "128", "--budgets", "1024", "--repeats", "1", "--skip-gpu"],
 }

@@ -364,6 +364,27 @@ def test_short_pieces_give_their_share_to_the_long_one(word_tok, split):
     assert encoded.kept_tokens[0].tolist() == [3, content_budget - len(marker) - 5, 2]
 
 
+@pytest.mark.parametrize("split", CUT_SPLITS)
+def test_text_that_truncation_throws_away_still_decides_the_proportional_split(word_tok, split):
+    """Why encode_rows tokenises every character (issue 12 item 6, benchmarks/bench_tokenize.py --survivors):
+    two responses A that differ only in a middle that is cut away either way give different ids under
+    cut_split="proportional", because the split follows A's full token count. Tokenising only a head and an
+    end window of each piece could not reproduce that without the exact count, which needs the whole text.
+    "equal" depends on the cut pieces' lengths only through whether they are cut."""
+    cfg = FormatConfig(template="plain", max_length=90, cut_split=split, head_fraction=0.5)
+    head, end = _words("a", 0, 60), " ".join(f"a0x{i}" for i in range(60, 120))
+    short_a, long_a = f"{head} {end}", f"{head} {' '.join(['a0x60'] * 200)} {end}"
+    rows = [[(_words("p", 0, 2), response_a, _words("b", 0, 119))] for response_a in (short_a, long_a)]
+    encoded = encode_rows(_frame(rows), word_tok, cfg)
+    kept_a = encoded.kept_tokens[:, 1].tolist()
+    assert encoded.content_tokens[:, 1].tolist() == [120, 320]
+    assert max(kept_a) < 60  # both A's keep less than their common head and end: the middle is gone in both
+    if split == "proportional":
+        assert kept_a[0] < kept_a[1] and encoded.input_ids[0] != encoded.input_ids[1]
+    else:
+        assert encoded.input_ids[0] == encoded.input_ids[1]
+
+
 # ----------------------------------------------------------------------------------------- BPE strategy
 piece_text = st.one_of(
     st.text(alphabet=st.characters(blacklist_categories=["Cs"]), max_size=500),
