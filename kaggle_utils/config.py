@@ -90,7 +90,7 @@ class FormatConfig:
     # Which turns survive when a conversation is too long: last first, first first, or alternating ends.
     truncation: Literal["keep_end", "keep_start", "head_tail"] = "keep_end"
     # A cut piece keeps this share of its kept tokens from its start and the rest from its end (0 < x < 1:
-    # both its first and last token survive).
+    # both its first and last token survive; 0: only the end, 1: only the start).
     head_fraction: float = 0.5
     # Pieces of a cut turn that fit an equal share are kept whole; the pieces that must be cut split the rest
     # in proportion to their lengths (each keeps at least half an equal share; the longer response keeps more,
@@ -346,7 +346,7 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "baseline.l2_regularization": (_NON_NEGATIVE, ">= 0"),
     "baseline.n_threads": (_AT_LEAST_ONE, ">= 1"),
     "format.max_length": (lambda v: v >= 16, ">= 16 (room for the template's own tokens)"),
-    "format.head_fraction": (_OPEN_UNIT, "strictly between 0 and 1"),
+    "format.head_fraction": (lambda v: 0 <= v <= 1, "in [0, 1] (0: only the end survives, 1: only the start)"),
     "model.num_labels": (lambda v: v >= 2, ">= 2"),
     "lora.r": (_AT_LEAST_ONE, ">= 1"),
     "lora.alpha": (_POSITIVE, "> 0"),

@@ -71,7 +71,7 @@ import polars as pl
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerFast
 
-from kaggle_utils.config import FormatConfig
+from kaggle_utils.config import FormatConfig, validate_section
 from kaggle_utils.errors import DataError, UsageError
 from kaggle_utils.tokenizer import END_OF_TURN, START_OF_TURN
 
@@ -310,19 +310,12 @@ def _minimum_length(ids: _TemplateIds) -> int:
 
 
 def _check_config(cfg: FormatConfig) -> None:
+    """The config's own rules (`config.validate_section`), re-checked: a caller may change a field after
+    building the config. The template must also be one this module renders."""
+    validate_section(cfg)
     if cfg.template not in TEMPLATES and cfg.template != AUTO_TEMPLATE:
         raise UsageError(f"format.template={cfg.template!r} is unknown; choose one of "
                          f"{sorted(TEMPLATES) + [AUTO_TEMPLATE]}")
-    if cfg.truncation not in TRUNCATION_MODES:
-        raise UsageError(f"format.truncation={cfg.truncation!r} is unknown; choose one of {list(TRUNCATION_MODES)}")
-    if not 0.0 <= cfg.head_fraction <= 1.0:
-        raise UsageError(
-            f"format.head_fraction={cfg.head_fraction} must lie in [0, 1] (the share of a cut piece kept from its start)"
-        )
-    if cfg.cut_split not in CUT_SPLITS:
-        raise UsageError(f"format.cut_split={cfg.cut_split!r} is unknown; choose one of {list(CUT_SPLITS)}")
-    if not isinstance(cfg.max_length, int) or cfg.max_length <= 0:
-        raise UsageError(f"format.max_length={cfg.max_length!r} must be a positive integer")
 
 
 def _template_ids(tokenizer: PreTrainedTokenizerFast, cfg: FormatConfig) -> _TemplateIds:

@@ -48,7 +48,7 @@ def test_unknown_sections_keys_and_non_mappings_are_refused(overrides, message):
         ({"train": {"epochs": 0}}, "train.epochs must be > 0"),
         ({"train": {"learning_rate": "fast"}}, "train.learning_rate must be a number"),
         ({"format": {"max_length": "256"}}, "format.max_length must be an integer"),
-        ({"format": {"head_fraction": 1.0}}, "format.head_fraction must be strictly between 0 and 1"),
+        ({"format": {"head_fraction": 1.5}}, "format.head_fraction must be in [0, 1]"),
         ({"model": {"gradient_checkpointing": "yes"}}, "model.gradient_checkpointing must be true or false"),
         ({"lora": {"target_modules": "q_proj"}}, "lora.target_modules must be a list"),
         ({"lora": {"r": 0}}, "lora.r must be >= 1"),

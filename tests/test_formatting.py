@@ -670,11 +670,13 @@ def test_gemma_template_needs_the_turn_tokens(word_tok):
 def test_config_and_length_errors_are_usage_errors(word_tok):
     frame = _frame([[("p0x1", "a0x1", "b0x1")]])
     with pytest.raises(UsageError, match="head_fraction"):
-        encode_rows(frame, word_tok, FormatConfig(head_fraction=1.5))
-    with pytest.raises(UsageError, match="cut_split='bogus' is unknown"):
-        encode_rows(frame, word_tok, FormatConfig(cut_split="bogus"))
-    with pytest.raises(UsageError, match="truncation"):
-        encode_rows(frame, word_tok, FormatConfig(truncation="middle"))
+        FormatConfig(head_fraction=1.5)
+    with pytest.raises(UsageError, match=r"format.cut_split must be one of \['proportional', 'equal'\]"):
+        FormatConfig(cut_split="bogus")
+    changed = FormatConfig()
+    changed.truncation = "middle"  # changed after construction: encode_rows checks again
+    with pytest.raises(UsageError, match="format.truncation must be one of"):
+        encode_rows(frame, word_tok, changed)
     minimum = minimum_max_length(word_tok, FormatConfig())
     with pytest.raises(UsageError, match=f"max_length={minimum - 1} .* at least {minimum}"):
         encode_rows(frame, word_tok, FormatConfig(max_length=minimum - 1))
