@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Regenerates every committed demo-scale report and the README's demo figures from the current code, in the
 # order the README cites them. CPU, offline; about 15-25 minutes on 2 cores. Run from the repository root after
-# `make setup`:  bash reports/regenerate.sh [demo|orderings|qaware|qid ...]   (default: all four)
+# `make setup`:  bash reports/regenerate.sh [demo|orderings|qaware|qid|real ...]   (default: the first four;
+# `real`, the real-weights study on Gemma 3 270M, takes one to two hours at one thread and is run only when named)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -33,6 +34,18 @@ for step in "${steps[@]}"; do
         --schemes int8 nf4
       cp runs/reports/qid_study/{qid_study.json,qid_study.md,qid_study.png,COMMAND.txt} reports/qid_study/
       ;;
-    *) echo "unknown step $step (demo, orderings, qaware, qid)" >&2; exit 2 ;;
+    real)  # real weights: Gemma 3 270M with its own tokenizer; two batches on the same folds/seed, then joined
+      [ -d models/gemma-3-270m ] || $PY -m kaggle_utils fetch-model gemma-3-270m --out models/gemma-3-270m
+      $PY -m kaggle_utils compare-orderings --config reports/real_weights_config.yaml --sample-rows 320 \
+        --out runs/reports/real_weights_a --seeds 42 --threads 1 \
+        --variants ft-then-quant-int8 ft-then-quant-nf4 quant-then-ft-int8 quant-then-ft-nf4
+      $PY -m kaggle_utils compare-orderings --config reports/real_weights_config.yaml --sample-rows 320 \
+        --out runs/reports/real_weights_b --seeds 42 --threads 1 --variants qa-lora-merged loftq
+      $PY -m kaggle_utils combine-reports runs/reports/real_weights_a runs/reports/real_weights_b \
+        --out runs/reports/real_weights
+      mkdir -p reports/real_weights
+      cp runs/reports/real_weights/report.{json,md,png} reports/real_weights/
+      ;;
+    *) echo "unknown step $step (demo, orderings, qaware, qid, real)" >&2; exit 2 ;;
   esac
 done
