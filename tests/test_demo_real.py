@@ -42,7 +42,7 @@ def test_demo_real_refuses_the_tiny_demos_options(main, tmp_path, capsys):
 def test_demo_real_trains_both_orderings_on_the_270m_and_submits(main, gemma3_270m_dir, tmp_path, capsys):
     out, submission = tmp_path / "demo", tmp_path / "submission.csv"
     argv = ["demo", "--real", "--model-dir", str(gemma3_270m_dir), "--out", str(out), "--submission",
-            str(submission), "--n-train", "40", "--n-test", "4", "--max-steps", "1", "--max-length", "64"]
+            str(submission), "--n-train", "40", "--n-test", "4", "--max-steps", "1", "--max-length", "96"]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "[7/7]" in printed and "WARNING" not in printed
@@ -60,7 +60,7 @@ def test_demo_real_trains_both_orderings_on_the_270m_and_submits(main, gemma3_27
     for variant, artifact_dir in artifacts.items():
         manifest = json.loads((Path(artifact_dir) / MANIFEST_NAME).read_text())
         assert manifest["variant"] == variant and manifest["base_model"] == str(gemma3_270m_dir)
-        assert manifest["format_config"]["template"] == "auto" and manifest["max_length"] == 64
+        assert manifest["format_config"]["template"] == "auto" and manifest["max_length"] == 96
         model_config = json.loads((Path(artifact_dir) / "model" / "config.json").read_text())
         assert model_config["model_type"] == "gemma3_text" and model_config["vocab_size"] == 262_144
     assert not (out / "orderings" / "tokenizer").exists()  # the checkpoint's own tokenizer, no demo BPE

@@ -52,7 +52,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--out", required=True, help="directory for data, folds, OOF, model and demo_report")
     parser.add_argument("--submission", default="submissions/submission.csv")
-    parser.add_argument("--n-train", type=int, help="generated training rows (default 2000; --real: 160)")
+    parser.add_argument("--n-train", type=int, help="generated training rows (default 2000; --real: 80)")
     parser.add_argument("--n-test", type=int, help="generated test rows (default 200; --real: 16)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
@@ -64,7 +64,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--model-dir", default=".cache/models/gemma-3-270m",
                         help="--real: the checkpoint directory (fetch-model gemma-3-270m --out DIR writes it)")
-    parser.add_argument("--max-steps", type=int, help="--real: optimizer steps per ordering (default 24)")
+    parser.add_argument("--max-steps", type=int, help="--real: optimizer steps per ordering (default 8)")
     parser.add_argument("--max-length", type=int, help="--real: tokens per formatted pair (default 256)")
     parser.add_argument(
         "--record", action="store_true",
