@@ -69,12 +69,16 @@ def test_cpu_replicas_give_several_cpu_devices_with_distinct_report_names():
         (InferenceConfig(device="cuda"), CPU, "no CUDA GPU"),
         (InferenceConfig(device="tpu"), CPU, "torch_xla"),
         (InferenceConfig(num_gpus=3), T4X2, "num_gpus=3"),
-        (InferenceConfig(num_gpus=0), T4X2, "num_gpus=0"),
     ],
 )
 def test_impossible_requests_raise_usage_errors(cfg, probe, message):
     with pytest.raises(UsageError, match=message):
         rt.detect_runtime(cfg, probe=probe)
+
+
+def test_zero_gpus_is_refused_when_the_config_is_built():
+    with pytest.raises(UsageError, match="inference.num_gpus must be >= 1"):
+        InferenceConfig(num_gpus=0)
 
 
 def test_real_probe_on_this_machine_is_consistent():
