@@ -15,7 +15,8 @@ group-wise INT4 (RTN and HQQ, group 64) -- over every q/k/v/o/gate/up/down proje
    3-class score head reads), mean / max over generated conversation rows formatted by
    `kaggle_utils.formatting` with the model's own tokenizer. The reference h is the fp32 model (bf16 weights are
    exact in fp32); the quantized model swaps each projection for bitsandbytes `Linear4bit` / `Linear8bitLt`
-   (eval mode: LLM.int8's mixed int8 matmul, fp16-cast activations) or the package's `Int4Linear`, on CPU.
+   (eval mode: LLM.int8's mixed int8 matmul, fp16-cast activations) or the package's `Int4Linear`, on CPU;
+   "int8_weight_only" runs the dequantized int8 weight in fp32, to tell weight rounding from activation rounding.
 
 Run: `.venv/bin/python benchmarks/bench_quant_error.py` (1 thread, about 6 minutes; writes
 benchmarks/results/quant_error/bench_quant_error.json and a .md table, with device, date and command).
@@ -60,6 +61,9 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results" / "quant_error" / "bench_quant_error.json"
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 SCHEMES = ("nf4", "int8", "int4_rtn", "int4_hqq")
+# End to end only: the int8 storage error alone (fp32 matmul with the dequantized int8 weight), which separates
+# LLM.int8's weight rounding from its activation quantization (fp16 cast, int8 rows, outlier columns in 16-bit).
+INT8_WEIGHT_ONLY = "int8_weight_only"
 INT8_THRESHOLD = 6.0  # transformers' BitsAndBytesConfig default (llm_int8_threshold), which the package ships
 
 
@@ -100,6 +104,11 @@ def quantized_module(linear: nn.Linear, scheme: str, int4: Int4Weight | None) ->
     import bitsandbytes as bnb
 
     weight = linear.weight.data.detach().clone()
+    if scheme == INT8_WEIGHT_ONLY:
+        codes, row_stats, _ = bnb.functional.int8_vectorwise_quant(weight.to(torch.float16))
+        module = nn.Linear(linear.in_features, linear.out_features, bias=False)
+        module.weight.data = bnb.functional.int8_vectorwise_dequant(codes, row_stats).to(weight.dtype)
+        return module.eval()
     if scheme == "nf4":
         module = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=False, compute_dtype=weight.dtype,
                                    quant_type="nf4", compress_statistics=True)
@@ -151,10 +160,10 @@ def measure_model(model: nn.Module, rows: list[list[int]], group_size: int, max_
     reference = scored_vectors(model, rows)
     forward_s = time.perf_counter() - began
     end_to_end = {}
-    for scheme in SCHEMES:
+    for scheme in (*SCHEMES, INT8_WEIGHT_ONLY):
         originals = dict(linears)
         for name, linear in linears:
-            replace_module(model, name, quantized_module(linear, scheme, int4[scheme, name]))
+            replace_module(model, name, quantized_module(linear, scheme, int4.get((scheme, name))))
         per_row = [relative_error(q, r) for q, r in zip(scored_vectors(model, rows), reference, strict=True)]
         for name, linear in originals.items():
             replace_module(model, name, linear)
@@ -190,6 +199,8 @@ def markdown(result: dict) -> str:
                 f"| {kind} | {ws['excess_kurtosis']['median']:.2f} | {ws['outlier_ratio']['median']:.1f} / "
                 f"{ws['outlier_ratio']['max']:.1f} | {scheme} | {we['median']:.4f} | {we['max']:.4f} "
                 f"({we['worst'][0]['layer']}) | {he['mean']:.4f} | {he['max']:.4f} |")
+        he = data["hidden_state_relative_error"][INT8_WEIGHT_ONLY]
+        lines.append(f"| {kind} | | | int8 weight only (fp32 matmul) | | | {he['mean']:.4f} | {he['max']:.4f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -244,6 +255,8 @@ def main(argv: list[str] | None = None) -> int:
                             f"{args.seed})", "reference_dtype": "float32"},
         "schemes": {"nf4": "bitsandbytes NF4, blocksize 64, double quant", "int8": "bitsandbytes LLM.int8, "
                     f"threshold {INT8_THRESHOLD}; weight error = row-wise absmax int8 storage only",
+                    INT8_WEIGHT_ONLY: "end to end only: fp32 matmul with the dequantized int8 weight (no "
+                                      "activation quantization)",
                     "int4_rtn": f"kaggle_utils INT4 RTN min-max, group {args.group_size}",
                     "int4_hqq": f"kaggle_utils INT4 HQQ, group {args.group_size}"},
         "rows": len(rows),
