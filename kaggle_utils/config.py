@@ -345,7 +345,7 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "baseline.min_samples_leaf": (_AT_LEAST_ONE, ">= 1"),
     "baseline.l2_regularization": (_NON_NEGATIVE, ">= 0"),
     "baseline.n_threads": (_AT_LEAST_ONE, ">= 1"),
-    "format.max_length": (lambda v: v >= 16, ">= 16 (room for the template's own tokens)"),
+    "format.max_length": (_AT_LEAST_ONE, ">= 1 (encode_rows names the template's real minimum)"),
     "format.head_fraction": (lambda v: 0 <= v <= 1, "in [0, 1] (0: only the end survives, 1: only the start)"),
     "model.num_labels": (lambda v: v >= 2, ">= 2"),
     "lora.r": (_AT_LEAST_ONE, ">= 1"),
