@@ -6,7 +6,8 @@ with the same seed(s) and data order, and writes `report.json`, `report.md` and 
 plus the OOF probabilities (`oof.parquet`, metrics' layout) and one inference artifact per variant/seed/fold.
 
 Per variant and fold it measures: log loss / accuracy on the held-out fold of the shipped quantized artifact
-(reloaded from disk, predicted as inference predicts: with swap TTA when `cfg.inference.tta_swap`) and of the
+(reloaded from disk and scored by `inference.score_rows`, the encoding, batch schedule and view combination
+`predict` uses, under `cfg.inference`: swap TTA when `cfg.inference.tta_swap`) and of the
 variant's own 16-bit reference, training wall time, peak memory (CPU RSS; CUDA max allocated), trainable
 parameters, artifact size on disk and inference rows/s. The held-out fold is only scored after training, by
 the weights `cfg.train.selection` shipped (training.py): checkpoints are never chosen on it.
@@ -68,9 +69,10 @@ from kaggle_utils.devices import default_device
 from kaggle_utils.dialects import Dialect, get_dialect
 from kaggle_utils.errors import UsageError
 from kaggle_utils.folds import folds_file_hash, load_folds, make_folds, save_folds
-from kaggle_utils.formatting import TEMPLATE_VERSION, encode_both_orders, encode_rows, swap_probs
+from kaggle_utils.formatting import TEMPLATE_VERSION
+from kaggle_utils.inference import ScoredRows, score_rows
 from kaggle_utils.metrics import class_prior, log_loss, make_oof, save_oof
-from kaggle_utils.modeling import base_has_weights, materialize_base, predict_probs
+from kaggle_utils.modeling import base_has_weights, materialize_base
 from kaggle_utils.qaware import variants as _qaware_variants  # noqa: F401  registers the quantization-aware ones
 from kaggle_utils.real_models import base_weights_note, has_real_weights, resolve_tokenizer
 from kaggle_utils.runtime import find_competition_file, run_output_dir
@@ -289,19 +291,25 @@ def _run_fold(cfg, variant: Variant, frame, folds, fold: int, seed: int, tokeniz
         "dialect": cfg.data.format,  # predict() reads the test file and writes the submission in this dialect
     }
     exported = variant.export(ExportContext(fold_ctx, result, run_dir / "artifact", manifest_fields))
-    val_rows = _encode_views(val_part, tokenizer, cfg)
     labels = result.val_labels
-    probs16, _ = _predict_views(exported.reference_model, val_rows, tokenizer.pad_token_id, cfg, progress)
+    scoring = dataclasses.replace(cfg.inference, progress=progress)
+
+    def score(model, model_tokenizer=tokenizer, format_config=cfg.format) -> ScoredRows:
+        return score_rows(model, model_tokenizer, format_config, val_part, scoring, device)
+
+    probs16 = score(exported.reference_model).probs
     if exported.shipped_model is not None:
         shipped, artifact_bytes = exported.shipped_model, _model_bytes(exported.shipped_model)
-    else:
-        shipped = load_artifact(exported.artifact_dir, device=device).model
-        artifact_bytes = artifact_size_bytes(exported.artifact_dir)
-    probs_q, rows_per_s = _predict_views(shipped, val_rows, tokenizer.pad_token_id, cfg, progress)
+        scored = score(shipped)
+    else:  # reloaded from disk and scored with the artifact's own tokenizer and format, as `predict` does
+        loaded = load_artifact(exported.artifact_dir, device=device)
+        shipped, artifact_bytes = loaded.model, artifact_size_bytes(exported.artifact_dir)
+        scored = score(shipped, loaded.tokenizer, loaded.format_config)
+    probs_q, rows_per_s = scored.probs, scored.rows_per_s
     loss16, loss_q = log_loss(labels, probs16), log_loss(labels, probs_q)
     extras = {}
     for name, model in exported.extra_models.items():
-        probs_x, _ = _predict_views(model, val_rows, tokenizer.pad_token_id, cfg, progress)
+        probs_x = score(model).probs
         extras[name] = {"log_loss": log_loss(labels, probs_x), "qid_vs_16bit": log_loss(labels, probs_x) - loss16,
                         "max_abs_prob_diff_vs_shipped": float(np.abs(probs_x - probs_q).max())}
     scores = {"fold": fold, "log_loss_16bit": loss16, "log_loss_quantized": loss_q,
@@ -333,27 +341,6 @@ def _run_fold(cfg, variant: Variant, frame, folds, fold: int, seed: int, tokeniz
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return fold_run, tables
-
-
-def _encode_views(frame: pl.DataFrame, tokenizer, cfg: PipelineConfig) -> list[list[list[int]]]:
-    if cfg.inference.tta_swap:
-        original, swapped = encode_both_orders(frame, tokenizer, cfg.format)
-        return [original.input_ids, swapped.input_ids]
-    return [encode_rows(frame, tokenizer, cfg.format).input_ids]
-
-
-def _predict_views(model, views, pad_token_id: int, cfg: PipelineConfig, progress: bool = False
-                   ) -> tuple[np.ndarray, float]:
-    """Probabilities as inference makes them (mean of the original and the swapped-back view with TTA),
-    and rows per second."""
-    started = time.perf_counter()
-    probs = [predict_probs(model, rows, pad_token_id, token_budget=cfg.train.eval_token_budget, progress=progress)
-             for rows in views]
-    elapsed = time.perf_counter() - started
-    if len(probs) == 2:
-        probs = [probs[0], swap_probs(probs[1])]
-    mean = np.mean(probs, axis=0)
-    return mean, len(views[0]) / elapsed if elapsed > 0 else float("nan")
 
 
 def _model_bytes(model: nn.Module) -> int:

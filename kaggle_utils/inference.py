@@ -584,6 +584,60 @@ def combine_views(views: ViewPredictions, fallback: np.ndarray) -> tuple[np.ndar
     return final, paths
 
 
+def encode_views(frame: Any, tokenizer: Any, format_config: Any, tta_swap: bool) -> tuple[list[list[list[int]]], Any]:
+    """The token sequences of every view (original, and the A/B-swapped one with TTA) and the original view's
+    encoding (its `summary()` goes in reports): the one place both CV and `predict` format rows."""
+    if tta_swap:
+        original, swapped = encode_both_orders(frame, tokenizer, format_config)
+        return [original.input_ids, swapped.input_ids], original
+    original = encode_rows(frame, tokenizer, format_config)
+    return [original.input_ids], original
+
+
+@dataclass
+class ScoredRows:
+    """What `score_rows` returns: the final probabilities (what a submission of these rows would hold), each
+    view's own probabilities (for studies of the TTA combination) and the throughput."""
+
+    probs: np.ndarray
+    views: ViewPredictions
+    rows_per_s: float
+    schedule: ScheduleReport
+
+
+def score_rows(
+    model: Any,
+    tokenizer: Any,
+    format_config: Any,
+    frame: Any,
+    cfg: InferenceConfig,
+    device: str | torch.device = "cpu",
+) -> ScoredRows:
+    """Predict labelled rows exactly as `predict` would: the same encoding, forward, token-budget schedule
+    (`cfg.token_budget`, `cfg.max_rows_per_batch`) and view combination. Cross-validation scores the shipped
+    model with this, so whatever later changes the submission's probabilities changes CV with it.
+
+    Unlike `predict` there is no deadline and no fallback: a row that no view served raises (a CV figure with
+    holes would be wrong), naming the schedule's first error."""
+    sequences, _ = encode_views(frame, tokenizer, format_config, cfg.tta_swap)
+    forward = make_forward(model, _pad_id(tokenizer), str(device))
+    began = time.perf_counter()
+    views, schedule = run_schedule(sequences, [forward], cfg, names=[str(device)])
+    elapsed = time.perf_counter() - began
+    served = views.done.any(axis=0)
+    if not served.all():
+        first = schedule.errors[0] if schedule.errors else {"message": "no error recorded"}
+        raise InferenceError(f"scoring left {int((~served).sum())} of {len(served)} rows unpredicted "
+                             f"(first error: {first.get('type', '')} {first.get('message', '')})")
+    if cfg.tta_swap and not views.done.all():
+        raise InferenceError(f"scoring served only one view of {int((~views.done.all(axis=0)).sum())} rows: "
+                             "CV must score both TTA views as the submission would")
+    unserved = np.full((len(served), len(LABEL_COLUMNS)), np.nan)
+    probs, _ = combine_views(views, unserved)
+    rows_per_s = len(served) / elapsed if elapsed > 0 else float("nan")
+    return ScoredRows(probs=probs, views=views, rows_per_s=rows_per_s, schedule=schedule)
+
+
 def class_prior_from_manifest(manifest: dict | None) -> np.ndarray | None:
     """`class_prior` in the manifest as [a, b, tie] or {winner_model_a|a: ..}; None when absent or unusable."""
     raw = (manifest or {}).get("class_prior")
@@ -945,12 +999,7 @@ def _run_models(
 
     try:
         began = clock()
-        if cfg.tta_swap:
-            original, swapped = encode_both_orders(frame, tokenizer, format_config)
-            encoded = [original.input_ids, swapped.input_ids]
-        else:
-            original = encode_rows(frame, tokenizer, format_config)
-            encoded = [original.input_ids]
+        encoded, original = encode_views(frame, tokenizer, format_config, cfg.tta_swap)
         report.encoding = original.summary()
         report.timings_s["encode"] = clock() - began
 
