@@ -220,6 +220,11 @@ class InferenceConfig:
     # view_per_device: the winners' 2-GPU layout (original on GPU0, swapped on GPU1); a device whose view is
     # done helps with the other, so both stay busy to the end.
     layout: Literal["shared_queue", "view_per_device"] = "shared_queue"
+    # An ensemble artifact (ensembles.py) predicts member by member. sequential: each member on every device,
+    # cheapest first, so the time guard cuts the most expensive member's remaining rows first.
+    # member_per_device: the winners' 2-GPU layout, one member per device side by side (needs as many devices
+    # as model members; otherwise sequential, said in the report).
+    ensemble_layout: Literal["sequential", "member_per_device"] = "sequential"
     device: Literal["auto", "cuda", "cpu", "tpu"] = "auto"
     num_gpus: int | None = None  # None -> all visible
     # thread: one worker thread per device, all replicas in this process. process: one spawned worker process

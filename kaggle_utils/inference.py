@@ -24,7 +24,12 @@ Two layers:
   with the cheapest good prediction (baseline model, else the class prior from the manifest, else uniform),
   writes the submission atomically and a JSON report beside it with how many rows each path served. The file
   is the competition dialect's (`dialects.py`, named in the artifact's manifest): LMSYS's three probability
-  columns, or WSDM's `id, winner`.
+  columns, or WSDM's `id, winner`. An ensemble artifact (manifest `kind: ensemble`, `ensembles.py`) runs
+  each member through the same steps, cheapest model first under the one deadline (or one member per device
+  with `ensemble_layout="member_per_device"`), and blends them by the manifest's weights, renormalised per
+  row over the members that served it: the time guard cuts the most expensive member's rows first.
+* `score_rows`: the same encoding, schedule and view combination for labelled rows, without deadline or
+  fallback: cross-validation scores the shipped model with it, so CV and the submission cannot drift apart.
 
 Error policy (decided here): after the test ids are read, no exception escapes `predict` by default, because
 on Kaggle any exception fails the submission even when the file exists; errors are logged, counted and
@@ -38,6 +43,7 @@ wrote and validated the file) raises when any row fell back, except in Kaggle's 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import json
 import logging
@@ -87,6 +93,8 @@ VIEW_NAMES: tuple[str, ...] = ("original", "swapped")
 ORIGINAL, SWAPPED = 0, 1
 # How each row's final prediction was made (the report counts rows per path).
 PATH_TTA, PATH_ORIGINAL, PATH_SWAPPED, PATH_FALLBACK = "tta", "original_only", "swapped_only", "fallback"
+# An ensemble's rows: every member served the row, or only some (weights renormalised over those).
+PATH_ALL_MEMBERS, PATH_SOME_MEMBERS = "all_members", "some_members"
 _ERRORS_KEPT = 20
 
 
@@ -708,6 +716,7 @@ class InferenceReport:
     timings_s: dict[str, float] = field(default_factory=dict)
     deadline_s: float | None = None  # seconds from predict()'s start left for the whole run
     fallback_file: str = ""  # where the early fallback submission was written (the output, or beside it)
+    members: list[dict] = field(default_factory=list)  # an ensemble's members: weight, rows served, schedule
     report_written: bool = False
     errors: list[dict] = field(default_factory=list)
 
@@ -733,6 +742,8 @@ class InferenceReport:
                      f"{self.schedule['rows_requeued']} row passes re-queued")
         if self.schedule.get("stopped"):
             text += f"; stopped: {self.schedule['stopped']}"
+        if self.members:
+            text += "; members: " + ", ".join(f"{m['name']} {m['rows_served']}/{self.rows}" for m in self.members)
         if self.errors:
             text += f"; {len(self.errors)} error(s), first: {self.errors[0].get('type')}: {self.errors[0].get('message')}"
         return text
@@ -872,20 +883,29 @@ def predict(
     views = ViewPredictions(
         np.full((1, len(ids), len(LABEL_COLUMNS)), np.nan), np.zeros((1, len(ids)), dtype=bool)
     )
+    blended: BlendedRows | None = None
 
     # 3. Models and the schedule; any failure here leaves the fallback in place.
     if runtime_error is not None:
         record("detecting the runtime", runtime_error)
     elif frame is not None:
         try:
-            views = _run_models(artifact_dir, frame, cfg, deadline, clock, runtime, wrap_forward, report)
+            if manifest.get("kind") == "ensemble":
+                blended = _run_ensemble(artifact_dir, manifest, frame, cfg, deadline, clock, runtime, wrap_forward,
+                                        report)
+            else:
+                views = _run_models(artifact_dir, frame, cfg, deadline, clock, runtime, wrap_forward, report)
         except Exception as error:
             record("model inference", error)
 
     # 4. Combine, fill, write, report.
-    final, paths = combine_views(views, fallback)
-    report.rows_by_path = {name: int((paths == name).sum()) for name in
-                           (PATH_TTA, PATH_ORIGINAL, PATH_SWAPPED, PATH_FALLBACK)}
+    if blended is not None:
+        final, paths = blended.fill(fallback)
+        path_names: tuple[str, ...] = (PATH_ALL_MEMBERS, PATH_SOME_MEMBERS, PATH_FALLBACK)
+    else:
+        final, paths = combine_views(views, fallback)
+        path_names = (PATH_TTA, PATH_ORIGINAL, PATH_SWAPPED, PATH_FALLBACK)
+    report.rows_by_path = {name: int((paths == name).sum()) for name in path_names}
     submission = chosen.write(ids, final, out_path, expected_ids=ids)
     report.submission = submission.to_dict()
     if early != out_path:
@@ -916,7 +936,8 @@ def _write_report(report: InferenceReport, record: Callable[[str, BaseException]
                 path.unlink()
 
 
-_MANIFEST_KEYS = ("ordering", "variant", "base_model", "quant_scheme", "dtype", "max_length", "template_version",
+_MANIFEST_KEYS = ("kind", "members", "ordering", "variant", "base_model", "quant_scheme", "dtype", "max_length",
+                  "template_version",
                   "cv_scores", "package_version", "created_at", "class_prior", "dialect")
 
 
@@ -1014,6 +1035,154 @@ def _run_models(
         for worker in pool:
             worker.close()
     return views
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Ensembles: several members, each predicted through `_run_models`, blended by the manifest's weights
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class EnsembleMember:
+    """One member of an ensemble artifact: a model artifact folder, or a feature-baseline JSON file."""
+
+    name: str
+    path: Path
+    weight: float
+
+    @property
+    def is_baseline(self) -> bool:
+        return self.path.is_file()
+
+    def cost(self) -> int:
+        """Bytes on disk: the proxy for a member's time per token (a 9B model costs more than a 2B one)."""
+        if self.is_baseline:
+            return 0
+        return sum(p.stat().st_size for p in self.path.rglob("*") if p.is_file())
+
+
+@dataclass
+class BlendedRows:
+    """(n, 3) weighted mean over the members that served each row (NaN where none did) and how many did."""
+
+    probs: np.ndarray
+    members_served: np.ndarray
+    n_members: int
+
+    def fill(self, fallback: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        final = np.array(fallback, dtype=np.float64, copy=True)
+        paths = np.full(len(final), PATH_FALLBACK, dtype=object)
+        some = self.members_served > 0
+        final[some] = self.probs[some]
+        paths[some] = PATH_SOME_MEMBERS
+        paths[self.members_served == self.n_members] = PATH_ALL_MEMBERS
+        return final, paths
+
+
+def ensemble_members(ensemble_dir: str | Path, manifest: dict) -> list[EnsembleMember]:
+    """The members the manifest names (paths relative to the ensemble folder, or absolute)."""
+    members = []
+    for index, entry in enumerate(manifest.get("members") or []):
+        path = Path(entry["path"])
+        members.append(EnsembleMember(name=str(entry.get("name") or path.name),
+                                      path=path if path.is_absolute() else Path(ensemble_dir) / path,
+                                      weight=float(entry["weight"])))
+        if not members[-1].weight >= 0:
+            raise UsageError(f"{Path(ensemble_dir) / MANIFEST_NAME}: members[{index}].weight must be >= 0")
+    if not members or sum(m.weight for m in members) <= 0:
+        raise UsageError(f"{Path(ensemble_dir) / MANIFEST_NAME}: an ensemble needs members with positive weight")
+    return members
+
+
+def blend_members(member_probs: Sequence[np.ndarray], weights: Sequence[float]) -> BlendedRows:
+    """Weighted mean per row over the members whose row is finite (served); weights renormalised per row."""
+    stacked = np.stack([np.asarray(p, dtype=np.float64) for p in member_probs])
+    served = np.all(np.isfinite(stacked), axis=2)
+    w = np.asarray(weights, dtype=np.float64)[:, None] * served
+    total = w.sum(axis=0)
+    blended = np.einsum("mr,mrc->rc", w, np.where(served[:, :, None], stacked, 0.0))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        blended = blended / total[:, None]
+    blended[total <= 0] = np.nan
+    return BlendedRows(probs=blended, members_served=(served & (np.asarray(weights)[:, None] > 0)).sum(axis=0),
+                       n_members=int((np.asarray(weights) > 0).sum()))
+
+
+def _run_ensemble(
+    ensemble_dir: str | Path,
+    manifest: dict,
+    frame: Any,
+    cfg: InferenceConfig,
+    deadline: float,
+    clock: Callable[[], float],
+    runtime: Any,
+    wrap_forward: Callable[[ForwardFn, str], ForwardFn] | None,
+    report: InferenceReport,
+) -> BlendedRows:
+    """Predict every member and blend. Baseline members first (cheap, every row); model members cheapest first
+    under the one deadline, so when time runs short it is the most expensive member whose TTA, then rows, the
+    time guard drops; its rows are then blended from the members that served them. A member that fails is
+    recorded and left out of its rows' blend. With `ensemble_layout="member_per_device"` and at least one
+    device per model member, members run side by side, one (or more) devices each, under the same deadline."""
+    members = ensemble_members(ensemble_dir, manifest)
+    n_rows = frame.height
+    probs: dict[str, np.ndarray] = {}
+    member_reports: dict[str, InferenceReport] = {}
+
+    def run_member(member: EnsembleMember, member_runtime: Any) -> None:
+        member_report = InferenceReport(submission_path=report.submission_path, test_path=report.test_path,
+                                        artifact_dir=str(member.path))
+        member_reports[member.name] = member_report
+        probs[member.name] = np.full((n_rows, len(LABEL_COLUMNS)), np.nan)
+        try:
+            if member.is_baseline:
+                predicted = np.asarray(BaselineModel.load(member.path).predict_proba(frame), dtype=np.float64)
+                if predicted.shape != (n_rows, len(LABEL_COLUMNS)):
+                    raise ValueError(f"baseline member returned shape {predicted.shape} for {n_rows} rows")
+                probs[member.name] = predicted
+                return
+            views = _run_models(member.path, frame, cfg, deadline, clock, member_runtime, wrap_forward, member_report)
+            probs[member.name], _ = combine_views(views, np.full((n_rows, len(LABEL_COLUMNS)), np.nan))
+        except Exception as error:  # the other members still serve these rows
+            member_report.errors.append({"where": f"ensemble member {member.name}", **_describe_error(error)})
+            logger.error("ensemble member %s failed: %r (its rows are blended from the others)", member.name, error)
+
+    models = sorted((m for m in members if not m.is_baseline), key=EnsembleMember.cost)
+    for member in (m for m in members if m.is_baseline):
+        run_member(member, runtime)
+    layout = cfg.ensemble_layout
+    if layout == "member_per_device" and (len(runtime.devices) < len(models) or runtime.kind == "tpu"):
+        logger.warning("ensemble_layout member_per_device needs a device per model member (%d members, %d "
+                       "devices): running them one after the other", len(models), len(runtime.devices))
+        layout = "sequential (member_per_device needs a device per member)"
+    if layout == "member_per_device":
+        threads = [threading.Thread(target=run_member, daemon=True, name=f"member-{member.name}",
+                                    args=(member, dataclasses.replace(runtime, devices=runtime.devices[i::len(models)])))
+                   for i, member in enumerate(models)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            while thread.is_alive():
+                thread.join(timeout=0.5)
+    else:
+        for member in models:
+            run_member(member, runtime)
+
+    blended = blend_members([probs[m.name] for m in members], [m.weight for m in members])
+    report.runtime = runtime.to_dict()
+    report.schedule = {"ensemble_layout": layout}
+    for member in members:
+        served = np.all(np.isfinite(probs[member.name]), axis=1)
+        member_report = member_reports[member.name]
+        report.members.append({
+            "name": member.name, "path": str(member.path), "weight": member.weight,
+            "kind": "baseline" if member.is_baseline else "model", "rows_served": int(served.sum()),
+            "schedule": member_report.schedule, "timings_s": member_report.timings_s,
+        })
+        report.errors.extend(member_report.errors)
+        for error in member_report.schedule.get("errors", []):
+            report.errors.append({"member": member.name, **error})
+    return blended
 
 
 def worker_names(devices: Sequence[str]) -> list[str]:

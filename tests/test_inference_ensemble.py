@@ -1,0 +1,109 @@
+"""An ensemble artifact through `predict`: the blend by the manifest's weights, the time guard cutting the most
+expensive member first, a failing member, and a submission that stays valid throughout (fake clock, CPU)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+from test_inference import CLASS_PRIOR, FakeClock, build_tiny_artifacts, predict_cfg, read_probs
+
+from kaggle_utils import inference
+from kaggle_utils.artifact_layout import MANIFEST_NAME
+from kaggle_utils.cli import main
+from kaggle_utils.submission import validate_submission
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py
+
+
+@pytest.fixture(scope="module")
+def tiny_artifacts(tmp_path_factory, demo_tokenizer):
+    torch.set_num_threads(1)
+    return build_tiny_artifacts(tmp_path_factory.mktemp("artifacts"), demo_tokenizer)
+
+
+def write_ensemble(folder, members: list[tuple[str, str, float]]) -> str:
+    """An ensemble folder as `ensembles.save_ensemble` writes it: a manifest naming members and weights."""
+    folder.mkdir(parents=True, exist_ok=True)
+    manifest = {"kind": "ensemble", "class_prior": CLASS_PRIOR, "dialect": "lmsys",
+                "members": [{"name": name, "path": str(path), "weight": weight} for name, path, weight in members]}
+    (folder / MANIFEST_NAME).write_text(json.dumps(manifest), encoding="utf-8")
+    return str(folder)
+
+
+def single(artifact, sample_files, out) -> np.ndarray:
+    report = inference.predict(artifact, sample_files.test_csv, out, predict_cfg())
+    assert report.fallback_rows == 0
+    return read_probs(out)
+
+
+def test_an_ensemble_predicts_the_weighted_mean_of_its_members(tiny_artifacts, sample_files, tmp_path):
+    first = single(tiny_artifacts["ft-then-quant"], sample_files, tmp_path / "a.csv")
+    second = single(tiny_artifacts["quant-then-ft"], sample_files, tmp_path / "b.csv")
+    ensemble = write_ensemble(tmp_path / "ens", [("ft", tiny_artifacts["ft-then-quant"], 0.7),
+                                                 ("q", tiny_artifacts["quant-then-ft"], 0.3)])
+    out = tmp_path / "submission.csv"
+    assert main(["predict", "--artifact", ensemble, "--test", str(sample_files.test_csv), "--out", str(out),
+                 "--device", "cpu"]) == 0
+    validate_submission(out, sample_files.test_csv)
+    np.testing.assert_allclose(read_probs(out), 0.7 * first + 0.3 * second, atol=1e-6)
+    report = json.loads(inference.report_path_for(out).read_text())
+    rows = pl.read_csv(sample_files.test_csv).height
+    assert report["rows_by_path"] == {"all_members": rows, "some_members": 0, "fallback": 0}
+    assert [(m["name"], m["rows_served"]) for m in report["members"]] == [("ft", rows), ("q", rows)]
+
+
+def test_the_time_guard_cuts_the_most_expensive_member_first(tiny_artifacts, sample_files, tmp_path):
+    """Members run cheapest first under one deadline: the expensive one loses its TTA, then rows, which are
+    then served by the cheap member alone; nothing falls back and the file is valid."""
+    clock = FakeClock()
+    first, second = tiny_artifacts["ft-then-quant"], tiny_artifacts["quant-then-ft"]
+    cheap, costly = sorted((first, second), key=lambda p: inference.EnsembleMember("", p, 1.0).cost())
+
+    def slow(forward, name):  # every padded token costs 0.1 fake seconds, whichever member runs
+        def wrapped(seqs):
+            clock.advance(0.1 * len(seqs) * max(len(seq) for seq in seqs))
+            return forward(seqs)
+        return wrapped
+
+    ensemble = write_ensemble(tmp_path / "ens", [("costly", costly, 0.5), ("cheap", cheap, 0.5)])
+    # ~1600 fake s per member with both views; the deadline leaves room for the cheap member and a part of
+    # the costly one.
+    cfg = predict_cfg(deadline_hours=(2700 / 3600) + 0.1, safety_margin_hours=0.1)
+    out = tmp_path / "submission.csv"
+    report = inference.predict(ensemble, sample_files.test_csv, out, cfg, clock=clock, wrap_forward=slow)
+    validate_submission(out, sample_files.test_csv)
+    members = {m["name"]: m for m in report.members}
+    assert members["cheap"]["rows_served"] == report.rows  # run first: all its rows
+    assert members["costly"]["schedule"]["tta_dropped"]  # its TTA went first ...
+    assert 0 < members["costly"]["rows_served"] < report.rows  # ... then its remaining rows
+    assert report.rows_by_path["fallback"] == 0
+    assert report.rows_by_path["some_members"] == report.rows - members["costly"]["rows_served"]
+
+
+def test_a_failing_member_leaves_its_rows_to_the_others(tiny_artifacts, sample_files, tmp_path):
+    alone = single(tiny_artifacts["ft-then-quant"], sample_files, tmp_path / "a.csv")
+    ensemble = write_ensemble(tmp_path / "ens", [("ft", tiny_artifacts["ft-then-quant"], 0.5),
+                                                 ("missing", tmp_path / "no-such-artifact", 0.5)])
+    out = tmp_path / "submission.csv"
+    report = inference.predict(ensemble, sample_files.test_csv, out, predict_cfg())
+    validate_submission(out, sample_files.test_csv)
+    np.testing.assert_allclose(read_probs(out), alone, atol=1e-6)  # weights renormalised over the served
+    assert report.rows_by_path["some_members"] == report.rows and report.fallback_rows == 0
+    assert any("missing" in error["where"] for error in report.errors)
+
+
+def test_blend_members_renormalises_over_the_members_that_served_a_row():
+    a = np.array([[0.6, 0.3, 0.1], [np.nan] * 3, [np.nan] * 3])
+    b = np.array([[0.2, 0.2, 0.6], [0.1, 0.8, 0.1], [np.nan] * 3])
+    blended = inference.blend_members([a, b], [0.75, 0.25])
+    np.testing.assert_allclose(blended.probs[0], 0.75 * a[0] + 0.25 * b[0])
+    np.testing.assert_allclose(blended.probs[1], b[1])
+    assert np.isnan(blended.probs[2]).all()
+    assert blended.members_served.tolist() == [2, 1, 0]
+    final, paths = blended.fill(np.full((3, 3), 1 / 3))
+    assert paths.tolist() == ["all_members", "some_members", "fallback"]
+    np.testing.assert_allclose(final[2], 1 / 3)
