@@ -30,7 +30,7 @@ import numpy as np
 import polars as pl
 
 from kaggle_utils.config import LABEL_COLUMNS, DataConfig
-from kaggle_utils.errors import SubmissionError, UsageError, one_line
+from kaggle_utils.errors import SubmissionError, UsageError
 from kaggle_utils.fileio import atomic_write_bytes
 from kaggle_utils.labels import parse_one_hot_labels, parse_winner_labels
 from kaggle_utils.metrics import log_loss
@@ -38,6 +38,8 @@ from kaggle_utils.sample import generate_competition_files, generate_wsdm_files
 from kaggle_utils.submission import (
     SubmissionReport,
     check_ids,
+    id_column_problems,
+    read_submission_table,
     read_test_ids,
     repair_probabilities,
     validate_submission,
@@ -255,38 +257,11 @@ class WsdmDialect(Dialect):
     def validate(self, path, test_path):
         """Header exactly `id, winner`; ids unique and the test file's set; every `winner` exactly model_a or
         model_b. All problems in one message, each with its field and the file's line numbers and ids."""
+        table = read_submission_table(path, self.submission_columns)
         path = Path(path)
-        if not path.is_file():
-            raise SubmissionError(f"submission file not found: {path}")
-        try:
-            table = pl.read_csv(path, infer_schema=False, encoding="utf8")
-        except Exception as error:  # polars: ComputeError / NoDataError / ShapeError for malformed CSV
-            raise SubmissionError(f"{path}: not a readable CSV ({one_line(error)})") from error
-        header = list(table.columns)
-        if header != list(self.submission_columns):
-            raise SubmissionError(
-                f"{path}: header must be exactly {list(self.submission_columns)}, got {header}"
-            )
-        if table.height == 0:
-            raise SubmissionError(f"{path}: no rows")
         problems: list[str] = []
         ids = table["id"].str.strip_chars()
-        if ids.null_count():
-            problems.append(f"field 'id' empty at lines {_join(_lines(ids.is_null()))}")
-        present = ids.drop_nulls()
-        duplicated = present.filter(present.is_duplicated()).unique(maintain_order=True).to_list()
-        if duplicated:
-            where = [f"{value} (lines {', '.join(map(str, _lines(ids == value)))})" for value in duplicated]
-            problems.append(f"field 'id': {len(duplicated)} duplicate ids: {_join(where)}")
-        expected = read_test_ids(test_path)
-        have, want = set(present.to_list()), set(expected.to_list())
-        missing = [value for value in expected.to_list() if value not in have]
-        if missing:
-            problems.append(f"field 'id': {len(missing)} test ids missing ({_join(missing)})")
-        extra_mask = ids.is_not_null() & ~ids.is_in(list(want))
-        if extra_mask.any():
-            problems.append(f"field 'id': {int(extra_mask.sum())} ids not in the test file "
-                            f"({_join(_line_ids(ids, extra_mask))})")
+        problems += id_column_problems(ids, read_test_ids(test_path))
         winner = table["winner"]
         bad = (~winner.is_in(list(WSDM_WINNER_VALUES))).fill_null(True)
         if bad.any():
@@ -305,10 +280,6 @@ class WsdmDialect(Dialect):
 def _lines(mask: pl.Series) -> list[int]:
     """1-based file line numbers (the header is line 1) where `mask` is true."""
     return [index + 2 for index in np.flatnonzero(mask.fill_null(False).to_numpy())]
-
-
-def _line_ids(ids: pl.Series, mask: pl.Series) -> list[str]:
-    return [f"{value} (line {line})" for value, line in zip(ids.filter(mask).to_list(), _lines(mask), strict=True)]
 
 
 def _join(values: Sequence) -> str:

@@ -122,11 +122,8 @@ def check_ids(
         raise SubmissionError(f"{path}: refusing to write a submission with no rows")
     if ids_series.null_count():
         raise SubmissionError(f"{path}: {ids_series.null_count()} ids are null")
-    problems = _id_problems(ids_series.cast(pl.String).str.strip_chars())
-    if expected_ids is not None:
-        problems += _id_set_problems(
-            ids_series.cast(pl.String).str.strip_chars(), _as_string_ids(expected_ids)
-        )
+    expected = _as_string_ids(expected_ids) if expected_ids is not None else None
+    problems = id_column_problems(ids_series.cast(pl.String).str.strip_chars(), expected)
     if problems:
         raise SubmissionError(f"{path}: " + "; ".join(problems))
     return ids_series
@@ -199,37 +196,11 @@ def validate_submission(path: str | Path, test_path: str | Path) -> SubmissionRe
     same set as the test file's; every value parses as a number, is finite, in [0, 1]; rows sum to one
     within 1e-6. All problems found are listed in one message.
     """
+    table = read_submission_table(path, SUBMISSION_COLUMNS)
     path = Path(path)
-    if not path.is_file():
-        raise SubmissionError(f"submission file not found: {path}")
-    try:
-        table = pl.read_csv(path, infer_schema=False, encoding="utf8")
-    except Exception as error:  # polars: ComputeError / NoDataError / ShapeError for malformed CSV
-        raise SubmissionError(f"{path}: not a readable CSV ({one_line(error)})") from error
-
-    header = list(table.columns)
-    if header != list(SUBMISSION_COLUMNS):
-        missing = [column for column in SUBMISSION_COLUMNS if column not in header]
-        extra = [column for column in header if column not in SUBMISSION_COLUMNS]
-        details = []
-        if missing:
-            details.append(f"missing columns {missing}")
-        if extra:
-            details.append(f"extra columns {extra}")
-        if not missing and not extra:
-            details.append("columns in the wrong order")
-        raise SubmissionError(
-            f"{path}: header must be exactly {list(SUBMISSION_COLUMNS)}, got {header} ({'; '.join(details)})"
-        )
-    if table.height == 0:
-        raise SubmissionError(f"{path}: no rows")
-
     problems: list[str] = []
     ids = table["id"].str.strip_chars()
-    if ids.null_count():
-        problems.append(f"{ids.null_count()} empty ids (lines {_join(_lines(ids.is_null()))})")
-    problems += _id_problems(ids.drop_nulls())
-    problems += _id_set_problems(ids.drop_nulls(), read_test_ids(test_path))
+    problems += id_column_problems(ids, read_test_ids(test_path))
 
     values = table.select(
         [pl.col(column).str.strip_chars().cast(pl.Float64, strict=False) for column in LABEL_COLUMNS]
@@ -264,21 +235,58 @@ def validate_submission(path: str | Path, test_path: str | Path) -> SubmissionRe
     return SubmissionReport(path=str(path), rows=table.height)
 
 
-def _id_problems(ids: pl.Series) -> list[str]:
-    duplicated = ids.filter(ids.is_duplicated()).unique(maintain_order=True)
-    return [f"{len(duplicated)} duplicate ids ({_join(duplicated.to_list())})"] if len(duplicated) else []
+def read_submission_table(path: str | Path, columns: Sequence[str]) -> pl.DataFrame:
+    """The submission file as strings, after the checks every dialect shares: it exists, parses as CSV, its
+    header is exactly `columns` (what is missing, extra or out of order said), and it has rows."""
+    path = Path(path)
+    if not path.is_file():
+        raise SubmissionError(f"submission file not found: {path}")
+    try:
+        table = pl.read_csv(path, infer_schema=False, encoding="utf8")
+    except Exception as error:  # polars: ComputeError / NoDataError / ShapeError for malformed CSV
+        raise SubmissionError(f"{path}: not a readable CSV ({one_line(error)})") from error
+    header = list(table.columns)
+    if header != list(columns):
+        missing = [column for column in columns if column not in header]
+        extra = [column for column in header if column not in columns]
+        details = []
+        if missing:
+            details.append(f"missing columns {missing}")
+        if extra:
+            details.append(f"extra columns {extra}")
+        if not missing and not extra:
+            details.append("columns in the wrong order")
+        raise SubmissionError(
+            f"{path}: header must be exactly {list(columns)}, got {header} ({'; '.join(details)})"
+        )
+    if table.height == 0:
+        raise SubmissionError(f"{path}: no rows")
+    return table
 
 
-def _id_set_problems(ids: pl.Series, expected: pl.Series) -> list[str]:
-    """Ids the test file has and the submission lacks, and the reverse (both listed, in file order)."""
-    have, want = set(ids.to_list()), set(expected.to_list())
-    missing = [value for value in expected.to_list() if value not in have]
-    extra = [value for value in ids.to_list() if value not in want]
+def id_column_problems(ids: pl.Series, expected: pl.Series | None) -> list[str]:
+    """Every problem of a submission's `id` column, each with the file's line numbers: empty ids, duplicates,
+    and against the test file's ids (unless `expected` is None) test ids missing (in test-file order) and ids
+    the test file lacks. Shared by every dialect's writer and validator."""
     problems = []
+    if ids.null_count():
+        problems.append(f"field 'id' empty at lines {_join(_lines(ids.is_null()))}")
+    present = ids.drop_nulls()
+    duplicated = present.filter(present.is_duplicated()).unique(maintain_order=True).to_list()
+    if duplicated:
+        where = [f"{value} (lines {', '.join(map(str, _lines(ids == value)))})" for value in duplicated]
+        problems.append(f"field 'id': {len(duplicated)} duplicate ids: {_join(where)}")
+    if expected is None:
+        return problems
+    have, want = set(present.to_list()), set(expected.to_list())
+    missing = [value for value in expected.to_list() if value not in have]
     if missing:
-        problems.append(f"{len(missing)} test ids missing ({_join(missing)})")
-    if extra:
-        problems.append(f"{len(extra)} ids not in the test file ({_join(extra)})")
+        problems.append(f"field 'id': {len(missing)} test ids missing ({_join(missing)})")
+    extra_mask = ids.is_not_null() & ~ids.is_in(list(want))
+    if extra_mask.any():
+        extra = [f"{value} (line {line})" for value, line in
+                 zip(ids.filter(extra_mask).to_list(), _lines(extra_mask), strict=True)]
+        problems.append(f"field 'id': {int(extra_mask.sum())} ids not in the test file ({_join(extra)})")
     return problems
 
 
@@ -293,7 +301,7 @@ def _null_mask(values: pl.DataFrame) -> np.ndarray:
 
 def _lines(mask: pl.Series) -> list[int]:
     """1-based file line numbers (the header is line 1) of the rows where `mask` is true."""
-    return [index + 2 for index in np.flatnonzero(mask.to_numpy())]
+    return [index + 2 for index in np.flatnonzero(mask.fill_null(False).to_numpy())]
 
 
 def _join(values: Sequence) -> str:

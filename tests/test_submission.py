@@ -91,7 +91,7 @@ def test_writer_refuses_wrong_or_duplicate_ids_and_bad_shapes(tmp_path):
     path = tmp_path / "submission.csv"
     with pytest.raises(SubmissionError, match=r"1 test ids missing \(5002\)"):
         write_submission(TEST_IDS[:4], good_probs(4), path, expected_ids=TEST_IDS)
-    with pytest.raises(SubmissionError, match=r"ids not in the test file \(999\)"):
+    with pytest.raises(SubmissionError, match=r"ids not in the test file \(999 \(line 6\)\)"):
         write_submission([*TEST_IDS[:4], 999], good_probs(), path, expected_ids=TEST_IDS)
     with pytest.raises(SubmissionError, match="duplicate ids"):
         write_submission([*TEST_IDS[:4], TEST_IDS[0]], good_probs(), path)
@@ -175,13 +175,13 @@ def test_partial_bytes_never_reach_the_target(tmp_path, monkeypatch):
 # ---------------------------------------------------------------------------------------------- validator
 BAD_SUBMISSIONS = {
     "missing id": (HEADER, valid_rows()[:-1], r"1 test ids missing \(5002\)"),
-    "extra id": (HEADER, [*valid_rows(), "77,0.5,0.3,0.2"], r"ids not in the test file \(77\)"),
+    "extra id": (HEADER, [*valid_rows(), "77,0.5,0.3,0.2"], r"ids not in the test file \(77 \(line 7\)\)"),
     "wrong id": (
         HEADER,
         [*valid_rows()[:-1], "5003,0.5,0.3,0.2"],
-        r"missing \(5002\).*not in the test file \(5003\)",
+        r"missing \(5002\).*not in the test file \(5003 \(line 6\)\)",
     ),
-    "duplicate id": (HEADER, [*valid_rows(), valid_rows()[0]], r"duplicate ids \(136060\)"),
+    "duplicate id": (HEADER, [*valid_rows(), valid_rows()[0]], r"duplicate ids: 136060 \(lines 2, 7\)"),
     "missing column": (
         "id,winner_model_a,winner_model_b",
         [f"{i},0.5,0.5" for i in TEST_IDS],
