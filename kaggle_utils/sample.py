@@ -331,17 +331,21 @@ def generate_competition_files(
     out_dir: str | Path, n_train: int = 2000, n_test: int = 200, seed: int = 0, traps: bool = True
 ) -> SampleFiles:
     """Write train.csv, test.csv, sample_submission.csv (LMSYS format) in `out_dir`; same seed, same bytes."""
+    data = generate_competition_frames(n_train=n_train, n_test=n_test, seed=seed, traps=traps)
+    return _write_sample_files(out_dir, data, ".csv")
+
+
+def _write_sample_files(out_dir: str | Path, data: Any, suffix: str) -> SampleFiles:
+    """train/test in the competition's file type (`.csv` LMSYS, `.parquet` WSDM) and sample_submission.csv."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    data = generate_competition_frames(n_train=n_train, n_test=n_test, seed=seed, traps=traps)
-    files = SampleFiles(
-        train_csv=out / "train.csv",
-        test_csv=out / "test.csv",
-        sample_submission_csv=out / "sample_submission.csv",
-        traps=data.traps,
-    )
-    data.train.write_csv(files.train_csv)
-    data.test.write_csv(files.test_csv)
+    files = SampleFiles(train_csv=out / f"train{suffix}", test_csv=out / f"test{suffix}",
+                        sample_submission_csv=out / "sample_submission.csv", traps=data.traps)
+    for frame, path in ((data.train, files.train_csv), (data.test, files.test_csv)):
+        if suffix == ".parquet":
+            frame.write_parquet(path)
+        else:
+            frame.write_csv(path)
     data.sample_submission.write_csv(files.sample_submission_csv, float_precision=6)
     return files
 
@@ -615,19 +619,8 @@ def generate_wsdm_files(
     out_dir: str | Path, n_train: int = 2000, n_test: int = 200, seed: int = 0, traps: bool = True
 ) -> SampleFiles:
     """Write train.parquet, test.parquet, sample_submission.csv (WSDM Cup format) in `out_dir`."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     data = generate_wsdm_frames(n_train=n_train, n_test=n_test, seed=seed, traps=traps)
-    files = SampleFiles(
-        train_csv=out / "train.parquet",
-        test_csv=out / "test.parquet",
-        sample_submission_csv=out / "sample_submission.csv",
-        traps=data.traps,
-    )
-    data.train.write_parquet(files.train_csv)
-    data.test.write_parquet(files.test_csv)
-    data.sample_submission.write_csv(files.sample_submission_csv)
-    return files
+    return _write_sample_files(out_dir, data, ".parquet")
 
 
 def _plan_wsdm_traps(rng: np.random.Generator, n: int) -> dict[str, list[int]]:
