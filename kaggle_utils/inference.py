@@ -1044,21 +1044,28 @@ def _run_models(
 
 @dataclass
 class EnsembleMember:
-    """One member of an ensemble artifact: a model artifact folder, or a feature-baseline JSON file."""
+    """One member of an ensemble artifact: a model artifact folder, a feature-baseline JSON file, or a class
+    prior (a constant row: blended with a model it shrinks over-confident predictions; alone it is what small
+    data can make the best thing to ship)."""
 
     name: str
-    path: Path
+    kind: str  # "model" | "baseline" | "prior"
     weight: float
+    path: Path | None = None
+    prior: tuple[float, ...] | None = None
 
     @property
-    def is_baseline(self) -> bool:
-        return self.path.is_file()
+    def is_model(self) -> bool:
+        return self.kind == "model"
 
     def cost(self) -> int:
         """Bytes on disk: the proxy for a member's time per token (a 9B model costs more than a 2B one)."""
-        if self.is_baseline:
+        if not self.is_model or self.path is None:
             return 0
         return sum(p.stat().st_size for p in self.path.rglob("*") if p.is_file())
+
+
+MEMBER_KINDS = ("model", "baseline", "prior")
 
 
 @dataclass
@@ -1080,17 +1087,33 @@ class BlendedRows:
 
 
 def ensemble_members(ensemble_dir: str | Path, manifest: dict) -> list[EnsembleMember]:
-    """The members the manifest names (paths relative to the ensemble folder, or absolute)."""
+    """The members the manifest names: `kind` model (an artifact folder), baseline (a baseline JSON file) or
+    prior (`prior`: three probabilities); paths relative to the ensemble folder, or absolute. A member without
+    `kind` is a baseline when its path is a file, else a model."""
+    where = Path(ensemble_dir) / MANIFEST_NAME
     members = []
     for index, entry in enumerate(manifest.get("members") or []):
-        path = Path(entry["path"])
-        members.append(EnsembleMember(name=str(entry.get("name") or path.name),
-                                      path=path if path.is_absolute() else Path(ensemble_dir) / path,
-                                      weight=float(entry["weight"])))
-        if not members[-1].weight >= 0:
-            raise UsageError(f"{Path(ensemble_dir) / MANIFEST_NAME}: members[{index}].weight must be >= 0")
+        try:
+            weight = float(entry["weight"])
+            path = Path(entry["path"]) if entry.get("path") else None
+            if path is not None and not path.is_absolute():
+                path = Path(ensemble_dir) / path
+            kind = entry.get("kind") or ("baseline" if path is not None and path.is_file() else "model")
+            prior = tuple(float(v) for v in entry["prior"]) if kind == "prior" else None
+        except (KeyError, TypeError, ValueError) as error:
+            raise UsageError(f"{where}: members[{index}] is malformed ({error!r})") from error
+        if kind not in MEMBER_KINDS:
+            raise UsageError(f"{where}: members[{index}].kind {kind!r} is not one of {list(MEMBER_KINDS)}")
+        if not weight >= 0:
+            raise UsageError(f"{where}: members[{index}].weight must be >= 0, got {weight}")
+        if kind != "prior" and path is None:
+            raise UsageError(f"{where}: members[{index}] ({kind}) needs a path")
+        if prior is not None and (len(prior) != len(LABEL_COLUMNS) or min(prior) < 0 or sum(prior) <= 0):
+            raise UsageError(f"{where}: members[{index}].prior must be {len(LABEL_COLUMNS)} non-negative numbers")
+        members.append(EnsembleMember(name=str(entry.get("name") or (path.name if path else kind)), kind=kind,
+                                      weight=weight, path=path, prior=prior))
     if not members or sum(m.weight for m in members) <= 0:
-        raise UsageError(f"{Path(ensemble_dir) / MANIFEST_NAME}: an ensemble needs members with positive weight")
+        raise UsageError(f"{where}: an ensemble needs members with positive weight")
     return members
 
 
@@ -1131,11 +1154,15 @@ def _run_ensemble(
 
     def run_member(member: EnsembleMember, member_runtime: Any) -> None:
         member_report = InferenceReport(submission_path=report.submission_path, test_path=report.test_path,
-                                        artifact_dir=str(member.path))
+                                        artifact_dir=str(member.path or member.kind))
         member_reports[member.name] = member_report
         probs[member.name] = np.full((n_rows, len(LABEL_COLUMNS)), np.nan)
         try:
-            if member.is_baseline:
+            if member.kind == "prior":
+                prior = np.asarray(member.prior, dtype=np.float64)
+                probs[member.name] = np.tile(prior / prior.sum(), (n_rows, 1))
+                return
+            if member.kind == "baseline":
                 predicted = np.asarray(BaselineModel.load(member.path).predict_proba(frame), dtype=np.float64)
                 if predicted.shape != (n_rows, len(LABEL_COLUMNS)):
                     raise ValueError(f"baseline member returned shape {predicted.shape} for {n_rows} rows")
@@ -1147,8 +1174,8 @@ def _run_ensemble(
             member_report.errors.append({"where": f"ensemble member {member.name}", **_describe_error(error)})
             logger.error("ensemble member %s failed: %r (its rows are blended from the others)", member.name, error)
 
-    models = sorted((m for m in members if not m.is_baseline), key=EnsembleMember.cost)
-    for member in (m for m in members if m.is_baseline):
+    models = sorted((m for m in members if m.is_model), key=EnsembleMember.cost)
+    for member in (m for m in members if not m.is_model):
         run_member(member, runtime)
     layout = cfg.ensemble_layout
     if layout == "member_per_device" and (len(runtime.devices) < len(models) or runtime.kind == "tpu"):
@@ -1175,8 +1202,8 @@ def _run_ensemble(
         served = np.all(np.isfinite(probs[member.name]), axis=1)
         member_report = member_reports[member.name]
         report.members.append({
-            "name": member.name, "path": str(member.path), "weight": member.weight,
-            "kind": "baseline" if member.is_baseline else "model", "rows_served": int(served.sum()),
+            "name": member.name, "path": str(member.path) if member.path else None, "weight": member.weight,
+            "kind": member.kind, "rows_served": int(served.sum()),
             "schedule": member_report.schedule, "timings_s": member_report.timings_s,
         })
         report.errors.extend(member_report.errors)

@@ -14,6 +14,7 @@ from test_inference import CLASS_PRIOR, FakeClock, build_tiny_artifacts, predict
 from kaggle_utils import inference
 from kaggle_utils.artifact_layout import MANIFEST_NAME
 from kaggle_utils.cli import main
+from kaggle_utils.errors import UsageError
 from kaggle_utils.submission import validate_submission
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py
@@ -25,11 +26,12 @@ def tiny_artifacts(tmp_path_factory, demo_tokenizer):
     return build_tiny_artifacts(tmp_path_factory.mktemp("artifacts"), demo_tokenizer)
 
 
-def write_ensemble(folder, members: list[tuple[str, str, float]]) -> str:
+def write_ensemble(folder, members: list[tuple[str, str, float]], extra: list[dict] = ()) -> str:
     """An ensemble folder as `ensembles.save_ensemble` writes it: a manifest naming members and weights."""
     folder.mkdir(parents=True, exist_ok=True)
     manifest = {"kind": "ensemble", "class_prior": CLASS_PRIOR, "dialect": "lmsys",
-                "members": [{"name": name, "path": str(path), "weight": weight} for name, path, weight in members]}
+                "members": [{"name": name, "path": str(path), "weight": weight} for name, path, weight in members]
+                + list(extra)}
     (folder / MANIFEST_NAME).write_text(json.dumps(manifest), encoding="utf-8")
     return str(folder)
 
@@ -61,7 +63,7 @@ def test_the_time_guard_cuts_the_most_expensive_member_first(tiny_artifacts, sam
     then served by the cheap member alone; nothing falls back and the file is valid."""
     clock = FakeClock()
     first, second = tiny_artifacts["ft-then-quant"], tiny_artifacts["quant-then-ft"]
-    cheap, costly = sorted((first, second), key=lambda p: inference.EnsembleMember("", p, 1.0).cost())
+    cheap, costly = sorted((first, second), key=lambda p: inference.EnsembleMember("", "model", 1.0, p).cost())
 
     def slow(forward, name):  # every padded token costs 0.1 fake seconds, whichever member runs
         def wrapped(seqs):
@@ -107,3 +109,27 @@ def test_blend_members_renormalises_over_the_members_that_served_a_row():
     final, paths = blended.fill(np.full((3, 3), 1 / 3))
     assert paths.tolist() == ["all_members", "some_members", "fallback"]
     np.testing.assert_allclose(final[2], 1 / 3)
+
+
+def test_a_prior_member_shrinks_the_model_towards_the_class_prior(tiny_artifacts, sample_files, tmp_path):
+    alone = single(tiny_artifacts["ft-then-quant"], sample_files, tmp_path / "a.csv")
+    prior = [0.5, 0.3, 0.2]
+    ensemble = write_ensemble(tmp_path / "ens", [("ft", tiny_artifacts["ft-then-quant"], 0.8)],
+                              [{"name": "prior", "kind": "prior", "prior": prior, "weight": 0.2}])
+    out = tmp_path / "submission.csv"
+    report = inference.predict(ensemble, sample_files.test_csv, out, predict_cfg())
+    validate_submission(out, sample_files.test_csv)
+    np.testing.assert_allclose(read_probs(out), 0.8 * alone + 0.2 * np.array(prior), atol=1e-6)
+    assert report.rows_by_path["all_members"] == report.rows
+
+
+@pytest.mark.parametrize(("member", "message"), [
+    ({"name": "x", "kind": "weights", "path": "a", "weight": 1.0}, "kind 'weights' is not one of"),
+    ({"name": "x", "kind": "prior", "prior": [0.5, 0.5], "weight": 1.0}, "prior must be 3 non-negative"),
+    ({"name": "x", "kind": "model", "weight": 1.0}, r"members\[0\] \(model\) needs a path"),
+    ({"name": "x", "path": "a", "weight": -1.0}, "weight must be >= 0"),
+    ({"name": "x", "path": "a"}, r"members\[0\] is malformed"),
+])
+def test_malformed_ensemble_members_are_named(member, message, tmp_path):
+    with pytest.raises(UsageError, match=message):
+        inference.ensemble_members(tmp_path, {"kind": "ensemble", "members": [member]})
