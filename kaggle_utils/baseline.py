@@ -35,7 +35,7 @@ from kaggle_utils.config import BaselineConfig
 from kaggle_utils.errors import ArtifactError, DataError
 from kaggle_utils.fileio import atomic_write_bytes
 from kaggle_utils.folds import check_folds
-from kaggle_utils.formatting import swap_frame, swap_labels, swap_probs
+from kaggle_utils.formatting import average_views, swap_frame, swap_labels
 from kaggle_utils.metrics import OofScore, class_prior, make_oof, score_oof
 
 # Bump when the features change: a saved model refuses to predict from features it was not trained on.
@@ -183,7 +183,7 @@ class BaselineModel:
                 probs_swapped = np.mean(
                     [_full_proba(estimator, swapped) for estimator in self.estimators], axis=0
                 )
-                probs = (probs + swap_probs(probs_swapped)) / 2
+                probs = average_views(probs, probs_swapped)
         return probs / probs.sum(axis=1, keepdims=True)
 
     def save(self, path: str | Path) -> Path:
@@ -463,7 +463,7 @@ def run_baseline_cv(
             estimator = _new_estimator(cfg).fit(fit_x, fit_y)
             probs = _full_proba(estimator, features[held_out])
             if swapped is not None:
-                probs = (probs + swap_probs(_full_proba(estimator, swapped[held_out]))) / 2
+                probs = average_views(probs, _full_proba(estimator, swapped[held_out]))
         estimators.append(estimator)
         oof_probs[held_out] = probs / probs.sum(axis=1, keepdims=True)
 

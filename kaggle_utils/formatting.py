@@ -280,6 +280,28 @@ def swap_probs(probs: np.ndarray | Sequence[Sequence[float]]) -> np.ndarray:
     return array[..., order]
 
 
+TTA_SPACES: tuple[str, ...] = ("prob", "logit")
+
+
+def average_views(original: np.ndarray, swapped_view: np.ndarray, space: str = "prob") -> np.ndarray:
+    """Swap TTA: the original view's probabilities and the swapped view's (in the swapped row's own column
+    order, un-swapped here) averaged, rows summing to one. `space` "prob": the arithmetic mean; "logit": the
+    mean of log-probabilities, renormalised (a geometric mean: a confident view counts for more). The one
+    place every model and the baseline combine TTA views; which space is better is chosen on OOF
+    (`calibration.choose_tta_space`), not assumed."""
+    original = np.asarray(original, dtype=np.float64)
+    unswapped = swap_probs(np.asarray(swapped_view, dtype=np.float64))
+    if space == "prob":
+        mean = (original + unswapped) / 2.0
+    elif space == "logit":
+        tiny = np.finfo(np.float64).tiny
+        logs = (np.log(np.maximum(original, tiny)) + np.log(np.maximum(unswapped, tiny))) / 2.0
+        mean = np.exp(logs - logs.max(axis=-1, keepdims=True))
+    else:
+        raise ValueError(f"TTA space must be one of {TTA_SPACES}, got {space!r}")
+    return mean / mean.sum(axis=-1, keepdims=True)
+
+
 def minimum_max_length(tokenizer: PreTrainedTokenizerFast, cfg: FormatConfig) -> int:
     """The smallest ``max_length`` this tokenizer and template can honour (delimiters, suffix, markers)."""
     ids = _template_ids(tokenizer, cfg)

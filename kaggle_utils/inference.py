@@ -77,7 +77,7 @@ from kaggle_utils.device_forward import (  # WorkerLost, make_forward, is_out_of
 from kaggle_utils.dialects import dialect_names, dialect_of_manifest, get_dialect
 from kaggle_utils.errors import SubmissionError, UsageError
 from kaggle_utils.fileio import atomic_write_bytes, check_not_an_input, check_output_target
-from kaggle_utils.formatting import encode_both_orders, encode_rows, swap_probs
+from kaggle_utils.formatting import average_views, encode_both_orders, encode_rows, swap_probs
 from kaggle_utils.runtime import (
     default_submission_path,
     detect_runtime,
@@ -570,9 +570,10 @@ def run_schedule(
 # ----------------------------------------------------------------------------------------------------------
 
 
-def combine_views(views: ViewPredictions, fallback: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Final (n, 3) probabilities and each row's path: mean of both views where both ran (the swapped view
-    un-swapped first), the one view that ran, else the fallback row."""
+def combine_views(views: ViewPredictions, fallback: np.ndarray, tta_space: str = "prob"
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """Final (n, 3) probabilities and each row's path: both views averaged where both ran
+    (`formatting.average_views` in `tta_space`), the one view that ran, else the fallback row."""
 
     probs, done = views.probs, views.done
     has_original = done[ORIGINAL]
@@ -587,7 +588,7 @@ def combine_views(views: ViewPredictions, fallback: np.ndarray) -> tuple[np.ndar
         both = has_swapped & has_original
         final[only_swapped] = unswapped[only_swapped]
         paths[only_swapped] = PATH_SWAPPED
-        final[both] = (probs[ORIGINAL, both] + unswapped[both]) / 2.0
+        final[both] = average_views(probs[ORIGINAL, both], probs[SWAPPED, both], tta_space)
         paths[both] = PATH_TTA
     return final, paths
 

@@ -710,3 +710,20 @@ def test_generated_competition_data_encodes_within_limits(demo_tokenizer, train_
     assert all(ids[0] == demo_tokenizer.bos_token_id and ids[-len(suffix) :] == suffix for ids in original.input_ids)
     assert original.truncated.any() and (original.kept_tokens <= original.content_tokens).all()
     np.testing.assert_array_equal(swapped.labels, swap_labels(original.labels))
+
+
+def test_average_views_in_probability_and_logit_space():
+    from kaggle_utils.formatting import average_views
+
+    original = np.array([[0.7, 0.2, 0.1], [0.2, 0.2, 0.6]])
+    swapped_view = np.array([[0.1, 0.5, 0.4], [0.3, 0.1, 0.6]])  # columns (B, A, tie) of the swapped row
+    unswapped = swapped_view[:, [1, 0, 2]]
+    np.testing.assert_allclose(average_views(original, swapped_view), (original + unswapped) / 2)
+    geometric = np.sqrt(original * unswapped)
+    np.testing.assert_allclose(average_views(original, swapped_view, "logit"),
+                               geometric / geometric.sum(axis=1, keepdims=True))
+    # the two spaces differ, and a zero probability does not produce NaN in logit space
+    assert not np.allclose(average_views(original, swapped_view), average_views(original, swapped_view, "logit"))
+    assert np.isfinite(average_views(np.array([[1.0, 0.0, 0.0]]), np.array([[0.0, 1.0, 0.0]]), "logit")).all()
+    with pytest.raises(ValueError, match="TTA space"):
+        average_views(original, swapped_view, "median")
