@@ -88,7 +88,7 @@ def dedupe_against(pseudo: pl.DataFrame, train: pl.DataFrame, report: PseudoRepo
     the pseudo rows themselves (the first kept); both counted in the report (a new one if none is given)."""
     report = report if report is not None else PseudoReport(offered=pseudo.height, kept_by_confidence=pseudo.height)
     groups = group_ids(pseudo)
-    in_train = groups.is_in(group_ids(train).unique()).to_numpy()
+    in_train = groups.is_in(group_ids(train).unique().to_list()).to_numpy()
     repeated = ~groups.is_first_distinct().to_numpy() & ~in_train
     report.dropped_train_prompt += int(in_train.sum())
     report.dropped_duplicate_prompt += int(repeated.sum())
@@ -119,14 +119,14 @@ def join_pseudo(train_part: pl.DataFrame, held_out: list[pl.DataFrame], pseudo: 
     ids that are training or held-out ids: one id would name two rows."""
     _check(pseudo, "pseudo-labels")
     reserved = pl.concat([frame["id"].cast(pl.String) for frame in (train_part, *held_out)])
-    clash = pseudo.filter(pl.col("id").cast(pl.String).is_in(reserved.unique()))["id"]
+    clash = pseudo.filter(pl.col("id").cast(pl.String).is_in(reserved.unique().to_list()))["id"]
     if len(clash):
         raise DataError(f"pseudo-labels: {len(clash)} ids are also training-data ids "
                         f"(first: {clash.head(_SHOWN).to_list()}); pseudo rows need their own ids")
     if SOFT_LABELS not in train_part.columns:
         raise UsageError(f"join_pseudo: the training part needs a {SOFT_LABELS!r} column for the pseudo rows' "
                          "targets to sit beside (train_fold gives it the teacher's or the one-hot labels)")
-    held_groups = pl.concat([group_ids(frame) for frame in held_out]).unique() if held_out else []
+    held_groups = pl.concat([group_ids(frame) for frame in held_out]).unique().to_list() if held_out else []
     leaking = group_ids(pseudo).is_in(held_groups)
     kept = pseudo.filter(~leaking)
     shaped = kept.select([
