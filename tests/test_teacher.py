@@ -183,3 +183,15 @@ def test_train_fold_refuses_a_teacher_missing_training_ids_and_a_loss_fn_beside_
     with pytest.raises(UsageError, match="got a loss_fn and the config sets train.teacher_path"):
         training.train_fold(cfg, frame, folds, demo_tokenizer, tmp_path / "b", progress=False,
                             loss_fn=cross_entropy_loss)
+
+
+def test_label_smoothing_alone_selects_the_teacher_free_loss():
+    from kaggle_utils.losses import SOFT_LABELS
+
+    loss_fn, fields, info = training._select_loss(TrainConfig(label_smoothing=0.1), None, ())
+    assert fields == () and info == {"loss": "label_smoothed_cross_entropy", "label_smoothing": 0.1}
+    logits, labels = torch.randn(8, 3), torch.randint(0, 3, (8,))
+    torch.testing.assert_close(loss_fn(logits, {"labels": labels}),
+                               torch.nn.CrossEntropyLoss(label_smoothing=0.1)(logits, labels))
+    _, fields, info = training._select_loss(TrainConfig(teacher_path="t.parquet"), None, ())
+    assert fields == (SOFT_LABELS,) and info["loss"] == "distillation"
