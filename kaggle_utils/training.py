@@ -370,16 +370,21 @@ def planned_steps(n_examples: int, cfg: TrainConfig, world: int = 1) -> int:
     return total
 
 
-def run_fingerprint(cfg: PipelineConfig, fold: int, train_ids: list, total_steps: int) -> str:
+def run_fingerprint(cfg: PipelineConfig, fold: int, train_ids: list, total_steps: int,
+                    targets: dict[str, np.ndarray] | None = None) -> str:
     """sha256 over what determines a run's trajectory: the format/model/LoRA/quant/train settings, the
-    template version, the fold, the training row ids and the planned steps."""
+    template version, the fold, the training row ids, the planned steps and, when rows carry soft targets
+    (a teacher, pseudo-labels), their values: a teacher file rewritten under the same path is another run."""
     import hashlib
 
     relevant = {name: getattr(cfg, name) for name in ("format", "model", "lora", "quant", "train")}
-    payload = json.dumps({"sections": {k: asdict(v) for k, v in relevant.items()}, "fold": fold,
-                          "template_version": TEMPLATE_VERSION,
-                          "train_ids": [str(i) for i in train_ids], "total_steps": total_steps},
-                         sort_keys=True, default=str)
+    content = {"sections": {k: asdict(v) for k, v in relevant.items()}, "fold": fold,
+               "template_version": TEMPLATE_VERSION,
+               "train_ids": [str(i) for i in train_ids], "total_steps": total_steps}
+    if targets:  # absent without targets, so earlier runs' fingerprints (and their checkpoints) still match
+        content["targets"] = {name: hashlib.sha256(np.ascontiguousarray(values, dtype=np.float64).tobytes())
+                              .hexdigest() for name, values in sorted(targets.items())}
+    payload = json.dumps(content, sort_keys=True, default=str)
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()
 
 
@@ -661,7 +666,8 @@ def train_fold(
     model, optimizer, scheduler = _prepare_model(cfg, tokenizer, build_model, accelerator, total_steps)
     trainable = {name for name, param in model.named_parameters() if param.requires_grad}
     checkpointer = Checkpointer(out_dir, accelerator, trainable, tc.save_every_steps)
-    state, resumed_from = checkpointer.resume(run_fingerprint(cfg, fold, data.train_ids, total_steps), resume)
+    state, resumed_from = checkpointer.resume(run_fingerprint(cfg, fold, data.train_ids, total_steps,
+                                                                 data.examples.targets), resume)
     if resumed_from is not None:
         logger.info("resuming fold %d from step %d of %d", fold, resumed_from, total_steps)
     collate = PadCollator(tokenizer.pad_token_id)

@@ -158,3 +158,21 @@ def test_train_fold_adds_pseudo_rows_to_the_training_part_only(small, test_frame
         "teacher": None, "pseudo": {"path": str(path), "pseudo_rows": 11, "pseudo_added": 8,
                                     "pseudo_dropped_held_out_group": 3}}
     assert not set(result.val_ids) & set(pseudo["id"].to_list())
+
+
+def test_with_an_inner_holdout_pseudo_rows_sharing_its_prompt_groups_are_dropped_too(small, test_frame,
+                                                                                     demo_tokenizer, tmp_path):
+    frame, folds = small
+    cfg = PipelineConfig()
+    cfg.format.max_length = 128
+    cfg.train = TrainConfig(selection="inner", inner_holdout_fraction=0.2, eval_rows_cap=8)
+    train_part, val_part = training.split_fold(frame, folds, 0)
+    _, inner_part = training.split_inner(train_part, folds, cfg.train)
+    pseudo = pl.concat([_pseudo_rows(_shout(inner_part), 10**9), _pseudo_rows(_shout(val_part.head(2)), 2 * 10**9),
+                        _pseudo_rows(test_frame.head(5), 3 * 10**9)])
+    cfg.train.pseudo_path = str(save_pseudo_labels(pseudo, tmp_path / "pseudo.parquet"))
+    data = training._fold_data(cfg, frame, folds, 0, demo_tokenizer, (SOFT_LABELS,))
+    added = [i for i in data.train_ids if i >= 10**9]
+    assert added == pseudo["id"].tail(5).to_list()
+    assert data.soft_targets["pseudo"]["pseudo_dropped_held_out_group"] == inner_part.height + 2
+    assert data.n_train_rows == train_part.height - inner_part.height + 5

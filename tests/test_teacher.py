@@ -195,3 +195,14 @@ def test_label_smoothing_alone_selects_the_teacher_free_loss():
                                torch.nn.CrossEntropyLoss(label_smoothing=0.1)(logits, labels))
     _, fields, info = training._select_loss(TrainConfig(teacher_path="t.parquet"), None, ())
     assert fields == (SOFT_LABELS,) and info["loss"] == "distillation"
+
+
+def test_run_fingerprint_covers_soft_target_values_and_is_unchanged_without_them():
+    cfg = PipelineConfig()
+    plain = training.run_fingerprint(cfg, 0, [1, 2], 10)
+    assert training.run_fingerprint(cfg, 0, [1, 2], 10, {}) == plain
+    targets = {"soft_labels": np.array([[0.2, 0.3, 0.5], [0.1, 0.8, 0.1]])}
+    taught = training.run_fingerprint(cfg, 0, [1, 2], 10, targets)
+    assert taught != plain
+    targets["soft_labels"][0] = [0.3, 0.2, 0.5]  # the same teacher path, rewritten
+    assert training.run_fingerprint(cfg, 0, [1, 2], 10, targets) != taught
