@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from kaggle_utils.config import LABEL_COLUMNS
 from kaggle_utils.errors import DataError, UsageError
 from kaggle_utils.fileio import atomic_write_parquet
 from kaggle_utils.folds import group_ids
@@ -48,6 +49,19 @@ class PseudoReport:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def teacher_from_submission(path: str | Path) -> pl.DataFrame:
+    """A teacher table (id, p_a, p_b, p_tie) from an LMSYS submission.csv, i.e. `predict`'s output on the test
+    file or on external conversations: the usual way to get a teacher's predictions on unlabelled rows."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"submission file not found: {path}")
+    table = pl.read_csv(path)
+    missing = [column for column in ("id", *LABEL_COLUMNS) if column not in table.columns]
+    if missing:
+        raise DataError(f"{path}: not an LMSYS submission (lacks columns {missing})")
+    return table.select("id", *[pl.col(c).alias(p) for c, p in zip(LABEL_COLUMNS, PROB_COLUMNS, strict=True)])
 
 
 def make_pseudo_labels(teacher: str | Path | pl.DataFrame, unlabelled: pl.DataFrame, *,

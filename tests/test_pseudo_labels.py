@@ -176,3 +176,17 @@ def test_with_an_inner_holdout_pseudo_rows_sharing_its_prompt_groups_are_dropped
     assert added == pseudo["id"].tail(5).to_list()
     assert data.soft_targets["pseudo"]["pseudo_dropped_held_out_group"] == inner_part.height + 2
     assert data.n_train_rows == train_part.height - inner_part.height + 5
+
+
+def test_a_submission_file_is_a_teacher_for_unlabelled_rows(tmp_path, test_frame):
+    from kaggle_utils.pseudo_labels import teacher_from_submission
+    from kaggle_utils.submission import write_submission
+
+    probs = _confident_probs(test_frame.height)
+    path = tmp_path / "submission.csv"
+    write_submission(test_frame["id"].to_list(), probs, path)
+    pseudo, report = make_pseudo_labels(teacher_from_submission(path), test_frame, threshold=0.9)
+    np.testing.assert_allclose(np.asarray(pseudo[SOFT_LABELS].to_list()), probs[probs.max(axis=1) >= 0.9], atol=1e-6)
+    (tmp_path / "other.csv").write_text("id,a,b\n1,0.5,0.5\n")
+    with pytest.raises(DataError, match="not an LMSYS submission"):
+        teacher_from_submission(tmp_path / "other.csv")
