@@ -24,7 +24,9 @@ same step and bit-identical weights as an uninterrupted run.
 
 The objective is `loss_fn(logits, batch)` (losses.py; default cross-entropy on the labels, equal to the HF
 classifier's own loss): soft targets / distillation are a loss function plus `target_columns` carried into the
-batch. Studies watch training through `on_step` callbacks (`StepInfo`: step, tokens, examples, loss, model),
+batch. Without a `loss_fn` the config chooses: `train.teacher_path` (an OOF parquet, teacher.py) and/or
+`train.pseudo_path` (pseudo_labels.py, joined to the training part only) give every training row a soft target
+and train with `losses.distillation_loss`; `train.label_smoothing` alone, label-smoothed cross-entropy. Studies watch training through `on_step` callbacks (`StepInfo`: step, tokens, examples, loss, model),
 never through hooks on the model.
 
 Optimiser: bitsandbytes 8-bit AdamW on CUDA, torch AdamW on CPU (`TrainConfig.optimizer`); cosine schedule with

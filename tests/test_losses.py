@@ -75,3 +75,12 @@ def test_loss_from_config_picks_distillation_when_rows_carry_soft_targets():
     torch.testing.assert_close(loss_fn(logits, batch),
                                distillation_loss(logits, batch, weight=0.4, temperature=1.5, label_smoothing=0.1))
     assert loss_from_config(0.5, 1.0, 0.0, soft_targets=False) == (cross_entropy_loss, ())
+
+
+def test_bf16_logits_under_autocast_give_the_float32_loss():
+    """On GPU the loss runs under autocast on 16-bit logits: the soft term is computed in float32."""
+    logits, batch = _batch()
+    expected = distillation_loss(logits, batch, weight=0.6, temperature=2.0, label_smoothing=0.1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = distillation_loss(logits.bfloat16(), batch, weight=0.6, temperature=2.0, label_smoothing=0.1)
+    assert torch.isfinite(got) and float(got) == pytest.approx(float(expected), rel=2e-2)
