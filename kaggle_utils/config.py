@@ -184,6 +184,19 @@ class TrainConfig:
     max_steps: int | None = None  # cap for demos and tests
     eval_token_budget: int = 8192  # tokens per evaluation batch (rows x padded length)
     cv_folds: tuple[int, ...] | None = None  # folds compare-orderings trains (None: all); `fold` is train's one
+    # Soft targets (losses.distillation_loss, teacher.py). A teacher is an OOF-format parquet (id, p_a, p_b,
+    # p_tie[, name]; e.g. a larger backbone's oof.parquet): its probabilities become each training row's soft
+    # target. loss = distill_weight * T^2 * KL(teacher^(1/T) || softmax(logits / T))
+    #        + (1 - distill_weight) * CE(logits, hard label smoothed by label_smoothing).
+    # No teacher and label_smoothing > 0: plain label-smoothed cross-entropy (the teacher-free case).
+    teacher_path: str | None = None
+    teacher_name: str | None = None  # which `name` of the teacher file (optional when it holds one)
+    distill_weight: float = 0.5  # alpha in [0, 1]: 1 = teacher only, 0 = hard labels only
+    distill_temperature: float = 1.0  # T > 0, on the teacher's probabilities and the student's logits
+    label_smoothing: float = 0.0  # eps in [0, 1): hard targets (1 - eps) * one-hot + eps / classes
+    # Pseudo-labelled rows (pseudo_labels.save_pseudo_labels) added to every fold's training part only; rows
+    # sharing a prompt group with that fold's held-out (or inner holdout) rows are dropped, counted.
+    pseudo_path: str | None = None
 
 
 @dataclass
@@ -373,6 +386,11 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "train.fold": (_NON_NEGATIVE, ">= 0"),
     "train.max_steps": (_AT_LEAST_ONE, ">= 1"),
     "train.eval_token_budget": (_AT_LEAST_ONE, ">= 1"),
+    "train.distill_weight": (lambda v: 0 <= v <= 1, "in [0, 1] (the teacher's share of the loss)"),
+    "train.distill_temperature": (_POSITIVE, "> 0"),
+    "train.label_smoothing": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "train.teacher_path": (lambda v: v.strip() != "", "a parquet path (or null for no teacher)"),
+    "train.pseudo_path": (lambda v: v.strip() != "", "a parquet path (or null for no pseudo-labels)"),
     "qaware.group_size": (_AT_LEAST_ONE, ">= 1"),
     "qaware.adapter_rank": (_AT_LEAST_ONE, ">= 1"),
     "qaware.adapter_alpha": (_POSITIVE, "> 0"),

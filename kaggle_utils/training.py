@@ -24,7 +24,9 @@ same step and bit-identical weights as an uninterrupted run.
 
 The objective is `loss_fn(logits, batch)` (losses.py; default cross-entropy on the labels, equal to the HF
 classifier's own loss): soft targets / distillation are a loss function plus `target_columns` carried into the
-batch. Studies watch training through `on_step` callbacks (`StepInfo`: step, tokens, examples, loss, model),
+batch. Without a `loss_fn` the config chooses: `train.teacher_path` (an OOF parquet, teacher.py) and/or
+`train.pseudo_path` (pseudo_labels.py, joined to the training part only) give every training row a soft target
+and train with `losses.distillation_loss`; `train.label_smoothing` alone, label-smoothed cross-entropy. Studies watch training through `on_step` callbacks (`StepInfo`: step, tokens, examples, loss, model),
 never through hooks on the model.
 
 Optimiser: bitsandbytes 8-bit AdamW on CUDA, torch AdamW on CPU (`TrainConfig.optimizer`); cosine schedule with
@@ -62,7 +64,7 @@ from kaggle_utils.devices import resolve_dtype
 from kaggle_utils.errors import DataError, UsageError
 from kaggle_utils.folds import check_folds
 from kaggle_utils.formatting import TEMPLATE_VERSION, encode_both_orders, encode_rows, swap_probs
-from kaggle_utils.losses import LossFn, cross_entropy_loss
+from kaggle_utils.losses import SOFT_LABELS, LossFn, loss_from_config
 from kaggle_utils.metrics import class_prior, log_loss, prior_log_loss
 from kaggle_utils.modeling import (
     apply_lora,
@@ -71,6 +73,8 @@ from kaggle_utils.modeling import (
     count_parameters,
     predict_probs,
 )
+from kaggle_utils.pseudo_labels import join_pseudo, load_pseudo_labels
+from kaggle_utils.teacher import teacher_targets
 
 logger = logging.getLogger(__name__)
 
@@ -108,6 +112,9 @@ class TrainResult:
     peak_cuda_bytes: int | None
     resumed_from_step: int | None
     out_dir: Path
+    # Which objective trained and from what targets: loss name, teacher path/name, alpha, T, smoothing, the
+    # teacher's repair counts, pseudo-label counts (`_select_loss`, `_soft_targets`).
+    loss: dict = field(default_factory=dict)
 
     @property
     def tokens_per_s(self) -> float:
@@ -137,6 +144,7 @@ class TrainResult:
             "peak_rss_bytes": self.peak_rss_bytes,
             "peak_cuda_bytes": self.peak_cuda_bytes,
             "resumed_from_step": self.resumed_from_step,
+            "loss": self.loss,
             "history": self.history,
         }
 
@@ -364,16 +372,21 @@ def planned_steps(n_examples: int, cfg: TrainConfig, world: int = 1) -> int:
     return total
 
 
-def run_fingerprint(cfg: PipelineConfig, fold: int, train_ids: list, total_steps: int) -> str:
+def run_fingerprint(cfg: PipelineConfig, fold: int, train_ids: list, total_steps: int,
+                    targets: dict[str, np.ndarray] | None = None) -> str:
     """sha256 over what determines a run's trajectory: the format/model/LoRA/quant/train settings, the
-    template version, the fold, the training row ids and the planned steps."""
+    template version, the fold, the training row ids, the planned steps and, when rows carry soft targets
+    (a teacher, pseudo-labels), their values: a teacher file rewritten under the same path is another run."""
     import hashlib
 
     relevant = {name: getattr(cfg, name) for name in ("format", "model", "lora", "quant", "train")}
-    payload = json.dumps({"sections": {k: asdict(v) for k, v in relevant.items()}, "fold": fold,
-                          "template_version": TEMPLATE_VERSION,
-                          "train_ids": [str(i) for i in train_ids], "total_steps": total_steps},
-                         sort_keys=True, default=str)
+    content = {"sections": {k: asdict(v) for k, v in relevant.items()}, "fold": fold,
+               "template_version": TEMPLATE_VERSION,
+               "train_ids": [str(i) for i in train_ids], "total_steps": total_steps}
+    if targets:  # absent without targets, so earlier runs' fingerprints (and their checkpoints) still match
+        content["targets"] = {name: hashlib.sha256(np.ascontiguousarray(values, dtype=np.float64).tobytes())
+                              .hexdigest() for name, values in sorted(targets.items())}
+    payload = json.dumps(content, sort_keys=True, default=str)
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()
 
 
@@ -602,6 +615,7 @@ class _FoldData:
     monitor_labels: np.ndarray
     eval_set: str
     prior: float
+    soft_targets: dict = field(default_factory=dict)  # teacher / pseudo-label counts (`_soft_targets`)
 
 
 def train_fold(
@@ -614,7 +628,7 @@ def train_fold(
     fold: int | None = None,
     build_model: BuildModel | None = None,
     resume: bool = True,
-    loss_fn: LossFn = cross_entropy_loss,
+    loss_fn: LossFn | None = None,
     target_columns: Sequence[str] = (),
     on_step: StepCallback | Sequence[StepCallback] | None = (),
     progress: bool = True,
@@ -624,9 +638,10 @@ def train_fold(
 
     `build_model(cfg, tokenizer, device)` makes the trainable model (default: `default_build_model`, i.e. the
     ordering's LoRA / QLoRA); the variant registry in compare.py passes its own. `loss_fn(logits, batch)` is the
-    training objective (default: cross-entropy on the labels; see losses.py); `target_columns` names training
-    frame columns of per-class vectors (e.g. a teacher's probabilities) carried into every batch under their
-    names. With `resume`, the newest complete checkpoint under `out_dir/checkpoints` is continued
+    training objective (default: what the config asks for, `_select_loss`: distillation from
+    `train.teacher_path` and/or `train.pseudo_path` rows, label-smoothed or plain cross-entropy; see losses.py);
+    `target_columns` names training frame columns of per-class vectors (e.g. a teacher's probabilities) carried
+    into every batch under their names. With `resume`, the newest complete checkpoint under `out_dir/checkpoints` is continued
     (`Checkpointer`). `on_step` (one callable or several) gets a `StepInfo` after every optimizer step, after
     that step's evaluation and checkpoint: progress, studies, and the tests' simulated crash.
     """
@@ -641,7 +656,10 @@ def train_fold(
 
     # Setup: the fold's rows; the accelerator first (under `accelerate launch` it binds this process to its GPU),
     # then the model, optimiser and schedule; then where an earlier session of this run stopped.
+    loss_fn, target_columns, loss_info = _select_loss(tc, loss_fn, target_columns)
     data = _fold_data(cfg, train_frame, folds, fold, tokenizer, target_columns)
+    loss_info.update(data.soft_targets)
+    logger.info("fold %d objective: %s", fold, loss_info)
     accelerator = _make_accelerator(cfg)
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     set_seed(tc.seed)
@@ -650,7 +668,8 @@ def train_fold(
     model, optimizer, scheduler = _prepare_model(cfg, tokenizer, build_model, accelerator, total_steps)
     trainable = {name for name, param in model.named_parameters() if param.requires_grad}
     checkpointer = Checkpointer(out_dir, accelerator, trainable, tc.save_every_steps)
-    state, resumed_from = checkpointer.resume(run_fingerprint(cfg, fold, data.train_ids, total_steps), resume)
+    state, resumed_from = checkpointer.resume(run_fingerprint(cfg, fold, data.train_ids, total_steps,
+                                                                 data.examples.targets), resume)
     if resumed_from is not None:
         logger.info("resuming fold %d from step %d of %d", fold, resumed_from, total_steps)
     collate = PadCollator(tokenizer.pad_token_id)
@@ -705,7 +724,7 @@ def train_fold(
         train_examples=examples_per_epoch(data.n_train_rows, tc), trainable_params=trainable_params,
         total_params=total_params, wall_time_s=state.wall_time_s, train_time_s=state.train_time_s,
         tokens_seen=state.tokens_seen, peak_rss_bytes=memory.peak_rss_bytes, peak_cuda_bytes=memory.peak_cuda_bytes,
-        resumed_from_step=resumed_from, out_dir=out_dir,
+        resumed_from_step=resumed_from, out_dir=out_dir, loss=loss_info,
     )
 
 
@@ -725,11 +744,13 @@ def _fold_data(cfg: PipelineConfig, train_frame: pl.DataFrame, folds: pl.DataFra
     """The fold's training examples, the rows evaluated during training and the reported fold, encoded."""
     tc = cfg.train
     train_part, val_part = split_fold(train_frame, folds, fold)
+    held_out = [val_part]
     val = encode_rows(val_part, tokenizer, cfg.format)
     val_labels = np.asarray(val.labels, dtype=np.int64)
     if tc.selection == "inner":
         # Weights are chosen on rows of the training part, never on the fold whose score is reported.
         train_part, inner_part = split_inner(train_part, folds, tc)
+        held_out.append(inner_part)
         monitor = encode_rows(inner_part, tokenizer, cfg.format)
         monitor_ids, monitor_labels = monitor.input_ids, np.asarray(monitor.labels, dtype=np.int64)
         eval_set = f"inner holdout ({inner_part.height} training rows)"
@@ -739,8 +760,51 @@ def _fold_data(cfg: PipelineConfig, train_frame: pl.DataFrame, folds: pl.DataFra
         monitor_ids, monitor_labels = [val.input_ids[i] for i in picked], val_labels[picked]
         eval_set = f"held-out fold sample ({len(picked)} rows, learning curve only)"
     prior = prior_log_loss(val_labels, class_prior(np.asarray(train_part["label"].to_numpy(), dtype=np.int64)))
+    train_part, soft_info = _soft_targets(tc, train_part, held_out)
     return _FoldData(_training_examples(train_part, tokenizer, cfg, target_columns), train_part["id"].to_list(),
-                     train_part.height, val, val_labels, monitor_ids, monitor_labels, eval_set, prior)
+                     train_part.height, val, val_labels, monitor_ids, monitor_labels, eval_set, prior, soft_info)
+
+
+def _select_loss(tc: TrainConfig, loss_fn: LossFn | None, target_columns: Sequence[str]
+                 ) -> tuple[LossFn, tuple[str, ...], dict]:
+    """The objective: the caller's `loss_fn`, or the one the config asks for (losses.loss_from_config), with
+    the batch fields it needs and a record of it for the summary. Both at once is refused: which would win?"""
+    soft = tc.teacher_path is not None or tc.pseudo_path is not None
+    if loss_fn is not None:
+        if soft or tc.label_smoothing > 0:
+            raise UsageError("train_fold got a loss_fn and the config sets train.teacher_path / pseudo_path / "
+                             "label_smoothing; use one or the other")
+        return loss_fn, tuple(target_columns), {"loss": getattr(loss_fn, "__name__", type(loss_fn).__name__),
+                                                "target_columns": list(target_columns)}
+    fn, fields = loss_from_config(tc.distill_weight, tc.distill_temperature, tc.label_smoothing, soft)
+    if soft:
+        info = {"loss": "distillation", "distill_weight": tc.distill_weight,
+                "distill_temperature": tc.distill_temperature, "label_smoothing": tc.label_smoothing}
+    else:
+        info = {"loss": "label_smoothed_cross_entropy" if tc.label_smoothing > 0 else "cross_entropy",
+                "label_smoothing": tc.label_smoothing}
+    return fn, (*target_columns, *(f for f in fields if f not in target_columns)), info
+
+
+def _soft_targets(tc: TrainConfig, train_part: pl.DataFrame, held_out: list[pl.DataFrame]
+                  ) -> tuple[pl.DataFrame, dict]:
+    """The training part with a `SOFT_LABELS` column when the config distils: the teacher's probabilities
+    (teacher.py: checked, repairs counted) or, with pseudo-labels and no teacher, the one-hot labels; then the
+    pseudo rows that share no prompt group with `held_out` (pseudo_labels.join_pseudo, drops counted)."""
+    if tc.teacher_path is None and tc.pseudo_path is None:
+        return train_part, {}
+    info: dict = {}
+    if tc.teacher_path is not None:
+        probs, report = teacher_targets(train_part, tc.teacher_path, tc.teacher_name)
+        info["teacher"] = report.to_dict()
+    else:
+        probs = np.eye(3)[train_part["label"].to_numpy().astype(np.int64)]
+        info["teacher"] = None
+    train_part = train_part.with_columns(pl.Series(SOFT_LABELS, probs.tolist(), dtype=pl.List(pl.Float64)))
+    if tc.pseudo_path is not None:
+        train_part, counts = join_pseudo(train_part, held_out, load_pseudo_labels(tc.pseudo_path))
+        info["pseudo"] = {"path": tc.pseudo_path, **counts}
+    return train_part, info
 
 
 def _make_accelerator(cfg: PipelineConfig):

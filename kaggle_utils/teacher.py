@@ -1,0 +1,153 @@
+"""A teacher's probabilities -> per-row soft targets aligned to a training frame (distillation, losses.py).
+
+The teacher file is the OOF store's layout (metrics.py: ``name, id, fold, p_a, p_b, p_tie, label``), so one
+of our own runs can teach: a larger backbone's oof.parquet, or a fold ensemble's. Only ``id`` and the three
+probability columns are required (``name`` when the file holds several models). Out-of-fold predictions are
+what a teacher should give: each row's prediction came from a model that did not train on it.
+
+Checks, each an error naming the file, the row and the id, or a counted repair in `TeacherReport`:
+  * a training row whose id the teacher lacks: error with the count and the first ids (a silent fallback to
+    the hard label would make "distilled" runs partly undistilled without anyone noticing; a mismatch means
+    the teacher was made on other data or other dedup, which the user must resolve);
+  * duplicate ids: merged and counted when every copy has the same probabilities (within 1e-6), else error;
+  * a row whose probabilities do not sum to 1 within 1e-3: renormalised and counted when within 0.05 (float32
+    storage, rounding), else error;
+  * null, negative or non-finite probabilities: error.
+Ids are matched as text, so an integer id column and a string one pair up (the competition's ids are integers,
+some exports write them as strings).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from kaggle_utils.errors import DataError, UsageError
+from kaggle_utils.metrics import PROB_COLUMNS
+
+SUM_TOLERANCE = 1e-3  # rows off by less are used as they are
+RENORMALISE_LIMIT = 0.05  # rows off by up to this are renormalised (counted); beyond it, an error
+DUPLICATE_TOLERANCE = 1e-6
+_SHOWN = 5
+
+
+@dataclass
+class TeacherReport:
+    """Where the soft targets came from and what was repaired: recorded in the train summary."""
+
+    path: str
+    name: str | None
+    teacher_rows: int  # rows of the file (of `name`) before repairs
+    matched_rows: int  # training rows given a soft target
+    duplicates_merged: int  # surplus copies of ids whose copies all agreed
+    renormalised: int  # rows whose sum was off by more than SUM_TOLERANCE but at most RENORMALISE_LIMIT
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def load_teacher(source: str | Path | pl.DataFrame, name: str | None = None
+                 ) -> tuple[pl.DataFrame, TeacherReport]:
+    """The teacher's rows as (``id`` as text, ``p_a``, ``p_b``, ``p_tie``), checked and repaired as the module
+    says; the report has the counts (`matched_rows` is filled in by `teacher_targets`). `source` is the
+    parquet's path or an OOF-format table already in memory (then named "teacher table" in messages)."""
+    if isinstance(source, pl.DataFrame):
+        table, path = source, Path("teacher table")
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise DataError(f"teacher file not found: {path}")
+        try:
+            table = pl.read_parquet(path)
+        except Exception as error:  # noqa: BLE001 - any unreadable file gets the same one-line message
+            raise DataError(f"{path}: not a readable parquet file ({type(error).__name__}: {error})") from None
+    missing = [column for column in ("id", *PROB_COLUMNS) if column not in table.columns]
+    if missing:
+        raise DataError(f"{path}: teacher file lacks columns {missing} (needs id, {', '.join(PROB_COLUMNS)})")
+    table = _select_name(table, path, name)
+    rows = table.height
+    table = table.select(pl.col("id").cast(pl.String), *[pl.col(c).cast(pl.Float64) for c in PROB_COLUMNS])
+    _check_values(table, path)
+    table, merged = _merge_duplicates(table, path)
+    table, renormalised = _check_sums(table, path)
+    return table, TeacherReport(str(path), name, rows, 0, merged, renormalised)
+
+
+def teacher_targets(frame: pl.DataFrame, path: str | Path | pl.DataFrame, name: str | None = None
+                    ) -> tuple[np.ndarray, TeacherReport]:
+    """(rows, 3) teacher probabilities in `frame`'s row order, and the report. Every frame id must be in the
+    teacher (else DataError with the count and the first ids)."""
+    table, report = load_teacher(path, name)
+    path = report.path
+    ids = frame["id"].cast(pl.String)
+    joined = pl.DataFrame({"id": ids}).join(table, on="id", how="left", maintain_order="left")
+    lacking = joined.filter(pl.col(PROB_COLUMNS[0]).is_null())["id"]
+    if len(lacking):
+        raise DataError(f"{path}: the teacher lacks {len(lacking)} of {frame.height} training ids "
+                        f"(first: {lacking.head(_SHOWN).to_list()}); make the teacher on the same rows")
+    report.matched_rows = frame.height
+    return joined.select(PROB_COLUMNS).to_numpy().astype(np.float64), report
+
+
+def _select_name(table: pl.DataFrame, path: Path, name: str | None) -> pl.DataFrame:
+    if "name" not in table.columns:
+        if name is not None:
+            raise DataError(f"{path}: no 'name' column, so train.teacher_name={name!r} cannot be picked")
+        return table
+    names = sorted(str(n) for n in table["name"].unique().to_list())
+    if name is None:
+        if len(names) > 1:
+            raise UsageError(f"{path}: the teacher file holds {len(names)} models {names}; "
+                             f"set train.teacher_name to one of them")
+        return table
+    if name not in names:
+        raise DataError(f"{path}: no teacher rows named {name!r} (names: {names})")
+    return table.filter(pl.col("name") == name)
+
+
+def _check_values(table: pl.DataFrame, path: Path) -> None:
+    if table["id"].null_count():
+        row = int(np.flatnonzero(table["id"].is_null().to_numpy())[0])
+        raise DataError(f"{path}, row {row}: null id")
+    probs = table.select(PROB_COLUMNS).to_numpy()
+    bad = ~np.isfinite(probs) | (probs < 0)  # NaN (nulls read as NaN) fails isfinite
+    if bad.any():
+        row, column = (int(v) for v in np.argwhere(bad)[0])
+        raise DataError(f"{path}, row {row} (id {table['id'][row]}): {PROB_COLUMNS[column]} is "
+                        f"{table[PROB_COLUMNS[column]][row]!r}; teacher probabilities must be finite and >= 0 "
+                        f"({int(bad.any(axis=1).sum())} such rows)")
+
+
+def _merge_duplicates(table: pl.DataFrame, path: Path) -> tuple[pl.DataFrame, int]:
+    duplicated = table.filter(pl.col("id").is_duplicated())
+    if duplicated.is_empty():
+        return table, 0
+    spread = duplicated.group_by("id").agg([(pl.col(c).max() - pl.col(c).min()).alias(c) for c in PROB_COLUMNS])
+    disagree = spread.filter(pl.any_horizontal([pl.col(c) > DUPLICATE_TOLERANCE for c in PROB_COLUMNS]))
+    if disagree.height:
+        first = disagree["id"][0]
+        rows = np.flatnonzero((table["id"] == first).to_numpy()).tolist()
+        raise DataError(f"{path}, rows {rows} (id {first}): {disagree.height} ids appear more than once with "
+                        f"different probabilities (first: {disagree['id'].head(_SHOWN).to_list()})")
+    unique = table.unique(subset="id", keep="first", maintain_order=True)
+    return unique, table.height - unique.height
+
+
+def _check_sums(table: pl.DataFrame, path: Path) -> tuple[pl.DataFrame, int]:
+    probs = table.select(PROB_COLUMNS).to_numpy()
+    sums = probs.sum(axis=1)
+    off = np.abs(sums - 1.0)
+    beyond = np.flatnonzero(off > RENORMALISE_LIMIT)
+    if len(beyond):
+        row = int(beyond[0])
+        raise DataError(f"{path}, row {row} (id {table['id'][row]}): probabilities sum to {sums[row]:.6g}, "
+                        f"not 1 (more than {RENORMALISE_LIMIT} off; {len(beyond)} such rows)")
+    repair = off > SUM_TOLERANCE
+    if not repair.any():
+        return table, 0
+    probs[repair] /= sums[repair, None]
+    fixed = table.with_columns(*[pl.Series(c, probs[:, i]) for i, c in enumerate(PROB_COLUMNS)])
+    return fixed, int(repair.sum())

@@ -1,0 +1,192 @@
+"""Pseudo-labels: the confidence rule, dedup against train by normalised prompt, and a fold-safe join that
+never lets a pseudo row share a prompt group with the fold's validation rows."""
+
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+import pytest
+
+from kaggle_utils import training
+from kaggle_utils.config import FoldConfig, PipelineConfig, TrainConfig
+from kaggle_utils.data import load_competition
+from kaggle_utils.errors import DataError, UsageError
+from kaggle_utils.folds import group_ids, make_folds
+from kaggle_utils.losses import SOFT_LABELS
+from kaggle_utils.metrics import make_oof
+from kaggle_utils.pseudo_labels import (
+    dedupe_against,
+    join_pseudo,
+    load_pseudo_labels,
+    make_pseudo_labels,
+    save_pseudo_labels,
+)
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py
+
+
+@pytest.fixture(scope="module")
+def test_frame(sample_files):
+    return load_competition(sample_files.test_csv, split="test").frame
+
+
+def _teacher(frame: pl.DataFrame, probs: np.ndarray) -> pl.DataFrame:
+    return make_oof("teacher", frame["id"], np.zeros(frame.height), probs, np.zeros(frame.height))
+
+
+def _confident_probs(n: int) -> np.ndarray:
+    top = np.linspace(0.4, 0.95, n)
+    return np.column_stack([(1 - top) / 2, top, (1 - top) / 2])
+
+
+def test_threshold_keeps_confident_rows_with_argmax_label_and_teacher_probs(test_frame):
+    probs = _confident_probs(test_frame.height)
+    pseudo, report = make_pseudo_labels(_teacher(test_frame, probs), test_frame, threshold=0.8)
+    expected = np.flatnonzero(probs.max(axis=1) >= 0.8)
+    assert pseudo["id"].to_list() == test_frame["id"][expected.tolist()].to_list()
+    assert (pseudo["label"].to_numpy() == 1).all() and pseudo["label"].dtype == pl.Int8
+    np.testing.assert_allclose(np.asarray(pseudo[SOFT_LABELS].to_list()), probs[expected])
+    assert (report.offered, report.kept_by_confidence) == (test_frame.height, len(expected))
+    assert report.min_confidence_kept >= 0.8
+
+
+def test_top_fraction_keeps_the_most_confident_share(test_frame):
+    probs = _confident_probs(test_frame.height)[::-1].copy()  # most confident first in the frame
+    pseudo, report = make_pseudo_labels(_teacher(test_frame, probs), test_frame, top_fraction=0.25)
+    n = int(np.ceil(0.25 * test_frame.height))
+    assert pseudo["id"].to_list() == test_frame["id"].head(n).to_list()
+    assert report.kept_by_confidence == n and report.top_fraction == 0.25
+
+
+def test_the_rule_is_exactly_one_of_threshold_or_top_fraction_and_the_teacher_must_cover_the_rows(test_frame):
+    teacher = _teacher(test_frame, _confident_probs(test_frame.height))
+    with pytest.raises(UsageError, match="exactly one of threshold= or top_fraction="):
+        make_pseudo_labels(teacher, test_frame)
+    with pytest.raises(UsageError, match="exactly one of"):
+        make_pseudo_labels(teacher, test_frame, threshold=0.9, top_fraction=0.1)
+    with pytest.raises(UsageError, match="threshold must be in"):
+        make_pseudo_labels(teacher, test_frame, threshold=1.5)
+    with pytest.raises(DataError, match=r"the teacher lacks 1 of \d+ training ids"):
+        make_pseudo_labels(teacher.head(test_frame.height - 1), test_frame, threshold=0.5)
+
+
+def _shout(frame: pl.DataFrame) -> pl.DataFrame:
+    """The same prompts in other case and spacing: one normalised prompt group, other text."""
+    return frame.with_columns(pl.col("prompt").list.eval("  " + pl.element().str.to_uppercase() + "   "))
+
+
+def _pseudo_rows(frame: pl.DataFrame, id_offset: int) -> pl.DataFrame:
+    probs = np.tile([0.1, 0.8, 0.1], (frame.height, 1))
+    return frame.drop("model_a", "model_b", strict=False).with_columns(
+        (pl.col("id") + id_offset).alias("id"), pl.lit(1, dtype=pl.Int8).alias("label"),
+        pl.Series(SOFT_LABELS, probs.tolist(), dtype=pl.List(pl.Float64)))
+
+
+def test_dedupe_drops_pseudo_rows_whose_normalised_prompt_is_in_train_and_repeats(train_data, test_frame):
+    train = train_data.frame
+    copies = _pseudo_rows(_shout(train.head(7)), 10**9)
+    fresh = _pseudo_rows(test_frame.head(5), 2 * 10**9)
+    repeat = _pseudo_rows(test_frame.head(2), 3 * 10**9)  # the same prompts again among the pseudo rows
+    pseudo = pl.concat([fresh, copies, repeat])
+    assert set(group_ids(copies)) <= set(group_ids(train))  # the normalisation the folds use sees them as one
+    kept, report = dedupe_against(pseudo, train)
+    assert kept["id"].to_list() == fresh["id"].to_list()
+    assert (report.dropped_train_prompt, report.dropped_duplicate_prompt) == (7, 2)
+
+
+@pytest.fixture(scope="module")
+def small(train_data):
+    frame = train_data.frame.head(48)
+    return frame, make_folds(frame, FoldConfig(n_folds=3, seed=0))
+
+
+def test_join_never_adds_a_pseudo_row_sharing_a_prompt_group_with_validation_rows(small, test_frame):
+    frame, folds = small
+    for fold in range(3):
+        train_part, val_part = training.split_fold(frame, folds, fold)
+        train_part = train_part.with_columns(pl.Series(SOFT_LABELS, np.eye(3)[train_part["label"].to_numpy()]
+                                                       .tolist(), dtype=pl.List(pl.Float64)))
+        leaking = _pseudo_rows(_shout(val_part), 10**9)
+        fresh = _pseudo_rows(test_frame, 2 * 10**9)
+        joined, counts = join_pseudo(train_part, [val_part], pl.concat([leaking, fresh]))
+        added = joined.filter(pl.col("id") >= 10**9)
+        assert not set(group_ids(added)) & set(group_ids(val_part))
+        assert counts == {"pseudo_rows": leaking.height + fresh.height, "pseudo_added": fresh.height,
+                          "pseudo_dropped_held_out_group": leaking.height}
+        assert joined.columns == train_part.columns and joined.height == train_part.height + fresh.height
+        assert added["model_a"].null_count() == fresh.height  # test rows have no model names
+
+
+def test_join_refuses_pseudo_ids_that_are_training_ids(small, test_frame):
+    frame, folds = small
+    train_part, val_part = training.split_fold(frame, folds, 0)
+    train_part = train_part.with_columns(pl.Series(SOFT_LABELS, [[1.0, 0.0, 0.0]] * train_part.height))
+    clash = _pseudo_rows(test_frame.head(3), 0).with_columns(pl.Series("id", val_part["id"].head(3)))
+    with pytest.raises(DataError, match="3 ids are also training-data ids"):
+        join_pseudo(train_part, [val_part], clash)
+
+
+def test_saved_pseudo_labels_are_checked_when_read(tmp_path, test_frame):
+    good = _pseudo_rows(test_frame.head(4), 0)
+    path = save_pseudo_labels(good, tmp_path / "pseudo.parquet")
+    assert load_pseudo_labels(path).equals(good)
+    bad = good.with_columns(pl.Series(SOFT_LABELS, [[0.5, 0.4, 0.4]] + [[0.1, 0.8, 0.1]] * 3))
+    bad.write_parquet(tmp_path / "bad.parquet")
+    with pytest.raises(DataError, match=r"bad.parquet, row 0 \(id .*\): soft_labels must be 3 finite"):
+        load_pseudo_labels(tmp_path / "bad.parquet")
+
+
+def test_train_fold_adds_pseudo_rows_to_the_training_part_only(small, test_frame, demo_tokenizer, demo_base_dir,
+                                                               tmp_path):
+    frame, folds = small
+    _, val_part = training.split_fold(frame, folds, 0)
+    pseudo = pl.concat([_pseudo_rows(_shout(val_part.head(3)), 10**9), _pseudo_rows(test_frame.head(8), 2 * 10**9)])
+    path = save_pseudo_labels(pseudo, tmp_path / "pseudo.parquet")
+    cfg = PipelineConfig()
+    cfg.model.base_model = str(demo_base_dir)
+    cfg.model.gradient_checkpointing = False
+    cfg.format.max_length = 128
+    cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout = 4, 8, 0.0
+    cfg.train = TrainConfig(learning_rate=1e-3, epochs=1, per_device_batch_size=4, grad_accum=2, max_steps=2,
+                            save_every_steps=1000, eval_rows_cap=8, evals_per_run=1, pseudo_path=str(path),
+                            distill_weight=0.5)
+    result = training.train_fold(cfg, frame, folds, demo_tokenizer, tmp_path / "run", progress=False)
+    real_train = frame.height - len(result.val_ids)
+    assert result.train_rows == real_train + 8
+    assert result.summary()["loss"] == {
+        "loss": "distillation", "distill_weight": 0.5, "distill_temperature": 1.0, "label_smoothing": 0.0,
+        "teacher": None, "pseudo": {"path": str(path), "pseudo_rows": 11, "pseudo_added": 8,
+                                    "pseudo_dropped_held_out_group": 3}}
+    assert not set(result.val_ids) & set(pseudo["id"].to_list())
+
+
+def test_with_an_inner_holdout_pseudo_rows_sharing_its_prompt_groups_are_dropped_too(small, test_frame,
+                                                                                     demo_tokenizer, tmp_path):
+    frame, folds = small
+    cfg = PipelineConfig()
+    cfg.format.max_length = 128
+    cfg.train = TrainConfig(selection="inner", inner_holdout_fraction=0.2, eval_rows_cap=8)
+    train_part, val_part = training.split_fold(frame, folds, 0)
+    _, inner_part = training.split_inner(train_part, folds, cfg.train)
+    pseudo = pl.concat([_pseudo_rows(_shout(inner_part), 10**9), _pseudo_rows(_shout(val_part.head(2)), 2 * 10**9),
+                        _pseudo_rows(test_frame.head(5), 3 * 10**9)])
+    cfg.train.pseudo_path = str(save_pseudo_labels(pseudo, tmp_path / "pseudo.parquet"))
+    data = training._fold_data(cfg, frame, folds, 0, demo_tokenizer, (SOFT_LABELS,))
+    added = [i for i in data.train_ids if i >= 10**9]
+    assert added == pseudo["id"].tail(5).to_list()
+    assert data.soft_targets["pseudo"]["pseudo_dropped_held_out_group"] == inner_part.height + 2
+    assert data.n_train_rows == train_part.height - inner_part.height + 5
+
+
+def test_a_submission_file_is_a_teacher_for_unlabelled_rows(tmp_path, test_frame):
+    from kaggle_utils.pseudo_labels import teacher_from_submission
+    from kaggle_utils.submission import write_submission
+
+    probs = _confident_probs(test_frame.height)
+    path = tmp_path / "submission.csv"
+    write_submission(test_frame["id"].to_list(), probs, path)
+    pseudo, report = make_pseudo_labels(teacher_from_submission(path), test_frame, threshold=0.9)
+    np.testing.assert_allclose(np.asarray(pseudo[SOFT_LABELS].to_list()), probs[probs.max(axis=1) >= 0.9], atol=1e-6)
+    (tmp_path / "other.csv").write_text("id,a,b\n1,0.5,0.5\n")
+    with pytest.raises(DataError, match="not an LMSYS submission"):
+        teacher_from_submission(tmp_path / "other.csv")
