@@ -64,6 +64,7 @@ from kaggle_utils import tpu, workers
 from kaggle_utils.artifacts import MANIFEST_NAME, load_artifact
 from kaggle_utils.baseline import BaselineModel
 from kaggle_utils.batching import token_budget_batches
+from kaggle_utils.calibration import apply_calibration
 from kaggle_utils.config import LABEL_COLUMNS, DataConfig, InferenceConfig, validate_section
 from kaggle_utils.data import load_competition
 from kaggle_utils.device_forward import (  # WorkerLost, make_forward, is_out_of_memory: part of this API too
@@ -621,13 +622,15 @@ def score_rows(
     frame: Any,
     cfg: InferenceConfig,
     device: str | torch.device = "cpu",
+    manifest: dict | None = None,
 ) -> ScoredRows:
     """Predict labelled rows exactly as `predict` would: the same encoding, forward, token-budget schedule
     (`cfg.token_budget`, `cfg.max_rows_per_batch`) and view combination. Cross-validation scores the shipped
     model with this, so whatever later changes the submission's probabilities changes CV with it.
 
     Unlike `predict` there is no deadline and no fallback: a row that no view served raises (a CV figure with
-    holes would be wrong), naming the schedule's first error."""
+    holes would be wrong), naming the schedule's first error. `manifest`: the artifact's (its `tta_space` and
+    `calibration`, applied by `model_probabilities` as `predict` applies them)."""
     sequences, _ = encode_views(frame, tokenizer, format_config, cfg.tta_swap)
     forward = make_forward(model, _pad_id(tokenizer), str(device))
     began = time.perf_counter()
@@ -641,10 +644,31 @@ def score_rows(
     if cfg.tta_swap and not views.done.all():
         raise InferenceError(f"scoring served only one view of {int((~views.done.all(axis=0)).sum())} rows: "
                              "CV must score both TTA views as the submission would")
-    unserved = np.full((len(served), len(LABEL_COLUMNS)), np.nan)
-    probs, _ = combine_views(views, unserved)
+    probs, _ = model_probabilities(views, manifest)
     rows_per_s = len(served) / elapsed if elapsed > 0 else float("nan")
     return ScoredRows(probs=probs, views=views, rows_per_s=rows_per_s, schedule=schedule)
+
+
+def model_probabilities(views: ViewPredictions, manifest: dict | None) -> tuple[np.ndarray, np.ndarray]:
+    """What a model artifact predicts: its views combined in the manifest's `tta_space` ("prob" unless
+    chosen otherwise on OOF), then the manifest's `calibration` (none unless fitted on OOF). Rows no view
+    served are NaN, for the caller's fallback. `predict`, ensemble members and `score_rows` all go through
+    here, so a post-processing step added to a manifest changes CV and the submission together."""
+    manifest = manifest or {}
+    probs, paths = combine_views(views, np.full((views.probs.shape[1], len(LABEL_COLUMNS)), np.nan),
+                                 str(manifest.get("tta_space") or "prob"))
+    return calibrate_served(probs, manifest.get("calibration")), paths
+
+
+def calibrate_served(probs: np.ndarray, calibration: dict | None) -> np.ndarray:
+    """`calibration.apply_calibration` on the rows that have a prediction; NaN rows stay NaN."""
+    if not calibration:
+        return probs
+    served = np.all(np.isfinite(probs), axis=1)
+    out = probs.copy()
+    if served.any():
+        out[served] = apply_calibration(probs[served], calibration)
+    return out
 
 
 def class_prior_from_manifest(manifest: dict | None) -> np.ndarray | None:
@@ -904,7 +928,9 @@ def predict(
         final, paths = blended.fill(fallback)
         path_names: tuple[str, ...] = (PATH_ALL_MEMBERS, PATH_SOME_MEMBERS, PATH_FALLBACK)
     else:
-        final, paths = combine_views(views, fallback)
+        final, paths = model_probabilities(views, manifest)
+        unserved = paths == PATH_FALLBACK
+        final[unserved] = fallback[unserved]
         path_names = (PATH_TTA, PATH_ORIGINAL, PATH_SWAPPED, PATH_FALLBACK)
     report.rows_by_path = {name: int((paths == name).sum()) for name in path_names}
     submission = chosen.write(ids, final, out_path, expected_ids=ids)
@@ -937,7 +963,7 @@ def _write_report(report: InferenceReport, record: Callable[[str, BaseException]
                 path.unlink()
 
 
-_MANIFEST_KEYS = ("kind", "members", "ordering", "variant", "base_model", "quant_scheme", "dtype", "max_length",
+_MANIFEST_KEYS = ("kind", "members", "calibration", "tta_space", "ordering", "variant", "base_model", "quant_scheme", "dtype", "max_length",
                   "template_version",
                   "cv_scores", "package_version", "created_at", "class_prior", "dialect")
 
@@ -1170,7 +1196,8 @@ def _run_ensemble(
                 probs[member.name] = predicted
                 return
             views = _run_models(member.path, frame, cfg, deadline, clock, member_runtime, wrap_forward, member_report)
-            probs[member.name], _ = combine_views(views, np.full((n_rows, len(LABEL_COLUMNS)), np.nan))
+            member_manifest = json.loads((member.path / MANIFEST_NAME).read_text(encoding="utf-8"))
+            probs[member.name], _ = model_probabilities(views, member_manifest)
         except Exception as error:  # the other members still serve these rows
             member_report.errors.append({"where": f"ensemble member {member.name}", **_describe_error(error)})
             logger.error("ensemble member %s failed: %r (its rows are blended from the others)", member.name, error)
@@ -1197,6 +1224,7 @@ def _run_ensemble(
             run_member(member, runtime)
 
     blended = blend_members([probs[m.name] for m in members], [m.weight for m in members])
+    blended.probs = calibrate_served(blended.probs, manifest.get("calibration"))  # the blend's own, if fitted
     report.runtime = runtime.to_dict()
     report.schedule = {"ensemble_layout": layout}
     for member in members:

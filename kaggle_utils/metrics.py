@@ -33,6 +33,12 @@ def log_loss(labels: np.ndarray, probs: np.ndarray) -> float:
     `labels` are class indices 0..2 (A, B, tie); `probs` is (n, 3) in the same order. Integer or object
     input is treated as float64, as scikit-learn does.
     """
+    return float(np.mean(row_log_losses(labels, probs)))
+
+
+def row_log_losses(labels: np.ndarray, probs: np.ndarray) -> np.ndarray:
+    """Each row's log loss, clipped as `log_loss` clips (its mean is `log_loss`): the paired differences
+    behind every noise estimate (compare's decision, the ship decision, the QiD study, blends)."""
     labels = np.asarray(labels)
     probs = np.asarray(probs)
     if probs.ndim != 2 or probs.shape[1] != N_CLASSES:
@@ -49,8 +55,7 @@ def log_loss(labels: np.ndarray, probs: np.ndarray) -> float:
     eps = np.finfo(dtype).eps
     clipped = np.clip(probs.astype(dtype, copy=False), eps, 1 - eps).astype(np.float64)
     clipped /= clipped.sum(axis=1, keepdims=True)
-    picked = clipped[np.arange(len(labels)), labels.astype(np.int64)]
-    return float(-np.mean(np.log(picked)))
+    return -np.log(clipped[np.arange(len(labels)), labels.astype(np.int64)])
 
 
 def class_prior(labels: np.ndarray) -> np.ndarray:

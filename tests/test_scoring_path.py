@@ -21,8 +21,8 @@ def _sharpen(original_combine):
     """A stand-in for a later post-processing step (e.g. calibration): squares and renormalises the combined
     probabilities. Big enough that CV and the submission visibly disagree unless both go through it."""
 
-    def combine(views, fallback):
-        probs, paths = original_combine(views, fallback)
+    def combine(views, fallback, tta_space="prob"):
+        probs, paths = original_combine(views, fallback, tta_space)
         sharpened = probs**2
         return sharpened / sharpened.sum(axis=1, keepdims=True), paths
 

@@ -1,0 +1,210 @@
+"""The ship decision: rank every candidate by the CV of exactly what would be shipped, and ship the best.
+
+Candidates, all scored on the same out-of-fold rows (the ids every source has):
+
+* each trained variant's shipped artifact (its OOF as `inference.score_rows` made it);
+* the feature baseline (its OOF: each row predicted by the fold model that did not see it);
+* the class prior (each row gets its training part's prior: what an artifact's fallback would write);
+* each model calibrated (`calibration.py`: temperature, optionally a per-class bias);
+* the blend of all of them (`ensembles.fit_blend_weights`: non-negative weights summing to one).
+
+Anything fitted on OOF rows (a calibration, blend weights) is scored cross-fitted: the OOF rows are split into
+`CROSS_FIT_SPLITS` parts by prompt group, each part scored by what was fitted on the others, so its CV is not
+the in-sample figure the fit optimised. What ships is then fitted on every OOF row. The post-processing is
+applied by the functions `predict` applies (`inference.blend_members`, `calibration.apply_calibration`), so the
+CV figure and the submission describe the same thing.
+
+`decide_ship` ranks them; the winner's lead over the runner-up comes with its paired standard error.
+`write_shipped` writes what `predict --artifact` takes: the winning artifact folder itself when it is one
+plain model, else an ensemble folder (`kind: ensemble`) naming members, weights and calibration.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sklearn.model_selection import GroupKFold
+
+from kaggle_utils.artifact_layout import MANIFEST_NAME
+from kaggle_utils.calibration import apply_calibration, fit_calibration
+from kaggle_utils.ensembles import fit_blend_weights
+from kaggle_utils.errors import UsageError
+from kaggle_utils.fileio import atomic_write_bytes
+from kaggle_utils.inference import blend_members
+from kaggle_utils.metrics import log_loss, row_log_losses
+
+CROSS_FIT_SPLITS = 5
+NOISE_Z = 2.0  # a lead counts when it exceeds this many paired standard errors (as compare's decision)
+CALIBRATION_METHOD = "temperature"
+
+
+@dataclass
+class Candidate:
+    """One thing that could be shipped, with its OOF probabilities on the common rows and how to build it."""
+
+    name: str
+    kind: str  # "model" | "baseline" | "prior" | "calibrated" | "blend"
+    probs: np.ndarray = field(repr=False)
+    members: list[dict]  # ensemble members (inference.ensemble_members' format) that make it
+    calibration: dict | None = None
+    note: str = ""
+    cv_log_loss: float = math.nan
+
+    def summary(self) -> dict[str, Any]:
+        return {"name": self.name, "kind": self.kind, "cv_log_loss": self.cv_log_loss, "note": self.note,
+                "members": self.members, "calibration": self.calibration}
+
+
+@dataclass
+class ShipDecision:
+    """The ranked candidates (best first) and why the first ships."""
+
+    ranking: list[Candidate]
+    rows: int
+    runner_up_difference: float | None
+    standard_error: float | None
+    within_noise: bool | None
+    statement: str
+
+    @property
+    def best(self) -> Candidate:
+        return self.ranking[0]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"shipped": self.best.name, "rows": self.rows, "statement": self.statement,
+                "runner_up_difference": self.runner_up_difference, "standard_error": self.standard_error,
+                "within_noise": self.within_noise, "ranking": [c.summary() for c in self.ranking]}
+
+    def markdown(self) -> list[str]:
+        lines = ["| rank | candidate | kind | CV log loss | note |", "|---|---|---|---|---|"]
+        for rank, candidate in enumerate(self.ranking, 1):
+            lines.append(f"| {rank} | {candidate.name} | {candidate.kind} | {candidate.cv_log_loss:.4f} | "
+                         f"{candidate.note} |")
+        return [*lines, "", self.statement]
+
+
+def cross_fit_splits(groups: np.ndarray, n_splits: int = CROSS_FIT_SPLITS) -> np.ndarray:
+    """Each OOF row's split (0..k-1), whole prompt groups together, so nothing fitted on a part sees the
+    prompts it is scored on."""
+    groups = np.asarray(groups)
+    n_splits = min(n_splits, len(np.unique(groups)))
+    if n_splits < 2:
+        raise UsageError("cross-fitting needs OOF rows from at least two prompt groups")
+    split = np.empty(len(groups), dtype=np.int64)
+    for index, (_, scored) in enumerate(GroupKFold(n_splits=n_splits).split(groups, groups=groups)):
+        split[scored] = index
+    return split
+
+
+def cross_fitted_calibration(labels: np.ndarray, probs: np.ndarray, splits: np.ndarray,
+                             method: str = CALIBRATION_METHOD) -> np.ndarray:
+    """Each split's rows calibrated by what was fitted on the other splits: the honest OOF of calibrating."""
+    out = np.empty_like(probs, dtype=np.float64)
+    for split in np.unique(splits):
+        scored = splits == split
+        fitted = fit_calibration(labels[~scored], probs[~scored], method=method)
+        out[scored] = apply_calibration(probs[scored], fitted)
+    return out
+
+
+def cross_fitted_blend(labels: np.ndarray, member_probs: dict[str, np.ndarray], splits: np.ndarray) -> np.ndarray:
+    """Each split's rows blended with weights fitted on the other splits (`inference.blend_members`)."""
+    names = list(member_probs)
+    n_rows = len(labels)
+    out = np.empty((n_rows, 3), dtype=np.float64)
+    for split in np.unique(splits):
+        scored = splits == split
+        weights = fit_blend_weights(labels[~scored], {n: p[~scored] for n, p in member_probs.items()}).weights
+        out[scored] = blend_members([member_probs[n][scored] for n in names], [weights[n] for n in names]).probs
+    return out
+
+
+def build_candidates(
+    labels: np.ndarray,
+    groups: np.ndarray,
+    models: dict[str, tuple[np.ndarray, str | Path]],
+    prior_probs: np.ndarray,
+    prior: np.ndarray,
+    baseline: tuple[np.ndarray, str | Path] | None = None,
+    calibrate: bool = True,
+    blend: bool = True,
+) -> list[Candidate]:
+    """Every candidate on the same rows. `models`: name -> (OOF probs, artifact folder); `prior_probs`: each
+    row's training-part class prior (the prior candidate's OOF); `prior`: the class prior that ships (all
+    training rows); `baseline`: (OOF probs, baseline JSON file)."""
+    labels = np.asarray(labels, dtype=np.int64)
+    splits = cross_fit_splits(groups)
+    candidates = [Candidate(name=name, kind="model", probs=np.asarray(p, dtype=np.float64),
+                            members=[{"name": name, "kind": "model", "path": str(path), "weight": 1.0}])
+                  for name, (p, path) in models.items()]
+    if baseline is not None:
+        candidates.append(Candidate(name="feature-baseline", kind="baseline", probs=np.asarray(baseline[0]),
+                                    members=[{"name": "feature-baseline", "kind": "baseline",
+                                              "path": str(baseline[1]), "weight": 1.0}]))
+    candidates.append(Candidate(name="class-prior", kind="prior", probs=np.asarray(prior_probs, dtype=np.float64),
+                                members=[{"name": "class-prior", "kind": "prior",
+                                          "prior": [float(v) for v in prior], "weight": 1.0}]))
+    singles = list(candidates)
+    if calibrate:
+        for single in (c for c in singles if c.kind in ("model", "baseline")):
+            fitted = fit_calibration(labels, single.probs, method=CALIBRATION_METHOD)
+            candidates.append(Candidate(
+                name=f"{single.name}+{CALIBRATION_METHOD}", kind="calibrated",
+                probs=cross_fitted_calibration(labels, single.probs, splits), members=single.members,
+                calibration=fitted.to_dict(),
+                note=f"{CALIBRATION_METHOD} fitted on all OOF rows; CV cross-fitted over {len(np.unique(splits))} "
+                     "prompt-group splits"))
+    if blend and len(singles) > 1:
+        member_probs = {c.name: c.probs for c in singles}
+        weights = fit_blend_weights(labels, member_probs).weights
+        members = [{**member, "weight": float(weights[c.name])} for c in singles for member in c.members]
+        kept = [m for m in members if m["weight"] > 0]
+        candidates.append(Candidate(
+            name="blend", kind="blend", probs=cross_fitted_blend(labels, member_probs, splits), members=kept,
+            note="weights " + ", ".join(f"{m['name']} {m['weight']:.3f}" for m in kept)
+                 + f"; CV cross-fitted over {len(np.unique(splits))} prompt-group splits"))
+    for candidate in candidates:
+        candidate.cv_log_loss = log_loss(labels, candidate.probs)
+    return candidates
+
+
+def decide_ship(labels: np.ndarray, candidates: list[Candidate]) -> ShipDecision:
+    """Rank by CV log loss; the best ships. Its lead over the runner-up is given with the paired per-row
+    standard error, and called noise below NOISE_Z of them (the best still ships: it is the best estimate)."""
+    if not candidates:
+        raise UsageError("no candidate to ship")
+    ranking = sorted(candidates, key=lambda c: c.cv_log_loss)
+    best = ranking[0]
+    if len(ranking) == 1:
+        return ShipDecision(ranking, len(labels), None, None, None, f"{best.name} is the only candidate")
+    second = ranking[1]
+    diff = row_log_losses(labels, second.probs) - row_log_losses(labels, best.probs)
+    difference = float(diff.mean())
+    se = float(diff.std(ddof=1) / math.sqrt(len(diff))) if len(diff) > 1 else math.inf
+    within = difference <= NOISE_Z * se
+    statement = (f"ship {best.name} ({best.kind}): CV log loss {best.cv_log_loss:.4f} on {len(labels)} OOF rows, "
+                 f"{difference:.4f} below {second.name} (paired standard error {se:.4f})"
+                 + ("; the lead is within noise" if within else ""))
+    return ShipDecision(ranking, len(labels), difference, se, bool(within), statement)
+
+
+def write_shipped(decision: ShipDecision, out_dir: str | Path, *, class_prior: np.ndarray, dialect: str) -> Path:
+    """What `predict --artifact` takes for the winner: a plain model's own artifact folder, else an ensemble
+    folder under `out_dir` naming members (absolute paths), weights and calibration."""
+    best = decision.best
+    if best.kind == "model":
+        return Path(best.members[0]["path"])
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    members = [{**m, "path": str(Path(m["path"]).resolve())} if m.get("path") else dict(m) for m in best.members]
+    manifest = {"kind": "ensemble", "name": best.name, "members": members, "calibration": best.calibration,
+                "class_prior": [float(v) for v in class_prior], "dialect": dialect,
+                "cv_scores": {"log_loss": best.cv_log_loss, "rows": decision.rows, "statement": decision.statement}}
+    atomic_write_bytes(out_dir / MANIFEST_NAME, json.dumps(manifest, indent=2).encode("utf-8"))
+    return out_dir
+
