@@ -71,11 +71,12 @@ from kaggle_utils.errors import UsageError
 from kaggle_utils.folds import folds_file_hash, load_folds, make_folds, save_folds
 from kaggle_utils.formatting import TEMPLATE_VERSION
 from kaggle_utils.inference import ScoredRows, score_rows
-from kaggle_utils.metrics import class_prior, log_loss, make_oof, save_oof
+from kaggle_utils.metrics import class_prior, log_loss, make_oof, row_log_losses, save_oof
 from kaggle_utils.modeling import base_has_weights, materialize_base
 from kaggle_utils.qaware import variants as _qaware_variants  # noqa: F401  registers the quantization-aware ones
 from kaggle_utils.real_models import base_weights_note, has_real_weights, resolve_tokenizer
 from kaggle_utils.runtime import find_competition_file, run_output_dir
+from kaggle_utils.ship import ShippedRun, ship_runs
 from kaggle_utils.tokenizer import load_tokenizer
 from kaggle_utils.training import PeakMemory, distributed_state, split_fold, train_fold
 from kaggle_utils.variant_registry import (
@@ -173,11 +174,15 @@ def compare_orderings(
     seeds: Sequence[int] = (42,),
     variants: Sequence[str] | None = None,
     progress: bool = True,
+    baseline: tuple[pl.DataFrame, str | Path] | None = None,
 ) -> dict:
     """Train each variant (default: both orderings) on the same folds/base/seed(s); write and return the report.
 
     Folds trained: `cfg.train.cv_folds` (None: every fold of the folds file). With several seeds the report
-    gives mean ± std over seeds.
+    gives mean ± std over seeds. Then the ship decision (`ship.py`): every variant's shipped model (first seed),
+    the class prior, `baseline` when given (its OOF table on the same folds file, and its model file), their
+    calibrated versions and the blend, ranked by cross-fitted CV on the same rows; the best is written as
+    `shipped/` (or is a variant's own artifact) and named in the report's `ship` section.
     """
     requested = resolve_variants(variants)
     skipped = {v.name: reason for v in requested if v.unavailable and (reason := v.unavailable())}
@@ -239,10 +244,26 @@ def compare_orderings(
     save_oof(pl.concat(oof_tables, how="vertical"), out_dir / OOF_FILE, replace="name")
     report = _build_report(cfg, chosen, seeds, fold_ids, runs, frame, folds_path, folds_hash, device, began)
     report["skipped_variants"] = skipped
+    report["ship"] = _ship(runs, seeds[0], folds, frame, out_dir, cfg.data.format, baseline)
     (out_dir / REPORT_JSON).write_text(json.dumps(report, indent=2), encoding="utf-8")
     (out_dir / REPORT_MD).write_text(render_markdown(report), encoding="utf-8")
     plot_report(report, out_dir / REPORT_PNG)
     return report
+
+
+def _ship(runs: list[dict], seed: int, folds: pl.DataFrame, frame: pl.DataFrame, out_dir: Path, dialect: str,
+          baseline: tuple[pl.DataFrame, str | Path] | None) -> dict:
+    """The ship decision over the first seed's runs (and the baseline): `ship.ship_runs`."""
+    groups_by_id = dict(zip(folds["id"].to_list(), folds["group"].to_list(), strict=True))
+    prior = class_prior(frame["label"].to_numpy().astype(np.int64))
+    baseline_rows = None
+    if baseline is not None:
+        table, model_path = baseline
+        baseline_rows = ({row_id: np.array(p) for row_id, *p in
+                          table.select("id", "p_a", "p_b", "p_tie").iter_rows()}, model_path)
+    decision, shipped = ship_runs([run["_shipped"] for run in runs if run["seed"] == seed], groups_by_id, prior,
+                                  out_dir, dialect, baseline_rows)
+    return {**decision.to_dict(), "artifact": str(shipped), "reliability_png": "reliability.png"}
 
 
 def _base_weights_note(base_model: str) -> str | None:
@@ -335,6 +356,8 @@ def _run_fold(cfg, variant: Variant, frame, folds, fold: int, seed: int, tokeniz
         "extras": extras,
         "notes": fold_ctx.notes,
         "prior_log_loss": result.prior_log_loss,
+        "class_prior": prior.tolist(),
+        "ids": list(result.val_ids),
     }
     del result, exported, shipped
     gc.collect()
@@ -397,19 +420,17 @@ def _aggregate_run(variant: Variant, seed: int, folds_out: list[dict], dialect: 
              "log_loss_common_reference": None, "qid_vs_common": None,
              "metric_quantized": dialect.metric(f["labels"], f["probs_quantized"]),
              "best_step": f["train"]["best_step"], "history": f["train"]["history"],
+             "class_prior": f["class_prior"],
              "artifact_dir": f["artifact_dir"], "extras": f["extras"], "notes": f["notes"]}
             for f in folds_out
         ],
-        # per-row losses (not written to JSON) for the paired noise estimate
-        "_row_losses_quantized": _row_losses(labels, pq),
+        # per-row losses (not written to JSON) for the paired noise estimate, and the rows for the ship decision
+        "_row_losses_quantized": row_log_losses(labels, pq),
+        "_shipped": ShippedRun(
+            name=variant.name, ids=[i for f in folds_out for i in f["ids"]], labels=labels, probs=pq,
+            row_priors=np.concatenate([np.tile(f["class_prior"], (len(f["labels"]), 1)) for f in folds_out]),
+            artifact_dirs=[f["artifact_dir"] for f in folds_out]),
     }
-
-
-def _row_losses(labels: np.ndarray, probs: np.ndarray) -> np.ndarray:
-    eps = np.finfo(np.float64).eps
-    clipped = np.clip(probs, eps, 1 - eps)
-    clipped = clipped / clipped.sum(axis=1, keepdims=True)
-    return -np.log(clipped[np.arange(len(labels)), labels])
 
 
 def own_reference_description(variant: Variant) -> str:
@@ -670,6 +691,9 @@ def render_markdown(report: dict) -> str:
         "",
         *[f"- `{v['variant']}`: {v.get('own_reference') or 'n/a'}" for v in report["variants"]],
         "",
+        "## What ships",
+        "",
+        *_ship_lines(report),
         "## Definitions",
         "",
         *[f"- `{key}`: {text}" for key, text in report["definitions"].items()],
@@ -691,6 +715,20 @@ def render_markdown(report: dict) -> str:
     lines += ["", f"Versions: torch {env['torch']}, transformers {env['transformers']}, "
                   f"peft {env.get('peft', '?')}, bitsandbytes {env.get('bitsandbytes', '?')}; {env['date']}.", ""]
     return "\n".join(lines)
+
+
+def _ship_lines(report: dict) -> list[str]:
+    ship = report.get("ship")
+    if not ship:
+        return ["No ship decision in this report.", ""]
+    lines = ["Every candidate on the same OOF rows; calibrations and blend weights scored cross-fitted (fitted on "
+             "the other prompt-group splits of the OOF rows), so no figure is the in-sample one its fit optimised.",
+             "", "| rank | candidate | kind | CV log loss | note |", "|---|---|---|---|---|"]
+    for rank, candidate in enumerate(ship["ranking"], 1):
+        lines.append(f"| {rank} | {candidate['name']} | {candidate['kind']} | {candidate['cv_log_loss']:.4f} "
+                     f"| {candidate['note']} |")
+    return [*lines, "", f"**{ship['statement']}**; shipped: `{ship['artifact']}`.", "",
+            f"![reliability]({ship.get('reliability_png', 'reliability.png')})", ""]
 
 
 def _metric_lines(report: dict) -> list[str]:

@@ -4,8 +4,10 @@ A list of steps run in order over one shared `DemoState`; each step does one thi
 records its results under its own key of the report (`demo_report.json` / `demo_report.md` in `out_dir`).
 `BASELINE_STEPS` end with a validated baseline submission, so a valid file exists whatever happens later;
 `LLM_STEPS` then train both quantization orderings on the same folds file (tiny random-weight Gemma-2, demo-scale
-settings from `compare.DEMO_CONFIG`), and ship the winner's quantized artifact through the offline inference
-engine (swap TTA, time guard, baseline as the fallback), replacing the submission with a validated one.
+settings from `compare.DEMO_CONFIG`), rank every candidate (both orderings' shipped models, the feature baseline,
+the class prior, their calibrated versions, the blend) by cross-fitted CV on the same rows, and ship the best
+through the offline inference engine (swap TTA, time guard, baseline as the fallback), replacing the submission
+with a validated one.
 `dialect="wsdm"` runs the same steps on generated WSDM Cup files (parquet, `winner` A/B): its metric (accuracy)
 is reported beside log loss, and both submissions are WSDM's `id, winner` files, validated.
 
@@ -186,6 +188,7 @@ def step_orderings(state: DemoState) -> str:
         state.comparison = compare_orderings(
             cfg, state.files.train_path, state.out_dir / "orderings",
             folds_path=state.folds_path, seeds=(state.seed,), progress=False,
+            baseline=(state.baseline.oof, state.baseline_model_path) if state.baseline is not None else None,
         )
     finally:
         torch.set_num_threads(threads)
@@ -205,6 +208,8 @@ def step_orderings(state: DemoState) -> str:
             for name, v in variants.items()
         },
         "metric": state.dialect.metric.name,
+        "ship": {key: state.comparison["ship"][key] for key in ("shipped", "statement", "artifact")},
+        "candidates": {c["name"]: c["cv_log_loss"] for c in state.comparison["ship"]["ranking"]},
     }
     scores = ", ".join(
         f"{name} {v['cv_log_loss_quantized']['mean']:.4f} (QiD vs common 16-bit reference "
@@ -213,14 +218,16 @@ def step_orderings(state: DemoState) -> str:
     metric = state.dialect.metric.name
     competition = "" if metric == "log_loss" else "shipped CV " + metric + ": " + ", ".join(
         f"{name} {v['cv_metric_quantized']['mean']:.4f}" for name, v in variants.items()) + "; "
-    return f"{competition}shipped CV log loss: {scores}; {decision['statement']}"
+    return (f"{competition}shipped CV log loss: {scores}; {decision['statement']} "
+            f"Ship decision over every candidate: {state.comparison['ship']['statement']}")
 
 
 def step_inference(state: DemoState) -> str:
-    """The comparison's winner, shipped: offline inference on the test file with swap TTA and the time guard."""
-    decision = state.comparison["decision"]
-    winner = next(run for run in state.comparison["runs"] if run["variant"] == decision["winner"])
-    artifact_dir = winner["per_fold"][0]["artifact_dir"]
+    """What the ship decision chose (the best CV of every candidate: variants, baseline, class prior, their
+    calibrated versions, the blend), shipped: offline inference on the test file with swap TTA and the time
+    guard."""
+    ship = state.comparison["ship"]
+    artifact_dir = ship["artifact"]
     # A CPU-sized token budget: on CPU smaller batches are faster (benchmarks/bench_inference.py).
     # The dialect comes from the artifact's manifest (the comparison trained it on this dialect's data).
     inference = predict(
@@ -231,7 +238,7 @@ def step_inference(state: DemoState) -> str:
     state.report["inference"] = {
         "dialect": inference.dialect,
         "artifact_dir": artifact_dir,
-        "variant": decision["winner"],
+        "shipped": ship["shipped"],
         "submission": str(state.submission_path),
         "validated_rows": validated.rows,
         "rows_by_path": dict(inference.rows_by_path),
@@ -242,7 +249,7 @@ def step_inference(state: DemoState) -> str:
     warning = f"WARNING {inference.fallback_rows} rows from the fallback ({inference.fallback_source}); " \
         if inference.fallback_rows else ""
     return (
-        f"{warning}{decision['winner']} artifact -> {validated.rows} rows written and validated "
+        f"{warning}{ship['shipped']} -> {validated.rows} rows written and validated "
         f"(rows by path: {inference.rows_by_path}) -> {state.submission_path}"
     )
 
@@ -256,13 +263,13 @@ BASELINE_STEPS: list[DemoStep] = [
 ]
 LLM_STEPS: list[DemoStep] = [
     DemoStep("orderings", "Gemma-2 in both orderings on the same folds", step_orderings),
-    DemoStep("inference", "ship the winner: offline inference with swap TTA", step_inference),
+    DemoStep("inference", "ship the best candidate: offline inference with swap TTA", step_inference),
 ]
 DEMO_STEPS: list[DemoStep] = [*BASELINE_STEPS, *LLM_STEPS]
 REAL_DEMO_STEPS: list[DemoStep] = [
     *BASELINE_STEPS,
     DemoStep("orderings", "real checkpoint in both orderings on the same folds", step_orderings),
-    DemoStep("inference", "ship the winner: offline inference with swap TTA", step_inference),
+    DemoStep("inference", "ship the best candidate: offline inference with swap TTA", step_inference),
 ]
 
 FETCH_HINT = "python -m kaggle_utils fetch-model gemma-3-270m --out {dir}"
@@ -420,13 +427,19 @@ def _markdown(report: dict[str, Any]) -> str:
         if orderings.get("metric", "log_loss") != "log_loss":
             lines += ["", f"Shipped CV {orderings['metric']}: " + ", ".join(
                 f"{name} {v['cv_metric_quantized']:.4f}" for name, v in orderings["variants"].items())]
-        lines += ["", orderings["decision"]["statement"], "", f"full report: `{orderings['report_dir']}/report.md`", ""]
+        lines += ["", orderings["decision"]["statement"], ""]
+        if orderings.get("candidates"):
+            lines += ["### What ships (every candidate, CV log loss on the same held-out rows)", "",
+                      "| candidate | CV log loss |", "|---|---|",
+                      *[f"| {name} | {loss:.4f} |" for name, loss in orderings["candidates"].items()],
+                      "", orderings["ship"]["statement"], ""]
+        lines += [f"full report: `{orderings['report_dir']}/report.md`", ""]
     if "inference" in report:
         inference = report["inference"]
         lines += [
             "## LLM inference",
             "",
-            f"{inference['variant']} artifact `{inference['artifact_dir']}`: {inference['validated_rows']} rows "
+            f"{inference['shipped']} (`{inference['artifact_dir']}`): {inference['validated_rows']} rows "
             f"validated; rows by path {inference['rows_by_path']}; fallback {inference['fallback_source']}",
             "",
         ]

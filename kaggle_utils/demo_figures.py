@@ -45,7 +45,9 @@ def headline(report: dict[str, Any]) -> dict[str, Any]:
         "difference": decision.get("difference"),
         "standard_error": decision.get("standard_error"),
         "within_noise": decision.get("within_noise"),
-        "shipped": report["inference"]["variant"],
+        "shipped": report["inference"]["shipped"],
+        "ship_statement": orderings["ship"]["statement"],
+        "candidates": orderings["candidates"],
         "shipped_rows_by_path": dict(sorted(report["inference"]["rows_by_path"].items())),
         "total_seconds": round(sum(report["timings_s"].values()), 1),
     }
@@ -68,7 +70,10 @@ def render(figures: dict[str, Any]) -> str:
         f"{figures['seed']}; {figures['total_seconds']:.0f} s of steps in the recording run): baseline OOF log loss "
         f"{number(figures['baseline_log_loss'])} (class prior {number(figures['prior_log_loss'])}); {orderings}. "
         f"{figures['winner']} has the lower shipped CV log loss by {number(figures['difference'])} with a paired "
-        f"standard error of {number(figures['standard_error'])}: **{verdict}**. Shipped: {figures['shipped']} "
+        f"standard error of {number(figures['standard_error'])}: **{verdict}**. The ship decision ranks every "
+        "candidate by cross-fitted CV on the same rows (" + ", ".join(
+            f"{name} {number(loss)}" for name, loss in figures.get("candidates", {}).items())
+        + f"): {figures.get('ship_statement', '')}. Shipped: {figures['shipped']} "
         f"(rows by path {figures['shipped_rows_by_path']}).",
         END,
     ])

@@ -31,7 +31,7 @@ import numpy as np
 from sklearn.model_selection import GroupKFold
 
 from kaggle_utils.artifact_layout import MANIFEST_NAME
-from kaggle_utils.calibration import apply_calibration, fit_calibration
+from kaggle_utils.calibration import apply_calibration, fit_calibration, plot_reliability
 from kaggle_utils.ensembles import fit_blend_weights
 from kaggle_utils.errors import UsageError
 from kaggle_utils.fileio import atomic_write_bytes
@@ -194,10 +194,11 @@ def decide_ship(labels: np.ndarray, candidates: list[Candidate]) -> ShipDecision
 
 
 def write_shipped(decision: ShipDecision, out_dir: str | Path, *, class_prior: np.ndarray, dialect: str) -> Path:
-    """What `predict --artifact` takes for the winner: a plain model's own artifact folder, else an ensemble
-    folder under `out_dir` naming members (absolute paths), weights and calibration."""
+    """What `predict --artifact` takes for the winner: a plain one-fold model's own artifact folder, else an
+    ensemble folder under `out_dir` naming members (absolute paths), weights and calibration (a model trained
+    on several folds ships as the fold ensemble its OOF rows came from)."""
     best = decision.best
-    if best.kind == "model":
+    if best.kind == "model" and len(best.members) == 1:
         return Path(best.members[0]["path"])
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -208,3 +209,75 @@ def write_shipped(decision: ShipDecision, out_dir: str | Path, *, class_prior: n
     atomic_write_bytes(out_dir / MANIFEST_NAME, json.dumps(manifest, indent=2).encode("utf-8"))
     return out_dir
 
+
+
+@dataclass
+class ShippedRun:
+    """One trained (variant, seed) as a ship candidate: OOF rows (ids in order), each row's training-part class
+    prior, and the artifact of every fold that produced them (several folds ship as a fold ensemble)."""
+
+    name: str
+    ids: list
+    labels: np.ndarray
+    probs: np.ndarray
+    row_priors: np.ndarray
+    artifact_dirs: list[str]
+
+
+def ship_runs(
+    runs: list[ShippedRun],
+    groups_by_id: dict,
+    prior: np.ndarray,
+    out_dir: str | Path,
+    dialect: str,
+    baseline: tuple[dict, str | Path] | None = None,
+) -> tuple[ShipDecision, Path]:
+    """Rank the runs' shipped models, the baseline (`baseline`: (id -> OOF probs, model file)), the class prior,
+    their calibrated versions and the blend on the runs' common OOF rows; write what ships under `out_dir`
+    (`shipped/` for an ensemble folder), the decision as `ship.json` and `reliability.png` (the best model
+    before and after calibration). Returns the decision and the path `predict --artifact` takes."""
+    out_dir = Path(out_dir)
+    first = runs[0]
+    order = {row_id: index for index, row_id in enumerate(first.ids)}
+    models: dict[str, tuple[np.ndarray, list[str]]] = {}
+    for run in runs:
+        if sorted(run.ids, key=str) != sorted(first.ids, key=str):
+            raise UsageError(f"{run.name} was scored on other rows than {first.name}: not comparable")
+        index = np.array([order[row_id] for row_id in run.ids])
+        probs = np.empty_like(run.probs)
+        probs[index] = run.probs
+        models[run.name] = (probs, run.artifact_dirs)
+    labels, groups = first.labels, np.array([groups_by_id[row_id] for row_id in first.ids])
+    baseline_oof = None
+    if baseline is not None:
+        by_id, model_path = baseline
+        missing = [row_id for row_id in first.ids if row_id not in by_id]
+        if missing:
+            raise UsageError(f"the baseline OOF lacks {len(missing)} of the runs' rows (e.g. {missing[:5]}): "
+                             "make it on the same folds file")
+        baseline_oof = (np.stack([by_id[row_id] for row_id in first.ids]), model_path)
+    candidates = build_candidates(labels, groups, {name: (p, "") for name, (p, _) in models.items()},
+                                  prior_probs=first.row_priors, prior=prior, baseline=baseline_oof)
+    for candidate in candidates:  # a model's members: its fold artifacts, equal weights (a fold ensemble)
+        candidate.members = [member for m in candidate.members for member in _fold_members(m, models)]
+    decision = decide_ship(labels, candidates)
+    best_model = min((c for c in candidates if c.kind == "model"), key=lambda c: c.cv_log_loss)
+    calibrated = next((c for c in candidates if c.name == f"{best_model.name}+{CALIBRATION_METHOD}"), None)
+    curves = {f"{best_model.name} (raw)": best_model.probs}
+    if calibrated is not None:
+        curves[f"{calibrated.name} (cross-fitted)"] = calibrated.probs
+    plot_reliability(labels, curves, out_dir / "reliability.png")
+    shipped = write_shipped(decision, out_dir / "shipped", class_prior=prior, dialect=dialect)
+    record = {**decision.to_dict(), "artifact": str(shipped), "reliability_png": "reliability.png"}
+    atomic_write_bytes(out_dir / "ship.json", json.dumps(record, indent=2).encode("utf-8"))
+    return decision, shipped
+
+
+def _fold_members(member: dict, models: dict[str, tuple[np.ndarray, list[str]]]) -> list[dict]:
+    if member.get("kind") != "model":
+        return [member]
+    folds = models[member["name"]][1]
+    if len(folds) == 1:
+        return [{**member, "path": folds[0]}]
+    return [{**member, "name": f"{member['name']}/fold{index}", "path": path, "weight": member["weight"] / len(folds)}
+            for index, path in enumerate(folds)]

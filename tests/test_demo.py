@@ -52,6 +52,12 @@ def test_demo_writes_a_valid_submission_and_reports(tmp_path):
     assert inference["validated_rows"] == 40
     assert sum(inference["rows_by_path"].values()) == 40
     assert inference["rows_by_path"].get("fallback", 0) == 0
+    # it ships the candidate with the best CV of everything it trained (or the baseline, prior, blend ...)
+    candidates = on_disk["orderings"]["candidates"]
+    assert {"ft-then-quant", "quant-then-ft", "feature-baseline", "class-prior", "blend"} <= set(candidates)
+    assert inference["shipped"] == min(candidates, key=candidates.get)
+    assert (out / "orderings" / "reliability.png").read_bytes()[:4] == b"\x89PNG"
+    assert "## What ships" in (out / "orderings" / "report.md").read_text()
 
 
 def test_demo_is_deterministic_by_seed_and_takes_extra_steps(tmp_path):

@@ -22,7 +22,6 @@ from kaggle_utils.compare import (
     REPORT_JSON,
     REPORT_MD,
     REPORT_PNG,
-    _row_losses,
     attach_common_reference,
     decide_winner,
     plot_report,
@@ -30,7 +29,7 @@ from kaggle_utils.compare import (
     summarise_variant,
 )
 from kaggle_utils.errors import UsageError
-from kaggle_utils.metrics import load_oof, oof_probs, save_oof
+from kaggle_utils.metrics import load_oof, oof_probs, row_log_losses, save_oof
 
 
 def find_report_dirs(root: str | Path) -> list[Path]:
@@ -57,7 +56,7 @@ def _attach_row_losses(run: dict, directory: Path) -> dict:
     name = f"{run['variant']}/seed{run['seed']}/quantized"
     oof = load_oof(directory / OOF_FILE, name=name).sort("id")
     labels = oof["label"].to_numpy().astype(np.int64)
-    return {**run, "_row_losses_quantized": _row_losses(labels, oof_probs(oof)), "_ids": oof["id"].to_list()}
+    return {**run, "_row_losses_quantized": row_log_losses(labels, oof_probs(oof)), "_ids": oof["id"].to_list()}
 
 
 def combine_reports(report_dirs: Sequence[str | Path], out_dir: str | Path) -> dict:

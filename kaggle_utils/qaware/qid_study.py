@@ -36,7 +36,7 @@ from kaggle_utils.config import QuantConfig
 from kaggle_utils.errors import UsageError
 from kaggle_utils.fileio import atomic_write_bytes
 from kaggle_utils.formatting import encode_rows
-from kaggle_utils.metrics import log_loss
+from kaggle_utils.metrics import log_loss, row_log_losses
 from kaggle_utils.modeling import predict_probs
 from kaggle_utils.quantization import quantize_merged
 from kaggle_utils.training import (
@@ -55,14 +55,6 @@ SCHEME_LABELS = {"int8": "8-bit (LLM.int8)", "nf4": "4-bit (NF4)"}
 def qid(labels: np.ndarray, probs_16bit: np.ndarray, probs_quantized: np.ndarray) -> float:
     """QiD = log_loss(quantized) - log_loss(16-bit), both with the competition's log loss."""
     return log_loss(labels, probs_quantized) - log_loss(labels, probs_16bit)
-
-
-def _row_losses(labels: np.ndarray, probs: np.ndarray) -> np.ndarray:
-    """Per-row terms of `metrics.log_loss` (same clipping and renormalisation), so that their mean is it."""
-    eps = np.finfo(np.float64).eps
-    clipped = np.clip(np.asarray(probs, dtype=np.float64), eps, 1 - eps)
-    clipped /= clipped.sum(axis=1, keepdims=True)
-    return -np.log(clipped[np.arange(len(labels)), np.asarray(labels, dtype=np.int64)])
 
 
 @dataclass
@@ -108,8 +100,8 @@ def _resamples(groups: np.ndarray, n_rows: int, n_bootstrap: int, seed: int):
 
 def _loss_gap(labels: np.ndarray, probs_16bit: np.ndarray, probs_quantized: np.ndarray) -> np.ndarray:
     """(checkpoints, rows) per-row log loss of the quantized minus the 16-bit model."""
-    return (np.stack([_row_losses(labels, p) for p in probs_quantized])
-            - np.stack([_row_losses(labels, p) for p in probs_16bit]))
+    return (np.stack([row_log_losses(labels, p) for p in probs_quantized])
+            - np.stack([row_log_losses(labels, p) for p in probs_16bit]))
 
 
 def bootstrap_fit(
