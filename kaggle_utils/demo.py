@@ -32,11 +32,13 @@ import polars as pl
 
 from kaggle_utils import __version__
 from kaggle_utils.baseline import BaselineResult, run_baseline_cv
-from kaggle_utils.compare import compare_orderings, demo_config
+from kaggle_utils.compare import compare_orderings
 from kaggle_utils.config import BaselineConfig, FoldConfig, InferenceConfig, PipelineConfig
+from kaggle_utils.cv_report import ComparisonReport
 from kaggle_utils.data import LoadedData, load_competition
 from kaggle_utils.dialects import Dialect, get_dialect
 from kaggle_utils.errors import UsageError
+from kaggle_utils.experiment import demo_config
 from kaggle_utils.fileio import atomic_write_bytes
 from kaggle_utils.folds import fold_summary, make_folds, save_folds
 from kaggle_utils.inference import predict
@@ -64,7 +66,7 @@ class DemoState:
     folds_path: Path | None = None
     baseline: BaselineResult | None = None
     baseline_model_path: Path | None = None
-    comparison: dict[str, Any] | None = None
+    comparison: ComparisonReport | None = None
     # The orderings' settings; None: compare.demo_config() (tiny random-weight Gemma-2).
     pipeline_config: PipelineConfig | None = None
     # torch threads while training: 1 for the tiny model (far faster on a shared small box), None: torch's own.
@@ -192,13 +194,13 @@ def step_orderings(state: DemoState) -> str:
         )
     finally:
         torch.set_num_threads(threads)
-    variants = {v["variant"]: v for v in state.comparison["variants"]}
-    decision = state.comparison["decision"]
-    setup = state.comparison["setup"]
+    comparison = state.comparison
+    variants = {v["variant"]: v for v in comparison.variants}
+    decision = comparison.decision
     state.report["orderings"] = {
         "report_dir": str(state.out_dir / "orderings"),
-        "base_model": setup["base_model"],
-        "base_model_note": setup.get("base_model_note"),
+        "base_model": comparison.setup["base_model"],
+        "base_model_note": comparison.setup.get("base_model_note"),
         "decision": decision,
         "variants": {
             name: {metric: (v[metric] or {}).get("mean") for metric in
@@ -208,8 +210,8 @@ def step_orderings(state: DemoState) -> str:
             for name, v in variants.items()
         },
         "metric": state.dialect.metric.name,
-        "ship": {key: state.comparison["ship"][key] for key in ("shipped", "statement", "artifact")},
-        "candidates": {c["name"]: c["cv_log_loss"] for c in state.comparison["ship"]["ranking"]},
+        "ship": {key: comparison.ship[key] for key in ("shipped", "statement", "artifact")},
+        "candidates": {c["name"]: c["cv_log_loss"] for c in comparison.ship["ranking"]},
     }
     scores = ", ".join(
         f"{name} {v['cv_log_loss_quantized']['mean']:.4f} (QiD vs common 16-bit reference "
@@ -219,15 +221,15 @@ def step_orderings(state: DemoState) -> str:
     competition = "" if metric == "log_loss" else "shipped CV " + metric + ": " + ", ".join(
         f"{name} {v['cv_metric_quantized']['mean']:.4f}" for name, v in variants.items()) + "; "
     return (f"{competition}shipped CV log loss: {scores}; {decision['statement']} "
-            f"Ship decision over every candidate: {state.comparison['ship']['statement']}")
+            f"Ship decision over every candidate: {comparison.ship['statement']}")
 
 
 def step_inference(state: DemoState) -> str:
     """What the ship decision chose (the best CV of every candidate: variants, baseline, class prior, their
     calibrated versions, the blend), shipped: offline inference on the test file with swap TTA and the time
     guard."""
-    ship = state.comparison["ship"]
-    artifact_dir = ship["artifact"]
+    ship = state.comparison.ship
+    artifact_dir = state.comparison.shipped_artifact
     # A CPU-sized token budget: on CPU smaller batches are faster (benchmarks/bench_inference.py).
     # The dialect comes from the artifact's manifest (the comparison trained it on this dialect's data).
     inference = predict(

@@ -8,7 +8,7 @@ variants (`qaware.variants`) import the registry without importing the compariso
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -146,3 +146,17 @@ register_variant(Variant(
     builder=_default_builder,
     export=_export_quant_then_ft,
 ))
+
+
+DEFAULT_VARIANTS: tuple[str, ...] = ORDERINGS
+
+
+def resolve_variants(names: Sequence[str] | None) -> list[Variant]:
+    """The registered variants by name (default: the two orderings); unknown or repeated names are refused."""
+    names = list(names or DEFAULT_VARIANTS)
+    unknown = [name for name in names if name not in VARIANTS]
+    if unknown:
+        raise UsageError(f"unknown variant(s) {unknown}; registered: {sorted(VARIANTS)}")
+    if len(set(names)) != len(names):
+        raise UsageError(f"variants listed twice: {names}")
+    return [VARIANTS[name] for name in names]

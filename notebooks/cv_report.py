@@ -64,7 +64,8 @@ from pathlib import Path
 import polars as pl
 from IPython.display import Image, Markdown, display
 
-from kaggle_utils.compare import OOF_FILE, REPORT_MD, REPORT_PNG, plot_learning_curves
+from kaggle_utils.compare import OOF_FILE, REPORT_MD, REPORT_PNG
+from kaggle_utils.cv_report import plot_learning_curves
 from kaggle_utils.kaggle_tools.reports import combine_reports, find_report_dirs
 from kaggle_utils.metrics import load_oof, score_oof
 from kaggle_utils.runtime import KAGGLE_INPUT, on_kaggle, run_output_dir
@@ -82,7 +83,7 @@ report = combine_reports(report_dirs, out_dir)
 # ## Decision and the comparison table
 
 # %%
-print(report["decision"]["statement"])
+print(report.statement)
 display(Markdown((out_dir / REPORT_MD).read_text()))
 
 # %%
@@ -100,7 +101,7 @@ summary = pl.DataFrame(
             "artifact_mb": v["artifact_bytes"]["mean"] / 1e6,
             "inference_rows_per_s": v["inference_rows_per_s"]["mean"],
         }
-        for v in report["variants"]
+        for v in report.variants
     ]
 ).sort("cv_log_loss_quantized")
 display(summary)

@@ -80,15 +80,9 @@ import logging
 
 from IPython.display import Image, Markdown, display
 
-from kaggle_utils.compare import (
-    OOF_FILE,
-    REPORT_MD,
-    REPORT_PNG,
-    artifact_table,
-    compare_orderings,
-    plot_learning_curves,
-    resolve_training_notebook,
-)
+from kaggle_utils.compare import OOF_FILE, REPORT_MD, REPORT_PNG, compare_orderings
+from kaggle_utils.cv_report import artifact_table, plot_learning_curves
+from kaggle_utils.experiment import resolve_training_notebook
 
 logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", force=True)
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from kaggle_utils import compare, modeling
+from kaggle_utils import compare, experiment, modeling
 from kaggle_utils.artifacts import load_artifact
 from kaggle_utils.config import LoraSettings, ModelConfig
 from kaggle_utils.errors import UsageError
@@ -95,7 +95,7 @@ def test_unsupported_architectures_are_refused_by_name(tmp_path):
 def test_each_family_trains_ships_and_reloads(model_type, class_name, family, template, texts, small_train,
                                               tmp_path):
     tokenizer, config_path = _family_base(model_type, family, texts, tmp_path)
-    cfg = compare.demo_config()
+    cfg = experiment.demo_config()
     cfg.model.base_model = str(config_path)
     cfg.format = dataclasses.replace(cfg.format, tokenizer_path=str(tmp_path / "tokenizer"), template="auto",
                                      max_length=192)
@@ -105,12 +105,12 @@ def test_each_family_trains_ships_and_reloads(model_type, class_name, family, te
                                     per_device_batch_size=4)
     report = compare.compare_orderings(cfg, small_train, tmp_path / "run", variants=["ft-then-quant"],
                                        progress=False)
-    fold = report["runs"][0]["per_fold"][0]
-    artifact = load_artifact(fold["artifact_dir"], device="cpu")
+    fold = report.run("ft-then-quant").folds[0]
+    artifact = load_artifact(fold.artifact_dir, device="cpu")
     inner = artifact.model.get_base_model() if hasattr(artifact.model, "get_base_model") else artifact.model
     assert type(inner).__name__ == class_name
     assert template_for_tokenizer(artifact.tokenizer) == template
-    assert 0 < fold["log_loss_quantized"] < 5
+    assert 0 < fold.log_loss_quantized < 5
 
 
 def test_auto_template_errors_name_the_resolved_template(texts, tmp_path):

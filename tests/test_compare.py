@@ -11,7 +11,7 @@ import polars as pl
 import pytest
 import yaml
 
-from kaggle_utils import compare
+from kaggle_utils import compare, cv_report, experiment, variant_registry
 from kaggle_utils.artifacts import load_artifact
 from kaggle_utils.cli import main
 from kaggle_utils.config import PipelineConfig
@@ -23,7 +23,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py
 
 
 def quick_config(max_steps: int = 8) -> PipelineConfig:
-    cfg = compare.demo_config()
+    cfg = experiment.demo_config()
     cfg.folds.n_folds = 4
     cfg.lora.r = 4
     # Two held-out folds: anything that keeps only one fold's rows (the OOF store once did) is caught.
@@ -35,7 +35,8 @@ def quick_config(max_steps: int = 8) -> PipelineConfig:
 @pytest.fixture(scope="module")
 def comparison(sample_files, tmp_path_factory):
     out = tmp_path_factory.mktemp("compare")
-    report = compare.compare_orderings(quick_config(), sample_files.train_csv, out, seeds=(1, 2), progress=False)
+    report = compare.compare_orderings(quick_config(), sample_files.train_csv, out, seeds=(1, 2),
+                                       progress=False).to_dict()
     return report, out
 
 
@@ -107,21 +108,23 @@ def test_both_artifacts_share_folds_base_and_reload(comparison):
 
 def test_a_registered_variant_runs_without_touching_compare(sample_files, tmp_path):
     """The extension point: a variant defined elsewhere (here: ft-then-quant exported in LLM.int8)."""
-    base = compare.VARIANTS["ft-then-quant"]
+    base = variant_registry.VARIANTS["ft-then-quant"]
 
     def int8(cfg: PipelineConfig) -> PipelineConfig:
         cfg.quant.scheme = "int8"
         return cfg
 
-    variant = compare.register_variant(dataclasses.replace(base, name="test-ft-then-int8", configure=int8))
-    compare.register_variant(dataclasses.replace(base, name="test-needs-a-gpu", unavailable=lambda: "needs CUDA"))
+    variant = variant_registry.register_variant(dataclasses.replace(base, name="test-ft-then-int8", configure=int8))
+    variant_registry.register_variant(dataclasses.replace(base, name="test-needs-a-gpu", unavailable=lambda: "needs CUDA"))
     try:
         with pytest.raises(UsageError, match="already registered"):
-            compare.register_variant(dataclasses.replace(variant, description="another"))
+            variant_registry.register_variant(dataclasses.replace(variant, description="another"))
         cfg = quick_config(max_steps=2)
         cfg.train.eval_every_steps = 2
-        report = compare.compare_orderings(cfg, sample_files.train_csv, tmp_path,
-                                           variants=["test-ft-then-int8", "test-needs-a-gpu"], progress=False)
+        typed = compare.compare_orderings(cfg, sample_files.train_csv, tmp_path,
+                                          variants=["test-ft-then-int8", "test-needs-a-gpu"], progress=False)
+        report = typed.to_dict()
+        assert typed.run("test-ft-then-int8").folds[0].artifact_dir == report["runs"][0]["per_fold"][0]["artifact_dir"]
         # the variant that cannot run here is skipped and listed; the others still run
         assert [v["variant"] for v in report["variants"]] == ["test-ft-then-int8"]
         assert report["skipped_variants"] == {"test-needs-a-gpu": "needs CUDA"}
@@ -135,10 +138,10 @@ def test_a_registered_variant_runs_without_touching_compare(sample_files, tmp_pa
         assert report["setup"]["template_version"] == TEMPLATE_VERSION
         assert report["setup"]["format"] == dataclasses.asdict(cfg.format)
     finally:
-        compare.VARIANTS.pop("test-ft-then-int8", None)
-        compare.VARIANTS.pop("test-needs-a-gpu", None)
+        variant_registry.VARIANTS.pop("test-ft-then-int8", None)
+        variant_registry.VARIANTS.pop("test-needs-a-gpu", None)
     with pytest.raises(UsageError, match="unknown variant"):
-        compare.resolve_variants(["no-such-variant"])
+        variant_registry.resolve_variants(["no-such-variant"])
 
 
 def test_lora_is_merged_in_fp32_for_the_common_reference(demo_tokenizer, demo_base_dir):
@@ -164,7 +167,7 @@ def test_lora_is_merged_in_fp32_for_the_common_reference(demo_tokenizer, demo_ba
     exact = (layer.base_layer.weight.double()
              + layer.lora_B["default"].weight.double() @ layer.lora_A["default"].weight.double()
              * layer.scaling["default"])
-    merged = compare.merge_lora_fp32(model)
+    merged = variant_registry.merge_lora_fp32(model)
     weight = merged.model.layers[0].self_attn.q_proj.weight
     assert weight.dtype == torch.float32
     bf16_error = (lora_model().merge_and_unload().model.layers[0].self_attn.q_proj.weight.double() - exact).abs().max()
@@ -180,15 +183,15 @@ def test_winner_needs_a_difference_beyond_noise():
     rng = np.random.default_rng(0)
     common = rng.exponential(1.0, size=2000)
     clear = [_run("a", 0, common), _run("b", 0, common + 0.05 + rng.normal(0, 0.1, 2000))]
-    decision = compare.decide_winner(clear, ["a", "b"])
+    decision = cv_report.decide_winner(clear, ["a", "b"])
     assert decision["winner"] == "a" and decision["within_noise"] is False and "a wins" in decision["statement"]
     close = [_run("a", 0, common), _run("b", 0, common + 0.001 + rng.normal(0, 0.3, 2000))]
-    decision = compare.decide_winner(close, ["a", "b"])
+    decision = cv_report.decide_winner(close, ["a", "b"])
     assert decision["within_noise"] is True and "within noise" in decision["statement"]
     # Several seeds: seed-to-seed spread counts as noise too.
     seeds = [_run("a", s, common) for s in range(3)] + [
         _run("b", s, common + shift) for s, shift in enumerate((0.08, -0.07, 0.02))]
-    assert compare.decide_winner(seeds, ["a", "b"])["within_noise"] is True
+    assert cv_report.decide_winner(seeds, ["a", "b"])["within_noise"] is True
 
 
 def test_cli_train_writes_an_artifact(sample_files, tmp_path, capsys):
@@ -233,7 +236,7 @@ def test_learning_curves_draw_one_line_per_run_and_fold(variants, tmp_path, monk
         return original_plot(axis, x, y, **kwargs)
 
     monkeypatch.setattr(matplotlib.axes.Axes, "plot", recording_plot)
-    path = compare.plot_learning_curves(_report_with_history(variants), tmp_path / "curves.png")
+    path = cv_report.plot_learning_curves(_report_with_history(variants), tmp_path / "curves.png")
     assert path == tmp_path / "curves.png" and path.read_bytes().startswith(b"\x89PNG")
     assert len(drawn) == 2 * len(variants)
     steps, losses, label = drawn[-1]
@@ -242,7 +245,7 @@ def test_learning_curves_draw_one_line_per_run_and_fold(variants, tmp_path, monk
 
 
 def test_artifact_table_lists_every_trained_fold():
-    table = compare.artifact_table(_report_with_history(["ft-then-quant", "quant-then-ft"]))
+    table = cv_report.artifact_table(_report_with_history(["ft-then-quant", "quant-then-ft"]))
     assert table.columns == ["fold", "log_loss_quantized", "artifact_dir"]
     assert table["artifact_dir"].to_list() == [f"runs/{v}/fold{f}" for v in ("ft-then-quant", "quant-then-ft")
                                                for f in (0, 1)]
@@ -261,17 +264,17 @@ def test_training_notebook_parameters_resolve_to_config_and_paths(tmp_path, monk
     train_csv = tmp_path / "input" / "competitions" / "arena" / "train.csv"
     train_csv.parent.mkdir(parents=True)
     train_csv.write_text("id\n")
-    cfg, train_path, out_dir = compare.resolve_training_notebook(
+    cfg, train_path, out_dir = experiment.resolve_training_notebook(
         "quant-then-ft", "arena", config_path=config, base_model_path="/models/gemma", cv_folds=[1, 2],
         overrides={"train": {"max_steps": 2}},
     )
     assert (cfg.lora.r, cfg.train.max_steps, cfg.train.cv_folds) == (4, 2, (1, 2))
     assert cfg.model.base_model == "/models/gemma" and cfg.format.tokenizer_path == PipelineConfig().format.tokenizer_path
     assert train_path == train_csv and out_dir == tmp_path / "working" / "quant-then-ft"
-    cfg, train_path, out_dir = compare.resolve_training_notebook(
+    cfg, train_path, out_dir = experiment.resolve_training_notebook(
         "ft-then-quant", "arena", train_path="mine.csv", out_dir=tmp_path / "out", tokenizer_path="/tok"
     )
     assert (train_path, out_dir, cfg.format.tokenizer_path) == (Path("mine.csv"), tmp_path / "out", "/tok")
     assert cfg.model.base_model == PipelineConfig().model.base_model and cfg.train.cv_folds == (0,)
     with pytest.raises(UsageError, match="no train.csv in .*; set TRAIN_PATH"):
-        compare.resolve_training_notebook("ft-then-quant", "other-competition")
+        experiment.resolve_training_notebook("ft-then-quant", "other-competition")

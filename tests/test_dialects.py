@@ -12,7 +12,7 @@ import polars as pl
 import pytest
 import sklearn.metrics
 
-from kaggle_utils import cli, dialects
+from kaggle_utils import cli, cv_report, dialects, variant_registry
 from kaggle_utils.config import DataConfig
 from kaggle_utils.data import load_competition, parse_winner_labels
 from kaggle_utils.dialects import (
@@ -363,28 +363,27 @@ def test_predict_without_a_readable_manifest_writes_the_test_file_s_dialect(wsdm
 
 # ------------------------------------------------------------------------------------------------ compare
 def test_compare_reports_the_dialect_metric_beside_log_loss():
-    from kaggle_utils import compare
-
-    variant = compare.resolve_variants(["ft-then-quant"])[0]
+    variant = variant_registry.resolve_variants(["ft-then-quant"])[0]
     labels = np.array([0, 1, 1, 0, 1])
     probs = np.array([[0.7, 0.2, 0.1], [0.3, 0.6, 0.1], [0.5, 0.2, 0.3], [0.3, 0.2, 0.5], [0.1, 0.8, 0.1]])
     train = {"best_eval_loss": 0.5, "selection": "final", "wall_time_s": 1.0, "tokens_per_s": 1.0,
              "trainable_params": 1, "total_params": 2, "total_steps": 3, "best_step": 3, "history": []}
     fold = {"fold": 0, "labels": labels, "probs_16bit": probs, "probs_quantized": probs, "train": train,
             "peak_rss_bytes": 1, "peak_cuda_bytes": None, "artifact_bytes": 1, "inference_rows_per_s": 1.0,
-            "artifact_dir": None, "extras": {}, "notes": [], "prior_log_loss": 0.69}
-    run = compare._aggregate_run(variant, 0, [fold], WSDM)
+            "artifact_dir": None, "extras": {}, "notes": [], "prior_log_loss": 0.69,
+            "class_prior": [0.4, 0.6, 0.0], "ids": [1, 2, 3, 4, 5]}
+    run = cv_report.aggregate_run(variant, 0, [fold], WSDM)
     assert run["metric"] == "accuracy" and run["cv_metric_quantized"] == 0.8  # row 3 wrong
     assert run["accuracy_quantized"] == 0.6  # the 3-class argmax also counts row 4's "tie" as a miss
     assert set(run["cv_secondary_quantized"]) == {"ab_log_loss", "log_loss"}
-    lmsys_run = compare._aggregate_run(variant, 0, [fold], LMSYS)
+    lmsys_run = cv_report.aggregate_run(variant, 0, [fold], LMSYS)
     assert lmsys_run["cv_metric_quantized"] == lmsys_run["cv_log_loss_quantized"]
 
     report = {"dialect": WSDM.describe(), "runs": [run],
-              "variants": [compare.summarise_variant([run], variant.name, variant.ordering, "")]}
-    text = "\n".join(compare._metric_lines(report))
+              "variants": [cv_report.summarise_variant([run], variant.name, variant.ordering, "")]}
+    text = "\n".join(cv_report._metric_lines(report))
     assert "Competition metric (wsdm): accuracy, higher is better" in text and "| ft-then-quant | 0.8000 |" in text
-    assert compare._metric_lines({"dialect": LMSYS.describe(), "runs": [], "variants": []}) == []
+    assert cv_report._metric_lines({"dialect": LMSYS.describe(), "runs": [], "variants": []}) == []
 
 
 # ------------------------------------------------------------------------------------------------ demo

@@ -132,7 +132,7 @@ def test_both_training_kernels_come_from_the_one_notebook_with_their_ordering():
         "train_quant_then_ft": ("arena-train-quant-then-ft", {"ORDERING": "quant-then-ft"}),
     }
     assert kernels["cv_report"].reads_kernels == ("train_ft_then_quant", "train_quant_then_ft")
-    from kaggle_utils.compare import ORDERINGS
+    from kaggle_utils.variant_registry import ORDERINGS
 
     assert TRAINING_ORDERINGS == ORDERINGS  # one kernel per ordering the training code knows
     assert not (ROOT / "notebooks" / "train_ft_then_quant.py").exists()  # the two old copies are gone

@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from kaggle_utils.compare import resolve_variants
 from kaggle_utils.config import PipelineConfig, TrainConfig
 from kaggle_utils.folds import make_folds
 from kaggle_utils.qaware import variants
 from kaggle_utils.qaware.group_adapters import GroupPooledAdapterLinear
 from kaggle_utils.qaware.int4 import Int4Linear
+from kaggle_utils.variant_registry import resolve_variants
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +114,7 @@ def test_loftq_variant_trains_on_cpu_and_its_artifact_reloads(train_data, folds,
 
 def test_every_fine_tune_then_quantize_variant_provides_the_common_reference():
     """A comparison of only the scheme variants (as reports/compare_qaware runs) must still get qid_vs_common."""
-    from kaggle_utils.compare import attach_common_reference
+    from kaggle_utils.cv_report import attach_common_reference
 
     chosen = resolve_variants(["quant-then-ft", "ft-then-quant-int8", "ft-then-quant-nf4"])
     runs = [

@@ -13,7 +13,7 @@ import dataclasses
 
 import pytest
 
-from kaggle_utils import compare, modeling
+from kaggle_utils import compare, experiment, modeling
 from kaggle_utils.artifacts import load_artifact
 from kaggle_utils.formatting import template_for_tokenizer
 from kaggle_utils.inference import predict
@@ -35,7 +35,7 @@ def tiny_files(tmp_path_factory):
 def test_real_checkpoint_trains_ships_and_submits(checkpoint, class_name, vocab, template, tiny_files, tmp_path,
                                                   request):
     base = request.getfixturevalue(checkpoint)
-    cfg = compare.demo_config()
+    cfg = experiment.demo_config()
     cfg.model.base_model = str(base)
     cfg.model.dtype = "float32"
     cfg.format = dataclasses.replace(cfg.format, template="auto", max_length=96)
@@ -47,13 +47,13 @@ def test_real_checkpoint_trains_ships_and_submits(checkpoint, class_name, vocab,
                                        progress=False)
     assert not (tmp_path / "run" / "tokenizer").exists()  # no locally trained tokenizer for real weights
     rounding = "Q4_K_M" if "gemma" in checkpoint else "Q4_1"
-    assert f"they carry the {rounding} rounding" in report["setup"]["base_model_note"]
+    assert f"they carry the {rounding} rounding" in report.setup["base_model_note"]
     assert f"carry the {rounding} rounding" in (tmp_path / "run" / "report.md").read_text()
-    fold = report["runs"][0]["per_fold"][0]
-    artifact = load_artifact(fold["artifact_dir"], device="cpu")  # checks tokenizer against model
+    fold = report.run("ft-then-quant").folds[0]
+    artifact = load_artifact(fold.artifact_dir, device="cpu")  # checks tokenizer against model
     inner = artifact.model.get_base_model() if hasattr(artifact.model, "get_base_model") else artifact.model
     assert type(inner).__name__ == class_name
     assert len(artifact.tokenizer) == vocab and template_for_tokenizer(artifact.tokenizer) == template
     out = tmp_path / "submission.csv"
-    predict(fold["artifact_dir"], tiny_files.test_csv, out)
+    predict(fold.artifact_dir, tiny_files.test_csv, out)
     validate_submission(out, tiny_files.test_csv)

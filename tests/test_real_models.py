@@ -14,7 +14,7 @@ import pytest
 from tokenizers import Tokenizer, models
 from transformers import Gemma2ForSequenceClassification, PreTrainedTokenizerFast
 
-from kaggle_utils import artifacts, compare, modeling
+from kaggle_utils import artifacts, experiment, modeling
 from kaggle_utils.config import FormatConfig, ModelConfig, PipelineConfig
 from kaggle_utils.errors import ArtifactError, UsageError
 from kaggle_utils.real_models import check_tokenizer_model, has_real_weights, is_demo_tokenizer
@@ -60,16 +60,16 @@ def _cfg(base: Path, tokenizer_path: str | None = None) -> PipelineConfig:
 def test_real_checkpoint_is_never_given_a_locally_trained_tokenizer(weights_only_checkpoint, train_data, tmp_path):
     """The reported bug: compare trained a demo tokenizer for a real checkpoint (2048 ids < 256,000 rows)."""
     with pytest.raises(UsageError, match=f"base model {weights_only_checkpoint} has real weights but no tokenizer"):
-        compare._tokenizer(_cfg(weights_only_checkpoint), train_data.frame, tmp_path)
+        experiment._tokenizer(_cfg(weights_only_checkpoint), train_data.frame, tmp_path)
     assert not (tmp_path / "tokenizer").exists()
 
 
 def test_real_checkpoint_uses_its_own_tokenizer(checkpoint_with_tokenizer, train_data, tmp_path):
-    tokenizer = compare._tokenizer(_cfg(checkpoint_with_tokenizer), train_data.frame, tmp_path)
+    tokenizer = experiment._tokenizer(_cfg(checkpoint_with_tokenizer), train_data.frame, tmp_path)
     assert len(tokenizer) == 256_000 and not is_demo_tokenizer(tokenizer)
     assert tokenizer.convert_tokens_to_ids(["<start_of_turn>", "<end_of_turn>"]) == [106, 107]
     # another real tokenizer may be named explicitly
-    named = compare._tokenizer(_cfg(checkpoint_with_tokenizer, str(GEMMA2_TOKENIZER)), train_data.frame, tmp_path)
+    named = experiment._tokenizer(_cfg(checkpoint_with_tokenizer, str(GEMMA2_TOKENIZER)), train_data.frame, tmp_path)
     assert len(named) == 256_000
 
 
@@ -78,14 +78,14 @@ def test_demo_tokenizer_named_for_real_weights_is_refused(checkpoint_with_tokeni
     demo_dir = tmp_path / "demo"
     demo_tokenizer.save_pretrained(str(demo_dir))
     with pytest.raises(UsageError, match="trained locally"):
-        compare._tokenizer(_cfg(checkpoint_with_tokenizer, str(demo_dir)), train_data.frame, tmp_path)
+        experiment._tokenizer(_cfg(checkpoint_with_tokenizer, str(demo_dir)), train_data.frame, tmp_path)
     # an unmarked small tokenizer (e.g. trained elsewhere) still cannot index a 256,000-row model meaningfully
     config = json.loads((demo_dir / "tokenizer_config.json").read_text())
     config.pop("kaggle_utils_demo_tokenizer")
     (demo_dir / "tokenizer_config.json").write_text(json.dumps(config))
     with pytest.raises(UsageError, match=rf"tokenizer {demo_dir} and model {checkpoint_with_tokenizer} disagree: "
                                          r"the tokenizer has \d+ tokens for 256000 embedding rows"):
-        compare._tokenizer(_cfg(checkpoint_with_tokenizer, str(demo_dir)), train_data.frame, tmp_path)
+        experiment._tokenizer(_cfg(checkpoint_with_tokenizer, str(demo_dir)), train_data.frame, tmp_path)
 
 
 def test_special_token_ids_must_match_the_checkpoint(checkpoint_with_tokenizer, train_data, tmp_path):
@@ -98,7 +98,7 @@ def test_special_token_ids_must_match_the_checkpoint(checkpoint_with_tokenizer, 
     (base / "config.json").write_text(json.dumps({**config, "bos_token_id": 5}))
     with pytest.raises(UsageError, match=rf"tokenizer {base} and model {base} disagree: bos_token_id is 2 in the "
                                          r"tokenizer but 5 in the model config"):
-        compare._tokenizer(_cfg(base), train_data.frame, tmp_path)
+        experiment._tokenizer(_cfg(base), train_data.frame, tmp_path)
 
 
 def test_template_tokens_must_be_single_tokens():
@@ -113,7 +113,7 @@ def test_template_tokens_must_be_single_tokens():
 
 def test_random_weight_bases_keep_the_demo_tokenizer(demo_tokenizer, demo_base_dir, train_data, tmp_path):
     assert not has_real_weights(str(demo_base_dir)) and not has_real_weights("tiny")
-    tokenizer = compare._tokenizer(_cfg(demo_base_dir), train_data.frame, tmp_path)
+    tokenizer = experiment._tokenizer(_cfg(demo_base_dir), train_data.frame, tmp_path)
     assert is_demo_tokenizer(tokenizer)
 
 

@@ -10,7 +10,7 @@ import polars as pl
 import pytest
 import torch
 
-from kaggle_utils import compare, inference
+from kaggle_utils import compare, experiment, inference
 from kaggle_utils.config import InferenceConfig
 from kaggle_utils.metrics import load_oof, oof_probs
 
@@ -31,7 +31,7 @@ def _sharpen(original_combine):
 
 def test_cv_and_predict_share_the_view_combination(sample_files, tmp_path, monkeypatch):
     monkeypatch.setattr(inference, "combine_views", _sharpen(inference.combine_views))
-    cfg = compare.demo_config()
+    cfg = experiment.demo_config()
     cfg.folds.n_folds = 4
     cfg.lora.r = 4
     cfg.train = dataclasses.replace(cfg.train, max_steps=2, eval_every_steps=2, save_every_steps=2, cv_folds=(0,))
@@ -39,7 +39,7 @@ def test_cv_and_predict_share_the_view_combination(sample_files, tmp_path, monke
     cfg.inference = dataclasses.replace(cfg.inference, token_budget=1024, max_rows_per_batch=3, progress=False)
     out = tmp_path / "run"
     report = compare.compare_orderings(cfg, sample_files.train_csv, out, variants=["ft-then-quant"], progress=False)
-    artifact = report["runs"][0]["per_fold"][0]["artifact_dir"]
+    artifact = report.run("ft-then-quant").folds[0].artifact_dir
     oof = load_oof(out / compare.OOF_FILE).filter(pl.col("name") == "ft-then-quant/seed42/quantized")
 
     held_out = pl.read_csv(sample_files.train_csv).filter(pl.col("id").is_in(oof["id"].to_list()))

@@ -1,14 +1,21 @@
-"""Modeling commands: `train` (one ordering) and `compare-orderings` (both, same folds). Thin: compare.py works."""
+"""Modeling commands: `train` (one ordering, one fold: experiment.py), `compare-orderings` (every variant on the same
+folds: compare.py) and `combine-reports`. Thin: the package works."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
+import polars as pl
+
 from kaggle_utils.commands.run_options import add_run_options, prepare_run
-from kaggle_utils.compare import compare_orderings
+from kaggle_utils.compare import OOF_FILE, REPORT_MD, compare_orderings
+from kaggle_utils.cv_report import RunRecord, aggregate_run
+from kaggle_utils.experiment import prepare_experiment, run_fold, variant_config
 from kaggle_utils.kaggle_tools.reports import combine_reports
+from kaggle_utils.metrics import save_oof
 from kaggle_utils.training import finish_distributed
+from kaggle_utils.variant_registry import resolve_variants
 
 ORDERING_CHOICES = ("ft-then-quant", "quant-then-ft")
 
@@ -46,43 +53,46 @@ def _common_options(parser: argparse.ArgumentParser) -> None:
     add_run_options(parser)
 
 
-def _run(args: argparse.Namespace, variants: list[str] | None, seeds: list[int] | None, cfg, out_dir: Path,
-         train_path: str) -> dict:
-    report = compare_orderings(cfg, train_path, out_dir, folds_path=args.folds, seeds=seeds or [cfg.train.seed],
-                               variants=variants)
-    # Under `accelerate launch`: all ranks leave the process group together once the main one has written. (On an
-    # error the rank exits at once and torchrun stops the others, rather than waiting here for a barrier.)
-    finish_distributed()
-    return report
-
-
 def train(args: argparse.Namespace) -> int:
+    """One ordering on one fold, directly: the shared setup, then training, export and scoring of that fold
+    (`experiment.run_fold`); writes the artifact and the fold's OOF rows under --out."""
     cfg, out_dir, train_path = prepare_run(args)
     fold = cfg.train.fold if args.fold is None else args.fold
-    cfg.train.cv_folds = (fold,)
-    report = _run(args, [args.ordering], None, cfg, out_dir, train_path)
-    if not report:  # a non-main process of `accelerate launch`: the main one writes and reports
+    experiment = prepare_experiment(cfg, train_path, out_dir, args.folds, fold_ids=[fold])
+    variant = resolve_variants([args.ordering])[0]
+    run_cfg = variant_config(cfg, variant, cfg.train.seed, experiment.base_dir)
+    record, tables = run_fold(experiment, run_cfg, variant, fold, cfg.train.seed,
+                              out_dir / "runs" / f"seed{cfg.train.seed}" / variant.name / f"fold{fold}")
+    finish_distributed()
+    if record is None:  # a non-main process of `accelerate launch`: the main one writes and reports
         return 0
-    run = report["runs"][0]
-    per_fold = run["per_fold"][0]
-    print(f"{args.ordering}, fold {fold}: held-out log loss 16-bit {per_fold['log_loss_16bit']:.4f}, "
-          f"quantized {per_fold['log_loss_quantized']:.4f} (class prior {run['prior_log_loss']:.4f})")
-    print(f"artifact: {per_fold['artifact_dir']}")
+    save_oof(pl.concat(tables, how="vertical"), out_dir / OOF_FILE, replace="name")
+    run = RunRecord.from_dict(aggregate_run(variant, cfg.train.seed, [record], experiment.dialect))
+    print(f"{args.ordering}, fold {fold}: held-out log loss 16-bit {run.cv_log_loss_16bit:.4f}, "
+          f"quantized {run.cv_log_loss_quantized:.4f} (class prior {run.prior_log_loss:.4f})")
+    print(f"artifact: {run.folds[0].artifact_dir}")
     return 0
 
 
 def compare(args: argparse.Namespace) -> int:
     cfg, out_dir, train_path = prepare_run(args)
-    report = _run(args, args.variants, args.seeds, cfg, out_dir, train_path)
-    if not report:  # a non-main process of `accelerate launch`
+    report = compare_orderings(cfg, train_path, out_dir, folds_path=args.folds,
+                               seeds=args.seeds or [cfg.train.seed], variants=args.variants)
+    # Under `accelerate launch`: all ranks leave the process group together once the main one has written. (On an
+    # error the rank exits at once and torchrun stops the others, rather than waiting here for a barrier.)
+    finish_distributed()
+    if report is None:  # a non-main process of `accelerate launch`
         return 0
-    print(report["decision"]["statement"])
-    print(f"report: {Path(args.out) / 'report.md'}")
+    print(report.statement)
+    if report.ship:
+        print(report.ship["statement"])
+        print(f"ships: {report.shipped_artifact}")
+    print(f"report: {Path(args.out) / REPORT_MD}")
     return 0
 
 
 def combine(args: argparse.Namespace) -> int:
     report = combine_reports(args.reports, args.out)
-    print(report["decision"]["statement"])
+    print(report.statement)
     print(f"report: {Path(args.out) / 'report.md'}")
     return 0

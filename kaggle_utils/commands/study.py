@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import shlex
-from pathlib import Path
 
 from kaggle_utils.commands.run_options import add_run_options, prepare_run
-from kaggle_utils.data import load_competition
-from kaggle_utils.folds import load_folds, make_folds, save_folds
+from kaggle_utils.experiment import prepare_experiment
 from kaggle_utils.qaware.qid_study import run_qid_study
-from kaggle_utils.real_models import resolve_tokenizer
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -26,19 +24,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--schemes", nargs="+", default=["int8", "nf4"], choices=("int8", "nf4"))
     parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for beta's interval")
     parser.set_defaults(handler=qid_study)
-
-
-def prepare_study_inputs(cfg, out_dir: Path, train: str, folds_path: str | None):
-    """(frame, folds, tokenizer): the training rows, their folds and the tokenizer (local or trained here)."""
-    frame = load_competition(train, cfg.data, split="train").frame
-    if folds_path:
-        folds = load_folds(folds_path)
-    else:
-        folds = make_folds(frame, cfg.folds)
-        save_folds(folds, out_dir / "folds.parquet")
-    texts = (turn for column in ("prompt", "response_a", "response_b") for turns in frame[column] for turn in turns)
-    tokenizer = resolve_tokenizer(cfg, texts, out_dir / "tokenizer")  # as compare-orderings resolves it
-    return frame, folds, tokenizer
 
 
 def command_line(args: argparse.Namespace) -> str:
@@ -57,9 +42,11 @@ def command_line(args: argparse.Namespace) -> str:
 
 def qid_study(args: argparse.Namespace) -> int:
     cfg, out_dir, train_path = prepare_run(args)
-    frame, folds, tokenizer = prepare_study_inputs(cfg, out_dir, train_path, args.folds)
+    # the setup compare-orderings and train share: frame, folds (made or read), tokenizer, the 16-bit base
+    experiment = prepare_experiment(cfg, train_path, out_dir, args.folds, fold_ids=[cfg.train.fold])
+    study_cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, base_model=str(experiment.base_dir)))
     result = run_qid_study(
-        cfg, frame, folds, tokenizer, out_dir,
+        study_cfg, experiment.frame, experiment.folds, experiment.tokenizer, out_dir,
         n_checkpoints=args.checkpoints, first_step=args.first_step, seeds=tuple(args.seeds),
         schemes=tuple(args.schemes), n_bootstrap=args.bootstrap,
     )

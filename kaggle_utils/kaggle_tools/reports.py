@@ -17,11 +17,9 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from kaggle_utils.compare import (
-    OOF_FILE,
-    REPORT_JSON,
-    REPORT_MD,
-    REPORT_PNG,
+from kaggle_utils.compare import OOF_FILE, REPORT_JSON, REPORT_MD, REPORT_PNG
+from kaggle_utils.cv_report import (
+    ComparisonReport,
     attach_common_reference,
     decide_winner,
     plot_report,
@@ -59,8 +57,10 @@ def _attach_row_losses(run: dict, directory: Path) -> dict:
     return {**run, "_row_losses_quantized": row_log_losses(labels, oof_probs(oof)), "_ids": oof["id"].to_list()}
 
 
-def combine_reports(report_dirs: Sequence[str | Path], out_dir: str | Path) -> dict:
-    """Join the reports of `report_dirs` into out_dir/report.json, report.md, report.png and oof.parquet."""
+def combine_reports(report_dirs: Sequence[str | Path], out_dir: str | Path) -> ComparisonReport:
+    """Join the reports of `report_dirs` into out_dir/report.json, report.md, report.png and oof.parquet.
+    The joined report has no ship decision (each source's ranked only its own variants): run
+    compare-orderings with every variant, or rank the joined OOF with `ship.py`, to choose what ships."""
     directories = [Path(d) for d in report_dirs]
     if not directories:
         raise UsageError("combine_reports needs at least one report folder")
@@ -92,6 +92,7 @@ def combine_reports(report_dirs: Sequence[str | Path], out_dir: str | Path) -> d
     combined["decision"] = decide_winner(runs, names)
     combined["total_time_s"] = sum(report["total_time_s"] for report in reports)
     combined["sources"] = [str(d) for d in directories]
+    combined.pop("ship", None)
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -100,4 +101,4 @@ def combine_reports(report_dirs: Sequence[str | Path], out_dir: str | Path) -> d
     plot_report(combined, out / REPORT_PNG)
     oof = pl.concat([load_oof(d / OOF_FILE) for d in directories], how="vertical")
     save_oof(oof, out / OOF_FILE, append=False)
-    return combined
+    return ComparisonReport.from_dict(combined)
