@@ -1,0 +1,62 @@
+"""The experiment layer: the typed report reads and writes report.json unchanged, the shared setup reuses a folds
+file and refuses folds it lacks, and `train` runs its fold directly (not through compare_orderings)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from kaggle_utils import compare, experiment
+from kaggle_utils.cli import main
+from kaggle_utils.cv_report import ComparisonReport, render_markdown
+from kaggle_utils.errors import UsageError
+from kaggle_utils.folds import make_folds, save_folds
+
+REPORTS = Path(__file__).resolve().parents[1] / "reports"
+
+
+@pytest.mark.parametrize("name", ["real_weights", "compare_qaware"])
+def test_committed_reports_round_trip_through_the_typed_report(name):
+    raw = json.loads((REPORTS / name / "report.json").read_text())
+    report = ComparisonReport.from_dict(raw)
+    assert report.to_dict() == raw  # nothing lost, nothing added
+    first = raw["runs"][0]
+    run = report.run(first["variant"], first["seed"])
+    assert run.folds[0].artifact_dir == first["per_fold"][0]["artifact_dir"]
+    assert run.cv_log_loss_quantized == first["cv_log_loss_quantized"]
+    assert report.winner == raw["decision"]["winner"]
+    assert render_markdown(report) == render_markdown(raw)
+    with pytest.raises(UsageError, match="no run of variant 'nope'"):
+        report.run("nope")
+
+
+def test_prepare_experiment_reuses_a_folds_file_and_refuses_missing_folds(sample_files, train_data, tmp_path):
+    cfg = experiment.demo_config()
+    folds_path = tmp_path / "given_folds.parquet"
+    save_folds(make_folds(train_data.frame, cfg.folds), folds_path)
+    setup = experiment.prepare_experiment(cfg, sample_files.train_csv, tmp_path / "out", folds_path, fold_ids=[1])
+    assert setup.folds_path == folds_path and setup.fold_ids == [1]
+    assert not (tmp_path / "out" / "folds.parquet").exists()  # the given file is used, not a new one
+    assert (setup.base_dir / "config.json").is_file() and len(setup.tokenizer) > 0
+    with pytest.raises(UsageError, match=r"folds \[9\] are not in"):
+        experiment.prepare_experiment(cfg, sample_files.train_csv, tmp_path / "out2", folds_path, fold_ids=[9])
+
+
+def test_train_runs_its_fold_without_compare_orderings(sample_files, tmp_path, capsys, monkeypatch):
+    def forbidden(*args, **kwargs):
+        raise AssertionError("train went through compare_orderings")
+
+    monkeypatch.setattr(compare, "compare_orderings", forbidden)
+    cfg = experiment.demo_config()
+    cfg.train.max_steps, cfg.train.eval_every_steps, cfg.lora.r = 2, 2, 4
+    config_path = tmp_path / "cfg.yaml"
+    cfg.to_yaml(config_path)
+    out = tmp_path / "out"
+    assert main(["train", "--ordering", "ft-then-quant", "--config", str(config_path), "--train",
+                 str(sample_files.train_csv), "--out", str(out), "--fold", "2", "--threads", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert "ft-then-quant, fold 2: held-out log loss 16-bit" in printed
+    assert (out / "oof.parquet").is_file()
+    assert Path(printed.split("artifact:")[1].strip(), "manifest.json").is_file()
