@@ -180,10 +180,9 @@ class TrainConfig:
     save_every_steps: int = 200
     optimizer: Literal["auto", "adamw", "adamw_8bit"] = "auto"  # auto: 8-bit on CUDA, torch AdamW on CPU
     seed: int = 42
-    fold: int = 0
     max_steps: int | None = None  # cap for demos and tests
     eval_token_budget: int = 8192  # tokens per evaluation batch (rows x padded length)
-    cv_folds: tuple[int, ...] | None = None  # folds compare-orderings trains (None: all); `fold` is train's one
+    cv_folds: tuple[int, ...] | None = None  # folds compare-orderings trains (None: all); `train --fold` is one
     # Soft targets (losses.distillation_loss, teacher.py). A teacher is an OOF-format parquet (id, p_a, p_b,
     # p_tie[, name]; e.g. a larger backbone's oof.parquet): its probabilities become each training row's soft
     # target. loss = distill_weight * T^2 * KL(teacher^(1/T) || softmax(logits / T))
@@ -383,7 +382,6 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "train.evals_per_run": (_NON_NEGATIVE, ">= 0"),
     "train.eval_every_steps": (_AT_LEAST_ONE, ">= 1"),
     "train.save_every_steps": (_AT_LEAST_ONE, ">= 1"),
-    "train.fold": (_NON_NEGATIVE, ">= 0"),
     "train.max_steps": (_AT_LEAST_ONE, ">= 1"),
     "train.eval_token_budget": (_AT_LEAST_ONE, ">= 1"),
     "train.distill_weight": (lambda v: 0 <= v <= 1, "in [0, 1] (the teacher's share of the loss)"),
@@ -494,7 +492,8 @@ def _build_section(section_cls: type, values: dict[str, Any], name: str) -> Any:
     known = {f.name: f for f in dataclasses.fields(section_cls)}
     unknown = set(values) - set(known)
     if unknown:
-        raise ValueError(f"unknown keys in config section '{name}': {sorted(unknown)}")
+        raise ConfigError(f"unknown keys in config section '{name}': {sorted(unknown)} "
+                          f"(known: {sorted(known)})")
     coerced = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
     return section_cls(**coerced)
 

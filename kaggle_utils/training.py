@@ -625,7 +625,7 @@ def train_fold(
     tokenizer,
     out_dir: str | Path,
     *,
-    fold: int | None = None,
+    fold: int = 0,
     build_model: BuildModel | None = None,
     resume: bool = True,
     loss_fn: LossFn | None = None,
@@ -633,7 +633,7 @@ def train_fold(
     on_step: StepCallback | Sequence[StepCallback] | None = (),
     progress: bool = True,
 ) -> TrainResult:
-    """Train on every fold but `fold` (default `cfg.train.fold`); ship the weights `cfg.train.selection` picks
+    """Train on every fold but `fold` (an argument: which fold is held out is the run's, not the config's); ship the weights `cfg.train.selection` picks
     (the final step's, or the best on an inner holdout of the training part); score `fold` once, with them.
 
     `build_model(cfg, tokenizer, device)` makes the trainable model (default: `default_build_model`, i.e. the
@@ -648,7 +648,6 @@ def train_fold(
     from accelerate.utils import set_seed
 
     tc = cfg.train
-    fold = tc.fold if fold is None else fold
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     _check_loop_settings(tc)

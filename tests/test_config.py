@@ -57,6 +57,8 @@ def test_unknown_sections_keys_and_non_mappings_are_refused(overrides, message):
         ({"train": {"cv_folds": [0, "1"]}}, "train.cv_folds[1] must be an integer"),
         ({"inference": {"safety_margin_hours": 9.5}}, "must be below deadline_hours"),
         ({"baseline": {"swap_augmentation": 1}}, "baseline.swap_augmentation must be true or false"),
+        # the held-out fold is the run's (train --fold / qid-study --fold), no longer a config field
+        ({"train": {"fold": 1}}, "unknown keys in config section 'train': ['fold']"),
     ],
 )
 def test_values_are_checked_when_the_config_is_built(raw, message):

@@ -130,7 +130,7 @@ def test_study_checkpoints_count_the_tokens_trained_on_up_to_their_step(train_da
     result = run_qid_study(cfg, frame, folds, demo_tokenizer, tmp_path, n_checkpoints=3, schemes=("int8",),
                            n_bootstrap=4, progress=False)
 
-    train_part, _ = training.split_fold(frame, folds, cfg.train.fold)
+    train_part, _ = training.split_fold(frame, folds, 0)
     lengths = training._training_examples(train_part, demo_tokenizer, cfg).lengths
     chosen = training.epoch_examples(train_part.height, cfg.train, 0)
     batches = training.epoch_batches(lengths[chosen], cfg.train, 0)

@@ -26,7 +26,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--ordering", required=True, choices=ORDERING_CHOICES)
     _common_options(parser)
-    parser.add_argument("--fold", type=int, help="held-out fold (default: config train.fold)")
+    parser.add_argument("--fold", type=int, default=0, help="held-out fold (default: 0)")
     parser.set_defaults(handler=train)
 
     parser = subparsers.add_parser(
@@ -57,7 +57,7 @@ def train(args: argparse.Namespace) -> int:
     """One ordering on one fold, directly: the shared setup, then training, export and scoring of that fold
     (`experiment.run_fold`); writes the artifact and the fold's OOF rows under --out."""
     cfg, out_dir, train_path = prepare_run(args)
-    fold = cfg.train.fold if args.fold is None else args.fold
+    fold = args.fold
     experiment = prepare_experiment(cfg, train_path, out_dir, args.folds, fold_ids=[fold])
     variant = resolve_variants([args.ordering])[0]
     run_cfg = variant_config(cfg, variant, cfg.train.seed, experiment.base_dir)

@@ -252,6 +252,7 @@ def run_qid_study(
     tokenizer,
     out_dir: str | Path,
     *,
+    fold: int = 0,
     n_checkpoints: int = 6,
     first_step: int = 1,
     seeds: Sequence[int] = (42,),
@@ -268,7 +269,7 @@ def run_qid_study(
     base_cfg = copy.deepcopy(cfg)
     base_cfg.train.ordering = "ft-then-quant"
     base_cfg.train.selection = "final"  # the study measures checkpoints as they train; all training rows train
-    train_part, val_part = split_fold(train_frame, folds, base_cfg.train.fold)
+    train_part, val_part = split_fold(train_frame, folds, fold)
     val = encode_rows(val_part, tokenizer, base_cfg.format)
     labels = np.asarray(val.labels, dtype=np.int64)
     pad = tokenizer.pad_token_id
@@ -309,7 +310,7 @@ def run_qid_study(
             checkpoints.append(row)
             model.train(was_training)
 
-        train_fold(run_cfg, train_frame, folds, tokenizer, out_dir / f"train-seed{seed}", resume=False,
+        train_fold(run_cfg, train_frame, folds, tokenizer, out_dir / f"train-seed{seed}", fold=fold, resume=False,
                    on_step=on_step, progress=progress)
 
     tokens = np.array([c.tokens for c in checkpoints], dtype=np.float64)
