@@ -181,8 +181,7 @@ def step_orderings(state: DemoState) -> str:
     """Both orderings on the demo's own folds file and seed: the comparison report (json, md, png)."""
     import torch
 
-    cfg = state.pipeline_config or demo_config()
-    cfg.data.format = state.dialect.name
+    cfg = (state.pipeline_config or demo_config()).with_overrides({"data": {"format": state.dialect.name}})
     threads = torch.get_num_threads()
     if state.torch_threads:
         torch.set_num_threads(state.torch_threads)  # tiny model on a shared small box: one thread is far faster

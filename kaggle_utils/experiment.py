@@ -15,7 +15,6 @@ training summary, memory, sizes) and its OOF tables; `cv_report.aggregate_run` t
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import gc
 import logging
@@ -135,9 +134,9 @@ def resolve_training_notebook(
         raise UsageError(f"ORDERING {ordering!r} is not one of {list(ORDERINGS)}")
     cfg = PipelineConfig.from_yaml(config_path) if config_path else PipelineConfig()
     cfg = cfg.with_overrides(overrides)
-    cfg.model.base_model = base_model_path or cfg.model.base_model
-    cfg.format.tokenizer_path = tokenizer_path or cfg.format.tokenizer_path
-    cfg.train.cv_folds = tuple(cv_folds)
+    cfg = cfg.with_overrides({"model": {"base_model": base_model_path or cfg.model.base_model},
+                              "format": {"tokenizer_path": tokenizer_path or cfg.format.tokenizer_path},
+                              "train": {"cv_folds": list(cv_folds)}})
     if train_path:
         train = Path(train_path)
     else:
@@ -158,10 +157,10 @@ def _tokenizer(cfg: PipelineConfig, frame: pl.DataFrame, out_dir: Path, write: b
 
 
 def variant_config(cfg: PipelineConfig, variant: Variant, seed: int, base_dir: Path) -> PipelineConfig:
-    run_cfg = copy.deepcopy(cfg)
-    run_cfg.train.ordering = variant.ordering
-    run_cfg.train.seed = seed
-    run_cfg.model.base_model = str(base_dir)
+    """The variant's copy of `cfg` (validated like any config): its ordering and seed, the shared base, and
+    the variant's own `configure` (e.g. its quantization scheme). The caller's config is left as it was."""
+    run_cfg = cfg.with_overrides({"train": {"ordering": variant.ordering, "seed": seed},
+                                  "model": {"base_model": str(base_dir)}})
     if variant.configure is not None:
         run_cfg = variant.configure(run_cfg)
     return run_cfg
