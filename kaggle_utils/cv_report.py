@@ -96,7 +96,10 @@ def aggregate_run(variant: Variant, seed: int, folds_out: list[dict], dialect: D
         "_shipped": ShippedRun(
             name=variant.name, ids=[i for f in folds_out for i in f["ids"]], labels=labels, probs=pq,
             row_priors=np.concatenate([np.tile(f["class_prior"], (len(f["labels"]), 1)) for f in folds_out]),
-            artifact_dirs=[f["artifact_dir"] for f in folds_out]),
+            artifact_dirs=[f["artifact_dir"] for f in folds_out],
+            views=(np.concatenate([f["views_quantized"] for f in folds_out], axis=1)
+                   if all(f.get("views_quantized") is not None and len(f["views_quantized"]) == 2 for f in folds_out)
+                   else None)),
     }
 
 

@@ -208,6 +208,7 @@ def run_fold(experiment: Experiment, cfg: PipelineConfig, variant: Variant, fold
         shipped, artifact_bytes = loaded.model, artifact_size_bytes(exported.artifact_dir)
         scored = score(shipped, loaded.tokenizer, loaded.format_config)
     probs_q, rows_per_s = scored.probs, scored.rows_per_s
+    views_q = scored.views.probs  # (views, rows, 3): the ship decision chooses the TTA space on them
     loss16, loss_q = log_loss(labels, probs16), log_loss(labels, probs_q)
     extras = {}
     for name, model in exported.extra_models.items():
@@ -239,6 +240,7 @@ def run_fold(experiment: Experiment, cfg: PipelineConfig, variant: Variant, fold
         "prior_log_loss": result.prior_log_loss,
         "class_prior": prior.tolist(),
         "ids": list(result.val_ids),
+        "views_quantized": views_q,
     }
     del result, exported, shipped
     gc.collect()

@@ -78,7 +78,7 @@ from kaggle_utils.device_forward import (  # WorkerLost, make_forward, is_out_of
 from kaggle_utils.dialects import dialect_names, dialect_of_manifest, get_dialect
 from kaggle_utils.errors import SubmissionError, UsageError
 from kaggle_utils.fileio import atomic_write_bytes, check_not_an_input, check_output_target
-from kaggle_utils.formatting import average_views, encode_both_orders, encode_rows, swap_probs
+from kaggle_utils.formatting import TTA_SPACES, average_views, encode_both_orders, encode_rows, swap_probs
 from kaggle_utils.runtime import (
     default_submission_path,
     detect_runtime,
@@ -1080,6 +1080,7 @@ class EnsembleMember:
     weight: float
     path: Path | None = None
     prior: tuple[float, ...] | None = None
+    tta_space: str | None = None  # a model member's TTA space, chosen on OOF (else its own manifest's)
 
     @property
     def is_model(self) -> bool:
@@ -1137,8 +1138,11 @@ def ensemble_members(ensemble_dir: str | Path, manifest: dict) -> list[EnsembleM
             raise UsageError(f"{where}: members[{index}] ({kind}) needs a path")
         if prior is not None and (len(prior) != len(LABEL_COLUMNS) or min(prior) < 0 or sum(prior) <= 0):
             raise UsageError(f"{where}: members[{index}].prior must be {len(LABEL_COLUMNS)} non-negative numbers")
+        tta_space = entry.get("tta_space")
+        if tta_space is not None and tta_space not in TTA_SPACES:
+            raise UsageError(f"{where}: members[{index}].tta_space must be one of {list(TTA_SPACES)}")
         members.append(EnsembleMember(name=str(entry.get("name") or (path.name if path else kind)), kind=kind,
-                                      weight=weight, path=path, prior=prior))
+                                      weight=weight, path=path, prior=prior, tta_space=tta_space))
     if not members or sum(m.weight for m in members) <= 0:
         raise UsageError(f"{where}: an ensemble needs members with positive weight")
     return members
@@ -1197,6 +1201,8 @@ def _run_ensemble(
                 return
             views = _run_models(member.path, frame, cfg, deadline, clock, member_runtime, wrap_forward, member_report)
             member_manifest = json.loads((member.path / MANIFEST_NAME).read_text(encoding="utf-8"))
+            if member.tta_space:
+                member_manifest = {**member_manifest, "tta_space": member.tta_space}
             probs[member.name], _ = model_probabilities(views, member_manifest)
         except Exception as error:  # the other members still serve these rows
             member_report.errors.append({"where": f"ensemble member {member.name}", **_describe_error(error)})

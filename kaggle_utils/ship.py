@@ -35,6 +35,7 @@ from kaggle_utils.calibration import apply_calibration, fit_calibration, plot_re
 from kaggle_utils.ensembles import fit_blend_weights
 from kaggle_utils.errors import UsageError
 from kaggle_utils.fileio import atomic_write_bytes
+from kaggle_utils.formatting import average_views
 from kaggle_utils.inference import blend_members
 from kaggle_utils.metrics import log_loss, row_log_losses
 
@@ -133,10 +134,13 @@ def build_candidates(
     baseline: tuple[np.ndarray, str | Path] | None = None,
     calibrate: bool = True,
     blend: bool = True,
+    tta_views: dict[str, np.ndarray] | None = None,
 ) -> list[Candidate]:
     """Every candidate on the same rows. `models`: name -> (OOF probs, artifact folder); `prior_probs`: each
     row's training-part class prior (the prior candidate's OOF); `prior`: the class prior that ships (all
-    training rows); `baseline`: (OOF probs, baseline JSON file)."""
+    training rows); `baseline`: (OOF probs, baseline JSON file); `tta_views`: name -> the model's two swap-TTA
+    views (original, swapped in its own column order): each model is also a candidate with its views averaged
+    in logit space (`formatting.average_views`), so the TTA space is chosen on OOF, not assumed."""
     labels = np.asarray(labels, dtype=np.int64)
     splits = cross_fit_splits(groups)
     candidates = [Candidate(name=name, kind="model", probs=np.asarray(p, dtype=np.float64),
@@ -149,6 +153,12 @@ def build_candidates(
     candidates.append(Candidate(name="class-prior", kind="prior", probs=np.asarray(prior_probs, dtype=np.float64),
                                 members=[{"name": "class-prior", "kind": "prior",
                                           "prior": [float(v) for v in prior], "weight": 1.0}]))
+    for name, views in (tta_views or {}).items():
+        model = next(c for c in candidates if c.name == name)
+        candidates.append(Candidate(name=f"{name}+logit-tta", kind="model",
+                                    probs=average_views(views[0], views[1], "logit"),
+                                    members=[{**m, "tta_space": "logit"} for m in model.members],
+                                    note="swap-TTA views averaged in logit space (prob space is the plain model)"))
     singles = list(candidates)
     if calibrate:
         for single in (c for c in singles if c.kind in ("model", "baseline")):
@@ -198,7 +208,7 @@ def write_shipped(decision: ShipDecision, out_dir: str | Path, *, class_prior: n
     ensemble folder under `out_dir` naming members (absolute paths), weights and calibration (a model trained
     on several folds ships as the fold ensemble its OOF rows came from)."""
     best = decision.best
-    if best.kind == "model" and len(best.members) == 1:
+    if best.kind == "model" and len(best.members) == 1 and not best.members[0].get("tta_space"):
         return Path(best.members[0]["path"])
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -222,6 +232,7 @@ class ShippedRun:
     probs: np.ndarray
     row_priors: np.ndarray
     artifact_dirs: list[str]
+    views: np.ndarray | None = None  # (2, rows, 3) original and swapped view (swapped columns) with swap TTA
 
 
 def ship_runs(
@@ -240,6 +251,7 @@ def ship_runs(
     first = runs[0]
     order = {row_id: index for index, row_id in enumerate(first.ids)}
     models: dict[str, tuple[np.ndarray, list[str]]] = {}
+    tta_views: dict[str, np.ndarray] = {}
     for run in runs:
         if sorted(run.ids, key=str) != sorted(first.ids, key=str):
             raise UsageError(f"{run.name} was scored on other rows than {first.name}: not comparable")
@@ -247,6 +259,10 @@ def ship_runs(
         probs = np.empty_like(run.probs)
         probs[index] = run.probs
         models[run.name] = (probs, run.artifact_dirs)
+        if run.views is not None:
+            views = np.empty_like(run.views)
+            views[:, index] = run.views
+            tta_views[run.name] = views
     labels, groups = first.labels, np.array([groups_by_id[row_id] for row_id in first.ids])
     baseline_oof = None
     if baseline is not None:
@@ -257,7 +273,8 @@ def ship_runs(
                              "make it on the same folds file")
         baseline_oof = (np.stack([by_id[row_id] for row_id in first.ids]), model_path)
     candidates = build_candidates(labels, groups, {name: (p, "") for name, (p, _) in models.items()},
-                                  prior_probs=first.row_priors, prior=prior, baseline=baseline_oof)
+                                  prior_probs=first.row_priors, prior=prior, baseline=baseline_oof,
+                                  tta_views=tta_views)
     for candidate in candidates:  # a model's members: its fold artifacts, equal weights (a fold ensemble)
         candidate.members = [member for m in candidate.members for member in _fold_members(m, models)]
     decision = decide_ship(labels, candidates)

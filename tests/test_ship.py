@@ -94,3 +94,34 @@ def test_a_plain_model_ships_as_its_own_artifact(tmp_path):
     decision = decide_ship(labels, candidates)
     assert decision.best.name == "m"
     assert write_shipped(decision, tmp_path / "out", class_prior=PRIOR, dialect="lmsys") == tmp_path / "m"
+
+
+def test_tta_space_is_a_candidate_and_ships_through_the_ensemble_member(tmp_path, demo_tokenizer, sample_files):
+    """The logit-space TTA candidate is scored on the views' OOF; shipped, predict combines the member's views
+    in logit space, exactly as its manifest saying tta_space=logit would."""
+    torch.set_num_threads(1)
+    artifacts = build_tiny_artifacts(tmp_path / "artifacts", demo_tokenizer)
+    labels, sharp, _, groups = data(n=300)
+    swapped_view = sharp[:, [1, 0, 2]] ** 0.5
+    swapped_view /= swapped_view.sum(axis=1, keepdims=True)
+    views = np.stack([sharp, swapped_view])
+    candidates = build_candidates(labels, groups, {"ftq": (sharp, artifacts["ft-then-quant"])},
+                                  prior_probs=np.tile(PRIOR, (len(labels), 1)), prior=PRIOR, calibrate=False,
+                                  blend=False, tta_views={"ftq": views})
+    logit = next(c for c in candidates if c.name == "ftq+logit-tta")
+    decision = decide_ship(labels, [logit])
+    shipped = write_shipped(decision, tmp_path / "shipped", class_prior=PRIOR, dialect="lmsys")
+    assert shipped != artifacts["ft-then-quant"]  # not the plain artifact: its manifest says prob space
+
+    reference = tmp_path / "reference"
+    import shutil
+
+    shutil.copytree(artifacts["ft-then-quant"], reference)
+    manifest_path = reference / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest_path.write_text(json.dumps({**manifest, "tta_space": "logit"}))
+    inference.predict(reference, sample_files.test_csv, tmp_path / "logit.csv", predict_cfg())
+    inference.predict(artifacts["ft-then-quant"], sample_files.test_csv, tmp_path / "prob.csv", predict_cfg())
+    inference.predict(shipped, sample_files.test_csv, tmp_path / "shipped.csv", predict_cfg())
+    np.testing.assert_allclose(read_probs(tmp_path / "shipped.csv"), read_probs(tmp_path / "logit.csv"), atol=1e-6)
+    assert not np.allclose(read_probs(tmp_path / "logit.csv"), read_probs(tmp_path / "prob.csv"), atol=1e-4)
