@@ -88,3 +88,41 @@ def test_gptq_refuses_a_group_size_that_does_not_divide_the_layers(demo_tokenize
 def test_gptq_gives_no_base_to_train_on(demo_base_dir):
     with pytest.raises(UsageError, match="fine-tune -> quantize"):
         GPTQ.load_base(demo_base_dir, PipelineConfig())
+
+
+@needs_gptq
+def test_the_gptq_variant_ships_the_merged_lora_calibrated_on_training_rows(train_data, demo_tokenizer,
+                                                                            demo_base_dir, tmp_path):
+    from kaggle_utils import training
+    from kaggle_utils.config import FoldConfig, TrainConfig
+    from kaggle_utils.folds import make_folds
+    from kaggle_utils.variant_registry import ExportContext, FoldContext
+
+    frame = train_data.frame.head(60)
+    folds = make_folds(frame, FoldConfig(n_folds=3, seed=0))
+    variant = VARIANTS["ft-then-quant-gptq4"]
+    cfg = PipelineConfig()
+    cfg.model = ModelConfig(base_model=str(demo_base_dir), gradient_checkpointing=False)
+    cfg.format.max_length = 128
+    cfg.lora.r, cfg.lora.dropout = 4, 0.0
+    cfg.train = TrainConfig(ordering="ft-then-quant", learning_rate=1e-3, epochs=1, per_device_batch_size=4,
+                            max_steps=2, save_every_steps=1000, eval_rows_cap=8, evals_per_run=1)
+    cfg.qaware = dataclasses.replace(cfg.qaware, gptq_group_size=32, gptq_rows=6)
+    cfg = variant.configure(cfg)
+    assert cfg.qaware.gptq_bits == 4
+    result = training.train_fold(cfg, frame, folds, demo_tokenizer, tmp_path / "run", progress=False)
+    train_part, _ = training.split_fold(frame, folds, 0)
+    fold_ctx = FoldContext(cfg=cfg, fold=0, seed=0, train_frame=train_part, tokenizer=demo_tokenizer,
+                           base_dir=demo_base_dir, device=torch.device("cpu"))
+    exported = variant.export(ExportContext(fold_ctx=fold_ctx, result=result, artifact_dir=tmp_path / "art",
+                                            manifest_fields={**FIELDS, "variant": variant.name}))
+    assert fold_ctx.notes["gptq_calibration_rows"] == 6
+    assert not hasattr(exported.reference_model, "peft_config")  # the fp32 merged LoRA, left unquantized
+    loaded = artifacts.load_artifact(exported.artifact_dir, device="cpu", compute_dtype=torch.float32)
+    assert loaded.manifest["quant_scheme"] == "gptq-w4-g32" and not loaded.manifest["has_adapter"]
+    rows = [[2, 7, 9, 11, 13, 40], [2, 5, 6, 8, 30, 31, 32, 33]]
+    pad = demo_tokenizer.pad_token_id
+    shipped = modeling.predict_probs(loaded.model, rows, pad, token_budget=128)
+    reference = modeling.predict_probs(exported.reference_model, rows, pad, token_budget=128)
+    np.testing.assert_allclose(shipped.sum(axis=1), 1.0, atol=1e-5)
+    assert 0 < np.abs(shipped - reference).max() < 0.1
