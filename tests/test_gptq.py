@@ -91,8 +91,9 @@ def test_gptq_gives_no_base_to_train_on(demo_base_dir):
 
 
 @needs_gptq
-def test_the_gptq_variant_ships_the_merged_lora_calibrated_on_training_rows(train_data, demo_tokenizer,
-                                                                            demo_base_dir, tmp_path):
+def test_the_gptq_variant_ships_the_merged_lora_calibrated_on_training_rows(train_data, sample_files,
+                                                                            demo_tokenizer, demo_base_dir,
+                                                                            tmp_path):
     from kaggle_utils import training
     from kaggle_utils.config import FoldConfig, TrainConfig
     from kaggle_utils.folds import make_folds
@@ -126,3 +127,15 @@ def test_the_gptq_variant_ships_the_merged_lora_calibrated_on_training_rows(trai
     reference = modeling.predict_probs(exported.reference_model, rows, pad, token_budget=128)
     np.testing.assert_allclose(shipped.sum(axis=1), 1.0, atol=1e-5)
     assert 0 < np.abs(shipped - reference).max() < 0.1
+
+    # inference serves it like any other artifact: every row predicted by the model, none by the fallback
+    from kaggle_utils import inference
+    from kaggle_utils.config import InferenceConfig
+    from kaggle_utils.submission import validate_submission
+
+    out = tmp_path / "submission.csv"
+    report = inference.predict(exported.artifact_dir, sample_files.test_csv, out,
+                               InferenceConfig(device="cpu", token_budget=2048, max_rows_per_batch=16,
+                                               warmup_batches=1, progress=False))
+    validate_submission(out, sample_files.test_csv)
+    assert report.rows == report.rows_by_path["tta"] == 40 and not report.errors
