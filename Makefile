@@ -13,7 +13,7 @@ REAL_MODEL_DIR ?= models/gemma-3-270m
 DEMO_REAL_OUT ?= runs/demo-real
 DEMO_REAL_ARGS ?=
 
-.PHONY: setup demo demo-real test lint bench clean tpu-setup tpu-check
+.PHONY: setup demo demo-real test lint bench clean tpu-setup tpu-check gptq-check
 
 setup: $(VENV)/.installed
 
@@ -66,5 +66,17 @@ tpu-check:
 		$(XLA_PY) -m pytest -q -s -p no:cacheprovider tests/tpu; \
 	rc=$$?; echo "tpu-check: $$(( $$(date +%s) - start )) s (venv build included when it ran), exit $$rc"; exit $$rc
 
+# The GPTQ backend (optional extra, requirements-gptq.txt): llmcompressor's declared pins clash with this
+# project's transformers, so it is installed --no-deps into its own folder and put on PYTHONPATH for its test.
+# KAGGLE_UTILS_REQUIRE_GPTQ=1: a missing or broken extra fails the test instead of skipping it.
+GPTQ_EXTRA ?= .gptq-extra
+
+$(GPTQ_EXTRA)/.installed: requirements-gptq.txt
+	$(PY) -m pip install -q --no-deps --target $(GPTQ_EXTRA) -r requirements-gptq.txt
+	touch $@
+
+gptq-check: setup $(GPTQ_EXTRA)/.installed
+	PYTHONPATH=$(GPTQ_EXTRA) KAGGLE_UTILS_REQUIRE_GPTQ=1 $(PY) -m pytest -q -p no:cacheprovider tests/test_gptq.py
+
 clean:
-	rm -rf $(VENV) $(XLA_VENV) runs .pytest_cache
+	rm -rf $(VENV) $(XLA_VENV) $(GPTQ_EXTRA) runs .pytest_cache

@@ -14,7 +14,7 @@ Manifest fields: ordering, variant, base_model, quant_scheme, dtype, max_length,
 format_config, folds_file_hash, cv_scores, class_prior, package_version, created_at, files (relative path ->
 bytes, sha256), plus layout_version, quant_backend, num_labels, pad_token_id, has_adapter, has_merged and any
 extra fields the caller passes. `quant_backend` names the backend of `kaggle_utils.quant_backends` that wrote
-the model (``bitsandbytes``, ``int4``, ``none``): `save_artifact` asks the registry which backend owns the model
+the model (``bitsandbytes``, ``int4``, ``gptq``, ``none``): `save_artifact` asks the registry which backend owns the model
 and records its fields (`quant_scheme`, INT4's `int4_format`), and `load_artifact` hands `model/` to that
 backend. A layout-1 manifest written before the field existed is read as before: `int4_format` means ``int4``,
 quant_scheme int8/nf4 ``bitsandbytes``, none ``none``; an unknown backend or a scheme the backend does not
@@ -136,14 +136,15 @@ def save_artifact(
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.{os.getpid()}.", dir=out_dir.parent))
     try:
         has_adapter = hasattr(model, "peft_config")
-        save_checkpoint(model, staging / MODEL_DIR)
+        backend = backend_for_model(model)
+        if not backend.save_model(model, staging / MODEL_DIR):  # GPTQ writes its compressed-tensors format
+            save_checkpoint(model, staging / MODEL_DIR)
         if has_adapter:
             model.save_pretrained(str(staging / ADAPTER_DIR))
         if merged_model is not None:
             save_checkpoint(merged_model, staging / MERGED_DIR)
         tokenizer.save_pretrained(str(staging / TOKENIZER_DIR))
         inner = model.get_base_model() if has_adapter else model
-        backend = backend_for_model(model)
         manifest = {
             "layout_version": LAYOUT_VERSION,
             BACKEND_FIELD: backend.name,

@@ -154,6 +154,9 @@ class TrainConfig:
 
     ordering: Literal["ft-then-quant", "quant-then-ft"] = "quant-then-ft"
     backend: Literal["hf", "unsloth"] = "hf"
+    # lora: peft adapters on a frozen base; full: every weight trains (no peft), ft-then-quant only: the trained
+    # model is quantized as a whole (`training.full_finetune_memory` states what that costs for a 9B model).
+    method: Literal["lora", "full"] = "lora"
     learning_rate: float = 1e-4
     head_learning_rate: float | None = None  # None -> same as learning_rate
     epochs: float = 1.0
@@ -216,6 +219,9 @@ class QAwareConfig:
     apiq_lora_lr: float = 5e-4
     apiq_clip_lr: float = 5e-3
     loftq_iterations: int = 1  # LoftQ alternating steps (1: peft's one-step init; the paper uses up to 5)
+    gptq_bits: Literal[4, 8] = 8  # GPTQ (quant_backends.gptq, llmcompressor): weight bits, symmetric int
+    gptq_group_size: int = 128  # GPTQ group along the input dim; must divide every quantized layer's in_features
+    gptq_rows: int = 128  # GPTQ calibration rows, drawn from the fold's training part
 
 
 @dataclass
@@ -399,6 +405,8 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "qaware.apiq_lora_lr": (_POSITIVE, "> 0"),
     "qaware.apiq_clip_lr": (_POSITIVE, "> 0"),
     "qaware.loftq_iterations": (_AT_LEAST_ONE, ">= 1"),
+    "qaware.gptq_group_size": (_AT_LEAST_ONE, ">= 1"),
+    "qaware.gptq_rows": (_AT_LEAST_ONE, ">= 1"),
     "inference.token_budget": (_AT_LEAST_ONE, ">= 1"),
     "inference.max_rows_per_batch": (_AT_LEAST_ONE, ">= 1"),
     "inference.num_gpus": (_AT_LEAST_ONE, ">= 1"),

@@ -415,18 +415,37 @@ def finish_distributed() -> None:
 
 def default_build_model(cfg: PipelineConfig, tokenizer, device: torch.device) -> nn.Module:
     """The trainable peft model for `cfg.train.ordering`: LoRA on the 16-bit base (ft-then-quant) or QLoRA on
-    the NF4 base (quant-then-ft); through unsloth when `cfg.train.backend == "unsloth"`."""
-    if cfg.train.backend == "unsloth":
+    the NF4 base (quant-then-ft); through unsloth when `cfg.train.backend == "unsloth"`. With
+    `cfg.train.method == "full"` (ft-then-quant only): the plain classifier, every weight trainable."""
+    if cfg.train.backend == "unsloth" and cfg.train.method == "lora":
         return build_unsloth_classifier(cfg, tokenizer, device)
-    if cfg.train.backend != "hf":
+    if cfg.train.backend not in ("hf", "unsloth"):
         raise UsageError(f"train.backend must be 'hf' or 'unsloth', got {cfg.train.backend!r}")
     quant = cfg.quant if cfg.train.ordering == "quant-then-ft" else None
     if cfg.train.ordering not in ("ft-then-quant", "quant-then-ft"):
         raise UsageError(f"train.ordering must be 'ft-then-quant' or 'quant-then-ft', got {cfg.train.ordering!r}")
+    check_train_method(cfg)
     base = build_classifier(
         cfg.model, quant=quant, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, device=device
     )
+    if cfg.train.method == "full":
+        for param in base.parameters():
+            param.requires_grad_(True)
+        return base
     return apply_lora(base, cfg.lora)
+
+
+def check_train_method(cfg: PipelineConfig) -> None:
+    """Full fine-tuning updates the 16-bit weights themselves: quantized weights (quant-then-ft) cannot take
+    gradient steps, and unsloth only builds peft models, so both combinations are refused up front."""
+    method = cfg.train.method
+    if method not in ("lora", "full"):
+        raise UsageError(f"train.method must be 'lora' or 'full', got {method!r}")
+    if method == "full" and cfg.train.ordering == "quant-then-ft":
+        raise UsageError("train.method 'full' needs train.ordering 'ft-then-quant': quantized weights "
+                         "(quant-then-ft) cannot be fine-tuned in full; use train.method 'lora' (QLoRA)")
+    if method == "full" and cfg.train.backend != "hf":
+        raise UsageError(f"train.method 'full' runs on train.backend 'hf' only, got {cfg.train.backend!r}")
 
 
 def build_unsloth_classifier(cfg: PipelineConfig, tokenizer, device: torch.device) -> nn.Module:
@@ -541,7 +560,8 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> 
     head, body = [], []
     for name, param in model.named_parameters():
         if param.requires_grad:
-            (head if HEAD_MARKER in name else body).append(param)
+            # peft's head copy, or the plain model's head when every weight trains (train.method "full")
+            (head if HEAD_MARKER in name or name.startswith("score.") else body).append(param)
     if not head and not body:
         raise UsageError("the model has no trainable parameters")
     groups = [

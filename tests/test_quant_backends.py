@@ -38,10 +38,10 @@ def _probs(model, rows, pad):
 
 
 def test_the_package_registers_its_backends():
-    assert {"bitsandbytes", "int4", "none"} <= set(BACKENDS)
+    assert {"bitsandbytes", "gptq", "int4", "none"} <= set(BACKENDS)
     assert [b.name for b in BACKENDS.values() if b.fallback] == ["none"]
-    with pytest.raises(UsageError, match="unknown quantization backend 'gptq'"):
-        get_backend("gptq")
+    with pytest.raises(UsageError, match="unknown quantization backend 'awq'"):
+        get_backend("awq")
     with pytest.raises(UsageError, match="already registered"):
         quant_backends.register_backend(type(get_backend("int4"))())
 
@@ -94,8 +94,11 @@ def test_an_unknown_or_mismatched_backend_is_refused_naming_the_manifest(setup, 
     cfg, _, pad = setup
     model = modeling.build_classifier(cfg.model, pad_token_id=pad, device="cpu")
     path = artifacts.save_artifact(tmp_path / "art", model, demo_tokenizer, FIELDS, FormatConfig())
-    artifacts.update_manifest(path, quant_backend="gptq")
-    with pytest.raises(ArtifactError, match=r"manifest\.json: unknown quant_backend 'gptq'"):
+    artifacts.update_manifest(path, quant_backend="awq")
+    with pytest.raises(ArtifactError, match=r"manifest\.json: unknown quant_backend 'awq'"):
+        artifacts.load_artifact(path, device="cpu")
+    artifacts.update_manifest(path, quant_backend="gptq")  # quant_scheme "none" is not a GPTQ scheme
+    with pytest.raises(ArtifactError, match=r"manifest\.json: unknown quant_scheme 'none' for the 'gptq'"):
         artifacts.load_artifact(path, device="cpu")
     artifacts.update_manifest(path, quant_backend="int4")  # quant_scheme is still "none"
     with pytest.raises(ArtifactError, match=r"manifest\.json: unknown quant_scheme 'none' for the 'int4'"):

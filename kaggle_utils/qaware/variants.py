@@ -11,6 +11,8 @@ every variant:
 | loftq | NF4 base and LoRA initialised by LoftQ (alternating fit) | NF4 base + adapter | adapter on the 16-bit base |
 | qa-lora-merged | INT4 base + QA-LoRA | INT4, update folded into zeros | update added to 16-bit W |
 | qa-hira-merged | INT4 base + QA-HiRA | INT4, update folded into zeros | update added to 16-bit W |
+| ft-then-quant-gptq8 / -gptq4 | LoRA on the 16-bit base | merged model, GPTQ int8 / int4 | LoRA merged in fp32 |
+| full-then-quant | every weight (no adapter) | the trained model, quant.scheme | the trained model |
 """
 
 from __future__ import annotations
@@ -35,8 +37,10 @@ from kaggle_utils.qaware.group_adapters import (
     merge_group_adapters,
 )
 from kaggle_utils.qaware.loftq import apply_loftq
+from kaggle_utils.quant_backends.bnb import BITSANDBYTES
+from kaggle_utils.quant_backends.gptq import GPTQ, gptq_unavailable
 from kaggle_utils.quant_backends.int4 import INT4
-from kaggle_utils.variant_registry import VARIANTS, Exported, Variant, register_variant
+from kaggle_utils.variant_registry import VARIANTS, Exported, Variant, merge_lora_fp32, register_variant
 
 HEAD_NAMES = ("score",)
 
@@ -174,6 +178,46 @@ def _group_adapter_export(ctx):
                     extra_models={"unmerged-adapter": trained})
 
 
+def _configure_gptq(bits: int) -> Callable:
+    def configure(cfg):
+        cfg.qaware.gptq_bits = bits
+        return cfg
+    return configure
+
+
+def _export_gptq(ctx):
+    """Merge the LoRA in fp32, GPTQ a copy calibrated on `qaware.gptq_rows` rows of this fold's training part
+    (never held-out rows), ship it; the fp32 merged model is the reference, as for ft-then-quant."""
+    cfg, tokenizer, device = ctx.cfg, ctx.fold_ctx.tokenizer, ctx.fold_ctx.device
+    merged = merge_lora_fp32(ctx.result.model).eval()
+    rows = calibration_rows(ctx.fold_ctx.train_frame, tokenizer, cfg, cfg.qaware.gptq_rows, seed=ctx.fold_ctx.seed)
+    quantized = GPTQ.quantize(copy.deepcopy(merged), cfg, device=device, work_dir=ctx.artifact_dir.parent,
+                              calibration_ids=rows, tokenizer=tokenizer)
+    ctx.fold_ctx.notes["gptq_calibration_rows"] = len(rows)
+    save_artifact(ctx.artifact_dir, quantized, tokenizer, ctx.manifest_fields, cfg.format)
+    del quantized
+    return Exported(artifact_dir=ctx.artifact_dir, reference_model=merged)
+
+
+def _configure_full(cfg):
+    cfg.train.method = "full"
+    return cfg
+
+
+def _export_full_then_quant(ctx):
+    """Fine-tune -> quantize with the merge skipped: the fully trained model itself (fp32) is quantized
+    (`quant.scheme`, bitsandbytes) and shipped; that fp32 model is the QiD reference."""
+    trained = ctx.result.model
+    if hasattr(trained, "peft_config"):
+        raise UsageError("full-then-quant expects a fully fine-tuned model (train.method 'full'), got a peft model")
+    reference = trained.float().eval()
+    quantized = BITSANDBYTES.quantize(reference, ctx.cfg, device=ctx.fold_ctx.device,
+                                      work_dir=ctx.artifact_dir.parent)
+    save_artifact(ctx.artifact_dir, quantized, ctx.fold_ctx.tokenizer, ctx.manifest_fields, ctx.cfg.format)
+    del quantized
+    return Exported(artifact_dir=ctx.artifact_dir, reference_model=reference)
+
+
 def _apiq_builder(ctx):
     rows = calibration_rows(ctx.train_frame, ctx.tokenizer, ctx.cfg, ctx.cfg.qaware.apiq_rows, seed=ctx.seed)
     return make_apiq_builder(rows, ctx.notes)
@@ -206,6 +250,20 @@ def register_all() -> None:
                     "(qaware.loftq_iterations alternating steps)",
         builder=lambda ctx: build_loftq_model, export=base_qlora.export, configure=_configure_scheme("nf4"),
     ), replace=True)
+    for bits in (8, 4):
+        register_variant(Variant(
+            name=f"ft-then-quant-gptq{bits}", ordering="ft-then-quant",
+            description=f"LoRA on the 16-bit base; merge; GPTQ {bits}-bit weights (llmcompressor, calibrated on "
+                        "the fold's training rows; compressed-tensors artifact)",
+            builder=base_ft.builder, export=_export_gptq, configure=_configure_gptq(bits),
+            unavailable=gptq_unavailable, common_reference=base_ft.common_reference,
+        ), replace=True)
+    register_variant(Variant(
+        name="full-then-quant", ordering="ft-then-quant",
+        description="full fine-tuning (every weight trainable, no adapter); quantize the trained model "
+                    "(quant.scheme, bitsandbytes)",
+        builder=base_ft.builder, export=_export_full_then_quant, configure=_configure_full,
+    ), replace=True)
     for kind in ("qa-lora", "qa-hira"):
         register_variant(Variant(
             name=f"{kind}-merged", ordering="quant-then-ft",
@@ -217,7 +275,8 @@ def register_all() -> None:
 
 QAWARE_VARIANTS: tuple[str, ...] = ("ft-then-quant-int8", "ft-then-quant-nf4", "quant-then-ft-int8",
                                     "quant-then-ft-nf4", "apiq-init", "loftq",
-                                    "qa-lora-merged", "qa-hira-merged")
+                                    "qa-lora-merged", "qa-hira-merged", "ft-then-quant-gptq8",
+                                    "ft-then-quant-gptq4", "full-then-quant")
 
 
 register_all()

@@ -71,6 +71,11 @@ class QuantBackend(ABC):
                   device: str | torch.device | None = None) -> nn.Module:
         """A 16-bit checkpoint directory loaded quantized: the base an adapter trains on (quant-then-ft)."""
 
+    def save_model(self, model: nn.Module, out_dir: Path) -> bool:
+        """Write `model/` in this backend's own format and return True; False (the default) lets
+        `artifacts.save_checkpoint` write the plain transformers checkpoint."""
+        return False
+
     @abstractmethod
     def load_artifact(self, root: Path, manifest: dict, options: LoadOptions) -> nn.Module:
         """The artifact's model (with its adapter when it has one), from a manifest `artifacts.read_manifest`
