@@ -1145,6 +1145,10 @@ def ensemble_members(ensemble_dir: str | Path, manifest: dict) -> list[EnsembleM
                                       weight=weight, path=path, prior=prior, tta_space=tta_space))
     if not members or sum(m.weight for m in members) <= 0:
         raise UsageError(f"{where}: an ensemble needs members with positive weight")
+    names = [m.name for m in members]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise UsageError(f"{where}: member names must be unique, repeated: {repeated}")
     return members
 
 

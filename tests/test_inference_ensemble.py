@@ -133,3 +133,9 @@ def test_a_prior_member_shrinks_the_model_towards_the_class_prior(tiny_artifacts
 def test_malformed_ensemble_members_are_named(member, message, tmp_path):
     with pytest.raises(UsageError, match=message):
         inference.ensemble_members(tmp_path, {"kind": "ensemble", "members": [member]})
+
+
+def test_ensemble_member_names_are_unique(tmp_path):
+    twice = [{"name": "x", "path": "a", "weight": 0.5}, {"name": "x", "path": "b", "weight": 0.5}]
+    with pytest.raises(UsageError, match=r"member names must be unique, repeated: \['x'\]"):
+        inference.ensemble_members(tmp_path, {"kind": "ensemble", "members": twice})
