@@ -157,7 +157,8 @@ def build_candidates(
         model = next(c for c in candidates if c.name == name)
         candidates.append(Candidate(name=f"{name}+logit-tta", kind="model",
                                     probs=average_views(views[0], views[1], "logit"),
-                                    members=[{**m, "tta_space": "logit"} for m in model.members],
+                                    members=[{**m, "name": f"{m['name']}+logit-tta", "source": m["name"],
+                                              "tta_space": "logit"} for m in model.members],
                                     note="swap-TTA views averaged in logit space (prob space is the plain model)"))
     singles = list(candidates)
     if calibrate:
@@ -293,7 +294,7 @@ def ship_runs(
 def _fold_members(member: dict, models: dict[str, tuple[np.ndarray, list[str]]]) -> list[dict]:
     if member.get("kind") != "model":
         return [member]
-    folds = models[member["name"]][1]
+    folds = models[member.get("source", member["name"])][1]
     if len(folds) == 1:
         return [{**member, "path": folds[0]}]
     return [{**member, "name": f"{member['name']}/fold{index}", "path": path, "weight": member["weight"] / len(folds)}

@@ -125,3 +125,17 @@ def test_tta_space_is_a_candidate_and_ships_through_the_ensemble_member(tmp_path
     inference.predict(shipped, sample_files.test_csv, tmp_path / "shipped.csv", predict_cfg())
     np.testing.assert_allclose(read_probs(tmp_path / "shipped.csv"), read_probs(tmp_path / "logit.csv"), atol=1e-6)
     assert not np.allclose(read_probs(tmp_path / "logit.csv"), read_probs(tmp_path / "prob.csv"), atol=1e-4)
+
+
+def test_a_blend_of_plain_and_logit_tta_members_is_a_valid_ensemble(tmp_path):
+    """Both TTA spaces of one model in a blend: distinct member names (predict keys members by name)."""
+    labels, sharp, _, groups = data(n=300)
+    views = np.stack([sharp, sharp[:, [1, 0, 2]] ** 0.5 / (sharp[:, [1, 0, 2]] ** 0.5).sum(axis=1, keepdims=True)])
+    candidates = build_candidates(labels, groups, {"m": (sharp, tmp_path / "m")},
+                                  prior_probs=np.tile(PRIOR, (len(labels), 1)), prior=PRIOR, calibrate=False,
+                                  tta_views={"m": views})
+    blend = next(c for c in candidates if c.name == "blend")
+    shipped = write_shipped(decide_ship(labels, [blend]), tmp_path / "shipped", class_prior=PRIOR, dialect="lmsys")
+    manifest = json.loads((shipped / "manifest.json").read_text())
+    members = inference.ensemble_members(shipped, manifest)  # raises on repeated names
+    assert len({m.name for m in members}) == len(members)

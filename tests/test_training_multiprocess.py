@@ -141,10 +141,13 @@ def test_two_processes_match_one_with_the_same_global_batch(runs, ordering):
 
     # Two processes really ran: each saved its RNG state into the one checkpoint the main process renamed.
     assert sorted(p.name for p in two_ckpt.glob("random_states_*")) == ["random_states_0.pkl", "random_states_1.pkl"]
-    # Everything else was written once, by the main process: the same files as the one-process run.
+    # Everything else was written once, by the main process: the same files as the one-process run, less what
+    # only compare-orderings writes (the report and the ship decision over both orderings).
     other = "quant-then-ft" if ordering == "ft-then-quant" else "ft-then-quant"
+    compare_only = {"report.json", "report.md", "report.png", "ship.json", "reliability.png"}
     assert (_files(two) - {str(two_ckpt.relative_to(two) / "random_states_1.pkl")}
-            == {f for f in _files(one) if not f.startswith(f"runs/seed42/{other}/")})
+            == {f for f in _files(one) if not f.startswith((f"runs/seed42/{other}/", "shipped/"))
+                and f not in compare_only})
     assert done_two.stdout.count("artifact:") == 1  # one report line, from the main process
 
     weights_one, weights_two = _trainable(one_ckpt), _trainable(two_ckpt)
