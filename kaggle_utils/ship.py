@@ -236,6 +236,22 @@ class ShippedRun:
     views: np.ndarray | None = None  # (2, rows, 3) original and swapped view (swapped columns) with swap TTA
 
 
+def seed_ensemble(runs: list[ShippedRun], name: str) -> ShippedRun:
+    """One variant trained with several seeds on the same folds, averaged: its OOF is the mean of the seeds'
+    (rows aligned by id) and it ships every seed's fold artifacts with equal weights."""
+    first = runs[0]
+    order = {row_id: index for index, row_id in enumerate(first.ids)}
+    stacked = []
+    for run in runs:
+        if sorted(run.ids, key=str) != sorted(first.ids, key=str):
+            raise UsageError(f"{name}: the seeds were scored on different rows")
+        aligned = np.empty_like(run.probs)
+        aligned[np.array([order[row_id] for row_id in run.ids])] = run.probs
+        stacked.append(aligned)
+    return ShippedRun(name=name, ids=list(first.ids), labels=first.labels, probs=np.mean(stacked, axis=0),
+                      row_priors=first.row_priors, artifact_dirs=[d for run in runs for d in run.artifact_dirs])
+
+
 def ship_runs(
     runs: list[ShippedRun],
     groups_by_id: dict,

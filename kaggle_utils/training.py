@@ -657,7 +657,7 @@ def train_fold(
     (the final step's, or the best on an inner holdout of the training part); score `fold` once, with them.
 
     `build_model(cfg, tokenizer, device)` makes the trainable model (default: `default_build_model`, i.e. the
-    ordering's LoRA / QLoRA); the variant registry in compare.py passes its own. `loss_fn(logits, batch)` is the
+    ordering's LoRA / QLoRA); a variant (variant_registry.py) passes its own. `loss_fn(logits, batch)` is the
     training objective (default: what the config asks for, `_select_loss`: distillation from
     `train.teacher_path` and/or `train.pseudo_path` rows, label-smoothed or plain cross-entropy; see losses.py);
     `target_columns` names training frame columns of per-class vectors (e.g. a teacher's probabilities) carried

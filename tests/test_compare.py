@@ -85,6 +85,11 @@ def test_report_files_and_numbers_come_from_the_run(comparison):
     markdown = (out / compare.REPORT_MD).read_text()
     assert report["decision"]["statement"] in markdown and "| ft-then-quant |" in markdown
     assert "QiD vs common reference" in markdown and "shipped − own reference" in markdown
+    # several seeds: each variant's seed ensemble is a ship candidate, shipping every seed's fold artifacts
+    ranking = {c["name"]: c for c in report["ship"]["ranking"]}
+    ensemble = ranking["ft-then-quant/seed-ensemble"]
+    assert len([m for m in ensemble["members"] if m["kind"] == "model"]) == 4  # 2 seeds x 2 folds
+    assert report["ship"]["statement"].startswith("ship ")
 
 
 @pytest.mark.slow

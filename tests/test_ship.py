@@ -139,3 +139,16 @@ def test_a_blend_of_plain_and_logit_tta_members_is_a_valid_ensemble(tmp_path):
     manifest = json.loads((shipped / "manifest.json").read_text())
     members = inference.ensemble_members(shipped, manifest)  # raises on repeated names
     assert len({m.name for m in members}) == len(members)
+
+
+def test_seed_ensemble_averages_aligned_rows_and_ships_every_seed():
+    from kaggle_utils.ship import ShippedRun, seed_ensemble
+
+    labels = np.array([0, 1, 2])
+    a = ShippedRun("v", [1, 2, 3], labels, np.array([[0.6, 0.2, 0.2], [0.2, 0.6, 0.2], [0.2, 0.2, 0.6]]),
+                   np.tile(PRIOR, (3, 1)), ["s1/fold0"])
+    b = ShippedRun("v", [3, 1, 2], labels[[2, 0, 1]], np.array([[0.0, 0.0, 1.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]),
+                   np.tile(PRIOR, (3, 1)), ["s2/fold0"])
+    both = seed_ensemble([a, b], "v/seed-ensemble")
+    np.testing.assert_allclose(both.probs[0], [0.8, 0.1, 0.1])  # id 1 in both, rows matched by id
+    assert both.artifact_dirs == ["s1/fold0", "s2/fold0"] and both.ids == [1, 2, 3]

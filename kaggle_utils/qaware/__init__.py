@@ -6,6 +6,6 @@ Modules (import them directly; this package imports nothing heavy on its own):
 - `apiq`: block-by-block activation-preserving initialisation of LoRA (+ clipping) on a quantized base.
 - `loftq`: LoftQ initialisation (base and LoRA fitted to the 16-bit weights, `qaware.loftq_iterations` alternating
   steps; single-file or sharded checkpoints; CPU or CUDA).
-- `variants`: the variants these add to `compare.py`'s registry.
+- `variants`: the variants these add to the registry (`variant_registry.py`).
 - `qid_study`: QiD against training tokens, the D^beta fit with a bootstrap interval.
 """
