@@ -139,3 +139,20 @@ def test_ensemble_member_names_are_unique(tmp_path):
     twice = [{"name": "x", "path": "a", "weight": 0.5}, {"name": "x", "path": "b", "weight": 0.5}]
     with pytest.raises(UsageError, match=r"member names must be unique, repeated: \['x'\]"):
         inference.ensemble_members(tmp_path, {"kind": "ensemble", "members": twice})
+
+
+def test_member_per_device_runs_members_side_by_side_with_the_same_result(tiny_artifacts, sample_files, tmp_path):
+    """The winners' 2-GPU layout, on two CPU replicas: one member per device, same blend as one after the other."""
+    ensemble = write_ensemble(tmp_path / "ens", [("ft", tiny_artifacts["ft-then-quant"], 0.5),
+                                                 ("q", tiny_artifacts["quant-then-ft"], 0.5)])
+    sequential = inference.predict(ensemble, sample_files.test_csv, tmp_path / "seq.csv", predict_cfg())
+    side = inference.predict(ensemble, sample_files.test_csv, tmp_path / "side.csv",
+                             predict_cfg(cpu_replicas=2, ensemble_layout="member_per_device"))
+    assert sequential.schedule["ensemble_layout"] == "sequential"
+    assert side.schedule["ensemble_layout"] == "member_per_device"
+    assert [m["schedule"]["workers"][0]["name"] for m in side.members] == ["cpu", "cpu"]  # one device each
+    np.testing.assert_allclose(read_probs(tmp_path / "side.csv"), read_probs(tmp_path / "seq.csv"), atol=1e-6)
+    # with fewer devices than model members it falls back to sequential and says so
+    one = inference.predict(ensemble, sample_files.test_csv, tmp_path / "one.csv",
+                            predict_cfg(ensemble_layout="member_per_device"))
+    assert one.schedule["ensemble_layout"].startswith("sequential (member_per_device needs")
