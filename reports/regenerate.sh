@@ -7,12 +7,18 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 steps=("$@")
-[ ${#steps[@]} -gt 0 ] || steps=(demo orderings qaware qid)
+[ ${#steps[@]} -gt 0 ] || steps=(demo ship orderings qaware qid)
 
 for step in "${steps[@]}"; do
   case "$step" in
     demo)  # `make demo` with --record: reports/demo/headline.json and the README block rendered from it
       $PY -m kaggle_utils demo --out runs/demo --record
+      ;;
+    ship)  # what the demo shipped and why (needs the demo run): the ranked candidates and the reliability diagram
+      mkdir -p reports/demo_ship
+      cp runs/demo/orderings/{report.md,report.json,ship.json,reliability.png} reports/demo_ship/
+      [ ! -f runs/demo/orderings/shipped/manifest.json ] || \
+        cp runs/demo/orderings/shipped/manifest.json reports/demo_ship/shipped_manifest.json
       ;;
     orderings)  # both orderings over three seeds on the demo's own data and folds (needs the demo run)
       $PY -m kaggle_utils compare-orderings --config kaggle_utils/resources/compare_demo.yaml \
@@ -46,6 +52,6 @@ for step in "${steps[@]}"; do
       mkdir -p reports/real_weights
       cp runs/reports/real_weights/report.{json,md,png} reports/real_weights/
       ;;
-    *) echo "unknown step $step (demo, orderings, qaware, qid, real)" >&2; exit 2 ;;
+    *) echo "unknown step $step (demo, ship, orderings, qaware, qid, real)" >&2; exit 2 ;;
   esac
 done
