@@ -105,6 +105,8 @@ def aggregate_run(variant: Variant, seed: int, folds_out: list[dict], dialect: D
 
 def own_reference_description(variant: Variant) -> str:
     """What a variant's own "16-bit" reference model is (the one `gap_vs_own_reference` subtracts)."""
+    if variant.name == "full-then-quant":
+        return "the fully fine-tuned 16-bit model, before quantizing"
     if variant.ordering == "ft-then-quant":
         return "its LoRA merged into the 16-bit base (merged in fp32), before quantizing"
     return ("its adapter, trained on the quantized base, applied to the 16-bit base (a mismatch: not a "

@@ -283,3 +283,8 @@ def test_training_notebook_parameters_resolve_to_config_and_paths(tmp_path, monk
     assert cfg.model.base_model == PipelineConfig().model.base_model and cfg.train.cv_folds == (0,)
     with pytest.raises(UsageError, match="no train.csv in .*; set TRAIN_PATH"):
         experiment.resolve_training_notebook("ft-then-quant", "other-competition")
+
+
+def test_own_reference_of_full_fine_tuning_is_not_a_lora():
+    text = cv_report.own_reference_description(variant_registry.VARIANTS["full-then-quant"])
+    assert "fully fine-tuned" in text and "LoRA" not in text
