@@ -47,14 +47,17 @@ def test_record_rewrites_only_the_block(tmp_path):
                                            "qid_vs_common": 0.001, "gap_vs_own_reference": 0.001}},
             "decision": {"winner": "ft-then-quant", "difference": None, "standard_error": None,
                          "within_noise": None},
+            "ship": {"shipped": "ft-then-quant", "statement": "ship ft-then-quant (model)", "artifact": "a"},
+            "candidates": {"ft-then-quant": 0.951, "class-prior": 1.09},
         },
-        "inference": {"variant": "ft-then-quant", "rows_by_path": {"tta": 200}},
+        "inference": {"shipped": "ft-then-quant", "rows_by_path": {"tta": 200}},
         "timings_s": {"a": 1.0, "b": 2.5},
     }
     figures = demo_figures.record(report, tmp_path)
     text = readme.read_text()
     assert text.startswith("# title\n\nbefore\n") and text.endswith("\nafter\n")
     assert "stale" not in text and demo_figures.readme_block(text) == demo_figures.render(figures)
+    assert "ranks every candidate" in text and "class-prior 1.0900" in text
     assert json.loads((tmp_path / demo_figures.HEADLINE_PATH).read_text()) == figures
     with pytest.raises(UsageError, match="lacks"):
         demo_figures.headline({"sample": report["sample"], "baseline": report["baseline"]})
