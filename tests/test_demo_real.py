@@ -65,12 +65,17 @@ def test_demo_real_trains_both_orderings_on_the_270m_and_submits(main, gemma3_27
         assert model_config["model_type"] == "gemma3_text" and model_config["vocab_size"] == 262_144
     assert not (out / "orderings" / "tokenizer").exists()  # the checkpoint's own tokenizer, no demo BPE
 
-    # predict reloaded the winner's artifact (its report says which, and no row fell back to the baseline)
+    # predict served what the ship decision chose (the best CV of every candidate), no row from the fallback
     inference = report["inference"]
-    assert inference["artifact_dir"] == artifacts[inference["variant"]]
+    candidates = report["orderings"]["candidates"]
+    assert inference["shipped"] == min(candidates, key=candidates.get)
     assert inference["fallback_rows"] == 0 and sum(inference["rows_by_path"].values()) == 4
     predict_report = json.loads(submission.with_name("submission.inference.json").read_text())
     assert predict_report["artifact_dir"] == inference["artifact_dir"]
-    assert predict_report["manifest"]["base_model"] == str(gemma3_270m_dir)
-    loaded = load_artifact(inference["artifact_dir"], device="cpu")  # checks its tokenizer against the model
-    assert len(loaded.tokenizer) == 262_144
+    shipped = json.loads((Path(inference["artifact_dir"]) / MANIFEST_NAME).read_text())
+    models = ([inference["artifact_dir"]] if shipped.get("kind") != "ensemble"
+              else [m["path"] for m in shipped["members"] if m["kind"] == "model"])
+    assert {str(Path(p).resolve()) for p in models} <= {str(Path(p).resolve()) for p in artifacts.values()}
+    for model_dir in models[:1]:
+        loaded = load_artifact(model_dir, device="cpu")  # checks its tokenizer against the model
+        assert len(loaded.tokenizer) == 262_144

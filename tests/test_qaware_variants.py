@@ -141,3 +141,23 @@ def test_both_orderings_have_a_variant_per_bitsandbytes_scheme(scheme):
         cfg = PipelineConfig()
         cfg.quant.scheme = other
         assert variant.configure(cfg).quant.scheme == scheme
+
+
+def test_gptq_group_size_is_checked_before_training(demo_tokenizer, demo_base_dir, train_data):
+    """A group size that does not divide the layer widths fails when the model is built, not after the fold
+    trained (the tiny Gemma-2 is 64 wide: 128 cannot work, 32 can)."""
+    import torch
+
+    from kaggle_utils.config import PipelineConfig
+    from kaggle_utils.errors import UsageError
+    from kaggle_utils.variant_registry import VARIANTS, FoldContext
+
+    cfg = PipelineConfig().with_overrides({"model": {"base_model": str(demo_base_dir)},
+                                           "train": {"ordering": "ft-then-quant"}})
+    ctx = FoldContext(cfg=cfg, fold=0, seed=0, train_frame=train_data.frame, tokenizer=demo_tokenizer,
+                      base_dir=demo_base_dir, device=torch.device("cpu"))
+    build = VARIANTS["ft-then-quant-gptq8"].builder(ctx)
+    with pytest.raises(UsageError, match=r"gptq_group_size 128 must divide every layer's in_features \(not \[64"):
+        build(cfg, demo_tokenizer, torch.device("cpu"))
+    small = cfg.with_overrides({"qaware": {"gptq_group_size": 32}})
+    assert build(small, demo_tokenizer, torch.device("cpu")) is not None

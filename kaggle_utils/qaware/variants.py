@@ -185,6 +185,26 @@ def _configure_gptq(bits: int) -> Callable:
     return configure
 
 
+def _gptq_builder(ctx):
+    """The ft-then-quant builder, with GPTQ's group size checked against the model's layer widths before any
+    training (a width the group size does not divide would fail only at export, after the whole fold)."""
+    build = VARIANTS["ft-then-quant"].builder(ctx)
+
+    def build_checked(cfg, tokenizer, device):
+        model = build(cfg, tokenizer, device)
+        config = model.config
+        heads = getattr(config, "num_attention_heads", 1)
+        widths = {config.hidden_size, getattr(config, "intermediate_size", config.hidden_size),
+                  heads * (getattr(config, "head_dim", None) or config.hidden_size // heads)}
+        bad = sorted(width for width in widths if width % cfg.qaware.gptq_group_size)
+        if bad:
+            raise UsageError(f"qaware.gptq_group_size {cfg.qaware.gptq_group_size} must divide every layer's "
+                             f"in_features (not {bad}): set a divisor, e.g. --set qaware.gptq_group_size=32")
+        return model
+
+    return build_checked
+
+
 def _export_gptq(ctx):
     """Merge the LoRA in fp32, GPTQ a copy calibrated on `qaware.gptq_rows` rows of this fold's training part
     (never held-out rows), ship it; the fp32 merged model is the reference, as for ft-then-quant."""
@@ -255,7 +275,7 @@ def register_all() -> None:
             name=f"ft-then-quant-gptq{bits}", ordering="ft-then-quant",
             description=f"LoRA on the 16-bit base; merge; GPTQ {bits}-bit weights (llmcompressor, calibrated on "
                         "the fold's training rows; compressed-tensors artifact)",
-            builder=base_ft.builder, export=_export_gptq, configure=_configure_gptq(bits),
+            builder=_gptq_builder, export=_export_gptq, configure=_configure_gptq(bits),
             unavailable=gptq_unavailable, common_reference=base_ft.common_reference,
         ), replace=True)
     register_variant(Variant(
