@@ -160,25 +160,3 @@ def _ship(runs: list[dict], seed: int, folds: pl.DataFrame, frame: pl.DataFrame,
             candidates.append(seed_ensemble(seeded, f"{name}/seed-ensemble"))
     decision, shipped = ship_runs(candidates, groups_by_id, prior, out_dir, dialect, baseline_rows)
     return {**decision.to_dict(), "artifact": str(shipped), "reliability_png": "reliability.png"}
-
-
-def _ship(runs: list[dict], seed: int, folds: pl.DataFrame, frame: pl.DataFrame, out_dir: Path, dialect: str,
-          baseline: tuple[pl.DataFrame, str | Path] | None) -> dict:
-    """The ship decision over the first seed's runs, each variant's seed ensemble when there are several seeds,
-    and the baseline: `ship.ship_runs`."""
-    groups_by_id = dict(zip(folds["id"].to_list(), folds["group"].to_list(), strict=True))
-    prior = class_prior(frame["label"].to_numpy().astype(np.int64))
-    baseline_rows = None
-    if baseline is not None:
-        table, model_path = baseline
-        baseline_rows = ({row_id: np.array(p) for row_id, *p in
-                          table.select("id", "p_a", "p_b", "p_tie").iter_rows()}, model_path)
-    candidates = [run["_shipped"] for run in runs if run["seed"] == seed]
-    for name in dict.fromkeys(run["variant"] for run in runs):  # several seeds: their average is a candidate
-        seeded = [run["_shipped"] for run in runs if run["variant"] == name]
-        if len(seeded) > 1:
-            candidates.append(seed_ensemble(seeded, f"{name}/seed-ensemble"))
-    decision, shipped = ship_runs(candidates, groups_by_id, prior, out_dir, dialect, baseline_rows)
-    return {**decision.to_dict(), "artifact": str(shipped), "reliability_png": "reliability.png"}
-
-
