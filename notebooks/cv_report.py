@@ -84,6 +84,9 @@ report = combine_reports(report_dirs, out_dir)
 
 # %%
 print(report.statement)
+# what ships: every candidate (each ordering, the class prior, calibrated versions, the blend) ranked on the same rows
+print(report.ship["statement"] if report.ship else f"no ship decision: {report.other.get('ship_skipped')}")
+print("upload this as the submission's artifact:", report.shipped_artifact)
 display(Markdown((out_dir / REPORT_MD).read_text()))
 
 # %%

@@ -60,3 +60,24 @@ def test_train_runs_its_fold_without_compare_orderings(sample_files, tmp_path, c
     assert "ft-then-quant, fold 2: held-out log loss 16-bit" in printed
     assert (out / "oof.parquet").is_file()
     assert Path(printed.split("artifact:")[1].strip(), "manifest.json").is_file()
+
+
+def test_the_joined_cv_report_ranks_every_candidate_and_ships(sample_files, tmp_path):
+    """The CV-report kernel's join (two training kernels, one ordering each) makes the ship decision too."""
+    from kaggle_utils.kaggle_tools.reports import combine_reports
+
+    cfg = experiment.demo_config()
+    cfg.train.max_steps, cfg.train.eval_every_steps, cfg.lora.r = 2, 2, 4
+    first = compare.compare_orderings(cfg, sample_files.train_csv, tmp_path / "a", variants=["ft-then-quant"],
+                                      progress=False)
+    compare.compare_orderings(cfg, sample_files.train_csv, tmp_path / "b", folds_path=first.setup["folds_file"],
+                              variants=["quant-then-ft"], progress=False)
+    joined = combine_reports([tmp_path / "a", tmp_path / "b"], tmp_path / "joined")
+    names = {c["name"] for c in joined.ship["ranking"]}
+    assert {"ft-then-quant", "quant-then-ft", "class-prior", "blend"} <= names
+    best = min(joined.ship["ranking"], key=lambda c: c["cv_log_loss"])
+    assert joined.ship["shipped"] == best["name"]
+    shipped = Path(joined.shipped_artifact)
+    assert (shipped / "manifest.json").is_file()
+    assert "## What ships" in (tmp_path / "joined" / "report.md").read_text()
+    assert json.loads((tmp_path / "joined" / "report.json").read_text())["ship"]["shipped"] == best["name"]

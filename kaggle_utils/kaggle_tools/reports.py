@@ -27,7 +27,9 @@ from kaggle_utils.cv_report import (
     summarise_variant,
 )
 from kaggle_utils.errors import UsageError
-from kaggle_utils.metrics import load_oof, oof_probs, row_log_losses, save_oof
+from kaggle_utils.folds import load_folds
+from kaggle_utils.metrics import class_prior, load_oof, oof_probs, row_log_losses, save_oof
+from kaggle_utils.ship import ShippedRun, ship_runs
 
 
 def find_report_dirs(root: str | Path) -> list[Path]:
@@ -57,10 +59,50 @@ def _attach_row_losses(run: dict, directory: Path) -> dict:
     return {**run, "_row_losses_quantized": row_log_losses(labels, oof_probs(oof)), "_ids": oof["id"].to_list()}
 
 
+def _shipped_run(directory: Path, run: dict) -> ShippedRun:
+    """A joined run as a ship candidate: its OOF rows (from its own oof.parquet), each row's training-part class
+    prior (the report's per-fold `class_prior`) and its fold artifacts, found where this report lies when the
+    recorded path (the training kernel's /kaggle/working) is not there."""
+    name = f"{run['variant']}/seed{run['seed']}/quantized"
+    oof = load_oof(directory / OOF_FILE, name=name).sort("id")
+    priors = {fold["fold"]: fold.get("class_prior") for fold in run["per_fold"]}
+    if any(prior is None for prior in priors.values()):
+        raise UsageError(f"{directory}: report.json has no per-fold class_prior (written before the ship decision "
+                         "existed): retrain to rank its candidates")
+    artifacts = []
+    for fold in run["per_fold"]:
+        recorded = Path(fold["artifact_dir"])
+        local = directory / "runs" / f"seed{run['seed']}" / run["variant"] / f"fold{fold['fold']}" / "artifact"
+        artifacts.append(str(recorded if recorded.is_dir() else local))
+    return ShippedRun(name=run["variant"], ids=oof["id"].to_list(), labels=oof["label"].to_numpy().astype(np.int64),
+                      probs=oof_probs(oof), row_priors=np.array([priors[f] for f in oof["fold"].to_list()]),
+                      artifact_dirs=artifacts)
+
+
+def _ship_joined(directories: list[Path], reports: list[dict], out: Path) -> dict:
+    """`ship.ship_runs` over the joined reports' first-seed runs; prompt groups from a source's folds.parquet
+    (each row its own group when none is there: said in the decision)."""
+    seed = reports[0]["setup"]["seeds"][0]
+    folds_files = [d / "folds.parquet" for d in directories if (d / "folds.parquet").is_file()]
+    folds = load_folds(folds_files[0]) if folds_files else None
+    runs = [_shipped_run(d, run) for d, report in zip(directories, reports, strict=True)
+            for run in report["runs"] if run["seed"] == seed]
+    ids = runs[0].ids
+    groups = (dict(zip(folds["id"].to_list(), folds["group"].to_list(), strict=True)) if folds is not None
+              else {row_id: str(row_id) for row_id in ids})
+    prior = class_prior(runs[0].labels)  # of the OOF rows: every training row when every fold was trained
+    dialect = (reports[0].get("dialect") or {}).get("name", "lmsys")
+    decision, shipped = ship_runs(runs, groups, prior, out, dialect)
+    record = {**decision.to_dict(), "artifact": str(shipped), "reliability_png": "reliability.png"}
+    if folds is None:
+        record["statement"] += " (no folds.parquet beside the reports: each row was its own cross-fit group)"
+    return record
+
+
 def combine_reports(report_dirs: Sequence[str | Path], out_dir: str | Path) -> ComparisonReport:
-    """Join the reports of `report_dirs` into out_dir/report.json, report.md, report.png and oof.parquet.
-    The joined report has no ship decision (each source's ranked only its own variants): run
-    compare-orderings with every variant, or rank the joined OOF with `ship.py`, to choose what ships."""
+    """Join the reports of `report_dirs` into out_dir/report.json, report.md, report.png and oof.parquet, with
+    the ship decision over every joined variant (first seed), the class prior, their calibrated versions and
+    the blend (`ship.ship_runs`, written under `out_dir`): what the CV-report kernel ships."""
     directories = [Path(d) for d in report_dirs]
     if not directories:
         raise UsageError("combine_reports needs at least one report folder")
@@ -92,10 +134,12 @@ def combine_reports(report_dirs: Sequence[str | Path], out_dir: str | Path) -> C
     combined["decision"] = decide_winner(runs, names)
     combined["total_time_s"] = sum(report["total_time_s"] for report in reports)
     combined["sources"] = [str(d) for d in directories]
-    combined.pop("ship", None)
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    try:
+        combined["ship"] = _ship_joined(directories, reports, out)
+    except UsageError as error:  # e.g. reports written before the ship decision: joined, but not ranked
+        combined["ship"], combined["ship_skipped"] = None, str(error)
     (out / REPORT_JSON).write_text(json.dumps(combined, indent=2), encoding="utf-8")
     (out / REPORT_MD).write_text(render_markdown(combined), encoding="utf-8")
     plot_report(combined, out / REPORT_PNG)
