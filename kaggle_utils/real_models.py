@@ -332,7 +332,16 @@ def _convert_gguf(gguf_file: Path, out: Path) -> None:
         if hasattr(config, attribute):
             delattr(config, attribute)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
+    # A tied copy (lm_head = the embeddings) can come out of the GGUF loader unmaterialised (a meta tensor; seen
+    # in one clean-clone test run, not reproduced alone): it is the embedding's storage here, so it is not
+    # copied. Any other meta tensor is a conversion that lost weights.
+    tied = _tied_keys(model)
+    weights = {key: value for key, value in loaded.state_dict().items() if not (value.is_meta and key in tied)}
+    lost = [key for key, value in weights.items() if value.is_meta]
+    if lost:
+        raise UsageError(f"{gguf_file}: the GGUF loader left weights unmaterialised: {lost[:3]}")
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    model.tie_weights()
     del loaded
     if unexpected or [key for key in missing if key not in _tied_keys(model)]:
         raise UsageError(f"{gguf_file}: converted weights do not match {type(model).__name__} "
