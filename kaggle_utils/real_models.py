@@ -337,6 +337,12 @@ def _convert_gguf(gguf_file: Path, out: Path) -> None:
     # copied. Any other meta tensor is a conversion that lost weights.
     tied = _tied_keys(model)
     weights = {key: value for key, value in loaded.state_dict().items() if not (value.is_meta and key in tied)}
+    embeddings = loaded.get_input_embeddings().weight
+    output = loaded.get_output_embeddings()
+    head = next((key for key, value in loaded.state_dict(keep_vars=True).items()
+                 if output is not None and value is output.weight), None)
+    if head in weights and weights[head].is_meta and weights[head].shape == embeddings.shape:
+        weights[head] = embeddings.detach()  # a GGUF with no output tensor: the head is the embeddings
     lost = [key for key, value in weights.items() if value.is_meta]
     if lost:
         raise UsageError(f"{gguf_file}: the GGUF loader left weights unmaterialised: {lost[:3]}")
