@@ -186,6 +186,9 @@ class TrainConfig:
     max_steps: int | None = None  # cap for demos and tests
     eval_token_budget: int = 8192  # tokens per evaluation batch (rows x padded length)
     cv_folds: tuple[int, ...] | None = None  # folds compare-orderings trains (None: all); `train --fold` is one
+    # Folds whose rows the experiment never uses, neither trained on nor scored: a teacher for students held out
+    # on those folds (nested folds: its OOF comes from models that never saw the students' held-out rows).
+    exclude_folds: tuple[int, ...] | None = None
     # Soft targets (losses.distillation_loss, teacher.py). A teacher is an OOF-format parquet (id, p_a, p_b,
     # p_tie[, name]; e.g. a larger backbone's oof.parquet): its probabilities become each training row's soft
     # target. loss = distill_weight * T^2 * KL(teacher^(1/T) || softmax(logits / T))

@@ -89,12 +89,14 @@ def prepare_experiment(
                 save_folds(make_folds(frame, cfg.folds), folds_path)
         folds_path = Path(folds_path)
         folds = load_folds(folds_path)
+        frame, folds = _exclude_folds(frame, folds, cfg.train.exclude_folds, folds_path)
         present = sorted(folds["fold"].unique().to_list())
         chosen = fold_ids if fold_ids is not None else cfg.train.cv_folds
         chosen = present if chosen is None else [int(fold) for fold in chosen]
         missing = sorted(set(chosen) - set(present))
         if missing:
-            raise UsageError(f"folds {missing} are not in {folds_path} (it has {present})")
+            excluded = f", {sorted(cfg.train.exclude_folds)} excluded" if cfg.train.exclude_folds else ""
+            raise UsageError(f"folds {missing} are not in {folds_path} (it has {present}{excluded})")
         tokenizer = _tokenizer(cfg, frame, out_dir, write=dist.is_main_process)
         if dist.is_main_process or base_has_weights(cfg.model.base_model):
             base_dir = materialize_base(cfg.model, out_dir / "base", vocab_size=len(tokenizer),
@@ -104,6 +106,26 @@ def prepare_experiment(
     return Experiment(frame=frame, folds=folds, folds_path=folds_path, folds_hash=folds_file_hash(folds_path),
                       fold_ids=chosen, tokenizer=tokenizer, base_dir=Path(base_dir), device=default_device(),
                       dialect=get_dialect(cfg.data.format), out_dir=out_dir)
+
+
+def _exclude_folds(frame: pl.DataFrame, folds: pl.DataFrame, excluded: Sequence[int] | None, folds_path: Path
+                   ) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """`frame` and `folds` without the rows of the `excluded` folds (`train.exclude_folds`): a nested-fold
+    teacher's experiment. Every excluded fold must be in the file and at least two folds must remain."""
+    if not excluded:
+        return frame, folds
+    present = sorted(folds["fold"].unique().to_list())
+    unknown = sorted(set(excluded) - set(present))
+    if unknown:
+        raise UsageError(f"train.exclude_folds {unknown} are not in {folds_path} (it has {present})")
+    remaining = sorted(set(present) - set(excluded))
+    if len(remaining) < 2:
+        raise UsageError(f"train.exclude_folds {sorted(excluded)} leaves {remaining} of {folds_path}: "
+                         "cross-validation needs two folds or more")
+    kept = folds.filter(~pl.col("fold").is_in(list(excluded)))
+    logger.info("train.exclude_folds %s: %d rows left out of the experiment", sorted(excluded),
+                folds.height - kept.height)
+    return frame.join(kept.select("id"), on="id", how="semi", maintain_order="left"), kept
 
 
 def demo_config() -> PipelineConfig:

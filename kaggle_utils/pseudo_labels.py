@@ -22,7 +22,8 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from kaggle_utils.config import LABEL_COLUMNS
+from kaggle_utils.config import DataConfig
+from kaggle_utils.data import load_competition
 from kaggle_utils.errors import DataError, UsageError
 from kaggle_utils.fileio import atomic_write_parquet
 from kaggle_utils.folds import group_ids
@@ -51,19 +52,6 @@ class PseudoReport:
         return asdict(self)
 
 
-def teacher_from_submission(path: str | Path) -> pl.DataFrame:
-    """A teacher table (id, p_a, p_b, p_tie) from an LMSYS submission.csv, i.e. `predict`'s output on the test
-    file or on external conversations: the usual way to get a teacher's predictions on unlabelled rows."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"submission file not found: {path}")
-    table = pl.read_csv(path)
-    missing = [column for column in ("id", *LABEL_COLUMNS) if column not in table.columns]
-    if missing:
-        raise DataError(f"{path}: not an LMSYS submission (lacks columns {missing})")
-    return table.select("id", *[pl.col(c).alias(p) for c, p in zip(LABEL_COLUMNS, PROB_COLUMNS, strict=True)])
-
-
 def make_pseudo_labels(teacher: str | Path | pl.DataFrame, unlabelled: pl.DataFrame, *,
                        threshold: float | None = None, top_fraction: float | None = None,
                        teacher_name: str | None = None) -> tuple[pl.DataFrame, PseudoReport]:
@@ -79,7 +67,7 @@ def make_pseudo_labels(teacher: str | Path | pl.DataFrame, unlabelled: pl.DataFr
         raise UsageError(f"pseudo-label top_fraction must be in (0, 1], got {top_fraction}")
     if unlabelled.is_empty():
         raise DataError("make_pseudo_labels: the unlabelled frame has no rows")
-    probs, _ = teacher_targets(unlabelled, teacher, teacher_name)
+    probs, _ = teacher_targets(unlabelled, teacher, teacher_name, rows="unlabelled")
     confidence = probs.max(axis=1)
     if threshold is not None:
         keep = np.flatnonzero(confidence >= threshold)
@@ -107,6 +95,26 @@ def dedupe_against(pseudo: pl.DataFrame, train: pl.DataFrame, report: PseudoRepo
     report.dropped_train_prompt += int(in_train.sum())
     report.dropped_duplicate_prompt += int(repeated.sum())
     return pseudo.filter(pl.Series(~(in_train | repeated))), report
+
+
+def pseudo_labels_from_files(teacher: str | Path, unlabelled_path: str | Path, train_path: str | Path, *,
+                             data_cfg: DataConfig | None = None, threshold: float | None = None,
+                             top_fraction: float | None = None, teacher_name: str | None = None
+                             ) -> tuple[pl.DataFrame, PseudoReport]:
+    """The `pseudo-label` command's work: parse `unlabelled_path` (the test file or external conversations in
+    the competition format; labels it has are replaced by the teacher's), keep the confident rows, drop those
+    whose normalised prompt is in `train_path` or repeats (counted), and refuse ids that are training ids (one
+    id would name two rows; `join_pseudo` would refuse them hours later)."""
+    unlabelled = load_competition(unlabelled_path, data_cfg, split="test").frame
+    train = load_competition(train_path, data_cfg, split="train").frame
+    pseudo, report = make_pseudo_labels(teacher, unlabelled, threshold=threshold, top_fraction=top_fraction,
+                                        teacher_name=teacher_name)
+    pseudo, report = dedupe_against(pseudo, train, report)
+    clash = pseudo.filter(pl.col("id").cast(pl.String).is_in(train["id"].cast(pl.String).implode()))["id"]
+    if len(clash):
+        raise DataError(f"{unlabelled_path}: {len(clash)} kept rows have ids that {train_path} also uses "
+                        f"(first: {clash.head(_SHOWN).to_list()}); give the unlabelled rows their own ids")
+    return pseudo, report
 
 
 def save_pseudo_labels(pseudo: pl.DataFrame, path: str | Path) -> Path:

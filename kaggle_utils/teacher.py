@@ -1,7 +1,8 @@
 """A teacher's probabilities -> per-row soft targets aligned to a training frame (distillation, losses.py).
 
 The teacher file is the OOF store's layout (metrics.py: ``name, id, fold, p_a, p_b, p_tie, label``), so one
-of our own runs can teach: a larger backbone's oof.parquet, or a fold ensemble's. Only ``id`` and the three
+of our own runs can teach: a larger backbone's oof.parquet, or a fold ensemble's; a ``.csv`` path is read as an
+LMSYS submission (`predict`'s output). Only ``id`` and the three
 probability columns are required (``name`` when the file holds several models). Out-of-fold predictions are
 what a teacher should give: each row's prediction came from a model that did not train on it.
 
@@ -25,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from kaggle_utils.config import LABEL_COLUMNS
 from kaggle_utils.errors import DataError, UsageError
 from kaggle_utils.metrics import PROB_COLUMNS
 
@@ -60,10 +62,13 @@ def load_teacher(source: str | Path | pl.DataFrame, name: str | None = None
         path = Path(source)
         if not path.is_file():
             raise DataError(f"teacher file not found: {path}")
-        try:
-            table = pl.read_parquet(path)
-        except Exception as error:  # noqa: BLE001 - any unreadable file gets the same one-line message
-            raise DataError(f"{path}: not a readable parquet file ({type(error).__name__}: {error})") from None
+        if path.suffix.lower() == ".csv":
+            table = teacher_from_submission(path)
+        else:
+            try:
+                table = pl.read_parquet(path)
+            except Exception as error:  # noqa: BLE001 - any unreadable file gets the same one-line message
+                raise DataError(f"{path}: not a readable parquet file ({type(error).__name__}: {error})") from None
     missing = [column for column in ("id", *PROB_COLUMNS) if column not in table.columns]
     if missing:
         raise DataError(f"{path}: teacher file lacks columns {missing} (needs id, {', '.join(PROB_COLUMNS)})")
@@ -76,8 +81,25 @@ def load_teacher(source: str | Path | pl.DataFrame, name: str | None = None
     return table, TeacherReport(str(path), name, rows, 0, merged, renormalised)
 
 
-def teacher_targets(frame: pl.DataFrame, path: str | Path | pl.DataFrame, name: str | None = None
-                    ) -> tuple[np.ndarray, TeacherReport]:
+def teacher_from_submission(path: str | Path) -> pl.DataFrame:
+    """A teacher table (id, p_a, p_b, p_tie) from an LMSYS submission.csv, i.e. `predict`'s output on the test
+    file, on external conversations or on training rows (a teacher trained without the student's held-out fold
+    predicting the student's training rows). A ``.csv`` teacher path is read this way."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"submission file not found: {path}")
+    try:
+        table = pl.read_csv(path)
+    except Exception as error:  # noqa: BLE001 - any unreadable file gets the same one-line message
+        raise DataError(f"{path}: not a readable CSV file ({type(error).__name__}: {error})") from None
+    missing = [column for column in ("id", *LABEL_COLUMNS) if column not in table.columns]
+    if missing:
+        raise DataError(f"{path}: not an LMSYS submission (lacks columns {missing})")
+    return table.select("id", *[pl.col(c).alias(p) for c, p in zip(LABEL_COLUMNS, PROB_COLUMNS, strict=True)])
+
+
+def teacher_targets(frame: pl.DataFrame, path: str | Path | pl.DataFrame, name: str | None = None,
+                    rows: str = "training") -> tuple[np.ndarray, TeacherReport]:
     """(rows, 3) teacher probabilities in `frame`'s row order, and the report. Every frame id must be in the
     teacher (else DataError with the count and the first ids)."""
     table, report = load_teacher(path, name)
@@ -86,7 +108,7 @@ def teacher_targets(frame: pl.DataFrame, path: str | Path | pl.DataFrame, name: 
     joined = pl.DataFrame({"id": ids}).join(table, on="id", how="left", maintain_order="left")
     lacking = joined.filter(pl.col(PROB_COLUMNS[0]).is_null())["id"]
     if len(lacking):
-        raise DataError(f"{path}: the teacher lacks {len(lacking)} of {frame.height} training ids "
+        raise DataError(f"{path}: the teacher lacks {len(lacking)} of {frame.height} {rows} ids "
                         f"(first: {lacking.head(_SHOWN).to_list()}); make the teacher on the same rows")
     report.matched_rows = frame.height
     return joined.select(PROB_COLUMNS).to_numpy().astype(np.float64), report

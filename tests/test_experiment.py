@@ -44,6 +44,29 @@ def test_prepare_experiment_reuses_a_folds_file_and_refuses_missing_folds(sample
         experiment.prepare_experiment(cfg, sample_files.train_csv, tmp_path / "out2", folds_path, fold_ids=[9])
 
 
+def test_excluded_folds_are_neither_trained_on_nor_scored(sample_files, train_data, tmp_path):
+    """A nested-fold teacher's experiment: fold 0's rows are gone from the frame and the folds, so no model of
+    it sees a row a student held out on fold 0 is scored on."""
+    cfg = experiment.demo_config().with_overrides({"train": {"exclude_folds": [0], "cv_folds": None}})
+    folds_path = tmp_path / "given_folds.parquet"
+    fold_table = make_folds(train_data.frame, cfg.folds)
+    save_folds(fold_table, folds_path)
+    setup = experiment.prepare_experiment(cfg, sample_files.train_csv, tmp_path / "out", folds_path)
+    fold0_ids = set(fold_table.filter(fold_table["fold"] == 0)["id"].to_list())
+    assert fold0_ids and not fold0_ids & set(setup.frame["id"].to_list())
+    assert setup.frame.height == train_data.frame.height - len(fold0_ids)
+    assert setup.fold_ids == sorted(set(fold_table["fold"].to_list()) - {0})
+    assert set(setup.folds["id"].to_list()) == set(setup.frame["id"].to_list())
+    with pytest.raises(UsageError, match=r"folds \[0\] are not in .*\[0\] excluded"):
+        experiment.prepare_experiment(cfg, sample_files.train_csv, tmp_path / "out2", folds_path, fold_ids=[0])
+    every_fold_but_one = cfg.with_overrides({"train": {"exclude_folds": sorted(set(fold_table["fold"]) - {1})}})
+    with pytest.raises(UsageError, match="needs two folds or more"):
+        experiment.prepare_experiment(every_fold_but_one, sample_files.train_csv, tmp_path / "out3", folds_path)
+    with pytest.raises(UsageError, match=r"exclude_folds \[7\] are not in"):
+        experiment.prepare_experiment(cfg.with_overrides({"train": {"exclude_folds": [7]}}),
+                                      sample_files.train_csv, tmp_path / "out4", folds_path)
+
+
 def test_train_runs_its_fold_without_compare_orderings(sample_files, tmp_path, capsys, monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("train went through compare_orderings")

@@ -54,6 +54,13 @@ def test_a_gptq_artifact_reloads_with_no_missing_weights_and_predicts(demo_token
                                                                       bits):
     cfg, calibration, rows, pad = _setup(demo_tokenizer, demo_base_dir, bits)
     merged = modeling.build_classifier(cfg.model, pad_token_id=pad, device="cpu").float().eval()
+    # As when the base is a pretrained causal LM (Gemma 3 270M): its config.json has no labels. llmcompressor
+    # rewrites the artifact's config.json from that file; the classifier's 3 labels must survive.
+    causal = {k: v for k, v in merged.config.to_dict().items() if k not in ("id2label", "label2id", "num_labels")}
+    causal["architectures"] = ["Gemma2ForCausalLM"]
+    (tmp_path / "causal_base").mkdir()
+    (tmp_path / "causal_base" / "config.json").write_text(json.dumps(causal))
+    merged.config._name_or_path = str(tmp_path / "causal_base")
     reference = modeling.predict_probs(merged, rows, pad, token_budget=128)
     quantized = GPTQ.quantize(copy.deepcopy(merged), cfg, device="cpu", work_dir=tmp_path,
                               calibration_ids=calibration, tokenizer=demo_tokenizer)
@@ -67,6 +74,8 @@ def test_a_gptq_artifact_reloads_with_no_missing_weights_and_predicts(demo_token
     assert manifest["gptq_library"] == "llmcompressor" and manifest["gptq_library_version"]
     model_config = json.loads((path / "model" / "config.json").read_text())
     assert model_config["quantization_config"]["quant_method"] == "compressed-tensors"
+    assert len(model_config["id2label"]) == 3
+    assert quantized.config._name_or_path == str(tmp_path / "causal_base")  # restored after the save
     # load_artifact raises ArtifactError when transformers reports any weight missing (would be random)
     loaded = artifacts.load_artifact(path, device="cpu", compute_dtype=torch.float32)
     probs = modeling.predict_probs(loaded.model, rows, pad, token_budget=128)

@@ -66,7 +66,7 @@ def test_the_rule_is_exactly_one_of_threshold_or_top_fraction_and_the_teacher_mu
         make_pseudo_labels(teacher, test_frame, threshold=0.9, top_fraction=0.1)
     with pytest.raises(UsageError, match="threshold must be in"):
         make_pseudo_labels(teacher, test_frame, threshold=1.5)
-    with pytest.raises(DataError, match=r"the teacher lacks 1 of \d+ training ids"):
+    with pytest.raises(DataError, match=r"the teacher lacks 1 of \d+ unlabelled ids"):
         make_pseudo_labels(teacher.head(test_frame.height - 1), test_frame, threshold=0.5)
 
 
@@ -179,8 +179,8 @@ def test_with_an_inner_holdout_pseudo_rows_sharing_its_prompt_groups_are_dropped
 
 
 def test_a_submission_file_is_a_teacher_for_unlabelled_rows(tmp_path, test_frame):
-    from kaggle_utils.pseudo_labels import teacher_from_submission
     from kaggle_utils.submission import write_submission
+    from kaggle_utils.teacher import teacher_from_submission
 
     probs = _confident_probs(test_frame.height)
     path = tmp_path / "submission.csv"
@@ -190,3 +190,49 @@ def test_a_submission_file_is_a_teacher_for_unlabelled_rows(tmp_path, test_frame
     (tmp_path / "other.csv").write_text("id,a,b\n1,0.5,0.5\n")
     with pytest.raises(DataError, match="not an LMSYS submission"):
         teacher_from_submission(tmp_path / "other.csv")
+
+
+def test_the_pseudo_label_command_keeps_confident_rows_drops_training_prompts_and_refuses_training_ids(
+        sample_files, train_data, test_frame, tmp_path, capsys):
+    """The command a competitor runs after `predict` on the test file: its counts add up, the written file
+    reads back as pseudo-labels, a prompt seen in train never survives, and training ids are refused."""
+    from kaggle_utils.cli import main
+    from kaggle_utils.submission import write_submission
+
+    probs = _confident_probs(test_frame.height)
+    teacher = tmp_path / "teacher_submission.csv"
+    write_submission(test_frame["id"].to_list(), probs, teacher)
+    out = tmp_path / "pseudo.parquet"
+    assert main(["pseudo-label", "--teacher", str(teacher), "--unlabelled", str(sample_files.test_csv),
+                 "--train", str(sample_files.train_csv), "--threshold", "0.8", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    pseudo = load_pseudo_labels(out)
+    confident = int((probs.max(axis=1) >= 0.8).sum())
+    assert f"{test_frame.height} rows offered; {confident} kept by the rule" in printed
+    train_groups = set(group_ids(train_data.frame).to_list())
+    assert not set(group_ids(pseudo).to_list()) & train_groups
+    assert 0 < pseudo.height <= confident and f"{pseudo.height} pseudo rows" in printed
+
+    # The training file offered as "unlabelled": only rows the training parse dropped can survive.
+    as_unlabelled = load_competition(sample_files.train_csv, split="test").frame
+    train_teacher = tmp_path / "train_teacher.csv"
+    write_submission(as_unlabelled["id"].to_list(), _confident_probs(as_unlabelled.height), train_teacher)
+    assert main(["pseudo-label", "--teacher", str(train_teacher), "--unlabelled", str(sample_files.train_csv),
+                 "--train", str(sample_files.train_csv), "--top-fraction", "1",
+                 "--out", str(tmp_path / "p1.parquet")]) == 0
+    survivors = set(load_pseudo_labels(tmp_path / "p1.parquet")["id"].to_list())
+    assert survivors <= set(as_unlabelled["id"].to_list()) - set(train_data.frame["id"].to_list())
+    capsys.readouterr()
+    assert main(["pseudo-label", "--teacher", str(teacher), "--unlabelled", str(sample_files.test_csv),
+                 "--train", str(sample_files.train_csv), "--threshold", "1", "--out", str(tmp_path / "p2.parquet")]) == 2
+    assert "no pseudo-labelled row is left" in capsys.readouterr().err
+    clashing = test_frame.with_columns(pl.Series("id", train_data.frame["id"].head(test_frame.height)))
+    clash_csv = tmp_path / "clash.csv"
+    clashing_raw = pl.read_csv(sample_files.test_csv).with_columns(clashing["id"])
+    clashing_raw.write_csv(clash_csv)
+    write_submission(clashing["id"].to_list(), probs, tmp_path / "clash_teacher.csv")
+    assert main(["pseudo-label", "--teacher", str(tmp_path / "clash_teacher.csv"), "--unlabelled", str(clash_csv),
+                 "--train", str(sample_files.train_csv), "--threshold", "0.8",
+                 "--out", str(tmp_path / "p3.parquet")]) == 2
+    assert "also uses" in capsys.readouterr().err
+    assert not (tmp_path / "p2.parquet").exists() and not (tmp_path / "p3.parquet").exists()

@@ -49,6 +49,22 @@ def test_targets_are_aligned_to_the_frame_by_id_whatever_the_file_order(tmp_path
     assert (report.teacher_rows, report.matched_rows, report.duplicates_merged, report.renormalised) == (6, 6, 0, 0)
 
 
+def test_a_submission_csv_is_a_teacher_too(tmp_path):
+    """`predict`'s output on the training rows (a teacher trained without the student's held-out fold) teaches
+    as an OOF parquet does; a CSV that is not a submission is refused by name."""
+    from kaggle_utils.submission import write_submission
+
+    frame, probs = _frame(), _probs(6)
+    path = tmp_path / "teacher.csv"
+    write_submission(frame["id"].to_list()[::-1], probs[::-1], path)
+    got, report = teacher_targets(frame, path)
+    np.testing.assert_allclose(got, probs, atol=1e-6)
+    assert report.matched_rows == 6 and report.path == str(path)
+    (tmp_path / "other.csv").write_text("id,p_a\n100,1\n")
+    with pytest.raises(DataError, match="other.csv: not an LMSYS submission"):
+        teacher_targets(frame, tmp_path / "other.csv")
+
+
 def test_a_training_id_the_teacher_lacks_is_an_error_with_the_count_and_ids(tmp_path):
     path = _teacher_file(tmp_path, [100, 101, 102, 103], _probs(4))
     with pytest.raises(DataError, match=r"oof.parquet: the teacher lacks 2 of 6 training ids \(first: \['104', '105'\]"):

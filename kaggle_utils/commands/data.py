@@ -1,4 +1,4 @@
-"""Data commands: validate-data, folds, validate-submission, baseline, demo. Thin: the package does the work."""
+"""Data commands: validate-data, folds, validate-submission, baseline, pseudo-label, demo. Thin: the package does the work."""
 
 from __future__ import annotations
 
@@ -10,13 +10,14 @@ from kaggle_utils import demo as demo_module
 from kaggle_utils import demo_figures
 from kaggle_utils.baseline import run_baseline_cv
 from kaggle_utils.commands.run_options import add_set_option, config_from_args
-from kaggle_utils.config import DataConfig, FoldConfig, PipelineConfig
+from kaggle_utils.config import LABEL_COLUMNS, DataConfig, FoldConfig, PipelineConfig
 from kaggle_utils.data import load_competition
 from kaggle_utils.dialects import get_dialect
-from kaggle_utils.errors import UsageError
+from kaggle_utils.errors import DataError, UsageError
 from kaggle_utils.fileio import check_not_an_input, check_output_target
 from kaggle_utils.folds import fold_summary, load_folds, make_folds, save_folds
 from kaggle_utils.metrics import oof_probs, save_oof
+from kaggle_utils.pseudo_labels import pseudo_labels_from_files, save_pseudo_labels
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -56,6 +57,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--oof", help="write the OOF predictions to this parquet")
     parser.add_argument("--save-model", help="write the fitted model here (JSON parameters + <name>.manifest.json)")
     parser.set_defaults(handler=baseline)
+
+    parser = subparsers.add_parser(
+        "pseudo-label",
+        help="label unlabelled conversations with a teacher, keep the confident ones, drop training prompts",
+    )
+    parser.add_argument("--teacher", required=True,
+                        help="the teacher's predictions for the unlabelled rows: predict's submission.csv or an "
+                             "OOF-format parquet (id, p_a, p_b, p_tie[, name])")
+    parser.add_argument("--teacher-name", help="which `name` of a parquet teacher holding several models")
+    parser.add_argument("--unlabelled", required=True,
+                        help="the test file or external conversations, in the competition's format")
+    parser.add_argument("--train", required=True,
+                        help="the training file: rows whose normalised prompt is in it are dropped (counted)")
+    rule = parser.add_mutually_exclusive_group(required=True)
+    rule.add_argument("--threshold", type=float, help="keep rows whose top probability is at least this")
+    rule.add_argument("--top-fraction", type=float, help="keep this fraction of the rows, most confident first")
+    parser.add_argument("--out", required=True, help="pseudo-label parquet to write (train with "
+                                                     "--set train.pseudo_path=OUT)")
+    _add_dialect(parser, default=None)
+    _add_config_options(parser)
+    parser.set_defaults(handler=pseudo_label)
 
     parser = subparsers.add_parser(
         "demo",
@@ -186,6 +208,28 @@ def baseline(args: argparse.Namespace) -> int:
         )
         dialect.validate(args.out, args.test)
         print(f"submission: {report.summary()} (validated)")
+    return 0
+
+
+def pseudo_label(args: argparse.Namespace) -> int:
+    _check_outputs([args.out], [("teacher file", args.teacher), ("unlabelled file", args.unlabelled),
+                                ("training file", args.train)])
+    cfg = _command_config(args)
+    pseudo, report = pseudo_labels_from_files(args.teacher, args.unlabelled, args.train, data_cfg=cfg.data,
+                                              threshold=args.threshold, top_fraction=args.top_fraction,
+                                              teacher_name=args.teacher_name)
+    rule = f"top probability >= {args.threshold}" if args.threshold is not None else \
+        f"the most confident {args.top_fraction:.0%}"
+    lowest = "" if report.min_confidence_kept is None else f", lowest kept confidence {report.min_confidence_kept:.3f}"
+    print(f"{report.offered} rows offered; {report.kept_by_confidence} kept by the rule ({rule}{lowest})")
+    print(f"dropped: {report.dropped_train_prompt} whose prompt is in {args.train}, "
+          f"{report.dropped_duplicate_prompt} repeating a kept prompt")
+    if pseudo.is_empty():
+        raise DataError(f"no pseudo-labelled row is left of {args.unlabelled}; nothing written to {args.out}")
+    save_pseudo_labels(pseudo, args.out)
+    counts = pseudo["label"].value_counts().sort("label")
+    spread = ", ".join(f"{LABEL_COLUMNS[label]} {count}" for label, count in counts.iter_rows())
+    print(f"{pseudo.height} pseudo rows ({spread}) -> {args.out}; train with --set train.pseudo_path={args.out}")
     return 0
 
 

@@ -18,6 +18,7 @@ is small on disk but not in CPU memory; on CUDA, compressed-tensors can keep the
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -99,8 +100,25 @@ class GptqBackend(TransformersCheckpoint):
 
     def save_model(self, model: nn.Module, out_dir: Path) -> bool:
         """The compressed-tensors checkpoint (packed int weights + scales), written by llmcompressor's
-        `save_pretrained(save_compressed=True)`; the generic writer would store dense fake-quantized weights."""
-        model.save_pretrained(str(out_dir), save_compressed=True)
+        `save_pretrained(save_compressed=True)`; the generic writer would store dense fake-quantized weights.
+
+        llmcompressor rewrites config.json from the config file at `config._name_or_path` (for vLLM): for a
+        classifier built on a pretrained causal-LM checkpoint that is the base's config, without the 3 labels,
+        and the artifact would not reload. So during the save that path is a folder holding this model's own
+        config; the written label count is checked."""
+        original_name = model.config._name_or_path
+        with tempfile.TemporaryDirectory(prefix="gptq-config-") as own_config:
+            model.config.save_pretrained(own_config)
+            model.config._name_or_path = own_config
+            try:
+                model.save_pretrained(str(out_dir), save_compressed=True)
+            finally:
+                model.config._name_or_path = original_name
+        written = json.loads((Path(out_dir) / "config.json").read_text())
+        labels = len(written.get("id2label") or {}) or written.get("num_labels")
+        if labels != model.config.num_labels:
+            raise ArtifactError(f"{out_dir}/config.json: written with {labels} labels, the model has "
+                                f"{model.config.num_labels}; the artifact would not reload")
         return True
 
     def quantize(self, merged_model: nn.Module, cfg: PipelineConfig, device: str | torch.device | None = None,
