@@ -11,8 +11,9 @@ import polars as pl
 from kaggle_utils.commands.run_options import add_run_options, prepare_run
 from kaggle_utils.compare import OOF_FILE, REPORT_MD, compare_orderings
 from kaggle_utils.cv_report import RunRecord, aggregate_run
+from kaggle_utils.errors import UsageError
 from kaggle_utils.experiment import prepare_experiment, run_fold, variant_config
-from kaggle_utils.kaggle_tools.reports import combine_reports
+from kaggle_utils.kaggle_tools.reports import combine_reports, lever_table, render_lever_table
 from kaggle_utils.metrics import save_oof
 from kaggle_utils.training import finish_distributed
 from kaggle_utils.variant_registry import resolve_variants
@@ -46,6 +47,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("reports", nargs="+", help="folders holding report.json and oof.parquet")
     parser.add_argument("--out", required=True, help="folder for the joined report.json/.md/.png and oof.parquet")
     parser.set_defaults(handler=combine)
+
+    parser = subparsers.add_parser(
+        "lever-table",
+        help="runs trained with different levers (distillation, smoothing, full fine-tuning, GPTQ) on identical "
+             "folds and seed, each against the first: shipped CV log loss, paired difference and its SE",
+    )
+    parser.add_argument("runs", nargs="+", metavar="LABEL=DIR:VARIANT",
+                        help="a label, a compare-orderings output folder and the variant in it; the first is the "
+                             "reference")
+    parser.add_argument("--out", required=True, help="folder for levers.json and levers.md")
+    parser.set_defaults(handler=levers)
 
 
 def _common_options(parser: argparse.ArgumentParser) -> None:
@@ -88,6 +100,20 @@ def compare(args: argparse.Namespace) -> int:
         print(report.ship["statement"])
         print(f"ships: {report.shipped_artifact}")
     print(f"report: {Path(args.out) / REPORT_MD}")
+    return 0
+
+
+def levers(args: argparse.Namespace) -> int:
+    entries = []
+    for spec in args.runs:
+        label, sep, rest = spec.partition("=")
+        directory, colon, variant = rest.rpartition(":")
+        if not (sep and colon and label and directory and variant):
+            raise UsageError(f"lever-table: {spec!r} is not LABEL=DIR:VARIANT")
+        entries.append((label, directory, variant))
+    table = lever_table(entries, args.out)
+    print(render_lever_table(table), end="")
+    print(f"table: {Path(args.out) / 'levers.md'}")
     return 0
 
 

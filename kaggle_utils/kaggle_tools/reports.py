@@ -146,3 +146,82 @@ def combine_reports(report_dirs: Sequence[str | Path], out_dir: str | Path) -> C
     oof = pl.concat([load_oof(d / OOF_FILE) for d in directories], how="vertical")
     save_oof(oof, out / OOF_FILE, append=False)
     return ComparisonReport.from_dict(combined)
+
+
+# Training settings a lever changes, shown beside each run of `lever_table` (setup["train"] / setup["qaware"]).
+LEVER_SETTINGS: tuple[tuple[str, str], ...] = (
+    ("train", "method"), ("train", "epochs"), ("train", "learning_rate"), ("train", "teacher_path"),
+    ("train", "distill_weight"), ("train", "label_smoothing"), ("train", "pseudo_path"), ("train", "exclude_folds"),
+)
+
+
+def _lever_run(label: str, directory: Path, variant: str) -> dict:
+    report = _read(directory)
+    seed = report["setup"]["seeds"][0]
+    runs = [run for run in report["runs"] if run["variant"] == variant and run["seed"] == seed]
+    if not runs:
+        raise UsageError(f"{directory}: no run of variant {variant!r} (has "
+                         f"{sorted({run['variant'] for run in report['runs']})})")
+    run = _attach_row_losses(runs[0], directory)
+    setup = report["setup"]
+    settings = {f"{section}.{key}": (setup.get(section) or {}).get(key) for section, key in LEVER_SETTINGS}
+    return {"label": label, "directory": str(directory), "variant": variant, "seed": seed,
+            "folds_file_hash": setup["folds_file_hash"], "folds_trained": setup["folds_trained"],
+            "cv_log_loss": float(np.mean(run["_row_losses_quantized"])), "rows": len(run["_ids"]),
+            "qid_vs_own_reference": run.get("gap_vs_own_reference"), "prior_log_loss": run.get("prior_log_loss"),
+            "settings": {k: v for k, v in settings.items() if v not in (None, 0.0, "lora")},
+            "_losses": run["_row_losses_quantized"], "_ids": run["_ids"]}
+
+
+def lever_table(entries: Sequence[tuple[str, str | Path, str]], out_dir: str | Path) -> dict:
+    """Runs made with different training levers (distillation, smoothing, full fine-tuning, another quantizer)
+    on the same folds and seed, each against the first (the plain run): shipped CV log loss, the paired per-row
+    difference (positive: better than the first) with its standard error, and each run's own QiD. `entries` are
+    (label, report folder, variant); written to out_dir/levers.json and levers.md."""
+    if len(entries) < 2:
+        raise UsageError("lever_table needs a reference run and at least one other")
+    labels = [label for label, _, _ in entries]
+    if len(set(labels)) != len(labels):
+        raise UsageError(f"lever labels must be unique, got {labels}")
+    runs = [_lever_run(label, Path(directory), variant) for label, directory, variant in entries]
+    reference = runs[0]
+    for run in runs[1:]:
+        for key in ("folds_file_hash", "folds_trained", "seed"):
+            if run[key] != reference[key]:
+                raise UsageError(f"{run['label']} ({run['directory']}): {key} {run[key]!r} differs from "
+                                 f"{reference['label']}'s {reference[key]!r}; levers are compared on identical "
+                                 "folds and seed")
+        if run["_ids"] != reference["_ids"]:
+            raise UsageError(f"{run['label']} was scored on other rows than {reference['label']}")
+    for run in runs:
+        diff = reference["_losses"] - run["_losses"]
+        run["vs_reference"] = float(diff.mean())
+        run["paired_se"] = float(diff.std(ddof=1) / np.sqrt(len(diff))) if run is not reference else None
+    table = {"reference": reference["label"], "rows": reference["rows"], "seed": reference["seed"],
+             "folds_file_hash": reference["folds_file_hash"], "folds_trained": reference["folds_trained"],
+             "prior_log_loss": reference["prior_log_loss"],
+             "runs": [{k: v for k, v in run.items() if not k.startswith("_")} for run in runs]}
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "levers.json").write_text(json.dumps(table, indent=2), encoding="utf-8")
+    (out / "levers.md").write_text(render_lever_table(table), encoding="utf-8")
+    return table
+
+
+def render_lever_table(table: dict) -> str:
+    lines = [f"Shipped CV log loss on the same {table['rows']} held-out rows (folds {table['folds_trained']}, seed "
+             f"{table['seed']}, folds file sha256 {table['folds_file_hash'][:12]}); \"vs {table['reference']}\" is "
+             "the mean paired per-row difference (positive: better), with its standard error.", "",
+             f"| run | variant | settings | shipped CV log loss | vs {table['reference']} | paired SE | "
+             "QiD vs its 16-bit reference |", "|---|---|---|---|---|---|---|"]
+    for run in table["runs"]:
+        settings = ", ".join(f"{k.split('.')[1]}={Path(str(v)).name if k.endswith('_path') else v}"
+                             for k, v in run["settings"].items()) or "—"
+        own = run["qid_vs_own_reference"]
+        versus = "—" if run["paired_se"] is None else f"{run['vs_reference']:+.4f}"
+        se = "—" if run["paired_se"] is None else f"{run['paired_se']:.4f}"
+        lines.append(f"| {run['label']} | {run['variant']} | {settings} | {run['cv_log_loss']:.4f} | {versus} | "
+                     f"{se} | {'n/a' if own is None else f'{own:+.4f}'} |")
+    if table["prior_log_loss"] is not None:
+        lines += ["", f"Class prior on the same rows: {table['prior_log_loss']:.4f}."]
+    return "\n".join(lines) + "\n"
