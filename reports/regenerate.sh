@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Regenerates every committed demo-scale report and the README's demo figures from the current code, in the
 # order the README cites them. CPU, offline; about 15-25 minutes on 2 cores. Run from the repository root after
-# `make setup`:  bash reports/regenerate.sh [demo|orderings|qaware|qid|real ...]   (default: the first four;
-# `real`, the real-weights study on Gemma 3 270M, takes one to two hours at one thread and is run only when named)
+# `make setup`:  bash reports/regenerate.sh [demo|ship|orderings|qaware|qid|real|levers|real-levers ...]
+# (default: the first five; `real` and `real-levers`, on Gemma 3 270M, take one to two hours at one thread, and
+# `levers` needs the GPTQ extra: those three run only when named)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -52,6 +53,50 @@ for step in "${steps[@]}"; do
       mkdir -p reports/real_weights
       cp runs/reports/real_weights/report.{json,md,png} reports/real_weights/
       ;;
-    *) echo "unknown step $step (demo, ship, orderings, qaware, qid, real)" >&2; exit 2 ;;
+    levers)  # the winners' levers at demo scale, every run on the first batch's data and folds (needs the GPTQ
+      # extra: `make gptq-check` installs it into .gptq-extra/). About 25 minutes at one thread.
+      L=runs/reports/levers CFG=kaggle_utils/resources/compare_demo.yaml
+      COMPARE=(env PYTHONPATH=.gptq-extra $PY -m kaggle_utils compare-orderings --config $CFG --threads 1)
+      SAME=(--train $L/quant/data/train.csv --folds $L/quant/folds.parquet --variants ft-then-quant-int8)
+      TEACHER=(--set train.teacher_name=ft-then-quant-int8/seed42/16bit)
+      "${COMPARE[@]}" --sample-rows 2000 --out $L/quant --set qaware.gptq_group_size=32 --variants \
+        ft-then-quant-int8 ft-then-quant-gptq8 ft-then-quant-nf4 ft-then-quant-gptq4 full-then-quant
+      # Teachers: 3 epochs. "leaky": OOF of folds 1-4 from models that trained on fold 0, the students' held-out
+      # fold; "nested": fold 0 left out of the teacher's experiment altogether (train.exclude_folds).
+      "${COMPARE[@]}" "${SAME[@]}" --out $L/teacher_leaky --set "train.cv_folds=[1,2,3,4]" --set train.epochs=3
+      "${COMPARE[@]}" "${SAME[@]}" --out $L/teacher_nested --set "train.exclude_folds=[0]" \
+        --set "train.cv_folds=[1,2,3,4]" --set train.epochs=3
+      for kind in leaky nested; do
+        "${COMPARE[@]}" "${SAME[@]}" --out $L/distilled_$kind "${TEACHER[@]}" \
+          --set train.teacher_path=$L/teacher_$kind/oof.parquet
+      done
+      "${COMPARE[@]}" "${SAME[@]}" --out $L/smoothed --set train.label_smoothing=0.1
+      $PY -m kaggle_utils lever-table plain=$L/quant:ft-then-quant-int8 gptq8=$L/quant:ft-then-quant-gptq8 \
+        nf4=$L/quant:ft-then-quant-nf4 gptq4=$L/quant:ft-then-quant-gptq4 full=$L/quant:full-then-quant \
+        distilled-nested=$L/distilled_nested:ft-then-quant-int8 \
+        distilled-leaky=$L/distilled_leaky:ft-then-quant-int8 smoothed=$L/smoothed:ft-then-quant-int8 --out $L
+      for run in quant teacher_leaky teacher_nested distilled_leaky distilled_nested smoothed; do
+        mkdir -p reports/levers/$run && cp $L/$run/report.{json,md} reports/levers/$run/
+      done
+      cp $L/levers.{json,md} reports/levers/
+      ;;
+    real-levers)  # the levers that run in about an hour on Gemma 3 270M: GPTQ vs round-to-nearest, full vs LoRA,
+      # label smoothing; the real-weights study's config, data size, fold and seed. About 1.5 hours at one thread.
+      [ -d models/gemma-3-270m ] || $PY -m kaggle_utils fetch-model gemma-3-270m --out models/gemma-3-270m
+      R=runs/reports/real_levers
+      COMPARE=(env PYTHONPATH=.gptq-extra $PY -m kaggle_utils compare-orderings
+               --config reports/real_weights_config.yaml --seeds 42 --threads 1)
+      "${COMPARE[@]}" --sample-rows 320 --out $R/a \
+        --variants ft-then-quant-int8 ft-then-quant-gptq8 ft-then-quant-gptq4 full-then-quant
+      "${COMPARE[@]}" --train $R/a/data/train.csv --folds $R/a/folds.parquet --out $R/smoothed \
+        --variants ft-then-quant-int8 --set train.label_smoothing=0.1
+      $PY -m kaggle_utils lever-table plain=$R/a:ft-then-quant-int8 gptq8=$R/a:ft-then-quant-gptq8 \
+        gptq4=$R/a:ft-then-quant-gptq4 full=$R/a:full-then-quant smoothed=$R/smoothed:ft-then-quant-int8 --out $R
+      for run in a smoothed; do
+        mkdir -p reports/real_levers/$run && cp $R/$run/report.{json,md} reports/real_levers/$run/
+      done
+      cp $R/levers.{json,md} reports/real_levers/
+      ;;
+    *) echo "unknown step $step (demo, ship, orderings, qaware, qid, real, levers, real-levers)" >&2; exit 2 ;;
   esac
 done
