@@ -71,11 +71,19 @@ for step in "${steps[@]}"; do
           --set train.teacher_path=$L/teacher_$kind/oof.parquet
       done
       "${COMPARE[@]}" "${SAME[@]}" --out $L/smoothed --set train.label_smoothing=0.1
+      # Pseudo-labels: the nested teacher's fold-1 model (never saw fold 0) labels the generated test file; the
+      # most confident half joins each training part.
+      $PY -m kaggle_utils predict --artifact $L/teacher_nested/runs/seed42/ft-then-quant-int8/fold1/artifact \
+        --test $L/quant/data/test.csv --out $L/pseudo/teacher_test.csv
+      $PY -m kaggle_utils pseudo-label --teacher $L/pseudo/teacher_test.csv --unlabelled $L/quant/data/test.csv \
+        --train $L/quant/data/train.csv --top-fraction 0.5 --out $L/pseudo/pseudo.parquet
+      "${COMPARE[@]}" "${SAME[@]}" --out $L/pseudo --set train.pseudo_path=$L/pseudo/pseudo.parquet
       $PY -m kaggle_utils lever-table plain=$L/quant:ft-then-quant-int8 gptq8=$L/quant:ft-then-quant-gptq8 \
         nf4=$L/quant:ft-then-quant-nf4 gptq4=$L/quant:ft-then-quant-gptq4 full=$L/quant:full-then-quant \
         distilled-nested=$L/distilled_nested:ft-then-quant-int8 \
-        distilled-leaky=$L/distilled_leaky:ft-then-quant-int8 smoothed=$L/smoothed:ft-then-quant-int8 --out $L
-      for run in quant teacher_leaky teacher_nested distilled_leaky distilled_nested smoothed; do
+        distilled-leaky=$L/distilled_leaky:ft-then-quant-int8 smoothed=$L/smoothed:ft-then-quant-int8 \
+        pseudo-labels=$L/pseudo:ft-then-quant-int8 --out $L
+      for run in quant teacher_leaky teacher_nested distilled_leaky distilled_nested smoothed pseudo; do
         mkdir -p reports/levers/$run && cp $L/$run/report.{json,md} reports/levers/$run/
       done
       cp $L/levers.{json,md} reports/levers/
