@@ -35,7 +35,7 @@ from kaggle_utils.data import load_competition
 from kaggle_utils.devices import default_device
 from kaggle_utils.dialects import Dialect, get_dialect
 from kaggle_utils.errors import UsageError
-from kaggle_utils.folds import folds_file_hash, load_folds, make_folds, save_folds
+from kaggle_utils.folds import drop_folds, folds_file_hash, load_folds, make_folds, save_folds
 from kaggle_utils.inference import ScoredRows, score_rows
 from kaggle_utils.metrics import class_prior, log_loss, make_oof
 from kaggle_utils.modeling import base_has_weights, materialize_base
@@ -89,7 +89,7 @@ def prepare_experiment(
                 save_folds(make_folds(frame, cfg.folds), folds_path)
         folds_path = Path(folds_path)
         folds = load_folds(folds_path)
-        frame, folds = _exclude_folds(frame, folds, cfg.train.exclude_folds, folds_path)
+        frame, folds = drop_folds(frame, folds, cfg.train.exclude_folds, f"{folds_path} (train.exclude_folds)")
         present = sorted(folds["fold"].unique().to_list())
         chosen = fold_ids if fold_ids is not None else cfg.train.cv_folds
         chosen = present if chosen is None else [int(fold) for fold in chosen]
@@ -106,26 +106,6 @@ def prepare_experiment(
     return Experiment(frame=frame, folds=folds, folds_path=folds_path, folds_hash=folds_file_hash(folds_path),
                       fold_ids=chosen, tokenizer=tokenizer, base_dir=Path(base_dir), device=default_device(),
                       dialect=get_dialect(cfg.data.format), out_dir=out_dir)
-
-
-def _exclude_folds(frame: pl.DataFrame, folds: pl.DataFrame, excluded: Sequence[int] | None, folds_path: Path
-                   ) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """`frame` and `folds` without the rows of the `excluded` folds (`train.exclude_folds`): a nested-fold
-    teacher's experiment. Every excluded fold must be in the file and at least two folds must remain."""
-    if not excluded:
-        return frame, folds
-    present = sorted(folds["fold"].unique().to_list())
-    unknown = sorted(set(excluded) - set(present))
-    if unknown:
-        raise UsageError(f"train.exclude_folds {unknown} are not in {folds_path} (it has {present})")
-    remaining = sorted(set(present) - set(excluded))
-    if len(remaining) < 2:
-        raise UsageError(f"train.exclude_folds {sorted(excluded)} leaves {remaining} of {folds_path}: "
-                         "cross-validation needs two folds or more")
-    kept = folds.filter(~pl.col("fold").is_in(list(excluded)))
-    logger.info("train.exclude_folds %s: %d rows left out of the experiment", sorted(excluded),
-                folds.height - kept.height)
-    return frame.join(kept.select("id"), on="id", how="semi", maintain_order="left"), kept
 
 
 def demo_config() -> PipelineConfig:

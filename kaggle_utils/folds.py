@@ -18,7 +18,7 @@ import polars as pl
 from sklearn.model_selection import StratifiedGroupKFold
 
 from kaggle_utils.config import CLASS_NAMES, FoldConfig
-from kaggle_utils.errors import DataError
+from kaggle_utils.errors import DataError, UsageError
 from kaggle_utils.fileio import atomic_write_parquet, file_sha256
 
 FOLD_COLUMNS: tuple[str, str, str] = ("id", "fold", "group")
@@ -128,6 +128,26 @@ def check_folds(folds: pl.DataFrame, frame: pl.DataFrame | None = None) -> None:
     if len(missing):
         raise DataError(f"folds: {len(missing)} ids of the frame have no fold (ids {_preview(missing)})")
     _raise_on_crossing_groups(joined, "folds (groups recomputed from the frame's prompts)")
+
+
+def drop_folds(frame: pl.DataFrame, folds: pl.DataFrame, excluded: Sequence[int] | None, source: str
+               ) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """`frame` and `folds` without the rows of the `excluded` folds: a nested-fold teacher's data, whose OOF
+    predictions come from models that never saw a row of those folds (a student held out on one of them can
+    distil from it without that fold's labels reaching it). Every excluded fold must be in `folds`, and at
+    least two folds must remain; `source` names the folds file in the error."""
+    if not excluded:
+        return frame, folds
+    present = sorted(folds["fold"].unique().to_list())
+    unknown = sorted(set(excluded) - set(present))
+    if unknown:
+        raise UsageError(f"{source}: excluded folds {unknown} are not in it (it has {present})")
+    remaining = sorted(set(present) - set(excluded))
+    if len(remaining) < 2:
+        raise UsageError(f"{source}: excluding folds {sorted(excluded)} leaves {remaining}; cross-validation "
+                         "needs two folds or more")
+    kept = folds.filter(~pl.col("fold").is_in(list(excluded)))
+    return frame.join(kept.select("id"), on="id", how="semi", maintain_order="left"), kept
 
 
 def fold_summary(folds: pl.DataFrame, frame: pl.DataFrame | None = None) -> pl.DataFrame:

@@ -129,6 +129,37 @@ def test_baseline_command_scores_and_writes_a_valid_submission(main, sample_file
     assert oof.exists() and model.exists()
 
 
+def test_a_nested_fold_baseline_teacher_never_sees_the_excluded_fold(main, sample_files, tmp_path, capsys):
+    """`baseline --exclude-folds 0`: its OOF covers the other folds only, and refitting without fold 0's rows at
+    all gives the same OOF (so no model of it saw them)."""
+    import polars as pl
+
+    from kaggle_utils.baseline import run_baseline_cv
+    from kaggle_utils.data import load_competition
+    from kaggle_utils.folds import load_folds
+    from kaggle_utils.metrics import load_oof
+
+    folds = tmp_path / "folds.parquet"
+    assert main(["folds", "--train", str(sample_files.train_csv), "--out", str(folds)]) == 0
+    oof = tmp_path / "oof.parquet"
+    capsys.readouterr()
+    assert main(["baseline", "--train", str(sample_files.train_csv), "--folds", str(folds), "--exclude-folds", "0",
+                 "--oof", str(oof)]) == 0
+    fold_table = load_folds(folds)
+    fold0 = fold_table.filter(pl.col("fold") == 0)["id"]
+    assert f"{len(fold0)} rows left out" in capsys.readouterr().out
+    written = load_oof(oof).sort("id")
+    assert not set(written["id"].to_list()) & set(fold0.to_list()) and set(written["fold"].to_list()) == {1, 2, 3, 4}
+    frame = load_competition(sample_files.train_csv, split="train").frame
+    without = run_baseline_cv(frame.filter(~pl.col("id").is_in(fold0.implode())),
+                              fold_table.filter(pl.col("fold") != 0)).oof.sort("id")
+    assert written["id"].to_list() == without["id"].to_list()
+    for column in ("p_a", "p_b", "p_tie"):
+        assert (written[column] - without[column]).abs().max() < 1e-12
+    assert main(["baseline", "--train", str(sample_files.train_csv), "--folds", str(folds), "--exclude-folds", "9"]) == 2
+    assert "excluded folds [9] are not in it" in capsys.readouterr().err
+
+
 def test_baseline_command_needs_test_and_out_together(main, sample_files, tmp_path, capsys):
     argv = ["baseline", "--train", str(sample_files.train_csv), "--test", str(sample_files.test_csv)]
     assert main(argv) == 2

@@ -62,7 +62,7 @@ def test_excluded_folds_are_neither_trained_on_nor_scored(sample_files, train_da
     every_fold_but_one = cfg.with_overrides({"train": {"exclude_folds": sorted(set(fold_table["fold"]) - {1})}})
     with pytest.raises(UsageError, match="needs two folds or more"):
         experiment.prepare_experiment(every_fold_but_one, sample_files.train_csv, tmp_path / "out3", folds_path)
-    with pytest.raises(UsageError, match=r"exclude_folds \[7\] are not in"):
+    with pytest.raises(UsageError, match=r"excluded folds \[7\] are not in"):
         experiment.prepare_experiment(cfg.with_overrides({"train": {"exclude_folds": [7]}}),
                                       sample_files.train_csv, tmp_path / "out4", folds_path)
 

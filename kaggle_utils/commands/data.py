@@ -15,7 +15,7 @@ from kaggle_utils.data import load_competition
 from kaggle_utils.dialects import get_dialect
 from kaggle_utils.errors import DataError, UsageError
 from kaggle_utils.fileio import check_not_an_input, check_output_target
-from kaggle_utils.folds import fold_summary, load_folds, make_folds, save_folds
+from kaggle_utils.folds import drop_folds, fold_summary, load_folds, make_folds, save_folds
 from kaggle_utils.metrics import oof_probs, save_oof
 from kaggle_utils.pseudo_labels import pseudo_labels_from_files, save_pseudo_labels
 
@@ -50,6 +50,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--folds", help="folds parquet (default: make them with --n-folds/--seed)")
     _add_fold_options(parser)
     parser.add_argument("--model", choices=("hgb", "logreg"), help="baseline model (default: config baseline.model)")
+    parser.add_argument("--exclude-folds", type=int, nargs="+", metavar="FOLD",
+                        help="leave these folds' rows out altogether (a nested-fold teacher for students held out "
+                             "on them: its OOF comes from models that never saw those rows)")
     _add_dialect(parser, default=None)
     _add_config_options(parser)
     parser.add_argument("--test", help="test file to predict (needs --out)")
@@ -181,7 +184,11 @@ def baseline(args: argparse.Namespace) -> int:
     data_cfg = cfg.data
     train = load_competition(args.train, data_cfg, split="train")
     fold_table = load_folds(args.folds) if args.folds else make_folds(train.frame, cfg.folds)
-    result = run_baseline_cv(train.frame, fold_table, cfg.baseline)
+    frame, fold_table = drop_folds(train.frame, fold_table, args.exclude_folds,
+                                   f"{args.folds or 'the folds'} (--exclude-folds)")
+    if args.exclude_folds:
+        print(f"--exclude-folds {sorted(args.exclude_folds)}: {train.frame.height - frame.height} rows left out")
+    result = run_baseline_cv(frame, fold_table, cfg.baseline)
     score = result.score
     for fold, value in score.per_fold.items():
         print(f"fold {fold}: log loss {value:.4f}")
