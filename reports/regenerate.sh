@@ -88,19 +88,26 @@ for step in "${steps[@]}"; do
       done
       cp $L/levers.{json,md} reports/levers/
       ;;
-    real-levers)  # the levers that run in about an hour on Gemma 3 270M: GPTQ vs round-to-nearest, full vs LoRA,
-      # label smoothing; the real-weights study's config, data size, fold and seed. About 1.5 hours at one thread.
+    real-levers)  # the levers that run in about an hour each on Gemma 3 270M: GPTQ vs round-to-nearest, full vs
+      # LoRA, label smoothing, distillation; the real-weights study's config, data size, fold and seed. About two
+      # hours at one thread.
       [ -d models/gemma-3-270m ] || $PY -m kaggle_utils fetch-model gemma-3-270m --out models/gemma-3-270m
       R=runs/reports/real_levers
       COMPARE=(env PYTHONPATH=.gptq-extra $PY -m kaggle_utils compare-orderings
                --config reports/real_weights_config.yaml --seeds 42 --threads 1)
       "${COMPARE[@]}" --sample-rows 320 --out $R/a \
         --variants ft-then-quant-int8 ft-then-quant-gptq8 ft-then-quant-gptq4 full-then-quant
-      "${COMPARE[@]}" --train $R/a/data/train.csv --folds $R/a/folds.parquet --out $R/smoothed \
-        --variants ft-then-quant-int8 --set train.label_smoothing=0.1
+      SAME=(--train $R/a/data/train.csv --folds $R/a/folds.parquet --variants ft-then-quant-int8)
+      "${COMPARE[@]}" "${SAME[@]}" --out $R/smoothed --set train.label_smoothing=0.1
+      # The teacher: the pipeline's feature baseline (stronger than 32 LoRA steps at this size), on nested folds:
+      # fold 0, the students' held-out fold, left out altogether.
+      $PY -m kaggle_utils baseline --train $R/a/data/train.csv --folds $R/a/folds.parquet --exclude-folds 0 \
+        --oof $R/teacher_baseline/oof.parquet
+      "${COMPARE[@]}" "${SAME[@]}" --out $R/distilled --set train.teacher_path=$R/teacher_baseline/oof.parquet
       $PY -m kaggle_utils lever-table plain=$R/a:ft-then-quant-int8 gptq8=$R/a:ft-then-quant-gptq8 \
-        gptq4=$R/a:ft-then-quant-gptq4 full=$R/a:full-then-quant smoothed=$R/smoothed:ft-then-quant-int8 --out $R
-      for run in a smoothed; do
+        gptq4=$R/a:ft-then-quant-gptq4 full=$R/a:full-then-quant smoothed=$R/smoothed:ft-then-quant-int8 \
+        distilled-from-baseline=$R/distilled:ft-then-quant-int8 --out $R
+      for run in a smoothed distilled; do
         mkdir -p reports/real_levers/$run && cp $R/$run/report.{json,md} reports/real_levers/$run/
       done
       cp $R/levers.{json,md} reports/real_levers/
