@@ -47,6 +47,10 @@ class PseudoReport:
     min_confidence_kept: float | None = None
     dropped_train_prompt: int = 0  # dedupe_against: normalised prompt found in the training data
     dropped_duplicate_prompt: int = 0  # dedupe_against: a prompt seen earlier among the pseudo rows
+    # When the "unlabelled" file has labels (external conversations often do): how many kept rows have one, and
+    # the share whose teacher argmax agrees with it (the pseudo-labels' accuracy; the labels are not used).
+    kept_with_file_label: int = 0
+    agreement_with_file_label: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -97,6 +101,21 @@ def dedupe_against(pseudo: pl.DataFrame, train: pl.DataFrame, report: PseudoRepo
     return pseudo.filter(pl.Series(~(in_train | repeated))), report
 
 
+def label_agreement(pseudo: pl.DataFrame, unlabelled: pl.DataFrame, report: PseudoReport) -> PseudoReport:
+    """Fill the report's `kept_with_file_label` / `agreement_with_file_label`: how often the kept rows' pseudo
+    label equals the label the unlabelled file carried (None when it carried none)."""
+    if "label" not in unlabelled.columns:
+        return report
+    file_labels = pseudo.select("id").join(unlabelled.select("id", pl.col("label").alias("file_label")), on="id",
+                                           how="left", maintain_order="left")["file_label"]
+    labelled = file_labels.is_not_null().to_numpy()
+    report.kept_with_file_label = int(labelled.sum())
+    if labelled.any():
+        agree = pseudo["label"].to_numpy()[labelled] == file_labels.to_numpy()[labelled]
+        report.agreement_with_file_label = float(agree.mean())
+    return report
+
+
 def pseudo_labels_from_files(teacher: str | Path, unlabelled_path: str | Path, train_path: str | Path, *,
                              data_cfg: DataConfig | None = None, threshold: float | None = None,
                              top_fraction: float | None = None, teacher_name: str | None = None
@@ -110,6 +129,7 @@ def pseudo_labels_from_files(teacher: str | Path, unlabelled_path: str | Path, t
     pseudo, report = make_pseudo_labels(teacher, unlabelled, threshold=threshold, top_fraction=top_fraction,
                                         teacher_name=teacher_name)
     pseudo, report = dedupe_against(pseudo, train, report)
+    label_agreement(pseudo, unlabelled, report)
     clash = pseudo.filter(pl.col("id").cast(pl.String).is_in(train["id"].cast(pl.String).implode()))["id"]
     if len(clash):
         raise DataError(f"{unlabelled_path}: {len(clash)} kept rows have ids that {train_path} also uses "

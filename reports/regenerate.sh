@@ -71,12 +71,16 @@ for step in "${steps[@]}"; do
           --set train.teacher_path=$L/teacher_$kind/oof.parquet
       done
       "${COMPARE[@]}" "${SAME[@]}" --out $L/smoothed --set train.label_smoothing=0.1
-      # Pseudo-labels: the nested teacher's fold-1 model (never saw fold 0) labels the generated test file; the
-      # most confident half joins each training part.
+      # Pseudo-labels: 1,000 "external" conversations (generated with another seed; their labels are not used)
+      # labelled by the nested teacher's fold-1 model (it never saw fold 0); the most confident half, minus
+      # prompts already in train, joins each training part.
+      $PY -m kaggle_utils demo --baseline-only --n-train 1000 --n-test 10 --seed 7 --out $L/external \
+        --submission $L/external/submission.csv
       $PY -m kaggle_utils predict --artifact $L/teacher_nested/runs/seed42/ft-then-quant-int8/fold1/artifact \
-        --test $L/quant/data/test.csv --out $L/pseudo/teacher_test.csv
-      $PY -m kaggle_utils pseudo-label --teacher $L/pseudo/teacher_test.csv --unlabelled $L/quant/data/test.csv \
-        --train $L/quant/data/train.csv --top-fraction 0.5 --out $L/pseudo/pseudo.parquet
+        --test $L/external/data/train.csv --out $L/pseudo/teacher_external.csv
+      $PY -m kaggle_utils pseudo-label --teacher $L/pseudo/teacher_external.csv \
+        --unlabelled $L/external/data/train.csv --train $L/quant/data/train.csv --top-fraction 0.5 \
+        --out $L/pseudo/pseudo.parquet | tee $L/pseudo/pseudo_label.txt
       "${COMPARE[@]}" "${SAME[@]}" --out $L/pseudo --set train.pseudo_path=$L/pseudo/pseudo.parquet
       $PY -m kaggle_utils lever-table plain=$L/quant:ft-then-quant-int8 gptq8=$L/quant:ft-then-quant-gptq8 \
         nf4=$L/quant:ft-then-quant-nf4 gptq4=$L/quant:ft-then-quant-gptq4 full=$L/quant:full-then-quant \
@@ -86,7 +90,7 @@ for step in "${steps[@]}"; do
       for run in quant teacher_leaky teacher_nested distilled_leaky distilled_nested smoothed pseudo; do
         mkdir -p reports/levers/$run && cp $L/$run/report.{json,md} reports/levers/$run/
       done
-      cp $L/levers.{json,md} reports/levers/
+      cp $L/levers.{json,md} reports/levers/ && cp $L/pseudo/pseudo_label.txt reports/levers/pseudo/
       ;;
     real-levers)  # the levers that run in about an hour each on Gemma 3 270M: GPTQ vs round-to-nearest, full vs
       # LoRA, label smoothing, distillation; the real-weights study's config, data size, fold and seed. About two

@@ -236,3 +236,18 @@ def test_the_pseudo_label_command_keeps_confident_rows_drops_training_prompts_an
                  "--out", str(tmp_path / "p3.parquet")]) == 2
     assert "also uses" in capsys.readouterr().err
     assert not (tmp_path / "p2.parquet").exists() and not (tmp_path / "p3.parquet").exists()
+
+
+def test_the_agreement_with_labels_the_unlabelled_file_carried_is_counted(test_frame):
+    from kaggle_utils.pseudo_labels import PseudoReport, label_agreement
+
+    rows = test_frame.head(6).with_columns(pl.Series("label", [0, 1, 2, None, 1, 0], dtype=pl.Int8))
+    probs = np.array([[0.9, 0.05, 0.05], [0.1, 0.8, 0.1], [0.8, 0.1, 0.1], [0.1, 0.1, 0.8], [0.05, 0.9, 0.05],
+                      [0.1, 0.1, 0.8]])
+    pseudo, report = make_pseudo_labels(_teacher(rows, probs), rows.with_columns(pl.lit(None).alias("label")),
+                                        threshold=0.5)
+    label_agreement(pseudo, rows, report)
+    assert (report.kept_with_file_label, report.agreement_with_file_label) == (5, 3 / 5)
+    unlabelled = PseudoReport()
+    label_agreement(pseudo, test_frame.drop("label"), unlabelled)
+    assert unlabelled.agreement_with_file_label is None and unlabelled.kept_with_file_label == 0

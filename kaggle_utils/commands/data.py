@@ -231,6 +231,9 @@ def pseudo_label(args: argparse.Namespace) -> int:
     print(f"{report.offered} rows offered; {report.kept_by_confidence} kept by the rule ({rule}{lowest})")
     print(f"dropped: {report.dropped_train_prompt} whose prompt is in {args.train}, "
           f"{report.dropped_duplicate_prompt} repeating a kept prompt")
+    if report.agreement_with_file_label is not None:
+        print(f"{report.kept_with_file_label} kept rows carry a label in {args.unlabelled} (not used): the "
+              f"teacher's argmax agrees with {report.agreement_with_file_label:.1%} of them")
     if pseudo.is_empty():
         raise DataError(f"no pseudo-labelled row is left of {args.unlabelled}; nothing written to {args.out}")
     save_pseudo_labels(pseudo, args.out)
