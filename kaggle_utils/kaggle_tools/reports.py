@@ -169,7 +169,7 @@ def _lever_run(label: str, directory: Path, variant: str) -> dict:
             "folds_file_hash": setup["folds_file_hash"], "folds_trained": setup["folds_trained"],
             "cv_log_loss": float(np.mean(run["_row_losses_quantized"])), "rows": len(run["_ids"]),
             "qid_vs_own_reference": run.get("gap_vs_own_reference"), "prior_log_loss": run.get("prior_log_loss"),
-            "settings": {k: v for k, v in settings.items() if v not in (None, 0.0, "lora")},
+            "settings": settings,
             "_losses": run["_row_losses_quantized"], "_ids": run["_ids"]}
 
 
@@ -193,6 +193,8 @@ def lever_table(entries: Sequence[tuple[str, str | Path, str]], out_dir: str | P
                                  "folds and seed")
         if run["_ids"] != reference["_ids"]:
             raise UsageError(f"{run['label']} was scored on other rows than {reference['label']}")
+    for run in runs[1:]:  # each run's settings: the lever settings that differ from the reference's
+        run["settings"] = {k: v for k, v in run["settings"].items() if v != reference["settings"].get(k)}
     for run in runs:
         diff = reference["_losses"] - run["_losses"]
         run["vs_reference"] = float(diff.mean())
@@ -215,8 +217,11 @@ def render_lever_table(table: dict) -> str:
              f"| run | variant | settings | shipped CV log loss | vs {table['reference']} | paired SE | "
              "QiD vs its 16-bit reference |", "|---|---|---|---|---|---|---|"]
     for run in table["runs"]:
-        settings = ", ".join(f"{k.split('.')[1]}={Path(str(v)).name if k.endswith('_path') else v}"
-                             for k, v in run["settings"].items()) or "—"
+        if run["label"] == table["reference"]:
+            settings = "the reference"
+        else:
+            settings = ", ".join(f"{k.split('.')[1]}={_short_path(v) if k.endswith('_path') else v}"
+                                 for k, v in run["settings"].items()) or "—"
         own = run["qid_vs_own_reference"]
         versus = "—" if run["paired_se"] is None else f"{run['vs_reference']:+.4f}"
         se = "—" if run["paired_se"] is None else f"{run['paired_se']:.4f}"
@@ -225,3 +230,11 @@ def render_lever_table(table: dict) -> str:
     if table["prior_log_loss"] is not None:
         lines += ["", f"Class prior on the same rows: {table['prior_log_loss']:.4f}."]
     return "\n".join(lines) + "\n"
+
+
+def _short_path(value) -> str:
+    """A teacher / pseudo-label path as its last two parts (the run folder says which teacher)."""
+    if value is None:
+        return "none"
+    parts = Path(str(value)).parts
+    return "/".join(parts[-2:])
