@@ -108,13 +108,15 @@ for step in "${steps[@]}"; do
       $PY -m kaggle_utils baseline --train $R/a/data/train.csv --folds $R/a/folds.parquet --exclude-folds 0 \
         --oof $R/teacher_baseline/oof.parquet
       "${COMPARE[@]}" "${SAME[@]}" --out $R/distilled --set train.teacher_path=$R/teacher_baseline/oof.parquet
+      # NF4 round-to-nearest comes from the `real` step's batch (same data, folds and seed) when it was run
+      NF4=(); [ ! -f runs/reports/real_weights_a/report.json ] || NF4=(nf4=runs/reports/real_weights_a:ft-then-quant-nf4)
       $PY -m kaggle_utils lever-table plain=$R/a:ft-then-quant-int8 gptq8=$R/a:ft-then-quant-gptq8 \
-        gptq4=$R/a:ft-then-quant-gptq4 full=$R/a:full-then-quant smoothed=$R/smoothed:ft-then-quant-int8 \
-        distilled-from-baseline=$R/distilled:ft-then-quant-int8 --out $R
+        gptq4=$R/a:ft-then-quant-gptq4 "${NF4[@]}" full=$R/a:full-then-quant \
+        smoothed=$R/smoothed:ft-then-quant-int8 distilled-from-baseline=$R/distilled:ft-then-quant-int8 --out $R
       for run in a smoothed distilled; do
         mkdir -p reports/real_levers/$run && cp $R/$run/report.{json,md} reports/real_levers/$run/
       done
-      cp $R/levers.{json,md} reports/real_levers/
+      cp $R/a/report.png reports/real_levers/a/ && cp $R/levers.{json,md} reports/real_levers/
       ;;
     *) echo "unknown step $step (demo, ship, orderings, qaware, qid, real, levers, real-levers)" >&2; exit 2 ;;
   esac

@@ -164,7 +164,8 @@ def _lever_run(label: str, directory: Path, variant: str) -> dict:
                          f"{sorted({run['variant'] for run in report['runs']})})")
     run = _attach_row_losses(runs[0], directory)
     setup = report["setup"]
-    settings = {f"{section}.{key}": (setup.get(section) or {}).get(key) for section, key in LEVER_SETTINGS}
+    settings = {f"{section}.{key}": setup[section][key] for section, key in LEVER_SETTINGS
+                if key in (setup.get(section) or {})}  # a report from before a setting existed lacks it
     return {"label": label, "directory": str(directory), "variant": variant, "seed": seed,
             "folds_file_hash": setup["folds_file_hash"], "folds_trained": setup["folds_trained"],
             "cv_log_loss": float(np.mean(run["_row_losses_quantized"])), "rows": len(run["_ids"]),
@@ -194,7 +195,8 @@ def lever_table(entries: Sequence[tuple[str, str | Path, str]], out_dir: str | P
         if run["_ids"] != reference["_ids"]:
             raise UsageError(f"{run['label']} was scored on other rows than {reference['label']}")
     for run in runs[1:]:  # each run's settings: the lever settings that differ from the reference's
-        run["settings"] = {k: v for k, v in run["settings"].items() if v != reference["settings"].get(k)}
+        run["settings"] = {k: v for k, v in run["settings"].items()
+                           if k in reference["settings"] and v != reference["settings"][k]}
     for run in runs:
         diff = reference["_losses"] - run["_losses"]
         run["vs_reference"] = float(diff.mean())
