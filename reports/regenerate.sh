@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Regenerates every committed demo-scale report and the README's demo figures from the current code, in the
 # order the README cites them. CPU, offline; about 15-25 minutes on 2 cores. Run from the repository root after
-# `make setup`:  bash reports/regenerate.sh [demo|ship|orderings|qaware|qid|real|levers|real-levers ...]
+# `make setup`:  bash reports/regenerate.sh [demo|ship|orderings|qaware|qid|real|levers|levers-seeds|real-levers ...]
 # (default: the first five; `real` and `real-levers`, on Gemma 3 270M, take one to two hours at one thread, and
 # `levers` needs the GPTQ extra: those three run only when named)
 set -euo pipefail
@@ -92,6 +92,26 @@ for step in "${steps[@]}"; do
       done
       cp $L/levers.{json,md} reports/levers/ && cp $L/pseudo/pseudo_label.txt reports/levers/pseudo/
       ;;
+    levers-seeds)  # distillation's gain, leaky vs nested teacher, at two more seeds (needs the `levers` step's data)
+      L=runs/reports/levers CFG=kaggle_utils/resources/compare_demo.yaml
+      for seed in 43 44; do
+        S=$L/seed$seed
+        RUN=($PY -m kaggle_utils compare-orderings --config $CFG --threads 1 --seeds $seed --train $L/quant/data/train.csv
+             --folds $L/quant/folds.parquet --variants ft-then-quant-int8)
+        "${RUN[@]}" --out $S/plain
+        "${RUN[@]}" --out $S/teacher_leaky --set "train.cv_folds=[1,2,3,4]" --set train.epochs=3
+        "${RUN[@]}" --out $S/teacher_nested --set "train.exclude_folds=[0]" --set "train.cv_folds=[1,2,3,4]" \
+          --set train.epochs=3
+        for kind in leaky nested; do
+          "${RUN[@]}" --out $S/distilled_$kind --set train.teacher_path=$S/teacher_$kind/oof.parquet \
+            --set train.teacher_name=ft-then-quant-int8/seed$seed/16bit
+        done
+        $PY -m kaggle_utils lever-table plain=$S/plain:ft-then-quant-int8 \
+          distilled-nested=$S/distilled_nested:ft-then-quant-int8 \
+          distilled-leaky=$S/distilled_leaky:ft-then-quant-int8 --out $S
+        mkdir -p reports/levers/seed$seed && cp $S/levers.{json,md} reports/levers/seed$seed/
+      done
+      ;;
     real-levers)  # the levers that run in about an hour each on Gemma 3 270M: GPTQ vs round-to-nearest, full vs
       # LoRA, label smoothing, distillation; the real-weights study's config, data size, fold and seed. About two
       # hours at one thread.
@@ -118,6 +138,6 @@ for step in "${steps[@]}"; do
       done
       cp $R/a/report.png reports/real_levers/a/ && cp $R/levers.{json,md} reports/real_levers/
       ;;
-    *) echo "unknown step $step (demo, ship, orderings, qaware, qid, real, levers, real-levers)" >&2; exit 2 ;;
+    *) echo "unknown step $step (demo, ship, orderings, qaware, qid, real, levers, levers-seeds, real-levers)" >&2; exit 2 ;;
   esac
 done
