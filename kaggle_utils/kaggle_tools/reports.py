@@ -148,7 +148,7 @@ def combine_reports(report_dirs: Sequence[str | Path], out_dir: str | Path) -> C
     return ComparisonReport.from_dict(combined)
 
 
-# Training settings a lever changes, shown beside each run of `lever_table` (setup["train"] / setup["qaware"]).
+# Training settings a lever changes (report setup["train"]), shown beside each run of `lever_table`.
 LEVER_SETTINGS: tuple[tuple[str, str], ...] = (
     ("train", "method"), ("train", "epochs"), ("train", "learning_rate"), ("train", "teacher_path"),
     ("train", "distill_weight"), ("train", "label_smoothing"), ("train", "pseudo_path"), ("train", "exclude_folds"),
