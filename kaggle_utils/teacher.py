@@ -65,10 +65,7 @@ def load_teacher(source: str | Path | pl.DataFrame, name: str | None = None
         if path.suffix.lower() == ".csv":
             table = teacher_from_submission(path)
         else:
-            try:
-                table = pl.read_parquet(path)
-            except Exception as error:  # noqa: BLE001 - any unreadable file gets the same one-line message
-                raise DataError(f"{path}: not a readable parquet file ({type(error).__name__}: {error})") from None
+            table = _read_table(path, pl.read_parquet, "parquet")
     missing = [column for column in ("id", *PROB_COLUMNS) if column not in table.columns]
     if missing:
         raise DataError(f"{path}: teacher file lacks columns {missing} (needs id, {', '.join(PROB_COLUMNS)})")
@@ -88,14 +85,18 @@ def teacher_from_submission(path: str | Path) -> pl.DataFrame:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"submission file not found: {path}")
-    try:
-        table = pl.read_csv(path)
-    except Exception as error:  # noqa: BLE001 - any unreadable file gets the same one-line message
-        raise DataError(f"{path}: not a readable CSV file ({type(error).__name__}: {error})") from None
+    table = _read_table(path, pl.read_csv, "CSV")
     missing = [column for column in ("id", *LABEL_COLUMNS) if column not in table.columns]
     if missing:
         raise DataError(f"{path}: not an LMSYS submission (lacks columns {missing})")
     return table.select("id", *[pl.col(c).alias(p) for c, p in zip(LABEL_COLUMNS, PROB_COLUMNS, strict=True)])
+
+
+def _read_table(path: Path, reader, kind: str) -> pl.DataFrame:
+    try:
+        return reader(path)
+    except Exception as error:  # noqa: BLE001 - any unreadable file gets the same one-line message
+        raise DataError(f"{path}: not a readable {kind} file ({type(error).__name__}: {error})") from None
 
 
 def teacher_targets(frame: pl.DataFrame, path: str | Path | pl.DataFrame, name: str | None = None,
