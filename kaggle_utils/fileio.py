@@ -55,6 +55,28 @@ def check_not_an_input(output: str | Path, inputs: Iterable[tuple[str, str | Pat
             raise UsageError(f"refusing to write {output}: it {where} the {what} {path}")
 
 
+def check_output_apart(output: str | Path, inputs: Iterable[tuple[str, str | Path | None]]) -> None:
+    """Refuse an output (file or folder) that is, contains, or lies inside any input (file or folder).
+
+    For commands that read reports or artifacts and write a folder (combine-reports, lever-table, ship,
+    pseudo-label, calibrate, blend, upload staging): call it before anything is read or written. `inputs` are
+    (what, path) pairs; None paths are skipped. Raises `UsageError` (exit 2) naming both paths."""
+    target = Path(os.path.realpath(output))
+    for what, path in inputs:
+        if path is None:
+            continue
+        source = Path(os.path.realpath(path))
+        if target == source:
+            relation = "is"
+        elif target in source.parents:
+            relation = "contains"
+        elif source in target.parents:
+            relation = "is inside"
+        else:
+            continue
+        raise UsageError(f"refusing to write {output}: it {relation} the {what} {path}; choose another output")
+
+
 def _new_file_mode() -> int:
     """0o666 minus the process umask: the mode `open()` gives a new file (tempfile's own is 0o600).
 
