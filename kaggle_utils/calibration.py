@@ -40,8 +40,10 @@ class Calibration:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise UsageError(f"calibration method {self.method!r} is not one of {list(METHODS)}")
-        if not (np.isfinite(self.temperature) and self.temperature > 0):
-            raise UsageError(f"calibration temperature must be a positive number, got {self.temperature!r}")
+        low, high = TEMPERATURE_RANGE
+        if not (np.isfinite(self.temperature) and low * (1 - 1e-9) <= self.temperature <= high * (1 + 1e-9)):
+            raise UsageError(f"calibration.temperature must be a positive number in [{low}, {high}], "
+                             f"got {self.temperature!r}")
         if len(self.bias) != N_CLASSES or not np.all(np.isfinite(self.bias)):
             raise UsageError(f"calibration bias must be {N_CLASSES} finite numbers, got {self.bias!r}")
 
@@ -51,8 +53,11 @@ class Calibration:
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> Calibration:
         """From a manifest's `calibration` (None or absent: no calibration); a malformed one is a UsageError."""
-        if not data:
+        if data is None or (isinstance(data, dict) and not data):
             return cls()
+        if not isinstance(data, dict):
+            raise UsageError(f"calibration must be a mapping with method, temperature and bias, got "
+                             f"{type(data).__name__} {data!r}")
         try:
             return cls(method=str(data.get("method", "none")), temperature=float(data.get("temperature", 1.0)),
                        bias=tuple(float(v) for v in data.get("bias", (0.0, 0.0, 0.0))),
@@ -75,15 +80,18 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def apply_calibration(probs: np.ndarray, calibration: Calibration | dict | None) -> np.ndarray:
-    """softmax(log p / T + bias) row by row; the identity (renormalised) for method "none". NaN rows (not
-    served by any model pass) stay NaN for the caller's fallback."""
+    """softmax(log p / T + bias) row by row, clipped to [eps, 1 - eps] and renormalised as the metric clips
+    (never an exact 0 or 1); the identity (renormalised) for method "none". NaN rows (not served by any model
+    pass) stay NaN for the caller's fallback."""
     if not isinstance(calibration, Calibration):
         calibration = Calibration.from_dict(calibration)
     probs = np.asarray(probs, dtype=np.float64)
     if calibration.method == "none":
         return probs / probs.sum(axis=1, keepdims=True)
     logits = _log_probs(probs) / calibration.temperature + np.asarray(calibration.bias)
-    return _softmax(logits)
+    eps = np.finfo(np.float64).eps
+    calibrated = np.clip(_softmax(logits), eps, 1 - eps)
+    return calibrated / calibrated.sum(axis=1, keepdims=True)
 
 
 def fit_calibration(labels: np.ndarray, probs: np.ndarray, method: str = "temperature") -> Calibration:

@@ -98,7 +98,8 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
 
     The new file gets the mode a plain `open()` would give it: an existing file's mode, else 0o666 & ~umask.
     A symlink, device or folder at `path` is refused (replacing it is never what was meant), and an output
-    that cannot be created raises `WriteError` naming the path."""
+    that cannot be created or written (no permission, disk full) raises `WriteError` naming the path; the
+    previous file, if any, is left as it was."""
     path = check_output_target(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -119,9 +120,12 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temp_path, path)
-    except BaseException:
+    except BaseException as error:
         with contextlib.suppress(FileNotFoundError):
             temp_path.unlink()
+        if isinstance(error, OSError) and not isinstance(error, WriteError):
+            kept = "the previous file is intact" if path.exists() else "nothing was written"
+            raise WriteError(f"cannot write {path}: {error.strerror or error} ({kept})") from error
         raise
     _fsync_directory(path.parent)
     return path

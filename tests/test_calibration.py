@@ -81,3 +81,23 @@ def test_reliability_diagram_is_written(tmp_path):
     path = plot_reliability(labels, {"before": probs, "after": apply_calibration(probs, fitted)},
                             tmp_path / "reliability.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("given", [[1.2, 0.0], "temperature", 3])
+def test_a_calibration_that_is_not_a_mapping_names_the_field(given):
+    with pytest.raises(UsageError, match=r"^calibration must be a mapping with method, temperature and bias"):
+        Calibration.from_dict(given)
+
+
+@pytest.mark.parametrize("temperature", [1e-300, 0.01, 25.0, float("inf")])
+def test_a_temperature_outside_its_range_is_refused(temperature):
+    with pytest.raises(UsageError, match=r"calibration.temperature must be a positive number in \[0.05, 20.0\]"):
+        Calibration.from_dict({"method": "temperature", "temperature": temperature})
+
+
+def test_calibrated_probabilities_are_clipped_as_the_metric_clips():
+    probs = np.array([[0.999999, 0.0000005, 0.0000005], [0.2, 0.3, 0.5]])
+    out = apply_calibration(probs, Calibration(method="temperature", temperature=0.05))
+    eps = np.finfo(np.float64).eps
+    assert np.all(out > 0) and np.all(out < 1) and out.min() >= eps * 0.5
+    np.testing.assert_allclose(out.sum(axis=1), 1.0)

@@ -102,3 +102,16 @@ def test_dead_fields_are_gone():
         PipelineConfig.from_dict({"train": {"output_dir": "runs/x"}})
     with pytest.raises(ValueError, match="unknown keys"):
         PipelineConfig.from_dict({"folds": {"folds_path": "f.parquet"}})
+
+
+def test_a_key_given_twice_in_a_yaml_config_is_refused(tmp_path):
+    from kaggle_utils.commands.run_options import load_config
+    from kaggle_utils.errors import UsageError
+
+    path = tmp_path / "dup.yaml"
+    path.write_text("train:\n  learning_rate: 1.0e-4\n  learning_rate: 2.0e-4\n", encoding="utf-8")
+    with pytest.raises(UsageError, match=r"dup.yaml: key 'learning_rate' appears twice \(lines 2 and 3\)"):
+        load_config(str(path))
+    path.write_text("train: {}\ntrain: {}\n", encoding="utf-8")
+    with pytest.raises(UsageError, match=r"key 'train' appears twice \(lines 1 and 2\)"):
+        load_config(str(path))

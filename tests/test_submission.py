@@ -315,3 +315,21 @@ def test_unwritable_outputs_are_one_line_usage_errors(tmp_path):
         locked.mkdir(mode=0o500)
         with pytest.raises(UsageError, match="cannot write .*locked"):
             write_submission(TEST_IDS, good_probs(), locked / "sub.csv")
+
+
+def test_disk_full_is_one_line_naming_the_path_and_keeps_the_previous_file(tmp_path, monkeypatch):
+    import errno
+
+    path = tmp_path / "submission.csv"
+    write_submission(TEST_IDS, good_probs(seed=1), path)
+    before = path.read_bytes()
+
+    def disk_full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(fileio.os, "fsync", disk_full)
+    with pytest.raises(fileio.WriteError, match=rf"^cannot write {path}: No space left on device \(the previous "
+                                                  r"file is intact\)$"):
+        write_submission(TEST_IDS, good_probs(seed=2), path)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["submission.csv"]
