@@ -192,8 +192,20 @@ def push_notebook(
     timeout_s: int | None = None,
     parameters: dict[str, Any] | None = None,
 ) -> PushResult:
-    """Build the kernel folder, check it, then `kernels push` it (unless dry_run) with `--accelerator`."""
-    api = None if dry_run and (owner or cfg.owner) else kaggle_api()
+    """Build the kernel folder, check it, then `kernels push` it (unless dry_run) with `--accelerator`.
+
+    A dry run with an owner (`owner` or `cfg.owner`) needs no credential; without one, the owner is the
+    authenticated user, so the missing-credential error also names --owner and kaggle.owner."""
+    if dry_run and (owner or cfg.owner):
+        api = None
+    elif dry_run:
+        try:
+            api = kaggle_api()
+        except UsageError as error:
+            raise UsageError(f"{error}; --dry-run needs no credential with --owner NAME (or kaggle.owner in the "
+                             "config)") from None
+    else:
+        api = kaggle_api()
     folder = build_kernel_folder(
         notebook, cfg, resolve_owner(cfg, owner, api), accelerator=accelerator, parameters=parameters
     )

@@ -675,3 +675,21 @@ def test_build_wheels_reports_pip_failure(tmp_path, monkeypatch):
             include_package=False,
             pip_args=["--no-index", "--find-links", str(tmp_path)],
         )
+
+
+# --------------------------------------------------------------------------- push --dry-run without credentials
+
+
+def test_dry_run_without_credentials_names_the_owner_option(fake_kaggle, tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("KAGGLE_USERNAME")
+    monkeypatch.delenv("KAGGLE_KEY")
+    notebook = submission_notebook(tmp_path / "submission.ipynb")
+    build = ["--set", f"kaggle.build_dir={tmp_path / 'b'}"]
+    assert run_cli(["kaggle", "push", str(notebook), "--dry-run", *build], monkeypatch) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: no Kaggle credentials")
+    assert "--dry-run needs no credential with --owner NAME (or kaggle.owner in the config)" in err
+    assert run_cli(["kaggle", "push", str(notebook), "--dry-run", "--owner", "dora", *build], monkeypatch) == 0
+    assert json.loads((tmp_path / "b" / "kernels" / "arena-preference-submission" / "kernel-metadata.json")
+                      .read_text())["id"] == "dora/arena-preference-submission"
+    assert fake_kaggle.requests == []
