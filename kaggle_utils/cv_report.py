@@ -183,12 +183,14 @@ def summarise_variant(runs: list[dict], name: str, ordering: str, description: s
 def decide_winner(runs: list[dict], names: list[str]) -> dict:
     """The variant with the lowest mean quantized CV log loss (what ships), and whether its lead is noise.
 
+    The ranking and the difference come from the same numbers: each run's per-row losses
+    (`_row_losses_quantized`, whose mean is its CV log loss), so a recorded `cv_log_loss_quantized` (edited, or
+    NaN) cannot reverse the order the rows give; it is used only for a run without rows.
     Noise: the paired per-row loss difference to the runner-up on the same OOF rows, per seed; the lead counts
     when its mean exceeds NOISE_Z standard errors (rows) and, with several seeds, NOISE_Z standard errors of the
     per-seed differences as well.
     """
-    means = {name: float(np.mean([r["cv_log_loss_quantized"] for r in runs if r["variant"] == name]))
-             for name in names}
+    means = {name: float(np.mean([_quantized_loss(r) for r in runs if r["variant"] == name])) for name in names}
     ranked = sorted(means, key=means.get)
     if len(ranked) < 2:
         return {"winner": ranked[0], "runner_up": None, "difference": None, "within_noise": None,
@@ -215,6 +217,12 @@ def decide_winner(runs: list[dict], names: list[str]) -> dict:
     return {"winner": best, "runner_up": second, "difference": difference, "standard_error": noise,
             "standard_error_rows": se_rows, "standard_error_seeds": se_seeds, "within_noise": bool(within),
             "statement": statement}
+
+
+def _quantized_loss(run: dict) -> float:
+    """A run's quantized CV log loss from its per-row losses (report.json's figure when it has none)."""
+    rows = run.get("_row_losses_quantized")
+    return float(np.mean(rows)) if rows is not None else float(run["cv_log_loss_quantized"])
 
 
 def build_report(cfg, chosen, seeds, fold_ids, runs, frame, folds_path, folds_hash, device, began) -> dict:

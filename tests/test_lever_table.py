@@ -68,3 +68,57 @@ def test_levers_on_other_folds_other_rows_or_a_missing_variant_are_refused(tmp_p
         lever_table([("plain", plain, "v"), ("plain", plain, "v")], tmp_path / "t4")
     assert main(["lever-table", f"plain={plain}", "x=y:v", "--out", str(tmp_path / "t5")]) == 2
     assert "is not LABEL=DIR:VARIANT" in capsys.readouterr().err
+
+
+def test_lever_table_refuses_an_output_that_is_contains_or_lies_inside_a_report_folder(tmp_path, capsys):
+    rng = np.random.default_rng(2)
+    ids, labels = list(range(30)), rng.integers(0, 3, size=30)
+    plain = _run_dir(tmp_path, "plain", "v", _probs(rng, 30, 1), labels, ids)
+    other = _run_dir(tmp_path, "other", "v", _probs(rng, 30, 1), labels, ids)
+    before = {p: p.read_bytes() for p in sorted(tmp_path.rglob("*")) if p.is_file()}
+    for out, relation, folder in ((plain, "is", plain), (tmp_path, "contains", plain),
+                                  (other / "table", "is inside", other)):
+        assert main(["lever-table", f"plain={plain}:v", f"other={other}:v", "--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1
+        assert f"refusing to write {out}: it {relation} the report folder {folder}" in err
+    assert {p: p.read_bytes() for p in sorted(tmp_path.rglob("*")) if p.is_file()} == before
+
+
+def test_lever_table_refuses_runs_on_other_labels_or_invalid_probabilities(tmp_path, capsys):
+    """Same ids but another data set's labels, or rows that are not probability vectors: the first offending
+    id (in id order), the file and the field, in one line and exit 2."""
+    rng = np.random.default_rng(3)
+    ids, labels = list(range(100, 140)), rng.integers(0, 3, size=40)
+    plain = _run_dir(tmp_path, "plain", "v", _probs(rng, 40, 1), labels, ids)
+    relabelled = labels.copy()
+    relabelled[[5, 9]] = (labels[[5, 9]] + 1) % 3
+    others = _run_dir(tmp_path, "others", "v", _probs(rng, 40, 1), relabelled, ids)
+    with pytest.raises(UsageError, match=rf"others/oof.parquet: id 105 \(v/seed42/quantized\), field 'label' is "
+                                         rf"{relabelled[5]} but {labels[5]} in .*plain/oof.parquet"):
+        lever_table([("plain", plain, "v"), ("x", others, "v")], tmp_path / "t1")
+    five = _run_dir(tmp_path, "five", "v", _probs(rng, 40, 1) * 5, labels, ids)
+    assert main(["lever-table", f"plain={plain}:v", f"x={five}:v", "--out", str(tmp_path / "t2")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert f"{five}/oof.parquet: id 100 (v/seed42/quantized), fields p_a+p_b+p_tie sum to 5, not 1" in err
+    short = _probs(rng, 40, 1)
+    short[12] *= 0.5
+    half = _run_dir(tmp_path, "half", "v", short, labels, ids)
+    with pytest.raises(UsageError, match=r"half/oof.parquet: id 112 \(v/seed42/quantized\), fields p_a\+p_b\+p_tie "
+                                         r"sum to 0.5, not 1"):
+        lever_table([("plain", plain, "v"), ("x", half, "v")], tmp_path / "t3")
+    assert not any((tmp_path / name).exists() for name in ("t1", "t2", "t3"))
+
+
+def test_lever_table_names_a_missing_report_field_in_one_line(tmp_path, capsys):
+    rng = np.random.default_rng(4)
+    ids, labels = list(range(30)), rng.integers(0, 3, size=30)
+    plain = _run_dir(tmp_path, "plain", "v", _probs(rng, 30, 1), labels, ids)
+    other = _run_dir(tmp_path, "other", "v", _probs(rng, 30, 1), labels, ids)
+    report = json.loads((other / "report.json").read_text())
+    del report["setup"]["folds_trained"]
+    (other / "report.json").write_text(json.dumps(report))
+    assert main(["lever-table", f"plain={plain}:v", f"other={other}:v", "--out", str(tmp_path / "t")]) == 2
+    assert capsys.readouterr().err.strip() == (f"error: {other}/report.json: setup has no field 'folds_trained': "
+                                               "not a compare-orderings report")
