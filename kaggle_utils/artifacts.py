@@ -27,6 +27,11 @@ missing, unlisted or truncated, and, by default, one whose files do not match th
 Loading is offline and works on CPU and CUDA (bitsandbytes 4-bit / 8-bit on both). Runtimes without
 bitsandbytes (TPU) use ``load_artifact(..., dequantize=True)``: plain 16-bit layers holding exactly the
 quantized values, with the adapter merged in (INT4's layers are plain PyTorch already and stay as they are).
+
+An ensemble folder (`kind: ensemble`, written by `ship.write_shipped`) is an artifact too: its members copied
+inside it (`members/<name>/`, the fallback baseline as `baseline.json`), named by paths relative to the folder,
+and every file it holds listed in `files` with bytes and sha256; `check_ensemble_manifest` checks that it is
+self-contained and intact (the upload and `inference.ensemble_members` call it).
 """
 
 from __future__ import annotations
@@ -40,7 +45,7 @@ import shutil
 import tempfile
 import time
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import torch
@@ -56,6 +61,7 @@ from kaggle_utils.artifact_layout import (
     MODEL_DIR,
     TOKENIZER_DIR,
 )
+from kaggle_utils.baseline import MANIFEST_SUFFIX as BASELINE_MANIFEST_SUFFIX
 from kaggle_utils.config import FormatConfig
 from kaggle_utils.devices import default_device, resolve_dtype
 from kaggle_utils.errors import ArtifactError
@@ -69,6 +75,7 @@ __all__ = [  # the layout names are part of this module's API
     "ADAPTER_DIR", "LAYOUT_VERSION", "MANIFEST_NAME", "MERGED_DIR", "MODEL_DIR", "TOKENIZER_DIR",
     "LoadedArtifact", "save_artifact", "load_artifact", "read_manifest", "check_manifest_schema",
     "update_manifest", "attach_merged_copy", "artifact_size_bytes", "save_checkpoint", "remove_stale_staging",
+    "ENSEMBLE_KIND", "read_ensemble_manifest", "check_ensemble_manifest",
 ]
 REQUIRED_FIELDS: tuple[str, ...] = (
     "ordering",
@@ -100,6 +107,7 @@ LAYOUT_FIELDS: tuple[str, ...] = ("layout_version", "has_adapter", "has_merged")
 # old naming (no pid in the name) only when older than this.
 STALE_UNOWNED_STAGING_S = 24 * 3600.0
 _SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+ENSEMBLE_KIND = "ensemble"  # manifest `kind` of an ensemble folder (`check_ensemble_manifest`)
 # Fields the caller must supply; the rest are derived from the model, tokenizer and format config.
 CALLER_FIELDS: tuple[str, ...] = ("ordering", "variant", "base_model", "folds_file_hash", "cv_scores")
 
@@ -265,15 +273,7 @@ def read_manifest(path: str | Path, verify_hashes: bool = False, allow_unlisted:
         )
     check_manifest_schema(manifest, manifest_path)
     files = manifest["files"]
-    for relative, info in files.items():
-        file = root / relative
-        if not file.is_file():
-            raise ArtifactError(f"{root}: file {relative} listed in the manifest is missing")
-        if file.stat().st_size != info["bytes"]:
-            raise ArtifactError(f"{root}: file {relative} has {file.stat().st_size} bytes, manifest says {info['bytes']}")
-        if verify_hashes and file_sha256(file) != info["sha256"]:
-            raise ArtifactError(f"{root}: file {relative} does not match its sha256 in the manifest (altered or "
-                                f"corrupt; verify_hashes=False / --no-verify-hashes skips this check)")
+    _check_listed_files(root, files, sizes=True, hashes=verify_hashes)
     for folder in (MODEL_DIR, ADAPTER_DIR, MERGED_DIR, TOKENIZER_DIR):
         if allow_unlisted or not (root / folder).is_dir():
             continue
@@ -299,14 +299,7 @@ def check_manifest_schema(manifest: dict, where: str | Path = MANIFEST_NAME) -> 
     files = manifest["files"]
     if not files:
         raise ArtifactError(f"{where}: field 'files' lists no files")
-    for relative, info in files.items():
-        parts = Path(relative).parts
-        if not relative or Path(relative).is_absolute() or ".." in parts or "\\" in relative:
-            raise ArtifactError(f"{where}: files entry {relative!r} is not a path inside the artifact")
-        if not isinstance(info, dict) or not isinstance(info.get("bytes"), int) or isinstance(info.get("bytes"), bool) \
-                or info["bytes"] < 0 or not isinstance(info.get("sha256"), str) or not _SHA256_HEX.match(info["sha256"]):
-            raise ArtifactError(f"{where}: files entry {relative!r} must be {{'bytes': int >= 0, 'sha256': 64 hex "
-                                f"digits}}, got {info!r}")
+    _check_file_entries(files, where)
     ordering = manifest["ordering"]
     if ordering not in ORDERINGS:
         raise ArtifactError(f"{where}: field 'ordering' must be one of {list(ORDERINGS)}, got {ordering!r}")
@@ -326,6 +319,117 @@ def check_manifest_schema(manifest: dict, where: str | Path = MANIFEST_NAME) -> 
     if ordering == "quant-then-ft" and not manifest["has_adapter"] and not manifest.get("int4_format"):
         raise ArtifactError(f"{where}: ordering quant-then-ft needs its adapter (has_adapter true and {ADAPTER_DIR}/ "
                             f"listed); without it the untrained base and a random score head would predict")
+
+
+def _check_file_entries(files: dict, where: str | Path) -> None:
+    """Each `files` entry a relative path inside the folder with {'bytes': int >= 0, 'sha256': 64 hex digits}."""
+    for relative, info in files.items():
+        parts = Path(relative).parts
+        if not relative or Path(relative).is_absolute() or ".." in parts or "\\" in relative:
+            raise ArtifactError(f"{where}: files entry {relative!r} is not a path inside the artifact")
+        if not isinstance(info, dict) or not isinstance(info.get("bytes"), int) or isinstance(info.get("bytes"), bool) \
+                or info["bytes"] < 0 or not isinstance(info.get("sha256"), str) or not _SHA256_HEX.match(info["sha256"]):
+            raise ArtifactError(f"{where}: files entry {relative!r} must be {{'bytes': int >= 0, 'sha256': 64 hex "
+                                f"digits}}, got {info!r}")
+
+
+def _check_listed_files(root: Path, files: dict, sizes: bool, hashes: bool) -> None:
+    """Every listed file present (and with `sizes` its byte count, with `hashes` its sha256): an ArtifactError
+    naming the first file that is not."""
+    for relative, info in files.items():
+        file = root / relative
+        if not file.is_file():
+            raise ArtifactError(f"{root}: file {relative} listed in the manifest is missing")
+        if sizes and file.stat().st_size != info["bytes"]:
+            raise ArtifactError(f"{root}: file {relative} has {file.stat().st_size} bytes, manifest says {info['bytes']}")
+    for relative, info in files.items() if hashes else ():
+        if file_sha256(root / relative) != info["sha256"]:
+            raise ArtifactError(f"{root}: file {relative} does not match its sha256 in the manifest (altered or "
+                                f"corrupt; verify_hashes=False / --no-verify-hashes skips this check)")
+
+
+def read_ensemble_manifest(path: str | Path, verify_hashes: bool = False) -> dict:
+    """An ensemble folder's manifest (`kind: ensemble`, what `ship.write_shipped` writes), checked as a
+    self-contained artifact (`check_ensemble_manifest`); an ArtifactError naming the manifest or file else."""
+    root = Path(path)
+    manifest_path = root / MANIFEST_NAME
+    if not manifest_path.is_file():
+        raise ArtifactError(f"{root} is not a complete artifact: {MANIFEST_NAME} is missing")
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ArtifactError(f"{manifest_path}: not valid JSON ({error})") from error
+    if not isinstance(manifest, dict) or manifest.get("kind") != ENSEMBLE_KIND:
+        raise ArtifactError(f"{manifest_path}: not an ensemble manifest (kind {ENSEMBLE_KIND!r})")
+    check_ensemble_manifest(root, manifest, verify_hashes=verify_hashes)
+    return manifest
+
+
+def check_ensemble_manifest(path: str | Path, manifest: dict, verify_hashes: bool = True) -> None:
+    """Refuse an ensemble that is not self-contained or not intact (one ArtifactError naming the manifest,
+    member or file): `files` must list every file the folder holds (relative path -> bytes, sha256), every
+    member's `path` must be relative and inside the folder, and each member's own files must be listed with
+    the same bytes and sha256: a model member's `manifest.json` and every file it lists, a baseline member's
+    JSON and its `<name>.manifest.json`. Every listed file must be present with its size and, with
+    `verify_hashes`, its sha256 (all of them, member weights included: ~0.65-0.97 GB/s). Called by the upload
+    (`kaggle_tools.upload`) and by `inference.ensemble_members` when a manifest has `files`."""
+    root = Path(path)
+    where = root / MANIFEST_NAME
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not files:
+        raise ArtifactError(f"{where}: an ensemble artifact must list every file it holds in 'files' (its members "
+                            f"copied inside it, each file with bytes and sha256); ship it again with "
+                            f"ship.write_shipped")
+    _check_file_entries(files, where)
+    members = manifest.get("members")
+    if not isinstance(members, list) or not members:
+        raise ArtifactError(f"{where}: field 'members' must be a non-empty list")
+    named: list[tuple[int, str, str, str]] = []  # (index, name, kind, relative path)
+    for index, member in enumerate(members):
+        if not isinstance(member, dict):
+            raise ArtifactError(f"{where}: members[{index}] must be an object, got {member!r}")
+        name, relative = member.get("name", index), member.get("path")
+        if not relative:
+            continue  # a class prior: nothing on disk
+        pure = PurePosixPath(str(relative))
+        if pure.is_absolute() or ".." in pure.parts or "\\" in str(relative) or not pure.parts:
+            raise ArtifactError(f"{where}: members[{index}] ({name}) path {relative!r} is not inside the ensemble "
+                                f"folder; moved or uploaded, the ensemble would lose it (ship.write_shipped copies "
+                                f"members in)")
+        kind = member.get("kind") or ("baseline" if pure.as_posix() in files else "model")
+        named.append((index, str(name), kind, pure.as_posix()))
+    _check_listed_files(root, files, sizes=True, hashes=False)
+    for index, name, kind, relative in named:
+        if kind == "model":
+            member_manifest = _listed_member_manifest(root, where, index, name, relative, files)
+            needed = {f"{relative}/{file}": info for file, info in member_manifest.get("files", {}).items()}
+        else:
+            needed = {relative: None, f"{relative}{BASELINE_MANIFEST_SUFFIX}": None}
+        for file, info in needed.items():
+            if file not in files:
+                raise ArtifactError(f"{where}: members[{index}] ({name}): file {file} is not listed in the "
+                                    f"ensemble's 'files'")
+            if info is not None and (files[file].get("bytes"), files[file].get("sha256")) != \
+                    (info.get("bytes"), info.get("sha256")):
+                raise ArtifactError(f"{where}: members[{index}] ({name}): file {file} has other bytes/sha256 in "
+                                    f"the ensemble's 'files' than in the member's {MANIFEST_NAME}")
+    if verify_hashes:
+        _check_listed_files(root, files, sizes=False, hashes=True)
+
+
+def _listed_member_manifest(root: Path, where: Path, index: int, name: str, relative: str, files: dict) -> dict:
+    """A model member's own manifest, which the ensemble's `files` must list (so its sha256 vouches for it)."""
+    listed = f"{relative}/{MANIFEST_NAME}"
+    if listed not in files:
+        raise ArtifactError(f"{where}: members[{index}] ({name}): file {listed} is not listed in the ensemble's "
+                            f"'files'")
+    try:
+        member_manifest = json.loads((root / listed).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ArtifactError(f"{root / listed}: not a readable manifest ({error})") from error
+    if not isinstance(member_manifest, dict) or not isinstance(member_manifest.get("files"), dict):
+        raise ArtifactError(f"{root / listed}: a member's manifest must have a 'files' table")
+    return member_manifest
 
 
 def load_artifact(

@@ -61,7 +61,7 @@ import torch
 from tqdm.auto import tqdm
 
 from kaggle_utils import tpu, workers
-from kaggle_utils.artifacts import MANIFEST_NAME, load_artifact
+from kaggle_utils.artifacts import MANIFEST_NAME, check_ensemble_manifest, load_artifact
 from kaggle_utils.baseline import BaselineModel
 from kaggle_utils.batching import token_budget_batches
 from kaggle_utils.calibration import apply_calibration
@@ -1117,8 +1117,12 @@ class BlendedRows:
 def ensemble_members(ensemble_dir: str | Path, manifest: dict) -> list[EnsembleMember]:
     """The members the manifest names: `kind` model (an artifact folder), baseline (a baseline JSON file) or
     prior (`prior`: three probabilities); paths relative to the ensemble folder, or absolute. A member without
-    `kind` is a baseline when its path is a file, else a model."""
+    `kind` is a baseline when its path is a file, else a model. A manifest with a `files` table (a
+    self-contained ensemble, `ship.write_shipped`) is checked first: members inside the folder, every file
+    listed and matching its sha256 (`artifacts.check_ensemble_manifest`, an ArtifactError naming the file)."""
     where = Path(ensemble_dir) / MANIFEST_NAME
+    if "files" in manifest:
+        check_ensemble_manifest(ensemble_dir, manifest)
     members = []
     for index, entry in enumerate(manifest.get("members") or []):
         try:

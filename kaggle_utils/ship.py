@@ -15,14 +15,22 @@ applied by the functions `predict` applies (`inference.blend_members`, `calibrat
 CV figure and the submission describe the same thing.
 
 `decide_ship` ranks them; the winner's lead over the runner-up comes with its paired standard error.
-`write_shipped` writes what `predict --artifact` takes: the winning artifact folder itself when it is one
-plain model, else an ensemble folder (`kind: ensemble`) naming members, weights and calibration.
+`write_shipped` writes what `predict --artifact` takes, self-contained (movable, uploadable with `upload-artifact`):
+the winning artifact folder itself when it is one plain model and no fallback baseline is to travel with it, else
+a folder holding copies of every member (`kind: ensemble`: members, weights, calibration, every file's sha256)
+and the feature baseline as `baseline.json`, the fallback `runtime.find_inputs` finds inside the artifact.
 """
 
 from __future__ import annotations
 
+import datetime as dt
+import hashlib
 import json
 import math
+import os
+import re
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,11 +38,15 @@ from typing import Any
 import numpy as np
 from sklearn.model_selection import GroupKFold
 
+from kaggle_utils import __version__
 from kaggle_utils.artifact_layout import MANIFEST_NAME
+from kaggle_utils.artifacts import ENSEMBLE_KIND, check_ensemble_manifest, read_manifest, remove_stale_staging
+from kaggle_utils.baseline import MANIFEST_SUFFIX as BASELINE_MANIFEST_SUFFIX
+from kaggle_utils.baseline import BaselineModel, baseline_manifest_path
 from kaggle_utils.calibration import apply_calibration, fit_calibration, plot_reliability
 from kaggle_utils.ensembles import fit_blend_weights
 from kaggle_utils.errors import UsageError
-from kaggle_utils.fileio import atomic_write_bytes
+from kaggle_utils.fileio import atomic_write_bytes, check_output_apart, file_sha256
 from kaggle_utils.formatting import average_views
 from kaggle_utils.inference import blend_members
 from kaggle_utils.metrics import log_loss, row_log_losses
@@ -204,21 +216,156 @@ def decide_ship(labels: np.ndarray, candidates: list[Candidate]) -> ShipDecision
     return ShipDecision(ranking, len(labels), difference, se, bool(within), statement)
 
 
-def write_shipped(decision: ShipDecision, out_dir: str | Path, *, class_prior: np.ndarray, dialect: str) -> Path:
-    """What `predict --artifact` takes for the winner: a plain one-fold model's own artifact folder, else an
-    ensemble folder under `out_dir` naming members (absolute paths), weights and calibration (a model trained
-    on several folds ships as the fold ensemble its OOF rows came from)."""
+def write_shipped(decision: ShipDecision, out_dir: str | Path, *, class_prior: np.ndarray, dialect: str,
+                  baseline: str | Path | None = None) -> Path:
+    """What `predict --artifact` takes for the winner, self-contained: it can be moved, uploaded with
+    `upload-artifact` and read from /kaggle/input.
+
+    * a plain one-fold model and no `baseline`: that model's own artifact folder (nothing is written);
+    * a plain model with a `baseline`: a copy of its artifact at `out_dir` whose manifest also lists the baseline;
+    * anything else: an ensemble folder at `out_dir` (`kind: ensemble`; a model trained on several folds ships
+      as the fold ensemble its OOF rows came from): each model member's artifact copied under
+      `members/<name>/`, a baseline member's JSON file beside it, members named by paths relative to the folder,
+      weights, calibration, and `files` listing every file with bytes and sha256
+      (`artifacts.check_ensemble_manifest` checks it on upload and load).
+
+    `baseline` (the feature baseline's JSON file, saved with its sha256 manifest) ships as `baseline.json` at
+    the top of the folder, where `runtime.find_inputs` looks for the fallback: on Kaggle the rows no model
+    serves get the baseline, not the class prior. Files are hard-linked where the file system allows, else
+    copied; every copy is checked against its source's sha256. The folder is assembled beside `out_dir` and
+    renamed into place, replacing a previous shipped folder. Refused (UsageError, nothing written): an `out_dir`
+    that is, contains or lies inside a member or the baseline, or that holds something other than a shipped
+    artifact."""
     best = decision.best
-    if best.kind == "model" and len(best.members) == 1 and not best.members[0].get("tta_space"):
+    plain = best.kind == "model" and len(best.members) == 1 and not best.members[0].get("tta_space")
+    if plain and baseline is None:
         return Path(best.members[0]["path"])
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    members = [{**m, "path": str(Path(m["path"]).resolve())} if m.get("path") else dict(m) for m in best.members]
-    manifest = {"kind": "ensemble", "name": best.name, "members": members, "calibration": best.calibration,
-                "class_prior": [float(v) for v in class_prior], "dialect": dialect,
-                "cv_scores": {"log_loss": best.cv_log_loss, "rows": decision.rows, "statement": decision.statement}}
-    atomic_write_bytes(out_dir / MANIFEST_NAME, json.dumps(manifest, indent=2).encode("utf-8"))
+    sources = [Path(m["path"]) for m in best.members if m.get("path")]
+    check_output_apart(out_dir, [("ensemble member", path) for path in sources] + [("fallback baseline", baseline)])
+    if out_dir.is_symlink() or out_dir.exists() and not (out_dir / MANIFEST_NAME).is_file() and (
+            not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise UsageError(f"refusing to replace {out_dir}: it is not a shipped artifact (no {MANIFEST_NAME}); "
+                         f"choose another output")
+    remove_stale_staging(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.{os.getpid()}.", dir=out_dir.parent))
+    try:
+        if plain:
+            _ship_plain_model(Path(best.members[0]["path"]), Path(baseline), staging)
+        else:
+            _ship_ensemble(decision, staging, class_prior=class_prior, dialect=dialect, baseline=baseline)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     return out_dir
+
+
+SHIPPED_MEMBERS_DIR = "members"  # an ensemble folder's copies of its model members
+SHIPPED_BASELINE = "baseline.json"  # the fallback baseline inside what ships (the name runtime.find_inputs seeks)
+
+
+def _ship_ensemble(decision: ShipDecision, folder: Path, *, class_prior: np.ndarray, dialect: str,
+                   baseline: str | Path | None) -> None:
+    """Copy the winner's members (each source once) and the fallback baseline into `folder`; write its manifest
+    naming them relative to it, with every file's bytes and sha256."""
+    best = decision.best
+    files: dict[str, dict] = {}
+    copied: dict[Path, str] = {}  # resolved source -> its path inside the folder
+    fallback = Path(baseline).resolve() if baseline is not None else None
+    if fallback is not None:
+        files.update(_copy_baseline(fallback, folder, SHIPPED_BASELINE))
+        copied[fallback] = SHIPPED_BASELINE
+    used: set[str] = set()
+    members = []
+    for member in best.members:
+        if not member.get("path"):
+            members.append(dict(member))
+            continue
+        source = Path(member["path"]).resolve()
+        if source not in copied:
+            name = _member_folder_name(str(member.get("name") or source.name), used)
+            if member.get("kind") == "baseline" or (member.get("kind") is None and source.is_file()):
+                copied[source] = f"{SHIPPED_MEMBERS_DIR}/{name}.json"
+                files.update(_copy_baseline(source, folder, copied[source]))
+            else:
+                copied[source] = f"{SHIPPED_MEMBERS_DIR}/{name}"
+                files.update(_copy_model(source, folder, copied[source]))
+        members.append({**member, "path": copied[source]})
+    manifest = {"kind": ENSEMBLE_KIND, "name": best.name, "members": members, "calibration": best.calibration,
+                "class_prior": [float(v) for v in class_prior], "dialect": dialect,
+                "cv_scores": {"log_loss": best.cv_log_loss, "rows": decision.rows, "statement": decision.statement},
+                "fallback_baseline": SHIPPED_BASELINE if fallback is not None else None,
+                "package_version": __version__,
+                "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                "files": dict(sorted(files.items()))}
+    check_ensemble_manifest(folder, manifest, verify_hashes=False)  # copies already checked one by one
+    atomic_write_bytes(folder / MANIFEST_NAME, json.dumps(manifest, indent=2).encode("utf-8"))
+
+
+def _ship_plain_model(source: Path, baseline: Path, folder: Path) -> None:
+    """A copy of the model's artifact in `folder` with the fallback baseline added to its manifest's files."""
+    table = _copy_model(source, folder, ".")
+    manifest = json.loads((folder / MANIFEST_NAME).read_text(encoding="utf-8"))
+    added = _copy_baseline(baseline.resolve(), folder, SHIPPED_BASELINE)
+    manifest["files"] = {**{k: v for k, v in table.items() if k != MANIFEST_NAME}, **added}
+    manifest["fallback_baseline"] = SHIPPED_BASELINE
+    # a new file, not written through the link: the source artifact's manifest stays as it was
+    atomic_write_bytes(folder / MANIFEST_NAME, json.dumps(manifest, indent=2).encode("utf-8"))
+    read_manifest(folder, verify_hashes=False)
+
+
+def _member_folder_name(name: str, used: set[str]) -> str:
+    """A file-system-safe, unique folder name for a member ("ftq/fold0" -> "ftq_fold0")."""
+    base = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._-") or "member"
+    candidate, number = base, 2
+    while candidate in used:
+        candidate, number = f"{base}-{number}", number + 1
+    used.add(candidate)
+    return candidate
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
+
+
+def _copy_model(source: Path, folder: Path, relative: str) -> dict[str, dict]:
+    """The files a model artifact's manifest lists, and the manifest, into `folder/relative`; the copy must be a
+    complete artifact matching every sha256 (`read_manifest`). Returns its files table, paths from `folder`."""
+    manifest = read_manifest(source, allow_unlisted=True)
+    target = folder / relative
+    for file in [*manifest["files"], MANIFEST_NAME]:
+        _link_or_copy(source / file, target / file)
+    read_manifest(target, verify_hashes=True)
+    prefix = "" if relative == "." else f"{relative}/"
+    table = {f"{prefix}{file}": dict(info) for file, info in manifest["files"].items()}
+    table[f"{prefix}{MANIFEST_NAME}"] = {"bytes": (target / MANIFEST_NAME).stat().st_size,
+                                         "sha256": file_sha256(target / MANIFEST_NAME)}
+    return table
+
+
+def _copy_baseline(source: Path, folder: Path, relative: str) -> dict[str, dict]:
+    """A saved baseline (JSON + its `<name>.manifest.json`) as `folder/relative`, its manifest naming the new
+    file; both checked by loading the copy. Returns the two files' table entries."""
+    BaselineModel.load(source)  # listed in its manifest, intact, this code's format
+    data = source.read_bytes()
+    sidecar = json.loads(baseline_manifest_path(source).read_text(encoding="utf-8"))
+    target = folder / relative
+    sidecar["files"] = {target.name: {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}}
+    sidecar_data = json.dumps(sidecar, indent=2).encode("utf-8")
+    atomic_write_bytes(target, data)
+    atomic_write_bytes(baseline_manifest_path(target), sidecar_data)
+    BaselineModel.load(target)
+    return {relative: sidecar["files"][target.name],
+            f"{relative}{BASELINE_MANIFEST_SUFFIX}": {"bytes": len(sidecar_data),
+                                                      "sha256": hashlib.sha256(sidecar_data).hexdigest()}}
 
 
 
@@ -301,7 +448,8 @@ def ship_runs(
     if calibrated is not None:
         curves[f"{calibrated.name} (cross-fitted)"] = calibrated.probs
     plot_reliability(labels, curves, out_dir / "reliability.png")
-    shipped = write_shipped(decision, out_dir / "shipped", class_prior=prior, dialect=dialect)
+    shipped = write_shipped(decision, out_dir / "shipped", class_prior=prior, dialect=dialect,
+                            baseline=baseline[1] if baseline is not None else None)
     record = {**decision.to_dict(), "artifact": str(shipped), "reliability_png": "reliability.png"}
     atomic_write_bytes(out_dir / "ship.json", json.dumps(record, indent=2).encode("utf-8"))
     return decision, shipped

@@ -156,3 +156,39 @@ def test_member_per_device_runs_members_side_by_side_with_the_same_result(tiny_a
     one = inference.predict(ensemble, sample_files.test_csv, tmp_path / "one.csv",
                             predict_cfg(ensemble_layout="member_per_device"))
     assert one.schedule["ensemble_layout"].startswith("sequential (member_per_device needs")
+
+
+def test_a_tampered_member_file_of_a_shipped_ensemble_is_refused_naming_it(tiny_artifacts, sample_files, tmp_path,
+                                                                         capsys):
+    """Loading a shipped (self-contained) ensemble checks every member file against the sha256 its manifest
+    lists: a same-size edit of a member's weights is an ArtifactError naming the file, and `predict` serves no
+    row from that ensemble (every row from the fallback, exit 1, the file named in the report)."""
+    from kaggle_utils.errors import ArtifactError
+    from kaggle_utils.ship import Candidate, decide_ship, write_shipped
+
+    members = [{"name": "ft", "kind": "model", "path": str(tiny_artifacts["ft-then-quant"]), "weight": 0.5},
+               {"name": "q", "kind": "model", "path": str(tiny_artifacts["quant-then-ft"]), "weight": 0.5}]
+    labels = np.arange(30) % 3
+    candidate = Candidate(name="blend", kind="blend", probs=np.tile(CLASS_PRIOR, (30, 1)), members=members)
+    shipped = write_shipped(decide_ship(labels, [candidate]), tmp_path / "shipped", class_prior=CLASS_PRIOR,
+                            dialect="lmsys")
+    manifest = json.loads((shipped / MANIFEST_NAME).read_text())
+    assert len(inference.ensemble_members(shipped, manifest)) == 2  # intact: accepted
+
+    weights = shipped / "members" / "q" / "model" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.unlink()  # a new file (the copy may be a hard link to the module's artifact)
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match=r"file members/q/model/model.safetensors does not match its sha256"):
+        inference.ensemble_members(shipped, manifest)
+
+    out = tmp_path / "submission.csv"
+    assert main(["predict", "--artifact", str(shipped), "--test", str(sample_files.test_csv), "--out", str(out),
+                 "--device", "cpu"]) == 1
+    validate_submission(out, sample_files.test_csv)
+    report = json.loads(inference.report_path_for(out).read_text())
+    assert report["rows_by_path"]["fallback"] == report["rows"]
+    assert any("members/q/model/model.safetensors does not match its sha256" in e["message"]
+               for e in report["errors"])
+    assert "members/q/model/model.safetensors" in capsys.readouterr().err

@@ -693,3 +693,111 @@ def test_dry_run_without_credentials_names_the_owner_option(fake_kaggle, tmp_pat
     assert json.loads((tmp_path / "b" / "kernels" / "arena-preference-submission" / "kernel-metadata.json")
                       .read_text())["id"] == "dora/arena-preference-submission"
     assert fake_kaggle.requests == []
+
+
+def _shipped_ensemble(tmp_path: Path, train_data) -> tuple[Path, Path]:
+    """`ship.write_shipped`'s ensemble of two fold artifacts (stand-in model files) and the feature baseline,
+    the baseline also shipped as the fallback; returns (shipped folder, first member's source folder)."""
+    from kaggle_utils.baseline import run_baseline_cv
+    from kaggle_utils.config import BaselineConfig, FoldConfig
+    from kaggle_utils.folds import make_folds
+    from kaggle_utils.ship import Candidate, decide_ship, write_shipped
+
+    runs = tmp_path / "runs"
+    folds = [make_artifact(runs / "seed0" / "ftq" / f"fold{index}" / "artifact") for index in range(2)]
+    frame = train_data.frame
+    fitted = run_baseline_cv(frame, make_folds(frame, FoldConfig(n_folds=3, seed=0)), BaselineConfig(model="logreg"))
+    baseline = fitted.model.save(runs / "baseline_model.json")
+    members = [{"name": f"ftq/fold{index}", "kind": "model", "path": str(path), "weight": 0.4}
+               for index, path in enumerate(folds)]
+    members.append({"name": "feature-baseline", "kind": "baseline", "path": str(baseline), "weight": 0.2})
+    labels = [0, 1, 2] * 10
+    candidate = Candidate(name="blend", kind="blend", probs=[[0.4, 0.4, 0.2]] * 30, members=members)
+    shipped = write_shipped(decide_ship(labels, [candidate]), tmp_path / "orderings" / "shipped",
+                            class_prior=[0.4, 0.4, 0.2], dialect="lmsys", baseline=baseline)
+    return shipped, folds[0]
+
+
+def test_upload_sends_a_shipped_ensemble_with_every_member_file(fake_kaggle, tmp_path, train_data, capsys):
+    """An ensemble artifact (manifest kind: ensemble) uploads: its manifest, every member file it lists with
+    sha256 (checked), the fallback baseline; members/ travels as one archive keeping the member folders."""
+    from kaggle_utils.kaggle_tools.upload import plan_upload
+
+    fake_kaggle.routes["GetDatasetStatus"] = {"status": "ready"}
+    fake_kaggle.routes["CreateDatasetVersion"] = {"ref": "alice/arena-preference-artifact", "url": "u", "status": "ok"}
+    shipped, _ = _shipped_ensemble(tmp_path, train_data)
+    junk = add_junk(shipped)
+    member_files = ("manifest.json", "notes.txt", "adapter/adapter_config.json", "adapter/adapter_model.safetensors",
+                    "model/model.safetensors", "tokenizer/tokenizer.json")
+    expected = {"manifest.json", "baseline.json", "baseline.json.manifest.json"} | {
+        f"members/ftq_fold{index}/{name}" for index in range(2) for name in member_files}
+    plan = plan_upload(shipped)
+    assert plan.kind == "ensemble" and set(plan.files) == expected
+    assert set(plan.left_out) == set(junk)
+
+    result = upload_dataset(shipped, KaggleConfig(), role="artifact", message="ensemble")
+    assert set(result["files"]) == expected
+    names, members = _sent(fake_kaggle)
+    assert names == {"members.zip", "manifest.json", "baseline.json", "baseline.json.manifest.json"}
+    assert {f"ftq_fold{index}/{name}" for index in range(2) for name in member_files} <= members
+    assert REAL_LOOKING_KEY.encode() not in b"".join(fake_kaggle.uploads.values())
+    assert f"sending {len(expected)} files" in capsys.readouterr().out
+
+
+def test_upload_refuses_an_ensemble_that_is_not_self_contained_or_was_altered(fake_kaggle, tmp_path, train_data,
+                                                                            monkeypatch, capsys):
+    shipped, source = _shipped_ensemble(tmp_path, train_data)
+    old = tmp_path / "old-style"  # members named by absolute paths, no file table: nothing of them would travel
+    old.mkdir()
+    (old / "manifest.json").write_text(json.dumps({
+        "kind": "ensemble", "class_prior": [0.4, 0.4, 0.2],
+        "members": [{"name": "ftq/fold0", "kind": "model", "path": str(source.resolve()), "weight": 1.0}]}))
+    assert run_cli(["kaggle", "upload-artifact", str(old)], monkeypatch) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert f"{old / 'manifest.json'}: an ensemble artifact must list every file it holds" in err
+
+    manifest = json.loads((shipped / "manifest.json").read_text())
+    escaped = {**manifest, "members": [{**manifest["members"][0], "path": str(source.resolve())},
+                                       *manifest["members"][1:]]}
+    (shipped / "manifest.json").write_text(json.dumps(escaped))
+    with pytest.raises(UsageError, match=r"members\[0\] \(ftq/fold0\) path '/.*' is not inside the ensemble folder"):
+        upload_dataset(shipped, KaggleConfig())
+    unlisted = {**manifest, "files": {k: v for k, v in manifest["files"].items()
+                                      if k != "members/ftq_fold1/model/model.safetensors"}}
+    (shipped / "manifest.json").write_text(json.dumps(unlisted))
+    with pytest.raises(UsageError, match=r"members\[1\] \(ftq/fold1\): file members/ftq_fold1/model/model.safetensors "
+                                         r"is not listed in the ensemble's 'files'"):
+        upload_dataset(shipped, KaggleConfig())
+    (shipped / "manifest.json").write_text(json.dumps(manifest))
+    notes = shipped / "members" / "ftq_fold1" / "notes.txt"
+    notes.unlink()  # a new file: the shipped copy may be a hard link to the run's
+    notes.write_text("trained on fold 9")  # same size, different bytes
+    with pytest.raises(UsageError, match="file members/ftq_fold1/notes.txt does not match its sha256"):
+        upload_dataset(shipped, KaggleConfig())
+    assert fake_kaggle.requests == []
+
+
+def test_upload_staging_that_is_inside_or_around_the_folder_is_refused(fake_kaggle, tmp_path, monkeypatch, capsys):
+    """The staging folder (what the client uploads) must lie apart from the folder being uploaded: one that
+    is, contains or lies inside it is refused before anything is linked or sent."""
+    import re
+
+    from kaggle_utils.kaggle_tools.upload import plan_upload, stage_upload
+
+    artifact = make_artifact(tmp_path / "artifact")
+    plan = plan_upload(artifact)
+    before = sorted(p.relative_to(artifact).as_posix() for p in artifact.rglob("*"))
+    for staging, relation in ((artifact / "staged", "is inside"), (artifact, "is"), (tmp_path, "contains")):
+        with pytest.raises(UsageError, match=rf"refusing to write {re.escape(str(staging))}: it {relation} the "
+                                             rf"folder to upload {re.escape(str(artifact))}"):
+            stage_upload(plan, staging)
+    assert sorted(p.relative_to(artifact).as_posix() for p in artifact.rglob("*")) == before
+
+    (artifact / "tmp").mkdir()  # the command stages under the temporary folder: here inside the artifact
+    monkeypatch.setattr(tempfile, "tempdir", str(artifact / "tmp"))
+    assert run_cli(["kaggle", "upload-artifact", str(artifact)], monkeypatch) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is inside the folder to upload" in err
+    assert fake_kaggle.calls("StartBlobUpload") == [] and fake_kaggle.calls("CreateDataset") == []
+    assert list((artifact / "tmp").iterdir()) == []

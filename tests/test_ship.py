@@ -129,6 +129,9 @@ def test_tta_space_is_a_candidate_and_ships_through_the_ensemble_member(tmp_path
 
 def test_a_blend_of_plain_and_logit_tta_members_is_a_valid_ensemble(tmp_path):
     """Both TTA spaces of one model in a blend: distinct member names (predict keys members by name)."""
+    from test_kaggle_cli import make_artifact
+
+    make_artifact(tmp_path / "m")  # write_shipped copies the member in: a stand-in artifact (never loaded)
     labels, sharp, _, groups = data(n=300)
     views = np.stack([sharp, sharp[:, [1, 0, 2]] ** 0.5 / (sharp[:, [1, 0, 2]] ** 0.5).sum(axis=1, keepdims=True)])
     candidates = build_candidates(labels, groups, {"m": (sharp, tmp_path / "m")},
@@ -152,3 +155,121 @@ def test_seed_ensemble_averages_aligned_rows_and_ships_every_seed():
     both = seed_ensemble([a, b], "v/seed-ensemble")
     np.testing.assert_allclose(both.probs[0], [0.8, 0.1, 0.1])  # id 1 in both, rows matched by id
     assert both.artifact_dirs == ["s1/fold0", "s2/fold0"] and both.ids == [1, 2, 3]
+
+
+def _blend_of(members: list[dict], n: int = 30) -> tuple[np.ndarray, object]:
+    """A one-candidate decision shipping `members` (the OOF numbers do not matter to what is written)."""
+    from kaggle_utils.ship import Candidate
+
+    labels = np.arange(n) % 3
+    blend = Candidate(name="blend", kind="blend", probs=np.tile(PRIOR, (n, 1)), members=members,
+                      calibration={"method": "temperature", "temperature": 1.5, "bias": [0.0, 0.0, 0.0]})
+    return labels, decide_ship(labels, [blend])
+
+
+def test_a_shipped_ensemble_is_self_contained_and_predicts_the_same_numbers_when_moved(
+        tmp_path, demo_tokenizer, sample_files):
+    """The members are copied into the ensemble folder and named by paths relative to it, every file listed
+    with its sha256: moved elsewhere, with the run folder it came from gone, it predicts the same numbers."""
+    import shutil
+
+    from kaggle_utils.fileio import file_sha256
+
+    torch.set_num_threads(1)
+    artifacts = build_tiny_artifacts(tmp_path / "runs", demo_tokenizer)
+    _, decision = _blend_of([
+        {"name": "ftq/fold0", "kind": "model", "path": str(artifacts["ft-then-quant"]), "weight": 0.6},
+        {"name": "qft/fold0", "kind": "model", "path": str(artifacts["quant-then-ft"]), "weight": 0.3},
+        {"name": "class-prior", "kind": "prior", "prior": [float(v) for v in PRIOR], "weight": 0.1}])
+    shipped = write_shipped(decision, tmp_path / "orderings" / "shipped", class_prior=PRIOR, dialect="lmsys")
+    manifest = json.loads((shipped / "manifest.json").read_text())
+    paths = [m["path"] for m in manifest["members"] if m.get("path")]
+    assert paths == ["members/ftq_fold0", "members/qft_fold0"]
+    on_disk = {p.relative_to(shipped).as_posix() for p in shipped.rglob("*") if p.is_file()}
+    assert set(manifest["files"]) == on_disk - {"manifest.json"}
+    assert "members/ftq_fold0/manifest.json" in manifest["files"]
+    for relative, info in manifest["files"].items():
+        assert file_sha256(shipped / relative) == info["sha256"], relative
+
+    here = inference.predict(shipped, sample_files.test_csv, tmp_path / "here.csv", predict_cfg())
+    assert here.fallback_rows == 0
+    shutil.move(tmp_path / "runs", tmp_path / "runs-gone")  # the run folder the members came from
+    moved = tmp_path / "kaggle" / "input" / "arena-ensemble"
+    shutil.move(shipped, moved)
+    there = inference.predict(moved, sample_files.test_csv, tmp_path / "there.csv", predict_cfg())
+    assert there.fallback_rows == 0 and there.rows_by_path["all_members"] == there.rows
+    np.testing.assert_array_equal(read_probs(tmp_path / "there.csv"), read_probs(tmp_path / "here.csv"))
+
+
+def test_shipping_into_a_member_is_refused_before_anything_is_written(tmp_path):
+    from test_kaggle_cli import make_artifact
+
+    from kaggle_utils.errors import UsageError
+
+    member = make_artifact(tmp_path / "runs" / "fold0" / "artifact")
+    before = sorted(p.relative_to(member).as_posix() for p in member.rglob("*"))
+    _, decision = _blend_of([{"name": "m", "kind": "model", "path": str(member), "weight": 1.0},
+                             {"name": "class-prior", "kind": "prior", "prior": [0.4, 0.4, 0.2], "weight": 1.0}])
+    with pytest.raises(UsageError, match=r"refusing to write .*shipped: it is inside the ensemble member "):
+        write_shipped(decision, member / "shipped", class_prior=PRIOR, dialect="lmsys")
+    with pytest.raises(UsageError, match=r"refusing to write .*runs: it contains the ensemble member "):
+        write_shipped(decision, tmp_path / "runs", class_prior=PRIOR, dialect="lmsys")
+    assert sorted(p.relative_to(member).as_posix() for p in member.rglob("*")) == before
+
+
+def test_the_fallback_baseline_travels_inside_the_shipped_artifact(tmp_path, demo_tokenizer, sample_files,
+                                                                    train_data):
+    """The feature baseline ships as `baseline.json` (+ its sha256 manifest) inside what `write_shipped`
+    writes, ensemble or plain model alike, where `find_inputs` looks: on an emulated /kaggle/input the
+    submission's fallback is the baseline model, not the class prior."""
+    import shutil
+
+    from kaggle_utils.artifacts import read_manifest
+    from kaggle_utils.baseline import BaselineModel, run_baseline_cv
+    from kaggle_utils.config import BaselineConfig, FoldConfig
+    from kaggle_utils.folds import make_folds
+    from kaggle_utils.runtime import find_inputs
+
+    torch.set_num_threads(1)
+    frame = train_data.frame
+    fitted = run_baseline_cv(frame, make_folds(frame, FoldConfig(n_folds=3, seed=0)), BaselineConfig(model="logreg"))
+    baseline = fitted.model.save(tmp_path / "runs" / "baseline_model.json")
+    artifacts = build_tiny_artifacts(tmp_path / "runs", demo_tokenizer)
+
+    _, decision = _blend_of([
+        {"name": "ftq", "kind": "model", "path": str(artifacts["ft-then-quant"]), "weight": 0.7},
+        {"name": "feature-baseline", "kind": "baseline", "path": str(baseline), "weight": 0.3}])
+    shipped = write_shipped(decision, tmp_path / "ens" / "shipped", class_prior=PRIOR, dialect="lmsys",
+                            baseline=baseline)
+    manifest = json.loads((shipped / "manifest.json").read_text())
+    assert [m["path"] for m in manifest["members"]] == ["members/ftq", "baseline.json"]  # one copy, both uses
+    assert {"baseline.json", "baseline.json.manifest.json"} <= set(manifest["files"])
+    expected = fitted.model.predict_proba(frame.head(20))
+    np.testing.assert_array_equal(BaselineModel.load(shipped / "baseline.json").predict_proba(frame.head(20)),
+                                  expected)
+
+    root = tmp_path / "input"
+    shutil.copytree(shipped, root / "arena-ensemble")
+    (root / "competition").mkdir()
+    shutil.copy(sample_files.test_csv, root / "competition" / "test.csv")
+    shutil.copy(sample_files.sample_submission_csv, root / "competition" / "sample_submission.csv")
+    found = find_inputs(root)
+    assert found.artifact_dir == root / "arena-ensemble"
+    assert found.baseline_path == root / "arena-ensemble" / "baseline.json"
+    report = inference.run_submission(root, out_path=tmp_path / "submission.csv", cfg=predict_cfg(),
+                                      fail_on_fallback=False)
+    assert report.fallback_source == f"baseline model {root / 'arena-ensemble' / 'baseline.json'}"
+    assert report.fallback_rows == 0 and not report.errors
+
+    plain = decide_ship(np.arange(30) % 3, build_candidates(
+        np.arange(30) % 3, np.arange(30), {"ftq": (np.tile(PRIOR, (30, 1)), artifacts["ft-then-quant"])},
+        prior_probs=np.tile(PRIOR, (30, 1)), prior=PRIOR, calibrate=False, blend=False)[:1])
+    assert plain.best.name == "ftq"
+    copy = write_shipped(plain, tmp_path / "plain" / "shipped", class_prior=PRIOR, dialect="lmsys", baseline=baseline)
+    assert copy == tmp_path / "plain" / "shipped"  # the model's folder itself stays as trained
+    listed = read_manifest(copy, verify_hashes=True)["files"]
+    assert {"baseline.json", "baseline.json.manifest.json"} <= set(listed)
+    assert "baseline.json" not in json.loads((artifacts["ft-then-quant"] / "manifest.json").read_text())["files"]
+    inference.predict(artifacts["ft-then-quant"], sample_files.test_csv, tmp_path / "a.csv", predict_cfg())
+    inference.predict(copy, sample_files.test_csv, tmp_path / "b.csv", predict_cfg())
+    np.testing.assert_array_equal(read_probs(tmp_path / "b.csv"), read_probs(tmp_path / "a.csv"))

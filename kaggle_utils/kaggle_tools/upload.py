@@ -5,7 +5,8 @@ so a folder that also holds `.env`, a copied `kaggle.json`, checkpoints or noteb
 them. `plan_upload` decides the exact file list instead:
 
 - an artifact (has manifest.json): the files its manifest lists, each checked for size and sha256, plus the
-  manifest itself;
+  manifest itself; an ensemble artifact (manifest `kind: ensemble`, `ship.write_shipped`) likewise, after
+  `artifacts.check_ensemble_manifest` (members inside the folder, every member file listed);
 - a build-wheels folder (has wheels.json): top-level `*.whl`, requirements.txt and wheels.json (what
   build-wheels writes), the wheels checked against wheels.json's sha256 table when it has one;
 - any other folder: only the files matched by explicit `include` patterns (given for a build-wheels folder,
@@ -13,7 +14,8 @@ them. `plan_upload` decides the exact file list instead:
 
 Everything else is left out and listed. A credential-looking file (by name, or a small text file holding a
 Kaggle-looking key/token) among the files to send refuses the whole upload before anything is sent.
-`stage_upload` then links (or copies) exactly those files into a fresh folder, which is what the client sees.
+`stage_upload` then links (or copies) exactly those files into a fresh folder, which is what the client sees;
+a staging folder that is, contains or lies inside the folder to upload is refused before anything is linked.
 """
 
 from __future__ import annotations
@@ -27,9 +29,9 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from kaggle_utils.artifact_layout import MANIFEST_NAME
-from kaggle_utils.artifacts import read_manifest
+from kaggle_utils.artifacts import ENSEMBLE_KIND, read_ensemble_manifest, read_manifest
 from kaggle_utils.errors import ArtifactError, UsageError
-from kaggle_utils.fileio import file_sha256
+from kaggle_utils.fileio import check_output_apart, file_sha256
 from kaggle_utils.kaggle_tools.metadata import DATASET_METADATA_FILE
 from kaggle_utils.kaggle_tools.wheels import MANIFEST_FILE as WHEELS_MANIFEST
 from kaggle_utils.kaggle_tools.wheels import REQUIREMENTS_FILE
@@ -53,7 +55,7 @@ class UploadPlan:
     """The files to send (relative posix path -> bytes) and those left out, for one folder."""
 
     directory: Path
-    kind: str  # "artifact", "wheels" or "include"
+    kind: str  # "artifact", "ensemble", "wheels" or "include"
     files: dict[str, int] = field(default_factory=dict)
     left_out: dict[str, int] = field(default_factory=dict)
     credential_like_left_out: list[str] = field(default_factory=list)
@@ -110,11 +112,24 @@ def _safe_relative(directory: Path, relative: str, source: str) -> str:
     return pure.as_posix()
 
 
-def _artifact_files(directory: Path) -> list[str]:
+def _manifest_kind(directory: Path) -> str | None:
+    """The manifest's `kind` (ensemble), or None (a model artifact; an unreadable manifest is reported by its
+    reader)."""
+    try:
+        manifest = json.loads((directory / ARTIFACT_MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return manifest.get("kind") if isinstance(manifest, dict) else None
+
+
+def _artifact_files(directory: Path) -> tuple[str, list[str]]:
     # every listed file present, sizes and sha256 match; unlisted files are left out, not refused
-    manifest = read_manifest(directory, verify_hashes=True, allow_unlisted=True)
+    if _manifest_kind(directory) == ENSEMBLE_KIND:
+        kind, manifest = "ensemble", read_ensemble_manifest(directory, verify_hashes=True)
+    else:
+        kind, manifest = "artifact", read_manifest(directory, verify_hashes=True, allow_unlisted=True)
     listed = [_safe_relative(directory, name, ARTIFACT_MANIFEST) for name in manifest["files"]]
-    return sorted(set(listed) | {ARTIFACT_MANIFEST})
+    return kind, sorted(set(listed) | {ARTIFACT_MANIFEST})
 
 
 def _wheels_files(directory: Path, available: dict[str, int]) -> list[str]:
@@ -155,7 +170,7 @@ def plan_upload(directory: str | Path, include: list[str] | None = None) -> Uplo
     if (directory / ARTIFACT_MANIFEST).is_file():
         if include:
             raise UsageError(f"{directory}: an artifact uploads exactly what its {ARTIFACT_MANIFEST} lists; drop --include")
-        kind, selected = "artifact", _artifact_files(directory)
+        kind, selected = _artifact_files(directory)
     elif include:
         kind, selected = "include", _included_files(directory, available, include)
     elif (directory / WHEELS_MANIFEST).is_file():
@@ -190,7 +205,10 @@ def plan_upload(directory: str | Path, include: list[str] | None = None) -> Uplo
 
 
 def stage_upload(plan: UploadPlan, staging: Path) -> Path:
-    """Hard-link (or copy, across file systems) exactly the planned files into `staging`, same layout."""
+    """Hard-link (or copy, across file systems) exactly the planned files into `staging`, same layout. A
+    `staging` that is, contains or lies inside the folder to upload is refused (UsageError) before anything is
+    linked: it would write into what is being sent."""
+    check_output_apart(staging, [("folder to upload", plan.directory)])
     for relative in plan.files:
         source = (plan.directory / relative).resolve()
         target = staging / relative
