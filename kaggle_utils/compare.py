@@ -125,7 +125,8 @@ def compare_orderings(
         return None
 
     # One write for the whole run: every fold of every name at once (names of other runs in the file are kept).
-    save_oof(pl.concat(oof_tables, how="vertical"), out_dir / OOF_FILE, replace="name")
+    save_oof(pl.concat(oof_tables, how="vertical"), out_dir / OOF_FILE, replace="name",
+             record=experiment.oof_record)
     report = build_report(cfg, chosen, seeds, experiment.fold_ids, runs, experiment.frame, experiment.folds_path,
                           experiment.folds_hash, experiment.device, began)
     report["skipped_variants"] = skipped

@@ -196,6 +196,10 @@ class TrainConfig:
     # No teacher and label_smoothing > 0: plain label-smoothed cross-entropy (the teacher-free case).
     teacher_path: str | None = None
     teacher_name: str | None = None  # which `name` of the teacher file (optional when it holds one)
+    # A teacher (or pseudo-labels) must be shown to have left out the fold the student is scored on (teacher.py,
+    # pseudo_labels.py); true uses one that saw it, or whose file cannot tell, anyway: only to measure the leak
+    # (reports/regenerate.sh levers). The train summary's `fold_check` says what was allowed.
+    teacher_allow_leak: bool = False
     distill_weight: float = 0.5  # alpha in [0, 1]: 1 = teacher only, 0 = hard labels only
     distill_temperature: float = 1.0  # T > 0, on the teacher's probabilities and the student's logits
     label_smoothing: float = 0.0  # eps in [0, 1): hard targets (1 - eps) * one-hot + eps / classes

@@ -37,7 +37,7 @@ from kaggle_utils.dialects import Dialect, get_dialect
 from kaggle_utils.errors import UsageError
 from kaggle_utils.folds import drop_folds, folds_file_hash, load_folds, make_folds, save_folds
 from kaggle_utils.inference import ScoredRows, score_rows
-from kaggle_utils.metrics import class_prior, log_loss, make_oof
+from kaggle_utils.metrics import class_prior, exclusion_record, log_loss, make_oof
 from kaggle_utils.modeling import base_has_weights, materialize_base
 from kaggle_utils.real_models import has_real_weights, resolve_tokenizer
 from kaggle_utils.runtime import find_competition_file, run_output_dir
@@ -66,6 +66,9 @@ class Experiment:
     device: torch.device
     dialect: Dialect
     out_dir: Path
+    # What the run left out (train.exclude_folds), for its OOF file (metrics.save_oof's record): a teacher made
+    # by this run is accepted for a student held out on one of those folds (teacher.py).
+    oof_record: dict | None = None
 
 
 def prepare_experiment(
@@ -89,6 +92,8 @@ def prepare_experiment(
                 save_folds(make_folds(frame, cfg.folds), folds_path)
         folds_path = Path(folds_path)
         folds = load_folds(folds_path)
+        folds_hash = folds_file_hash(folds_path)
+        oof_record = exclusion_record(folds, cfg.train.exclude_folds, folds_hash)
         frame, folds = drop_folds(frame, folds, cfg.train.exclude_folds, f"{folds_path} (train.exclude_folds)")
         present = sorted(folds["fold"].unique().to_list())
         chosen = fold_ids if fold_ids is not None else cfg.train.cv_folds
@@ -103,9 +108,9 @@ def prepare_experiment(
                                         pad_token_id=tokenizer.pad_token_id)
         else:
             base_dir = out_dir / "base"
-    return Experiment(frame=frame, folds=folds, folds_path=folds_path, folds_hash=folds_file_hash(folds_path),
+    return Experiment(frame=frame, folds=folds, folds_path=folds_path, folds_hash=folds_hash,
                       fold_ids=chosen, tokenizer=tokenizer, base_dir=Path(base_dir), device=default_device(),
-                      dialect=get_dialect(cfg.data.format), out_dir=out_dir)
+                      dialect=get_dialect(cfg.data.format), out_dir=out_dir, oof_record=oof_record)
 
 
 def demo_config() -> PipelineConfig:

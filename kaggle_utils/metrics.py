@@ -8,10 +8,22 @@ below 1e-15), and for rows with no exact zeros it equals sklearn applied to the 
 
 OOF predictions live in one parquet layout keyed by (`name`, `id`): `name` says which model or variant
 produced them, `fold` the fold in which the row was held out. Training, comparison and ensembling all read it.
+
+An OOF file can be a distillation teacher (teacher.py), so it says which folds its run never used: the parquet's
+key-value metadata holds, under `OOF_RECORD_KEY`, a JSON object ``{name: record}`` with one record per name
+written through `save_oof(..., record=exclusion_record(folds, excluded))`:
+``{"excluded_folds": {"0": {"rows": 401, "ids_sha256": "..."}}, "folds_sha256": "..." | null}``. Each
+excluded fold is identified by its row count and the sha256 of its ids (`fold_ids_sha256`), so a student can
+check that the fold it is scored on is that very fold, whatever file its folds came from. The record is written
+in the same atomic write as the rows; `read_oof_records` reads it back ({} for files written without one).
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
+import json
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -20,11 +32,12 @@ import numpy as np
 import polars as pl
 
 from kaggle_utils.errors import DataError
-from kaggle_utils.fileio import atomic_write_parquet
+from kaggle_utils.fileio import atomic_write_bytes, atomic_write_parquet
 
 N_CLASSES = 3
 PROB_COLUMNS: tuple[str, str, str] = ("p_a", "p_b", "p_tie")
 OOF_COLUMNS: tuple[str, ...] = ("name", "id", "fold", *PROB_COLUMNS, "label")
+OOF_RECORD_KEY = "kaggle_utils.oof_records"  # parquet key-value metadata: {name: exclusion record}
 
 
 def log_loss(labels: np.ndarray, probs: np.ndarray) -> float:
@@ -146,7 +159,7 @@ def check_oof(oof: pl.DataFrame, source: str = "oof") -> None:
 
 
 def save_oof(oof: pl.DataFrame, path: str | Path, append: bool = True,
-             replace: Literal["name_fold", "name"] = "name_fold") -> Path:
+             replace: Literal["name_fold", "name"] = "name_fold", record: dict | None = None) -> Path:
     """Write OOF rows atomically; one file can hold every model's OOF predictions.
 
     With `append`, rows already in the file are kept except those the new rows replace: with
@@ -154,12 +167,19 @@ def save_oof(oof: pl.DataFrame, path: str | Path, append: bool = True,
     survive; with `replace="name"` every row of the names being written (a whole run written at once, which
     also drops folds a previous run left behind). The combined table is checked: an id may appear only once
     per name (a row is held out in one fold only), so a fold written twice under another fold number is refused.
+
+    `record` (`exclusion_record`) says which folds the run that made these rows left out; it is stored for
+    every name written (None: those names get no record, so they cannot verify as a teacher). Records of the
+    names kept from the file are kept; a name whose surviving rows came from a run with another record loses
+    its record (its rows no longer come from one run).
     """
     if replace not in ("name_fold", "name"):
         raise ValueError(f"replace must be 'name_fold' or 'name', got {replace!r}")
     check_oof(oof)
     path = Path(path)
     table = oof.select(OOF_COLUMNS)
+    names = sorted(str(name) for name in table["name"].unique().to_list())
+    records: dict[str, dict] = {}
     if append and path.exists():
         existing = load_oof(path)
         keys = ["name", "fold"] if replace == "name_fold" else ["name"]
@@ -168,9 +188,67 @@ def save_oof(oof: pl.DataFrame, path: str | Path, append: bool = True,
             raise DataError(
                 f"{path}: id dtype {kept.schema['id']} differs from the new rows' {table.schema['id']}"
             )
+        kept_names = {str(name) for name in kept["name"].unique().to_list()}
+        old_records = read_oof_records(path)
+        records = {name: old for name, old in old_records.items() if name in kept_names and name not in names}
+        mixed = {name for name in names if name in kept_names and old_records.get(name) != record}
         table = pl.concat([kept, table], how="vertical")
         check_oof(table, source=f"{path} (existing rows plus the new ones)")
-    return atomic_write_parquet(table, path)
+    else:
+        mixed = set()
+    if record is not None:
+        records.update({name: record for name in names if name not in mixed})
+    if not records:
+        return atomic_write_parquet(table, path)
+    return write_parquet_record(table, path, OOF_RECORD_KEY, records)
+
+
+def fold_ids_sha256(ids: Iterable) -> str:
+    """sha256 of ids as sorted text, one per line: the identity of the rows a fold holds (integer and string
+    ids of the same value give the same digest)."""
+    return hashlib.sha256("\n".join(sorted(str(value) for value in ids)).encode()).hexdigest()
+
+
+def exclusion_record(folds: pl.DataFrame, excluded: Sequence[int] | None, folds_sha256: str | None = None
+                     ) -> dict:
+    """The record `save_oof` stores for a run that left the `excluded` folds out altogether (train.exclude_folds,
+    `baseline --exclude-folds`; none: the run saw every fold). `folds` is the whole folds table (id, fold),
+    before `folds.drop_folds`; each excluded fold is named with its rows and `fold_ids_sha256`.
+    `folds_sha256`: the folds file's sha256 when there is one (provenance; the check uses the ids)."""
+    entries = {}
+    for fold in sorted({int(fold) for fold in excluded or ()}):
+        ids = folds.filter(pl.col("fold") == fold)["id"]
+        entries[str(fold)] = {"rows": len(ids), "ids_sha256": fold_ids_sha256(ids.to_list())}
+    return {"excluded_folds": entries, "folds_sha256": folds_sha256}
+
+
+def read_oof_records(path: str | Path) -> dict[str, dict]:
+    """{name: exclusion record} from an OOF parquet's metadata; {} when it has none."""
+    records = read_parquet_record(path, OOF_RECORD_KEY)
+    return records if records is not None else {}
+
+
+def write_parquet_record(frame: pl.DataFrame, path: str | Path, key: str, record) -> Path:
+    """Write `frame` as parquet with `record` (JSON-able) in its key-value metadata under `key`, atomically:
+    the rows and the record are one file, replaced in one rename."""
+    buffer = io.BytesIO()
+    frame.write_parquet(buffer, metadata={key: json.dumps(record, sort_keys=True)})
+    return atomic_write_bytes(path, buffer.getvalue())
+
+
+def read_parquet_record(path: str | Path, key: str):
+    """The JSON value `write_parquet_record` stored under `key` (None when the file has no such entry); an
+    unreadable file or a value that is not JSON is a DataError naming the file."""
+    try:
+        metadata = pl.read_parquet_metadata(path)
+    except Exception as error:  # noqa: BLE001 - any unreadable file gets the same one-line message
+        raise DataError(f"{path}: not a readable parquet file ({type(error).__name__}: {error})") from None
+    if key not in metadata:
+        return None
+    try:
+        return json.loads(metadata[key])
+    except ValueError as error:
+        raise DataError(f"{path}: its {key} metadata is not JSON ({error})") from None
 
 
 def load_oof(path: str | Path, name: str | None = None) -> pl.DataFrame:

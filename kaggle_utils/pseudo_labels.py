@@ -11,12 +11,27 @@ through `join_pseudo`, which again drops (and counts) every pseudo row sharing a
 held-out rows, so a validation prompt is never trained on, whatever file was passed.
 
 Pseudo rows have no fold (`PSEUDO_FOLD`, -1 where one is written) and are never held out or scored.
+
+The teacher must not have seen the fold a student is scored on: dropping shared prompts is not enough when
+a teacher trained on every fold labels the rows that fold's student trains on. So each fold gets its own
+teacher: `pseudo-label --teacher F=FILE` (repeated, one per fold; FILE e.g. `predict` of the fold-F artifact
+or of a run with ``train.exclude_folds=[F]``, a model trained without fold F; `--folds` names the folds file)
+or a teacher whose file records its excluded folds (teacher.py). Each teacher's kept rows are written once per
+fold it stands for, with that fold in the ``for_fold`` column (`FOR_FOLD`), and the file's parquet metadata
+(`PSEUDO_RECORD_KEY`) lists the teachers: path, folds ({"F": {"rows", "ids_sha256"}}, metrics.exclusion_record's
+form), and whether the file recorded them or the user declared them. A single teacher with no fold (a plain
+submission CSV) still works: its rows carry no ``for_fold`` and stand for any fold, unverified.
+`pseudo_for_fold` (what `train_fold` uses) gives fold F's student only rows whose teacher left out that very fold
+F, and refuses otherwise with one line (old files, an unverified teacher, a teacher for other folds or on other
+folds) unless ``train.teacher_allow_leak`` is true.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+import re
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -26,12 +41,14 @@ from kaggle_utils.config import DataConfig
 from kaggle_utils.data import load_competition
 from kaggle_utils.errors import DataError, UsageError
 from kaggle_utils.fileio import atomic_write_parquet
-from kaggle_utils.folds import group_ids
+from kaggle_utils.folds import group_ids, load_folds
 from kaggle_utils.losses import SOFT_LABELS
-from kaggle_utils.metrics import PROB_COLUMNS
-from kaggle_utils.teacher import teacher_targets
+from kaggle_utils.metrics import PROB_COLUMNS, read_parquet_record, write_parquet_record
+from kaggle_utils.teacher import HeldOutFold, check_excluded, load_teacher_with_record, teacher_targets
 
 PSEUDO_FOLD = -1
+FOR_FOLD = "for_fold"  # the held-out fold whose training part a row is for (a per-fold teacher labelled it)
+PSEUDO_RECORD_KEY = "kaggle_utils.pseudo_teachers"  # parquet metadata: {"teachers": [...]}
 REQUIRED_COLUMNS: tuple[str, ...] = ("id", "prompt", "response_a", "response_b", "label", SOFT_LABELS)
 _SHOWN = 5
 
@@ -51,6 +68,9 @@ class PseudoReport:
     # the share whose teacher argmax agrees with it (the pseudo-labels' accuracy; the labels are not used).
     kept_with_file_label: int = 0
     agreement_with_file_label: float | None = None
+    # One entry per teacher (the file's record): path, source ("teacher file", "declared" or "unverified"),
+    # folds ({"F": {"rows", "ids_sha256"}}; None: unverified), excluded (what its record said), kept rows.
+    teachers: list[dict] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -116,19 +136,95 @@ def label_agreement(pseudo: pl.DataFrame, unlabelled: pl.DataFrame, report: Pseu
     return report
 
 
-def pseudo_labels_from_files(teacher: str | Path, unlabelled_path: str | Path, train_path: str | Path, *,
+def parse_teacher_option(value: str) -> tuple[int | None, str]:
+    """``FOLD=FILE`` -> (FOLD, FILE); ``FILE`` -> (None, FILE): the form of `pseudo-label --teacher`."""
+    match = re.fullmatch(r"(\d+)=(.+)", value)
+    return (int(match.group(1)), match.group(2)) if match else (None, value)
+
+
+def resolve_teacher(path: str | Path, fold: int | None = None, folds: pl.DataFrame | None = None,
+                    teacher_name: str | None = None, folds_path: str | Path | None = None) -> dict:
+    """One teacher's entry of the pseudo file's record: the folds it stands for and how that is known.
+
+    `fold` given (``--teacher F=FILE``): the user declares FILE's model never trained on fold F; needs `folds`
+    (the folds table F is numbered in), and a teacher whose file records its excluded folds must list F as
+    the same rows (else DataError). No `fold`: the folds the file's record lists (checked against `folds` when
+    given), or, with none, an unverified teacher (rows for any fold; training refuses them unless
+    ``train.teacher_allow_leak``)."""
+    _, _, record = load_teacher_with_record(path, teacher_name)
+    excluded = None if record is None else record.get("excluded_folds", {})
+    entry = {"path": str(path), "source": "unverified", "folds": None, "excluded": excluded, "kept": 0}
+    if fold is None and not excluded:
+        return entry
+    wanted = [fold] if fold is not None else sorted(int(f) for f in excluded)
+    if folds is None:
+        if fold is not None:
+            raise UsageError(f"pseudo-label: --teacher {fold}={path} names fold {fold}; give --folds (the folds "
+                             "file the students' folds come from)")
+        entry.update(source="teacher file", folds={str(f): excluded[str(f)] for f in wanted})
+        return entry
+    present = sorted(int(f) for f in folds["fold"].unique().to_list())
+    unknown = sorted(set(wanted) - set(present))
+    if unknown:
+        raise UsageError(f"pseudo-label: {path}: folds {unknown} are not in {folds_path or 'the folds'} "
+                         f"(it has {present})")
+    held = {f: HeldOutFold.from_folds(folds, f) for f in wanted}
+    if excluded is not None:
+        for f in wanted:
+            check_excluded(f"{path}: the teacher", excluded, held[f], allow_leak=False,
+                           fix=f"give fold {f} a teacher trained without it")
+        entry.update(source="teacher file", folds={str(f): excluded[str(f)] for f in wanted})
+    else:
+        entry.update(source="declared", folds={str(f): {"rows": len(held[f].ids), "ids_sha256": held[f].ids_sha256}
+                                               for f in wanted})
+    return entry
+
+
+def pseudo_labels_from_files(teacher: str | Path | Sequence[tuple[int | None, str | Path]],
+                             unlabelled_path: str | Path, train_path: str | Path, *,
                              data_cfg: DataConfig | None = None, threshold: float | None = None,
-                             top_fraction: float | None = None, teacher_name: str | None = None
-                             ) -> tuple[pl.DataFrame, PseudoReport]:
+                             top_fraction: float | None = None, teacher_name: str | None = None,
+                             folds_path: str | Path | None = None) -> tuple[pl.DataFrame, PseudoReport]:
     """The `pseudo-label` command's work: parse `unlabelled_path` (the test file or external conversations in
     the competition format; labels it has are replaced by the teacher's), keep the confident rows, drop those
     whose normalised prompt is in `train_path` or repeats (counted), and refuse ids that are training ids (one
-    id would name two rows; `join_pseudo` would refuse them hours later)."""
+    id would name two rows; `join_pseudo` would refuse them hours later).
+
+    `teacher`: one file, or (fold or None, file) pairs, one teacher per fold (`resolve_teacher`; `folds_path`
+    the folds file the folds are numbered in). Each teacher's rows are kept by the rule on their own and
+    written once per fold they stand for (``for_fold``); the report's `teachers` is the file's record and its
+    counts add up over the teachers. A teacher with no fold must be the only one; two teachers for one fold
+    are refused."""
+    pairs = [(None, teacher)] if isinstance(teacher, (str, Path)) else list(teacher)
+    if not pairs:
+        raise UsageError("pseudo-label: give at least one --teacher")
+    folds = load_folds(folds_path) if folds_path is not None else None
+    entries = [resolve_teacher(path, fold, folds, teacher_name, folds_path) for fold, path in pairs]
+    unverified = [entry["path"] for entry in entries if entry["folds"] is None]
+    if unverified and len(entries) > 1:
+        raise UsageError(f"pseudo-label: with several teachers each must stand for its folds; {unverified[0]} "
+                         "names none (give it as --teacher FOLD=FILE)")
+    claimed: dict[str, str] = {}
+    for entry in entries:
+        for fold in entry["folds"] or {}:
+            if fold in claimed:
+                raise UsageError(f"pseudo-label: fold {fold} has two teachers, {claimed[fold]} and {entry['path']}")
+            claimed[fold] = entry["path"]
     unlabelled = load_competition(unlabelled_path, data_cfg, split="test").frame
     train = load_competition(train_path, data_cfg, split="train").frame
-    pseudo, report = make_pseudo_labels(teacher, unlabelled, threshold=threshold, top_fraction=top_fraction,
-                                        teacher_name=teacher_name)
-    pseudo, report = dedupe_against(pseudo, train, report)
+    report = PseudoReport(threshold=threshold, top_fraction=top_fraction, teachers=entries)
+    pieces = []
+    for entry in entries:
+        kept, counts = make_pseudo_labels(entry["path"], unlabelled, threshold=threshold,
+                                          top_fraction=top_fraction, teacher_name=teacher_name)
+        kept, counts = dedupe_against(kept, train, counts)
+        entry["kept"] = kept.height
+        _add_counts(report, counts)
+        if entry["folds"] is None:
+            pieces.append(kept)
+        else:
+            pieces += [kept.with_columns(pl.lit(int(fold), dtype=pl.Int32).alias(FOR_FOLD)) for fold in entry["folds"]]
+    pseudo = pl.concat(pieces, how="vertical")
     label_agreement(pseudo, unlabelled, report)
     clash = pseudo.filter(pl.col("id").cast(pl.String).is_in(train["id"].cast(pl.String).implode()))["id"]
     if len(clash):
@@ -137,10 +233,24 @@ def pseudo_labels_from_files(teacher: str | Path, unlabelled_path: str | Path, t
     return pseudo, report
 
 
-def save_pseudo_labels(pseudo: pl.DataFrame, path: str | Path) -> Path:
-    """Write pseudo rows (checked as `load_pseudo_labels` checks them) atomically."""
+def _add_counts(total: PseudoReport, part: PseudoReport) -> None:
+    """Add one teacher's counts to the command's report."""
+    total.offered += part.offered
+    total.kept_by_confidence += part.kept_by_confidence
+    total.dropped_train_prompt += part.dropped_train_prompt
+    total.dropped_duplicate_prompt += part.dropped_duplicate_prompt
+    if part.min_confidence_kept is not None:
+        total.min_confidence_kept = part.min_confidence_kept if total.min_confidence_kept is None else \
+            min(total.min_confidence_kept, part.min_confidence_kept)
+
+
+def save_pseudo_labels(pseudo: pl.DataFrame, path: str | Path, teachers: list[dict] | None = None) -> Path:
+    """Write pseudo rows (checked as `load_pseudo_labels` checks them) atomically, with `teachers` (the
+    report's record: which teacher stands for which fold) in the file's metadata when given."""
     _check(pseudo, str(path))
-    return atomic_write_parquet(pseudo, path)
+    if teachers is None:
+        return atomic_write_parquet(pseudo, path)
+    return write_parquet_record(pseudo, path, PSEUDO_RECORD_KEY, {"teachers": teachers})
 
 
 def load_pseudo_labels(path: str | Path) -> pl.DataFrame:
@@ -151,6 +261,33 @@ def load_pseudo_labels(path: str | Path) -> pl.DataFrame:
     pseudo = pl.read_parquet(path)
     _check(pseudo, str(path))
     return pseudo
+
+
+def pseudo_for_fold(path: str | Path, held_out: HeldOutFold, allow_leak: bool = False
+                    ) -> tuple[pl.DataFrame, str]:
+    """The rows of the pseudo-label file at `path` for the student scored on `held_out`, and the fold check's
+    outcome (teacher.check_excluded): rows ``for_fold`` F whose teacher left out that very fold F. A file
+    without per-fold rows (one unverified teacher, or written before records) is refused unless `allow_leak`
+    (``train.teacher_allow_leak``), and then all its rows are used; a file with no rows for F is refused."""
+    pseudo = load_pseudo_labels(path)
+    record = read_parquet_record(path, PSEUDO_RECORD_KEY)
+    teachers = record.get("teachers", []) if isinstance(record, dict) else []
+    fold = held_out.fold
+    relabel = (f"label fold {fold}'s rows with a teacher trained without it (`pseudo-label --teacher {fold}=FILE "
+               f"--folds FOLDS`, FILE from `predict` with fold {fold}'s artifact)")
+    fix = f"{relabel} or set train.teacher_allow_leak=true to use them anyway"
+    if FOR_FOLD not in pseudo.columns:
+        teacher = teachers[0] if teachers else {}
+        what = f"{path}: the pseudo-labels' teacher {teacher.get('path', '(not recorded)')}"
+        return pseudo, check_excluded(what, teacher.get("excluded"), held_out, allow_leak, fix=fix)
+    entry = next((t for t in teachers if str(fold) in (t.get("folds") or {})), None)
+    rows = pseudo.filter(pl.col(FOR_FOLD) == fold).drop(FOR_FOLD)
+    if entry is None or rows.is_empty():
+        covered = sorted({int(f) for f in pseudo[FOR_FOLD].unique().to_list()})
+        raise DataError(f"{path}: no pseudo-labels for fold {fold} (its rows are for folds {covered}, labelled by "
+                        f"teachers that saw fold {fold}); {relabel}")
+    what = f"{path}: fold {fold}'s pseudo-labels' teacher {entry.get('path')}"
+    return rows, check_excluded(what, entry["folds"], held_out, allow_leak, fix=fix)
 
 
 def join_pseudo(train_part: pl.DataFrame, held_out: list[pl.DataFrame], pseudo: pl.DataFrame
@@ -189,9 +326,17 @@ def _check(pseudo: pl.DataFrame, source: str) -> None:
         if pseudo[column].null_count():
             row = int(np.flatnonzero(pseudo[column].is_null().to_numpy())[0])
             raise DataError(f"{source}, row {row} (id {pseudo['id'][row]}): null {column}")
-    duplicated = pseudo.filter(pl.col("id").is_duplicated())["id"]
+    key = ["id"]
+    if FOR_FOLD in pseudo.columns:
+        key.append(FOR_FOLD)
+        if pseudo[FOR_FOLD].null_count():
+            row = int(np.flatnonzero(pseudo[FOR_FOLD].is_null().to_numpy())[0])
+            raise DataError(f"{source}, row {row} (id {pseudo['id'][row]}): null {FOR_FOLD}")
+    duplicated = pseudo.filter(pl.struct(key).is_duplicated())["id"]
     if len(duplicated):
-        raise DataError(f"{source}: {len(duplicated)} rows share an id (first: {duplicated.head(_SHOWN).to_list()})")
+        where = " for one fold" if len(key) > 1 else ""
+        raise DataError(f"{source}: {len(duplicated)} rows share an id{where} "
+                        f"(first: {duplicated.head(_SHOWN).to_list()})")
     targets = pseudo[SOFT_LABELS].to_list()
     for row, vector in enumerate(targets):
         values = np.asarray(vector, dtype=np.float64)

@@ -73,8 +73,8 @@ from kaggle_utils.modeling import (
     count_parameters,
     predict_probs,
 )
-from kaggle_utils.pseudo_labels import join_pseudo, load_pseudo_labels
-from kaggle_utils.teacher import teacher_targets
+from kaggle_utils.pseudo_labels import join_pseudo, pseudo_for_fold
+from kaggle_utils.teacher import HeldOutFold, teacher_targets
 
 logger = logging.getLogger(__name__)
 
@@ -779,7 +779,7 @@ def _fold_data(cfg: PipelineConfig, train_frame: pl.DataFrame, folds: pl.DataFra
         monitor_ids, monitor_labels = [val.input_ids[i] for i in picked], val_labels[picked]
         eval_set = f"held-out fold sample ({len(picked)} rows, learning curve only)"
     prior = prior_log_loss(val_labels, class_prior(np.asarray(train_part["label"].to_numpy(), dtype=np.int64)))
-    train_part, soft_info = _soft_targets(tc, train_part, held_out)
+    train_part, soft_info = _soft_targets(tc, train_part, held_out, HeldOutFold.from_folds(folds, fold))
     return _FoldData(_training_examples(train_part, tokenizer, cfg, target_columns), train_part["id"].to_list(),
                      train_part.height, val, val_labels, monitor_ids, monitor_labels, eval_set, prior, soft_info)
 
@@ -805,24 +805,27 @@ def _select_loss(tc: TrainConfig, loss_fn: LossFn | None, target_columns: Sequen
     return fn, (*target_columns, *(f for f in fields if f not in target_columns)), info
 
 
-def _soft_targets(tc: TrainConfig, train_part: pl.DataFrame, held_out: list[pl.DataFrame]
+def _soft_targets(tc: TrainConfig, train_part: pl.DataFrame, held_out: list[pl.DataFrame], fold: HeldOutFold
                   ) -> tuple[pl.DataFrame, dict]:
     """The training part with a `SOFT_LABELS` column when the config distils: the teacher's probabilities
-    (teacher.py: checked, repairs counted) or, with pseudo-labels and no teacher, the one-hot labels; then the
-    pseudo rows that share no prompt group with `held_out` (pseudo_labels.join_pseudo, drops counted)."""
+    (teacher.py: checked, repairs counted, refused when the teacher saw `fold`, the scored fold) or, with
+    pseudo-labels and no teacher, the one-hot labels; then `fold`'s pseudo rows (pseudo_labels.pseudo_for_fold:
+    from a teacher that left `fold` out) that share no prompt group with `held_out` (join_pseudo, drops counted)."""
     if tc.teacher_path is None and tc.pseudo_path is None:
         return train_part, {}
     info: dict = {}
     if tc.teacher_path is not None:
-        probs, report = teacher_targets(train_part, tc.teacher_path, tc.teacher_name)
+        probs, report = teacher_targets(train_part, tc.teacher_path, tc.teacher_name, held_out=fold,
+                                        allow_leak=tc.teacher_allow_leak)
         info["teacher"] = report.to_dict()
     else:
         probs = np.eye(3)[train_part["label"].to_numpy().astype(np.int64)]
         info["teacher"] = None
     train_part = train_part.with_columns(pl.Series(SOFT_LABELS, probs.tolist(), dtype=pl.List(pl.Float64)))
     if tc.pseudo_path is not None:
-        train_part, counts = join_pseudo(train_part, held_out, load_pseudo_labels(tc.pseudo_path))
-        info["pseudo"] = {"path": tc.pseudo_path, **counts}
+        pseudo, fold_check = pseudo_for_fold(tc.pseudo_path, fold, tc.teacher_allow_leak)
+        train_part, counts = join_pseudo(train_part, held_out, pseudo)
+        info["pseudo"] = {"path": tc.pseudo_path, **counts, "fold_check": fold_check}
     return train_part, info
 
 

@@ -186,3 +186,41 @@ def test_cv_refuses_rows_without_a_fold_or_label(cv_result, train_frame):
         run_baseline_cv(train_frame, folds.slice(3))
     with pytest.raises(DataError, match="label"):
         run_baseline_cv(train_frame.with_columns(label=pl.lit(None, dtype=pl.Int8)), folds)
+
+
+def test_the_baseline_oof_records_its_excluded_folds_so_a_student_can_check_its_teacher(
+        sample_files, tmp_path, capsys):
+    """`baseline --oof` writes the folds its run left out into the file: the nested teacher (--exclude-folds 0)
+    teaches fold 0's student, the plain one is refused for it (its models trained on fold 0); an output that
+    contains or lies inside an input is refused before anything is written."""
+    from kaggle_utils.cli import main
+    from kaggle_utils.data import load_competition
+    from kaggle_utils.fileio import file_sha256
+    from kaggle_utils.folds import load_folds, save_folds
+    from kaggle_utils.metrics import exclusion_record, read_oof_records
+    from kaggle_utils.teacher import HeldOutFold, teacher_targets
+
+    frame = load_competition(sample_files.train_csv, split="train").frame
+    folds_path = tmp_path / "folds.parquet"
+    save_folds(make_folds(frame, FoldConfig(n_folds=3, seed=0)), folds_path)
+    folds = load_folds(folds_path)
+    common = ["baseline", "--train", str(sample_files.train_csv), "--folds", str(folds_path)]
+    nested, plain = tmp_path / "nested.parquet", tmp_path / "plain.parquet"
+    assert main([*common, "--exclude-folds", "0", "--oof", str(nested)]) == 0
+    assert f"OOF -> {nested} (excluded folds recorded: [0])" in capsys.readouterr().out
+    assert main([*common, "--oof", str(plain)]) == 0
+    assert read_oof_records(nested) == {"baseline": exclusion_record(folds, [0], file_sha256(folds_path))}
+    assert read_oof_records(plain)["baseline"]["excluded_folds"] == {}
+
+    student = frame.join(folds.filter(pl.col("fold") != 0).select("id"), on="id", how="semi")
+    held = HeldOutFold.from_folds(folds, 0)
+    assert teacher_targets(student, nested, held_out=held)[1].fold_check == "excluded fold 0"
+    with pytest.raises(DataError, match=r"plain.parquet: the teacher saw fold 0's labels \(its run excluded no "
+                                        r"fold\); make a nested teacher"):
+        teacher_targets(student, plain, held_out=held)
+
+    capsys.readouterr()
+    for oof, message in [(tmp_path, f"it contains the folds file {folds_path}"),
+                         (f"{folds_path}/oof.parquet", "it is inside the folds file")]:
+        assert main([*common, "--oof", str(oof)]) == 2
+        assert f"refusing to write {oof}: {message}" in capsys.readouterr().err

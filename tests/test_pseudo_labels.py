@@ -3,6 +3,8 @@ never lets a pseudo row share a prompt group with the fold's validation rows."""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import polars as pl
 import pytest
@@ -13,8 +15,10 @@ from kaggle_utils.data import load_competition
 from kaggle_utils.errors import DataError, UsageError
 from kaggle_utils.folds import group_ids, make_folds
 from kaggle_utils.losses import SOFT_LABELS
-from kaggle_utils.metrics import make_oof
+from kaggle_utils.metrics import exclusion_record, make_oof, save_oof
 from kaggle_utils.pseudo_labels import (
+    FOR_FOLD,
+    PSEUDO_RECORD_KEY,
     dedupe_against,
     join_pseudo,
     load_pseudo_labels,
@@ -82,6 +86,17 @@ def _pseudo_rows(frame: pl.DataFrame, id_offset: int) -> pl.DataFrame:
         pl.Series(SOFT_LABELS, probs.tolist(), dtype=pl.List(pl.Float64)))
 
 
+def _save_for_folds(rows_by_fold: dict[int, pl.DataFrame], folds: pl.DataFrame, path, record_folds=None):
+    """Save pseudo rows per held-out fold, each set labelled by a teacher declared to have left that fold out
+    of `record_folds` (default `folds`): the rows with their ``for_fold`` and the teachers' record."""
+    rows = pl.concat([frame.with_columns(pl.lit(fold, dtype=pl.Int32).alias(FOR_FOLD))
+                      for fold, frame in rows_by_fold.items()])
+    record = exclusion_record(record_folds if record_folds is not None else folds, list(rows_by_fold))
+    teachers = [{"path": f"teacher{fold}.csv", "source": "declared", "excluded": None, "kept": frame.height,
+                 "folds": {str(fold): record["excluded_folds"][str(fold)]}} for fold, frame in rows_by_fold.items()]
+    return save_pseudo_labels(rows, path, teachers)
+
+
 def test_dedupe_drops_pseudo_rows_whose_normalised_prompt_is_in_train_and_repeats(train_data, test_frame):
     train = train_data.frame
     copies = _pseudo_rows(_shout(train.head(7)), 10**9)
@@ -141,7 +156,7 @@ def test_train_fold_adds_pseudo_rows_to_the_training_part_only(small, test_frame
     frame, folds = small
     _, val_part = training.split_fold(frame, folds, 0)
     pseudo = pl.concat([_pseudo_rows(_shout(val_part.head(3)), 10**9), _pseudo_rows(test_frame.head(8), 2 * 10**9)])
-    path = save_pseudo_labels(pseudo, tmp_path / "pseudo.parquet")
+    path = _save_for_folds({0: pseudo}, folds, tmp_path / "pseudo.parquet")
     cfg = PipelineConfig()
     cfg.model.base_model = str(demo_base_dir)
     cfg.model.gradient_checkpointing = False
@@ -156,7 +171,7 @@ def test_train_fold_adds_pseudo_rows_to_the_training_part_only(small, test_frame
     assert result.summary()["loss"] == {
         "loss": "distillation", "distill_weight": 0.5, "distill_temperature": 1.0, "label_smoothing": 0.0,
         "teacher": None, "pseudo": {"path": str(path), "pseudo_rows": 11, "pseudo_added": 8,
-                                    "pseudo_dropped_held_out_group": 3}}
+                                    "pseudo_dropped_held_out_group": 3, "fold_check": "excluded fold 0"}}
     assert not set(result.val_ids) & set(pseudo["id"].to_list())
 
 
@@ -170,7 +185,7 @@ def test_with_an_inner_holdout_pseudo_rows_sharing_its_prompt_groups_are_dropped
     _, inner_part = training.split_inner(train_part, folds, cfg.train)
     pseudo = pl.concat([_pseudo_rows(_shout(inner_part), 10**9), _pseudo_rows(_shout(val_part.head(2)), 2 * 10**9),
                         _pseudo_rows(test_frame.head(5), 3 * 10**9)])
-    cfg.train.pseudo_path = str(save_pseudo_labels(pseudo, tmp_path / "pseudo.parquet"))
+    cfg.train.pseudo_path = str(_save_for_folds({0: pseudo}, folds, tmp_path / "pseudo.parquet"))
     data = training._fold_data(cfg, frame, folds, 0, demo_tokenizer, (SOFT_LABELS,))
     added = [i for i in data.train_ids if i >= 10**9]
     assert added == pseudo["id"].tail(5).to_list()
@@ -251,3 +266,125 @@ def test_the_agreement_with_labels_the_unlabelled_file_carried_is_counted(test_f
     unlabelled = PseudoReport()
     label_agreement(pseudo, test_frame.drop("label"), unlabelled)
     assert unlabelled.agreement_with_file_label is None and unlabelled.kept_with_file_label == 0
+
+
+# ------------------------------------------------------------------ each fold's rows from a teacher without it
+
+def test_training_refuses_pseudo_labels_whose_teacher_saw_the_held_out_fold(small, test_frame, demo_tokenizer,
+                                                                            tmp_path):
+    """Fold 0's student gets only the rows labelled for fold 0 by a teacher that left that very fold out; a file
+    from one teacher with no record (any fold, e.g. predicted by a model trained on every fold), a file with no
+    rows for the fold and one made on other folds are refused with one line, unless the leak is allowed."""
+    frame, folds = small
+    cfg = PipelineConfig()
+    cfg.format.max_length = 128
+    cfg.train = TrainConfig(eval_rows_cap=8)
+    fresh0, fresh1 = _pseudo_rows(test_frame.head(4), 10**9), _pseudo_rows(test_frame.tail(3), 2 * 10**9)
+
+    def fold_data(path, fold=0, allow=False):
+        cfg.train.pseudo_path, cfg.train.teacher_allow_leak = str(path), allow
+        return training._fold_data(cfg, frame, folds, fold, demo_tokenizer, (SOFT_LABELS,))
+
+    unverified = save_pseudo_labels(fresh0, tmp_path / "unverified.parquet")
+    with pytest.raises(DataError, match=r"^\S*unverified.parquet: the pseudo-labels' teacher \(not recorded\) "
+                                        r"records no excluded folds, so nothing shows it never saw fold 0's labels; "
+                                        r"label fold 0's rows with a teacher trained without it \(`pseudo-label "
+                                        r"--teacher 0=FILE --folds FOLDS`, FILE from `predict` with fold 0's "
+                                        r"artifact\) or set train.teacher_allow_leak=true to use them anyway$"):
+        fold_data(unverified)
+    allowed = fold_data(unverified, allow=True).soft_targets["pseudo"]
+    assert allowed["pseudo_added"] == 4 and allowed["fold_check"].startswith("allowed by train.teacher_allow_leak")
+
+    per_fold = _save_for_folds({0: fresh0, 1: fresh1}, folds, tmp_path / "per_fold.parquet")
+    data = fold_data(per_fold)
+    assert [i for i in data.train_ids if i >= 10**9] == fresh0["id"].to_list()
+    assert data.soft_targets["pseudo"]["fold_check"] == "excluded fold 0"
+    assert [i for i in fold_data(per_fold, 1).train_ids if i >= 10**9] == fresh1["id"].to_list()
+    with pytest.raises(DataError, match=r"per_fold.parquet: no pseudo-labels for fold 2 \(its rows are for folds "
+                                        r"\[0, 1\], labelled by teachers that saw fold 2\); label fold 2's rows"):
+        fold_data(per_fold, 2, allow=True)
+
+    moved = folds.with_columns(pl.when(pl.col("id") == folds.filter(pl.col("fold") == 1)["id"][0]).then(0)
+                               .otherwise(pl.col("fold")).alias("fold"))
+    other = _save_for_folds({0: fresh0}, folds, tmp_path / "other.parquet", record_folds=moved)
+    with pytest.raises(DataError, match=r"other.parquet: fold 0's pseudo-labels' teacher teacher0.csv left out a "
+                                        r"fold 0 of \d+ rows that is not this run's fold 0"):
+        fold_data(other)
+
+
+def test_the_pseudo_label_command_labels_each_fold_with_its_own_teacher(sample_files, train_data, test_frame,
+                                                                        tmp_path, capsys):
+    """`--teacher F=FILE` per fold (with --folds) writes each teacher's kept rows for its fold and records the
+    teachers; a parquet teacher that records its excluded folds stands for them; a declared fold the teacher's
+    record contradicts, a fold without --folds, two teachers for one fold are refused, nothing written."""
+    from kaggle_utils.cli import main
+    from kaggle_utils.folds import save_folds
+    from kaggle_utils.metrics import read_parquet_record
+    from kaggle_utils.submission import write_submission
+
+    folds = make_folds(train_data.frame, FoldConfig(n_folds=3, seed=0))
+    folds_path = tmp_path / "folds.parquet"
+    save_folds(folds, folds_path)
+    probs = _confident_probs(test_frame.height)
+    t0, t1 = tmp_path / "t0.csv", tmp_path / "t1.csv"
+    write_submission(test_frame["id"].to_list(), probs, t0)
+    write_submission(test_frame["id"].to_list(), probs[::-1].copy(), t1)
+    common = ["--unlabelled", str(sample_files.test_csv), "--train", str(sample_files.train_csv), "--threshold",
+              "0.8"]
+    out = tmp_path / "pseudo.parquet"
+    assert main(["pseudo-label", "--teacher", f"0={t0}", "--teacher", f"1={t1}", "--folds", str(folds_path),
+                 *common, "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert f"teacher {t0}: " in printed and "for folds [0] (declared)" in printed
+    pseudo = load_pseudo_labels(out)
+    assert sorted(pseudo[FOR_FOLD].unique().to_list()) == [0, 1]
+    record = read_parquet_record(out, PSEUDO_RECORD_KEY)
+    assert [(t["path"], t["source"], list(t["folds"])) for t in record["teachers"]] == [
+        (str(t0), "declared", ["0"]), (str(t1), "declared", ["1"])]
+    assert record["teachers"][0]["folds"]["0"] == exclusion_record(folds, [0])["excluded_folds"]["0"]
+
+    # A parquet teacher whose record says its run left folds 1 and 2 out stands for both.
+    oof = make_oof("t", test_frame["id"], np.zeros(test_frame.height), probs, np.zeros(test_frame.height))
+    recorded = save_oof(oof, tmp_path / "nested.parquet", record=exclusion_record(folds, [1, 2]))
+    assert main(["pseudo-label", "--teacher", str(recorded), *common, "--out", str(tmp_path / "p2.parquet")]) == 0
+    assert "for folds [1, 2] (teacher file)" in capsys.readouterr().out
+    assert sorted(load_pseudo_labels(tmp_path / "p2.parquet")[FOR_FOLD].unique().to_list()) == [1, 2]
+
+    refusals = [
+        (["--teacher", f"0={recorded}", "--folds", str(folds_path)],
+         r"nested.parquet: the teacher saw fold 0's labels \(its run excluded \[1, 2\]\); give fold 0 a teacher "
+         r"trained without it"),
+        (["--teacher", f"0={t0}"], r"--teacher 0=\S*t0.csv names fold 0; give --folds"),
+        (["--teacher", f"0={t0}", "--teacher", f"0={t1}", "--folds", str(folds_path)],
+         r"fold 0 has two teachers, \S*t0.csv and \S*t1.csv"),
+        (["--teacher", f"0={t0}", "--teacher", str(t1), "--folds", str(folds_path)],
+         r"\S*t1.csv names none \(give it as --teacher FOLD=FILE\)"),
+        (["--teacher", f"7={t0}", "--folds", str(folds_path)], r"folds \[7\] are not in \S*folds.parquet"),
+    ]
+    for args, message in refusals:
+        capsys.readouterr()
+        assert main(["pseudo-label", *args, *common, "--out", str(tmp_path / "refused.parquet")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and re.search(message, err), err
+    assert not (tmp_path / "refused.parquet").exists()
+
+
+def test_the_pseudo_label_command_refuses_an_output_that_is_contains_or_lies_inside_an_input(
+        sample_files, test_frame, tmp_path, capsys):
+    from kaggle_utils.cli import main
+    from kaggle_utils.submission import write_submission
+
+    teachers = tmp_path / "teachers"
+    teachers.mkdir()
+    teacher = teachers / "teacher.csv"
+    write_submission(test_frame["id"].to_list(), _confident_probs(test_frame.height), teacher)
+    common = ["--teacher", str(teacher), "--unlabelled", str(sample_files.test_csv), "--train",
+              str(sample_files.train_csv), "--threshold", "0.8"]
+    for out, message in [(teachers, f"it contains the teacher file {teacher}"),
+                         (f"{sample_files.train_csv}/pseudo.parquet", "it is inside the training file"),
+                         (teacher, "it is the teacher file")]:
+        capsys.readouterr()
+        assert main(["pseudo-label", *common, "--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and f"refusing to write {out}: {message}" in err, err
+    assert sorted(p.name for p in teachers.iterdir()) == ["teacher.csv"]

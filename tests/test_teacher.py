@@ -13,8 +13,8 @@ from kaggle_utils import training
 from kaggle_utils.config import ConfigError, FoldConfig, PipelineConfig, TrainConfig
 from kaggle_utils.errors import DataError, UsageError
 from kaggle_utils.folds import make_folds
-from kaggle_utils.metrics import make_oof, save_oof
-from kaggle_utils.teacher import load_teacher, teacher_targets
+from kaggle_utils.metrics import exclusion_record, load_oof, make_oof, read_oof_records, save_oof
+from kaggle_utils.teacher import HeldOutFold, load_teacher, teacher_targets
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py
 
@@ -117,6 +117,146 @@ def test_several_models_in_one_file_need_a_name(tmp_path):
         load_teacher(tmp_path / "missing.parquet")
 
 
+# ---------------------------------------------------------------------------- the student's held-out fold
+
+def _folded(n: int = 12, n_folds: int = 3) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """A frame of n rows and its folds table (row i in fold i % n_folds)."""
+    frame = pl.DataFrame({"id": list(range(100, 100 + n)), "label": [0, 1, 2] * (n // 3)})
+    return frame, pl.DataFrame({"id": frame["id"], "fold": [i % n_folds for i in range(n)]})
+
+
+def _fold_teacher(tmp_path, frame, folds, excluded, file="teacher.parquet", rows_of=None, record_folds=None):
+    """An OOF teacher of the rows of folds `rows_of` (default: every fold not excluded), written by save_oof
+    with the record of a run that left `excluded` out (None: no record)."""
+    rows_of = rows_of if rows_of is not None else sorted(set(folds["fold"].to_list()) - set(excluded or []))
+    part = folds.filter(pl.col("fold").is_in(rows_of))
+    record = None if excluded is None else exclusion_record(record_folds if record_folds is not None else folds,
+                                                            excluded)
+    oof = make_oof("t", part["id"], part["fold"], _probs(part.height), [0] * part.height)
+    return save_oof(oof, tmp_path / file, record=record)
+
+
+def test_a_teacher_that_saw_the_held_out_fold_is_refused_a_nested_one_is_accepted(tmp_path):
+    """The student held out on fold 0 trains on folds 1 and 2. A plain K-fold teacher's models for folds 1 and 2
+    trained on fold 0, so its record (no fold excluded) is refused; a teacher with no record (an old file, a
+    CSV) cannot show otherwise and is refused too; a nested teacher (fold 0 left out) is accepted."""
+    frame, folds = _folded()
+    student = frame.filter(pl.col("id").is_in(folds.filter(pl.col("fold") != 0)["id"].implode()))
+    held = HeldOutFold.from_folds(folds, 0)
+    leaky = _fold_teacher(tmp_path, frame, folds, [], "leaky.parquet", rows_of=[1, 2])
+    with pytest.raises(DataError, match=r"^\S*leaky.parquet: the teacher saw fold 0's labels \(its run excluded no "
+                                        r"fold\); make a nested teacher on the student's folds file \(`baseline "
+                                        r"--exclude-folds 0 --oof FILE`, or `--set train.exclude_folds=\[0\]` on "
+                                        r"the teacher's run\) or set train.teacher_allow_leak=true to use it anyway$"):
+        teacher_targets(student, leaky, held_out=held)
+    unrecorded = _fold_teacher(tmp_path, frame, folds, None, "old.parquet", rows_of=[1, 2])
+    with pytest.raises(DataError, match=r"old.parquet: the teacher records no excluded folds, so nothing shows it "
+                                        r"never saw fold 0's labels; make a nested teacher"):
+        teacher_targets(student, unrecorded, held_out=held)
+    from kaggle_utils.submission import write_submission
+    csv = tmp_path / "teacher.csv"
+    write_submission(student["id"].to_list(), _probs(student.height), csv)
+    with pytest.raises(DataError, match=r"teacher.csv: the teacher records no excluded folds"):
+        teacher_targets(student, csv, held_out=held)
+
+    nested = _fold_teacher(tmp_path, frame, folds, [0], "nested.parquet")
+    got, report = teacher_targets(student, nested, held_out=held)
+    assert got.shape == (student.height, 3)
+    assert (report.excluded_folds, report.fold_check) == ([0], "excluded fold 0")
+    # The same nested teacher for a student held out on fold 1: that fold was trained on.
+    student1 = frame.filter(pl.col("id").is_in(folds.filter(pl.col("fold") == 2)["id"].implode()))
+    with pytest.raises(DataError, match=r"nested.parquet: the teacher saw fold 1's labels \(its run excluded \[0\]\)"):
+        teacher_targets(student1, nested, held_out=HeldOutFold.from_folds(folds, 1))
+    # Without a held-out fold (unlabelled rows, pseudo-labels) nothing is checked.
+    assert teacher_targets(student, leaky)[1].fold_check is None
+
+
+def test_a_teacher_on_other_folds_or_predicting_the_fold_it_claims_to_exclude_is_refused(tmp_path):
+    frame, folds = _folded()
+    held = HeldOutFold.from_folds(folds, 0)
+    student = frame.filter(pl.col("id").is_in(folds.filter(pl.col("fold") != 0)["id"].implode()))
+    other_folds = folds.with_columns(pl.when(pl.col("id") == 101).then(0).otherwise(pl.col("fold")).alias("fold"))
+    moved = _fold_teacher(tmp_path, frame, folds, [0], "moved.parquet", record_folds=other_folds)
+    with pytest.raises(DataError, match=r"moved.parquet: the teacher left out a fold 0 of 5 rows that is not this "
+                                        r"run's fold 0 \(4 rows\): made on another folds file"):
+        teacher_targets(student, moved, held_out=held)
+    claims = _fold_teacher(tmp_path, frame, folds, [0], "claims.parquet", rows_of=[0, 1, 2])
+    with pytest.raises(DataError, match=r"claims.parquet: the teacher predicts 4 ids of fold 0 \(first: "
+                                        r"\['100', '103', '106', '109'\]\) though its record says"):
+        teacher_targets(student, claims, held_out=held)
+
+
+def test_the_opt_in_uses_a_leaky_teacher_and_says_so(tmp_path):
+    frame, folds = _folded()
+    held = HeldOutFold.from_folds(folds, 0)
+    student = frame.filter(pl.col("id").is_in(folds.filter(pl.col("fold") != 0)["id"].implode()))
+    leaky = _fold_teacher(tmp_path, frame, folds, [], "leaky.parquet", rows_of=[1, 2])
+    _, report = teacher_targets(student, leaky, held_out=held, allow_leak=True)
+    assert report.fold_check == ("allowed by train.teacher_allow_leak: " + str(leaky)
+                                 + ": the teacher saw fold 0's labels (its run excluded no fold)")
+
+
+def test_save_oof_keeps_each_names_record_and_drops_a_mixed_one(tmp_path):
+    frame, folds = _folded()
+    path = tmp_path / "oof.parquet"
+    nested = exclusion_record(folds, [0], "abc")
+    part = folds.filter(pl.col("fold") != 0)
+    save_oof(make_oof("a", part["id"], part["fold"], _probs(part.height), [0] * part.height), path, record=nested)
+    assert read_oof_records(path) == {"a": nested}
+    assert nested["excluded_folds"]["0"]["rows"] == 4 and nested["folds_sha256"] == "abc"
+    save_oof(make_oof("b", part["id"], part["fold"], _probs(part.height), [0] * part.height), path)
+    assert read_oof_records(path) == {"a": nested}  # another name without a record: a's is kept
+    one = folds.filter(pl.col("fold") == 1)
+    save_oof(make_oof("a", one["id"], one["fold"], _probs(one.height), [0] * one.height), path,
+             record=exclusion_record(folds, []))
+    assert read_oof_records(path) == {}  # a's rows now come from two runs: no record can speak for them
+    assert load_oof(path).height == 2 * part.height
+
+
+def test_train_fold_refuses_a_teacher_that_saw_the_held_out_fold_unless_allowed(small, demo_tokenizer, tmp_path):
+    from kaggle_utils.losses import SOFT_LABELS
+
+    frame, folds = small
+    labels = frame["label"].to_numpy()
+    rest = frame.join(folds.filter(pl.col("fold") != 0).select("id"), on="id", how="semi")
+    fold_of = rest.join(folds, on="id", how="left")["fold"]
+    soft = _probs(rest.height)
+    leaky = save_oof(make_oof("t", rest["id"], fold_of, soft, rest["label"]), tmp_path / "leaky.parquet",
+                     record=exclusion_record(folds, []))
+    nested = save_oof(make_oof("t", rest["id"], fold_of, soft, rest["label"]), tmp_path / "nested.parquet",
+                      record=exclusion_record(folds, [0]))
+    assert len(labels) == frame.height
+    cfg = PipelineConfig()
+    cfg.format.max_length = 128
+    cfg.train = TrainConfig(eval_rows_cap=8, teacher_path=str(leaky))
+    with pytest.raises(DataError, match=r"leaky.parquet: the teacher saw fold 0's labels \(its run excluded no "
+                                        r"fold\); make a nested teacher"):
+        training._fold_data(cfg, frame, folds, 0, demo_tokenizer, (SOFT_LABELS,))
+    cfg.train.teacher_allow_leak = True
+    data = training._fold_data(cfg, frame, folds, 0, demo_tokenizer, (SOFT_LABELS,))
+    assert data.soft_targets["teacher"]["fold_check"].startswith("allowed by train.teacher_allow_leak: ")
+    cfg.train.teacher_allow_leak, cfg.train.teacher_path = False, str(nested)
+    data = training._fold_data(cfg, frame, folds, 0, demo_tokenizer, (SOFT_LABELS,))
+    assert data.soft_targets["teacher"]["fold_check"] == "excluded fold 0"
+    assert data.soft_targets["teacher"]["excluded_folds"] == [0]
+
+
+def test_a_run_with_excluded_folds_carries_their_record_for_its_oof_file(sample_files, train_data, tmp_path):
+    """prepare_experiment names what train.exclude_folds left out (compare-orderings and its oof.parquet write
+    it through save_oof's record), measured on the whole folds file before the folds are dropped."""
+    from kaggle_utils import experiment
+    from kaggle_utils.fileio import file_sha256
+    from kaggle_utils.folds import save_folds
+
+    cfg = experiment.demo_config().with_overrides({"train": {"exclude_folds": [0], "cv_folds": None}})
+    folds_path = tmp_path / "folds.parquet"
+    fold_table = make_folds(train_data.frame, cfg.folds)
+    save_folds(fold_table, folds_path)
+    setup = experiment.prepare_experiment(cfg, sample_files.train_csv, tmp_path / "out", folds_path)
+    assert setup.oof_record == exclusion_record(fold_table, [0], file_sha256(folds_path))
+    assert setup.oof_record["excluded_folds"]["0"]["ids_sha256"] == HeldOutFold.from_folds(fold_table, 0).ids_sha256
+
+
 @pytest.mark.parametrize(("field", "value", "message"), [
     ("distill_weight", 1.5, r"train.distill_weight must be in \[0, 1\]"),
     ("distill_temperature", 0.0, "train.distill_temperature must be > 0"),
@@ -168,13 +308,16 @@ def test_train_fold_distils_from_an_oof_parquet_and_records_it(small, demo_token
     base = _tiny_config(demo_base_dir)
     assert base.train.swap_augment == "double"
     default = training.train_fold(base, frame, folds, demo_tokenizer, tmp_path / "default", progress=False)
-    distil = base.with_overrides({"train": {"teacher_path": str(one_hot_path), "distill_weight": 1.0}})
+    # These teachers hold every row's label, the held-out fold's too: the opt-in lets the loss be compared.
+    distil = base.with_overrides({"train": {"teacher_path": str(one_hot_path), "distill_weight": 1.0,
+                                            "teacher_allow_leak": True}})
     one_hot = training.train_fold(distil, frame, folds, demo_tokenizer, tmp_path / "onehot", progress=False)
     for name, value in _trainable(default.model).items():
         torch.testing.assert_close(_trainable(one_hot.model)[name], value, rtol=0, atol=1e-6)
 
     taught_cfg = base.with_overrides({"train": {"teacher_path": str(soft_path), "distill_weight": 0.7,
-                                                "distill_temperature": 2.0, "label_smoothing": 0.1}})
+                                                "distill_temperature": 2.0, "label_smoothing": 0.1,
+                                                "teacher_allow_leak": True}})
     taught = training.train_fold(taught_cfg, frame, folds, demo_tokenizer, tmp_path / "soft", progress=False)
     changed = _trainable(taught.model)
     assert max(float((changed[k] - v).abs().max()) for k, v in _trainable(default.model).items()) > 1e-4
@@ -182,7 +325,10 @@ def test_train_fold_distils_from_an_oof_parquet_and_records_it(small, demo_token
     assert summary["loss"] == {
         "loss": "distillation", "distill_weight": 0.7, "distill_temperature": 2.0, "label_smoothing": 0.1,
         "teacher": {"path": str(soft_path), "name": None, "teacher_rows": frame.height,
-                    "matched_rows": taught.train_rows, "duplicates_merged": 0, "renormalised": 0}}
+                    "matched_rows": taught.train_rows, "duplicates_merged": 0, "renormalised": 0,
+                    "excluded_folds": None,
+                    "fold_check": f"allowed by train.teacher_allow_leak: {soft_path}: the teacher records no "
+                                  "excluded folds, so nothing shows it never saw fold 0's labels"}}
     assert default.summary()["loss"] == {"loss": "cross_entropy", "label_smoothing": 0.0}
 
 

@@ -14,10 +14,10 @@ from kaggle_utils.config import LABEL_COLUMNS, DataConfig, FoldConfig, PipelineC
 from kaggle_utils.data import load_competition
 from kaggle_utils.dialects import get_dialect
 from kaggle_utils.errors import DataError, UsageError
-from kaggle_utils.fileio import check_not_an_input, check_output_target
-from kaggle_utils.folds import drop_folds, fold_summary, load_folds, make_folds, save_folds
-from kaggle_utils.metrics import oof_probs, save_oof
-from kaggle_utils.pseudo_labels import pseudo_labels_from_files, save_pseudo_labels
+from kaggle_utils.fileio import check_not_an_input, check_output_apart, check_output_target
+from kaggle_utils.folds import drop_folds, fold_summary, folds_file_hash, load_folds, make_folds, save_folds
+from kaggle_utils.metrics import exclusion_record, oof_probs, save_oof
+from kaggle_utils.pseudo_labels import parse_teacher_option, pseudo_labels_from_files, save_pseudo_labels
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -57,7 +57,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _add_config_options(parser)
     parser.add_argument("--test", help="test file to predict (needs --out)")
     parser.add_argument("--out", help="submission CSV to write for --test")
-    parser.add_argument("--oof", help="write the OOF predictions to this parquet")
+    parser.add_argument("--oof", help="write the OOF predictions to this parquet (its metadata records the "
+                                      "excluded folds, so a student held out on one of them accepts it as a teacher)")
     parser.add_argument("--save-model", help="write the fitted model here (JSON parameters + <name>.manifest.json)")
     parser.set_defaults(handler=baseline)
 
@@ -65,9 +66,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "pseudo-label",
         help="label unlabelled conversations with a teacher, keep the confident ones, drop training prompts",
     )
-    parser.add_argument("--teacher", required=True,
+    parser.add_argument("--teacher", required=True, action="append", metavar="[FOLD=]FILE",
                         help="the teacher's predictions for the unlabelled rows: predict's submission.csv or an "
-                             "OOF-format parquet (id, p_a, p_b, p_tie[, name])")
+                             "OOF-format parquet (id, p_a, p_b, p_tie[, name]). FOLD=FILE: FILE's model never "
+                             "trained on fold FOLD, and labels the rows fold FOLD's student trains on (repeat it, "
+                             "one teacher per fold; needs --folds). A FILE whose metadata records its excluded "
+                             "folds stands for those folds. A lone FILE with neither stands for any fold, "
+                             "unverified: training then refuses it unless train.teacher_allow_leak=true")
+    parser.add_argument("--folds", help="the folds file the students' folds come from (FOLD=FILE teachers)")
     parser.add_argument("--teacher-name", help="which `name` of a parquet teacher holding several models")
     parser.add_argument("--unlabelled", required=True,
                         help="the test file or external conversations, in the competition's format")
@@ -184,6 +190,7 @@ def baseline(args: argparse.Namespace) -> int:
     data_cfg = cfg.data
     train = load_competition(args.train, data_cfg, split="train")
     fold_table = load_folds(args.folds) if args.folds else make_folds(train.frame, cfg.folds)
+    record = exclusion_record(fold_table, args.exclude_folds, folds_file_hash(args.folds) if args.folds else None)
     frame, fold_table = drop_folds(train.frame, fold_table, args.exclude_folds,
                                    f"{args.folds or 'the folds'} (--exclude-folds)")
     if args.exclude_folds:
@@ -200,8 +207,9 @@ def baseline(args: argparse.Namespace) -> int:
         metrics = dialect.scores(result.oof["label"].to_numpy(), oof_probs(result.oof))
         print(f"OOF {dialect.name} metric: " + ", ".join(f"{name} {value:.4f}" for name, value in metrics.items()))
     if args.oof:
-        save_oof(result.oof, args.oof)
-        print(f"OOF -> {args.oof}")
+        save_oof(result.oof, args.oof, record=record)
+        left_out = sorted(args.exclude_folds) if args.exclude_folds else "none"
+        print(f"OOF -> {args.oof} (excluded folds recorded: {left_out})")
     if args.save_model:
         print(f"model -> {result.model.save(args.save_model)}")
     if args.test:
@@ -219,12 +227,20 @@ def baseline(args: argparse.Namespace) -> int:
 
 
 def pseudo_label(args: argparse.Namespace) -> int:
-    _check_outputs([args.out], [("teacher file", args.teacher), ("unlabelled file", args.unlabelled),
-                                ("training file", args.train)])
+    teachers = [parse_teacher_option(value) for value in args.teacher]
+    _check_outputs([args.out], [*(("teacher file", path) for _, path in teachers),
+                                ("unlabelled file", args.unlabelled), ("training file", args.train),
+                                ("folds file", args.folds)])
     cfg = _command_config(args)
-    pseudo, report = pseudo_labels_from_files(args.teacher, args.unlabelled, args.train, data_cfg=cfg.data,
+    pseudo, report = pseudo_labels_from_files(teachers, args.unlabelled, args.train, data_cfg=cfg.data,
                                               threshold=args.threshold, top_fraction=args.top_fraction,
-                                              teacher_name=args.teacher_name)
+                                              teacher_name=args.teacher_name, folds_path=args.folds)
+    for teacher in report.teachers:
+        if teacher["folds"] is None:
+            stands = "any fold, unverified (training refuses it unless train.teacher_allow_leak=true)"
+        else:
+            stands = f"folds {sorted(int(f) for f in teacher['folds'])} ({teacher['source']})"
+        print(f"teacher {teacher['path']}: {teacher['kept']} rows, for {stands}")
     rule = f"top probability >= {args.threshold}" if args.threshold is not None else \
         f"the most confident {args.top_fraction:.0%}"
     lowest = "" if report.min_confidence_kept is None else f", lowest kept confidence {report.min_confidence_kept:.3f}"
@@ -236,7 +252,7 @@ def pseudo_label(args: argparse.Namespace) -> int:
               f"teacher's argmax agrees with {report.agreement_with_file_label:.1%} of them")
     if pseudo.is_empty():
         raise DataError(f"no pseudo-labelled row is left of {args.unlabelled}; nothing written to {args.out}")
-    save_pseudo_labels(pseudo, args.out)
+    save_pseudo_labels(pseudo, args.out, report.teachers)
     counts = pseudo["label"].value_counts().sort("label")
     spread = ", ".join(f"{LABEL_COLUMNS[label]} {count}" for label, count in counts.iter_rows())
     print(f"{pseudo.height} pseudo rows ({spread}) -> {args.out}; train with --set train.pseudo_path={args.out}")
@@ -244,12 +260,13 @@ def pseudo_label(args: argparse.Namespace) -> int:
 
 
 def _check_outputs(outputs: list[str | None], inputs: list[tuple[str, str | None]]) -> None:
-    """Before any work: no output may be an input (it would be destroyed) or a symlink / device / folder, and
-    no two outputs may be the same file."""
+    """Before any work: no output may be, contain or lie inside an input (it would be destroyed;
+    fileio.check_output_apart), nor be a symlink / device / folder, and no two outputs may be the same file."""
     given = [output for output in outputs if output]
     for index, output in enumerate(given):
+        check_output_apart(output, inputs)
         check_output_target(output)
-        check_not_an_input(output, [*inputs, *((f"output {other}", other) for other in given[:index])])
+        check_not_an_input(output, [(f"output {other}", other) for other in given[:index]])
 
 
 def demo(args: argparse.Namespace) -> int:
