@@ -66,19 +66,20 @@ for step in "${steps[@]}"; do
       "${COMPARE[@]}" "${SAME[@]}" --out $L/teacher_leaky --set "train.cv_folds=[1,2,3,4]" --set train.epochs=3
       "${COMPARE[@]}" "${SAME[@]}" --out $L/teacher_nested --set "train.exclude_folds=[0]" \
         --set "train.cv_folds=[1,2,3,4]" --set train.epochs=3
-      for kind in leaky nested; do
-        "${COMPARE[@]}" "${SAME[@]}" --out $L/distilled_$kind "${TEACHER[@]}" \
+      for kind in leaky nested; do  # the leaky teacher saw fold 0: training refuses it unless the leak is allowed
+        LEAK=(); [ $kind = nested ] || LEAK=(--set train.teacher_allow_leak=true)
+        "${COMPARE[@]}" "${SAME[@]}" --out $L/distilled_$kind "${TEACHER[@]}" "${LEAK[@]}" \
           --set train.teacher_path=$L/teacher_$kind/oof.parquet
       done
       "${COMPARE[@]}" "${SAME[@]}" --out $L/smoothed --set train.label_smoothing=0.1
       # Pseudo-labels: 1,000 "external" conversations (generated with another seed; their labels are not used)
-      # labelled by the nested teacher's fold-1 model (it never saw fold 0); the most confident half, minus
-      # prompts already in train, joins each training part.
+      # labelled by the nested teacher's fold-1 model (it never saw fold 0: declared as fold 0's teacher); the
+      # most confident half, minus prompts already in train, joins each training part.
       $PY -m kaggle_utils demo --baseline-only --n-train 1000 --n-test 10 --seed 7 --out $L/external \
         --submission $L/external/submission.csv
       $PY -m kaggle_utils predict --artifact $L/teacher_nested/runs/seed42/ft-then-quant-int8/fold1/artifact \
         --test $L/external/data/train.csv --out $L/pseudo/teacher_external.csv
-      $PY -m kaggle_utils pseudo-label --teacher $L/pseudo/teacher_external.csv \
+      $PY -m kaggle_utils pseudo-label --teacher 0=$L/pseudo/teacher_external.csv --folds $L/quant/folds.parquet \
         --unlabelled $L/external/data/train.csv --train $L/quant/data/train.csv --top-fraction 0.5 \
         --out $L/pseudo/pseudo.parquet | tee $L/pseudo/pseudo_label.txt
       "${COMPARE[@]}" "${SAME[@]}" --out $L/pseudo --set train.pseudo_path=$L/pseudo/pseudo.parquet
@@ -102,9 +103,10 @@ for step in "${steps[@]}"; do
         "${RUN[@]}" --out $S/teacher_leaky --set "train.cv_folds=[1,2,3,4]" --set train.epochs=3
         "${RUN[@]}" --out $S/teacher_nested --set "train.exclude_folds=[0]" --set "train.cv_folds=[1,2,3,4]" \
           --set train.epochs=3
-        for kind in leaky nested; do
+        for kind in leaky nested; do  # the leaky teacher saw fold 0: allowed here, to measure the leak
+          LEAK=(); [ $kind = nested ] || LEAK=(--set train.teacher_allow_leak=true)
           "${RUN[@]}" --out $S/distilled_$kind --set train.teacher_path=$S/teacher_$kind/oof.parquet \
-            --set train.teacher_name=ft-then-quant-int8/seed$seed/16bit
+            --set train.teacher_name=ft-then-quant-int8/seed$seed/16bit "${LEAK[@]}"
         done
         $PY -m kaggle_utils lever-table plain=$S/plain:ft-then-quant-int8 \
           distilled-nested=$S/distilled_nested:ft-then-quant-int8 \
