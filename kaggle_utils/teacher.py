@@ -163,8 +163,9 @@ def load_teacher_with_record(source: str | Path | pl.DataFrame, name: str | None
 
 def teacher_from_submission(path: str | Path) -> pl.DataFrame:
     """A teacher table (id, p_a, p_b, p_tie) from an LMSYS submission.csv, i.e. `predict`'s output on the test
-    file, on external conversations or on training rows (a teacher trained without the student's held-out fold
-    predicting the student's training rows). A ``.csv`` teacher path is read this way."""
+    file, on external conversations or on training rows. A ``.csv`` teacher path is read this way. A CSV
+    records no excluded folds: it labels pseudo rows (`pseudo-label --teacher F=FILE` declares the fold its
+    model never saw), and distils training rows only with ``train.teacher_allow_leak``."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"submission file not found: {path}")
