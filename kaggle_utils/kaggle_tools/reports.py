@@ -141,8 +141,8 @@ def _oof_rows(directory: Path, name: str) -> dict:
     if len(off):
         row = int(off[0])
         raise UsageError(f"{path}: id {oof['id'][row]!r} ({name}), fields {'+'.join(PROB_COLUMNS)} sum to "
-                         f"{sums[row]:.6g}, not 1 (tolerance {PROB_SUM_TOLERANCE:g}; {len(off)} such rows): not "
-                         "probabilities")
+                         f"{sums[row]:.6g}, not 1 (tolerance {PROB_SUM_TOLERANCE:g}; {len(off)} of {len(sums)} "
+                         "rows off): not probabilities")
     return {"path": path, "name": name, "ids": oof["id"].to_list(), "labels": oof["label"].to_numpy().astype(np.int64),
             "folds": oof["fold"].to_numpy(), "probs": probs}
 
@@ -154,7 +154,8 @@ def _check_same_labels(rows: dict, reference: dict) -> None:
         row = int(differ[0])
         raise UsageError(f"{rows['path']}: id {rows['ids'][row]!r} ({rows['name']}), field 'label' is "
                          f"{rows['labels'][row]} but {reference['labels'][row]} in {reference['path']} "
-                         f"({reference['name']}; {len(differ)} such ids): the reports do not describe the same rows")
+                         f"({reference['name']}; {len(differ)} of {len(rows['ids'])} ids "
+                         "differ): the reports do not describe the same rows")
 
 
 def _attach_row_losses(run: dict, directory: Path) -> dict:
