@@ -376,7 +376,7 @@ def check_ensemble_manifest(path: str | Path, manifest: dict, verify_hashes: boo
     root = Path(path)
     where = root / MANIFEST_NAME
     files = manifest.get("files")
-    if not isinstance(files, dict) or not files:
+    if not isinstance(files, dict):  # empty only when no member has files (class priors)
         raise ArtifactError(f"{where}: an ensemble artifact must list every file it holds in 'files' (its members "
                             f"copied inside it, each file with bytes and sha256); ship it again with "
                             f"ship.write_shipped")

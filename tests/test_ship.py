@@ -273,3 +273,16 @@ def test_the_fallback_baseline_travels_inside_the_shipped_artifact(tmp_path, dem
     inference.predict(artifacts["ft-then-quant"], sample_files.test_csv, tmp_path / "a.csv", predict_cfg())
     inference.predict(copy, sample_files.test_csv, tmp_path / "b.csv", predict_cfg())
     np.testing.assert_array_equal(read_probs(tmp_path / "b.csv"), read_probs(tmp_path / "a.csv"))
+
+
+def test_a_class_prior_winner_ships_as_an_ensemble_with_no_member_files(tmp_path):
+    """Small data can make the class prior the best thing to ship: an ensemble folder whose file table is
+    empty (nothing on disk to copy), which loads and uploads as its manifest alone."""
+    from kaggle_utils.kaggle_tools.upload import plan_upload
+
+    _, decision = _blend_of([{"name": "class-prior", "kind": "prior", "prior": [0.4, 0.4, 0.2], "weight": 1.0}])
+    shipped = write_shipped(decision, tmp_path / "shipped", class_prior=PRIOR, dialect="lmsys")
+    manifest = json.loads((shipped / "manifest.json").read_text())
+    assert manifest["files"] == {}
+    assert [m.kind for m in inference.ensemble_members(shipped, manifest)] == ["prior"]
+    assert list(plan_upload(shipped).files) == ["manifest.json"]
