@@ -9,6 +9,7 @@ folds. Each stage reads only its own section; `PipelineConfig` bundles them for 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import types
 import typing
@@ -20,6 +21,10 @@ from typing import Any, Literal
 import yaml
 
 from kaggle_utils.errors import ConfigError
+
+# The Kaggle image build-wheels targets (Python, platform, the torch it ships), written once: in this JSON file.
+KAGGLE_IMAGE_FILE = Path(__file__).resolve().parent / "resources" / "kaggle_image.json"
+KAGGLE_IMAGE: dict[str, Any] = json.loads(KAGGLE_IMAGE_FILE.read_text(encoding="utf-8"))
 
 LABEL_COLUMNS: tuple[str, str, str] = ("winner_model_a", "winner_model_b", "winner_tie")
 CLASS_NAMES: tuple[str, str, str] = ("a", "b", "tie")
@@ -303,9 +308,10 @@ class KaggleConfig:
         "torch", "triton", "nvidia-*", "numpy", "sympy", "mpmath", "networkx", "jinja2", "markupsafe", "filelock",
         "fsspec", "typing-extensions", "setuptools", "pip", "wheel",
     )
-    wheel_python_version: str = "3.11"  # Kaggle's image
-    # Kaggle's image: Ubuntu 22.04 (glibc 2.35); every older manylinux tag of the same architecture fits too.
-    wheel_platform: str = "manylinux_2_35_x86_64"
+    # Kaggle's image, as resources/kaggle_image.json states it (with the torch it ships): Python, and the platform
+    # (Ubuntu 22.04, glibc 2.35; every older manylinux tag of the same architecture fits too).
+    wheel_python_version: str = KAGGLE_IMAGE["python"]
+    wheel_platform: str = KAGGLE_IMAGE["platform"]
 
 
 @dataclass

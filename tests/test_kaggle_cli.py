@@ -640,7 +640,7 @@ def test_build_wheels_installs_offline_in_a_fresh_venv(tmp_path, monkeypatch):
     assert names[0].startswith("arena_probe-0.1.0-") and names[1].startswith("kaggle_utils-0.1.0-")
     assert (out / "requirements.txt").read_text() == "arena-probe==0.1.0\nkaggle-utils==0.1.0\n"
     manifest = json.loads((out / "wheels.json").read_text())
-    assert set(manifest["wheels"]) == set(names) and manifest["python_version"] == "3.11"
+    assert set(manifest["wheels"]) == set(names) and manifest["python_version"] == "3.12"
     package_files = zipfile.ZipFile(out / names[1]).namelist()
     assert "kaggle_utils/kaggle_tools/wheels.py" in package_files
     assert "kaggle_utils/commands/kaggle.py" in package_files
@@ -801,3 +801,128 @@ def test_upload_staging_that_is_inside_or_around_the_folder_is_refused(fake_kagg
     assert err.count("\n") == 1 and "is inside the folder to upload" in err
     assert fake_kaggle.calls("StartBlobUpload") == [] and fake_kaggle.calls("CreateDataset") == []
     assert list((artifact / "tmp").iterdir()) == []
+
+
+# --------------------------------------------------------------------------- build-wheels: the target image
+
+
+def _wheel(folder: Path, name: str, version: str, requires: list[str], requires_python: str | None = None) -> Path:
+    """A minimal pure-Python wheel whose METADATA declares `requires` (what pip download copies as it is)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    stem = f"{name.replace('-', '_')}-{version}"
+    lines = ["Metadata-Version: 2.1", f"Name: {name}", f"Version: {version}"]
+    lines += [f"Requires-Python: {requires_python}"] if requires_python else []
+    lines += [f"Requires-Dist: {requirement}" for requirement in requires]
+    path = folder / f"{stem}-py3-none-any.whl"
+    with zipfile.ZipFile(path, "w") as wheel:
+        wheel.writestr(f"{name.replace('-', '_')}/__init__.py", "")
+        wheel.writestr(f"{stem}.dist-info/METADATA", "\n".join(lines) + "\n")
+        wheel.writestr(f"{stem}.dist-info/WHEEL", "Wheel-Version: 1.0\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        wheel.writestr(f"{stem}.dist-info/RECORD", "")
+    return path
+
+
+def _build_from(source: Path, out: Path, packages: list[str], image, python: str | None = None) -> object:
+    cfg = KaggleConfig(wheel_python_version=python or image.python)
+    return build_wheels(out, cfg, packages=packages, include_package=False, image=image,
+                        pip_args=["--no-index", "--find-links", str(source)])
+
+
+@pytest.fixture
+def no_pip_config(monkeypatch):
+    for name in [k for k in os.environ if k.startswith("PIP_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("PIP_CONFIG_FILE", os.devnull)
+
+
+def test_build_wheels_refuses_a_wheel_that_needs_a_newer_torch_than_the_image(tmp_path, no_pip_config):
+    from kaggle_utils.kaggle_tools.wheels import KaggleImage
+
+    source = tmp_path / "source"
+    _wheel(source, "arena-accel", "1.16.0", ["numpy>=1.17", "torch>=2.6.0", "arena-dep>=1.0"])
+    _wheel(source, "arena-dep", "1.2.0", ['torch<2; python_version < "3.0"'])
+    out = tmp_path / "wheels"
+    image = KaggleImage(python="3.11", platform="manylinux_2_35_x86_64", packages={"torch": "2.5.1"})
+    with pytest.raises(UsageError, match=r"^build-wheels: arena_accel-1\.16\.0-py3-none-any\.whl requires "
+                                         r"torch>=2\.6\.0, but the target image has torch 2\.5\.1 \(kaggle_image\.json\)$"):
+        _build_from(source, out, ["arena-accel==1.16.0", "arena-dep==1.2.0"], image)
+    assert not (out / "wheels.json").exists() and not (out / "requirements.txt").exists()
+    # the same closure against an image with torch 2.6: built, and what could not be checked is said
+    image = KaggleImage(python="3.11", platform="manylinux_2_35_x86_64", packages={"torch": "2.6.0"})
+    report = _build_from(source, out, ["arena-accel==1.16.0", "arena-dep==1.2.0"], image)
+    manifest = json.loads((out / "wheels.json").read_text())
+    assert manifest["image"]["packages"] == {"torch": "2.6.0"} and manifest["python_version"] == "3.11"
+    assert manifest["unchecked"] == {"numpy": "numpy>=1.17 (arena_accel-1.16.0-py3-none-any.whl)"}
+    assert "not checked" in report.summary()
+
+
+def test_build_wheels_refuses_a_wheel_for_another_python(tmp_path, no_pip_config):
+    """pip download already refuses a downloaded wheel for another Python; the check covers every wheel in the
+    folder (the kaggle_utils wheel built here, wheels left by an earlier build) the same way."""
+    from kaggle_utils.kaggle_tools.wheels import KaggleImage, check_against_image
+
+    wheel = _wheel(tmp_path / "w", "arena-tf", "5.25.0", ["torch>=2.6"], requires_python=">=3.11.0")
+    image = KaggleImage(python="3.10", platform="manylinux_2_35_x86_64", packages={"torch": "2.6.0"})
+    with pytest.raises(UsageError, match=r"^build-wheels: arena_tf-5\.25\.0-py3-none-any\.whl requires Python "
+                                         r">=3\.11\.0, but the target image has Python 3\.10 \(kaggle\.wheel_python_version, by "
+                                         r"default kaggle_image\.json's\)$"):
+        check_against_image([wheel], "3.10", image)
+    assert check_against_image([wheel], "3.11", image) == {}
+    source = tmp_path / "source"
+    _wheel(source, "arena-tf", "5.25.0", [], requires_python=">=3.11.0")
+    with pytest.raises(UsageError, match=r"requires a different Python: 3\.10\.0 not in '>=3\.11\.0'"):
+        _build_from(source, tmp_path / "wheels", ["arena-tf==5.25.0"], image)
+    # kaggle.wheel_python_version (default: the image file's Python) is the Python checked
+    report = _build_from(source, tmp_path / "w311", ["arena-tf==5.25.0"], image, python="3.11")
+    assert [path.name for path in report.wheels] == ["arena_tf-5.25.0-py3-none-any.whl"]
+
+
+def test_build_wheels_refuses_a_bundle_that_contradicts_itself(tmp_path, no_pip_config):
+    from kaggle_utils.kaggle_tools.wheels import KaggleImage
+
+    source = tmp_path / "source"
+    _wheel(source, "arena-peft", "0.22.0", ["arena-accel>=2.0"])
+    _wheel(source, "arena-accel", "1.16.0", [])
+    image = KaggleImage(python="3.12", platform="manylinux_2_35_x86_64", packages={"torch": "2.10.0"})
+    with pytest.raises(UsageError, match=r"^build-wheels: arena_peft-0\.22\.0-py3-none-any\.whl requires "
+                                         r"arena-accel>=2\.0, but the bundle has arena-accel 1\.16\.0$"):
+        _build_from(source, tmp_path / "wheels", ["arena-peft==0.22.0", "arena-accel==1.16.0"], image)
+
+
+def test_the_target_image_is_stated_once():
+    """kaggle_image.json is where Kaggle's Python and torch are written; the config and the docs follow it."""
+    from kaggle_utils.kaggle_tools.wheels import IMAGE_FILE, kaggle_image
+
+    image = kaggle_image()
+    assert IMAGE_FILE.name == "kaggle_image.json" and set(image.packages) >= {"torch"}
+    assert KaggleConfig().wheel_python_version == image.python
+    assert KaggleConfig().wheel_platform == image.platform
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "KAGGLE_WORKFLOW.md").read_text()
+    assert f"Python {image.python}" in docs and f"torch {image.packages['torch']}" in docs
+
+
+def test_pyproject_bounds_admit_only_what_the_bundled_versions_install_on():
+    """requires-python and the torch floor in pyproject.toml are at least what every wheel build-wheels bundles
+    (the versions installed here) requires: a Python or torch pyproject allows can install the bundle."""
+    from importlib import metadata
+
+    import tomllib
+    from packaging.requirements import Requirement
+    from packaging.specifiers import SpecifierSet
+
+    project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]
+    python_floor = next(s.version for s in SpecifierSet(project["requires-python"]) if s.operator == ">=")
+    torch = next(Requirement(line) for line in project["dependencies"] if Requirement(line).name == "torch")
+    torch_floor = next(s.version for s in torch.specifier if s.operator == ">=")
+    cfg = KaggleConfig()
+    pins, _ = dependency_closure(cfg.wheel_packages, cfg.wheel_exclude)
+    for name in pins:
+        dist = metadata.distribution(name)
+        requires_python = dist.metadata.get("Requires-Python")
+        if requires_python:
+            assert SpecifierSet(requires_python).contains(python_floor), (name, requires_python, python_floor)
+        for line in dist.requires or []:
+            requirement = Requirement(line)
+            if requirement.name == "torch" and (requirement.marker is None
+                                                or requirement.marker.evaluate({"extra": ""})):
+                assert requirement.specifier.contains(torch_floor), (name, line, torch_floor)

@@ -9,10 +9,16 @@ installed HERE, and their dependencies minus the excluded ones, all for Kaggle's
     pip install --no-index --find-links /kaggle/input/<wheels> -r /kaggle/input/<wheels>/requirements.txt
 
 so pip keeps every dependency the image already satisfies and takes the rest from the folder.
+
+The target image (Python, platform, the torch it ships) is stated once, in
+kaggle_utils/resources/kaggle_image.json. Before the folder is declared built, every wheel's METADATA is
+checked against it (`check_against_image`): its Requires-Python, and each requirement on a package the image
+ships at a known version or on another bundled wheel; the first that cannot hold fails the build.
 """
 
 from __future__ import annotations
 
+import email.parser
 import fnmatch
 import json
 import re
@@ -20,17 +26,22 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
+import zipfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata as importlib_metadata
 from pathlib import Path
 
+from packaging.markers import default_environment
 from packaging.requirements import InvalidRequirement, Requirement
-from packaging.utils import canonicalize_name
+from packaging.specifiers import InvalidSpecifier, SpecifierSet
+from packaging.utils import InvalidWheelFilename, canonicalize_name, parse_wheel_filename
+from packaging.version import Version
 
 from kaggle_utils import __version__
-from kaggle_utils.config import KaggleConfig
+from kaggle_utils.config import KAGGLE_IMAGE_FILE, KaggleConfig
 from kaggle_utils.errors import UsageError
 from kaggle_utils.fileio import file_sha256
 
@@ -38,6 +49,34 @@ PACKAGE_NAME = "kaggle-utils"
 REQUIREMENTS_FILE = "requirements.txt"
 MANIFEST_FILE = "wheels.json"
 _MANYLINUX = re.compile(r"^manylinux_(\d+)_(\d+)_(\w+)$")
+
+
+IMAGE_FILE = KAGGLE_IMAGE_FILE
+
+
+@dataclass(frozen=True)
+class KaggleImage:
+    """The notebook image the wheels are for: its Python, platform, and versions of packages it ships
+    (canonical name -> version; a shipped package not listed is not checked)."""
+
+    python: str
+    platform: str
+    packages: dict[str, str] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        shipped = ", ".join(f"{name} {version}" for name, version in sorted(self.packages.items()))
+        return f"Python {self.python}, {self.platform}" + (f", {shipped}" if shipped else "")
+
+
+def kaggle_image(path: str | Path = IMAGE_FILE) -> KaggleImage:
+    """The target image as kaggle_image.json states it."""
+    path = Path(path)
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+        packages = {canonicalize_name(name): str(version) for name, version in raw.get("packages", {}).items()}
+        return KaggleImage(python=str(raw["python"]), platform=str(raw["platform"]), packages=packages)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        raise UsageError(f"{path}: not a readable target image ({type(error).__name__}: {error})") from None
 
 
 @dataclass
@@ -48,17 +87,108 @@ class WheelsReport:
     wheels: list[Path] = field(default_factory=list)
     requirements: list[str] = field(default_factory=list)
     excluded: dict[str, str] = field(default_factory=dict)  # distribution -> reason
+    unchecked: dict[str, str] = field(default_factory=dict)  # required package -> requirement (wheel)
+    seconds: float | None = None
 
     def install_command(self, mounted_at: str = "/kaggle/input/<dataset>") -> str:
         return f"pip install --no-index --find-links {mounted_at} -r {mounted_at}/{REQUIREMENTS_FILE}"
 
     def summary(self) -> str:
         size = sum(path.stat().st_size for path in self.wheels) / 2**20
-        lines = [f"{self.out_dir}: {len(self.wheels)} wheels, {size:.1f} MiB"]
+        took = f" in {self.seconds:.1f} s" if self.seconds is not None else ""
+        lines = [f"{self.out_dir}: {len(self.wheels)} wheels, {size:.1f} MiB{took}"]
         lines += [f"  {path.name}" for path in sorted(self.wheels)]
         lines += [f"  left out {name}: {reason}" for name, reason in sorted(self.excluded.items())]
+        lines += [f"  not checked (not bundled; its version in the image is not recorded): {requirement}"
+                  for _, requirement in sorted(self.unchecked.items())]
         lines.append(f"  install on Kaggle: {self.install_command()}")
         return "\n".join(lines)
+
+
+def wheel_metadata(path: Path) -> email.message.Message:
+    """The METADATA of a wheel file (its *.dist-info/METADATA)."""
+    try:
+        with zipfile.ZipFile(path) as wheel:
+            names = [name for name in wheel.namelist()
+                     if name.count("/") == 1 and name.endswith(".dist-info/METADATA")]
+            if len(names) != 1:
+                raise UsageError(f"build-wheels: {path.name} has {len(names)} .dist-info/METADATA files, not one")
+            text = wheel.read(names[0]).decode("utf-8", errors="replace")
+    except (OSError, zipfile.BadZipFile) as error:
+        raise UsageError(f"build-wheels: {path.name} is not a readable wheel ({error})") from None
+    return email.parser.Parser().parsestr(text, headersonly=True)
+
+
+def _target_environment(python_version: str, platform: str) -> dict[str, str]:
+    """Marker values for the target image (extras off), for Requires-Dist lines such as `x; python_version < "3.12"`."""
+    environment = dict(default_environment())
+    release = Version(python_version).release
+    environment.update(
+        python_version=".".join(str(part) for part in (release + (0,))[:2]),
+        python_full_version=".".join(str(part) for part in (release + (0, 0))[:3]),
+        sys_platform="linux", platform_system="Linux", os_name="posix",
+        implementation_name="cpython", platform_python_implementation="CPython",
+        extra="",
+    )
+    machine = _MANYLINUX.match(platform)
+    if machine:
+        environment["platform_machine"] = machine.group(3)
+    return environment
+
+
+def check_against_image(
+    wheels: Iterable[Path], python_version: str, image: KaggleImage, source: str | Path = IMAGE_FILE
+) -> dict[str, str]:
+    """Raise a one-line UsageError naming the wheel and the requirement unless every wheel installs on `image`.
+
+    Checked from each wheel's METADATA: Requires-Python against `python_version`; each Requires-Dist whose
+    marker holds on the image against the version the image ships (`image.packages`) or, for a bundled
+    package, the bundled version. Returns the requirements that could not be checked (on a package neither
+    bundled nor listed with a version in the image): name -> "requirement (wheel)".
+    """
+    wheels = sorted(wheels)
+    bundled: dict[str, str] = {}
+    for path in wheels:
+        try:
+            name, version, _, _ = parse_wheel_filename(path.name)
+        except InvalidWheelFilename as error:
+            raise UsageError(f"build-wheels: {path.name}: not a wheel file name ({error})") from None
+        bundled[canonicalize_name(name)] = str(version)
+    environment = _target_environment(python_version, image.platform)
+    target_python = Version(python_version)
+    source = Path(source).name
+    unchecked: dict[str, str] = {}
+    for path in wheels:
+        metadata = wheel_metadata(path)
+        requires_python = metadata.get("Requires-Python")
+        if requires_python:
+            try:
+                allowed = SpecifierSet(requires_python).contains(target_python, prereleases=True)
+            except InvalidSpecifier:
+                raise UsageError(f"build-wheels: {path.name}: unreadable Requires-Python {requires_python!r}") from None
+            if not allowed:
+                raise UsageError(f"build-wheels: {path.name} requires Python {requires_python}, but the target image "
+                                 f"has Python {python_version} (kaggle.wheel_python_version, by default {source}'s)")
+        for line in metadata.get_all("Requires-Dist") or []:
+            try:
+                requirement = Requirement(line)
+            except InvalidRequirement:
+                raise UsageError(f"build-wheels: {path.name}: unreadable Requires-Dist {line!r}") from None
+            if requirement.marker is not None and not requirement.marker.evaluate(environment):
+                continue
+            name = canonicalize_name(requirement.name)
+            shown = f"{requirement.name}{requirement.specifier}"
+            if name in image.packages:
+                if not requirement.specifier.contains(image.packages[name], prereleases=True):
+                    raise UsageError(f"build-wheels: {path.name} requires {shown}, but the target image has "
+                                     f"{name} {image.packages[name]} ({source})")
+            elif name in bundled:
+                if not requirement.specifier.contains(bundled[name], prereleases=True):
+                    raise UsageError(f"build-wheels: {path.name} requires {shown}, but the bundle has "
+                                     f"{name} {bundled[name]}")
+            else:
+                unchecked.setdefault(name, f"{shown} ({path.name})")
+    return unchecked
 
 
 def _is_excluded(name: str, exclude: Iterable[str]) -> bool:
@@ -162,13 +292,18 @@ def build_wheels(
     include_dependencies: bool = True,
     packages: Sequence[str] | None = None,
     pip_args: Sequence[str] = (),
+    image: KaggleImage | None = None,
 ) -> WheelsReport:
     """Fill `out_dir` with the wheels an offline notebook needs, plus requirements.txt and wheels.json.
 
     `packages` overrides `cfg.wheel_packages`; an entry `name==version` is downloaded as given (it need not be
     installed here, and its dependencies are not followed). `pip_args` go to `pip download` (an index or
-    `--no-index --find-links DIR`)."""
+    `--no-index --find-links DIR`). Every wheel in the folder is checked against `image` (default:
+    kaggle_image.json) for Python `cfg.wheel_python_version` (`check_against_image`); on a failure the folder
+    keeps its wheels but no requirements.txt or wheels.json, so it is not taken for a built bundle."""
+    started = time.monotonic()
     cfg = cfg or KaggleConfig()
+    image = image or kaggle_image()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     report = WheelsReport(out)
@@ -201,15 +336,24 @@ def build_wheels(
         report.requirements.append(f"{PACKAGE_NAME}=={__version__}")
 
     report.wheels = sorted(out.glob("*.whl"))
+    try:
+        report.unchecked = check_against_image(report.wheels, cfg.wheel_python_version, image)
+    except UsageError:
+        for stale in (out / REQUIREMENTS_FILE, out / MANIFEST_FILE):
+            stale.unlink(missing_ok=True)
+        raise
     (out / REQUIREMENTS_FILE).write_text("\n".join(report.requirements) + "\n", encoding="utf-8")
     manifest = {
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "python_version": cfg.wheel_python_version,
         "platform": cfg.wheel_platform,
+        "image": {"python": image.python, "platform": image.platform, "packages": image.packages},
         "requirements": report.requirements,
         "wheels": {path.name: file_sha256(path) for path in report.wheels},
         "left_out": report.excluded,
+        "unchecked": report.unchecked,
         "install": report.install_command(),
     }
     (out / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    report.seconds = time.monotonic() - started
     return report
