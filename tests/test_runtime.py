@@ -171,7 +171,7 @@ def test_find_inputs_ambiguity_is_an_error_naming_candidates_and_a_hint_resolves
     with pytest.raises(UsageError, match="2 candidates for the artifact.*other-artifact"):
         rt.find_inputs(tmp_path)
     assert rt.find_inputs(tmp_path, artifact_hint="other-artifact").artifact_dir == second
-    assert rt.find_inputs(tmp_path, artifact_hint="qlora", test_hint="extra").test_path.parent.name == "lmsys-extra-data"
+    assert rt.find_inputs(tmp_path, artifact_hint="qlora", test_hint="lmsys-extra-data").test_path.parent.name == "lmsys-extra-data"
     with pytest.raises(UsageError, match="matches 'nothing-like-this'"):
         rt.find_inputs(tmp_path, artifact_hint="nothing-like-this")
 
@@ -228,3 +228,51 @@ def test_machine_facts_for_records_are_readable_here():
     assert isinstance(cpu_model(), str) and cpu_model()
     memory = total_memory_gb()
     assert memory is None or memory > 0
+
+
+def test_find_inputs_hints_match_whole_names_not_substrings(tmp_path):
+    """`arena-ensemble` names that folder, not `arena-ensemble2` too; several names (a/b) must be consecutive."""
+    _touch(tmp_path / "comp" / "test.csv")
+    wanted = tmp_path / "me" / "arena-ensemble"
+    _touch(wanted / "manifest.json", "{}")
+    _touch(tmp_path / "me" / "arena-ensemble2" / "manifest.json", "{}")
+    assert rt.find_inputs(tmp_path, artifact_hint="arena-ensemble").artifact_dir == wanted
+    assert rt.find_inputs(tmp_path, artifact_hint="me/arena-ensemble").artifact_dir == wanted
+    with pytest.raises(UsageError, match=r"no artifact under .* matches 'arena-ens' \(whole names"):
+        rt.find_inputs(tmp_path, artifact_hint="arena-ens")
+    with pytest.raises(UsageError, match="no artifact under .* matches 'arena-ensemble/me'"):
+        rt.find_inputs(tmp_path, artifact_hint="arena-ensemble/me")
+
+
+def test_find_inputs_takes_a_given_artifact_or_test_file_without_searching_for_it(tmp_path):
+    """Two artifacts attached and the artifact given: only the test file is looked for, so no ambiguity."""
+    artifact = _kaggle_like(tmp_path)
+    _touch(tmp_path / "other-artifact" / "manifest.json", "{}")
+    with pytest.raises(UsageError, match="2 candidates for the artifact"):
+        rt.find_inputs(tmp_path)
+    found = rt.find_inputs(tmp_path, artifact_dir=artifact)
+    assert found.artifact_dir == artifact and found.baseline_path == artifact / "baseline.json"
+    assert found.test_path == tmp_path / "competitions" / "llm-classification-finetuning" / "test.csv"
+    given_test = tmp_path / "lmsys-extra-data" / "test.csv"
+    found = rt.find_inputs(tmp_path, artifact_hint="qlora", test_path=given_test)
+    assert found.test_path == given_test and found.artifact_dir == artifact
+    # an explicit artifact outside the root is taken as it is
+    outside = tmp_path.parent / f"{tmp_path.name}-outside-artifact"
+    assert rt.find_inputs(tmp_path, artifact_dir=outside).artifact_dir == outside
+
+
+def test_offline_hub_sets_what_the_user_did_not(monkeypatch):
+    import huggingface_hub.constants
+
+    for name in rt.OFFLINE_ENV:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "0")  # the user's own choice stays
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    assert rt.use_offline_hub() == ["HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"]
+    assert rt.os.environ["HF_HUB_OFFLINE"] == "1" and rt.os.environ["TRANSFORMERS_OFFLINE"] == "1"
+    assert rt.os.environ["HF_DATASETS_OFFLINE"] == "0"
+    assert huggingface_hub.constants.HF_HUB_OFFLINE  # read once at import: set for an imported hub too
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    rt.use_offline_hub()
+    assert not huggingface_hub.constants.HF_HUB_OFFLINE  # HF_HUB_OFFLINE=0 set by the user wins

@@ -36,6 +36,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--token-budget", type=int, help=f"padded tokens per batch (default {defaults.token_budget})")
     parser.add_argument("--layout", choices=("shared_queue", "view_per_device"), help="work layout over GPUs")
     parser.add_argument("--strict", action="store_true", help="exit 1 after writing if any error was absorbed")
+    parser.add_argument("--write-fallback-over-previous", action="store_true",
+                        help="when no row came from the model, write the fallback-filled file at --out even over "
+                             "a valid previous submission (default: keep it, write <stem>.fallback.csv beside)")
     parser.add_argument("--no-verify-hashes", action="store_true",
                         help="skip checking the artifact's files against their manifest sha256 (~10-15 s for "
                              "an 8-bit 9B artifact); only for an artifact you just checked")
@@ -45,8 +48,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     parser = subparsers.add_parser("find-inputs", help="show the artifact / test file / wheels found under a root")
     parser.add_argument("root", nargs="?", help="input root (default /kaggle/input, else ./data)")
-    parser.add_argument("--artifact-hint", help="substring of the wanted artifact path")
-    parser.add_argument("--test-hint", help="substring of the wanted test file path")
+    parser.add_argument("--artifact-hint",
+                        help="a folder name in the wanted artifact's path (whole names; several as a/b)")
+    parser.add_argument("--test-hint", help="a folder or file name in the wanted test file's path (whole names)")
     parser.set_defaults(handler=find_inputs)
 
 
@@ -69,15 +73,19 @@ def inference_config(args: argparse.Namespace) -> InferenceConfig:
 
 
 def predict(args: argparse.Namespace) -> int:
-    """Exit 0 only when the model served every row. Invalid settings: exit 2 before anything is written.
-    Rows served by the fallback (a broken artifact, an unreadable test row, the deadline): the valid file is
-    written, the fallback count printed first, exit 1 (except in Kaggle's competition rerun, see
-    `inference.raise_if_fallback`)."""
+    """Exit 0 only when the model served every row. Invalid settings, an output that is an input, a file that
+    cannot be written (disk full): one line, exit 2, the previous file intact. Rows served by the fallback (a
+    broken artifact, an unreadable test row, the deadline) or an ensemble member that served none: the valid
+    file is written, the fallback count printed first, exit 1 (except in Kaggle's competition rerun, see
+    `inference.raise_if_fallback`). When no row came from the model a valid previous submission at --out is
+    kept and this run's file goes beside it, unless --write-fallback-over-previous (the rule:
+    `inference.predict`)."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     cfg = inference_config(args)
     try:
         report = run_predict(args.artifact, args.test, args.out, cfg, fallback_path=args.fallback,
-                             dialect=args.dialect)
+                             dialect=args.dialect,
+                             fallback_over_previous=getattr(args, "write_fallback_over_previous", False))
     except InferenceError as error:
         print(f"error (submission written): {error}", file=sys.stderr)
         return 1
@@ -90,7 +98,8 @@ def predict(args: argparse.Namespace) -> int:
     try:
         raise_if_fallback(report)
     except InferenceError as error:  # the summary inside names the first error
-        print(f"error (submission written): {' '.join(str(error).split())}", file=sys.stderr)
+        kept = "previous submission kept" if report.previous_kept else "submission written"
+        print(f"error ({kept}): {' '.join(str(error).split())}", file=sys.stderr)
         return 1
     return 0
 
