@@ -3,6 +3,8 @@
 Each command group lives in `kaggle_utils/commands/<group>.py` and exposes `register(subparsers)`, which adds
 its subcommands with `set_defaults(handler=...)`. A handler returns the exit code. `UsageError`
 (kaggle_utils.errors: bad input a user can fix) becomes one line on stderr and exit code 2, never a traceback.
+Every command runs with the Hugging Face Hub offline (`runtime.use_offline_hub`: nothing here downloads from it;
+a variable the user set is kept).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import sys
 
 from kaggle_utils.commands import data, inference, kaggle, modeling, models, study
 from kaggle_utils.errors import UsageError
+from kaggle_utils.runtime import use_offline_hub
 
 # Imported above (not by name at run time), so the package's import graph is what the source says.
 COMMAND_MODULES = {"data": data, "modeling": modeling, "inference": inference, "kaggle": kaggle,
@@ -28,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    use_offline_hub()
     args = build_parser().parse_args(argv)
     try:
         return int(args.handler(args) or 0)

@@ -47,10 +47,12 @@ import dataclasses
 import gc
 import json
 import logging
+import math
+import os
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,7 +64,7 @@ from tqdm.auto import tqdm
 
 from kaggle_utils import tpu, workers
 from kaggle_utils.artifacts import MANIFEST_NAME, check_ensemble_manifest, load_artifact
-from kaggle_utils.baseline import BaselineModel
+from kaggle_utils.baseline import BaselineModel, baseline_manifest_path
 from kaggle_utils.batching import token_budget_batches
 from kaggle_utils.calibration import apply_calibration
 from kaggle_utils.config import LABEL_COLUMNS, DataConfig, InferenceConfig, validate_section
@@ -77,14 +79,16 @@ from kaggle_utils.device_forward import (  # WorkerLost, make_forward, is_out_of
 )
 from kaggle_utils.dialects import dialect_names, dialect_of_manifest, get_dialect
 from kaggle_utils.errors import SubmissionError, UsageError
-from kaggle_utils.fileio import atomic_write_bytes, check_not_an_input, check_output_target
+from kaggle_utils.fileio import atomic_write_bytes, check_output_apart, check_output_target
 from kaggle_utils.formatting import TTA_SPACES, average_views, encode_both_orders, encode_rows, swap_probs
 from kaggle_utils.runtime import (
     default_submission_path,
     detect_runtime,
     find_inputs,
+    find_test_file,
     is_competition_rerun,
     on_kaggle,
+    use_offline_hub,
 )
 from kaggle_utils.submission import read_test_ids
 
@@ -742,12 +746,21 @@ class InferenceReport:
     deadline_s: float | None = None  # seconds from predict()'s start left for the whole run
     fallback_file: str = ""  # where the early fallback submission was written (the output, or beside it)
     members: list[dict] = field(default_factory=list)  # an ensemble's members: weight, rows served, schedule
+    # Rows a model predicted (an ensemble's: rows a model member served; an ensemble of baseline / prior members
+    # only: rows any member served). None of them: the run's file goes beside a valid previous submission.
+    model_rows: int = 0
+    previous_kept: bool = False  # a valid previous submission stayed at `submission_path` (see `predict`)
     report_written: bool = False
     errors: list[dict] = field(default_factory=list)
 
     @property
+    def written_path(self) -> Path:
+        """The file this run's predictions are in: `submission_path`, or beside it when the previous was kept."""
+        return Path(self.fallback_file if self.previous_kept else self.submission_path)
+
+    @property
     def report_path(self) -> Path:
-        return report_path_for(self.submission_path)
+        return report_path_for(self.written_path)
 
     @property
     def fallback_rows(self) -> int:
@@ -757,7 +770,9 @@ class InferenceReport:
     def summary(self) -> str:
         """One line; it starts with the fallback count when any row fell back, the thing to see first."""
         paths = ", ".join(f"{name} {count}" for name, count in self.rows_by_path.items() if count)
-        text = f"{self.submission_path}: {self.rows} rows ({paths}); fallback = {self.fallback_source}"
+        text = f"{self.written_path}: {self.rows} rows ({paths}); fallback = {self.fallback_source}"
+        if self.previous_kept:
+            text += f"; the valid previous {self.submission_path} kept"
         if self.fallback_rows:
             text = f"FALLBACK {self.fallback_rows} of {self.rows} rows; " + text
         if self.schedule.get("tta_dropped"):
@@ -789,13 +804,31 @@ def fallback_path_for(submission_path: str | Path) -> Path:
 
 
 def raise_if_fallback(report: InferenceReport) -> None:
-    """Raise InferenceError when any row was served by the fallback, after the file was written; in Kaggle's
-    hidden competition rerun only log it (the written file is the submission and the notebook must finish)."""
-    if not report.fallback_rows:
+    """Raise InferenceError when any row was served by the fallback, or an ensemble member with a weight served
+    none of the rows (it failed entirely: the blend shipped is not what was predicted), after the file was
+    written; in Kaggle's hidden competition rerun only log it (the written file is the submission and the
+    notebook must finish)."""
+    silent = [member for member in report.members
+              if member.get("weight") and not member.get("rows_served") and report.rows]
+    if not report.fallback_rows and not silent:
         return
 
-    message = (f"{report.fallback_rows} of {report.rows} rows were predicted by the fallback "
-               f"({report.fallback_source}), not the model; the submission was written: {report.summary()}")
+    if report.fallback_rows:
+        message = (f"{report.fallback_rows} of {report.rows} rows were predicted by the fallback "
+                   f"({report.fallback_source}), not the model")
+    else:
+        member = silent[0]
+        first = next((error for error in report.errors if error.get("where") == f"ensemble member {member['name']}"
+                      or error.get("member") == member["name"]), {})
+        message = (f"ensemble member {member['name']} served none of the {report.rows} rows "
+                   f"({first.get('type', 'no error recorded')}: {first.get('message', '')}); the other members "
+                   f"predicted them")
+    if report.previous_kept:
+        message += (f"; the valid previous submission {report.submission_path} was kept; this run's file is "
+                    f"{report.written_path} (--write-fallback-over-previous writes it at the output instead): "
+                    f"{report.summary()}")
+    else:
+        message += f"; the submission was written: {report.summary()}"
     if is_competition_rerun():
         logger.warning("competition rerun, so not failing: %s", message)
         return
@@ -809,8 +842,39 @@ def validate_inference_config(cfg: InferenceConfig) -> None:
     validate_section(cfg)
 
 
+def predict_inputs(artifact_dir: str | Path | None, test_path: str | Path,
+                   fallback_path: str | Path | None = None) -> list[tuple[str, Path]]:
+    """Every file and folder `predict` reads, as (what, path) for `fileio.check_output_apart`: the test file, the
+    fallback baseline and its manifest, the artifact, and an ensemble's members (a model member's folder, a
+    baseline member's file and its manifest). The manifest is read leniently: one that cannot be read names
+    no members (the run then falls back and says why)."""
+    inputs: list[tuple[str, Path]] = [("test file", Path(test_path))]
+    if fallback_path is not None:
+        inputs += [("fallback baseline", Path(fallback_path)),
+                   ("fallback baseline's manifest", baseline_manifest_path(fallback_path))]
+    if artifact_dir is None:
+        return inputs
+    inputs.append(("artifact", Path(artifact_dir)))
+    try:
+        manifest = json.loads((Path(artifact_dir) / MANIFEST_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return inputs
+    if not isinstance(manifest, dict) or manifest.get("kind") != "ensemble":
+        return inputs
+    for index, entry in enumerate(manifest.get("members") or []):
+        if not isinstance(entry, dict) or not isinstance(entry.get("path"), str) or not entry["path"]:
+            continue
+        path = Path(entry["path"])
+        path = path if path.is_absolute() else Path(os.path.normpath(Path(artifact_dir) / path))
+        name = f"ensemble member {entry.get('name') or f'members[{index}]'}"
+        inputs.append((name, path))
+        if not path.is_dir():  # a baseline member: its sha256 manifest beside it is read too
+            inputs.append((f"{name}'s manifest", baseline_manifest_path(path)))
+    return inputs
+
+
 def predict(
-    artifact_dir: str | Path,
+    artifact_dir: str | Path | None,
     test_path: str | Path,
     out_path: str | Path,
     cfg: InferenceConfig | None = None,
@@ -822,8 +886,35 @@ def predict(
     runtime: Any = None,
     wrap_forward: Callable[[ForwardFn, str], ForwardFn] | None = None,
     dialect: str | None = None,
+    fallback_over_previous: bool = False,
+    input_error: BaseException | None = None,
 ) -> InferenceReport:
     """Write a valid submission for `test_path` with the artifact's model; see the module docstring.
+
+    Which file a run leaves (the one rule; the CLI and the notebook follow it):
+
+    * Refused before anything is written (UsageError, CLI exit 2): invalid settings, a device that is not
+      there, unreadable test ids, and an output (the submission, its `.inference.json` report, the
+      `.fallback.csv` beside it and that file's report) that is, contains or lies inside anything the run
+      reads (`predict_inputs`: the test file, the fallback baseline, the artifact, every ensemble member).
+    * A valid file exists from the first seconds: the fallback (baseline, else the manifest's class prior,
+      else uniform) is written at `out_path`, or beside it as `<stem>.fallback.csv` when `out_path` already
+      holds a valid submission for this test file (so a run killed midway leaves the previous file in place).
+    * At the end the predictions are written at `out_path`, except when no row came from a model
+      (`InferenceReport.model_rows == 0`: a broken artifact, every member of an ensemble's models failing,
+      unreadable test rows) and `out_path` holds a valid previous submission: that file is kept and this run's
+      fallback-filled file stays beside it (`report.previous_kept`, `report.written_path`), its report beside
+      it. `fallback_over_previous=True` (CLI `--write-fallback-over-previous`) writes it at `out_path`
+      instead, and so does Kaggle's competition rerun (KAGGLE_IS_COMPETITION_RERUN), where a valid file is
+      what scores.
+    * Any fallback row (or an ensemble member that served no row) is a failed run: `raise_if_fallback`, which
+      the CLI (exit 1) and the notebook call after the file is written, except in the competition rerun.
+    * The file cannot be written (disk full, no permission): `fileio.WriteError` naming the path (CLI: one
+      line, exit 2); the previous file is intact.
+
+    `artifact_dir` None (with `input_error`): no artifact could be chosen; every row is the fallback's.
+    `input_error`: a problem met before predict (`run_submission`: finding the inputs, refused settings):
+    recorded first, and no model runs.
 
     The competition dialect (how the test file is read, which submission file is written and validated) is
     `dialect` when given, else the manifest's `dialect` field, else LMSYS (artifacts from before the field).
@@ -839,15 +930,17 @@ def predict(
 
     cfg = cfg or InferenceConfig()
     validate_inference_config(cfg)
+    use_offline_hub()  # nothing here downloads; bitsandbytes' import would otherwise ask the Hub for a kernel
     chosen = resolve_dialect(artifact_dir, dialect, test_path)
     if data_cfg is not None and data_cfg.format != chosen.name:
         raise UsageError(f"data format {data_cfg.format!r} but the dialect is {chosen.name!r} "
                          f"({'given' if dialect else 'from the artifact manifest'}): they must agree")
     out_path = Path(out_path)
-    inputs = [("test file", test_path), ("fallback baseline", fallback_path), ("artifact", artifact_dir)]
-    for output in (out_path, report_path_for(out_path), fallback_path_for(out_path)):
+    inputs = predict_inputs(artifact_dir, test_path, fallback_path)
+    for output in (out_path, report_path_for(out_path), fallback_path_for(out_path),
+                   report_path_for(fallback_path_for(out_path))):
         check_output_target(output)
-        check_not_an_input(output, inputs)
+        check_output_apart(output, inputs)
     runtime_error: Exception | None = None
     if runtime is None:
         try:
@@ -861,7 +954,8 @@ def predict(
     budget = (cfg.deadline_hours - cfg.safety_margin_hours) * 3600.0 - spent_before
     deadline = began + budget
     report = InferenceReport(
-        submission_path=str(out_path), test_path=str(test_path), artifact_dir=str(artifact_dir),
+        submission_path=str(out_path), test_path=str(test_path),
+        artifact_dir=str(artifact_dir) if artifact_dir is not None else "",
         tta_requested=cfg.tta_swap, deadline_s=budget, dialect=chosen.name,
     )
 
@@ -873,6 +967,9 @@ def predict(
         first_error = first_error or error
         report.errors.append({"where": where, **_describe_error(error)})
         logger.error("%s failed: %r (rows go to the fallback)", where, error)
+
+    if input_error is not None:
+        record("the inputs and settings", input_error)
 
     # 1. The ids every row needs, read directly; then the parsed rows (a parse failure leaves ids only).
     ids = read_test_ids(test_path)
@@ -892,7 +989,7 @@ def predict(
     report.timings_s["read_test"] = clock() - began
 
     # 2. The fallback, and a valid submission made of it before any model work.
-    manifest = _read_manifest(artifact_dir, record)
+    manifest = _read_manifest(artifact_dir, record) if artifact_dir is not None else {}
     report.manifest = {key: manifest.get(key) for key in _MANIFEST_KEYS if key in manifest}
     fallback, report.fallback_source, fallback_errors = fallback_predictions(frame, len(ids), fallback_path, manifest)
     report.errors.extend(fallback_errors)
@@ -911,7 +1008,9 @@ def predict(
     blended: BlendedRows | None = None
 
     # 3. Models and the schedule; any failure here leaves the fallback in place.
-    if runtime_error is not None:
+    if input_error is not None or artifact_dir is None:
+        pass  # recorded above: nothing to run
+    elif runtime_error is not None:
         record("detecting the runtime", runtime_error)
     elif frame is not None:
         try:
@@ -932,12 +1031,17 @@ def predict(
         unserved = paths == PATH_FALLBACK
         final[unserved] = fallback[unserved]
         path_names = (PATH_TTA, PATH_ORIGINAL, PATH_SWAPPED, PATH_FALLBACK)
+        report.model_rows = int((~unserved).sum())
     report.rows_by_path = {name: int((paths == name).sum()) for name in path_names}
-    submission = chosen.write(ids, final, out_path, expected_ids=ids)
+    # No row from a model: a valid previous file stays (this run's file beside it), unless asked otherwise.
+    report.previous_kept = (early != out_path and report.rows > 0 and report.model_rows == 0
+                            and not fallback_over_previous and not is_competition_rerun())
+    submission = chosen.write(ids, final, report.written_path, expected_ids=ids)
     report.submission = submission.to_dict()
-    if early != out_path:
-        with contextlib.suppress(OSError):
-            early.unlink()
+    if early != out_path and not report.previous_kept:
+        for stale in (early, report_path_for(early)):  # the fallback beside, and a report an earlier run left
+            with contextlib.suppress(OSError):
+                stale.unlink()
     report.timings_s["total"] = clock() - began
     for error in report.schedule.get("errors", []):
         report.errors.append(error)
@@ -953,10 +1057,11 @@ def _write_report(report: InferenceReport, record: Callable[[str, BaseException]
     """The JSON report beside the submission. The submission is already complete, so a failure here is
     recorded, not raised, and a report left by an earlier run is removed (it would describe another file)."""
     path = report.report_path
+    report.report_written = True  # what the file says; reset when it could not be written
     try:
         atomic_write_bytes(path, json.dumps(report.to_dict(), indent=2, default=str).encode("utf-8"))
-        report.report_written = True
     except Exception as error:
+        report.report_written = False
         record(f"writing the report {path}", error)
         with contextlib.suppress(OSError):
             if path.is_file() and not path.is_symlink():
@@ -968,7 +1073,8 @@ _MANIFEST_KEYS = ("kind", "members", "calibration", "tta_space", "ordering", "va
                   "cv_scores", "package_version", "created_at", "class_prior", "dialect")
 
 
-def resolve_dialect(artifact_dir: str | Path, dialect: str | None = None, test_path: str | Path | None = None) -> Any:
+def resolve_dialect(artifact_dir: str | Path | None, dialect: str | None = None,
+                    test_path: str | Path | None = None) -> Any:
     """The `Dialect` to read the test file and write the submission with: `dialect` when given, else the
     artifact manifest's (LMSYS when the field is absent). With no readable manifest (the run will fall back on
     every row and report why), the one dialect whose test file has `test_path`'s suffix (test.parquet: WSDM),
@@ -978,7 +1084,7 @@ def resolve_dialect(artifact_dir: str | Path, dialect: str | None = None, test_p
         return get_dialect(dialect)
     try:
         manifest = json.loads((Path(artifact_dir) / MANIFEST_NAME).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, TypeError):  # TypeError: no artifact (None)
         manifest = None
     if isinstance(manifest, dict):
         return dialect_of_manifest(manifest)
@@ -1136,8 +1242,8 @@ def ensemble_members(ensemble_dir: str | Path, manifest: dict) -> list[EnsembleM
             raise UsageError(f"{where}: members[{index}] is malformed ({error!r})") from error
         if kind not in MEMBER_KINDS:
             raise UsageError(f"{where}: members[{index}].kind {kind!r} is not one of {list(MEMBER_KINDS)}")
-        if not weight >= 0:
-            raise UsageError(f"{where}: members[{index}].weight must be >= 0, got {weight}")
+        if not (math.isfinite(weight) and weight >= 0):
+            raise UsageError(f"{where}: members[{index}].weight must be >= 0 and finite, got {weight}")
         if kind != "prior" and path is None:
             raise UsageError(f"{where}: members[{index}] ({kind}) needs a path")
         if prior is not None and (len(prior) != len(LABEL_COLUMNS) or min(prior) < 0 or sum(prior) <= 0):
@@ -1149,6 +1255,9 @@ def ensemble_members(ensemble_dir: str | Path, manifest: dict) -> list[EnsembleM
                                       weight=weight, path=path, prior=prior, tta_space=tta_space))
     if not members or sum(m.weight for m in members) <= 0:
         raise UsageError(f"{where}: an ensemble needs members with positive weight")
+    if not math.isfinite(sum(m.weight for m in members)):
+        raise UsageError(f"{where}: the members' weights sum to inf (not finite): "
+                         f"{[m.weight for m in members]}; give weights that sum to a finite number (e.g. 1)")
     names = [m.name for m in members]
     repeated = sorted({name for name in names if names.count(name) > 1})
     if repeated:
@@ -1157,10 +1266,15 @@ def ensemble_members(ensemble_dir: str | Path, manifest: dict) -> list[EnsembleM
 
 
 def blend_members(member_probs: Sequence[np.ndarray], weights: Sequence[float]) -> BlendedRows:
-    """Weighted mean per row over the members whose row is finite (served); weights renormalised per row."""
+    """Weighted mean per row over the members whose row is finite (served); weights renormalised per row.
+    Weights are finite and >= 0 (`ensemble_members`); they are divided by their largest first, so huge or tiny
+    ones (1e308, 1e-320) neither overflow nor lose their ratio."""
     stacked = np.stack([np.asarray(p, dtype=np.float64) for p in member_probs])
     served = np.all(np.isfinite(stacked), axis=2)
-    w = np.asarray(weights, dtype=np.float64)[:, None] * served
+    scaled = np.asarray(weights, dtype=np.float64)
+    if scaled.size and scaled.max() > 0:
+        scaled = scaled / scaled.max()
+    w = scaled[:, None] * served
     total = w.sum(axis=0)
     blended = np.einsum("mr,mrc->rc", w, np.where(served[:, :, None], stacked, 0.0))
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -1190,6 +1304,7 @@ def _run_ensemble(
     n_rows = frame.height
     probs: dict[str, np.ndarray] = {}
     member_reports: dict[str, InferenceReport] = {}
+    nonfinite: dict[str, int] = {}  # members' rows that were not finite (a NaN prior, a broken baseline)
 
     def run_member(member: EnsembleMember, member_runtime: Any) -> None:
         member_report = InferenceReport(submission_path=report.submission_path, test_path=report.test_path,
@@ -1200,12 +1315,20 @@ def _run_ensemble(
             if member.kind == "prior":
                 prior = np.asarray(member.prior, dtype=np.float64)
                 probs[member.name] = np.tile(prior / prior.sum(), (n_rows, 1))
+                nonfinite[member.name] = _record_nonfinite(member, probs[member.name], member_report,
+                                                           f"prior {list(member.prior)} is not finite")
                 return
             if member.kind == "baseline":
                 predicted = np.asarray(BaselineModel.load(member.path).predict_proba(frame), dtype=np.float64)
                 if predicted.shape != (n_rows, len(LABEL_COLUMNS)):
                     raise ValueError(f"baseline member returned shape {predicted.shape} for {n_rows} rows")
                 probs[member.name] = predicted
+                bad = ~np.all(np.isfinite(predicted), axis=1)
+                if bad.any():
+                    nonfinite[member.name] = _record_nonfinite(
+                        member, predicted, member_report,
+                        f"{member.path} predicted non-finite probabilities "
+                        f"(first id {frame['id'][int(np.argmax(bad))]})")
                 return
             views = _run_models(member.path, frame, cfg, deadline, clock, member_runtime, wrap_forward, member_report)
             member_manifest = json.loads((member.path / MANIFEST_NAME).read_text(encoding="utf-8"))
@@ -1238,6 +1361,9 @@ def _run_ensemble(
             run_member(member, runtime)
 
     blended = blend_members([probs[m.name] for m in members], [m.weight for m in members])
+    weighted = [m for m in members if m.weight > 0]
+    counted = [m for m in weighted if m.is_model] or weighted  # no model member: what ships is the blend itself
+    report.model_rows = int(np.any([np.all(np.isfinite(probs[m.name]), axis=1) for m in counted], axis=0).sum())
     blended.probs = calibrate_served(blended.probs, manifest.get("calibration"))  # the blend's own, if fitted
     report.runtime = runtime.to_dict()
     report.schedule = {"ensemble_layout": layout}
@@ -1246,13 +1372,27 @@ def _run_ensemble(
         member_report = member_reports[member.name]
         report.members.append({
             "name": member.name, "path": str(member.path) if member.path else None, "weight": member.weight,
-            "kind": member.kind, "rows_served": int(served.sum()),
+            "kind": member.kind, "rows_served": int(served.sum()), "rows_nonfinite": nonfinite.get(member.name, 0),
             "schedule": member_report.schedule, "timings_s": member_report.timings_s,
         })
         report.errors.extend(member_report.errors)
         for error in member_report.schedule.get("errors", []):
             report.errors.append({"member": member.name, **error})
     return blended
+
+
+def _record_nonfinite(member: EnsembleMember, probs: np.ndarray, member_report: InferenceReport,
+                      what: str) -> int:
+    """Count a member's non-finite rows (left out of their blend, like rows it did not serve), record why in
+    its errors, and return the count."""
+    bad = int((~np.all(np.isfinite(probs), axis=1)).sum())
+    if not bad:
+        return 0
+    message = f"{what}: left out of the blend of {bad} of {len(probs)} rows"
+    member_report.errors.append({"where": f"ensemble member {member.name}", "type": "NonFiniteProbabilities",
+                                 "message": message})
+    logger.error("ensemble member %s: %s", member.name, message)
+    return bad
 
 
 def worker_names(devices: Sequence[str]) -> list[str]:
@@ -1282,33 +1422,84 @@ def run_submission(
     artifact_dir: str | Path | None = None,
     test_path: str | Path | None = None,
     out_path: str | Path | None = None,
-    cfg: InferenceConfig | None = None,
+    cfg: InferenceConfig | Mapping[str, Any] | None = None,
     fallback_path: str | Path | None = None,
     artifact_hint: str | None = None,
     test_hint: str | None = None,
     started_at: float | None = None,
     fail_on_fallback: bool = True,
     dialect: str | None = None,
+    fallback_over_previous: bool = False,
 ) -> InferenceReport:
     """The submission notebook's one call: find what is not given under `input_root` (see
-    `runtime.find_inputs`), default the output to /kaggle/working/submission.csv on Kaggle (else
+    `runtime.find_inputs`: a given `artifact_dir` / `test_path` is used as it is, never searched for; hints are
+    whole names in the path), default the output to /kaggle/working/submission.csv on Kaggle (else
     submissions/submission.csv), predict, and validate the written file against the test file.
+
+    `cfg`: an `InferenceConfig`, or its fields as a mapping (the notebook's parameters), built here so that
+    refused settings are handled like any other failure below. Whatever fails before the model runs (no
+    artifact or several and none chosen, refused settings or dialect), a valid file is written first when the
+    test file is known (every row from the fallback: the given or found baseline, else the artifact's class
+    prior, else uniform; `predict`'s rules on a previous file hold), then the error is raised with
+    "; a fallback submission (...) was written to <path>" added, except in Kaggle's competition rerun, where
+    it is logged and the report returned (the file is what scores). Without a test file nothing can be
+    written, and the error is raised at once.
 
     With `fail_on_fallback` it then raises (`raise_if_fallback`) when any row fell back, except in the
     competition rerun; the notebook passes False, prints the summary, then calls `raise_if_fallback` itself.
     `dialect` None: the artifact manifest's (LMSYS or WSDM: which test file is read and which submission
-    file is written and validated)."""
+    file is written and validated). `fallback_over_previous`: see `predict`."""
 
-    if artifact_dir is None or test_path is None:
-        found = find_inputs(input_root, artifact_hint=artifact_hint, test_hint=test_hint)
-        logger.info("found: %s", found.describe())
-        artifact_dir = artifact_dir or found.artifact_dir
-        test_path = test_path or found.test_path
-        fallback_path = fallback_path or found.baseline_path
+    use_offline_hub()
     out_path = Path(out_path) if out_path is not None else default_submission_path()
-    report = predict(artifact_dir, test_path, out_path, cfg, fallback_path=fallback_path, started_at=started_at,
-                     dialect=dialect)
-    resolve_dialect(artifact_dir, report.dialect, test_path).validate(out_path, test_path)
+    problem: UsageError | None = None
+    try:
+        cfg = _inference_config(cfg)
+    except UsageError as error:
+        problem, cfg = error, None
+    if artifact_dir is None or test_path is None:
+        try:
+            found = find_inputs(input_root, artifact_hint=artifact_hint, test_hint=test_hint,
+                                artifact_dir=artifact_dir, test_path=test_path)
+            logger.info("found: %s", found.describe())
+            artifact_dir, test_path = found.artifact_dir, found.test_path
+            fallback_path = fallback_path or found.baseline_path
+        except UsageError as error:
+            problem = problem or error
+            if test_path is None:
+                test_path = find_test_file(input_root, test_hint)  # without it no file can be written
+    if problem is None:
+        try:
+            report = predict(artifact_dir, test_path, out_path, cfg, fallback_path=fallback_path,
+                             started_at=started_at, dialect=dialect, fallback_over_previous=fallback_over_previous)
+        except UsageError as error:  # refused before anything was written (or the file could not be written)
+            problem = error
+    if problem is not None:
+        try:
+            report = predict(artifact_dir, test_path, out_path, InferenceConfig(device="cpu", progress=False),
+                             fallback_path=fallback_path, started_at=started_at,
+                             dialect=dialect if dialect in dialect_names() else None,
+                             fallback_over_previous=fallback_over_previous, input_error=problem)
+        except UsageError as error:  # e.g. the output itself refused: nothing can be written
+            raise problem from error
+        resolve_dialect(artifact_dir, report.dialect, test_path).validate(report.written_path, test_path)
+        message = f"{problem}; a fallback submission ({report.fallback_source}) was written to {report.written_path}"
+        if is_competition_rerun():
+            logger.error("competition rerun, so not failing: %s", message)
+            return report
+        raise type(problem)(message) from problem
+    resolve_dialect(artifact_dir, report.dialect, test_path).validate(report.written_path, test_path)
     if fail_on_fallback:
         raise_if_fallback(report)
     return report
+
+
+def _inference_config(cfg: InferenceConfig | Mapping[str, Any] | None) -> InferenceConfig:
+    """`cfg` as an InferenceConfig: None -> the defaults; a mapping -> its fields (unknown names refused)."""
+    if cfg is None or isinstance(cfg, InferenceConfig):
+        return cfg or InferenceConfig()
+    known = {f.name for f in dataclasses.fields(InferenceConfig)}
+    unknown = sorted(set(cfg) - known)
+    if unknown:
+        raise UsageError(f"unknown inference settings {unknown} (known: {sorted(known)})")
+    return InferenceConfig(**cfg)

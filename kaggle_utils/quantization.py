@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import sys
 import tempfile
 import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -111,10 +113,18 @@ def is_bnb_quantized(model: nn.Module) -> bool:
     return quant_scheme_of(model) is not None
 
 
+def _bnb_if_imported() -> Any:
+    """bitsandbytes when something already imported it, else None. A model with bitsandbytes layers cannot exist
+    before it is imported, so the checks below never import it for a plain model (its import probes the CPU
+    backend, which asks the Hugging Face Hub for a kernel; a runtime without it, a TPU, has no such model)."""
+    return sys.modules.get("bitsandbytes")
+
+
 def quant_scheme_of(model: nn.Module) -> str | None:
     """"nf4", "fp4", "int8" for a bitsandbytes model (peft-wrapped or not), None for a plain one."""
-    import bitsandbytes as bnb
-
+    bnb = _bnb_if_imported()
+    if bnb is None:
+        return None
     for module in model.modules():
         if isinstance(module, bnb.nn.Linear4bit):
             return str(module.weight.quant_type)
@@ -125,8 +135,9 @@ def quant_scheme_of(model: nn.Module) -> str | None:
 
 def disable_cpu_weight_repacking(model: nn.Module) -> nn.Module:
     """Keep bitsandbytes' canonical 4-bit layout on CPU (see the module docstring for why it matters)."""
-    import bitsandbytes as bnb
-
+    bnb = _bnb_if_imported()
+    if bnb is None:
+        return model
     for module in model.modules():
         if isinstance(module, bnb.nn.Linear4bit):
             module.support_avx512bf16_for_cpu = False
@@ -135,8 +146,9 @@ def disable_cpu_weight_repacking(model: nn.Module) -> nn.Module:
 
 def set_compute_dtype(model: nn.Module, dtype: torch.dtype) -> None:
     """Compute dtype of every 4-bit layer (stored in the checkpoint's config; overridable per device at load)."""
-    import bitsandbytes as bnb
-
+    bnb = _bnb_if_imported()
+    if bnb is None:
+        return
     for module in model.modules():
         if isinstance(module, bnb.nn.Linear4bit):
             module.compute_dtype = dtype

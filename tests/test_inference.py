@@ -976,3 +976,232 @@ def test_a_runtime_probe_that_crashes_still_leaves_a_file_and_counts_as_fallback
     report = inference.predict(tmp_path / "artifact", sample_files.test_csv, out, predict_cfg())
     validate_submission(out, sample_files.test_csv)
     assert report.fallback_rows == report.rows and report.errors[-1]["where"] == "detecting the runtime"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# which file a run leaves: a previous submission kept when the model served nothing; the report; disk full
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_a_valid_previous_submission_is_kept_when_no_row_came_from_the_model(
+    tiny_artifacts, sample_files, tmp_path, capsys, monkeypatch
+):
+    from kaggle_utils.cli import main
+
+    monkeypatch.delenv("KAGGLE_IS_COMPETITION_RERUN", raising=False)
+    out = tmp_path / "submission.csv"
+    inference.predict(tiny_artifacts["ft-then-quant"], sample_files.test_csv, out, predict_cfg(tta_swap=False))
+    previous, previous_report = out.read_bytes(), inference.report_path_for(out).read_bytes()
+    argv = ["predict", "--artifact", str(tmp_path / "artefact"), "--test", str(sample_files.test_csv),
+            "--out", str(out), "--device", "cpu", "--no-progress"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    beside = inference.fallback_path_for(out)
+    assert out.read_bytes() == previous and inference.report_path_for(out).read_bytes() == previous_report
+    validate_submission(beside, sample_files.test_csv)
+    np.testing.assert_allclose(read_probs(beside), 1 / 3)  # no manifest: uniform
+    written = json.loads(inference.report_path_for(beside).read_text())
+    assert written["previous_kept"] and written["rows_by_path"]["fallback"] == written["rows"]
+    assert f"error (previous submission kept): {written['rows']} of {written['rows']} rows were predicted by " \
+           "the fallback" in err
+    assert f"the valid previous submission {out} was kept; this run's file is {beside}" in err
+    assert "--write-fallback-over-previous" in err
+
+    # asked for explicitly: the fallback-filled file replaces the previous one
+    assert main([*argv, "--write-fallback-over-previous"]) == 1
+    validate_submission(out, sample_files.test_csv)
+    np.testing.assert_allclose(read_probs(out), 1 / 3)
+    assert not beside.exists() and not json.loads(inference.report_path_for(out).read_text())["previous_kept"]
+
+    # Kaggle's competition rerun: a valid file is what scores, so it is written at the output as before
+    out.write_bytes(previous)
+    monkeypatch.setenv("KAGGLE_IS_COMPETITION_RERUN", "1")
+    assert main(argv) == 0
+    np.testing.assert_allclose(read_probs(out), 1 / 3)
+
+
+def test_the_report_records_that_it_was_written(sample_files, tmp_path):
+    out = tmp_path / "submission.csv"
+    report = inference.predict(tmp_path / "no-artifact", sample_files.test_csv, out, predict_cfg())
+    assert report.report_written
+    assert json.loads(inference.report_path_for(out).read_text())["report_written"] is True
+
+
+def test_disk_full_writing_the_submission_is_one_line_naming_it_and_the_previous_file_stays(
+    sample_files, tmp_path, capsys, monkeypatch
+):
+    import errno
+
+    from kaggle_utils import fileio
+    from kaggle_utils.cli import main
+
+    out = tmp_path / "submission.csv"
+    inference.predict(tmp_path / "no-artifact", sample_files.test_csv, out, predict_cfg())
+    previous = out.read_bytes()
+    real = fileio.tempfile.NamedTemporaryFile
+
+    def full_disk(*args, **kwargs):  # only the submission itself: the fallback beside it is written first
+        handle = real(*args, **kwargs)
+        if kwargs.get("prefix") == f".{out.name}.":
+            def write(data):
+                raise OSError(errno.ENOSPC, "No space left on device")
+            handle.write = write
+        return handle
+
+    monkeypatch.setattr(fileio.tempfile, "NamedTemporaryFile", full_disk)
+    code = main(["predict", "--artifact", str(tmp_path / "no-artifact"), "--test", str(sample_files.test_csv),
+                 "--out", str(out), "--device", "cpu", "--no-progress", "--write-fallback-over-previous"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == (f"error: cannot write {out}: No space left on device "
+                                            "(the previous file is intact)")
+    assert out.read_bytes() == previous
+    validate_submission(inference.fallback_path_for(out), sample_files.test_csv)
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# offline: the Hugging Face Hub is never asked, bitsandbytes is imported only where it is used
+# ----------------------------------------------------------------------------------------------------------
+
+OFFLINE_NAMES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run_module_probe(argv: list[str], tmp_path) -> dict:
+    """`python -m kaggle_utils *argv` in a fresh interpreter without the offline variables; what it imported."""
+    import os
+    import subprocess
+    import sys
+
+    probe = (
+        "import json, os, runpy, sys\n"
+        f"sys.argv = ['kaggle_utils', *{argv!r}]\n"
+        "code = 0\n"
+        "try:\n"
+        "    runpy.run_module('kaggle_utils', run_name='__main__', alter_sys=True)\n"
+        "except SystemExit as exit:\n"
+        "    code = exit.code\n"
+        "import huggingface_hub.constants as hub\n"
+        "print('PROBE ' + json.dumps({'code': code, 'bitsandbytes': 'bitsandbytes' in sys.modules,\n"
+        f"    'env': {{name: os.environ.get(name) for name in {OFFLINE_NAMES!r}}}, 'hub_offline': hub.HF_HUB_OFFLINE}}))\n"
+    )
+    env = {key: value for key, value in os.environ.items() if key not in OFFLINE_NAMES}
+    done = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env={**env, "PYTHONPATH": str(REPO_ROOT)},
+                          capture_output=True, text=True, timeout=600)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("PROBE ")]
+    assert lines, done.stderr[-3000:]
+    return json.loads(lines[-1].removeprefix("PROBE "))
+
+
+def test_the_cli_goes_offline_at_start_and_a_light_command_does_not_import_bitsandbytes(tmp_path):
+    root = tmp_path / "input"
+    (root / "comp").mkdir(parents=True)
+    (root / "comp" / "test.csv").write_text("id\n1\n")
+    (root / "art").mkdir()
+    (root / "art" / "manifest.json").write_text("{}")
+    seen = _run_module_probe(["find-inputs", str(root)], tmp_path)
+    assert seen["code"] == 0 and not seen["bitsandbytes"]
+    assert seen["env"] == dict.fromkeys(OFFLINE_NAMES, "1") and seen["hub_offline"] is True
+
+
+def test_predicting_with_a_16_bit_artifact_does_not_import_bitsandbytes(demo_tokenizer, sample_files, tmp_path):
+    from kaggle_utils import artifacts, modeling
+
+    model = modeling.build_classifier(ModelConfig(), vocab_size=len(demo_tokenizer),
+                                      pad_token_id=demo_tokenizer.pad_token_id, device="cpu")
+    plain = artifacts.save_artifact(tmp_path / "plain", model, demo_tokenizer,
+                                    {"variant": "test", "base_model": "tiny", "folds_file_hash": "none",
+                                     "cv_scores": {}, "class_prior": CLASS_PRIOR, "ordering": "ft-then-quant"},
+                                    FormatConfig(max_length=128))
+    assert json.loads((plain / "manifest.json").read_text())["quant_scheme"] == "none"
+    out = tmp_path / "submission.csv"
+    seen = _run_module_probe(["predict", "--artifact", str(plain), "--test", str(sample_files.test_csv), "--out",
+                              str(out), "--device", "cpu", "--no-tta", "--no-progress"], tmp_path)
+    assert seen["code"] == 0 and not seen["bitsandbytes"]
+    validate_submission(out, sample_files.test_csv)
+
+
+def test_predict_runs_with_the_hub_offline_unless_the_user_said_otherwise(tiny_artifacts, sample_files, tmp_path,
+                                                                          monkeypatch):
+    import os
+
+    import huggingface_hub.constants
+
+    for name in OFFLINE_NAMES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    seen = []
+
+    def watch(forward, name):
+        def wrapped(seqs):
+            seen.append(({name: os.environ.get(name) for name in OFFLINE_NAMES}, huggingface_hub.constants.HF_HUB_OFFLINE))
+            return forward(seqs)
+        return wrapped
+
+    inference.predict(tiny_artifacts["ft-then-quant"], sample_files.test_csv, tmp_path / "sub.csv",
+                      predict_cfg(tta_swap=False), wrap_forward=watch)
+    assert seen and all(env == dict.fromkeys(OFFLINE_NAMES, "1") and hub for env, hub in seen)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# run_submission: an explicit path wins, hints are whole names, and a valid file is written before any raise
+# ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def two_artifacts_attached(tiny_artifacts, sample_files, tmp_path):
+    """An input root holding the competition's test file and two artifacts whose names share a prefix."""
+    import shutil
+
+    root = tmp_path / "input"
+    competition = root / "competitions" / "arena"
+    competition.mkdir(parents=True)
+    shutil.copy(sample_files.test_csv, competition / "test.csv")
+    shutil.copy(sample_files.sample_submission_csv, competition / "sample_submission.csv")
+    (root / "arena-ensemble").symlink_to(tiny_artifacts["ft-then-quant"], target_is_directory=True)
+    (root / "arena-ensemble2").symlink_to(tiny_artifacts["quant-then-ft"], target_is_directory=True)
+    return root, competition / "test.csv"
+
+
+def test_run_submission_takes_an_explicit_artifact_and_a_whole_name_hint_among_two(two_artifacts_attached,
+                                                                                   tmp_path):
+    root, test = two_artifacts_attached
+    report = inference.run_submission(root, artifact_dir=root / "arena-ensemble", out_path=tmp_path / "a.csv",
+                                      cfg=predict_cfg(tta_swap=False))
+    assert report.fallback_rows == 0 and report.test_path == str(test)
+    report = inference.run_submission(root, artifact_hint="arena-ensemble", out_path=tmp_path / "b.csv",
+                                      cfg=predict_cfg(tta_swap=False))
+    assert report.fallback_rows == 0 and report.artifact_dir == str(root / "arena-ensemble")
+    validate_submission(tmp_path / "b.csv", test)
+
+
+def test_run_submission_writes_a_valid_file_before_raising_whatever_failed(two_artifacts_attached, tmp_path,
+                                                                          monkeypatch):
+    root, test = two_artifacts_attached
+    monkeypatch.delenv("KAGGLE_IS_COMPETITION_RERUN", raising=False)
+    out = tmp_path / "ambiguous.csv"
+    with pytest.raises(UsageError, match=rf"2 candidates for the artifact .*; a fallback submission \(uniform\) "
+                                         rf"was written to {re.escape(str(out))}$"):
+        inference.run_submission(root, out_path=out, cfg=predict_cfg())
+    validate_submission(out, test)
+    report = json.loads(inference.report_path_for(out).read_text())
+    assert report["errors"][0]["where"] == "the inputs and settings" and report["rows_by_path"]["fallback"] == 40
+
+    settings = tmp_path / "settings.csv"  # settings refused: the artifact's class prior fills the file
+    with pytest.raises(UsageError, match=r"inference.token_budget must be >= 1, got 0; a fallback submission \(class "
+                                         r"prior from manifest\) was written"):
+        inference.run_submission(root, artifact_dir=root / "arena-ensemble", out_path=settings,
+                                 cfg={"token_budget": 0, "device": "cpu"})
+    validate_submission(settings, test)
+    np.testing.assert_allclose(read_probs(settings), np.tile(CLASS_PRIOR, (40, 1)), atol=1e-9)
+
+    with pytest.raises(UsageError, match=r"unknown inference settings \['token_budgt'\] .*; a fallback"):
+        inference.run_submission(root, artifact_dir=root / "arena-ensemble", out_path=tmp_path / "typo.csv",
+                                 cfg={"token_budgt": 100})
+    validate_submission(tmp_path / "typo.csv", test)
+
+    monkeypatch.setenv("KAGGLE_IS_COMPETITION_RERUN", "1")  # the rerun keeps the file and finishes
+    rerun = inference.run_submission(root, out_path=tmp_path / "rerun.csv", cfg=predict_cfg())
+    assert rerun.fallback_rows == rerun.rows
+    validate_submission(tmp_path / "rerun.csv", test)

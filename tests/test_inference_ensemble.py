@@ -4,6 +4,7 @@ expensive member first, a failing member, and a submission that stays valid thro
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import polars as pl
@@ -192,3 +193,95 @@ def test_a_tampered_member_file_of_a_shipped_ensemble_is_refused_naming_it(tiny_
     assert any("members/q/model/model.safetensors does not match its sha256" in e["message"]
                for e in report["errors"])
     assert "members/q/model/model.safetensors" in capsys.readouterr().err
+
+
+def _copied(artifact, where):
+    import shutil
+
+    return shutil.copytree(artifact, where)
+
+
+def test_predict_refuses_an_output_that_is_a_file_any_member_reads(tiny_artifacts, sample_files, tmp_path, capsys):
+    """The members' files are inputs too: a baseline member's JSON, its manifest, a model member's folder."""
+    member = _copied(tiny_artifacts["ft-then-quant"], tmp_path / "members" / "ft")
+    baseline = tmp_path / "baseline_model.json"
+    baseline.write_text("{}")
+    ensemble = write_ensemble(tmp_path / "shipped", [("ft", "../members/ft", 0.5)],
+                              [{"name": "baseline", "kind": "baseline", "path": str(baseline), "weight": 0.5}])
+    targets = {baseline: "ensemble member baseline", tmp_path / "baseline_model.json.manifest.json":
+               "ensemble member baseline's manifest", member / "manifest.json": "ensemble member ft"}
+    before = {path: path.read_bytes() for path in member.rglob("*") if path.is_file()}
+    for target, what in targets.items():
+        code = main(["predict", "--artifact", ensemble, "--test", str(sample_files.test_csv), "--out", str(target),
+                     "--device", "cpu", "--no-progress"])
+        err = capsys.readouterr().err
+        relation = "is" if target.name != "manifest.json" else "is inside"
+        assert code == 2 and err.strip() == (f"error: refusing to write {target}: it {relation} the {what} "
+                                             f"{target if relation == 'is' else member}; choose another output"), err
+    assert baseline.read_text() == "{}" and not (tmp_path / "baseline_model.json.manifest.json").exists()
+    assert {path: path.read_bytes() for path in member.rglob("*") if path.is_file()} == before
+    assert not list(tmp_path.glob("*.csv")) and not list(tmp_path.glob("*.inference.json"))
+
+
+@pytest.mark.parametrize(("weights", "message"), [
+    ([float("inf"), 1.0], r"members\[0\]\.weight must be >= 0 and finite, got inf"),
+    ([1e308, 1e308], r"the members' weights sum to inf \(not finite\)"),
+    ([0.0, 0.0], "an ensemble needs members with positive weight"),
+])
+def test_ensemble_weights_must_be_finite_with_a_finite_positive_sum(weights, message, tiny_artifacts, sample_files,
+                                                                    tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("KAGGLE_IS_COMPETITION_RERUN", raising=False)
+    ensemble = write_ensemble(tmp_path / "ens", [("ft", tiny_artifacts["ft-then-quant"], weights[0]),
+                                                 ("q", tiny_artifacts["quant-then-ft"], weights[1])])
+    manifest = json.loads((tmp_path / "ens" / MANIFEST_NAME).read_text())
+    with pytest.raises(UsageError, match=message):
+        inference.ensemble_members(ensemble, manifest)
+    out = tmp_path / "submission.csv"
+    code = main(["predict", "--artifact", ensemble, "--test", str(sample_files.test_csv), "--out", str(out),
+                 "--device", "cpu", "--no-progress"])
+    assert code == 1 and re.search(message, capsys.readouterr().err)
+    validate_submission(out, sample_files.test_csv)
+    np.testing.assert_allclose(read_probs(out), np.tile(CLASS_PRIOR, (40, 1)), atol=1e-9)  # not a blend
+
+
+def test_blend_members_normalises_huge_and_tiny_weights_safely():
+    a = np.array([[0.6, 0.3, 0.1], [0.2, 0.2, 0.6]])
+    b = np.array([[0.2, 0.2, 0.6], [0.1, 0.8, 0.1]])
+    for weights, share in (([1e308, 1e308], 0.5), ([1e-320, 1e-320], 0.5), ([3e307, 1e307], 0.75)):
+        blended = inference.blend_members([a, b], weights)
+        np.testing.assert_allclose(blended.probs, share * a + (1 - share) * b)
+
+
+def test_a_prior_member_with_nan_probabilities_is_recorded_and_counted(tiny_artifacts, sample_files, tmp_path,
+                                                                       capsys, monkeypatch):
+    monkeypatch.delenv("KAGGLE_IS_COMPETITION_RERUN", raising=False)
+    ensemble = write_ensemble(tmp_path / "ens", [("ft", tiny_artifacts["ft-then-quant"], 0.8)],
+                              [{"name": "prior", "kind": "prior", "prior": [float("nan"), 0.3, 0.2], "weight": 0.2}])
+    out = tmp_path / "submission.csv"
+    code = main(["predict", "--artifact", ensemble, "--test", str(sample_files.test_csv), "--out", str(out),
+                 "--device", "cpu", "--no-progress"])
+    err = capsys.readouterr().err
+    validate_submission(out, sample_files.test_csv)
+    report = json.loads(inference.report_path_for(out).read_text())
+    prior = next(m for m in report["members"] if m["name"] == "prior")
+    assert prior["rows_served"] == 0 and prior["rows_nonfinite"] == 40
+    error = next(e for e in report["errors"] if e["where"] == "ensemble member prior")
+    assert error["message"] == "prior [nan, 0.3, 0.2] is not finite: left out of the blend of 40 of 40 rows"
+    assert code == 1 and "ensemble member prior served none of the 40 rows" in err
+
+
+def test_an_ensemble_whose_model_member_fails_entirely_exits_1_as_a_single_model_does(
+    tiny_artifacts, sample_files, tmp_path, capsys, monkeypatch
+):
+    monkeypatch.delenv("KAGGLE_IS_COMPETITION_RERUN", raising=False)
+    ensemble = write_ensemble(tmp_path / "ens", [("ft", tiny_artifacts["ft-then-quant"], 0.5),
+                                                 ("missing", tmp_path / "no-such-artifact", 0.5)])
+    out = tmp_path / "submission.csv"
+    argv = ["predict", "--artifact", ensemble, "--test", str(sample_files.test_csv), "--out", str(out),
+            "--device", "cpu", "--no-progress"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "error (submission written): ensemble member missing served none of the 40 rows" in err
+    validate_submission(out, sample_files.test_csv)
+    monkeypatch.setenv("KAGGLE_IS_COMPETITION_RERUN", "1")  # the rerun keeps the file and finishes
+    assert main(argv) == 0
