@@ -7,7 +7,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3 (ipykernel)
 #     language: python
@@ -23,6 +23,14 @@
 # reference, accuracy, training time, memory, artifact size and inference speed, and whether the winner's lead is
 # larger than the noise of the paired per-row differences. The runs must share the folds file and seeds (checked).
 # Logic: `kaggle_utils.kaggle_tools.reports.combine_reports` and `kaggle_utils.compare`.
+
+# %%
+import os
+
+# Offline: the Hugging Face libraries must not look anything up (bitsandbytes' import asks the Hub for a CPU
+# kernel; behind a firewall that drops packets it would hang). Set before any of them is imported.
+for _name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
+    os.environ.setdefault(_name, "1")
 
 # %% tags=["parameters"]
 REPORT_DIRS = None  # folders holding report.json; None: every one found under INPUT_ROOT

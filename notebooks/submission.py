@@ -6,7 +6,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -35,11 +35,15 @@ import sys
 import time
 
 NOTEBOOK_STARTED = time.time()  # the deadline counts from here (Kaggle's 9 h include loading)
+# Offline: the Hugging Face libraries must not look anything up (bitsandbytes' import asks the Hub for a CPU
+# kernel; behind a firewall that drops packets it would hang). Set before any of them is imported.
+for _name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
+    os.environ.setdefault(_name, "1")
 
 # %% tags=["parameters"]
 INPUT_ROOT = None  # None: /kaggle/input on Kaggle, else ./data
 ARTIFACT_DIR = None  # None: the directory with manifest.json found under INPUT_ROOT
-ARTIFACT_HINT = None  # substring of the artifact's path when several are attached
+ARTIFACT_HINT = None  # a folder name in the artifact's path when several are attached (whole names; a/b)
 TEST_PATH = None  # None: test.csv / test.parquet found under INPUT_ROOT (the one beside sample_submission.csv)
 TEST_HINT = None
 DIALECT = None  # None: the artifact manifest's competition dialect (lmsys: 3 probability columns; wsdm: id,winner)
@@ -87,20 +91,23 @@ if importlib.util.find_spec("kaggle_utils") is None:
     subprocess.run([*_command, "kaggle_utils"], check=True)
     importlib.invalidate_caches()
 
+# %% [markdown]
+# `run_submission` writes a valid file whatever fails: refused settings, two artifacts and no hint, a broken
+# artifact all leave a valid file (the fallback: baseline, else class prior) before it raises.
+
 # %%
-from kaggle_utils.config import InferenceConfig  # noqa: E402 - importable only after the install cell
-from kaggle_utils.inference import raise_if_fallback, run_submission  # noqa: E402
+from kaggle_utils.inference import raise_if_fallback, run_submission  # noqa: E402 - after the install cell
 
 logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", force=True)
-cfg = InferenceConfig(
-    tta_swap=TTA,
-    layout=LAYOUT,
-    device=DEVICE,
-    token_budget=TOKEN_BUDGET,
-    deadline_hours=DEADLINE_HOURS,
-    safety_margin_hours=MARGIN_HOURS,
-    verify_hashes=VERIFY_HASHES,
-)
+cfg = {  # InferenceConfig's fields, checked inside run_submission (a refused one still leaves a file)
+    "tta_swap": TTA,
+    "layout": LAYOUT,
+    "device": DEVICE,
+    "token_budget": TOKEN_BUDGET,
+    "deadline_hours": DEADLINE_HOURS,
+    "safety_margin_hours": MARGIN_HOURS,
+    "verify_hashes": VERIFY_HASHES,
+}
 report = run_submission(
     INPUT_ROOT,
     artifact_dir=ARTIFACT_DIR,

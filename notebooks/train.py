@@ -7,7 +7,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3 (ipykernel)
 #     language: python
@@ -34,6 +34,14 @@
 # scores it) and writes `report.json`, `report.md`, `report.png` and `oof.parquet` under `OUT_DIR`. Folds are
 # grouped by prompt and made deterministically from `train.csv`, so both runs train on identical folds
 # (the report records the folds file's sha256; `cv_report` checks it).
+
+# %%
+import os
+
+# Offline: the Hugging Face libraries must not look anything up (bitsandbytes' import asks the Hub for a CPU
+# kernel; behind a firewall that drops packets it would hang). Set before any of them is imported.
+for _name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
+    os.environ.setdefault(_name, "1")
 
 # %% tags=["parameters"]
 ORDERING = "quant-then-ft"  # or "ft-then-quant"; `kaggle push` sets it per kernel (-p ORDERING=...)

@@ -97,3 +97,28 @@ def test_notebook_raises_after_writing_when_rows_fell_back_except_in_the_rerun(k
                                parameters={**parameters, "OUT": str(rerun)}, kernel_name="python3",
                                progress_bar=False, cwd=str(tmp_path), execution_timeout=300)
     validate_submission(rerun, test_csv)
+
+
+def test_notebook_writes_a_valid_file_before_raising_when_two_artifacts_are_attached_and_none_is_chosen(
+    kaggle_input, tmp_path, monkeypatch
+):
+    import papermill
+
+    root, _ = kaggle_input
+    monkeypatch.delenv("KAGGLE_IS_COMPETITION_RERUN", raising=False)
+    out = tmp_path / "submission.csv"
+    with pytest.raises(papermill.PapermillExecutionError, match="2 candidates for the artifact") as raised:
+        papermill.execute_notebook(str(NOTEBOOK), str(tmp_path / "failed.ipynb"),
+                                   parameters={"INPUT_ROOT": str(root), "OUT": str(out), "DEVICE": "cpu"},
+                                   kernel_name="python3", progress_bar=False, cwd=str(tmp_path),
+                                   execution_timeout=300)
+    assert raised.value.ename == "UsageError" and "a fallback submission (uniform) was written" in raised.value.evalue
+    validate_submission(out, root / "competitions" / "llm-classification-finetuning" / "test.csv")
+
+
+def test_the_notebook_keeps_the_hugging_face_hub_offline_before_anything_is_imported():
+    script = jupytext.read(SCRIPT)
+    first_code = next(c for c in script.cells if c.cell_type == "code")
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
+        assert f'"{name}"' in first_code.source
+    assert "os.environ.setdefault(" in first_code.source
