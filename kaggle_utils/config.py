@@ -360,7 +360,7 @@ class PipelineConfig:
     @classmethod
     def from_yaml(cls, path: str | Path) -> PipelineConfig:
         with open(path, encoding="utf-8") as handle:
-            return cls.from_dict(load_yaml_unique(handle, str(path)))
+            return cls.from_dict(load_yaml_unique(handle))
 
     def to_yaml(self, path: str | Path) -> None:
         Path(path).write_text(yaml.safe_dump(_plain(self.to_dict()), sort_keys=False), encoding="utf-8")
@@ -375,8 +375,8 @@ def _construct_unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, 
     for key_node, _ in node.value:
         key = loader.construct_object(key_node, deep=deep)
         if key in seen:
-            raise ConfigError(f"{loader.source_name}: key {key!r} appears twice (lines {seen[key]} and "
-                              f"{key_node.start_mark.line + 1}); keep one")
+            raise ConfigError(f"key {key!r} appears twice (lines {seen[key]} and {key_node.start_mark.line + 1}); "
+                              "keep one")
         seen[key] = key_node.start_mark.line + 1
     return loader.construct_mapping(node, deep=deep)
 
@@ -384,10 +384,9 @@ def _construct_unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, 
 _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_unique_mapping)
 
 
-def load_yaml_unique(stream: Any, source_name: str = "<yaml>") -> Any:
-    """`yaml.safe_load`, but a key given twice in one mapping is a ConfigError naming `source_name` and lines."""
+def load_yaml_unique(stream: Any) -> Any:
+    """`yaml.safe_load`, but a key given twice in one mapping is a ConfigError naming the key and its lines."""
     loader = _UniqueKeyLoader(stream)
-    loader.source_name = source_name
     try:
         return loader.get_single_data()
     finally:

@@ -81,8 +81,6 @@ def load_config(path: str | None) -> PipelineConfig:
         raise UsageError(f"config file {path} does not exist")
     try:
         return PipelineConfig.from_yaml(path)
-    except UsageError:  # already one line naming the file (a key given twice)
-        raise
     except yaml.YAMLError as error:
         raise UsageError(f"{path}: not valid YAML ({' '.join(str(error).split())})") from error
     except (OSError, UnicodeDecodeError) as error:
