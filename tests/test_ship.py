@@ -286,3 +286,29 @@ def test_a_class_prior_winner_ships_as_an_ensemble_with_no_member_files(tmp_path
     assert manifest["files"] == {}
     assert [m.kind for m in inference.ensemble_members(shipped, manifest)] == ["prior"]
     assert list(plan_upload(shipped).files) == ["manifest.json"]
+
+
+def test_shipping_again_replaces_the_previous_shipped_folder_but_nothing_else(tmp_path):
+    """A rerun replaces what an earlier ship wrote (its manifest says so); a folder holding anything else is
+    refused and left as it was."""
+    from test_kaggle_cli import make_artifact
+
+    from kaggle_utils.errors import UsageError
+
+    first, second = make_artifact(tmp_path / "runs" / "a"), make_artifact(tmp_path / "runs" / "b")
+    prior = {"name": "class-prior", "kind": "prior", "prior": [0.4, 0.4, 0.2], "weight": 1.0}
+    out = tmp_path / "orderings" / "shipped"
+    write_shipped(_blend_of([{"name": "a", "kind": "model", "path": str(first), "weight": 1.0}, prior])[1], out,
+                  class_prior=PRIOR, dialect="lmsys")
+    write_shipped(_blend_of([{"name": "b", "kind": "model", "path": str(second), "weight": 1.0}, prior])[1], out,
+                  class_prior=PRIOR, dialect="lmsys")
+    assert sorted(p.name for p in (out / "members").iterdir()) == ["b"]
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".shipped.")]  # no staging left behind
+
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "keep.txt").write_text("mine")
+    with pytest.raises(UsageError, match=r"refusing to replace .*notes: it is not a shipped artifact \(no "
+                                         r"manifest.json\)"):
+        write_shipped(_blend_of([prior])[1], notes, class_prior=PRIOR, dialect="lmsys")
+    assert [p.name for p in notes.iterdir()] == ["keep.txt"]
