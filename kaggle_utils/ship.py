@@ -1,4 +1,5 @@
-"""The ship decision: rank every candidate by the CV of exactly what would be shipped, and ship the best.
+"""The ship decision: rank every candidate by the CV of exactly what would be shipped, choose what ships by a
+rule that prefers the simplest candidate when a lead is noise, and report the CV of that choice nested.
 
 Candidates, all scored on the same out-of-fold rows (the ids every source has):
 
@@ -14,7 +15,12 @@ the in-sample figure the fit optimised. What ships is then fitted on every OOF r
 applied by the functions `predict` applies (`inference.blend_members`, `calibration.apply_calibration`), so the
 CV figure and the submission describe the same thing.
 
-`decide_ship` ranks them; the winner's lead over the runner-up comes with its paired standard error.
+`decide_ship` ranks them and applies the selection rule (`select`): the lowest CV ships unless a simpler
+candidate (`Candidate.complexity`: class prior < single model < + logit-space TTA < + temperature < blend) is
+within noise of it (its deficit at most `NOISE_Z` paired standard errors); then the simplest such one ships, and
+the statement says so. Choosing among ~12 candidates on the rows that then score the choice is optimistic (the
+winner's curse), so the shipped CV reported is nested: for each cross-fit split, the rule chooses on the other
+splits' rows only (anything fitted, fitted without the split), and the choice is scored on the split.
 `write_shipped` writes what `predict --artifact` takes, self-contained (movable, uploadable with `upload-artifact`):
 the winning artifact folder itself when it is one plain model and no fallback baseline is to travel with it, else
 a folder holding copies of every member (`kind: ensemble`: members, weights, calibration, every file's sha256)
@@ -31,6 +37,7 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,11 +61,25 @@ from kaggle_utils.metrics import log_loss, row_log_losses
 CROSS_FIT_SPLITS = 5
 NOISE_Z = 2.0  # a lead counts when it exceeds this many paired standard errors (as compare's decision)
 CALIBRATION_METHOD = "temperature"
+# How complex a candidate is, for "ship the simplest within noise": the class prior fits nothing; a single trained
+# model (or the feature baseline) as trained; + logit-space TTA is a fixed choice of how to average its two views
+# (nothing fitted on OOF rows); + temperature fits a parameter on OOF rows; a blend fits weights over several.
+COMPLEXITY = {"prior": 0, "model": 1, "baseline": 1, "calibrated": 3, "blend": 5}
+LOGIT_TTA_STEP, CALIBRATION_STEP = 1, 2  # added to the candidate it is made from
+SELECTION_RULE = (f"the lowest CV log loss, unless a simpler candidate is within {NOISE_Z:g} paired standard "
+                  "errors of it: then the simplest such one (class prior < single model < + logit-space TTA < "
+                  "+ temperature < blend; among equals the lower CV)")
 
 
 @dataclass
 class Candidate:
-    """One thing that could be shipped, with its OOF probabilities on the common rows and how to build it."""
+    """One thing that could be shipped, with its OOF probabilities on the common rows and how to build it.
+
+    `probs` are cross-fitted when something in the candidate is fitted on OOF rows (split k's rows by what was
+    fitted on the other splits); `inner_probs[k]` are then its probabilities on the rows outside split k with
+    the fit cross-fitted among those rows only (what choosing inside split k may look at); None when nothing
+    is fitted on OOF rows. `splits`: each row's cross-fit split (`build_candidates` sets it). `complexity`:
+    the order "ship the simplest within noise" uses (default from `kind`, `COMPLEXITY`)."""
 
     name: str
     kind: str  # "model" | "baseline" | "prior" | "calibrated" | "blend"
@@ -67,15 +88,33 @@ class Candidate:
     calibration: dict | None = None
     note: str = ""
     cv_log_loss: float = math.nan
+    complexity: int | None = None
+    splits: np.ndarray | None = field(default=None, repr=False)
+    inner_probs: dict[int, np.ndarray] | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.complexity is None:
+            self.complexity = COMPLEXITY[self.kind]
+
+    def selection_probs(self, split: int, splits: np.ndarray | None = None) -> np.ndarray:
+        """Its probabilities on the rows outside `split` (in row order), fitted without `split`'s rows."""
+        splits = self.splits if splits is None else splits
+        if self.inner_probs is not None:
+            return self.inner_probs[split]
+        return self.probs[np.asarray(splits) != split]
 
     def summary(self) -> dict[str, Any]:
-        return {"name": self.name, "kind": self.kind, "cv_log_loss": self.cv_log_loss, "note": self.note,
-                "members": self.members, "calibration": self.calibration}
+        return {"name": self.name, "kind": self.kind, "complexity": self.complexity, "cv_log_loss": self.cv_log_loss,
+                "note": self.note, "members": self.members, "calibration": self.calibration}
 
 
 @dataclass
 class ShipDecision:
-    """The ranked candidates (best first) and why the first ships."""
+    """The ranked candidates (lowest CV first), what ships (`best`: the selection rule's choice, `select`) and
+    why. `runner_up_difference`, `standard_error`, `within_noise`: the lowest CV's lead over the runner-up.
+    `lead_over_shipped`: (difference, paired standard error) of the lowest CV over what ships, when a simpler
+    candidate ships. `nested_cv_log_loss`: the shipped CV with the choice made inside each cross-fit split
+    (`nested_choices[k]` chose on the other splits' rows, scored on split k's); None without splits."""
 
     ranking: list[Candidate]
     rows: int
@@ -83,21 +122,31 @@ class ShipDecision:
     standard_error: float | None
     within_noise: bool | None
     statement: str
+    shipped: Candidate | None = None
+    lead_over_shipped: tuple[float, float] | None = None
+    nested_cv_log_loss: float | None = None
+    nested_choices: list[str] = field(default_factory=list)
 
     @property
     def best(self) -> Candidate:
-        return self.ranking[0]
+        """The candidate that ships."""
+        return self.ranking[0] if self.shipped is None else self.shipped
 
     def to_dict(self) -> dict[str, Any]:
+        lead = (None if self.lead_over_shipped is None else
+                {"difference": self.lead_over_shipped[0], "standard_error": self.lead_over_shipped[1]})
         return {"shipped": self.best.name, "rows": self.rows, "statement": self.statement,
+                "shipped_cv_log_loss": self.best.cv_log_loss, "nested_cv_log_loss": self.nested_cv_log_loss,
+                "splits": len(self.nested_choices) or None, "nested_choices": self.nested_choices,
+                "selection_rule": SELECTION_RULE, "lowest_cv": self.ranking[0].name, "lead_over_shipped": lead,
                 "runner_up_difference": self.runner_up_difference, "standard_error": self.standard_error,
                 "within_noise": self.within_noise, "ranking": [c.summary() for c in self.ranking]}
 
     def markdown(self) -> list[str]:
-        lines = ["| rank | candidate | kind | CV log loss | note |", "|---|---|---|---|---|"]
+        lines = ["| rank | candidate | kind | complexity | CV log loss | note |", "|---|---|---|---|---|---|"]
         for rank, candidate in enumerate(self.ranking, 1):
-            lines.append(f"| {rank} | {candidate.name} | {candidate.kind} | {candidate.cv_log_loss:.4f} | "
-                         f"{candidate.note} |")
+            lines.append(f"| {rank} | {candidate.name} | {candidate.kind} | {candidate.complexity} | "
+                         f"{candidate.cv_log_loss:.4f} | {candidate.note} |")
         return [*lines, "", self.statement]
 
 
@@ -116,25 +165,36 @@ def cross_fit_splits(groups: np.ndarray, n_splits: int = CROSS_FIT_SPLITS) -> np
 
 def cross_fitted_calibration(labels: np.ndarray, probs: np.ndarray, splits: np.ndarray,
                              method: str = CALIBRATION_METHOD) -> np.ndarray:
-    """Each split's rows calibrated by what was fitted on the other splits: the honest OOF of calibrating."""
+    """Each split's rows calibrated by what was fitted on the other splits: the honest OOF of calibrating
+    (one split alone, as inside a nested split of two-group data, is fitted on its own rows)."""
     out = np.empty_like(probs, dtype=np.float64)
     for split in np.unique(splits):
         scored = splits == split
-        fitted = fit_calibration(labels[~scored], probs[~scored], method=method)
+        fit_rows = ~scored if len(np.unique(splits)) > 1 else scored
+        fitted = fit_calibration(labels[fit_rows], probs[fit_rows], method=method)
         out[scored] = apply_calibration(probs[scored], fitted)
     return out
 
 
 def cross_fitted_blend(labels: np.ndarray, member_probs: dict[str, np.ndarray], splits: np.ndarray) -> np.ndarray:
-    """Each split's rows blended with weights fitted on the other splits (`inference.blend_members`)."""
+    """Each split's rows blended with weights fitted on the other splits (`inference.blend_members`; one split
+    alone is fitted on its own rows)."""
     names = list(member_probs)
     n_rows = len(labels)
     out = np.empty((n_rows, 3), dtype=np.float64)
     for split in np.unique(splits):
         scored = splits == split
-        weights = fit_blend_weights(labels[~scored], {n: p[~scored] for n, p in member_probs.items()}).weights
+        fit_rows = ~scored if len(np.unique(splits)) > 1 else scored
+        weights = fit_blend_weights(labels[fit_rows], {n: p[fit_rows] for n, p in member_probs.items()}).weights
         out[scored] = blend_members([member_probs[n][scored] for n in names], [weights[n] for n in names]).probs
     return out
+
+
+def nested_cross_fit(splits: np.ndarray, cross_fitted: Callable[[np.ndarray], np.ndarray]) -> dict[int, np.ndarray]:
+    """For each split k, `cross_fitted(rows)` on the rows outside k (a boolean mask; it cross-fits among
+    those rows' own splits): a fitted candidate's probabilities for choosing inside split k, none of them
+    fitted on split k's labels (`Candidate.inner_probs`)."""
+    return {int(split): cross_fitted(np.asarray(splits) != split) for split in np.unique(splits)}
 
 
 def build_candidates(
@@ -152,7 +212,10 @@ def build_candidates(
     row's training-part class prior (the prior candidate's OOF); `prior`: the class prior that ships (all
     training rows); `baseline`: (OOF probs, baseline JSON file); `tta_views`: name -> the model's two swap-TTA
     views (original, swapped in its own column order): each model is also a candidate with its views averaged
-    in logit space (`formatting.average_views`), so the TTA space is chosen on OOF, not assumed."""
+    in logit space (`formatting.average_views`), so the TTA space is chosen on OOF, not assumed. Each candidate
+    carries its complexity (`COMPLEXITY`: + `LOGIT_TTA_STEP` for logit TTA, + `CALIBRATION_STEP` for a
+    temperature, the blend above all), the rows' cross-fit splits and, when fitted, its `inner_probs` (the fit
+    redone without each split) for `decide_ship`'s nested estimate."""
     labels = np.asarray(labels, dtype=np.int64)
     splits = cross_fit_splits(groups)
     candidates = [Candidate(name=name, kind="model", probs=np.asarray(p, dtype=np.float64),
@@ -171,6 +234,7 @@ def build_candidates(
                                     probs=average_views(views[0], views[1], "logit"),
                                     members=[{**m, "name": f"{m['name']}+logit-tta", "source": m["name"],
                                               "tta_space": "logit"} for m in model.members],
+                                    complexity=model.complexity + LOGIT_TTA_STEP,
                                     note="swap-TTA views averaged in logit space (prob space is the plain model)"))
     singles = list(candidates)
     if calibrate:
@@ -179,7 +243,9 @@ def build_candidates(
             candidates.append(Candidate(
                 name=f"{single.name}+{CALIBRATION_METHOD}", kind="calibrated",
                 probs=cross_fitted_calibration(labels, single.probs, splits), members=single.members,
-                calibration=fitted.to_dict(),
+                calibration=fitted.to_dict(), complexity=single.complexity + CALIBRATION_STEP,
+                inner_probs=nested_cross_fit(splits, lambda rows, p=single.probs: cross_fitted_calibration(
+                    labels[rows], p[rows], splits[rows])),
                 note=f"{CALIBRATION_METHOD} fitted on all OOF rows; CV cross-fitted over {len(np.unique(splits))} "
                      "prompt-group splits"))
     if blend and len(singles) > 1:
@@ -189,31 +255,95 @@ def build_candidates(
         kept = [m for m in members if m["weight"] > 0]
         candidates.append(Candidate(
             name="blend", kind="blend", probs=cross_fitted_blend(labels, member_probs, splits), members=kept,
+            complexity=max(COMPLEXITY["blend"], *(c.complexity + 1 for c in candidates)),
+            inner_probs=nested_cross_fit(splits, lambda rows: cross_fitted_blend(
+                labels[rows], {n: p[rows] for n, p in member_probs.items()}, splits[rows])),
             note="weights " + ", ".join(f"{m['name']} {m['weight']:.3f}" for m in kept)
                  + f"; CV cross-fitted over {len(np.unique(splits))} prompt-group splits"))
     for candidate in candidates:
         candidate.cv_log_loss = log_loss(labels, candidate.probs)
+        candidate.splits = splits
     return candidates
 
 
-def decide_ship(labels: np.ndarray, candidates: list[Candidate]) -> ShipDecision:
-    """Rank by CV log loss; the best ships. Its lead over the runner-up is given with the paired per-row
-    standard error, and called noise below NOISE_Z of them (the best still ships: it is the best estimate)."""
+def paired_lead(labels: np.ndarray, worse: np.ndarray, better: np.ndarray) -> tuple[float, float]:
+    """(mean, paired standard error) of `worse`'s per-row log loss minus `better`'s on these rows."""
+    diff = row_log_losses(labels, worse) - row_log_losses(labels, better)
+    se = float(diff.std(ddof=1) / math.sqrt(len(diff))) if len(diff) > 1 else math.inf
+    return float(diff.mean()), se
+
+
+def select(labels: np.ndarray, probs: list[np.ndarray], complexity: list[int]) -> tuple[int, int]:
+    """The selection rule (`SELECTION_RULE`) on these rows: (index of what ships, index of the lowest CV).
+    The lowest CV log loss ships unless a simpler candidate's deficit is within noise of it (at most `NOISE_Z`
+    paired standard errors); then the simplest such candidate ships (among equal complexity, the lower CV)."""
+    losses = [row_log_losses(labels, p) for p in probs]
+    means = [float(loss.mean()) for loss in losses]
+    lowest = min(range(len(probs)), key=lambda i: (means[i], complexity[i]))
+
+    def within_noise(index: int) -> bool:
+        diff = losses[index] - losses[lowest]
+        se = float(diff.std(ddof=1) / math.sqrt(len(diff))) if len(diff) > 1 else math.inf
+        return float(diff.mean()) <= NOISE_Z * se
+
+    simpler = [i for i in range(len(probs)) if complexity[i] < complexity[lowest] and within_noise(i)]
+    return min([lowest, *simpler], key=lambda i: (complexity[i], means[i])), lowest
+
+
+def decide_ship(labels: np.ndarray, candidates: list[Candidate], splits: np.ndarray | None = None) -> ShipDecision:
+    """Rank by CV log loss and ship what `select` chooses on every OOF row. The lowest CV's lead over the
+    runner-up is given with its paired standard error. `splits` (default: the candidates' own, as
+    `build_candidates` sets them): each row's cross-fit split, for the nested estimate of the shipped CV: for
+    each split, `select` chooses on the other splits' rows (`Candidate.selection_probs`: nothing fitted on the
+    split), and the choice's probabilities on the split (fitted without it) are scored; the mean over every row
+    is `nested_cv_log_loss`, the figure the statement gives as the shipped CV."""
     if not candidates:
         raise UsageError("no candidate to ship")
-    ranking = sorted(candidates, key=lambda c: c.cv_log_loss)
-    best = ranking[0]
+    labels = np.asarray(labels)
+    rows = len(labels)
+    ranking = sorted(candidates, key=lambda c: (c.cv_log_loss, c.complexity))
+    complexity = [c.complexity for c in ranking]
+    chosen, lowest_index = select(labels, [c.probs for c in ranking], complexity)
+    shipped, lowest = ranking[chosen], ranking[lowest_index]
+
+    if splits is None:
+        splits = next((c.splits for c in candidates if c.splits is not None), None)
+    nested, choices = None, []
+    if splits is not None:
+        splits = np.asarray(splits)
+        if splits.shape != (rows,) or len(np.unique(splits)) < 2:
+            raise UsageError(f"the nested ship estimate needs each of the {rows} OOF rows in one of at least two "
+                             f"cross-fit splits, got splits of shape {splits.shape}")
+        held_out = np.empty(rows, dtype=np.float64)
+        for split in np.unique(splits):
+            scored = splits == split
+            index, _ = select(labels[~scored], [c.selection_probs(int(split), splits) for c in ranking], complexity)
+            choices.append(ranking[index].name)
+            held_out[scored] = row_log_losses(labels[scored], ranking[index].probs[scored])
+        nested = float(held_out.mean())
+    nested_text = "" if nested is None else (
+        f"; nested CV {nested:.4f} (selection made inside each of {len(choices)} splits, scored on the split: chose "
+        + ", ".join(f"{name} in {choices.count(name)}" for name in dict.fromkeys(choices)) + ")")
+
     if len(ranking) == 1:
-        return ShipDecision(ranking, len(labels), None, None, None, f"{best.name} is the only candidate")
+        statement = (f"ship {shipped.name} ({shipped.kind}): CV log loss {shipped.cv_log_loss:.4f} on {rows} OOF "
+                     f"rows; {shipped.name} is the only candidate{nested_text}")
+        return ShipDecision(ranking, rows, None, None, None, statement, shipped, None, nested, choices)
     second = ranking[1]
-    diff = row_log_losses(labels, second.probs) - row_log_losses(labels, best.probs)
-    difference = float(diff.mean())
-    se = float(diff.std(ddof=1) / math.sqrt(len(diff))) if len(diff) > 1 else math.inf
+    difference, se = paired_lead(labels, second.probs, lowest.probs)
     within = difference <= NOISE_Z * se
-    statement = (f"ship {best.name} ({best.kind}): CV log loss {best.cv_log_loss:.4f} on {len(labels)} OOF rows, "
-                 f"{difference:.4f} below {second.name} (paired standard error {se:.4f})"
-                 + ("; the lead is within noise" if within else ""))
-    return ShipDecision(ranking, len(labels), difference, se, bool(within), statement)
+    lead = None
+    if shipped is lowest:
+        statement = (f"ship {shipped.name} ({shipped.kind}): CV log loss {shipped.cv_log_loss:.4f} on {rows} OOF "
+                     f"rows, {difference:.4f} below {second.name} (paired standard error {se:.4f})"
+                     + ("; the lead is within noise, and no candidate within it is simpler" if within else ""))
+    else:
+        lead = paired_lead(labels, shipped.probs, lowest.probs)
+        statement = (f"ship {shipped.name} ({shipped.kind}): the simplest candidate within noise of the lowest CV "
+                     f"({lowest.name} {lowest.cv_log_loss:.4f} on {rows} OOF rows, {lead[0]:.4f} below "
+                     f"{shipped.name}'s {shipped.cv_log_loss:.4f}, paired standard error {lead[1]:.4f})")
+    return ShipDecision(ranking, rows, difference, se, bool(within), statement + nested_text, shipped, lead,
+                        nested, choices)
 
 
 def write_shipped(decision: ShipDecision, out_dir: str | Path, *, class_prior: np.ndarray, dialect: str,
