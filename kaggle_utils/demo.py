@@ -5,8 +5,8 @@ records its results under its own key of the report (`demo_report.json` / `demo_
 `BASELINE_STEPS` end with a validated baseline submission, so a valid file exists whatever happens later;
 `LLM_STEPS` then train both quantization orderings on the same folds file (tiny random-weight Gemma-2, demo-scale
 settings from `compare.DEMO_CONFIG`), rank every candidate (both orderings' shipped models, the feature baseline,
-the class prior, their calibrated versions, the blend) by cross-fitted CV on the same rows, and ship the best
-through the offline inference engine (swap TTA, time guard, baseline as the fallback), replacing the submission
+the class prior, their calibrated versions, the blend) by cross-fitted CV on the same rows, and ship the simplest
+within noise of the lowest (`ship.decide_ship`, nested CV) through the offline inference engine (swap TTA, time guard, baseline as the fallback), replacing the submission
 with a validated one.
 `dialect="wsdm"` runs the same steps on generated WSDM Cup files (parquet, `winner` A/B): its metric (accuracy)
 is reported beside log loss, and both submissions are WSDM's `id, winner` files, validated.
@@ -224,8 +224,8 @@ def step_orderings(state: DemoState) -> str:
 
 
 def step_inference(state: DemoState) -> str:
-    """What the ship decision chose (the best CV of every candidate: variants, baseline, class prior, their
-    calibrated versions, the blend), shipped: offline inference on the test file with swap TTA and the time
+    """What the ship decision chose (the simplest candidate within noise of the lowest CV among variants,
+    baseline, class prior, their calibrated versions and the blend), shipped: offline inference on the test file with swap TTA and the time
     guard."""
     ship = state.comparison.ship
     artifact_dir = state.comparison.shipped_artifact

@@ -107,7 +107,9 @@ def render(figures: dict[str, Any]) -> str:
         f"standard error of {number(figures['standard_error'])}: **{verdict}**. The ship decision ranks every "
         "candidate by cross-fitted CV on the same rows (" + ", ".join(
             f"{name} {number(loss)}" for name, loss in figures.get("candidates", {}).items())
-        + f"): {figures.get('ship_statement', '')}. Shipped: {figures['shipped']} "
+        + "), ships the simplest candidate within noise (2 paired standard errors) of the lowest, and reports the "
+        f"nested CV of that rule (chosen inside each split, scored on it): {figures.get('ship_statement', '')}. "
+        f"Shipped: {figures['shipped']} "
         f"(rows by path {figures['shipped_rows_by_path']}).",
         _machine_line(figures.get("recorded_on")),
         END,
