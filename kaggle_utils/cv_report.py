@@ -414,10 +414,13 @@ def _ship_lines(report: dict) -> list[str]:
         return ["No ship decision in this report.", ""]
     lines = ["Every candidate on the same OOF rows; calibrations and blend weights scored cross-fitted (fitted on "
              "the other prompt-group splits of the OOF rows), so no figure is the in-sample one its fit optimised.",
-             "", "| rank | candidate | kind | CV log loss | note |", "|---|---|---|---|---|"]
+             "", "| rank | candidate | kind | complexity | CV log loss | note |", "|---|---|---|---|---|---|"]
     for rank, candidate in enumerate(ship["ranking"], 1):
-        lines.append(f"| {rank} | {candidate['name']} | {candidate['kind']} | {candidate['cv_log_loss']:.4f} "
-                     f"| {candidate['note']} |")
+        complexity = candidate.get("complexity", "-")
+        lines.append(f"| {rank} | {candidate['name']} | {candidate['kind']} | {complexity} "
+                     f"| {candidate['cv_log_loss']:.4f} | {candidate['note']} |")
+    if ship.get("selection_rule"):
+        lines += ["", f"Rule: {ship['selection_rule']}."]
     return [*lines, "", f"**{ship['statement']}**; shipped: `{ship['artifact']}`.", "",
             f"![reliability]({ship.get('reliability_png', 'reliability.png')})", ""]
 
