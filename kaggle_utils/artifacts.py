@@ -36,6 +36,7 @@ self-contained and intact (the upload and `inference.ensemble_members` call it).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import json
@@ -44,6 +45,7 @@ import re
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -138,11 +140,7 @@ def save_artifact(
     if missing:
         raise ArtifactError(f"save_artifact: manifest_fields lacks {missing}")
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_staging(out_dir)
-    # The saver's pid is in the name, so a later save can tell an abandoned staging folder from a live one.
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.{os.getpid()}.", dir=out_dir.parent))
-    try:
+    with staged_folder(out_dir) as staging:
         has_adapter = hasattr(model, "peft_config")
         backend = backend_for_model(model)
         if not backend.save_model(model, staging / MODEL_DIR):  # GPTQ writes its compressed-tensors format
@@ -172,13 +170,30 @@ def save_artifact(
         }
         manifest["files"] = _file_table(staging)
         (staging / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2), encoding="utf-8")
+    return out_dir
+
+
+@contextlib.contextmanager
+def staged_folder(out_dir: str | Path) -> Iterator[Path]:
+    """Build a folder beside `out_dir` and rename it into place when the block ends without error, replacing
+    what was there; on any error the staging folder is removed and `out_dir` is left as it was.
+
+        with staged_folder(out) as staging:
+            (staging / "manifest.json").write_text(...)
+    """
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_staging(out_dir)
+    # The saver's pid is in the name, so a later save can tell an abandoned staging folder from a live one.
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.{os.getpid()}.", dir=out_dir.parent))
+    try:
+        yield staging
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(staging, out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return out_dir
 
 
 def remove_stale_staging(out_dir: str | Path) -> list[Path]:
@@ -244,19 +259,24 @@ def save_checkpoint(model: nn.Module, out_dir: str | Path) -> Path:
     return out_dir
 
 
+def _manifest_json(root: Path) -> tuple[Path, object]:
+    """(path, parsed JSON) of the folder's manifest; an ArtifactError when it is missing or not JSON."""
+    manifest_path = root / MANIFEST_NAME
+    if not manifest_path.is_file():
+        raise ArtifactError(f"{root} is not a complete artifact: {MANIFEST_NAME} is missing")
+    try:
+        return manifest_path, json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ArtifactError(f"{manifest_path}: not valid JSON ({error})") from error
+
+
 def read_manifest(path: str | Path, verify_hashes: bool = False, allow_unlisted: bool = False) -> dict:
     """The artifact's manifest, checked: required fields present with their types, the ordering's parts
     consistent (`check_manifest_schema`), listed files present with their sizes (and sha256 with
     `verify_hashes`), no unlisted file in a folder that gets loaded (`allow_unlisted` is for readers that
     only ever touch the listed files, such as the upload), template version equal to the code's."""
     root = Path(path)
-    manifest_path = root / MANIFEST_NAME
-    if not manifest_path.is_file():
-        raise ArtifactError(f"{root} is not a complete artifact: {MANIFEST_NAME} is missing")
-    try:
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ArtifactError(f"{manifest_path}: not valid JSON ({error})") from error
+    manifest_path, manifest = _manifest_json(root)
     if not isinstance(manifest, dict):
         raise ArtifactError(f"{manifest_path}: expected a JSON object, got {type(manifest).__name__}")
     missing = [name for name in (*REQUIRED_FIELDS, *LAYOUT_FIELDS) if name not in manifest]
@@ -352,13 +372,7 @@ def read_ensemble_manifest(path: str | Path, verify_hashes: bool = False) -> dic
     """An ensemble folder's manifest (`kind: ensemble`, what `ship.write_shipped` writes), checked as a
     self-contained artifact (`check_ensemble_manifest`); an ArtifactError naming the manifest or file else."""
     root = Path(path)
-    manifest_path = root / MANIFEST_NAME
-    if not manifest_path.is_file():
-        raise ArtifactError(f"{root} is not a complete artifact: {MANIFEST_NAME} is missing")
-    try:
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ArtifactError(f"{manifest_path}: not valid JSON ({error})") from error
+    manifest_path, manifest = _manifest_json(root)
     if not isinstance(manifest, dict) or manifest.get("kind") != ENSEMBLE_KIND:
         raise ArtifactError(f"{manifest_path}: not an ensemble manifest (kind {ENSEMBLE_KIND!r})")
     check_ensemble_manifest(root, manifest, verify_hashes=verify_hashes)

@@ -264,13 +264,13 @@ BASELINE_STEPS: list[DemoStep] = [
 ]
 LLM_STEPS: list[DemoStep] = [
     DemoStep("orderings", "Gemma-2 in both orderings on the same folds", step_orderings),
-    DemoStep("inference", "ship the best candidate: offline inference with swap TTA", step_inference),
+    DemoStep("inference", "ship the chosen candidate: offline inference with swap TTA", step_inference),
 ]
 DEMO_STEPS: list[DemoStep] = [*BASELINE_STEPS, *LLM_STEPS]
 REAL_DEMO_STEPS: list[DemoStep] = [
     *BASELINE_STEPS,
     DemoStep("orderings", "real checkpoint in both orderings on the same folds", step_orderings),
-    DemoStep("inference", "ship the best candidate: offline inference with swap TTA", step_inference),
+    DemoStep("inference", "ship the chosen candidate: offline inference with swap TTA", step_inference),
 ]
 
 FETCH_HINT = "python -m kaggle_utils fetch-model gemma-3-270m --out {dir}"

@@ -36,7 +36,6 @@ import math
 import os
 import re
 import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,7 +46,7 @@ from sklearn.model_selection import GroupKFold
 
 from kaggle_utils import __version__
 from kaggle_utils.artifact_layout import MANIFEST_NAME
-from kaggle_utils.artifacts import ENSEMBLE_KIND, check_ensemble_manifest, read_manifest, remove_stale_staging
+from kaggle_utils.artifacts import ENSEMBLE_KIND, check_ensemble_manifest, read_manifest, staged_folder
 from kaggle_utils.baseline import MANIFEST_SUFFIX as BASELINE_MANIFEST_SUFFIX
 from kaggle_utils.baseline import BaselineModel, baseline_manifest_path
 from kaggle_utils.calibration import apply_calibration, fit_calibration, plot_reliability
@@ -377,20 +376,11 @@ def write_shipped(decision: ShipDecision, out_dir: str | Path, *, class_prior: n
             not out_dir.is_dir() or any(out_dir.iterdir())):
         raise UsageError(f"refusing to replace {out_dir}: it is not a shipped artifact (no {MANIFEST_NAME}); "
                          f"choose another output")
-    remove_stale_staging(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.{os.getpid()}.", dir=out_dir.parent))
-    try:
+    with staged_folder(out_dir) as staging:
         if plain:
             _ship_plain_model(Path(best.members[0]["path"]), Path(baseline), staging)
         else:
             _ship_ensemble(decision, staging, class_prior=class_prior, dialect=dialect, baseline=baseline)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out_dir
 
 
