@@ -438,6 +438,32 @@ def _ship_plain_model(source: Path, baseline: Path, folder: Path) -> None:
     read_manifest(folder, verify_hashes=False)
 
 
+def ship_artifact(artifact_dir: str | Path, out_dir: str | Path, baseline: str | Path) -> Path:
+    """A model artifact (e.g. a training kernel's `runs/seed<S>/<ordering>/fold<k>/artifact`) copied to
+    `out_dir` with the feature baseline inside it as `baseline.json`, so that on Kaggle the rows the model does
+    not serve get the baseline, not the class prior. What `python -m kaggle_utils ship` runs; upload the result
+    with `kaggle upload-artifact OUT_DIR`.
+
+    The artifact is checked (sha256 of every listed file) and left untouched; `out_dir` is refused when it is,
+    contains or lies inside the artifact or the baseline, or holds something other than a shipped artifact."""
+    artifact_dir, out_dir, baseline = Path(artifact_dir), Path(out_dir), Path(baseline)
+    check_output_apart(out_dir, [("artifact", artifact_dir), ("fallback baseline", baseline)])
+    if not baseline.is_file():
+        raise UsageError(f"fallback baseline {baseline} not found: save one with `baseline --save-model FILE`")
+    BaselineModel.load(baseline)  # its sha256 manifest checked: a damaged baseline is refused here, not on Kaggle
+    manifest = read_manifest(artifact_dir, verify_hashes=True)
+    if manifest.get("kind") == ENSEMBLE_KIND:
+        raise UsageError(f"{artifact_dir} is an ensemble: it carries its fallback baseline when shipped by "
+                         "compare-orderings or combine-reports (ship.write_shipped)")
+    if out_dir.is_symlink() or out_dir.exists() and not (out_dir / MANIFEST_NAME).is_file() and (
+            not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise UsageError(f"refusing to replace {out_dir}: it is not a shipped artifact (no {MANIFEST_NAME}); "
+                         f"choose another output")
+    with staged_folder(out_dir) as staging:
+        _ship_plain_model(artifact_dir, baseline, staging)
+    return out_dir
+
+
 def _member_folder_name(name: str, used: set[str]) -> str:
     """A file-system-safe, unique folder name for a member ("ftq/fold0" -> "ftq_fold0")."""
     base = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._-") or "member"

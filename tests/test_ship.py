@@ -419,3 +419,51 @@ def test_shipping_again_replaces_the_previous_shipped_folder_but_nothing_else(tm
                                          r"manifest.json\)"):
         write_shipped(_blend_of([prior])[1], notes, class_prior=PRIOR, dialect="lmsys")
     assert [p.name for p in notes.iterdir()] == ["keep.txt"]
+
+
+def test_the_ship_command_puts_the_baseline_inside_a_fold_artifact_and_leaves_the_artifact_alone(
+        tmp_path, demo_tokenizer, sample_files, train_data, capsys):
+    """The documented Kaggle flow uploads a training kernel's fold artifact: `ship --artifact A --baseline B
+    --out S` makes S (A plus baseline.json) so the fallback on Kaggle is the baseline, not the class prior."""
+    import shutil
+
+    from kaggle_utils.artifacts import read_manifest
+    from kaggle_utils.baseline import run_baseline_cv
+    from kaggle_utils.cli import main
+    from kaggle_utils.config import BaselineConfig, FoldConfig
+    from kaggle_utils.fileio import file_sha256
+    from kaggle_utils.folds import make_folds
+    from kaggle_utils.kaggle_tools.upload import plan_upload
+    from kaggle_utils.runtime import find_inputs
+
+    torch.set_num_threads(1)
+    frame = train_data.frame
+    fitted = run_baseline_cv(frame, make_folds(frame, FoldConfig(n_folds=3, seed=0)), BaselineConfig(model="logreg"))
+    baseline = fitted.model.save(tmp_path / "runs" / "baseline_model.json")
+    artifact = build_tiny_artifacts(tmp_path / "runs", demo_tokenizer)["ft-then-quant"]
+    before = {p.relative_to(artifact): file_sha256(p) for p in artifact.rglob("*") if p.is_file()}
+
+    for out, relation in ((artifact / "shipped", "is inside the artifact"), (artifact.parent, "contains the artifact"),
+                          (baseline, "is the fallback baseline")):
+        assert main(["ship", "--artifact", str(artifact), "--baseline", str(baseline), "--out", str(out)]) == 2
+        assert f"refusing to write {out}: it {relation}" in capsys.readouterr().err
+    shipped = tmp_path / "shipped"
+    assert main(["ship", "--artifact", str(artifact), "--baseline", str(baseline), "--out", str(shipped)]) == 0
+    assert {p.relative_to(artifact): file_sha256(p) for p in artifact.rglob("*") if p.is_file()} == before
+    manifest = read_manifest(shipped, verify_hashes=True)
+    assert manifest["fallback_baseline"] == "baseline.json"
+    assert {"baseline.json", "baseline.json.manifest.json"} <= set(plan_upload(shipped).files)
+
+    root = tmp_path / "input"
+    shutil.copytree(shipped, root / "arena-artifact")
+    (root / "competition").mkdir()
+    shutil.copy(sample_files.test_csv, root / "competition" / "test.csv")
+    shutil.copy(sample_files.sample_submission_csv, root / "competition" / "sample_submission.csv")
+    found = find_inputs(root)
+    assert found.artifact_dir == root / "arena-artifact"
+    assert found.baseline_path == root / "arena-artifact" / "baseline.json"
+
+    (tmp_path / "damaged.json").write_bytes(baseline.read_bytes() + b" ")
+    assert main(["ship", "--artifact", str(artifact), "--baseline", str(tmp_path / "damaged.json"),
+                 "--out", str(tmp_path / "other")]) == 2
+    assert not (tmp_path / "other").exists()

@@ -15,6 +15,7 @@ from kaggle_utils.errors import UsageError
 from kaggle_utils.experiment import prepare_experiment, run_fold, variant_config
 from kaggle_utils.kaggle_tools.reports import combine_reports, lever_table, render_lever_table
 from kaggle_utils.metrics import save_oof
+from kaggle_utils.ship import ship_artifact
 from kaggle_utils.training import finish_distributed
 from kaggle_utils.variant_registry import resolve_variants
 
@@ -47,6 +48,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("reports", nargs="+", help="folders holding report.json and oof.parquet")
     parser.add_argument("--out", required=True, help="folder for the joined report.json/.md/.png and oof.parquet")
     parser.set_defaults(handler=combine)
+
+    parser = subparsers.add_parser(
+        "ship",
+        help="copy a model artifact with the feature baseline inside it (the fallback on Kaggle), ready for "
+             "`kaggle upload-artifact`",
+    )
+    parser.add_argument("--artifact", required=True, help="a model artifact folder (with manifest.json)")
+    parser.add_argument("--baseline", required=True,
+                        help="the feature baseline's JSON file (`baseline --save-model FILE`)")
+    parser.add_argument("--out", required=True, help="folder to write (replaced if it is a shipped artifact)")
+    parser.set_defaults(handler=ship_command)
 
     parser = subparsers.add_parser(
         "lever-table",
@@ -114,6 +126,13 @@ def levers(args: argparse.Namespace) -> int:
     table = lever_table(entries, args.out)
     print(render_lever_table(table), end="")
     print(f"table: {Path(args.out) / 'levers.md'}")
+    return 0
+
+
+def ship_command(args: argparse.Namespace) -> int:
+    out = ship_artifact(args.artifact, args.out, args.baseline)
+    print(f"shipped {args.artifact} with fallback baseline {args.baseline} -> {out}; upload it with "
+          f"`python -m kaggle_utils kaggle upload-artifact {out}`")
     return 0
 
 
