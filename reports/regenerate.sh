@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Regenerates every committed demo-scale report and the README's demo figures from the current code, in the
 # order the README cites them. CPU, offline; about 15-25 minutes on 2 cores. Run from the repository root after
-# `make setup`:  bash reports/regenerate.sh [demo|ship|orderings|qaware|qid|real|levers|levers-seeds|real-levers ...]
+# `make setup`:  bash reports/regenerate.sh [demo|ship|orderings|qaware|qid|real|real-ship|levers|levers-seeds|real-levers ...]
 # (default: the first five; `real` and `real-levers`, on Gemma 3 270M, take one to two hours at one thread, and
 # `levers` needs the GPTQ extra: those three run only when named)
 set -euo pipefail
@@ -52,6 +52,13 @@ for step in "${steps[@]}"; do
         --out runs/reports/real_weights
       mkdir -p reports/real_weights
       cp runs/reports/real_weights/report.{json,md,png} reports/real_weights/
+      ;;
+    real-ship)  # the ship decision on real weights (Gemma 3 270M): two variants, every candidate, one seed
+      [ -d models/gemma-3-270m ] || $PY -m kaggle_utils fetch-model gemma-3-270m --out models/gemma-3-270m
+      $PY -m kaggle_utils compare-orderings --config reports/real_weights_config.yaml --sample-rows 320 \
+        --out runs/reports/real_ship --seeds 42 --threads 1 --variants ft-then-quant-int8 quant-then-ft-nf4
+      mkdir -p reports/real_weights_ship
+      cp runs/reports/real_ship/{report.json,report.md,report.png,ship.json,reliability.png} reports/real_weights_ship/
       ;;
     levers)  # the winners' levers at demo scale, every run on the first batch's data and folds (needs the GPTQ
       # extra: `make gptq-check` installs it into .gptq-extra/). About 25 minutes at one thread.
