@@ -264,6 +264,17 @@ def test_one_candidate_has_its_own_cross_fitted_cv_as_its_nested_cv():
     assert "is the only candidate" in decision.statement
 
 
+def _emulated_kaggle_input(root, shipped, name: str, sample_files):
+    """`root` laid out as /kaggle/input: the shipped folder as dataset `name` beside the competition files."""
+    import shutil
+
+    shutil.copytree(shipped, root / name)
+    (root / "competition").mkdir()
+    shutil.copy(sample_files.test_csv, root / "competition" / "test.csv")
+    shutil.copy(sample_files.sample_submission_csv, root / "competition" / "sample_submission.csv")
+    return root
+
+
 def _blend_of(members: list[dict], n: int = 30) -> tuple[np.ndarray, object]:
     """A one-candidate decision shipping `members` (the OOF numbers do not matter to what is written)."""
     from kaggle_utils.ship import Candidate
@@ -329,7 +340,6 @@ def test_the_fallback_baseline_travels_inside_the_shipped_artifact(tmp_path, dem
     """The feature baseline ships as `baseline.json` (+ its sha256 manifest) inside what `write_shipped`
     writes, ensemble or plain model alike, where `find_inputs` looks: on an emulated /kaggle/input the
     submission's fallback is the baseline model, not the class prior."""
-    import shutil
 
     from kaggle_utils.artifacts import read_manifest
     from kaggle_utils.baseline import BaselineModel, run_baseline_cv
@@ -355,11 +365,7 @@ def test_the_fallback_baseline_travels_inside_the_shipped_artifact(tmp_path, dem
     np.testing.assert_array_equal(BaselineModel.load(shipped / "baseline.json").predict_proba(frame.head(20)),
                                   expected)
 
-    root = tmp_path / "input"
-    shutil.copytree(shipped, root / "arena-ensemble")
-    (root / "competition").mkdir()
-    shutil.copy(sample_files.test_csv, root / "competition" / "test.csv")
-    shutil.copy(sample_files.sample_submission_csv, root / "competition" / "sample_submission.csv")
+    root = _emulated_kaggle_input(tmp_path / "input", shipped, "arena-ensemble", sample_files)
     found = find_inputs(root)
     assert found.artifact_dir == root / "arena-ensemble"
     assert found.baseline_path == root / "arena-ensemble" / "baseline.json"
@@ -425,7 +431,6 @@ def test_the_ship_command_puts_the_baseline_inside_a_fold_artifact_and_leaves_th
         tmp_path, demo_tokenizer, sample_files, train_data, capsys):
     """The documented Kaggle flow uploads a training kernel's fold artifact: `ship --artifact A --baseline B
     --out S` makes S (A plus baseline.json) so the fallback on Kaggle is the baseline, not the class prior."""
-    import shutil
 
     from kaggle_utils.artifacts import read_manifest
     from kaggle_utils.baseline import run_baseline_cv
@@ -454,11 +459,7 @@ def test_the_ship_command_puts_the_baseline_inside_a_fold_artifact_and_leaves_th
     assert manifest["fallback_baseline"] == "baseline.json"
     assert {"baseline.json", "baseline.json.manifest.json"} <= set(plan_upload(shipped).files)
 
-    root = tmp_path / "input"
-    shutil.copytree(shipped, root / "arena-artifact")
-    (root / "competition").mkdir()
-    shutil.copy(sample_files.test_csv, root / "competition" / "test.csv")
-    shutil.copy(sample_files.sample_submission_csv, root / "competition" / "sample_submission.csv")
+    root = _emulated_kaggle_input(tmp_path / "input", shipped, "arena-artifact", sample_files)
     found = find_inputs(root)
     assert found.artifact_dir == root / "arena-artifact"
     assert found.baseline_path == root / "arena-artifact" / "baseline.json"
