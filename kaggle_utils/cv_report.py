@@ -20,6 +20,7 @@ import math
 import platform
 import time
 from dataclasses import dataclass, field
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -232,11 +233,9 @@ def build_report(cfg, chosen, seeds, fold_ids, runs, frame, folds_path, folds_ha
     names = [variant.name for variant in chosen]
     decision = decide_winner(runs, names)
     common = attach_common_reference(runs)
-    try:
-        import bitsandbytes
-        import peft
-        versions = {"bitsandbytes": bitsandbytes.__version__, "peft": peft.__version__}
-    except ImportError:
+    try:  # versions from the installed metadata: importing bitsandbytes would ask the Hub for a CPU kernel
+        versions = {name: metadata.version(name) for name in ("bitsandbytes", "peft")}
+    except metadata.PackageNotFoundError:
         versions = {}
     dialect = get_dialect(cfg.data.format)
     return {
