@@ -212,6 +212,11 @@ def test_cli_train_writes_an_artifact(sample_files, tmp_path, capsys):
     assert "quant-then-ft, fold 1" in printed and "artifact:" in printed
     artifact = printed.split("artifact:")[1].strip()
     assert load_artifact(artifact, device="cpu").manifest["ordering"] == "quant-then-ft"
+    # its OOF file records the folds the run left out (none), as compare-orderings' does: a teacher check reads it
+    from kaggle_utils.metrics import read_oof_records
+
+    records = read_oof_records(tmp_path / "out" / "oof.parquet")
+    assert records and all(record["excluded_folds"] == {} for record in records.values())
     assert main(["compare-orderings", "--config", str(tmp_path / "missing.yaml"), "--out", str(tmp_path)]) == 2
 
 

@@ -90,7 +90,7 @@ def train(args: argparse.Namespace) -> int:
     finish_distributed()
     if record is None:  # a non-main process of `accelerate launch`: the main one writes and reports
         return 0
-    save_oof(pl.concat(tables, how="vertical"), out_dir / OOF_FILE, replace="name")
+    save_oof(pl.concat(tables, how="vertical"), out_dir / OOF_FILE, replace="name", record=experiment.oof_record)
     run = RunRecord.from_dict(aggregate_run(variant, cfg.train.seed, [record], experiment.dialect))
     print(f"{args.ordering}, fold {fold}: held-out log loss 16-bit {run.cv_log_loss_16bit:.4f}, "
           f"quantized {run.cv_log_loss_quantized:.4f} (class prior {run.prior_log_loss:.4f})")
