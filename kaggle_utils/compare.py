@@ -62,6 +62,7 @@ from kaggle_utils.cv_report import ComparisonReport, aggregate_run, build_report
 from kaggle_utils.errors import UsageError
 from kaggle_utils.experiment import prepare_experiment, run_fold, variant_config
 from kaggle_utils.metrics import class_prior, save_oof
+from kaggle_utils.model_config import describe_checkpoint
 from kaggle_utils.qaware import variants as _qaware_variants  # noqa: F401  registers the quantization-aware ones
 from kaggle_utils.ship import seed_ensemble, ship_runs
 from kaggle_utils.training import distributed_state
@@ -128,7 +129,8 @@ def compare_orderings(
     save_oof(pl.concat(oof_tables, how="vertical"), out_dir / OOF_FILE, replace="name",
              record=experiment.oof_record)
     report = build_report(cfg, chosen, seeds, experiment.fold_ids, runs, experiment.frame, experiment.folds_path,
-                          experiment.folds_hash, experiment.device, began)
+                          experiment.folds_hash, experiment.device, began,
+                          model=describe_checkpoint(experiment.base_dir, cfg.model.base_model, cfg.model.init_seed))
     report["skipped_variants"] = skipped
     report["ship"] = _ship(runs, seeds[0], experiment.folds, experiment.frame, out_dir, cfg.data.format, baseline)
     write_report(report, out_dir)

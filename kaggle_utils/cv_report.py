@@ -32,6 +32,7 @@ from kaggle_utils import __version__
 from kaggle_utils.dialects import Dialect, get_dialect
 from kaggle_utils.errors import UsageError
 from kaggle_utils.formatting import TEMPLATE_VERSION
+from kaggle_utils.machine import describe_machine
 from kaggle_utils.metrics import log_loss, row_log_losses
 from kaggle_utils.real_models import base_weights_note
 from kaggle_utils.ship import ShippedRun
@@ -226,8 +227,10 @@ def _quantized_loss(run: dict) -> float:
     return float(np.mean(rows)) if rows is not None else float(run["cv_log_loss_quantized"])
 
 
-def build_report(cfg, chosen, seeds, fold_ids, runs, frame, folds_path, folds_hash, device, began) -> dict:
-    """The report's JSON form from the runs: decision, common reference, summaries, setup, environment."""
+def build_report(cfg, chosen, seeds, fold_ids, runs, frame, folds_path, folds_hash, device, began,
+                 model: dict | None = None) -> dict:
+    """The report's JSON form from the runs: decision, common reference, summaries, setup (with `model`, what
+    `model_config.describe_checkpoint` says of the base), environment (with the machine)."""
     import transformers
 
     names = [variant.name for variant in chosen]
@@ -253,6 +256,7 @@ def build_report(cfg, chosen, seeds, fold_ids, runs, frame, folds_path, folds_ha
             "seeds": list(seeds),
             "base_model": cfg.model.base_model,
             "base_model_note": _base_weights_note(cfg.model.base_model),  # e.g. GGUF-rounded weights
+            **({"model": model} if model is not None else {}),
             "max_length": cfg.format.max_length,
             "template_version": _template_version(),
             "format": dataclasses.asdict(cfg.format),
@@ -263,6 +267,7 @@ def build_report(cfg, chosen, seeds, fold_ids, runs, frame, folds_path, folds_ha
         },
         "environment": {
             "device": _describe_device(device),
+            **describe_machine(),
             "torch_threads": torch.get_num_threads(),
             "python": platform.python_version(),
             "torch": torch.__version__,
@@ -403,7 +408,15 @@ def render_markdown(report: ComparisonReport | dict) -> str:
                          f"| {fold['log_loss_quantized']:.4f} | {'n/a' if common is None else f'{common:+.4f}'} "
                          f"| {fold['best_step']} | {extras or '-'} |")
     lines += ["", f"Versions: torch {env['torch']}, transformers {env['transformers']}, "
-                  f"peft {env.get('peft', '?')}, bitsandbytes {env.get('bitsandbytes', '?')}; {env['date']}.", ""]
+                  f"peft {env.get('peft', '?')}, bitsandbytes {env.get('bitsandbytes', '?')}; {env['date']}"
+                  + (f"; {env['cpu']} ({env['cores']} cores, {env['torch_threads']} torch threads)" if "cpu" in env
+                     else "") + ".", ""]
+    model = report["setup"].get("model")
+    if model:
+        hashes = ", ".join(f"{name} {digest[:12]}" for name, digest in model["weights_sha256"].items())
+        lines += [f"Model: {model['model_type']}, {model['parameters']:,} parameters, vocabulary "
+                  f"{model['vocab_size']:,}, stored {model['stored_dtype']}; weights sha256 {hashes}; "
+                  f"{model['origin']}.", ""]
     return "\n".join(lines)
 
 

@@ -19,6 +19,7 @@ from typing import Any
 
 from kaggle_utils.errors import UsageError
 from kaggle_utils.fileio import atomic_write_bytes
+from kaggle_utils.machine import describe_machine
 
 HEADLINE_PATH = Path("reports/demo/headline.json")
 README_PATH = Path("README.md")
@@ -36,24 +37,17 @@ _RECORDED_PACKAGES = ("torch", "transformers", "peft", "accelerate", "bitsandbyt
 def machine_record() -> dict[str, Any]:
     """Where figures were made: date, CPU model, core count, torch threads, Python and the libraries' versions."""
     import datetime
-    import os
     import platform
     from importlib import metadata
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as handle:
-            cpu = next((line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")), cpu)
-    except OSError:
-        pass
     versions = {}
     for name in _RECORDED_PACKAGES:
         try:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             versions[name] = None
-    return {"date": datetime.date.today().isoformat(), "cpu": cpu, "cores": os.cpu_count(),
-            "python": platform.python_version(), "packages": versions}
+    return {"date": datetime.date.today().isoformat(), **describe_machine(), "python": platform.python_version(),
+            "packages": versions}
 _ORDERING_METRICS = ("cv_log_loss_16bit", "cv_log_loss_quantized", "qid_vs_common", "gap_vs_own_reference")
 
 

@@ -15,6 +15,7 @@ from transformers import CONFIG_MAPPING, Gemma2Config, PretrainedConfig
 
 from kaggle_utils.config import ModelConfig
 from kaggle_utils.errors import UsageError
+from kaggle_utils.fileio import file_sha256
 
 TINY_BASE_MODEL = "tiny"
 # The classification head AutoModelForSequenceClassification adds to a decoder (absent from causal-LM checkpoints).
@@ -150,3 +151,46 @@ def zero_new_score_head(model: nn.Module, loading_info: dict) -> None:
                 module.weight.zero_()
                 if module.bias is not None:
                     module.bias.zero_()
+
+
+def describe_checkpoint(checkpoint_dir: str | Path, source: str, init_seed: int | None = None) -> dict:
+    """Which model a report is about, read from the checkpoint every ordering starts from: architecture
+    (`model_type`), parameter count (from the safetensors headers), vocabulary size, stored dtype, each weight
+    file's sha256, and where the weights came from (a `fetch-model` GGUF and its sha256, or random init).
+
+        describe_checkpoint(experiment.base_dir, cfg.model.base_model, cfg.model.init_seed)
+    """
+    root = Path(checkpoint_dir)
+    config = json.loads((root / "config.json").read_text(encoding="utf-8"))
+    text = config.get("text_config") or {}
+    weight_files = sorted(root.glob("*.safetensors"))
+    parameters = 0
+    for path in weight_files:
+        with open(path, "rb") as handle:
+            header = json.loads(handle.read(int.from_bytes(handle.read(8), "little")))
+        for name, entry in header.items():
+            if name != "__metadata__":
+                count = 1
+                for size in entry["shape"]:
+                    count *= size
+                parameters += count
+    description = {
+        "source": source,
+        "model_type": config.get("model_type"),
+        "parameters": parameters,
+        "vocab_size": config.get("vocab_size", text.get("vocab_size")),
+        "hidden_size": config.get("hidden_size", text.get("hidden_size")),
+        "layers": config.get("num_hidden_layers", text.get("num_hidden_layers")),
+        "stored_dtype": config.get("dtype") or config.get("torch_dtype"),
+        "weights_sha256": {path.name: file_sha256(path) for path in weight_files},
+    }
+    fetched = root / "fetch.json"
+    if fetched.is_file():
+        record = json.loads(fetched.read_text(encoding="utf-8"))
+        description["origin"] = (f"fetch-model {record.get('name')}: {record.get('gguf_file')} "
+                                 f"(sha256 {record.get('gguf_sha256')}, {record.get('quantization')})")
+    elif not base_has_weights(source):
+        description["origin"] = f"random weights from the config (model.init_seed {init_seed})"
+    else:
+        description["origin"] = "a checkpoint folder (no fetch-model record)"
+    return description

@@ -52,6 +52,10 @@ def test_report_files_and_numbers_come_from_the_run(comparison):
     assert report["decision"]["winner"] in ("ft-then-quant", "quant-then-ft")
     assert isinstance(report["decision"]["within_noise"], bool)
     assert "no GPU" in report["environment"]["device"]
+    assert report["environment"]["cpu"] and report["environment"]["cores"]
+    model = report["setup"]["model"]
+    assert model["model_type"] == "gemma2" and model["parameters"] > 0 and model["weights_sha256"]
+    assert "Model: gemma2" in (out / compare.REPORT_MD).read_text()
 
     oof = load_oof(out / compare.OOF_FILE)
     for run in report["runs"]:
@@ -489,3 +493,27 @@ def test_combine_reports_names_a_missing_field_in_one_line(two_reports, tmp_path
     assert main(["combine-reports", str(a), str(b), "--out", str(tmp_path / "joined")]) == 2
     assert f"{a / compare.REPORT_JSON} has no field 'environment'" in capsys.readouterr().err
     assert not (tmp_path / "joined").exists()
+
+
+def test_the_report_names_its_model_and_machine(tmp_path):
+    """Every comparison report says which model it is about (type, parameters, vocabulary, weights' sha256,
+    origin) and on which machine it ran, not only a folder path."""
+    import json
+
+    from kaggle_utils.config import ModelConfig
+    from kaggle_utils.fileio import file_sha256
+    from kaggle_utils.model_config import describe_checkpoint
+    from kaggle_utils.modeling import materialize_base
+
+    base = materialize_base(ModelConfig(init_seed=3), tmp_path / "base", vocab_size=300, pad_token_id=0)
+    described = describe_checkpoint(base, "tiny", 3)
+    weights = sorted(base.glob("*.safetensors"))
+    assert described["model_type"] == "gemma2" and described["vocab_size"] == 300
+    assert described["weights_sha256"] == {path.name: file_sha256(path) for path in weights}
+    assert described["origin"] == "random weights from the config (model.init_seed 3)"
+    from safetensors.torch import load_file
+
+    assert described["parameters"] == sum(t.numel() for path in weights for t in load_file(path).values())
+    (base / "fetch.json").write_text(json.dumps({"name": "m", "gguf_file": "m.gguf", "gguf_sha256": "ab",
+                                                 "quantization": "Q4_K_M"}))
+    assert describe_checkpoint(base, str(base))["origin"] == "fetch-model m: m.gguf (sha256 ab, Q4_K_M)"
