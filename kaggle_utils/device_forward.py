@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from kaggle_utils.batching import PadCollator
+from kaggle_utils.devices import check_dtype_range
 from kaggle_utils.errors import UsageError
 from kaggle_utils.modeling import forward_probs
 
@@ -45,6 +46,13 @@ def make_forward(model: Any, pad_token_id: int, device: str) -> ForwardFn:
             return forward_probs(model, batch)
 
     return forward
+
+
+def preflight_dtype(model: Any, pad_token_id: int, device: str, seqs: list[list[int]], setting: str) -> dict:
+    """`devices.check_dtype_range` on a few real rows, padded as `make_forward` pads them: a model that would
+    overflow float16 is refused (DtypeRangeError naming `setting`) before any row is predicted."""
+    batch = PadCollator(pad_token_id)([{"input_ids": seq} for seq in seqs])
+    return check_dtype_range(model, batch["input_ids"].to(device), batch["attention_mask"].to(device), setting)
 
 
 def _pad_id(tokenizer: Any) -> int:

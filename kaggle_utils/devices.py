@@ -44,3 +44,57 @@ def default_device() -> torch.device:
 def model_device(model: nn.Module) -> torch.device:
     """The device of the model's first parameter (where its inputs must go)."""
     return next(model.parameters()).device
+
+
+class DtypeRangeError(UsageError):
+    """A model whose hidden states leave its dtype's range (fp16 overflow): it would predict NaN or garbage."""
+
+
+FP16_MAX = float(torch.finfo(torch.float16).max)  # 65,504
+# A preflight sees a few rows; others may run larger. Half the range is refused: Gemma 3 reaches 68,407 (inf in
+# fp16), SmolLM2-135M 25,177 (finite, logits within 0.003 of fp32): measured in docs/RESULTS.md.
+FP16_PREFLIGHT_LIMIT = FP16_MAX / 2
+
+
+def check_dtype_range(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                      setting: str = "model.dtype") -> dict:
+    """Run one batch and watch every decoder layer's output: where a layer computes in float16, its largest
+    magnitude must stay below `FP16_PREFLIGHT_LIMIT` and every value must be finite. Returns
+    {"checked_layers", "float16_layers", "max_abs", "layer"}; raises `DtypeRangeError` naming the dtype, the
+    layer, the magnitude and a setting that works. bf16 and fp32 have fp32's range: nothing to refuse.
+
+        check_dtype_range(model, batch["input_ids"], batch["attention_mask"], setting="--dtype")
+    """
+    layers = [(name, module) for name, module in model.named_modules()
+              if type(module).__name__.endswith("DecoderLayer")]
+    seen: list[tuple[str, torch.dtype, float, bool]] = []
+
+    def watch(name: str):
+        def hook(_module, _inputs, output):
+            hidden = output[0] if isinstance(output, tuple) else output
+            if isinstance(hidden, torch.Tensor) and hidden.is_floating_point():
+                values = hidden.detach().float()
+                seen.append((name, hidden.dtype, float(values.abs().nan_to_num(posinf=float("inf")).max()),
+                             bool(torch.isfinite(values).all())))
+        return hook
+
+    handles = [module.register_forward_hook(watch(name)) for name, module in layers]
+    try:
+        with torch.no_grad():
+            model(input_ids=input_ids, attention_mask=attention_mask)
+    finally:
+        for handle in handles:
+            handle.remove()
+    half = [entry for entry in seen if entry[1] == torch.float16]
+    summary = {"checked_layers": len(seen), "float16_layers": len(half), "max_abs": None, "layer": None}
+    if half:
+        name, _, largest, _ = max(half, key=lambda entry: (not entry[3], entry[2]))
+        summary.update(max_abs=largest, layer=name)
+        broken = next((entry for entry in half if not entry[3] or entry[2] >= FP16_PREFLIGHT_LIMIT), None)
+        if broken is not None:
+            what = "turn non-finite" if not broken[3] else f"reach {broken[2]:,.0f}"
+            raise DtypeRangeError(
+                f"{setting} float16: hidden states {what} at {broken[0]} on {input_ids.shape[0]} preflight rows "
+                f"(float16 holds up to {FP16_MAX:,.0f}; refused above {FP16_PREFLIGHT_LIMIT:,.0f}): this model "
+                f"would predict NaN in float16; use float32 (or bfloat16 on a GPU that has it)")
+    return summary

@@ -76,6 +76,7 @@ from kaggle_utils.device_forward import (  # WorkerLost, make_forward, is_out_of
     _pad_id,
     is_out_of_memory,
     make_forward,
+    preflight_dtype,
 )
 from kaggle_utils.dialects import dialect_names, dialect_of_manifest, get_dialect
 from kaggle_utils.errors import SubmissionError, UsageError
@@ -100,6 +101,7 @@ ORIGINAL, SWAPPED = 0, 1
 PATH_TTA, PATH_ORIGINAL, PATH_SWAPPED, PATH_FALLBACK = "tta", "original_only", "swapped_only", "fallback"
 # An ensemble's rows: every member served the row, or only some (weights renormalised over those).
 PATH_ALL_MEMBERS, PATH_SOME_MEMBERS = "all_members", "some_members"
+PREFLIGHT_ROWS = 4  # float16 compute: rows run once with every decoder layer watched before the schedule starts
 _ERRORS_KEPT = 20
 
 
@@ -155,7 +157,7 @@ class ScheduleReport:
     batches_done: int = 0
     batches_failed: int = 0
     rows_done_per_view: list[int] = field(default_factory=list)
-    nonfinite_rows: int = 0  # rows the model returned NaN/inf for (fp16 overflow): left to other view/fallback
+    nonfinite_rows: int = 0  # rows the model returned NaN/inf for (fp16 overflow): other view/fallback, exit 1
     rows_out_of_memory: int = 0  # rows that did not fit in memory even alone
     workers_lost: int = 0  # worker processes that died mid-run (their device retired)
     rows_requeued: int = 0  # row passes of a lost worker's in-flight batch, put back for the others to redo
@@ -751,7 +753,13 @@ class InferenceReport:
     model_rows: int = 0
     previous_kept: bool = False  # a valid previous submission stayed at `submission_path` (see `predict`)
     report_written: bool = False
+    dtype_preflight: dict | None = None  # float16 compute only: devices.check_dtype_range on the first rows
     errors: list[dict] = field(default_factory=list)
+
+    @property
+    def nonfinite_rows(self) -> int:
+        """Row views the model returned NaN/inf for (the schedule's count): the run fails (exit 1) on any."""
+        return int(self.schedule.get("nonfinite_rows", 0))
 
     @property
     def written_path(self) -> Path:
@@ -775,6 +783,8 @@ class InferenceReport:
             text += f"; the valid previous {self.submission_path} kept"
         if self.fallback_rows:
             text = f"FALLBACK {self.fallback_rows} of {self.rows} rows; " + text
+        if self.nonfinite_rows:
+            text += f"; NON-FINITE {self.nonfinite_rows} row views"
         if self.schedule.get("tta_dropped"):
             text += f"; TTA dropped for {self.schedule['tta_rows_dropped']} row passes"
         if self.schedule.get("workers_lost"):
@@ -804,18 +814,22 @@ def fallback_path_for(submission_path: str | Path) -> Path:
 
 
 def raise_if_fallback(report: InferenceReport) -> None:
-    """Raise InferenceError when any row was served by the fallback, or an ensemble member with a weight served
-    none of the rows (it failed entirely: the blend shipped is not what was predicted), after the file was
-    written; in Kaggle's hidden competition rerun only log it (the written file is the submission and the
+    """Raise InferenceError when any row was served by the fallback, the model returned a non-finite row (it
+    is never a quiet hand-off to the other view), or an ensemble member with a weight served none of the rows
+    (it failed entirely: the blend shipped is not what was predicted), after the file was written; in Kaggle's hidden competition rerun only log it (the written file is the submission and the
     notebook must finish)."""
     silent = [member for member in report.members
               if member.get("weight") and not member.get("rows_served") and report.rows]
-    if not report.fallback_rows and not silent:
+    if not report.fallback_rows and not silent and not report.nonfinite_rows:
         return
 
-    if report.fallback_rows:
+    nonfinite = (f"the model returned non-finite probabilities (NaN/inf, e.g. float16 overflow) for "
+                 f"{report.nonfinite_rows} row views of {report.rows} rows")
+    if report.nonfinite_rows and not report.fallback_rows:
+        message = f"{nonfinite}; their other view served them"
+    elif report.fallback_rows:
         message = (f"{report.fallback_rows} of {report.rows} rows were predicted by the fallback "
-                   f"({report.fallback_source}), not the model")
+                   f"({report.fallback_source}), not the model") + (f"; {nonfinite}" if report.nonfinite_rows else "")
     else:
         member = silent[0]
         first = next((error for error in report.errors if error.get("where") == f"ensemble member {member['name']}"
@@ -1124,6 +1138,7 @@ def _run_models(
 
     began = clock()
     pool: list[Any] = []
+    replicas: list[Any] = []
     names = worker_names(runtime.devices)
     hooks: list[Callable[[], None] | None] = [None] * len(names)
     if runtime.kind == "tpu":
@@ -1141,7 +1156,6 @@ def _run_models(
         forwards, names = list(pool), [worker.name for worker in pool]
         hooks = [None] * len(pool)  # each child empties its own CUDA cache after an OOM
     else:
-        replicas = []
         for index, device in enumerate(runtime.devices):  # the files are hashed once, by the first load
             replicas.append(load_artifact(artifact_dir, device=device, compute_dtype=runtime.compute_dtype,
                                           verify_hashes=cfg.verify_hashes and index == 0))
@@ -1156,6 +1170,9 @@ def _run_models(
         encoded, original = encode_views(frame, tokenizer, format_config, cfg.tta_swap)
         report.encoding = original.summary()
         report.timings_s["encode"] = clock() - began
+        if runtime.compute_dtype == torch.float16 and replicas:  # refused here, not as NaN rows later
+            report.dtype_preflight = preflight_dtype(replicas[0].model, _pad_id(tokenizer), runtime.devices[0],
+                                                     encoded[0][:PREFLIGHT_ROWS], "inference.compute_dtype")
 
         if wrap_forward is not None:
             forwards = [wrap_forward(fn, name) for fn, name in zip(forwards, names, strict=True)]

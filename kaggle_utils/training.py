@@ -864,11 +864,21 @@ def _epoch_groups(examples: _Examples, tc: TrainConfig, epoch: int, rank: int, w
     return [batches[i : i + tc.grad_accum] for i in range(0, len(batches), tc.grad_accum)]
 
 
+class NonFiniteLossError(UsageError):
+    """The training loss turned NaN or infinite (float16 overflow, divergence): training stops at that step."""
+
+
 def _optimizer_step(accelerator, model, optimizer, scheduler, group, examples: _Examples, collate, loss_fn: LossFn,
                     max_grad_norm: float | None, state: TrainState) -> float:
     """One optimizer step over an accumulation group; adds its time, tokens, examples and loss to `state`."""
     began = time.perf_counter()
     loss, tokens, n_examples = _accumulate(accelerator, model, group, examples, collate, loss_fn)
+    if not math.isfinite(loss):
+        dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+        raise NonFiniteLossError(
+            f"training stopped at step {state.global_step + 1}: the loss is {loss} (parameters {dtype}, mixed "
+            f"precision {accelerator.mixed_precision}); the model overflowed or diverged and no later step would "
+            "learn: use model.dtype=float32 (or bfloat16 on a GPU that has it), or a lower train.learning_rate")
     if max_grad_norm and max_grad_norm > 0:
         accelerator.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], max_grad_norm)
     optimizer.step()

@@ -1205,3 +1205,38 @@ def test_run_submission_writes_a_valid_file_before_raising_whatever_failed(two_a
     rerun = inference.run_submission(root, out_path=tmp_path / "rerun.csv", cfg=predict_cfg())
     assert rerun.fallback_rows == rerun.rows
     validate_submission(tmp_path / "rerun.csv", test)
+
+
+def test_non_finite_rows_are_an_error_that_counts_not_a_quiet_hand_off(tiny_artifacts, sample_files, tmp_path):
+    """A model returning NaN for some row views (float16 overflow): the other view serves them and the file is
+    valid, but the run says so and fails (exit 1), never only a counter in the report."""
+    calls = {"n": 0}
+
+    def nan_in_one_batch(forward, name):
+        def wrapped(seqs):
+            probs = forward(seqs)
+            calls["n"] += 1
+            if calls["n"] == 1:  # one batch of one view: the other view still serves those rows
+                probs[:] = np.nan
+            return probs
+        return wrapped
+
+    out = tmp_path / "submission.csv"
+    report = inference.predict(tiny_artifacts["quant-then-ft"], sample_files.test_csv, out, predict_cfg(),
+                               wrap_forward=nan_in_one_batch)
+    validate_submission(out, sample_files.test_csv)
+    assert report.nonfinite_rows > 0 and report.fallback_rows == 0 and "NON-FINITE" in report.summary()
+    with pytest.raises(inference.InferenceError, match=r"^the model returned non-finite probabilities \(NaN/inf, "
+                                                       r"e.g. float16 overflow\) for \d+ row views of 40 rows; their "
+                                                       r"other view served them"):
+        inference.raise_if_fallback(report)
+
+
+def test_a_float16_run_is_preflighted_on_real_rows(tiny_artifacts, sample_files, tmp_path):
+    out = tmp_path / "submission.csv"
+    report = inference.predict(tiny_artifacts["quant-then-ft"], sample_files.test_csv, out,
+                               predict_cfg(compute_dtype="float16"))  # NF4 computes in float16 (int8 keeps fp32)
+    validate_submission(out, sample_files.test_csv)
+    # every decoder layer was watched on real rows before the schedule; on CPU this artifact's residual stream
+    # stays float32 (only the 4-bit matmuls compute in float16), so there is no float16 layer to refuse
+    assert report.dtype_preflight == {"checked_layers": 2, "float16_layers": 0, "max_abs": None, "layer": None}

@@ -181,3 +181,35 @@ def test_a_head_the_checkpoint_has_is_kept(tmp_path):
     loaded = modeling.build_classifier(ModelConfig(base_model=str(tmp_path), dtype="float32"), device="cpu")
     assert torch.equal(loaded.score.weight, model.score.weight)
     assert torch.count_nonzero(loaded.score.weight) > 0
+
+
+def test_the_float16_preflight_passes_a_model_in_range_and_refuses_one_that_overflows():
+    torch.manual_seed(0)
+    model = modeling.build_classifier(ModelConfig(), vocab_size=VOCAB, pad_token_id=PAD, device="cpu").eval()
+    ids = torch.tensor(_ids(np.random.default_rng(0), [12, 12]))
+    assert devices.check_dtype_range(model, ids)["float16_layers"] == 0  # fp32: nothing to check
+    model = model.half()
+    fine = devices.check_dtype_range(model, ids)
+    assert fine["float16_layers"] == fine["checked_layers"] == 2 and fine["max_abs"] < devices.FP16_PREFLIGHT_LIMIT
+    with torch.no_grad():
+        model.model.embed_tokens.weight.mul_(300_000)  # times sqrt(hidden) = 8 in Gemma-2: past 65,504
+    with pytest.raises(devices.DtypeRangeError, match=r"^--dtype float16: hidden states (reach [\d,]+|turn non-finite) "
+                                                      r"at model.layers.0 on 2 preflight rows .* use float32"):
+        devices.check_dtype_range(model, ids, setting="--dtype")
+
+
+@pytest.mark.slow
+def test_real_gemma3_in_float16_is_refused_before_it_predicts_nan(gemma3_270m_dir):
+    """Gemma 3 270M's residual stream passes fp16's 65,504 (NaN logits in fp16); fp32 runs it, bf16 has the range."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gemma3_270m_dir)
+    batch = tokenizer(["Which response is better? A: Paris is the capital of France. B: It is Lyon."] * 2
+                      + ["Write a poem about the sea and the wind, please."] * 2, return_tensors="pt", padding=True)
+    model = modeling.build_classifier(ModelConfig(base_model=str(gemma3_270m_dir), dtype="float16"),
+                                      pad_token_id=tokenizer.pad_token_id, device="cpu").eval()
+    with pytest.raises(devices.DtypeRangeError, match=r"^model.dtype float16: hidden states .* at model.layers.\d+ on "
+                                                      r"4 preflight rows"):
+        devices.check_dtype_range(model, batch["input_ids"], batch["attention_mask"])
+    model = model.float()
+    assert devices.check_dtype_range(model, batch["input_ids"], batch["attention_mask"])["float16_layers"] == 0

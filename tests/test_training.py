@@ -501,3 +501,24 @@ def test_step_callbacks_see_step_tokens_examples_and_model(train_data, demo_toke
     assert all(model is result.model for model in models)
     assert all(np.isfinite(info.loss) and info.loss > 0 for info in seen)
     assert len(seen[-1].history) == len(result.history) == 2
+
+
+def test_training_stops_at_the_first_non_finite_loss(train_data, demo_tokenizer, demo_base_dir, tmp_path):
+    """A NaN loss (float16 overflow, divergence) stops training with one line naming the step and a fix,
+    instead of training on into garbage."""
+    from kaggle_utils.losses import cross_entropy_loss
+
+    frame = train_data.frame.head(60)
+    folds = make_folds(frame, FoldConfig(n_folds=3, seed=0))
+    calls = {"n": 0}
+
+    def turns_nan(logits, batch):
+        calls["n"] += 1
+        loss = cross_entropy_loss(logits, batch)
+        return loss * float("nan") if calls["n"] >= 3 else loss
+
+    cfg = _tiny_run_config(demo_base_dir)
+    with pytest.raises(training.NonFiniteLossError,
+                       match=r"^training stopped at step \d+: the loss is nan \(parameters float32, mixed precision "
+                             r"no\); .* use model.dtype=float32"):
+        training.train_fold(cfg, frame, folds, demo_tokenizer, tmp_path / "run", progress=False, loss_fn=turns_nan)
