@@ -115,3 +115,24 @@ def test_a_key_given_twice_in_a_yaml_config_is_refused(tmp_path):
     path.write_text("train: {}\ntrain: {}\n", encoding="utf-8")
     with pytest.raises(UsageError, match=r"key 'train' appears twice \(lines 1 and 2\)"):
         load_config(str(path))
+
+
+def test_every_recipe_in_configs_loads_and_says_how_to_run_it():
+    """configs/: one YAML per model x ordering, each loaded as the CLI loads it, with its launch command and
+    expected cost in the header; the demo's recipe is the file the demo runs."""
+    from pathlib import Path
+
+    from kaggle_utils.commands.run_options import load_config
+
+    root = Path(__file__).resolve().parents[1]
+    recipes = sorted((root / "configs").glob("*.yaml"))
+    assert {"gemma2_9b_quant_then_ft.yaml", "gemma2_9b_ft_then_quant.yaml", "demo.yaml"} <= {p.name for p in recipes}
+    for path in recipes:
+        cfg = load_config(str(path))
+        header = path.read_text(encoding="utf-8").split("\n\n")[0]
+        assert "# Run:" in header and "python -m kaggle_utils" in header and "CONFIG_PATH" in header, path.name
+        if path.name.startswith("gemma2_9b"):
+            assert "Expected time and memory" in header, path.name
+            assert cfg.train.ordering == path.stem.removeprefix("gemma2_9b_").replace("_", "-")
+    demo = load_config(str(root / "configs" / "demo.yaml"))
+    assert demo == load_config(str(root / "kaggle_utils" / "resources" / "compare_demo.yaml"))
