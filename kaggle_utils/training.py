@@ -62,10 +62,11 @@ from kaggle_utils.checkpointing import Checkpointer, TrainState
 from kaggle_utils.config import PipelineConfig, TrainConfig
 from kaggle_utils.devices import resolve_dtype
 from kaggle_utils.errors import DataError, UsageError
+from kaggle_utils.fileio import atomic_write_bytes
 from kaggle_utils.folds import check_folds
 from kaggle_utils.formatting import TEMPLATE_VERSION, encode_both_orders, encode_rows, swap_probs
 from kaggle_utils.losses import SOFT_LABELS, LossFn, loss_from_config
-from kaggle_utils.metrics import class_prior, log_loss, prior_log_loss
+from kaggle_utils.metrics import class_prior, log_loss, prior_log_loss, row_log_losses
 from kaggle_utils.modeling import (
     apply_lora,
     base_has_weights,
@@ -714,6 +715,8 @@ def train_fold(
                     probs = _evaluate(accelerator, model, data.monitor_ids, tokenizer.pad_token_id,
                                       tc.eval_token_budget, progress)
                     _record(state, probs, data.monitor_labels, scheduler, wall_time())
+                    if accelerator.is_main_process:
+                        write_learning_curve(state.history, out_dir)
                     if tc.selection == "inner":
                         checkpointer.keep_if_best(state, model, probs)
                     model.train()
@@ -957,16 +960,31 @@ def _evaluate(accelerator, model, input_ids: list[list[int]], pad_token_id: int,
     return np.concatenate([part for part in gather_object([local]) if len(part)])
 
 
+LEARNING_CURVE_FILE = "learning_curve.jsonl"
+
+
 def _record(state: TrainState, probs, labels, scheduler, wall_time_s: float) -> None:
+    rows = row_log_losses(labels, probs)
     state.history.append({
         "step": state.global_step,
         "train_loss": state.loss_sum / max(state.loss_count, 1),
         "eval_loss": log_loss(labels, probs),
+        "eval_loss_se": float(rows.std(ddof=1) / math.sqrt(len(rows))) if len(rows) > 1 else None,
+        "eval_rows": int(len(rows)),
         "eval_accuracy": float((probs.argmax(axis=1) == labels).mean()),
         "lr": float(scheduler.get_last_lr()[0]),
+        "tokens_seen": state.tokens_seen,
         "wall_time_s": wall_time_s,
     })
     state.loss_sum, state.loss_count = 0.0, 0
+
+
+def write_learning_curve(history: list[dict], out_dir: str | Path) -> Path:
+    """`learning_curve.jsonl` in the run folder: one JSON line per evaluation (step, train loss over the window,
+    held-out loss with its standard error over rows, accuracy, lr, tokens seen, wall time), rewritten whole
+    after each evaluation so that a resumed run's file matches its restored history."""
+    text = "".join(json.dumps(entry) + "\n" for entry in history)
+    return atomic_write_bytes(Path(out_dir) / LEARNING_CURVE_FILE, text.encode("utf-8"))
 
 
 @contextlib.contextmanager

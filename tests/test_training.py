@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import bitsandbytes as bnb
 import numpy as np
 import polars as pl
@@ -56,6 +58,11 @@ def test_each_ordering_learns_below_the_class_prior(train_data, folds, demo_toke
     assert result.selection == "final" and result.best_step == result.global_step
     np.testing.assert_allclose(log_loss(result.val_labels, result.val_probs), result.history[-1]["eval_loss"],
                                atol=1e-12)
+    # the learning curve is a file in the run folder, written as the run goes: one line per evaluation
+    curve = [json.loads(line) for line in (tmp_path / training.LEARNING_CURVE_FILE).read_text().splitlines()]
+    assert curve == json.loads(json.dumps(result.history))
+    assert curve[-1]["tokens_seen"] == result.tokens_seen and curve[-1]["eval_rows"] == len(result.val_labels)
+    assert 0 < curve[-1]["eval_loss_se"] < 0.2 and curve[0]["tokens_seen"] < curve[-1]["tokens_seen"]
     from kaggle_utils.formatting import encode_rows
 
     val_rows = encode_rows(train_data.frame.filter(pl.col("id").is_in(result.val_ids)), demo_tokenizer, cfg.format)
