@@ -24,6 +24,7 @@ SMOKE_RUNS = {
                        "--skip-pair", "--survivors", "--long-cells", "1"],
     "bench_train": ["--steps", "1", "--warmup", "0", "--seq-len", "128"],
     "bench_inference": ["--rows", "20", "--max-length", "128", "--budgets", "1024", "--repeats", "1", "--skip-gpu"],
+    "bench_roofline": ["--tiny", "--seq-len", "64", "--batch", "2", "--steps", "1"],
 }
 
 
