@@ -77,7 +77,7 @@ __all__ = [  # the layout names are part of this module's API
     "ADAPTER_DIR", "LAYOUT_VERSION", "MANIFEST_NAME", "MERGED_DIR", "MODEL_DIR", "TOKENIZER_DIR",
     "LoadedArtifact", "save_artifact", "load_artifact", "read_manifest", "check_manifest_schema",
     "update_manifest", "attach_merged_copy", "artifact_size_bytes", "save_checkpoint", "remove_stale_staging",
-    "ENSEMBLE_KIND", "read_ensemble_manifest", "check_ensemble_manifest",
+    "ENSEMBLE_KIND", "read_ensemble_manifest", "check_ensemble_manifest", "read_manifest_json",
 ]
 REQUIRED_FIELDS: tuple[str, ...] = (
     "ordering",
@@ -257,6 +257,15 @@ def save_checkpoint(model: nn.Module, out_dir: str | Path) -> Path:
     inner.config.save_pretrained(str(out_dir))
     save_file(state, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
     return out_dir
+
+
+def read_manifest_json(path: str | Path) -> dict:
+    """A folder's manifest as it is (model or ensemble), unchecked beyond being a JSON object: to tell the two
+    kinds apart before reading it with `read_manifest` or `read_ensemble_manifest`."""
+    manifest_path, manifest = _manifest_json(Path(path))
+    if not isinstance(manifest, dict):
+        raise ArtifactError(f"{manifest_path}: expected a JSON object, got {type(manifest).__name__}")
+    return manifest
 
 
 def _manifest_json(root: Path) -> tuple[Path, object]:

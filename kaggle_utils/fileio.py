@@ -10,6 +10,7 @@ import contextlib
 import hashlib
 import io
 import os
+import shutil
 import stat
 import tempfile
 from collections.abc import Iterable
@@ -75,6 +76,17 @@ def check_output_apart(output: str | Path, inputs: Iterable[tuple[str, str | Pat
         else:
             continue
         raise UsageError(f"refusing to write {output}: it {relation} the {what} {path}; choose another output")
+
+
+def link_or_copy(source: str | Path, target: str | Path) -> None:
+    """Hard-link `source` at `target` (parents created), or copy it where the file system cannot link: the
+    cheap way to stage files that are only read afterwards (never edit a staged file in place)."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
 
 
 def _new_file_mode() -> int:

@@ -816,8 +816,8 @@ def fallback_path_for(submission_path: str | Path) -> Path:
 def raise_if_fallback(report: InferenceReport) -> None:
     """Raise InferenceError when any row was served by the fallback, the model returned a non-finite row (it
     is never a quiet hand-off to the other view), or an ensemble member with a weight served none of the rows
-    (it failed entirely: the blend shipped is not what was predicted), after the file was written; in Kaggle's hidden competition rerun only log it (the written file is the submission and the
-    notebook must finish)."""
+    (it failed entirely: the blend shipped is not what was predicted), after the file was written; in Kaggle's
+    hidden competition rerun only log it (the written file is the submission and the notebook must finish)."""
     silent = [member for member in report.members
               if member.get("weight") and not member.get("rows_served") and report.rows]
     if not report.fallback_rows and not silent and not report.nonfinite_rows:
@@ -1237,15 +1237,16 @@ class BlendedRows:
         return final, paths
 
 
-def ensemble_members(ensemble_dir: str | Path, manifest: dict) -> list[EnsembleMember]:
+def ensemble_members(ensemble_dir: str | Path, manifest: dict, verify_hashes: bool = True) -> list[EnsembleMember]:
     """The members the manifest names: `kind` model (an artifact folder), baseline (a baseline JSON file) or
     prior (`prior`: three probabilities); paths relative to the ensemble folder, or absolute. A member without
     `kind` is a baseline when its path is a file, else a model. A manifest with a `files` table (a
     self-contained ensemble, `ship.write_shipped`) is checked first: members inside the folder, every file
-    listed and matching its sha256 (`artifacts.check_ensemble_manifest`, an ArtifactError naming the file)."""
+    listed and matching its sha256 unless `verify_hashes` is off (`artifacts.check_ensemble_manifest`, an
+    ArtifactError naming the file)."""
     where = Path(ensemble_dir) / MANIFEST_NAME
     if "files" in manifest:
-        check_ensemble_manifest(ensemble_dir, manifest)
+        check_ensemble_manifest(ensemble_dir, manifest, verify_hashes=verify_hashes)
     members = []
     for index, entry in enumerate(manifest.get("members") or []):
         try:
@@ -1317,7 +1318,9 @@ def _run_ensemble(
     time guard drops; its rows are then blended from the members that served them. A member that fails is
     recorded and left out of its rows' blend. With `ensemble_layout="member_per_device"` and at least one
     device per model member, members run side by side, one (or more) devices each, under the same deadline."""
-    members = ensemble_members(ensemble_dir, manifest)
+    members = ensemble_members(ensemble_dir, manifest, verify_hashes=cfg.verify_hashes)
+    # a self-contained ensemble's files were all checked just now: its model members are not hashed again
+    member_cfg = dataclasses.replace(cfg, verify_hashes=False) if "files" in manifest else cfg
     n_rows = frame.height
     probs: dict[str, np.ndarray] = {}
     member_reports: dict[str, InferenceReport] = {}
@@ -1347,7 +1350,8 @@ def _run_ensemble(
                         f"{member.path} predicted non-finite probabilities "
                         f"(first id {frame['id'][int(np.argmax(bad))]})")
                 return
-            views = _run_models(member.path, frame, cfg, deadline, clock, member_runtime, wrap_forward, member_report)
+            views = _run_models(member.path, frame, member_cfg, deadline, clock, member_runtime, wrap_forward,
+                                member_report)
             member_manifest = json.loads((member.path / MANIFEST_NAME).read_text(encoding="utf-8"))
             if member.tta_space:
                 member_manifest = {**member_manifest, "tta_space": member.tta_space}

@@ -33,9 +33,7 @@ import datetime as dt
 import hashlib
 import json
 import math
-import os
 import re
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,13 +44,19 @@ from sklearn.model_selection import GroupKFold
 
 from kaggle_utils import __version__
 from kaggle_utils.artifact_layout import MANIFEST_NAME
-from kaggle_utils.artifacts import ENSEMBLE_KIND, check_ensemble_manifest, read_manifest, staged_folder
+from kaggle_utils.artifacts import (
+    ENSEMBLE_KIND,
+    check_ensemble_manifest,
+    read_manifest,
+    read_manifest_json,
+    staged_folder,
+)
 from kaggle_utils.baseline import MANIFEST_SUFFIX as BASELINE_MANIFEST_SUFFIX
 from kaggle_utils.baseline import BaselineModel, baseline_manifest_path
 from kaggle_utils.calibration import apply_calibration, fit_calibration, plot_reliability
 from kaggle_utils.ensembles import fit_blend_weights
 from kaggle_utils.errors import UsageError
-from kaggle_utils.fileio import atomic_write_bytes, check_output_apart, file_sha256
+from kaggle_utils.fileio import atomic_write_bytes, check_output_apart, file_sha256, link_or_copy
 from kaggle_utils.formatting import average_views
 from kaggle_utils.inference import blend_members
 from kaggle_utils.metrics import log_loss, row_log_losses
@@ -265,11 +269,15 @@ def build_candidates(
     return candidates
 
 
-def paired_lead(labels: np.ndarray, worse: np.ndarray, better: np.ndarray) -> tuple[float, float]:
-    """(mean, paired standard error) of `worse`'s per-row log loss minus `better`'s on these rows."""
-    diff = row_log_losses(labels, worse) - row_log_losses(labels, better)
+def _mean_and_se(diff: np.ndarray) -> tuple[float, float]:
+    """(mean, standard error) of per-row paired differences; an infinite error for a single row."""
     se = float(diff.std(ddof=1) / math.sqrt(len(diff))) if len(diff) > 1 else math.inf
     return float(diff.mean()), se
+
+
+def paired_lead(labels: np.ndarray, worse: np.ndarray, better: np.ndarray) -> tuple[float, float]:
+    """(mean, paired standard error) of `worse`'s per-row log loss minus `better`'s on these rows."""
+    return _mean_and_se(row_log_losses(labels, worse) - row_log_losses(labels, better))
 
 
 def select(labels: np.ndarray, probs: list[np.ndarray], complexity: list[int]) -> tuple[int, int]:
@@ -281,9 +289,8 @@ def select(labels: np.ndarray, probs: list[np.ndarray], complexity: list[int]) -
     lowest = min(range(len(probs)), key=lambda i: (means[i], complexity[i]))
 
     def within_noise(index: int) -> bool:
-        diff = losses[index] - losses[lowest]
-        se = float(diff.std(ddof=1) / math.sqrt(len(diff))) if len(diff) > 1 else math.inf
-        return float(diff.mean()) <= NOISE_Z * se
+        difference, se = _mean_and_se(losses[index] - losses[lowest])
+        return difference <= NOISE_Z * se
 
     simpler = [i for i in range(len(probs)) if complexity[i] < complexity[lowest] and within_noise(i)]
     return min([lowest, *simpler], key=lambda i: (complexity[i], means[i])), lowest
@@ -372,16 +379,21 @@ def write_shipped(decision: ShipDecision, out_dir: str | Path, *, class_prior: n
     out_dir = Path(out_dir)
     sources = [Path(m["path"]) for m in best.members if m.get("path")]
     check_output_apart(out_dir, [("ensemble member", path) for path in sources] + [("fallback baseline", baseline)])
-    if out_dir.is_symlink() or out_dir.exists() and not (out_dir / MANIFEST_NAME).is_file() and (
-            not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise UsageError(f"refusing to replace {out_dir}: it is not a shipped artifact (no {MANIFEST_NAME}); "
-                         f"choose another output")
+    _refuse_replacing_other_folders(out_dir)
     with staged_folder(out_dir) as staging:
         if plain:
             _ship_plain_model(Path(best.members[0]["path"]), Path(baseline), staging)
         else:
             _ship_ensemble(decision, staging, class_prior=class_prior, dialect=dialect, baseline=baseline)
     return out_dir
+
+
+def _refuse_replacing_other_folders(out_dir: Path) -> None:
+    """A shipped folder replaces only a previous shipped artifact (or nothing, or an empty folder)."""
+    if out_dir.is_symlink() or out_dir.exists() and not (out_dir / MANIFEST_NAME).is_file() and (
+            not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise UsageError(f"refusing to replace {out_dir}: it is not a shipped artifact (no {MANIFEST_NAME}); "
+                         f"choose another output")
 
 
 SHIPPED_MEMBERS_DIR = "members"  # an ensemble folder's copies of its model members
@@ -444,21 +456,18 @@ def ship_artifact(artifact_dir: str | Path, out_dir: str | Path, baseline: str |
     not serve get the baseline, not the class prior. What `python -m kaggle_utils ship` runs; upload the result
     with `kaggle upload-artifact OUT_DIR`.
 
-    The artifact is checked (sha256 of every listed file) and left untouched; `out_dir` is refused when it is,
+    The artifact is checked (its copy against every listed sha256) and left untouched; `out_dir` is refused when it is,
     contains or lies inside the artifact or the baseline, or holds something other than a shipped artifact."""
     artifact_dir, out_dir, baseline = Path(artifact_dir), Path(out_dir), Path(baseline)
     check_output_apart(out_dir, [("artifact", artifact_dir), ("fallback baseline", baseline)])
     if not baseline.is_file():
         raise UsageError(f"fallback baseline {baseline} not found: save one with `baseline --save-model FILE`")
     BaselineModel.load(baseline)  # its sha256 manifest checked: a damaged baseline is refused here, not on Kaggle
-    manifest = read_manifest(artifact_dir, verify_hashes=True)
-    if manifest.get("kind") == ENSEMBLE_KIND:
+    if read_manifest_json(artifact_dir).get("kind") == ENSEMBLE_KIND:
         raise UsageError(f"{artifact_dir} is an ensemble: it carries its fallback baseline when shipped by "
                          "compare-orderings or combine-reports (ship.write_shipped)")
-    if out_dir.is_symlink() or out_dir.exists() and not (out_dir / MANIFEST_NAME).is_file() and (
-            not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise UsageError(f"refusing to replace {out_dir}: it is not a shipped artifact (no {MANIFEST_NAME}); "
-                         f"choose another output")
+    read_manifest(artifact_dir)  # a complete model artifact; the copy's sha256s are checked as it is made
+    _refuse_replacing_other_folders(out_dir)
     with staged_folder(out_dir) as staging:
         _ship_plain_model(artifact_dir, baseline, staging)
     return out_dir
@@ -474,21 +483,13 @@ def _member_folder_name(name: str, used: set[str]) -> str:
     return candidate
 
 
-def _link_or_copy(source: Path, target: Path) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.link(source, target)
-    except OSError:
-        shutil.copy2(source, target)
-
-
 def _copy_model(source: Path, folder: Path, relative: str) -> dict[str, dict]:
     """The files a model artifact's manifest lists, and the manifest, into `folder/relative`; the copy must be a
     complete artifact matching every sha256 (`read_manifest`). Returns its files table, paths from `folder`."""
     manifest = read_manifest(source, allow_unlisted=True)
     target = folder / relative
     for file in [*manifest["files"], MANIFEST_NAME]:
-        _link_or_copy(source / file, target / file)
+        link_or_copy(source / file, target / file)
     read_manifest(target, verify_hashes=True)
     prefix = "" if relative == "." else f"{relative}/"
     table = {f"{prefix}{file}": dict(info) for file, info in manifest["files"].items()}

@@ -464,6 +464,12 @@ def test_the_ship_command_puts_the_baseline_inside_a_fold_artifact_and_leaves_th
     assert found.artifact_dir == root / "arena-artifact"
     assert found.baseline_path == root / "arena-artifact" / "baseline.json"
 
+    ensemble = tmp_path / "ensemble"
+    ensemble.mkdir()
+    (ensemble / "manifest.json").write_text(json.dumps({"kind": "ensemble", "members": []}))
+    assert main(["ship", "--artifact", str(ensemble), "--baseline", str(baseline), "--out", str(tmp_path / "o")]) == 2
+    assert f"{ensemble} is an ensemble: it carries its fallback baseline" in capsys.readouterr().err
+
     (tmp_path / "damaged.json").write_bytes(baseline.read_bytes() + b" ")
     assert main(["ship", "--artifact", str(artifact), "--baseline", str(tmp_path / "damaged.json"),
                  "--out", str(tmp_path / "other")]) == 2

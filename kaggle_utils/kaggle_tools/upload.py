@@ -22,16 +22,14 @@ from __future__ import annotations
 
 import fnmatch
 import json
-import os
 import re
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from kaggle_utils.artifact_layout import MANIFEST_NAME
 from kaggle_utils.artifacts import ENSEMBLE_KIND, read_ensemble_manifest, read_manifest
 from kaggle_utils.errors import ArtifactError, UsageError
-from kaggle_utils.fileio import check_output_apart, file_sha256
+from kaggle_utils.fileio import check_output_apart, file_sha256, link_or_copy
 from kaggle_utils.kaggle_tools.metadata import DATASET_METADATA_FILE
 from kaggle_utils.kaggle_tools.wheels import MANIFEST_FILE as WHEELS_MANIFEST
 from kaggle_utils.kaggle_tools.wheels import REQUIREMENTS_FILE
@@ -210,11 +208,5 @@ def stage_upload(plan: UploadPlan, staging: Path) -> Path:
     linked: it would write into what is being sent."""
     check_output_apart(staging, [("folder to upload", plan.directory)])
     for relative in plan.files:
-        source = (plan.directory / relative).resolve()
-        target = staging / relative
-        target.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            os.link(source, target)
-        except OSError:
-            shutil.copy2(source, target)
+        link_or_copy((plan.directory / relative).resolve(), staging / relative)
     return staging
