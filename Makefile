@@ -82,7 +82,7 @@ $(GPTQ_EXTRA)/.installed: requirements-gptq.txt
 	touch $@
 
 gptq-check: setup $(GPTQ_EXTRA)/.installed
-	PYTHONPATH=$(GPTQ_EXTRA) KAGGLE_UTILS_REQUIRE_GPTQ=1 $(PY) -m pytest -q -p no:cacheprovider tests/test_gptq.py
+	PYTHONPATH=$(GPTQ_EXTRA) KAGGLE_UTILS_REQUIRE_GPTQ=1 $(PY) -m pytest -q -p no:cacheprovider tests/quant/test_gptq.py
 
 clean:
 	rm -rf $(VENV) $(XLA_VENV) $(GPTQ_EXTRA) runs .pytest_cache

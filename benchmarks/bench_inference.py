@@ -2,7 +2,7 @@
 
 Public policy (the most-forked Gemma-2 QLoRA notebook): rows sorted by length (longest first here), dealt
 alternately to the two devices, fixed batches of 4 rows padded to the batch's longest row; with TTA each view
-is dealt the same way. Ours (`kaggle_utils.inference.run_schedule`): token-budget batches longest first from
+is dealt the same way. Ours (`kaggle_utils.inference.predictor.run_schedule`): token-budget batches longest first from
 one shared queue pulled by every device (shared_queue), or the winners' layout (view_per_device).
 
 CPU part (always): the tiny 2-layer Gemma-2 classifier (random weights, fp32, no quantization) on generated
@@ -40,9 +40,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from kaggle_utils import inference  # noqa: E402
-from kaggle_utils.config import FormatConfig, InferenceConfig, ModelConfig, QuantConfig  # noqa: E402
-from kaggle_utils.runtime import cpu_model  # noqa: E402
+from kaggle_utils.core.config import FormatConfig, InferenceConfig, ModelConfig, QuantConfig  # noqa: E402
+from kaggle_utils.inference import predictor as inference  # noqa: E402
+from kaggle_utils.models.runtime import cpu_model  # noqa: E402
 
 NINE_B_CONFIG = Path("/work/shared/reference/gemma-2-9b-config.json")
 PUBLIC_T4_HOURS_NO_TTA = {"nf4": 4.0, "int8": 4.5}  # COMPETITION.md: public notebook, 25k rows, 2x T4
@@ -109,11 +109,11 @@ def _summary(name, probs, wall, padded, real, stats, n_views) -> dict:
 
 
 def tiny_setup(n_rows: int, max_length: int, seed: int):
-    from kaggle_utils.data import load_competition
-    from kaggle_utils.formatting import encode_both_orders
-    from kaggle_utils.modeling import build_classifier
-    from kaggle_utils.sample import generate_competition_files
-    from kaggle_utils.tokenizer import train_demo_tokenizer
+    from kaggle_utils.data.load import load_competition
+    from kaggle_utils.data.sample import generate_competition_files
+    from kaggle_utils.models.classifier import build_classifier
+    from kaggle_utils.text.formatting import encode_both_orders
+    from kaggle_utils.text.tokenizer import train_demo_tokenizer
 
     with tempfile.TemporaryDirectory() as tmp:
         files = generate_competition_files(tmp, n_train=300, n_test=n_rows, seed=seed)
@@ -195,7 +195,7 @@ def gpu_part(args, device: str = "cuda:0", config_path: Path = NINE_B_CONFIG) ->
     Not run in this repository so far (no GPU was lent); its code path was smoke-tested on CPU with a tiny
     config (`device="cpu"`, `config_path=<tiny config.json>`).
     """
-    from kaggle_utils.modeling import build_classifier
+    from kaggle_utils.models.classifier import build_classifier
 
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     rng = np.random.default_rng(args.seed)

@@ -1,4 +1,4 @@
-"""Group-wise INT4 (kaggle_utils.qaware.int4): quantizer error, zero-point fold precision by storage dtype, speed.
+"""Group-wise INT4 (kaggle_utils.quant.int4): quantizer error, zero-point fold precision by storage dtype, speed.
 
 Three measurements on Gemma-2-9B-shaped layers (hidden 3584, intermediate 14336; random Gaussian weights, so the
 errors are those of a Gaussian, not of trained weights):
@@ -24,8 +24,8 @@ from pathlib import Path
 
 import torch
 
-from kaggle_utils.qaware.int4 import Int4Linear, dequantize, quantize_hqq, quantize_rtn
-from kaggle_utils.runtime import cpu_model
+from kaggle_utils.models.runtime import cpu_model
+from kaggle_utils.quant.int4 import Int4Linear, dequantize, quantize_hqq, quantize_rtn
 
 RESULTS = Path(__file__).resolve().parent / "results" / "bench_qaware_int4.json"
 

@@ -3,7 +3,7 @@
 The project's random-weight test models show quantization-induced degradation (QiD) near zero because random
 (Gaussian) weights have no outliers. This benchmark measures, on a real checkpoint (by default Gemma 3 270M,
 converted from a Q4_K_M GGUF, so its weights already carry Q4_K_M rounding) and on a random-init model of the
-SAME config (built by `kaggle_utils.modeling.build_classifier` from its config.json, seed 0), for each shipped
+SAME config (built by `kaggle_utils.models.classifier.build_classifier` from its config.json, seed 0), for each shipped
 scheme -- bitsandbytes NF4 (double quant, block 64), bitsandbytes LLM.int8 (threshold 6.0), the package's
 group-wise INT4 (RTN and HQQ, group 64) -- over every q/k/v/o/gate/up/down projection:
 
@@ -13,7 +13,7 @@ group-wise INT4 (RTN and HQQ, group 64) -- over every q/k/v/o/gate/up/down proje
    outlier threshold acts on activations at matmul time, so it is in (3), not here;
 3. end to end: relative error ||h_q - h|| / ||h|| of the last hidden state at the last token (the vector the
    3-class score head reads), mean / max over generated conversation rows formatted by
-   `kaggle_utils.formatting` with the model's own tokenizer. The reference h is the fp32 model (bf16 weights are
+   `kaggle_utils.text.formatting` with the model's own tokenizer. The reference h is the fp32 model (bf16 weights are
    exact in fp32); the quantized model swaps each projection for bitsandbytes `Linear4bit` / `Linear8bitLt`
    (eval mode: LLM.int8's mixed int8 matmul, fp16-cast activations) or the package's `Int4Linear`, on CPU;
    "int8_weight_only" runs the dequantized int8 weight in fp32, to tell weight rounding from activation rounding.
@@ -41,11 +41,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from kaggle_utils.config import FormatConfig, ModelConfig
-from kaggle_utils.data import load_competition
-from kaggle_utils.formatting import encode_rows
-from kaggle_utils.modeling import build_classifier
-from kaggle_utils.qaware.int4 import (
+from kaggle_utils.core.config import FormatConfig, ModelConfig
+from kaggle_utils.data.load import load_competition
+from kaggle_utils.data.sample import generate_competition_files
+from kaggle_utils.models.classifier import build_classifier
+from kaggle_utils.models.runtime import cpu_model
+from kaggle_utils.quant.int4 import (
     Int4Linear,
     Int4Weight,
     iter_target_linears,
@@ -53,9 +54,8 @@ from kaggle_utils.qaware.int4 import (
     quantize_rtn,
     replace_module,
 )
-from kaggle_utils.runtime import cpu_model
-from kaggle_utils.sample import generate_competition_files
-from kaggle_utils.tokenizer import load_tokenizer
+from kaggle_utils.text.formatting import encode_rows
+from kaggle_utils.text.tokenizer import load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results" / "quant_error" / "bench_quant_error.json"

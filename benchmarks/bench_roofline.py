@@ -23,9 +23,9 @@ from pathlib import Path
 
 import torch
 
-from kaggle_utils.config import LoraSettings, ModelConfig
-from kaggle_utils.machine import describe_machine
-from kaggle_utils.modeling import apply_lora, build_classifier
+from kaggle_utils.core.config import LoraSettings, ModelConfig
+from kaggle_utils.core.machine import describe_machine
+from kaggle_utils.models.classifier import apply_lora, build_classifier
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}

@@ -42,10 +42,12 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 import kaggle_utils  # noqa: E402
-from kaggle_utils.batching import LengthBucketSampler, padding_efficiency, token_budget_batches  # noqa: E402
-from kaggle_utils.config import FormatConfig, InferenceConfig  # noqa: E402
-from kaggle_utils.data import load_competition  # noqa: E402
-from kaggle_utils.formatting import (  # noqa: E402
+from kaggle_utils.core.config import FormatConfig, InferenceConfig  # noqa: E402
+from kaggle_utils.data.load import load_competition  # noqa: E402
+from kaggle_utils.data.sample import generate_competition_files  # noqa: E402
+from kaggle_utils.models.runtime import cpu_model, total_memory_gb  # noqa: E402
+from kaggle_utils.text.batching import LengthBucketSampler, padding_efficiency, token_budget_batches  # noqa: E402
+from kaggle_utils.text.formatting import (  # noqa: E402
     ROWS_PER_CHUNK,
     TEMPLATE_VERSION,
     TURN_COLUMNS,
@@ -55,9 +57,7 @@ from kaggle_utils.formatting import (  # noqa: E402
     encode_both_orders,
     encode_rows,
 )
-from kaggle_utils.runtime import cpu_model, total_memory_gb  # noqa: E402
-from kaggle_utils.sample import generate_competition_files  # noqa: E402
-from kaggle_utils.tokenizer import load_tokenizer, train_demo_tokenizer  # noqa: E402
+from kaggle_utils.text.tokenizer import load_tokenizer, train_demo_tokenizer  # noqa: E402
 
 REAL_TRAIN_ROWS = 57_477
 TARGET_SECONDS = 60.0

@@ -39,7 +39,7 @@ GB = 1e9
 
 
 def nine_b_config_path() -> Path:
-    from kaggle_utils.modeling import GEMMA2_9B_CONFIG
+    from kaggle_utils.models.classifier import GEMMA2_9B_CONFIG
 
     return GEMMA2_9B_CONFIG
 
@@ -48,10 +48,10 @@ def run_ordering(ordering: str, seq_len: int, steps: int, warmup: int) -> dict:
     """Build the ordering's trainable model and time `steps` optimizer steps on random tokens (in this process)."""
     import torch
 
-    from kaggle_utils.config import LoraSettings, ModelConfig, QuantConfig, TrainConfig
-    from kaggle_utils.devices import resolve_dtype
-    from kaggle_utils.modeling import apply_lora, build_classifier, count_parameters
-    from kaggle_utils.training import PeakMemory, make_optimizer, mixed_precision_for, upcast_trainable
+    from kaggle_utils.core.config import LoraSettings, ModelConfig, QuantConfig, TrainConfig
+    from kaggle_utils.models.classifier import apply_lora, build_classifier, count_parameters
+    from kaggle_utils.models.devices import resolve_dtype
+    from kaggle_utils.train.loop import PeakMemory, make_optimizer, mixed_precision_for, upcast_trainable
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda:0" if cuda else "cpu")
@@ -135,11 +135,11 @@ def run_unsloth_check() -> dict:
     """GPU only: train the tiny model a few steps through unsloth, save merged, reload, check the head."""
     import torch
 
-    from kaggle_utils.config import PipelineConfig
-    from kaggle_utils.errors import UsageError
-    from kaggle_utils.modeling import materialize_base
-    from kaggle_utils.tokenizer import train_demo_tokenizer
-    from kaggle_utils.training import build_unsloth_classifier, check_unsloth_head_roundtrip, make_optimizer
+    from kaggle_utils.core.config import PipelineConfig
+    from kaggle_utils.core.errors import UsageError
+    from kaggle_utils.models.classifier import materialize_base
+    from kaggle_utils.text.tokenizer import train_demo_tokenizer
+    from kaggle_utils.train.loop import build_unsloth_classifier, check_unsloth_head_roundtrip, make_optimizer
 
     try:
         import unsloth  # noqa: F401
@@ -174,7 +174,7 @@ def run_unsloth_check() -> dict:
 def device_description() -> dict:
     import torch
 
-    from kaggle_utils.runtime import cpu_model
+    from kaggle_utils.models.runtime import cpu_model
 
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)

@@ -1,10 +1,10 @@
 """`python -m kaggle_utils`: the Hugging Face libraries are told to stay offline before any of them is imported
 (`runtime.use_offline_hub`; a variable the user set is kept), then the CLI runs."""
 
-from kaggle_utils.runtime import use_offline_hub
+from kaggle_utils.models.runtime import use_offline_hub
 
 use_offline_hub()
 
-from kaggle_utils.cli import main  # noqa: E402 - after the offline switches, which the hub reads at import
+from kaggle_utils.cli.main import main  # noqa: E402 - after the offline switches, which the hub reads at import
 
 raise SystemExit(main())

@@ -22,7 +22,7 @@
 # quantize 16-bit LoRA model merged in fp32; comparable across orderings), each variant's gap to its own 16-bit
 # reference, accuracy, training time, memory, artifact size and inference speed, and whether the winner's lead is
 # larger than the noise of the paired per-row differences. The runs must share the folds file and seeds (checked).
-# Logic: `kaggle_utils.kaggle_tools.reports.combine_reports` and `kaggle_utils.compare`.
+# Logic: `kaggle_utils.studies.combine.combine_reports` and `kaggle_utils.studies.orderings`.
 
 # %%
 import os
@@ -40,7 +40,7 @@ QUANT_THEN_FT_KERNEL = "arena-train-quant-then-ft"
 OUT_DIR = None  # None: /kaggle/working/cv_report on Kaggle, else runs/cv_report
 
 # %% tags=["offline-install"]
-# Offline install, the same in every notebook (edit kaggle_utils/kaggle_tools/install_cell.py, then run
+# Offline install, the same in every notebook (edit kaggle_utils/kaggle/install_cell.py, then run
 # `python -m kaggle_utils kaggle sync-install-cell`). When kaggle_utils is not importable (a fresh Kaggle
 # session, internet off), install it and its pinned wheels from the attached `build-wheels` datasets: every
 # folder under /kaggle/input holding wheels is a --find-links, and each one's requirements.txt is installed
@@ -72,11 +72,11 @@ from pathlib import Path
 import polars as pl
 from IPython.display import Image, Markdown, display
 
-from kaggle_utils.compare import OOF_FILE, REPORT_MD, REPORT_PNG
-from kaggle_utils.cv_report import plot_learning_curves
-from kaggle_utils.kaggle_tools.reports import combine_reports, find_report_dirs
-from kaggle_utils.metrics import load_oof, score_oof
-from kaggle_utils.runtime import KAGGLE_INPUT, on_kaggle, run_output_dir
+from kaggle_utils.studies.orderings import OOF_FILE, REPORT_MD, REPORT_PNG
+from kaggle_utils.evaluate.cv_report import plot_learning_curves
+from kaggle_utils.studies.combine import combine_reports, find_report_dirs
+from kaggle_utils.core.metrics import load_oof, score_oof
+from kaggle_utils.models.runtime import KAGGLE_INPUT, on_kaggle, run_output_dir
 
 out_dir = run_output_dir("cv_report", OUT_DIR)
 root = Path(INPUT_ROOT) if INPUT_ROOT else (KAGGLE_INPUT if on_kaggle() else Path("runs"))

@@ -65,7 +65,7 @@ VERIFY_HASHES = True  # check the artifact's files against their manifest sha256
 # This cell cannot use the package, which it installs.
 
 # %% tags=["offline-install"]
-# Offline install, the same in every notebook (edit kaggle_utils/kaggle_tools/install_cell.py, then run
+# Offline install, the same in every notebook (edit kaggle_utils/kaggle/install_cell.py, then run
 # `python -m kaggle_utils kaggle sync-install-cell`). When kaggle_utils is not importable (a fresh Kaggle
 # session, internet off), install it and its pinned wheels from the attached `build-wheels` datasets: every
 # folder under /kaggle/input holding wheels is a --find-links, and each one's requirements.txt is installed
@@ -96,7 +96,7 @@ if importlib.util.find_spec("kaggle_utils") is None:
 # artifact all leave a valid file (the fallback: baseline, else class prior) before it raises.
 
 # %%
-from kaggle_utils.inference import raise_if_fallback, run_submission  # noqa: E402 - after the install cell
+from kaggle_utils.inference.predictor import raise_if_fallback, run_submission  # noqa: E402 - after the install cell
 
 logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", force=True)
 cfg = {  # InferenceConfig's fields, checked inside run_submission (a refused one still leaves a file)

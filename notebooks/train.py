@@ -29,7 +29,7 @@
 # One ordering per run (a Kaggle session has 12 hours and one pair of GPUs): this notebook is pushed as two
 # kernels, `kaggle push notebooks/train.ipynb -p ORDERING=quant-then-ft` (arena-train-quant-then-ft) and
 # `-p ORDERING=ft-then-quant` (arena-train-ft-then-quant); `cv_report` joins both.
-# All logic is in `kaggle_utils.compare`: `resolve_training_notebook` turns the parameters into a config and
+# All logic is in `kaggle_utils.studies.orderings`: `resolve_training_notebook` turns the parameters into a config and
 # paths, `compare_orderings` trains the folds, ships the artifact (reloaded from disk and scored as inference
 # scores it) and writes `report.json`, `report.md`, `report.png` and `oof.parquet` under `OUT_DIR`. Folds are
 # grouped by prompt and made deterministically from `train.csv`, so both runs train on identical folds
@@ -57,7 +57,7 @@ SEEDS = [42]
 OVERRIDES = {}  # per-section config changes, e.g. {"train": {"max_steps": 100}, "format": {"max_length": 1024}}
 
 # %% tags=["offline-install"]
-# Offline install, the same in every notebook (edit kaggle_utils/kaggle_tools/install_cell.py, then run
+# Offline install, the same in every notebook (edit kaggle_utils/kaggle/install_cell.py, then run
 # `python -m kaggle_utils kaggle sync-install-cell`). When kaggle_utils is not importable (a fresh Kaggle
 # session, internet off), install it and its pinned wheels from the attached `build-wheels` datasets: every
 # folder under /kaggle/input holding wheels is a --find-links, and each one's requirements.txt is installed
@@ -88,9 +88,9 @@ import logging
 
 from IPython.display import Image, Markdown, display
 
-from kaggle_utils.compare import OOF_FILE, REPORT_MD, REPORT_PNG, compare_orderings
-from kaggle_utils.cv_report import artifact_table, plot_learning_curves
-from kaggle_utils.experiment import resolve_training_notebook
+from kaggle_utils.studies.orderings import OOF_FILE, REPORT_MD, REPORT_PNG, compare_orderings
+from kaggle_utils.evaluate.cv_report import artifact_table, plot_learning_curves
+from kaggle_utils.studies.experiment import resolve_training_notebook
 
 logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", force=True)
 

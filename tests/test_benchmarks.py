@@ -55,9 +55,9 @@ QUANT_ERROR_FIELDS = {
 
 def test_bench_quant_error_runs_on_a_tiny_checkpoint_and_records_every_field(demo_tokenizer, tmp_path):
     """A tiny random Gemma-3 checkpoint stands in for the real one: both passes, every scheme, 2 rows."""
-    from kaggle_utils.config import ModelConfig
-    from kaggle_utils.model_config import tiny_decoder_config
-    from kaggle_utils.modeling import materialize_base
+    from kaggle_utils.core.config import ModelConfig
+    from kaggle_utils.models.classifier import materialize_base
+    from kaggle_utils.models.model_config import tiny_decoder_config
 
     config_json = tmp_path / "tiny-gemma3.json"
     tiny_decoder_config("gemma3_text", len(demo_tokenizer), demo_tokenizer.pad_token_id,

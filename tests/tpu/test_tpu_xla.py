@@ -22,14 +22,14 @@ else:
 import torch  # noqa: E402
 import torch_xla.debug.metrics as met  # noqa: E402
 import torch_xla.runtime as xr  # noqa: E402
-from test_inference import ORDERINGS, build_tiny_artifacts  # noqa: E402  (tests/ is on sys.path)
+from builders import ORDERINGS, build_tiny_artifacts  # noqa: E402  (tests/ is on sys.path)
 
-from kaggle_utils import tpu  # noqa: E402
-from kaggle_utils.artifacts import load_artifact  # noqa: E402
-from kaggle_utils.config import InferenceConfig  # noqa: E402
-from kaggle_utils.data import load_competition  # noqa: E402
-from kaggle_utils.formatting import encode_both_orders  # noqa: E402
-from kaggle_utils.modeling import predict_probs  # noqa: E402
+from kaggle_utils.core.config import InferenceConfig  # noqa: E402
+from kaggle_utils.data.load import load_competition  # noqa: E402
+from kaggle_utils.inference import tpu  # noqa: E402
+from kaggle_utils.models.classifier import predict_probs  # noqa: E402
+from kaggle_utils.quant.artifacts import load_artifact  # noqa: E402
+from kaggle_utils.text.formatting import encode_both_orders  # noqa: E402
 
 V3_8_CORES, V3_CORE_GB = 8, 16.0
 GEMMA2_9B_BF16 = int(9.24e9 * 2)  # parameters x 2 bytes

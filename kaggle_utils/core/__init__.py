@@ -1,0 +1,1 @@
+"""Foundation every stage imports: errors, atomic file writes, typed configuration, the metric."""

@@ -1,0 +1,1 @@
+"""Competition files in, typed frames out: dialects, parsing and repairs, labels, folds, submissions."""

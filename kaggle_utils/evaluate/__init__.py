@@ -1,0 +1,1 @@
+"""Scoring out-of-fold predictions: the CV report, calibration, blends, the ship decision."""

@@ -1,0 +1,1 @@
+"""Offline prediction: scheduling over devices, views, fallbacks, and the submission it writes."""

@@ -1,0 +1,1 @@
+"""From the repository to Kaggle: kernel and dataset metadata, wheels, uploads, submissions."""

@@ -1,0 +1,1 @@
+"""The preference classifier on any backbone, real checkpoints, devices and dtypes."""

@@ -1,0 +1,1 @@
+"""Quantization methods and backends, and the inference artifact they produce."""

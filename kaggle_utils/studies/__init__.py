@@ -1,0 +1,1 @@
+"""Studies over many runs: one experiment's unit of work, the orderings comparison, QiD, report joins."""

@@ -1,0 +1,1 @@
+"""Training one fold: the loop, losses, teachers, pseudo-labels, checkpoints, the feature baseline."""

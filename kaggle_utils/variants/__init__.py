@@ -1,0 +1,1 @@
+"""Variants (orderings and quantization-aware recipes) behind one registry."""
