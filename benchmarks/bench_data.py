@@ -34,7 +34,12 @@ RESULTS = Path(__file__).resolve().parent / "results" / "bench_data.json"
 def cpu_description() -> dict[str, object]:
     """CPU model, usable cores and total memory: the machine the numbers belong to."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return {"cpu_model": cpu_model(), "cores": cores, "memory_gb": total_memory_gb(), "platform": platform.platform()}
+    return {
+        "cpu_model": cpu_model(),
+        "cores": cores,
+        "memory_gb": total_memory_gb(),
+        "platform": platform.platform(),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -89,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
 
     result = {
         "benchmark": "bench_data",
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "device": cpu_description(),
         # the machine is shared: a load average above the core count means the timings include contention
         "load_average_1m_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)],

@@ -49,7 +49,9 @@ PUBLIC_T4_HOURS_NO_TTA = {"nf4": 4.0, "int8": 4.5}  # COMPETITION.md: public not
 KAGGLE_ROWS = 25_000
 
 
-def public_policy(views: Sequence[Sequence[Sequence[int]]], forwards: Sequence[Callable], batch_size: int = 4) -> dict:
+def public_policy(
+    views: Sequence[Sequence[Sequence[int]]], forwards: Sequence[Callable], batch_size: int = 4
+) -> dict:
     """Sorted by length, dealt alternately to the devices, fixed batches; one thread per device."""
     n_devices = len(forwards)
     probs = np.full((len(views), len(views[0]), 3), np.nan)
@@ -77,7 +79,9 @@ def public_policy(views: Sequence[Sequence[Sequence[int]]], forwards: Sequence[C
         thread.join()
     wall = time.perf_counter() - started
     padded, real = sum(s["padded"] for s in stats), sum(s["real"] for s in stats)
-    return _summary("public: sorted, dealt alternately, batch 4", probs, wall, padded, real, stats, len(views))
+    return _summary(
+        "public: sorted, dealt alternately, batch 4", probs, wall, padded, real, stats, len(views)
+    )
 
 
 def our_policy(views, forwards, cfg: InferenceConfig, name: str) -> dict:
@@ -86,8 +90,16 @@ def our_policy(views, forwards, cfg: InferenceConfig, name: str) -> dict:
     wall = time.perf_counter() - started
     padded = sum(w.padded_tokens for w in report.workers)
     real = sum(w.real_tokens for w in report.workers)
-    stats = [{"busy_s": w.busy_seconds, "finished_s": w.finished_at, "padded": w.padded_tokens,
-              "real": w.real_tokens, "batches": w.batches} for w in report.workers]
+    stats = [
+        {
+            "busy_s": w.busy_seconds,
+            "finished_s": w.finished_at,
+            "padded": w.padded_tokens,
+            "real": w.real_tokens,
+            "batches": w.batches,
+        }
+        for w in report.workers
+    ]
     return _summary(name, result.probs, wall, padded, real, stats, len(views))
 
 
@@ -118,12 +130,15 @@ def tiny_setup(n_rows: int, max_length: int, seed: int):
     with tempfile.TemporaryDirectory() as tmp:
         files = generate_competition_files(tmp, n_train=300, n_test=n_rows, seed=seed)
         train = load_competition(files.train_csv, split="train").frame
-        texts = [t for column in ("prompt", "response_a", "response_b") for turns in train[column] for t in turns]
+        texts = [
+            t for column in ("prompt", "response_a", "response_b") for turns in train[column] for t in turns
+        ]
         tokenizer = train_demo_tokenizer(texts, Path(tmp) / "tokenizer", vocab_size=1024)
         frame = load_competition(files.test_csv, split="test").frame
         original, swapped = encode_both_orders(frame, tokenizer, FormatConfig(max_length=max_length))
-    model = build_classifier(ModelConfig(), vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
-                             device="cpu").eval()
+    model = build_classifier(
+        ModelConfig(), vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, device="cpu"
+    ).eval()
     return [original.input_ids, swapped.input_ids], model, tokenizer.pad_token_id
 
 
@@ -134,7 +149,9 @@ def run_policies(views, forwards, repeats: int, budgets: Sequence[int], max_rows
         cfg = InferenceConfig(token_budget=budget, max_rows_per_batch=max_rows, layout=layout, progress=False)
         return lambda: our_policy(views[:n_views], forwards, cfg, f"ours: budget {budget}, {layout}")
 
-    cases: list[tuple[str, Callable[[], dict]]] = [("public, no TTA", lambda: public_policy(views[:1], forwards))]
+    cases: list[tuple[str, Callable[[], dict]]] = [
+        ("public, no TTA", lambda: public_policy(views[:1], forwards))
+    ]
     cases += [(f"ours {budget}, no TTA", ours(1, budget)) for budget in budgets]
     cases += [("public, TTA", lambda: public_policy(views, forwards))]
     cases += [(f"ours {budget}, TTA", ours(2, budget)) for budget in budgets]
@@ -159,8 +176,10 @@ def print_table(title: str, results: list[dict]) -> None:
     print("-" * len(header))
     for r in results:
         batches = sum(d["batches"] for d in r["devices"])
-        print(f"{r['case']:<30} {r['wall_s']:>8.2f} {r['rows_per_s']:>8.2f} {r['row_passes_per_s']:>9.2f} "
-              f"{r['padding_efficiency']:>8.1%} {r['tail_idle_share']:>9.1%} {batches:>8}")
+        print(
+            f"{r['case']:<30} {r['wall_s']:>8.2f} {r['rows_per_s']:>8.2f} {r['row_passes_per_s']:>9.2f} "
+            f"{r['padding_efficiency']:>8.1%} {r['tail_idle_share']:>9.1%} {batches:>8}"
+        )
     by_case = {r["case"]: r for r in results}
     for r in results:
         if r["case"].startswith("ours"):
@@ -178,13 +197,22 @@ def cpu_part(args) -> dict:
     # warm-up (allocator, first-call overheads) outside the timings
     inference.run_schedule([views[0][:16]], forwards[:1], InferenceConfig(progress=False))
     results = run_policies(views, forwards, args.repeats, args.budgets, args.max_rows)
-    print_table(f"CPU, tiny Gemma-2 (2 layers, hidden 64), {args.rows} rows, max length {args.max_length}, "
-                f"2 device threads", results)
+    print_table(
+        f"CPU, tiny Gemma-2 (2 layers, hidden 64), {args.rows} rows, max length {args.max_length}, "
+        f"2 device threads",
+        results,
+    )
     return {
-        "setup": {"rows": args.rows, "max_length": args.max_length, "token_budgets": args.budgets,
-                  "max_rows_per_batch": args.max_rows, "devices": "2 threads x 1 torch thread (CPU)",
-                  "model": "tiny Gemma-2 fp32, random weights", "repeats_best_of": args.repeats,
-                  "length_percentiles_0_25_50_75_100": np.percentile(lengths, [0, 25, 50, 75, 100]).tolist()},
+        "setup": {
+            "rows": args.rows,
+            "max_length": args.max_length,
+            "token_budgets": args.budgets,
+            "max_rows_per_batch": args.max_rows,
+            "devices": "2 threads x 1 torch thread (CPU)",
+            "model": "tiny Gemma-2 fp32, random weights",
+            "repeats_best_of": args.repeats,
+            "length_percentiles_0_25_50_75_100": np.percentile(lengths, [0, 25, 50, 75, 100]).tolist(),
+        },
         "results": [{k: v for k, v in r.items() if k != "_probs"} for r in results],
     }
 
@@ -206,7 +234,9 @@ def gpu_part(args, device: str = "cuda:0", config_path: Path = NINE_B_CONFIG) ->
     for scheme in ("nf4", "int8"):
         model = build_classifier(
             ModelConfig(base_model=str(config_path), dtype="float16"),
-            quant=QuantConfig(scheme=scheme, compute_dtype="float16"), pad_token_id=0, device=device,
+            quant=QuantConfig(scheme=scheme, compute_dtype="float16"),
+            pad_token_id=0,
+            device=device,
         ).eval()
         seqs = [rng.integers(3, model.config.vocab_size, size=n).tolist() for n in lengths]
         forward = inference.make_forward(model, 0, device)
@@ -218,18 +248,26 @@ def gpu_part(args, device: str = "cuda:0", config_path: Path = NINE_B_CONFIG) ->
 
         synced(seqs[:1])
         public = public_policy([seqs], [synced])
-        ours = our_policy([seqs], [synced], InferenceConfig(token_budget=args.token_budget, progress=False),
-                          "ours: token budget")
+        ours = our_policy(
+            [seqs],
+            [synced],
+            InferenceConfig(token_budget=args.token_budget, progress=False),
+            "ours: token budget",
+        )
         speedup = ours["rows_per_s"] / public["rows_per_s"]
         hours = PUBLIC_T4_HOURS_NO_TTA[scheme] * 2 / speedup
         out["schemes"][scheme] = {
-            "public_rows_per_s": public["rows_per_s"], "ours_rows_per_s": ours["rows_per_s"],
+            "public_rows_per_s": public["rows_per_s"],
+            "ours_rows_per_s": ours["rows_per_s"],
             "public_padding_efficiency": public["padding_efficiency"],
-            "ours_padding_efficiency": ours["padding_efficiency"], "speedup": speedup,
+            "ours_padding_efficiency": ours["padding_efficiency"],
+            "speedup": speedup,
             "projected_hours_2xT4_25k_rows_tta": hours,
         }
-        print(f"{name} {scheme}: public {public['rows_per_s']:.2f} rows/s, ours {ours['rows_per_s']:.2f} rows/s "
-              f"({speedup:.2f}x); projected 2x T4, {KAGGLE_ROWS} rows with TTA: {hours:.2f} h")
+        print(
+            f"{name} {scheme}: public {public['rows_per_s']:.2f} rows/s, ours {ours['rows_per_s']:.2f} rows/s "
+            f"({speedup:.2f}x); projected 2x T4, {KAGGLE_ROWS} rows with TTA: {hours:.2f} h"
+        )
         del model, forward
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
@@ -247,12 +285,17 @@ def environment() -> dict:
     import kaggle_utils
 
     return {
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "cpu": cpu_model(), "cores": os.cpu_count(), "load_average_1_5_15": list(os.getloadavg()),
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "load_average_1_5_15": list(os.getloadavg()),
         "cuda": torch.cuda.is_available(),
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-        "bitsandbytes": bitsandbytes.__version__, "kaggle_utils": kaggle_utils.__version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "bitsandbytes": bitsandbytes.__version__,
+        "kaggle_utils": kaggle_utils.__version__,
     }
 
 
@@ -260,8 +303,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=200)
     parser.add_argument("--max-length", type=int, default=768)
-    parser.add_argument("--budgets", type=int, nargs="+", default=[InferenceConfig.token_budget, 2048],
-                        help="token budgets for our policy on CPU (the first is also used for the layouts)")
+    parser.add_argument(
+        "--budgets",
+        type=int,
+        nargs="+",
+        default=[InferenceConfig.token_budget, 2048],
+        help="token budgets for our policy on CPU (the first is also used for the layouts)",
+    )
     parser.add_argument("--token-budget", type=int, default=InferenceConfig.token_budget, help="GPU part")
     parser.add_argument("--max-rows", type=int, default=InferenceConfig.max_rows_per_batch)
     parser.add_argument("--repeats", type=int, default=2)

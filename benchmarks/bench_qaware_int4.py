@@ -37,7 +37,9 @@ def relative_mse(approx: torch.Tensor, weight: torch.Tensor) -> float:
 def quantizer_errors(weight: torch.Tensor, group_size: int) -> dict[str, float]:
     import bitsandbytes.functional as bnb_functional
 
-    packed, state = bnb_functional.quantize_4bit(weight, blocksize=64, quant_type="nf4", compress_statistics=False)
+    packed, state = bnb_functional.quantize_4bit(
+        weight, blocksize=64, quant_type="nf4", compress_statistics=False
+    )
     return {
         "rtn": relative_mse(quantize_rtn(weight, group_size).dequantize(), weight),
         "hqq": relative_mse(quantize_hqq(weight, group_size).dequantize(), weight),
@@ -66,7 +68,9 @@ def fold_precision(weight: torch.Tensor, group_size: int, seed: int) -> dict[str
     return results
 
 
-def matmul_timing(in_features: int, out_features: int, rows: int, group_size: int, repeats: int) -> dict[str, float]:
+def matmul_timing(
+    in_features: int, out_features: int, rows: int, group_size: int, repeats: int
+) -> dict[str, float]:
     linear = torch.nn.Linear(in_features, out_features, bias=False)
     int4 = Int4Linear.from_linear(linear, group_size, method="rtn")
     x = torch.randn(rows, in_features)
@@ -80,8 +84,11 @@ def matmul_timing(in_features: int, out_features: int, rows: int, group_size: in
             times.append(time.perf_counter() - began)
         return min(times)
 
-    return {"fp32_matmul_s": best_of(linear), "int4_dequant_matmul_s": best_of(int4),
-            "int4_dequant_only_s": best_of(lambda _: int4.dequantized_weight())}
+    return {
+        "fp32_matmul_s": best_of(linear),
+        "int4_dequant_matmul_s": best_of(int4),
+        "int4_dequant_only_s": best_of(lambda _: int4.dequantized_weight()),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -104,9 +111,13 @@ def main(argv: list[str] | None = None) -> int:
     timing = matmul_timing(3584, 14336, args.rows, args.group_size, args.repeats)
     result = {
         "benchmark": "bench_qaware_int4",
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "device": {"cpu_model": cpu_model(), "cores": len(os.sched_getaffinity(0)), "platform": platform.platform(),
-                   "torch_threads": torch.get_num_threads()},
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "device": {
+            "cpu_model": cpu_model(),
+            "cores": len(os.sched_getaffinity(0)),
+            "platform": platform.platform(),
+            "torch_threads": torch.get_num_threads(),
+        },
         "load_average_1m_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)],
         "versions": {name: importlib.metadata.version(name) for name in ("torch", "hqq", "bitsandbytes")}
         | {"python": platform.python_version()},
@@ -122,11 +133,17 @@ def main(argv: list[str] | None = None) -> int:
     print("\nfolded zero point: max |merged - (W_deq + delta)| in half quantization steps")
     print(f"{'layer':<24}{'float32':>12}{'float16':>12}{'bfloat16':>12}")
     for name, values in folds.items():
-        print(f"{name:<24}" + "".join(f"{values[f'{d}_max_in_half_steps']:>12.2e}"
-                                      for d in ("float32", "float16", "bfloat16")))
-    print(f"\n{args.rows}x3584 @ 3584x14336 on CPU: fp32 {timing['fp32_matmul_s'] * 1e3:.1f} ms, "
-          f"int4 dequant+matmul {timing['int4_dequant_matmul_s'] * 1e3:.1f} ms "
-          f"(dequant alone {timing['int4_dequant_only_s'] * 1e3:.1f} ms)")
+        print(
+            f"{name:<24}"
+            + "".join(
+                f"{values[f'{d}_max_in_half_steps']:>12.2e}" for d in ("float32", "float16", "bfloat16")
+            )
+        )
+    print(
+        f"\n{args.rows}x3584 @ 3584x14336 on CPU: fp32 {timing['fp32_matmul_s'] * 1e3:.1f} ms, "
+        f"int4 dequant+matmul {timing['int4_dequant_matmul_s'] * 1e3:.1f} ms "
+        f"(dequant alone {timing['int4_dequant_only_s'] * 1e3:.1f} ms)"
+    )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2), encoding="utf-8")
     print(f"wrote {args.out}")

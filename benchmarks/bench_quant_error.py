@@ -81,8 +81,10 @@ def weight_stats(weight: torch.Tensor) -> dict[str, float]:
     w = weight.double().flatten()
     centred = w - w.mean()
     std = centred.pow(2).mean().sqrt()
-    return {"excess_kurtosis": float(centred.pow(4).mean() / std.pow(4) - 3.0),
-            "outlier_ratio": float(w.abs().max() / std)}
+    return {
+        "excess_kurtosis": float(centred.pow(4).mean() / std.pow(4) - 3.0),
+        "outlier_ratio": float(w.abs().max() / std),
+    }
 
 
 def dequantized(weight: torch.Tensor, scheme: str, group_size: int) -> tuple[torch.Tensor, Int4Weight | None]:
@@ -90,7 +92,9 @@ def dequantized(weight: torch.Tensor, scheme: str, group_size: int) -> tuple[tor
     import bitsandbytes.functional as bnb_functional
 
     if scheme == "nf4":  # BitsAndBytesConfig(nf4, double quant): blocksize 64, absmax itself 8-bit quantized
-        packed, state = bnb_functional.quantize_4bit(weight, blocksize=64, quant_type="nf4", compress_statistics=True)
+        packed, state = bnb_functional.quantize_4bit(
+            weight, blocksize=64, quant_type="nf4", compress_statistics=True
+        )
         return bnb_functional.dequantize_4bit(packed, state), None
     if scheme == "int8":  # Linear8bitLt stores the whole weight as row-wise absmax int8 (from fp16)
         codes, row_stats, _ = bnb_functional.int8_vectorwise_quant(weight.to(torch.float16))
@@ -110,13 +114,25 @@ def quantized_module(linear: nn.Linear, scheme: str, int4: Int4Weight | None) ->
         module.weight.data = bnb.functional.int8_vectorwise_dequant(codes, row_stats).to(weight.dtype)
         return module.eval()
     if scheme == "nf4":
-        module = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=False, compute_dtype=weight.dtype,
-                                   quant_type="nf4", compress_statistics=True)
-        module.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4", compress_statistics=True,
-                                          blocksize=64)
+        module = bnb.nn.Linear4bit(
+            linear.in_features,
+            linear.out_features,
+            bias=False,
+            compute_dtype=weight.dtype,
+            quant_type="nf4",
+            compress_statistics=True,
+        )
+        module.weight = bnb.nn.Params4bit(
+            weight, requires_grad=False, quant_type="nf4", compress_statistics=True, blocksize=64
+        )
     elif scheme == "int8":
-        module = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=False, has_fp16_weights=False,
-                                     threshold=INT8_THRESHOLD)
+        module = bnb.nn.Linear8bitLt(
+            linear.in_features,
+            linear.out_features,
+            bias=False,
+            has_fp16_weights=False,
+            threshold=INT8_THRESHOLD,
+        )
         module.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
     else:
         return Int4Linear.from_weight(int4).eval()
@@ -126,8 +142,12 @@ def quantized_module(linear: nn.Linear, scheme: str, int4: Int4Weight | None) ->
 def summarise(values: dict[str, float], worst: int = 3) -> dict:
     ordered = sorted(values.items(), key=lambda kv: kv[1], reverse=True)
     array = np.array(list(values.values()))
-    return {"median": float(np.median(array)), "mean": float(array.mean()), "max": float(array.max()),
-            "worst": [{"layer": name, "value": value} for name, value in ordered[:worst]]}
+    return {
+        "median": float(np.median(array)),
+        "mean": float(array.mean()),
+        "max": float(array.max()),
+        "worst": [{"layer": name, "value": value} for name, value in ordered[:worst]],
+    }
 
 
 @torch.no_grad()
@@ -167,7 +187,11 @@ def measure_model(model: nn.Module, rows: list[list[int]], group_size: int, max_
         per_row = [relative_error(q, r) for q, r in zip(scored_vectors(model, rows), reference, strict=True)]
         for name, linear in originals.items():
             replace_module(model, name, linear)
-        end_to_end[scheme] = {"mean": float(np.mean(per_row)), "max": float(np.max(per_row)), "per_row": per_row}
+        end_to_end[scheme] = {
+            "mean": float(np.mean(per_row)),
+            "max": float(np.max(per_row)),
+            "per_row": per_row,
+        }
     kurt = {n: s["excess_kurtosis"] for n, s in stats.items()}
     ratio = {n: s["outlier_ratio"] for n, s in stats.items()}
     return {
@@ -183,13 +207,19 @@ def measure_model(model: nn.Module, rows: list[list[int]], group_size: int, max_
 
 
 def markdown(result: dict) -> str:
-    lines = [f"# Quantization error: real vs random weights ({result['model']['name']})", "",
-             f"Date {result['date']}; command `{result['command']}`; {result['device']['cpu_model']}, "
-             f"{result['device']['torch_threads']} torch thread(s). {result['model']['note']}", "",
-             f"{result['rows']} generated rows (max_length {result['params']['max_length']}, lengths "
-             f"{result['row_lengths']}); {result['models']['real']['layers_measured']} projection layers per model.",
-             "", "| weights | kurtosis (median) | max\\|w\\|/std (median / max) | scheme | weight rel. err "
-             "median | max (worst layer) | hidden rel. err mean | max |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# Quantization error: real vs random weights ({result['model']['name']})",
+        "",
+        f"Date {result['date']}; command `{result['command']}`; {result['device']['cpu_model']}, "
+        f"{result['device']['torch_threads']} torch thread(s). {result['model']['note']}",
+        "",
+        f"{result['rows']} generated rows (max_length {result['params']['max_length']}, lengths "
+        f"{result['row_lengths']}); {result['models']['real']['layers_measured']} projection layers per model.",
+        "",
+        "| weights | kurtosis (median) | max\\|w\\|/std (median / max) | scheme | weight rel. err "
+        "median | max (worst layer) | hidden rel. err mean | max |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for kind, data in result["models"].items():
         ws = data["weight_stats_summary"]
         for scheme in SCHEMES:
@@ -198,23 +228,35 @@ def markdown(result: dict) -> str:
             lines.append(
                 f"| {kind} | {ws['excess_kurtosis']['median']:.2f} | {ws['outlier_ratio']['median']:.1f} / "
                 f"{ws['outlier_ratio']['max']:.1f} | {scheme} | {we['median']:.4f} | {we['max']:.4f} "
-                f"({we['worst'][0]['layer']}) | {he['mean']:.4f} | {he['max']:.4f} |")
+                f"({we['worst'][0]['layer']}) | {he['mean']:.4f} | {he['max']:.4f} |"
+            )
         he = data["hidden_state_relative_error"][INT8_WEIGHT_ONLY]
-        lines.append(f"| {kind} | | | int8 weight only (fp32 matmul) | | | {he['mean']:.4f} | {he['max']:.4f} |")
+        lines.append(
+            f"| {kind} | | | int8 weight only (fp32 matmul) | | | {he['mean']:.4f} | {he['max']:.4f} |"
+        )
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model-dir", type=Path, default=None,
-                        help="checkpoint dir with config.json, weights and tokenizer (default: cached Gemma 3 270M)")
+    parser.add_argument(
+        "--model-dir",
+        type=Path,
+        default=None,
+        help="checkpoint dir with config.json, weights and tokenizer (default: cached Gemma 3 270M)",
+    )
     parser.add_argument("--rows", type=int, default=16)
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--group-size", type=int, default=64)
-    parser.add_argument("--max-layers", type=int, default=None, help="subsample: first N projection layers only")
+    parser.add_argument(
+        "--max-layers", type=int, default=None, help="subsample: first N projection layers only"
+    )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--note", default="Weights converted from a Q4_K_M GGUF: they already carry Q4_K_M "
-                        "rounding, so they are not the original bf16 release.")
+    parser.add_argument(
+        "--note",
+        default="Weights converted from a Q4_K_M GGUF: they already carry Q4_K_M "
+        "rounding, so they are not the original bf16 release.",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     model_dir = args.model_dir or default_model_dir()
@@ -225,7 +267,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
     tokenizer = load_tokenizer(model_dir)
-    with tempfile.TemporaryDirectory(prefix="quant-error-") as tmp:  # the pipeline's path: CSV -> loaded frame
+    with tempfile.TemporaryDirectory(
+        prefix="quant-error-"
+    ) as tmp:  # the pipeline's path: CSV -> loaded frame
         files = generate_competition_files(tmp, n_train=args.rows, n_test=1, seed=args.seed, traps=False)
         frame = load_competition(files.train_csv, split="train").frame
     encoded = encode_rows(frame, tokenizer, FormatConfig(template="auto", max_length=args.max_length))
@@ -235,30 +279,48 @@ def main(argv: list[str] | None = None) -> int:
     models = {}
     for kind in ("real", "random"):
         source = model_dir if kind == "real" else model_dir / "config.json"
-        model = build_classifier(ModelConfig(base_model=str(source), dtype="float32", init_seed=args.seed),
-                                 vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, device="cpu")
+        model = build_classifier(
+            ModelConfig(base_model=str(source), dtype="float32", init_seed=args.seed),
+            vocab_size=len(tokenizer),
+            pad_token_id=tokenizer.pad_token_id,
+            device="cpu",
+        )
         models[kind] = measure_model(model, rows, args.group_size, args.max_layers)
         del model
     total_s = time.perf_counter() - began
     result = {
         "benchmark": "bench_quant_error",
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "command": shlex.join([Path(sys.executable).name, *sys.argv]),
-        "device": {"cpu_model": cpu_model(), "cores": len(os.sched_getaffinity(0)), "platform": platform.platform(),
-                   "torch_threads": torch.get_num_threads()},
+        "device": {
+            "cpu_model": cpu_model(),
+            "cores": len(os.sched_getaffinity(0)),
+            "platform": platform.platform(),
+            "torch_threads": torch.get_num_threads(),
+        },
         "load_average_1m_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)],
-        "versions": {name: importlib.metadata.version(name) for name in ("torch", "transformers", "bitsandbytes",
-                                                                          "hqq")} | {"python": platform.python_version()},
+        "versions": {
+            name: importlib.metadata.version(name)
+            for name in ("torch", "transformers", "bitsandbytes", "hqq")
+        }
+        | {"python": platform.python_version()},
         "params": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        "model": {"name": model_dir.name, "note": args.note,
-                  "random": "same config.json, random init by build_classifier (transformers' init, seed "
-                            f"{args.seed})", "reference_dtype": "float32"},
-        "schemes": {"nf4": "bitsandbytes NF4, blocksize 64, double quant", "int8": "bitsandbytes LLM.int8, "
-                    f"threshold {INT8_THRESHOLD}; weight error = row-wise absmax int8 storage only",
-                    INT8_WEIGHT_ONLY: "end to end only: fp32 matmul with the dequantized int8 weight (no "
-                                      "activation quantization)",
-                    "int4_rtn": f"kaggle_utils INT4 RTN min-max, group {args.group_size}",
-                    "int4_hqq": f"kaggle_utils INT4 HQQ, group {args.group_size}"},
+        "model": {
+            "name": model_dir.name,
+            "note": args.note,
+            "random": "same config.json, random init by build_classifier (transformers' init, seed "
+            f"{args.seed})",
+            "reference_dtype": "float32",
+        },
+        "schemes": {
+            "nf4": "bitsandbytes NF4, blocksize 64, double quant",
+            "int8": "bitsandbytes LLM.int8, "
+            f"threshold {INT8_THRESHOLD}; weight error = row-wise absmax int8 storage only",
+            INT8_WEIGHT_ONLY: "end to end only: fp32 matmul with the dequantized int8 weight (no "
+            "activation quantization)",
+            "int4_rtn": f"kaggle_utils INT4 RTN min-max, group {args.group_size}",
+            "int4_hqq": f"kaggle_utils INT4 HQQ, group {args.group_size}",
+        },
         "rows": len(rows),
         "row_lengths": {"mean": float(encoded.lengths.mean()), "max": int(encoded.lengths.max())},
         "total_seconds": total_s,

@@ -61,10 +61,16 @@ def timed(step, steps: int) -> float:
     return (time.perf_counter() - began) / steps
 
 
-def measure(model_dir: str | None, seq_len: int, batch: int, steps: int, dtypes: dict[str, torch.dtype]) -> dict:
+def measure(
+    model_dir: str | None, seq_len: int, batch: int, steps: int, dtypes: dict[str, torch.dtype]
+) -> dict:
     source = model_dir or "tiny"
-    model = build_classifier(ModelConfig(base_model=source, gradient_checkpointing=False, dtype="float32"),
-                             vocab_size=512 if model_dir is None else None, pad_token_id=0, device="cpu")
+    model = build_classifier(
+        ModelConfig(base_model=source, gradient_checkpointing=False, dtype="float32"),
+        vocab_size=512 if model_dir is None else None,
+        pad_token_id=0,
+        device="cpu",
+    )
     n_matmul = matmul_parameters(model)
     vocab = model.config.vocab_size
     ids = torch.randint(10, vocab - 1, (batch, seq_len))
@@ -73,33 +79,58 @@ def measure(model_dir: str | None, seq_len: int, batch: int, steps: int, dtypes:
     rows = []
     model.eval()
     for name, dtype in dtypes.items():
+
         def forward(dtype=dtype):
             with torch.no_grad(), torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
                 model(input_ids=ids, attention_mask=mask)
+
         seconds = timed(forward, steps)
-        rows.append({"what": "forward", "dtype": name, "tokens_per_s": tokens / seconds,
-                     "flops_per_s": 2 * n_matmul * tokens / seconds})
+        rows.append(
+            {
+                "what": "forward",
+                "dtype": name,
+                "tokens_per_s": tokens / seconds,
+                "flops_per_s": 2 * n_matmul * tokens / seconds,
+            }
+        )
     lora = apply_lora(model, LoraSettings(r=16, alpha=32, dropout=0.0))
     lora.train()
     optimizer = torch.optim.AdamW([p for p in lora.parameters() if p.requires_grad], lr=1e-4)
     labels = torch.zeros(batch, dtype=torch.long)
     for name, dtype in dtypes.items():
+
         def train_step(dtype=dtype):
             with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
                 loss = lora(input_ids=ids, attention_mask=mask, labels=labels).loss
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+
         seconds = timed(train_step, steps)
-        rows.append({"what": "LoRA step", "dtype": name, "tokens_per_s": tokens / seconds,
-                     "flops_per_s": 4 * n_matmul * tokens / seconds})
-    return {"model": source, "model_type": model.config.model_type, "matmul_parameters": n_matmul,
-            "seq_len": seq_len, "batch": batch, "steps": steps, "rows": rows}
+        rows.append(
+            {
+                "what": "LoRA step",
+                "dtype": name,
+                "tokens_per_s": tokens / seconds,
+                "flops_per_s": 4 * n_matmul * tokens / seconds,
+            }
+        )
+    return {
+        "model": source,
+        "model_type": model.config.model_type,
+        "matmul_parameters": n_matmul,
+        "seq_len": seq_len,
+        "batch": batch,
+        "steps": steps,
+        "rows": rows,
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model-dir", action="append", default=[], help="a real checkpoint folder (repeatable)")
+    parser.add_argument(
+        "--model-dir", action="append", default=[], help="a real checkpoint folder (repeatable)"
+    )
     parser.add_argument("--tiny", action="store_true", help="the 2-layer random model (smoke run)")
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--batch", type=int, default=4)
@@ -126,24 +157,31 @@ def main() -> None:
             row["of_fp32_matmul"] = row["flops_per_s"] / roofline["fp32"]
             row["of_best_matmul"] = row["flops_per_s"] / best
     result = {
-        "date": dt.datetime.now().isoformat(timespec="seconds"), **describe_machine(),
+        "date": dt.datetime.now().isoformat(timespec="seconds"),
+        **describe_machine(),
         "device": {**describe_machine(), "kind": "cpu"},
-        "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-        "load_average_1m": os.getloadavg()[0], "matmul_flops_per_s": roofline,
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "load_average_1m": os.getloadavg()[0],
+        "matmul_flops_per_s": roofline,
         "dtypes_not_run": {name: f"matmul at {roofline[name] / best:.1%} of the best" for name in skipped},
         "models": models,
     }
-    print(f"{result['date']}, {result['cpu']}, {result['torch_threads']} threads, load {result['load_average_1m']:.2f}; "
-          f"matmul roofline fp32 {roofline['fp32'] / 1e9:.0f} GFLOP/s, bf16 {roofline['bf16'] / 1e9:.1f} GFLOP/s"
-          + "".join(f"; {name} not run ({why})" for name, why in result["dtypes_not_run"].items()))
+    print(
+        f"{result['date']}, {result['cpu']}, {result['torch_threads']} threads, load {result['load_average_1m']:.2f}; "
+        f"matmul roofline fp32 {roofline['fp32'] / 1e9:.0f} GFLOP/s, bf16 {roofline['bf16'] / 1e9:.1f} GFLOP/s"
+        + "".join(f"; {name} not run ({why})" for name, why in result["dtypes_not_run"].items())
+    )
     print("| model | seq x batch | what | dtype | tokens/s | GFLOP/s | of fp32 matmul | of best matmul |")
     print("|---|---|---|---|---|---|---|---|")
     for model in models:
         for row in model["rows"]:
-            print(f"| {Path(model['model']).name} ({model['matmul_parameters'] / 1e6:.0f}M matmul params) | "
-                  f"{model['seq_len']} x {model['batch']} | {row['what']} | {row['dtype']} | "
-                  f"{row['tokens_per_s']:.0f} | {row['flops_per_s'] / 1e9:.1f} | {row['of_fp32_matmul']:.0%} | "
-                  f"{row['of_best_matmul']:.0%} |")
+            print(
+                f"| {Path(model['model']).name} ({model['matmul_parameters'] / 1e6:.0f}M matmul params) | "
+                f"{model['seq_len']} x {model['batch']} | {row['what']} | {row['dtype']} | "
+                f"{row['tokens_per_s']:.0f} | {row['flops_per_s'] / 1e9:.1f} | {row['of_fp32_matmul']:.0%} | "
+                f"{row['of_best_matmul']:.0%} |"
+            )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     print(f"-> {args.out}")

@@ -98,11 +98,15 @@ def batch_stats(lengths: np.ndarray, batches: list[list[int]]) -> dict[str, floa
 def tokenizer_dir(spec: str) -> Path:
     """A real tokenizer's directory: "gemma2", "gemma3" (the checkouts' usual places) or a path."""
     if spec == "gemma2":
-        return Path(os.environ.get(GEMMA2_ENV) or REPO.parent / "shared" / "reference" / "tokenizers" / "gemma2")
+        return Path(
+            os.environ.get(GEMMA2_ENV) or REPO.parent / "shared" / "reference" / "tokenizers" / "gemma2"
+        )
     if spec == "gemma3":
         found = sorted((REPO / ".cache" / "models").glob("gemma-3-270m-*/tokenizer.json"))
         if not found:
-            raise SystemExit(f"no Gemma-3 tokenizer under {REPO / '.cache' / 'models'} (gemma-3-270m-*/tokenizer.json)")
+            raise SystemExit(
+                f"no Gemma-3 tokenizer under {REPO / '.cache' / 'models'} (gemma-3-270m-*/tokenizer.json)"
+            )
         return found[0].parent
     return Path(spec)
 
@@ -174,7 +178,9 @@ def all_pieces(frame: pl.DataFrame) -> list[list[str]]:
             for start in range(0, frame.height, ROWS_PER_CHUNK)]  # fmt: skip
 
 
-def survivors_run(frame: pl.DataFrame, tokenizer, cfg: FormatConfig, run: dict[str, object]) -> dict[str, object]:
+def survivors_run(
+    frame: pl.DataFrame, tokenizer, cfg: FormatConfig, run: dict[str, object]
+) -> dict[str, object]:
     """Tokenising every piece vs only what survives truncation: kept shares and the two call times.
 
     ``run`` is encode_rows' run at the same max length: its token counts must match, or the surviving text
@@ -202,8 +208,9 @@ def survivors_run(frame: pl.DataFrame, tokenizer, cfg: FormatConfig, run: dict[s
     }
 
 
-def encode_run(frame: pl.DataFrame, tokenizer, max_length: int, total_chars: int, fixed_batch: int,
-               token_budget: int) -> dict[str, object]:
+def encode_run(
+    frame: pl.DataFrame, tokenizer, max_length: int, total_chars: int, fixed_batch: int, token_budget: int
+) -> dict[str, object]:
     """One timed encode_rows pass and what it produced (lengths, truncation, padding efficiency)."""
     cfg = FormatConfig(max_length=max_length)
     encoded, wall, cpu = timed(lambda: encode_rows(frame, tokenizer, cfg, progress=True))
@@ -226,7 +233,9 @@ def encode_run(frame: pl.DataFrame, tokenizer, max_length: int, total_chars: int
         "length_p95": int(np.percentile(lengths, 95)),
         "rows_at_max_length": int((lengths == max_length).sum()),
         "truncated_share": round(float(encoded.truncated.mean()), 4),
-        "kept_share": {name: round(float(share), 4) for name, share in zip(TURN_COLUMNS, kept_share, strict=True)},
+        "kept_share": {
+            name: round(float(share), 4) for name, share in zip(TURN_COLUMNS, kept_share, strict=True)
+        },
         "token_budget": batch_stats(lengths, token_budget_batches(lengths, token_budget)),
         "fixed_batch_file_order": batch_stats(lengths, file_order_batches(len(lengths), fixed_batch)),
         "length_buckets_train": batch_stats(lengths, list(bucket)),
@@ -237,17 +246,26 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=REAL_TRAIN_ROWS)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--tokenizer-rows", type=int, default=5000, help="rows whose text trains the tokenizer")
+    parser.add_argument(
+        "--tokenizer-rows", type=int, default=5000, help="rows whose text trains the tokenizer"
+    )
     parser.add_argument("--vocab-size", type=int, default=8192)
     parser.add_argument("--max-lengths", type=int, nargs="+", default=[2048, 1024])
     parser.add_argument("--token-budget", type=int, default=InferenceConfig().token_budget)
     parser.add_argument("--fixed-batch", type=int, default=8)
     parser.add_argument("--skip-pair", action="store_true", help="skip timing encode_both_orders")
-    parser.add_argument("--tokenizers", nargs="+", default=["demo"],
-                        help="demo, gemma2, gemma3 or tokenizer directories; real ones run at the first max length")
+    parser.add_argument(
+        "--tokenizers",
+        nargs="+",
+        default=["demo"],
+        help="demo, gemma2, gemma3 or tokenizer directories; real ones run at the first max length",
+    )
     parser.add_argument("--long-cells", type=int, default=0, help="responses of 100k-400k characters to add")
-    parser.add_argument("--survivors", action="store_true",
-                        help="also time tokenising only the text that survives truncation (first max length)")
+    parser.add_argument(
+        "--survivors",
+        action="store_true",
+        help="also time tokenising only the text that survives truncation (first max length)",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     load_before = load_average()
@@ -265,7 +283,9 @@ def main(argv: list[str] | None = None) -> int:
     runs, survivors, real = [], None, []
     if "demo" in args.tokenizers:
         for max_length in args.max_lengths:
-            runs.append(encode_run(frame, tokenizer, max_length, total_chars, args.fixed_batch, args.token_budget))
+            runs.append(
+                encode_run(frame, tokenizer, max_length, total_chars, args.fixed_batch, args.token_budget)
+            )
         if args.survivors:
             survivors = survivors_run(frame, tokenizer, FormatConfig(max_length=args.max_lengths[0]), runs[0])
     for spec in (spec for spec in args.tokenizers if spec != "demo"):
@@ -276,8 +296,9 @@ def main(argv: list[str] | None = None) -> int:
                  "run": encode_run(frame, real_tokenizer, args.max_lengths[0], total_chars, args.fixed_batch,
                                    args.token_budget)}  # fmt: skip
         if args.survivors:
-            entry["survivors"] = survivors_run(frame, real_tokenizer, FormatConfig(max_length=args.max_lengths[0]),
-                                               entry["run"])
+            entry["survivors"] = survivors_run(
+                frame, real_tokenizer, FormatConfig(max_length=args.max_lengths[0]), entry["run"]
+            )
         real.append(entry)
         del real_tokenizer
 
@@ -306,41 +327,69 @@ def main(argv: list[str] | None = None) -> int:
               f"{run['token_budget']['batches']:>5}/{run['fixed_batch_file_order']['batches']:<6}")  # fmt: skip
     for entry in real:
         run = entry["run"]
-        print(f"{entry['name']:>7} {run['wall_seconds']:>7.1f} {run['cpu_seconds']:>7.1f} "
-              f"{run['rows_per_second']:>8,.0f} {'yes' if run['target_met'] else 'NO':>6} "
-              f"{run['content_tokens'] / frame.height:>8.0f} {run['truncated_share']:>6.1%}  (at {run['max_length']})")
-    measured = ([("demo", survivors)] if survivors else []) + [(e["name"], e["survivors"]) for e in real if "survivors" in e]
+        print(
+            f"{entry['name']:>7} {run['wall_seconds']:>7.1f} {run['cpu_seconds']:>7.1f} "
+            f"{run['rows_per_second']:>8,.0f} {'yes' if run['target_met'] else 'NO':>6} "
+            f"{run['content_tokens'] / frame.height:>8.0f} {run['truncated_share']:>6.1%}  (at {run['max_length']})"
+        )
+    measured = ([("demo", survivors)] if survivors else []) + [
+        (e["name"], e["survivors"]) for e in real if "survivors" in e
+    ]
     for name, measure in measured:
-        print(f"{name}: truncation keeps {measure['kept_token_share']:.1%} of tokens, "
-              f"{measure['kept_char_share']:.1%} of characters; tokenizer call on all pieces "
-              f"{measure['all_pieces_call_wall_seconds']:.1f} s wall / {measure['all_pieces_call_cpu_seconds']:.1f} s CPU, "
-              f"on surviving text only {measure['surviving_text_call_wall_seconds']:.1f} s / "
-              f"{measure['surviving_text_call_cpu_seconds']:.1f} s (CPU ratio {measure['surviving_over_all_cpu']:.3f})")
+        print(
+            f"{name}: truncation keeps {measure['kept_token_share']:.1%} of tokens, "
+            f"{measure['kept_char_share']:.1%} of characters; tokenizer call on all pieces "
+            f"{measure['all_pieces_call_wall_seconds']:.1f} s wall / {measure['all_pieces_call_cpu_seconds']:.1f} s CPU, "
+            f"on surviving text only {measure['surviving_text_call_wall_seconds']:.1f} s / "
+            f"{measure['surviving_text_call_cpu_seconds']:.1f} s (CPU ratio {measure['surviving_over_all_cpu']:.3f})"
+        )
     if pair:
-        print(f"original + swapped pair at {pair['max_length']}: {pair['wall_seconds']:.1f} s wall, "
-              f"{pair['cpu_seconds']:.1f} s CPU ({pair['rows_per_second']:,.0f} rows/s)")
-    print(f"token budget {args.token_budget} per batch; targets: <= {TARGET_SECONDS:.0f} s per pass, "
-          f"token-budget efficiency >= {TARGET_EFFICIENCY}")
+        print(
+            f"original + swapped pair at {pair['max_length']}: {pair['wall_seconds']:.1f} s wall, "
+            f"{pair['cpu_seconds']:.1f} s CPU ({pair['rows_per_second']:,.0f} rows/s)"
+        )
+    print(
+        f"token budget {args.token_budget} per batch; targets: <= {TARGET_SECONDS:.0f} s per pass, "
+        f"token-budget efficiency >= {TARGET_EFFICIENCY}"
+    )
 
     result = {
         "benchmark": "bench_tokenize",
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "device": device_description(),
         "load_average_before_after": [load_before, load_after],
         "versions": {
-            "python": sys.version.split()[0], "tokenizers": tokenizers.__version__,
-            "transformers": transformers.__version__, "torch": torch.__version__, "polars": pl.__version__,
-            "numpy": np.__version__, "kaggle_utils": kaggle_utils.__version__, "template_version": TEMPLATE_VERSION,
+            "python": sys.version.split()[0],
+            "tokenizers": tokenizers.__version__,
+            "transformers": transformers.__version__,
+            "torch": torch.__version__,
+            "polars": pl.__version__,
+            "numpy": np.__version__,
+            "kaggle_utils": kaggle_utils.__version__,
+            "template_version": TEMPLATE_VERSION,
         },  # fmt: skip
-        "params": {**{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-                   "TOKENIZERS_PARALLELISM": os.environ.get("TOKENIZERS_PARALLELISM")},  # fmt: skip
-        "data": {"rows_generated": args.rows, "rows_kept": frame.height, "generate_seconds": round(generate_s, 2),
-                 "load_seconds": round(load_s, 2), "content_chars": total_chars,
-                 "multi_turn_share": round(float((frame["prompt"].list.len() > 1).mean()), 4),
-                 "long_cells": args.long_cells,
-                 "longest_cell_chars": int(max(frame[name].explode().str.len_chars().max() for name in TURN_COLUMNS))},
+        "params": {
+            **{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+            "TOKENIZERS_PARALLELISM": os.environ.get("TOKENIZERS_PARALLELISM"),
+        },  # fmt: skip
+        "data": {
+            "rows_generated": args.rows,
+            "rows_kept": frame.height,
+            "generate_seconds": round(generate_s, 2),
+            "load_seconds": round(load_s, 2),
+            "content_chars": total_chars,
+            "multi_turn_share": round(float((frame["prompt"].list.len() > 1).mean()), 4),
+            "long_cells": args.long_cells,
+            "longest_cell_chars": int(
+                max(frame[name].explode().str.len_chars().max() for name in TURN_COLUMNS)
+            ),
+        },
         # fmt: skip
-        "tokenizer": {"vocab_size": len(tokenizer), "train_texts": len(texts), "train_seconds": round(train_s, 2)},
+        "tokenizer": {
+            "vocab_size": len(tokenizer),
+            "train_texts": len(texts),
+            "train_seconds": round(train_s, 2),
+        },
         "targets": {"seconds": TARGET_SECONDS, "token_budget_efficiency": TARGET_EFFICIENCY},
         "runs": runs,
         "survivors": survivors,

@@ -55,14 +55,18 @@ def run_ordering(ordering: str, seq_len: int, steps: int, warmup: int) -> dict:
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda:0" if cuda else "cpu")
-    model_cfg = ModelConfig(base_model=str(nine_b_config_path()) if cuda else "tiny", gradient_checkpointing=True)
+    model_cfg = ModelConfig(
+        base_model=str(nine_b_config_path()) if cuda else "tiny", gradient_checkpointing=True
+    )
     vocab = None if cuda else 1024
     quant = QuantConfig(scheme="nf4", double_quant=True) if ordering == "quant-then-ft" else None
     torch.manual_seed(0)
     build_began = time.perf_counter()
     with PeakMemory(device) as build_memory:
-        model = apply_lora(build_classifier(model_cfg, quant=quant, vocab_size=vocab, pad_token_id=0, device=device),
-                           LoraSettings())
+        model = apply_lora(
+            build_classifier(model_cfg, quant=quant, vocab_size=vocab, pad_token_id=0, device=device),
+            LoraSettings(),
+        )
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
         upcast_trainable(model)
@@ -103,7 +107,9 @@ def run_ordering(ordering: str, seq_len: int, steps: int, warmup: int) -> dict:
     mean_step = sum(times) / len(times)
     result = {
         "ordering": ordering,
-        "model": "gemma-2-9b shape, random weights" if cuda else "tiny 2-layer Gemma-2 (hidden 64), random weights",
+        "model": "gemma-2-9b shape, random weights"
+        if cuda
+        else "tiny 2-layer Gemma-2 (hidden 64), random weights",
         "device": device.type,
         "dtype": str(resolve_dtype("auto", device)).removeprefix("torch."),
         "mixed_precision": precision,
@@ -121,7 +127,9 @@ def run_ordering(ordering: str, seq_len: int, steps: int, warmup: int) -> dict:
         "total_params": total,
         "build_time_s": build_s,
         "peak_cuda_gb": train_memory.peak_cuda_bytes / GB if train_memory.peak_cuda_bytes else None,
-        "peak_cuda_gb_while_building": build_memory.peak_cuda_bytes / GB if build_memory.peak_cuda_bytes else None,
+        "peak_cuda_gb_while_building": build_memory.peak_cuda_bytes / GB
+        if build_memory.peak_cuda_bytes
+        else None,
         "peak_rss_gb": train_memory.peak_rss_bytes / GB,
         "last_loss": float(loss.detach()),
     }
@@ -151,8 +159,11 @@ def run_unsloth_check() -> dict:
         cfg = PipelineConfig()
         cfg.train.backend = "unsloth"
         cfg.format.max_length = 256
-        cfg.model.base_model = str(materialize_base(cfg.model, Path(tmp) / "base", vocab_size=len(tokenizer),
-                                                    pad_token_id=tokenizer.pad_token_id))
+        cfg.model.base_model = str(
+            materialize_base(
+                cfg.model, Path(tmp) / "base", vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id
+            )
+        )
         device = torch.device("cuda:0")
         try:
             model = build_unsloth_classifier(cfg, tokenizer, device)
@@ -160,13 +171,19 @@ def run_unsloth_check() -> dict:
             model.train()
             for _ in range(3):
                 ids = torch.randint(6, len(tokenizer), (2, 64), device=device)
-                loss = model(input_ids=ids, attention_mask=torch.ones_like(ids),
-                             labels=torch.tensor([0, 2], device=device)).loss
+                loss = model(
+                    input_ids=ids,
+                    attention_mask=torch.ones_like(ids),
+                    labels=torch.tensor([0, 2], device=device),
+                ).loss
                 loss.backward()
                 optimizer.step()
                 optimizer.zero_grad()
             probe = [[2, *torch.randint(6, len(tokenizer), (n,)).tolist()] for n in (10, 40, 25)]
-            return {"status": "ok", **check_unsloth_head_roundtrip(model, tokenizer, Path(tmp) / "merged", probe)}
+            return {
+                "status": "ok",
+                **check_unsloth_head_roundtrip(model, tokenizer, Path(tmp) / "merged", probe),
+            }
         except UsageError as error:
             return {"status": "failed", "reason": str(error)}
 
@@ -178,13 +195,23 @@ def device_description() -> dict:
 
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
-        return {"kind": "cuda", "name": props.name, "capability": f"{props.major}.{props.minor}",
-                "memory_gb": round(props.total_memory / GB, 1), "count": torch.cuda.device_count()}
+        return {
+            "kind": "cuda",
+            "name": props.name,
+            "capability": f"{props.major}.{props.minor}",
+            "memory_gb": round(props.total_memory / GB, 1),
+            "count": torch.cuda.device_count(),
+        }
     import os
 
-    return {"kind": "cpu", "name": cpu_model(), "logical_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "load_average_1_5_15min": [round(x, 2) for x in os.getloadavg()],
-            "note": "no GPU: the tiny model was measured on CPU; these numbers say nothing about the 9B targets"}
+    return {
+        "kind": "cpu",
+        "name": cpu_model(),
+        "logical_cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "load_average_1_5_15min": [round(x, 2) for x in os.getloadavg()],
+        "note": "no GPU: the tiny model was measured on CPU; these numbers say nothing about the 9B targets",
+    }
 
 
 def versions() -> dict:
@@ -195,13 +222,21 @@ def versions() -> dict:
 
     import kaggle_utils
 
-    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-            "peft": peft.__version__, "bitsandbytes": bitsandbytes.__version__, "kaggle_utils": kaggle_utils.__version__}
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "bitsandbytes": bitsandbytes.__version__,
+        "kaggle_utils": kaggle_utils.__version__,
+    }
 
 
 def print_table(results: list[dict]) -> None:
-    header = f"{'ordering':<15}{'model':<22}{'quant':<24}{'step s':>9}{'tokens/s':>11}{'peak CUDA GB':>14}" \
-             f"{'peak RSS GB':>13}{'trainable':>13}{'target':>9}"
+    header = (
+        f"{'ordering':<15}{'model':<22}{'quant':<24}{'step s':>9}{'tokens/s':>11}{'peak CUDA GB':>14}"
+        f"{'peak RSS GB':>13}{'trainable':>13}{'target':>9}"
+    )
     print(header)
     print("-" * len(header))
     for r in results:
@@ -210,9 +245,11 @@ def print_table(results: list[dict]) -> None:
             continue
         cuda = f"{r['peak_cuda_gb']:.2f}" if r["peak_cuda_gb"] is not None else "n/a"
         target = ("ok" if r["meets_target"] else "MISSED") if "meets_target" in r else "n/a"
-        print(f"{r['ordering']:<15}{r['model'][:21]:<22}{r['quant']:<24}{r['step_time_s']:>9.3f}"
-              f"{r['tokens_per_s']:>11.0f}{cuda:>14}{r['peak_rss_gb']:>13.2f}{r['trainable_params']:>13,}"
-              f"{target:>9}")
+        print(
+            f"{r['ordering']:<15}{r['model'][:21]:<22}{r['quant']:<24}{r['step_time_s']:>9.3f}"
+            f"{r['tokens_per_s']:>11.0f}{cuda:>14}{r['peak_rss_gb']:>13.2f}{r['trainable_params']:>13,}"
+            f"{target:>9}"
+        )
 
 
 def main() -> int:
@@ -222,12 +259,17 @@ def main() -> int:
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--orderings", nargs="+", default=list(ORDERINGS), choices=ORDERINGS)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
-    parser.add_argument("--out", type=Path, help="JSON path (default: benchmarks/results/bench_train_<kind>.json)")
+    parser.add_argument(
+        "--out", type=Path, help="JSON path (default: benchmarks/results/bench_train_<kind>.json)"
+    )
     args = parser.parse_args()
 
     if args.worker:
-        result = run_unsloth_check() if args.worker == "unsloth" else run_ordering(
-            args.worker, args.seq_len, args.steps, args.warmup)
+        result = (
+            run_unsloth_check()
+            if args.worker == "unsloth"
+            else run_ordering(args.worker, args.seq_len, args.steps, args.warmup)
+        )
         print("RESULT " + json.dumps(result))
         return 0
 
@@ -235,8 +277,18 @@ def main() -> int:
 
     results = []
     for ordering in args.orderings:
-        command = [sys.executable, __file__, "--worker", ordering, "--steps", str(args.steps),
-                   "--warmup", str(args.warmup), "--seq-len", str(args.seq_len)]
+        command = [
+            sys.executable,
+            __file__,
+            "--worker",
+            ordering,
+            "--steps",
+            str(args.steps),
+            "--warmup",
+            str(args.warmup),
+            "--seq-len",
+            str(args.seq_len),
+        ]
         completed = subprocess.run(command, capture_output=True, text=True)
         lines = [line for line in completed.stdout.splitlines() if line.startswith("RESULT ")]
         if completed.returncode != 0 or not lines:
@@ -245,19 +297,26 @@ def main() -> int:
             results.append(json.loads(lines[-1].removeprefix("RESULT ")))
     unsloth_check = None
     if torch.cuda.is_available():
-        completed = subprocess.run([sys.executable, __file__, "--worker", "unsloth"], capture_output=True, text=True)
+        completed = subprocess.run(
+            [sys.executable, __file__, "--worker", "unsloth"], capture_output=True, text=True
+        )
         lines = [line for line in completed.stdout.splitlines() if line.startswith("RESULT ")]
-        unsloth_check = json.loads(lines[-1].removeprefix("RESULT ")) if lines else {
-            "status": "crashed", "reason": completed.stderr.strip().splitlines()[-1:]}
+        unsloth_check = (
+            json.loads(lines[-1].removeprefix("RESULT "))
+            if lines
+            else {"status": "crashed", "reason": completed.stderr.strip().splitlines()[-1:]}
+        )
 
     device = device_description()
-    print(f"device: {device['name']} ({device['kind']})" + (f" - {device['note']}" if "note" in device else ""))
+    print(
+        f"device: {device['name']} ({device['kind']})" + (f" - {device['note']}" if "note" in device else "")
+    )
     print_table(results)
     if unsloth_check is not None:
         print(f"unsloth head save/reload check: {unsloth_check}")
     payload = {
         "benchmark": "bench_train",
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "device": device,
         "versions": versions(),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),

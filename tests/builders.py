@@ -43,29 +43,44 @@ def build_tiny_artifacts(out_dir: Path, tokenizer, max_length: int = 256) -> dic
 
     model_cfg = ModelConfig()
     fmt = FormatConfig(max_length=max_length)
-    common = {"variant": "test", "base_model": "tiny", "folds_file_hash": "none", "cv_scores": {},
-              "class_prior": CLASS_PRIOR}
+    common = {
+        "variant": "test",
+        "base_model": "tiny",
+        "folds_file_hash": "none",
+        "cv_scores": {},
+        "class_prior": CLASS_PRIOR,
+    }
     vocab, pad = len(tokenizer), tokenizer.pad_token_id
     merged = modeling.build_classifier(model_cfg, vocab_size=vocab, pad_token_id=pad, device="cpu")
     quantized = quantization.quantize_merged(merged, QuantConfig(scheme="int8"), model_cfg, device="cpu")
-    paths = {"ft-then-quant": artifacts.save_artifact(out_dir / "ftq", quantized, tokenizer,
-                                                       {**common, "ordering": "ft-then-quant"}, fmt)}
-    base = modeling.build_classifier(model_cfg, quant=QuantConfig(scheme="nf4"), vocab_size=vocab,
-                                     pad_token_id=pad, device="cpu")
+    paths = {
+        "ft-then-quant": artifacts.save_artifact(
+            out_dir / "ftq", quantized, tokenizer, {**common, "ordering": "ft-then-quant"}, fmt
+        )
+    }
+    base = modeling.build_classifier(
+        model_cfg, quant=QuantConfig(scheme="nf4"), vocab_size=vocab, pad_token_id=pad, device="cpu"
+    )
     adapted = modeling.apply_lora(base, LoraSettings(r=4, alpha=8))
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, param in adapted.named_parameters():
             if "lora_B" in name:
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
-    paths["quant-then-ft"] = artifacts.save_artifact(out_dir / "qft", adapted, tokenizer,
-                                                     {**common, "ordering": "quant-then-ft"}, fmt)
+    paths["quant-then-ft"] = artifacts.save_artifact(
+        out_dir / "qft", adapted, tokenizer, {**common, "ordering": "quant-then-ft"}, fmt
+    )
     return paths
 
 
 def predict_cfg(**overrides) -> InferenceConfig:
-    values = {"device": "cpu", "token_budget": 2048, "max_rows_per_batch": 16, "warmup_batches": 1,
-              "progress": False}
+    values = {
+        "device": "cpu",
+        "token_budget": 2048,
+        "max_rows_per_batch": 16,
+        "warmup_batches": 1,
+        "progress": False,
+    }
     return InferenceConfig(**{**values, **overrides})
 
 
@@ -89,10 +104,22 @@ def make_artifact(folder: Path, with_manifest: bool = True) -> Path:
     (folder / "notes.txt").write_text("trained on fold 0")
     if with_manifest:
         manifest = dict(
-            ordering="quant-then-ft", variant="quant-then-ft", base_model="tiny", quant_scheme="nf4",
-            dtype="float32", max_length=128, template_version=TEMPLATE_VERSION, format_config={},
-            folds_file_hash="0" * 64, cv_scores={}, package_version="0", created_at="2026-11-28T00:00:00+00:00",
-            layout_version=LAYOUT_VERSION, has_adapter=True, has_merged=False, files=_file_table(folder),
+            ordering="quant-then-ft",
+            variant="quant-then-ft",
+            base_model="tiny",
+            quant_scheme="nf4",
+            dtype="float32",
+            max_length=128,
+            template_version=TEMPLATE_VERSION,
+            format_config={},
+            folds_file_hash="0" * 64,
+            cv_scores={},
+            package_version="0",
+            created_at="2026-11-28T00:00:00+00:00",
+            layout_version=LAYOUT_VERSION,
+            has_adapter=True,
+            has_merged=False,
+            files=_file_table(folder),
         )
         assert set(manifest) >= set(REQUIRED_FIELDS)
         (folder / "manifest.json").write_text(json.dumps(manifest))

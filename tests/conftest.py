@@ -50,7 +50,9 @@ def demo_tokenizer(train_data, tmp_path_factory):
     from kaggle_utils.text.tokenizer import train_demo_tokenizer
 
     frame = train_data.frame
-    texts = [turn for column in ("prompt", "response_a", "response_b") for turns in frame[column] for turn in turns]
+    texts = [
+        turn for column in ("prompt", "response_a", "response_b") for turns in frame[column] for turn in turns
+    ]
     return train_demo_tokenizer(texts, tmp_path_factory.mktemp("tokenizer"), vocab_size=1024)
 
 
@@ -60,8 +62,12 @@ def demo_base_dir(demo_tokenizer, tmp_path_factory):
     from kaggle_utils.core.config import ModelConfig
     from kaggle_utils.models.classifier import materialize_base
 
-    return materialize_base(ModelConfig(), tmp_path_factory.mktemp("base"), vocab_size=len(demo_tokenizer),
-                            pad_token_id=demo_tokenizer.pad_token_id)
+    return materialize_base(
+        ModelConfig(),
+        tmp_path_factory.mktemp("base"),
+        vocab_size=len(demo_tokenizer),
+        pad_token_id=demo_tokenizer.pad_token_id,
+    )
 
 
 @pytest.fixture(scope="session")

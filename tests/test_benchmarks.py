@@ -20,10 +20,32 @@ ROOT = Path(__file__).resolve().parents[1]
 
 SMOKE_RUNS = {
     "bench_data": ["--rows", "300", "--repeats", "1"],
-    "bench_tokenize": ["--rows", "300", "--tokenizer-rows", "200", "--vocab-size", "512", "--max-lengths", "256",
-                       "--skip-pair", "--survivors", "--long-cells", "1"],
+    "bench_tokenize": [
+        "--rows",
+        "300",
+        "--tokenizer-rows",
+        "200",
+        "--vocab-size",
+        "512",
+        "--max-lengths",
+        "256",
+        "--skip-pair",
+        "--survivors",
+        "--long-cells",
+        "1",
+    ],
     "bench_train": ["--steps", "1", "--warmup", "0", "--seq-len", "128"],
-    "bench_inference": ["--rows", "20", "--max-length", "128", "--budgets", "1024", "--repeats", "1", "--skip-gpu"],
+    "bench_inference": [
+        "--rows",
+        "20",
+        "--max-length",
+        "128",
+        "--budgets",
+        "1024",
+        "--repeats",
+        "1",
+        "--skip-gpu",
+    ],
     "bench_roofline": ["--tiny", "--seq-len", "64", "--batch", "2", "--steps", "1"],
 }
 
@@ -35,7 +57,11 @@ def test_benchmark_runs_at_a_tiny_size_and_records_the_machine(script, tmp_path)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     done = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / f"{script}.py"), *SMOKE_RUNS[script], "--out", str(out)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     result = json.loads(out.read_text())
@@ -47,8 +73,13 @@ def test_benchmark_runs_at_a_tiny_size_and_records_the_machine(script, tmp_path)
 
 QUANT_ERROR_FIELDS = {
     "models": {"real", "random"},
-    "per_model": {"layers_measured", "weight_stats_summary", "relative_weight_error_summary",
-                  "hidden_state_relative_error", "per_layer"},
+    "per_model": {
+        "layers_measured",
+        "weight_stats_summary",
+        "relative_weight_error_summary",
+        "hidden_state_relative_error",
+        "per_layer",
+    },
     "schemes": {"nf4", "int8", "int4_rtn", "int4_hqq"},
 }
 
@@ -60,21 +91,50 @@ def test_bench_quant_error_runs_on_a_tiny_checkpoint_and_records_every_field(dem
     from kaggle_utils.models.model_config import tiny_decoder_config
 
     config_json = tmp_path / "tiny-gemma3.json"
-    tiny_decoder_config("gemma3_text", len(demo_tokenizer), demo_tokenizer.pad_token_id,
-                        demo_tokenizer.bos_token_id, demo_tokenizer.eos_token_id).to_json_file(str(config_json))
-    checkpoint = materialize_base(ModelConfig(base_model=str(config_json), init_seed=1), tmp_path / "ckpt",
-                                  vocab_size=len(demo_tokenizer), pad_token_id=demo_tokenizer.pad_token_id)
+    tiny_decoder_config(
+        "gemma3_text",
+        len(demo_tokenizer),
+        demo_tokenizer.pad_token_id,
+        demo_tokenizer.bos_token_id,
+        demo_tokenizer.eos_token_id,
+    ).to_json_file(str(config_json))
+    checkpoint = materialize_base(
+        ModelConfig(base_model=str(config_json), init_seed=1),
+        tmp_path / "ckpt",
+        vocab_size=len(demo_tokenizer),
+        pad_token_id=demo_tokenizer.pad_token_id,
+    )
     demo_tokenizer.save_pretrained(str(checkpoint))
     out = tmp_path / "quant_error.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     done = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "bench_quant_error.py"), "--model-dir", str(checkpoint),
-         "--rows", "2", "--max-length", "256", "--note", "tiny smoke run", "--out", str(out)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "bench_quant_error.py"),
+            "--model-dir",
+            str(checkpoint),
+            "--rows",
+            "2",
+            "--max-length",
+            "256",
+            "--note",
+            "tiny smoke run",
+            "--out",
+            str(out),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     result = json.loads(out.read_text())
-    assert "cpu" in json.dumps(result["device"]) and result["date"] and "bench_quant_error.py" in result["command"]
+    assert (
+        "cpu" in json.dumps(result["device"])
+        and result["date"]
+        and "bench_quant_error.py" in result["command"]
+    )
     assert result["rows"] == 2 and out.with_suffix(".md").is_file()
     assert set(result["models"]) == QUANT_ERROR_FIELDS["models"]
     for data in result["models"].values():

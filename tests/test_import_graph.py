@@ -70,8 +70,9 @@ def import_edges(modules: dict[str, Path]) -> list[Edge]:
         tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
         is_package = path.name == "__init__.py"
 
-        def visit(node: ast.AST, in_function: bool, module: str = module,
-                  is_package: bool = is_package) -> None:
+        def visit(
+            node: ast.AST, in_function: bool, module: str = module, is_package: bool = is_package
+        ) -> None:
             if isinstance(node, ast.If) and _is_type_checking(node):
                 for child in node.orelse:
                     visit(child, in_function)
@@ -84,8 +85,10 @@ def import_edges(modules: dict[str, Path]) -> list[Edge]:
             elif isinstance(node, ast.ImportFrom):
                 base = _absolute(node, module, is_package)
                 # `from pkg import submodule` imports the submodule; `from mod import name` imports mod.
-                targets = [f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base
-                           for alias in node.names]
+                targets = [
+                    f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base
+                    for alias in node.names
+                ]
             elif isinstance(node, ast.Call) and _is_import_module_call(node):
                 targets = [node.args[0].value]
             for target in targets:
@@ -105,9 +108,13 @@ def import_edges(modules: dict[str, Path]) -> list[Edge]:
 def _is_import_module_call(node: ast.Call) -> bool:
     func = node.func
     name = func.attr if isinstance(func, ast.Attribute) else func.id if isinstance(func, ast.Name) else ""
-    return (name in ("import_module", "__import__") and bool(node.args)
-            and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)
-            and node.args[0].value.startswith(PACKAGE))
+    return (
+        name in ("import_module", "__import__")
+        and bool(node.args)
+        and isinstance(node.args[0], ast.Constant)
+        and isinstance(node.args[0].value, str)
+        and node.args[0].value.startswith(PACKAGE)
+    )
 
 
 def find_cycles(edges: list[Edge]) -> list[list[str]]:
@@ -202,8 +209,11 @@ def dynamic_imports(modules: dict[str, Path]) -> list[str]:
                 continue
             func = node.func
             name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
-            literal = bool(node.args) and isinstance(node.args[0], ast.Constant) \
+            literal = (
+                bool(node.args)
+                and isinstance(node.args[0], ast.Constant)
                 and isinstance(node.args[0].value, str)
+            )
             if name in ("import_module", "__import__") and not literal:
                 found.append(f"{module}:{node.lineno}")
     return found
@@ -231,8 +241,9 @@ def test_checker_finds_a_cycle_and_a_hidden_import(tmp_path: Path) -> None:
     (package / "sub" / "b.py").write_text("def f():\n    from .. import a\n    return a\n")
     (package / "c.py").write_text("import importlib\nimportlib.import_module('kaggle_utils.d')\n")
     (package / "d.py").write_text("from kaggle_utils.c import x\n")
-    (package / "e.py").write_text("import importlib\nNAME = 'kaggle_utils.a'\n"
-                                  "importlib.import_module(NAME)\n")
+    (package / "e.py").write_text(
+        "import importlib\nNAME = 'kaggle_utils.a'\nimportlib.import_module(NAME)\n"
+    )
     modules = package_modules(package)
     edges = import_edges(modules)
     assert {(e.source, e.target, e.in_function) for e in edges} == {

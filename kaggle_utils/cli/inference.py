@@ -20,37 +20,68 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "predict",
         help="offline prediction with an artifact; always writes a valid submission (fallback for rows not reached)",
     )
-    parser.add_argument("--artifact", required=True, help="artifact directory (with manifest.json), either ordering")
-    parser.add_argument("--test", required=True, help="competition test file (test.csv, or test.parquet for WSDM)")
-    parser.add_argument("--dialect", help="competition dialect (lmsys, wsdm); default: the artifact manifest's")
-    parser.add_argument("--out", required=True, help="submission CSV to write (a .inference.json report goes beside)")
-    parser.add_argument("--config", help="YAML pipeline config; its `inference` section sets the defaults below")
+    parser.add_argument(
+        "--artifact", required=True, help="artifact directory (with manifest.json), either ordering"
+    )
+    parser.add_argument(
+        "--test", required=True, help="competition test file (test.csv, or test.parquet for WSDM)"
+    )
+    parser.add_argument(
+        "--dialect", help="competition dialect (lmsys, wsdm); default: the artifact manifest's"
+    )
+    parser.add_argument(
+        "--out", required=True, help="submission CSV to write (a .inference.json report goes beside)"
+    )
+    parser.add_argument(
+        "--config", help="YAML pipeline config; its `inference` section sets the defaults below"
+    )
     parser.add_argument("--no-tta", action="store_true", help="skip the A/B-swapped pass")
-    parser.add_argument("--deadline-hours", type=float, help=f"total time limit (default {defaults.deadline_hours})")
-    parser.add_argument("--margin-hours", type=float, help=f"kept free (default {defaults.safety_margin_hours})")
-    parser.add_argument("--fallback",
-                        help="baseline model (baseline.json with its .manifest.json) for rows no model pass serves")
+    parser.add_argument(
+        "--deadline-hours", type=float, help=f"total time limit (default {defaults.deadline_hours})"
+    )
+    parser.add_argument(
+        "--margin-hours", type=float, help=f"kept free (default {defaults.safety_margin_hours})"
+    )
+    parser.add_argument(
+        "--fallback",
+        help="baseline model (baseline.json with its .manifest.json) for rows no model pass serves",
+    )
     parser.add_argument("--device", choices=("auto", "cuda", "cpu", "tpu"))
     parser.add_argument("--num-gpus", type=int, help="use the first N GPUs (default: all)")
     parser.add_argument("--dtype", choices=("auto", "bfloat16", "float16", "float32"), help="compute dtype")
-    parser.add_argument("--token-budget", type=int, help=f"padded tokens per batch (default {defaults.token_budget})")
+    parser.add_argument(
+        "--token-budget", type=int, help=f"padded tokens per batch (default {defaults.token_budget})"
+    )
     parser.add_argument("--layout", choices=("shared_queue", "view_per_device"), help="work layout over GPUs")
-    parser.add_argument("--strict", action="store_true", help="exit 1 after writing if any error was absorbed")
-    parser.add_argument("--write-fallback-over-previous", action="store_true",
-                        help="when no row came from the model, write the fallback-filled file at --out even over "
-                             "a valid previous submission (default: keep it, write <stem>.fallback.csv beside)")
-    parser.add_argument("--no-verify-hashes", action="store_true",
-                        help="skip checking the artifact's files against their manifest sha256 (~10-15 s for "
-                             "an 8-bit 9B artifact); only for an artifact you just checked")
+    parser.add_argument(
+        "--strict", action="store_true", help="exit 1 after writing if any error was absorbed"
+    )
+    parser.add_argument(
+        "--write-fallback-over-previous",
+        action="store_true",
+        help="when no row came from the model, write the fallback-filled file at --out even over "
+        "a valid previous submission (default: keep it, write <stem>.fallback.csv beside)",
+    )
+    parser.add_argument(
+        "--no-verify-hashes",
+        action="store_true",
+        help="skip checking the artifact's files against their manifest sha256 (~10-15 s for "
+        "an 8-bit 9B artifact); only for an artifact you just checked",
+    )
     parser.add_argument("--no-progress", action="store_true")
     add_set_option(parser)
     parser.set_defaults(handler=predict)
 
-    parser = subparsers.add_parser("find-inputs", help="show the artifact / test file / wheels found under a root")
+    parser = subparsers.add_parser(
+        "find-inputs", help="show the artifact / test file / wheels found under a root"
+    )
     parser.add_argument("root", nargs="?", help="input root (default /kaggle/input, else ./data)")
-    parser.add_argument("--artifact-hint",
-                        help="a folder name in the wanted artifact's path (whole names; several as a/b)")
-    parser.add_argument("--test-hint", help="a folder or file name in the wanted test file's path (whole names)")
+    parser.add_argument(
+        "--artifact-hint", help="a folder name in the wanted artifact's path (whole names; several as a/b)"
+    )
+    parser.add_argument(
+        "--test-hint", help="a folder or file name in the wanted test file's path (whole names)"
+    )
     parser.set_defaults(handler=find_inputs)
 
 
@@ -83,9 +114,15 @@ def predict(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     cfg = inference_config(args)
     try:
-        report = run_predict(args.artifact, args.test, args.out, cfg, fallback_path=args.fallback,
-                             dialect=args.dialect,
-                             fallback_over_previous=getattr(args, "write_fallback_over_previous", False))
+        report = run_predict(
+            args.artifact,
+            args.test,
+            args.out,
+            cfg,
+            fallback_path=args.fallback,
+            dialect=args.dialect,
+            fallback_over_previous=getattr(args, "write_fallback_over_previous", False),
+        )
     except InferenceError as error:
         print(f"error (submission written): {error}", file=sys.stderr)
         return 1
@@ -93,8 +130,10 @@ def predict(args: argparse.Namespace) -> int:
     if report.report_written:
         print(f"report: {report.report_path}")
     else:
-        print(f"warning: the report {report.report_path} could not be written (see the error above)",
-              file=sys.stderr)
+        print(
+            f"warning: the report {report.report_path} could not be written (see the error above)",
+            file=sys.stderr,
+        )
     try:
         raise_if_fallback(report)
     except InferenceError as error:  # the summary inside names the first error

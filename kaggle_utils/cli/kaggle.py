@@ -29,18 +29,26 @@ from kaggle_utils.kaggle.workflow import (
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    group = subparsers.add_parser("kaggle", help="Kaggle: kernel folders, datasets, wheels, data, submissions")
+    group = subparsers.add_parser(
+        "kaggle", help="Kaggle: kernel folders, datasets, wheels, data, submissions"
+    )
     commands = group.add_subparsers(dest="kaggle_command", required=True)
 
     def add(name: str, help_text: str, handler) -> argparse.ArgumentParser:
         parser = commands.add_parser(name, help=help_text)
-        parser.add_argument("--config", help="YAML config; its `kaggle:` section sets owner, slugs, competition")
-        parser.add_argument("--owner", help="Kaggle user name (default: kaggle.owner, else the authenticated user)")
+        parser.add_argument(
+            "--config", help="YAML config; its `kaggle:` section sets owner, slugs, competition"
+        )
+        parser.add_argument(
+            "--owner", help="Kaggle user name (default: kaggle.owner, else the authenticated user)"
+        )
         add_set_option(parser)
         parser.set_defaults(handler=handler)
         return parser
 
-    parser = add("push", "build the kernel folder of a notebook, check it, then `kaggle kernels push` it", push)
+    parser = add(
+        "push", "build the kernel folder of a notebook, check it, then `kaggle kernels push` it", push
+    )
     parser.add_argument(
         "notebook",
         help="notebooks/<name>.ipynb, or its py:percent script notebooks/<name>.py; notebooks/train is two kernels, "
@@ -53,29 +61,44 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "-p", "--param", action="append", metavar="NAME=VALUE", help="set a notebook parameter (repeatable)"
     )
 
-    parser = add("check-kernel", "check a kernel folder before pushing (metadata, code file, inputs)", check_kernel)
+    parser = add(
+        "check-kernel", "check a kernel folder before pushing (metadata, code file, inputs)", check_kernel
+    )
     parser.add_argument("folder", help="a folder with kernel-metadata.json (the repository root works too)")
 
     parser = add(
-        "sync-install-cell", "rewrite every notebook's offline-install cell from its one template", sync_install_cell
+        "sync-install-cell",
+        "rewrite every notebook's offline-install cell from its one template",
+        sync_install_cell,
     )
-    parser.add_argument("--notebooks", help="folder of .py/.ipynb notebooks (default: the repository's notebooks/)")
+    parser.add_argument(
+        "--notebooks", help="folder of .py/.ipynb notebooks (default: the repository's notebooks/)"
+    )
 
-    parser = add("metadata", "rewrite the top-level kernel-metadata.json (submission kernel) from the config", metadata)
+    parser = add(
+        "metadata", "rewrite the top-level kernel-metadata.json (submission kernel) from the config", metadata
+    )
     parser.add_argument("--out", default="kernel-metadata.json")
 
-    parser = add("upload-artifact", "write dataset-metadata.json, then `datasets create` or `version`", upload_artifact)
+    parser = add(
+        "upload-artifact", "write dataset-metadata.json, then `datasets create` or `version`", upload_artifact
+    )
     parser.add_argument(
-        "directory", help="an artifact (sends what manifest.json lists) or a build-wheels folder (wheels, "
-        "requirements.txt, wheels.json); anything else needs --include"
+        "directory",
+        help="an artifact (sends what manifest.json lists) or a build-wheels folder (wheels, "
+        "requirements.txt, wheels.json); anything else needs --include",
     )
     parser.add_argument("--role", choices=("artifact", "wheels", "package"), help="default: from the folder")
     parser.add_argument("--slug", help="dataset slug (default: kaggle.<role>_dataset)")
     parser.add_argument("--title", help="dataset title (default: from the slug)")
     parser.add_argument("-m", "--message", default="update", help="version notes")
-    parser.add_argument("--dir-mode", choices=("zip", "tar"), default="zip", help="how subfolders are uploaded")
     parser.add_argument(
-        "--include", action="append", metavar="PATTERN",
+        "--dir-mode", choices=("zip", "tar"), default="zip", help="how subfolders are uploaded"
+    )
+    parser.add_argument(
+        "--include",
+        action="append",
+        metavar="PATTERN",
         help="send only the files matching this glob (relative path; repeatable); not for an artifact",
     )
 
@@ -84,7 +107,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     selection = parser.add_mutually_exclusive_group()
     selection.add_argument("--package-only", action="store_true", help="only the kaggle_utils wheel")
     selection.add_argument("--no-package", action="store_true", help="only the third-party wheels")
-    parser.add_argument("--package", action="append", dest="packages", help="bundle this package (repeatable)")
+    parser.add_argument(
+        "--package", action="append", dest="packages", help="bundle this package (repeatable)"
+    )
 
     parser = add("download", "download and unzip the competition data", download)
     parser.add_argument("--path", default="data", help="target folder")
@@ -100,7 +125,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     parser = add("status", "a kernel's run status, and the latest submissions", status)
     parser.add_argument("--kernel", help="owner/slug or slug (default: the submission kernel)")
-    parser.add_argument("--submissions", type=int, default=5, help="how many recent submissions to list (0: none)")
+    parser.add_argument(
+        "--submissions", type=int, default=5, help="how many recent submissions to list (0: none)"
+    )
 
 
 def _config(args: argparse.Namespace) -> KaggleConfig:

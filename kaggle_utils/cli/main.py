@@ -17,8 +17,14 @@ from kaggle_utils.core.errors import UsageError
 from kaggle_utils.models.runtime import use_offline_hub
 
 # Imported above (not by name at run time), so the package's import graph is what the source says.
-COMMAND_MODULES = {"data": data, "modeling": modeling, "inference": inference, "kaggle": kaggle,
-                   "study": study, "models": models}
+COMMAND_MODULES = {
+    "data": data,
+    "modeling": modeling,
+    "inference": inference,
+    "kaggle": kaggle,
+    "study": study,
+    "models": models,
+}
 COMMAND_GROUPS: tuple[str, ...] = tuple(COMMAND_MODULES)
 
 

@@ -43,31 +43,37 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "combine-reports",
         help="join compare-orderings reports made on identical folds and seeds (e.g. the two training kernels', "
-             "or variants run in separate batches) into one report with the common-reference QiD",
+        "or variants run in separate batches) into one report with the common-reference QiD",
     )
     parser.add_argument("reports", nargs="+", help="folders holding report.json and oof.parquet")
-    parser.add_argument("--out", required=True, help="folder for the joined report.json/.md/.png and oof.parquet")
+    parser.add_argument(
+        "--out", required=True, help="folder for the joined report.json/.md/.png and oof.parquet"
+    )
     parser.set_defaults(handler=combine)
 
     parser = subparsers.add_parser(
         "ship",
         help="copy a model artifact with the feature baseline inside it (the fallback on Kaggle), ready for "
-             "`kaggle upload-artifact`",
+        "`kaggle upload-artifact`",
     )
     parser.add_argument("--artifact", required=True, help="a model artifact folder (with manifest.json)")
-    parser.add_argument("--baseline", required=True,
-                        help="the feature baseline's JSON file (`baseline --save-model FILE`)")
+    parser.add_argument(
+        "--baseline", required=True, help="the feature baseline's JSON file (`baseline --save-model FILE`)"
+    )
     parser.add_argument("--out", required=True, help="folder to write (replaced if it is a shipped artifact)")
     parser.set_defaults(handler=ship_command)
 
     parser = subparsers.add_parser(
         "lever-table",
         help="runs trained with different levers (distillation, smoothing, full fine-tuning, GPTQ) on identical "
-             "folds and seed, each against the first: shipped CV log loss, paired difference and its SE",
+        "folds and seed, each against the first: shipped CV log loss, paired difference and its SE",
     )
-    parser.add_argument("runs", nargs="+", metavar="LABEL=DIR:VARIANT",
-                        help="a label, a compare-orderings output folder and the variant in it; the first is the "
-                             "reference")
+    parser.add_argument(
+        "runs",
+        nargs="+",
+        metavar="LABEL=DIR:VARIANT",
+        help="a label, a compare-orderings output folder and the variant in it; the first is the reference",
+    )
     parser.add_argument("--out", required=True, help="folder for levers.json and levers.md")
     parser.set_defaults(handler=levers)
 
@@ -85,23 +91,39 @@ def train(args: argparse.Namespace) -> int:
     experiment = prepare_experiment(cfg, train_path, out_dir, args.folds, fold_ids=[fold])
     variant = resolve_variants([args.ordering])[0]
     run_cfg = variant_config(cfg, variant, cfg.train.seed, experiment.base_dir)
-    record, tables = run_fold(experiment, run_cfg, variant, fold, cfg.train.seed,
-                              out_dir / "runs" / f"seed{cfg.train.seed}" / variant.name / f"fold{fold}")
+    record, tables = run_fold(
+        experiment,
+        run_cfg,
+        variant,
+        fold,
+        cfg.train.seed,
+        out_dir / "runs" / f"seed{cfg.train.seed}" / variant.name / f"fold{fold}",
+    )
     finish_distributed()
     if record is None:  # a non-main process of `accelerate launch`: the main one writes and reports
         return 0
-    save_oof(pl.concat(tables, how="vertical"), out_dir / OOF_FILE, replace="name", record=experiment.oof_record)
+    save_oof(
+        pl.concat(tables, how="vertical"), out_dir / OOF_FILE, replace="name", record=experiment.oof_record
+    )
     run = RunRecord.from_dict(aggregate_run(variant, cfg.train.seed, [record], experiment.dialect))
-    print(f"{args.ordering}, fold {fold}: held-out log loss 16-bit {run.cv_log_loss_16bit:.4f}, "
-          f"quantized {run.cv_log_loss_quantized:.4f} (class prior {run.prior_log_loss:.4f})")
+    print(
+        f"{args.ordering}, fold {fold}: held-out log loss 16-bit {run.cv_log_loss_16bit:.4f}, "
+        f"quantized {run.cv_log_loss_quantized:.4f} (class prior {run.prior_log_loss:.4f})"
+    )
     print(f"artifact: {run.folds[0].artifact_dir}")
     return 0
 
 
 def compare(args: argparse.Namespace) -> int:
     cfg, out_dir, train_path = prepare_run(args)
-    report = compare_orderings(cfg, train_path, out_dir, folds_path=args.folds,
-                               seeds=args.seeds or [cfg.train.seed], variants=args.variants)
+    report = compare_orderings(
+        cfg,
+        train_path,
+        out_dir,
+        folds_path=args.folds,
+        seeds=args.seeds or [cfg.train.seed],
+        variants=args.variants,
+    )
     # Under `accelerate launch`: all ranks leave the process group together once the main one has written. (On an
     # error the rank exits at once and torchrun stops the others, rather than waiting here for a barrier.)
     finish_distributed()
@@ -131,8 +153,10 @@ def levers(args: argparse.Namespace) -> int:
 
 def ship_command(args: argparse.Namespace) -> int:
     out = ship_artifact(args.artifact, args.out, args.baseline)
-    print(f"shipped {args.artifact} with fallback baseline {args.baseline} -> {out}; upload it with "
-          f"`python -m kaggle_utils kaggle upload-artifact {out}`")
+    print(
+        f"shipped {args.artifact} with fallback baseline {args.baseline} -> {out}; upload it with "
+        f"`python -m kaggle_utils kaggle upload-artifact {out}`"
+    )
     return 0
 
 

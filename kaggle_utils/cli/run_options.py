@@ -28,16 +28,22 @@ def add_run_options(parser: argparse.ArgumentParser, *, data_required: bool = Fa
     source.add_argument("--train", help=f"competition training file, CSV or parquet{default}")
     source.add_argument("--sample-rows", type=int, help="generate this many competition-format rows instead")
     parser.add_argument("--folds", help="folds parquet (default: made from the config's fold settings)")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's; 1 is fastest for tiny models)")
+    parser.add_argument(
+        "--threads", type=int, help="torch CPU threads (default: torch's; 1 is fastest for tiny models)"
+    )
     add_set_option(parser)
 
 
 def add_set_option(parser: argparse.ArgumentParser) -> None:
     """--set section.field=value (repeatable): change one config value for this run, on top of --config."""
     parser.add_argument(
-        "--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", dest="set_values",
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.FIELD=VALUE",
+        dest="set_values",
         help="override one config value, e.g. --set train.learning_rate=2e-4 --set lora.r=16 (YAML syntax for "
-             "the value; repeatable; applied after --config)",
+        "the value; repeatable; applied after --config)",
     )
 
 
@@ -54,7 +60,9 @@ def parse_set_values(items: list[str]) -> dict[str, dict[str, object]]:
         try:
             value = yaml.safe_load(text) if text.strip() else None
         except yaml.YAMLError as error:
-            raise UsageError(f"--set {item!r}: the value is not valid YAML ({' '.join(str(error).split())})") from error
+            raise UsageError(
+                f"--set {item!r}: the value is not valid YAML ({' '.join(str(error).split())})"
+            ) from error
         overrides.setdefault(section, {})[name] = value
     return overrides
 
@@ -85,7 +93,11 @@ def load_config(path: str | None) -> PipelineConfig:
         raise UsageError(f"{path}: not valid YAML ({' '.join(str(error).split())})") from error
     except (OSError, UnicodeDecodeError) as error:
         raise UsageError(f"{path}: cannot read the config ({error})") from error
-    except (ValueError, TypeError, AttributeError) as error:  # unknown keys, wrong shapes (a list, not a mapping)
+    except (
+        ValueError,
+        TypeError,
+        AttributeError,
+    ) as error:  # unknown keys, wrong shapes (a list, not a mapping)
         raise UsageError(f"{path}: {error}") from error
 
 
@@ -105,8 +117,9 @@ def prepare_run(args: argparse.Namespace) -> tuple[PipelineConfig, Path, str]:
                 f"--sample-rows {args.sample_rows} is too few for a held-out fold; use >= {MIN_SAMPLE_ROWS}"
             )
         # generated files in the config's dialect (data.format), so the loader reads what was written
-        files = get_dialect(cfg.data.format).generate_sample(out_dir / "data", n_train=args.sample_rows, n_test=10,
-                                                             seed=0)
+        files = get_dialect(cfg.data.format).generate_sample(
+            out_dir / "data", n_train=args.sample_rows, n_test=10, seed=0
+        )
         return cfg, out_dir, str(files.train_path)
     path = args.train or cfg.data.train_path
     if not path:

@@ -18,7 +18,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--out", required=True, help="directory for qid_study.json/.md/.png and the runs")
     add_run_options(parser, data_required=True)
-    parser.add_argument("--fold", type=int, default=0, help="held-out fold the QiD is measured on (default: 0)")
+    parser.add_argument(
+        "--fold", type=int, default=0, help="held-out fold the QiD is measured on (default: 0)"
+    )
     parser.add_argument("--checkpoints", type=int, default=6, help="geometrically spaced checkpoints (>= 2)")
     parser.add_argument("--first-step", type=int, default=1, help="optimizer step of the first checkpoint")
     parser.add_argument("--seeds", type=int, nargs="+", default=[42], help="training seeds (one run each)")
@@ -30,9 +32,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def command_line(args: argparse.Namespace) -> str:
     """The command that reproduces this run, rebuilt from the parsed options (stored beside the report)."""
     parts = ["python -m kaggle_utils qid-study"]
-    options = {"config": args.config, "out": args.out, "train": args.train, "sample-rows": args.sample_rows,
-               "folds": args.folds, "fold": args.fold, "checkpoints": args.checkpoints, "first-step": args.first_step,
-               "bootstrap": args.bootstrap, "threads": args.threads}
+    options = {
+        "config": args.config,
+        "out": args.out,
+        "train": args.train,
+        "sample-rows": args.sample_rows,
+        "folds": args.folds,
+        "fold": args.fold,
+        "checkpoints": args.checkpoints,
+        "first-step": args.first_step,
+        "bootstrap": args.bootstrap,
+        "threads": args.threads,
+    }
     for name, value in options.items():
         if value is not None:
             parts.append(f"--{name} {shlex.quote(str(value))}")
@@ -45,11 +56,21 @@ def qid_study(args: argparse.Namespace) -> int:
     cfg, out_dir, train_path = prepare_run(args)
     # the setup compare-orderings and train share: frame, folds (made or read), tokenizer, the 16-bit base
     experiment = prepare_experiment(cfg, train_path, out_dir, args.folds, fold_ids=[args.fold])
-    study_cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, base_model=str(experiment.base_dir)))
+    study_cfg = dataclasses.replace(
+        cfg, model=dataclasses.replace(cfg.model, base_model=str(experiment.base_dir))
+    )
     result = run_qid_study(
-        study_cfg, experiment.frame, experiment.folds, experiment.tokenizer, out_dir,
-        fold=args.fold, n_checkpoints=args.checkpoints, first_step=args.first_step, seeds=tuple(args.seeds),
-        schemes=tuple(args.schemes), n_bootstrap=args.bootstrap,
+        study_cfg,
+        experiment.frame,
+        experiment.folds,
+        experiment.tokenizer,
+        out_dir,
+        fold=args.fold,
+        n_checkpoints=args.checkpoints,
+        first_step=args.first_step,
+        seeds=tuple(args.seeds),
+        schemes=tuple(args.schemes),
+        n_bootstrap=args.bootstrap,
     )
     (out_dir / "COMMAND.txt").write_text(command_line(args) + "\n", encoding="utf-8")
     print(result.answer)

@@ -118,7 +118,9 @@ class ModelConfig:
     attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] = "eager"
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"  # auto: bf16 native, fp16 T4, fp32 CPU
     gradient_checkpointing: bool = True
-    init_seed: int = 0  # random-weight bases (tiny / config.json): every ordering starts from the same weights
+    init_seed: int = (
+        0  # random-weight bases (tiny / config.json): every ordering starts from the same weights
+    )
 
 
 @dataclass
@@ -131,7 +133,15 @@ class LoraSettings:
     r: int = 64
     alpha: int = 16
     dropout: float = 0.05
-    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    target_modules: tuple[str, ...] = (
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    )
     modules_to_save: tuple[str, ...] = ("score",)
     frozen_layers: int = 0
 
@@ -179,7 +189,9 @@ class TrainConfig:
     # evaluation on an inner holdout carved from the training part (whole prompt groups, like the folds). Never
     # the reported held-out fold: that fold is scored exactly once, by the shipped weights.
     selection: Literal["final", "inner"] = "final"
-    inner_holdout_fraction: float = 0.05  # "inner": share of the training rows held out (capped by eval_rows_cap)
+    inner_holdout_fraction: float = (
+        0.05  # "inner": share of the training rows held out (capped by eval_rows_cap)
+    )
     # Rows scored at each evaluation during training: the inner holdout ("inner"), or a fixed seeded sample of
     # the held-out fold used only to draw the learning curve ("final"; 0: no evaluation during training).
     eval_rows_cap: int = 512
@@ -190,7 +202,9 @@ class TrainConfig:
     seed: int = 42
     max_steps: int | None = None  # cap for demos and tests
     eval_token_budget: int = 8192  # tokens per evaluation batch (rows x padded length)
-    cv_folds: tuple[int, ...] | None = None  # folds compare-orderings trains (None: all); `train --fold` is one
+    cv_folds: tuple[int, ...] | None = (
+        None  # folds compare-orderings trains (None: all); `train --fold` is one
+    )
     # Folds whose rows the experiment never uses, neither trained on nor scored: a teacher for students held out
     # on those folds (nested folds: its OOF comes from models that never saw the students' held-out rows).
     exclude_folds: tuple[int, ...] | None = None
@@ -232,7 +246,9 @@ class QAwareConfig:
     apiq_clip_lr: float = 5e-3
     loftq_iterations: int = 1  # LoftQ alternating steps (1: peft's one-step init; the paper uses up to 5)
     gptq_bits: Literal[4, 8] = 8  # GPTQ (quant_backends.gptq, llmcompressor): weight bits, symmetric int
-    gptq_group_size: int = 128  # GPTQ group along the input dim; must divide every quantized layer's in_features
+    gptq_group_size: int = (
+        128  # GPTQ group along the input dim; must divide every quantized layer's in_features
+    )
     gptq_rows: int = 128  # GPTQ calibration rows, drawn from the fold's training part
 
 
@@ -287,12 +303,16 @@ class KaggleConfig:
     def __post_init__(self) -> None:
         validate_section(self)
 
-    owner: str | None = None  # None -> the authenticated user (KAGGLE_USERNAME, kaggle.json or the token's user)
+    owner: str | None = (
+        None  # None -> the authenticated user (KAGGLE_USERNAME, kaggle.json or the token's user)
+    )
     competition: str = "llm-classification-finetuning"
     submission_kernel: str = "arena-preference-submission"  # kernel slug; the title is derived from it
     artifact_dataset: str = "arena-preference-artifact"
     wheels_dataset: str = "kaggle-utils-wheels"  # third-party wheels the Kaggle image lacks
-    package_dataset: str | None = "kaggle-utils-package"  # the kaggle_utils wheel alone; None -> in the wheels
+    package_dataset: str | None = (
+        "kaggle-utils-package"  # the kaggle_utils wheel alone; None -> in the wheels
+    )
     machine_shape: str = "NvidiaTeslaT4"  # two T4s, the GPU a code-competition submission runs on
     # Kaggle model the training kernels attach (owner/model/framework/variation/version), e.g. a Gemma-2 9B
     # checkpoint; None: none attached (the notebooks then train the config-built model).
@@ -302,11 +322,31 @@ class KaggleConfig:
     # Wheels for an offline notebook: these packages at the versions installed here, plus their dependencies
     # minus `wheel_exclude` (what Kaggle's image already ships and must keep: torch and its CUDA stack).
     wheel_packages: tuple[str, ...] = (
-        "transformers", "peft", "accelerate", "bitsandbytes", "tokenizers", "safetensors", "huggingface-hub", "polars",
+        "transformers",
+        "peft",
+        "accelerate",
+        "bitsandbytes",
+        "tokenizers",
+        "safetensors",
+        "huggingface-hub",
+        "polars",
     )
     wheel_exclude: tuple[str, ...] = (
-        "torch", "triton", "nvidia-*", "numpy", "sympy", "mpmath", "networkx", "jinja2", "markupsafe", "filelock",
-        "fsspec", "typing-extensions", "setuptools", "pip", "wheel",
+        "torch",
+        "triton",
+        "nvidia-*",
+        "numpy",
+        "sympy",
+        "mpmath",
+        "networkx",
+        "jinja2",
+        "markupsafe",
+        "filelock",
+        "fsspec",
+        "typing-extensions",
+        "setuptools",
+        "pip",
+        "wheel",
     )
     # Kaggle's image, as resources/kaggle_image.json states it (with the torch it ships): Python, and the platform
     # (Ubuntu 22.04, glibc 2.35; every older manylinux tag of the same architecture fits too).
@@ -353,7 +393,9 @@ class PipelineConfig:
             if section not in merged:
                 raise ValueError(f"unknown config sections: {[section]}")
             if not isinstance(values, dict):
-                raise ValueError(f"config overrides for section '{section}' must be a mapping, got {values!r}")
+                raise ValueError(
+                    f"config overrides for section '{section}' must be a mapping, got {values!r}"
+                )
             merged[section].update(values)
         return type(self).from_dict(merged)
 
@@ -375,8 +417,9 @@ def _construct_unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, 
     for key_node, _ in node.value:
         key = loader.construct_object(key_node, deep=deep)
         if key in seen:
-            raise ConfigError(f"key {key!r} appears twice (lines {seen[key]} and {key_node.start_mark.line + 1}); "
-                              "keep one")
+            raise ConfigError(
+                f"key {key!r} appears twice (lines {seen[key]} and {key_node.start_mark.line + 1}); keep one"
+            )
         seen[key] = key_node.start_mark.line + 1
     return loader.construct_mapping(node, deep=deep)
 
@@ -409,7 +452,10 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "baseline.l2_regularization": (_NON_NEGATIVE, ">= 0"),
     "baseline.n_threads": (_AT_LEAST_ONE, ">= 1"),
     "format.max_length": (_AT_LEAST_ONE, ">= 1 (encode_rows names the template's real minimum)"),
-    "format.head_fraction": (lambda v: 0 <= v <= 1, "in [0, 1] (0: only the end survives, 1: only the start)"),
+    "format.head_fraction": (
+        lambda v: 0 <= v <= 1,
+        "in [0, 1] (0: only the end survives, 1: only the start)",
+    ),
     "model.num_labels": (lambda v: v >= 2, ">= 2"),
     "lora.r": (_AT_LEAST_ONE, ">= 1"),
     "lora.alpha": (_POSITIVE, "> 0"),
@@ -540,8 +586,9 @@ def _build_section(section_cls: type, values: dict[str, Any], name: str) -> Any:
     known = {f.name: f for f in dataclasses.fields(section_cls)}
     unknown = set(values) - set(known)
     if unknown:
-        raise ConfigError(f"unknown keys in config section '{name}': {sorted(unknown)} "
-                          f"(known: {sorted(known)})")
+        raise ConfigError(
+            f"unknown keys in config section '{name}': {sorted(unknown)} (known: {sorted(known)})"
+        )
     coerced = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
     return section_cls(**coerced)
 

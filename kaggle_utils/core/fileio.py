@@ -37,8 +37,13 @@ def check_output_target(path: str | Path) -> Path:
     except OSError as error:
         raise WriteError(f"cannot write {path}: {error.strerror or error}") from error
     if not stat.S_ISREG(info.st_mode):
-        kind = "a symlink" if stat.S_ISLNK(info.st_mode) else "a folder" if stat.S_ISDIR(info.st_mode) else \
-            "not a regular file (device, FIFO or socket)"
+        kind = (
+            "a symlink"
+            if stat.S_ISLNK(info.st_mode)
+            else "a folder"
+            if stat.S_ISDIR(info.st_mode)
+            else "not a regular file (device, FIFO or socket)"
+        )
         raise WriteError(f"refusing to write {path}: it is {kind}; give the path of a regular file")
     return path
 
@@ -75,7 +80,9 @@ def check_output_apart(output: str | Path, inputs: Iterable[tuple[str, str | Pat
             relation = "is inside"
         else:
             continue
-        raise UsageError(f"refusing to write {output}: it {relation} the {what} {path}; choose another output")
+        raise UsageError(
+            f"refusing to write {output}: it {relation} the {what} {path}; choose another output"
+        )
 
 
 def link_or_copy(source: str | Path, target: str | Path) -> None:

@@ -1,7 +1,7 @@
 """What machine made a figure: the CPU's model name and core count, for reports and recorded figures.
 
-    from kaggle_utils.core.machine import describe_machine
-    describe_machine()  # {"cpu": "AMD EPYC", "cores": 2}
+from kaggle_utils.core.machine import describe_machine
+describe_machine()  # {"cpu": "AMD EPYC", "cores": 2}
 """
 
 from __future__ import annotations
@@ -15,7 +15,9 @@ def cpu_name() -> str:
     fallback = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as handle:
-            return next((line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")), fallback)
+            return next(
+                (line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")), fallback
+            )
     except OSError:
         return fallback
 

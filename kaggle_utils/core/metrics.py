@@ -158,8 +158,13 @@ def check_oof(oof: pl.DataFrame, source: str = "oof") -> None:
         )
 
 
-def save_oof(oof: pl.DataFrame, path: str | Path, append: bool = True,
-             replace: Literal["name_fold", "name"] = "name_fold", record: dict | None = None) -> Path:
+def save_oof(
+    oof: pl.DataFrame,
+    path: str | Path,
+    append: bool = True,
+    replace: Literal["name_fold", "name"] = "name_fold",
+    record: dict | None = None,
+) -> Path:
     """Write OOF rows atomically; one file can hold every model's OOF predictions.
 
     With `append`, rows already in the file are kept except those the new rows replace: with
@@ -209,8 +214,9 @@ def fold_ids_sha256(ids: Iterable) -> str:
     return hashlib.sha256("\n".join(sorted(str(value) for value in ids)).encode()).hexdigest()
 
 
-def exclusion_record(folds: pl.DataFrame, excluded: Sequence[int] | None, folds_sha256: str | None = None
-                     ) -> dict:
+def exclusion_record(
+    folds: pl.DataFrame, excluded: Sequence[int] | None, folds_sha256: str | None = None
+) -> dict:
     """The record `save_oof` stores for a run that left the `excluded` folds out altogether (train.exclude_folds,
     `baseline --exclude-folds`; none: the run saw every fold). `folds` is the whole folds table (id, fold),
     before `folds.drop_folds`; each excluded fold is named with its rows and `fold_ids_sha256`.

@@ -164,8 +164,9 @@ class Dialect(ABC):
         """The metric and the secondary metrics, by name."""
         return {metric.name: metric(labels, probs) for metric in (self.metric, *self.secondary_metrics)}
 
-    def generate_sample(self, out_dir: str | Path, n_train: int, n_test: int, seed: int = 0,
-                        traps: bool = True) -> Any:
+    def generate_sample(
+        self, out_dir: str | Path, n_train: int, n_test: int, seed: int = 0, traps: bool = True
+    ) -> Any:
         """Generated competition files in this dialect's layout (`sample.SampleFiles`)."""
         raise UsageError(f"dialect {self.name!r} has no generated sample data")
 
@@ -229,7 +230,9 @@ class WsdmDialect(Dialect):
     submission_columns = ("id", "winner")
 
     def parse_labels(self, raw: pl.DataFrame, ids: list[Any], path: Path) -> list[int]:
-        return parse_winner_labels(raw, ids, path, "winner", dict(zip(WSDM_WINNER_VALUES, (0, 1), strict=True)))
+        return parse_winner_labels(
+            raw, ids, path, "winner", dict(zip(WSDM_WINNER_VALUES, (0, 1), strict=True))
+        )
 
     def write(self, ids, probs, path, expected_ids=None, fallback_prior=None):
         """`id, winner` with model_a / model_b from `ab_winners`; unusable rows are replaced by the fallback
@@ -265,10 +268,16 @@ class WsdmDialect(Dialect):
         winner = table["winner"]
         bad = (~winner.is_in(list(WSDM_WINNER_VALUES))).fill_null(True)
         if bad.any():
-            shown = [f"line {line} (id {row_id}): {value!r}" for line, row_id, value in zip(
-                _lines(bad), ids.filter(bad).to_list(), winner.filter(bad).to_list(), strict=True)]
-            problems.append(f"field 'winner': {int(bad.sum())} values not exactly "
-                            f"{' or '.join(WSDM_WINNER_VALUES)}: {_join(shown)}")
+            shown = [
+                f"line {line} (id {row_id}): {value!r}"
+                for line, row_id, value in zip(
+                    _lines(bad), ids.filter(bad).to_list(), winner.filter(bad).to_list(), strict=True
+                )
+            ]
+            problems.append(
+                f"field 'winner': {int(bad.sum())} values not exactly "
+                f"{' or '.join(WSDM_WINNER_VALUES)}: {_join(shown)}"
+            )
         if problems:
             raise SubmissionError(f"{path}: " + "; ".join(problems))
         return SubmissionReport(path=str(path), rows=table.height)

@@ -130,8 +130,9 @@ def check_folds(folds: pl.DataFrame, frame: pl.DataFrame | None = None) -> None:
     _raise_on_crossing_groups(joined, "folds (groups recomputed from the frame's prompts)")
 
 
-def drop_folds(frame: pl.DataFrame, folds: pl.DataFrame, excluded: Sequence[int] | None, source: str
-               ) -> tuple[pl.DataFrame, pl.DataFrame]:
+def drop_folds(
+    frame: pl.DataFrame, folds: pl.DataFrame, excluded: Sequence[int] | None, source: str
+) -> tuple[pl.DataFrame, pl.DataFrame]:
     """`frame` and `folds` without the rows of the `excluded` folds: a nested-fold teacher's data, whose OOF
     predictions come from models that never saw a row of those folds (a student held out on one of them can
     distil from it without that fold's labels reaching it). Every excluded fold must be in `folds`, and at
@@ -144,8 +145,10 @@ def drop_folds(frame: pl.DataFrame, folds: pl.DataFrame, excluded: Sequence[int]
         raise UsageError(f"{source}: excluded folds {unknown} are not in it (it has {present})")
     remaining = sorted(set(present) - set(excluded))
     if len(remaining) < 2:
-        raise UsageError(f"{source}: excluding folds {sorted(excluded)} leaves {remaining}; cross-validation "
-                         "needs two folds or more")
+        raise UsageError(
+            f"{source}: excluding folds {sorted(excluded)} leaves {remaining}; cross-validation "
+            "needs two folds or more"
+        )
     kept = folds.filter(~pl.col("fold").is_in(list(excluded)))
     return frame.join(kept.select("id"), on="id", how="semi", maintain_order="left"), kept
 

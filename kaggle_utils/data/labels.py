@@ -20,7 +20,10 @@ MAX_EXAMPLES = 10  # example ids kept per repair kind / observation
 
 
 def parse_winner_labels(
-    raw: pl.DataFrame, ids: list[Any], path: Path, column: str = WSDM_LABEL_COLUMN,
+    raw: pl.DataFrame,
+    ids: list[Any],
+    path: Path,
+    column: str = WSDM_LABEL_COLUMN,
     winners: dict[str, int] | None = None,
 ) -> list[int]:
     """One categorical winner column (WSDM: `winner` = model_a | model_b) -> class indices; else DataError."""

@@ -407,7 +407,9 @@ def load_competition(
     """
     cfg = cfg or DataConfig()
     if cfg.format not in dialect_names():
-        raise DataError(f"{path}: unknown data format {cfg.format!r} (expected one of: {', '.join(dialect_names())})")
+        raise DataError(
+            f"{path}: unknown data format {cfg.format!r} (expected one of: {', '.join(dialect_names())})"
+        )
     dialect = get_dialect(cfg.format)
     path = Path(path)
     report = DataReport(file=str(path), split=split, format=cfg.format)
@@ -500,7 +502,9 @@ def _list_series(name: str, rows: list[list[str]]) -> pl.Series:
 def _read_table(path: Path, report: DataReport) -> pl.DataFrame:
     """CSV (all columns as strings, file order kept) or parquet; unreadable files become one DataError."""
     if path.is_dir():
-        raise DataError(f"{path}: is a directory, not a competition file (give the CSV/parquet file inside it)")
+        raise DataError(
+            f"{path}: is a directory, not a competition file (give the CSV/parquet file inside it)"
+        )
     if not path.is_file():
         raise DataError(f"{path}: file not found")
     try:

@@ -339,8 +339,12 @@ def _write_sample_files(out_dir: str | Path, data: Any, suffix: str) -> SampleFi
     """train/test in the competition's file type (`.csv` LMSYS, `.parquet` WSDM) and sample_submission.csv."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    files = SampleFiles(train_csv=out / f"train{suffix}", test_csv=out / f"test{suffix}",
-                        sample_submission_csv=out / "sample_submission.csv", traps=data.traps)
+    files = SampleFiles(
+        train_csv=out / f"train{suffix}",
+        test_csv=out / f"test{suffix}",
+        sample_submission_csv=out / "sample_submission.csv",
+        traps=data.traps,
+    )
     for frame, path in ((data.train, files.train_csv), (data.test, files.test_csv)):
         if suffix == ".parquet":
             frame.write_parquet(path)
@@ -537,7 +541,9 @@ def _to_frame(rows: list[_Row], ids: list[int], with_labels: bool) -> pl.DataFra
 
 
 # ------------------------------------------------------------------------------------------------------ WSDM
-WSDM_LANGUAGES: dict[str, tuple[float, str]] = {  # language -> (share of rows, a phrase in it added to the prompt)
+WSDM_LANGUAGES: dict[
+    str, tuple[float, str]
+] = {  # language -> (share of rows, a phrase in it added to the prompt)
     "English": (0.55, ""),
     "Russian": (0.12, "Пожалуйста, ответь подробно. "),
     "Chinese": (0.12, "请详细回答这个问题。"),
@@ -568,7 +574,9 @@ def generate_wsdm_frames(
     needed = n_train + n_test
     rows: list[_Row] = []
     while len(rows) < needed:
-        batch = _generate_rows(rng, text, max(64, int((needed - len(rows)) * 1.6)), set(), desc="generating wsdm")
+        batch = _generate_rows(
+            rng, text, max(64, int((needed - len(rows)) * 1.6)), set(), desc="generating wsdm"
+        )
         rows += [row for row in batch if row.label != 2]
     rows = rows[:needed]
     languages = list(WSDM_LANGUAGES)
@@ -577,15 +585,17 @@ def generate_wsdm_frames(
     cells: list[dict[str, Any]] = []
     for row, lang in zip(rows, language, strict=True):
         phrase = WSDM_LANGUAGES[languages[lang]][1]
-        cells.append({
-            "prompt": phrase + "\n\n".join(row.prompt),
-            "response_a": "\n\n".join(row.response_a),
-            "response_b": "\n\n".join(row.response_b),
-            "winner": ("model_a", "model_b")[row.label],
-            "model_a": row.model_a,
-            "model_b": row.model_b,
-            "language": languages[lang],
-        })
+        cells.append(
+            {
+                "prompt": phrase + "\n\n".join(row.prompt),
+                "response_a": "\n\n".join(row.response_a),
+                "response_b": "\n\n".join(row.response_b),
+                "winner": ("model_a", "model_b")[row.label],
+                "model_a": row.model_a,
+                "model_b": row.model_b,
+                "language": languages[lang],
+            }
+        )
     order = rng.permutation(needed)
     train_cells = [cells[i] for i in order[:n_train]]
     test_cells = [cells[i] for i in order[n_train:]]
@@ -599,19 +609,37 @@ def generate_wsdm_frames(
                 _apply_wsdm_trap(kind, split_cells[index], rng)
         trap_ids[split] = {kind: [ids[i] for i in indices] for kind, indices in plan.items()}
     train = pl.DataFrame(
-        {"id": train_ids, **{c: [cell[c] for cell in train_cells] for c in
-                             ("prompt", "response_a", "response_b", "winner", "model_a", "model_b", "language")}},
-        schema={"id": pl.String, **dict.fromkeys(
-            ("prompt", "response_a", "response_b", "winner", "model_a", "model_b", "language"), pl.String)},
+        {
+            "id": train_ids,
+            **{
+                c: [cell[c] for cell in train_cells]
+                for c in ("prompt", "response_a", "response_b", "winner", "model_a", "model_b", "language")
+            },
+        },
+        schema={
+            "id": pl.String,
+            **dict.fromkeys(
+                ("prompt", "response_a", "response_b", "winner", "model_a", "model_b", "language"), pl.String
+            ),
+        },
     )
     test = pl.DataFrame(
-        {"id": test_ids, **{c: [cell[c] for cell in test_cells] for c in ("prompt", "response_a", "response_b")},
-         "scored": (rng.random(n_test) < 0.5).tolist()},
-        schema={"id": pl.Int64, "prompt": pl.String, "response_a": pl.String, "response_b": pl.String,
-                "scored": pl.Boolean},
+        {
+            "id": test_ids,
+            **{c: [cell[c] for cell in test_cells] for c in ("prompt", "response_a", "response_b")},
+            "scored": (rng.random(n_test) < 0.5).tolist(),
+        },
+        schema={
+            "id": pl.Int64,
+            "prompt": pl.String,
+            "response_a": pl.String,
+            "response_b": pl.String,
+            "scored": pl.Boolean,
+        },
     )
-    submission = pl.DataFrame({"id": test_ids, "winner": ["model_a"] * n_test},
-                              schema={"id": pl.Int64, "winner": pl.String})
+    submission = pl.DataFrame(
+        {"id": test_ids, "winner": ["model_a"] * n_test}, schema={"id": pl.Int64, "winner": pl.String}
+    )
     return SampleData(train=train, test=test, sample_submission=submission, traps=trap_ids)
 
 

@@ -185,7 +185,9 @@ def read_test_ids(test_path: str | Path) -> pl.Series:
         else:
             table = pl.read_csv(test_path, columns=["id"], infer_schema=False, encoding="utf8-lossy")
     except Exception as error:  # polars raises ColumnNotFoundError, ComputeError, ... for bad files
-        raise SubmissionError(f"test file {test_path}: cannot read its 'id' column ({one_line(error)})") from error
+        raise SubmissionError(
+            f"test file {test_path}: cannot read its 'id' column ({one_line(error)})"
+        ) from error
     return table["id"].str.strip_chars()
 
 
@@ -284,8 +286,10 @@ def id_column_problems(ids: pl.Series, expected: pl.Series | None) -> list[str]:
         problems.append(f"field 'id': {len(missing)} test ids missing ({_join(missing)})")
     extra_mask = ids.is_not_null() & ~ids.is_in(list(want))
     if extra_mask.any():
-        extra = [f"{value} (line {line})" for value, line in
-                 zip(ids.filter(extra_mask).to_list(), _lines(extra_mask), strict=True)]
+        extra = [
+            f"{value} (line {line})"
+            for value, line in zip(ids.filter(extra_mask).to_list(), _lines(extra_mask), strict=True)
+        ]
         problems.append(f"field 'id': {int(extra_mask.sum())} ids not in the test file ({_join(extra)})")
     return problems
 

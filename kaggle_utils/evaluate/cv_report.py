@@ -77,31 +77,48 @@ def aggregate_run(variant: Variant, seed: int, folds_out: list[dict], dialect: D
         "train_wall_time_s": float(sum(t["wall_time_s"] for t in trains)),
         "train_tokens_per_s": float(np.mean([t["tokens_per_s"] for t in trains])),
         "peak_rss_bytes": max(f["peak_rss_bytes"] or 0 for f in folds_out),
-        "peak_cuda_bytes": max((f["peak_cuda_bytes"] for f in folds_out if f["peak_cuda_bytes"]), default=None),
+        "peak_cuda_bytes": max(
+            (f["peak_cuda_bytes"] for f in folds_out if f["peak_cuda_bytes"]), default=None
+        ),
         "trainable_params": trains[0]["trainable_params"],
         "total_params": trains[0]["total_params"],
         "artifact_bytes": int(np.mean([f["artifact_bytes"] for f in folds_out])),
         "inference_rows_per_s": float(np.mean([f["inference_rows_per_s"] for f in folds_out])),
         "steps": trains[0]["total_steps"],
         "per_fold": [
-            {"fold": f["fold"], "log_loss_16bit": log_loss(f["labels"], f["probs_16bit"]),
-             "log_loss_quantized": log_loss(f["labels"], f["probs_quantized"]),
-             "log_loss_common_reference": None, "qid_vs_common": None,
-             "metric_quantized": dialect.metric(f["labels"], f["probs_quantized"]),
-             "best_step": f["train"]["best_step"], "history": f["train"]["history"],
-             "class_prior": f["class_prior"],
-             "artifact_dir": f["artifact_dir"], "extras": f["extras"], "notes": f["notes"]}
+            {
+                "fold": f["fold"],
+                "log_loss_16bit": log_loss(f["labels"], f["probs_16bit"]),
+                "log_loss_quantized": log_loss(f["labels"], f["probs_quantized"]),
+                "log_loss_common_reference": None,
+                "qid_vs_common": None,
+                "metric_quantized": dialect.metric(f["labels"], f["probs_quantized"]),
+                "best_step": f["train"]["best_step"],
+                "history": f["train"]["history"],
+                "class_prior": f["class_prior"],
+                "artifact_dir": f["artifact_dir"],
+                "extras": f["extras"],
+                "notes": f["notes"],
+            }
             for f in folds_out
         ],
         # per-row losses (not written to JSON) for the paired noise estimate, and the rows for the ship decision
         "_row_losses_quantized": row_log_losses(labels, pq),
         "_shipped": ShippedRun(
-            name=variant.name, ids=[i for f in folds_out for i in f["ids"]], labels=labels, probs=pq,
+            name=variant.name,
+            ids=[i for f in folds_out for i in f["ids"]],
+            labels=labels,
+            probs=pq,
             row_priors=np.concatenate([np.tile(f["class_prior"], (len(f["labels"]), 1)) for f in folds_out]),
             artifact_dirs=[f["artifact_dir"] for f in folds_out],
-            views=(np.concatenate([f["views_quantized"] for f in folds_out], axis=1)
-                   if all(f.get("views_quantized") is not None and len(f["views_quantized"]) == 2 for f in folds_out)
-                   else None)),
+            views=(
+                np.concatenate([f["views_quantized"] for f in folds_out], axis=1)
+                if all(
+                    f.get("views_quantized") is not None and len(f["views_quantized"]) == 2 for f in folds_out
+                )
+                else None
+            ),
+        ),
     }
 
 
@@ -111,8 +128,10 @@ def own_reference_description(variant: Variant) -> str:
         return "the fully fine-tuned 16-bit model, before quantizing"
     if variant.ordering == "ft-then-quant":
         return "its LoRA merged into the 16-bit base (merged in fp32), before quantizing"
-    return ("its adapter, trained on the quantized base, applied to the 16-bit base (a mismatch: not a "
-            "quantization cost)")
+    return (
+        "its adapter, trained on the quantized base, applied to the 16-bit base (a mismatch: not a "
+        "quantization cost)"
+    )
 
 
 def _mean_finite(values: list[float | None]) -> float | None:
@@ -131,16 +150,19 @@ def attach_common_reference(runs: list[dict]) -> dict:
     """
     source = None
     for seed in sorted({run["seed"] for run in runs}):
-        reference = next((run for run in runs if run["seed"] == seed and run.get("provides_common_reference")),
-                         None)
+        reference = next(
+            (run for run in runs if run["seed"] == seed and run.get("provides_common_reference")), None
+        )
         if reference is None:
             continue
         source = source or reference["variant"]
         by_fold = {f["fold"]: f["log_loss_16bit"] for f in reference["per_fold"]}
         for run in (r for r in runs if r["seed"] == seed):
             if run["rows"] != reference["rows"]:
-                raise UsageError(f"{run['variant']} seed {seed} has {run['rows']} OOF rows, the common reference "
-                                 f"{reference['rows']}: they were not scored on the same rows")
+                raise UsageError(
+                    f"{run['variant']} seed {seed} has {run['rows']} OOF rows, the common reference "
+                    f"{reference['rows']}: they were not scored on the same rows"
+                )
             run["cv_log_loss_common_reference"] = reference["cv_log_loss_16bit"]
             run["qid_vs_common"] = run["cv_log_loss_quantized"] - reference["cv_log_loss_16bit"]
             for fold in run["per_fold"]:
@@ -148,17 +170,36 @@ def attach_common_reference(runs: list[dict]) -> dict:
                     fold["log_loss_common_reference"] = by_fold[fold["fold"]]
                     fold["qid_vs_common"] = fold["log_loss_quantized"] - by_fold[fold["fold"]]
     if source is None:
-        return {"variant": None, "note": "no common reference: run ft-then-quant (or ft-then-quant-int8/-nf4) "
-                                         "in the same comparison to get qid_vs_common"}
-    return {"variant": source, "note": f"the 16-bit LoRA model of {source} (fine-tune -> quantize), merged in "
-                                       "fp32, on the same folds and seed"}
+        return {
+            "variant": None,
+            "note": "no common reference: run ft-then-quant (or ft-then-quant-int8/-nf4) "
+            "in the same comparison to get qid_vs_common",
+        }
+    return {
+        "variant": source,
+        "note": f"the 16-bit LoRA model of {source} (fine-tune -> quantize), merged in "
+        "fp32, on the same folds and seed",
+    }
 
 
 SUMMARY_METRICS: tuple[str, ...] = (
-    "cv_log_loss_16bit", "cv_log_loss_quantized", "cv_log_loss_common_reference", "qid_vs_common",
-    "gap_vs_own_reference", "accuracy_16bit", "accuracy_quantized", "cv_metric_16bit", "cv_metric_quantized",
-    "train_time_eval_log_loss", "train_wall_time_s", "train_tokens_per_s", "peak_rss_bytes", "peak_cuda_bytes",
-    "trainable_params", "artifact_bytes", "inference_rows_per_s",
+    "cv_log_loss_16bit",
+    "cv_log_loss_quantized",
+    "cv_log_loss_common_reference",
+    "qid_vs_common",
+    "gap_vs_own_reference",
+    "accuracy_16bit",
+    "accuracy_quantized",
+    "cv_metric_16bit",
+    "cv_metric_quantized",
+    "train_time_eval_log_loss",
+    "train_wall_time_s",
+    "train_tokens_per_s",
+    "peak_rss_bytes",
+    "peak_cuda_bytes",
+    "trainable_params",
+    "artifact_bytes",
+    "inference_rows_per_s",
 )
 
 
@@ -169,16 +210,22 @@ def _summarise(runs: list[dict], variant: Variant) -> dict:
 def summarise_variant(runs: list[dict], name: str, ordering: str, description: str) -> dict:
     """Mean (and std over seeds) of every SUMMARY_METRICS value of one variant's runs."""
     mine = [run for run in runs if run["variant"] == name]
-    summary: dict[str, Any] = {"variant": name, "ordering": ordering, "description": description,
-                               "seeds": [run["seed"] for run in mine],
-                               "own_reference": mine[0].get("own_reference") if mine else None}
+    summary: dict[str, Any] = {
+        "variant": name,
+        "ordering": ordering,
+        "description": description,
+        "seeds": [run["seed"] for run in mine],
+        "own_reference": mine[0].get("own_reference") if mine else None,
+    }
     for metric in SUMMARY_METRICS:
         values = [run[metric] for run in mine if run.get(metric) is not None]
         if not values:
             summary[metric] = None
             continue
-        summary[metric] = {"mean": float(np.mean(values)),
-                           "std": float(np.std(values, ddof=1)) if len(values) > 1 else None}
+        summary[metric] = {
+            "mean": float(np.mean(values)),
+            "std": float(np.std(values, ddof=1)) if len(values) > 1 else None,
+        }
     return summary
 
 
@@ -192,11 +239,18 @@ def decide_winner(runs: list[dict], names: list[str]) -> dict:
     when its mean exceeds NOISE_Z standard errors (rows) and, with several seeds, NOISE_Z standard errors of the
     per-seed differences as well.
     """
-    means = {name: float(np.mean([_quantized_loss(r) for r in runs if r["variant"] == name])) for name in names}
+    means = {
+        name: float(np.mean([_quantized_loss(r) for r in runs if r["variant"] == name])) for name in names
+    }
     ranked = sorted(means, key=means.get)
     if len(ranked) < 2:
-        return {"winner": ranked[0], "runner_up": None, "difference": None, "within_noise": None,
-                "statement": f"only {ranked[0]} was run: nothing to compare"}
+        return {
+            "winner": ranked[0],
+            "runner_up": None,
+            "difference": None,
+            "within_noise": None,
+            "statement": f"only {ranked[0]} was run: nothing to compare",
+        }
     best, second = ranked[0], ranked[1]
     per_seed, row_se = [], []
     for seed in sorted({r["seed"] for r in runs}):
@@ -213,12 +267,22 @@ def decide_winner(runs: list[dict], names: list[str]) -> dict:
     statement = (
         f"{best} has the lower quantized CV log loss by {difference:.4f} "
         f"(paired standard error {noise:.4f} over {len(per_seed)} seed(s))"
-        + (": the difference is within noise, so neither ordering wins on this data." if within
-           else f": {best} wins.")
+        + (
+            ": the difference is within noise, so neither ordering wins on this data."
+            if within
+            else f": {best} wins."
+        )
     )
-    return {"winner": best, "runner_up": second, "difference": difference, "standard_error": noise,
-            "standard_error_rows": se_rows, "standard_error_seeds": se_seeds, "within_noise": bool(within),
-            "statement": statement}
+    return {
+        "winner": best,
+        "runner_up": second,
+        "difference": difference,
+        "standard_error": noise,
+        "standard_error_rows": se_rows,
+        "standard_error_seeds": se_seeds,
+        "within_noise": bool(within),
+        "statement": statement,
+    }
 
 
 def _quantized_loss(run: dict) -> float:
@@ -227,8 +291,19 @@ def _quantized_loss(run: dict) -> float:
     return float(np.mean(rows)) if rows is not None else float(run["cv_log_loss_quantized"])
 
 
-def build_report(cfg, chosen, seeds, fold_ids, runs, frame, folds_path, folds_hash, device, began,
-                 model: dict | None = None) -> dict:
+def build_report(
+    cfg,
+    chosen,
+    seeds,
+    fold_ids,
+    runs,
+    frame,
+    folds_path,
+    folds_hash,
+    device,
+    began,
+    model: dict | None = None,
+) -> dict:
     """The report's JSON form from the runs: decision, common reference, summaries, setup (with `model`, what
     `model_config.describe_checkpoint` says of the base), environment (with the machine)."""
     import transformers
@@ -279,31 +354,34 @@ def build_report(cfg, chosen, seeds, fold_ids, runs, frame, folds_path, folds_ha
         "total_time_s": time.perf_counter() - began,
         "definitions": {
             "cv_log_loss_16bit": "held-out log loss of the variant's own 16-bit reference (`own_reference`: "
-                                 "ft-then-quant: its LoRA merged in fp32 before quantizing; quant-then-ft and the "
-                                 "other QLoRA-style variants: the adapter trained on the quantized base, applied "
-                                 "to the 16-bit base)",
+            "ft-then-quant: its LoRA merged in fp32 before quantizing; quant-then-ft and the "
+            "other QLoRA-style variants: the adapter trained on the quantized base, applied "
+            "to the 16-bit base)",
             "cv_log_loss_quantized": "held-out log loss of the shipped artifact, reloaded from disk",
             "cv_metric_quantized": f"the competition metric of dialect '{dialect.name}' ({dialect.metric.name}, "
-                                   f"{'higher' if dialect.metric.higher_is_better else 'lower'} is better) of the "
-                                   "shipped artifact on the same held-out rows; the winner is still chosen by log "
-                                   "loss (a proper score, far less noisy than accuracy on a few hundred rows)",
+            f"{'higher' if dialect.metric.higher_is_better else 'lower'} is better) of the "
+            "shipped artifact on the same held-out rows; the winner is still chosen by log "
+            "loss (a proper score, far less noisy than accuracy on a few hundred rows)",
             "cv_metric_16bit": "the same metric for the variant's own 16-bit reference",
             "cv_log_loss_common_reference": "held-out log loss of the common reference: the 16-bit LoRA model of "
-                                            "fine-tune -> quantize merged in fp32, same folds and seed",
+            "fine-tune -> quantize merged in fp32, same folds and seed",
             "qid_vs_common": "cv_log_loss_quantized - cv_log_loss_common_reference: what each shipped model loses "
-                             "against one common 16-bit model (comparable across orderings)",
+            "against one common 16-bit model (comparable across orderings)",
             "gap_vs_own_reference": "cv_log_loss_quantized - cv_log_loss_16bit. For ft-then-quant variants the "
-                                    "quantization-induced degradation (QiD); for QLoRA-style variants the gap "
-                                    "between the adapter on its own quantized base and on the 16-bit base (the "
-                                    "mismatch makes it usually negative): not a QiD",
+            "quantization-induced degradation (QiD); for QLoRA-style variants the gap "
+            "between the adapter on its own quantized base and on the 16-bit base (the "
+            "mismatch makes it usually negative): not a QiD",
             "train_time_eval_log_loss": f"loss at the shipped step on the training-time evaluation set "
-                                        f"(selection '{cfg.train.selection}': "
-                                        + ("the inner holdout of the training part" if cfg.train.selection == "inner"
-                                           else "a sample of the held-out fold, used for the learning curve only")
-                                        + "); the reported fold itself is scored once, by the shipped weights",
+            f"(selection '{cfg.train.selection}': "
+            + (
+                "the inner holdout of the training part"
+                if cfg.train.selection == "inner"
+                else "a sample of the held-out fold, used for the learning curve only"
+            )
+            + "); the reported fold itself is scored once, by the shipped weights",
             "peak_rss_bytes": "peak resident memory of the process during training incl. model building",
             "inference_rows_per_s": "held-out rows per second of the shipped model"
-                                    + (" (both TTA views)" if cfg.inference.tta_swap else ""),
+            + (" (both TTA views)" if cfg.inference.tta_swap else ""),
         },
     }
 
@@ -312,7 +390,9 @@ def _describe_device(device: torch.device) -> str:
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         return f"CUDA {props.name} (cc {props.major}.{props.minor}, {props.total_memory / 2**30:.0f} GiB)"
-    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads), no GPU"
+    return (
+        f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads), no GPU"
+    )
 
 
 def _base_weights_note(base_model: str) -> str | None:
@@ -322,6 +402,8 @@ def _base_weights_note(base_model: str) -> str | None:
 def _template_version() -> str:
     """The prompt template / truncation version the runs encoded with (their artifacts refuse any other)."""
     return TEMPLATE_VERSION
+
+
 # ------------------------------------------------------------------------------------------------ outputs
 
 
@@ -401,22 +483,38 @@ def render_markdown(report: ComparisonReport | dict) -> str:
     ]
     for run in report["runs"]:
         for fold in run["per_fold"]:
-            extras = "; ".join(f"{k}: log loss {x['log_loss']:.4f}, largest probability change vs shipped "
-                               f"{x['max_abs_prob_diff_vs_shipped']:.4f}" for k, x in fold["extras"].items())
+            extras = "; ".join(
+                f"{k}: log loss {x['log_loss']:.4f}, largest probability change vs shipped "
+                f"{x['max_abs_prob_diff_vs_shipped']:.4f}"
+                for k, x in fold["extras"].items()
+            )
             common = fold.get("qid_vs_common")
-            lines.append(f"| {run['variant']} | {run['seed']} | {fold['fold']} | {fold['log_loss_16bit']:.4f} "
-                         f"| {fold['log_loss_quantized']:.4f} | {'n/a' if common is None else f'{common:+.4f}'} "
-                         f"| {fold['best_step']} | {extras or '-'} |")
-    lines += ["", f"Versions: torch {env['torch']}, transformers {env['transformers']}, "
-                  f"peft {env.get('peft', '?')}, bitsandbytes {env.get('bitsandbytes', '?')}; {env['date']}"
-                  + (f"; {env['cpu']} ({env['cores']} cores, {env['torch_threads']} torch threads)" if "cpu" in env
-                     else "") + ".", ""]
+            lines.append(
+                f"| {run['variant']} | {run['seed']} | {fold['fold']} | {fold['log_loss_16bit']:.4f} "
+                f"| {fold['log_loss_quantized']:.4f} | {'n/a' if common is None else f'{common:+.4f}'} "
+                f"| {fold['best_step']} | {extras or '-'} |"
+            )
+    lines += [
+        "",
+        f"Versions: torch {env['torch']}, transformers {env['transformers']}, "
+        f"peft {env.get('peft', '?')}, bitsandbytes {env.get('bitsandbytes', '?')}; {env['date']}"
+        + (
+            f"; {env['cpu']} ({env['cores']} cores, {env['torch_threads']} torch threads)"
+            if "cpu" in env
+            else ""
+        )
+        + ".",
+        "",
+    ]
     model = report["setup"].get("model")
     if model:
         hashes = ", ".join(f"{name} {digest[:12]}" for name, digest in model["weights_sha256"].items())
-        lines += [f"Model: {model['model_type']}, {model['parameters']:,} parameters, vocabulary "
-                  f"{model['vocab_size']:,}, stored {model['stored_dtype']}; weights sha256 {hashes}; "
-                  f"{model['origin']}.", ""]
+        lines += [
+            f"Model: {model['model_type']}, {model['parameters']:,} parameters, vocabulary "
+            f"{model['vocab_size']:,}, stored {model['stored_dtype']}; weights sha256 {hashes}; "
+            f"{model['origin']}.",
+            "",
+        ]
     return "\n".join(lines)
 
 
@@ -424,17 +522,29 @@ def _ship_lines(report: dict) -> list[str]:
     ship = report.get("ship")
     if not ship:
         return ["No ship decision in this report.", ""]
-    lines = ["Every candidate on the same OOF rows; calibrations and blend weights scored cross-fitted (fitted on "
-             "the other prompt-group splits of the OOF rows), so no figure is the in-sample one its fit optimised.",
-             "", "| rank | candidate | kind | complexity | CV log loss | note |", "|---|---|---|---|---|---|"]
+    lines = [
+        "Every candidate on the same OOF rows; calibrations and blend weights scored cross-fitted (fitted on "
+        "the other prompt-group splits of the OOF rows), so no figure is the in-sample one its fit optimised.",
+        "",
+        "| rank | candidate | kind | complexity | CV log loss | note |",
+        "|---|---|---|---|---|---|",
+    ]
     for rank, candidate in enumerate(ship["ranking"], 1):
         complexity = candidate.get("complexity", "-")
-        lines.append(f"| {rank} | {candidate['name']} | {candidate['kind']} | {complexity} "
-                     f"| {candidate['cv_log_loss']:.4f} | {candidate['note']} |")
+        lines.append(
+            f"| {rank} | {candidate['name']} | {candidate['kind']} | {complexity} "
+            f"| {candidate['cv_log_loss']:.4f} | {candidate['note']} |"
+        )
     if ship.get("selection_rule"):
         lines += ["", f"Rule: {ship['selection_rule']}."]
-    return [*lines, "", f"**{ship['statement']}**; shipped: `{ship['artifact']}`.", "",
-            f"![reliability]({ship.get('reliability_png', 'reliability.png')})", ""]
+    return [
+        *lines,
+        "",
+        f"**{ship['statement']}**; shipped: `{ship['artifact']}`.",
+        "",
+        f"![reliability]({ship.get('reliability_png', 'reliability.png')})",
+        "",
+    ]
 
 
 def _metric_lines(report: dict) -> list[str]:
@@ -443,10 +553,14 @@ def _metric_lines(report: dict) -> list[str]:
     if not dialect or dialect.get("metric") == "log_loss":
         return []
     better = "higher" if dialect.get("higher_is_better") else "lower"
-    lines = ["", f"Competition metric ({dialect['name']}): {dialect['metric']}, {better} is better "
-                 "(the winner above is chosen by log loss).", "",
-             f"| variant | {dialect['metric']} shipped | {dialect['metric']} own 16-bit reference | secondary (shipped) |",
-             "|---|---|---|---|"]
+    lines = [
+        "",
+        f"Competition metric ({dialect['name']}): {dialect['metric']}, {better} is better "
+        "(the winner above is chosen by log loss).",
+        "",
+        f"| variant | {dialect['metric']} shipped | {dialect['metric']} own 16-bit reference | secondary (shipped) |",
+        "|---|---|---|---|",
+    ]
     for v in report["variants"]:
         secondary = {}
         for run in report["runs"]:
@@ -454,8 +568,10 @@ def _metric_lines(report: dict) -> list[str]:
                 for name, value in (run.get("cv_secondary_quantized") or {}).items():
                     secondary.setdefault(name, []).append(value)
         text = ", ".join(f"{name} {np.mean(values):.4f}" for name, values in secondary.items()) or "-"
-        lines.append(f"| {v['variant']} | {_fmt(v.get('cv_metric_quantized'))} | {_fmt(v.get('cv_metric_16bit'))} "
-                     f"| {text} |")
+        lines.append(
+            f"| {v['variant']} | {_fmt(v.get('cv_metric_quantized'))} | {_fmt(v.get('cv_metric_16bit'))} "
+            f"| {text} |"
+        )
     return lines
 
 
@@ -489,8 +605,11 @@ def plot_report(report: ComparisonReport | dict, path: str | Path) -> Path:
     axes[0].set_title("CV log loss (lower is better)")
     axes[0].legend(fontsize=8)
     has_common = any(v.get("qid_vs_common") for v in variants)
-    qid_metric, qid_title = (("qid_vs_common", "QiD vs common 16-bit reference") if has_common
-                             else ("gap_vs_own_reference", "shipped - own 16-bit reference"))
+    qid_metric, qid_title = (
+        ("qid_vs_common", "QiD vs common 16-bit reference")
+        if has_common
+        else ("gap_vs_own_reference", "shipped - own 16-bit reference")
+    )
     for axis, metric, title, scale in (
         (axes[1], qid_metric, qid_title, 1.0),
         (axes[2], "train_wall_time_s", "training wall time (s)", 1.0),
@@ -527,7 +646,11 @@ def plot_learning_curves(report: ComparisonReport | dict, path: str | Path) -> P
         for fold in run["per_fold"]:
             steps = [point["step"] for point in fold["history"]]
             losses = [point["eval_loss"] for point in fold["history"]]
-            label = f"fold {fold['fold']}" if single else f"{run['variant']} seed {run['seed']} fold {fold['fold']}"
+            label = (
+                f"fold {fold['fold']}"
+                if single
+                else f"{run['variant']} seed {run['seed']} fold {fold['fold']}"
+            )
             axis.plot(steps, losses, marker="o", label=label)
     axis.axhline(runs[0]["prior_log_loss"], color="grey", linestyle="--", label="class prior")
     axis.set_xlabel("optimizer step")
@@ -549,14 +672,15 @@ def artifact_table(report: ComparisonReport | dict) -> pl.DataFrame:
     report = _serialised(report)
     return pl.DataFrame(
         [
-            {"fold": fold["fold"], "log_loss_quantized": fold["log_loss_quantized"],
-             "artifact_dir": fold["artifact_dir"]}
+            {
+                "fold": fold["fold"],
+                "log_loss_quantized": fold["log_loss_quantized"],
+                "artifact_dir": fold["artifact_dir"],
+            }
             for run in report["runs"]
             for fold in run["per_fold"]
         ]
     )
-
-
 
 
 # ------------------------------------------------------------------------------------------------ typed report
@@ -652,8 +776,11 @@ class ComparisonReport:
         for run in self.runs:
             if run.variant == variant and (seed is None or run.seed == seed):
                 return run
-        raise UsageError(f"no run of variant {variant!r}" + (f" seed {seed}" if seed is not None else "")
-                         + f" in this report (runs: {[(r.variant, r.seed) for r in self.runs]})")
+        raise UsageError(
+            f"no run of variant {variant!r}"
+            + (f" seed {seed}" if seed is not None else "")
+            + f" in this report (runs: {[(r.variant, r.seed) for r in self.runs]})"
+        )
 
     @property
     def winner(self) -> str:
@@ -677,8 +804,20 @@ class ComparisonReport:
 
 
 # The order of report.json's top-level keys (as written before the typed report existed).
-_TOP_LEVEL_ORDER = ("question", "dialect", "decision", "common_reference", "variants", "runs", "setup",
-                    "environment", "total_time_s", "definitions", "skipped_variants", "ship")
+_TOP_LEVEL_ORDER = (
+    "question",
+    "dialect",
+    "decision",
+    "common_reference",
+    "variants",
+    "runs",
+    "setup",
+    "environment",
+    "total_time_s",
+    "definitions",
+    "skipped_variants",
+    "ship",
+)
 
 
 def _ordered(data: dict[str, Any]) -> dict[str, Any]:
@@ -703,6 +842,9 @@ def _from_dict(cls, data: dict[str, Any], **given: Any):
 def _to_dict(record: Any, skip: tuple[str, ...] = ()) -> dict[str, Any]:
     """The record's fields (less those its JSON lacked) and the keys it carried unnamed."""
     absent = set(getattr(record, "_absent", ()))
-    data = {f.name: getattr(record, f.name) for f in dataclasses.fields(record)
-            if f.name not in skip and f.name != "other" and f.name not in absent}
+    data = {
+        f.name: getattr(record, f.name)
+        for f in dataclasses.fields(record)
+        if f.name not in skip and f.name != "other" and f.name not in absent
+    }
     return {**data, **record.other}

@@ -42,7 +42,11 @@ class BlendResult:
 def average_members(member_probs: Sequence[np.ndarray], weights: Sequence[float] | None = None) -> np.ndarray:
     """Weighted (default: equal) mean of (n, 3) probabilities: a fold ensemble, a seed ensemble."""
     stacked = np.stack([np.asarray(p, dtype=np.float64) for p in member_probs])
-    w = np.full(len(stacked), 1.0 / len(stacked)) if weights is None else np.asarray(weights, dtype=np.float64)
+    w = (
+        np.full(len(stacked), 1.0 / len(stacked))
+        if weights is None
+        else np.asarray(weights, dtype=np.float64)
+    )
     if w.shape != (len(stacked),) or np.any(w < 0) or w.sum() <= 0:
         raise UsageError(f"weights must be {len(stacked)} non-negative numbers with a positive sum, got {w}")
     return np.einsum("m,mrc->rc", w / w.sum(), stacked)
@@ -56,7 +60,9 @@ def fit_blend_weights(labels: np.ndarray, member_probs: dict[str, np.ndarray]) -
     labels = np.asarray(labels, dtype=np.int64)
     stacked = np.stack([np.asarray(member_probs[n], dtype=np.float64) for n in names])
     if stacked.shape[1:] != (len(labels), N_CLASSES):
-        raise UsageError(f"every member needs ({len(labels)}, {N_CLASSES}) probabilities, got {stacked.shape[1:]}")
+        raise UsageError(
+            f"every member needs ({len(labels)}, {N_CLASSES}) probabilities, got {stacked.shape[1:]}"
+        )
     picked = np.clip(stacked[:, np.arange(len(labels)), labels], 1e-15, 1.0)  # (members, rows)
 
     def weights_of(params: np.ndarray) -> np.ndarray:
@@ -76,12 +82,19 @@ def fit_blend_weights(labels: np.ndarray, member_probs: dict[str, np.ndarray]) -
     best = min(singles, key=singles.get)
     diff = row_log_losses(labels, stacked[names.index(best)]) - row_log_losses(labels, blend)
     se = float(diff.std(ddof=1) / math.sqrt(len(diff))) if len(diff) > 1 else math.inf
-    return BlendResult(weights={n: float(w) for n, w in zip(names, weights, strict=True)},
-                       log_loss=log_loss(labels, blend), best_member=best, best_member_log_loss=singles[best],
-                       gain=float(diff.mean()), gain_standard_error=se)
+    return BlendResult(
+        weights={n: float(w) for n, w in zip(names, weights, strict=True)},
+        log_loss=log_loss(labels, blend),
+        best_member=best,
+        best_member_log_loss=singles[best],
+        gain=float(diff.mean()),
+        gain_standard_error=se,
+    )
 
 
-def aligned_oof(oof: pl.DataFrame, names: Sequence[str]) -> tuple[pl.Series, np.ndarray, dict[str, np.ndarray]]:
+def aligned_oof(
+    oof: pl.DataFrame, names: Sequence[str]
+) -> tuple[pl.Series, np.ndarray, dict[str, np.ndarray]]:
     """(ids, labels, name -> probs) for the OOF store's `names` on the same rows in the same order. Members
     scored on different rows cannot be blended or compared: a UsageError lists what differs."""
     tables = {}
@@ -96,8 +109,10 @@ def aligned_oof(oof: pl.DataFrame, names: Sequence[str]) -> tuple[pl.Series, np.
     for name, part in tables.items():
         if part["id"].to_list() != first["id"].to_list():
             missing = set(first["id"].to_list()) ^ set(part["id"].to_list())
-            raise UsageError(f"OOF rows of {name!r} and {names[0]!r} are not the same rows ({len(missing)} ids "
-                             f"differ, e.g. {sorted(missing, key=str)[:5]}): score members on identical folds")
+            raise UsageError(
+                f"OOF rows of {name!r} and {names[0]!r} are not the same rows ({len(missing)} ids "
+                f"differ, e.g. {sorted(missing, key=str)[:5]}): score members on identical folds"
+            )
         if part["label"].to_list() != first["label"].to_list():
             raise UsageError(f"OOF labels of {name!r} and {names[0]!r} differ on the same ids")
     probs = {name: part.select(PROB_COLUMNS).to_numpy().astype(np.float64) for name, part in tables.items()}

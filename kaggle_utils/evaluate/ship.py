@@ -69,9 +69,11 @@ CALIBRATION_METHOD = "temperature"
 # (nothing fitted on OOF rows); + temperature fits a parameter on OOF rows; a blend fits weights over several.
 COMPLEXITY = {"prior": 0, "model": 1, "baseline": 1, "calibrated": 3, "blend": 5}
 LOGIT_TTA_STEP, CALIBRATION_STEP = 1, 2  # added to the candidate it is made from
-SELECTION_RULE = (f"the lowest CV log loss, unless a simpler candidate is within {NOISE_Z:g} paired standard "
-                  "errors of it: then the simplest such one (class prior < single model < + logit-space TTA < "
-                  "+ temperature < blend; among equals the lower CV)")
+SELECTION_RULE = (
+    f"the lowest CV log loss, unless a simpler candidate is within {NOISE_Z:g} paired standard "
+    "errors of it: then the simplest such one (class prior < single model < + logit-space TTA < "
+    "+ temperature < blend; among equals the lower CV)"
+)
 
 
 @dataclass
@@ -107,8 +109,15 @@ class Candidate:
         return self.probs[np.asarray(splits) != split]
 
     def summary(self) -> dict[str, Any]:
-        return {"name": self.name, "kind": self.kind, "complexity": self.complexity, "cv_log_loss": self.cv_log_loss,
-                "note": self.note, "members": self.members, "calibration": self.calibration}
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "complexity": self.complexity,
+            "cv_log_loss": self.cv_log_loss,
+            "note": self.note,
+            "members": self.members,
+            "calibration": self.calibration,
+        }
 
 
 @dataclass
@@ -136,20 +145,35 @@ class ShipDecision:
         return self.ranking[0] if self.shipped is None else self.shipped
 
     def to_dict(self) -> dict[str, Any]:
-        lead = (None if self.lead_over_shipped is None else
-                {"difference": self.lead_over_shipped[0], "standard_error": self.lead_over_shipped[1]})
-        return {"shipped": self.best.name, "rows": self.rows, "statement": self.statement,
-                "shipped_cv_log_loss": self.best.cv_log_loss, "nested_cv_log_loss": self.nested_cv_log_loss,
-                "splits": len(self.nested_choices) or None, "nested_choices": self.nested_choices,
-                "selection_rule": SELECTION_RULE, "lowest_cv": self.ranking[0].name, "lead_over_shipped": lead,
-                "runner_up_difference": self.runner_up_difference, "standard_error": self.standard_error,
-                "within_noise": self.within_noise, "ranking": [c.summary() for c in self.ranking]}
+        lead = (
+            None
+            if self.lead_over_shipped is None
+            else {"difference": self.lead_over_shipped[0], "standard_error": self.lead_over_shipped[1]}
+        )
+        return {
+            "shipped": self.best.name,
+            "rows": self.rows,
+            "statement": self.statement,
+            "shipped_cv_log_loss": self.best.cv_log_loss,
+            "nested_cv_log_loss": self.nested_cv_log_loss,
+            "splits": len(self.nested_choices) or None,
+            "nested_choices": self.nested_choices,
+            "selection_rule": SELECTION_RULE,
+            "lowest_cv": self.ranking[0].name,
+            "lead_over_shipped": lead,
+            "runner_up_difference": self.runner_up_difference,
+            "standard_error": self.standard_error,
+            "within_noise": self.within_noise,
+            "ranking": [c.summary() for c in self.ranking],
+        }
 
     def markdown(self) -> list[str]:
         lines = ["| rank | candidate | kind | complexity | CV log loss | note |", "|---|---|---|---|---|---|"]
         for rank, candidate in enumerate(self.ranking, 1):
-            lines.append(f"| {rank} | {candidate.name} | {candidate.kind} | {candidate.complexity} | "
-                         f"{candidate.cv_log_loss:.4f} | {candidate.note} |")
+            lines.append(
+                f"| {rank} | {candidate.name} | {candidate.kind} | {candidate.complexity} | "
+                f"{candidate.cv_log_loss:.4f} | {candidate.note} |"
+            )
         return [*lines, "", self.statement]
 
 
@@ -166,8 +190,9 @@ def cross_fit_splits(groups: np.ndarray, n_splits: int = CROSS_FIT_SPLITS) -> np
     return split
 
 
-def cross_fitted_calibration(labels: np.ndarray, probs: np.ndarray, splits: np.ndarray,
-                             method: str = CALIBRATION_METHOD) -> np.ndarray:
+def cross_fitted_calibration(
+    labels: np.ndarray, probs: np.ndarray, splits: np.ndarray, method: str = CALIBRATION_METHOD
+) -> np.ndarray:
     """Each split's rows calibrated by what was fitted on the other splits: the honest OOF of calibrating
     (one split alone, as inside a nested split of two-group data, is fitted on its own rows)."""
     out = np.empty_like(probs, dtype=np.float64)
@@ -179,7 +204,9 @@ def cross_fitted_calibration(labels: np.ndarray, probs: np.ndarray, splits: np.n
     return out
 
 
-def cross_fitted_blend(labels: np.ndarray, member_probs: dict[str, np.ndarray], splits: np.ndarray) -> np.ndarray:
+def cross_fitted_blend(
+    labels: np.ndarray, member_probs: dict[str, np.ndarray], splits: np.ndarray
+) -> np.ndarray:
     """Each split's rows blended with weights fitted on the other splits (`inference.blend_members`; one split
     alone is fitted on its own rows)."""
     names = list(member_probs)
@@ -188,12 +215,18 @@ def cross_fitted_blend(labels: np.ndarray, member_probs: dict[str, np.ndarray], 
     for split in np.unique(splits):
         scored = splits == split
         fit_rows = ~scored if len(np.unique(splits)) > 1 else scored
-        weights = fit_blend_weights(labels[fit_rows], {n: p[fit_rows] for n, p in member_probs.items()}).weights
-        out[scored] = blend_members([member_probs[n][scored] for n in names], [weights[n] for n in names]).probs
+        weights = fit_blend_weights(
+            labels[fit_rows], {n: p[fit_rows] for n, p in member_probs.items()}
+        ).weights
+        out[scored] = blend_members(
+            [member_probs[n][scored] for n in names], [weights[n] for n in names]
+        ).probs
     return out
 
 
-def nested_cross_fit(splits: np.ndarray, cross_fitted: Callable[[np.ndarray], np.ndarray]) -> dict[int, np.ndarray]:
+def nested_cross_fit(
+    splits: np.ndarray, cross_fitted: Callable[[np.ndarray], np.ndarray]
+) -> dict[int, np.ndarray]:
     """For each split k, `cross_fitted(rows)` on the rows outside k (a boolean mask; it cross-fits among
     those rows' own splits): a fitted candidate's probabilities for choosing inside split k, none of them
     fitted on split k's labels (`Candidate.inner_probs`)."""
@@ -221,48 +254,96 @@ def build_candidates(
     redone without each split) for `decide_ship`'s nested estimate."""
     labels = np.asarray(labels, dtype=np.int64)
     splits = cross_fit_splits(groups)
-    candidates = [Candidate(name=name, kind="model", probs=np.asarray(p, dtype=np.float64),
-                            members=[{"name": name, "kind": "model", "path": str(path), "weight": 1.0}])
-                  for name, (p, path) in models.items()]
+    candidates = [
+        Candidate(
+            name=name,
+            kind="model",
+            probs=np.asarray(p, dtype=np.float64),
+            members=[{"name": name, "kind": "model", "path": str(path), "weight": 1.0}],
+        )
+        for name, (p, path) in models.items()
+    ]
     if baseline is not None:
-        candidates.append(Candidate(name="feature-baseline", kind="baseline", probs=np.asarray(baseline[0]),
-                                    members=[{"name": "feature-baseline", "kind": "baseline",
-                                              "path": str(baseline[1]), "weight": 1.0}]))
-    candidates.append(Candidate(name="class-prior", kind="prior", probs=np.asarray(prior_probs, dtype=np.float64),
-                                members=[{"name": "class-prior", "kind": "prior",
-                                          "prior": [float(v) for v in prior], "weight": 1.0}]))
+        candidates.append(
+            Candidate(
+                name="feature-baseline",
+                kind="baseline",
+                probs=np.asarray(baseline[0]),
+                members=[
+                    {"name": "feature-baseline", "kind": "baseline", "path": str(baseline[1]), "weight": 1.0}
+                ],
+            )
+        )
+    candidates.append(
+        Candidate(
+            name="class-prior",
+            kind="prior",
+            probs=np.asarray(prior_probs, dtype=np.float64),
+            members=[
+                {"name": "class-prior", "kind": "prior", "prior": [float(v) for v in prior], "weight": 1.0}
+            ],
+        )
+    )
     for name, views in (tta_views or {}).items():
         model = next(c for c in candidates if c.name == name)
-        candidates.append(Candidate(name=f"{name}+logit-tta", kind="model",
-                                    probs=average_views(views[0], views[1], "logit"),
-                                    members=[{**m, "name": f"{m['name']}+logit-tta", "source": m["name"],
-                                              "tta_space": "logit"} for m in model.members],
-                                    complexity=model.complexity + LOGIT_TTA_STEP,
-                                    note="swap-TTA views averaged in logit space (prob space is the plain model)"))
+        candidates.append(
+            Candidate(
+                name=f"{name}+logit-tta",
+                kind="model",
+                probs=average_views(views[0], views[1], "logit"),
+                members=[
+                    {**m, "name": f"{m['name']}+logit-tta", "source": m["name"], "tta_space": "logit"}
+                    for m in model.members
+                ],
+                complexity=model.complexity + LOGIT_TTA_STEP,
+                note="swap-TTA views averaged in logit space (prob space is the plain model)",
+            )
+        )
     singles = list(candidates)
     if calibrate:
         for single in (c for c in singles if c.kind in ("model", "baseline")):
             fitted = fit_calibration(labels, single.probs, method=CALIBRATION_METHOD)
-            candidates.append(Candidate(
-                name=f"{single.name}+{CALIBRATION_METHOD}", kind="calibrated",
-                probs=cross_fitted_calibration(labels, single.probs, splits), members=single.members,
-                calibration=fitted.to_dict(), complexity=single.complexity + CALIBRATION_STEP,
-                inner_probs=nested_cross_fit(splits, lambda rows, p=single.probs: cross_fitted_calibration(
-                    labels[rows], p[rows], splits[rows])),
-                note=f"{CALIBRATION_METHOD} fitted on all OOF rows; CV cross-fitted over {len(np.unique(splits))} "
-                     "prompt-group splits"))
+            candidates.append(
+                Candidate(
+                    name=f"{single.name}+{CALIBRATION_METHOD}",
+                    kind="calibrated",
+                    probs=cross_fitted_calibration(labels, single.probs, splits),
+                    members=single.members,
+                    calibration=fitted.to_dict(),
+                    complexity=single.complexity + CALIBRATION_STEP,
+                    inner_probs=nested_cross_fit(
+                        splits,
+                        lambda rows, p=single.probs: cross_fitted_calibration(
+                            labels[rows], p[rows], splits[rows]
+                        ),
+                    ),
+                    note=f"{CALIBRATION_METHOD} fitted on all OOF rows; CV cross-fitted over {len(np.unique(splits))} "
+                    "prompt-group splits",
+                )
+            )
     if blend and len(singles) > 1:
         member_probs = {c.name: c.probs for c in singles}
         weights = fit_blend_weights(labels, member_probs).weights
         members = [{**member, "weight": float(weights[c.name])} for c in singles for member in c.members]
         kept = [m for m in members if m["weight"] > 0]
-        candidates.append(Candidate(
-            name="blend", kind="blend", probs=cross_fitted_blend(labels, member_probs, splits), members=kept,
-            complexity=max(COMPLEXITY["blend"], *(c.complexity + 1 for c in candidates)),
-            inner_probs=nested_cross_fit(splits, lambda rows: cross_fitted_blend(
-                labels[rows], {n: p[rows] for n, p in member_probs.items()}, splits[rows])),
-            note="weights " + ", ".join(f"{m['name']} {m['weight']:.3f}" for m in kept)
-                 + f"; CV cross-fitted over {len(np.unique(splits))} prompt-group splits"))
+        candidates.append(
+            Candidate(
+                name="blend",
+                kind="blend",
+                probs=cross_fitted_blend(labels, member_probs, splits),
+                members=kept,
+                complexity=max(COMPLEXITY["blend"], *(c.complexity + 1 for c in candidates)),
+                inner_probs=nested_cross_fit(
+                    splits,
+                    lambda rows: cross_fitted_blend(
+                        labels[rows], {n: p[rows] for n, p in member_probs.items()}, splits[rows]
+                    ),
+                ),
+                note="weights "
+                + ", ".join(f"{m['name']} {m['weight']:.3f}" for m in kept)
+                + f"; CV cross-fitted over {len(np.unique(splits))} prompt-group splits",
+            )
+        )
     for candidate in candidates:
         candidate.cv_log_loss = log_loss(labels, candidate.probs)
         candidate.splits = splits
@@ -296,7 +377,9 @@ def select(labels: np.ndarray, probs: list[np.ndarray], complexity: list[int]) -
     return min([lowest, *simpler], key=lambda i: (complexity[i], means[i])), lowest
 
 
-def decide_ship(labels: np.ndarray, candidates: list[Candidate], splits: np.ndarray | None = None) -> ShipDecision:
+def decide_ship(
+    labels: np.ndarray, candidates: list[Candidate], splits: np.ndarray | None = None
+) -> ShipDecision:
     """Rank by CV log loss and ship what `select` chooses on every OOF row. The lowest CV's lead over the
     runner-up is given with its paired standard error. `splits` (default: the candidates' own, as
     `build_candidates` sets them): each row's cross-fit split, for the nested estimate of the shipped CV: for
@@ -318,42 +401,65 @@ def decide_ship(labels: np.ndarray, candidates: list[Candidate], splits: np.ndar
     if splits is not None:
         splits = np.asarray(splits)
         if splits.shape != (rows,) or len(np.unique(splits)) < 2:
-            raise UsageError(f"the nested ship estimate needs each of the {rows} OOF rows in one of at least two "
-                             f"cross-fit splits, got splits of shape {splits.shape}")
+            raise UsageError(
+                f"the nested ship estimate needs each of the {rows} OOF rows in one of at least two "
+                f"cross-fit splits, got splits of shape {splits.shape}"
+            )
         held_out = np.empty(rows, dtype=np.float64)
         for split in np.unique(splits):
             scored = splits == split
-            index, _ = select(labels[~scored], [c.selection_probs(int(split), splits) for c in ranking], complexity)
+            index, _ = select(
+                labels[~scored], [c.selection_probs(int(split), splits) for c in ranking], complexity
+            )
             choices.append(ranking[index].name)
             held_out[scored] = row_log_losses(labels[scored], ranking[index].probs[scored])
         nested = float(held_out.mean())
-    nested_text = "" if nested is None else (
-        f"; nested CV {nested:.4f} (selection made inside each of {len(choices)} splits, scored on the split: chose "
-        + ", ".join(f"{name} in {choices.count(name)}" for name in dict.fromkeys(choices)) + ")")
+    nested_text = (
+        ""
+        if nested is None
+        else (
+            f"; nested CV {nested:.4f} (selection made inside each of {len(choices)} splits, scored on the split: chose "
+            + ", ".join(f"{name} in {choices.count(name)}" for name in dict.fromkeys(choices))
+            + ")"
+        )
+    )
 
     if len(ranking) == 1:
-        statement = (f"ship {shipped.name} ({shipped.kind}): CV log loss {shipped.cv_log_loss:.4f} on {rows} OOF "
-                     f"rows; {shipped.name} is the only candidate{nested_text}")
+        statement = (
+            f"ship {shipped.name} ({shipped.kind}): CV log loss {shipped.cv_log_loss:.4f} on {rows} OOF "
+            f"rows; {shipped.name} is the only candidate{nested_text}"
+        )
         return ShipDecision(ranking, rows, None, None, None, statement, shipped, None, nested, choices)
     second = ranking[1]
     difference, se = paired_lead(labels, second.probs, lowest.probs)
     within = difference <= NOISE_Z * se
     lead = None
     if shipped is lowest:
-        statement = (f"ship {shipped.name} ({shipped.kind}): CV log loss {shipped.cv_log_loss:.4f} on {rows} OOF "
-                     f"rows, {difference:.4f} below {second.name} (paired standard error {se:.4f})"
-                     + ("; the lead is within noise, and no candidate within it is simpler" if within else ""))
+        statement = (
+            f"ship {shipped.name} ({shipped.kind}): CV log loss {shipped.cv_log_loss:.4f} on {rows} OOF "
+            f"rows, {difference:.4f} below {second.name} (paired standard error {se:.4f})"
+            + ("; the lead is within noise, and no candidate within it is simpler" if within else "")
+        )
     else:
         lead = paired_lead(labels, shipped.probs, lowest.probs)
-        statement = (f"ship {shipped.name} ({shipped.kind}): the simplest candidate within noise of the lowest CV "
-                     f"({lowest.name} {lowest.cv_log_loss:.4f} on {rows} OOF rows, {lead[0]:.4f} below "
-                     f"{shipped.name}'s {shipped.cv_log_loss:.4f}, paired standard error {lead[1]:.4f})")
-    return ShipDecision(ranking, rows, difference, se, bool(within), statement + nested_text, shipped, lead,
-                        nested, choices)
+        statement = (
+            f"ship {shipped.name} ({shipped.kind}): the simplest candidate within noise of the lowest CV "
+            f"({lowest.name} {lowest.cv_log_loss:.4f} on {rows} OOF rows, {lead[0]:.4f} below "
+            f"{shipped.name}'s {shipped.cv_log_loss:.4f}, paired standard error {lead[1]:.4f})"
+        )
+    return ShipDecision(
+        ranking, rows, difference, se, bool(within), statement + nested_text, shipped, lead, nested, choices
+    )
 
 
-def write_shipped(decision: ShipDecision, out_dir: str | Path, *, class_prior: np.ndarray, dialect: str,
-                  baseline: str | Path | None = None) -> Path:
+def write_shipped(
+    decision: ShipDecision,
+    out_dir: str | Path,
+    *,
+    class_prior: np.ndarray,
+    dialect: str,
+    baseline: str | Path | None = None,
+) -> Path:
     """What `predict --artifact` takes for the winner, self-contained: it can be moved, uploaded with
     `upload-artifact` and read from /kaggle/input.
 
@@ -378,7 +484,9 @@ def write_shipped(decision: ShipDecision, out_dir: str | Path, *, class_prior: n
         return Path(best.members[0]["path"])
     out_dir = Path(out_dir)
     sources = [Path(m["path"]) for m in best.members if m.get("path")]
-    check_output_apart(out_dir, [("ensemble member", path) for path in sources] + [("fallback baseline", baseline)])
+    check_output_apart(
+        out_dir, [("ensemble member", path) for path in sources] + [("fallback baseline", baseline)]
+    )
     _refuse_replacing_other_folders(out_dir)
     with staged_folder(out_dir) as staging:
         if plain:
@@ -390,18 +498,32 @@ def write_shipped(decision: ShipDecision, out_dir: str | Path, *, class_prior: n
 
 def _refuse_replacing_other_folders(out_dir: Path) -> None:
     """A shipped folder replaces only a previous shipped artifact (or nothing, or an empty folder)."""
-    if out_dir.is_symlink() or out_dir.exists() and not (out_dir / MANIFEST_NAME).is_file() and (
-            not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise UsageError(f"refusing to replace {out_dir}: it is not a shipped artifact (no {MANIFEST_NAME}); "
-                         f"choose another output")
+    if (
+        out_dir.is_symlink()
+        or out_dir.exists()
+        and not (out_dir / MANIFEST_NAME).is_file()
+        and (not out_dir.is_dir() or any(out_dir.iterdir()))
+    ):
+        raise UsageError(
+            f"refusing to replace {out_dir}: it is not a shipped artifact (no {MANIFEST_NAME}); "
+            f"choose another output"
+        )
 
 
 SHIPPED_MEMBERS_DIR = "members"  # an ensemble folder's copies of its model members
-SHIPPED_BASELINE = "baseline.json"  # the fallback baseline inside what ships (the name runtime.find_inputs seeks)
+SHIPPED_BASELINE = (
+    "baseline.json"  # the fallback baseline inside what ships (the name runtime.find_inputs seeks)
+)
 
 
-def _ship_ensemble(decision: ShipDecision, folder: Path, *, class_prior: np.ndarray, dialect: str,
-                   baseline: str | Path | None) -> None:
+def _ship_ensemble(
+    decision: ShipDecision,
+    folder: Path,
+    *,
+    class_prior: np.ndarray,
+    dialect: str,
+    baseline: str | Path | None,
+) -> None:
     """Copy the winner's members (each source once) and the fallback baseline into `folder`; write its manifest
     naming them relative to it, with every file's bytes and sha256."""
     best = decision.best
@@ -427,13 +549,19 @@ def _ship_ensemble(decision: ShipDecision, folder: Path, *, class_prior: np.ndar
                 copied[source] = f"{SHIPPED_MEMBERS_DIR}/{name}"
                 files.update(_copy_model(source, folder, copied[source]))
         members.append({**member, "path": copied[source]})
-    manifest = {"kind": ENSEMBLE_KIND, "name": best.name, "members": members, "calibration": best.calibration,
-                "class_prior": [float(v) for v in class_prior], "dialect": dialect,
-                "cv_scores": {"log_loss": best.cv_log_loss, "rows": decision.rows, "statement": decision.statement},
-                "fallback_baseline": SHIPPED_BASELINE if fallback is not None else None,
-                "package_version": __version__,
-                "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-                "files": dict(sorted(files.items()))}
+    manifest = {
+        "kind": ENSEMBLE_KIND,
+        "name": best.name,
+        "members": members,
+        "calibration": best.calibration,
+        "class_prior": [float(v) for v in class_prior],
+        "dialect": dialect,
+        "cv_scores": {"log_loss": best.cv_log_loss, "rows": decision.rows, "statement": decision.statement},
+        "fallback_baseline": SHIPPED_BASELINE if fallback is not None else None,
+        "package_version": __version__,
+        "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "files": dict(sorted(files.items())),
+    }
     check_ensemble_manifest(folder, manifest, verify_hashes=False)  # copies already checked one by one
     atomic_write_bytes(folder / MANIFEST_NAME, json.dumps(manifest, indent=2).encode("utf-8"))
 
@@ -461,11 +589,17 @@ def ship_artifact(artifact_dir: str | Path, out_dir: str | Path, baseline: str |
     artifact_dir, out_dir, baseline = Path(artifact_dir), Path(out_dir), Path(baseline)
     check_output_apart(out_dir, [("artifact", artifact_dir), ("fallback baseline", baseline)])
     if not baseline.is_file():
-        raise UsageError(f"fallback baseline {baseline} not found: save one with `baseline --save-model FILE`")
-    BaselineModel.load(baseline)  # its sha256 manifest checked: a damaged baseline is refused here, not on Kaggle
+        raise UsageError(
+            f"fallback baseline {baseline} not found: save one with `baseline --save-model FILE`"
+        )
+    BaselineModel.load(
+        baseline
+    )  # its sha256 manifest checked: a damaged baseline is refused here, not on Kaggle
     if read_manifest_json(artifact_dir).get("kind") == ENSEMBLE_KIND:
-        raise UsageError(f"{artifact_dir} is an ensemble: it carries its fallback baseline when shipped by "
-                         "compare-orderings or combine-reports (ship.write_shipped)")
+        raise UsageError(
+            f"{artifact_dir} is an ensemble: it carries its fallback baseline when shipped by "
+            "compare-orderings or combine-reports (ship.write_shipped)"
+        )
     read_manifest(artifact_dir)  # a complete model artifact; the copy's sha256s are checked as it is made
     _refuse_replacing_other_folders(out_dir)
     with staged_folder(out_dir) as staging:
@@ -493,8 +627,10 @@ def _copy_model(source: Path, folder: Path, relative: str) -> dict[str, dict]:
     read_manifest(target, verify_hashes=True)
     prefix = "" if relative == "." else f"{relative}/"
     table = {f"{prefix}{file}": dict(info) for file, info in manifest["files"].items()}
-    table[f"{prefix}{MANIFEST_NAME}"] = {"bytes": (target / MANIFEST_NAME).stat().st_size,
-                                         "sha256": file_sha256(target / MANIFEST_NAME)}
+    table[f"{prefix}{MANIFEST_NAME}"] = {
+        "bytes": (target / MANIFEST_NAME).stat().st_size,
+        "sha256": file_sha256(target / MANIFEST_NAME),
+    }
     return table
 
 
@@ -510,10 +646,13 @@ def _copy_baseline(source: Path, folder: Path, relative: str) -> dict[str, dict]
     atomic_write_bytes(target, data)
     atomic_write_bytes(baseline_manifest_path(target), sidecar_data)
     BaselineModel.load(target)
-    return {relative: sidecar["files"][target.name],
-            f"{relative}{BASELINE_MANIFEST_SUFFIX}": {"bytes": len(sidecar_data),
-                                                      "sha256": hashlib.sha256(sidecar_data).hexdigest()}}
-
+    return {
+        relative: sidecar["files"][target.name],
+        f"{relative}{BASELINE_MANIFEST_SUFFIX}": {
+            "bytes": len(sidecar_data),
+            "sha256": hashlib.sha256(sidecar_data).hexdigest(),
+        },
+    }
 
 
 @dataclass
@@ -542,8 +681,14 @@ def seed_ensemble(runs: list[ShippedRun], name: str) -> ShippedRun:
         aligned = np.empty_like(run.probs)
         aligned[np.array([order[row_id] for row_id in run.ids])] = run.probs
         stacked.append(aligned)
-    return ShippedRun(name=name, ids=list(first.ids), labels=first.labels, probs=np.mean(stacked, axis=0),
-                      row_priors=first.row_priors, artifact_dirs=[d for run in runs for d in run.artifact_dirs])
+    return ShippedRun(
+        name=name,
+        ids=list(first.ids),
+        labels=first.labels,
+        probs=np.mean(stacked, axis=0),
+        row_priors=first.row_priors,
+        artifact_dirs=[d for run in runs for d in run.artifact_dirs],
+    )
 
 
 def ship_runs(
@@ -580,12 +725,20 @@ def ship_runs(
         by_id, model_path = baseline
         missing = [row_id for row_id in first.ids if row_id not in by_id]
         if missing:
-            raise UsageError(f"the baseline OOF lacks {len(missing)} of the runs' rows (e.g. {missing[:5]}): "
-                             "make it on the same folds file")
+            raise UsageError(
+                f"the baseline OOF lacks {len(missing)} of the runs' rows (e.g. {missing[:5]}): "
+                "make it on the same folds file"
+            )
         baseline_oof = (np.stack([by_id[row_id] for row_id in first.ids]), model_path)
-    candidates = build_candidates(labels, groups, {name: (p, "") for name, (p, _) in models.items()},
-                                  prior_probs=first.row_priors, prior=prior, baseline=baseline_oof,
-                                  tta_views=tta_views)
+    candidates = build_candidates(
+        labels,
+        groups,
+        {name: (p, "") for name, (p, _) in models.items()},
+        prior_probs=first.row_priors,
+        prior=prior,
+        baseline=baseline_oof,
+        tta_views=tta_views,
+    )
     for candidate in candidates:  # a model's members: its fold artifacts, equal weights (a fold ensemble)
         candidate.members = [member for m in candidate.members for member in _fold_members(m, models)]
     decision = decide_ship(labels, candidates)
@@ -595,8 +748,13 @@ def ship_runs(
     if calibrated is not None:
         curves[f"{calibrated.name} (cross-fitted)"] = calibrated.probs
     plot_reliability(labels, curves, out_dir / "reliability.png")
-    shipped = write_shipped(decision, out_dir / "shipped", class_prior=prior, dialect=dialect,
-                            baseline=baseline[1] if baseline is not None else None)
+    shipped = write_shipped(
+        decision,
+        out_dir / "shipped",
+        class_prior=prior,
+        dialect=dialect,
+        baseline=baseline[1] if baseline is not None else None,
+    )
     record = {**decision.to_dict(), "artifact": str(shipped), "reliability_png": "reliability.png"}
     atomic_write_bytes(out_dir / "ship.json", json.dumps(record, indent=2).encode("utf-8"))
     return decision, shipped
@@ -608,5 +766,12 @@ def _fold_members(member: dict, models: dict[str, tuple[np.ndarray, list[str]]])
     folds = models[member.get("source", member["name"])][1]
     if len(folds) == 1:
         return [{**member, "path": folds[0]}]
-    return [{**member, "name": f"{member['name']}/fold{index}", "path": path, "weight": member["weight"] / len(folds)}
-            for index, path in enumerate(folds)]
+    return [
+        {
+            **member,
+            "name": f"{member['name']}/fold{index}",
+            "path": path,
+            "weight": member["weight"] / len(folds),
+        }
+        for index, path in enumerate(folds)
+    ]

@@ -29,7 +29,9 @@ def is_out_of_memory(error: BaseException) -> bool:
     if isinstance(error, torch.OutOfMemoryError):
         return True
     text = str(error)
-    return isinstance(error, RuntimeError) and ("out of memory" in text.lower() or "RESOURCE_EXHAUSTED" in text)
+    return isinstance(error, RuntimeError) and (
+        "out of memory" in text.lower() or "RESOURCE_EXHAUSTED" in text
+    )
 
 
 def make_forward(model: Any, pad_token_id: int, device: str) -> ForwardFn:
@@ -37,7 +39,9 @@ def make_forward(model: Any, pad_token_id: int, device: str) -> ForwardFn:
     collate = PadCollator(pad_token_id)
     # Each device's worker thread makes its GPU the current one (kernels that use the current device, e.g.
     # some bitsandbytes paths, would otherwise run against cuda:0).
-    context = (lambda: torch.cuda.device(device)) if str(device).startswith("cuda") else contextlib.nullcontext
+    context = (
+        (lambda: torch.cuda.device(device)) if str(device).startswith("cuda") else contextlib.nullcontext
+    )
 
     def forward(seqs: list[list[int]]) -> np.ndarray:
         batch = collate([{"input_ids": seq} for seq in seqs])
@@ -52,7 +56,9 @@ def preflight_dtype(model: Any, pad_token_id: int, device: str, seqs: list[list[
     """`devices.check_dtype_range` on a few real rows, padded as `make_forward` pads them: a model that would
     overflow float16 is refused (DtypeRangeError naming `setting`) before any row is predicted."""
     batch = PadCollator(pad_token_id)([{"input_ids": seq} for seq in seqs])
-    return check_dtype_range(model, batch["input_ids"].to(device), batch["attention_mask"].to(device), setting)
+    return check_dtype_range(
+        model, batch["input_ids"].to(device), batch["attention_mask"].to(device), setting
+    )
 
 
 def _pad_id(tokenizer: Any) -> int:
@@ -66,5 +72,7 @@ def _describe_error(error: BaseException) -> dict:
     return {
         "type": type(error).__name__,
         "message": str(error)[:500],
-        "traceback": "".join(traceback.format_exception(type(error), error, error.__traceback__)[-3:])[-1500:],
+        "traceback": "".join(traceback.format_exception(type(error), error, error.__traceback__)[-3:])[
+            -1500:
+        ],
     }

@@ -107,7 +107,9 @@ ORIGINAL, SWAPPED = 0, 1
 PATH_TTA, PATH_ORIGINAL, PATH_SWAPPED, PATH_FALLBACK = "tta", "original_only", "swapped_only", "fallback"
 # An ensemble's rows: every member served the row, or only some (weights renormalised over those).
 PATH_ALL_MEMBERS, PATH_SOME_MEMBERS = "all_members", "some_members"
-PREFLIGHT_ROWS = 4  # float16 compute: rows run once with every decoder layer watched before the schedule starts
+PREFLIGHT_ROWS = (
+    4  # float16 compute: rows run once with every decoder layer watched before the schedule starts
+)
 _ERRORS_KEPT = 20
 
 
@@ -163,7 +165,9 @@ class ScheduleReport:
     batches_done: int = 0
     batches_failed: int = 0
     rows_done_per_view: list[int] = field(default_factory=list)
-    nonfinite_rows: int = 0  # rows the model returned NaN/inf for (fp16 overflow): other view/fallback, exit 1
+    nonfinite_rows: int = (
+        0  # rows the model returned NaN/inf for (fp16 overflow): other view/fallback, exit 1
+    )
     rows_out_of_memory: int = 0  # rows that did not fit in memory even alone
     workers_lost: int = 0  # worker processes that died mid-run (their device retired)
     rows_requeued: int = 0  # row passes of a lost worker's in-flight batch, put back for the others to redo
@@ -225,7 +229,9 @@ class _Scheduler:
         for view, seqs in enumerate(sequences):
             lengths = [len(seq) for seq in seqs]
             batches = token_budget_batches(lengths, cfg.token_budget, cfg.max_rows_per_batch)
-            tasks = [_Task(view, list(rows), len(rows) * max(lengths[r] for r in rows)) for rows in batches if rows]
+            tasks = [
+                _Task(view, list(rows), len(rows) * max(lengths[r] for r in rows)) for rows in batches if rows
+            ]
             self.pending.append(deque(tasks))
         self.probs = np.full((self.n_views, self.n_rows, len(LABEL_COLUMNS)), np.nan)
         self.done = np.zeros((self.n_views, self.n_rows), dtype=bool)
@@ -235,7 +241,9 @@ class _Scheduler:
         # unless a lost worker's batch comes back to it)
         self.idle_since: list[float | None] = [None] * len(self.workers)
         self.report = ScheduleReport(
-            rows=self.n_rows, views=self.n_views, batches_planned=sum(len(q) for q in self.pending),
+            rows=self.n_rows,
+            views=self.n_views,
+            batches_planned=sum(len(q) for q in self.pending),
             workers=self.workers,
         )
         self.real_tokens = 0
@@ -273,7 +281,10 @@ class _Scheduler:
                 task = queue.popleft()
                 pending -= task.padded_tokens
                 dropped += len(task.rows)
-        if all(not self.pending[view] for view in range(1, self.n_views)) and now + pending / throughput > self.deadline:
+        if (
+            all(not self.pending[view] for view in range(1, self.n_views))
+            and now + pending / throughput > self.deadline
+        ):
             covered = self.done[1:].any(axis=0) | self.in_flight[1:].any(axis=0)
             lengths = [len(seq) for seq in self.sequences[ORIGINAL]]
             kept: deque[_Task] = deque()
@@ -338,8 +349,10 @@ class _Scheduler:
                         continue
                     task = self.pending[view][0]
                     rate = stats.rate or (self._throughput() or 0.0) / max(1, len(self.workers))
-                    if self.deadline is not None and rate > 0 and (
-                        now + task.padded_tokens / rate > self.deadline
+                    if (
+                        self.deadline is not None
+                        and rate > 0
+                        and (now + task.padded_tokens / rate > self.deadline)
                     ):
                         self._stop("deadline", now)
                         return None
@@ -427,11 +440,21 @@ class _Scheduler:
             self.report.rows_requeued += len(task.rows)
             self.pending[task.view].appendleft(task)
             if len(self.report.errors) < _ERRORS_KEPT:
-                self.report.errors.append({"where": "worker lost", "device": stats.name,
-                                           "view": VIEW_NAMES[task.view], "n_rows": len(task.rows),
-                                           **_describe_error(error)})
-            logger.error("device %s lost (%s); its batch of %d rows goes back to the queue", stats.name,
-                         error, len(task.rows))
+                self.report.errors.append(
+                    {
+                        "where": "worker lost",
+                        "device": stats.name,
+                        "view": VIEW_NAMES[task.view],
+                        "n_rows": len(task.rows),
+                        **_describe_error(error),
+                    }
+                )
+            logger.error(
+                "device %s lost (%s); its batch of %d rows goes back to the queue",
+                stats.name,
+                error,
+                len(task.rows),
+            )
             if all(w.retired for w in self.workers):
                 self._stop("all devices retired", self.clock())
             self.changed.notify_all()
@@ -441,17 +464,30 @@ class _Scheduler:
             stats = self.workers[worker]
             stats.oom_retries += 1
             stats.token_cap = new_cap
-            self.report.oom_events.append({"device": stats.name, "rows": rows, "length": length, "new_cap": new_cap})
-            logger.warning("device %s: out of memory on %d x %d tokens; retrying in halves", stats.name, rows, length)
+            self.report.oom_events.append(
+                {"device": stats.name, "rows": rows, "length": length, "new_cap": new_cap}
+            )
+            logger.warning(
+                "device %s: out of memory on %d x %d tokens; retrying in halves", stats.name, rows, length
+            )
 
     def record_row_oom(self, worker: int, length: int, error: BaseException) -> None:
         with self.lock:
             self.report.rows_out_of_memory += 1
             if len(self.report.errors) < _ERRORS_KEPT:
-                self.report.errors.append({"where": "row", "device": self.workers[worker].name, "length": length,
-                                           **_describe_error(error)})
-            logger.error("device %s: one row of %d tokens does not fit in memory alone", self.workers[worker].name,
-                         length)
+                self.report.errors.append(
+                    {
+                        "where": "row",
+                        "device": self.workers[worker].name,
+                        "length": length,
+                        **_describe_error(error),
+                    }
+                )
+            logger.error(
+                "device %s: one row of %d tokens does not fit in memory alone",
+                self.workers[worker].name,
+                length,
+            )
 
     def finish_worker(self, worker: int) -> None:
         with self.lock:
@@ -474,7 +510,11 @@ class _Scheduler:
 
 
 def _forward_with_backoff(
-    scheduler: _Scheduler, worker: int, forward: ForwardFn, seqs: list[list[int]], on_oom: Callable[[], None] | None
+    scheduler: _Scheduler,
+    worker: int,
+    forward: ForwardFn,
+    seqs: list[list[int]],
+    on_oom: Callable[[], None] | None,
 ) -> tuple[np.ndarray, int]:
     """Run `seqs` in chunks under the device's token cap; on OOM halve the chunk and retry the same rows.
 
@@ -516,7 +556,9 @@ def _forward_with_backoff(
     return np.concatenate(outputs), skipped
 
 
-def _worker_loop(scheduler: _Scheduler, worker: int, forward: ForwardFn, on_oom: Callable[[], None] | None) -> None:
+def _worker_loop(
+    scheduler: _Scheduler, worker: int, forward: ForwardFn, on_oom: Callable[[], None] | None
+) -> None:
     try:
         while (task := scheduler.next_task(worker)) is not None:
             seqs = [list(scheduler.sequences[task.view][row]) for row in task.rows]
@@ -563,7 +605,10 @@ def run_schedule(
         else:
             threads = [
                 threading.Thread(
-                    target=_worker_loop, args=(scheduler, i, fn, hooks[i]), name=f"inference-{names[i]}", daemon=True
+                    target=_worker_loop,
+                    args=(scheduler, i, fn, hooks[i]),
+                    name=f"inference-{names[i]}",
+                    daemon=True,
                 )
                 for i, fn in enumerate(forwards)
             ]
@@ -583,8 +628,9 @@ def run_schedule(
 # ----------------------------------------------------------------------------------------------------------
 
 
-def combine_views(views: ViewPredictions, fallback: np.ndarray, tta_space: str = "prob"
-                  ) -> tuple[np.ndarray, np.ndarray]:
+def combine_views(
+    views: ViewPredictions, fallback: np.ndarray, tta_space: str = "prob"
+) -> tuple[np.ndarray, np.ndarray]:
     """Final (n, 3) probabilities and each row's path: both views averaged where both ran
     (`formatting.average_views` in `tta_space`), the one view that ran, else the fallback row."""
 
@@ -606,7 +652,9 @@ def combine_views(views: ViewPredictions, fallback: np.ndarray, tta_space: str =
     return final, paths
 
 
-def encode_views(frame: Any, tokenizer: Any, format_config: Any, tta_swap: bool) -> tuple[list[list[list[int]]], Any]:
+def encode_views(
+    frame: Any, tokenizer: Any, format_config: Any, tta_swap: bool
+) -> tuple[list[list[list[int]]], Any]:
     """The token sequences of every view (original, and the A/B-swapped one with TTA) and the original view's
     encoding (its `summary()` goes in reports): the one place both CV and `predict` format rows."""
     if tta_swap:
@@ -651,11 +699,15 @@ def score_rows(
     served = views.done.any(axis=0)
     if not served.all():
         first = schedule.errors[0] if schedule.errors else {"message": "no error recorded"}
-        raise InferenceError(f"scoring left {int((~served).sum())} of {len(served)} rows unpredicted "
-                             f"(first error: {first.get('type', '')} {first.get('message', '')})")
+        raise InferenceError(
+            f"scoring left {int((~served).sum())} of {len(served)} rows unpredicted "
+            f"(first error: {first.get('type', '')} {first.get('message', '')})"
+        )
     if cfg.tta_swap and not views.done.all():
-        raise InferenceError(f"scoring served only one view of {int((~views.done.all(axis=0)).sum())} rows: "
-                             "CV must score both TTA views as the submission would")
+        raise InferenceError(
+            f"scoring served only one view of {int((~views.done.all(axis=0)).sum())} rows: "
+            "CV must score both TTA views as the submission would"
+        )
     probs, _ = model_probabilities(views, manifest)
     rows_per_s = len(served) / elapsed if elapsed > 0 else float("nan")
     return ScoredRows(probs=probs, views=views, rows_per_s=rows_per_s, schedule=schedule)
@@ -667,8 +719,11 @@ def model_probabilities(views: ViewPredictions, manifest: dict | None) -> tuple[
     served are NaN, for the caller's fallback. `predict`, ensemble members and `score_rows` all go through
     here, so a post-processing step added to a manifest changes CV and the submission together."""
     manifest = manifest or {}
-    probs, paths = combine_views(views, np.full((views.probs.shape[1], len(LABEL_COLUMNS)), np.nan),
-                                 str(manifest.get("tta_space") or "prob"))
+    probs, paths = combine_views(
+        views,
+        np.full((views.probs.shape[1], len(LABEL_COLUMNS)), np.nan),
+        str(manifest.get("tta_space") or "prob"),
+    )
     return calibrate_served(probs, manifest.get("calibration")), paths
 
 
@@ -689,7 +744,9 @@ def class_prior_from_manifest(manifest: dict | None) -> np.ndarray | None:
     if raw is None:
         return None
     if isinstance(raw, dict):
-        keys = [(column, column.removeprefix("winner_model_").removeprefix("winner_")) for column in LABEL_COLUMNS]
+        keys = [
+            (column, column.removeprefix("winner_model_").removeprefix("winner_")) for column in LABEL_COLUMNS
+        ]
         values = [raw.get(full, raw.get(short)) for full, short in keys]
     else:
         values = list(raw)
@@ -697,7 +754,12 @@ def class_prior_from_manifest(manifest: dict | None) -> np.ndarray | None:
         prior = np.asarray(values, dtype=np.float64)
     except (TypeError, ValueError):
         return None
-    if prior.shape != (len(LABEL_COLUMNS),) or not np.all(np.isfinite(prior)) or np.any(prior < 0) or prior.sum() <= 0:
+    if (
+        prior.shape != (len(LABEL_COLUMNS),)
+        or not np.all(np.isfinite(prior))
+        or np.any(prior < 0)
+        or prior.sum() <= 0
+    ):
         return None
     return prior / prior.sum()
 
@@ -714,7 +776,9 @@ def fallback_predictions(
         try:
             probs = np.asarray(BaselineModel.load(baseline_path).predict_proba(frame), dtype=np.float64)
             if probs.shape != (n_rows, len(LABEL_COLUMNS)) or not np.all(np.isfinite(probs)):
-                raise ValueError(f"baseline returned shape {probs.shape} (or non-finite values) for {n_rows} rows")
+                raise ValueError(
+                    f"baseline returned shape {probs.shape} (or non-finite values) for {n_rows} rows"
+                )
             return probs, f"baseline model {baseline_path}", errors
         except Exception as error:  # the baseline is an optional helper: fall through to the prior
             errors.append({"where": "fallback baseline", **_describe_error(error)})
@@ -794,12 +858,16 @@ class InferenceReport:
         if self.schedule.get("tta_dropped"):
             text += f"; TTA dropped for {self.schedule['tta_rows_dropped']} row passes"
         if self.schedule.get("workers_lost"):
-            text += (f"; {self.schedule['workers_lost']} worker process(es) lost, "
-                     f"{self.schedule['rows_requeued']} row passes re-queued")
+            text += (
+                f"; {self.schedule['workers_lost']} worker process(es) lost, "
+                f"{self.schedule['rows_requeued']} row passes re-queued"
+            )
         if self.schedule.get("stopped"):
             text += f"; stopped: {self.schedule['stopped']}"
         if self.members:
-            text += "; members: " + ", ".join(f"{m['name']} {m['rows_served']}/{self.rows}" for m in self.members)
+            text += "; members: " + ", ".join(
+                f"{m['name']} {m['rows_served']}/{self.rows}" for m in self.members
+            )
         if self.errors:
             text += f"; {len(self.errors)} error(s), first: {self.errors[0].get('type')}: {self.errors[0].get('message')}"
         return text
@@ -824,29 +892,47 @@ def raise_if_fallback(report: InferenceReport) -> None:
     is never a quiet hand-off to the other view), or an ensemble member with a weight served none of the rows
     (it failed entirely: the blend shipped is not what was predicted), after the file was written; in Kaggle's
     hidden competition rerun only log it (the written file is the submission and the notebook must finish)."""
-    silent = [member for member in report.members
-              if member.get("weight") and not member.get("rows_served") and report.rows]
+    silent = [
+        member
+        for member in report.members
+        if member.get("weight") and not member.get("rows_served") and report.rows
+    ]
     if not report.fallback_rows and not silent and not report.nonfinite_rows:
         return
 
-    nonfinite = (f"the model returned non-finite probabilities (NaN/inf, e.g. float16 overflow) for "
-                 f"{report.nonfinite_rows} row views of {report.rows} rows")
+    nonfinite = (
+        f"the model returned non-finite probabilities (NaN/inf, e.g. float16 overflow) for "
+        f"{report.nonfinite_rows} row views of {report.rows} rows"
+    )
     if report.nonfinite_rows and not report.fallback_rows:
         message = f"{nonfinite}; their other view served them"
     elif report.fallback_rows:
-        message = (f"{report.fallback_rows} of {report.rows} rows were predicted by the fallback "
-                   f"({report.fallback_source}), not the model") + (f"; {nonfinite}" if report.nonfinite_rows else "")
+        message = (
+            f"{report.fallback_rows} of {report.rows} rows were predicted by the fallback "
+            f"({report.fallback_source}), not the model"
+        ) + (f"; {nonfinite}" if report.nonfinite_rows else "")
     else:
         member = silent[0]
-        first = next((error for error in report.errors if error.get("where") == f"ensemble member {member['name']}"
-                      or error.get("member") == member["name"]), {})
-        message = (f"ensemble member {member['name']} served none of the {report.rows} rows "
-                   f"({first.get('type', 'no error recorded')}: {first.get('message', '')}); the other members "
-                   f"predicted them")
+        first = next(
+            (
+                error
+                for error in report.errors
+                if error.get("where") == f"ensemble member {member['name']}"
+                or error.get("member") == member["name"]
+            ),
+            {},
+        )
+        message = (
+            f"ensemble member {member['name']} served none of the {report.rows} rows "
+            f"({first.get('type', 'no error recorded')}: {first.get('message', '')}); the other members "
+            f"predicted them"
+        )
     if report.previous_kept:
-        message += (f"; the valid previous submission {report.submission_path} was kept; this run's file is "
-                    f"{report.written_path} (--write-fallback-over-previous writes it at the output instead): "
-                    f"{report.summary()}")
+        message += (
+            f"; the valid previous submission {report.submission_path} was kept; this run's file is "
+            f"{report.written_path} (--write-fallback-over-previous writes it at the output instead): "
+            f"{report.summary()}"
+        )
     else:
         message += f"; the submission was written: {report.summary()}"
     if is_competition_rerun():
@@ -862,16 +948,19 @@ def validate_inference_config(cfg: InferenceConfig) -> None:
     validate_section(cfg)
 
 
-def predict_inputs(artifact_dir: str | Path | None, test_path: str | Path,
-                   fallback_path: str | Path | None = None) -> list[tuple[str, Path]]:
+def predict_inputs(
+    artifact_dir: str | Path | None, test_path: str | Path, fallback_path: str | Path | None = None
+) -> list[tuple[str, Path]]:
     """Every file and folder `predict` reads, as (what, path) for `fileio.check_output_apart`: the test file, the
     fallback baseline and its manifest, the artifact, and an ensemble's members (a model member's folder, a
     baseline member's file and its manifest). The manifest is read leniently: one that cannot be read names
     no members (the run then falls back and says why)."""
     inputs: list[tuple[str, Path]] = [("test file", Path(test_path))]
     if fallback_path is not None:
-        inputs += [("fallback baseline", Path(fallback_path)),
-                   ("fallback baseline's manifest", baseline_manifest_path(fallback_path))]
+        inputs += [
+            ("fallback baseline", Path(fallback_path)),
+            ("fallback baseline's manifest", baseline_manifest_path(fallback_path)),
+        ]
     if artifact_dir is None:
         return inputs
     inputs.append(("artifact", Path(artifact_dir)))
@@ -953,12 +1042,18 @@ def predict(
     use_offline_hub()  # nothing here downloads; bitsandbytes' import would otherwise ask the Hub for a kernel
     chosen = resolve_dialect(artifact_dir, dialect, test_path)
     if data_cfg is not None and data_cfg.format != chosen.name:
-        raise UsageError(f"data format {data_cfg.format!r} but the dialect is {chosen.name!r} "
-                         f"({'given' if dialect else 'from the artifact manifest'}): they must agree")
+        raise UsageError(
+            f"data format {data_cfg.format!r} but the dialect is {chosen.name!r} "
+            f"({'given' if dialect else 'from the artifact manifest'}): they must agree"
+        )
     out_path = Path(out_path)
     inputs = predict_inputs(artifact_dir, test_path, fallback_path)
-    for output in (out_path, report_path_for(out_path), fallback_path_for(out_path),
-                   report_path_for(fallback_path_for(out_path))):
+    for output in (
+        out_path,
+        report_path_for(out_path),
+        fallback_path_for(out_path),
+        report_path_for(fallback_path_for(out_path)),
+    ):
         check_output_target(output)
         check_output_apart(output, inputs)
     runtime_error: Exception | None = None
@@ -974,9 +1069,12 @@ def predict(
     budget = (cfg.deadline_hours - cfg.safety_margin_hours) * 3600.0 - spent_before
     deadline = began + budget
     report = InferenceReport(
-        submission_path=str(out_path), test_path=str(test_path),
+        submission_path=str(out_path),
+        test_path=str(test_path),
         artifact_dir=str(artifact_dir) if artifact_dir is not None else "",
-        tta_requested=cfg.tta_swap, deadline_s=budget, dialect=chosen.name,
+        tta_requested=cfg.tta_swap,
+        deadline_s=budget,
+        dialect=chosen.name,
     )
 
     report.kaggle = {"on_kaggle": on_kaggle(), "competition_rerun": is_competition_rerun()}
@@ -1001,8 +1099,10 @@ def predict(
         report.data_report = loaded.report.to_dict()
         frame_ids = frame["id"].cast(pl.String).str.strip_chars().to_list()
         if frame_ids != ids.to_list():
-            raise UsageError(f"{test_path}: parsed rows do not match the file's ids in order ({len(frame_ids)} "
-                             f"parsed, {len(ids)} ids)")
+            raise UsageError(
+                f"{test_path}: parsed rows do not match the file's ids in order ({len(frame_ids)} "
+                f"parsed, {len(ids)} ids)"
+            )
     except Exception as error:
         record("reading test rows", error)
         frame = None
@@ -1011,7 +1111,9 @@ def predict(
     # 2. The fallback, and a valid submission made of it before any model work.
     manifest = _read_manifest(artifact_dir, record) if artifact_dir is not None else {}
     report.manifest = {key: manifest.get(key) for key in _MANIFEST_KEYS if key in manifest}
-    fallback, report.fallback_source, fallback_errors = fallback_predictions(frame, len(ids), fallback_path, manifest)
+    fallback, report.fallback_source, fallback_errors = fallback_predictions(
+        frame, len(ids), fallback_path, manifest
+    )
     report.errors.extend(fallback_errors)
     early = out_path
     if out_path.is_file():
@@ -1035,8 +1137,9 @@ def predict(
     elif frame is not None:
         try:
             if manifest.get("kind") == "ensemble":
-                blended = _run_ensemble(artifact_dir, manifest, frame, cfg, deadline, clock, runtime, wrap_forward,
-                                        report)
+                blended = _run_ensemble(
+                    artifact_dir, manifest, frame, cfg, deadline, clock, runtime, wrap_forward, report
+                )
             else:
                 views = _run_models(artifact_dir, frame, cfg, deadline, clock, runtime, wrap_forward, report)
         except Exception as error:
@@ -1054,8 +1157,13 @@ def predict(
         report.model_rows = int((~unserved).sum())
     report.rows_by_path = {name: int((paths == name).sum()) for name in path_names}
     # No row from a model: a valid previous file stays (this run's file beside it), unless asked otherwise.
-    report.previous_kept = (early != out_path and report.rows > 0 and report.model_rows == 0
-                            and not fallback_over_previous and not is_competition_rerun())
+    report.previous_kept = (
+        early != out_path
+        and report.rows > 0
+        and report.model_rows == 0
+        and not fallback_over_previous
+        and not is_competition_rerun()
+    )
     submission = chosen.write(ids, final, report.written_path, expected_ids=ids)
     report.submission = submission.to_dict()
     if early != out_path and not report.previous_kept:
@@ -1068,8 +1176,10 @@ def predict(
     _write_report(report, record)
     (logger.warning if report.fallback_rows else logger.info)(report.summary())
     if cfg.raise_after_write and (first_error is not None or report.errors):
-        raise InferenceError(f"inference had errors (the submission was written from the fallback where needed): "
-                             f"{report.summary()}") from first_error
+        raise InferenceError(
+            f"inference had errors (the submission was written from the fallback where needed): "
+            f"{report.summary()}"
+        ) from first_error
     return report
 
 
@@ -1088,13 +1198,29 @@ def _write_report(report: InferenceReport, record: Callable[[str, BaseException]
                 path.unlink()
 
 
-_MANIFEST_KEYS = ("kind", "members", "calibration", "tta_space", "ordering", "variant", "base_model", "quant_scheme", "dtype", "max_length",
-                  "template_version",
-                  "cv_scores", "package_version", "created_at", "class_prior", "dialect")
+_MANIFEST_KEYS = (
+    "kind",
+    "members",
+    "calibration",
+    "tta_space",
+    "ordering",
+    "variant",
+    "base_model",
+    "quant_scheme",
+    "dtype",
+    "max_length",
+    "template_version",
+    "cv_scores",
+    "package_version",
+    "created_at",
+    "class_prior",
+    "dialect",
+)
 
 
-def resolve_dialect(artifact_dir: str | Path | None, dialect: str | None = None,
-                    test_path: str | Path | None = None) -> Any:
+def resolve_dialect(
+    artifact_dir: str | Path | None, dialect: str | None = None, test_path: str | Path | None = None
+) -> Any:
     """The `Dialect` to read the test file and write the submission with: `dialect` when given, else the
     artifact manifest's (LMSYS when the field is absent). With no readable manifest (the run will fall back on
     every row and report why), the one dialect whose test file has `test_path`'s suffix (test.parquet: WSDM),
@@ -1155,19 +1281,34 @@ def _run_models(
     elif cfg.worker_backend == "process":
         tokenizer, format_config = workers.load_preprocessing(artifact_dir, verify_hashes=cfg.verify_hashes)
         threads = max(1, torch.get_num_threads() // len(names)) if runtime.kind == "cpu" else 1
-        pool, start_errors = workers.start_workers(artifact_dir, runtime.devices, names,
-                                                   runtime.compute_dtype, threads, deadline=deadline,
-                                                   clock=clock, batch_timeout_s=cfg.batch_timeout_s)
+        pool, start_errors = workers.start_workers(
+            artifact_dir,
+            runtime.devices,
+            names,
+            runtime.compute_dtype,
+            threads,
+            deadline=deadline,
+            clock=clock,
+            batch_timeout_s=cfg.batch_timeout_s,
+        )
         report.errors.extend(start_errors)
         forwards, names = list(pool), [worker.name for worker in pool]
         hooks = [None] * len(pool)  # each child empties its own CUDA cache after an OOM
     else:
         for index, device in enumerate(runtime.devices):  # the files are hashed once, by the first load
-            replicas.append(load_artifact(artifact_dir, device=device, compute_dtype=runtime.compute_dtype,
-                                          verify_hashes=cfg.verify_hashes and index == 0))
+            replicas.append(
+                load_artifact(
+                    artifact_dir,
+                    device=device,
+                    compute_dtype=runtime.compute_dtype,
+                    verify_hashes=cfg.verify_hashes and index == 0,
+                )
+            )
         tokenizer, format_config = replicas[0].tokenizer, replicas[0].format_config
-        forwards = [make_forward(rep.model, _pad_id(rep.tokenizer), device)
-                    for rep, device in zip(replicas, runtime.devices, strict=True)]
+        forwards = [
+            make_forward(rep.model, _pad_id(rep.tokenizer), device)
+            for rep, device in zip(replicas, runtime.devices, strict=True)
+        ]
         hooks = [_empty_cache_hook(device) for device in runtime.devices]
     report.timings_s["load_models"] = clock() - began
 
@@ -1177,14 +1318,20 @@ def _run_models(
         report.encoding = original.summary()
         report.timings_s["encode"] = clock() - began
         if runtime.compute_dtype == torch.float16 and replicas:  # refused here, not as NaN rows later
-            report.dtype_preflight = preflight_dtype(replicas[0].model, _pad_id(tokenizer), runtime.devices[0],
-                                                     encoded[0][:PREFLIGHT_ROWS], "inference.compute_dtype")
+            report.dtype_preflight = preflight_dtype(
+                replicas[0].model,
+                _pad_id(tokenizer),
+                runtime.devices[0],
+                encoded[0][:PREFLIGHT_ROWS],
+                "inference.compute_dtype",
+            )
 
         if wrap_forward is not None:
             forwards = [wrap_forward(fn, name) for fn, name in zip(forwards, names, strict=True)]
         began = clock()
-        views, schedule = run_schedule(encoded, forwards, cfg, deadline=deadline, clock=clock, names=names,
-                                       on_oom=hooks)
+        views, schedule = run_schedule(
+            encoded, forwards, cfg, deadline=deadline, clock=clock, names=names, on_oom=hooks
+        )
         report.timings_s["schedule"] = clock() - began
         report.schedule = schedule.to_dict()
     finally:
@@ -1243,7 +1390,9 @@ class BlendedRows:
         return final, paths
 
 
-def ensemble_members(ensemble_dir: str | Path, manifest: dict, verify_hashes: bool = True) -> list[EnsembleMember]:
+def ensemble_members(
+    ensemble_dir: str | Path, manifest: dict, verify_hashes: bool = True
+) -> list[EnsembleMember]:
     """The members the manifest names: `kind` model (an artifact folder), baseline (a baseline JSON file) or
     prior (`prior`: three probabilities); paths relative to the ensemble folder, or absolute. A member without
     `kind` is a baseline when its path is a file, else a model. A manifest with a `files` table (a
@@ -1271,17 +1420,29 @@ def ensemble_members(ensemble_dir: str | Path, manifest: dict, verify_hashes: bo
         if kind != "prior" and path is None:
             raise UsageError(f"{where}: members[{index}] ({kind}) needs a path")
         if prior is not None and (len(prior) != len(LABEL_COLUMNS) or min(prior) < 0 or sum(prior) <= 0):
-            raise UsageError(f"{where}: members[{index}].prior must be {len(LABEL_COLUMNS)} non-negative numbers")
+            raise UsageError(
+                f"{where}: members[{index}].prior must be {len(LABEL_COLUMNS)} non-negative numbers"
+            )
         tta_space = entry.get("tta_space")
         if tta_space is not None and tta_space not in TTA_SPACES:
             raise UsageError(f"{where}: members[{index}].tta_space must be one of {list(TTA_SPACES)}")
-        members.append(EnsembleMember(name=str(entry.get("name") or (path.name if path else kind)), kind=kind,
-                                      weight=weight, path=path, prior=prior, tta_space=tta_space))
+        members.append(
+            EnsembleMember(
+                name=str(entry.get("name") or (path.name if path else kind)),
+                kind=kind,
+                weight=weight,
+                path=path,
+                prior=prior,
+                tta_space=tta_space,
+            )
+        )
     if not members or sum(m.weight for m in members) <= 0:
         raise UsageError(f"{where}: an ensemble needs members with positive weight")
     if not math.isfinite(sum(m.weight for m in members)):
-        raise UsageError(f"{where}: the members' weights sum to inf (not finite): "
-                         f"{[m.weight for m in members]}; give weights that sum to a finite number (e.g. 1)")
+        raise UsageError(
+            f"{where}: the members' weights sum to inf (not finite): "
+            f"{[m.weight for m in members]}; give weights that sum to a finite number (e.g. 1)"
+        )
     names = [m.name for m in members]
     repeated = sorted({name for name in names if names.count(name) > 1})
     if repeated:
@@ -1304,8 +1465,11 @@ def blend_members(member_probs: Sequence[np.ndarray], weights: Sequence[float]) 
     with np.errstate(invalid="ignore", divide="ignore"):
         blended = blended / total[:, None]
     blended[total <= 0] = np.nan
-    return BlendedRows(probs=blended, members_served=(served & (np.asarray(weights)[:, None] > 0)).sum(axis=0),
-                       n_members=int((np.asarray(weights) > 0).sum()))
+    return BlendedRows(
+        probs=blended,
+        members_served=(served & (np.asarray(weights)[:, None] > 0)).sum(axis=0),
+        n_members=int((np.asarray(weights) > 0).sum()),
+    )
 
 
 def _run_ensemble(
@@ -1333,16 +1497,20 @@ def _run_ensemble(
     nonfinite: dict[str, int] = {}  # members' rows that were not finite (a NaN prior, a broken baseline)
 
     def run_member(member: EnsembleMember, member_runtime: Any) -> None:
-        member_report = InferenceReport(submission_path=report.submission_path, test_path=report.test_path,
-                                        artifact_dir=str(member.path or member.kind))
+        member_report = InferenceReport(
+            submission_path=report.submission_path,
+            test_path=report.test_path,
+            artifact_dir=str(member.path or member.kind),
+        )
         member_reports[member.name] = member_report
         probs[member.name] = np.full((n_rows, len(LABEL_COLUMNS)), np.nan)
         try:
             if member.kind == "prior":
                 prior = np.asarray(member.prior, dtype=np.float64)
                 probs[member.name] = np.tile(prior / prior.sum(), (n_rows, 1))
-                nonfinite[member.name] = _record_nonfinite(member, probs[member.name], member_report,
-                                                           f"prior {list(member.prior)} is not finite")
+                nonfinite[member.name] = _record_nonfinite(
+                    member, probs[member.name], member_report, f"prior {list(member.prior)} is not finite"
+                )
                 return
             if member.kind == "baseline":
                 predicted = np.asarray(BaselineModel.load(member.path).predict_proba(frame), dtype=np.float64)
@@ -1352,32 +1520,48 @@ def _run_ensemble(
                 bad = ~np.all(np.isfinite(predicted), axis=1)
                 if bad.any():
                     nonfinite[member.name] = _record_nonfinite(
-                        member, predicted, member_report,
+                        member,
+                        predicted,
+                        member_report,
                         f"{member.path} predicted non-finite probabilities "
-                        f"(first id {frame['id'][int(np.argmax(bad))]})")
+                        f"(first id {frame['id'][int(np.argmax(bad))]})",
+                    )
                 return
-            views = _run_models(member.path, frame, member_cfg, deadline, clock, member_runtime, wrap_forward,
-                                member_report)
+            views = _run_models(
+                member.path, frame, member_cfg, deadline, clock, member_runtime, wrap_forward, member_report
+            )
             member_manifest = json.loads((member.path / MANIFEST_NAME).read_text(encoding="utf-8"))
             if member.tta_space:
                 member_manifest = {**member_manifest, "tta_space": member.tta_space}
             probs[member.name], _ = model_probabilities(views, member_manifest)
         except Exception as error:  # the other members still serve these rows
             member_report.errors.append({"where": f"ensemble member {member.name}", **_describe_error(error)})
-            logger.error("ensemble member %s failed: %r (its rows are blended from the others)", member.name, error)
+            logger.error(
+                "ensemble member %s failed: %r (its rows are blended from the others)", member.name, error
+            )
 
     models = sorted((m for m in members if m.is_model), key=EnsembleMember.cost)
     for member in (m for m in members if not m.is_model):
         run_member(member, runtime)
     layout = cfg.ensemble_layout
     if layout == "member_per_device" and (len(runtime.devices) < len(models) or runtime.kind == "tpu"):
-        logger.warning("ensemble_layout member_per_device needs a device per model member (%d members, %d "
-                       "devices): running them one after the other", len(models), len(runtime.devices))
+        logger.warning(
+            "ensemble_layout member_per_device needs a device per model member (%d members, %d "
+            "devices): running them one after the other",
+            len(models),
+            len(runtime.devices),
+        )
         layout = "sequential (member_per_device needs a device per member)"
     if layout == "member_per_device":
-        threads = [threading.Thread(target=run_member, daemon=True, name=f"member-{member.name}",
-                                    args=(member, dataclasses.replace(runtime, devices=runtime.devices[i::len(models)])))
-                   for i, member in enumerate(models)]
+        threads = [
+            threading.Thread(
+                target=run_member,
+                daemon=True,
+                name=f"member-{member.name}",
+                args=(member, dataclasses.replace(runtime, devices=runtime.devices[i :: len(models)])),
+            )
+            for i, member in enumerate(models)
+        ]
         for thread in threads:
             thread.start()
         for thread in threads:
@@ -1389,35 +1573,48 @@ def _run_ensemble(
 
     blended = blend_members([probs[m.name] for m in members], [m.weight for m in members])
     weighted = [m for m in members if m.weight > 0]
-    counted = [m for m in weighted if m.is_model] or weighted  # no model member: what ships is the blend itself
-    report.model_rows = int(np.any([np.all(np.isfinite(probs[m.name]), axis=1) for m in counted], axis=0).sum())
+    counted = [
+        m for m in weighted if m.is_model
+    ] or weighted  # no model member: what ships is the blend itself
+    report.model_rows = int(
+        np.any([np.all(np.isfinite(probs[m.name]), axis=1) for m in counted], axis=0).sum()
+    )
     blended.probs = calibrate_served(blended.probs, manifest.get("calibration"))  # the blend's own, if fitted
     report.runtime = runtime.to_dict()
     report.schedule = {"ensemble_layout": layout}
     for member in members:
         served = np.all(np.isfinite(probs[member.name]), axis=1)
         member_report = member_reports[member.name]
-        report.members.append({
-            "name": member.name, "path": str(member.path) if member.path else None, "weight": member.weight,
-            "kind": member.kind, "rows_served": int(served.sum()), "rows_nonfinite": nonfinite.get(member.name, 0),
-            "schedule": member_report.schedule, "timings_s": member_report.timings_s,
-        })
+        report.members.append(
+            {
+                "name": member.name,
+                "path": str(member.path) if member.path else None,
+                "weight": member.weight,
+                "kind": member.kind,
+                "rows_served": int(served.sum()),
+                "rows_nonfinite": nonfinite.get(member.name, 0),
+                "schedule": member_report.schedule,
+                "timings_s": member_report.timings_s,
+            }
+        )
         report.errors.extend(member_report.errors)
         for error in member_report.schedule.get("errors", []):
             report.errors.append({"member": member.name, **error})
     return blended
 
 
-def _record_nonfinite(member: EnsembleMember, probs: np.ndarray, member_report: InferenceReport,
-                      what: str) -> int:
+def _record_nonfinite(
+    member: EnsembleMember, probs: np.ndarray, member_report: InferenceReport, what: str
+) -> int:
     """Count a member's non-finite rows (left out of their blend, like rows it did not serve), record why in
     its errors, and return the count."""
     bad = int((~np.all(np.isfinite(probs), axis=1)).sum())
     if not bad:
         return 0
     message = f"{what}: left out of the blend of {bad} of {len(probs)} rows"
-    member_report.errors.append({"where": f"ensemble member {member.name}", "type": "NonFiniteProbabilities",
-                                 "message": message})
+    member_report.errors.append(
+        {"where": f"ensemble member {member.name}", "type": "NonFiniteProbabilities", "message": message}
+    )
     logger.error("ensemble member %s: %s", member.name, message)
     return bad
 
@@ -1434,7 +1631,6 @@ def _empty_cache_hook(device: str) -> Callable[[], None] | None:
         return None
 
     def empty_cache() -> None:
-
 
         gc.collect()
         with torch.cuda.device(device):
@@ -1486,8 +1682,13 @@ def run_submission(
         problem, cfg = error, None
     if artifact_dir is None or test_path is None:
         try:
-            found = find_inputs(input_root, artifact_hint=artifact_hint, test_hint=test_hint,
-                                artifact_dir=artifact_dir, test_path=test_path)
+            found = find_inputs(
+                input_root,
+                artifact_hint=artifact_hint,
+                test_hint=test_hint,
+                artifact_dir=artifact_dir,
+                test_path=test_path,
+            )
             logger.info("found: %s", found.describe())
             artifact_dir, test_path = found.artifact_dir, found.test_path
             fallback_path = fallback_path or found.baseline_path
@@ -1497,16 +1698,31 @@ def run_submission(
                 test_path = find_test_file(input_root, test_hint)  # without it no file can be written
     if problem is None:
         try:
-            report = predict(artifact_dir, test_path, out_path, cfg, fallback_path=fallback_path,
-                             started_at=started_at, dialect=dialect, fallback_over_previous=fallback_over_previous)
+            report = predict(
+                artifact_dir,
+                test_path,
+                out_path,
+                cfg,
+                fallback_path=fallback_path,
+                started_at=started_at,
+                dialect=dialect,
+                fallback_over_previous=fallback_over_previous,
+            )
         except UsageError as error:  # refused before anything was written (or the file could not be written)
             problem = error
     if problem is not None:
         try:
-            report = predict(artifact_dir, test_path, out_path, InferenceConfig(device="cpu", progress=False),
-                             fallback_path=fallback_path, started_at=started_at,
-                             dialect=dialect if dialect in dialect_names() else None,
-                             fallback_over_previous=fallback_over_previous, input_error=problem)
+            report = predict(
+                artifact_dir,
+                test_path,
+                out_path,
+                InferenceConfig(device="cpu", progress=False),
+                fallback_path=fallback_path,
+                started_at=started_at,
+                dialect=dialect if dialect in dialect_names() else None,
+                fallback_over_previous=fallback_over_previous,
+                input_error=problem,
+            )
         except UsageError as error:  # e.g. the output itself refused: nothing can be written
             raise problem from error
         resolve_dialect(artifact_dir, report.dialect, test_path).validate(report.written_path, test_path)

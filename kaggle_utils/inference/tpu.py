@@ -38,16 +38,23 @@ _SPLIT_INPUT = ("o_proj", "down_proj")
 def load_plain(artifact_dir: str | Path, verify_hashes: bool = True) -> Any:
     """The artifact as a plain bf16 model on the CPU (bnb layers dequantized, adapter merged): what XLA runs.
     Delegates to `artifacts.load_artifact(dequantize=True)`, the one loader for both orderings."""
-    return load_artifact(artifact_dir, compute_dtype=torch.bfloat16, dequantize=True, verify_hashes=verify_hashes)
+    return load_artifact(
+        artifact_dir, compute_dtype=torch.bfloat16, dequantize=True, verify_hashes=verify_hashes
+    )
 
 
 def plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """State dict of a plain model, refusing any bitsandbytes leftovers (which XLA cannot run)."""
     state = model.state_dict()
-    leftovers = [name for name, module in model.named_modules()
-                 if type(getattr(module, "weight", None)).__name__ in ("Params4bit", "Int8Params")]
+    leftovers = [
+        name
+        for name, module in model.named_modules()
+        if type(getattr(module, "weight", None)).__name__ in ("Params4bit", "Int8Params")
+    ]
     if leftovers or any(".lora_" in key for key in state):
-        raise UsageError(f"model still has quantized or adapter layers for TPU: {(leftovers or list(state))[:5]}")
+        raise UsageError(
+            f"model still has quantized or adapter layers for TPU: {(leftovers or list(state))[:5]}"
+        )
     return state
 
 
@@ -78,7 +85,9 @@ def partition_spec(name: str, shape: tuple[int, ...], model_axis: int) -> tuple[
     return None
 
 
-def static_shape(max_length: int, token_budget: int, length_bucket: int, row_multiple: int) -> tuple[int, int]:
+def static_shape(
+    max_length: int, token_budget: int, length_bucket: int, row_multiple: int
+) -> tuple[int, int]:
     """(rows, padded length) for a batch whose longest row has `max_length` tokens: the length rounded up to
     the bucket, rows = the token budget at that length, a multiple of the data axis (each core gets the same
     number of rows), at least one row per core."""
@@ -93,7 +102,9 @@ def pad_static(
     """Right-padded (rows, length) ids and mask; missing rows repeat the first row (their output is dropped;
     an all-padding row would be a degenerate attention input)."""
     if not seqs or len(seqs) > rows or max(len(seq) for seq in seqs) > length:
-        raise ValueError(f"cannot pad {len(seqs)} rows (longest {max(map(len, seqs), default=0)}) into {rows}x{length}")
+        raise ValueError(
+            f"cannot pad {len(seqs)} rows (longest {max(map(len, seqs), default=0)}) into {rows}x{length}"
+        )
     ids = np.full((rows, length), pad_token_id, dtype=np.int64)
     mask = np.zeros((rows, length), dtype=np.int64)
     for i in range(rows):

@@ -89,10 +89,17 @@ def _fault(index: int, raw: str) -> tuple[str, int] | None:
     return kind, parsed[2]
 
 
-def _child_main(index: int, artifact_dir: str, device: str, compute_dtype: Any, threads: int, fault_spec: str,
-                tasks: Any, results: Any) -> None:
+def _child_main(
+    index: int,
+    artifact_dir: str,
+    device: str,
+    compute_dtype: Any,
+    threads: int,
+    fault_spec: str,
+    tasks: Any,
+    results: Any,
+) -> None:
     """Worker process: load the replica, say ready, then answer (task id, token lists) until None arrives."""
-
 
     try:
         torch.set_num_threads(threads)
@@ -120,7 +127,6 @@ def _child_main(index: int, artifact_dir: str, device: str, compute_dtype: Any, 
             out_of_memory = is_out_of_memory(error)
             reply = ("oom" if out_of_memory else "error", task_id, _describe_error(error))
         if out_of_memory and str(device).startswith("cuda"):  # outside the except: failed frames are freed
-
             gc.collect()
             with torch.cuda.device(device):
                 torch.cuda.empty_cache()
@@ -130,17 +136,37 @@ def _child_main(index: int, artifact_dir: str, device: str, compute_dtype: Any, 
 class ProcessWorker:
     """The parent's handle on one worker process; calling it runs one batch there (see module docstring)."""
 
-    def __init__(self, ctx: Any, index: int, name: str, artifact_dir: str | Path, device: str,
-                 compute_dtype: Any, threads: int, deadline: float | None = None,
-                 clock: Callable[[], float] = time.monotonic, batch_timeout_s: float | None = None) -> None:
+    def __init__(
+        self,
+        ctx: Any,
+        index: int,
+        name: str,
+        artifact_dir: str | Path,
+        device: str,
+        compute_dtype: Any,
+        threads: int,
+        deadline: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        batch_timeout_s: float | None = None,
+    ) -> None:
         self.name = name
         self.deadline, self.clock, self.batch_timeout_s = deadline, clock, batch_timeout_s
         self.tasks = ctx.Queue()
         self.results = ctx.Queue()
         self.process = ctx.Process(
-            target=_child_main, name=f"inference-{name}", daemon=True,
-            args=(index, str(artifact_dir), device, compute_dtype, threads, os.environ.get(FAULT_ENV, ""),
-                  self.tasks, self.results),
+            target=_child_main,
+            name=f"inference-{name}",
+            daemon=True,
+            args=(
+                index,
+                str(artifact_dir),
+                device,
+                compute_dtype,
+                threads,
+                os.environ.get(FAULT_ENV, ""),
+                self.tasks,
+                self.results,
+            ),
         )
         self.sent = 0
 
@@ -160,19 +186,24 @@ class ProcessWorker:
                         continue
                     self.process.kill()
                     self.process.join(timeout=_CLOSE_S)
-                    raise WorkerLost(f"worker process {self.name} (pid {self.pid}) gave no answer {what} "
-                                     f"by its time limit (deadline or batch_timeout_s); killed") from None
+                    raise WorkerLost(
+                        f"worker process {self.name} (pid {self.pid}) gave no answer {what} "
+                        f"by its time limit (deadline or batch_timeout_s); killed"
+                    ) from None
             try:  # it may have answered just before exiting
                 return self.results.get(timeout=_POLL_S)
             except queue.Empty:
-                raise WorkerLost(f"worker process {self.name} (pid {self.pid}) exited with code "
-                                 f"{self.process.exitcode} {what}") from None
+                raise WorkerLost(
+                    f"worker process {self.name} (pid {self.pid}) exited with code "
+                    f"{self.process.exitcode} {what}"
+                ) from None
 
     def wait_ready(self) -> None:
         kind, _, payload = self._receive("while loading the model", self.deadline)
         if kind != "ready":
-            raise WorkerError(f"worker {self.name} could not load the model: "
-                              f"{payload['type']}: {payload['message']}")
+            raise WorkerError(
+                f"worker {self.name} could not load the model: {payload['type']}: {payload['message']}"
+            )
 
     def __call__(self, seqs: list[list[int]]) -> np.ndarray:
         self.sent += 1
@@ -208,7 +239,14 @@ class ProcessWorker:
 
 # What the forkserver imports once, so each CPU worker forks with them loaded (10-20 s of imports otherwise,
 # per worker, on a shared 2-core box).
-_PRELOAD = ["torch", "transformers", "peft", "kaggle_utils.quant.artifacts", "kaggle_utils.inference.device_forward", __name__]
+_PRELOAD = [
+    "torch",
+    "transformers",
+    "peft",
+    "kaggle_utils.quant.artifacts",
+    "kaggle_utils.inference.device_forward",
+    __name__,
+]
 
 
 def _context(devices: Sequence[str]) -> Any:
@@ -223,16 +261,27 @@ def _context(devices: Sequence[str]) -> Any:
     return ctx
 
 
-def start_workers(artifact_dir: str | Path, devices: Sequence[str], names: Sequence[str], compute_dtype: Any,
-                  threads: int, *, deadline: float | None = None, clock: Callable[[], float] = time.monotonic,
-                  batch_timeout_s: float | None = None) -> tuple[list[ProcessWorker], list[dict]]:
+def start_workers(
+    artifact_dir: str | Path,
+    devices: Sequence[str],
+    names: Sequence[str],
+    compute_dtype: Any,
+    threads: int,
+    *,
+    deadline: float | None = None,
+    clock: Callable[[], float] = time.monotonic,
+    batch_timeout_s: float | None = None,
+) -> tuple[list[ProcessWorker], list[dict]]:
     """Spawn one worker per device, loading in parallel; returns the ready ones and one error per failed one.
 
     Raises (after closing them all) only when no worker could load the model."""
     ctx = _context([str(device) for device in devices])
-    workers = [ProcessWorker(ctx, index, name, artifact_dir, device, compute_dtype, threads, deadline, clock,
-                             batch_timeout_s)
-               for index, (device, name) in enumerate(zip(devices, names, strict=True))]
+    workers = [
+        ProcessWorker(
+            ctx, index, name, artifact_dir, device, compute_dtype, threads, deadline, clock, batch_timeout_s
+        )
+        for index, (device, name) in enumerate(zip(devices, names, strict=True))
+    ]
     for worker in workers:
         worker.process.start()
     ready: list[ProcessWorker] = []
@@ -243,10 +292,18 @@ def start_workers(artifact_dir: str | Path, devices: Sequence[str], names: Seque
             ready.append(worker)
         except (WorkerError, WorkerLost) as error:
             logger.error("inference worker %s not started: %s", worker.name, error)
-            errors.append({"where": "starting worker", "device": worker.name, "type": type(error).__name__,
-                           "message": str(error)[:500]})
+            errors.append(
+                {
+                    "where": "starting worker",
+                    "device": worker.name,
+                    "type": type(error).__name__,
+                    "message": str(error)[:500],
+                }
+            )
             worker.close()
     if not ready:
-        raise WorkerError("no inference worker process could load the model: "
-                          + "; ".join(error["message"] for error in errors))
+        raise WorkerError(
+            "no inference worker process could load the model: "
+            + "; ".join(error["message"] for error in errors)
+        )
     return ready, errors

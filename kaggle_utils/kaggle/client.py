@@ -81,7 +81,9 @@ def kaggle_api() -> Any:
     except SystemExit:
         raise UsageError(MISSING_CREDENTIALS) from None
     except ImportError as error:
-        raise UsageError(f"the kaggle package is not installed ({error}); pip install 'kaggle-utils[kaggle]'") from None
+        raise UsageError(
+            f"the kaggle package is not installed ({error}); pip install 'kaggle-utils[kaggle]'"
+        ) from None
 
     api = KaggleApi()
     # The class computes its config path when first imported; follow the environment as it is now.
@@ -93,7 +95,9 @@ def kaggle_api() -> Any:
         with contextlib.redirect_stdout(io.StringIO()), kaggle_errors("authentication"):
             api.authenticate()
     except SystemExit:
-        raise UsageError(f"the Kaggle credential from {source} was not accepted. {MISSING_CREDENTIALS}") from None
+        raise UsageError(
+            f"the Kaggle credential from {source} was not accepted. {MISSING_CREDENTIALS}"
+        ) from None
     return api
 
 
@@ -115,7 +119,11 @@ def kaggle_errors(action: str) -> Iterator[None]:
         yield
     except requests.HTTPError as error:
         response = error.response
-        status = f"HTTP {response.status_code} {response.reason or ''}".strip() if response is not None else "HTTP error"
+        status = (
+            f"HTTP {response.status_code} {response.reason or ''}".strip()
+            if response is not None
+            else "HTTP error"
+        )
         detail = str(error.args[0]) if error.args else ""
         raise UsageError(f"Kaggle refused {action}: {status}: {detail}") from None
     except requests.RequestException as error:  # ReadTimeout, ConnectionError, ChunkedEncodingError, ...

@@ -18,7 +18,7 @@ from kaggle_utils.core.errors import UsageError
 
 INSTALL_CELL_TAG = "offline-install"
 
-INSTALL_CELL_SOURCE = '''\
+INSTALL_CELL_SOURCE = """\
 # Offline install, the same in every notebook (edit kaggle_utils/kaggle/install_cell.py, then run
 # `python -m kaggle_utils kaggle sync-install-cell`). When kaggle_utils is not importable (a fresh Kaggle
 # session, internet off), install it and its pinned wheels from the attached `build-wheels` datasets: every
@@ -43,13 +43,15 @@ if importlib.util.find_spec("kaggle_utils") is None:
         if os.path.isfile(os.path.join(_folder, "requirements.txt")):
             _command += ["-r", os.path.join(_folder, "requirements.txt")]
     subprocess.run([*_command, "kaggle_utils"], check=True)
-    importlib.invalidate_caches()'''
+    importlib.invalidate_caches()"""
 
 
 def _tagged(cells: list, where: str) -> object:
     tagged = [cell for cell in cells if INSTALL_CELL_TAG in (cell.get("metadata") or {}).get("tags", [])]
     if len(tagged) != 1 or tagged[0].get("cell_type") != "code":
-        raise UsageError(f"{where}: needs exactly one code cell tagged '{INSTALL_CELL_TAG}', found {len(tagged)}")
+        raise UsageError(
+            f"{where}: needs exactly one code cell tagged '{INSTALL_CELL_TAG}', found {len(tagged)}"
+        )
     return tagged[0]
 
 
@@ -63,7 +65,9 @@ def install_cell_problem(path: str | Path) -> str | None:
     except UsageError as error:
         return str(error)
     if cell.source.strip() != INSTALL_CELL_SOURCE:
-        return f"{path}: the '{INSTALL_CELL_TAG}' cell differs from the template; run `kaggle sync-install-cell`"
+        return (
+            f"{path}: the '{INSTALL_CELL_TAG}' cell differs from the template; run `kaggle sync-install-cell`"
+        )
     return None
 
 

@@ -55,7 +55,9 @@ def code_cells(code_path: Path) -> list[tuple[str, str, bool]]:
     try:
         notebook = json.loads(text)
     except json.JSONDecodeError as error:
-        raise UsageError(f"{code_path}: not a notebook (invalid JSON at line {error.lineno}: {error.msg})") from None
+        raise UsageError(
+            f"{code_path}: not a notebook (invalid JSON at line {error.lineno}: {error.msg})"
+        ) from None
     cells = notebook.get("cells") if isinstance(notebook, dict) else None
     if not isinstance(cells, list):
         raise UsageError(f"{code_path}: not a notebook (no 'cells' list)")
@@ -116,7 +118,9 @@ def find_notebook_inputs(code_path: Path) -> NotebookInputs:
         try:
             tree = ast.parse(python)
         except SyntaxError as error:
-            inputs.problems.append(f"{code_path.name} {label}: syntax error at line {error.lineno}: {error.msg}")
+            inputs.problems.append(
+                f"{code_path.name} {label}: syntax error at line {error.lineno}: {error.msg}"
+            )
             continue
         for node in ast.walk(tree):
             if isinstance(node, ast.Constant) and isinstance(node.value, str):
@@ -208,7 +212,9 @@ def check_kernel_folder(folder: str | Path) -> KernelCheck:
         message = f"{meta_path}: enable_internet is missing and the kaggle CLI defaults it to true"
         (check.problems if is_competition_kernel else check.warnings).append(message)
     elif metadata["enable_internet"] is not False and is_competition_kernel:
-        check.problems.append(f"{meta_path}: enable_internet must be false for a competition kernel (scored offline)")
+        check.problems.append(
+            f"{meta_path}: enable_internet must be false for a competition kernel (scored offline)"
+        )
 
     code_file = metadata.get("code_file")
     if not code_file:

@@ -94,7 +94,9 @@ class NotebookKernel:
     gpu: bool
     datasets: tuple[str, ...]  # roles: "artifact", "wheels", "package"
     competition_data: bool = True
-    base_model: bool = False  # attaches `KaggleConfig.base_model_source` (the checkpoint training starts from)
+    base_model: bool = (
+        False  # attaches `KaggleConfig.base_model_source` (the checkpoint training starts from)
+    )
     reads_kernels: tuple[str, ...] = ()  # names of kernels whose output this one reads
     notebook: str = ""  # notebooks/<notebook>.py (jupytext) and .ipynb; "" means `name`
     parameters: tuple[tuple[str, str], ...] = ()  # (NAME, value) pairs that select this kernel
@@ -108,7 +110,9 @@ def notebook_kernels(cfg: KaggleConfig) -> dict[str, NotebookKernel]:
     """The project's kernels and what each needs attached on Kaggle. Both training kernels run the one
     notebooks/train notebook, each with its ORDERING, so the CV report reads two kernels' outputs."""
     kernels = [
-        NotebookKernel("submission", cfg.submission_kernel, gpu=True, datasets=("artifact", "wheels", "package")),
+        NotebookKernel(
+            "submission", cfg.submission_kernel, gpu=True, datasets=("artifact", "wheels", "package")
+        ),
         *(
             NotebookKernel(
                 f"train_{ordering.replace('-', '_')}",
@@ -222,7 +226,11 @@ def split_ref(ref: str, parts: int, field: str) -> list[str] | str:
     """Split `owner/slug[/...]` into `parts` pieces, or return a problem message."""
     pieces = ref.split("/") if isinstance(ref, str) else []
     if len(pieces) != parts or not all(pieces):
-        shape = "/".join(["owner", "slug", "framework", "variation", "version"][:parts]) if parts > 2 else "owner/slug"
+        shape = (
+            "/".join(["owner", "slug", "framework", "variation", "version"][:parts])
+            if parts > 2
+            else "owner/slug"
+        )
         return f"{field}: {ref!r} is not of the form {shape}"
     return pieces
 
@@ -341,7 +349,9 @@ def with_owner(metadata: Mapping[str, Any], owner: str) -> dict[str, Any]:
     return updated
 
 
-def dataset_metadata(owner: str, slug: str, title: str | None = None, existing: Mapping[str, Any] | None = None):
+def dataset_metadata(
+    owner: str, slug: str, title: str | None = None, existing: Mapping[str, Any] | None = None
+):
     """dataset-metadata.json for `datasets create/version`; keeps a hand-written description or subtitle."""
     title = title or title_for_slug(slug)
     metadata: dict[str, Any] = dict(existing or {})

@@ -37,8 +37,18 @@ from kaggle_utils.quant.layout import MANIFEST_NAME
 ARTIFACT_MANIFEST = MANIFEST_NAME  # the artifact's manifest (kaggle_utils.quant.layout)
 # File names (any path component) that hold credentials in the usual tools' layouts.
 CREDENTIAL_NAMES: tuple[str, ...] = (
-    ".env", ".env.*", "*.env", "kaggle.json", "access_token", "access_token.txt", "*.pem", "id_rsa*", "id_ed25519*",
-    ".netrc", "credentials*", ".git-credentials",
+    ".env",
+    ".env.*",
+    "*.env",
+    "kaggle.json",
+    "access_token",
+    "access_token.txt",
+    "*.pem",
+    "id_rsa*",
+    "id_ed25519*",
+    ".netrc",
+    "credentials*",
+    ".git-credentials",
 )
 CREDENTIAL_DIRS: tuple[str, ...] = (".kaggle", ".ssh", ".aws")
 SNIFF_MAX_BYTES = 64 * 1024
@@ -64,7 +74,9 @@ class UploadPlan:
 
     def summary(self) -> str:
         """Every file sent (path + bytes), then every file left out: nothing leaves the machine unlisted."""
-        lines = [f"sending {len(self.files)} files ({self.total_bytes:,} bytes) from {self.directory} ({self.kind}):"]
+        lines = [
+            f"sending {len(self.files)} files ({self.total_bytes:,} bytes) from {self.directory} ({self.kind}):"
+        ]
         lines += [f"  {path}  {size:,} bytes" for path, size in self.files.items()]
         if self.left_out:
             lines.append(f"left out (not sent): {len(self.left_out)} files")
@@ -145,7 +157,9 @@ def _wheels_files(directory: Path, available: dict[str, int]) -> list[str]:
             )
         for name, digest in listed.items():
             if file_sha256(directory / name) != digest:
-                raise UsageError(f"{directory / name}: does not match its sha256 in {WHEELS_MANIFEST}; rerun build-wheels")
+                raise UsageError(
+                    f"{directory / name}: does not match its sha256 in {WHEELS_MANIFEST}; rerun build-wheels"
+                )
     extras = [name for name in (REQUIREMENTS_FILE, WHEELS_MANIFEST) if name in available]
     return sorted(wheels + extras)
 
@@ -167,7 +181,9 @@ def plan_upload(directory: str | Path, include: list[str] | None = None) -> Uplo
     available = _all_files(directory)
     if (directory / ARTIFACT_MANIFEST).is_file():
         if include:
-            raise UsageError(f"{directory}: an artifact uploads exactly what its {ARTIFACT_MANIFEST} lists; drop --include")
+            raise UsageError(
+                f"{directory}: an artifact uploads exactly what its {ARTIFACT_MANIFEST} lists; drop --include"
+            )
         kind, selected = _artifact_files(directory)
     elif include:
         kind, selected = "include", _included_files(directory, available, include)

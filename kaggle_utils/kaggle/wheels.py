@@ -30,7 +30,7 @@ import time
 import zipfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from importlib import metadata as importlib_metadata
 from pathlib import Path
 
@@ -73,7 +73,9 @@ def kaggle_image(path: str | Path = IMAGE_FILE) -> KaggleImage:
     path = Path(path)
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
-        packages = {canonicalize_name(name): str(version) for name, version in raw.get("packages", {}).items()}
+        packages = {
+            canonicalize_name(name): str(version) for name, version in raw.get("packages", {}).items()
+        }
         return KaggleImage(python=str(raw["python"]), platform=str(raw["platform"]), packages=packages)
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
         raise UsageError(f"{path}: not a readable target image ({type(error).__name__}: {error})") from None
@@ -99,8 +101,10 @@ class WheelsReport:
         lines = [f"{self.out_dir}: {len(self.wheels)} wheels, {size:.1f} MiB{took}"]
         lines += [f"  {path.name}" for path in sorted(self.wheels)]
         lines += [f"  left out {name}: {reason}" for name, reason in sorted(self.excluded.items())]
-        lines += [f"  not checked (not bundled; its version in the image is not recorded): {requirement}"
-                  for _, requirement in sorted(self.unchecked.items())]
+        lines += [
+            f"  not checked (not bundled; its version in the image is not recorded): {requirement}"
+            for _, requirement in sorted(self.unchecked.items())
+        ]
         lines.append(f"  install on Kaggle: {self.install_command()}")
         return "\n".join(lines)
 
@@ -109,10 +113,15 @@ def wheel_metadata(path: Path) -> email.message.Message:
     """The METADATA of a wheel file (its *.dist-info/METADATA)."""
     try:
         with zipfile.ZipFile(path) as wheel:
-            names = [name for name in wheel.namelist()
-                     if name.count("/") == 1 and name.endswith(".dist-info/METADATA")]
+            names = [
+                name
+                for name in wheel.namelist()
+                if name.count("/") == 1 and name.endswith(".dist-info/METADATA")
+            ]
             if len(names) != 1:
-                raise UsageError(f"build-wheels: {path.name} has {len(names)} .dist-info/METADATA files, not one")
+                raise UsageError(
+                    f"build-wheels: {path.name} has {len(names)} .dist-info/METADATA files, not one"
+                )
             text = wheel.read(names[0]).decode("utf-8", errors="replace")
     except (OSError, zipfile.BadZipFile) as error:
         raise UsageError(f"build-wheels: {path.name} is not a readable wheel ({error})") from None
@@ -126,8 +135,11 @@ def _target_environment(python_version: str, platform: str) -> dict[str, str]:
     environment.update(
         python_version=".".join(str(part) for part in (release + (0,))[:2]),
         python_full_version=".".join(str(part) for part in (release + (0, 0))[:3]),
-        sys_platform="linux", platform_system="Linux", os_name="posix",
-        implementation_name="cpython", platform_python_implementation="CPython",
+        sys_platform="linux",
+        platform_system="Linux",
+        os_name="posix",
+        implementation_name="cpython",
+        platform_python_implementation="CPython",
         extra="",
     )
     machine = _MANYLINUX.match(platform)
@@ -165,10 +177,14 @@ def check_against_image(
             try:
                 allowed = SpecifierSet(requires_python).contains(target_python, prereleases=True)
             except InvalidSpecifier:
-                raise UsageError(f"build-wheels: {path.name}: unreadable Requires-Python {requires_python!r}") from None
+                raise UsageError(
+                    f"build-wheels: {path.name}: unreadable Requires-Python {requires_python!r}"
+                ) from None
             if not allowed:
-                raise UsageError(f"build-wheels: {path.name} requires Python {requires_python}, but the target image "
-                                 f"has Python {python_version} (kaggle.wheel_python_version, by default {source}'s)")
+                raise UsageError(
+                    f"build-wheels: {path.name} requires Python {requires_python}, but the target image "
+                    f"has Python {python_version} (kaggle.wheel_python_version, by default {source}'s)"
+                )
         for line in metadata.get_all("Requires-Dist") or []:
             try:
                 requirement = Requirement(line)
@@ -180,12 +196,16 @@ def check_against_image(
             shown = f"{requirement.name}{requirement.specifier}"
             if name in image.packages:
                 if not requirement.specifier.contains(image.packages[name], prereleases=True):
-                    raise UsageError(f"build-wheels: {path.name} requires {shown}, but the target image has "
-                                     f"{name} {image.packages[name]} ({source})")
+                    raise UsageError(
+                        f"build-wheels: {path.name} requires {shown}, but the target image has "
+                        f"{name} {image.packages[name]} ({source})"
+                    )
             elif name in bundled:
                 if not requirement.specifier.contains(bundled[name], prereleases=True):
-                    raise UsageError(f"build-wheels: {path.name} requires {shown}, but the bundle has "
-                                     f"{name} {bundled[name]}")
+                    raise UsageError(
+                        f"build-wheels: {path.name} requires {shown}, but the bundle has "
+                        f"{name} {bundled[name]}"
+                    )
             else:
                 unchecked.setdefault(name, f"{shown} ({path.name})")
     return unchecked
@@ -208,13 +228,17 @@ def dependency_closure(roots: Iterable[str], exclude: Iterable[str]) -> tuple[di
         if name in pins or name in left_out:
             continue
         if _is_excluded(name, exclude):
-            left_out[name] = "excluded: expected in Kaggle's image" + (f" (needed by {required_by})" if required_by else "")
+            left_out[name] = "excluded: expected in Kaggle's image" + (
+                f" (needed by {required_by})" if required_by else ""
+            )
             continue
         try:
             dist = importlib_metadata.distribution(name)
         except importlib_metadata.PackageNotFoundError:
             where = f"needed by {required_by}" if required_by else "listed in kaggle.wheel_packages"
-            raise UsageError(f"build-wheels: {name} ({where}) is not installed here, so no version to pin") from None
+            raise UsageError(
+                f"build-wheels: {name} ({where}) is not installed here, so no version to pin"
+            ) from None
         pins[name] = dist.version
         for line in dist.requires or []:
             try:
@@ -263,7 +287,10 @@ def build_package_wheel(out_dir: Path, root: Path | None = None) -> Path:
     for stale in out_dir.glob("kaggle_utils-*.whl"):
         stale.unlink()
     with tempfile.TemporaryDirectory() as tmp:
-        _run_pip(["wheel", "--no-deps", "--no-build-isolation", "--wheel-dir", tmp, str(root)], "building kaggle_utils")
+        _run_pip(
+            ["wheel", "--no-deps", "--no-build-isolation", "--wheel-dir", tmp, str(root)],
+            "building kaggle_utils",
+        )
         built = list(Path(tmp).glob("kaggle_utils-*.whl"))
         if len(built) != 1:
             raise UsageError(f"build-wheels: expected one kaggle_utils wheel, pip produced {built}")
@@ -325,7 +352,9 @@ def build_wheels(
         if any(name for name in pins if "+" in pins[name]):
             local = {name: version for name, version in pins.items() if "+" in version}
             raise UsageError(f"build-wheels: local versions cannot be downloaded from an index: {local}")
-        print(f"build-wheels: downloading {len(pins)} wheels for Python {cfg.wheel_python_version}, {cfg.wheel_platform}")
+        print(
+            f"build-wheels: downloading {len(pins)} wheels for Python {cfg.wheel_python_version}, {cfg.wheel_platform}"
+        )
         download_wheels(pins, out, cfg.wheel_python_version, cfg.wheel_platform, pip_args)
         top_level = {canonicalize_name(entry.split("==")[0]) for entry in entries}
         report.requirements += [f"{name}=={pins[name]}" for name in sorted(top_level)]
@@ -344,7 +373,7 @@ def build_wheels(
         raise
     (out / REQUIREMENTS_FILE).write_text("\n".join(report.requirements) + "\n", encoding="utf-8")
     manifest = {
-        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "python_version": cfg.wheel_python_version,
         "platform": cfg.wheel_platform,
         "image": {"python": image.python, "platform": image.platform, "packages": image.packages},

@@ -63,7 +63,6 @@ __all__ = [
 ]
 
 
-
 def resolve_owner(cfg: KaggleConfig, owner: str | None = None, api: Any = None) -> str:
     """Explicit owner, else `cfg.owner`, else the user the client authenticated as."""
     if owner or cfg.owner:
@@ -130,7 +129,9 @@ def _inject_parameters(path: Path, parameters: dict[str, Any]) -> None:
     unknown = sorted(set(parameters) - known)
     if unknown:
         raise UsageError(f"{path}: no parameters {unknown} in its parameters cell (known: {sorted(known)})")
-    notebook = parameterize_notebook(load_notebook_node(str(path)), parameters, kernel_name="python3", language="python")
+    notebook = parameterize_notebook(
+        load_notebook_node(str(path)), parameters, kernel_name="python3", language="python"
+    )
     nbformat.write(notebook, path)
 
 
@@ -202,8 +203,9 @@ def push_notebook(
         try:
             api = kaggle_api()
         except UsageError as error:
-            raise UsageError(f"{error}; --dry-run needs no credential with --owner NAME (or kaggle.owner in the "
-                             "config)") from None
+            raise UsageError(
+                f"{error}; --dry-run needs no credential with --owner NAME (or kaggle.owner in the config)"
+            ) from None
     else:
         api = kaggle_api()
     folder = build_kernel_folder(
@@ -216,9 +218,13 @@ def push_notebook(
     if dry_run:
         return PushResult(folder, kernel, None, None)
     with kaggle_errors(f"kernels push of {folder}"):
-        response = api.kernels_push(str(folder), timeout=str(timeout_s) if timeout_s else None, acc=accelerator)
+        response = api.kernels_push(
+            str(folder), timeout=str(timeout_s) if timeout_s else None, acc=accelerator
+        )
     if response is None or response.error:
-        raise UsageError(f"kernels push of {folder} failed: {getattr(response, 'error', None) or 'no response'}")
+        raise UsageError(
+            f"kernels push of {folder} failed: {getattr(response, 'error', None) or 'no response'}"
+        )
     invalid = {
         "dataset sources": response.invalid_dataset_sources,
         "competition sources": response.invalid_competition_sources,
@@ -227,7 +233,9 @@ def push_notebook(
     }
     for what, refs in invalid.items():
         if refs:
-            raise UsageError(f"Kaggle saved {kernel} but rejected its {what} {refs}: the run cannot read them")
+            raise UsageError(
+                f"Kaggle saved {kernel} but rejected its {what} {refs}: the run cannot read them"
+            )
     print(f"pushed {kernel} version {response.version_number}: {response.url}")
     return PushResult(folder, kernel, response.version_number, response.url or None)
 
@@ -309,13 +317,17 @@ def upload_dataset(
                     str(staging), public=not cfg.is_private, quiet=False, dir_mode=dir_mode
                 )
     if response is None or response.error:
-        raise UsageError(f"dataset upload to {ref} failed: {getattr(response, 'error', None) or 'no response'}")
+        raise UsageError(
+            f"dataset upload to {ref} failed: {getattr(response, 'error', None) or 'no response'}"
+        )
     action = "new version of" if exists else "created"
     print(f"{action} dataset {ref}: {response.url} (processing on Kaggle takes a few minutes)")
     return {"ref": ref, "created": not exists, "url": response.url, "role": role, "files": dict(plan.files)}
 
 
-def download_competition(cfg: KaggleConfig, path: str | Path, competition: str | None = None, force: bool = False):
+def download_competition(
+    cfg: KaggleConfig, path: str | Path, competition: str | None = None, force: bool = False
+):
     """Competition files, unzipped into `path` (the competition's rules must be accepted on the website)."""
     competition = competition or cfg.competition
     api = kaggle_api()
@@ -357,7 +369,12 @@ def submit_kernel(
             quiet=True,
         )
     print(f"submitted {kernel} version {version} to {competition}: {response.message}")
-    return {"kernel": kernel, "version": int(version), "competition": competition, "message": response.message}
+    return {
+        "kernel": kernel,
+        "version": int(version),
+        "competition": competition,
+        "message": response.message,
+    }
 
 
 def kernel_status(

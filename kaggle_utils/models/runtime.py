@@ -128,7 +128,9 @@ def detect_runtime(
     if kind == "cuda":
         wanted = cfg.num_gpus if cfg.num_gpus is not None else len(probe.gpus)
         if not 1 <= wanted <= len(probe.gpus):
-            raise UsageError(f"inference num_gpus={cfg.num_gpus} but {len(probe.gpus)} CUDA GPU(s) are visible")
+            raise UsageError(
+                f"inference num_gpus={cfg.num_gpus} but {len(probe.gpus)} CUDA GPU(s) are visible"
+            )
         gpus = probe.gpus[:wanted]
         devices = tuple(f"cuda:{gpu.index}" for gpu in gpus)
     elif kind == "tpu":
@@ -144,7 +146,9 @@ def detect_runtime(
         dtype = torch.bfloat16 if native else torch.float16
         lowest = min(gpu.capability for gpu in gpus)
         reason += (
-            ", bf16 native" if native else f", fp16 because cc {lowest[0]}.{lowest[1]} < 8.0 has no native bf16"
+            ", bf16 native"
+            if native
+            else f", fp16 because cc {lowest[0]}.{lowest[1]} < 8.0 has no native bf16"
         )
     elif kind == "tpu":
         dtype = torch.bfloat16
@@ -292,15 +296,19 @@ def hint_matches(hint: str, path: str | Path) -> bool:
     not `arena-ensemble2`), or several consecutive ones written with `/` (`models/ftq`)."""
     wanted = Path(hint).parts
     parts = Path(path).parts
-    return bool(wanted) and any(parts[i:i + len(wanted)] == wanted for i in range(len(parts) - len(wanted) + 1))
+    return bool(wanted) and any(
+        parts[i : i + len(wanted)] == wanted for i in range(len(parts) - len(wanted) + 1)
+    )
 
 
 def _pick(kind: str, candidates: list[Path], hint: str | None, root: Path) -> Path:
     if hint:
         matching = [path for path in candidates if hint_matches(hint, path.relative_to(root))]
         if not matching:
-            raise UsageError(f"no {kind} under {root} matches {hint!r} (whole names in its path: a folder or "
-                             f"file name, or several as a/b); found: {[str(p) for p in candidates]}")
+            raise UsageError(
+                f"no {kind} under {root} matches {hint!r} (whole names in its path: a folder or "
+                f"file name, or several as a/b); found: {[str(p) for p in candidates]}"
+            )
         candidates = matching
     if len(candidates) > 1:
         raise UsageError(
@@ -313,8 +321,9 @@ def _pick(kind: str, candidates: list[Path], hint: str | None, root: Path) -> Pa
 def _scan(root: Path, test_names: tuple[str, ...], baseline_name: str) -> dict[str, list[Path]]:
     """Everything `find_inputs` looks for under root, by kind: artifacts, tests, competition_tests (beside a
     sample_submission), wheels, baselines (an artifact's own counts even when another one has the name)."""
-    found: dict[str, list[Path]] = {kind: [] for kind in
-                                    ("artifacts", "tests", "competition_tests", "wheels", "baselines")}
+    found: dict[str, list[Path]] = {
+        kind: [] for kind in ("artifacts", "tests", "competition_tests", "wheels", "baselines")
+    }
     for path, _dirs, files in _walk(root):
         if MANIFEST_NAME in files:
             found["artifacts"].append(path)
@@ -337,8 +346,11 @@ def _input_root(root: str | Path | None) -> Path:
     return root
 
 
-def find_test_file(root: str | Path | None = None, test_hint: str | None = None,
-                   test_names: tuple[str, ...] = ("test.csv", "test.parquet")) -> Path:
+def find_test_file(
+    root: str | Path | None = None,
+    test_hint: str | None = None,
+    test_names: tuple[str, ...] = ("test.csv", "test.parquet"),
+) -> Path:
     """The competition's test file under `root`, chosen as `find_inputs` chooses it (one beside a
     sample_submission.csv wins; a hint names whole folders or files in its path). `run_submission` asks for it
     alone when the artifact cannot be chosen, so the fallback file can still be written."""
@@ -347,11 +359,15 @@ def find_test_file(root: str | Path | None = None, test_hint: str | None = None,
     return _pick_test(found, test_hint, root, test_names)
 
 
-def _pick_test(found: dict[str, list[Path]], test_hint: str | None, root: Path, test_names: tuple[str, ...]) -> Path:
+def _pick_test(
+    found: dict[str, list[Path]], test_hint: str | None, root: Path, test_names: tuple[str, ...]
+) -> Path:
     if not found["tests"]:
         raise UsageError(f"no test file ({' or '.join(test_names)}) under {root}")
     competition = found["competition_tests"]
-    return _pick("test file", competition if competition and not test_hint else found["tests"], test_hint, root)
+    return _pick(
+        "test file", competition if competition and not test_hint else found["tests"], test_hint, root
+    )
 
 
 def find_inputs(
@@ -392,9 +408,14 @@ def find_inputs(
     if own.is_file() and own not in baselines:  # an artifact may carry its baseline inside it
         baselines.append(own)
     inside = [path for path in baselines if artifact in path.parents]
-    baselines = [path for path in baselines if artifact in path.parents
-                 or not any(other in path.parents for other in artifacts)]
+    baselines = [
+        path
+        for path in baselines
+        if artifact in path.parents or not any(other in path.parents for other in artifacts)
+    ]
     baseline = inside[0] if inside else baselines[0] if len(baselines) == 1 else None
     if baseline is None and len(baselines) > 1:
-        logger.warning("several %s under %s, none chosen: %s", baseline_name, root, [str(p) for p in baselines])
+        logger.warning(
+            "several %s under %s, none chosen: %s", baseline_name, root, [str(p) for p in baselines]
+        )
     return FoundInputs(artifact, test, found["wheels"][0] if found["wheels"] else None, baseline)

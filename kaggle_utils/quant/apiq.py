@@ -45,7 +45,15 @@ class ApiQSettings:
     group_size: int = 64  # int4 group; nf4 uses bitsandbytes' blocksize 64
     rank: int = 64
     alpha: float = 16.0
-    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    target_modules: tuple[str, ...] = (
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    )
     epochs: int = 20
     batch_size: int = 8
     lora_lr: float = 5e-4
@@ -75,7 +83,9 @@ class BlockError:
 class ApiQResult:
     settings: ApiQSettings
     lora: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)  # name -> (A (r, in), B (out, r))
-    clip: dict[str, tuple[Tensor, ...]] = field(default_factory=dict)  # name -> (upper[, lower]) per group/block
+    clip: dict[str, tuple[Tensor, ...]] = field(
+        default_factory=dict
+    )  # name -> (upper[, lower]) per group/block
     block_errors: list[BlockError] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -125,18 +135,22 @@ class _FittedLinear(nn.Module):
         out_features, in_features = weight.shape
         rank = settings.rank
         self.scaling = settings.alpha / rank
-        bound = 1 / math.sqrt(in_features)  # peft's kaiming_uniform(a=sqrt(5)) on A: U(-1/sqrt(in), 1/sqrt(in))
+        bound = 1 / math.sqrt(
+            in_features
+        )  # peft's kaiming_uniform(a=sqrt(5)) on A: U(-1/sqrt(in), 1/sqrt(in))
         self.lora_A = nn.Parameter(
             (torch.rand(rank, in_features, generator=generator) * 2 - 1).mul_(bound).to(weight.device)
         )
         self.lora_B = nn.Parameter(torch.zeros(out_features, rank, device=weight.device))
         if self.quantizer == "nf4":
-            self.clip = nn.ParameterList([nn.Parameter(torch.ones(weight.numel() // NF4_BLOCKSIZE,
-                                                                  device=weight.device))])
+            self.clip = nn.ParameterList(
+                [nn.Parameter(torch.ones(weight.numel() // NF4_BLOCKSIZE, device=weight.device))]
+            )
         else:
             groups = in_features // self.group_size
-            self.clip = nn.ParameterList([nn.Parameter(torch.ones(out_features, groups, device=weight.device))
-                                          for _ in range(2)])
+            self.clip = nn.ParameterList(
+                [nn.Parameter(torch.ones(out_features, groups, device=weight.device)) for _ in range(2)]
+            )
         self.quantize_only = False  # True: the default init (unclipped quantizer, no LoRA)
 
     def quantized_weight(self) -> Tensor:
@@ -160,10 +174,15 @@ class _FittedLinear(nn.Module):
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The decoder blocks of a transformers model (the longest ModuleList named `layers`)."""
-    candidates = [module for name, module in model.named_modules()
-                  if isinstance(module, nn.ModuleList) and name.rsplit(".", 1)[-1] == "layers"]
+    candidates = [
+        module
+        for name, module in model.named_modules()
+        if isinstance(module, nn.ModuleList) and name.rsplit(".", 1)[-1] == "layers"
+    ]
     if not candidates:
-        raise UsageError(f"cannot find decoder layers in {type(model).__name__} (no ModuleList named 'layers')")
+        raise UsageError(
+            f"cannot find decoder layers in {type(model).__name__} (no ModuleList named 'layers')"
+        )
     return max(candidates, key=len)
 
 
@@ -176,7 +195,7 @@ def pad_batches(
     order = sorted(range(len(input_ids)), key=lambda index: len(input_ids[index]))
     batches = []
     for start in range(0, len(order), batch_size):
-        rows = [list(input_ids[index]) for index in order[start:start + batch_size]]
+        rows = [list(input_ids[index]) for index in order[start : start + batch_size]]
         width = max(len(row) for row in rows)
         ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -202,12 +221,18 @@ def capture_block_inputs(
             if index == 0:
                 first_inputs.append(hidden.detach())
             # A KV cache would grow with every replay of the block: calibration never uses one.
-            kept = {key: value for key, value in kwargs.items()
-                    if key not in ("hidden_states", "cache", "past_key_values", "past_key_value")}
+            kept = {
+                key: value
+                for key, value in kwargs.items()
+                if key not in ("hidden_states", "cache", "past_key_values", "past_key_value")
+            }
             kwargs_per_layer[index].append(kept)
+
         return record
 
-    handles = [layer.register_forward_pre_hook(hook(index), with_kwargs=True) for index, layer in enumerate(layers)]
+    handles = [
+        layer.register_forward_pre_hook(hook(index), with_kwargs=True) for index, layer in enumerate(layers)
+    ]
     try:
         for batch in batches:
             model(**batch, use_cache=False)
@@ -231,7 +256,9 @@ def _relative_error(outputs: list[Tensor], targets: list[Tensor], masks: list[Te
     return num / max(den, 1e-30)
 
 
-def _wrap_targets(block: nn.Module, settings: ApiQSettings, generator: torch.Generator) -> dict[str, _FittedLinear]:
+def _wrap_targets(
+    block: nn.Module, settings: ApiQSettings, generator: torch.Generator
+) -> dict[str, _FittedLinear]:
     wrapped = {}
     for name, linear in iter_target_linears(block, settings.target_modules):
         fitted = _FittedLinear(linear, settings, generator)
@@ -249,7 +276,10 @@ def _set_quantize_only(fitted: dict[str, _FittedLinear], value: bool) -> None:
 
 
 def apiq_initialize(
-    model: nn.Module, calibration_ids: Sequence[Sequence[int]], pad_token_id: int, settings: ApiQSettings | None = None
+    model: nn.Module,
+    calibration_ids: Sequence[Sequence[int]],
+    pad_token_id: int,
+    settings: ApiQSettings | None = None,
 ) -> ApiQResult:
     """Fit LoRA factors and clipping block by block; `model` (16-bit, any dtype) is left unchanged."""
     import time
@@ -273,8 +303,10 @@ def apiq_initialize(
     for index, layer in enumerate(layers):
         kwargs = kwargs_per_layer[index]
         with torch.no_grad():
-            targets = [_block_output(layer, hidden, kw).to(torch.float32) for hidden, kw in zip(fp_inputs, kwargs,
-                                                                                                strict=True)]
+            targets = [
+                _block_output(layer, hidden, kw).to(torch.float32)
+                for hidden, kw in zip(fp_inputs, kwargs, strict=True)
+            ]
         block = copy.deepcopy(layer).to(device=device, dtype=torch.float32)
         for parameter in block.parameters():
             parameter.requires_grad_(False)
@@ -283,25 +315,35 @@ def apiq_initialize(
 
         with torch.no_grad():
             _set_quantize_only(fitted, True)
-            default_outputs = [_block_output(block, h, kw) for h, kw in zip(default_inputs, kwargs32, strict=True)]
+            default_outputs = [
+                _block_output(block, h, kw) for h, kw in zip(default_inputs, kwargs32, strict=True)
+            ]
             isolated_before = _relative_error(
-                [_block_output(block, h, kw) for h, kw in zip(apiq_inputs, kwargs32, strict=True)], targets, masks)
+                [_block_output(block, h, kw) for h, kw in zip(apiq_inputs, kwargs32, strict=True)],
+                targets,
+                masks,
+            )
             _set_quantize_only(fitted, False)
 
         _fit_block(block, fitted, apiq_inputs, kwargs32, targets, masks, settings, index, len(layers))
 
         with torch.no_grad():
             apiq_outputs = [_block_output(block, h, kw) for h, kw in zip(apiq_inputs, kwargs32, strict=True)]
-        result.block_errors.append(BlockError(
-            block=index,
-            default=_relative_error(default_outputs, targets, masks),
-            apiq=_relative_error(apiq_outputs, targets, masks),
-            isolated_before=isolated_before,
-            isolated_after=_relative_error(apiq_outputs, targets, masks),
-        ))
+        result.block_errors.append(
+            BlockError(
+                block=index,
+                default=_relative_error(default_outputs, targets, masks),
+                apiq=_relative_error(apiq_outputs, targets, masks),
+                isolated_before=isolated_before,
+                isolated_after=_relative_error(apiq_outputs, targets, masks),
+            )
+        )
         for name, module in fitted.items():
             qualified = f"{prefix}.{index}.{name}"
-            result.lora[qualified] = (module.lora_A.detach().cpu().clone(), module.lora_B.detach().cpu().clone())
+            result.lora[qualified] = (
+                module.lora_A.detach().cpu().clone(),
+                module.lora_B.detach().cpu().clone(),
+            )
             result.clip[qualified] = tuple(p.detach().cpu().clone() for p in module.clip)
         fp_inputs = [target.to(hidden.dtype) for target, hidden in zip(targets, fp_inputs, strict=True)]
         apiq_inputs, default_inputs = apiq_outputs, default_outputs
@@ -319,6 +361,7 @@ def _to_float32(kwargs: dict[str, Any]) -> dict[str, Any]:
         if isinstance(value, tuple):
             return tuple(convert(item) for item in value)
         return value
+
     return {key: convert(value) for key, value in kwargs.items()}
 
 
@@ -374,7 +417,9 @@ def apply_clipping(model: nn.Module, result: ApiQResult) -> dict[str, Int4Weight
             if result.settings.quantizer == "nf4":
                 linear.weight.copy_(clip_nf4_weight(linear.weight.data, clip[0].to(linear.weight.device)))
             else:
-                quantized[name] = quantize_rtn(linear.weight.data, result.settings.group_size, clip[0], clip[1])
+                quantized[name] = quantize_rtn(
+                    linear.weight.data, result.settings.group_size, clip[0], clip[1]
+                )
     return None if result.settings.quantizer == "nf4" else quantized
 
 
@@ -383,18 +428,25 @@ def load_lora_factors(peft_model: nn.Module, result: ApiQResult, adapter_name: s
     loaded = 0
     modules = dict(peft_model.named_modules())
     for name, (lora_a, lora_b) in result.lora.items():
-        matches = [module for key, module in modules.items()
-                   if (key == name or key.endswith("." + name)) and hasattr(module, "lora_A")]
+        matches = [
+            module
+            for key, module in modules.items()
+            if (key == name or key.endswith("." + name)) and hasattr(module, "lora_A")
+        ]
         if len(matches) != 1:
             raise UsageError(f"ApiQ layer {name}: found {len(matches)} peft LoRA layers with that name")
         module = matches[0]
         a_weight, b_weight = module.lora_A[adapter_name].weight, module.lora_B[adapter_name].weight
         if a_weight.shape != lora_a.shape or b_weight.shape != lora_b.shape:
-            raise UsageError(f"ApiQ layer {name}: LoRA shapes {tuple(a_weight.shape)}/{tuple(b_weight.shape)} "
-                             f"differ from the fitted {tuple(lora_a.shape)}/{tuple(lora_b.shape)} (rank mismatch?)")
+            raise UsageError(
+                f"ApiQ layer {name}: LoRA shapes {tuple(a_weight.shape)}/{tuple(b_weight.shape)} "
+                f"differ from the fitted {tuple(lora_a.shape)}/{tuple(lora_b.shape)} (rank mismatch?)"
+            )
         expected = result.settings.alpha / result.settings.rank
         if not math.isclose(float(module.scaling[adapter_name]), expected, rel_tol=1e-6):
-            raise UsageError(f"ApiQ layer {name}: peft scaling {module.scaling[adapter_name]} != alpha/r {expected}")
+            raise UsageError(
+                f"ApiQ layer {name}: peft scaling {module.scaling[adapter_name]} != alpha/r {expected}"
+            )
         with torch.no_grad():
             a_weight.copy_(lora_a.to(a_weight))
             b_weight.copy_(lora_b.to(b_weight))
@@ -404,18 +456,26 @@ def load_lora_factors(peft_model: nn.Module, result: ApiQResult, adapter_name: s
 
 @torch.no_grad()
 def block_output_errors(
-    reference: nn.Module, model: nn.Module, input_ids: Sequence[Sequence[int]], pad_token_id: int,
+    reference: nn.Module,
+    model: nn.Module,
+    input_ids: Sequence[Sequence[int]],
+    pad_token_id: int,
     batch_size: int = 8,
 ) -> list[float]:
     """Per decoder block, ||out_model - out_reference||^2 / ||out_reference||^2 over non-pad tokens, each model
     fed by its own earlier blocks (as at inference). Works on plain, bitsandbytes and peft-wrapped models."""
+
     def outputs_of(network: nn.Module) -> list[list[Tensor]]:
         layers = decoder_layers(network)
         captured: list[list[Tensor]] = [[] for _ in layers]
-        handles = [layer.register_forward_hook(
-            lambda module, args, out, index=index: captured[index].append(
-                (out[0] if isinstance(out, tuple) else out).detach().float().cpu()))
-            for index, layer in enumerate(layers)]
+        handles = [
+            layer.register_forward_hook(
+                lambda module, args, out, index=index: captured[index].append(
+                    (out[0] if isinstance(out, tuple) else out).detach().float().cpu()
+                )
+            )
+            for index, layer in enumerate(layers)
+        ]
         device = next(network.parameters()).device
         was_training = network.training
         network.eval()
@@ -428,7 +488,11 @@ def block_output_errors(
             network.train(was_training)
         return captured
 
-    masks = [batch["attention_mask"].cpu() for batch in pad_batches(input_ids, batch_size, pad_token_id, "cpu")]
+    masks = [
+        batch["attention_mask"].cpu() for batch in pad_batches(input_ids, batch_size, pad_token_id, "cpu")
+    ]
     reference_outputs, model_outputs = outputs_of(reference), outputs_of(model)
-    return [_relative_error(mine, theirs, masks) for mine, theirs in zip(model_outputs, reference_outputs,
-                                                                         strict=True)]
+    return [
+        _relative_error(mine, theirs, masks)
+        for mine, theirs in zip(model_outputs, reference_outputs, strict=True)
+    ]

@@ -74,10 +74,26 @@ from kaggle_utils.text.tokenizer import load_tokenizer
 from kaggle_utils.train.baseline import MANIFEST_SUFFIX as BASELINE_MANIFEST_SUFFIX
 
 __all__ = [  # the layout names are part of this module's API
-    "ADAPTER_DIR", "LAYOUT_VERSION", "MANIFEST_NAME", "MERGED_DIR", "MODEL_DIR", "TOKENIZER_DIR",
-    "LoadedArtifact", "save_artifact", "load_artifact", "read_manifest", "check_manifest_schema",
-    "update_manifest", "attach_merged_copy", "artifact_size_bytes", "save_checkpoint", "remove_stale_staging",
-    "ENSEMBLE_KIND", "read_ensemble_manifest", "check_ensemble_manifest", "read_manifest_json",
+    "ADAPTER_DIR",
+    "LAYOUT_VERSION",
+    "MANIFEST_NAME",
+    "MERGED_DIR",
+    "MODEL_DIR",
+    "TOKENIZER_DIR",
+    "LoadedArtifact",
+    "save_artifact",
+    "load_artifact",
+    "read_manifest",
+    "check_manifest_schema",
+    "update_manifest",
+    "attach_merged_copy",
+    "artifact_size_bytes",
+    "save_checkpoint",
+    "remove_stale_staging",
+    "ENSEMBLE_KIND",
+    "read_ensemble_manifest",
+    "check_ensemble_manifest",
+    "read_manifest_json",
 ]
 REQUIRED_FIELDS: tuple[str, ...] = (
     "ordering",
@@ -160,7 +176,7 @@ def save_artifact(
             "template_version": TEMPLATE_VERSION,
             "format_config": _plain(dataclasses.asdict(format_config)),
             "package_version": __version__,
-            "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             "num_labels": int(inner.config.num_labels),
             "pad_token_id": int(inner.config.pad_token_id),
             "attn_implementation": inner.config._attn_implementation,
@@ -253,7 +269,9 @@ def save_checkpoint(model: nn.Module, out_dir: str | Path) -> Path:
     for key, value in inner.state_dict().items():
         if ".lora_" in key or ".modules_to_save." in key or "lora_magnitude_vector" in key:
             continue
-        state[key.replace(".base_layer.", ".").replace(".original_module.", ".")] = value.detach().contiguous()
+        state[key.replace(".base_layer.", ".").replace(".original_module.", ".")] = (
+            value.detach().contiguous()
+        )
     inner.config.save_pretrained(str(out_dir))
     save_file(state, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
     return out_dir
@@ -309,10 +327,13 @@ def read_manifest(path: str | Path, verify_hashes: bool = False, allow_unlisted:
         for file in sorted((root / folder).rglob("*")):
             relative = file.relative_to(root).as_posix()
             if (file.is_file() or file.is_symlink()) and relative not in files:
-                raise ArtifactError(f"{root}: file {relative} is not listed in the manifest; an unlisted file is "
-                                    f"never loaded")
+                raise ArtifactError(
+                    f"{root}: file {relative} is not listed in the manifest; an unlisted file is never loaded"
+                )
     if (root / ADAPTER_DIR).exists() and not manifest["has_adapter"]:
-        raise ArtifactError(f"{manifest_path}: has_adapter is false but the artifact has an {ADAPTER_DIR}/ folder")
+        raise ArtifactError(
+            f"{manifest_path}: has_adapter is false but the artifact has an {ADAPTER_DIR}/ folder"
+        )
     return manifest
 
 
@@ -322,7 +343,9 @@ def check_manifest_schema(manifest: dict, where: str | Path = MANIFEST_NAME) -> 
     adapter's files listed), unless the adapter is folded into group-wise INT4 weights (`int4_format`)."""
     for name, types in FIELD_TYPES.items():
         value = manifest.get(name)
-        if name in manifest and (not isinstance(value, types) or (bool not in types and isinstance(value, bool))):
+        if name in manifest and (
+            not isinstance(value, types) or (bool not in types and isinstance(value, bool))
+        ):
             wanted = " or ".join(t.__name__ for t in types)
             raise ArtifactError(f"{where}: field {name!r} must be {wanted}, got {value!r}")
     files = manifest["files"]
@@ -332,22 +355,32 @@ def check_manifest_schema(manifest: dict, where: str | Path = MANIFEST_NAME) -> 
     ordering = manifest["ordering"]
     if ordering not in ORDERINGS:
         raise ArtifactError(f"{where}: field 'ordering' must be one of {list(ORDERINGS)}, got {ordering!r}")
-    listed = {folder: any(key.startswith(f"{folder}/") for key in files) for folder in
-              (MODEL_DIR, ADAPTER_DIR, MERGED_DIR, TOKENIZER_DIR)}
+    listed = {
+        folder: any(key.startswith(f"{folder}/") for key in files)
+        for folder in (MODEL_DIR, ADAPTER_DIR, MERGED_DIR, TOKENIZER_DIR)
+    }
     for folder in (MODEL_DIR, TOKENIZER_DIR):
         if not listed[folder]:
             raise ArtifactError(f"{where}: field 'files' lists nothing under {folder}/")
     if manifest["has_adapter"] != listed[ADAPTER_DIR]:
-        raise ArtifactError(f"{where}: has_adapter is {manifest['has_adapter']} but 'files' lists "
-                            f"{'files' if listed[ADAPTER_DIR] else 'nothing'} under {ADAPTER_DIR}/")
+        raise ArtifactError(
+            f"{where}: has_adapter is {manifest['has_adapter']} but 'files' lists "
+            f"{'files' if listed[ADAPTER_DIR] else 'nothing'} under {ADAPTER_DIR}/"
+        )
     if manifest["has_merged"] != listed[MERGED_DIR]:
-        raise ArtifactError(f"{where}: has_merged is {manifest['has_merged']} but 'files' lists "
-                            f"{'files' if listed[MERGED_DIR] else 'nothing'} under {MERGED_DIR}/")
+        raise ArtifactError(
+            f"{where}: has_merged is {manifest['has_merged']} but 'files' lists "
+            f"{'files' if listed[MERGED_DIR] else 'nothing'} under {MERGED_DIR}/"
+        )
     if ordering == "ft-then-quant" and manifest["has_adapter"]:
-        raise ArtifactError(f"{where}: ordering ft-then-quant ships the merged model, but has_adapter is true")
+        raise ArtifactError(
+            f"{where}: ordering ft-then-quant ships the merged model, but has_adapter is true"
+        )
     if ordering == "quant-then-ft" and not manifest["has_adapter"] and not manifest.get("int4_format"):
-        raise ArtifactError(f"{where}: ordering quant-then-ft needs its adapter (has_adapter true and {ADAPTER_DIR}/ "
-                            f"listed); without it the untrained base and a random score head would predict")
+        raise ArtifactError(
+            f"{where}: ordering quant-then-ft needs its adapter (has_adapter true and {ADAPTER_DIR}/ "
+            f"listed); without it the untrained base and a random score head would predict"
+        )
 
 
 def _check_file_entries(files: dict, where: str | Path) -> None:
@@ -356,10 +389,18 @@ def _check_file_entries(files: dict, where: str | Path) -> None:
         parts = Path(relative).parts
         if not relative or Path(relative).is_absolute() or ".." in parts or "\\" in relative:
             raise ArtifactError(f"{where}: files entry {relative!r} is not a path inside the artifact")
-        if not isinstance(info, dict) or not isinstance(info.get("bytes"), int) or isinstance(info.get("bytes"), bool) \
-                or info["bytes"] < 0 or not isinstance(info.get("sha256"), str) or not _SHA256_HEX.match(info["sha256"]):
-            raise ArtifactError(f"{where}: files entry {relative!r} must be {{'bytes': int >= 0, 'sha256': 64 hex "
-                                f"digits}}, got {info!r}")
+        if (
+            not isinstance(info, dict)
+            or not isinstance(info.get("bytes"), int)
+            or isinstance(info.get("bytes"), bool)
+            or info["bytes"] < 0
+            or not isinstance(info.get("sha256"), str)
+            or not _SHA256_HEX.match(info["sha256"])
+        ):
+            raise ArtifactError(
+                f"{where}: files entry {relative!r} must be {{'bytes': int >= 0, 'sha256': 64 hex "
+                f"digits}}, got {info!r}"
+            )
 
 
 def _check_listed_files(root: Path, files: dict, sizes: bool, hashes: bool) -> None:
@@ -370,11 +411,15 @@ def _check_listed_files(root: Path, files: dict, sizes: bool, hashes: bool) -> N
         if not file.is_file():
             raise ArtifactError(f"{root}: file {relative} listed in the manifest is missing")
         if sizes and file.stat().st_size != info["bytes"]:
-            raise ArtifactError(f"{root}: file {relative} has {file.stat().st_size} bytes, manifest says {info['bytes']}")
+            raise ArtifactError(
+                f"{root}: file {relative} has {file.stat().st_size} bytes, manifest says {info['bytes']}"
+            )
     for relative, info in files.items() if hashes else ():
         if file_sha256(root / relative) != info["sha256"]:
-            raise ArtifactError(f"{root}: file {relative} does not match its sha256 in the manifest (altered or "
-                                f"corrupt; verify_hashes=False / --no-verify-hashes skips this check)")
+            raise ArtifactError(
+                f"{root}: file {relative} does not match its sha256 in the manifest (altered or "
+                f"corrupt; verify_hashes=False / --no-verify-hashes skips this check)"
+            )
 
 
 def read_ensemble_manifest(path: str | Path, verify_hashes: bool = False) -> dict:
@@ -400,9 +445,11 @@ def check_ensemble_manifest(path: str | Path, manifest: dict, verify_hashes: boo
     where = root / MANIFEST_NAME
     files = manifest.get("files")
     if not isinstance(files, dict):  # empty only when no member has files (class priors)
-        raise ArtifactError(f"{where}: an ensemble artifact must list every file it holds in 'files' (its members "
-                            f"copied inside it, each file with bytes and sha256); ship it again with "
-                            f"ship.write_shipped")
+        raise ArtifactError(
+            f"{where}: an ensemble artifact must list every file it holds in 'files' (its members "
+            f"copied inside it, each file with bytes and sha256); ship it again with "
+            f"ship.write_shipped"
+        )
     _check_file_entries(files, where)
     members = manifest.get("members")
     if not isinstance(members, list) or not members:
@@ -416,9 +463,11 @@ def check_ensemble_manifest(path: str | Path, manifest: dict, verify_hashes: boo
             continue  # a class prior: nothing on disk
         pure = PurePosixPath(str(relative))
         if pure.is_absolute() or ".." in pure.parts or "\\" in str(relative) or not pure.parts:
-            raise ArtifactError(f"{where}: members[{index}] ({name}) path {relative!r} is not inside the ensemble "
-                                f"folder; moved or uploaded, the ensemble would lose it (ship.write_shipped copies "
-                                f"members in)")
+            raise ArtifactError(
+                f"{where}: members[{index}] ({name}) path {relative!r} is not inside the ensemble "
+                f"folder; moved or uploaded, the ensemble would lose it (ship.write_shipped copies "
+                f"members in)"
+            )
         kind = member.get("kind") or ("baseline" if pure.as_posix() in files else "model")
         named.append((index, str(name), kind, pure.as_posix()))
     _check_listed_files(root, files, sizes=True, hashes=False)
@@ -430,22 +479,30 @@ def check_ensemble_manifest(path: str | Path, manifest: dict, verify_hashes: boo
             needed = {relative: None, f"{relative}{BASELINE_MANIFEST_SUFFIX}": None}
         for file, info in needed.items():
             if file not in files:
-                raise ArtifactError(f"{where}: members[{index}] ({name}): file {file} is not listed in the "
-                                    f"ensemble's 'files'")
-            if info is not None and (files[file].get("bytes"), files[file].get("sha256")) != \
-                    (info.get("bytes"), info.get("sha256")):
-                raise ArtifactError(f"{where}: members[{index}] ({name}): file {file} has other bytes/sha256 in "
-                                    f"the ensemble's 'files' than in the member's {MANIFEST_NAME}")
+                raise ArtifactError(
+                    f"{where}: members[{index}] ({name}): file {file} is not listed in the ensemble's 'files'"
+                )
+            if info is not None and (files[file].get("bytes"), files[file].get("sha256")) != (
+                info.get("bytes"),
+                info.get("sha256"),
+            ):
+                raise ArtifactError(
+                    f"{where}: members[{index}] ({name}): file {file} has other bytes/sha256 in "
+                    f"the ensemble's 'files' than in the member's {MANIFEST_NAME}"
+                )
     if verify_hashes:
         _check_listed_files(root, files, sizes=False, hashes=True)
 
 
-def _listed_member_manifest(root: Path, where: Path, index: int, name: str, relative: str, files: dict) -> dict:
+def _listed_member_manifest(
+    root: Path, where: Path, index: int, name: str, relative: str, files: dict
+) -> dict:
     """A model member's own manifest, which the ensemble's `files` must list (so its sha256 vouches for it)."""
     listed = f"{relative}/{MANIFEST_NAME}"
     if listed not in files:
-        raise ArtifactError(f"{where}: members[{index}] ({name}): file {listed} is not listed in the ensemble's "
-                            f"'files'")
+        raise ArtifactError(
+            f"{where}: members[{index}] ({name}): file {listed} is not listed in the ensemble's 'files'"
+        )
     try:
         member_manifest = json.loads((root / listed).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
@@ -482,17 +539,26 @@ def load_artifact(
     if use_merged and not manifest.get("has_merged"):
         raise ArtifactError(f"{root}: use_merged=True but the artifact has no {MERGED_DIR}/ copy")
     model_dir = root / (MERGED_DIR if use_merged else MODEL_DIR)
-    model = backend.load_artifact(root, manifest, LoadOptions(device=device, dtype=dtype, dequantize=dequantize,
-                                                              use_merged=use_merged))
+    model = backend.load_artifact(
+        root, manifest, LoadOptions(device=device, dtype=dtype, dequantize=dequantize, use_merged=use_merged)
+    )
     model.eval()
     tokenizer = load_tokenizer(root / TOKENIZER_DIR)
     format_config = FormatConfig(**_restore_tuples(FormatConfig, manifest["format_config"]))
     if backend.checks_tokenizer:  # ids must index this model's own embeddings
-        check_tokenizer_model(tokenizer, model.config, root / TOKENIZER_DIR, model_dir,
-                              template=format_config.template,
-                              embedding_rows=model.get_input_embeddings().weight.shape[0], error=ArtifactError,
-                              real_weights=not getattr(model.config, "kaggle_utils_random_weights", False))
-    return LoadedArtifact(model=model, tokenizer=tokenizer, manifest=manifest, format_config=format_config, path=root)
+        check_tokenizer_model(
+            tokenizer,
+            model.config,
+            root / TOKENIZER_DIR,
+            model_dir,
+            template=format_config.template,
+            embedding_rows=model.get_input_embeddings().weight.shape[0],
+            error=ArtifactError,
+            real_weights=not getattr(model.config, "kaggle_utils_random_weights", False),
+        )
+    return LoadedArtifact(
+        model=model, tokenizer=tokenizer, manifest=manifest, format_config=format_config, path=root
+    )
 
 
 def artifact_size_bytes(path: str | Path, include_merged: bool = False) -> int:

@@ -70,14 +70,19 @@ class GroupPooledAdapterLinear(nn.Module):
             self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=base.qweight.device))
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         elif settings.kind == "qa-hira":
-            repeat = settings.output_repeat or hira_output_repeat(base.out_features, self.groups, settings.rank)
+            repeat = settings.output_repeat or hira_output_repeat(
+                base.out_features, self.groups, settings.rank
+            )
             if base.out_features % repeat:
-                raise UsageError(f"qa-hira output_repeat={repeat} must divide out_features={base.out_features}")
+                raise UsageError(
+                    f"qa-hira output_repeat={repeat} must divide out_features={base.out_features}"
+                )
             self.output_repeat = repeat
             self.rank = min(base.out_features // repeat, self.groups)
             self.scaling = settings.alpha / self.rank  # as LoRA's alpha / r, with the rank M can reach
-            self.hira_M = nn.Parameter(torch.zeros(base.out_features // repeat, self.groups,
-                                                   device=base.qweight.device))
+            self.hira_M = nn.Parameter(
+                torch.zeros(base.out_features // repeat, self.groups, device=base.qweight.device)
+            )
         else:
             raise UsageError(f"unknown group adapter kind {settings.kind!r}; expected 'qa-lora' or 'qa-hira'")
 
@@ -93,7 +98,9 @@ class GroupPooledAdapterLinear(nn.Module):
         pooled = self.dropout(x).unflatten(-1, (self.groups, self.base.group_size)).mean(-1)
         if self.kind == "qa-lora":
             return (pooled @ self.lora_A.to(x.dtype).t() @ self.lora_B.to(x.dtype).t()) * self.scaling
-        return (pooled @ self.hira_M.to(x.dtype).t()).repeat_interleave(self.output_repeat, dim=-1) * self.scaling
+        return (pooled @ self.hira_M.to(x.dtype).t()).repeat_interleave(
+            self.output_repeat, dim=-1
+        ) * self.scaling
 
     def forward(self, x: Tensor) -> Tensor:
         return self.base(x) + self.adapter_output(x)
@@ -104,7 +111,9 @@ class GroupPooledAdapterLinear(nn.Module):
         base = self.base
         scale = base.scale.to(torch.float32)
         zero = base.zero.to(torch.float32) - self.group_update() / scale
-        folded = Int4Weight(codes=base.int4_weight().codes, scale=base.scale, zero=zero, group_size=base.group_size)
+        folded = Int4Weight(
+            codes=base.int4_weight().codes, scale=base.scale, zero=zero, group_size=base.group_size
+        )
         return Int4Linear.from_weight(folded, base.bias)
 
     def extra_repr(self) -> str:

@@ -139,7 +139,11 @@ def quantize_hqq(weight: Tensor, group_size: int) -> Int4Weight:
     scale = meta["scale"].reshape(out_features, groups).clamp(min=MIN_SCALE)
     zero = meta["zero"].reshape(out_features, groups)
     return Int4Weight(
-        codes=codes.reshape(out_features, in_features).round().clamp(0, QMAX).to(torch.uint8).to(weight.device),
+        codes=codes.reshape(out_features, in_features)
+        .round()
+        .clamp(0, QMAX)
+        .to(torch.uint8)
+        .to(weight.device),
         scale=scale.to(SCALE_DTYPE).to(weight.device),
         zero=zero.to(ZERO_DTYPE).to(weight.device),
         group_size=group_size,
@@ -194,16 +198,25 @@ class Int4Linear(nn.Module):
         super().__init__()
         groups = check_group_size(in_features, group_size)
         self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
-        self.register_buffer("qweight", torch.zeros(out_features, in_features // 2, dtype=torch.uint8, device=device))
+        self.register_buffer(
+            "qweight", torch.zeros(out_features, in_features // 2, dtype=torch.uint8, device=device)
+        )
         self.register_buffer("scale", torch.ones(out_features, groups, dtype=SCALE_DTYPE, device=device))
         self.register_buffer("zero", torch.zeros(out_features, groups, dtype=ZERO_DTYPE, device=device))
-        self.bias = nn.Parameter(torch.zeros(out_features, device=device), requires_grad=False) if bias else None
+        self.bias = (
+            nn.Parameter(torch.zeros(out_features, device=device), requires_grad=False) if bias else None
+        )
 
     @classmethod
     def from_weight(cls, quantized: Int4Weight, bias: Tensor | None = None) -> Int4Linear:
         out_features, in_features = quantized.shape
-        layer = cls(in_features, out_features, quantized.group_size, bias=bias is not None,
-                    device=quantized.codes.device)
+        layer = cls(
+            in_features,
+            out_features,
+            quantized.group_size,
+            bias=bias is not None,
+            device=quantized.codes.device,
+        )
         layer.set_weight(quantized)
         if bias is not None:
             layer.bias.data = bias.detach().clone()
@@ -240,8 +253,10 @@ class Int4Linear(nn.Module):
         return self
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"group_size={self.group_size}, bias={self.bias is not None}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"group_size={self.group_size}, bias={self.bias is not None}"
+        )
 
 
 def iter_target_linears(model: nn.Module, target_modules: Iterable[str]) -> list[tuple[str, nn.Linear]]:
@@ -294,7 +309,9 @@ def save_int4_model(model: nn.Module, out_dir: str | Path) -> Path:
         raise UsageError("save_int4_model: the model has no Int4Linear layers")
     leftover = [name for name, module in model.named_modules() if is_adapter_module(module)]
     if leftover:
-        raise UsageError(f"save_int4_model: unmerged adapter layers remain ({leftover[:3]}...): merge them first")
+        raise UsageError(
+            f"save_int4_model: unmerged adapter layers remain ({leftover[:3]}...): merge them first"
+        )
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     state = {key: value.detach().contiguous().cpu() for key, value in model.state_dict().items()}
@@ -342,8 +359,10 @@ def load_int4_model(
     if layers_path.is_file():
         description = json.loads(layers_path.read_text(encoding="utf-8"))
         if description.get("format") != FORMAT_NAME or description.get("version") != FORMAT_VERSION:
-            raise UsageError(f"{layers_path}: format {description.get('format')} v{description.get('version')}, "
-                             f"this code reads {FORMAT_NAME} v{FORMAT_VERSION}")
+            raise UsageError(
+                f"{layers_path}: format {description.get('format')} v{description.get('version')}, "
+                f"this code reads {FORMAT_NAME} v{FORMAT_VERSION}"
+            )
     weights = model_dir / WEIGHTS_FILE
     if not weights.is_file():
         raise UsageError(f"{model_dir}: no {WEIGHTS_FILE}")
@@ -365,8 +384,10 @@ def load_int4_model(
             state[key] = value.to(dtype)
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     if unexpected or [key for key in missing if not key.endswith("inv_freq")]:
-        raise UsageError(f"{model_dir}: weights do not match the config (missing {missing[:5]}, "
-                         f"unexpected {unexpected[:5]})")
+        raise UsageError(
+            f"{model_dir}: weights do not match the config (missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]})"
+        )
     model.to(device)
     return model.eval()
 

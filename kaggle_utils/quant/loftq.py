@@ -64,7 +64,9 @@ class SafetensorsCheckpoint:
             with safe_open(str(single), framework="pt", device="cpu") as handle:
                 self.files = dict.fromkeys(handle.keys(), single)
         else:
-            raise UsageError(f"{self.folder}: no {SINGLE_FILE} or {INDEX_FILE}; LoftQ needs the 16-bit safetensors")
+            raise UsageError(
+                f"{self.folder}: no {SINGLE_FILE} or {INDEX_FILE}; LoftQ needs the 16-bit safetensors"
+            )
 
     def names(self) -> list[str]:
         return sorted(self.files)
@@ -94,8 +96,11 @@ def nf4_quantizer(settings: NF4Settings) -> Callable[[torch.Tensor], tuple[torch
 
     def quantize(x: torch.Tensor) -> tuple[torch.Tensor, tuple]:
         packed, state = bnbf.quantize_4bit(
-            x.to(settings.dtype), blocksize=settings.blocksize, compress_statistics=settings.compress_statistics,
-            quant_type=settings.quant_type, quant_storage=settings.quant_storage,
+            x.to(settings.dtype),
+            blocksize=settings.blocksize,
+            compress_statistics=settings.compress_statistics,
+            quant_type=settings.quant_type,
+            quant_storage=settings.quant_storage,
         )
         return bnbf.dequantize_4bit(packed, state).float(), (packed, state)
 
@@ -124,7 +129,10 @@ def low_rank(matrix: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tenso
 
 @torch.no_grad()
 def loftq_decompose(
-    weight: torch.Tensor, rank: int, iterations: int, quantize: Callable[[torch.Tensor], tuple[torch.Tensor, tuple]]
+    weight: torch.Tensor,
+    rank: int,
+    iterations: int,
+    quantize: Callable[[torch.Tensor], tuple[torch.Tensor, tuple]],
 ) -> LoftQFactors:
     """`iterations` alternating steps Q = quant(W - B A); B, A = SVD_rank(W - Q).
 
@@ -179,7 +187,12 @@ class LoftQReport:
     def summary(self) -> dict:
         first = sum(errors[0] for errors in self.errors.values())
         best = sum(min(errors) for errors in self.errors.values())
-        return {"layers": self.layers, "iterations": self.iterations, "error_first": first, "error_best": best}
+        return {
+            "layers": self.layers,
+            "iterations": self.iterations,
+            "error_first": first,
+            "error_best": best,
+        }
 
 
 @torch.no_grad()
@@ -203,19 +216,32 @@ def apply_loftq(
         base = module.get_base_layer()
         current = base.weight
         state = current.quant_state
-        settings = NF4Settings(state.blocksize, state.quant_type, bool(state.nested), state.dtype,
-                               getattr(current, "quant_storage", torch.uint8))
+        settings = NF4Settings(
+            state.blocksize,
+            state.quant_type,
+            bool(state.nested),
+            state.dtype,
+            getattr(current, "quant_storage", torch.uint8),
+        )
         device = current.device
         weight = checkpoint.get(_checkpoint_name(name, checkpoint)).to(device)
         if tuple(weight.shape) != tuple(state.shape):
-            raise UsageError(f"{checkpoint.folder}: {name} has shape {tuple(weight.shape)} in the checkpoint, "
-                             f"{tuple(state.shape)} in the model")
+            raise UsageError(
+                f"{checkpoint.folder}: {name} has shape {tuple(weight.shape)} in the checkpoint, "
+                f"{tuple(state.shape)} in the model"
+            )
         factors = loftq_decompose(weight, int(module.r[adapter_name]), iterations, nf4_quantizer(settings))
         packed, new_state = factors.quantized  # the Q the factors were fitted to (T = 1: quant(W), as loaded)
         base.weight = bnb.nn.Params4bit(
-            data=packed, requires_grad=False, quant_state=new_state, blocksize=new_state.blocksize,
-            compress_statistics=bool(new_state.nested), quant_type=new_state.quant_type,
-            quant_storage=settings.quant_storage, module=base, bnb_quantized=True,
+            data=packed,
+            requires_grad=False,
+            quant_state=new_state,
+            blocksize=new_state.blocksize,
+            compress_statistics=bool(new_state.nested),
+            quant_type=new_state.quant_type,
+            quant_storage=settings.quant_storage,
+            module=base,
+            bnb_quantized=True,
         )
         scaling = float(module.scaling[adapter_name])
         if scaling <= 0:

@@ -67,9 +67,13 @@ def find_report_dirs(root: str | Path) -> list[Path]:
     root = Path(root)
     if not root.is_dir():
         raise UsageError(f"{root}: not a directory")
-    found = sorted(Path(dirpath) for dirpath, _dirs, files in os.walk(root, followlinks=True) if REPORT_JSON in files)
+    found = sorted(
+        Path(dirpath) for dirpath, _dirs, files in os.walk(root, followlinks=True) if REPORT_JSON in files
+    )
     if not found:
-        raise UsageError(f"no {REPORT_JSON} under {root}: run the training notebooks (or compare-orderings) first")
+        raise UsageError(
+            f"no {REPORT_JSON} under {root}: run the training notebooks (or compare-orderings) first"
+        )
     return found
 
 
@@ -96,7 +100,9 @@ def _need(path: Path, record, where: str, keys: Sequence[str]) -> None:
 def _need_list(path: Path, record: dict, key: str, where: str) -> list:
     value = record[key]
     if not isinstance(value, list) or not value:
-        raise UsageError(f"{path}: {where}, field {key!r} is not a non-empty list: not a compare-orderings report")
+        raise UsageError(
+            f"{path}: {where}, field {key!r} is not a non-empty list: not a compare-orderings report"
+        )
     return value
 
 
@@ -123,12 +129,22 @@ def _check_combine_fields(directory: Path, report: dict) -> None:
         _need(path, variant, f"variants[{index}]", ("variant", "ordering", "description"))
     for index, run in enumerate(report["runs"]):
         where = _run_where(index, run)
-        _need(path, run, where, ("rows", "cv_log_loss_16bit", "cv_log_loss_quantized", "prior_log_loss",
-                                 "per_fold"))
+        _need(
+            path,
+            run,
+            where,
+            ("rows", "cv_log_loss_16bit", "cv_log_loss_quantized", "prior_log_loss", "per_fold"),
+        )
         for number, fold in enumerate(_need_list(path, run, "per_fold", where)):
-            fold_where = f"{where} per_fold[{number}]" + (f" (fold {fold['fold']})" if isinstance(fold, dict)
-                                                          and "fold" in fold else "")
-            _need(path, fold, fold_where, ("fold", "log_loss_16bit", "log_loss_quantized", "best_step", "extras"))
+            fold_where = f"{where} per_fold[{number}]" + (
+                f" (fold {fold['fold']})" if isinstance(fold, dict) and "fold" in fold else ""
+            )
+            _need(
+                path,
+                fold,
+                fold_where,
+                ("fold", "log_loss_16bit", "log_loss_quantized", "best_step", "extras"),
+            )
 
 
 def _oof_rows(directory: Path, name: str) -> dict:
@@ -140,11 +156,19 @@ def _oof_rows(directory: Path, name: str) -> dict:
     off = np.flatnonzero(np.abs(sums - 1.0) > PROB_SUM_TOLERANCE)
     if len(off):
         row = int(off[0])
-        raise UsageError(f"{path}: id {oof['id'][row]!r} ({name}), fields {'+'.join(PROB_COLUMNS)} sum to "
-                         f"{sums[row]:.6g}, not 1 (tolerance {PROB_SUM_TOLERANCE:g}; {len(off)} of {len(sums)} "
-                         "rows off): not probabilities")
-    return {"path": path, "name": name, "ids": oof["id"].to_list(), "labels": oof["label"].to_numpy().astype(np.int64),
-            "folds": oof["fold"].to_numpy(), "probs": probs}
+        raise UsageError(
+            f"{path}: id {oof['id'][row]!r} ({name}), fields {'+'.join(PROB_COLUMNS)} sum to "
+            f"{sums[row]:.6g}, not 1 (tolerance {PROB_SUM_TOLERANCE:g}; {len(off)} of {len(sums)} "
+            "rows off): not probabilities"
+        )
+    return {
+        "path": path,
+        "name": name,
+        "ids": oof["id"].to_list(),
+        "labels": oof["label"].to_numpy().astype(np.int64),
+        "folds": oof["fold"].to_numpy(),
+        "probs": probs,
+    }
 
 
 def _check_same_labels(rows: dict, reference: dict) -> None:
@@ -152,18 +176,24 @@ def _check_same_labels(rows: dict, reference: dict) -> None:
     differ = np.flatnonzero(rows["labels"] != reference["labels"])
     if len(differ):
         row = int(differ[0])
-        raise UsageError(f"{rows['path']}: id {rows['ids'][row]!r} ({rows['name']}), field 'label' is "
-                         f"{rows['labels'][row]} but {reference['labels'][row]} in {reference['path']} "
-                         f"({reference['name']}; {len(differ)} of {len(rows['ids'])} ids "
-                         "differ): the reports do not describe the same rows")
+        raise UsageError(
+            f"{rows['path']}: id {rows['ids'][row]!r} ({rows['name']}), field 'label' is "
+            f"{rows['labels'][row]} but {reference['labels'][row]} in {reference['path']} "
+            f"({reference['name']}; {len(differ)} of {len(rows['ids'])} ids "
+            "differ): the reports do not describe the same rows"
+        )
 
 
 def _attach_row_losses(run: dict, directory: Path) -> dict:
     """The per-row quantized losses `decide_winner` pairs, rebuilt from the OOF file in id order (the rows
     themselves as `_rows`)."""
     rows = _oof_rows(directory, f"{run['variant']}/seed{run['seed']}/quantized")
-    return {**run, "_row_losses_quantized": row_log_losses(rows["labels"], rows["probs"]), "_ids": rows["ids"],
-            "_rows": rows}
+    return {
+        **run,
+        "_row_losses_quantized": row_log_losses(rows["labels"], rows["probs"]),
+        "_ids": rows["ids"],
+        "_rows": rows,
+    }
 
 
 def _check_figures(directory: Path, index: int, run: dict, dialect_name: str) -> None:
@@ -172,35 +202,51 @@ def _check_figures(directory: Path, index: int, run: dict, dialect_name: str) ->
     quantized = run["_rows"]
     plain = _oof_rows(directory, f"{run['variant']}/seed{run['seed']}/16bit")
     if plain["ids"] != quantized["ids"]:
-        raise UsageError(f"{plain['path']}: {plain['name']} and {quantized['name']} hold other ids: not one run's "
-                         "OOF rows")
+        raise UsageError(
+            f"{plain['path']}: {plain['name']} and {quantized['name']} hold other ids: not one run's OOF rows"
+        )
     _check_same_labels(plain, quantized)
     labels, p16, pq = quantized["labels"], plain["probs"], quantized["probs"]
     path, where = directory / REPORT_JSON, _run_where(index, run)
     metric = get_dialect(dialect_name).metric
-    figures = {"rows": len(labels), "cv_log_loss_16bit": log_loss(labels, p16),
-               "cv_log_loss_quantized": log_loss(labels, pq)}
+    figures = {
+        "rows": len(labels),
+        "cv_log_loss_16bit": log_loss(labels, p16),
+        "cv_log_loss_quantized": log_loss(labels, pq),
+    }
     figures["gap_vs_own_reference"] = figures["cv_log_loss_quantized"] - figures["cv_log_loss_16bit"]
-    figures.update(accuracy_16bit=float((p16.argmax(1) == labels).mean()),
-                   accuracy_quantized=float((pq.argmax(1) == labels).mean()),
-                   cv_metric_16bit=metric(labels, p16), cv_metric_quantized=metric(labels, pq))
-    recorded = [(where, key, run.get(key), value) for key, value in figures.items() if run.get(key) is not None
-                or key in ("rows", "cv_log_loss_16bit", "cv_log_loss_quantized")]
+    figures.update(
+        accuracy_16bit=float((p16.argmax(1) == labels).mean()),
+        accuracy_quantized=float((pq.argmax(1) == labels).mean()),
+        cv_metric_16bit=metric(labels, p16),
+        cv_metric_quantized=metric(labels, pq),
+    )
+    recorded = [
+        (where, key, run.get(key), value)
+        for key, value in figures.items()
+        if run.get(key) is not None or key in ("rows", "cv_log_loss_16bit", "cv_log_loss_quantized")
+    ]
     trained = {int(fold) for fold in np.unique(quantized["folds"])}
     folds = {fold["fold"] for fold in run["per_fold"]}
     if folds != trained:
-        raise UsageError(f"{path}: {where}, field 'per_fold' has folds {sorted(folds, key=str)} but its OOF rows "
-                         f"({quantized['path']}, {quantized['name']}) folds {sorted(trained)}")
+        raise UsageError(
+            f"{path}: {where}, field 'per_fold' has folds {sorted(folds, key=str)} but its OOF rows "
+            f"({quantized['path']}, {quantized['name']}) folds {sorted(trained)}"
+        )
     for number, fold in enumerate(run["per_fold"]):
         held = quantized["folds"] == fold["fold"]
         fold_where = f"{where} per_fold[{number}] (fold {fold['fold']})"
-        recorded += [(fold_where, "log_loss_16bit", fold["log_loss_16bit"], log_loss(labels[held], p16[held])),
-                     (fold_where, "log_loss_quantized", fold["log_loss_quantized"], log_loss(labels[held], pq[held]))]
+        recorded += [
+            (fold_where, "log_loss_16bit", fold["log_loss_16bit"], log_loss(labels[held], p16[held])),
+            (fold_where, "log_loss_quantized", fold["log_loss_quantized"], log_loss(labels[held], pq[held])),
+        ]
     for place, key, value, computed in recorded:
         if not _agrees(value, computed):
-            raise UsageError(f"{path}: {place}, field {key!r} is {value!r} but its OOF rows ({quantized['path']}) "
-                             f"give {computed:.6g}: report.json does not describe its OOF rows (edited, or from "
-                             "another run)")
+            raise UsageError(
+                f"{path}: {place}, field {key!r} is {value!r} but its OOF rows ({quantized['path']}) "
+                f"give {computed:.6g}: report.json does not describe its OOF rows (edited, or from "
+                "another run)"
+            )
 
 
 def _agrees(recorded, computed: float) -> bool:
@@ -227,12 +273,19 @@ def _shipped_run(directory: Path, run: dict) -> ShippedRun:
     oof = load_oof(directory / OOF_FILE, name=name).sort("id")
     priors = {fold["fold"]: fold.get("class_prior") for fold in run["per_fold"]}
     if any(prior is None for prior in priors.values()):
-        raise UsageError(f"{directory}: report.json has no per-fold class_prior (written before the ship decision "
-                         "existed): retrain to rank its candidates")
+        raise UsageError(
+            f"{directory}: report.json has no per-fold class_prior (written before the ship decision "
+            "existed): retrain to rank its candidates"
+        )
     artifacts = [str(_fold_artifact(directory, run, fold)) for fold in run["per_fold"]]
-    return ShippedRun(name=run["variant"], ids=oof["id"].to_list(), labels=oof["label"].to_numpy().astype(np.int64),
-                      probs=oof_probs(oof), row_priors=np.array([priors[f] for f in oof["fold"].to_list()]),
-                      artifact_dirs=artifacts)
+    return ShippedRun(
+        name=run["variant"],
+        ids=oof["id"].to_list(),
+        labels=oof["label"].to_numpy().astype(np.int64),
+        probs=oof_probs(oof),
+        row_priors=np.array([priors[f] for f in oof["fold"].to_list()]),
+        artifact_dirs=artifacts,
+    )
 
 
 def _ship_joined(directories: list[Path], reports: list[dict], out: Path) -> dict:
@@ -241,11 +294,18 @@ def _ship_joined(directories: list[Path], reports: list[dict], out: Path) -> dic
     seed = reports[0]["setup"]["seeds"][0]
     folds_files = [d / "folds.parquet" for d in directories if (d / "folds.parquet").is_file()]
     folds = load_folds(folds_files[0]) if folds_files else None
-    runs = [_shipped_run(d, run) for d, report in zip(directories, reports, strict=True)
-            for run in report["runs"] if run["seed"] == seed]
+    runs = [
+        _shipped_run(d, run)
+        for d, report in zip(directories, reports, strict=True)
+        for run in report["runs"]
+        if run["seed"] == seed
+    ]
     ids = runs[0].ids
-    groups = (dict(zip(folds["id"].to_list(), folds["group"].to_list(), strict=True)) if folds is not None
-              else {row_id: str(row_id) for row_id in ids})
+    groups = (
+        dict(zip(folds["id"].to_list(), folds["group"].to_list(), strict=True))
+        if folds is not None
+        else {row_id: str(row_id) for row_id in ids}
+    )
     prior = class_prior(runs[0].labels)  # of the OOF rows: every training row when every fold was trained
     dialect = (reports[0].get("dialect") or {}).get("name", "lmsys")
     decision, shipped = ship_runs(runs, groups, prior, out, dialect)
@@ -271,10 +331,18 @@ def combine_reports(report_dirs: Sequence[str | Path], out_dir: str | Path) -> C
     reports = [_read(d) for d in directories]
     for directory, report in zip(directories, reports, strict=True):
         _check_combine_fields(directory, report)
-    check_output_apart(out, [(f"artifact folder of {run['variant']} seed {run['seed']} fold {fold['fold']}",
-                              _fold_artifact(d, run, fold))
-                             for d, report in zip(directories, reports, strict=True)
-                             for run in report["runs"] for fold in run["per_fold"]])
+    check_output_apart(
+        out,
+        [
+            (
+                f"artifact folder of {run['variant']} seed {run['seed']} fold {fold['fold']}",
+                _fold_artifact(d, run, fold),
+            )
+            for d, report in zip(directories, reports, strict=True)
+            for run in report["runs"]
+            for fold in run["per_fold"]
+        ],
+    )
     first = reports[0]["setup"]
     for directory, report in zip(directories[1:], reports[1:], strict=True):
         setup = report["setup"]
@@ -289,20 +357,32 @@ def combine_reports(report_dirs: Sequence[str | Path], out_dir: str | Path) -> C
     if duplicated:
         raise UsageError(f"variants {duplicated} appear in more than one of {[str(d) for d in directories]}")
 
-    runs = [_attach_row_losses(run, d) for d, report in zip(directories, reports, strict=True) for run in report["runs"]]
+    runs = [
+        _attach_row_losses(run, d)
+        for d, report in zip(directories, reports, strict=True)
+        for run in report["runs"]
+    ]
     for run in runs[1:]:
         if run["_ids"] != runs[0]["_ids"]:
-            raise UsageError(f"{run['variant']} seed {run['seed']} was scored on other rows than {runs[0]['variant']}")
+            raise UsageError(
+                f"{run['variant']} seed {run['seed']} was scored on other rows than {runs[0]['variant']}"
+            )
         _check_same_labels(run["_rows"], runs[0]["_rows"])
-    places = [(d, number, (report.get("dialect") or {}).get("name", "lmsys"))
-              for d, report in zip(directories, reports, strict=True) for number in range(len(report["runs"]))]
+    places = [
+        (d, number, (report.get("dialect") or {}).get("name", "lmsys"))
+        for d, report in zip(directories, reports, strict=True)
+        for number in range(len(report["runs"]))
+    ]
     for run, (directory, number, dialect) in zip(runs, places, strict=True):
         _check_figures(directory, number, run, dialect)
     combined = dict(reports[0])
     # QiD against the common reference: the ft-then-quant run (usually another kernel's report) gives it to all.
     combined["common_reference"] = attach_common_reference(runs)
-    combined["variants"] = [summarise_variant(runs, v["variant"], v["ordering"], v["description"])
-                            for report in reports for v in report["variants"]]
+    combined["variants"] = [
+        summarise_variant(runs, v["variant"], v["ordering"], v["description"])
+        for report in reports
+        for v in report["variants"]
+    ]
     combined["runs"] = [{k: v for k, v in run.items() if not k.startswith("_")} for run in runs]
     combined["decision"] = decide_winner(runs, names)
     combined["total_time_s"] = sum(report["total_time_s"] for report in reports)
@@ -310,8 +390,10 @@ def combine_reports(report_dirs: Sequence[str | Path], out_dir: str | Path) -> C
     try:  # what report.md is drawn from comes from the first report: a field it lacks, named before writing
         render_markdown({**combined, "ship": None})
     except KeyError as error:
-        raise UsageError(f"{directories[0] / REPORT_JSON} has no field {error.args[0]!r} (report.md is drawn "
-                         "from it): not a compare-orderings report") from None
+        raise UsageError(
+            f"{directories[0] / REPORT_JSON} has no field {error.args[0]!r} (report.md is drawn "
+            "from it): not a compare-orderings report"
+        ) from None
     out.mkdir(parents=True, exist_ok=True)
     try:
         combined["ship"] = _ship_joined(directories, reports, out)
@@ -327,8 +409,14 @@ def combine_reports(report_dirs: Sequence[str | Path], out_dir: str | Path) -> C
 
 # Training settings a lever changes (report setup["train"]), shown beside each run of `lever_table`.
 LEVER_SETTINGS: tuple[tuple[str, str], ...] = (
-    ("train", "method"), ("train", "epochs"), ("train", "learning_rate"), ("train", "teacher_path"),
-    ("train", "distill_weight"), ("train", "label_smoothing"), ("train", "pseudo_path"), ("train", "exclude_folds"),
+    ("train", "method"),
+    ("train", "epochs"),
+    ("train", "learning_rate"),
+    ("train", "teacher_path"),
+    ("train", "distill_weight"),
+    ("train", "label_smoothing"),
+    ("train", "pseudo_path"),
+    ("train", "exclude_folds"),
 )
 
 
@@ -338,18 +426,33 @@ def _lever_run(label: str, directory: Path, variant: str) -> dict:
     seed = report["setup"]["seeds"][0]
     runs = [run for run in report["runs"] if run["variant"] == variant and run["seed"] == seed]
     if not runs:
-        raise UsageError(f"{directory}: no run of variant {variant!r} (has "
-                         f"{sorted({run['variant'] for run in report['runs']})})")
+        raise UsageError(
+            f"{directory}: no run of variant {variant!r} (has "
+            f"{sorted({run['variant'] for run in report['runs']})})"
+        )
     run = _attach_row_losses(runs[0], directory)
     setup = report["setup"]
-    settings = {f"{section}.{key}": setup[section][key] for section, key in LEVER_SETTINGS
-                if key in (setup.get(section) or {})}  # a report from before a setting existed lacks it
-    return {"label": label, "directory": str(directory), "variant": variant, "seed": seed,
-            "folds_file_hash": setup["folds_file_hash"], "folds_trained": setup["folds_trained"],
-            "cv_log_loss": float(np.mean(run["_row_losses_quantized"])), "rows": len(run["_ids"]),
-            "qid_vs_own_reference": run.get("gap_vs_own_reference"), "prior_log_loss": run.get("prior_log_loss"),
-            "settings": settings,
-            "_losses": run["_row_losses_quantized"], "_ids": run["_ids"], "_rows": run["_rows"]}
+    settings = {
+        f"{section}.{key}": setup[section][key]
+        for section, key in LEVER_SETTINGS
+        if key in (setup.get(section) or {})
+    }  # a report from before a setting existed lacks it
+    return {
+        "label": label,
+        "directory": str(directory),
+        "variant": variant,
+        "seed": seed,
+        "folds_file_hash": setup["folds_file_hash"],
+        "folds_trained": setup["folds_trained"],
+        "cv_log_loss": float(np.mean(run["_row_losses_quantized"])),
+        "rows": len(run["_ids"]),
+        "qid_vs_own_reference": run.get("gap_vs_own_reference"),
+        "prior_log_loss": run.get("prior_log_loss"),
+        "settings": settings,
+        "_losses": run["_row_losses_quantized"],
+        "_ids": run["_ids"],
+        "_rows": run["_rows"],
+    }
 
 
 def lever_table(entries: Sequence[tuple[str, str | Path, str]], out_dir: str | Path) -> dict:
@@ -373,23 +476,33 @@ def lever_table(entries: Sequence[tuple[str, str | Path, str]], out_dir: str | P
     for run in runs[1:]:
         for key in ("folds_file_hash", "folds_trained", "seed"):
             if run[key] != reference[key]:
-                raise UsageError(f"{run['label']} ({run['directory']}): {key} {run[key]!r} differs from "
-                                 f"{reference['label']}'s {reference[key]!r}; levers are compared on identical "
-                                 "folds and seed")
+                raise UsageError(
+                    f"{run['label']} ({run['directory']}): {key} {run[key]!r} differs from "
+                    f"{reference['label']}'s {reference[key]!r}; levers are compared on identical "
+                    "folds and seed"
+                )
         if run["_ids"] != reference["_ids"]:
             raise UsageError(f"{run['label']} was scored on other rows than {reference['label']}")
         _check_same_labels(run["_rows"], reference["_rows"])
     for run in runs[1:]:  # each run's settings: the lever settings that differ from the reference's
-        run["settings"] = {k: v for k, v in run["settings"].items()
-                           if k in reference["settings"] and v != reference["settings"][k]}
+        run["settings"] = {
+            k: v
+            for k, v in run["settings"].items()
+            if k in reference["settings"] and v != reference["settings"][k]
+        }
     for run in runs:
         diff = reference["_losses"] - run["_losses"]
         run["vs_reference"] = float(diff.mean())
         run["paired_se"] = float(diff.std(ddof=1) / np.sqrt(len(diff))) if run is not reference else None
-    table = {"reference": reference["label"], "rows": reference["rows"], "seed": reference["seed"],
-             "folds_file_hash": reference["folds_file_hash"], "folds_trained": reference["folds_trained"],
-             "prior_log_loss": reference["prior_log_loss"],
-             "runs": [{k: v for k, v in run.items() if not k.startswith("_")} for run in runs]}
+    table = {
+        "reference": reference["label"],
+        "rows": reference["rows"],
+        "seed": reference["seed"],
+        "folds_file_hash": reference["folds_file_hash"],
+        "folds_trained": reference["folds_trained"],
+        "prior_log_loss": reference["prior_log_loss"],
+        "runs": [{k: v for k, v in run.items() if not k.startswith("_")} for run in runs],
+    }
     out.mkdir(parents=True, exist_ok=True)
     (out / "levers.json").write_text(json.dumps(table, indent=2), encoding="utf-8")
     (out / "levers.md").write_text(render_lever_table(table), encoding="utf-8")
@@ -397,22 +510,33 @@ def lever_table(entries: Sequence[tuple[str, str | Path, str]], out_dir: str | P
 
 
 def render_lever_table(table: dict) -> str:
-    lines = [f"Shipped CV log loss on the same {table['rows']} held-out rows (folds {table['folds_trained']}, seed "
-             f"{table['seed']}, folds file sha256 {table['folds_file_hash'][:12]}); \"vs {table['reference']}\" is "
-             "the mean paired per-row difference (positive: better), with its standard error.", "",
-             f"| run | variant | settings | shipped CV log loss | vs {table['reference']} | paired SE | "
-             "QiD vs its 16-bit reference |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"Shipped CV log loss on the same {table['rows']} held-out rows (folds {table['folds_trained']}, seed "
+        f'{table["seed"]}, folds file sha256 {table["folds_file_hash"][:12]}); "vs {table["reference"]}" is '
+        "the mean paired per-row difference (positive: better), with its standard error.",
+        "",
+        f"| run | variant | settings | shipped CV log loss | vs {table['reference']} | paired SE | "
+        "QiD vs its 16-bit reference |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for run in table["runs"]:
         if run["label"] == table["reference"]:
             settings = "the reference"
         else:
-            settings = ", ".join(f"{k.split('.')[1]}={_short_path(v) if k.endswith('_path') else v}"
-                                 for k, v in run["settings"].items()) or "—"
+            settings = (
+                ", ".join(
+                    f"{k.split('.')[1]}={_short_path(v) if k.endswith('_path') else v}"
+                    for k, v in run["settings"].items()
+                )
+                or "—"
+            )
         own = run["qid_vs_own_reference"]
         versus = "—" if run["paired_se"] is None else f"{run['vs_reference']:+.4f}"
         se = "—" if run["paired_se"] is None else f"{run['paired_se']:.4f}"
-        lines.append(f"| {run['label']} | {run['variant']} | {settings} | {run['cv_log_loss']:.4f} | {versus} | "
-                     f"{se} | {'n/a' if own is None else f'{own:+.4f}'} |")
+        lines.append(
+            f"| {run['label']} | {run['variant']} | {settings} | {run['cv_log_loss']:.4f} | {versus} | "
+            f"{se} | {'n/a' if own is None else f'{own:+.4f}'} |"
+        )
     if table["prior_log_loss"] is not None:
         lines += ["", f"Class prior on the same rows: {table['prior_log_loss']:.4f}."]
     return "\n".join(lines) + "\n"

@@ -94,7 +94,9 @@ def prepare_experiment(
         folds = load_folds(folds_path)
         folds_hash = folds_file_hash(folds_path)
         oof_record = exclusion_record(folds, cfg.train.exclude_folds, folds_hash)
-        frame, folds = drop_folds(frame, folds, cfg.train.exclude_folds, f"{folds_path} (train.exclude_folds)")
+        frame, folds = drop_folds(
+            frame, folds, cfg.train.exclude_folds, f"{folds_path} (train.exclude_folds)"
+        )
         present = sorted(folds["fold"].unique().to_list())
         chosen = fold_ids if fold_ids is not None else cfg.train.cv_folds
         chosen = present if chosen is None else [int(fold) for fold in chosen]
@@ -104,13 +106,24 @@ def prepare_experiment(
             raise UsageError(f"folds {missing} are not in {folds_path} (it has {present}{excluded})")
         tokenizer = _tokenizer(cfg, frame, out_dir, write=dist.is_main_process)
         if dist.is_main_process or base_has_weights(cfg.model.base_model):
-            base_dir = materialize_base(cfg.model, out_dir / "base", vocab_size=len(tokenizer),
-                                        pad_token_id=tokenizer.pad_token_id)
+            base_dir = materialize_base(
+                cfg.model, out_dir / "base", vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id
+            )
         else:
             base_dir = out_dir / "base"
-    return Experiment(frame=frame, folds=folds, folds_path=folds_path, folds_hash=folds_hash,
-                      fold_ids=chosen, tokenizer=tokenizer, base_dir=Path(base_dir), device=default_device(),
-                      dialect=get_dialect(cfg.data.format), out_dir=out_dir, oof_record=oof_record)
+    return Experiment(
+        frame=frame,
+        folds=folds,
+        folds_path=folds_path,
+        folds_hash=folds_hash,
+        fold_ids=chosen,
+        tokenizer=tokenizer,
+        base_dir=Path(base_dir),
+        device=default_device(),
+        dialect=get_dialect(cfg.data.format),
+        out_dir=out_dir,
+        oof_record=oof_record,
+    )
 
 
 def demo_config() -> PipelineConfig:
@@ -141,9 +154,13 @@ def resolve_training_notebook(
         raise UsageError(f"ORDERING {ordering!r} is not one of {list(ORDERINGS)}")
     cfg = PipelineConfig.from_yaml(config_path) if config_path else PipelineConfig()
     cfg = cfg.with_overrides(overrides)
-    cfg = cfg.with_overrides({"model": {"base_model": base_model_path or cfg.model.base_model},
-                              "format": {"tokenizer_path": tokenizer_path or cfg.format.tokenizer_path},
-                              "train": {"cv_folds": list(cv_folds)}})
+    cfg = cfg.with_overrides(
+        {
+            "model": {"base_model": base_model_path or cfg.model.base_model},
+            "format": {"tokenizer_path": tokenizer_path or cfg.format.tokenizer_path},
+            "train": {"cv_folds": list(cv_folds)},
+        }
+    )
     if train_path:
         train = Path(train_path)
     else:
@@ -159,33 +176,58 @@ def _tokenizer(cfg: PipelineConfig, frame: pl.DataFrame, out_dir: Path, write: b
     into out_dir/tokenizer is read back instead of being trained and written a second time."""
     if not write and not has_real_weights(cfg.model.base_model) and not cfg.format.tokenizer_path:
         return load_tokenizer(out_dir / "tokenizer")
-    texts = (turn for column in ("prompt", "response_a", "response_b") for turns in frame[column] for turn in turns)
+    texts = (
+        turn for column in ("prompt", "response_a", "response_b") for turns in frame[column] for turn in turns
+    )
     return resolve_tokenizer(cfg, texts, out_dir / "tokenizer")  # a real checkpoint gets its own tokenizer
 
 
 def variant_config(cfg: PipelineConfig, variant: Variant, seed: int, base_dir: Path) -> PipelineConfig:
     """The variant's copy of `cfg` (validated like any config): its ordering and seed, the shared base, and
     the variant's own `configure` (e.g. its quantization scheme). The caller's config is left as it was."""
-    run_cfg = cfg.with_overrides({"train": {"ordering": variant.ordering, "seed": seed},
-                                  "model": {"base_model": str(base_dir)}})
+    run_cfg = cfg.with_overrides(
+        {"train": {"ordering": variant.ordering, "seed": seed}, "model": {"base_model": str(base_dir)}}
+    )
     if variant.configure is not None:
         run_cfg = variant.configure(run_cfg)
     return run_cfg
 
 
-def run_fold(experiment: Experiment, cfg: PipelineConfig, variant: Variant, fold: int, seed: int, run_dir: Path,
-             progress: bool = True) -> tuple[dict | None, list[pl.DataFrame]]:
+def run_fold(
+    experiment: Experiment,
+    cfg: PipelineConfig,
+    variant: Variant,
+    fold: int,
+    seed: int,
+    run_dir: Path,
+    progress: bool = True,
+) -> tuple[dict | None, list[pl.DataFrame]]:
     """Train, export and score one variant on one fold (see the module docstring); `cfg` is the variant's
     (`variant_config`). (None, []) on a non-main process of `accelerate launch`: it only trains its share."""
     frame, folds, tokenizer = experiment.frame, experiment.folds, experiment.tokenizer
     base_dir, device, folds_hash = experiment.base_dir, experiment.device, experiment.folds_hash
     train_part, val_part = split_fold(frame, folds, fold)
-    fold_ctx = FoldContext(cfg=cfg, fold=fold, seed=seed, train_frame=train_part, tokenizer=tokenizer,
-                           base_dir=base_dir, device=device)
+    fold_ctx = FoldContext(
+        cfg=cfg,
+        fold=fold,
+        seed=seed,
+        train_frame=train_part,
+        tokenizer=tokenizer,
+        base_dir=base_dir,
+        device=device,
+    )
     logger.info("variant %s, seed %d, fold %d: training", variant.name, seed, fold)
     with PeakMemory(device) as memory:
-        result = train_fold(cfg, frame, folds, tokenizer, run_dir / "train", fold=fold,
-                            build_model=variant.builder(fold_ctx), progress=progress)
+        result = train_fold(
+            cfg,
+            frame,
+            folds,
+            tokenizer,
+            run_dir / "train",
+            fold=fold,
+            build_model=variant.builder(fold_ctx),
+            progress=progress,
+        )
     if not distributed_state().is_main_process:
         return None, []  # the artifact, its predictions and the report are the main process's
     prior = class_prior(train_part["label"].to_numpy().astype(np.int64))
@@ -220,16 +262,26 @@ def run_fold(experiment: Experiment, cfg: PipelineConfig, variant: Variant, fold
     extras = {}
     for name, model in exported.extra_models.items():
         probs_x = score(model).probs
-        extras[name] = {"log_loss": log_loss(labels, probs_x), "qid_vs_16bit": log_loss(labels, probs_x) - loss16,
-                        "max_abs_prob_diff_vs_shipped": float(np.abs(probs_x - probs_q).max())}
-    scores = {"fold": fold, "log_loss_16bit": loss16, "log_loss_quantized": loss_q,
-              "gap_vs_own_reference": loss_q - loss16, "train_time_eval_log_loss": _finite(result.best_eval_loss)}
+        extras[name] = {
+            "log_loss": log_loss(labels, probs_x),
+            "qid_vs_16bit": log_loss(labels, probs_x) - loss16,
+            "max_abs_prob_diff_vs_shipped": float(np.abs(probs_x - probs_q).max()),
+        }
+    scores = {
+        "fold": fold,
+        "log_loss_16bit": loss16,
+        "log_loss_quantized": loss_q,
+        "gap_vs_own_reference": loss_q - loss16,
+        "train_time_eval_log_loss": _finite(result.best_eval_loss),
+    }
     if exported.artifact_dir is not None:
         update_manifest(exported.artifact_dir, cv_scores=scores)
     name = f"{variant.name}/seed{seed}"
     folds_column = np.full(len(labels), fold)
-    tables = [make_oof(f"{name}/16bit", result.val_ids, folds_column, probs16, labels),
-              make_oof(f"{name}/quantized", result.val_ids, folds_column, probs_q, labels)]
+    tables = [
+        make_oof(f"{name}/16bit", result.val_ids, folds_column, probs16, labels),
+        make_oof(f"{name}/quantized", result.val_ids, folds_column, probs_q, labels),
+    ]
     fold_run = {
         "fold": fold,
         "labels": labels,
@@ -262,5 +314,3 @@ def _model_bytes(model: nn.Module) -> int:
 
 def _finite(value: float | None) -> float | None:
     return None if value is None or not math.isfinite(value) else float(value)
-
-

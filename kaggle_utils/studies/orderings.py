@@ -104,8 +104,10 @@ def compare_orderings(
         logger.warning("skipping variant %s: %s", name, reason)
     chosen = [v for v in requested if v.name not in skipped]
     if not chosen:
-        raise UsageError("no requested variant can run on this machine: "
-                         + "; ".join(f"{name}: {why}" for name, why in skipped.items()))
+        raise UsageError(
+            "no requested variant can run on this machine: "
+            + "; ".join(f"{name}: {why}" for name, why in skipped.items())
+        )
     if not seeds:
         raise UsageError("compare_orderings needs at least one seed")
     began = time.perf_counter()
@@ -120,8 +122,9 @@ def compare_orderings(
             run_dir = out_dir / "runs" / f"seed{seed}" / variant.name
             folds_out = []
             for fold in experiment.fold_ids:
-                fold_run, tables = run_fold(experiment, run_cfg, variant, fold, seed, run_dir / f"fold{fold}",
-                                            progress)
+                fold_run, tables = run_fold(
+                    experiment, run_cfg, variant, fold, seed, run_dir / f"fold{fold}", progress
+                )
                 if fold_run is None:  # not the main process: it only took its share of the training
                     continue
                 folds_out.append(fold_run)
@@ -132,13 +135,29 @@ def compare_orderings(
         return None
 
     # One write for the whole run: every fold of every name at once (names of other runs in the file are kept).
-    save_oof(pl.concat(oof_tables, how="vertical"), out_dir / OOF_FILE, replace="name",
-             record=experiment.oof_record)
-    report = build_report(cfg, chosen, seeds, experiment.fold_ids, runs, experiment.frame, experiment.folds_path,
-                          experiment.folds_hash, experiment.device, began,
-                          model=describe_checkpoint(experiment.base_dir, cfg.model.base_model, cfg.model.init_seed))
+    save_oof(
+        pl.concat(oof_tables, how="vertical"),
+        out_dir / OOF_FILE,
+        replace="name",
+        record=experiment.oof_record,
+    )
+    report = build_report(
+        cfg,
+        chosen,
+        seeds,
+        experiment.fold_ids,
+        runs,
+        experiment.frame,
+        experiment.folds_path,
+        experiment.folds_hash,
+        experiment.device,
+        began,
+        model=describe_checkpoint(experiment.base_dir, cfg.model.base_model, cfg.model.init_seed),
+    )
     report["skipped_variants"] = skipped
-    report["ship"] = _ship(runs, seeds[0], experiment.folds, experiment.frame, out_dir, cfg.data.format, baseline)
+    report["ship"] = _ship(
+        runs, seeds[0], experiment.folds, experiment.frame, out_dir, cfg.data.format, baseline
+    )
     write_report(report, out_dir)
     return ComparisonReport.from_dict(report)
 
@@ -151,8 +170,15 @@ def write_report(report: dict, out_dir: Path) -> None:
     plot_report(serialised, out_dir / REPORT_PNG)
 
 
-def _ship(runs: list[dict], seed: int, folds: pl.DataFrame, frame: pl.DataFrame, out_dir: Path, dialect: str,
-          baseline: tuple[pl.DataFrame, str | Path] | None) -> dict:
+def _ship(
+    runs: list[dict],
+    seed: int,
+    folds: pl.DataFrame,
+    frame: pl.DataFrame,
+    out_dir: Path,
+    dialect: str,
+    baseline: tuple[pl.DataFrame, str | Path] | None,
+) -> dict:
     """The ship decision over the first seed's runs, each variant's seed ensemble when there are several seeds,
     and the baseline: `ship.ship_runs`."""
     groups_by_id = dict(zip(folds["id"].to_list(), folds["group"].to_list(), strict=True))
@@ -160,8 +186,10 @@ def _ship(runs: list[dict], seed: int, folds: pl.DataFrame, frame: pl.DataFrame,
     baseline_rows = None
     if baseline is not None:
         table, model_path = baseline
-        baseline_rows = ({row_id: np.array(p) for row_id, *p in
-                          table.select("id", "p_a", "p_b", "p_tie").iter_rows()}, model_path)
+        baseline_rows = (
+            {row_id: np.array(p) for row_id, *p in table.select("id", "p_a", "p_b", "p_tie").iter_rows()},
+            model_path,
+        )
     candidates = [run["_shipped"] for run in runs if run["seed"] == seed]
     for name in dict.fromkeys(run["variant"] for run in runs):  # several seeds: their average is a candidate
         seeded = [run["_shipped"] for run in runs if run["variant"] == name]

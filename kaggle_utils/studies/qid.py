@@ -25,7 +25,7 @@ import platform
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -100,8 +100,9 @@ def _resamples(groups: np.ndarray, n_rows: int, n_bootstrap: int, seed: int):
 
 def _loss_gap(labels: np.ndarray, probs_16bit: np.ndarray, probs_quantized: np.ndarray) -> np.ndarray:
     """(checkpoints, rows) per-row log loss of the quantized minus the 16-bit model."""
-    return (np.stack([row_log_losses(labels, p) for p in probs_quantized])
-            - np.stack([row_log_losses(labels, p) for p in probs_16bit]))
+    return np.stack([row_log_losses(labels, p) for p in probs_quantized]) - np.stack(
+        [row_log_losses(labels, p) for p in probs_16bit]
+    )
 
 
 def bootstrap_fit(
@@ -131,14 +132,27 @@ def bootstrap_fit(
     share = len(betas) / n_bootstrap if n_bootstrap else 0.0
     if point is None:
         negatives = int(np.sum(point_qid <= 0))
-        return PowerLawFit(None, None, None, None, len(tokens), n_bootstrap, share, False,
-                           f"{negatives} of {len(tokens)} checkpoints have QiD <= 0: no power law to fit")
-    low, high = (np.percentile(betas, [2.5, 97.5]).tolist() if betas else (math.nan, math.nan))
+        return PowerLawFit(
+            None,
+            None,
+            None,
+            None,
+            len(tokens),
+            n_bootstrap,
+            share,
+            False,
+            f"{negatives} of {len(tokens)} checkpoints have QiD <= 0: no power law to fit",
+        )
+    low, high = np.percentile(betas, [2.5, 97.5]).tolist() if betas else (math.nan, math.nan)
     identifiable = share >= MIN_IDENTIFIABLE
-    reason = "" if identifiable else (f"only {share:.0%} of bootstrap resamples have every QiD > 0 "
-                                      "(QiD within noise of zero)")
-    return PowerLawFit(point[0], point[1], float(low), float(high), len(tokens), n_bootstrap, share, identifiable,
-                       reason)
+    reason = (
+        ""
+        if identifiable
+        else (f"only {share:.0%} of bootstrap resamples have every QiD > 0 (QiD within noise of zero)")
+    )
+    return PowerLawFit(
+        point[0], point[1], float(low), float(high), len(tokens), n_bootstrap, share, identifiable, reason
+    )
 
 
 @dataclass
@@ -151,14 +165,21 @@ class TrendFit:
     mean_qid_ci: tuple[float, float]
 
     def describe(self) -> str:
-        return (f"QiD changes by {self.slope_per_decade:+.5f} per 10x tokens (95% CI {self.slope_ci[0]:+.5f} .. "
-                f"{self.slope_ci[1]:+.5f}); mean QiD {self.mean_qid:+.5f} ({self.mean_qid_ci[0]:+.5f} .. "
-                f"{self.mean_qid_ci[1]:+.5f})")
+        return (
+            f"QiD changes by {self.slope_per_decade:+.5f} per 10x tokens (95% CI {self.slope_ci[0]:+.5f} .. "
+            f"{self.slope_ci[1]:+.5f}); mean QiD {self.mean_qid:+.5f} ({self.mean_qid_ci[0]:+.5f} .. "
+            f"{self.mean_qid_ci[1]:+.5f})"
+        )
 
 
 def bootstrap_trend(
-    labels: np.ndarray, tokens: np.ndarray, probs_16bit: np.ndarray, probs_quantized: np.ndarray,
-    n_bootstrap: int = 1000, seed: int = 0, groups: np.ndarray | None = None,
+    labels: np.ndarray,
+    tokens: np.ndarray,
+    probs_16bit: np.ndarray,
+    probs_quantized: np.ndarray,
+    n_bootstrap: int = 1000,
+    seed: int = 0,
+    groups: np.ndarray | None = None,
 ) -> TrendFit:
     """Least-squares slope of QiD on log10(D) and the mean QiD, with seed-and-row bootstrap intervals."""
     gap = _loss_gap(labels, probs_16bit, probs_quantized)
@@ -176,8 +197,9 @@ def bootstrap_trend(
         means.append(float(resampled.mean()))
     low_s, high_s = np.nanpercentile(slopes, [2.5, 97.5])
     low_m, high_m = np.percentile(means, [2.5, 97.5])
-    return TrendFit(slope(x, point), (float(low_s), float(high_s)), float(point.mean()),
-                    (float(low_m), float(high_m)))
+    return TrendFit(
+        slope(x, point), (float(low_s), float(high_s)), float(point.mean()), (float(low_m), float(high_m))
+    )
 
 
 @dataclass
@@ -213,7 +235,9 @@ class QidStudyResult:
 def checkpoint_steps(total_steps: int, n_checkpoints: int, first_step: int = 1) -> list[int]:
     """Geometrically spaced optimizer steps ending at `total_steps` (duplicates dropped)."""
     if total_steps < 1 or n_checkpoints < 2:
-        raise UsageError(f"the QiD study needs >= 2 checkpoints over >= 1 step (got {n_checkpoints}, {total_steps})")
+        raise UsageError(
+            f"the QiD study needs >= 2 checkpoints over >= 1 step (got {n_checkpoints}, {total_steps})"
+        )
     first = max(1, min(first_step, total_steps))
     steps = np.unique(np.round(np.geomspace(first, total_steps, n_checkpoints)).astype(int))
     return [int(s) for s in steps]
@@ -226,9 +250,13 @@ def answer_text(fits: dict[str, PowerLawFit], trends: dict[str, TrendFit]) -> st
         label = SCHEME_LABELS.get(scheme, scheme)
         trend = trends[scheme]
         low, high = trend.slope_ci
-        direction = ("QiD grows with training tokens" if low > 0 else
-                     "QiD shrinks with training tokens" if high < 0 else
-                     "no trend of QiD with training tokens beyond seed and evaluation noise")
+        direction = (
+            "QiD grows with training tokens"
+            if low > 0
+            else "QiD shrinks with training tokens"
+            if high < 0
+            else "no trend of QiD with training tokens beyond seed and evaluation noise"
+        )
         if not fit.identifiable:
             parts.append(f"{label}: {fit.describe()}; {direction} ({trend.describe()}).")
             continue
@@ -268,7 +296,9 @@ def run_qid_study(
         raise UsageError(f"QiD study schemes must be int8 / nf4; got {unknown}")
     base_cfg = copy.deepcopy(cfg)
     base_cfg.train.ordering = "ft-then-quant"
-    base_cfg.train.selection = "final"  # the study measures checkpoints as they train; all training rows train
+    base_cfg.train.selection = (
+        "final"  # the study measures checkpoints as they train; all training rows train
+    )
     train_part, val_part = split_fold(train_frame, folds, fold)
     val = encode_rows(val_part, tokenizer, base_cfg.format)
     labels = np.asarray(val.labels, dtype=np.int64)
@@ -294,8 +324,15 @@ def run_qid_study(
             device = next(model.parameters()).device
             merged = copy.deepcopy(model).merge_and_unload()
             merged.eval()
-            row = Checkpoint(seed=seed, step=info.step, tokens=info.tokens_seen, log_loss_16bit=0.0, log_loss={},
-                             qid={}, seconds=0.0)
+            row = Checkpoint(
+                seed=seed,
+                step=info.step,
+                tokens=info.tokens_seen,
+                log_loss_16bit=0.0,
+                log_loss={},
+                qid={},
+                seconds=0.0,
+            )
 
             row.log_loss_16bit = log_loss(labels, p16)
             probs["16bit"].append(p16)
@@ -310,17 +347,32 @@ def run_qid_study(
             checkpoints.append(row)
             model.train(was_training)
 
-        train_fold(run_cfg, train_frame, folds, tokenizer, out_dir / f"train-seed{seed}", fold=fold, resume=False,
-                   on_step=on_step, progress=progress)
+        train_fold(
+            run_cfg,
+            train_frame,
+            folds,
+            tokenizer,
+            out_dir / f"train-seed{seed}",
+            fold=fold,
+            resume=False,
+            on_step=on_step,
+            progress=progress,
+        )
 
     tokens = np.array([c.tokens for c in checkpoints], dtype=np.float64)
     p16 = np.stack(probs["16bit"])
     groups = np.array([c.seed for c in checkpoints])
-    fits = {scheme: bootstrap_fit(labels, tokens, p16, np.stack(probs[scheme]), n_bootstrap, groups=groups)
-            for scheme in schemes}
-    trends = {scheme: bootstrap_trend(labels, tokens, p16, np.stack(probs[scheme]), n_bootstrap, groups=groups)
-              for scheme in schemes}
-    result = QidStudyResult(checkpoints=checkpoints, fits=fits, trends=trends, answer=answer_text(fits, trends))
+    fits = {
+        scheme: bootstrap_fit(labels, tokens, p16, np.stack(probs[scheme]), n_bootstrap, groups=groups)
+        for scheme in schemes
+    }
+    trends = {
+        scheme: bootstrap_trend(labels, tokens, p16, np.stack(probs[scheme]), n_bootstrap, groups=groups)
+        for scheme in schemes
+    }
+    result = QidStudyResult(
+        checkpoints=checkpoints, fits=fits, trends=trends, answer=answer_text(fits, trends)
+    )
     result.meta = study_meta(base_cfg, steps, seeds, len(labels), n_examples, time.perf_counter() - started)
     write_study_report(result, out_dir)
     return result
@@ -330,13 +382,16 @@ def study_meta(cfg, steps, seeds, n_val: int, n_train_examples: int, seconds: fl
     import torch
     import transformers
 
-
     return {
-        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "device": _device_description(),
-        "versions": {"kaggle_utils": __version__, "torch": torch.__version__,
-                     "transformers": transformers.__version__, "python": platform.python_version(),
-                     **_optional_versions("peft", "bitsandbytes")},
+        "versions": {
+            "kaggle_utils": __version__,
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "python": platform.python_version(),
+            **_optional_versions("peft", "bitsandbytes"),
+        },
         "checkpoint_steps": steps,
         "seeds": list(seeds),
         "held_out_rows": n_val,
@@ -378,33 +433,55 @@ def write_study_report(result: QidStudyResult, out_dir: Path) -> None:
 
 def study_markdown(result: QidStudyResult) -> str:
     schemes = list(result.fits)
-    lines = ["# QiD study: quantization-induced degradation vs fine-tuning tokens", "",
-             f"**Answer.** {result.answer}", "",
-             f"Paper (arXiv 2411.17691): QiD ~ D^{PAPER_BETA} over Pythia checkpoints. Here: one 16-bit LoRA "
-             "classifier per seed, merged and quantized at each checkpoint; QiD = held-out log loss (quantized) "
-             "- log loss (16-bit). Intervals: bootstrap over training seeds and (paired) held-out rows "
-             f"({next(iter(result.fits.values())).n_bootstrap} resamples).", "",
-             "| scheme | beta | 95% CI | points | resamples with all QiD > 0 | QiD per 10x tokens (95% CI) "
-             "| mean QiD (95% CI) |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        "# QiD study: quantization-induced degradation vs fine-tuning tokens",
+        "",
+        f"**Answer.** {result.answer}",
+        "",
+        f"Paper (arXiv 2411.17691): QiD ~ D^{PAPER_BETA} over Pythia checkpoints. Here: one 16-bit LoRA "
+        "classifier per seed, merged and quantized at each checkpoint; QiD = held-out log loss (quantized) "
+        "- log loss (16-bit). Intervals: bootstrap over training seeds and (paired) held-out rows "
+        f"({next(iter(result.fits.values())).n_bootstrap} resamples).",
+        "",
+        "| scheme | beta | 95% CI | points | resamples with all QiD > 0 | QiD per 10x tokens (95% CI) "
+        "| mean QiD (95% CI) |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for scheme in schemes:
         fit = result.fits[scheme]
         beta = "n/a" if fit.beta is None else f"{fit.beta:.3f}"
-        ci = "n/a" if fit.ci_low is None or math.isnan(fit.ci_low) else f"{fit.ci_low:.3f} .. {fit.ci_high:.3f}"
+        ci = (
+            "n/a"
+            if fit.ci_low is None or math.isnan(fit.ci_low)
+            else f"{fit.ci_low:.3f} .. {fit.ci_high:.3f}"
+        )
         trend = result.trends[scheme]
-        lines.append(f"| {SCHEME_LABELS.get(scheme, scheme)} | {beta} | {ci} | {fit.n_points} | "
-                     f"{fit.identifiable_share:.0%} | {trend.slope_per_decade:+.5f} ({trend.slope_ci[0]:+.5f} .. "
-                     f"{trend.slope_ci[1]:+.5f}) | {trend.mean_qid:+.5f} ({trend.mean_qid_ci[0]:+.5f} .. "
-                     f"{trend.mean_qid_ci[1]:+.5f}) |")
-    lines += ["", "| seed | step | tokens | log loss 16-bit | " + " | ".join(
-        f"log loss {s} | QiD {s}" for s in schemes) + " |", "|---" * (4 + 2 * len(schemes)) + "|"]
+        lines.append(
+            f"| {SCHEME_LABELS.get(scheme, scheme)} | {beta} | {ci} | {fit.n_points} | "
+            f"{fit.identifiable_share:.0%} | {trend.slope_per_decade:+.5f} ({trend.slope_ci[0]:+.5f} .. "
+            f"{trend.slope_ci[1]:+.5f}) | {trend.mean_qid:+.5f} ({trend.mean_qid_ci[0]:+.5f} .. "
+            f"{trend.mean_qid_ci[1]:+.5f}) |"
+        )
+    lines += [
+        "",
+        "| seed | step | tokens | log loss 16-bit | "
+        + " | ".join(f"log loss {s} | QiD {s}" for s in schemes)
+        + " |",
+        "|---" * (4 + 2 * len(schemes)) + "|",
+    ]
     for c in result.checkpoints:
         cells = " | ".join(f"{c.log_loss[s]:.5f} | {c.qid[s]:+.5f}" for s in schemes)
         lines.append(f"| {c.seed} | {c.step} | {c.tokens} | {c.log_loss_16bit:.5f} | {cells} |")
     meta = result.meta
-    lines += ["", f"Device: {meta.get('device')}; {meta.get('held_out_rows')} held-out rows, "
-              f"{meta.get('train_examples')} training examples, seeds {meta.get('seeds')}, "
-              f"{meta.get('total_seconds', 0):.0f} s in all. Versions: {meta.get('versions')}.",
-              "", "![QiD vs tokens](qid_study.png)", ""]
+    lines += [
+        "",
+        f"Device: {meta.get('device')}; {meta.get('held_out_rows')} held-out rows, "
+        f"{meta.get('train_examples')} training examples, seeds {meta.get('seeds')}, "
+        f"{meta.get('total_seconds', 0):.0f} s in all. Versions: {meta.get('versions')}.",
+        "",
+        "![QiD vs tokens](qid_study.png)",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -421,17 +498,28 @@ def plot_study(result: QidStudyResult, path: Path) -> None:
         positive = values > 0
         axis.scatter(tokens[positive], values[positive], label="QiD > 0", color="C0")
         if (~positive).any():
-            axis.scatter(tokens[~positive], np.abs(values[~positive]), marker="x", color="C3",
-                         label="|QiD| where QiD <= 0")
+            axis.scatter(
+                tokens[~positive],
+                np.abs(values[~positive]),
+                marker="x",
+                color="C3",
+                label="|QiD| where QiD <= 0",
+            )
         grid = np.geomspace(tokens.min(), tokens.max(), 50)
         if fit.beta is not None:
-            axis.plot(grid, np.exp(fit.intercept) * grid ** fit.beta, color="C0",
-                      label=f"fit beta={fit.beta:.2f}")
+            axis.plot(
+                grid, np.exp(fit.intercept) * grid**fit.beta, color="C0", label=f"fit beta={fit.beta:.2f}"
+            )
         anchor_values = np.abs(values[values != 0]) if np.any(values != 0) else np.array([1e-6])
         anchor = math.exp(np.mean(np.log(anchor_values)))
         center = math.exp(np.mean(np.log(tokens)))
-        axis.plot(grid, anchor * (grid / center) ** PAPER_BETA, "--", color="gray",
-                  label=f"paper slope {PAPER_BETA:.2f}")
+        axis.plot(
+            grid,
+            anchor * (grid / center) ** PAPER_BETA,
+            "--",
+            color="gray",
+            label=f"paper slope {PAPER_BETA:.2f}",
+        )
         axis.set_xscale("log")
         axis.set_yscale("log")
         axis.set_xlabel("fine-tuning tokens D")

@@ -26,7 +26,9 @@ class PadCollator:
 
     def __init__(self, pad_token_id: int, padding_side: str = "right", pad_to_multiple_of: int | None = None):
         if pad_token_id is None:
-            raise ValueError("PadCollator needs a pad_token_id (the tokenizer has none: set tokenizer.pad_token)")
+            raise ValueError(
+                "PadCollator needs a pad_token_id (the tokenizer has none: set tokenizer.pad_token)"
+            )
         if padding_side not in ("right", "left"):
             raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
         if pad_to_multiple_of is not None and pad_to_multiple_of < 1:
@@ -56,8 +58,12 @@ class PadCollator:
         if any(with_labels):
             if not all(with_labels):
                 missing = [index for index, has in enumerate(with_labels) if not has]
-                raise ValueError(f"PadCollator: labels missing at batch position(s) {missing} while others have them")
-            batch["labels"] = torch.as_tensor([int(feature["labels"]) for feature in features], dtype=torch.long)
+                raise ValueError(
+                    f"PadCollator: labels missing at batch position(s) {missing} while others have them"
+                )
+            batch["labels"] = torch.as_tensor(
+                [int(feature["labels"]) for feature in features], dtype=torch.long
+            )
         return batch
 
 
@@ -119,7 +125,9 @@ class LengthBucketSampler(Sampler[list[int]]):
         for start in range(0, n, self.bucket_size):
             bucket = permuted[start : start + self.bucket_size]
             bucket = bucket[np.argsort(-self.lengths[bucket], kind="stable")]
-            batches += [bucket[i : i + self.batch_size].tolist() for i in range(0, len(bucket), self.batch_size)]
+            batches += [
+                bucket[i : i + self.batch_size].tolist() for i in range(0, len(bucket), self.batch_size)
+            ]
         return [batches[i] for i in rng.permutation(len(batches))]
 
 

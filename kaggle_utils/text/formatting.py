@@ -126,7 +126,7 @@ TEMPLATES: dict[str, PromptTemplate] = {
         a_to_b="\n</response_a>\n<response_b>\n",
         turn_close=f"\n</response_b>{LLAMA3_EOT}",
         suffix=f"{LLAMA3_HEADER_START}user{LLAMA3_HEADER_END}\n\n{QUESTION}{LLAMA3_EOT}"
-               f"{LLAMA3_HEADER_START}assistant{LLAMA3_HEADER_END}\n\n",
+        f"{LLAMA3_HEADER_START}assistant{LLAMA3_HEADER_END}\n\n",
         required_tokens=(LLAMA3_HEADER_START, LLAMA3_HEADER_END, LLAMA3_EOT),
     ),
     # ChatML (Qwen-2, SmolLM2): <|im_start|>role ... <|im_end|>.
@@ -230,7 +230,11 @@ def encode_rows(
 
 
 def encode_both_orders(
-    frame: pl.DataFrame, tokenizer: PreTrainedTokenizerFast, cfg: FormatConfig, *, progress: bool | None = None
+    frame: pl.DataFrame,
+    tokenizer: PreTrainedTokenizerFast,
+    cfg: FormatConfig,
+    *,
+    progress: bool | None = None,
 ) -> tuple[EncodedRows, EncodedRows]:
     """Original and swapped encodings (swap TTA, swap augmentation) from one tokenisation pass."""
     original, swapped = _encode(frame, tokenizer, cfg, (False, True), progress)
@@ -250,7 +254,13 @@ def swap_frame(frame: pl.DataFrame) -> pl.DataFrame:
     if "label" in frame.columns:
         label = pl.col("label")
         exprs.append(
-            pl.when(label == 0).then(1).when(label == 1).then(0).otherwise(label).cast(frame["label"].dtype).alias("label")
+            pl.when(label == 0)
+            .then(1)
+            .when(label == 1)
+            .then(0)
+            .otherwise(label)
+            .cast(frame["label"].dtype)
+            .alias("label")
         )
     return frame.with_columns(exprs) if exprs else frame
 
@@ -336,14 +346,18 @@ def _check_config(cfg: FormatConfig) -> None:
     building the config. The template must also be one this module renders."""
     validate_section(cfg)
     if cfg.template not in TEMPLATES and cfg.template != AUTO_TEMPLATE:
-        raise UsageError(f"format.template={cfg.template!r} is unknown; choose one of "
-                         f"{sorted(TEMPLATES) + [AUTO_TEMPLATE]}")
+        raise UsageError(
+            f"format.template={cfg.template!r} is unknown; choose one of "
+            f"{sorted(TEMPLATES) + [AUTO_TEMPLATE]}"
+        )
 
 
 def _template_ids(tokenizer: PreTrainedTokenizerFast, cfg: FormatConfig) -> _TemplateIds:
     _check_config(cfg)
     if not getattr(tokenizer, "is_fast", False):
-        raise UsageError(f"{type(tokenizer).__name__} is not a fast tokenizer; encode_rows needs a tokenizer.json one")
+        raise UsageError(
+            f"{type(tokenizer).__name__} is not a fast tokenizer; encode_rows needs a tokenizer.json one"
+        )
     template = resolve_template(tokenizer, cfg)
     for token in template.required_tokens:
         ids = tokenizer(token, add_special_tokens=False)["input_ids"]
@@ -357,7 +371,9 @@ def _template_ids(tokenizer: PreTrainedTokenizerFast, cfg: FormatConfig) -> _Tem
         [template.turn_open, template.prompt_to_a, template.a_to_b, template.turn_close, template.suffix],
         add_special_tokens=False,
     )["input_ids"]
-    marker = tokenizer([cfg.truncation_marker], add_special_tokens=False, split_special_tokens=True)["input_ids"][0]
+    marker = tokenizer([cfg.truncation_marker], add_special_tokens=False, split_special_tokens=True)[
+        "input_ids"
+    ][0]
     bos = [] if tokenizer.bos_token_id is None else [int(tokenizer.bos_token_id)]
     return _TemplateIds(bos, *fixed, marker=marker)
 
@@ -370,7 +386,9 @@ def _check_frame(frame: pl.DataFrame) -> None:
         dtype = frame.schema[name]
         if dtype != pl.List(pl.String):
             raise DataError(f"column {name!r} must be List(String) (turns), got {dtype}")
-        bad = frame.filter(pl.col(name).is_null() | (pl.col(name).list.len() == 0) | pl.col(name).list.contains(None))
+        bad = frame.filter(
+            pl.col(name).is_null() | (pl.col(name).list.len() == 0) | pl.col(name).list.contains(None)
+        )
         if bad.height:
             raise DataError(
                 f"column {name!r}: {bad.height} row(s) with a missing/empty turn list or a null turn, "
@@ -392,11 +410,15 @@ def _labels(frame: pl.DataFrame) -> np.ndarray | None:
         return None
     null_rows = frame.filter(pl.col("label").is_null())
     if null_rows.height:
-        raise DataError(f"{null_rows.height} row(s) have no label among labelled rows, ids {null_rows['id'].head(10).to_list()}")
+        raise DataError(
+            f"{null_rows.height} row(s) have no label among labelled rows, ids {null_rows['id'].head(10).to_list()}"
+        )
     labels = frame["label"].to_numpy().astype(np.int64)
     bad = ~np.isin(labels, (0, 1, 2))
     if bad.any():
-        raise DataError(f"labels must be 0 (A), 1 (B) or 2 (tie); ids {frame['id'].filter(pl.Series(bad)).head(10).to_list()}")
+        raise DataError(
+            f"labels must be 0 (A), 1 (B) or 2 (tie); ids {frame['id'].filter(pl.Series(bad)).head(10).to_list()}"
+        )
     return labels
 
 
@@ -494,7 +516,9 @@ def _split_proportionally(lengths: tuple[int, int, int], cut: list[int], left: i
             break
 
 
-def _cut_allocation(lengths: tuple[int, int, int], content_budget: int, marker_len: int, split: str) -> list[int]:
+def _cut_allocation(
+    lengths: tuple[int, int, int], content_budget: int, marker_len: int, split: str
+) -> list[int]:
     """Text tokens kept per piece of a turn that does not fit whole; each cut piece also pays for a marker.
 
     Fewer markers reserved leave more text, so the smallest marker count that covers the cut pieces wins
@@ -639,7 +663,11 @@ def _encode(
                 verbose=False,  # pieces longer than the model's limit are expected here: truncation follows
             )["input_ids"]
             n_pieces = len(texts) // 3
-            prompts, responses_a, responses_b = tokens[:n_pieces], tokens[n_pieces : 2 * n_pieces], tokens[2 * n_pieces :]
+            prompts, responses_a, responses_b = (
+                tokens[:n_pieces],
+                tokens[n_pieces : 2 * n_pieces],
+                tokens[2 * n_pieces :],
+            )
             offset = 0
             for row, count in enumerate(n_turns):
                 window = slice(offset, offset + count)

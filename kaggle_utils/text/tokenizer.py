@@ -40,18 +40,52 @@ UNK_TOKEN = "<unk>"
 START_OF_TURN = "<start_of_turn>"
 END_OF_TURN = "<end_of_turn>"
 # Order = ids 0..5 in the trained vocabulary (Gemma's layout for pad/eos/bos/unk).
-GEMMA_SPECIAL_TOKENS: tuple[str, ...] = (PAD_TOKEN, EOS_TOKEN, BOS_TOKEN, UNK_TOKEN, START_OF_TURN, END_OF_TURN)
+GEMMA_SPECIAL_TOKENS: tuple[str, ...] = (
+    PAD_TOKEN,
+    EOS_TOKEN,
+    BOS_TOKEN,
+    UNK_TOKEN,
+    START_OF_TURN,
+    END_OF_TURN,
+)
 # Special-token layouts of the families the classifier supports (ids 0.. in this order in a demo tokenizer):
 # the tokens each family's prompt template needs, with that family's bos / eos / pad / unk roles (None: absent).
 FAMILY_SPECIAL_TOKENS: dict[str, dict] = {
-    "gemma": {"tokens": GEMMA_SPECIAL_TOKENS, "bos": BOS_TOKEN, "eos": EOS_TOKEN, "pad": PAD_TOKEN, "unk": UNK_TOKEN},
-    "llama3": {"tokens": ("<|begin_of_text|>", "<|end_of_text|>", "<|finetune_right_pad_id|>", "<|start_header_id|>",
-                          "<|end_header_id|>", "<|eot_id|>"),
-               "bos": "<|begin_of_text|>", "eos": "<|end_of_text|>", "pad": "<|finetune_right_pad_id|>", "unk": None},
-    "chatml": {"tokens": ("<|endoftext|>", "<|im_start|>", "<|im_end|>"),
-               "bos": None, "eos": "<|im_end|>", "pad": "<|endoftext|>", "unk": None},  # Qwen-2: no bos
-    "mistral": {"tokens": ("<unk>", "<s>", "</s>", "[INST]", "[/INST]"),
-                "bos": "<s>", "eos": "</s>", "pad": None, "unk": "<unk>"},  # no pad: load_tokenizer pads with eos
+    "gemma": {
+        "tokens": GEMMA_SPECIAL_TOKENS,
+        "bos": BOS_TOKEN,
+        "eos": EOS_TOKEN,
+        "pad": PAD_TOKEN,
+        "unk": UNK_TOKEN,
+    },
+    "llama3": {
+        "tokens": (
+            "<|begin_of_text|>",
+            "<|end_of_text|>",
+            "<|finetune_right_pad_id|>",
+            "<|start_header_id|>",
+            "<|end_header_id|>",
+            "<|eot_id|>",
+        ),
+        "bos": "<|begin_of_text|>",
+        "eos": "<|end_of_text|>",
+        "pad": "<|finetune_right_pad_id|>",
+        "unk": None,
+    },
+    "chatml": {
+        "tokens": ("<|endoftext|>", "<|im_start|>", "<|im_end|>"),
+        "bos": None,
+        "eos": "<|im_end|>",
+        "pad": "<|endoftext|>",
+        "unk": None,
+    },  # Qwen-2: no bos
+    "mistral": {
+        "tokens": ("<unk>", "<s>", "</s>", "[INST]", "[/INST]"),
+        "bos": "<s>",
+        "eos": "</s>",
+        "pad": None,
+        "unk": "<unk>",
+    },  # no pad: load_tokenizer pads with eos
 }
 # Gemma-2's context length; only used as the tokenizer's advertised limit.
 DEMO_MODEL_MAX_LENGTH = 8192
@@ -73,7 +107,9 @@ def train_demo_tokenizer(
     (`FAMILY_SPECIAL_TOKENS`: Llama-3 header tokens, ChatML), for tests of those backbones.
     """
     if family not in FAMILY_SPECIAL_TOKENS:
-        raise UsageError(f"unknown tokenizer family {family!r}; choose one of {sorted(FAMILY_SPECIAL_TOKENS)}")
+        raise UsageError(
+            f"unknown tokenizer family {family!r}; choose one of {sorted(FAMILY_SPECIAL_TOKENS)}"
+        )
     layout = FAMILY_SPECIAL_TOKENS[family]
     special = tuple(layout["tokens"])
     minimum = len(pre_tokenizers.ByteLevel.alphabet()) + len(special)
@@ -107,7 +143,9 @@ def train_demo_tokenizer(
         backend.post_processor = processors.TemplateProcessing(
             single=f"{bos} $A", pair=f"{bos} $A $B:1", special_tokens=[(bos, special.index(bos))]
         )
-    roles = {f"{role}_token": layout[role] for role in ("bos", "eos", "pad", "unk") if layout[role] is not None}
+    roles = {
+        f"{role}_token": layout[role] for role in ("bos", "eos", "pad", "unk") if layout[role] is not None
+    }
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend,
         **roles,
@@ -160,6 +198,8 @@ def load_tokenizer(path: str | Path | None) -> PreTrainedTokenizerFast:
     if tokenizer.pad_token_id is None:
         if tokenizer.eos_token is None:
             raise UsageError(f"the tokenizer in {directory} has neither a pad nor an eos token to pad with")
-        logger.warning("tokenizer in %s has no pad token; using its eos token %r as pad", directory, tokenizer.eos_token)
+        logger.warning(
+            "tokenizer in %s has no pad token; using its eos token %r as pad", directory, tokenizer.eos_token
+        )
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

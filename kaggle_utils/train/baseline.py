@@ -192,7 +192,9 @@ class BaselineModel:
         JSON, not joblib: a baseline file found on disk is then data that cannot execute when loaded."""
         path = Path(path)
         if path.suffix.lower() in _PICKLE_SUFFIXES:
-            raise ArtifactError(f"{path}: baselines are saved as JSON parameters, not pickles; use a .json name")
+            raise ArtifactError(
+                f"{path}: baselines are saved as JSON parameters, not pickles; use a .json name"
+            )
         payload = {
             "format": SAVE_FORMAT,
             "format_version": SAVE_FORMAT_VERSION,
@@ -207,7 +209,7 @@ class BaselineModel:
         manifest = {
             "kind": SAVE_FORMAT,
             "format_version": SAVE_FORMAT_VERSION,
-            "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             "files": {path.name: {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}},
         }
         atomic_write_bytes(baseline_manifest_path(path), json.dumps(manifest, indent=2).encode("utf-8"))
@@ -222,8 +224,10 @@ class BaselineModel:
         with open(path, "rb") as handle:
             head = handle.read(1)
         if path.suffix.lower() in _PICKLE_SUFFIXES or head == _PICKLE_MAGIC:
-            raise ArtifactError(f"{path}: a pickle/joblib baseline is never loaded (unpickling runs code); "
-                                f"re-save the model with BaselineModel.save(<name>.json)")
+            raise ArtifactError(
+                f"{path}: a pickle/joblib baseline is never loaded (unpickling runs code); "
+                f"re-save the model with BaselineModel.save(<name>.json)"
+            )
         data = path.read_bytes()
         _check_listed(path, data)
         try:
@@ -233,21 +237,35 @@ class BaselineModel:
         if not isinstance(payload, dict) or payload.get("format") != SAVE_FORMAT:
             raise ArtifactError(f"{path}: not a saved baseline (format {SAVE_FORMAT!r} expected)")
         if payload.get("format_version") != SAVE_FORMAT_VERSION:
-            raise ArtifactError(f"{path}: baseline format version {payload.get('format_version')!r}, this code "
-                                f"reads {SAVE_FORMAT_VERSION}")
-        if payload.get("feature_version") != FEATURE_VERSION or payload.get("feature_names") != feature_names():
-            raise ArtifactError(f"{path}: trained on features {payload.get('feature_version')!r}, this code "
-                                f"computes {FEATURE_VERSION!r}")
+            raise ArtifactError(
+                f"{path}: baseline format version {payload.get('format_version')!r}, this code "
+                f"reads {SAVE_FORMAT_VERSION}"
+            )
+        if (
+            payload.get("feature_version") != FEATURE_VERSION
+            or payload.get("feature_names") != feature_names()
+        ):
+            raise ArtifactError(
+                f"{path}: trained on features {payload.get('feature_version')!r}, this code "
+                f"computes {FEATURE_VERSION!r}"
+            )
         try:
             config = BaselineConfig(**payload["config"])
             estimators = [_import_estimator(spec, len(feature_names())) for spec in payload["estimators"]]
             prior = np.asarray(payload["class_prior"], dtype=np.float64)
         except (KeyError, TypeError, ValueError) as error:
-            raise ArtifactError(f"{path}: malformed baseline parameters ({type(error).__name__}: {error})") from error
+            raise ArtifactError(
+                f"{path}: malformed baseline parameters ({type(error).__name__}: {error})"
+            ) from error
         if not estimators or prior.shape != (N_CLASSES,):
             raise ArtifactError(f"{path}: malformed baseline parameters (no estimators or a bad class prior)")
-        return cls(estimators=estimators, config=config, class_prior=prior,
-                   feature_names=list(payload["feature_names"]), feature_version=payload["feature_version"])
+        return cls(
+            estimators=estimators,
+            config=config,
+            class_prior=prior,
+            feature_names=list(payload["feature_names"]),
+            feature_version=payload["feature_version"],
+        )
 
 
 def baseline_manifest_path(path: str | Path) -> Path:
@@ -260,13 +278,17 @@ def _check_listed(path: Path, data: bytes) -> None:
     """Refuse a baseline file its manifest does not list with exactly these bytes."""
     manifest_path = baseline_manifest_path(path)
     if not manifest_path.is_file():
-        raise ArtifactError(f"{path}: no manifest {manifest_path.name} beside it; an unlisted baseline is not loaded")
+        raise ArtifactError(
+            f"{path}: no manifest {manifest_path.name} beside it; an unlisted baseline is not loaded"
+        )
     try:
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
         entry = manifest["files"][path.name]
         want_bytes, want_sha = int(entry["bytes"]), str(entry["sha256"])
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as error:
-        raise ArtifactError(f"{manifest_path}: does not list {path.name} with bytes and sha256 ({error!r})") from error
+        raise ArtifactError(
+            f"{manifest_path}: does not list {path.name} with bytes and sha256 ({error!r})"
+        ) from error
     if len(data) != want_bytes or hashlib.sha256(data).hexdigest() != want_sha:
         raise ArtifactError(f"{path}: does not match the size/sha256 listed in {manifest_path.name}")
 
@@ -277,8 +299,13 @@ class TreeEnsemblePredictor:
     Same arithmetic as scikit-learn's: raw score = baseline + the trees' leaf values added iteration by
     iteration, then softmax (multiclass) or expit (binary)."""
 
-    def __init__(self, classes: np.ndarray, baseline: np.ndarray, trees: list[list[dict[str, np.ndarray]]],
-                 n_features: int) -> None:
+    def __init__(
+        self,
+        classes: np.ndarray,
+        baseline: np.ndarray,
+        trees: list[list[dict[str, np.ndarray]]],
+        n_features: int,
+    ) -> None:
         self.classes_ = classes
         self.baseline = baseline
         self.trees = trees
@@ -299,9 +326,21 @@ class TreeEnsemblePredictor:
 class LinearPredictor:
     """The logreg pipeline (signed log1p -> standard scaler -> logistic regression) from its parameters."""
 
-    def __init__(self, classes: np.ndarray, mean: np.ndarray, scale: np.ndarray, coef: np.ndarray,
-                 intercept: np.ndarray) -> None:
-        self.classes_, self.mean, self.scale, self.coef, self.intercept = classes, mean, scale, coef, intercept
+    def __init__(
+        self,
+        classes: np.ndarray,
+        mean: np.ndarray,
+        scale: np.ndarray,
+        coef: np.ndarray,
+        intercept: np.ndarray,
+    ) -> None:
+        self.classes_, self.mean, self.scale, self.coef, self.intercept = (
+            classes,
+            mean,
+            scale,
+            coef,
+            intercept,
+        )
 
     def predict_proba(self, features: np.ndarray) -> np.ndarray:
         values = _signed_log1p(np.asarray(features, dtype=np.float64))
@@ -334,7 +373,9 @@ def _tree_values(tree: dict[str, np.ndarray], features: np.ndarray) -> np.ndarra
     while active.size:
         current = node[active]
         values = features[active, tree["feature_idx"][current]]
-        go_left = np.where(np.isnan(values), tree["missing_go_to_left"][current], values <= tree["num_threshold"][current])
+        go_left = np.where(
+            np.isnan(values), tree["missing_go_to_left"][current], values <= tree["num_threshold"][current]
+        )
         node[active] = np.where(go_left, tree["left"][current], tree["right"][current])
         active = active[~tree["is_leaf"][node[active]]]
     return tree["value"][node]
@@ -346,13 +387,25 @@ _TREE_FIELDS = ("value", "feature_idx", "num_threshold", "missing_go_to_left", "
 def _export_estimator(estimator) -> dict:
     """JSON-ready parameters of a fitted estimator (or of a predictor rebuilt by `_import_estimator`)."""
     if isinstance(estimator, TreeEnsemblePredictor):
-        trees = [[{name: tree[name].tolist() for name in _TREE_FIELDS} for tree in it] for it in estimator.trees]
-        return {"kind": "hgb", "classes": estimator.classes_.tolist(), "baseline": estimator.baseline.tolist(),
-                "n_features": estimator.n_features, "trees": trees}
+        trees = [
+            [{name: tree[name].tolist() for name in _TREE_FIELDS} for tree in it] for it in estimator.trees
+        ]
+        return {
+            "kind": "hgb",
+            "classes": estimator.classes_.tolist(),
+            "baseline": estimator.baseline.tolist(),
+            "n_features": estimator.n_features,
+            "trees": trees,
+        }
     if isinstance(estimator, LinearPredictor):
-        return {"kind": "logreg", "classes": estimator.classes_.tolist(), "mean": estimator.mean.tolist(),
-                "scale": estimator.scale.tolist(), "coef": estimator.coef.tolist(),
-                "intercept": estimator.intercept.tolist()}
+        return {
+            "kind": "logreg",
+            "classes": estimator.classes_.tolist(),
+            "mean": estimator.mean.tolist(),
+            "scale": estimator.scale.tolist(),
+            "coef": estimator.coef.tolist(),
+            "intercept": estimator.intercept.tolist(),
+        }
     if isinstance(estimator, HistGradientBoostingClassifier):
         trees = []
         for iteration in estimator._predictors:
@@ -363,15 +416,24 @@ def _export_estimator(estimator) -> dict:
                     raise ArtifactError("baseline save: categorical tree splits are not supported")
                 per_class.append({name: nodes[name].tolist() for name in _TREE_FIELDS})
             trees.append(per_class)
-        return {"kind": "hgb", "classes": estimator.classes_.tolist(),
-                "baseline": np.asarray(estimator._baseline_prediction, dtype=np.float64).tolist(),
-                "n_features": int(estimator.n_features_in_), "trees": trees}
+        return {
+            "kind": "hgb",
+            "classes": estimator.classes_.tolist(),
+            "baseline": np.asarray(estimator._baseline_prediction, dtype=np.float64).tolist(),
+            "n_features": int(estimator.n_features_in_),
+            "trees": trees,
+        }
     steps = getattr(estimator, "named_steps", None)
     if steps is not None and {"standardscaler", "logisticregression"} <= set(steps):
         scaler, logreg = steps["standardscaler"], steps["logisticregression"]
-        return {"kind": "logreg", "classes": logreg.classes_.tolist(), "mean": scaler.mean_.tolist(),
-                "scale": scaler.scale_.tolist(), "coef": logreg.coef_.tolist(),
-                "intercept": logreg.intercept_.tolist()}
+        return {
+            "kind": "logreg",
+            "classes": logreg.classes_.tolist(),
+            "mean": scaler.mean_.tolist(),
+            "scale": scaler.scale_.tolist(),
+            "coef": logreg.coef_.tolist(),
+            "intercept": logreg.intercept_.tolist(),
+        }
     raise ArtifactError(f"baseline save: cannot export a {type(estimator).__name__}")
 
 
@@ -391,16 +453,28 @@ def _import_estimator(spec: dict, n_features: int) -> TreeEnsemblePredictor | Li
     if spec["kind"] == "logreg":
         mean, scale = np.asarray(spec["mean"], np.float64), np.asarray(spec["scale"], np.float64)
         coef, intercept = np.asarray(spec["coef"], np.float64), np.asarray(spec["intercept"], np.float64)
-        if mean.shape != (n_features,) or scale.shape != (n_features,) or coef.ndim != 2 or \
-                coef.shape[1] != n_features or intercept.shape != (coef.shape[0],):
+        if (
+            mean.shape != (n_features,)
+            or scale.shape != (n_features,)
+            or coef.ndim != 2
+            or coef.shape[1] != n_features
+            or intercept.shape != (coef.shape[0],)
+        ):
             raise ValueError("logreg: parameter shapes do not match the features")
         return LinearPredictor(classes, mean, scale, coef, intercept)
     raise ValueError(f"unknown estimator kind {spec['kind']!r}")
 
 
 def _import_tree(tree: dict, n_features: int) -> dict[str, np.ndarray]:
-    dtypes = {"value": np.float64, "feature_idx": np.int64, "num_threshold": np.float64,
-              "missing_go_to_left": bool, "left": np.int64, "right": np.int64, "is_leaf": bool}
+    dtypes = {
+        "value": np.float64,
+        "feature_idx": np.int64,
+        "num_threshold": np.float64,
+        "missing_go_to_left": bool,
+        "left": np.int64,
+        "right": np.int64,
+        "is_leaf": bool,
+    }
     arrays = {name: np.asarray(tree[name], dtype=dtypes[name]) for name in _TREE_FIELDS}
     size = len(arrays["value"])
     inner = ~arrays["is_leaf"]

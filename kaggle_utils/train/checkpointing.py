@@ -52,7 +52,9 @@ class TrainState:
     best_step: int = -1
     best_eval_loss: float = math.inf
     history: list[dict] = field(default_factory=list)
-    fingerprint: str = ""  # what the run is (config, fold, rows): a checkpoint of another run is never resumed
+    fingerprint: str = (
+        ""  # what the run is (config, fold, rows): a checkpoint of another run is never resumed
+    )
     examples_seen: int = 0  # training examples (swapped copies included) over all processes
 
 
@@ -152,8 +154,11 @@ class Checkpointer:
         staging = target.parent / f".{target.name}.tmp"
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
-        tensors = {k: v.detach().contiguous().cpu()
-                   for k, v in self.accelerator.unwrap_model(model).state_dict().items() if k in self.trainable_names}
+        tensors = {
+            k: v.detach().contiguous().cpu()
+            for k, v in self.accelerator.unwrap_model(model).state_dict().items()
+            if k in self.trainable_names
+        }
         save_file(tensors, str(staging / BEST_WEIGHTS))
         np.save(staging / BEST_PROBS, probs)
         (staging / "best.json").write_text(json.dumps({"step": step, "eval_loss": loss}), encoding="utf-8")
@@ -169,8 +174,10 @@ class Checkpointer:
 
         best = best_dir(self.out_dir, step)
         if not (best / BEST_WEIGHTS).is_file():
-            raise UsageError(f"{best} is missing: the best weights of step {step} were not kept (was "
-                             f"{self.out_dir} edited while the run was stopped?)")
+            raise UsageError(
+                f"{best} is missing: the best weights of step {step} were not kept (was "
+                f"{self.out_dir} edited while the run was stopped?)"
+            )
         tensors = load_file(str(best / BEST_WEIGHTS), device=str(next(model.parameters()).device))
         result = model.load_state_dict(tensors, strict=False)
         if result.unexpected_keys:
@@ -187,19 +194,25 @@ class Checkpointer:
 
         def save_hook(models, weights, output_dir):
             for index in range(len(weights)):
-                weights[index] = {k: v for k, v in weights[index].items() if k.removeprefix("module.") in names}
+                weights[index] = {
+                    k: v for k, v in weights[index].items() if k.removeprefix("module.") in names
+                }
 
         def load_hook(models, input_dir):
             for index, model in enumerate(models):
                 model = accelerator.unwrap_model(model)
                 file = Path(input_dir) / ("model.safetensors" if index == 0 else f"model_{index}.safetensors")
                 device = str(next(model.parameters()).device)
-                tensors = {k.removeprefix("module."): v for k, v in load_file(str(file), device=device).items()}
+                tensors = {
+                    k.removeprefix("module."): v for k, v in load_file(str(file), device=device).items()
+                }
                 result = model.load_state_dict(tensors, strict=False)
                 absent = names - set(tensors)
                 if result.unexpected_keys or absent:
-                    raise UsageError(f"checkpoint {input_dir} does not match the model "
-                                     f"(unexpected {result.unexpected_keys[:3]}, missing {sorted(absent)[:3]})")
+                    raise UsageError(
+                        f"checkpoint {input_dir} does not match the model "
+                        f"(unexpected {result.unexpected_keys[:3]}, missing {sorted(absent)[:3]})"
+                    )
             models.clear()
 
         accelerator.register_save_state_pre_hook(save_hook)

@@ -100,7 +100,9 @@ class TrainResult:
     history: list[dict]
     val_ids: list
     val_labels: np.ndarray
-    val_probs: np.ndarray  # the returned model's probabilities on the whole held-out fold (no TTA), scored once
+    val_probs: (
+        np.ndarray
+    )  # the returned model's probabilities on the whole held-out fold (no TTA), scored once
     prior_log_loss: float  # training rows' class prior, scored on the held-out labels
     train_rows: int
     train_examples: int  # per epoch, with the swapped copies ("double")
@@ -211,17 +213,22 @@ def split_fold(frame: pl.DataFrame, folds: pl.DataFrame, fold: int) -> tuple[pl.
         raise DataError("training frame has no 'label' column (a test file?)")
     unlabelled = frame.filter(pl.col("label").is_null())["id"]
     if len(unlabelled):
-        raise DataError(f"training frame: {len(unlabelled)} rows have no label (ids {unlabelled.head(5).to_list()})")
+        raise DataError(
+            f"training frame: {len(unlabelled)} rows have no label (ids {unlabelled.head(5).to_list()})"
+        )
     joined = frame.join(folds.select("id", "fold"), on="id", how="left", maintain_order="left")
     val = joined.filter(pl.col("fold") == fold).drop("fold")
     train = joined.filter(pl.col("fold") != fold).drop("fold")
     if val.is_empty() or train.is_empty():
-        raise DataError(f"fold {fold} leaves {train.height} training and {val.height} held-out rows of the frame")
+        raise DataError(
+            f"fold {fold} leaves {train.height} training and {val.height} held-out rows of the frame"
+        )
     return train, val
 
 
-def split_inner(train_part: pl.DataFrame, folds: pl.DataFrame, cfg: TrainConfig
-                ) -> tuple[pl.DataFrame, pl.DataFrame]:
+def split_inner(
+    train_part: pl.DataFrame, folds: pl.DataFrame, cfg: TrainConfig
+) -> tuple[pl.DataFrame, pl.DataFrame]:
     """(rows to train on, inner holdout) of a fold's training part for `selection="inner"`.
 
     Whole prompt groups (the folds file's `group`) are held out, drawn in a seeded order until the holdout has
@@ -233,7 +240,9 @@ def split_inner(train_part: pl.DataFrame, folds: pl.DataFrame, cfg: TrainConfig
     target = min(math.ceil(cfg.inner_holdout_fraction * train_part.height), cfg.eval_rows_cap)
     if target < 1:
         raise UsageError("train.selection='inner' needs train.eval_rows_cap >= 1 (the inner holdout's size)")
-    groups = train_part.select("id").join(folds.select("id", "group"), on="id", how="left", maintain_order="left")
+    groups = train_part.select("id").join(
+        folds.select("id", "group"), on="id", how="left", maintain_order="left"
+    )
     sizes = groups.group_by("group").len().sort("group")
     order = np.random.default_rng([cfg.seed, 0x1E]).permutation(sizes.height)
     counts = sizes["len"].to_numpy()[order]
@@ -283,8 +292,9 @@ class _Examples:
         return np.fromiter((len(ids) for ids in self.input_ids), dtype=np.int64, count=len(self.input_ids))
 
 
-def _training_examples(frame: pl.DataFrame, tokenizer, cfg: PipelineConfig, target_columns: Sequence[str] = ()
-                       ) -> _Examples:
+def _training_examples(
+    frame: pl.DataFrame, tokenizer, cfg: PipelineConfig, target_columns: Sequence[str] = ()
+) -> _Examples:
     """Encoded training rows; with swap augmentation ("double" or "random") followed by their A/B-swapped
     copies (labels swapped, and the A/B entries of each target column), so example i + n is row i swapped.
     Which of them an epoch uses: `epoch_examples`."""
@@ -294,8 +304,12 @@ def _training_examples(frame: pl.DataFrame, tokenizer, cfg: PipelineConfig, targ
     if mode != "none":
         original, swapped = encode_both_orders(frame, tokenizer, cfg.format)
         logger.info("train encoding: %s", original.summary())
-        return _Examples(original.input_ids + swapped.input_ids, np.concatenate([original.labels, swapped.labels]),
-                         frame.height, {name: np.concatenate([v, swap_probs(v)]) for name, v in targets.items()})
+        return _Examples(
+            original.input_ids + swapped.input_ids,
+            np.concatenate([original.labels, swapped.labels]),
+            frame.height,
+            {name: np.concatenate([v, swap_probs(v)]) for name, v in targets.items()},
+        )
     original = encode_rows(frame, tokenizer, cfg.format)
     logger.info("train encoding: %s", original.summary())
     return _Examples(original.input_ids, original.labels, frame.height, targets)
@@ -308,15 +322,24 @@ def _target_column(frame: pl.DataFrame, name: str) -> np.ndarray:
     values = frame[name].to_list()
     widths = {len(v) if isinstance(v, (list, tuple, np.ndarray)) else -1 for v in values}
     if len(widths) != 1 or widths.pop() not in (2, 3):
-        bad = next(i for i, v in enumerate(values) if not isinstance(v, (list, tuple, np.ndarray))
-                   or len(v) != len(values[0]) or len(v) not in (2, 3))
-        raise DataError(f"training frame column {name!r}, row {bad} (id {frame['id'][bad]}): expected a vector of "
-                        f"2 or 3 class values like every row, got {values[bad]!r}")
+        bad = next(
+            i
+            for i, v in enumerate(values)
+            if not isinstance(v, (list, tuple, np.ndarray))
+            or len(v) != len(values[0])
+            or len(v) not in (2, 3)
+        )
+        raise DataError(
+            f"training frame column {name!r}, row {bad} (id {frame['id'][bad]}): expected a vector of "
+            f"2 or 3 class values like every row, got {values[bad]!r}"
+        )
     array = np.asarray(values, dtype=np.float64)
     if not np.isfinite(array).all():
         bad = int(np.flatnonzero(~np.isfinite(array).all(axis=1))[0])
-        raise DataError(f"training frame column {name!r}, row {bad} (id {frame['id'][bad]}): non-finite value "
-                        f"{values[bad]!r}")
+        raise DataError(
+            f"training frame column {name!r}, row {bad} (id {frame['id'][bad]}): non-finite value "
+            f"{values[bad]!r}"
+        )
     return array
 
 
@@ -346,7 +369,9 @@ def epoch_examples(n_rows: int, cfg: TrainConfig, epoch: int) -> np.ndarray:
     return np.arange(n_rows) + flips * n_rows
 
 
-def epoch_batches(lengths: np.ndarray, cfg: TrainConfig, epoch: int, rank: int = 0, world: int = 1) -> list[list[int]]:
+def epoch_batches(
+    lengths: np.ndarray, cfg: TrainConfig, epoch: int, rank: int = 0, world: int = 1
+) -> list[list[int]]:
     """This process's micro-batches of `epoch`: a pure function of (seed, epoch), which exact resume relies on.
 
     Every process gets the same number of batches (DDP steps in lockstep); the < world-size leftover
@@ -373,20 +398,31 @@ def planned_steps(n_examples: int, cfg: TrainConfig, world: int = 1) -> int:
     return total
 
 
-def run_fingerprint(cfg: PipelineConfig, fold: int, train_ids: list, total_steps: int,
-                    targets: dict[str, np.ndarray] | None = None) -> str:
+def run_fingerprint(
+    cfg: PipelineConfig,
+    fold: int,
+    train_ids: list,
+    total_steps: int,
+    targets: dict[str, np.ndarray] | None = None,
+) -> str:
     """sha256 over what determines a run's trajectory: the format/model/LoRA/quant/train settings, the
     template version, the fold, the training row ids, the planned steps and, when rows carry soft targets
     (a teacher, pseudo-labels), their values: a teacher file rewritten under the same path is another run."""
     import hashlib
 
     relevant = {name: getattr(cfg, name) for name in ("format", "model", "lora", "quant", "train")}
-    content = {"sections": {k: asdict(v) for k, v in relevant.items()}, "fold": fold,
-               "template_version": TEMPLATE_VERSION,
-               "train_ids": [str(i) for i in train_ids], "total_steps": total_steps}
+    content = {
+        "sections": {k: asdict(v) for k, v in relevant.items()},
+        "fold": fold,
+        "template_version": TEMPLATE_VERSION,
+        "train_ids": [str(i) for i in train_ids],
+        "total_steps": total_steps,
+    }
     if targets:  # absent without targets, so earlier runs' fingerprints (and their checkpoints) still match
-        content["targets"] = {name: hashlib.sha256(np.ascontiguousarray(values, dtype=np.float64).tobytes())
-                              .hexdigest() for name, values in sorted(targets.items())}
+        content["targets"] = {
+            name: hashlib.sha256(np.ascontiguousarray(values, dtype=np.float64).tobytes()).hexdigest()
+            for name, values in sorted(targets.items())
+        }
     payload = json.dumps(content, sort_keys=True, default=str)
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()
 
@@ -424,7 +460,9 @@ def default_build_model(cfg: PipelineConfig, tokenizer, device: torch.device) ->
         raise UsageError(f"train.backend must be 'hf' or 'unsloth', got {cfg.train.backend!r}")
     quant = cfg.quant if cfg.train.ordering == "quant-then-ft" else None
     if cfg.train.ordering not in ("ft-then-quant", "quant-then-ft"):
-        raise UsageError(f"train.ordering must be 'ft-then-quant' or 'quant-then-ft', got {cfg.train.ordering!r}")
+        raise UsageError(
+            f"train.ordering must be 'ft-then-quant' or 'quant-then-ft', got {cfg.train.ordering!r}"
+        )
     check_train_method(cfg)
     base = build_classifier(
         cfg.model, quant=quant, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, device=device
@@ -443,8 +481,10 @@ def check_train_method(cfg: PipelineConfig) -> None:
     if method not in ("lora", "full"):
         raise UsageError(f"train.method must be 'lora' or 'full', got {method!r}")
     if method == "full" and cfg.train.ordering == "quant-then-ft":
-        raise UsageError("train.method 'full' needs train.ordering 'ft-then-quant': quantized weights "
-                         "(quant-then-ft) cannot be fine-tuned in full; use train.method 'lora' (QLoRA)")
+        raise UsageError(
+            "train.method 'full' needs train.ordering 'ft-then-quant': quantized weights "
+            "(quant-then-ft) cannot be fine-tuned in full; use train.method 'lora' (QLoRA)"
+        )
     if method == "full" and cfg.train.backend != "hf":
         raise UsageError(f"train.method 'full' runs on train.backend 'hf' only, got {cfg.train.backend!r}")
 
@@ -457,12 +497,15 @@ def build_unsloth_classifier(cfg: PipelineConfig, tokenizer, device: torch.devic
             "(AutoModelForCausalLM, no classification head). Use train.backend='hf' here."
         )
     if not base_has_weights(cfg.model.base_model):
-        raise UsageError("train.backend='unsloth' loads a checkpoint directory; materialize random bases first")
+        raise UsageError(
+            "train.backend='unsloth' loads a checkpoint directory; materialize random bases first"
+        )
     try:
         from unsloth import FastLanguageModel
     except ImportError as error:
-        raise UsageError(f"train.backend='unsloth' but unsloth is not importable ({error}); "
-                         "install requirements-gpu.txt") from error
+        raise UsageError(
+            f"train.backend='unsloth' but unsloth is not importable ({error}); install requirements-gpu.txt"
+        ) from error
     model, _ = FastLanguageModel.from_pretrained(
         model_name=cfg.model.base_model,
         max_seq_length=cfg.format.max_length,
@@ -489,7 +532,9 @@ HEAD_ROUNDTRIP_HEAD_ATOL = 1e-2
 HEAD_ROUNDTRIP_PROBS_ATOL = 2e-2
 
 
-def check_unsloth_head_roundtrip(model: nn.Module, tokenizer, out_dir: str | Path, probe: list[list[int]]) -> dict:
+def check_unsloth_head_roundtrip(
+    model: nn.Module, tokenizer, out_dir: str | Path, probe: list[list[int]]
+) -> dict:
     """Save an unsloth-trained classifier merged to 16-bit, reload it with plain transformers and check what
     unsloth is known to lose: the trained `score` head and `num_labels` (GPU only; the GPU benchmark calls it).
 
@@ -503,16 +548,25 @@ def check_unsloth_head_roundtrip(model: nn.Module, tokenizer, out_dir: str | Pat
     expected = predict_probs(model, probe, tokenizer.pad_token_id)
     num_labels = model.config.num_labels
     model.save_pretrained_merged(str(out_dir), tokenizer, save_method="merged_16bit")
-    reloaded = AutoModelForSequenceClassification.from_pretrained(str(out_dir), local_files_only=True,
-                                                                  device_map={"": str(_device_of(model))})
-    return verify_reloaded_classifier(reloaded, trained_head, expected, num_labels, probe, tokenizer.pad_token_id,
-                                      source=str(out_dir))
+    reloaded = AutoModelForSequenceClassification.from_pretrained(
+        str(out_dir), local_files_only=True, device_map={"": str(_device_of(model))}
+    )
+    return verify_reloaded_classifier(
+        reloaded, trained_head, expected, num_labels, probe, tokenizer.pad_token_id, source=str(out_dir)
+    )
 
 
-def verify_reloaded_classifier(reloaded: nn.Module, trained_head: torch.Tensor, expected_probs: np.ndarray,
-                               num_labels: int, probe: list[list[int]], pad_token_id: int,
-                               source: str = "reloaded model", head_atol: float = HEAD_ROUNDTRIP_HEAD_ATOL,
-                               probs_atol: float = HEAD_ROUNDTRIP_PROBS_ATOL) -> dict:
+def verify_reloaded_classifier(
+    reloaded: nn.Module,
+    trained_head: torch.Tensor,
+    expected_probs: np.ndarray,
+    num_labels: int,
+    probe: list[list[int]],
+    pad_token_id: int,
+    source: str = "reloaded model",
+    head_atol: float = HEAD_ROUNDTRIP_HEAD_ATOL,
+    probs_atol: float = HEAD_ROUNDTRIP_PROBS_ATOL,
+) -> dict:
     """Compare a saved-and-reloaded classifier with what the trained model gave: the same `num_labels`, the
     same head (max |diff| <= head_atol) and the same probabilities on `probe` (max |diff| <= probs_atol).
 
@@ -530,16 +584,25 @@ def verify_reloaded_classifier(reloaded: nn.Module, trained_head: torch.Tensor, 
     else:
         head_difference = float((reloaded_head - trained_head).abs().max())
     if not head_difference <= head_atol:
-        problems.append(f"score head differs from the trained one by {head_difference:.3g} > {head_atol:g} "
-                        "(dropped on save?)")
+        problems.append(
+            f"score head differs from the trained one by {head_difference:.3g} > {head_atol:g} "
+            "(dropped on save?)"
+        )
     got = predict_probs(reloaded, probe, pad_token_id)
-    probs_difference = float(np.abs(got - expected_probs).max()) if got.shape == expected_probs.shape else math.inf
+    probs_difference = (
+        float(np.abs(got - expected_probs).max()) if got.shape == expected_probs.shape else math.inf
+    )
     if not probs_difference <= probs_atol:
         problems.append(f"probabilities on the probe rows differ by {probs_difference:.3g} > {probs_atol:g}")
     if problems:
-        raise UsageError(f"{source}: the saved classifier does not reproduce the trained one: " + "; ".join(problems))
-    return {"num_labels": reloaded.config.num_labels, "head_max_abs_diff": head_difference,
-            "probs_max_abs_diff": probs_difference}
+        raise UsageError(
+            f"{source}: the saved classifier does not reproduce the trained one: " + "; ".join(problems)
+        )
+    return {
+        "num_labels": reloaded.config.num_labels,
+        "head_max_abs_diff": head_difference,
+        "probs_max_abs_diff": probs_difference,
+    }
 
 
 def _head_weight(model: nn.Module) -> torch.Tensor:
@@ -688,8 +751,9 @@ def train_fold(
     model, optimizer, scheduler = _prepare_model(cfg, tokenizer, build_model, accelerator, total_steps)
     trainable = {name for name, param in model.named_parameters() if param.requires_grad}
     checkpointer = Checkpointer(out_dir, accelerator, trainable, tc.save_every_steps)
-    state, resumed_from = checkpointer.resume(run_fingerprint(cfg, fold, data.train_ids, total_steps,
-                                                                 data.examples.targets), resume)
+    state, resumed_from = checkpointer.resume(
+        run_fingerprint(cfg, fold, data.train_ids, total_steps, data.examples.targets), resume
+    )
     if resumed_from is not None:
         logger.info("resuming fold %d from step %d of %d", fold, resumed_from, total_steps)
     collate = PadCollator(tokenizer.pad_token_id)
@@ -707,13 +771,29 @@ def train_fold(
         while state.global_step < total_steps:
             groups = _epoch_groups(data.examples, tc, state.epoch, rank, world)
             for group_index in range(state.batch_in_epoch // tc.grad_accum, len(groups)):
-                loss = _optimizer_step(accelerator, model, optimizer, scheduler, groups[group_index], data.examples,
-                                       collate, loss_fn, tc.max_grad_norm, state)
+                loss = _optimizer_step(
+                    accelerator,
+                    model,
+                    optimizer,
+                    scheduler,
+                    groups[group_index],
+                    data.examples,
+                    collate,
+                    loss_fn,
+                    tc.max_grad_norm,
+                    state,
+                )
                 _advance_position(state, group_index, len(groups), tc.grad_accum)
                 finished = state.global_step >= total_steps
                 if len(data.monitor_ids) and (state.global_step % interval == 0 or finished):
-                    probs = _evaluate(accelerator, model, data.monitor_ids, tokenizer.pad_token_id,
-                                      tc.eval_token_budget, progress)
+                    probs = _evaluate(
+                        accelerator,
+                        model,
+                        data.monitor_ids,
+                        tokenizer.pad_token_id,
+                        tc.eval_token_budget,
+                        progress,
+                    )
                     _record(state, probs, data.monitor_labels, scheduler, wall_time())
                     if accelerator.is_main_process:
                         write_learning_curve(state.history, out_dir)
@@ -724,8 +804,17 @@ def train_fold(
                 checkpointer.after_step(state, finished)
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}", best=f"{state.best_eval_loss:.4f}")
-                info = StepInfo(state.global_step, total_steps, state.epoch, state.tokens_seen, state.examples_seen,
-                                loss, accelerator.unwrap_model(model), state.history, fold)
+                info = StepInfo(
+                    state.global_step,
+                    total_steps,
+                    state.epoch,
+                    state.tokens_seen,
+                    state.examples_seen,
+                    loss,
+                    accelerator.unwrap_model(model),
+                    state.history,
+                    fold,
+                )
                 for callback in callbacks:
                     callback(info)
                 if finished:
@@ -736,17 +825,36 @@ def train_fold(
     unwrapped = accelerator.unwrap_model(model)
     selected_step, selected_loss = _select_shipped_weights(tc.selection, state, checkpointer, unwrapped)
     unwrapped.eval()
-    val_probs = _evaluate(accelerator, unwrapped, data.val.input_ids, tokenizer.pad_token_id, tc.eval_token_budget,
-                          progress)
+    val_probs = _evaluate(
+        accelerator, unwrapped, data.val.input_ids, tokenizer.pad_token_id, tc.eval_token_budget, progress
+    )
     return TrainResult(
-        model=unwrapped, fold=fold, ordering=tc.ordering, best_step=selected_step, best_eval_loss=selected_loss,
-        selection=tc.selection, eval_set=data.eval_set, global_step=state.global_step, total_steps=total_steps,
-        history=state.history, val_ids=list(data.val.ids), val_labels=data.val_labels, val_probs=val_probs,
-        prior_log_loss=data.prior, train_rows=data.n_train_rows,
-        train_examples=examples_per_epoch(data.n_train_rows, tc), trainable_params=trainable_params,
-        total_params=total_params, wall_time_s=state.wall_time_s, train_time_s=state.train_time_s,
-        tokens_seen=state.tokens_seen, peak_rss_bytes=memory.peak_rss_bytes, peak_cuda_bytes=memory.peak_cuda_bytes,
-        resumed_from_step=resumed_from, out_dir=out_dir, loss=loss_info,
+        model=unwrapped,
+        fold=fold,
+        ordering=tc.ordering,
+        best_step=selected_step,
+        best_eval_loss=selected_loss,
+        selection=tc.selection,
+        eval_set=data.eval_set,
+        global_step=state.global_step,
+        total_steps=total_steps,
+        history=state.history,
+        val_ids=list(data.val.ids),
+        val_labels=data.val_labels,
+        val_probs=val_probs,
+        prior_log_loss=data.prior,
+        train_rows=data.n_train_rows,
+        train_examples=examples_per_epoch(data.n_train_rows, tc),
+        trainable_params=trainable_params,
+        total_params=total_params,
+        wall_time_s=state.wall_time_s,
+        train_time_s=state.train_time_s,
+        tokens_seen=state.tokens_seen,
+        peak_rss_bytes=memory.peak_rss_bytes,
+        peak_cuda_bytes=memory.peak_cuda_bytes,
+        resumed_from_step=resumed_from,
+        out_dir=out_dir,
+        loss=loss_info,
     )
 
 
@@ -761,8 +869,14 @@ def _check_loop_settings(tc: TrainConfig) -> None:
         raise UsageError(f"train.eval_rows_cap must be >= 0, got {tc.eval_rows_cap}")
 
 
-def _fold_data(cfg: PipelineConfig, train_frame: pl.DataFrame, folds: pl.DataFrame, fold: int, tokenizer,
-               target_columns: Sequence[str]) -> _FoldData:
+def _fold_data(
+    cfg: PipelineConfig,
+    train_frame: pl.DataFrame,
+    folds: pl.DataFrame,
+    fold: int,
+    tokenizer,
+    target_columns: Sequence[str],
+) -> _FoldData:
     """The fold's training examples, the rows evaluated during training and the reported fold, encoded."""
     tc = cfg.train
     train_part, val_part = split_fold(train_frame, folds, fold)
@@ -781,35 +895,63 @@ def _fold_data(cfg: PipelineConfig, train_frame: pl.DataFrame, folds: pl.DataFra
         picked = monitor_sample(len(val.input_ids), tc.eval_rows_cap, tc.seed)
         monitor_ids, monitor_labels = [val.input_ids[i] for i in picked], val_labels[picked]
         eval_set = f"held-out fold sample ({len(picked)} rows, learning curve only)"
-    prior = prior_log_loss(val_labels, class_prior(np.asarray(train_part["label"].to_numpy(), dtype=np.int64)))
+    prior = prior_log_loss(
+        val_labels, class_prior(np.asarray(train_part["label"].to_numpy(), dtype=np.int64))
+    )
     train_part, soft_info = _soft_targets(tc, train_part, held_out, HeldOutFold.from_folds(folds, fold))
-    return _FoldData(_training_examples(train_part, tokenizer, cfg, target_columns), train_part["id"].to_list(),
-                     train_part.height, val, val_labels, monitor_ids, monitor_labels, eval_set, prior, soft_info)
+    return _FoldData(
+        _training_examples(train_part, tokenizer, cfg, target_columns),
+        train_part["id"].to_list(),
+        train_part.height,
+        val,
+        val_labels,
+        monitor_ids,
+        monitor_labels,
+        eval_set,
+        prior,
+        soft_info,
+    )
 
 
-def _select_loss(tc: TrainConfig, loss_fn: LossFn | None, target_columns: Sequence[str]
-                 ) -> tuple[LossFn, tuple[str, ...], dict]:
+def _select_loss(
+    tc: TrainConfig, loss_fn: LossFn | None, target_columns: Sequence[str]
+) -> tuple[LossFn, tuple[str, ...], dict]:
     """The objective: the caller's `loss_fn`, or the one the config asks for (losses.loss_from_config), with
     the batch fields it needs and a record of it for the summary. Both at once is refused: which would win?"""
     soft = tc.teacher_path is not None or tc.pseudo_path is not None
     if loss_fn is not None:
         if soft or tc.label_smoothing > 0:
-            raise UsageError("train_fold got a loss_fn and the config sets train.teacher_path / pseudo_path / "
-                             "label_smoothing; use one or the other")
-        return loss_fn, tuple(target_columns), {"loss": getattr(loss_fn, "__name__", type(loss_fn).__name__),
-                                                "target_columns": list(target_columns)}
+            raise UsageError(
+                "train_fold got a loss_fn and the config sets train.teacher_path / pseudo_path / "
+                "label_smoothing; use one or the other"
+            )
+        return (
+            loss_fn,
+            tuple(target_columns),
+            {
+                "loss": getattr(loss_fn, "__name__", type(loss_fn).__name__),
+                "target_columns": list(target_columns),
+            },
+        )
     fn, fields = loss_from_config(tc.distill_weight, tc.distill_temperature, tc.label_smoothing, soft)
     if soft:
-        info = {"loss": "distillation", "distill_weight": tc.distill_weight,
-                "distill_temperature": tc.distill_temperature, "label_smoothing": tc.label_smoothing}
+        info = {
+            "loss": "distillation",
+            "distill_weight": tc.distill_weight,
+            "distill_temperature": tc.distill_temperature,
+            "label_smoothing": tc.label_smoothing,
+        }
     else:
-        info = {"loss": "label_smoothed_cross_entropy" if tc.label_smoothing > 0 else "cross_entropy",
-                "label_smoothing": tc.label_smoothing}
+        info = {
+            "loss": "label_smoothed_cross_entropy" if tc.label_smoothing > 0 else "cross_entropy",
+            "label_smoothing": tc.label_smoothing,
+        }
     return fn, (*target_columns, *(f for f in fields if f not in target_columns)), info
 
 
-def _soft_targets(tc: TrainConfig, train_part: pl.DataFrame, held_out: list[pl.DataFrame], fold: HeldOutFold
-                  ) -> tuple[pl.DataFrame, dict]:
+def _soft_targets(
+    tc: TrainConfig, train_part: pl.DataFrame, held_out: list[pl.DataFrame], fold: HeldOutFold
+) -> tuple[pl.DataFrame, dict]:
     """The training part with a `SOFT_LABELS` column when the config distils: the teacher's probabilities
     (teacher.py: checked, repairs counted, refused when the teacher saw `fold`, the scored fold) or, with
     pseudo-labels and no teacher, the one-hot labels; then `fold`'s pseudo rows (pseudo_labels.pseudo_for_fold:
@@ -818,8 +960,9 @@ def _soft_targets(tc: TrainConfig, train_part: pl.DataFrame, held_out: list[pl.D
         return train_part, {}
     info: dict = {}
     if tc.teacher_path is not None:
-        probs, report = teacher_targets(train_part, tc.teacher_path, tc.teacher_name, held_out=fold,
-                                        allow_leak=tc.teacher_allow_leak)
+        probs, report = teacher_targets(
+            train_part, tc.teacher_path, tc.teacher_name, held_out=fold, allow_leak=tc.teacher_allow_leak
+        )
         info["teacher"] = report.to_dict()
     else:
         probs = np.eye(3)[train_part["label"].to_numpy().astype(np.int64)]
@@ -845,7 +988,9 @@ def _make_accelerator(cfg: PipelineConfig):
     )
 
 
-def _prepare_model(cfg: PipelineConfig, tokenizer, build_model: BuildModel | None, accelerator, total_steps: int):
+def _prepare_model(
+    cfg: PipelineConfig, tokenizer, build_model: BuildModel | None, accelerator, total_steps: int
+):
     """(model, optimizer, scheduler), prepared by the accelerator: fp32 trainable weights, cosine schedule."""
     from transformers import get_cosine_schedule_with_warmup
 
@@ -855,15 +1000,21 @@ def _prepare_model(cfg: PipelineConfig, tokenizer, build_model: BuildModel | Non
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     upcast_trainable(model)
     optimizer = make_optimizer(model, tc, accelerator.device)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(tc.warmup_ratio * total_steps), total_steps)
+    scheduler = get_cosine_schedule_with_warmup(
+        optimizer, math.ceil(tc.warmup_ratio * total_steps), total_steps
+    )
     return accelerator.prepare(model, optimizer, scheduler)
 
 
-def _epoch_groups(examples: _Examples, tc: TrainConfig, epoch: int, rank: int, world: int) -> list[list[list[int]]]:
+def _epoch_groups(
+    examples: _Examples, tc: TrainConfig, epoch: int, rank: int, world: int
+) -> list[list[list[int]]]:
     """This process's accumulation groups of `epoch`: lists of micro-batches of example indices."""
     chosen = epoch_examples(examples.n_rows, tc, epoch)
-    batches = [[int(chosen[i]) for i in batch] for batch in epoch_batches(examples.lengths[chosen], tc, epoch, rank,
-                                                                              world)]
+    batches = [
+        [int(chosen[i]) for i in batch]
+        for batch in epoch_batches(examples.lengths[chosen], tc, epoch, rank, world)
+    ]
     return [batches[i : i + tc.grad_accum] for i in range(0, len(batches), tc.grad_accum)]
 
 
@@ -871,8 +1022,18 @@ class NonFiniteLossError(UsageError):
     """The training loss turned NaN or infinite (float16 overflow, divergence): training stops at that step."""
 
 
-def _optimizer_step(accelerator, model, optimizer, scheduler, group, examples: _Examples, collate, loss_fn: LossFn,
-                    max_grad_norm: float | None, state: TrainState) -> float:
+def _optimizer_step(
+    accelerator,
+    model,
+    optimizer,
+    scheduler,
+    group,
+    examples: _Examples,
+    collate,
+    loss_fn: LossFn,
+    max_grad_norm: float | None,
+    state: TrainState,
+) -> float:
     """One optimizer step over an accumulation group; adds its time, tokens, examples and loss to `state`."""
     began = time.perf_counter()
     loss, tokens, n_examples = _accumulate(accelerator, model, group, examples, collate, loss_fn)
@@ -881,7 +1042,8 @@ def _optimizer_step(accelerator, model, optimizer, scheduler, group, examples: _
         raise NonFiniteLossError(
             f"training stopped at step {state.global_step + 1}: the loss is {loss} (parameters {dtype}, mixed "
             f"precision {accelerator.mixed_precision}); the model overflowed or diverged and no later step would "
-            "learn: use model.dtype=float32 (or bfloat16 on a GPU that has it), or a lower train.learning_rate")
+            "learn: use model.dtype=float32 (or bfloat16 on a GPU that has it), or a lower train.learning_rate"
+        )
     if max_grad_norm and max_grad_norm > 0:
         accelerator.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], max_grad_norm)
     optimizer.step()
@@ -904,8 +1066,9 @@ def _advance_position(state: TrainState, group_index: int, n_groups: int, grad_a
         state.batch_in_epoch = (group_index + 1) * grad_accum
 
 
-def _select_shipped_weights(selection: str, state: TrainState, checkpointer: Checkpointer, model: nn.Module
-                            ) -> tuple[int, float]:
+def _select_shipped_weights(
+    selection: str, state: TrainState, checkpointer: Checkpointer, model: nn.Module
+) -> tuple[int, float]:
     """(step, its evaluation loss) of the weights that ship; with "inner", the best weights are loaded."""
     if selection == "inner":
         checkpointer.load_best(model, state.best_step)
@@ -914,14 +1077,18 @@ def _select_shipped_weights(selection: str, state: TrainState, checkpointer: Che
     return state.global_step, last["eval_loss"] if last else math.nan
 
 
-def _accumulate(accelerator, model, group, examples: _Examples, collate, loss_fn: LossFn) -> tuple[float, int, int]:
+def _accumulate(
+    accelerator, model, group, examples: _Examples, collate, loss_fn: LossFn
+) -> tuple[float, int, int]:
     """Forward/backward over one accumulation group; gradients sync across processes on its last batch only.
 
     Returns the step's loss, real tokens and examples over all processes (the same numbers on every process)."""
     device = accelerator.device
     total_loss, tokens, n_examples = 0.0, 0, 0
     for index, rows in enumerate(group):
-        batch = collate([{"input_ids": examples.input_ids[row], "labels": int(examples.labels[row])} for row in rows])
+        batch = collate(
+            [{"input_ids": examples.input_ids[row], "labels": int(examples.labels[row])} for row in rows]
+        )
         for name, values in examples.targets.items():
             batch[name] = torch.as_tensor(values[rows], dtype=torch.float32)
         batch = {key: value.to(device) for key, value in batch.items()}
@@ -939,22 +1106,35 @@ def _accumulate(accelerator, model, group, examples: _Examples, collate, loss_fn
     if accelerator.num_processes > 1:
         # Every process saw its own micro-batches: the step's tokens are their sum, its loss their mean (what
         # DDP's averaged gradient descends), so tokens_seen and tokens/s count the global batch once.
-        summed = accelerator.reduce(torch.tensor([total_loss, float(tokens), float(n_examples)], dtype=torch.float64,
-                                                 device=device), reduction="sum")
+        summed = accelerator.reduce(
+            torch.tensor([total_loss, float(tokens), float(n_examples)], dtype=torch.float64, device=device),
+            reduction="sum",
+        )
         total_loss = float(summed[0]) / accelerator.num_processes
         tokens, n_examples = int(round(float(summed[1]))), int(round(float(summed[2])))
     return total_loss, tokens, n_examples
 
 
-def _evaluate(accelerator, model, input_ids: list[list[int]], pad_token_id: int, token_budget: int,
-              progress: bool = False) -> np.ndarray:
+def _evaluate(
+    accelerator,
+    model,
+    input_ids: list[list[int]],
+    pad_token_id: int,
+    token_budget: int,
+    progress: bool = False,
+) -> np.ndarray:
     """Held-out probabilities: each process predicts a contiguous share, gathered in order."""
     from accelerate.utils import gather_object
 
     rank, world = accelerator.process_index, accelerator.num_processes
     share = -(-len(input_ids) // world)
-    local = predict_probs(accelerator.unwrap_model(model), input_ids[rank * share : (rank + 1) * share], pad_token_id,
-                          token_budget=token_budget, progress=progress and accelerator.is_main_process)
+    local = predict_probs(
+        accelerator.unwrap_model(model),
+        input_ids[rank * share : (rank + 1) * share],
+        pad_token_id,
+        token_budget=token_budget,
+        progress=progress and accelerator.is_main_process,
+    )
     if world == 1:
         return local
     return np.concatenate([part for part in gather_object([local]) if len(part)])
@@ -965,17 +1145,19 @@ LEARNING_CURVE_FILE = "learning_curve.jsonl"
 
 def _record(state: TrainState, probs, labels, scheduler, wall_time_s: float) -> None:
     rows = row_log_losses(labels, probs)
-    state.history.append({
-        "step": state.global_step,
-        "train_loss": state.loss_sum / max(state.loss_count, 1),
-        "eval_loss": log_loss(labels, probs),
-        "eval_loss_se": float(rows.std(ddof=1) / math.sqrt(len(rows))) if len(rows) > 1 else None,
-        "eval_rows": int(len(rows)),
-        "eval_accuracy": float((probs.argmax(axis=1) == labels).mean()),
-        "lr": float(scheduler.get_last_lr()[0]),
-        "tokens_seen": state.tokens_seen,
-        "wall_time_s": wall_time_s,
-    })
+    state.history.append(
+        {
+            "step": state.global_step,
+            "train_loss": state.loss_sum / max(state.loss_count, 1),
+            "eval_loss": log_loss(labels, probs),
+            "eval_loss_se": float(rows.std(ddof=1) / math.sqrt(len(rows))) if len(rows) > 1 else None,
+            "eval_rows": int(len(rows)),
+            "eval_accuracy": float((probs.argmax(axis=1) == labels).mean()),
+            "lr": float(scheduler.get_last_lr()[0]),
+            "tokens_seen": state.tokens_seen,
+            "wall_time_s": wall_time_s,
+        }
+    )
     state.loss_sum, state.loss_count = 0.0, 0
 
 
@@ -991,7 +1173,9 @@ def write_learning_curve(history: list[dict], out_dir: str | Path) -> Path:
 def _progress(total: int, initial: int, enabled: bool, fold: int) -> Iterator[Any]:
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=total, initial=initial, desc=f"train fold {fold}", unit="step", disable=not enabled, leave=False)
+    bar = tqdm(
+        total=total, initial=initial, desc=f"train fold {fold}", unit="step", disable=not enabled, leave=False
+    )
     try:
         yield bar
     finally:

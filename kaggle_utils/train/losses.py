@@ -26,8 +26,9 @@ def cross_entropy_loss(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> 
     return F.cross_entropy(logits.view(-1, logits.shape[-1]), batch["labels"].view(-1))
 
 
-def soft_target_cross_entropy(logits: torch.Tensor, batch: dict[str, torch.Tensor],
-                              field: str = SOFT_LABELS) -> torch.Tensor:
+def soft_target_cross_entropy(
+    logits: torch.Tensor, batch: dict[str, torch.Tensor], field: str = SOFT_LABELS
+) -> torch.Tensor:
     """Mean cross-entropy against target distributions in ``batch[field]`` (batch, classes), rows summing to 1.
 
     With a teacher's probabilities this is distillation (it differs from KL(teacher || student) by the
@@ -35,13 +36,21 @@ def soft_target_cross_entropy(logits: torch.Tensor, batch: dict[str, torch.Tenso
     """
     targets = batch[field].to(logits.device)
     if targets.shape != logits.shape:
-        raise ValueError(f"batch[{field!r}] has shape {tuple(targets.shape)}, the logits {tuple(logits.shape)}")
+        raise ValueError(
+            f"batch[{field!r}] has shape {tuple(targets.shape)}, the logits {tuple(logits.shape)}"
+        )
     return -(targets * F.log_softmax(logits, dim=-1)).sum(dim=-1).mean()
 
 
-def distillation_loss(logits: torch.Tensor, batch: dict[str, torch.Tensor], *, weight: float = 1.0,
-                      temperature: float = 1.0, label_smoothing: float = 0.0,
-                      field: str = SOFT_LABELS) -> torch.Tensor:
+def distillation_loss(
+    logits: torch.Tensor,
+    batch: dict[str, torch.Tensor],
+    *,
+    weight: float = 1.0,
+    temperature: float = 1.0,
+    label_smoothing: float = 0.0,
+    field: str = SOFT_LABELS,
+) -> torch.Tensor:
     """Hinton distillation mixed with hard-label cross-entropy:
     ``weight * T^2 * KL(teacher_T || softmax(logits / T)) + (1 - weight) * CE_eps(logits, labels)``.
 
@@ -58,11 +67,13 @@ def distillation_loss(logits: torch.Tensor, batch: dict[str, torch.Tensor], *, w
     if weight > 0:
         targets = batch[field].to(device=logits.device, dtype=torch.float32)
         if targets.shape != flat.shape:
-            raise ValueError(f"batch[{field!r}] has shape {tuple(targets.shape)}, the logits {tuple(flat.shape)}")
+            raise ValueError(
+                f"batch[{field!r}] has shape {tuple(targets.shape)}, the logits {tuple(flat.shape)}"
+            )
         teacher = tempered_probs(targets, temperature)
         log_student = F.log_softmax(flat.float() / temperature, dim=-1)
         soft = F.kl_div(log_student, teacher, reduction="batchmean")  # xlogy: a teacher's zeros add nothing
-        total = total + weight * temperature ** 2 * soft
+        total = total + weight * temperature**2 * soft
     return total
 
 
@@ -74,19 +85,26 @@ def tempered_probs(probs: torch.Tensor, temperature: float) -> torch.Tensor:
     return powered / powered.sum(dim=-1, keepdim=True)
 
 
-def loss_from_config(weight: float, temperature: float, label_smoothing: float, soft_targets: bool
-                     ) -> tuple[LossFn, tuple[str, ...]]:
+def loss_from_config(
+    weight: float, temperature: float, label_smoothing: float, soft_targets: bool
+) -> tuple[LossFn, tuple[str, ...]]:
     """The loss a TrainConfig asks for and the batch fields it needs: distillation when rows carry soft
     targets (a teacher, pseudo-labels), label-smoothed cross-entropy when only smoothing is set, else the
     default cross-entropy."""
     if soft_targets:
+
         def loss(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-            return distillation_loss(logits, batch, weight=weight, temperature=temperature,
-                                     label_smoothing=label_smoothing)
+            return distillation_loss(
+                logits, batch, weight=weight, temperature=temperature, label_smoothing=label_smoothing
+            )
+
         return loss, (SOFT_LABELS,)
     if label_smoothing > 0:
+
         def smoothed(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-            return F.cross_entropy(logits.view(-1, logits.shape[-1]), batch["labels"].view(-1),
-                                   label_smoothing=label_smoothing)
+            return F.cross_entropy(
+                logits.view(-1, logits.shape[-1]), batch["labels"].view(-1), label_smoothing=label_smoothing
+            )
+
         return smoothed, ()
     return cross_entropy_loss, ()

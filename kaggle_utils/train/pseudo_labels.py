@@ -76,9 +76,14 @@ class PseudoReport:
         return asdict(self)
 
 
-def make_pseudo_labels(teacher: str | Path | pl.DataFrame, unlabelled: pl.DataFrame, *,
-                       threshold: float | None = None, top_fraction: float | None = None,
-                       teacher_name: str | None = None) -> tuple[pl.DataFrame, PseudoReport]:
+def make_pseudo_labels(
+    teacher: str | Path | pl.DataFrame,
+    unlabelled: pl.DataFrame,
+    *,
+    threshold: float | None = None,
+    top_fraction: float | None = None,
+    teacher_name: str | None = None,
+) -> tuple[pl.DataFrame, PseudoReport]:
     """Rows of `unlabelled` the teacher is confident about, with ``label`` (argmax, Int8) and ``soft_labels``
     (the teacher's probabilities). Exactly one rule: ``threshold`` (keep max probability >= it) or
     ``top_fraction`` (keep the ceil(fraction * rows) most confident, ties in frame order). The teacher is an
@@ -102,17 +107,26 @@ def make_pseudo_labels(teacher: str | Path | pl.DataFrame, unlabelled: pl.DataFr
         pl.Series("label", probs[keep].argmax(axis=1), dtype=pl.Int8),
         pl.Series(SOFT_LABELS, probs[keep].tolist(), dtype=pl.List(pl.Float64)),
     )
-    report = PseudoReport(offered=unlabelled.height, kept_by_confidence=kept.height, threshold=threshold,
-                          top_fraction=top_fraction,
-                          min_confidence_kept=float(confidence[keep].min()) if len(keep) else None)
+    report = PseudoReport(
+        offered=unlabelled.height,
+        kept_by_confidence=kept.height,
+        threshold=threshold,
+        top_fraction=top_fraction,
+        min_confidence_kept=float(confidence[keep].min()) if len(keep) else None,
+    )
     return kept, report
 
 
-def dedupe_against(pseudo: pl.DataFrame, train: pl.DataFrame, report: PseudoReport | None = None
-                   ) -> tuple[pl.DataFrame, PseudoReport]:
+def dedupe_against(
+    pseudo: pl.DataFrame, train: pl.DataFrame, report: PseudoReport | None = None
+) -> tuple[pl.DataFrame, PseudoReport]:
     """`pseudo` without rows whose normalised prompt occurs in `train`, and without repeats of a prompt among
     the pseudo rows themselves (the first kept); both counted in the report (a new one if none is given)."""
-    report = report if report is not None else PseudoReport(offered=pseudo.height, kept_by_confidence=pseudo.height)
+    report = (
+        report
+        if report is not None
+        else PseudoReport(offered=pseudo.height, kept_by_confidence=pseudo.height)
+    )
     groups = group_ids(pseudo)
     in_train = groups.is_in(group_ids(train).unique().to_list()).to_numpy()
     repeated = ~groups.is_first_distinct().to_numpy() & ~in_train
@@ -126,8 +140,12 @@ def label_agreement(pseudo: pl.DataFrame, unlabelled: pl.DataFrame, report: Pseu
     label equals the label the unlabelled file carried (None when it carried none)."""
     if "label" not in unlabelled.columns:
         return report
-    file_labels = pseudo.select("id").join(unlabelled.select("id", pl.col("label").alias("file_label")), on="id",
-                                           how="left", maintain_order="left")["file_label"]
+    file_labels = pseudo.select("id").join(
+        unlabelled.select("id", pl.col("label").alias("file_label")),
+        on="id",
+        how="left",
+        maintain_order="left",
+    )["file_label"]
     labelled = file_labels.is_not_null().to_numpy()
     report.kept_with_file_label = int(labelled.sum())
     if labelled.any():
@@ -142,8 +160,13 @@ def parse_teacher_option(value: str) -> tuple[int | None, str]:
     return (int(match.group(1)), match.group(2)) if match else (None, value)
 
 
-def resolve_teacher(path: str | Path, fold: int | None = None, folds: pl.DataFrame | None = None,
-                    teacher_name: str | None = None, folds_path: str | Path | None = None) -> dict:
+def resolve_teacher(
+    path: str | Path,
+    fold: int | None = None,
+    folds: pl.DataFrame | None = None,
+    teacher_name: str | None = None,
+    folds_path: str | Path | None = None,
+) -> dict:
     """One teacher's entry of the pseudo file's record: the folds it stands for and how that is known.
 
     `fold` given (``--teacher F=FILE``): the user declares FILE's model never trained on fold F; needs `folds`
@@ -159,32 +182,48 @@ def resolve_teacher(path: str | Path, fold: int | None = None, folds: pl.DataFra
     wanted = [fold] if fold is not None else sorted(int(f) for f in excluded)
     if folds is None:
         if fold is not None:
-            raise UsageError(f"pseudo-label: --teacher {fold}={path} names fold {fold}; give --folds (the folds "
-                             "file the students' folds come from)")
+            raise UsageError(
+                f"pseudo-label: --teacher {fold}={path} names fold {fold}; give --folds (the folds "
+                "file the students' folds come from)"
+            )
         entry.update(source="teacher file", folds={str(f): excluded[str(f)] for f in wanted})
         return entry
     present = sorted(int(f) for f in folds["fold"].unique().to_list())
     unknown = sorted(set(wanted) - set(present))
     if unknown:
-        raise UsageError(f"pseudo-label: {path}: folds {unknown} are not in {folds_path or 'the folds'} "
-                         f"(it has {present})")
+        raise UsageError(
+            f"pseudo-label: {path}: folds {unknown} are not in {folds_path or 'the folds'} (it has {present})"
+        )
     held = {f: HeldOutFold.from_folds(folds, f) for f in wanted}
     if excluded is not None:
         for f in wanted:
-            check_excluded(f"{path}: the teacher", excluded, held[f], allow_leak=False,
-                           fix=f"give fold {f} a teacher trained without it")
+            check_excluded(
+                f"{path}: the teacher",
+                excluded,
+                held[f],
+                allow_leak=False,
+                fix=f"give fold {f} a teacher trained without it",
+            )
         entry.update(source="teacher file", folds={str(f): excluded[str(f)] for f in wanted})
     else:
-        entry.update(source="declared", folds={str(f): {"rows": len(held[f].ids), "ids_sha256": held[f].ids_sha256}
-                                               for f in wanted})
+        entry.update(
+            source="declared",
+            folds={str(f): {"rows": len(held[f].ids), "ids_sha256": held[f].ids_sha256} for f in wanted},
+        )
     return entry
 
 
-def pseudo_labels_from_files(teacher: str | Path | Sequence[tuple[int | None, str | Path]],
-                             unlabelled_path: str | Path, train_path: str | Path, *,
-                             data_cfg: DataConfig | None = None, threshold: float | None = None,
-                             top_fraction: float | None = None, teacher_name: str | None = None,
-                             folds_path: str | Path | None = None) -> tuple[pl.DataFrame, PseudoReport]:
+def pseudo_labels_from_files(
+    teacher: str | Path | Sequence[tuple[int | None, str | Path]],
+    unlabelled_path: str | Path,
+    train_path: str | Path,
+    *,
+    data_cfg: DataConfig | None = None,
+    threshold: float | None = None,
+    top_fraction: float | None = None,
+    teacher_name: str | None = None,
+    folds_path: str | Path | None = None,
+) -> tuple[pl.DataFrame, PseudoReport]:
     """The `pseudo-label` command's work: parse `unlabelled_path` (the test file or external conversations in
     the competition format; labels it has are replaced by the teacher's), keep the confident rows, drop those
     whose normalised prompt is in `train_path` or repeats (counted), and refuse ids that are training ids (one
@@ -202,34 +241,48 @@ def pseudo_labels_from_files(teacher: str | Path | Sequence[tuple[int | None, st
     entries = [resolve_teacher(path, fold, folds, teacher_name, folds_path) for fold, path in pairs]
     unverified = [entry["path"] for entry in entries if entry["folds"] is None]
     if unverified and len(entries) > 1:
-        raise UsageError(f"pseudo-label: with several teachers each must stand for its folds; {unverified[0]} "
-                         "names none (give it as --teacher FOLD=FILE)")
+        raise UsageError(
+            f"pseudo-label: with several teachers each must stand for its folds; {unverified[0]} "
+            "names none (give it as --teacher FOLD=FILE)"
+        )
     claimed: dict[str, str] = {}
     for entry in entries:
         for fold in entry["folds"] or {}:
             if fold in claimed:
-                raise UsageError(f"pseudo-label: fold {fold} has two teachers, {claimed[fold]} and {entry['path']}")
+                raise UsageError(
+                    f"pseudo-label: fold {fold} has two teachers, {claimed[fold]} and {entry['path']}"
+                )
             claimed[fold] = entry["path"]
     unlabelled = load_competition(unlabelled_path, data_cfg, split="test").frame
     train = load_competition(train_path, data_cfg, split="train").frame
     report = PseudoReport(threshold=threshold, top_fraction=top_fraction, teachers=entries)
     pieces = []
     for entry in entries:
-        kept, counts = make_pseudo_labels(entry["path"], unlabelled, threshold=threshold,
-                                          top_fraction=top_fraction, teacher_name=teacher_name)
+        kept, counts = make_pseudo_labels(
+            entry["path"],
+            unlabelled,
+            threshold=threshold,
+            top_fraction=top_fraction,
+            teacher_name=teacher_name,
+        )
         kept, counts = dedupe_against(kept, train, counts)
         entry["kept"] = kept.height
         _add_counts(report, counts)
         if entry["folds"] is None:
             pieces.append(kept)
         else:
-            pieces += [kept.with_columns(pl.lit(int(fold), dtype=pl.Int32).alias(FOR_FOLD)) for fold in entry["folds"]]
+            pieces += [
+                kept.with_columns(pl.lit(int(fold), dtype=pl.Int32).alias(FOR_FOLD))
+                for fold in entry["folds"]
+            ]
     pseudo = pl.concat(pieces, how="vertical")
     label_agreement(pseudo, unlabelled, report)
     clash = pseudo.filter(pl.col("id").cast(pl.String).is_in(train["id"].cast(pl.String).implode()))["id"]
     if len(clash):
-        raise DataError(f"{unlabelled_path}: {len(clash)} kept rows have ids that {train_path} also uses "
-                        f"(first: {clash.head(_SHOWN).to_list()}); give the unlabelled rows their own ids")
+        raise DataError(
+            f"{unlabelled_path}: {len(clash)} kept rows have ids that {train_path} also uses "
+            f"(first: {clash.head(_SHOWN).to_list()}); give the unlabelled rows their own ids"
+        )
     return pseudo, report
 
 
@@ -240,8 +293,11 @@ def _add_counts(total: PseudoReport, part: PseudoReport) -> None:
     total.dropped_train_prompt += part.dropped_train_prompt
     total.dropped_duplicate_prompt += part.dropped_duplicate_prompt
     if part.min_confidence_kept is not None:
-        total.min_confidence_kept = part.min_confidence_kept if total.min_confidence_kept is None else \
-            min(total.min_confidence_kept, part.min_confidence_kept)
+        total.min_confidence_kept = (
+            part.min_confidence_kept
+            if total.min_confidence_kept is None
+            else min(total.min_confidence_kept, part.min_confidence_kept)
+        )
 
 
 def save_pseudo_labels(pseudo: pl.DataFrame, path: str | Path, teachers: list[dict] | None = None) -> Path:
@@ -263,8 +319,9 @@ def load_pseudo_labels(path: str | Path) -> pl.DataFrame:
     return pseudo
 
 
-def pseudo_for_fold(path: str | Path, held_out: HeldOutFold, allow_leak: bool = False
-                    ) -> tuple[pl.DataFrame, str]:
+def pseudo_for_fold(
+    path: str | Path, held_out: HeldOutFold, allow_leak: bool = False
+) -> tuple[pl.DataFrame, str]:
     """The rows of the pseudo-label file at `path` for the student scored on `held_out`, and the fold check's
     outcome (teacher.check_excluded): rows ``for_fold`` F whose teacher left out that very fold F. A file
     without per-fold rows (one unverified teacher, or written before records) is refused unless `allow_leak`
@@ -273,8 +330,10 @@ def pseudo_for_fold(path: str | Path, held_out: HeldOutFold, allow_leak: bool = 
     record = read_parquet_record(path, PSEUDO_RECORD_KEY)
     teachers = record.get("teachers", []) if isinstance(record, dict) else []
     fold = held_out.fold
-    relabel = (f"label fold {fold}'s rows with a teacher trained without it (`pseudo-label --teacher {fold}=FILE "
-               f"--folds FOLDS`, FILE from `predict` with fold {fold}'s artifact)")
+    relabel = (
+        f"label fold {fold}'s rows with a teacher trained without it (`pseudo-label --teacher {fold}=FILE "
+        f"--folds FOLDS`, FILE from `predict` with fold {fold}'s artifact)"
+    )
     fix = f"{relabel} or set train.teacher_allow_leak=true to use them anyway"
     if FOR_FOLD not in pseudo.columns:
         teacher = teachers[0] if teachers else {}
@@ -284,14 +343,17 @@ def pseudo_for_fold(path: str | Path, held_out: HeldOutFold, allow_leak: bool = 
     rows = pseudo.filter(pl.col(FOR_FOLD) == fold).drop(FOR_FOLD)
     if entry is None or rows.is_empty():
         covered = sorted({int(f) for f in pseudo[FOR_FOLD].unique().to_list()})
-        raise DataError(f"{path}: no pseudo-labels for fold {fold} (its rows are for folds {covered}, labelled by "
-                        f"teachers that saw fold {fold}); {relabel}")
+        raise DataError(
+            f"{path}: no pseudo-labels for fold {fold} (its rows are for folds {covered}, labelled by "
+            f"teachers that saw fold {fold}); {relabel}"
+        )
     what = f"{path}: fold {fold}'s pseudo-labels' teacher {entry.get('path')}"
     return rows, check_excluded(what, entry["folds"], held_out, allow_leak, fix=fix)
 
 
-def join_pseudo(train_part: pl.DataFrame, held_out: list[pl.DataFrame], pseudo: pl.DataFrame
-                ) -> tuple[pl.DataFrame, dict]:
+def join_pseudo(
+    train_part: pl.DataFrame, held_out: list[pl.DataFrame], pseudo: pl.DataFrame
+) -> tuple[pl.DataFrame, dict]:
     """`train_part` followed by the pseudo rows that share no prompt group with any `held_out` frame (the
     fold's validation rows, an inner holdout); the dropped ones counted. Pseudo rows are shaped like
     `train_part` (columns it has that they lack, e.g. model names of test rows, are null). Refuses pseudo
@@ -300,22 +362,34 @@ def join_pseudo(train_part: pl.DataFrame, held_out: list[pl.DataFrame], pseudo: 
     reserved = pl.concat([frame["id"].cast(pl.String) for frame in (train_part, *held_out)])
     clash = pseudo.filter(pl.col("id").cast(pl.String).is_in(reserved.unique().to_list()))["id"]
     if len(clash):
-        raise DataError(f"pseudo-labels: {len(clash)} ids are also training-data ids "
-                        f"(first: {clash.head(_SHOWN).to_list()}); pseudo rows need their own ids")
+        raise DataError(
+            f"pseudo-labels: {len(clash)} ids are also training-data ids "
+            f"(first: {clash.head(_SHOWN).to_list()}); pseudo rows need their own ids"
+        )
     if SOFT_LABELS not in train_part.columns:
-        raise UsageError(f"join_pseudo: the training part needs a {SOFT_LABELS!r} column for the pseudo rows' "
-                         "targets to sit beside (train_fold gives it the teacher's or the one-hot labels)")
+        raise UsageError(
+            f"join_pseudo: the training part needs a {SOFT_LABELS!r} column for the pseudo rows' "
+            "targets to sit beside (train_fold gives it the teacher's or the one-hot labels)"
+        )
     held_groups = pl.concat([group_ids(frame) for frame in held_out]).unique().to_list() if held_out else []
     leaking = group_ids(pseudo).is_in(held_groups)
     kept = pseudo.filter(~leaking)
-    shaped = kept.select([
-        pl.col(name).cast(dtype) if name in kept.columns else pl.lit(None, dtype=dtype).alias(name)
-        for name, dtype in train_part.schema.items() if name != SOFT_LABELS
-    ] + [pl.col(SOFT_LABELS).cast(pl.List(pl.Float64))])
-    joined = pl.concat([train_part.with_columns(pl.col(SOFT_LABELS).cast(pl.List(pl.Float64))), shaped],
-                       how="vertical")
-    return joined, {"pseudo_rows": pseudo.height, "pseudo_added": kept.height,
-                    "pseudo_dropped_held_out_group": int(leaking.sum())}
+    shaped = kept.select(
+        [
+            pl.col(name).cast(dtype) if name in kept.columns else pl.lit(None, dtype=dtype).alias(name)
+            for name, dtype in train_part.schema.items()
+            if name != SOFT_LABELS
+        ]
+        + [pl.col(SOFT_LABELS).cast(pl.List(pl.Float64))]
+    )
+    joined = pl.concat(
+        [train_part.with_columns(pl.col(SOFT_LABELS).cast(pl.List(pl.Float64))), shaped], how="vertical"
+    )
+    return joined, {
+        "pseudo_rows": pseudo.height,
+        "pseudo_added": kept.height,
+        "pseudo_dropped_held_out_group": int(leaking.sum()),
+    }
 
 
 def _check(pseudo: pl.DataFrame, source: str) -> None:
@@ -335,15 +409,23 @@ def _check(pseudo: pl.DataFrame, source: str) -> None:
     duplicated = pseudo.filter(pl.struct(key).is_duplicated())["id"]
     if len(duplicated):
         where = " for one fold" if len(key) > 1 else ""
-        raise DataError(f"{source}: {len(duplicated)} rows share an id{where} "
-                        f"(first: {duplicated.head(_SHOWN).to_list()})")
+        raise DataError(
+            f"{source}: {len(duplicated)} rows share an id{where} "
+            f"(first: {duplicated.head(_SHOWN).to_list()})"
+        )
     targets = pseudo[SOFT_LABELS].to_list()
     for row, vector in enumerate(targets):
         values = np.asarray(vector, dtype=np.float64)
-        if values.shape != (len(PROB_COLUMNS),) or not np.isfinite(values).all() or (values < 0).any() \
-                or abs(values.sum() - 1) > 1e-3:
-            raise DataError(f"{source}, row {row} (id {pseudo['id'][row]}): {SOFT_LABELS} must be "
-                            f"{len(PROB_COLUMNS)} finite probabilities >= 0 summing to 1, got {vector!r}")
+        if (
+            values.shape != (len(PROB_COLUMNS),)
+            or not np.isfinite(values).all()
+            or (values < 0).any()
+            or abs(values.sum() - 1) > 1e-3
+        ):
+            raise DataError(
+                f"{source}, row {row} (id {pseudo['id'][row]}): {SOFT_LABELS} must be "
+                f"{len(PROB_COLUMNS)} finite probabilities >= 0 summing to 1, got {vector!r}"
+            )
     labels = pseudo["label"].to_numpy()
     if ((labels < 0) | (labels >= len(PROB_COLUMNS))).any():
         row = int(np.flatnonzero((labels < 0) | (labels >= len(PROB_COLUMNS)))[0])

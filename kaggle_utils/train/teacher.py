@@ -59,7 +59,9 @@ class TeacherReport:
     matched_rows: int  # training rows given a soft target
     duplicates_merged: int  # surplus copies of ids whose copies all agreed
     renormalised: int  # rows whose sum was off by more than SUM_TOLERANCE but at most RENORMALISE_LIMIT
-    excluded_folds: list[int] | None = None  # the folds the teacher's run left out, per its record (None: none)
+    excluded_folds: list[int] | None = (
+        None  # the folds the teacher's run left out, per its record (None: none)
+    )
     fold_check: str | None = None  # with a held-out fold: "excluded fold F", or why a leak was allowed
 
     def to_dict(self) -> dict:
@@ -85,14 +87,22 @@ class HeldOutFold:
 
 def nested_teacher_hint(fold: int) -> str:
     """How to make a teacher that never saw `fold` (the end of every refusal here and in pseudo_labels.py)."""
-    return (f"make a nested teacher on the student's folds file (`baseline --exclude-folds {fold} --oof FILE`, or "
-            f"`--set train.exclude_folds=[{fold}]` on the teacher's run) or set train.teacher_allow_leak=true "
-            "to use it anyway")
+    return (
+        f"make a nested teacher on the student's folds file (`baseline --exclude-folds {fold} --oof FILE`, or "
+        f"`--set train.exclude_folds=[{fold}]` on the teacher's run) or set train.teacher_allow_leak=true "
+        "to use it anyway"
+    )
 
 
-def check_excluded(what: str, excluded: dict | None, held_out: HeldOutFold, allow_leak: bool,
-                   seen_ids: pl.Series | None = None, fix: str | None = None) -> str:
-    """"excluded fold F" when `excluded` (a record's ``excluded_folds``: {"F": {"rows", "ids_sha256"}}; None:
+def check_excluded(
+    what: str,
+    excluded: dict | None,
+    held_out: HeldOutFold,
+    allow_leak: bool,
+    seen_ids: pl.Series | None = None,
+    fix: str | None = None,
+) -> str:
+    """ "excluded fold F" when `excluded` (a record's ``excluded_folds``: {"F": {"rows", "ids_sha256"}}; None:
     no record) shows the held-out fold was left out, as the same rows, and `seen_ids` (ids the file predicts)
     holds none of them. Otherwise a DataError naming `what`, the fold and `fix` (default: make a nested
     teacher), or with `allow_leak` the text "allowed by train.teacher_allow_leak: <why>"."""
@@ -104,15 +114,19 @@ def check_excluded(what: str, excluded: dict | None, held_out: HeldOutFold, allo
         listed = sorted(int(f) for f in excluded)
         problem = f"{what} saw fold {fold}'s labels (its run excluded {listed if listed else 'no fold'})"
     elif entry.get("ids_sha256") != held_out.ids_sha256:
-        problem = (f"{what} left out a fold {fold} of {entry.get('rows')} rows that is not this run's fold "
-                   f"{fold} ({len(held_out.ids)} rows): made on another folds file")
+        problem = (
+            f"{what} left out a fold {fold} of {entry.get('rows')} rows that is not this run's fold "
+            f"{fold} ({len(held_out.ids)} rows): made on another folds file"
+        )
     else:
         problem = None
         if seen_ids is not None:
             inside = seen_ids.filter(seen_ids.is_in(list(held_out.ids)))
             if len(inside):
-                problem = (f"{what} predicts {len(inside)} ids of fold {fold} (first: "
-                           f"{inside.head(_SHOWN).to_list()}) though its record says that fold was left out")
+                problem = (
+                    f"{what} predicts {len(inside)} ids of fold {fold} (first: "
+                    f"{inside.head(_SHOWN).to_list()}) though its record says that fold was left out"
+                )
     if problem is None:
         return f"excluded fold {fold}"
     if allow_leak:
@@ -120,8 +134,9 @@ def check_excluded(what: str, excluded: dict | None, held_out: HeldOutFold, allo
     raise DataError(f"{problem}; {fix or nested_teacher_hint(fold)}")
 
 
-def load_teacher(source: str | Path | pl.DataFrame, name: str | None = None
-                 ) -> tuple[pl.DataFrame, TeacherReport]:
+def load_teacher(
+    source: str | Path | pl.DataFrame, name: str | None = None
+) -> tuple[pl.DataFrame, TeacherReport]:
     """The teacher's rows as (``id`` as text, ``p_a``, ``p_b``, ``p_tie``), checked and repaired as the module
     says; the report has the counts (`matched_rows` is filled in by `teacher_targets`) and the folds the
     teacher's record says its run left out. `source` is the parquet's path or an OOF-format table already in
@@ -130,8 +145,9 @@ def load_teacher(source: str | Path | pl.DataFrame, name: str | None = None
     return table, report
 
 
-def load_teacher_with_record(source: str | Path | pl.DataFrame, name: str | None = None
-                             ) -> tuple[pl.DataFrame, TeacherReport, dict | None]:
+def load_teacher_with_record(
+    source: str | Path | pl.DataFrame, name: str | None = None
+) -> tuple[pl.DataFrame, TeacherReport, dict | None]:
     """`load_teacher` plus the teacher's exclusion record (metrics.exclusion_record) for the chosen name: None
     for a CSV, a table in memory, or an OOF file written without one."""
     record = None
@@ -183,9 +199,14 @@ def _read_table(path: Path, reader, kind: str) -> pl.DataFrame:
         raise DataError(f"{path}: not a readable {kind} file ({type(error).__name__}: {error})") from None
 
 
-def teacher_targets(frame: pl.DataFrame, path: str | Path | pl.DataFrame, name: str | None = None,
-                    rows: str = "training", held_out: HeldOutFold | None = None, allow_leak: bool = False
-                    ) -> tuple[np.ndarray, TeacherReport]:
+def teacher_targets(
+    frame: pl.DataFrame,
+    path: str | Path | pl.DataFrame,
+    name: str | None = None,
+    rows: str = "training",
+    held_out: HeldOutFold | None = None,
+    allow_leak: bool = False,
+) -> tuple[np.ndarray, TeacherReport]:
     """(rows, 3) teacher probabilities in `frame`'s row order, and the report. Every frame id must be in the
     teacher (else DataError with the count and the first ids). With `held_out` (the student's scored fold;
     `train_fold` always gives it) the teacher must have left that fold out (`check_excluded`; `allow_leak`:
@@ -196,12 +217,16 @@ def teacher_targets(frame: pl.DataFrame, path: str | Path | pl.DataFrame, name: 
     joined = pl.DataFrame({"id": ids}).join(table, on="id", how="left", maintain_order="left")
     lacking = joined.filter(pl.col(PROB_COLUMNS[0]).is_null())["id"]
     if len(lacking):
-        raise DataError(f"{path}: the teacher lacks {len(lacking)} of {frame.height} {rows} ids "
-                        f"(first: {lacking.head(_SHOWN).to_list()}); make the teacher on the same rows")
+        raise DataError(
+            f"{path}: the teacher lacks {len(lacking)} of {frame.height} {rows} ids "
+            f"(first: {lacking.head(_SHOWN).to_list()}); make the teacher on the same rows"
+        )
     report.matched_rows = frame.height
     if held_out is not None:
         excluded = None if record is None else record.get("excluded_folds", {})
-        report.fold_check = check_excluded(f"{path}: the teacher", excluded, held_out, allow_leak, table["id"])
+        report.fold_check = check_excluded(
+            f"{path}: the teacher", excluded, held_out, allow_leak, table["id"]
+        )
     return joined.select(PROB_COLUMNS).to_numpy().astype(np.float64), report
 
 
@@ -213,8 +238,10 @@ def _select_name(table: pl.DataFrame, path: Path, name: str | None) -> pl.DataFr
     names = sorted(str(n) for n in table["name"].unique().to_list())
     if name is None:
         if len(names) > 1:
-            raise UsageError(f"{path}: the teacher file holds {len(names)} models {names}; "
-                             f"set train.teacher_name to one of them")
+            raise UsageError(
+                f"{path}: the teacher file holds {len(names)} models {names}; "
+                f"set train.teacher_name to one of them"
+            )
         return table
     if name not in names:
         raise DataError(f"{path}: no teacher rows named {name!r} (names: {names})")
@@ -229,22 +256,28 @@ def _check_values(table: pl.DataFrame, path: Path) -> None:
     bad = ~np.isfinite(probs) | (probs < 0)  # NaN (nulls read as NaN) fails isfinite
     if bad.any():
         row, column = (int(v) for v in np.argwhere(bad)[0])
-        raise DataError(f"{path}, row {row} (id {table['id'][row]}): {PROB_COLUMNS[column]} is "
-                        f"{table[PROB_COLUMNS[column]][row]!r}; teacher probabilities must be finite and >= 0 "
-                        f"({int(bad.any(axis=1).sum())} such rows)")
+        raise DataError(
+            f"{path}, row {row} (id {table['id'][row]}): {PROB_COLUMNS[column]} is "
+            f"{table[PROB_COLUMNS[column]][row]!r}; teacher probabilities must be finite and >= 0 "
+            f"({int(bad.any(axis=1).sum())} such rows)"
+        )
 
 
 def _merge_duplicates(table: pl.DataFrame, path: Path) -> tuple[pl.DataFrame, int]:
     duplicated = table.filter(pl.col("id").is_duplicated())
     if duplicated.is_empty():
         return table, 0
-    spread = duplicated.group_by("id").agg([(pl.col(c).max() - pl.col(c).min()).alias(c) for c in PROB_COLUMNS])
+    spread = duplicated.group_by("id").agg(
+        [(pl.col(c).max() - pl.col(c).min()).alias(c) for c in PROB_COLUMNS]
+    )
     disagree = spread.filter(pl.any_horizontal([pl.col(c) > DUPLICATE_TOLERANCE for c in PROB_COLUMNS]))
     if disagree.height:
         first = disagree["id"][0]
         rows = np.flatnonzero((table["id"] == first).to_numpy()).tolist()
-        raise DataError(f"{path}, rows {rows} (id {first}): {disagree.height} ids appear more than once with "
-                        f"different probabilities (first: {disagree['id'].head(_SHOWN).to_list()})")
+        raise DataError(
+            f"{path}, rows {rows} (id {first}): {disagree.height} ids appear more than once with "
+            f"different probabilities (first: {disagree['id'].head(_SHOWN).to_list()})"
+        )
     unique = table.unique(subset="id", keep="first", maintain_order=True)
     return unique, table.height - unique.height
 
@@ -256,8 +289,10 @@ def _check_sums(table: pl.DataFrame, path: Path) -> tuple[pl.DataFrame, int]:
     beyond = np.flatnonzero(off > RENORMALISE_LIMIT)
     if len(beyond):
         row = int(beyond[0])
-        raise DataError(f"{path}, row {row} (id {table['id'][row]}): probabilities sum to {sums[row]:.6g}, "
-                        f"not 1 (more than {RENORMALISE_LIMIT} off; {len(beyond)} such rows)")
+        raise DataError(
+            f"{path}, row {row} (id {table['id'][row]}): probabilities sum to {sums[row]:.6g}, "
+            f"not 1 (more than {RENORMALISE_LIMIT} off; {len(beyond)} such rows)"
+        )
     repair = off > SUM_TOLERANCE
     if not repair.any():
         return table, 0

@@ -62,7 +62,9 @@ class Exported:
     artifact_dir: Path | None
     reference_model: nn.Module
     shipped_model: nn.Module | None = None  # None: loaded back from artifact_dir with artifacts.load_artifact
-    extra_models: dict[str, nn.Module] = field(default_factory=dict)  # scored too, e.g. {"merged-into-nf4": m}
+    extra_models: dict[str, nn.Module] = field(
+        default_factory=dict
+    )  # scored too, e.g. {"merged-into-nf4": m}
 
 
 @dataclass(frozen=True)
@@ -87,7 +89,9 @@ VARIANTS: dict[str, Variant] = {}
 
 def register_variant(variant: Variant, replace: bool = False) -> Variant:
     if variant.ordering not in ORDERINGS:
-        raise UsageError(f"variant {variant.name!r}: ordering must be one of {ORDERINGS}, got {variant.ordering!r}")
+        raise UsageError(
+            f"variant {variant.name!r}: ordering must be one of {ORDERINGS}, got {variant.ordering!r}"
+        )
     if variant.name in VARIANTS and not replace and VARIANTS[variant.name] is not variant:
         raise UsageError(f"a variant named {variant.name!r} is already registered")
     VARIANTS[variant.name] = variant
@@ -110,7 +114,9 @@ def merge_lora_fp32(peft_model) -> nn.Module:
 def _export_ft_then_quant(ctx: ExportContext) -> Exported:
     """Merge the LoRA into the 16-bit weights, quantize the merged model (cfg.quant.scheme), ship it."""
     merged = merge_lora_fp32(ctx.result.model)
-    quantized = BITSANDBYTES.quantize(merged, ctx.cfg, device=ctx.fold_ctx.device, work_dir=ctx.artifact_dir.parent)
+    quantized = BITSANDBYTES.quantize(
+        merged, ctx.cfg, device=ctx.fold_ctx.device, work_dir=ctx.artifact_dir.parent
+    )
     save_artifact(ctx.artifact_dir, quantized, ctx.fold_ctx.tokenizer, ctx.manifest_fields, ctx.cfg.format)
     del quantized
     return Exported(artifact_dir=ctx.artifact_dir, reference_model=merged.eval())
@@ -120,32 +126,43 @@ def _export_quant_then_ft(ctx: ExportContext) -> Exported:
     """Ship the quantized base exactly as trained on plus the unmerged adapter; optionally a merged copy."""
     tokenizer = ctx.fold_ctx.tokenizer
     save_artifact(ctx.artifact_dir, ctx.result.model, tokenizer, ctx.manifest_fields, ctx.cfg.format)
-    base16 = build_classifier(dataclasses.replace(ctx.cfg.model, base_model=str(ctx.fold_ctx.base_dir)),
-                              pad_token_id=tokenizer.pad_token_id, device=ctx.fold_ctx.device)
-    reference = PeftModel.from_pretrained(base16, str(ctx.artifact_dir / "adapter"), is_trainable=False).eval()
+    base16 = build_classifier(
+        dataclasses.replace(ctx.cfg.model, base_model=str(ctx.fold_ctx.base_dir)),
+        pad_token_id=tokenizer.pad_token_id,
+        device=ctx.fold_ctx.device,
+    )
+    reference = PeftModel.from_pretrained(
+        base16, str(ctx.artifact_dir / "adapter"), is_trainable=False
+    ).eval()
     extra = {}
     if ctx.cfg.quant.merge_adapter_into_quantized:
-        merged = merge_adapter_into_quantized(load_artifact(ctx.artifact_dir, device=ctx.fold_ctx.device).model)
+        merged = merge_adapter_into_quantized(
+            load_artifact(ctx.artifact_dir, device=ctx.fold_ctx.device).model
+        )
         attach_merged_copy(ctx.artifact_dir, merged)
         extra[f"merged-into-{ctx.cfg.quant.scheme}"] = merged.eval()
     return Exported(artifact_dir=ctx.artifact_dir, reference_model=reference, extra_models=extra)
 
 
-register_variant(Variant(
-    name="ft-then-quant",
-    ordering="ft-then-quant",
-    description="LoRA on the 16-bit base; merge; quantize the merged model with bitsandbytes (quant.scheme)",
-    builder=_default_builder,
-    export=_export_ft_then_quant,
-    common_reference=True,
-))
-register_variant(Variant(
-    name="quant-then-ft",
-    ordering="quant-then-ft",
-    description="QLoRA: LoRA on the bitsandbytes base (NF4, double quant); ship base + unmerged adapter",
-    builder=_default_builder,
-    export=_export_quant_then_ft,
-))
+register_variant(
+    Variant(
+        name="ft-then-quant",
+        ordering="ft-then-quant",
+        description="LoRA on the 16-bit base; merge; quantize the merged model with bitsandbytes (quant.scheme)",
+        builder=_default_builder,
+        export=_export_ft_then_quant,
+        common_reference=True,
+    )
+)
+register_variant(
+    Variant(
+        name="quant-then-ft",
+        ordering="quant-then-ft",
+        description="QLoRA: LoRA on the bitsandbytes base (NF4, double quant); ship base + unmerged adapter",
+        builder=_default_builder,
+        export=_export_quant_then_ft,
+    )
+)
 
 
 DEFAULT_VARIANTS: tuple[str, ...] = ORDERINGS

@@ -46,7 +46,9 @@ def test_validate_data_exit_2_for_missing_file_and_missing_columns(main, tmp_pat
 
 def test_validate_data_exit_2_for_a_header_only_train_file(main, tmp_path, capsys):
     header_only = tmp_path / "train.csv"
-    header_only.write_text("id,model_a,model_b,prompt,response_a,response_b,winner_model_a,winner_model_b,winner_tie\n")
+    header_only.write_text(
+        "id,model_a,model_b,prompt,response_a,response_b,winner_model_a,winner_model_b,winner_tie\n"
+    )
     assert main(["validate-data", str(header_only)]) == 2
     assert_one_line_error(capsys, "train.csv", "no data rows")
     assert main(["validate-data", str(header_only), "--split", "train"]) == 2
@@ -94,7 +96,9 @@ def test_validate_submission_exit_codes(main, sample_files, tmp_path, capsys):
 def test_validate_submission_test_file_without_id_is_one_clean_line(main, sample_files, tmp_path, capsys):
     good = tmp_path / "good.csv"
     test_ids = pl.read_csv(sample_files.test_csv, columns=["id"])["id"]
-    pl.DataFrame({"id": test_ids, "winner_model_a": 0.4, "winner_model_b": 0.4, "winner_tie": 0.2}).write_csv(good)
+    pl.DataFrame({"id": test_ids, "winner_model_a": 0.4, "winner_model_b": 0.4, "winner_tie": 0.2}).write_csv(
+        good
+    )
     no_id = tmp_path / "test_no_id.csv"
     pl.DataFrame({"row": [1], "prompt": ['["p"]']}).write_csv(no_id)
     assert main(["validate-submission", str(good), "--test", str(no_id)]) == 2
@@ -143,20 +147,53 @@ def test_a_nested_fold_baseline_teacher_never_sees_the_excluded_fold(main, sampl
     assert main(["folds", "--train", str(sample_files.train_csv), "--out", str(folds)]) == 0
     oof = tmp_path / "oof.parquet"
     capsys.readouterr()
-    assert main(["baseline", "--train", str(sample_files.train_csv), "--folds", str(folds), "--exclude-folds", "0",
-                 "--oof", str(oof)]) == 0
+    assert (
+        main(
+            [
+                "baseline",
+                "--train",
+                str(sample_files.train_csv),
+                "--folds",
+                str(folds),
+                "--exclude-folds",
+                "0",
+                "--oof",
+                str(oof),
+            ]
+        )
+        == 0
+    )
     fold_table = load_folds(folds)
     fold0 = fold_table.filter(pl.col("fold") == 0)["id"]
     assert f"{len(fold0)} rows left out" in capsys.readouterr().out
     written = load_oof(oof).sort("id")
-    assert not set(written["id"].to_list()) & set(fold0.to_list()) and set(written["fold"].to_list()) == {1, 2, 3, 4}
+    assert not set(written["id"].to_list()) & set(fold0.to_list()) and set(written["fold"].to_list()) == {
+        1,
+        2,
+        3,
+        4,
+    }
     frame = load_competition(sample_files.train_csv, split="train").frame
-    without = run_baseline_cv(frame.filter(~pl.col("id").is_in(fold0.implode())),
-                              fold_table.filter(pl.col("fold") != 0)).oof.sort("id")
+    without = run_baseline_cv(
+        frame.filter(~pl.col("id").is_in(fold0.implode())), fold_table.filter(pl.col("fold") != 0)
+    ).oof.sort("id")
     assert written["id"].to_list() == without["id"].to_list()
     for column in ("p_a", "p_b", "p_tie"):
         assert (written[column] - without[column]).abs().max() < 1e-12
-    assert main(["baseline", "--train", str(sample_files.train_csv), "--folds", str(folds), "--exclude-folds", "9"]) == 2
+    assert (
+        main(
+            [
+                "baseline",
+                "--train",
+                str(sample_files.train_csv),
+                "--folds",
+                str(folds),
+                "--exclude-folds",
+                "9",
+            ]
+        )
+        == 2
+    )
     assert "excluded folds [9] are not in it" in capsys.readouterr().err
 
 
@@ -202,11 +239,29 @@ def test_folds_and_baseline_read_the_config_and_flags_win(tmp_path, capsys):
     out = tmp_path / "folds.parquet"
     assert main(["folds", "--train", str(files.train_csv), "--out", str(out), "--config", str(config)]) == 0
     assert pl.read_parquet(out)["fold"].n_unique() == 3
-    assert main(["folds", "--train", str(files.train_csv), "--out", str(out), "--config", str(config),
-                 "--n-folds", "4"]) == 0
+    assert (
+        main(
+            [
+                "folds",
+                "--train",
+                str(files.train_csv),
+                "--out",
+                str(out),
+                "--config",
+                str(config),
+                "--n-folds",
+                "4",
+            ]
+        )
+        == 0
+    )
     assert pl.read_parquet(out)["fold"].n_unique() == 4
-    assert main(["folds", "--train", str(files.train_csv), "--out", str(out), "--set", "folds.n_folds=2"]) == 0
+    assert (
+        main(["folds", "--train", str(files.train_csv), "--out", str(out), "--set", "folds.n_folds=2"]) == 0
+    )
     assert pl.read_parquet(out)["fold"].n_unique() == 2
     assert main(["baseline", "--train", str(files.train_csv), "--config", str(config)]) == 0
-    assert "fold 2:" in capsys.readouterr().out and main(
-        ["baseline", "--train", str(files.train_csv), "--set", "folds.n_folds=1"]) == 2
+    assert (
+        "fold 2:" in capsys.readouterr().out
+        and main(["baseline", "--train", str(files.train_csv), "--set", "folds.n_folds=1"]) == 2
+    )

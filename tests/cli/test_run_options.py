@@ -22,7 +22,13 @@ def _parse(argv: list[str], data_required: bool = False) -> argparse.Namespace:
 
 def test_train_and_sample_rows_exclude_each_other_and_may_be_required(tmp_path):
     args = _parse(["--out", str(tmp_path), "--train", "t.csv", "--folds", "f.parquet", "--threads", "3"])
-    assert (args.train, args.sample_rows, args.folds, args.threads, args.config) == ("t.csv", None, "f.parquet", 3, None)
+    assert (args.train, args.sample_rows, args.folds, args.threads, args.config) == (
+        "t.csv",
+        None,
+        "f.parquet",
+        3,
+        None,
+    )
     assert _parse(["--out", str(tmp_path)]).train is None
     with pytest.raises((SystemExit, argparse.ArgumentError)):
         _parse(["--out", str(tmp_path), "--train", "t.csv", "--sample-rows", "60"])
@@ -77,8 +83,22 @@ def test_prepare_run_sets_torch_threads_only_when_asked(tmp_path):
 def test_set_overrides_apply_on_top_of_the_config_file(tmp_path):
     config = tmp_path / "c.yaml"
     config.write_text("train:\n  learning_rate: 0.001\n  epochs: 2.0\nlora:\n  r: 8\n", encoding="utf-8")
-    args = _parse(["--out", str(tmp_path), "--train", "t.csv", "--config", str(config), "--set", "train.learning_rate=2e-4",
-                                 "--set", "lora.target_modules=[q_proj, v_proj]", "--set", "train.max_steps=null"])
+    args = _parse(
+        [
+            "--out",
+            str(tmp_path),
+            "--train",
+            "t.csv",
+            "--config",
+            str(config),
+            "--set",
+            "train.learning_rate=2e-4",
+            "--set",
+            "lora.target_modules=[q_proj, v_proj]",
+            "--set",
+            "train.max_steps=null",
+        ]
+    )
     cfg = config_from_args(args)
     assert cfg.train.learning_rate == 2e-4 and cfg.train.epochs == 2.0 and cfg.lora.r == 8
     assert cfg.lora.target_modules == ("q_proj", "v_proj") and cfg.train.max_steps is None
@@ -105,7 +125,12 @@ def test_every_command_that_takes_a_config_takes_set_overrides():
     from kaggle_utils.cli.main import build_parser
 
     parser = build_parser()
-    for argv in (["compare-orderings"], ["train", "--ordering", "ft-then-quant"], ["qid-study", "--out", "x", "--sample-rows", "60"],
-                 ["predict", "--artifact", "a", "--test", "t", "--out", "o"], ["kaggle", "status"]):
+    for argv in (
+        ["compare-orderings"],
+        ["train", "--ordering", "ft-then-quant"],
+        ["qid-study", "--out", "x", "--sample-rows", "60"],
+        ["predict", "--artifact", "a", "--test", "t", "--out", "o"],
+        ["kaggle", "status"],
+    ):
         args = parser.parse_args([*argv, "--set", "train.epochs=3"])
         assert args.set_values == ["train.epochs=3"], argv

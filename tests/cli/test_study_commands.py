@@ -24,8 +24,25 @@ def test_qid_study_command_runs_end_to_end(tmp_path, capsys):
         encoding="utf-8",
     )
     out = tmp_path / "study"
-    code = main(["qid-study", "--config", str(config), "--sample-rows", "60", "--out", str(out),
-                 "--checkpoints", "3", "--seeds", "1", "--bootstrap", "50", "--schemes", "nf4"])
+    code = main(
+        [
+            "qid-study",
+            "--config",
+            str(config),
+            "--sample-rows",
+            "60",
+            "--out",
+            str(out),
+            "--checkpoints",
+            "3",
+            "--seeds",
+            "1",
+            "--bootstrap",
+            "50",
+            "--schemes",
+            "nf4",
+        ]
+    )
     assert code == 0
     report = json.loads((out / "qid_study.json").read_text())
     assert [c["step"] for c in report["checkpoints"]] == [1, 2, 4]
@@ -44,4 +61,6 @@ def test_qid_study_command_runs_end_to_end(tmp_path, capsys):
 def test_qid_study_rejects_unknown_config_sections(tmp_path):
     config = tmp_path / "bad.yaml"
     config.write_text("qid: {checkpoints: 3}\n", encoding="utf-8")
-    assert main(["qid-study", "--config", str(config), "--sample-rows", "60", "--out", str(tmp_path / "x")]) == 2
+    assert (
+        main(["qid-study", "--config", str(config), "--sample-rows", "60", "--out", str(tmp_path / "x")]) == 2
+    )

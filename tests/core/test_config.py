@@ -10,12 +10,17 @@ from kaggle_utils.core.config import PipelineConfig
 def test_overrides_change_only_the_named_fields_of_a_copy():
     cfg = PipelineConfig()
     cfg.lora.r = 8
-    changed = cfg.with_overrides({"train": {"max_steps": 2, "eval_every_steps": 1}, "format": {"max_length": 128}})
+    changed = cfg.with_overrides(
+        {"train": {"max_steps": 2, "eval_every_steps": 1}, "format": {"max_length": 128}}
+    )
     assert (changed.train.max_steps, changed.train.eval_every_steps, changed.format.max_length) == (2, 1, 128)
     assert changed.lora.r == 8  # fields not named keep the source config's values, not the defaults
     assert changed.train.learning_rate == cfg.train.learning_rate
     defaults = PipelineConfig()
-    assert (cfg.train.max_steps, cfg.format.max_length) == (defaults.train.max_steps, defaults.format.max_length)
+    assert (cfg.train.max_steps, cfg.format.max_length) == (
+        defaults.train.max_steps,
+        defaults.format.max_length,
+    )
     assert changed.train is not cfg.train
 
 
@@ -126,11 +131,15 @@ def test_every_recipe_in_configs_loads_and_says_how_to_run_it():
 
     root = Path(__file__).resolve().parents[2]
     recipes = sorted((root / "configs").glob("*.yaml"))
-    assert {"gemma2_9b_quant_then_ft.yaml", "gemma2_9b_ft_then_quant.yaml", "demo.yaml"} <= {p.name for p in recipes}
+    assert {"gemma2_9b_quant_then_ft.yaml", "gemma2_9b_ft_then_quant.yaml", "demo.yaml"} <= {
+        p.name for p in recipes
+    }
     for path in recipes:
         cfg = load_config(str(path))
         header = path.read_text(encoding="utf-8").split("\n\n")[0]
-        assert "# Run:" in header and "python -m kaggle_utils" in header and "CONFIG_PATH" in header, path.name
+        assert "# Run:" in header and "python -m kaggle_utils" in header and "CONFIG_PATH" in header, (
+            path.name
+        )
         if path.name.startswith("gemma2_9b"):
             assert "Expected time and memory" in header, path.name
             assert cfg.train.ordering == path.stem.removeprefix("gemma2_9b_").replace("_", "-")

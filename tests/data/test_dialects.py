@@ -59,7 +59,9 @@ def test_lmsys_dialect_writes_exactly_what_the_3_class_writer_writes(tmp_path):
     probs = rng.random((6, 3))
     probs[2] = np.nan  # the fallback path too
     ids = list(range(10, 16))
-    direct = write_submission(ids, probs, tmp_path / "a.csv", expected_ids=ids, fallback_prior=[0.3, 0.3, 0.4])
+    direct = write_submission(
+        ids, probs, tmp_path / "a.csv", expected_ids=ids, fallback_prior=[0.3, 0.3, 0.4]
+    )
     through = LMSYS.write(ids, probs, tmp_path / "b.csv", expected_ids=ids, fallback_prior=[0.3, 0.3, 0.4])
     assert (tmp_path / "a.csv").read_bytes() == (tmp_path / "b.csv").read_bytes()
     assert direct.to_dict() | {"path": ""} == through.to_dict() | {"path": ""}
@@ -78,7 +80,9 @@ def test_accuracy_and_ab_log_loss():
     probs = np.array([[0.6, 0.3, 0.1], [0.2, 0.7, 0.1], [0.5, 0.2, 0.3], [0.45, 0.45, 0.1]])
     assert ab_accuracy(labels, probs) == 0.75  # row 3 wrong, row 4 an exact tie -> A, right
     pair = probs[:, :2] / probs[:, :2].sum(axis=1, keepdims=True)
-    assert math.isclose(ab_log_loss(labels, probs), sklearn.metrics.log_loss(labels, pair[:, 1]), rel_tol=1e-12)
+    assert math.isclose(
+        ab_log_loss(labels, probs), sklearn.metrics.log_loss(labels, pair[:, 1]), rel_tol=1e-12
+    )
     with pytest.raises(ValueError, match="no tie class"):
         ab_accuracy(np.array([0, 2]), probs[:2])
     with pytest.raises(ValueError, match="shape"):
@@ -90,7 +94,16 @@ def test_accuracy_and_ab_log_loss():
 def test_generated_wsdm_files_have_the_competition_layout_and_load(wsdm_files):
     train = pl.read_parquet(wsdm_files.train_path)
     test = pl.read_parquet(wsdm_files.test_path)
-    assert train.columns == ["id", "prompt", "response_a", "response_b", "winner", "model_a", "model_b", "language"]
+    assert train.columns == [
+        "id",
+        "prompt",
+        "response_a",
+        "response_b",
+        "winner",
+        "model_a",
+        "model_b",
+        "language",
+    ]
     assert train.schema["id"] == pl.String and test.schema["id"] == pl.Int64
     assert test.columns == ["id", "prompt", "response_a", "response_b", "scored"]
     assert set(train["winner"].unique()) == {"model_a", "model_b"}
@@ -119,7 +132,9 @@ def test_wsdm_writer_picks_the_larger_of_a_and_b_and_counts_ties_and_fallbacks(t
     assert report.tied_rows == 2 and report.tie_rule == TIE_RULE
     assert "decided by rule" in report.summary()
     test = tmp_path / "test.parquet"
-    pl.DataFrame({"id": ids, "prompt": ["p"] * 4, "response_a": ["a"] * 4, "response_b": ["b"] * 4}).write_parquet(test)
+    pl.DataFrame(
+        {"id": ids, "prompt": ["p"] * 4, "response_a": ["a"] * 4, "response_b": ["b"] * 4}
+    ).write_parquet(test)
     assert WSDM.validate(out, test).rows == 4
 
     with pytest.raises(SubmissionError, match=r"probabilities must have shape \(4, 3\)"):
@@ -132,8 +147,15 @@ def test_wsdm_writer_picks_the_larger_of_a_and_b_and_counts_ties_and_fallbacks(t
 @pytest.fixture
 def wsdm_test_file(tmp_path) -> Path:
     path = tmp_path / "test.parquet"
-    pl.DataFrame({"id": [101, 102, 103, 104], "prompt": ["p"] * 4, "response_a": ["a"] * 4,
-                  "response_b": ["b"] * 4, "scored": [True, False, True, True]}).write_parquet(path)
+    pl.DataFrame(
+        {
+            "id": [101, 102, 103, 104],
+            "prompt": ["p"] * 4,
+            "response_a": ["a"] * 4,
+            "response_b": ["b"] * 4,
+            "scored": [True, False, True, True],
+        }
+    ).write_parquet(path)
     return path
 
 
@@ -143,7 +165,9 @@ def write_text(path: Path, text: str) -> Path:
 
 
 def test_wsdm_validator_names_file_line_id_and_field(tmp_path, wsdm_test_file):
-    good = write_text(tmp_path / "good.csv", "id,winner\n101,model_a\n102,model_b\n103,model_b\n104,model_a\n")
+    good = write_text(
+        tmp_path / "good.csv", "id,winner\n101,model_a\n102,model_b\n103,model_b\n104,model_a\n"
+    )
     assert WSDM.validate(good, wsdm_test_file).rows == 4
 
     bad = write_text(tmp_path / "bad.csv", "id,winner\n101,model_a\n102,tie\n103,\n104,Model_B\n")
@@ -161,12 +185,15 @@ def test_wsdm_validator_names_file_line_id_and_field(tmp_path, wsdm_test_file):
     assert "field 'id': 1 duplicate ids: 102 (lines 3, 4)" in message
     assert "field 'id': 2 test ids missing (103, 104)" in message
 
-    extra = write_text(tmp_path / "extra.csv", "id,winner\n101,model_a\n102,model_b\n103,model_b\n104,model_a\n"
-                                               "999,model_a\n")
+    extra = write_text(
+        tmp_path / "extra.csv", "id,winner\n101,model_a\n102,model_b\n103,model_b\n104,model_a\n999,model_a\n"
+    )
     with pytest.raises(SubmissionError, match=r"1 ids not in the test file \(999 \(line 6\)\)"):
         WSDM.validate(extra, wsdm_test_file)
 
-    three_class = write_text(tmp_path / "lmsys.csv", "id,winner_model_a,winner_model_b,winner_tie\n101,1,0,0\n")
+    three_class = write_text(
+        tmp_path / "lmsys.csv", "id,winner_model_a,winner_model_b,winner_tie\n101,1,0,0\n"
+    )
     with pytest.raises(SubmissionError, match=r"header must be exactly \['id', 'winner'\]"):
         WSDM.validate(three_class, wsdm_test_file)
     with pytest.raises(SubmissionError, match="no rows"):
@@ -187,13 +214,20 @@ def test_a_new_dialect_is_one_subclass_and_its_registration(tmp_path, monkeypatc
             return parse_winner_labels(raw, ids, path, "preferred", {"left": 0, "right": 1})
 
     monkeypatch.setitem(dialects._REGISTRY, "sides", SideDialect())
-    train = write_text(tmp_path / "train.csv", 'id,prompt,response_a,response_b,preferred\n'
-                                               '1,"[""hi""]","[""a""]","[""b""]",right\n'
-                                               '2,"[""yo""]","[""c""]","[""d""]",left\n')
+    train = write_text(
+        tmp_path / "train.csv",
+        "id,prompt,response_a,response_b,preferred\n"
+        '1,"[""hi""]","[""a""]","[""b""]",right\n'
+        '2,"[""yo""]","[""c""]","[""d""]",left\n',
+    )
     loaded = load_competition(train, DataConfig(format="sides"))
     assert loaded.frame["label"].to_list() == [1, 0] and loaded.frame["prompt"].to_list() == [["hi"], ["yo"]]
-    bad = write_text(tmp_path / "bad.csv", 'id,prompt,response_a,response_b,preferred\n1,"[""x""]","[]","[]",up\n')
-    with pytest.raises(DataError, match=r"bad.csv: column 'preferred' must be one of 'left' / 'right'.*\(1, 'up'\)"):
+    bad = write_text(
+        tmp_path / "bad.csv", 'id,prompt,response_a,response_b,preferred\n1,"[""x""]","[]","[]",up\n'
+    )
+    with pytest.raises(
+        DataError, match=r"bad.csv: column 'preferred' must be one of 'left' / 'right'.*\(1, 'up'\)"
+    ):
         load_competition(bad, DataConfig(format="sides"))
     with pytest.raises(DataError, match="unknown data format 'nope'"):
         load_competition(train, DataConfig(format="nope"))  # type: ignore[arg-type]
@@ -208,12 +242,27 @@ def main(monkeypatch):
 
 def test_cli_validate_submission_and_baseline_in_the_wsdm_dialect(main, wsdm_files, tmp_path, capsys):
     out = tmp_path / "sub.csv"
-    code = main(["baseline", "--train", str(wsdm_files.train_path), "--dialect", "wsdm", "--n-folds", "3",
-                 "--test", str(wsdm_files.test_path), "--out", str(out)])
+    code = main(
+        [
+            "baseline",
+            "--train",
+            str(wsdm_files.train_path),
+            "--dialect",
+            "wsdm",
+            "--n-folds",
+            "3",
+            "--test",
+            str(wsdm_files.test_path),
+            "--out",
+            str(out),
+        ]
+    )
     printed = capsys.readouterr().out
     assert code == 0 and "OOF wsdm metric: accuracy 0." in printed and "(validated)" in printed
     assert pl.read_csv(out).columns == ["id", "winner"]
-    assert main(["validate-submission", str(out), "--test", str(wsdm_files.test_path), "--dialect", "wsdm"]) == 0
+    assert (
+        main(["validate-submission", str(out), "--test", str(wsdm_files.test_path), "--dialect", "wsdm"]) == 0
+    )
     # the same file is not an LMSYS submission
     assert main(["validate-submission", str(out), "--test", str(wsdm_files.test_path)]) == 2
     err = capsys.readouterr().err.strip()
@@ -232,8 +281,9 @@ def test_sample_rows_of_a_wsdm_config_are_generated_in_the_wsdm_format(tmp_path)
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
     add_run_options(parser)
-    cfg, _, train = prepare_run(parser.parse_args(["--out", str(tmp_path / "run"), "--sample-rows", "60",
-                                                   "--config", str(config)]))
+    cfg, _, train = prepare_run(
+        parser.parse_args(["--out", str(tmp_path / "run"), "--sample-rows", "60", "--config", str(config)])
+    )
     assert train.endswith("train.parquet")
     assert set(load_competition(train, cfg.data).frame["label"].unique()) <= {0, 1}
 
@@ -250,13 +300,26 @@ def wsdm_artifact(tmp_path_factory, demo_tokenizer):
 
     torch.set_num_threads(1)
     model_cfg = ModelConfig()
-    merged = modeling.build_classifier(model_cfg, vocab_size=len(demo_tokenizer),
-                                       pad_token_id=demo_tokenizer.pad_token_id, device="cpu")
+    merged = modeling.build_classifier(
+        model_cfg, vocab_size=len(demo_tokenizer), pad_token_id=demo_tokenizer.pad_token_id, device="cpu"
+    )
     quantized = quantization.quantize_merged(merged, QuantConfig(scheme="int8"), model_cfg, device="cpu")
-    fields = {"ordering": "ft-then-quant", "variant": "test", "base_model": "tiny", "folds_file_hash": "none",
-              "cv_scores": {}, "class_prior": [0.48, 0.52, 0.0], "dialect": "wsdm"}
-    return artifacts.save_artifact(tmp_path_factory.mktemp("wsdm_artifact") / "a", quantized, demo_tokenizer,
-                                   fields, FormatConfig(max_length=256))
+    fields = {
+        "ordering": "ft-then-quant",
+        "variant": "test",
+        "base_model": "tiny",
+        "folds_file_hash": "none",
+        "cv_scores": {},
+        "class_prior": [0.48, 0.52, 0.0],
+        "dialect": "wsdm",
+    }
+    return artifacts.save_artifact(
+        tmp_path_factory.mktemp("wsdm_artifact") / "a",
+        quantized,
+        demo_tokenizer,
+        fields,
+        FormatConfig(max_length=256),
+    )
 
 
 def test_predict_with_a_wsdm_artifact_writes_a_validated_id_winner_file(wsdm_artifact, wsdm_files, tmp_path):
@@ -266,10 +329,13 @@ def test_predict_with_a_wsdm_artifact_writes_a_validated_id_winner_file(wsdm_art
     from kaggle_utils.text.formatting import encode_rows
 
     assert read_manifest(wsdm_artifact)["dialect"] == "wsdm"
-    cfg = InferenceConfig(device="cpu", token_budget=2048, max_rows_per_batch=16, warmup_batches=1, progress=False)
+    cfg = InferenceConfig(
+        device="cpu", token_budget=2048, max_rows_per_batch=16, warmup_batches=1, progress=False
+    )
     out = tmp_path / "submission.csv"
-    report = inference.run_submission(artifact_dir=wsdm_artifact, test_path=wsdm_files.test_path, out_path=out,
-                                      cfg=cfg)
+    report = inference.run_submission(
+        artifact_dir=wsdm_artifact, test_path=wsdm_files.test_path, out_path=out, cfg=cfg
+    )
     assert report.dialect == "wsdm" and report.rows_by_path["tta"] == 30 and not report.errors
     assert WSDM.validate(out, wsdm_files.test_path).rows == 30
     written = pl.read_csv(out)
@@ -318,6 +384,7 @@ def test_predict_fallback_of_a_wsdm_artifact_is_a_valid_id_winner_file(wsdm_arti
     def broken(forward, name):
         def fail(seqs):
             raise RuntimeError("device fault")
+
         return fail
 
     report = inference.predict(wsdm_artifact, wsdm_files.test_path, out, cfg, wrap_forward=broken)
@@ -343,10 +410,15 @@ def test_submission_notebook_on_a_wsdm_competition_folder(wsdm_artifact, wsdm_fi
     shutil.copytree(wsdm_artifact, root / "models" / "wsdm-artifact")
     out = tmp_path / "submission.csv"
     notebook = Path(__file__).resolve().parents[2] / "notebooks" / "submission.ipynb"
-    papermill.execute_notebook(str(notebook), str(tmp_path / "executed.ipynb"),
-                               parameters={"INPUT_ROOT": str(root), "OUT": str(out), "DEVICE": "cpu",
-                                           "TOKEN_BUDGET": 2048},
-                               kernel_name="python3", progress_bar=False, cwd=str(tmp_path), execution_timeout=300)
+    papermill.execute_notebook(
+        str(notebook),
+        str(tmp_path / "executed.ipynb"),
+        parameters={"INPUT_ROOT": str(root), "OUT": str(out), "DEVICE": "cpu", "TOKEN_BUDGET": 2048},
+        kernel_name="python3",
+        progress_bar=False,
+        cwd=str(tmp_path),
+        execution_timeout=300,
+    )
     assert WSDM.validate(out, competition / "test.parquet").rows == 30
     report = json.loads(report_path_for(out).read_text())
     assert report["dialect"] == "wsdm" and report["rows_by_path"]["tta"] == 30 and not report["errors"]
@@ -359,8 +431,12 @@ def test_predict_without_a_readable_manifest_writes_the_test_file_s_dialect(wsdm
     from kaggle_utils.inference import predictor as inference
 
     out = tmp_path / "submission.csv"
-    report = inference.predict(tmp_path / "no-such-artifact", wsdm_files.test_path, out,
-                               InferenceConfig(device="cpu", progress=False))
+    report = inference.predict(
+        tmp_path / "no-such-artifact",
+        wsdm_files.test_path,
+        out,
+        InferenceConfig(device="cpu", progress=False),
+    )
     assert report.dialect == "wsdm" and report.fallback_rows == 30 and report.errors
     assert WSDM.validate(out, wsdm_files.test_path).rows == 30
     assert report.submission["tied_rows"] == 30 and report.submission["tie_rule"] == TIE_RULE
@@ -371,12 +447,34 @@ def test_compare_reports_the_dialect_metric_beside_log_loss():
     variant = variant_registry.resolve_variants(["ft-then-quant"])[0]
     labels = np.array([0, 1, 1, 0, 1])
     probs = np.array([[0.7, 0.2, 0.1], [0.3, 0.6, 0.1], [0.5, 0.2, 0.3], [0.3, 0.2, 0.5], [0.1, 0.8, 0.1]])
-    train = {"best_eval_loss": 0.5, "selection": "final", "wall_time_s": 1.0, "tokens_per_s": 1.0,
-             "trainable_params": 1, "total_params": 2, "total_steps": 3, "best_step": 3, "history": []}
-    fold = {"fold": 0, "labels": labels, "probs_16bit": probs, "probs_quantized": probs, "train": train,
-            "peak_rss_bytes": 1, "peak_cuda_bytes": None, "artifact_bytes": 1, "inference_rows_per_s": 1.0,
-            "artifact_dir": None, "extras": {}, "notes": [], "prior_log_loss": 0.69,
-            "class_prior": [0.4, 0.6, 0.0], "ids": [1, 2, 3, 4, 5]}
+    train = {
+        "best_eval_loss": 0.5,
+        "selection": "final",
+        "wall_time_s": 1.0,
+        "tokens_per_s": 1.0,
+        "trainable_params": 1,
+        "total_params": 2,
+        "total_steps": 3,
+        "best_step": 3,
+        "history": [],
+    }
+    fold = {
+        "fold": 0,
+        "labels": labels,
+        "probs_16bit": probs,
+        "probs_quantized": probs,
+        "train": train,
+        "peak_rss_bytes": 1,
+        "peak_cuda_bytes": None,
+        "artifact_bytes": 1,
+        "inference_rows_per_s": 1.0,
+        "artifact_dir": None,
+        "extras": {},
+        "notes": [],
+        "prior_log_loss": 0.69,
+        "class_prior": [0.4, 0.6, 0.0],
+        "ids": [1, 2, 3, 4, 5],
+    }
     run = cv_report.aggregate_run(variant, 0, [fold], WSDM)
     assert run["metric"] == "accuracy" and run["cv_metric_quantized"] == 0.8  # row 3 wrong
     assert run["accuracy_quantized"] == 0.6  # the 3-class argmax also counts row 4's "tie" as a miss
@@ -384,10 +482,16 @@ def test_compare_reports_the_dialect_metric_beside_log_loss():
     lmsys_run = cv_report.aggregate_run(variant, 0, [fold], LMSYS)
     assert lmsys_run["cv_metric_quantized"] == lmsys_run["cv_log_loss_quantized"]
 
-    report = {"dialect": WSDM.describe(), "runs": [run],
-              "variants": [cv_report.summarise_variant([run], variant.name, variant.ordering, "")]}
+    report = {
+        "dialect": WSDM.describe(),
+        "runs": [run],
+        "variants": [cv_report.summarise_variant([run], variant.name, variant.ordering, "")],
+    }
     text = "\n".join(cv_report._metric_lines(report))
-    assert "Competition metric (wsdm): accuracy, higher is better" in text and "| ft-then-quant | 0.8000 |" in text
+    assert (
+        "Competition metric (wsdm): accuracy, higher is better" in text
+        and "| ft-then-quant | 0.8000 |" in text
+    )
     assert cv_report._metric_lines({"dialect": LMSYS.describe(), "runs": [], "variants": []}) == []
 
 
@@ -399,8 +503,15 @@ def test_demo_in_the_wsdm_dialect_end_to_end(tmp_path):
     from kaggle_utils.demo.run import run_demo
 
     submission = tmp_path / "submission.csv"
-    report = run_demo(tmp_path / "demo", submission_path=submission, n_train=300, n_test=30, seed=0,
-                      echo=lambda _: None, dialect="wsdm")
+    report = run_demo(
+        tmp_path / "demo",
+        submission_path=submission,
+        n_train=300,
+        n_test=30,
+        seed=0,
+        echo=lambda _: None,
+        dialect="wsdm",
+    )
     test_path = report["sample"]["test_csv"]
     assert test_path.endswith("test.parquet") and report["meta"]["dialect"]["name"] == "wsdm"
     assert WSDM.validate(submission, test_path).rows == 30
@@ -409,7 +520,9 @@ def test_demo_in_the_wsdm_dialect_end_to_end(tmp_path):
     comparison = json.loads((tmp_path / "demo" / "orderings" / "report.json").read_text())
     assert comparison["dialect"]["metric"] == "accuracy"
     assert all(0.0 <= v["cv_metric_quantized"]["mean"] <= 1.0 for v in comparison["variants"])
-    assert "Competition metric (wsdm): accuracy" in (tmp_path / "demo" / "orderings" / "report.md").read_text()
+    assert (
+        "Competition metric (wsdm): accuracy" in (tmp_path / "demo" / "orderings" / "report.md").read_text()
+    )
     artifact = Path(report["inference"]["artifact_dir"])
     assert json.loads((artifact / "manifest.json").read_text())["dialect"] == "wsdm"
     assert report["inference"]["dialect"] == "wsdm" and report["inference"]["fallback_rows"] == 0

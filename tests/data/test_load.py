@@ -406,7 +406,9 @@ def test_header_only_file_is_an_error(tmp_path, split):
 
 def test_train_file_with_every_row_dropped_is_an_error(tmp_path):
     path = write_train(tmp_path / "train.csv", [(1, '["p"]', "[unquoted, items]", '["b"]', 0)])
-    with pytest.raises(DataError, match=r"train\.csv: all 1 data rows were dropped \(unparseable response_a: 1\)"):
+    with pytest.raises(
+        DataError, match=r"train\.csv: all 1 data rows were dropped \(unparseable response_a: 1\)"
+    ):
         load_competition(path, split="train")
     # the same row on test is kept (with empty text), so the file is usable there
     assert load_competition(path, split="test").frame.height == 1
@@ -419,15 +421,17 @@ def test_empty_string_id_is_an_error_naming_file_row_and_field(tmp_path, split, 
     header = ",".join(TRAIN_HEADER)
     row = 'm1,m2,["p"],["a"],["b"],1,0,0'
     path.write_text(f"{header}\n7,{row}\n{blank},{row}\n")
-    with pytest.raises(DataError, match=r"data\.csv: column 'id' is an empty string in 1 row\(s\) \(data rows \[2\]\)"):
+    with pytest.raises(
+        DataError, match=r"data\.csv: column 'id' is an empty string in 1 row\(s\) \(data rows \[2\]\)"
+    ):
         load_competition(path, split=split)
 
 
 def test_empty_string_id_in_parquet_is_an_error(tmp_path):
     path = tmp_path / "test.parquet"
-    pl.DataFrame({"id": ["a", ""], "prompt": ["p"] * 2, "response_a": ["a"] * 2, "response_b": ["b"] * 2}).write_parquet(
-        path
-    )
+    pl.DataFrame(
+        {"id": ["a", ""], "prompt": ["p"] * 2, "response_a": ["a"] * 2, "response_b": ["b"] * 2}
+    ).write_parquet(path)
     with pytest.raises(DataError, match=r"test\.parquet: column 'id' is an empty string .*data rows \[2\]"):
         load_competition(path, DataConfig(format="wsdm"))
 

@@ -333,8 +333,11 @@ def test_disk_full_is_one_line_naming_the_path_and_keeps_the_previous_file(tmp_p
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(fileio.os, "fsync", disk_full)
-    with pytest.raises(fileio.WriteError, match=rf"^cannot write {path}: No space left on device \(the previous "
-                                                  r"file is intact\)$"):
+    with pytest.raises(
+        fileio.WriteError,
+        match=rf"^cannot write {path}: No space left on device \(the previous "
+        r"file is intact\)$",
+    ):
         write_submission(TEST_IDS, good_probs(seed=2), path)
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["submission.csv"]

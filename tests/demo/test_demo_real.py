@@ -41,8 +41,24 @@ def test_demo_real_refuses_the_tiny_demos_options(main, tmp_path, capsys):
 @pytest.mark.usefixtures("one_torch_thread")
 def test_demo_real_trains_both_orderings_on_the_270m_and_submits(main, gemma3_270m_dir, tmp_path, capsys):
     out, submission = tmp_path / "demo", tmp_path / "submission.csv"
-    argv = ["demo", "--real", "--model-dir", str(gemma3_270m_dir), "--out", str(out), "--submission",
-            str(submission), "--n-train", "40", "--n-test", "4", "--max-steps", "1", "--max-length", "96"]
+    argv = [
+        "demo",
+        "--real",
+        "--model-dir",
+        str(gemma3_270m_dir),
+        "--out",
+        str(out),
+        "--submission",
+        str(submission),
+        "--n-train",
+        "40",
+        "--n-test",
+        "4",
+        "--max-steps",
+        "1",
+        "--max-length",
+        "96",
+    ]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "[7/7]" in printed and "WARNING" not in printed
@@ -70,15 +86,23 @@ def test_demo_real_trains_both_orderings_on_the_270m_and_submits(main, gemma3_27
     inference = report["inference"]
     candidates = report["orderings"]["candidates"]
     ship, complexity = comparison["ship"], {c["name"]: c["complexity"] for c in comparison["ship"]["ranking"]}
-    assert ship["lowest_cv"] == min(candidates, key=candidates.get) and ship["shipped"] == inference["shipped"]
-    assert inference["shipped"] == ship["lowest_cv"] or complexity[inference["shipped"]] < complexity[
-        ship["lowest_cv"]] and ship["lead_over_shipped"]["difference"] <= 2 * ship["lead_over_shipped"]["standard_error"]
+    assert (
+        ship["lowest_cv"] == min(candidates, key=candidates.get) and ship["shipped"] == inference["shipped"]
+    )
+    assert (
+        inference["shipped"] == ship["lowest_cv"]
+        or complexity[inference["shipped"]] < complexity[ship["lowest_cv"]]
+        and ship["lead_over_shipped"]["difference"] <= 2 * ship["lead_over_shipped"]["standard_error"]
+    )
     assert inference["fallback_rows"] == 0 and sum(inference["rows_by_path"].values()) == 4
     predict_report = json.loads(submission.with_name("submission.inference.json").read_text())
     assert predict_report["artifact_dir"] == inference["artifact_dir"]
     shipped = json.loads((Path(inference["artifact_dir"]) / MANIFEST_NAME).read_text())
-    models = ([inference["artifact_dir"]] if shipped.get("kind") != "ensemble"
-              else [m["path"] for m in shipped["members"] if m["kind"] == "model"])
+    models = (
+        [inference["artifact_dir"]]
+        if shipped.get("kind") != "ensemble"
+        else [m["path"] for m in shipped["members"] if m["kind"] == "model"]
+    )
     assert {str(Path(p).resolve()) for p in models} <= {str(Path(p).resolve()) for p in artifacts.values()}
     for model_dir in models[:1]:
         loaded = load_artifact(model_dir, device="cpu")  # checks its tokenizer against the model

@@ -39,19 +39,35 @@ def test_compare_figures_finds_a_moved_number_and_ignores_wall_time():
 
 
 def test_a_fresh_run_may_move_within_the_tolerance_and_a_within_noise_choice_may_flip():
-    recorded = {"baseline_log_loss": 0.93, "winner": "a", "within_noise": False, "shipped": "blend",
-                "ship_statement": "ship blend: 0.0005 lower; the lead is within noise", "candidates": {"blend": 0.8953}}
-    fresh = {**recorded, "baseline_log_loss": 0.93 + 0.9 * demo_figures.FRESH_RUN_TOLERANCE, "shipped": "model",
-             "ship_statement": "ship model", "candidates": {"blend": 0.8925}}
+    recorded = {
+        "baseline_log_loss": 0.93,
+        "winner": "a",
+        "within_noise": False,
+        "shipped": "blend",
+        "ship_statement": "ship blend: 0.0005 lower; the lead is within noise",
+        "candidates": {"blend": 0.8953},
+    }
+    fresh = {
+        **recorded,
+        "baseline_log_loss": 0.93 + 0.9 * demo_figures.FRESH_RUN_TOLERANCE,
+        "shipped": "model",
+        "ship_statement": "ship model",
+        "candidates": {"blend": 0.8925},
+    }
     assert demo_figures.compare_figures(recorded, fresh) == []
-    assert demo_figures.compare_figures(recorded, {**fresh, "winner": "b"}) == ["winner: recorded 'a', fresh 'b'"]
+    assert demo_figures.compare_figures(recorded, {**fresh, "winner": "b"}) == [
+        "winner: recorded 'a', fresh 'b'"
+    ]
     assert demo_figures.compare_figures({**recorded, "within_noise": True}, {**fresh, "winner": "b"}) == []
     beyond = {**recorded, "ship_statement": "ship blend: 0.05 lower"}
     assert "shipped: recorded 'blend', fresh 'model'" in demo_figures.compare_figures(beyond, fresh)
     assert demo_figures.compare_figures(recorded, {**fresh, "candidates": {"other": 0.8953}}) == [
-        "candidates.blend: only in recorded", "candidates.other: only in fresh"]
+        "candidates.blend: only in recorded",
+        "candidates.other: only in fresh",
+    ]
     assert demo_figures.compare_figures(recorded, {**fresh, "baseline_log_loss": float("nan")}) == [
-        "baseline_log_loss: recorded 0.930000, fresh nan"]
+        "baseline_log_loss: recorded 0.930000, fresh nan"
+    ]
 
 
 def test_the_recording_names_its_machine_and_versions():
@@ -68,10 +84,20 @@ def test_record_rewrites_only_the_block(tmp_path):
         "sample": {"n_train": 2000, "n_test": 200, "seed": 0},
         "baseline": {"log_loss": 0.91, "prior_log_loss": 1.09},
         "orderings": {
-            "variants": {"ft-then-quant": {"cv_log_loss_16bit": 0.95, "cv_log_loss_quantized": 0.951,
-                                           "qid_vs_common": 0.001, "gap_vs_own_reference": 0.001}},
-            "decision": {"winner": "ft-then-quant", "difference": None, "standard_error": None,
-                         "within_noise": None},
+            "variants": {
+                "ft-then-quant": {
+                    "cv_log_loss_16bit": 0.95,
+                    "cv_log_loss_quantized": 0.951,
+                    "qid_vs_common": 0.001,
+                    "gap_vs_own_reference": 0.001,
+                }
+            },
+            "decision": {
+                "winner": "ft-then-quant",
+                "difference": None,
+                "standard_error": None,
+                "within_noise": None,
+            },
             "ship": {"shipped": "ft-then-quant", "statement": "ship ft-then-quant (model)", "artifact": "a"},
             "candidates": {"ft-then-quant": 0.951, "class-prior": 1.09},
         },

@@ -26,8 +26,18 @@ def test_demo_writes_a_valid_submission_and_reports(tmp_path):
 
     out = tmp_path / "demo"
     on_disk = json.loads((out / "demo_report.json").read_text())
-    assert set(on_disk) >= {"sample", "load", "folds", "baseline", "submission", "orderings", "inference",
-                            "timings_s", "steps", "meta"}
+    assert set(on_disk) >= {
+        "sample",
+        "load",
+        "folds",
+        "baseline",
+        "submission",
+        "orderings",
+        "inference",
+        "timings_s",
+        "steps",
+        "meta",
+    }
     assert (
         on_disk["baseline"]["log_loss"]
         < on_disk["baseline"]["prior_log_loss"]
@@ -57,9 +67,14 @@ def test_demo_writes_a_valid_submission_and_reports(tmp_path):
     candidates = on_disk["orderings"]["candidates"]
     assert {"ft-then-quant", "quant-then-ft", "feature-baseline", "class-prior", "blend"} <= set(candidates)
     ship, complexity = comparison["ship"], {c["name"]: c["complexity"] for c in comparison["ship"]["ranking"]}
-    assert ship["lowest_cv"] == min(candidates, key=candidates.get) and ship["shipped"] == inference["shipped"]
-    assert inference["shipped"] == ship["lowest_cv"] or complexity[inference["shipped"]] < complexity[
-        ship["lowest_cv"]] and ship["lead_over_shipped"]["difference"] <= 2 * ship["lead_over_shipped"]["standard_error"]
+    assert (
+        ship["lowest_cv"] == min(candidates, key=candidates.get) and ship["shipped"] == inference["shipped"]
+    )
+    assert (
+        inference["shipped"] == ship["lowest_cv"]
+        or complexity[inference["shipped"]] < complexity[ship["lowest_cv"]]
+        and ship["lead_over_shipped"]["difference"] <= 2 * ship["lead_over_shipped"]["standard_error"]
+    )
     assert (out / "orderings" / "reliability.png").read_bytes()[:4] == b"\x89PNG"
     assert "## What ships" in (out / "orderings" / "report.md").read_text()
 
@@ -72,12 +87,22 @@ def test_demo_is_deterministic_by_seed_and_takes_extra_steps(tmp_path):
         state.report["extra"] = {"rows": state.baseline.oof.height}
         return "recorded"
 
-    steps = [*BASELINE_STEPS[:4], DemoStep("extra", "a later stage", record_baseline_score), BASELINE_STEPS[4]]
+    steps = [
+        *BASELINE_STEPS[:4],
+        DemoStep("extra", "a later stage", record_baseline_score),
+        BASELINE_STEPS[4],
+    ]
     first = run_demo(
         tmp_path / "a", tmp_path / "a.csv", n_train=300, n_test=20, seed=5, steps=steps, echo=lambda _: None
     )
     second = run_demo(
-        tmp_path / "b", tmp_path / "b.csv", n_train=300, n_test=20, seed=5, steps=BASELINE_STEPS, echo=lambda _: None
+        tmp_path / "b",
+        tmp_path / "b.csv",
+        n_train=300,
+        n_test=20,
+        seed=5,
+        steps=BASELINE_STEPS,
+        echo=lambda _: None,
     )
 
     assert first["extra"]["rows"] == first["baseline"]["rows"]

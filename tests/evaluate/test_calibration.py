@@ -78,8 +78,9 @@ def test_reliability_diagram_is_written(tmp_path):
     # over-confident: in the top bins accuracy lies below confidence
     assert bins[-1]["accuracy"] < bins[-1]["confidence"]
     fitted = fit_calibration(labels, probs)
-    path = plot_reliability(labels, {"before": probs, "after": apply_calibration(probs, fitted)},
-                            tmp_path / "reliability.png")
+    path = plot_reliability(
+        labels, {"before": probs, "after": apply_calibration(probs, fitted)}, tmp_path / "reliability.png"
+    )
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -91,7 +92,9 @@ def test_a_calibration_that_is_not_a_mapping_names_the_field(given):
 
 @pytest.mark.parametrize("temperature", [1e-300, 0.01, 25.0, float("inf")])
 def test_a_temperature_outside_its_range_is_refused(temperature):
-    with pytest.raises(UsageError, match=r"calibration.temperature must be a positive number in \[0.05, 20.0\]"):
+    with pytest.raises(
+        UsageError, match=r"calibration.temperature must be a positive number in \[0.05, 20.0\]"
+    ):
         Calibration.from_dict({"method": "temperature", "temperature": temperature})
 
 

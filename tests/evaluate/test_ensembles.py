@@ -53,8 +53,12 @@ def test_average_members_checks_weights():
 
 def test_aligned_oof_refuses_members_scored_on_different_rows():
     probs = np.full((3, 3), 1 / 3)
-    store = pl.concat([make_oof("x", [1, 2, 3], [0, 0, 0], probs, [0, 1, 2]),
-                       make_oof("y", [3, 2, 1], [0, 0, 0], probs, [2, 1, 0])])
+    store = pl.concat(
+        [
+            make_oof("x", [1, 2, 3], [0, 0, 0], probs, [0, 1, 2]),
+            make_oof("y", [3, 2, 1], [0, 0, 0], probs, [2, 1, 0]),
+        ]
+    )
     ids, labels, by_name = aligned_oof(store, ["x", "y"])
     assert ids.to_list() == [1, 2, 3] and labels.tolist() == [0, 1, 2] and set(by_name) == {"x", "y"}
     other = pl.concat([store, make_oof("z", [1, 2, 4], [0, 0, 0], probs, [0, 1, 2])])

@@ -24,7 +24,9 @@ from kaggle_utils.inference import tpu
 from kaggle_utils.text.batching import padding_efficiency, token_budget_batches
 from kaggle_utils.text.formatting import encode_both_orders, encode_rows, swap_frame, swap_probs
 
-SWAP_MARKER = 1  # first token of every swapped-view sequence in the fake data, so a fake device can tell views
+SWAP_MARKER = (
+    1  # first token of every swapped-view sequence in the fake data, so a fake device can tell views
+)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -40,13 +42,18 @@ def fake_probs(seq) -> np.ndarray:
     return exp / exp.sum()
 
 
-
-
 class FakeDevice:
     """forward(list of token lists) -> probs, recording calls; optional fake cost, OOM and failures."""
 
-    def __init__(self, clock=None, seconds_per_token=0.0, sleep_per_token=0.0, oom_above=None, fail_calls=(),
-                 always_fail=False):
+    def __init__(
+        self,
+        clock=None,
+        seconds_per_token=0.0,
+        sleep_per_token=0.0,
+        oom_above=None,
+        fail_calls=(),
+        always_fail=False,
+    ):
         self.clock, self.seconds_per_token, self.sleep_per_token = clock, seconds_per_token, sleep_per_token
         self.oom_above, self.fail_calls, self.always_fail = oom_above, set(fail_calls), always_fail
         self.calls: list[list[list[int]]] = []
@@ -132,7 +139,9 @@ def test_view_per_device_layout_starts_each_device_on_its_own_view():
 def test_out_of_memory_halves_the_batch_and_retries_the_same_rows():
     views = make_views(n=150, tta=False)
     device = FakeDevice(oom_above=200)
-    result, report = inference.run_schedule(views, [device], engine_cfg(token_budget=1024, max_rows_per_batch=64))
+    result, report = inference.run_schedule(
+        views, [device], engine_cfg(token_budget=1024, max_rows_per_batch=64)
+    )
     served = result.done[0]
     lengths = np.array([len(seq) for seq in views[0]])
     assert served[lengths <= 200].all()  # everything that fits in memory alone was served, exactly
@@ -191,7 +200,9 @@ def test_time_guard_stops_before_the_deadline_and_leaves_the_rest_to_the_fallbac
 def test_deadline_already_passed_runs_nothing():
     clock = FakeClock()
     device = FakeDevice()
-    result, report = inference.run_schedule(make_views(20), [device], engine_cfg(), deadline=clock() - 1, clock=clock)
+    result, report = inference.run_schedule(
+        make_views(20), [device], engine_cfg(), deadline=clock() - 1, clock=clock
+    )
     assert not device.calls and not result.done.any() and report.stopped == "deadline"
 
 
@@ -214,8 +225,12 @@ def test_a_failing_device_is_retired_and_the_other_finishes_the_work():
     assert report.workers[0].retired and not report.workers[1].retired
     assert report.batches_failed == 2
     failed = {tuple(seq) for call in devices[0].calls for seq in call}
-    served = {tuple(seq) for view, done in zip(views, result.done, strict=True)
-              for seq, ok in zip(view, done, strict=True) if ok}
+    served = {
+        tuple(seq)
+        for view, done in zip(views, result.done, strict=True)
+        for seq, ok in zip(view, done, strict=True)
+        if ok
+    }
     assert len(served) == 200 - len(failed)
 
 
@@ -272,8 +287,12 @@ def test_all_devices_failing_stops_and_leaves_everything_to_the_fallback():
 
 
 def test_combine_views_averages_the_unswapped_swapped_view():
-    probs = np.array([[[0.6, 0.3, 0.1], [0.5, 0.2, 0.3], [0.1, 0.1, 0.8], [0.3, 0.3, 0.4]],
-                      [[0.2, 0.7, 0.1], [0.6, 0.1, 0.3], [0.1, 0.5, 0.4], [0.3, 0.3, 0.4]]])
+    probs = np.array(
+        [
+            [[0.6, 0.3, 0.1], [0.5, 0.2, 0.3], [0.1, 0.1, 0.8], [0.3, 0.3, 0.4]],
+            [[0.2, 0.7, 0.1], [0.6, 0.1, 0.3], [0.1, 0.5, 0.4], [0.3, 0.3, 0.4]],
+        ]
+    )
     done = np.array([[True, True, False, False], [True, False, True, False]])
     fallback = np.tile([0.35, 0.34, 0.31], (4, 1))
     final, paths = inference.combine_views(inference.ViewPredictions(probs, done), fallback)
@@ -292,8 +311,9 @@ def test_class_prior_and_fallback_chain(tmp_path):
     for bad in ({}, {"class_prior": [1, 2]}, {"class_prior": [1, -1, 1]}, {"class_prior": "x"}, None):
         assert inference.class_prior_from_manifest(bad) is None
     frame = pl.DataFrame({"id": [1, 2]})
-    probs, source, errors = inference.fallback_predictions(frame, 2, tmp_path / "missing.joblib",
-                                                           {"class_prior": [1, 1, 2]})
+    probs, source, errors = inference.fallback_predictions(
+        frame, 2, tmp_path / "missing.joblib", {"class_prior": [1, 1, 2]}
+    )
     assert source == "class prior from manifest" and probs.tolist() == [[0.25, 0.25, 0.5]] * 2
     assert errors and errors[0]["where"] == "fallback baseline"
     probs, source, _ = inference.fallback_predictions(None, 3, None, None)
@@ -305,21 +325,16 @@ def test_class_prior_and_fallback_chain(tmp_path):
 # ----------------------------------------------------------------------------------------------------------
 
 
-
-
-
 @pytest.fixture(scope="module")
 def tiny_artifacts(tmp_path_factory, demo_tokenizer):
     torch.set_num_threads(1)
     return build_tiny_artifacts(tmp_path_factory.mktemp("artifacts"), demo_tokenizer)
 
 
-
-
-
-
 @pytest.mark.parametrize("ordering", ORDERINGS)
-def test_predict_both_orderings_match_an_independent_tta_computation(ordering, tiny_artifacts, sample_files, tmp_path):
+def test_predict_both_orderings_match_an_independent_tta_computation(
+    ordering, tiny_artifacts, sample_files, tmp_path
+):
     from kaggle_utils.data.load import load_competition
     from kaggle_utils.quant.artifacts import load_artifact
 
@@ -343,8 +358,14 @@ def test_predict_both_orderings_match_an_independent_tta_computation(ordering, t
 
     def alone(ids: list[int]) -> np.ndarray:
         with torch.no_grad():
-            logits = loaded.model(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids),
-                                  dtype=torch.long)).logits[0].double().numpy()
+            logits = (
+                loaded.model(
+                    input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long)
+                )
+                .logits[0]
+                .double()
+                .numpy()
+            )
         exp = np.exp(logits - logits.max())
         return exp / exp.sum()
 
@@ -354,8 +375,9 @@ def test_predict_both_orderings_match_an_independent_tta_computation(ordering, t
 
 def test_predict_without_tta_serves_the_original_view_only(tiny_artifacts, sample_files, tmp_path):
     out = tmp_path / "sub.csv"
-    report = inference.predict(tiny_artifacts["ft-then-quant"], sample_files.test_csv, out,
-                               predict_cfg(tta_swap=False))
+    report = inference.predict(
+        tiny_artifacts["ft-then-quant"], sample_files.test_csv, out, predict_cfg(tta_swap=False)
+    )
     validate_submission(out, sample_files.test_csv)
     assert report.rows_by_path["original_only"] == report.rows and report.schedule["views"] == 1
 
@@ -368,7 +390,9 @@ def test_predict_on_the_swapped_file_gives_the_swapped_predictions(tiny_artifact
     artifact = tiny_artifacts["quant-then-ft"]
     inference.predict(artifact, sample_files.test_csv, tmp_path / "a.csv", predict_cfg())
     inference.predict(artifact, swapped_csv, tmp_path / "b.csv", predict_cfg())
-    np.testing.assert_allclose(read_probs(tmp_path / "b.csv"), swap_probs(read_probs(tmp_path / "a.csv")), atol=1e-6)
+    np.testing.assert_allclose(
+        read_probs(tmp_path / "b.csv"), swap_probs(read_probs(tmp_path / "a.csv")), atol=1e-6
+    )
 
 
 texts = st.text(alphabet=st.sampled_from(list("abcdefghij klmnop.,?!\n")), min_size=0, max_size=80)
@@ -379,18 +403,26 @@ texts = st.text(alphabet=st.sampled_from(list("abcdefghij klmnop.,?!\n")), min_s
 def test_property_tta_prediction_of_a_swapped_row_is_the_swapped_prediction(demo_tokenizer, rows):
     """Through the real formatting and the engine, with an asymmetric fake model: f(swap(x)) = swap(f(x))."""
     frame = pl.DataFrame(
-        {"id": list(range(len(rows))),
-         "prompt": [[p] * turns for turns, p, _, _ in rows],
-         "response_a": [[a] * turns for turns, _, a, _ in rows],
-         "response_b": [[b] * turns for turns, _, _, b in rows]},
-        schema={"id": pl.Int64, "prompt": pl.List(pl.String), "response_a": pl.List(pl.String),
-                "response_b": pl.List(pl.String)},
+        {
+            "id": list(range(len(rows))),
+            "prompt": [[p] * turns for turns, p, _, _ in rows],
+            "response_a": [[a] * turns for turns, _, a, _ in rows],
+            "response_b": [[b] * turns for turns, _, _, b in rows],
+        },
+        schema={
+            "id": pl.Int64,
+            "prompt": pl.List(pl.String),
+            "response_a": pl.List(pl.String),
+            "response_b": pl.List(pl.String),
+        },
     )
     fmt = FormatConfig(max_length=160)
 
     def tta_predict(f: pl.DataFrame) -> np.ndarray:
         original, swapped = encode_both_orders(f, demo_tokenizer, fmt, progress=False)
-        views, _ = inference.run_schedule([original.input_ids, swapped.input_ids], [FakeDevice()], engine_cfg())
+        views, _ = inference.run_schedule(
+            [original.input_ids, swapped.input_ids], [FakeDevice()], engine_cfg()
+        )
         final, paths = inference.combine_views(views, np.full((f.height, 3), 1 / 3))
         assert (paths == inference.PATH_TTA).all()
         return final
@@ -410,13 +442,15 @@ def test_deadline_hit_mid_run_still_writes_a_full_valid_submission(tiny_artifact
         def wrapped(seqs):
             clock.advance(0.1 * len(seqs) * max(len(seq) for seq in seqs))
             return forward(seqs)
+
         return wrapped
 
     # 40 rows x ~200 tokens x 2 views ~ 1600 fake s for everything; the deadline leaves ~600 s.
     cfg = predict_cfg(deadline_hours=(600 / 3600) + 0.1, safety_margin_hours=0.1)
     out = tmp_path / "submission.csv"
-    report = inference.predict(tiny_artifacts["ft-then-quant"], sample_files.test_csv, out, cfg, clock=clock,
-                               wrap_forward=slow)
+    report = inference.predict(
+        tiny_artifacts["ft-then-quant"], sample_files.test_csv, out, cfg, clock=clock, wrap_forward=slow
+    )
     validate_submission(out, sample_files.test_csv)
     counts = json.loads(inference.report_path_for(out).read_text())["rows_by_path"]
     assert sum(counts.values()) == report.rows
@@ -426,7 +460,9 @@ def test_deadline_hit_mid_run_still_writes_a_full_valid_submission(tiny_artifact
     assert is_prior.sum() == counts["fallback"]  # rows not reached hold the manifest's class prior
 
 
-def test_exception_inside_a_batch_still_writes_a_full_valid_submission(tiny_artifacts, sample_files, tmp_path):
+def test_exception_inside_a_batch_still_writes_a_full_valid_submission(
+    tiny_artifacts, sample_files, tmp_path
+):
     calls = {"n": 0}
 
     def flaky(forward, name):
@@ -435,11 +471,14 @@ def test_exception_inside_a_batch_still_writes_a_full_valid_submission(tiny_arti
             if calls["n"] == 2:
                 raise RuntimeError("CUDA error: device-side assert triggered (injected)")
             return forward(seqs)
+
         return wrapped
 
     out = tmp_path / "submission.csv"
     cfg = predict_cfg(tta_swap=False)
-    report = inference.predict(tiny_artifacts["quant-then-ft"], sample_files.test_csv, out, cfg, wrap_forward=flaky)
+    report = inference.predict(
+        tiny_artifacts["quant-then-ft"], sample_files.test_csv, out, cfg, wrap_forward=flaky
+    )
     validate_submission(out, sample_files.test_csv)
     saved = json.loads(inference.report_path_for(out).read_text())
     assert saved["rows_by_path"]["fallback"] > 0 and saved["rows_by_path"]["original_only"] > 0
@@ -448,8 +487,13 @@ def test_exception_inside_a_batch_still_writes_a_full_valid_submission(tiny_arti
     calls["n"] = 0
     strict = tmp_path / "strict.csv"
     with pytest.raises(inference.InferenceError, match="device-side assert"):
-        inference.predict(tiny_artifacts["quant-then-ft"], sample_files.test_csv, strict,
-                          predict_cfg(tta_swap=False, raise_after_write=True), wrap_forward=flaky)
+        inference.predict(
+            tiny_artifacts["quant-then-ft"],
+            sample_files.test_csv,
+            strict,
+            predict_cfg(tta_swap=False, raise_after_write=True),
+            wrap_forward=flaky,
+        )
     validate_submission(strict, sample_files.test_csv)  # written before raising
     assert report.rows_by_path == json.loads(inference.report_path_for(strict).read_text())["rows_by_path"]
 
@@ -460,11 +504,13 @@ def test_out_of_memory_at_predict_level_is_absorbed(tiny_artifacts, sample_files
             if len(seqs) > 2:
                 raise torch.OutOfMemoryError("CUDA out of memory (injected)")
             return forward(seqs)
+
         return wrapped
 
     out = tmp_path / "submission.csv"
-    report = inference.predict(tiny_artifacts["ft-then-quant"], sample_files.test_csv, out, predict_cfg(),
-                               wrap_forward=small_memory)
+    report = inference.predict(
+        tiny_artifacts["ft-then-quant"], sample_files.test_csv, out, predict_cfg(), wrap_forward=small_memory
+    )
     validate_submission(out, sample_files.test_csv)
     assert report.rows_by_path["tta"] == report.rows and report.schedule["oom_events"]
     reference = tmp_path / "reference.csv"
@@ -533,8 +579,9 @@ def test_a_hung_worker_process_is_killed_after_the_batch_timeout_and_its_batch_r
     monkeypatch.setenv(FAULT_ENV, "1:hang:1")  # worker 1 never answers its first batch
     out = tmp_path / "submission.csv"
     began = time.monotonic()
-    report = inference.predict(tiny_artifacts["quant-then-ft"], sample_files.test_csv, out,
-                               process_cfg(batch_timeout_s=2.0))
+    report = inference.predict(
+        tiny_artifacts["quant-then-ft"], sample_files.test_csv, out, process_cfg(batch_timeout_s=2.0)
+    )
     assert time.monotonic() - began < 60  # not the hour the worker sleeps
     validate_submission(out, sample_files.test_csv)
     schedule = report.schedule
@@ -553,7 +600,9 @@ def test_out_of_memory_inside_a_worker_process_halves_the_batch_there(
     report = inference.predict(tiny_artifacts["quant-then-ft"], sample_files.test_csv, out, process_cfg())
     validate_submission(out, sample_files.test_csv)
     events = report.schedule["oom_events"]
-    assert events and {event["device"] for event in events} == {"cpu#1"} and report.schedule["workers_lost"] == 0
+    assert (
+        events and {event["device"] for event in events} == {"cpu#1"} and report.schedule["workers_lost"] == 0
+    )
     oom_worker = report.schedule["workers"][1]
     assert oom_worker["token_cap"] is not None and oom_worker["rows"] > 0
     assert report.rows_by_path["tta"] == report.rows and not report.errors
@@ -576,8 +625,9 @@ def test_a_worker_process_that_cannot_start_leaves_the_other_to_do_everything(
     np.testing.assert_allclose(read_probs(out), single_process_reference, atol=1e-5)
 
     monkeypatch.setenv(FAULT_ENV, "0:exit:1")
-    report = inference.predict(tiny_artifacts["quant-then-ft"], sample_files.test_csv, out,
-                               process_cfg(cpu_replicas=1))  # the only worker dies: every row falls back
+    report = inference.predict(
+        tiny_artifacts["quant-then-ft"], sample_files.test_csv, out, process_cfg(cpu_replicas=1)
+    )  # the only worker dies: every row falls back
     validate_submission(out, sample_files.test_csv)
     assert report.rows_by_path["fallback"] == report.rows
     assert report.schedule["stopped"] == "all devices retired"
@@ -605,10 +655,13 @@ def test_baseline_fallback_is_used_when_given(sample_files, train_data, tmp_path
     result = run_baseline_cv(frame, make_folds(frame, FoldConfig(n_folds=2)))
     baseline = result.model.save(tmp_path / "baseline.json")
     out = tmp_path / "submission.csv"
-    report = inference.predict(tmp_path / "no-artifact", sample_files.test_csv, out, predict_cfg(),
-                               fallback_path=baseline)
+    report = inference.predict(
+        tmp_path / "no-artifact", sample_files.test_csv, out, predict_cfg(), fallback_path=baseline
+    )
     validate_submission(out, sample_files.test_csv)
-    assert report.fallback_source.startswith("baseline model") and report.rows_by_path["fallback"] == report.rows
+    assert (
+        report.fallback_source.startswith("baseline model") and report.rows_by_path["fallback"] == report.rows
+    )
     from kaggle_utils.data.load import load_competition
 
     want = result.model.predict_proba(load_competition(sample_files.test_csv, split="test").frame)
@@ -703,26 +756,67 @@ def test_cli_predict_writes_the_submission_and_strict_reports_absorbed_errors(
     from kaggle_utils.cli.inference import inference_config
 
     out = tmp_path / "cli.csv"
-    code = run_cli(["predict", "--artifact", str(tiny_artifacts["ft-then-quant"]), "--test", str(sample_files.test_csv),
-                    "--out", str(out), "--no-tta", "--device", "cpu", "--token-budget", "1024", "--no-progress"])
+    code = run_cli(
+        [
+            "predict",
+            "--artifact",
+            str(tiny_artifacts["ft-then-quant"]),
+            "--test",
+            str(sample_files.test_csv),
+            "--out",
+            str(out),
+            "--no-tta",
+            "--device",
+            "cpu",
+            "--token-budget",
+            "1024",
+            "--no-progress",
+        ]
+    )
     assert code == 0
     validate_submission(out, sample_files.test_csv)
     assert "original_only" in capsys.readouterr().out
 
     strict = tmp_path / "strict.csv"
-    code = run_cli(["predict", "--artifact", str(tmp_path / "missing"), "--test", str(sample_files.test_csv),
-                    "--out", str(strict), "--strict", "--no-progress"])
+    code = run_cli(
+        [
+            "predict",
+            "--artifact",
+            str(tmp_path / "missing"),
+            "--test",
+            str(sample_files.test_csv),
+            "--out",
+            str(strict),
+            "--strict",
+            "--no-progress",
+        ]
+    )
     assert code == 1 and "submission written" in capsys.readouterr().err
     validate_submission(strict, sample_files.test_csv)
 
     import argparse
 
-    args = argparse.Namespace(config=None, no_tta=True, deadline_hours=2.5, margin_hours=None, device=None,
-                              num_gpus=2, dtype="float16", token_budget=None, layout="view_per_device",
-                              strict=False, no_progress=False)
+    args = argparse.Namespace(
+        config=None,
+        no_tta=True,
+        deadline_hours=2.5,
+        margin_hours=None,
+        device=None,
+        num_gpus=2,
+        dtype="float16",
+        token_budget=None,
+        layout="view_per_device",
+        strict=False,
+        no_progress=False,
+    )
     cfg = inference_config(args)
     assert (cfg.tta_swap, cfg.deadline_hours, cfg.num_gpus, cfg.compute_dtype, cfg.layout) == (
-        False, 2.5, 2, "float16", "view_per_device")
+        False,
+        2.5,
+        2,
+        "float16",
+        "view_per_device",
+    )
     assert cfg.safety_margin_hours == InferenceConfig().safety_margin_hours and cfg.token_budget == 8192
 
 
@@ -755,8 +849,18 @@ def test_cli_predict_exits_nonzero_when_rows_fell_back_but_keeps_the_file(
     monkeypatch.delenv("KAGGLE_IS_COMPETITION_RERUN", raising=False)
     artifact, test = _broken_inputs(kind, tiny_artifacts, sample_files, tmp_path)
     out = tmp_path / "sub.csv"
-    argv = ["predict", "--artifact", str(artifact), "--test", str(test), "--out", str(out), "--device", "cpu",
-            "--no-progress"]
+    argv = [
+        "predict",
+        "--artifact",
+        str(artifact),
+        "--test",
+        str(test),
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
+        "--no-progress",
+    ]
     assert run_cli(argv) == 1
     validate_submission(out, test)
     captured = capsys.readouterr()
@@ -770,12 +874,15 @@ def test_cli_predict_exits_nonzero_when_rows_fell_back_but_keeps_the_file(
     validate_submission(out, test)
 
 
-@pytest.mark.parametrize(("overrides", "message"), [
-    ({"cpu_replicas": 0}, "inference.cpu_replicas must be >= 1"),
-    ({"worker_backend": "gpu"}, "inference.worker_backend must be one of ['thread', 'process']"),
-    ({"batch_timeout_s": 0}, "inference.batch_timeout_s must be > 0"),
-    ({"batch_timeout_s": float("nan")}, "inference.batch_timeout_s must be a finite number"),
-])
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"cpu_replicas": 0}, "inference.cpu_replicas must be >= 1"),
+        ({"worker_backend": "gpu"}, "inference.worker_backend must be one of ['thread', 'process']"),
+        ({"batch_timeout_s": 0}, "inference.batch_timeout_s must be > 0"),
+        ({"batch_timeout_s": float("nan")}, "inference.batch_timeout_s must be a finite number"),
+    ],
+)
 def test_invalid_worker_settings_are_usage_errors(overrides, message):
     """Refused when the config is built, and again by predict's check when a field was changed afterwards."""
     with pytest.raises(UsageError, match=re.escape(message)):
@@ -787,16 +894,19 @@ def test_invalid_worker_settings_are_usage_errors(overrides, message):
         inference.validate_inference_config(cfg)
 
 
-@pytest.mark.parametrize(("option", "value", "message"), [
-    ("--token-budget", "0", "inference.token_budget must be >= 1"),
-    ("--deadline-hours", "nan", "inference.deadline_hours must be a finite number"),
-    ("--deadline-hours", "inf", "inference.deadline_hours must be a finite number"),
-    ("--deadline-hours", "-1", "inference.deadline_hours must be > 0"),
-    ("--margin-hours", "nan", "inference.safety_margin_hours must be a finite number"),
-    ("--margin-hours", "10", "must be below deadline_hours"),
-    ("--num-gpus", "0", "inference.num_gpus must be >= 1"),
-    ("--device", "cuda", "no CUDA GPU"),
-])
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("--token-budget", "0", "inference.token_budget must be >= 1"),
+        ("--deadline-hours", "nan", "inference.deadline_hours must be a finite number"),
+        ("--deadline-hours", "inf", "inference.deadline_hours must be a finite number"),
+        ("--deadline-hours", "-1", "inference.deadline_hours must be > 0"),
+        ("--margin-hours", "nan", "inference.safety_margin_hours must be a finite number"),
+        ("--margin-hours", "10", "must be below deadline_hours"),
+        ("--num-gpus", "0", "inference.num_gpus must be >= 1"),
+        ("--device", "cuda", "no CUDA GPU"),
+    ],
+)
 def test_invalid_settings_are_usage_errors_before_anything_is_written(
     option, value, message, tiny_artifacts, sample_files, tmp_path, capsys
 ):
@@ -805,16 +915,32 @@ def test_invalid_settings_are_usage_errors_before_anything_is_written(
     if option == "--device" and torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     out = tmp_path / "sub.csv"
-    code = main(["predict", "--artifact", str(tiny_artifacts["ft-then-quant"]), "--test", str(sample_files.test_csv),
-                 "--out", str(out), "--no-progress", option, value])
+    code = main(
+        [
+            "predict",
+            "--artifact",
+            str(tiny_artifacts["ft-then-quant"]),
+            "--test",
+            str(sample_files.test_csv),
+            "--out",
+            str(out),
+            "--no-progress",
+            option,
+            value,
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1
     assert not list(tmp_path.iterdir())  # nothing written
 
 
-def test_a_valid_previous_submission_survives_until_the_new_one_is_complete(tiny_artifacts, sample_files, tmp_path):
+def test_a_valid_previous_submission_survives_until_the_new_one_is_complete(
+    tiny_artifacts, sample_files, tmp_path
+):
     out = tmp_path / "submission.csv"
-    inference.predict(tiny_artifacts["ft-then-quant"], sample_files.test_csv, out, predict_cfg(tta_swap=False))
+    inference.predict(
+        tiny_artifacts["ft-then-quant"], sample_files.test_csv, out, predict_cfg(tta_swap=False)
+    )
     previous = out.read_bytes()
     seen = []
 
@@ -822,10 +948,12 @@ def test_a_valid_previous_submission_survives_until_the_new_one_is_complete(tiny
         def wrapped(seqs):
             seen.append((out.read_bytes() == previous, inference.fallback_path_for(out).is_file()))
             return forward(seqs)
+
         return wrapped
 
-    report = inference.predict(tiny_artifacts["ft-then-quant"], sample_files.test_csv, out, predict_cfg(),
-                               wrap_forward=watch)
+    report = inference.predict(
+        tiny_artifacts["ft-then-quant"], sample_files.test_csv, out, predict_cfg(), wrap_forward=watch
+    )
     assert seen and all(kept and fallback_beside for kept, fallback_beside in seen)
     assert report.fallback_file == str(inference.fallback_path_for(out))
     assert not inference.fallback_path_for(out).exists()  # removed once the new file is complete
@@ -840,10 +968,12 @@ def test_a_valid_previous_submission_survives_until_the_new_one_is_complete(tiny
         def wrapped(seqs):
             seen.append(validate_submission(out, sample_files.test_csv).rows)
             return forward(seqs)
+
         return wrapped
 
-    report = inference.predict(tiny_artifacts["ft-then-quant"], sample_files.test_csv, out, predict_cfg(),
-                               wrap_forward=watch_invalid)
+    report = inference.predict(
+        tiny_artifacts["ft-then-quant"], sample_files.test_csv, out, predict_cfg(), wrap_forward=watch_invalid
+    )
     assert seen and report.fallback_file == str(out)
 
 
@@ -884,7 +1014,9 @@ def test_a_failed_report_write_keeps_the_submission_and_removes_the_stale_report
     tiny_artifacts, sample_files, tmp_path, monkeypatch
 ):
     out = tmp_path / "submission.csv"
-    inference.predict(tiny_artifacts["ft-then-quant"], sample_files.test_csv, out, predict_cfg(tta_swap=False))
+    inference.predict(
+        tiny_artifacts["ft-then-quant"], sample_files.test_csv, out, predict_cfg(tta_swap=False)
+    )
     stale = inference.report_path_for(out)
     assert stale.is_file()
     real_write = inference.atomic_write_bytes
@@ -902,20 +1034,38 @@ def test_a_failed_report_write_keeps_the_submission_and_removes_the_stale_report
     assert not stale.exists()  # the earlier run's report no longer sits beside the new file
 
 
-@pytest.mark.parametrize("content", [None, "inference: [unclosed\n", "inference:\n  token_budgt: 5\n", "- a\n- b\n"])
+@pytest.mark.parametrize(
+    "content", [None, "inference: [unclosed\n", "inference:\n  token_budgt: 5\n", "- a\n- b\n"]
+)
 @pytest.mark.parametrize("command", ["predict", "kaggle", "train"])
-def test_bad_config_files_are_one_line_errors(command, content, tiny_artifacts, sample_files, tmp_path, capsys):
+def test_bad_config_files_are_one_line_errors(
+    command, content, tiny_artifacts, sample_files, tmp_path, capsys
+):
     from kaggle_utils.cli.main import main
 
     config = tmp_path / "config.yaml"
     if content is not None:
         config.write_text(content)
     argv = {
-        "predict": ["predict", "--artifact", str(tiny_artifacts["ft-then-quant"]), "--test",
-                    str(sample_files.test_csv), "--out", str(tmp_path / "sub.csv")],
+        "predict": [
+            "predict",
+            "--artifact",
+            str(tiny_artifacts["ft-then-quant"]),
+            "--test",
+            str(sample_files.test_csv),
+            "--out",
+            str(tmp_path / "sub.csv"),
+        ],
         "kaggle": ["kaggle", "metadata", "--out", str(tmp_path / "kernel-metadata.json")],
-        "train": ["train", "--ordering", "quant-then-ft", "--train", str(sample_files.train_csv), "--out",
-                  str(tmp_path / "run")],
+        "train": [
+            "train",
+            "--ordering",
+            "quant-then-ft",
+            "--train",
+            str(sample_files.train_csv),
+            "--out",
+            str(tmp_path / "run"),
+        ],
     }[command]
     code = main([*argv, "--config", str(config)])
     err = capsys.readouterr().err
@@ -923,11 +1073,15 @@ def test_bad_config_files_are_one_line_errors(command, content, tiny_artifacts, 
     assert not (tmp_path / "sub.csv").exists()
 
 
-def test_a_runtime_probe_that_crashes_still_leaves_a_file_and_counts_as_fallback(sample_files, tmp_path, monkeypatch):
+def test_a_runtime_probe_that_crashes_still_leaves_a_file_and_counts_as_fallback(
+    sample_files, tmp_path, monkeypatch
+):
     def broken(cfg):
         raise RuntimeError("CUDA driver initialization failed (injected)")
 
-    monkeypatch.setattr(inference, "detect_runtime", broken)  # inference's own binding of runtime.detect_runtime
+    monkeypatch.setattr(
+        inference, "detect_runtime", broken
+    )  # inference's own binding of runtime.detect_runtime
     out = tmp_path / "submission.csv"
     report = inference.predict(tmp_path / "artifact", sample_files.test_csv, out, predict_cfg())
     validate_submission(out, sample_files.test_csv)
@@ -946,10 +1100,22 @@ def test_a_valid_previous_submission_is_kept_when_no_row_came_from_the_model(
 
     monkeypatch.delenv("KAGGLE_IS_COMPETITION_RERUN", raising=False)
     out = tmp_path / "submission.csv"
-    inference.predict(tiny_artifacts["ft-then-quant"], sample_files.test_csv, out, predict_cfg(tta_swap=False))
+    inference.predict(
+        tiny_artifacts["ft-then-quant"], sample_files.test_csv, out, predict_cfg(tta_swap=False)
+    )
     previous, previous_report = out.read_bytes(), inference.report_path_for(out).read_bytes()
-    argv = ["predict", "--artifact", str(tmp_path / "artefact"), "--test", str(sample_files.test_csv),
-            "--out", str(out), "--device", "cpu", "--no-progress"]
+    argv = [
+        "predict",
+        "--artifact",
+        str(tmp_path / "artefact"),
+        "--test",
+        str(sample_files.test_csv),
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
+        "--no-progress",
+    ]
     assert main(argv) == 1
     err = capsys.readouterr().err
     beside = inference.fallback_path_for(out)
@@ -958,8 +1124,10 @@ def test_a_valid_previous_submission_is_kept_when_no_row_came_from_the_model(
     np.testing.assert_allclose(read_probs(beside), 1 / 3)  # no manifest: uniform
     written = json.loads(inference.report_path_for(beside).read_text())
     assert written["previous_kept"] and written["rows_by_path"]["fallback"] == written["rows"]
-    assert f"error (previous submission kept): {written['rows']} of {written['rows']} rows were predicted by " \
-           "the fallback" in err
+    assert (
+        f"error (previous submission kept): {written['rows']} of {written['rows']} rows were predicted by "
+        "the fallback" in err
+    )
     assert f"the valid previous submission {out} was kept; this run's file is {beside}" in err
     assert "--write-fallback-over-previous" in err
 
@@ -999,18 +1167,34 @@ def test_disk_full_writing_the_submission_is_one_line_naming_it_and_the_previous
     def full_disk(*args, **kwargs):  # only the submission itself: the fallback beside it is written first
         handle = real(*args, **kwargs)
         if kwargs.get("prefix") == f".{out.name}.":
+
             def write(data):
                 raise OSError(errno.ENOSPC, "No space left on device")
+
             handle.write = write
         return handle
 
     monkeypatch.setattr(fileio.tempfile, "NamedTemporaryFile", full_disk)
-    code = main(["predict", "--artifact", str(tmp_path / "no-artifact"), "--test", str(sample_files.test_csv),
-                 "--out", str(out), "--device", "cpu", "--no-progress", "--write-fallback-over-previous"])
+    code = main(
+        [
+            "predict",
+            "--artifact",
+            str(tmp_path / "no-artifact"),
+            "--test",
+            str(sample_files.test_csv),
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+            "--no-progress",
+            "--write-fallback-over-previous",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err
-    assert err.strip().splitlines()[-1] == (f"error: cannot write {out}: No space left on device "
-                                            "(the previous file is intact)")
+    assert err.strip().splitlines()[-1] == (
+        f"error: cannot write {out}: No space left on device (the previous file is intact)"
+    )
     assert out.read_bytes() == previous
     validate_submission(inference.fallback_path_for(out), sample_files.test_csv)
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
@@ -1043,8 +1227,14 @@ def _run_module_probe(argv: list[str], tmp_path) -> dict:
         f"    'env': {{name: os.environ.get(name) for name in {OFFLINE_NAMES!r}}}, 'hub_offline': hub.HF_HUB_OFFLINE}}))\n"
     )
     env = {key: value for key, value in os.environ.items() if key not in OFFLINE_NAMES}
-    done = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env={**env, "PYTHONPATH": str(REPO_ROOT)},
-                          capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-c", probe],
+        cwd=tmp_path,
+        env={**env, "PYTHONPATH": str(REPO_ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     lines = [line for line in done.stdout.splitlines() if line.startswith("PROBE ")]
     assert lines, done.stderr[-3000:]
     return json.loads(lines[-1].removeprefix("PROBE "))
@@ -1061,26 +1251,54 @@ def test_the_cli_goes_offline_at_start_and_a_light_command_does_not_import_bitsa
     assert seen["env"] == dict.fromkeys(OFFLINE_NAMES, "1") and seen["hub_offline"] is True
 
 
-def test_predicting_with_a_16_bit_artifact_does_not_import_bitsandbytes(demo_tokenizer, sample_files, tmp_path):
+def test_predicting_with_a_16_bit_artifact_does_not_import_bitsandbytes(
+    demo_tokenizer, sample_files, tmp_path
+):
     from kaggle_utils.models import classifier as modeling
     from kaggle_utils.quant import artifacts
 
-    model = modeling.build_classifier(ModelConfig(), vocab_size=len(demo_tokenizer),
-                                      pad_token_id=demo_tokenizer.pad_token_id, device="cpu")
-    plain = artifacts.save_artifact(tmp_path / "plain", model, demo_tokenizer,
-                                    {"variant": "test", "base_model": "tiny", "folds_file_hash": "none",
-                                     "cv_scores": {}, "class_prior": CLASS_PRIOR, "ordering": "ft-then-quant"},
-                                    FormatConfig(max_length=128))
+    model = modeling.build_classifier(
+        ModelConfig(), vocab_size=len(demo_tokenizer), pad_token_id=demo_tokenizer.pad_token_id, device="cpu"
+    )
+    plain = artifacts.save_artifact(
+        tmp_path / "plain",
+        model,
+        demo_tokenizer,
+        {
+            "variant": "test",
+            "base_model": "tiny",
+            "folds_file_hash": "none",
+            "cv_scores": {},
+            "class_prior": CLASS_PRIOR,
+            "ordering": "ft-then-quant",
+        },
+        FormatConfig(max_length=128),
+    )
     assert json.loads((plain / "manifest.json").read_text())["quant_scheme"] == "none"
     out = tmp_path / "submission.csv"
-    seen = _run_module_probe(["predict", "--artifact", str(plain), "--test", str(sample_files.test_csv), "--out",
-                              str(out), "--device", "cpu", "--no-tta", "--no-progress"], tmp_path)
+    seen = _run_module_probe(
+        [
+            "predict",
+            "--artifact",
+            str(plain),
+            "--test",
+            str(sample_files.test_csv),
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+            "--no-tta",
+            "--no-progress",
+        ],
+        tmp_path,
+    )
     assert seen["code"] == 0 and not seen["bitsandbytes"]
     validate_submission(out, sample_files.test_csv)
 
 
-def test_predict_runs_with_the_hub_offline_unless_the_user_said_otherwise(tiny_artifacts, sample_files, tmp_path,
-                                                                          monkeypatch):
+def test_predict_runs_with_the_hub_offline_unless_the_user_said_otherwise(
+    tiny_artifacts, sample_files, tmp_path, monkeypatch
+):
     import os
 
     import huggingface_hub.constants
@@ -1092,12 +1310,23 @@ def test_predict_runs_with_the_hub_offline_unless_the_user_said_otherwise(tiny_a
 
     def watch(forward, name):
         def wrapped(seqs):
-            seen.append(({name: os.environ.get(name) for name in OFFLINE_NAMES}, huggingface_hub.constants.HF_HUB_OFFLINE))
+            seen.append(
+                (
+                    {name: os.environ.get(name) for name in OFFLINE_NAMES},
+                    huggingface_hub.constants.HF_HUB_OFFLINE,
+                )
+            )
             return forward(seqs)
+
         return wrapped
 
-    inference.predict(tiny_artifacts["ft-then-quant"], sample_files.test_csv, tmp_path / "sub.csv",
-                      predict_cfg(tta_swap=False), wrap_forward=watch)
+    inference.predict(
+        tiny_artifacts["ft-then-quant"],
+        sample_files.test_csv,
+        tmp_path / "sub.csv",
+        predict_cfg(tta_swap=False),
+        wrap_forward=watch,
+    )
     assert seen and all(env == dict.fromkeys(OFFLINE_NAMES, "1") and hub for env, hub in seen)
 
 
@@ -1121,41 +1350,64 @@ def two_artifacts_attached(tiny_artifacts, sample_files, tmp_path):
     return root, competition / "test.csv"
 
 
-def test_run_submission_takes_an_explicit_artifact_and_a_whole_name_hint_among_two(two_artifacts_attached,
-                                                                                   tmp_path):
+def test_run_submission_takes_an_explicit_artifact_and_a_whole_name_hint_among_two(
+    two_artifacts_attached, tmp_path
+):
     root, test = two_artifacts_attached
-    report = inference.run_submission(root, artifact_dir=root / "arena-ensemble", out_path=tmp_path / "a.csv",
-                                      cfg=predict_cfg(tta_swap=False))
+    report = inference.run_submission(
+        root,
+        artifact_dir=root / "arena-ensemble",
+        out_path=tmp_path / "a.csv",
+        cfg=predict_cfg(tta_swap=False),
+    )
     assert report.fallback_rows == 0 and report.test_path == str(test)
-    report = inference.run_submission(root, artifact_hint="arena-ensemble", out_path=tmp_path / "b.csv",
-                                      cfg=predict_cfg(tta_swap=False))
+    report = inference.run_submission(
+        root, artifact_hint="arena-ensemble", out_path=tmp_path / "b.csv", cfg=predict_cfg(tta_swap=False)
+    )
     assert report.fallback_rows == 0 and report.artifact_dir == str(root / "arena-ensemble")
     validate_submission(tmp_path / "b.csv", test)
 
 
-def test_run_submission_writes_a_valid_file_before_raising_whatever_failed(two_artifacts_attached, tmp_path,
-                                                                          monkeypatch):
+def test_run_submission_writes_a_valid_file_before_raising_whatever_failed(
+    two_artifacts_attached, tmp_path, monkeypatch
+):
     root, test = two_artifacts_attached
     monkeypatch.delenv("KAGGLE_IS_COMPETITION_RERUN", raising=False)
     out = tmp_path / "ambiguous.csv"
-    with pytest.raises(UsageError, match=rf"2 candidates for the artifact .*; a fallback submission \(uniform\) "
-                                         rf"was written to {re.escape(str(out))}$"):
+    with pytest.raises(
+        UsageError,
+        match=rf"2 candidates for the artifact .*; a fallback submission \(uniform\) "
+        rf"was written to {re.escape(str(out))}$",
+    ):
         inference.run_submission(root, out_path=out, cfg=predict_cfg())
     validate_submission(out, test)
     report = json.loads(inference.report_path_for(out).read_text())
-    assert report["errors"][0]["where"] == "the inputs and settings" and report["rows_by_path"]["fallback"] == 40
+    assert (
+        report["errors"][0]["where"] == "the inputs and settings" and report["rows_by_path"]["fallback"] == 40
+    )
 
     settings = tmp_path / "settings.csv"  # settings refused: the artifact's class prior fills the file
-    with pytest.raises(UsageError, match=r"inference.token_budget must be >= 1, got 0; a fallback submission \(class "
-                                         r"prior from manifest\) was written"):
-        inference.run_submission(root, artifact_dir=root / "arena-ensemble", out_path=settings,
-                                 cfg={"token_budget": 0, "device": "cpu"})
+    with pytest.raises(
+        UsageError,
+        match=r"inference.token_budget must be >= 1, got 0; a fallback submission \(class "
+        r"prior from manifest\) was written",
+    ):
+        inference.run_submission(
+            root,
+            artifact_dir=root / "arena-ensemble",
+            out_path=settings,
+            cfg={"token_budget": 0, "device": "cpu"},
+        )
     validate_submission(settings, test)
     np.testing.assert_allclose(read_probs(settings), np.tile(CLASS_PRIOR, (40, 1)), atol=1e-9)
 
     with pytest.raises(UsageError, match=r"unknown inference settings \['token_budgt'\] .*; a fallback"):
-        inference.run_submission(root, artifact_dir=root / "arena-ensemble", out_path=tmp_path / "typo.csv",
-                                 cfg={"token_budgt": 100})
+        inference.run_submission(
+            root,
+            artifact_dir=root / "arena-ensemble",
+            out_path=tmp_path / "typo.csv",
+            cfg={"token_budgt": 100},
+        )
     validate_submission(tmp_path / "typo.csv", test)
 
     monkeypatch.setenv("KAGGLE_IS_COMPETITION_RERUN", "1")  # the rerun keeps the file and finishes
@@ -1164,7 +1416,9 @@ def test_run_submission_writes_a_valid_file_before_raising_whatever_failed(two_a
     validate_submission(tmp_path / "rerun.csv", test)
 
 
-def test_non_finite_rows_are_an_error_that_counts_not_a_quiet_hand_off(tiny_artifacts, sample_files, tmp_path):
+def test_non_finite_rows_are_an_error_that_counts_not_a_quiet_hand_off(
+    tiny_artifacts, sample_files, tmp_path
+):
     """A model returning NaN for some row views (float16 overflow): the other view serves them and the file is
     valid, but the run says so and fails (exit 1), never only a counter in the report."""
     calls = {"n": 0}
@@ -1176,24 +1430,39 @@ def test_non_finite_rows_are_an_error_that_counts_not_a_quiet_hand_off(tiny_arti
             if calls["n"] == 1:  # one batch of one view: the other view still serves those rows
                 probs[:] = np.nan
             return probs
+
         return wrapped
 
     out = tmp_path / "submission.csv"
-    report = inference.predict(tiny_artifacts["quant-then-ft"], sample_files.test_csv, out, predict_cfg(),
-                               wrap_forward=nan_in_one_batch)
+    report = inference.predict(
+        tiny_artifacts["quant-then-ft"],
+        sample_files.test_csv,
+        out,
+        predict_cfg(),
+        wrap_forward=nan_in_one_batch,
+    )
     validate_submission(out, sample_files.test_csv)
     assert report.nonfinite_rows > 0 and report.fallback_rows == 0 and "NON-FINITE" in report.summary()
-    with pytest.raises(inference.InferenceError, match=r"^the model returned non-finite probabilities \(NaN/inf, "
-                                                       r"e.g. float16 overflow\) for \d+ row views of 40 rows; their "
-                                                       r"other view served them"):
+    with pytest.raises(
+        inference.InferenceError,
+        match=r"^the model returned non-finite probabilities \(NaN/inf, "
+        r"e.g. float16 overflow\) for \d+ row views of 40 rows; their "
+        r"other view served them",
+    ):
         inference.raise_if_fallback(report)
 
 
 def test_a_float16_run_is_preflighted_on_real_rows(tiny_artifacts, sample_files, tmp_path):
     out = tmp_path / "submission.csv"
-    report = inference.predict(tiny_artifacts["quant-then-ft"], sample_files.test_csv, out,
-                               predict_cfg(compute_dtype="float16"))  # NF4 computes in float16 (int8 keeps fp32)
+    report = inference.predict(
+        tiny_artifacts["quant-then-ft"], sample_files.test_csv, out, predict_cfg(compute_dtype="float16")
+    )  # NF4 computes in float16 (int8 keeps fp32)
     validate_submission(out, sample_files.test_csv)
     # every decoder layer was watched on real rows before the schedule; on CPU this artifact's residual stream
     # stays float32 (only the 4-bit matmuls compute in float16), so there is no float16 layer to refuse
-    assert report.dtype_preflight == {"checked_layers": 2, "float16_layers": 0, "max_abs": None, "layer": None}
+    assert report.dtype_preflight == {
+        "checked_layers": 2,
+        "float16_layers": 0,
+        "max_abs": None,
+        "layer": None,
+    }

@@ -30,9 +30,13 @@ def tiny_artifacts(tmp_path_factory, demo_tokenizer):
 def write_ensemble(folder, members: list[tuple[str, str, float]], extra: list[dict] = ()) -> str:
     """An ensemble folder as `ensembles.save_ensemble` writes it: a manifest naming members and weights."""
     folder.mkdir(parents=True, exist_ok=True)
-    manifest = {"kind": "ensemble", "class_prior": CLASS_PRIOR, "dialect": "lmsys",
-                "members": [{"name": name, "path": str(path), "weight": weight} for name, path, weight in members]
-                + list(extra)}
+    manifest = {
+        "kind": "ensemble",
+        "class_prior": CLASS_PRIOR,
+        "dialect": "lmsys",
+        "members": [{"name": name, "path": str(path), "weight": weight} for name, path, weight in members]
+        + list(extra),
+    }
     (folder / MANIFEST_NAME).write_text(json.dumps(manifest), encoding="utf-8")
     return str(folder)
 
@@ -46,11 +50,27 @@ def single(artifact, sample_files, out) -> np.ndarray:
 def test_an_ensemble_predicts_the_weighted_mean_of_its_members(tiny_artifacts, sample_files, tmp_path):
     first = single(tiny_artifacts["ft-then-quant"], sample_files, tmp_path / "a.csv")
     second = single(tiny_artifacts["quant-then-ft"], sample_files, tmp_path / "b.csv")
-    ensemble = write_ensemble(tmp_path / "ens", [("ft", tiny_artifacts["ft-then-quant"], 0.7),
-                                                 ("q", tiny_artifacts["quant-then-ft"], 0.3)])
+    ensemble = write_ensemble(
+        tmp_path / "ens",
+        [("ft", tiny_artifacts["ft-then-quant"], 0.7), ("q", tiny_artifacts["quant-then-ft"], 0.3)],
+    )
     out = tmp_path / "submission.csv"
-    assert main(["predict", "--artifact", ensemble, "--test", str(sample_files.test_csv), "--out", str(out),
-                 "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                "--artifact",
+                ensemble,
+                "--test",
+                str(sample_files.test_csv),
+                "--out",
+                str(out),
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     validate_submission(out, sample_files.test_csv)
     np.testing.assert_allclose(read_probs(out), 0.7 * first + 0.3 * second, atol=1e-6)
     report = json.loads(inference.report_path_for(out).read_text())
@@ -64,12 +84,15 @@ def test_the_time_guard_cuts_the_most_expensive_member_first(tiny_artifacts, sam
     then served by the cheap member alone; nothing falls back and the file is valid."""
     clock = FakeClock()
     first, second = tiny_artifacts["ft-then-quant"], tiny_artifacts["quant-then-ft"]
-    cheap, costly = sorted((first, second), key=lambda p: inference.EnsembleMember("", "model", 1.0, p).cost())
+    cheap, costly = sorted(
+        (first, second), key=lambda p: inference.EnsembleMember("", "model", 1.0, p).cost()
+    )
 
     def slow(forward, name):  # every padded token costs 0.1 fake seconds, whichever member runs
         def wrapped(seqs):
             clock.advance(0.1 * len(seqs) * max(len(seq) for seq in seqs))
             return forward(seqs)
+
         return wrapped
 
     ensemble = write_ensemble(tmp_path / "ens", [("costly", costly, 0.5), ("cheap", cheap, 0.5)])
@@ -89,8 +112,10 @@ def test_the_time_guard_cuts_the_most_expensive_member_first(tiny_artifacts, sam
 
 def test_a_failing_member_leaves_its_rows_to_the_others(tiny_artifacts, sample_files, tmp_path):
     alone = single(tiny_artifacts["ft-then-quant"], sample_files, tmp_path / "a.csv")
-    ensemble = write_ensemble(tmp_path / "ens", [("ft", tiny_artifacts["ft-then-quant"], 0.5),
-                                                 ("missing", tmp_path / "no-such-artifact", 0.5)])
+    ensemble = write_ensemble(
+        tmp_path / "ens",
+        [("ft", tiny_artifacts["ft-then-quant"], 0.5), ("missing", tmp_path / "no-such-artifact", 0.5)],
+    )
     out = tmp_path / "submission.csv"
     report = inference.predict(ensemble, sample_files.test_csv, out, predict_cfg())
     validate_submission(out, sample_files.test_csv)
@@ -115,8 +140,11 @@ def test_blend_members_renormalises_over_the_members_that_served_a_row():
 def test_a_prior_member_shrinks_the_model_towards_the_class_prior(tiny_artifacts, sample_files, tmp_path):
     alone = single(tiny_artifacts["ft-then-quant"], sample_files, tmp_path / "a.csv")
     prior = [0.5, 0.3, 0.2]
-    ensemble = write_ensemble(tmp_path / "ens", [("ft", tiny_artifacts["ft-then-quant"], 0.8)],
-                              [{"name": "prior", "kind": "prior", "prior": prior, "weight": 0.2}])
+    ensemble = write_ensemble(
+        tmp_path / "ens",
+        [("ft", tiny_artifacts["ft-then-quant"], 0.8)],
+        [{"name": "prior", "kind": "prior", "prior": prior, "weight": 0.2}],
+    )
     out = tmp_path / "submission.csv"
     report = inference.predict(ensemble, sample_files.test_csv, out, predict_cfg())
     validate_submission(out, sample_files.test_csv)
@@ -124,13 +152,16 @@ def test_a_prior_member_shrinks_the_model_towards_the_class_prior(tiny_artifacts
     assert report.rows_by_path["all_members"] == report.rows
 
 
-@pytest.mark.parametrize(("member", "message"), [
-    ({"name": "x", "kind": "weights", "path": "a", "weight": 1.0}, "kind 'weights' is not one of"),
-    ({"name": "x", "kind": "prior", "prior": [0.5, 0.5], "weight": 1.0}, "prior must be 3 non-negative"),
-    ({"name": "x", "kind": "model", "weight": 1.0}, r"members\[0\] \(model\) needs a path"),
-    ({"name": "x", "path": "a", "weight": -1.0}, "weight must be >= 0"),
-    ({"name": "x", "path": "a"}, r"members\[0\] is malformed"),
-])
+@pytest.mark.parametrize(
+    ("member", "message"),
+    [
+        ({"name": "x", "kind": "weights", "path": "a", "weight": 1.0}, "kind 'weights' is not one of"),
+        ({"name": "x", "kind": "prior", "prior": [0.5, 0.5], "weight": 1.0}, "prior must be 3 non-negative"),
+        ({"name": "x", "kind": "model", "weight": 1.0}, r"members\[0\] \(model\) needs a path"),
+        ({"name": "x", "path": "a", "weight": -1.0}, "weight must be >= 0"),
+        ({"name": "x", "path": "a"}, r"members\[0\] is malformed"),
+    ],
+)
 def test_malformed_ensemble_members_are_named(member, message, tmp_path):
     with pytest.raises(UsageError, match=message):
         inference.ensemble_members(tmp_path, {"kind": "ensemble", "members": [member]})
@@ -142,37 +173,53 @@ def test_ensemble_member_names_are_unique(tmp_path):
         inference.ensemble_members(tmp_path, {"kind": "ensemble", "members": twice})
 
 
-def test_member_per_device_runs_members_side_by_side_with_the_same_result(tiny_artifacts, sample_files, tmp_path):
+def test_member_per_device_runs_members_side_by_side_with_the_same_result(
+    tiny_artifacts, sample_files, tmp_path
+):
     """The winners' 2-GPU layout, on two CPU replicas: one member per device, same blend as one after the other."""
-    ensemble = write_ensemble(tmp_path / "ens", [("ft", tiny_artifacts["ft-then-quant"], 0.5),
-                                                 ("q", tiny_artifacts["quant-then-ft"], 0.5)])
+    ensemble = write_ensemble(
+        tmp_path / "ens",
+        [("ft", tiny_artifacts["ft-then-quant"], 0.5), ("q", tiny_artifacts["quant-then-ft"], 0.5)],
+    )
     sequential = inference.predict(ensemble, sample_files.test_csv, tmp_path / "seq.csv", predict_cfg())
-    side = inference.predict(ensemble, sample_files.test_csv, tmp_path / "side.csv",
-                             predict_cfg(cpu_replicas=2, ensemble_layout="member_per_device"))
+    side = inference.predict(
+        ensemble,
+        sample_files.test_csv,
+        tmp_path / "side.csv",
+        predict_cfg(cpu_replicas=2, ensemble_layout="member_per_device"),
+    )
     assert sequential.schedule["ensemble_layout"] == "sequential"
     assert side.schedule["ensemble_layout"] == "member_per_device"
     assert [m["schedule"]["workers"][0]["name"] for m in side.members] == ["cpu", "cpu"]  # one device each
     np.testing.assert_allclose(read_probs(tmp_path / "side.csv"), read_probs(tmp_path / "seq.csv"), atol=1e-6)
     # with fewer devices than model members it falls back to sequential and says so
-    one = inference.predict(ensemble, sample_files.test_csv, tmp_path / "one.csv",
-                            predict_cfg(ensemble_layout="member_per_device"))
+    one = inference.predict(
+        ensemble,
+        sample_files.test_csv,
+        tmp_path / "one.csv",
+        predict_cfg(ensemble_layout="member_per_device"),
+    )
     assert one.schedule["ensemble_layout"].startswith("sequential (member_per_device needs")
 
 
-def test_a_tampered_member_file_of_a_shipped_ensemble_is_refused_naming_it(tiny_artifacts, sample_files, tmp_path,
-                                                                         capsys):
+def test_a_tampered_member_file_of_a_shipped_ensemble_is_refused_naming_it(
+    tiny_artifacts, sample_files, tmp_path, capsys
+):
     """Loading a shipped (self-contained) ensemble checks every member file against the sha256 its manifest
     lists: a same-size edit of a member's weights is an ArtifactError naming the file, and `predict` serves no
     row from that ensemble (every row from the fallback, exit 1, the file named in the report)."""
     from kaggle_utils.core.errors import ArtifactError
     from kaggle_utils.evaluate.ship import Candidate, decide_ship, write_shipped
 
-    members = [{"name": "ft", "kind": "model", "path": str(tiny_artifacts["ft-then-quant"]), "weight": 0.5},
-               {"name": "q", "kind": "model", "path": str(tiny_artifacts["quant-then-ft"]), "weight": 0.5}]
+    members = [
+        {"name": "ft", "kind": "model", "path": str(tiny_artifacts["ft-then-quant"]), "weight": 0.5},
+        {"name": "q", "kind": "model", "path": str(tiny_artifacts["quant-then-ft"]), "weight": 0.5},
+    ]
     labels = np.arange(30) % 3
     candidate = Candidate(name="blend", kind="blend", probs=np.tile(CLASS_PRIOR, (30, 1)), members=members)
-    shipped = write_shipped(decide_ship(labels, [candidate]), tmp_path / "shipped", class_prior=CLASS_PRIOR,
-                            dialect="lmsys")
+    shipped = write_shipped(
+        decide_ship(labels, [candidate]), tmp_path / "shipped", class_prior=CLASS_PRIOR, dialect="lmsys"
+    )
     manifest = json.loads((shipped / MANIFEST_NAME).read_text())
     assert len(inference.ensemble_members(shipped, manifest)) == 2  # intact: accepted
 
@@ -181,17 +228,35 @@ def test_a_tampered_member_file_of_a_shipped_ensemble_is_refused_naming_it(tiny_
     data[-1] ^= 0xFF
     weights.unlink()  # a new file (the copy may be a hard link to the module's artifact)
     weights.write_bytes(bytes(data))
-    with pytest.raises(ArtifactError, match=r"file members/q/model/model.safetensors does not match its sha256"):
+    with pytest.raises(
+        ArtifactError, match=r"file members/q/model/model.safetensors does not match its sha256"
+    ):
         inference.ensemble_members(shipped, manifest)
 
     out = tmp_path / "submission.csv"
-    assert main(["predict", "--artifact", str(shipped), "--test", str(sample_files.test_csv), "--out", str(out),
-                 "--device", "cpu"]) == 1
+    assert (
+        main(
+            [
+                "predict",
+                "--artifact",
+                str(shipped),
+                "--test",
+                str(sample_files.test_csv),
+                "--out",
+                str(out),
+                "--device",
+                "cpu",
+            ]
+        )
+        == 1
+    )
     validate_submission(out, sample_files.test_csv)
     report = json.loads(inference.report_path_for(out).read_text())
     assert report["rows_by_path"]["fallback"] == report["rows"]
-    assert any("members/q/model/model.safetensors does not match its sha256" in e["message"]
-               for e in report["errors"])
+    assert any(
+        "members/q/model/model.safetensors does not match its sha256" in e["message"]
+        for e in report["errors"]
+    )
     assert "members/q/model/model.safetensors" in capsys.readouterr().err
 
 
@@ -201,44 +266,87 @@ def _copied(artifact, where):
     return shutil.copytree(artifact, where)
 
 
-def test_predict_refuses_an_output_that_is_a_file_any_member_reads(tiny_artifacts, sample_files, tmp_path, capsys):
+def test_predict_refuses_an_output_that_is_a_file_any_member_reads(
+    tiny_artifacts, sample_files, tmp_path, capsys
+):
     """The members' files are inputs too: a baseline member's JSON, its manifest, a model member's folder."""
     member = _copied(tiny_artifacts["ft-then-quant"], tmp_path / "members" / "ft")
     baseline = tmp_path / "baseline_model.json"
     baseline.write_text("{}")
-    ensemble = write_ensemble(tmp_path / "shipped", [("ft", "../members/ft", 0.5)],
-                              [{"name": "baseline", "kind": "baseline", "path": str(baseline), "weight": 0.5}])
-    targets = {baseline: "ensemble member baseline", tmp_path / "baseline_model.json.manifest.json":
-               "ensemble member baseline's manifest", member / "manifest.json": "ensemble member ft"}
+    ensemble = write_ensemble(
+        tmp_path / "shipped",
+        [("ft", "../members/ft", 0.5)],
+        [{"name": "baseline", "kind": "baseline", "path": str(baseline), "weight": 0.5}],
+    )
+    targets = {
+        baseline: "ensemble member baseline",
+        tmp_path / "baseline_model.json.manifest.json": "ensemble member baseline's manifest",
+        member / "manifest.json": "ensemble member ft",
+    }
     before = {path: path.read_bytes() for path in member.rglob("*") if path.is_file()}
     for target, what in targets.items():
-        code = main(["predict", "--artifact", ensemble, "--test", str(sample_files.test_csv), "--out", str(target),
-                     "--device", "cpu", "--no-progress"])
+        code = main(
+            [
+                "predict",
+                "--artifact",
+                ensemble,
+                "--test",
+                str(sample_files.test_csv),
+                "--out",
+                str(target),
+                "--device",
+                "cpu",
+                "--no-progress",
+            ]
+        )
         err = capsys.readouterr().err
         relation = "is" if target.name != "manifest.json" else "is inside"
-        assert code == 2 and err.strip() == (f"error: refusing to write {target}: it {relation} the {what} "
-                                             f"{target if relation == 'is' else member}; choose another output"), err
+        assert code == 2 and err.strip() == (
+            f"error: refusing to write {target}: it {relation} the {what} "
+            f"{target if relation == 'is' else member}; choose another output"
+        ), err
     assert baseline.read_text() == "{}" and not (tmp_path / "baseline_model.json.manifest.json").exists()
     assert {path: path.read_bytes() for path in member.rglob("*") if path.is_file()} == before
     assert not list(tmp_path.glob("*.csv")) and not list(tmp_path.glob("*.inference.json"))
 
 
-@pytest.mark.parametrize(("weights", "message"), [
-    ([float("inf"), 1.0], r"members\[0\]\.weight must be >= 0 and finite, got inf"),
-    ([1e308, 1e308], r"the members' weights sum to inf \(not finite\)"),
-    ([0.0, 0.0], "an ensemble needs members with positive weight"),
-])
-def test_ensemble_weights_must_be_finite_with_a_finite_positive_sum(weights, message, tiny_artifacts, sample_files,
-                                                                    tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize(
+    ("weights", "message"),
+    [
+        ([float("inf"), 1.0], r"members\[0\]\.weight must be >= 0 and finite, got inf"),
+        ([1e308, 1e308], r"the members' weights sum to inf \(not finite\)"),
+        ([0.0, 0.0], "an ensemble needs members with positive weight"),
+    ],
+)
+def test_ensemble_weights_must_be_finite_with_a_finite_positive_sum(
+    weights, message, tiny_artifacts, sample_files, tmp_path, capsys, monkeypatch
+):
     monkeypatch.delenv("KAGGLE_IS_COMPETITION_RERUN", raising=False)
-    ensemble = write_ensemble(tmp_path / "ens", [("ft", tiny_artifacts["ft-then-quant"], weights[0]),
-                                                 ("q", tiny_artifacts["quant-then-ft"], weights[1])])
+    ensemble = write_ensemble(
+        tmp_path / "ens",
+        [
+            ("ft", tiny_artifacts["ft-then-quant"], weights[0]),
+            ("q", tiny_artifacts["quant-then-ft"], weights[1]),
+        ],
+    )
     manifest = json.loads((tmp_path / "ens" / MANIFEST_NAME).read_text())
     with pytest.raises(UsageError, match=message):
         inference.ensemble_members(ensemble, manifest)
     out = tmp_path / "submission.csv"
-    code = main(["predict", "--artifact", ensemble, "--test", str(sample_files.test_csv), "--out", str(out),
-                 "--device", "cpu", "--no-progress"])
+    code = main(
+        [
+            "predict",
+            "--artifact",
+            ensemble,
+            "--test",
+            str(sample_files.test_csv),
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+            "--no-progress",
+        ]
+    )
     assert code == 1 and re.search(message, capsys.readouterr().err)
     validate_submission(out, sample_files.test_csv)
     np.testing.assert_allclose(read_probs(out), np.tile(CLASS_PRIOR, (40, 1)), atol=1e-9)  # not a blend
@@ -252,14 +360,30 @@ def test_blend_members_normalises_huge_and_tiny_weights_safely():
         np.testing.assert_allclose(blended.probs, share * a + (1 - share) * b)
 
 
-def test_a_prior_member_with_nan_probabilities_is_recorded_and_counted(tiny_artifacts, sample_files, tmp_path,
-                                                                       capsys, monkeypatch):
+def test_a_prior_member_with_nan_probabilities_is_recorded_and_counted(
+    tiny_artifacts, sample_files, tmp_path, capsys, monkeypatch
+):
     monkeypatch.delenv("KAGGLE_IS_COMPETITION_RERUN", raising=False)
-    ensemble = write_ensemble(tmp_path / "ens", [("ft", tiny_artifacts["ft-then-quant"], 0.8)],
-                              [{"name": "prior", "kind": "prior", "prior": [float("nan"), 0.3, 0.2], "weight": 0.2}])
+    ensemble = write_ensemble(
+        tmp_path / "ens",
+        [("ft", tiny_artifacts["ft-then-quant"], 0.8)],
+        [{"name": "prior", "kind": "prior", "prior": [float("nan"), 0.3, 0.2], "weight": 0.2}],
+    )
     out = tmp_path / "submission.csv"
-    code = main(["predict", "--artifact", ensemble, "--test", str(sample_files.test_csv), "--out", str(out),
-                 "--device", "cpu", "--no-progress"])
+    code = main(
+        [
+            "predict",
+            "--artifact",
+            ensemble,
+            "--test",
+            str(sample_files.test_csv),
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+            "--no-progress",
+        ]
+    )
     err = capsys.readouterr().err
     validate_submission(out, sample_files.test_csv)
     report = json.loads(inference.report_path_for(out).read_text())
@@ -274,11 +398,23 @@ def test_an_ensemble_whose_model_member_fails_entirely_exits_1_as_a_single_model
     tiny_artifacts, sample_files, tmp_path, capsys, monkeypatch
 ):
     monkeypatch.delenv("KAGGLE_IS_COMPETITION_RERUN", raising=False)
-    ensemble = write_ensemble(tmp_path / "ens", [("ft", tiny_artifacts["ft-then-quant"], 0.5),
-                                                 ("missing", tmp_path / "no-such-artifact", 0.5)])
+    ensemble = write_ensemble(
+        tmp_path / "ens",
+        [("ft", tiny_artifacts["ft-then-quant"], 0.5), ("missing", tmp_path / "no-such-artifact", 0.5)],
+    )
     out = tmp_path / "submission.csv"
-    argv = ["predict", "--artifact", ensemble, "--test", str(sample_files.test_csv), "--out", str(out),
-            "--device", "cpu", "--no-progress"]
+    argv = [
+        "predict",
+        "--artifact",
+        ensemble,
+        "--test",
+        str(sample_files.test_csv),
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
+        "--no-progress",
+    ]
     assert main(argv) == 1
     err = capsys.readouterr().err
     assert "error (submission written): ensemble member missing served none of the 40 rows" in err

@@ -36,11 +36,17 @@ def test_cv_and_predict_share_the_view_combination(sample_files, tmp_path, monke
     cfg = experiment.demo_config()
     cfg.folds.n_folds = 4
     cfg.lora.r = 4
-    cfg.train = dataclasses.replace(cfg.train, max_steps=2, eval_every_steps=2, save_every_steps=2, cv_folds=(0,))
+    cfg.train = dataclasses.replace(
+        cfg.train, max_steps=2, eval_every_steps=2, save_every_steps=2, cv_folds=(0,)
+    )
     # A token budget unlike the training-time evaluation's: CV must batch as inference does, not as training.
-    cfg.inference = dataclasses.replace(cfg.inference, token_budget=1024, max_rows_per_batch=3, progress=False)
+    cfg.inference = dataclasses.replace(
+        cfg.inference, token_budget=1024, max_rows_per_batch=3, progress=False
+    )
     out = tmp_path / "run"
-    report = compare.compare_orderings(cfg, sample_files.train_csv, out, variants=["ft-then-quant"], progress=False)
+    report = compare.compare_orderings(
+        cfg, sample_files.train_csv, out, variants=["ft-then-quant"], progress=False
+    )
     artifact = report.run("ft-then-quant").folds[0].artifact_dir
     oof = load_oof(out / compare.OOF_FILE).filter(pl.col("name") == "ft-then-quant/seed42/quantized")
 
@@ -53,8 +59,13 @@ def test_cv_and_predict_share_the_view_combination(sample_files, tmp_path, monke
     assert result.fallback_rows == 0
 
     submitted = pl.read_csv(submission_path)
-    by_id = dict(zip(submitted["id"].cast(pl.String).to_list(), submitted.select(
-        "winner_model_a", "winner_model_b", "winner_tie").to_numpy(), strict=True))
+    by_id = dict(
+        zip(
+            submitted["id"].cast(pl.String).to_list(),
+            submitted.select("winner_model_a", "winner_model_b", "winner_tie").to_numpy(),
+            strict=True,
+        )
+    )
     predicted = np.stack([by_id[str(row_id)] for row_id in oof["id"].to_list()])
     np.testing.assert_allclose(oof_probs(oof), predicted, atol=1e-5)
 
@@ -74,5 +85,10 @@ def test_score_rows_refuses_to_leave_a_row_unscored(train_data, demo_tokenizer):
 
     rows = train_data.frame.head(4)
     with pytest.raises(inference.InferenceError, match="4 of 4 rows unpredicted.*device lost"):
-        inference.score_rows(Broken(), demo_tokenizer, FormatConfig(max_length=128), rows,
-                             InferenceConfig(progress=False, max_consecutive_failures=1))
+        inference.score_rows(
+            Broken(),
+            demo_tokenizer,
+            FormatConfig(max_length=128),
+            rows,
+            InferenceConfig(progress=False, max_consecutive_failures=1),
+        )

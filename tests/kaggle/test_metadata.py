@@ -101,7 +101,9 @@ def test_metadata_command_writes_the_top_level_file(tmp_path, monkeypatch, capsy
 
 
 def test_config_changes_flow_into_the_metadata():
-    cfg = KaggleConfig(competition="wsdm-cup-multilingual-chatbot-arena", package_dataset=None, is_private=False)
+    cfg = KaggleConfig(
+        competition="wsdm-cup-multilingual-chatbot-arena", package_dataset=None, is_private=False
+    )
     metadata = submission_metadata(cfg, "bob")
     assert metadata["competition_sources"] == ["wsdm-cup-multilingual-chatbot-arena"]
     assert metadata["dataset_sources"] == ["bob/arena-preference-artifact", "bob/kaggle-utils-wheels"]
@@ -156,7 +158,10 @@ def test_both_training_kernels_come_from_the_one_notebook_with_their_ordering():
         ({"machine_shape": "TpuV5E8"}, "enable_tpu is not true"),
         ({"machine_shape": "NvidiaA100"}, "not a known accelerator"),
         ({"enable_tpu": True}, "both true"),
-        ({"model_sources": ["google/gemma-2/transformers/gemma-2-9b-it"]}, "owner/slug/framework/variation/version"),
+        (
+            {"model_sources": ["google/gemma-2/transformers/gemma-2-9b-it"]},
+            "owner/slug/framework/variation/version",
+        ),
         ({"model_sources": ["google/gemma-2/transformers/9b/latest"]}, "must be a number"),
         ({"dataset_sources": "alice/wheels"}, "must be a list of strings"),
         ({"competition_sources": ["LLM Classification"]}, "not a competition slug"),
@@ -229,20 +234,28 @@ def test_build_submission_folder_from_top_level_metadata(tmp_path):
     check = check_kernel_folder(folder)
     assert check.ok, check.summary()
     found = {(ref.kind, ref.ref) for ref in check.inputs}
-    assert found == {  # the `!pip` line naming kaggle-utils-package was replaced by the canonical install cell
-        ("competition", "llm-classification-finetuning"),
-        ("dataset", "arena-preference-artifact"),
-        ("dataset", "kaggle-utils/kaggle-utils-wheels"),
-    }
+    assert (
+        found
+        == {  # the `!pip` line naming kaggle-utils-package was replaced by the canonical install cell
+            ("competition", "llm-classification-finetuning"),
+            ("dataset", "arena-preference-artifact"),
+            ("dataset", "kaggle-utils/kaggle-utils-wheels"),
+        }
+    )
     built = nbformat.read(folder / "submission.ipynb", as_version=4)
-    assert built.cells[2].metadata["tags"] == ["offline-install"] and built.cells[2].source == INSTALL_CELL_SOURCE
+    assert (
+        built.cells[2].metadata["tags"] == ["offline-install"]
+        and built.cells[2].source == INSTALL_CELL_SOURCE
+    )
 
 
 def test_build_refuses_a_notebook_without_the_install_cell(tmp_path):
     cells = [cell for cell in SUBMISSION_CELLS if cell[0] != "install"]
     notebook = write_notebook(tmp_path / "nb" / "submission.ipynb", cells)
     cfg = KaggleConfig(build_dir=str(tmp_path / "build"))
-    with pytest.raises(UsageError, match="submission.ipynb: needs exactly one code cell tagged 'offline-install', found 0"):
+    with pytest.raises(
+        UsageError, match="submission.ipynb: needs exactly one code cell tagged 'offline-install', found 0"
+    ):
         build_kernel_folder(notebook, cfg, owner="alice", submission_metadata_path=TOP_LEVEL)
 
 
@@ -270,7 +283,9 @@ def test_sync_install_cell_rewrites_every_copy_from_the_template(tmp_path, monke
     assert "rewrote 0 files" in capsys.readouterr().out
     (tmp_path / "scratch.py").write_text("# %%\nprint(1)\n")
     assert run_cli(["kaggle", "sync-install-cell", "--notebooks", str(tmp_path)], monkeypatch) == 2
-    assert "scratch.py: needs exactly one code cell tagged 'offline-install', found 0" in capsys.readouterr().err
+    assert (
+        "scratch.py: needs exactly one code cell tagged 'offline-install', found 0" in capsys.readouterr().err
+    )
 
 
 def test_build_from_jupytext_script_with_accelerator(tmp_path):
@@ -283,7 +298,9 @@ def test_build_from_jupytext_script_with_accelerator(tmp_path):
         "# %%\nprint(TRAIN_CSV)\n"
     )
     cfg = KaggleConfig(build_dir=str(tmp_path / "build"))
-    folder = build_kernel_folder(script, cfg, owner="alice", accelerator="NvidiaL4", parameters={"ORDERING": "ft-then-quant"})
+    folder = build_kernel_folder(
+        script, cfg, owner="alice", accelerator="NvidiaL4", parameters={"ORDERING": "ft-then-quant"}
+    )
     assert folder.name == "arena-train-ft-then-quant"
     notebook = nbformat.read(folder / "train.ipynb", as_version=4)
     assert [cell.cell_type for cell in notebook.cells] == ["markdown", "code", "code", "code", "code"]
@@ -299,14 +316,21 @@ def test_build_from_jupytext_script_with_accelerator(tmp_path):
 def test_training_notebook_needs_a_valid_ordering_to_pick_its_kernel(tmp_path):
     notebook = ROOT / "notebooks" / "train.ipynb"
     cfg = KaggleConfig(build_dir=str(tmp_path))
-    with pytest.raises(UsageError, match="one kernel per ORDERING: pass -p ORDERING=ft-then-quant or -p ORDERING=quant-then-ft"):
+    with pytest.raises(
+        UsageError,
+        match="one kernel per ORDERING: pass -p ORDERING=ft-then-quant or -p ORDERING=quant-then-ft",
+    ):
         build_kernel_folder(notebook, cfg, owner="alice")
-    with pytest.raises(UsageError, match="ORDERING='ft-then-qaunt' is not one of \\['ft-then-quant', 'quant-then-ft'\\]"):
+    with pytest.raises(
+        UsageError, match="ORDERING='ft-then-qaunt' is not one of \\['ft-then-quant', 'quant-then-ft'\\]"
+    ):
         build_kernel_folder(notebook, cfg, owner="alice", parameters={"ORDERING": "ft-then-qaunt"})
     for ordering in ("ft-then-quant", "quant-then-ft"):
         folder = build_kernel_folder(notebook, cfg, owner="alice", parameters={"ORDERING": ordering})
         assert folder.name == f"arena-train-{ordering}"
-        assert json.loads((folder / "kernel-metadata.json").read_text())["id"] == f"alice/arena-train-{ordering}"
+        assert (
+            json.loads((folder / "kernel-metadata.json").read_text())["id"] == f"alice/arena-train-{ordering}"
+        )
         built = nbformat.read(folder / "train.ipynb", as_version=4)
         injected = next(c for c in built.cells if "injected-parameters" in c.metadata.get("tags", []))
         assert f'ORDERING = "{ordering}"' in injected.source
@@ -353,7 +377,9 @@ def test_check_flags_missing_code_file_and_syntax_errors(tmp_path):
     assert any("other.ipynb does not exist" in problem for problem in check_kernel_folder(folder).problems)
     folder = make_folder(tmp_path, [*SUBMISSION_CELLS, ("code", "def broken(:\n")])
     assert any("cell 5: syntax error" in problem for problem in check_kernel_folder(folder).problems)
-    assert check_kernel_folder(tmp_path / "nowhere").problems[0].endswith("kernel-metadata.json: file not found")
+    assert (
+        check_kernel_folder(tmp_path / "nowhere").problems[0].endswith("kernel-metadata.json: file not found")
+    )
 
 
 def test_check_kernel_command_exit_codes(tmp_path, monkeypatch, capsys):
@@ -378,10 +404,16 @@ def test_parameters_are_injected_and_checked(tmp_path, monkeypatch, capsys):
 
     notebook = ROOT / "notebooks" / "train.ipynb"
     parameters = parse_parameters(
-        ["ORDERING=quant-then-ft", "BASE_MODEL_PATH=/kaggle/input/gemma-2/transformers/gemma-2-9b-it/2", "CV_FOLDS=[0, 1]"]
+        [
+            "ORDERING=quant-then-ft",
+            "BASE_MODEL_PATH=/kaggle/input/gemma-2/transformers/gemma-2-9b-it/2",
+            "CV_FOLDS=[0, 1]",
+        ]
     )
     assert parameters == {
-        "ORDERING": "quant-then-ft", "BASE_MODEL_PATH": "/kaggle/input/gemma-2/transformers/gemma-2-9b-it/2", "CV_FOLDS": [0, 1]
+        "ORDERING": "quant-then-ft",
+        "BASE_MODEL_PATH": "/kaggle/input/gemma-2/transformers/gemma-2-9b-it/2",
+        "CV_FOLDS": [0, 1],
     }
     source = "google/gemma-2/transformers/gemma-2-9b-it/2"
     cfg = KaggleConfig(build_dir=str(tmp_path / "with"), base_model_source=source)
@@ -395,14 +427,29 @@ def test_parameters_are_injected_and_checked(tmp_path, monkeypatch, capsys):
     assert check.ok, check.summary()
     assert ("any", "gemma-2") in {(ref.kind, ref.ref) for ref in check.inputs}
     # The same parameter without the model attached: the check names the missing source.
-    folder = build_kernel_folder(notebook, KaggleConfig(build_dir=str(tmp_path / "without")), "alice", parameters=parameters)
+    folder = build_kernel_folder(
+        notebook, KaggleConfig(build_dir=str(tmp_path / "without")), "alice", parameters=parameters
+    )
     assert any("'gemma-2'" in problem for problem in check_kernel_folder(folder).problems)
     with pytest.raises(UsageError, match="no parameters \\['BASE_MODEL'\\]"):
-        build_kernel_folder(notebook, cfg, "alice", parameters={"ORDERING": "quant-then-ft", "BASE_MODEL": "x"})
+        build_kernel_folder(
+            notebook, cfg, "alice", parameters={"ORDERING": "quant-then-ft", "BASE_MODEL": "x"}
+        )
     with pytest.raises(UsageError, match="expected NAME=VALUE"):
         parse_parameters(["CV_FOLDS"])
     # Through the CLI: a dry run builds and checks without credentials when the owner is given.
-    argv = ["kaggle", "push", str(notebook), "--dry-run", "--owner", "alice", "-p", "ORDERING=quant-then-ft", "-p", "SEEDS=[1, 2]"]
+    argv = [
+        "kaggle",
+        "push",
+        str(notebook),
+        "--dry-run",
+        "--owner",
+        "alice",
+        "-p",
+        "ORDERING=quant-then-ft",
+        "-p",
+        "SEEDS=[1, 2]",
+    ]
     config = tmp_path / "config.yaml"
     config.write_text(f"kaggle:\n  build_dir: {tmp_path / 'cli'}\n")
     assert run_cli([*argv, "--config", str(config)], monkeypatch) == 0
@@ -420,23 +467,37 @@ def test_install_cell_installs_from_every_attached_wheel_folder(tmp_path, monkey
     root = tmp_path / "input"
     wheels = root / "kaggle-utils-wheels"
     package = root / "datasets" / "alice" / "kaggle-utils-package"
-    for folder, wheel in ((wheels, "peft-0.13.2-py3-none-any.whl"), (package, "kaggle_utils-0.1.0-py3-none-any.whl")):
+    for folder, wheel in (
+        (wheels, "peft-0.13.2-py3-none-any.whl"),
+        (package, "kaggle_utils-0.1.0-py3-none-any.whl"),
+    ):
         folder.mkdir(parents=True)
         (folder / wheel).write_bytes(b"")
     (wheels / "requirements.txt").write_text("peft==0.13.2\n")
     (root / "llm-classification-finetuning").mkdir()  # other inputs are not wheel folders
     source = INSTALL_CELL_SOURCE.replace("/kaggle/input", str(root))
     calls = []
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "kaggle_utils" else object())
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "kaggle_utils" else object()
+    )
     monkeypatch.setattr(subprocess, "run", lambda command, check: calls.append(command))
     exec(compile(source, "install-cell", "exec"), {})
     ((_, *args),) = calls
     assert args == [
-        "-m", "pip", "install", "--no-index",
-        "--find-links", str(package),
-        "--find-links", str(wheels), "-r", str(wheels / "requirements.txt"),
+        "-m",
+        "pip",
+        "install",
+        "--no-index",
+        "--find-links",
+        str(package),
+        "--find-links",
+        str(wheels),
+        "-r",
+        str(wheels / "requirements.txt"),
         "kaggle_utils",
     ]
     (package / "kaggle_utils-0.1.0-py3-none-any.whl").unlink()
-    with pytest.raises(RuntimeError, match="no kaggle_utils-\\*.whl is under .*: attach the datasets made by"):
+    with pytest.raises(
+        RuntimeError, match="no kaggle_utils-\\*.whl is under .*: attach the datasets made by"
+    ):
         exec(compile(source, "install-cell", "exec"), {})

@@ -81,7 +81,9 @@ class FakeKaggle:
             return _response(prepared, 200, b"{}")
         route = self.routes.get(captured.name)
         if route is None:
-            return _response(prepared, 599, json.dumps({"code": 599, "message": f"unexpected {captured.name}"}))
+            return _response(
+                prepared, 599, json.dumps({"code": 599, "message": f"unexpected {captured.name}"})
+            )
         status, payload, headers = route(captured) if callable(route) else (200, route, None)
         return _response(prepared, status, payload, headers)
 
@@ -123,7 +125,9 @@ def fake_kaggle(monkeypatch, tmp_path):
         return 200, {"token": f"blob-token-{number}", "createUrl": f"{UPLOAD_HOST}{number}"}, None
 
     fake.routes["StartBlobUpload"] = start_blob
-    monkeypatch.setattr(requests.Session, "send", lambda session, prepared, **kw: fake.send(session, prepared, **kw))
+    monkeypatch.setattr(
+        requests.Session, "send", lambda session, prepared, **kw: fake.send(session, prepared, **kw)
+    )
     return fake
 
 
@@ -214,7 +218,10 @@ def test_push_refused_when_the_check_fails(fake_kaggle, tmp_path):
 
 
 def test_push_reports_sources_kaggle_rejected(fake_kaggle, tmp_path):
-    fake_kaggle.routes["SaveKernel"] = {**SAVE_KERNEL_OK, "invalidDatasetSources": ["alice/kaggle-utils-package"]}
+    fake_kaggle.routes["SaveKernel"] = {
+        **SAVE_KERNEL_OK,
+        "invalidDatasetSources": ["alice/kaggle-utils-package"],
+    }
     notebook = submission_notebook(tmp_path / "submission.ipynb")
     with pytest.raises(UsageError, match="rejected its dataset sources"):
         push_notebook(notebook, KaggleConfig(build_dir=str(tmp_path / "build")))
@@ -226,7 +233,9 @@ def test_access_token_is_introspected_and_sent_as_bearer(fake_kaggle, tmp_path, 
     monkeypatch.setenv("KAGGLE_API_TOKEN", FAKE_TOKEN)
     fake_kaggle.routes["IntrospectToken"] = {"active": True, "username": "tokenuser"}
     fake_kaggle.routes["SaveKernel"] = SAVE_KERNEL_OK
-    push_notebook(submission_notebook(tmp_path / "submission.ipynb"), KaggleConfig(build_dir=str(tmp_path / "b")))
+    push_notebook(
+        submission_notebook(tmp_path / "submission.ipynb"), KaggleConfig(build_dir=str(tmp_path / "b"))
+    )
     assert fake_kaggle.calls("IntrospectToken")[0].json() == {"token": FAKE_TOKEN}
     save = fake_kaggle.calls("SaveKernel")[0]
     assert save.headers["Authorization"] == f"Bearer {FAKE_TOKEN}"
@@ -261,7 +270,9 @@ def test_kaggle_json_is_found_and_never_printed(fake_kaggle, tmp_path, monkeypat
     # Even with the client's verbose mode on (it prints request headers), the key must not reach the terminal.
     monkeypatch.setattr(KaggleApi, "args", ["--verbose"])
     fake_kaggle.routes["SaveKernel"] = SAVE_KERNEL_OK
-    push_notebook(submission_notebook(tmp_path / "submission.ipynb"), KaggleConfig(build_dir=str(tmp_path / "b")))
+    push_notebook(
+        submission_notebook(tmp_path / "submission.ipynb"), KaggleConfig(build_dir=str(tmp_path / "b"))
+    )
     assert fake_kaggle.calls("SaveKernel")[0].json()["slug"] == "carol/arena-preference-submission"
     captured = capsys.readouterr()
     encoded = base64.b64encode(f"carol:{FAKE_KEY}".encode()).decode()
@@ -269,14 +280,18 @@ def test_kaggle_json_is_found_and_never_printed(fake_kaggle, tmp_path, monkeypat
 
 
 def test_http_errors_become_one_line(fake_kaggle, tmp_path):
-    fake_kaggle.routes["SaveKernel"] = lambda request: (403, {"code": 403, "message": "Permission denied"}, None)
+    fake_kaggle.routes["SaveKernel"] = lambda request: (
+        403,
+        {"code": 403, "message": "Permission denied"},
+        None,
+    )
     with pytest.raises(UsageError, match="Kaggle refused kernels push .*HTTP 403.*Permission denied"):
-        push_notebook(submission_notebook(tmp_path / "submission.ipynb"), KaggleConfig(build_dir=str(tmp_path / "b")))
+        push_notebook(
+            submission_notebook(tmp_path / "submission.ipynb"), KaggleConfig(build_dir=str(tmp_path / "b"))
+        )
 
 
 # --------------------------------------------------------------------------- datasets
-
-
 
 
 REAL_LOOKING_KEY = "0123456789abcdef0123456789abcdef"  # 32 hex digits, the shape of a legacy Kaggle key
@@ -304,13 +319,24 @@ def _zip_names(data: bytes) -> set[str]:
 
 
 def test_upload_creates_a_dataset_with_subfolders_kept(fake_kaggle, tmp_path, capsys):
-    fake_kaggle.routes["GetDatasetStatus"] = lambda request: (404, {"code": 404, "message": "Not found"}, None)
-    fake_kaggle.routes["CreateDataset"] = {"ref": "alice/arena-preference-artifact", "url": "https://k/d", "status": "ok"}
+    fake_kaggle.routes["GetDatasetStatus"] = lambda request: (
+        404,
+        {"code": 404, "message": "Not found"},
+        None,
+    )
+    fake_kaggle.routes["CreateDataset"] = {
+        "ref": "alice/arena-preference-artifact",
+        "url": "https://k/d",
+        "status": "ok",
+    }
     artifact = make_artifact(tmp_path / "artifact")
     result = upload_dataset(artifact, KaggleConfig(), role="artifact", message="fold 0")
 
     assert {k: v for k, v in result.items() if k != "files"} == {
-        "ref": "alice/arena-preference-artifact", "created": True, "url": "https://k/d", "role": "artifact"
+        "ref": "alice/arena-preference-artifact",
+        "created": True,
+        "url": "https://k/d",
+        "role": "artifact",
     }
     written = json.loads((artifact / "dataset-metadata.json").read_text())
     assert written == {
@@ -319,14 +345,24 @@ def test_upload_creates_a_dataset_with_subfolders_kept(fake_kaggle, tmp_path, ca
         "licenses": [{"name": "CC0-1.0"}],
     }
     starts = {call.json()["name"]: call.json() for call in fake_kaggle.calls("StartBlobUpload")}
-    assert set(starts) == {"adapter.zip", "model.zip", "tokenizer.zip", "notes.txt", "manifest.json"}  # folders as archives
+    assert set(starts) == {
+        "adapter.zip",
+        "model.zip",
+        "tokenizer.zip",
+        "notes.txt",
+        "manifest.json",
+    }  # folders as archives
     assert all(start["type"] == "DATASET" for start in starts.values())
     zips = [body for body in fake_kaggle.uploads.values() if body.startswith(b"PK")]
     assert {"adapter_config.json", "adapter_model.safetensors"} in [_zip_names(z) for z in zips]
     assert b"trained on fold 0" in fake_kaggle.uploads.values()
     (create,) = fake_kaggle.calls("CreateDataset")
     body = create.json()
-    assert (body["ownerSlug"], body["slug"], body["title"]) == ("alice", "arena-preference-artifact", "Arena Preference Artifact")
+    assert (body["ownerSlug"], body["slug"], body["title"]) == (
+        "alice",
+        "arena-preference-artifact",
+        "Arena Preference Artifact",
+    )
     assert body["licenseName"] == "CC0-1.0" and body["isPrivate"] is True
     assert sorted(f["token"] for f in body["files"]) == [f"blob-token-{n}" for n in range(1, 6)]
     assert "created dataset alice/arena-preference-artifact" in capsys.readouterr().out
@@ -334,7 +370,11 @@ def test_upload_creates_a_dataset_with_subfolders_kept(fake_kaggle, tmp_path, ca
 
 def test_upload_versions_an_existing_dataset(fake_kaggle, tmp_path, monkeypatch):
     fake_kaggle.routes["GetDatasetStatus"] = {"status": "ready"}
-    fake_kaggle.routes["CreateDatasetVersion"] = {"ref": "alice/kaggle-utils-wheels", "url": "https://k/w", "status": "ok"}
+    fake_kaggle.routes["CreateDatasetVersion"] = {
+        "ref": "alice/kaggle-utils-wheels",
+        "url": "https://k/w",
+        "status": "ok",
+    }
     wheels = tmp_path / "wheels"
     wheels.mkdir()
     (wheels / "peft-0.21.2-py3-none-any.whl").write_bytes(b"PK-not-really")
@@ -379,19 +419,32 @@ def _sent(fake: FakeKaggle) -> tuple[set[str], set[str]]:
 
 def test_upload_sends_exactly_the_manifest_files_and_lists_the_rest(fake_kaggle, tmp_path, capsys):
     fake_kaggle.routes["GetDatasetStatus"] = {"status": "ready"}
-    fake_kaggle.routes["CreateDatasetVersion"] = {"ref": "alice/arena-preference-artifact", "url": "u", "status": "ok"}
+    fake_kaggle.routes["CreateDatasetVersion"] = {
+        "ref": "alice/arena-preference-artifact",
+        "url": "u",
+        "status": "ok",
+    }
     artifact = make_artifact(tmp_path / "artifact")
     junk = add_junk(artifact)
     result = upload_dataset(artifact, KaggleConfig(), message="fold 0")
 
     names, members = _sent(fake_kaggle)
     assert names == {"adapter.zip", "model.zip", "tokenizer.zip", "notes.txt", "manifest.json"}
-    assert members == {"adapter_config.json", "adapter_model.safetensors", "model.safetensors", "tokenizer.json"}
+    assert members == {
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "model.safetensors",
+        "tokenizer.json",
+    }
     uploaded = b"".join(fake_kaggle.uploads.values())
     assert REAL_LOOKING_KEY.encode() not in uploaded and b"optimizer state" not in uploaded
     assert set(result["files"]) == {
-        "adapter/adapter_config.json", "adapter/adapter_model.safetensors", "model/model.safetensors",
-        "tokenizer/tokenizer.json", "notes.txt", "manifest.json",
+        "adapter/adapter_config.json",
+        "adapter/adapter_model.safetensors",
+        "model/model.safetensors",
+        "tokenizer/tokenizer.json",
+        "notes.txt",
+        "manifest.json",
     }
     out = capsys.readouterr().out
     assert "sending 6 files" in out
@@ -435,7 +488,11 @@ def test_upload_refuses_an_artifact_whose_files_differ_from_the_manifest(fake_ka
 
 def test_upload_of_a_wheels_folder_sends_only_what_build_wheels_writes(fake_kaggle, tmp_path, capsys):
     fake_kaggle.routes["GetDatasetStatus"] = {"status": "ready"}
-    fake_kaggle.routes["CreateDatasetVersion"] = {"ref": "alice/kaggle-utils-wheels", "url": "u", "status": "ok"}
+    fake_kaggle.routes["CreateDatasetVersion"] = {
+        "ref": "alice/kaggle-utils-wheels",
+        "url": "u",
+        "status": "ok",
+    }
     wheels = tmp_path / "wheels"
     wheels.mkdir()
     wheel = wheels / "peft-0.21.2-py3-none-any.whl"
@@ -481,12 +538,14 @@ def test_network_failures_become_one_line_naming_the_operation(fake_kaggle, tmp_
         assert type(failure).__name__ in err
 
 
-
 # --------------------------------------------------------------------------- submit, status, download
 
 
 def test_submit_by_kernel_and_version(fake_kaggle, monkeypatch, capsys):
-    fake_kaggle.routes["CreateCodeSubmission"] = {"message": "Your submission was successfully saved", "ref": 42}
+    fake_kaggle.routes["CreateCodeSubmission"] = {
+        "message": "Your submission was successfully saved",
+        "ref": 42,
+    }
     argv = ["kaggle", "submit", "--version", "7", "-m", "quant-then-ft fold 0, swap TTA"]
     assert run_cli(argv, monkeypatch) == 0
     (call,) = fake_kaggle.calls("CreateCodeSubmission")
@@ -506,18 +565,27 @@ def test_submit_other_kernel(fake_kaggle):
     fake_kaggle.routes["CreateCodeSubmission"] = {"message": "ok"}
     submit_kernel(KaggleConfig(competition="lmsys-chatbot-arena"), 3, "m", kernel="bob/other-kernel")
     body = fake_kaggle.calls("CreateCodeSubmission")[0].json()
-    assert (body["kernelOwner"], body["kernelSlug"], body["competitionName"]) == ("bob", "other-kernel", "lmsys-chatbot-arena")
+    assert (body["kernelOwner"], body["kernelSlug"], body["competitionName"]) == (
+        "bob",
+        "other-kernel",
+        "lmsys-chatbot-arena",
+    )
 
 
 def test_status_with_submissions(fake_kaggle, monkeypatch, capsys):
-    fake_kaggle.routes["GetKernelSessionStatus"] = {"status": "ERROR", "failureMessage": "Notebook Threw Exception"}
+    fake_kaggle.routes["GetKernelSessionStatus"] = {
+        "status": "ERROR",
+        "failureMessage": "Notebook Threw Exception",
+    }
     fake_kaggle.routes["ListSubmissions"] = {
         "submissions": [{"ref": 1, "description": "v7", "status": "COMPLETE", "publicScore": "0.9412"}]
     }
     assert run_cli(["kaggle", "status", "--submissions", "3"], monkeypatch) == 0
     status = fake_kaggle.calls("GetKernelSessionStatus")[0].json()
     assert (status["userName"], status["kernelSlug"]) == ("alice", "arena-preference-submission")
-    assert fake_kaggle.calls("ListSubmissions")[0].json()["competitionName"] == "llm-classification-finetuning"
+    assert (
+        fake_kaggle.calls("ListSubmissions")[0].json()["competitionName"] == "llm-classification-finetuning"
+    )
     out = capsys.readouterr().out
     assert "alice/arena-preference-submission: ERROR (Notebook Threw Exception)" in out
     assert "0.9412" in out and "v7" in out
@@ -536,7 +604,9 @@ def test_download_unzips_competition_files(fake_kaggle, tmp_path, monkeypatch):
     }
     fake_kaggle.routes["DownloadDataFiles"] = lambda request: (200, payload, dict(headers))
     assert run_cli(["kaggle", "download", "--path", str(tmp_path / "data")], monkeypatch) == 0
-    assert fake_kaggle.calls("DownloadDataFiles")[0].json() == {"competitionName": "llm-classification-finetuning"}
+    assert fake_kaggle.calls("DownloadDataFiles")[0].json() == {
+        "competitionName": "llm-classification-finetuning"
+    }
     assert (tmp_path / "data" / "train.csv").read_text() == "id,prompt\n1,[]\n"
     assert (tmp_path / "data" / "test.csv").is_file()
 
@@ -544,7 +614,11 @@ def test_download_unzips_competition_files(fake_kaggle, tmp_path, monkeypatch):
 def test_download_forbidden_says_to_accept_the_rules(fake_kaggle, tmp_path):
     from kaggle_utils.kaggle.workflow import download_competition
 
-    fake_kaggle.routes["DownloadDataFiles"] = lambda request: (403, {"code": 403, "message": "Forbidden"}, None)
+    fake_kaggle.routes["DownloadDataFiles"] = lambda request: (
+        403,
+        {"code": 403, "message": "Forbidden"},
+        None,
+    )
     with pytest.raises(UsageError, match="accept the rules"):
         download_competition(KaggleConfig(), tmp_path)
 
@@ -606,13 +680,25 @@ def test_build_wheels_installs_offline_in_a_fresh_venv(tmp_path, monkeypatch):
     )
     source = tmp_path / "source"
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", str(source), str(probe)],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(source),
+            str(probe),
+        ],
         check=True,
         capture_output=True,
         env=_pip_env(),
     )
     out = tmp_path / "wheels"
-    report = build_wheels(out, packages=["arena-probe==0.1.0"], pip_args=["--no-index", "--find-links", str(source)])
+    report = build_wheels(
+        out, packages=["arena-probe==0.1.0"], pip_args=["--no-index", "--find-links", str(source)]
+    )
     names = sorted(path.name for path in report.wheels)
     assert names[0].startswith("arena_probe-0.1.0-") and names[1].startswith("kaggle_utils-0.1.0-")
     assert (out / "requirements.txt").read_text() == "arena-probe==0.1.0\nkaggle-utils==0.1.0\n"
@@ -666,9 +752,15 @@ def test_dry_run_without_credentials_names_the_owner_option(fake_kaggle, tmp_pat
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: no Kaggle credentials")
     assert "--dry-run needs no credential with --owner NAME (or kaggle.owner in the config)" in err
-    assert run_cli(["kaggle", "push", str(notebook), "--dry-run", "--owner", "dora", *build], monkeypatch) == 0
-    assert json.loads((tmp_path / "b" / "kernels" / "arena-preference-submission" / "kernel-metadata.json")
-                      .read_text())["id"] == "dora/arena-preference-submission"
+    assert (
+        run_cli(["kaggle", "push", str(notebook), "--dry-run", "--owner", "dora", *build], monkeypatch) == 0
+    )
+    assert (
+        json.loads(
+            (tmp_path / "b" / "kernels" / "arena-preference-submission" / "kernel-metadata.json").read_text()
+        )["id"]
+        == "dora/arena-preference-submission"
+    )
     assert fake_kaggle.requests == []
 
 
@@ -683,15 +775,24 @@ def _shipped_ensemble(tmp_path: Path, train_data) -> tuple[Path, Path]:
     runs = tmp_path / "runs"
     folds = [make_artifact(runs / "seed0" / "ftq" / f"fold{index}" / "artifact") for index in range(2)]
     frame = train_data.frame
-    fitted = run_baseline_cv(frame, make_folds(frame, FoldConfig(n_folds=3, seed=0)), BaselineConfig(model="logreg"))
+    fitted = run_baseline_cv(
+        frame, make_folds(frame, FoldConfig(n_folds=3, seed=0)), BaselineConfig(model="logreg")
+    )
     baseline = fitted.model.save(runs / "baseline_model.json")
-    members = [{"name": f"ftq/fold{index}", "kind": "model", "path": str(path), "weight": 0.4}
-               for index, path in enumerate(folds)]
+    members = [
+        {"name": f"ftq/fold{index}", "kind": "model", "path": str(path), "weight": 0.4}
+        for index, path in enumerate(folds)
+    ]
     members.append({"name": "feature-baseline", "kind": "baseline", "path": str(baseline), "weight": 0.2})
     labels = [0, 1, 2] * 10
     candidate = Candidate(name="blend", kind="blend", probs=[[0.4, 0.4, 0.2]] * 30, members=members)
-    shipped = write_shipped(decide_ship(labels, [candidate]), tmp_path / "orderings" / "shipped",
-                            class_prior=[0.4, 0.4, 0.2], dialect="lmsys", baseline=baseline)
+    shipped = write_shipped(
+        decide_ship(labels, [candidate]),
+        tmp_path / "orderings" / "shipped",
+        class_prior=[0.4, 0.4, 0.2],
+        dialect="lmsys",
+        baseline=baseline,
+    )
     return shipped, folds[0]
 
 
@@ -701,13 +802,24 @@ def test_upload_sends_a_shipped_ensemble_with_every_member_file(fake_kaggle, tmp
     from kaggle_utils.kaggle.upload import plan_upload
 
     fake_kaggle.routes["GetDatasetStatus"] = {"status": "ready"}
-    fake_kaggle.routes["CreateDatasetVersion"] = {"ref": "alice/arena-preference-artifact", "url": "u", "status": "ok"}
+    fake_kaggle.routes["CreateDatasetVersion"] = {
+        "ref": "alice/arena-preference-artifact",
+        "url": "u",
+        "status": "ok",
+    }
     shipped, _ = _shipped_ensemble(tmp_path, train_data)
     junk = add_junk(shipped)
-    member_files = ("manifest.json", "notes.txt", "adapter/adapter_config.json", "adapter/adapter_model.safetensors",
-                    "model/model.safetensors", "tokenizer/tokenizer.json")
+    member_files = (
+        "manifest.json",
+        "notes.txt",
+        "adapter/adapter_config.json",
+        "adapter/adapter_model.safetensors",
+        "model/model.safetensors",
+        "tokenizer/tokenizer.json",
+    )
     expected = {"manifest.json", "baseline.json", "baseline.json.manifest.json"} | {
-        f"members/ftq_fold{index}/{name}" for index in range(2) for name in member_files}
+        f"members/ftq_fold{index}/{name}" for index in range(2) for name in member_files
+    }
     plan = plan_upload(shipped)
     assert plan.kind == "ensemble" and set(plan.files) == expected
     assert set(plan.left_out) == set(junk)
@@ -721,30 +833,52 @@ def test_upload_sends_a_shipped_ensemble_with_every_member_file(fake_kaggle, tmp
     assert f"sending {len(expected)} files" in capsys.readouterr().out
 
 
-def test_upload_refuses_an_ensemble_that_is_not_self_contained_or_was_altered(fake_kaggle, tmp_path, train_data,
-                                                                            monkeypatch, capsys):
+def test_upload_refuses_an_ensemble_that_is_not_self_contained_or_was_altered(
+    fake_kaggle, tmp_path, train_data, monkeypatch, capsys
+):
     shipped, source = _shipped_ensemble(tmp_path, train_data)
-    old = tmp_path / "old-style"  # members named by absolute paths, no file table: nothing of them would travel
+    old = (
+        tmp_path / "old-style"
+    )  # members named by absolute paths, no file table: nothing of them would travel
     old.mkdir()
-    (old / "manifest.json").write_text(json.dumps({
-        "kind": "ensemble", "class_prior": [0.4, 0.4, 0.2],
-        "members": [{"name": "ftq/fold0", "kind": "model", "path": str(source.resolve()), "weight": 1.0}]}))
+    (old / "manifest.json").write_text(
+        json.dumps(
+            {
+                "kind": "ensemble",
+                "class_prior": [0.4, 0.4, 0.2],
+                "members": [
+                    {"name": "ftq/fold0", "kind": "model", "path": str(source.resolve()), "weight": 1.0}
+                ],
+            }
+        )
+    )
     assert run_cli(["kaggle", "upload-artifact", str(old)], monkeypatch) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1
     assert f"{old / 'manifest.json'}: an ensemble artifact must list every file it holds" in err
 
     manifest = json.loads((shipped / "manifest.json").read_text())
-    escaped = {**manifest, "members": [{**manifest["members"][0], "path": str(source.resolve())},
-                                       *manifest["members"][1:]]}
+    escaped = {
+        **manifest,
+        "members": [{**manifest["members"][0], "path": str(source.resolve())}, *manifest["members"][1:]],
+    }
     (shipped / "manifest.json").write_text(json.dumps(escaped))
-    with pytest.raises(UsageError, match=r"members\[0\] \(ftq/fold0\) path '/.*' is not inside the ensemble folder"):
+    with pytest.raises(
+        UsageError, match=r"members\[0\] \(ftq/fold0\) path '/.*' is not inside the ensemble folder"
+    ):
         upload_dataset(shipped, KaggleConfig())
-    unlisted = {**manifest, "files": {k: v for k, v in manifest["files"].items()
-                                      if k != "members/ftq_fold1/model/model.safetensors"}}
+    unlisted = {
+        **manifest,
+        "files": {
+            k: v for k, v in manifest["files"].items() if k != "members/ftq_fold1/model/model.safetensors"
+        },
+    }
     (shipped / "manifest.json").write_text(json.dumps(unlisted))
-    with pytest.raises(UsageError, match=r"members\[1\] \(ftq/fold1\): file members/ftq_fold1/model/model.safetensors "
-                                         r"is not listed in the ensemble's 'files'"):
+    with pytest.raises(
+        UsageError,
+        match=r"members\[1\] \(ftq/fold1\): file members/ftq_fold1/model/model.safetensors "
+        r"is not listed in the ensemble's 'files'",
+    ):
         upload_dataset(shipped, KaggleConfig())
     (shipped / "manifest.json").write_text(json.dumps(manifest))
     notes = shipped / "members" / "ftq_fold1" / "notes.txt"
@@ -755,7 +889,9 @@ def test_upload_refuses_an_ensemble_that_is_not_self_contained_or_was_altered(fa
     assert fake_kaggle.requests == []
 
 
-def test_upload_staging_that_is_inside_or_around_the_folder_is_refused(fake_kaggle, tmp_path, monkeypatch, capsys):
+def test_upload_staging_that_is_inside_or_around_the_folder_is_refused(
+    fake_kaggle, tmp_path, monkeypatch, capsys
+):
     """The staging folder (what the client uploads) must lie apart from the folder being uploaded: one that
     is, contains or lies inside it is refused before anything is linked or sent."""
     import re
@@ -766,8 +902,11 @@ def test_upload_staging_that_is_inside_or_around_the_folder_is_refused(fake_kagg
     plan = plan_upload(artifact)
     before = sorted(p.relative_to(artifact).as_posix() for p in artifact.rglob("*"))
     for staging, relation in ((artifact / "staged", "is inside"), (artifact, "is"), (tmp_path, "contains")):
-        with pytest.raises(UsageError, match=rf"refusing to write {re.escape(str(staging))}: it {relation} the "
-                                             rf"folder to upload {re.escape(str(artifact))}"):
+        with pytest.raises(
+            UsageError,
+            match=rf"refusing to write {re.escape(str(staging))}: it {relation} the "
+            rf"folder to upload {re.escape(str(artifact))}",
+        ):
             stage_upload(plan, staging)
     assert sorted(p.relative_to(artifact).as_posix() for p in artifact.rglob("*")) == before
 
@@ -783,7 +922,9 @@ def test_upload_staging_that_is_inside_or_around_the_folder_is_refused(fake_kagg
 # --------------------------------------------------------------------------- build-wheels: the target image
 
 
-def _wheel(folder: Path, name: str, version: str, requires: list[str], requires_python: str | None = None) -> Path:
+def _wheel(
+    folder: Path, name: str, version: str, requires: list[str], requires_python: str | None = None
+) -> Path:
     """A minimal pure-Python wheel whose METADATA declares `requires` (what pip download copies as it is)."""
     folder.mkdir(parents=True, exist_ok=True)
     stem = f"{name.replace('-', '_')}-{version}"
@@ -794,15 +935,23 @@ def _wheel(folder: Path, name: str, version: str, requires: list[str], requires_
     with zipfile.ZipFile(path, "w") as wheel:
         wheel.writestr(f"{name.replace('-', '_')}/__init__.py", "")
         wheel.writestr(f"{stem}.dist-info/METADATA", "\n".join(lines) + "\n")
-        wheel.writestr(f"{stem}.dist-info/WHEEL", "Wheel-Version: 1.0\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        wheel.writestr(
+            f"{stem}.dist-info/WHEEL", "Wheel-Version: 1.0\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
+        )
         wheel.writestr(f"{stem}.dist-info/RECORD", "")
     return path
 
 
 def _build_from(source: Path, out: Path, packages: list[str], image, python: str | None = None) -> object:
     cfg = KaggleConfig(wheel_python_version=python or image.python)
-    return build_wheels(out, cfg, packages=packages, include_package=False, image=image,
-                        pip_args=["--no-index", "--find-links", str(source)])
+    return build_wheels(
+        out,
+        cfg,
+        packages=packages,
+        include_package=False,
+        image=image,
+        pip_args=["--no-index", "--find-links", str(source)],
+    )
 
 
 @pytest.fixture
@@ -820,8 +969,11 @@ def test_build_wheels_refuses_a_wheel_that_needs_a_newer_torch_than_the_image(tm
     _wheel(source, "arena-dep", "1.2.0", ['torch<2; python_version < "3.0"'])
     out = tmp_path / "wheels"
     image = KaggleImage(python="3.11", platform="manylinux_2_35_x86_64", packages={"torch": "2.5.1"})
-    with pytest.raises(UsageError, match=r"^build-wheels: arena_accel-1\.16\.0-py3-none-any\.whl requires "
-                                         r"torch>=2\.6\.0, but the target image has torch 2\.5\.1 \(kaggle_image\.json\)$"):
+    with pytest.raises(
+        UsageError,
+        match=r"^build-wheels: arena_accel-1\.16\.0-py3-none-any\.whl requires "
+        r"torch>=2\.6\.0, but the target image has torch 2\.5\.1 \(kaggle_image\.json\)$",
+    ):
         _build_from(source, out, ["arena-accel==1.16.0", "arena-dep==1.2.0"], image)
     assert not (out / "wheels.json").exists() and not (out / "requirements.txt").exists()
     # the same closure against an image with torch 2.6: built, and what could not be checked is said
@@ -840,9 +992,12 @@ def test_build_wheels_refuses_a_wheel_for_another_python(tmp_path, no_pip_config
 
     wheel = _wheel(tmp_path / "w", "arena-tf", "5.25.0", ["torch>=2.6"], requires_python=">=3.11.0")
     image = KaggleImage(python="3.10", platform="manylinux_2_35_x86_64", packages={"torch": "2.6.0"})
-    with pytest.raises(UsageError, match=r"^build-wheels: arena_tf-5\.25\.0-py3-none-any\.whl requires Python "
-                                         r">=3\.11\.0, but the target image has Python 3\.10 \(kaggle\.wheel_python_version, by "
-                                         r"default kaggle_image\.json's\)$"):
+    with pytest.raises(
+        UsageError,
+        match=r"^build-wheels: arena_tf-5\.25\.0-py3-none-any\.whl requires Python "
+        r">=3\.11\.0, but the target image has Python 3\.10 \(kaggle\.wheel_python_version, by "
+        r"default kaggle_image\.json's\)$",
+    ):
         check_against_image([wheel], "3.10", image)
     assert check_against_image([wheel], "3.11", image) == {}
     source = tmp_path / "source"
@@ -861,8 +1016,11 @@ def test_build_wheels_refuses_a_bundle_that_contradicts_itself(tmp_path, no_pip_
     _wheel(source, "arena-peft", "0.22.0", ["arena-accel>=2.0"])
     _wheel(source, "arena-accel", "1.16.0", [])
     image = KaggleImage(python="3.12", platform="manylinux_2_35_x86_64", packages={"torch": "2.10.0"})
-    with pytest.raises(UsageError, match=r"^build-wheels: arena_peft-0\.22\.0-py3-none-any\.whl requires "
-                                         r"arena-accel>=2\.0, but the bundle has arena-accel 1\.16\.0$"):
+    with pytest.raises(
+        UsageError,
+        match=r"^build-wheels: arena_peft-0\.22\.0-py3-none-any\.whl requires "
+        r"arena-accel>=2\.0, but the bundle has arena-accel 1\.16\.0$",
+    ):
         _build_from(source, tmp_path / "wheels", ["arena-peft==0.22.0", "arena-accel==1.16.0"], image)
 
 
@@ -881,9 +1039,9 @@ def test_the_target_image_is_stated_once():
 def test_pyproject_bounds_admit_only_what_the_bundled_versions_install_on():
     """requires-python and the torch floor in pyproject.toml are at least what every wheel build-wheels bundles
     (the versions installed here) requires: a Python or torch pyproject allows can install the bundle."""
+    import tomllib
     from importlib import metadata
 
-    import tomllib
     from packaging.requirements import Requirement
     from packaging.specifiers import SpecifierSet
 
@@ -900,6 +1058,7 @@ def test_pyproject_bounds_admit_only_what_the_bundled_versions_install_on():
             assert SpecifierSet(requires_python).contains(python_floor), (name, requires_python, python_floor)
         for line in dist.requires or []:
             requirement = Requirement(line)
-            if requirement.name == "torch" and (requirement.marker is None
-                                                or requirement.marker.evaluate({"extra": ""})):
+            if requirement.name == "torch" and (
+                requirement.marker is None or requirement.marker.evaluate({"extra": ""})
+            ):
                 assert requirement.specifier.contains(torch_floor), (name, line, torch_floor)

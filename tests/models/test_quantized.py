@@ -24,7 +24,9 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py
 
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory):
-    return modeling.materialize_base(ModelConfig(), tmp_path_factory.mktemp("base"), vocab_size=VOCAB, pad_token_id=PAD)
+    return modeling.materialize_base(
+        ModelConfig(), tmp_path_factory.mktemp("base"), vocab_size=VOCAB, pad_token_id=PAD
+    )
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +60,9 @@ def _random_adapter(peft_model, seed: int = 0, std: float = 0.05) -> dict[str, t
 def _plain_weights(model) -> dict[str, torch.Tensor]:
     """Every linear weight as float32 (4-bit / 8-bit layers dequantized), by module name."""
     if quantization.is_bnb_quantized(model):
-        model = quantization.dequantize_model(copy.deepcopy(model), torch.float32)  # it replaces layers in place
+        model = quantization.dequantize_model(
+            copy.deepcopy(model), torch.float32
+        )  # it replaces layers in place
     return {name: m.weight.detach().float() for name, m in model.named_modules() if isinstance(m, nn.Linear)}
 
 
@@ -95,7 +99,9 @@ def test_nf4_base_quantizes_every_linear_layer_but_the_head(base_dir, rows):
 
 
 def test_random_config_base_can_be_loaded_quantized_directly(rows):
-    nf4 = modeling.build_classifier(ModelConfig(), quant=QuantConfig(), vocab_size=VOCAB, pad_token_id=PAD, device="cpu")
+    nf4 = modeling.build_classifier(
+        ModelConfig(), quant=QuantConfig(), vocab_size=VOCAB, pad_token_id=PAD, device="cpu"
+    )
     assert quantization.quant_scheme_of(nf4) == "nf4"
     assert np.isfinite(_probs(nf4, rows)).all()
 
@@ -136,7 +142,9 @@ def test_dequantized_model_reproduces_the_quantized_one(base_dir, rows):
 def test_training_after_an_eval_pass_still_gets_gradients(base_dir, rows):
     """bnb 0.50 repacks 4-bit weights on the first CPU no-grad forward and then drops gradients; we switch
     the repacking off on every quantized model, so QLoRA steps after an evaluation still train every layer."""
-    model = modeling.build_classifier(ModelConfig(base_model=str(base_dir)), quant=QuantConfig(), device="cpu")
+    model = modeling.build_classifier(
+        ModelConfig(base_model=str(base_dir)), quant=QuantConfig(), device="cpu"
+    )
     peft_model = modeling.apply_lora(model, LoraSettings(r=4))
     _probs(peft_model, rows)  # an evaluation pass
     peft_model.train()
@@ -149,7 +157,9 @@ def test_training_after_an_eval_pass_still_gets_gradients(base_dir, rows):
 
 
 def test_merging_an_adapter_into_nf4_adds_rounding_error(base_dir, rows):
-    model = modeling.build_classifier(ModelConfig(base_model=str(base_dir)), quant=QuantConfig(), device="cpu")
+    model = modeling.build_classifier(
+        ModelConfig(base_model=str(base_dir)), quant=QuantConfig(), device="cpu"
+    )
     base_weights = _plain_weights(model)
     peft_model = modeling.apply_lora(model, LoraSettings(r=4))
     deltas = _random_adapter(peft_model)

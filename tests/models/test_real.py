@@ -22,7 +22,9 @@ from kaggle_utils.quant import artifacts
 from kaggle_utils.studies import experiment
 from kaggle_utils.text.tokenizer import load_tokenizer
 
-GEMMA2_TOKENIZER = Path(__file__).resolve().parents[2] / ".." / "shared" / "reference" / "tokenizers" / "gemma2"
+GEMMA2_TOKENIZER = (
+    Path(__file__).resolve().parents[2] / ".." / "shared" / "reference" / "tokenizers" / "gemma2"
+)
 if not GEMMA2_TOKENIZER.is_dir():
     GEMMA2_TOKENIZER = Path("/work/shared/reference/tokenizers/gemma2")
 
@@ -59,9 +61,13 @@ def _cfg(base: Path, tokenizer_path: str | None = None) -> PipelineConfig:
     return cfg
 
 
-def test_real_checkpoint_is_never_given_a_locally_trained_tokenizer(weights_only_checkpoint, train_data, tmp_path):
+def test_real_checkpoint_is_never_given_a_locally_trained_tokenizer(
+    weights_only_checkpoint, train_data, tmp_path
+):
     """The reported bug: compare trained a demo tokenizer for a real checkpoint (2048 ids < 256,000 rows)."""
-    with pytest.raises(UsageError, match=f"base model {weights_only_checkpoint} has real weights but no tokenizer"):
+    with pytest.raises(
+        UsageError, match=f"base model {weights_only_checkpoint} has real weights but no tokenizer"
+    ):
         experiment._tokenizer(_cfg(weights_only_checkpoint), train_data.frame, tmp_path)
     assert not (tmp_path / "tokenizer").exists()
 
@@ -71,12 +77,15 @@ def test_real_checkpoint_uses_its_own_tokenizer(checkpoint_with_tokenizer, train
     assert len(tokenizer) == 256_000 and not is_demo_tokenizer(tokenizer)
     assert tokenizer.convert_tokens_to_ids(["<start_of_turn>", "<end_of_turn>"]) == [106, 107]
     # another real tokenizer may be named explicitly
-    named = experiment._tokenizer(_cfg(checkpoint_with_tokenizer, str(GEMMA2_TOKENIZER)), train_data.frame, tmp_path)
+    named = experiment._tokenizer(
+        _cfg(checkpoint_with_tokenizer, str(GEMMA2_TOKENIZER)), train_data.frame, tmp_path
+    )
     assert len(named) == 256_000
 
 
-def test_demo_tokenizer_named_for_real_weights_is_refused(checkpoint_with_tokenizer, demo_tokenizer, train_data,
-                                                          tmp_path):
+def test_demo_tokenizer_named_for_real_weights_is_refused(
+    checkpoint_with_tokenizer, demo_tokenizer, train_data, tmp_path
+):
     demo_dir = tmp_path / "demo"
     demo_tokenizer.save_pretrained(str(demo_dir))
     with pytest.raises(UsageError, match="trained locally"):
@@ -85,8 +94,11 @@ def test_demo_tokenizer_named_for_real_weights_is_refused(checkpoint_with_tokeni
     config = json.loads((demo_dir / "tokenizer_config.json").read_text())
     config.pop("kaggle_utils_demo_tokenizer")
     (demo_dir / "tokenizer_config.json").write_text(json.dumps(config))
-    with pytest.raises(UsageError, match=rf"tokenizer {demo_dir} and model {checkpoint_with_tokenizer} disagree: "
-                                         r"the tokenizer has \d+ tokens for 256000 embedding rows"):
+    with pytest.raises(
+        UsageError,
+        match=rf"tokenizer {demo_dir} and model {checkpoint_with_tokenizer} disagree: "
+        r"the tokenizer has \d+ tokens for 256000 embedding rows",
+    ):
         experiment._tokenizer(_cfg(checkpoint_with_tokenizer, str(demo_dir)), train_data.frame, tmp_path)
 
 
@@ -98,15 +110,23 @@ def test_special_token_ids_must_match_the_checkpoint(checkpoint_with_tokenizer, 
     config = json.loads((checkpoint_with_tokenizer / "config.json").read_text())
     (base / "config.json").unlink()
     (base / "config.json").write_text(json.dumps({**config, "bos_token_id": 5}))
-    with pytest.raises(UsageError, match=rf"tokenizer {base} and model {base} disagree: bos_token_id is 2 in the "
-                                         r"tokenizer but 5 in the model config"):
+    with pytest.raises(
+        UsageError,
+        match=rf"tokenizer {base} and model {base} disagree: bos_token_id is 2 in the "
+        r"tokenizer but 5 in the model config",
+    ):
         experiment._tokenizer(_cfg(base), train_data.frame, tmp_path)
 
 
 def test_template_tokens_must_be_single_tokens():
     vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3, "a": 4}
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="<unk>")),
-                                        pad_token="<pad>", eos_token="<eos>", bos_token="<bos>", unk_token="<unk>")
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="<unk>")),
+        pad_token="<pad>",
+        eos_token="<eos>",
+        bos_token="<bos>",
+        unk_token="<unk>",
+    )
     config = modeling.tiny_gemma2_config(len(vocab))
     with pytest.raises(UsageError, match="template 'gemma' needs <start_of_turn> as one token"):
         check_tokenizer_model(tokenizer, config, "tok", "model", template="gemma")
@@ -121,21 +141,44 @@ def test_random_weight_bases_keep_the_demo_tokenizer(demo_tokenizer, demo_base_d
 
 def test_artifact_whose_tokenizer_does_not_fit_its_model_is_refused(demo_base_dir, tmp_path):
     model = modeling.build_classifier(ModelConfig(base_model=str(demo_base_dir)), device="cpu")
-    path = artifacts.save_artifact(tmp_path / "art", model, load_tokenizer(GEMMA2_TOKENIZER),
-                                   {"ordering": "ft-then-quant", "variant": "ft-then-quant", "base_model": "tiny",
-                                    "folds_file_hash": "0" * 64, "cv_scores": {}}, FormatConfig())
+    path = artifacts.save_artifact(
+        tmp_path / "art",
+        model,
+        load_tokenizer(GEMMA2_TOKENIZER),
+        {
+            "ordering": "ft-then-quant",
+            "variant": "ft-then-quant",
+            "base_model": "tiny",
+            "folds_file_hash": "0" * 64,
+            "cv_scores": {},
+        },
+        FormatConfig(),
+    )
     rows = model.get_input_embeddings().weight.shape[0]
-    with pytest.raises(ArtifactError, match=rf"tokenizer {path / 'tokenizer'} and model {path / 'model'} disagree: "
-                                            rf"the tokenizer has 256000 tokens but the model only {rows} embedding"):
+    with pytest.raises(
+        ArtifactError,
+        match=rf"tokenizer {path / 'tokenizer'} and model {path / 'model'} disagree: "
+        rf"the tokenizer has 256000 tokens but the model only {rows} embedding",
+    ):
         artifacts.load_artifact(path, device="cpu")
 
 
-def test_artifact_of_a_real_model_with_the_demo_tokenizer_is_refused(weights_only_checkpoint, demo_tokenizer,
-                                                                       tmp_path):
+def test_artifact_of_a_real_model_with_the_demo_tokenizer_is_refused(
+    weights_only_checkpoint, demo_tokenizer, tmp_path
+):
     model = modeling.build_classifier(ModelConfig(base_model=str(weights_only_checkpoint)), device="cpu")
-    path = artifacts.save_artifact(tmp_path / "art", model, demo_tokenizer,
-                                   {"ordering": "ft-then-quant", "variant": "ft-then-quant",
-                                    "base_model": str(weights_only_checkpoint), "folds_file_hash": "0" * 64,
-                                    "cv_scores": {}}, FormatConfig())
+    path = artifacts.save_artifact(
+        tmp_path / "art",
+        model,
+        demo_tokenizer,
+        {
+            "ordering": "ft-then-quant",
+            "variant": "ft-then-quant",
+            "base_model": str(weights_only_checkpoint),
+            "folds_file_hash": "0" * 64,
+            "cv_scores": {},
+        },
+        FormatConfig(),
+    )
     with pytest.raises(ArtifactError, match="disagree: the tokenizer was trained locally"):
         artifacts.load_artifact(path, device="cpu")

@@ -30,12 +30,16 @@ def tiny_files(tmp_path_factory):
     return generate_competition_files(tmp_path_factory.mktemp("tiny"), n_train=16, n_test=4, seed=5)
 
 
-@pytest.mark.parametrize("checkpoint,class_name,vocab,template", [
-    ("gemma3_270m_dir", "Gemma3TextForSequenceClassification", 262_144, "gemma"),
-    ("smollm2_dir", "LlamaForSequenceClassification", 49_152, "chatml"),
-])
-def test_real_checkpoint_trains_ships_and_submits(checkpoint, class_name, vocab, template, tiny_files, tmp_path,
-                                                  request):
+@pytest.mark.parametrize(
+    "checkpoint,class_name,vocab,template",
+    [
+        ("gemma3_270m_dir", "Gemma3TextForSequenceClassification", 262_144, "gemma"),
+        ("smollm2_dir", "LlamaForSequenceClassification", 49_152, "chatml"),
+    ],
+)
+def test_real_checkpoint_trains_ships_and_submits(
+    checkpoint, class_name, vocab, template, tiny_files, tmp_path, request
+):
     base = request.getfixturevalue(checkpoint)
     cfg = experiment.demo_config()
     cfg.model.base_model = str(base)
@@ -43,10 +47,12 @@ def test_real_checkpoint_trains_ships_and_submits(checkpoint, class_name, vocab,
     cfg.format = dataclasses.replace(cfg.format, template="auto", max_length=96)
     cfg.folds.n_folds = 4
     cfg.lora = dataclasses.replace(cfg.lora, r=2, target_modules=(modeling.ALL_LINEAR,))
-    cfg.train = dataclasses.replace(cfg.train, max_steps=1, eval_every_steps=1, save_every_steps=1,
-                                    per_device_batch_size=2)
-    report = compare.compare_orderings(cfg, tiny_files.train_csv, tmp_path / "run", variants=["ft-then-quant"],
-                                       progress=False)
+    cfg.train = dataclasses.replace(
+        cfg.train, max_steps=1, eval_every_steps=1, save_every_steps=1, per_device_batch_size=2
+    )
+    report = compare.compare_orderings(
+        cfg, tiny_files.train_csv, tmp_path / "run", variants=["ft-then-quant"], progress=False
+    )
     assert not (tmp_path / "run" / "tokenizer").exists()  # no locally trained tokenizer for real weights
     rounding = "Q4_K_M" if "gemma" in checkpoint else "Q4_1"
     assert f"they carry the {rounding} rounding" in report.setup["base_model_note"]

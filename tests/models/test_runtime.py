@@ -99,7 +99,8 @@ def test_probe_asks_torch_for_native_bf16_not_emulation(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setattr(
-        torch.cuda, "get_device_properties",
+        torch.cuda,
+        "get_device_properties",
         lambda index: SimpleNamespace(name="Tesla T4", major=7, minor=5, total_memory=15 * 2**30),
     )
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", is_bf16_supported)
@@ -161,7 +162,10 @@ def test_find_inputs_never_takes_a_baseline_from_another_artifact(tmp_path):
     found = rt.find_inputs(tmp_path, artifact_hint="mine")
     assert found.artifact_dir == tmp_path / "mine" and found.baseline_path is None
     _touch(tmp_path / "standalone" / "baseline.json")
-    assert rt.find_inputs(tmp_path, artifact_hint="mine").baseline_path == tmp_path / "standalone" / "baseline.json"
+    assert (
+        rt.find_inputs(tmp_path, artifact_hint="mine").baseline_path
+        == tmp_path / "standalone" / "baseline.json"
+    )
 
 
 def test_find_inputs_ambiguity_is_an_error_naming_candidates_and_a_hint_resolves_it(tmp_path):
@@ -171,7 +175,10 @@ def test_find_inputs_ambiguity_is_an_error_naming_candidates_and_a_hint_resolves
     with pytest.raises(UsageError, match="2 candidates for the artifact.*other-artifact"):
         rt.find_inputs(tmp_path)
     assert rt.find_inputs(tmp_path, artifact_hint="other-artifact").artifact_dir == second
-    assert rt.find_inputs(tmp_path, artifact_hint="qlora", test_hint="lmsys-extra-data").test_path.parent.name == "lmsys-extra-data"
+    assert (
+        rt.find_inputs(tmp_path, artifact_hint="qlora", test_hint="lmsys-extra-data").test_path.parent.name
+        == "lmsys-extra-data"
+    )
     with pytest.raises(UsageError, match="matches 'nothing-like-this'"):
         rt.find_inputs(tmp_path, artifact_hint="nothing-like-this")
 

@@ -45,7 +45,9 @@ def kaggle_input(tmp_path_factory, sample_files, demo_tokenizer):
     return root, artifacts
 
 
-@pytest.mark.parametrize(("ordering", "hint"), [("ft-then-quant", "models/ftq"), ("quant-then-ft", "models/qft")])
+@pytest.mark.parametrize(
+    ("ordering", "hint"), [("ft-then-quant", "models/ftq"), ("quant-then-ft", "models/qft")]
+)
 def test_notebook_runs_headless_and_writes_a_valid_submission(kaggle_input, ordering, hint, tmp_path):
     import papermill
 
@@ -54,8 +56,13 @@ def test_notebook_runs_headless_and_writes_a_valid_submission(kaggle_input, orde
     papermill.execute_notebook(
         str(NOTEBOOK),
         str(tmp_path / "executed.ipynb"),
-        parameters={"INPUT_ROOT": str(root), "ARTIFACT_HINT": hint, "OUT": str(out), "DEVICE": "cpu",
-                    "TOKEN_BUDGET": 2048},
+        parameters={
+            "INPUT_ROOT": str(root),
+            "ARTIFACT_HINT": hint,
+            "OUT": str(out),
+            "DEVICE": "cpu",
+            "TOKEN_BUDGET": 2048,
+        },
         kernel_name="python3",
         progress_bar=False,
         cwd=str(tmp_path),
@@ -72,19 +79,31 @@ def test_notebook_runs_headless_and_writes_a_valid_submission(kaggle_input, orde
     assert f"{report['rows']} rows (tta {report['rows']})" in printed
 
 
-def test_notebook_raises_after_writing_when_rows_fell_back_except_in_the_rerun(kaggle_input, tmp_path, monkeypatch):
+def test_notebook_raises_after_writing_when_rows_fell_back_except_in_the_rerun(
+    kaggle_input, tmp_path, monkeypatch
+):
     import papermill
 
     root, _ = kaggle_input
     test_csv = root / "competitions" / "llm-classification-finetuning" / "test.csv"
-    parameters = {"TEST_PATH": str(test_csv), "ARTIFACT_DIR": str(tmp_path / "no-such-artifact"), "DEVICE": "cpu",
-                  "TOKEN_BUDGET": 2048}
+    parameters = {
+        "TEST_PATH": str(test_csv),
+        "ARTIFACT_DIR": str(tmp_path / "no-such-artifact"),
+        "DEVICE": "cpu",
+        "TOKEN_BUDGET": 2048,
+    }
     monkeypatch.delenv("KAGGLE_IS_COMPETITION_RERUN", raising=False)
     out = tmp_path / "submission.csv"
     with pytest.raises(papermill.PapermillExecutionError, match="predicted by the fallback") as raised:
-        papermill.execute_notebook(str(NOTEBOOK), str(tmp_path / "failed.ipynb"),
-                                   parameters={**parameters, "OUT": str(out)}, kernel_name="python3",
-                                   progress_bar=False, cwd=str(tmp_path), execution_timeout=300)
+        papermill.execute_notebook(
+            str(NOTEBOOK),
+            str(tmp_path / "failed.ipynb"),
+            parameters={**parameters, "OUT": str(out)},
+            kernel_name="python3",
+            progress_bar=False,
+            cwd=str(tmp_path),
+            execution_timeout=300,
+        )
     assert raised.value.ename == "InferenceError"
     validate_submission(out, test_csv)  # written and validated before the raise
     executed = nbformat.read(tmp_path / "failed.ipynb", as_version=4)
@@ -93,9 +112,15 @@ def test_notebook_raises_after_writing_when_rows_fell_back_except_in_the_rerun(k
 
     monkeypatch.setenv("KAGGLE_IS_COMPETITION_RERUN", "1")  # the hidden rerun: keep the file, finish
     rerun = tmp_path / "rerun.csv"
-    papermill.execute_notebook(str(NOTEBOOK), str(tmp_path / "rerun.ipynb"),
-                               parameters={**parameters, "OUT": str(rerun)}, kernel_name="python3",
-                               progress_bar=False, cwd=str(tmp_path), execution_timeout=300)
+    papermill.execute_notebook(
+        str(NOTEBOOK),
+        str(tmp_path / "rerun.ipynb"),
+        parameters={**parameters, "OUT": str(rerun)},
+        kernel_name="python3",
+        progress_bar=False,
+        cwd=str(tmp_path),
+        execution_timeout=300,
+    )
     validate_submission(rerun, test_csv)
 
 
@@ -108,11 +133,19 @@ def test_notebook_writes_a_valid_file_before_raising_when_two_artifacts_are_atta
     monkeypatch.delenv("KAGGLE_IS_COMPETITION_RERUN", raising=False)
     out = tmp_path / "submission.csv"
     with pytest.raises(papermill.PapermillExecutionError, match="2 candidates for the artifact") as raised:
-        papermill.execute_notebook(str(NOTEBOOK), str(tmp_path / "failed.ipynb"),
-                                   parameters={"INPUT_ROOT": str(root), "OUT": str(out), "DEVICE": "cpu"},
-                                   kernel_name="python3", progress_bar=False, cwd=str(tmp_path),
-                                   execution_timeout=300)
-    assert raised.value.ename == "UsageError" and "a fallback submission (uniform) was written" in raised.value.evalue
+        papermill.execute_notebook(
+            str(NOTEBOOK),
+            str(tmp_path / "failed.ipynb"),
+            parameters={"INPUT_ROOT": str(root), "OUT": str(out), "DEVICE": "cpu"},
+            kernel_name="python3",
+            progress_bar=False,
+            cwd=str(tmp_path),
+            execution_timeout=300,
+        )
+    assert (
+        raised.value.ename == "UsageError"
+        and "a fallback submission (uniform) was written" in raised.value.evalue
+    )
     validate_submission(out, root / "competitions" / "llm-classification-finetuning" / "test.csv")
 
 

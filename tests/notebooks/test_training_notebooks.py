@@ -23,8 +23,13 @@ NOTEBOOKS = ROOT / "notebooks"
 MINE = ("train", "cv_report")
 ORDERINGS = ("ft-then-quant", "quant-then-ft")  # one notebook, pushed as one kernel per ORDERING
 TINY = {
-    "train": {"max_steps": 2, "per_device_batch_size": 8, "grad_accum": 1, "eval_every_steps": 1,
-              "save_every_steps": 1000},
+    "train": {
+        "max_steps": 2,
+        "per_device_batch_size": 8,
+        "grad_accum": 1,
+        "eval_every_steps": 1,
+        "save_every_steps": 1000,
+    },
     "format": {"max_length": 128},
     "lora": {"r": 4, "alpha": 8},
     "folds": {"n_folds": 4},
@@ -54,7 +59,9 @@ def test_every_notebook_carries_the_one_install_cell(name, suffix):
     assert install_cell_problem(NOTEBOOKS / f"{name}{suffix}") is None
 
 
-@pytest.mark.parametrize(("name", "ordering"), [("train", "ft-then-quant"), ("train", "quant-then-ft"), ("cv_report", None)])
+@pytest.mark.parametrize(
+    ("name", "ordering"), [("train", "ft-then-quant"), ("train", "quant-then-ft"), ("cv_report", None)]
+)
 def test_kernel_folder_builds_and_passes_the_check(name, ordering, tmp_path):
     source = "google/gemma-2/transformers/gemma-2-9b-it/2"
     cfg = KaggleConfig(build_dir=str(tmp_path), base_model_source=source)
@@ -93,13 +100,26 @@ def test_training_notebook_refuses_an_unknown_ordering(tmp_path):
     import papermill
 
     with pytest.raises(papermill.PapermillExecutionError, match="ORDERING 'ft-then-qaunt' is not one of"):
-        _execute("train", {"ORDERING": "ft-then-qaunt", "TRAIN_PATH": str(tmp_path / "unused.csv"),
-                           "OUT_DIR": str(tmp_path / "out")}, tmp_path)
+        _execute(
+            "train",
+            {
+                "ORDERING": "ft-then-qaunt",
+                "TRAIN_PATH": str(tmp_path / "unused.csv"),
+                "OUT_DIR": str(tmp_path / "out"),
+            },
+            tmp_path,
+        )
     assert not (tmp_path / "out").exists()
 
 
 def _outputs(notebook, mime: str) -> list:
-    return [o for c in notebook.cells if c.cell_type == "code" for o in c.get("outputs", []) if mime in o.get("data", {})]
+    return [
+        o
+        for c in notebook.cells
+        if c.cell_type == "code"
+        for o in c.get("outputs", [])
+        if mime in o.get("data", {})
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -108,8 +128,12 @@ def trained(sample_files, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("notebooks")
     outputs = {}
     for ordering in ORDERINGS:
-        parameters = {"ORDERING": ordering, "TRAIN_PATH": str(sample_files.train_csv), "OUT_DIR": str(workdir / ordering),
-                      "OVERRIDES": TINY}
+        parameters = {
+            "ORDERING": ordering,
+            "TRAIN_PATH": str(sample_files.train_csv),
+            "OUT_DIR": str(workdir / ordering),
+            "OVERRIDES": TINY,
+        }
         outputs[ordering] = (_execute("train", parameters, workdir, tag=f".{ordering}"), workdir / ordering)
     return workdir, outputs
 
@@ -125,7 +149,10 @@ def test_training_notebook_runs_end_to_end(trained, ordering):
     assert [v["variant"] for v in report["variants"]] == [ordering]
     (run,) = report["runs"]
     assert [fold["fold"] for fold in run["per_fold"]] == [0]
-    assert [point["step"] for point in run["per_fold"][0]["history"]] == [1, 2]  # the tiny overrides reached it
+    assert [point["step"] for point in run["per_fold"][0]["history"]] == [
+        1,
+        2,
+    ]  # the tiny overrides reached it
     manifest = read_manifest(run["per_fold"][0]["artifact_dir"])
     assert manifest["ordering"] == ordering
     assert (out_dir / "report.png").stat().st_size > 0 and (out_dir / "oof.parquet").is_file()
@@ -150,12 +177,15 @@ def test_cv_report_notebook_joins_both_orderings(trained):
         joined = next(v for v in report["variants"] if v["variant"] == ordering)
         # numbers are carried over, not recomputed differently
         assert {k: v for k, v in joined.items() if k not in common} == {
-            k: v for k, v in single.items() if k not in common}
+            k: v for k, v in single.items() if k not in common
+        }
     by_name = {v["variant"]: v for v in report["variants"]}
     reference = by_name["ft-then-quant"]["cv_log_loss_16bit"]["mean"]
     assert report["common_reference"]["variant"] == "ft-then-quant"
     for summary in by_name.values():  # QiD against the one common reference, also for the other kernel's run
-        assert summary["qid_vs_common"]["mean"] == pytest.approx(summary["cv_log_loss_quantized"]["mean"] - reference)
+        assert summary["qid_vs_common"]["mean"] == pytest.approx(
+            summary["cv_log_loss_quantized"]["mean"] - reference
+        )
     html = "".join(o["data"]["text/html"] for o in _outputs(executed, "text/html"))
     assert "cv_log_loss_quantized" in html and "prior_log_loss" in html  # the summary and per-fold tables
     assert len(_outputs(executed, "image/png")) == 2

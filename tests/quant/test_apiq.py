@@ -33,29 +33,41 @@ def fp_model(demo_tokenizer):
     from kaggle_utils.core.config import ModelConfig
     from kaggle_utils.models.classifier import build_classifier
 
-    return build_classifier(ModelConfig(dtype="float32"), vocab_size=len(demo_tokenizer),
-                            pad_token_id=demo_tokenizer.pad_token_id, device="cpu").eval()
+    return build_classifier(
+        ModelConfig(dtype="float32"),
+        vocab_size=len(demo_tokenizer),
+        pad_token_id=demo_tokenizer.pad_token_id,
+        device="cpu",
+    ).eval()
 
 
 def test_fake_nf4_is_bitsandbytes_nf4():
     import bitsandbytes.functional as bnb_functional
 
     weight = torch.randn(32, 128, generator=torch.Generator().manual_seed(0)) * 0.02
-    packed, state = bnb_functional.quantize_4bit(weight, blocksize=64, quant_type="nf4", compress_statistics=False)
+    packed, state = bnb_functional.quantize_4bit(
+        weight, blocksize=64, quant_type="nf4", compress_statistics=False
+    )
     assert torch.equal(fake_quantize_nf4(weight), bnb_functional.dequantize_4bit(packed, state))
 
 
 def test_apiq_lowers_every_block_error_on_calibration_rows_int4(fp_model, calibration):
     torch.manual_seed(0)
     rows, _, pad = calibration
-    result = apiq_initialize(fp_model, rows, pad, ApiQSettings(quantizer="int4", group_size=16, rank=RANK,
-                                                               alpha=ALPHA, epochs=6, batch_size=8))
+    result = apiq_initialize(
+        fp_model,
+        rows,
+        pad,
+        ApiQSettings(quantizer="int4", group_size=16, rank=RANK, alpha=ALPHA, epochs=6, batch_size=8),
+    )
     assert len(result.block_errors) == 2 and len(result.lora) == 14
     for error in result.block_errors:
         assert error.apiq < 0.8 * error.default, error
         assert error.isolated_after < error.isolated_before, error
     clips = torch.cat([c.flatten() for pair in result.clip.values() for c in pair])
-    assert float(clips.min()) >= 0.5 and float(clips.max()) <= 1.0 and float(clips.min()) < 1.0  # learned, bounded
+    assert (
+        float(clips.min()) >= 0.5 and float(clips.max()) <= 1.0 and float(clips.min()) < 1.0
+    )  # learned, bounded
     quantized = apply_clipping(fp_model, result)
     assert quantized is not None and set(quantized) == set(result.lora)
 
@@ -68,8 +80,9 @@ def test_apiq_nf4_init_beats_default_qlora_init_on_held_out_rows(fp_model, calib
 
     torch.manual_seed(0)
     rows, held_out, pad = calibration
-    result = apiq_initialize(fp_model, rows, pad, ApiQSettings(quantizer="nf4", rank=RANK, alpha=ALPHA, epochs=6,
-                                                               batch_size=8))
+    result = apiq_initialize(
+        fp_model, rows, pad, ApiQSettings(quantizer="nf4", rank=RANK, alpha=ALPHA, epochs=6, batch_size=8)
+    )
     for error in result.block_errors:
         assert error.apiq < error.default, error
 
@@ -77,8 +90,12 @@ def test_apiq_nf4_init_beats_default_qlora_init_on_held_out_rows(fp_model, calib
 
     def qlora_from(model, directory):
         model.save_pretrained(str(directory))
-        base = build_classifier(ModelConfig(base_model=str(directory), dtype="float32"), QuantConfig(),
-                                pad_token_id=pad, device="cpu")
+        base = build_classifier(
+            ModelConfig(base_model=str(directory), dtype="float32"),
+            QuantConfig(),
+            pad_token_id=pad,
+            device="cpu",
+        )
         return apply_lora(base, lora)
 
     default = qlora_from(fp_model, tmp_path / "default")

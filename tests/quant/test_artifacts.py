@@ -58,8 +58,9 @@ def _probs(model, rows, pad):
 
 def test_quant_then_ft_artifact_reloads_with_identical_predictions(setup, demo_tokenizer, tmp_path):
     model_cfg, rows, pad = setup
-    peft_model = modeling.apply_lora(modeling.build_classifier(model_cfg, quant=QuantConfig(), device="cpu"),
-                                     LoraSettings(r=4))
+    peft_model = modeling.apply_lora(
+        modeling.build_classifier(model_cfg, quant=QuantConfig(), device="cpu"), LoraSettings(r=4)
+    )
     _perturb_adapter(peft_model)
     expected = _probs(peft_model, rows, pad)
     fmt = FormatConfig(max_length=256)
@@ -70,16 +71,21 @@ def test_quant_then_ft_artifact_reloads_with_identical_predictions(setup, demo_t
     manifest = json.loads((path / "manifest.json").read_text())
     assert set(artifacts.REQUIRED_FIELDS) <= set(manifest)
     assert manifest["quant_scheme"] == "nf4" and manifest["has_adapter"] and manifest["max_length"] == 256
-    assert manifest["template_version"] == TEMPLATE_VERSION and manifest["class_prior"] == FIELDS["class_prior"]
-    assert "model/model.safetensors" in manifest["files"] and "adapter/adapter_model.safetensors" in manifest["files"]
+    assert (
+        manifest["template_version"] == TEMPLATE_VERSION and manifest["class_prior"] == FIELDS["class_prior"]
+    )
+    assert (
+        "model/model.safetensors" in manifest["files"]
+        and "adapter/adapter_model.safetensors" in manifest["files"]
+    )
 
     loaded = artifacts.load_artifact(path, device="cpu")
     assert isinstance(loaded.model, PeftModel) and quantization.quant_scheme_of(loaded.model) == "nf4"
     assert loaded.format_config == fmt and loaded.tokenizer.pad_token_id == pad
     np.testing.assert_array_equal(_probs(loaded.model, rows, pad), expected)
-    assert artifacts.artifact_size_bytes(path) == sum(info["bytes"] for info in manifest["files"].values()) + len(
-        (path / "manifest.json").read_bytes()
-    )
+    assert artifacts.artifact_size_bytes(path) == sum(
+        info["bytes"] for info in manifest["files"].values()
+    ) + len((path / "manifest.json").read_bytes())
 
     # Runtimes without bitsandbytes: plain layers with the adapter merged, same predictions up to fp32 rounding.
     plain = artifacts.load_artifact(path, compute_dtype=torch.float32, dequantize=True)
@@ -89,14 +95,16 @@ def test_quant_then_ft_artifact_reloads_with_identical_predictions(setup, demo_t
 
 def test_quant_then_ft_merged_copy_is_shipped_beside_the_adapter(setup, demo_tokenizer, tmp_path):
     model_cfg, rows, pad = setup
-    peft_model = modeling.apply_lora(modeling.build_classifier(model_cfg, quant=QuantConfig(), device="cpu"),
-                                     LoraSettings(r=4))
+    peft_model = modeling.apply_lora(
+        modeling.build_classifier(model_cfg, quant=QuantConfig(), device="cpu"), LoraSettings(r=4)
+    )
     _perturb_adapter(peft_model)
     path = artifacts.save_artifact(tmp_path / "art", peft_model, demo_tokenizer, FIELDS, FormatConfig())
     merged = quantization.merge_adapter_into_quantized(artifacts.load_artifact(path, device="cpu").model)
     expected = _probs(merged, rows, pad)
-    path = artifacts.save_artifact(tmp_path / "art", peft_model, demo_tokenizer, FIELDS, FormatConfig(),
-                                   merged_model=merged)
+    path = artifacts.save_artifact(
+        tmp_path / "art", peft_model, demo_tokenizer, FIELDS, FormatConfig(), merged_model=merged
+    )
     loaded = artifacts.load_artifact(path, device="cpu", use_merged=True)
     assert not isinstance(loaded.model, PeftModel) and quantization.quant_scheme_of(loaded.model) == "nf4"
     np.testing.assert_array_equal(_probs(loaded.model, rows, pad), expected)
@@ -108,7 +116,9 @@ def test_ft_then_quant_artifact_reloads_with_identical_predictions(setup, demo_t
     model_cfg, rows, pad = setup
     peft_model = modeling.apply_lora(modeling.build_classifier(model_cfg, device="cpu"), LoraSettings(r=4))
     _perturb_adapter(peft_model)
-    quantized = quantization.quantize_merged(peft_model.merge_and_unload(), QuantConfig(scheme=scheme), model_cfg)
+    quantized = quantization.quantize_merged(
+        peft_model.merge_and_unload(), QuantConfig(scheme=scheme), model_cfg
+    )
     expected = _probs(quantized, rows, pad)
     fields = {**FIELDS, "ordering": "ft-then-quant", "variant": f"ft-then-quant-{scheme}"}
     path = artifacts.save_artifact(tmp_path / "art", quantized, demo_tokenizer, fields, FormatConfig())
@@ -118,13 +128,17 @@ def test_ft_then_quant_artifact_reloads_with_identical_predictions(setup, demo_t
     np.testing.assert_array_equal(_probs(loaded.model, rows, pad), expected)
     plain = artifacts.load_artifact(path, compute_dtype=torch.float32, dequantize=True)
     assert quantization.quant_scheme_of(plain.model) is None
-    np.testing.assert_allclose(_probs(plain.model, rows, pad), expected, atol=1e-2 if scheme == "int8" else 1e-5)
+    np.testing.assert_allclose(
+        _probs(plain.model, rows, pad), expected, atol=1e-2 if scheme == "int8" else 1e-5
+    )
 
 
 def _small_artifact(setup, demo_tokenizer, path):
     model_cfg, _, _ = setup
     model = modeling.build_classifier(model_cfg, device="cpu")
-    return artifacts.save_artifact(path, model, demo_tokenizer, {**FIELDS, "ordering": "ft-then-quant"}, FormatConfig())
+    return artifacts.save_artifact(
+        path, model, demo_tokenizer, {**FIELDS, "ordering": "ft-then-quant"}, FormatConfig()
+    )
 
 
 def test_template_version_mismatch_is_refused(setup, demo_tokenizer, tmp_path):
@@ -153,8 +167,13 @@ def test_incomplete_or_damaged_artifacts_are_refused(setup, demo_tokenizer, tmp_
     with pytest.raises(ArtifactError, match="manifest.json is missing"):
         artifacts.load_artifact(path, device="cpu")
     with pytest.raises(ArtifactError, match="lacks"):
-        artifacts.save_artifact(tmp_path / "x", modeling.build_classifier(setup[0], device="cpu"), demo_tokenizer,
-                                {"ordering": "ft-then-quant"}, FormatConfig())
+        artifacts.save_artifact(
+            tmp_path / "x",
+            modeling.build_classifier(setup[0], device="cpu"),
+            demo_tokenizer,
+            {"ordering": "ft-then-quant"},
+            FormatConfig(),
+        )
 
 
 def test_use_merged_without_a_merged_copy_is_refused(setup, demo_tokenizer, tmp_path):
@@ -181,8 +200,10 @@ def test_missing_weights_and_unknown_schemes_are_refused_not_randomised(setup, d
     dropped = next(name for name in state if name.endswith("mlp.down_proj.weight"))
     del state[dropped]
     save_file(state, str(weights), metadata={"format": "pt"})
-    manifest["files"]["model/model.safetensors"] = {"bytes": weights.stat().st_size,
-                                                    "sha256": hashlib.sha256(weights.read_bytes()).hexdigest()}
+    manifest["files"]["model/model.safetensors"] = {
+        "bytes": weights.stat().st_size,
+        "sha256": hashlib.sha256(weights.read_bytes()).hexdigest(),
+    }
     manifest_path.write_text(json.dumps(manifest))
     with pytest.raises(ArtifactError, match="missing from the checkpoint"):
         artifacts.load_artifact(path, device="cpu")
@@ -190,8 +211,9 @@ def test_missing_weights_and_unknown_schemes_are_refused_not_randomised(setup, d
 
 def _adapter_artifact(setup, demo_tokenizer, path):
     model_cfg, _, _ = setup
-    peft_model = modeling.apply_lora(modeling.build_classifier(model_cfg, quant=QuantConfig(), device="cpu"),
-                                     LoraSettings(r=4))
+    peft_model = modeling.apply_lora(
+        modeling.build_classifier(model_cfg, quant=QuantConfig(), device="cpu"), LoraSettings(r=4)
+    )
     _perturb_adapter(peft_model)
     return artifacts.save_artifact(path, peft_model, demo_tokenizer, FIELDS, FormatConfig())
 
@@ -231,7 +253,9 @@ def test_quant_then_ft_without_its_adapter_is_refused_not_run_on_the_base(setup,
         artifacts.load_artifact(path, device="cpu")
 
 
-def test_same_size_bit_flips_are_refused_by_default_and_the_check_can_be_skipped(setup, demo_tokenizer, tmp_path):
+def test_same_size_bit_flips_are_refused_by_default_and_the_check_can_be_skipped(
+    setup, demo_tokenizer, tmp_path
+):
     path = _adapter_artifact(setup, demo_tokenizer, tmp_path / "art")
     weights = path / "adapter" / "adapter_model.safetensors"
     data = bytearray(weights.read_bytes())
@@ -242,16 +266,21 @@ def test_same_size_bit_flips_are_refused_by_default_and_the_check_can_be_skipped
     artifacts.load_artifact(path, device="cpu", verify_hashes=False)  # opt-out: sizes only
 
 
-@pytest.mark.parametrize(("files", "message"), [
-    ([], "'files' must be dict"),
-    ({}, "lists no files"),
-    ({"model/config.json": 12}, "must be {'bytes'"),
-    ({"model/config.json": {"bytes": "12", "sha256": "0" * 64}}, "must be {'bytes'"),
-    ({"model/config.json": {"bytes": 12, "sha256": "xyz"}}, "must be {'bytes'"),
-    ({"../outside.json": {"bytes": 1, "sha256": "0" * 64}}, "not a path inside the artifact"),
-    ({"/etc/passwd": {"bytes": 1, "sha256": "0" * 64}}, "not a path inside the artifact"),
-])
-def test_malformed_manifest_files_entries_are_one_artifact_error(setup, demo_tokenizer, tmp_path, files, message):
+@pytest.mark.parametrize(
+    ("files", "message"),
+    [
+        ([], "'files' must be dict"),
+        ({}, "lists no files"),
+        ({"model/config.json": 12}, "must be {'bytes'"),
+        ({"model/config.json": {"bytes": "12", "sha256": "0" * 64}}, "must be {'bytes'"),
+        ({"model/config.json": {"bytes": 12, "sha256": "xyz"}}, "must be {'bytes'"),
+        ({"../outside.json": {"bytes": 1, "sha256": "0" * 64}}, "not a path inside the artifact"),
+        ({"/etc/passwd": {"bytes": 1, "sha256": "0" * 64}}, "not a path inside the artifact"),
+    ],
+)
+def test_malformed_manifest_files_entries_are_one_artifact_error(
+    setup, demo_tokenizer, tmp_path, files, message
+):
     path = _small_artifact(setup, demo_tokenizer, tmp_path / "art")
     _edit_manifest(path, lambda m: m.update(files=files))
     with pytest.raises(ArtifactError, match=message):
@@ -274,7 +303,9 @@ def test_manifest_field_types_and_unlisted_files_are_refused(setup, demo_tokeniz
 
 
 def test_stale_staging_folders_are_removed_live_ones_kept(setup, demo_tokenizer, tmp_path):
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
     dead_pid = int(dead.stdout)  # that process has exited
     abandoned = tmp_path / f".art.{dead_pid}.abcd_123"
     live = tmp_path / f".art.{os.getpid()}.zzzz_999"

@@ -18,8 +18,13 @@ from kaggle_utils.quant import backends as quant_backends
 from kaggle_utils.quant.backends import BACKENDS, LoadOptions, QuantBackend, get_backend
 from kaggle_utils.quant.int4 import Int4Linear
 
-FIELDS = {"ordering": "ft-then-quant", "variant": "ft-then-quant", "base_model": "tiny",
-          "folds_file_hash": "0" * 64, "cv_scores": {"fold_0": 1.0}}
+FIELDS = {
+    "ordering": "ft-then-quant",
+    "variant": "ft-then-quant",
+    "base_model": "tiny",
+    "folds_file_hash": "0" * 64,
+    "cv_scores": {"fold_0": 1.0},
+}
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py
 
@@ -81,8 +86,9 @@ def test_load_base_gives_each_backend_its_own_layers(setup, demo_base_dir):
 def test_a_manifest_written_before_the_backend_field_still_loads(setup, demo_tokenizer, tmp_path):
     """Layout 1 artifacts made before `quant_backend` existed: the backend follows from quant_scheme."""
     cfg, rows, pad = setup
-    model = modeling.build_classifier(cfg.model, quant=QuantConfig(scheme="nf4"), pad_token_id=pad,
-                                      device="cpu")
+    model = modeling.build_classifier(
+        cfg.model, quant=QuantConfig(scheme="nf4"), pad_token_id=pad, device="cpu"
+    )
     path = artifacts.save_artifact(tmp_path / "art", model, demo_tokenizer, FIELDS, FormatConfig())
     manifest = json.loads((path / "manifest.json").read_text())
     del manifest["quant_backend"]
@@ -149,6 +155,7 @@ def test_a_registered_backend_is_found_by_save_and_load(setup, demo_tokenizer, t
         assert json.loads((path / "manifest.json").read_text())["quant_backend"] == "test-recording"
         artifacts.load_artifact(path, device="cpu", compute_dtype=torch.float32)
         assert [(root, scheme, options.dtype) for root, scheme, options in backend.calls] == [
-            (path, "recorded", torch.float32)]
+            (path, "recorded", torch.float32)
+        ]
     finally:
         BACKENDS.pop("test-recording", None)

@@ -20,14 +20,21 @@ from kaggle_utils.quant.backends.gptq import GPTQ, gptq_unavailable
 from kaggle_utils.variants import qaware as _qaware_variants  # noqa: F401  (registers the variants)
 from kaggle_utils.variants.registry import VARIANTS
 
-FIELDS = {"ordering": "ft-then-quant", "variant": "ft-then-quant-gptq8", "base_model": "tiny",
-          "folds_file_hash": "0" * 64, "cv_scores": {"fold_0": 1.0}}
+FIELDS = {
+    "ordering": "ft-then-quant",
+    "variant": "ft-then-quant-gptq8",
+    "base_model": "tiny",
+    "folds_file_hash": "0" * 64,
+    "cv_scores": {"fold_0": 1.0},
+}
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py
 REASON = gptq_unavailable()
 # `make gptq-check` sets KAGGLE_UTILS_REQUIRE_GPTQ=1: there a missing extra fails (quantize raises the reason).
 REQUIRED = os.environ.get("KAGGLE_UTILS_REQUIRE_GPTQ") == "1"
-needs_gptq = pytest.mark.skipif(REASON is not None and not REQUIRED, reason=f"optional GPTQ extra absent: {REASON}")
+needs_gptq = pytest.mark.skipif(
+    REASON is not None and not REQUIRED, reason=f"optional GPTQ extra absent: {REASON}"
+)
 
 
 def _setup(demo_tokenizer, demo_base_dir, bits: int):
@@ -52,20 +59,29 @@ def test_the_gptq_backend_and_variants_are_registered():
 
 @needs_gptq
 @pytest.mark.parametrize("bits", [8, 4])
-def test_a_gptq_artifact_reloads_with_no_missing_weights_and_predicts(demo_tokenizer, demo_base_dir, tmp_path,
-                                                                      bits):
+def test_a_gptq_artifact_reloads_with_no_missing_weights_and_predicts(
+    demo_tokenizer, demo_base_dir, tmp_path, bits
+):
     cfg, calibration, rows, pad = _setup(demo_tokenizer, demo_base_dir, bits)
     merged = modeling.build_classifier(cfg.model, pad_token_id=pad, device="cpu").float().eval()
     # As when the base is a pretrained causal LM (Gemma 3 270M): its config.json has no labels. llmcompressor
     # rewrites the artifact's config.json from that file; the classifier's 3 labels must survive.
-    causal = {k: v for k, v in merged.config.to_dict().items() if k not in ("id2label", "label2id", "num_labels")}
+    causal = {
+        k: v for k, v in merged.config.to_dict().items() if k not in ("id2label", "label2id", "num_labels")
+    }
     causal["architectures"] = ["Gemma2ForCausalLM"]
     (tmp_path / "causal_base").mkdir()
     (tmp_path / "causal_base" / "config.json").write_text(json.dumps(causal))
     merged.config._name_or_path = str(tmp_path / "causal_base")
     reference = modeling.predict_probs(merged, rows, pad, token_budget=128)
-    quantized = GPTQ.quantize(copy.deepcopy(merged), cfg, device="cpu", work_dir=tmp_path,
-                              calibration_ids=calibration, tokenizer=demo_tokenizer)
+    quantized = GPTQ.quantize(
+        copy.deepcopy(merged),
+        cfg,
+        device="cpu",
+        work_dir=tmp_path,
+        calibration_ids=calibration,
+        tokenizer=demo_tokenizer,
+    )
     assert quant_backends.backend_for_model(quantized) is GPTQ
     shipped = modeling.predict_probs(quantized, rows, pad, token_budget=128)
     path = artifacts.save_artifact(tmp_path / "art", quantized, demo_tokenizer, FIELDS, FormatConfig())
@@ -102,9 +118,9 @@ def test_gptq_gives_no_base_to_train_on(demo_base_dir):
 
 
 @needs_gptq
-def test_the_gptq_variant_ships_the_merged_lora_calibrated_on_training_rows(train_data, sample_files,
-                                                                            demo_tokenizer, demo_base_dir,
-                                                                            tmp_path):
+def test_the_gptq_variant_ships_the_merged_lora_calibrated_on_training_rows(
+    train_data, sample_files, demo_tokenizer, demo_base_dir, tmp_path
+):
     from kaggle_utils.core.config import FoldConfig, TrainConfig
     from kaggle_utils.data.folds import make_folds
     from kaggle_utils.train import loop as training
@@ -117,17 +133,38 @@ def test_the_gptq_variant_ships_the_merged_lora_calibrated_on_training_rows(trai
     cfg.model = ModelConfig(base_model=str(demo_base_dir), gradient_checkpointing=False)
     cfg.format.max_length = 128
     cfg.lora.r, cfg.lora.dropout = 4, 0.0
-    cfg.train = TrainConfig(ordering="ft-then-quant", learning_rate=1e-3, epochs=1, per_device_batch_size=4,
-                            max_steps=2, save_every_steps=1000, eval_rows_cap=8, evals_per_run=1)
+    cfg.train = TrainConfig(
+        ordering="ft-then-quant",
+        learning_rate=1e-3,
+        epochs=1,
+        per_device_batch_size=4,
+        max_steps=2,
+        save_every_steps=1000,
+        eval_rows_cap=8,
+        evals_per_run=1,
+    )
     cfg.qaware = dataclasses.replace(cfg.qaware, gptq_group_size=32, gptq_rows=6)
     cfg = variant.configure(cfg)
     assert cfg.qaware.gptq_bits == 4
     result = training.train_fold(cfg, frame, folds, demo_tokenizer, tmp_path / "run", progress=False)
     train_part, _ = training.split_fold(frame, folds, 0)
-    fold_ctx = FoldContext(cfg=cfg, fold=0, seed=0, train_frame=train_part, tokenizer=demo_tokenizer,
-                           base_dir=demo_base_dir, device=torch.device("cpu"))
-    exported = variant.export(ExportContext(fold_ctx=fold_ctx, result=result, artifact_dir=tmp_path / "art",
-                                            manifest_fields={**FIELDS, "variant": variant.name}))
+    fold_ctx = FoldContext(
+        cfg=cfg,
+        fold=0,
+        seed=0,
+        train_frame=train_part,
+        tokenizer=demo_tokenizer,
+        base_dir=demo_base_dir,
+        device=torch.device("cpu"),
+    )
+    exported = variant.export(
+        ExportContext(
+            fold_ctx=fold_ctx,
+            result=result,
+            artifact_dir=tmp_path / "art",
+            manifest_fields={**FIELDS, "variant": variant.name},
+        )
+    )
     assert fold_ctx.notes["gptq_calibration_rows"] == 6
     assert not hasattr(exported.reference_model, "peft_config")  # the fp32 merged LoRA, left unquantized
     loaded = artifacts.load_artifact(exported.artifact_dir, device="cpu", compute_dtype=torch.float32)
@@ -145,8 +182,13 @@ def test_the_gptq_variant_ships_the_merged_lora_calibrated_on_training_rows(trai
     from kaggle_utils.inference import predictor as inference
 
     out = tmp_path / "submission.csv"
-    report = inference.predict(exported.artifact_dir, sample_files.test_csv, out,
-                               InferenceConfig(device="cpu", token_budget=2048, max_rows_per_batch=16,
-                                               warmup_batches=1, progress=False))
+    report = inference.predict(
+        exported.artifact_dir,
+        sample_files.test_csv,
+        out,
+        InferenceConfig(
+            device="cpu", token_budget=2048, max_rows_per_batch=16, warmup_batches=1, progress=False
+        ),
+    )
     validate_submission(out, sample_files.test_csv)
     assert report.rows == report.rows_by_path["tta"] == 40 and not report.errors

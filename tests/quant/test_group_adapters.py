@@ -94,8 +94,9 @@ def test_merged_artifact_predicts_like_the_trained_unmerged_model(kind, tmp_path
         ids = torch.full((8, width), pad)
         for i, r in enumerate(rows):
             ids[i, : len(encoded.input_ids[r])] = torch.tensor(encoded.input_ids[r])
-        loss = torch.nn.functional.cross_entropy(model(input_ids=ids, attention_mask=(ids != pad).long()).logits,
-                                                 labels[rows])
+        loss = torch.nn.functional.cross_entropy(
+            model(input_ids=ids, attention_mask=(ids != pad).long()).logits, labels[rows]
+        )
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -108,11 +109,25 @@ def test_merged_artifact_predicts_like_the_trained_unmerged_model(kind, tmp_path
     assert not any(isinstance(m, GroupPooledAdapterLinear) for m in model.modules())
     merged = predict_probs(model, encoded.input_ids, pad)
     np.testing.assert_allclose(merged, unmerged, atol=1e-6)
-    assert float(np.abs(unmerged - predict_probs(tiny_classifier(len(demo_tokenizer)), encoded.input_ids, pad)).max()) > 1e-3
+    assert (
+        float(
+            np.abs(
+                unmerged - predict_probs(tiny_classifier(len(demo_tokenizer)), encoded.input_ids, pad)
+            ).max()
+        )
+        > 1e-3
+    )
 
-    fields = {"ordering": "quant-then-ft", "variant": kind + "-merged", "base_model": "tiny",
-              "folds_file_hash": "none", "cv_scores": {}}
-    out = save_artifact(tmp_path / "artifact", model, demo_tokenizer, fields, fmt)  # the int4 backend's fields
+    fields = {
+        "ordering": "quant-then-ft",
+        "variant": kind + "-merged",
+        "base_model": "tiny",
+        "folds_file_hash": "none",
+        "cv_scores": {},
+    }
+    out = save_artifact(
+        tmp_path / "artifact", model, demo_tokenizer, fields, fmt
+    )  # the int4 backend's fields
     files = [p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()]
     assert not any(name.startswith("adapter") for name in files)
     with safe_open(str(out / "model" / "model.safetensors"), "pt") as handle:

@@ -44,8 +44,9 @@ def tiny_classifier(seed: int = 0):
 @given(rows=st.integers(1, 5), groups=st.integers(1, 4), seed=st.integers(0, 10_000))
 @settings(max_examples=25, deadline=None)
 def test_pack_unpack_roundtrip(rows, groups, seed):
-    codes = torch.randint(0, QMAX + 1, (rows, groups * 8), generator=torch.Generator().manual_seed(seed),
-                          dtype=torch.uint8)
+    codes = torch.randint(
+        0, QMAX + 1, (rows, groups * 8), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8
+    )
     packed = pack_codes(codes)
     assert packed.shape == (rows, groups * 4)
     assert torch.equal(unpack_codes(packed), codes)

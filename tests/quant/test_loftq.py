@@ -60,7 +60,9 @@ def test_checkpoint_errors_name_the_file(tmp_path, checkpoints):
 def test_alternating_iterations_do_not_increase_the_error():
     generator = torch.Generator().manual_seed(0)
     low_rank = torch.randn(256, 8, generator=generator) @ torch.randn(8, 128, generator=generator)
-    weight = low_rank + 0.3 * torch.randn(256, 128, generator=generator)  # outlier directions, like LLM weights
+    weight = low_rank + 0.3 * torch.randn(
+        256, 128, generator=generator
+    )  # outlier directions, like LLM weights
     quantize = nf4_quantizer(NF4Settings())
     factors = loftq_decompose(weight, rank=8, iterations=5, quantize=quantize)
     errors = factors.errors
@@ -92,12 +94,17 @@ def _layer_errors(peft_model, checkpoint: SafetensorsCheckpoint) -> dict[str, fl
 
 
 def _quantized_weights(model) -> dict[str, torch.Tensor]:
-    return {name: bnbf.dequantize_4bit(m.weight.data, m.weight.quant_state).clone()
-            for name, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    return {
+        name: bnbf.dequantize_4bit(m.weight.data, m.weight.quant_state).clone()
+        for name, m in model.named_modules()
+        if isinstance(m, bnb.nn.Linear4bit)
+    }
 
 
 def _nf4_peft_model(base_dir):
-    model = modeling.build_classifier(ModelConfig(base_model=str(base_dir)), quant=QuantConfig(), device="cpu")
+    model = modeling.build_classifier(
+        ModelConfig(base_model=str(base_dir)), quant=QuantConfig(), device="cpu"
+    )
     return modeling.apply_lora(model, LoraSettings(r=4, alpha=16))
 
 
@@ -112,7 +119,9 @@ def test_apply_loftq_on_cpu_from_a_sharded_checkpoint(checkpoints):
     report = apply_loftq(one, sharded, iterations=1)
     assert report.layers == 14
     after = _quantized_weights(one)
-    assert len(before) == 14 and all(torch.equal(before[name], after[name]) for name in before)  # T = 1 keeps QLoRA's Q
+    assert len(before) == 14 and all(
+        torch.equal(before[name], after[name]) for name in before
+    )  # T = 1 keeps QLoRA's Q
     fitted_one = _layer_errors(one, checkpoint)
     assert all(fitted_one[name] < untouched[name] for name in untouched)
     assert fitted_one == pytest.approx({name: errors[0] for name, errors in report.errors.items()}, rel=1e-4)
@@ -120,7 +129,9 @@ def test_apply_loftq_on_cpu_from_a_sharded_checkpoint(checkpoints):
     three = _nf4_peft_model(single)
     report = apply_loftq(three, sharded, iterations=3)
     fitted_three = _layer_errors(three, checkpoint)
-    assert fitted_three == pytest.approx({name: min(errors) for name, errors in report.errors.items()}, rel=1e-4)
+    assert fitted_three == pytest.approx(
+        {name: min(errors) for name, errors in report.errors.items()}, rel=1e-4
+    )
     assert all(fitted_three[name] <= fitted_one[name] * (1 + 1e-5) for name in fitted_one)
     assert sum(fitted_three.values()) < sum(fitted_one.values())
     rows = [[2, 7, 8, 9, 10], [2, 11, 12]]

@@ -37,12 +37,16 @@ def test_prepare_experiment_reuses_a_folds_file_and_refuses_missing_folds(sample
     cfg = experiment.demo_config()
     folds_path = tmp_path / "given_folds.parquet"
     save_folds(make_folds(train_data.frame, cfg.folds), folds_path)
-    setup = experiment.prepare_experiment(cfg, sample_files.train_csv, tmp_path / "out", folds_path, fold_ids=[1])
+    setup = experiment.prepare_experiment(
+        cfg, sample_files.train_csv, tmp_path / "out", folds_path, fold_ids=[1]
+    )
     assert setup.folds_path == folds_path and setup.fold_ids == [1]
     assert not (tmp_path / "out" / "folds.parquet").exists()  # the given file is used, not a new one
     assert (setup.base_dir / "config.json").is_file() and len(setup.tokenizer) > 0
     with pytest.raises(UsageError, match=r"folds \[9\] are not in"):
-        experiment.prepare_experiment(cfg, sample_files.train_csv, tmp_path / "out2", folds_path, fold_ids=[9])
+        experiment.prepare_experiment(
+            cfg, sample_files.train_csv, tmp_path / "out2", folds_path, fold_ids=[9]
+        )
 
 
 def test_excluded_folds_are_neither_trained_on_nor_scored(sample_files, train_data, tmp_path):
@@ -59,13 +63,23 @@ def test_excluded_folds_are_neither_trained_on_nor_scored(sample_files, train_da
     assert setup.fold_ids == sorted(set(fold_table["fold"].to_list()) - {0})
     assert set(setup.folds["id"].to_list()) == set(setup.frame["id"].to_list())
     with pytest.raises(UsageError, match=r"folds \[0\] are not in .*\[0\] excluded"):
-        experiment.prepare_experiment(cfg, sample_files.train_csv, tmp_path / "out2", folds_path, fold_ids=[0])
-    every_fold_but_one = cfg.with_overrides({"train": {"exclude_folds": sorted(set(fold_table["fold"]) - {1})}})
+        experiment.prepare_experiment(
+            cfg, sample_files.train_csv, tmp_path / "out2", folds_path, fold_ids=[0]
+        )
+    every_fold_but_one = cfg.with_overrides(
+        {"train": {"exclude_folds": sorted(set(fold_table["fold"]) - {1})}}
+    )
     with pytest.raises(UsageError, match="needs two folds or more"):
-        experiment.prepare_experiment(every_fold_but_one, sample_files.train_csv, tmp_path / "out3", folds_path)
+        experiment.prepare_experiment(
+            every_fold_but_one, sample_files.train_csv, tmp_path / "out3", folds_path
+        )
     with pytest.raises(UsageError, match=r"excluded folds \[7\] are not in"):
-        experiment.prepare_experiment(cfg.with_overrides({"train": {"exclude_folds": [7]}}),
-                                      sample_files.train_csv, tmp_path / "out4", folds_path)
+        experiment.prepare_experiment(
+            cfg.with_overrides({"train": {"exclude_folds": [7]}}),
+            sample_files.train_csv,
+            tmp_path / "out4",
+            folds_path,
+        )
 
 
 def test_train_runs_its_fold_without_compare_orderings(sample_files, tmp_path, capsys, monkeypatch):
@@ -78,8 +92,26 @@ def test_train_runs_its_fold_without_compare_orderings(sample_files, tmp_path, c
     config_path = tmp_path / "cfg.yaml"
     cfg.to_yaml(config_path)
     out = tmp_path / "out"
-    assert main(["train", "--ordering", "ft-then-quant", "--config", str(config_path), "--train",
-                 str(sample_files.train_csv), "--out", str(out), "--fold", "2", "--threads", "1"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--ordering",
+                "ft-then-quant",
+                "--config",
+                str(config_path),
+                "--train",
+                str(sample_files.train_csv),
+                "--out",
+                str(out),
+                "--fold",
+                "2",
+                "--threads",
+                "1",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "ft-then-quant, fold 2: held-out log loss 16-bit" in printed
     assert (out / "oof.parquet").is_file()
@@ -92,18 +124,28 @@ def test_the_joined_cv_report_ranks_every_candidate_and_ships(sample_files, tmp_
 
     cfg = experiment.demo_config()
     cfg.train.max_steps, cfg.train.eval_every_steps, cfg.lora.r = 2, 2, 4
-    first = compare.compare_orderings(cfg, sample_files.train_csv, tmp_path / "a", variants=["ft-then-quant"],
-                                      progress=False)
-    compare.compare_orderings(cfg, sample_files.train_csv, tmp_path / "b", folds_path=first.setup["folds_file"],
-                              variants=["quant-then-ft"], progress=False)
+    first = compare.compare_orderings(
+        cfg, sample_files.train_csv, tmp_path / "a", variants=["ft-then-quant"], progress=False
+    )
+    compare.compare_orderings(
+        cfg,
+        sample_files.train_csv,
+        tmp_path / "b",
+        folds_path=first.setup["folds_file"],
+        variants=["quant-then-ft"],
+        progress=False,
+    )
     joined = combine_reports([tmp_path / "a", tmp_path / "b"], tmp_path / "joined")
     names = {c["name"] for c in joined.ship["ranking"]}
     assert {"ft-then-quant", "quant-then-ft", "class-prior", "blend"} <= names
     best = min(joined.ship["ranking"], key=lambda c: c["cv_log_loss"])  # ships, or a simpler one within noise
     chosen = next(c for c in joined.ship["ranking"] if c["name"] == joined.ship["shipped"])
     lead = joined.ship["lead_over_shipped"]
-    assert joined.ship["lowest_cv"] == best["name"] and (chosen is best or chosen["complexity"] < best["complexity"]
-                                                          and lead["difference"] <= 2 * lead["standard_error"])
+    assert joined.ship["lowest_cv"] == best["name"] and (
+        chosen is best
+        or chosen["complexity"] < best["complexity"]
+        and lead["difference"] <= 2 * lead["standard_error"]
+    )
     shipped = Path(joined.shipped_artifact)
     assert (shipped / "manifest.json").is_file()
     assert "## What ships" in (tmp_path / "joined" / "report.md").read_text()

@@ -17,12 +17,18 @@ def _run_dir(tmp_path, name, variant, probs, labels, ids, folds_hash="a" * 64, t
     """A compare-orderings output folder as far as lever_table reads it: report.json and oof.parquet."""
     directory = tmp_path / name
     directory.mkdir()
-    setup = {"folds_file_hash": folds_hash, "folds_trained": [0], "seeds": [42],
-             "train": {"method": "lora", "label_smoothing": 0.0, **(train or {})}}
+    setup = {
+        "folds_file_hash": folds_hash,
+        "folds_trained": [0],
+        "seeds": [42],
+        "train": {"method": "lora", "label_smoothing": 0.0, **(train or {})},
+    }
     run = {"variant": variant, "seed": 42, "gap_vs_own_reference": 0.001, "prior_log_loss": 1.09}
     (directory / "report.json").write_text(json.dumps({"setup": setup, "runs": [run]}))
-    save_oof(make_oof(f"{variant}/seed42/quantized", ids, np.zeros(len(ids)), probs, labels),
-             directory / "oof.parquet")
+    save_oof(
+        make_oof(f"{variant}/seed42/quantized", ids, np.zeros(len(ids)), probs, labels),
+        directory / "oof.parquet",
+    )
     return directory
 
 
@@ -37,10 +43,27 @@ def test_each_lever_is_paired_against_the_first_run_on_the_same_rows(tmp_path, c
     ids, labels = list(range(1000, 1000 + n)), rng.integers(0, 3, size=n)
     plain_probs, smoothed_probs = _probs(rng, n, 1.0), _probs(rng, n, 0.5)
     plain = _run_dir(tmp_path, "plain", "ft-then-quant-int8", plain_probs, labels, ids)
-    smoothed = _run_dir(tmp_path, "smoothed", "ft-then-quant-int8", smoothed_probs, labels, ids,
-                        train={"label_smoothing": 0.1})
-    assert main(["lever-table", f"plain={plain}:ft-then-quant-int8", f"smoothing={smoothed}:ft-then-quant-int8",
-                 "--out", str(tmp_path / "table")]) == 0
+    smoothed = _run_dir(
+        tmp_path,
+        "smoothed",
+        "ft-then-quant-int8",
+        smoothed_probs,
+        labels,
+        ids,
+        train={"label_smoothing": 0.1},
+    )
+    assert (
+        main(
+            [
+                "lever-table",
+                f"plain={plain}:ft-then-quant-int8",
+                f"smoothing={smoothed}:ft-then-quant-int8",
+                "--out",
+                str(tmp_path / "table"),
+            ]
+        )
+        == 0
+    )
     table = json.loads((tmp_path / "table" / "levers.json").read_text())
     diff = row_log_losses(labels, plain_probs) - row_log_losses(labels, smoothed_probs)
     reference, lever = table["runs"]
@@ -76,8 +99,11 @@ def test_lever_table_refuses_an_output_that_is_contains_or_lies_inside_a_report_
     plain = _run_dir(tmp_path, "plain", "v", _probs(rng, 30, 1), labels, ids)
     other = _run_dir(tmp_path, "other", "v", _probs(rng, 30, 1), labels, ids)
     before = {p: p.read_bytes() for p in sorted(tmp_path.rglob("*")) if p.is_file()}
-    for out, relation, folder in ((plain, "is", plain), (tmp_path, "contains", plain),
-                                  (other / "table", "is inside", other)):
+    for out, relation, folder in (
+        (plain, "is", plain),
+        (tmp_path, "contains", plain),
+        (other / "table", "is inside", other),
+    ):
         assert main(["lever-table", f"plain={plain}:v", f"other={other}:v", "--out", str(out)]) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1
@@ -94,8 +120,11 @@ def test_lever_table_refuses_runs_on_other_labels_or_invalid_probabilities(tmp_p
     relabelled = labels.copy()
     relabelled[[5, 9]] = (labels[[5, 9]] + 1) % 3
     others = _run_dir(tmp_path, "others", "v", _probs(rng, 40, 1), relabelled, ids)
-    with pytest.raises(UsageError, match=rf"others/oof.parquet: id 105 \(v/seed42/quantized\), field 'label' is "
-                                         rf"{relabelled[5]} but {labels[5]} in .*plain/oof.parquet"):
+    with pytest.raises(
+        UsageError,
+        match=rf"others/oof.parquet: id 105 \(v/seed42/quantized\), field 'label' is "
+        rf"{relabelled[5]} but {labels[5]} in .*plain/oof.parquet",
+    ):
         lever_table([("plain", plain, "v"), ("x", others, "v")], tmp_path / "t1")
     five = _run_dir(tmp_path, "five", "v", _probs(rng, 40, 1) * 5, labels, ids)
     assert main(["lever-table", f"plain={plain}:v", f"x={five}:v", "--out", str(tmp_path / "t2")]) == 2
@@ -105,8 +134,11 @@ def test_lever_table_refuses_runs_on_other_labels_or_invalid_probabilities(tmp_p
     short = _probs(rng, 40, 1)
     short[12] *= 0.5
     half = _run_dir(tmp_path, "half", "v", short, labels, ids)
-    with pytest.raises(UsageError, match=r"half/oof.parquet: id 112 \(v/seed42/quantized\), fields p_a\+p_b\+p_tie "
-                                         r"sum to 0.5, not 1"):
+    with pytest.raises(
+        UsageError,
+        match=r"half/oof.parquet: id 112 \(v/seed42/quantized\), fields p_a\+p_b\+p_tie "
+        r"sum to 0.5, not 1",
+    ):
         lever_table([("plain", plain, "v"), ("x", half, "v")], tmp_path / "t3")
     assert not any((tmp_path / name).exists() for name in ("t1", "t2", "t3"))
 
@@ -120,5 +152,6 @@ def test_lever_table_names_a_missing_report_field_in_one_line(tmp_path, capsys):
     del report["setup"]["folds_trained"]
     (other / "report.json").write_text(json.dumps(report))
     assert main(["lever-table", f"plain={plain}:v", f"other={other}:v", "--out", str(tmp_path / "t")]) == 2
-    assert capsys.readouterr().err.strip() == (f"error: {other}/report.json: setup has no field 'folds_trained': "
-                                               "not a compare-orderings report")
+    assert capsys.readouterr().err.strip() == (
+        f"error: {other}/report.json: setup has no field 'folds_trained': not a compare-orderings report"
+    )

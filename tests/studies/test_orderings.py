@@ -30,16 +30,18 @@ def quick_config(max_steps: int = 8) -> PipelineConfig:
     cfg.folds.n_folds = 4
     cfg.lora.r = 4
     # Two held-out folds: anything that keeps only one fold's rows (the OOF store once did) is caught.
-    cfg.train = dataclasses.replace(cfg.train, max_steps=max_steps, eval_every_steps=4, save_every_steps=4,
-                                    cv_folds=(0, 1))
+    cfg.train = dataclasses.replace(
+        cfg.train, max_steps=max_steps, eval_every_steps=4, save_every_steps=4, cv_folds=(0, 1)
+    )
     return cfg
 
 
 @pytest.fixture(scope="module")
 def comparison(sample_files, tmp_path_factory):
     out = tmp_path_factory.mktemp("compare")
-    report = compare.compare_orderings(quick_config(), sample_files.train_csv, out, seeds=(1, 2),
-                                       progress=False).to_dict()
+    report = compare.compare_orderings(
+        quick_config(), sample_files.train_csv, out, seeds=(1, 2), progress=False
+    ).to_dict()
     return report, out
 
 
@@ -63,19 +65,34 @@ def test_report_files_and_numbers_come_from_the_run(comparison):
     oof = load_oof(out / compare.OOF_FILE)
     for run in report["runs"]:
         name = f"{run['variant']}/seed{run['seed']}"
-        rows16, rows_q = oof.filter(pl.col("name") == f"{name}/16bit"), oof.filter(pl.col("name") == f"{name}/quantized")
+        rows16, rows_q = (
+            oof.filter(pl.col("name") == f"{name}/16bit"),
+            oof.filter(pl.col("name") == f"{name}/quantized"),
+        )
         assert rows16.height == rows_q.height == run["rows"] > 0
         assert [f["fold"] for f in run["per_fold"]] == [0, 1]
         assert sorted(rows_q["fold"].unique().to_list()) == [0, 1]  # every trained fold's rows, not the last
-        assert run["cv_log_loss_16bit"] == pytest.approx(log_loss(rows16["label"].to_numpy(), oof_probs(rows16)))
-        assert run["cv_log_loss_quantized"] == pytest.approx(log_loss(rows_q["label"].to_numpy(), oof_probs(rows_q)))
-        assert run["gap_vs_own_reference"] == pytest.approx(run["cv_log_loss_quantized"] - run["cv_log_loss_16bit"])
+        assert run["cv_log_loss_16bit"] == pytest.approx(
+            log_loss(rows16["label"].to_numpy(), oof_probs(rows16))
+        )
+        assert run["cv_log_loss_quantized"] == pytest.approx(
+            log_loss(rows_q["label"].to_numpy(), oof_probs(rows_q))
+        )
+        assert run["gap_vs_own_reference"] == pytest.approx(
+            run["cv_log_loss_quantized"] - run["cv_log_loss_16bit"]
+        )
         # One common reference per seed: ft-then-quant's 16-bit LoRA model (merged in fp32), for every variant.
-        reference = next(r for r in report["runs"] if r["variant"] == "ft-then-quant" and r["seed"] == run["seed"])
+        reference = next(
+            r for r in report["runs"] if r["variant"] == "ft-then-quant" and r["seed"] == run["seed"]
+        )
         assert run["cv_log_loss_common_reference"] == reference["cv_log_loss_16bit"]
-        assert run["qid_vs_common"] == pytest.approx(run["cv_log_loss_quantized"] - reference["cv_log_loss_16bit"])
+        assert run["qid_vs_common"] == pytest.approx(
+            run["cv_log_loss_quantized"] - reference["cv_log_loss_16bit"]
+        )
         for fold, ref_fold in zip(run["per_fold"], reference["per_fold"], strict=True):
-            assert fold["qid_vs_common"] == pytest.approx(fold["log_loss_quantized"] - ref_fold["log_loss_16bit"])
+            assert fold["qid_vs_common"] == pytest.approx(
+                fold["log_loss_quantized"] - ref_fold["log_loss_16bit"]
+            )
         assert run["steps"] == 8 and run["trainable_params"] > 0 and run["artifact_bytes"] > 0
         assert run["train_wall_time_s"] > 0 and run["inference_rows_per_s"] > 0 and run["peak_rss_bytes"] > 0
     # Identical held-out rows for every variant and seed: the same folds.
@@ -86,9 +103,12 @@ def test_report_files_and_numbers_come_from_the_run(comparison):
     assert report["common_reference"]["variant"] == "ft-then-quant"
     for summary in report["variants"]:
         assert summary["qid_vs_common"]["mean"] == pytest.approx(
-            np.mean([r["qid_vs_common"] for r in report["runs"] if r["variant"] == summary["variant"]]))
-    assert "adapter, trained on the quantized base" in next(
-        v for v in report["variants"] if v["variant"] == "quant-then-ft")["own_reference"]
+            np.mean([r["qid_vs_common"] for r in report["runs"] if r["variant"] == summary["variant"]])
+        )
+    assert (
+        "adapter, trained on the quantized base"
+        in next(v for v in report["variants"] if v["variant"] == "quant-then-ft")["own_reference"]
+    )
     markdown = (out / compare.REPORT_MD).read_text()
     assert report["decision"]["statement"] in markdown and "| ft-then-quant |" in markdown
     assert "QiD vs common reference" in markdown and "shipped − own reference" in markdown
@@ -108,7 +128,8 @@ def test_both_artifacts_share_folds_base_and_reload(comparison):
         loaded = load_artifact(artifact, device="cpu")
         manifests.append(loaded.manifest)
         assert loaded.manifest["cv_scores"]["log_loss_quantized"] == pytest.approx(
-            run["per_fold"][0]["log_loss_quantized"])
+            run["per_fold"][0]["log_loss_quantized"]
+        )
     assert len({m["folds_file_hash"] for m in manifests}) == 1
     assert len({m["base_model"] for m in manifests}) == 1
     assert {m["quant_scheme"] for m in manifests} == {"nf4"}
@@ -126,23 +147,37 @@ def test_a_registered_variant_runs_without_touching_compare(sample_files, tmp_pa
         cfg.quant.scheme = "int8"
         return cfg
 
-    variant = variant_registry.register_variant(dataclasses.replace(base, name="test-ft-then-int8", configure=int8))
-    variant_registry.register_variant(dataclasses.replace(base, name="test-needs-a-gpu", unavailable=lambda: "needs CUDA"))
+    variant = variant_registry.register_variant(
+        dataclasses.replace(base, name="test-ft-then-int8", configure=int8)
+    )
+    variant_registry.register_variant(
+        dataclasses.replace(base, name="test-needs-a-gpu", unavailable=lambda: "needs CUDA")
+    )
     try:
         with pytest.raises(UsageError, match="already registered"):
             variant_registry.register_variant(dataclasses.replace(variant, description="another"))
         cfg = quick_config(max_steps=2)
         cfg.train.eval_every_steps = 2
-        typed = compare.compare_orderings(cfg, sample_files.train_csv, tmp_path,
-                                          variants=["test-ft-then-int8", "test-needs-a-gpu"], progress=False)
+        typed = compare.compare_orderings(
+            cfg,
+            sample_files.train_csv,
+            tmp_path,
+            variants=["test-ft-then-int8", "test-needs-a-gpu"],
+            progress=False,
+        )
         report = typed.to_dict()
-        assert typed.run("test-ft-then-int8").folds[0].artifact_dir == report["runs"][0]["per_fold"][0]["artifact_dir"]
+        assert (
+            typed.run("test-ft-then-int8").folds[0].artifact_dir
+            == report["runs"][0]["per_fold"][0]["artifact_dir"]
+        )
         # the variant that cannot run here is skipped and listed; the others still run
         assert [v["variant"] for v in report["variants"]] == ["test-ft-then-int8"]
         assert report["skipped_variants"] == {"test-needs-a-gpu": "needs CUDA"}
         assert "test-needs-a-gpu" in (tmp_path / "report.md").read_text()
         with pytest.raises(UsageError, match="no requested variant can run.*needs CUDA"):
-            compare.compare_orderings(cfg, sample_files.train_csv, tmp_path / "none", variants=["test-needs-a-gpu"])
+            compare.compare_orderings(
+                cfg, sample_files.train_csv, tmp_path / "none", variants=["test-needs-a-gpu"]
+            )
         artifact = report["runs"][0]["per_fold"][0]["artifact_dir"]
         assert load_artifact(artifact, device="cpu").manifest["quant_scheme"] == "int8"
         assert report["decision"]["runner_up"] is None
@@ -164,8 +199,11 @@ def test_lora_is_merged_in_fp32_for_the_common_reference(demo_tokenizer, demo_ba
     from kaggle_utils.models.classifier import apply_lora, build_classifier
 
     def lora_model():
-        base = build_classifier(ModelConfig(base_model=str(demo_base_dir), dtype="bfloat16"),
-                                pad_token_id=demo_tokenizer.pad_token_id, device=torch.device("cpu"))
+        base = build_classifier(
+            ModelConfig(base_model=str(demo_base_dir), dtype="bfloat16"),
+            pad_token_id=demo_tokenizer.pad_token_id,
+            device=torch.device("cpu"),
+        )
         model = apply_lora(base, LoraSettings(r=4, alpha=4, dropout=0.0))
         with torch.no_grad():
             generator = torch.Generator().manual_seed(0)
@@ -176,19 +214,28 @@ def test_lora_is_merged_in_fp32_for_the_common_reference(demo_tokenizer, demo_ba
 
     model = lora_model()
     layer = model.base_model.model.model.layers[0].self_attn.q_proj
-    exact = (layer.base_layer.weight.double()
-             + layer.lora_B["default"].weight.double() @ layer.lora_A["default"].weight.double()
-             * layer.scaling["default"])
+    exact = (
+        layer.base_layer.weight.double()
+        + layer.lora_B["default"].weight.double()
+        @ layer.lora_A["default"].weight.double()
+        * layer.scaling["default"]
+    )
     merged = variant_registry.merge_lora_fp32(model)
     weight = merged.model.layers[0].self_attn.q_proj.weight
     assert weight.dtype == torch.float32
-    bf16_error = (lora_model().merge_and_unload().model.layers[0].self_attn.q_proj.weight.double() - exact).abs().max()
+    bf16_error = (
+        (lora_model().merge_and_unload().model.layers[0].self_attn.q_proj.weight.double() - exact).abs().max()
+    )
     assert (weight.double() - exact).abs().max() < 1e-6 < bf16_error
 
 
 def _run(name: str, seed: int, losses: np.ndarray) -> dict:
-    return {"variant": name, "seed": seed, "cv_log_loss_quantized": float(losses.mean()),
-            "_row_losses_quantized": losses}
+    return {
+        "variant": name,
+        "seed": seed,
+        "cv_log_loss_quantized": float(losses.mean()),
+        "_row_losses_quantized": losses,
+    }
 
 
 def test_winner_needs_a_difference_beyond_noise():
@@ -196,13 +243,16 @@ def test_winner_needs_a_difference_beyond_noise():
     common = rng.exponential(1.0, size=2000)
     clear = [_run("a", 0, common), _run("b", 0, common + 0.05 + rng.normal(0, 0.1, 2000))]
     decision = cv_report.decide_winner(clear, ["a", "b"])
-    assert decision["winner"] == "a" and decision["within_noise"] is False and "a wins" in decision["statement"]
+    assert (
+        decision["winner"] == "a" and decision["within_noise"] is False and "a wins" in decision["statement"]
+    )
     close = [_run("a", 0, common), _run("b", 0, common + 0.001 + rng.normal(0, 0.3, 2000))]
     decision = cv_report.decide_winner(close, ["a", "b"])
     assert decision["within_noise"] is True and "within noise" in decision["statement"]
     # Several seeds: seed-to-seed spread counts as noise too.
     seeds = [_run("a", s, common) for s in range(3)] + [
-        _run("b", s, common + shift) for s, shift in enumerate((0.08, -0.07, 0.02))]
+        _run("b", s, common + shift) for s, shift in enumerate((0.08, -0.07, 0.02))
+    ]
     assert cv_report.decide_winner(seeds, ["a", "b"])["within_noise"] is True
 
 
@@ -212,8 +262,21 @@ def test_cli_train_writes_an_artifact(sample_files, tmp_path, capsys):
     config_path = tmp_path / "cfg.yaml"
     cfg.to_yaml(config_path)
     assert yaml.safe_load(config_path.read_text())["train"]["max_steps"] == 2
-    code = main(["train", "--ordering", "quant-then-ft", "--config", str(config_path), "--train",
-                 str(sample_files.train_csv), "--out", str(tmp_path / "out"), "--fold", "1"])
+    code = main(
+        [
+            "train",
+            "--ordering",
+            "quant-then-ft",
+            "--config",
+            str(config_path),
+            "--train",
+            str(sample_files.train_csv),
+            "--out",
+            str(tmp_path / "out"),
+            "--fold",
+            "1",
+        ]
+    )
     assert code == 0
     printed = capsys.readouterr().out
     assert "quant-then-ft, fold 1" in printed and "artifact:" in printed
@@ -224,8 +287,9 @@ def test_cli_train_writes_an_artifact(sample_files, tmp_path, capsys):
 
     records = read_oof_records(tmp_path / "out" / "oof.parquet")
     assert records and all(record["excluded_folds"] == {} for record in records.values())
-    assert main(["compare-orderings", "--config", str(tmp_path / "missing.yaml"), "--out", str(tmp_path)]) == 2
-
+    assert (
+        main(["compare-orderings", "--config", str(tmp_path / "missing.yaml"), "--out", str(tmp_path)]) == 2
+    )
 
 
 def _report_with_history(variants: list[str]) -> dict:
@@ -233,8 +297,12 @@ def _report_with_history(variants: list[str]) -> dict:
     runs = []
     for variant in variants:
         per_fold = [
-            {"fold": fold, "log_loss_quantized": 1.0 - 0.1 * fold, "artifact_dir": f"runs/{variant}/fold{fold}",
-             "history": [{"step": step, "eval_loss": 1.1 - 0.01 * step - fold} for step in (1, 2, 3)]}
+            {
+                "fold": fold,
+                "log_loss_quantized": 1.0 - 0.1 * fold,
+                "artifact_dir": f"runs/{variant}/fold{fold}",
+                "history": [{"step": step, "eval_loss": 1.1 - 0.01 * step - fold} for step in (1, 2, 3)],
+            }
             for fold in (0, 1)
         ]
         runs.append({"variant": variant, "seed": 7, "prior_log_loss": 1.0986, "per_fold": per_fold})
@@ -264,8 +332,9 @@ def test_learning_curves_draw_one_line_per_run_and_fold(variants, tmp_path, monk
 def test_artifact_table_lists_every_trained_fold():
     table = cv_report.artifact_table(_report_with_history(["ft-then-quant", "quant-then-ft"]))
     assert table.columns == ["fold", "log_loss_quantized", "artifact_dir"]
-    assert table["artifact_dir"].to_list() == [f"runs/{v}/fold{f}" for v in ("ft-then-quant", "quant-then-ft")
-                                               for f in (0, 1)]
+    assert table["artifact_dir"].to_list() == [
+        f"runs/{v}/fold{f}" for v in ("ft-then-quant", "quant-then-ft") for f in (0, 1)
+    ]
     assert table["log_loss_quantized"].to_list() == pytest.approx([1.0, 0.9, 1.0, 0.9])
 
 
@@ -282,11 +351,18 @@ def test_training_notebook_parameters_resolve_to_config_and_paths(tmp_path, monk
     train_csv.parent.mkdir(parents=True)
     train_csv.write_text("id\n")
     cfg, train_path, out_dir = experiment.resolve_training_notebook(
-        "quant-then-ft", "arena", config_path=config, base_model_path="/models/gemma", cv_folds=[1, 2],
+        "quant-then-ft",
+        "arena",
+        config_path=config,
+        base_model_path="/models/gemma",
+        cv_folds=[1, 2],
         overrides={"train": {"max_steps": 2}},
     )
     assert (cfg.lora.r, cfg.train.max_steps, cfg.train.cv_folds) == (4, 2, (1, 2))
-    assert cfg.model.base_model == "/models/gemma" and cfg.format.tokenizer_path == PipelineConfig().format.tokenizer_path
+    assert (
+        cfg.model.base_model == "/models/gemma"
+        and cfg.format.tokenizer_path == PipelineConfig().format.tokenizer_path
+    )
     assert train_path == train_csv and out_dir == tmp_path / "working" / "quant-then-ft"
     cfg, train_path, out_dir = experiment.resolve_training_notebook(
         "ft-then-quant", "arena", train_path="mine.csv", out_dir=tmp_path / "out", tokenizer_path="/tok"
@@ -312,8 +388,14 @@ def _informative(labels: np.ndarray, sharp: float) -> np.ndarray:
     return np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
 
 
-def _joinable_report(tmp_path: Path, folder: str, variant: str, labels: np.ndarray, probs: np.ndarray,
-                     artifact_root: Path | None = None) -> Path:
+def _joinable_report(
+    tmp_path: Path,
+    folder: str,
+    variant: str,
+    labels: np.ndarray,
+    probs: np.ndarray,
+    artifact_root: Path | None = None,
+) -> Path:
     """A compare-orderings output folder as combine-reports reads it (report.json, oof.parquet, fold artifact
     folders), made by the report's own functions (`aggregate_run`, `build_report`) from given OOF rows: seed 42,
     two folds, ids 0..n-1, no training. `artifact_root`: record the fold artifacts there, outside the folder
@@ -331,25 +413,67 @@ def _joinable_report(tmp_path: Path, folder: str, variant: str, labels: np.ndarr
     folds_out, tables = [], []
     for fold in (0, 1):
         rows = fold_of == fold
-        artifact = ((artifact_root / f"{variant}-fold{fold}") if artifact_root is not None
-                    else directory / "runs" / "seed42" / variant / f"fold{fold}" / "artifact")
+        artifact = (
+            (artifact_root / f"{variant}-fold{fold}")
+            if artifact_root is not None
+            else directory / "runs" / "seed42" / variant / f"fold{fold}" / "artifact"
+        )
         artifact.mkdir(parents=True)
         prior = class_prior(labels[~rows])
-        train = {"best_eval_loss": 1.0, "selection": "inner", "wall_time_s": 1.0, "tokens_per_s": 100.0,
-                 "trainable_params": 10, "total_params": 100, "total_steps": 2, "best_step": 2, "history": []}
-        folds_out.append({"fold": fold, "ids": ids[rows].tolist(), "labels": labels[rows],
-                          "probs_16bit": probs[rows], "probs_quantized": probs[rows], "train": train,
-                          "prior_log_loss": prior_log_loss(labels[rows], prior), "peak_rss_bytes": 1,
-                          "peak_cuda_bytes": None, "artifact_bytes": 1, "inference_rows_per_s": 1.0,
-                          "class_prior": prior.tolist(), "artifact_dir": str(artifact), "extras": {}, "notes": []})
+        train = {
+            "best_eval_loss": 1.0,
+            "selection": "inner",
+            "wall_time_s": 1.0,
+            "tokens_per_s": 100.0,
+            "trainable_params": 10,
+            "total_params": 100,
+            "total_steps": 2,
+            "best_step": 2,
+            "history": [],
+        }
+        folds_out.append(
+            {
+                "fold": fold,
+                "ids": ids[rows].tolist(),
+                "labels": labels[rows],
+                "probs_16bit": probs[rows],
+                "probs_quantized": probs[rows],
+                "train": train,
+                "prior_log_loss": prior_log_loss(labels[rows], prior),
+                "peak_rss_bytes": 1,
+                "peak_cuda_bytes": None,
+                "artifact_bytes": 1,
+                "inference_rows_per_s": 1.0,
+                "class_prior": prior.tolist(),
+                "artifact_dir": str(artifact),
+                "extras": {},
+                "notes": [],
+            }
+        )
         for kind in ("16bit", "quantized"):
-            tables.append(make_oof(f"{variant}/seed42/{kind}", ids[rows].tolist(), np.full(rows.sum(), fold),
-                                   probs[rows], labels[rows]))
+            tables.append(
+                make_oof(
+                    f"{variant}/seed42/{kind}",
+                    ids[rows].tolist(),
+                    np.full(rows.sum(), fold),
+                    probs[rows],
+                    labels[rows],
+                )
+            )
     chosen = variant_registry.resolve_variants([variant])
     run = cv_report.aggregate_run(chosen[0], 42, folds_out)
-    report = cv_report.build_report(experiment.demo_config(), chosen, [42], [0, 1], [run],
-                                    pl.DataFrame({"id": ids}), tmp_path / "folds.parquet", "f" * 64,
-                                    torch.device("cpu"), time.perf_counter())
+    report = cv_report.build_report(
+        experiment.demo_config(),
+        chosen,
+        [42],
+        [0, 1],
+        [run],
+        pl.DataFrame({"id": ids}),
+        tmp_path / "folds.parquet",
+        "f" * 64,
+        torch.device("cpu"),
+        time.perf_counter(),
+    )
     report["skipped_variants"], report["ship"] = {}, None
     serialised = cv_report.ComparisonReport.from_dict(report).to_dict()
     (directory / compare.REPORT_JSON).write_text(json.dumps(serialised, indent=2))
@@ -386,8 +510,9 @@ def test_combine_reports_joins_valid_reports(two_reports, tmp_path, capsys):
     assert all((tmp_path / "joined" / name).is_file() for name in (compare.REPORT_MD, compare.OOF_FILE))
 
 
-def test_combine_reports_refuses_an_output_that_is_contains_or_lies_inside_an_input(two_reports, tmp_path,
-                                                                                      capsys):
+def test_combine_reports_refuses_an_output_that_is_contains_or_lies_inside_an_input(
+    two_reports, tmp_path, capsys
+):
     a, b = two_reports
     before = _files(tmp_path)
     for out, relation in ((a, "is"), (tmp_path, "contains"), (a / "joined", "is inside")):
@@ -403,7 +528,9 @@ def test_combine_reports_refuses_an_output_around_or_inside_a_shipped_artifact_f
     the ship step reads them and writes its ensemble beside the output."""
     labels = np.random.default_rng(4).integers(0, 3, size=40)
     kernel = tmp_path / "kernel"
-    a = _joinable_report(tmp_path, "a", "ft-then-quant", labels, _informative(labels, 1.0), artifact_root=kernel)
+    a = _joinable_report(
+        tmp_path, "a", "ft-then-quant", labels, _informative(labels, 1.0), artifact_root=kernel
+    )
     b = _joinable_report(tmp_path, "b", "quant-then-ft", labels, _informative(labels, 0.5))
     before = _files(tmp_path)
     for out, relation in ((kernel, "contains"), (kernel / "ft-then-quant-fold0" / "x", "is inside")):
@@ -422,10 +549,18 @@ def test_the_winner_is_ranked_by_the_rows_its_difference_is_paired_on():
         assert decision["winner"] == "a" and decision["difference"] > 0 and "a wins" in decision["statement"]
 
 
-@pytest.mark.parametrize(("field", "value"), [("cv_log_loss_quantized", 2.0), ("cv_log_loss_quantized", float("nan")),
-                                              ("cv_log_loss_16bit", 0.1), ("rows", 59)])
-def test_combine_reports_refuses_a_report_whose_figures_its_oof_rows_contradict(two_reports, tmp_path, capsys,
-                                                                                 field, value):
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("cv_log_loss_quantized", 2.0),
+        ("cv_log_loss_quantized", float("nan")),
+        ("cv_log_loss_16bit", 0.1),
+        ("rows", 59),
+    ],
+)
+def test_combine_reports_refuses_a_report_whose_figures_its_oof_rows_contradict(
+    two_reports, tmp_path, capsys, field, value
+):
     a, b = two_reports
 
     def edit(report):
@@ -447,8 +582,11 @@ def test_combine_reports_refuses_a_per_fold_figure_its_oof_rows_contradict(two_r
         report["runs"][0]["per_fold"][1]["log_loss_quantized"] += 0.01
 
     _edit_report(b, edit)
-    with pytest.raises(UsageError, match=r"b/report.json: runs\[0\] \(quant-then-ft seed 42\) per_fold\[1\] "
-                                         r"\(fold 1\), field 'log_loss_quantized' is"):
+    with pytest.raises(
+        UsageError,
+        match=r"b/report.json: runs\[0\] \(quant-then-ft seed 42\) per_fold\[1\] "
+        r"\(fold 1\), field 'log_loss_quantized' is",
+    ):
         from kaggle_utils.studies.combine import combine_reports
 
         combine_reports([a, b], tmp_path / "joined")
@@ -465,17 +603,24 @@ def test_combine_reports_refuses_reports_on_other_labels_or_invalid_probabilitie
     assert main(["combine-reports", str(a), str(others), "--out", str(tmp_path / "j1")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1
-    assert (f"{others / compare.OOF_FILE}: id 7 (quant-then-ft/seed42/quantized), field 'label' is "
-            f"{relabelled[7]} but {labels[7]} in {a / compare.OOF_FILE}") in err
+    assert (
+        f"{others / compare.OOF_FILE}: id 7 (quant-then-ft/seed42/quantized), field 'label' is "
+        f"{relabelled[7]} but {labels[7]} in {a / compare.OOF_FILE}"
+    ) in err
     short = _informative(labels, 0.5)
     short[[3, 11]] *= 0.9
     scaled = _joinable_report(tmp_path, "short", "quant-then-ft", labels, short)
     assert main(["combine-reports", str(a), str(scaled), "--out", str(tmp_path / "j2")]) == 2
-    assert (f"{scaled / compare.OOF_FILE}: id 3 (quant-then-ft/seed42/quantized), fields p_a+p_b+p_tie sum to 0.9, "
-            "not 1") in capsys.readouterr().err
+    assert (
+        f"{scaled / compare.OOF_FILE}: id 3 (quant-then-ft/seed42/quantized), fields p_a+p_b+p_tie sum to 0.9, "
+        "not 1"
+    ) in capsys.readouterr().err
     five = _joinable_report(tmp_path, "five", "quant-then-ft", labels, _informative(labels, 0.5) * 5)
     assert main(["combine-reports", str(a), str(five), "--out", str(tmp_path / "j3")]) == 2
-    assert "id 0 (quant-then-ft/seed42/quantized), fields p_a+p_b+p_tie sum to 5, not 1" in capsys.readouterr().err
+    assert (
+        "id 0 (quant-then-ft/seed42/quantized), fields p_a+p_b+p_tie sum to 5, not 1"
+        in capsys.readouterr().err
+    )
     assert not any((tmp_path / name).exists() for name in ("j1", "j2", "j3"))
 
 
@@ -485,12 +630,16 @@ def test_combine_reports_names_a_missing_field_in_one_line(two_reports, tmp_path
     _edit_report(b, lambda report: report["runs"][0].pop("per_fold"))
     assert main(["combine-reports", str(a), str(b), "--out", str(tmp_path / "joined")]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == (f"error: {b / compare.REPORT_JSON}: runs[0] (quant-then-ft seed 42) has no field 'per_fold': "
-                   "not a compare-orderings report")
+    assert err == (
+        f"error: {b / compare.REPORT_JSON}: runs[0] (quant-then-ft seed 42) has no field 'per_fold': "
+        "not a compare-orderings report"
+    )
     _edit_report(b, lambda report: report["runs"][0].update(per_fold=[{"fold": 0}]))
     assert main(["combine-reports", str(a), str(b), "--out", str(tmp_path / "joined")]) == 2
-    assert (f"{b / compare.REPORT_JSON}: runs[0] (quant-then-ft seed 42) per_fold[0] (fold 0) has no field "
-            "'log_loss_16bit'") in capsys.readouterr().err
+    assert (
+        f"{b / compare.REPORT_JSON}: runs[0] (quant-then-ft seed 42) per_fold[0] (fold 0) has no field "
+        "'log_loss_16bit'"
+    ) in capsys.readouterr().err
     (b / compare.REPORT_JSON).write_text(original)
     _edit_report(a, lambda report: report.pop("environment"))  # what report.md is drawn from
     assert main(["combine-reports", str(a), str(b), "--out", str(tmp_path / "joined")]) == 2
@@ -517,6 +666,7 @@ def test_the_report_names_its_model_and_machine(tmp_path):
     from safetensors.torch import load_file
 
     assert described["parameters"] == sum(t.numel() for path in weights for t in load_file(path).values())
-    (base / "fetch.json").write_text(json.dumps({"name": "m", "gguf_file": "m.gguf", "gguf_sha256": "ab",
-                                                 "quantization": "Q4_K_M"}))
+    (base / "fetch.json").write_text(
+        json.dumps({"name": "m", "gguf_file": "m.gguf", "gguf_sha256": "ab", "quantization": "Q4_K_M"})
+    )
     assert describe_checkpoint(base, str(base))["origin"] == "fetch-model m: m.gguf (sha256 ab, Q4_K_M)"

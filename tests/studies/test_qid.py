@@ -33,7 +33,7 @@ def test_qid_is_exactly_the_difference_of_the_two_log_losses():
 
 def test_fit_recovers_a_known_exponent_and_refuses_non_positive_qid():
     tokens = np.array([1e3, 3e3, 1e4, 3e4, 1e5])
-    beta, intercept = fit_log_log(tokens, 0.002 * tokens ** 0.53)
+    beta, intercept = fit_log_log(tokens, 0.002 * tokens**0.53)
     assert beta == pytest.approx(0.53, abs=1e-9)
     assert intercept == pytest.approx(np.log(0.002), abs=1e-9)
     assert fit_log_log(tokens, np.array([0.1, 0.2, -0.01, 0.3, 0.4])) is None
@@ -47,7 +47,7 @@ def _synthetic_checkpoints(beta, scale, n_rows=400, noise=0.0, seed=0):
     p16 = np.full((len(tokens), n_rows, 3), 1 / 3)
     pq = np.empty_like(p16)
     for k, d in enumerate(tokens):
-        gap = scale * d ** beta + noise * rng.standard_normal(n_rows)
+        gap = scale * d**beta + noise * rng.standard_normal(n_rows)
         picked = np.clip(np.exp(-(np.log(3) + gap)), 1e-6, 0.98)  # loss of the true class rises by `gap`
         pq[k] = ((1 - picked) / 2)[:, None]
         pq[k, np.arange(n_rows), labels] = picked
@@ -109,8 +109,9 @@ def test_checkpoint_steps_are_geometric_and_end_at_the_last_step():
         checkpoint_steps(10, 1)
 
 
-def test_study_checkpoints_count_the_tokens_trained_on_up_to_their_step(train_data, demo_tokenizer, demo_base_dir,
-                                                                        tmp_path):
+def test_study_checkpoints_count_the_tokens_trained_on_up_to_their_step(
+    train_data, demo_tokenizer, demo_base_dir, tmp_path
+):
     """Each checkpoint's token count is the real (unpadded) tokens of the micro-batches of the steps before it,
     recomputed here from the batch order alone (the study learns it from the training loop's step callback)."""
     from kaggle_utils.core.config import FoldConfig, PipelineConfig, TrainConfig
@@ -125,17 +126,34 @@ def test_study_checkpoints_count_the_tokens_trained_on_up_to_their_step(train_da
     cfg.model.gradient_checkpointing = False
     cfg.format.max_length = 128
     cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout = 4, 8, 0.0
-    cfg.train = TrainConfig(learning_rate=1e-3, epochs=1, per_device_batch_size=4, grad_accum=2, max_steps=4,
-                            save_every_steps=1000, eval_rows_cap=0)
-    result = run_qid_study(cfg, frame, folds, demo_tokenizer, tmp_path, n_checkpoints=3, schemes=("int8",),
-                           n_bootstrap=4, progress=False)
+    cfg.train = TrainConfig(
+        learning_rate=1e-3,
+        epochs=1,
+        per_device_batch_size=4,
+        grad_accum=2,
+        max_steps=4,
+        save_every_steps=1000,
+        eval_rows_cap=0,
+    )
+    result = run_qid_study(
+        cfg,
+        frame,
+        folds,
+        demo_tokenizer,
+        tmp_path,
+        n_checkpoints=3,
+        schemes=("int8",),
+        n_bootstrap=4,
+        progress=False,
+    )
 
     train_part, _ = training.split_fold(frame, folds, 0)
     lengths = training._training_examples(train_part, demo_tokenizer, cfg).lengths
     chosen = training.epoch_examples(train_part.height, cfg.train, 0)
     batches = training.epoch_batches(lengths[chosen], cfg.train, 0)
-    per_step = [sum(int(lengths[chosen][i]) for batch in batches[k : k + 2] for i in batch)
-                for k in range(0, 8, 2)]
+    per_step = [
+        sum(int(lengths[chosen][i]) for batch in batches[k : k + 2] for i in batch) for k in range(0, 8, 2)
+    ]
     assert [c.step for c in result.checkpoints] == [1, 2, 4]
     assert [c.tokens for c in result.checkpoints] == [sum(per_step[:s]) for s in (1, 2, 4)]
     assert all(np.isfinite(c.log_loss_16bit) for c in result.checkpoints)

@@ -74,7 +74,9 @@ def test_padded_batch_gives_the_classifier_the_same_logits_as_single_rows(paddin
 @given(lengths=lengths_strategy, batch_size=st.integers(1, 16), multiplier=st.integers(1, 8),
        seed=st.integers(0, 10), shuffle=st.booleans())  # fmt: skip
 def test_bucket_sampler_yields_every_index_once_per_epoch(lengths, batch_size, multiplier, seed, shuffle):
-    sampler = LengthBucketSampler(lengths, batch_size, seed=seed, bucket_size_multiplier=multiplier, shuffle=shuffle)
+    sampler = LengthBucketSampler(
+        lengths, batch_size, seed=seed, bucket_size_multiplier=multiplier, shuffle=shuffle
+    )
     for _ in range(2):
         batches = list(sampler)
         assert len(batches) == len(sampler)
@@ -104,7 +106,9 @@ def test_bucket_sampler_is_seeded_shuffles_between_epochs_and_buckets_by_length(
 def test_bucket_sampler_drives_a_dataloader():
     lengths = [3, 1, 2, 5, 4, 6, 2]
     data = [{"input_ids": list(range(1, n + 1)), "labels": i % 3} for i, n in enumerate(lengths)]
-    loader = DataLoader(data, batch_sampler=LengthBucketSampler(lengths, 3, seed=0), collate_fn=PadCollator(0))
+    loader = DataLoader(
+        data, batch_sampler=LengthBucketSampler(lengths, 3, seed=0), collate_fn=PadCollator(0)
+    )
     seen = 0
     for batch in loader:
         real = batch["attention_mask"].sum(dim=1)
@@ -115,7 +119,9 @@ def test_bucket_sampler_drives_a_dataloader():
 
 # ------------------------------------------------------------------------------------ inference batches
 @settings(max_examples=100, deadline=None)
-@given(lengths=lengths_strategy, budget=st.integers(1, 20000), max_rows=st.one_of(st.none(), st.integers(1, 64)))
+@given(
+    lengths=lengths_strategy, budget=st.integers(1, 20000), max_rows=st.one_of(st.none(), st.integers(1, 64))
+)
 def test_token_budget_batches_properties(lengths, budget, max_rows):
     batches = token_budget_batches(lengths, budget, max_rows=max_rows)
     lengths = np.asarray(lengths)

@@ -54,7 +54,13 @@ def _template_words() -> set[str]:
     splitter = pre_tokenizers.Whitespace()
     texts = [FormatConfig().truncation_marker]
     for template in TEMPLATES.values():
-        texts += [template.turn_open, template.prompt_to_a, template.a_to_b, template.turn_close, template.suffix]
+        texts += [
+            template.turn_open,
+            template.prompt_to_a,
+            template.a_to_b,
+            template.turn_close,
+            template.suffix,
+        ]
     words = set()
     for text in texts:
         for part in re.split(f"({re.escape(START_OF_TURN)}|{re.escape(END_OF_TURN)})", text):
@@ -65,7 +71,9 @@ def _template_words() -> set[str]:
 @pytest.fixture(scope="module")
 def word_tok() -> PreTrainedTokenizerFast:
     """WordLevel, specials at the start, Gemma's turn tokens appended at the end of the vocabulary."""
-    content = {f"{piece}{turn}x{i}" for piece in PIECES for turn in range(MAX_TURNS) for i in range(MAX_WORDS)}
+    content = {
+        f"{piece}{turn}x{i}" for piece in PIECES for turn in range(MAX_TURNS) for i in range(MAX_WORDS)
+    }
     vocab_words = ["[UNK]", "[PAD]", "[BOS]", "[EOS]", *sorted(_template_words() | content)]
     backend = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(vocab_words)}, unk_token="[UNK]"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -109,7 +117,10 @@ def _words(piece: str, turn: int, n: int) -> str:
 
 
 def _word_rows(lengths: list[list[tuple[int, int, int]]]) -> list[list[tuple[str, str, str]]]:
-    return [[tuple(_words(PIECES[k], t, turn[k]) for k in range(3)) for t, turn in enumerate(row)] for row in lengths]
+    return [
+        [tuple(_words(PIECES[k], t, turn[k]) for k in range(3)) for t, turn in enumerate(row)]
+        for row in lengths
+    ]
 
 
 def _pieces(tok, text_or_texts):
@@ -148,12 +159,16 @@ word_rows = st.lists(st.lists(turn_lengths, min_size=1, max_size=MAX_TURNS), min
     lengths=word_rows,
     mode=st.sampled_from(TRUNCATION_MODES),
     # the word tokenizer knows Gemma's turn tokens only
-    template=st.sampled_from(sorted(n for n, t in TEMPLATES.items() if set(t.required_tokens) <= {START_OF_TURN, END_OF_TURN})),
+    template=st.sampled_from(
+        sorted(n for n, t in TEMPLATES.items() if set(t.required_tokens) <= {START_OF_TURN, END_OF_TURN})
+    ),
     head_fraction=st.sampled_from(HEAD_FRACTIONS),
     slack=st.integers(0, 400),
     split=st.sampled_from(CUT_SPLITS),
 )
-def test_truncation_properties_counted_word_by_word(word_tok, lengths, mode, template, head_fraction, slack, split):
+def test_truncation_properties_counted_word_by_word(
+    word_tok, lengths, mode, template, head_fraction, slack, split
+):
     base = FormatConfig(template=template, truncation=mode, head_fraction=head_fraction, cut_split=split)
     cfg = FormatConfig(template=template, truncation=mode, head_fraction=head_fraction, cut_split=split,
                        max_length=minimum_max_length(word_tok, base) + slack)  # fmt: skip
@@ -253,7 +268,9 @@ def test_truncation_properties_counted_word_by_word(word_tok, lengths, mode, tem
     for r, ids in enumerate(encoded.input_ids):
         tokens = word_tok.convert_ids_to_tokens(ids)
         for k in range(3):
-            assert encoded.kept_tokens[r, k] == sum(1 for t in tokens if CONTENT.match(t) and t[0] == PIECES[k])
+            assert encoded.kept_tokens[r, k] == sum(
+                1 for t in tokens if CONTENT.match(t) and t[0] == PIECES[k]
+            )
             assert encoded.content_tokens[r, k] == sum(turn[k] for turn in lengths[r])
 
 
@@ -264,7 +281,9 @@ def test_water_filling_keeps_a_short_response_whole(word_tok, split, three_cut):
     cfg = FormatConfig(template="plain", max_length=200)
     (turn_open, prompt_to_a, a_to_b, turn_close, suffix), marker = _template_parts(word_tok, cfg)
     overhead = len(turn_open + prompt_to_a + a_to_b + turn_close)
-    cfg = FormatConfig(template="plain", max_length=1 + len(suffix) + overhead + 100 + len(marker), cut_split=split)
+    cfg = FormatConfig(
+        template="plain", max_length=1 + len(suffix) + overhead + 100 + len(marker), cut_split=split
+    )
     encoded = encode_rows(_frame(_word_rows([[(5, 119, 40)]])), word_tok, cfg)
     assert encoded.kept_tokens[0].tolist() == [5, 55, 40]
     # Three long pieces, each paying for a marker: 98 words. "equal": 32 each, the 2 spare ones to A and B
@@ -298,9 +317,17 @@ def test_equal_split_is_max_min_fair(lengths, budget, expected):
     [
         ((50, 3000, 500), 1900, [50, 1350, 500]),  # short pieces first, as with "equal"
         ((100, 4000, 2000), 1000, [100, 600, 300]),  # both responses cut: the longer keeps twice as much
-        ((1000, 3000, 1500), 1900, [345, 1037, 518]),  # 1900 * (1000, 3000, 1500) / 5500, remainder to the longest
+        (
+            (1000, 3000, 1500),
+            1900,
+            [345, 1037, 518],
+        ),  # 1900 * (1000, 3000, 1500) / 5500, remainder to the longest
         ((700, 800, 100000), 1200, [200, 200, 800]),  # floor: half an equal share (200) for the starved two
-        ((3000, 3000, 3000), 1900, [634, 633, 633]),  # equal lengths: the equal split, remainder to the prompt
+        (
+            (3000, 3000, 3000),
+            1900,
+            [634, 633, 633],
+        ),  # equal lengths: the equal split, remainder to the prompt
         ((3000, 3000, 3000), 1901, [633, 634, 634]),  # remainder 2: A and B together
         ((10, 3000, 3000), 1901, [10, 945, 945]),  # remainder 1 between A and B: stays unused
         ((3000, 10, 3000), 1901, [945, 10, 946]),  # remainder 1 among equal prompt and B: the response first
@@ -329,7 +356,11 @@ def test_share_properties(lengths, budget, split):
 
     alloc = _share(lengths, budget, split)
     assert all(0 <= a <= n for a, n in zip(alloc, lengths, strict=True))
-    assert _share((lengths[0], lengths[2], lengths[1]), budget, split) == [alloc[0], alloc[2], alloc[1]]  # A/B
+    assert _share((lengths[0], lengths[2], lengths[1]), budget, split) == [
+        alloc[0],
+        alloc[2],
+        alloc[1],
+    ]  # A/B
     if sum(lengths) <= budget:
         assert alloc == list(lengths)
         return
@@ -423,7 +454,9 @@ def _check_cut_split(lengths: list[int], kept: list[int], split: str) -> None:
                 assert kept[c] == lengths[c] - 1, (lengths, kept)
 
 
-def _cut_segment_ok(segment: list[int], piece: list[int], keep: int, marker: list[int], head_fraction: float) -> bool:
+def _cut_segment_ok(
+    segment: list[int], piece: list[int], keep: int, marker: list[int], head_fraction: float
+) -> bool:
     """``segment`` is the piece's first h and last keep-h tokens around the marker, h ~ head_fraction * keep."""
     for head in range(keep + 1):
         if abs(head - head_fraction * keep) > 1:
@@ -448,7 +481,11 @@ def _check_truncation_properties(tok, rows, mode: str, slack: int, head_fraction
         # Literal special tokens in text stay text: the only special ids are the template's own.
         assert tok.bos_token_id not in ids[1:] and tok.pad_token_id not in ids and tok.eos_token_id not in ids
         kept_turns = (ids.count(end) - 1) // 2  # per turn: two of each; the suffix: two starts, one end
-        assert kept_turns >= 1 and ids.count(end) == 2 * kept_turns + 1 and ids.count(start) == 2 * kept_turns + 2
+        assert (
+            kept_turns >= 1
+            and ids.count(end) == 2 * kept_turns + 1
+            and ids.count(start) == 2 * kept_turns + 2
+        )
         pieces = [_pieces(tok, list(turn)) for turn in row]
         turns = [turn_open + p + prompt_to_a + a + a_to_b + b + turn_close for p, a, b in pieces]
         fits_whole = 1 + sum(map(len, turns)) + len(suffix) <= cfg.max_length
@@ -462,7 +499,9 @@ def _check_truncation_properties(tok, rows, mode: str, slack: int, head_fraction
         if mode == "keep_start":
             if 1 + len(turns[0]) + len(suffix) + gap_room <= cfg.max_length:
                 assert ids[1 : 1 + len(turns[0])] == turns[0]
-        elif 1 + len(turns[-1]) + len(suffix) + gap_room <= cfg.max_length:  # the last turn survives if it fits
+        elif (
+            1 + len(turns[-1]) + len(suffix) + gap_room <= cfg.max_length
+        ):  # the last turn survives if it fits
             assert ids[-len(suffix) - len(turns[-1]) :] == turns[-1] + suffix
         if len(row) > 1:
             continue
@@ -527,8 +566,12 @@ def gemma_tok() -> PreTrainedTokenizerFast:
 
 gemma_piece_text = st.one_of(
     st.text(alphabet=st.characters(blacklist_categories=["Cs"]), max_size=400),
-    st.sampled_from(["", "<start_of_turn>", "<bos> <pad> <end_of_turn>", "<response_b>", " [...] ", "I'm sorry"]),
-    st.lists(st.sampled_from(["the", "model", "café", "😊", "数据", "\n", "  ", "def", "```"]), max_size=500).map(" ".join),
+    st.sampled_from(
+        ["", "<start_of_turn>", "<bos> <pad> <end_of_turn>", "<response_b>", " [...] ", "I'm sorry"]
+    ),
+    st.lists(
+        st.sampled_from(["the", "model", "café", "😊", "数据", "\n", "  ", "def", "```"]), max_size=500
+    ).map(" ".join),
 )
 gemma_rows = _rows_of(gemma_piece_text)
 
@@ -547,7 +590,10 @@ def test_gemma2_keeps_a_refusal_and_the_end_of_a_long_response(gemma_tok):
     encoded = encode_rows(frame, gemma_tok, FormatConfig(max_length=256))
     text = gemma_tok.decode(encoded.input_ids[0])
     assert len(encoded.input_ids[0]) <= 256
-    assert "<response_a>\nI'm sorry, but I can't help" in text and "consult a professional.\n</response_a>" in text
+    assert (
+        "<response_a>\nI'm sorry, but I can't help" in text
+        and "consult a professional.\n</response_a>" in text
+    )
     assert " [...] " in text and "Sure! Step one: open the file." in text  # the short response is whole
 
 
@@ -562,6 +608,7 @@ def _sections(tok, ids: list[int]) -> tuple[str, str, str]:
 
 def _equivariant_model(tok, input_ids: list[list[int]]) -> np.ndarray:
     """A toy model that treats A and B alike: its scores depend on the sections' text only."""
+
     def score(text: str) -> float:
         return (sum(map(ord, text)) % 101) / 25 + len(text) / 500
 
@@ -598,7 +645,8 @@ def test_swapped_encoding_exchanges_a_and_b_exactly(bpe_tok, rows, mode, slack, 
     # Labels and probabilities permute together: swap_probs(model(original)) == model(swapped).
     assert swapped.labels.tolist() == swap_labels(original.labels).tolist()
     np.testing.assert_allclose(
-        swap_probs(_equivariant_model(bpe_tok, original.input_ids)), _equivariant_model(bpe_tok, swapped.input_ids)
+        swap_probs(_equivariant_model(bpe_tok, original.input_ids)),
+        _equivariant_model(bpe_tok, swapped.input_ids),
     )
     np.testing.assert_array_equal(swapped.kept_tokens, original.kept_tokens[:, [0, 2, 1]])
     np.testing.assert_array_equal(swapped.content_tokens, original.content_tokens[:, [0, 2, 1]])
@@ -620,14 +668,18 @@ def test_swap_label_and_probability_algebra(labels):
 
 
 def test_swap_frame_exchanges_every_a_b_pair_and_is_an_involution():
-    frame = _frame([[("q", "left", "right")], [("q2", "x", "y")], [("q3", "s", "t")]], labels=[0, 1, 2]).with_columns(
-        model_a=pl.Series(["m1", "m2", "m3"]), model_b=pl.Series(["n1", "n2", "n3"])
-    )
+    frame = _frame(
+        [[("q", "left", "right")], [("q2", "x", "y")], [("q3", "s", "t")]], labels=[0, 1, 2]
+    ).with_columns(model_a=pl.Series(["m1", "m2", "m3"]), model_b=pl.Series(["n1", "n2", "n3"]))
     swapped = swap_frame(frame)
     assert swapped.columns == frame.columns
     assert swapped["label"].dtype == pl.Int8 and swapped["label"].to_list() == [1, 0, 2]
     assert swapped["response_a"].to_list() == [["right"], ["y"], ["t"]]
-    assert swapped["model_a"].to_list() == ["n1", "n2", "n3"] and swapped["model_b"].to_list() == ["m1", "m2", "m3"]
+    assert swapped["model_a"].to_list() == ["n1", "n2", "n3"] and swapped["model_b"].to_list() == [
+        "m1",
+        "m2",
+        "m3",
+    ]
     assert swapped["prompt"].to_list() == frame["prompt"].to_list()
     assert swap_frame(swapped).equals(frame)
     test_frame = frame.drop("label")
@@ -707,7 +759,9 @@ def test_generated_competition_data_encodes_within_limits(demo_tokenizer, train_
     suffix = _template_parts(demo_tokenizer, cfg)[0][4]
     assert len(original) == train_data.frame.height
     assert max(original.lengths) <= 256 and max(swapped.lengths) <= 256
-    assert all(ids[0] == demo_tokenizer.bos_token_id and ids[-len(suffix) :] == suffix for ids in original.input_ids)
+    assert all(
+        ids[0] == demo_tokenizer.bos_token_id and ids[-len(suffix) :] == suffix for ids in original.input_ids
+    )
     assert original.truncated.any() and (original.kept_tokens <= original.content_tokens).all()
     np.testing.assert_array_equal(swapped.labels, swap_labels(original.labels))
 
@@ -720,10 +774,13 @@ def test_average_views_in_probability_and_logit_space():
     unswapped = swapped_view[:, [1, 0, 2]]
     np.testing.assert_allclose(average_views(original, swapped_view), (original + unswapped) / 2)
     geometric = np.sqrt(original * unswapped)
-    np.testing.assert_allclose(average_views(original, swapped_view, "logit"),
-                               geometric / geometric.sum(axis=1, keepdims=True))
+    np.testing.assert_allclose(
+        average_views(original, swapped_view, "logit"), geometric / geometric.sum(axis=1, keepdims=True)
+    )
     # the two spaces differ, and a zero probability does not produce NaN in logit space
-    assert not np.allclose(average_views(original, swapped_view), average_views(original, swapped_view, "logit"))
+    assert not np.allclose(
+        average_views(original, swapped_view), average_views(original, swapped_view, "logit")
+    )
     assert np.isfinite(average_views(np.array([[1.0, 0.0, 0.0]]), np.array([[0.0, 1.0, 0.0]]), "logit")).all()
     with pytest.raises(ValueError, match="TTA space"):
         average_views(original, swapped_view, "median")

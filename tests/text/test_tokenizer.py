@@ -109,6 +109,8 @@ def test_load_tokenizer_errors_name_the_path(tmp_path):
 def test_loading_a_tokenizer_without_pad_uses_eos(tmp_path):
     backend = Tokenizer(models.WordLevel(vocab={"[UNK]": 0, "</s>": 1, "hello": 2}, unk_token="[UNK]"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", eos_token="</s>").save_pretrained(tmp_path)
+    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", eos_token="</s>").save_pretrained(
+        tmp_path
+    )
     loaded = load_tokenizer(tmp_path)
     assert loaded.pad_token == "</s>" and loaded.pad_token_id == 1

@@ -79,8 +79,13 @@ def test_make_forward_shards_like_a_9b_model_on_v3_8_compiles_once_per_shape_and
     want_bf16 = predict_probs(cpu_model, seqs, pad)
     want_artifact = predict_probs(load_artifact(artifacts[ordering], device="cpu").model, seqs, pad)
 
-    forward = tpu.make_forward(plain.model, pad, InferenceConfig(token_budget=TOKEN_BUDGET),
-                               length_bucket=LENGTH_BUCKET, device_memory_gb=device_gb)
+    forward = tpu.make_forward(
+        plain.model,
+        pad,
+        InferenceConfig(token_budget=TOKEN_BUDGET),
+        length_bucket=LENGTH_BUCKET,
+        device_memory_gb=device_gb,
+    )
 
     # The weights are split as on a v3-8: column-parallel rows, row-parallel columns, the rest replicated.
     import torch_xla
@@ -96,7 +101,9 @@ def test_make_forward_shards_like_a_9b_model_on_v3_8_compiles_once_per_shape_and
     # Calls of similar-length rows, like the engine's length-sorted batches; several share one static shape.
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
     calls = [order[i : i + ROWS_PER_CALL] for i in range(0, len(order), ROWS_PER_CALL)]
-    shapes = [tpu.static_shape(max(len(seqs[i]) for i in call), TOKEN_BUDGET, LENGTH_BUCKET, 4) for call in calls]
+    shapes = [
+        tpu.static_shape(max(len(seqs[i]) for i in call), TOKEN_BUDGET, LENGTH_BUCKET, 4) for call in calls
+    ]
     assert 3 <= len(set(shapes)) < len(calls), "the check needs several shapes, several calls per shape"
     assert all(rows % 4 == 0 for rows, _ in shapes)  # every data-axis core gets the same number of rows
 
@@ -114,6 +121,8 @@ def test_make_forward_shards_like_a_9b_model_on_v3_8_compiles_once_per_shape_and
     np.testing.assert_allclose(got.sum(axis=1), 1.0, atol=1e-6)
     np.testing.assert_allclose(got, want_bf16, atol=ATOL_VS_CPU_BF16)
     np.testing.assert_allclose(got, want_artifact, atol=ATOL_VS_ARTIFACT)
-    print(f"\n{ordering}: {len(calls)} calls, {len(set(shapes))} static shapes, {first_pass} compiled graphs; "
-          f"max |xla - cpu bf16| = {np.abs(got - want_bf16).max():.2e}, "
-          f"max |xla - cpu artifact| = {np.abs(got - want_artifact).max():.2e}")
+    print(
+        f"\n{ordering}: {len(calls)} calls, {len(set(shapes))} static shapes, {first_pass} compiled graphs; "
+        f"max |xla - cpu bf16| = {np.abs(got - want_bf16).max():.2e}, "
+        f"max |xla - cpu artifact| = {np.abs(got - want_artifact).max():.2e}"
+    )

@@ -137,7 +137,9 @@ def test_model_round_trips_through_json_with_identical_predictions(model, cv_res
     assert json.loads(again.read_text())["estimators"] == payload["estimators"]
 
 
-def test_model_load_refuses_other_features_pickles_unlisted_and_altered_files(cv_result, tmp_path, monkeypatch):
+def test_model_load_refuses_other_features_pickles_unlisted_and_altered_files(
+    cv_result, tmp_path, monkeypatch
+):
     _, result = cv_result
     path = result.model.save(tmp_path / "baseline.json")
     stale = tmp_path / "stale.json"
@@ -189,7 +191,8 @@ def test_cv_refuses_rows_without_a_fold_or_label(cv_result, train_frame):
 
 
 def test_the_baseline_oof_records_its_excluded_folds_so_a_student_can_check_its_teacher(
-        sample_files, tmp_path, capsys):
+    sample_files, tmp_path, capsys
+):
     """`baseline --oof` writes the folds its run left out into the file: the nested teacher (--exclude-folds 0)
     teaches fold 0's student, the plain one is refused for it (its models trained on fold 0); an output that
     contains or lies inside an input is refused before anything is written."""
@@ -215,12 +218,17 @@ def test_the_baseline_oof_records_its_excluded_folds_so_a_student_can_check_its_
     student = frame.join(folds.filter(pl.col("fold") != 0).select("id"), on="id", how="semi")
     held = HeldOutFold.from_folds(folds, 0)
     assert teacher_targets(student, nested, held_out=held)[1].fold_check == "excluded fold 0"
-    with pytest.raises(DataError, match=r"plain.parquet: the teacher saw fold 0's labels \(its run excluded no "
-                                        r"fold\); make a nested teacher"):
+    with pytest.raises(
+        DataError,
+        match=r"plain.parquet: the teacher saw fold 0's labels \(its run excluded no "
+        r"fold\); make a nested teacher",
+    ):
         teacher_targets(student, plain, held_out=held)
 
     capsys.readouterr()
-    for oof, message in [(tmp_path, f"it contains the folds file {folds_path}"),
-                         (f"{folds_path}/oof.parquet", "it is inside the folds file")]:
+    for oof, message in [
+        (tmp_path, f"it contains the folds file {folds_path}"),
+        (f"{folds_path}/oof.parquet", "it is inside the folds file"),
+    ]:
         assert main([*common, "--oof", str(oof)]) == 2
         assert f"refusing to write {oof}: {message}" in capsys.readouterr().err

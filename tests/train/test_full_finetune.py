@@ -28,8 +28,15 @@ from kaggle_utils.variants.registry import VARIANTS, ExportContext, FoldContext
 
 GEMMA2_9B = Path("/work/shared/reference/gemma-2-9b-config.json")
 # The checked-in shape of google/gemma-2-9b (the fields the count uses), so the test runs without /work/shared.
-GEMMA2_9B_SHAPE = {"vocab_size": 256000, "hidden_size": 3584, "intermediate_size": 14336, "num_hidden_layers": 42,
-                   "num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 256}
+GEMMA2_9B_SHAPE = {
+    "vocab_size": 256000,
+    "hidden_size": 3584,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 42,
+    "num_attention_heads": 16,
+    "num_key_value_heads": 8,
+    "head_dim": 256,
+}
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py
 
@@ -60,10 +67,13 @@ def test_full_finetune_memory_for_9b_beside_lora_r16():
     assert report["full_mixed_precision"]["total"] == report["full_fp32"]["total"] == 16 * n
     assert report["full_mixed_precision"]["master_weights_fp32"] == 4 * n
     n_lora = lora_parameter_count(GEMMA2_9B_SHAPE, 16)
-    assert report["lora_trainable_parameters"] == n_lora == 42 * 16 * (
-        2 * (3584 + 4096) + 2 * (3584 + 2048) + 3 * (3584 + 14336)) + 3 * 3584
+    assert (
+        report["lora_trainable_parameters"]
+        == n_lora
+        == 42 * 16 * (2 * (3584 + 4096) + 2 * (3584 + 2048) + 3 * (3584 + 14336)) + 3 * 3584
+    )
     assert report["lora"]["total"] == 2 * n + 16 * n_lora
-    assert 137 < report["full_mixed_precision"]["total"] / 1024 ** 3 < 138  # ~137.7 GiB before activations
+    assert 137 < report["full_mixed_precision"]["total"] / 1024**3 < 138  # ~137.7 GiB before activations
 
 
 def _full_config(base_dir) -> PipelineConfig:
@@ -71,9 +81,18 @@ def _full_config(base_dir) -> PipelineConfig:
     cfg.model.base_model = str(base_dir)
     cfg.model.gradient_checkpointing = False
     cfg.format.max_length = 128
-    cfg.train = TrainConfig(ordering="ft-then-quant", method="full", learning_rate=1e-3, epochs=1,
-                            per_device_batch_size=4, grad_accum=1, max_steps=2, save_every_steps=1000,
-                            eval_rows_cap=8, evals_per_run=1)
+    cfg.train = TrainConfig(
+        ordering="ft-then-quant",
+        method="full",
+        learning_rate=1e-3,
+        epochs=1,
+        per_device_batch_size=4,
+        grad_accum=1,
+        max_steps=2,
+        save_every_steps=1000,
+        eval_rows_cap=8,
+        evals_per_run=1,
+    )
     cfg.quant.scheme = "int8"
     return cfg
 
@@ -91,13 +110,15 @@ def test_quant_then_ft_with_full_method_is_refused(demo_tokenizer, demo_base_dir
         training.default_build_model(cfg, demo_tokenizer, torch.device("cpu"))
 
 
-def test_full_then_quant_trains_every_weight_and_ships_a_loadable_artifact(train_data, demo_tokenizer,
-                                                                           demo_base_dir, tmp_path):
+def test_full_then_quant_trains_every_weight_and_ships_a_loadable_artifact(
+    train_data, demo_tokenizer, demo_base_dir, tmp_path
+):
     frame = train_data.frame.head(60)
     folds = make_folds(frame, FoldConfig(n_folds=3, seed=0))
     cfg = _full_config(demo_base_dir)
-    before = modeling.build_classifier(cfg.model, vocab_size=len(demo_tokenizer),
-                                       pad_token_id=demo_tokenizer.pad_token_id, device="cpu").state_dict()
+    before = modeling.build_classifier(
+        cfg.model, vocab_size=len(demo_tokenizer), pad_token_id=demo_tokenizer.pad_token_id, device="cpu"
+    ).state_dict()
     result = training.train_fold(cfg, frame, folds, demo_tokenizer, tmp_path / "run", progress=False)
     assert result.trainable_params == result.total_params
     after = dict(result.model.named_parameters())
@@ -107,12 +128,25 @@ def test_full_then_quant_trains_every_weight_and_ships_a_loadable_artifact(train
 
     variant = VARIANTS["full-then-quant"]
     assert variant.ordering == "ft-then-quant" and variant.configure(PipelineConfig()).train.method == "full"
-    fold_ctx = FoldContext(cfg=cfg, fold=0, seed=0, train_frame=frame, tokenizer=demo_tokenizer,
-                           base_dir=Path(demo_base_dir), device=torch.device("cpu"))
-    fields = {"ordering": "ft-then-quant", "variant": "full-then-quant", "base_model": str(demo_base_dir),
-              "folds_file_hash": "0" * 64, "cv_scores": {"fold_0": 1.0}}
-    exported = variant.export(ExportContext(fold_ctx=fold_ctx, result=result, artifact_dir=tmp_path / "art",
-                                            manifest_fields=fields))
+    fold_ctx = FoldContext(
+        cfg=cfg,
+        fold=0,
+        seed=0,
+        train_frame=frame,
+        tokenizer=demo_tokenizer,
+        base_dir=Path(demo_base_dir),
+        device=torch.device("cpu"),
+    )
+    fields = {
+        "ordering": "ft-then-quant",
+        "variant": "full-then-quant",
+        "base_model": str(demo_base_dir),
+        "folds_file_hash": "0" * 64,
+        "cv_scores": {"fold_0": 1.0},
+    }
+    exported = variant.export(
+        ExportContext(fold_ctx=fold_ctx, result=result, artifact_dir=tmp_path / "art", manifest_fields=fields)
+    )
     loaded = artifacts.load_artifact(exported.artifact_dir, device="cpu", compute_dtype=torch.float32)
     assert loaded.manifest["quant_scheme"] == "int8" and not loaded.manifest["has_adapter"]
     rows = [[2, 7, 9, 11, 13, 40], [2, 5, 6, 8, 30, 31, 32, 33]]

@@ -37,17 +37,28 @@ def learning_config(base_dir, ordering: str) -> PipelineConfig:
     cfg.model.gradient_checkpointing = False
     cfg.format.max_length = 128
     cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout = 16, 32, 0.0
-    cfg.train = TrainConfig(ordering=ordering, learning_rate=1e-3, epochs=3, per_device_batch_size=8, grad_accum=1,
-                            warmup_ratio=0.1, eval_every_steps=25, save_every_steps=1000)
+    cfg.train = TrainConfig(
+        ordering=ordering,
+        learning_rate=1e-3,
+        epochs=3,
+        per_device_batch_size=8,
+        grad_accum=1,
+        warmup_ratio=0.1,
+        eval_every_steps=25,
+        save_every_steps=1000,
+    )
     return cfg
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("ordering", ["ft-then-quant", "quant-then-ft"])
-def test_each_ordering_learns_below_the_class_prior(train_data, folds, demo_tokenizer, demo_base_dir, tmp_path,
-                                                    ordering):
+def test_each_ordering_learns_below_the_class_prior(
+    train_data, folds, demo_tokenizer, demo_base_dir, tmp_path, ordering
+):
     cfg = learning_config(demo_base_dir, ordering)
-    result = training.train_fold(cfg, train_data.frame, folds, demo_tokenizer, tmp_path, fold=0, progress=False)
+    result = training.train_fold(
+        cfg, train_data.frame, folds, demo_tokenizer, tmp_path, fold=0, progress=False
+    )
 
     assert result.global_step == result.total_steps == 225  # 3 epochs x 75 batches of 8 (300 rows + swaps)
     assert result.train_examples == 2 * result.train_rows  # swap augmentation
@@ -56,8 +67,9 @@ def test_each_ordering_learns_below_the_class_prior(train_data, folds, demo_toke
     # selection="final": the last step's weights ship; the held-out fold (100 rows, under the monitor cap) was
     # the learning curve's sample, so the last evaluation is the shipped model's score.
     assert result.selection == "final" and result.best_step == result.global_step
-    np.testing.assert_allclose(log_loss(result.val_labels, result.val_probs), result.history[-1]["eval_loss"],
-                               atol=1e-12)
+    np.testing.assert_allclose(
+        log_loss(result.val_labels, result.val_probs), result.history[-1]["eval_loss"], atol=1e-12
+    )
     # the learning curve is a file in the run folder, written as the run goes: one line per evaluation
     curve = [json.loads(line) for line in (tmp_path / training.LEARNING_CURVE_FILE).read_text().splitlines()]
     assert curve == json.loads(json.dumps(result.history))
@@ -65,9 +77,14 @@ def test_each_ordering_learns_below_the_class_prior(train_data, folds, demo_toke
     assert 0 < curve[-1]["eval_loss_se"] < 0.2 and curve[0]["tokens_seen"] < curve[-1]["tokens_seen"]
     from kaggle_utils.text.formatting import encode_rows
 
-    val_rows = encode_rows(train_data.frame.filter(pl.col("id").is_in(result.val_ids)), demo_tokenizer, cfg.format)
-    np.testing.assert_allclose(predict_probs(result.model, val_rows.input_ids, demo_tokenizer.pad_token_id),
-                               result.val_probs, atol=1e-6)
+    val_rows = encode_rows(
+        train_data.frame.filter(pl.col("id").is_in(result.val_ids)), demo_tokenizer, cfg.format
+    )
+    np.testing.assert_allclose(
+        predict_probs(result.model, val_rows.input_ids, demo_tokenizer.pad_token_id),
+        result.val_probs,
+        atol=1e-6,
+    )
     quantized = any(isinstance(m, bnb.nn.Linear4bit) for m in result.model.modules())
     assert quantized == (ordering == "quant-then-ft")
     assert 0 < result.trainable_params < result.total_params
@@ -79,15 +96,23 @@ def _resume_config(base_dir, ordering: str = "ft-then-quant") -> PipelineConfig:
     cfg.format.max_length = 128
     cfg.lora.r, cfg.lora.dropout = 4, 0.1  # dropout draws random numbers: the RNG state must be restored too
     cfg.model.gradient_checkpointing = True  # and the recomputed forward must draw the same dropout masks
-    cfg.train = TrainConfig(ordering=ordering, learning_rate=1e-3, epochs=1.5, per_device_batch_size=8,
-                            grad_accum=2, eval_every_steps=3, save_every_steps=5)
+    cfg.train = TrainConfig(
+        ordering=ordering,
+        learning_rate=1e-3,
+        epochs=1.5,
+        per_device_batch_size=8,
+        grad_accum=2,
+        eval_every_steps=3,
+        save_every_steps=5,
+    )
     return cfg
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("ordering", ["ft-then-quant", "quant-then-ft"])
-def test_an_interrupted_run_resumes_to_the_same_step_and_result(train_data, demo_tokenizer, demo_base_dir,
-                                                                tmp_path, ordering):
+def test_an_interrupted_run_resumes_to_the_same_step_and_result(
+    train_data, demo_tokenizer, demo_base_dir, tmp_path, ordering
+):
     frame = train_data.frame.head(120)
     folds = make_folds(frame, FoldConfig(n_folds=4, seed=0))
     cfg = _resume_config(demo_base_dir, ordering)
@@ -101,7 +126,9 @@ def test_an_interrupted_run_resumes_to_the_same_step_and_result(train_data, demo
             raise SimulatedCrash
 
     with pytest.raises(SimulatedCrash):
-        training.train_fold(cfg, frame, folds, demo_tokenizer, tmp_path / "resumed", on_step=crash_at_8, progress=False)
+        training.train_fold(
+            cfg, frame, folds, demo_tokenizer, tmp_path / "resumed", on_step=crash_at_8, progress=False
+        )
     resumed = training.train_fold(cfg, frame, folds, demo_tokenizer, tmp_path / "resumed", progress=False)
 
     assert resumed.resumed_from_step == 5  # the last checkpoint before the crash; steps 6-8 are redone
@@ -126,9 +153,16 @@ def test_resume_false_discards_old_checkpoints(train_data, demo_tokenizer, demo_
     cfg.train.max_steps = 2
     first = training.train_fold(cfg, frame, folds, demo_tokenizer, tmp_path, progress=False)
     assert first.resumed_from_step is None and (tmp_path / "checkpoints").is_dir()
-    assert training.train_fold(cfg, frame, folds, demo_tokenizer, tmp_path, progress=False).resumed_from_step == 2
-    assert training.train_fold(cfg, frame, folds, demo_tokenizer, tmp_path, resume=False,
-                               progress=False).resumed_from_step is None
+    assert (
+        training.train_fold(cfg, frame, folds, demo_tokenizer, tmp_path, progress=False).resumed_from_step
+        == 2
+    )
+    assert (
+        training.train_fold(
+            cfg, frame, folds, demo_tokenizer, tmp_path, resume=False, progress=False
+        ).resumed_from_step
+        is None
+    )
 
 
 def test_resume_refuses_a_checkpoint_of_another_run(train_data, demo_tokenizer, demo_base_dir, tmp_path):
@@ -143,20 +177,33 @@ def test_resume_refuses_a_checkpoint_of_another_run(train_data, demo_tokenizer, 
     other_rows = train_data.frame.slice(60, 60)
     cfg.train.learning_rate = 1e-3
     with pytest.raises(UsageError, match="different run"):
-        training.train_fold(cfg, other_rows, make_folds(other_rows, FoldConfig(n_folds=3, seed=0)), demo_tokenizer,
-                            tmp_path, progress=False)
+        training.train_fold(
+            cfg,
+            other_rows,
+            make_folds(other_rows, FoldConfig(n_folds=3, seed=0)),
+            demo_tokenizer,
+            tmp_path,
+            progress=False,
+        )
 
 
 def test_epoch_batches_are_reproducible_and_split_between_processes():
     lengths = np.arange(10, 110)
     cfg = TrainConfig(per_device_batch_size=4, seed=3)
     one = training.epoch_batches(lengths, cfg, epoch=0)
-    assert one == training.epoch_batches(lengths, cfg, epoch=0) != training.epoch_batches(lengths, cfg, epoch=1)
+    assert (
+        one == training.epoch_batches(lengths, cfg, epoch=0) != training.epoch_batches(lengths, cfg, epoch=1)
+    )
     assert sorted(i for batch in one for i in batch) == list(range(100))
     rank0, rank1 = (training.epoch_batches(lengths, cfg, 0, rank=r, world=2) for r in (0, 1))
-    assert len(rank0) == len(rank1) == 12 and not {i for b in rank0 for i in b} & {i for b in rank1 for i in b}
+    assert len(rank0) == len(rank1) == 12 and not {i for b in rank0 for i in b} & {
+        i for b in rank1 for i in b
+    }
     assert training.planned_steps(100, TrainConfig(per_device_batch_size=4, grad_accum=3, epochs=2)) == 18
-    assert training.planned_steps(100, TrainConfig(per_device_batch_size=4, grad_accum=3, epochs=2, max_steps=5)) == 5
+    assert (
+        training.planned_steps(100, TrainConfig(per_device_batch_size=4, grad_accum=3, epochs=2, max_steps=5))
+        == 5
+    )
     with pytest.raises(UsageError):
         training.planned_steps(100, TrainConfig(epochs=0))
 
@@ -171,8 +218,10 @@ def test_optimizer_is_8bit_on_cuda_and_torch_adamw_on_cpu():
     assert type(cpu) is torch.optim.AdamW
     assert [g["lr"] for g in cpu.param_groups] == [1e-4, 1e-3]
     assert isinstance(training.make_optimizer(model, cfg, torch.device("cuda")), bnb.optim.AdamW8bit)
-    assert isinstance(training.make_optimizer(model, TrainConfig(optimizer="adamw_8bit"), torch.device("cpu")),
-                      bnb.optim.AdamW8bit)
+    assert isinstance(
+        training.make_optimizer(model, TrainConfig(optimizer="adamw_8bit"), torch.device("cpu")),
+        bnb.optim.AdamW8bit,
+    )
 
 
 def test_unsloth_backend_is_refused_on_cpu_with_one_clear_message(demo_tokenizer):
@@ -186,8 +235,9 @@ def test_fold_split_errors_name_the_problem(train_data, folds):
     frame = train_data.frame
     with pytest.raises(UsageError, match="fold 7 is not in the folds file"):
         training.split_fold(frame, folds, 7)
-    unlabelled = frame.with_columns(pl.when(pl.int_range(pl.len()) == 3).then(None).otherwise(pl.col("label"))
-                                    .alias("label"))
+    unlabelled = frame.with_columns(
+        pl.when(pl.int_range(pl.len()) == 3).then(None).otherwise(pl.col("label")).alias("label")
+    )
     with pytest.raises(DataError, match="1 rows have no label"):
         training.split_fold(unlabelled, folds, 0)
     train, val = training.split_fold(frame, folds, 1)
@@ -211,7 +261,9 @@ def test_peak_memory_sees_an_allocation_inside_the_block():
         "    del block\n"
         "print(during.peak_rss_bytes - before.peak_rss_bytes, during.rss_is_lifetime_peak)\n"
     )
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout.split()
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True
+    ).stdout.split()
     grown, lifetime = int(out[-2]), out[-1] == "True"
     assert grown > 250_000_000 or lifetime
 
@@ -257,8 +309,11 @@ def _trained_classifier(demo_tokenizer, demo_base_dir):
     from kaggle_utils.core.config import LoraSettings, ModelConfig
     from kaggle_utils.models.classifier import apply_lora, build_classifier
 
-    base = build_classifier(ModelConfig(base_model=str(demo_base_dir)), pad_token_id=demo_tokenizer.pad_token_id,
-                            device=torch.device("cpu"))
+    base = build_classifier(
+        ModelConfig(base_model=str(demo_base_dir)),
+        pad_token_id=demo_tokenizer.pad_token_id,
+        device=torch.device("cpu"),
+    )
     model = apply_lora(base, LoraSettings(r=4, alpha=8, dropout=0.0))
     with torch.no_grad():  # a "trained" head and LoRA: far from their initial values
         generator = torch.Generator().manual_seed(0)
@@ -308,8 +363,9 @@ def _counting_evaluate(monkeypatch) -> list[int]:
 
 
 @pytest.mark.parametrize("selection", ["final", "inner"])
-def test_reported_fold_is_scored_once_by_the_shipped_weights(train_data, demo_tokenizer, demo_base_dir, tmp_path,
-                                                             monkeypatch, selection):
+def test_reported_fold_is_scored_once_by_the_shipped_weights(
+    train_data, demo_tokenizer, demo_base_dir, tmp_path, monkeypatch, selection
+):
     """Evaluation during training is bounded (evals_per_run x eval_rows_cap rows) and never on the whole reported
     fold; that fold is scored exactly once, at the end, by the weights that ship."""
     frame = train_data.frame.head(160)
@@ -317,16 +373,27 @@ def test_reported_fold_is_scored_once_by_the_shipped_weights(train_data, demo_to
     cfg = _resume_config(demo_base_dir)
     cfg.lora.dropout = 0.0
     cfg.model.gradient_checkpointing = False
-    cfg.train = TrainConfig(learning_rate=1e-3, epochs=1, per_device_batch_size=8, grad_accum=1, max_steps=12,
-                            save_every_steps=100, selection=selection, eval_rows_cap=16, evals_per_run=3,
-                            inner_holdout_fraction=0.2)
+    cfg.train = TrainConfig(
+        learning_rate=1e-3,
+        epochs=1,
+        per_device_batch_size=8,
+        grad_accum=1,
+        max_steps=12,
+        save_every_steps=100,
+        selection=selection,
+        eval_rows_cap=16,
+        evals_per_run=3,
+        inner_holdout_fraction=0.2,
+    )
     calls = _counting_evaluate(monkeypatch)
     final_weights = {}
 
     def remember(info: training.StepInfo) -> None:
         if info.step == 12:
             model = holder["model"]
-            final_weights.update({k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad})
+            final_weights.update(
+                {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
+            )
 
     holder = {}
 
@@ -334,16 +401,31 @@ def test_reported_fold_is_scored_once_by_the_shipped_weights(train_data, demo_to
         holder["model"] = training.default_build_model(cfg_, tokenizer_, device)
         return holder["model"]
 
-    result = training.train_fold(cfg, frame, folds, demo_tokenizer, tmp_path, fold=0, build_model=build,
-                                 on_step=remember, progress=False)
+    result = training.train_fold(
+        cfg,
+        frame,
+        folds,
+        demo_tokenizer,
+        tmp_path,
+        fold=0,
+        build_model=build,
+        on_step=remember,
+        progress=False,
+    )
     n_val = len(result.val_ids)
     assert n_val > 16
     # 3 bounded evaluations (the cap: 16 rows), then the whole reported fold exactly once
     assert len(calls) == 4 and len(set(calls[:-1])) == 1 and 0 < calls[0] <= 16 and calls[-1] == n_val
     assert [h["step"] for h in result.history] == [4, 8, 12]
     assert log_loss(result.val_labels, result.val_probs) == pytest.approx(
-        log_loss(result.val_labels, predict_probs(result.model, _val_input_ids(frame, result, demo_tokenizer, cfg),
-                                                  demo_tokenizer.pad_token_id)), abs=1e-9)
+        log_loss(
+            result.val_labels,
+            predict_probs(
+                result.model, _val_input_ids(frame, result, demo_tokenizer, cfg), demo_tokenizer.pad_token_id
+            ),
+        ),
+        abs=1e-9,
+    )
     shipped = dict(result.model.named_parameters())
     if selection == "final":
         assert result.best_step == 12 and "learning curve only" in result.eval_set and calls[0] == 16
@@ -375,7 +457,9 @@ def test_inner_holdout_takes_whole_prompt_groups_from_the_training_part(train_da
     assert not {group_of[i] for i in inner["id"]} & {group_of[i] for i in rest["id"]}
     again, _ = training.split_inner(train_part, folds, cfg)
     assert again["id"].to_list() == rest["id"].to_list()  # seeded: resumable
-    capped = training.split_inner(train_part, folds, TrainConfig(inner_holdout_fraction=0.5, eval_rows_cap=7))[1]
+    capped = training.split_inner(
+        train_part, folds, TrainConfig(inner_holdout_fraction=0.5, eval_rows_cap=7)
+    )[1]
     assert 0 < capped.height <= 7
     with pytest.raises(UsageError, match="inner_holdout_fraction"):
         training.split_inner(train_part, folds, TrainConfig(inner_holdout_fraction=0.0))
@@ -397,10 +481,20 @@ def test_random_swap_shows_each_row_once_per_epoch_in_a_seeded_order():
     assert 400 < int((first >= n).sum()) < 600  # about half in the swapped order
     np.testing.assert_array_equal(first, training.epoch_examples(n, cfg, epoch=0))  # resumable
     assert not np.array_equal(first, training.epoch_examples(n, cfg, epoch=1))  # a new draw each epoch
-    assert not np.array_equal(first, training.epoch_examples(n, TrainConfig(swap_augment="random", seed=6), 0))
-    np.testing.assert_array_equal(training.epoch_examples(n, TrainConfig(swap_augment="double"), 0), np.arange(2 * n))
-    np.testing.assert_array_equal(training.epoch_examples(n, TrainConfig(swap_augment="none"), 0), np.arange(n))
-    assert training.examples_per_epoch(n, cfg) == n == training.examples_per_epoch(n, TrainConfig(swap_augment="none"))
+    assert not np.array_equal(
+        first, training.epoch_examples(n, TrainConfig(swap_augment="random", seed=6), 0)
+    )
+    np.testing.assert_array_equal(
+        training.epoch_examples(n, TrainConfig(swap_augment="double"), 0), np.arange(2 * n)
+    )
+    np.testing.assert_array_equal(
+        training.epoch_examples(n, TrainConfig(swap_augment="none"), 0), np.arange(n)
+    )
+    assert (
+        training.examples_per_epoch(n, cfg)
+        == n
+        == training.examples_per_epoch(n, TrainConfig(swap_augment="none"))
+    )
     assert training.examples_per_epoch(n, TrainConfig(swap_augment="double")) == 2 * n
     with pytest.raises(UsageError, match="swap_augment"):
         training.examples_per_epoch(n, TrainConfig(swap_augment="sometimes"))
@@ -410,8 +504,16 @@ def test_random_swap_trains_one_order_per_row_and_epoch(train_data, demo_tokeniz
     frame = train_data.frame.head(64)
     folds = make_folds(frame, FoldConfig(n_folds=4, seed=0))
     cfg = _resume_config(demo_base_dir)
-    cfg.train = TrainConfig(learning_rate=1e-3, epochs=1, per_device_batch_size=8, grad_accum=1,
-                            save_every_steps=100, swap_augment="random", eval_rows_cap=8, evals_per_run=1)
+    cfg.train = TrainConfig(
+        learning_rate=1e-3,
+        epochs=1,
+        per_device_batch_size=8,
+        grad_accum=1,
+        save_every_steps=100,
+        swap_augment="random",
+        eval_rows_cap=8,
+        evals_per_run=1,
+    )
     result = training.train_fold(cfg, frame, folds, demo_tokenizer, tmp_path, progress=False)
     assert result.train_examples == result.train_rows  # not doubled
     assert result.total_steps == result.global_step == int(np.ceil(result.train_rows / 8))
@@ -424,8 +526,16 @@ def _tiny_run_config(base_dir) -> PipelineConfig:
     cfg = _resume_config(base_dir)
     cfg.lora.dropout = 0.0
     cfg.model.gradient_checkpointing = False
-    cfg.train = TrainConfig(learning_rate=1e-3, epochs=1, per_device_batch_size=4, grad_accum=2, max_steps=4,
-                            save_every_steps=1000, eval_rows_cap=8, evals_per_run=2)
+    cfg.train = TrainConfig(
+        learning_rate=1e-3,
+        epochs=1,
+        per_device_batch_size=4,
+        grad_accum=2,
+        max_steps=4,
+        save_every_steps=1000,
+        eval_rows_cap=8,
+        evals_per_run=2,
+    )
     return cfg
 
 
@@ -441,14 +551,19 @@ def test_default_loss_is_the_classifiers_own_loss(train_data, demo_tokenizer, de
     cfg = _tiny_run_config(demo_base_dir)
     model = training.default_build_model(cfg, demo_tokenizer, torch.device("cpu"))
     rows = encode_rows(train_data.frame.head(5), demo_tokenizer, cfg.format)
-    batch = PadCollator(demo_tokenizer.pad_token_id)([{"input_ids": ids, "labels": int(label)}
-                                                      for ids, label in zip(rows.input_ids, rows.labels, strict=True)])
+    batch = PadCollator(demo_tokenizer.pad_token_id)(
+        [
+            {"input_ids": ids, "labels": int(label)}
+            for ids, label in zip(rows.input_ids, rows.labels, strict=True)
+        ]
+    )
     out = model(**batch)
     assert torch.equal(cross_entropy_loss(out.logits, batch), out.loss)
 
 
-def test_soft_target_loss_with_one_hot_targets_trains_like_the_default(train_data, demo_tokenizer, demo_base_dir,
-                                                                       tmp_path):
+def test_soft_target_loss_with_one_hot_targets_trains_like_the_default(
+    train_data, demo_tokenizer, demo_base_dir, tmp_path
+):
     """Distillation is a loss function plus a batch field: one-hot soft targets (swapped with the rows) train
     exactly as the default cross-entropy; other targets train differently."""
     from kaggle_utils.train.losses import soft_target_cross_entropy
@@ -456,50 +571,83 @@ def test_soft_target_loss_with_one_hot_targets_trains_like_the_default(train_dat
     frame = train_data.frame.head(60)
     folds = make_folds(frame, FoldConfig(n_folds=3, seed=0))
     cfg = _tiny_run_config(demo_base_dir)
-    assert cfg.train.swap_augment == "double"  # the swapped copies' targets must be swapped as their labels are
+    assert (
+        cfg.train.swap_augment == "double"
+    )  # the swapped copies' targets must be swapped as their labels are
     one_hot = np.eye(3)[frame["label"].to_numpy()]
     smoothed = 0.8 * one_hot + 0.2 / 3
-    frame = frame.with_columns(pl.Series("soft_labels", one_hot.tolist()), pl.Series("smoothed", smoothed.tolist()))
+    frame = frame.with_columns(
+        pl.Series("soft_labels", one_hot.tolist()), pl.Series("smoothed", smoothed.tolist())
+    )
 
     default = training.train_fold(cfg, frame, folds, demo_tokenizer, tmp_path / "default", progress=False)
-    soft = training.train_fold(cfg, frame, folds, demo_tokenizer, tmp_path / "soft", progress=False,
-                               loss_fn=soft_target_cross_entropy, target_columns=["soft_labels"])
-    other = training.train_fold(cfg, frame, folds, demo_tokenizer, tmp_path / "other", progress=False,
-                                loss_fn=lambda logits, batch: soft_target_cross_entropy(logits, batch, "smoothed"),
-                                target_columns=["smoothed"])
+    soft = training.train_fold(
+        cfg,
+        frame,
+        folds,
+        demo_tokenizer,
+        tmp_path / "soft",
+        progress=False,
+        loss_fn=soft_target_cross_entropy,
+        target_columns=["soft_labels"],
+    )
+    other = training.train_fold(
+        cfg,
+        frame,
+        folds,
+        demo_tokenizer,
+        tmp_path / "other",
+        progress=False,
+        loss_fn=lambda logits, batch: soft_target_cross_entropy(logits, batch, "smoothed"),
+        target_columns=["smoothed"],
+    )
 
     expected, got, changed = _trainable(default.model), _trainable(soft.model), _trainable(other.model)
     for name, value in expected.items():
         torch.testing.assert_close(got[name], value, rtol=0, atol=1e-7)
     assert max(float((changed[name] - value).abs().max()) for name, value in expected.items()) > 1e-4
-    assert [h["train_loss"] for h in soft.history] == pytest.approx([h["train_loss"] for h in default.history],
-                                                                    abs=1e-6)
+    assert [h["train_loss"] for h in soft.history] == pytest.approx(
+        [h["train_loss"] for h in default.history], abs=1e-6
+    )
 
 
-def test_target_columns_must_be_class_vectors_in_every_row(train_data, demo_tokenizer, demo_base_dir, tmp_path):
+def test_target_columns_must_be_class_vectors_in_every_row(
+    train_data, demo_tokenizer, demo_base_dir, tmp_path
+):
     frame = train_data.frame.head(60)
     folds = make_folds(frame, FoldConfig(n_folds=3, seed=0))
     cfg = _tiny_run_config(demo_base_dir)
     with pytest.raises(DataError, match="no target column 'teacher'"):
-        training.train_fold(cfg, frame, folds, demo_tokenizer, tmp_path / "a", target_columns=["teacher"],
-                            progress=False)
+        training.train_fold(
+            cfg, frame, folds, demo_tokenizer, tmp_path / "a", target_columns=["teacher"], progress=False
+        )
     vectors = [[0.2, 0.3, 0.5]] * frame.height
     vectors[7] = [0.5, 0.5]
     bad = frame.with_columns(pl.Series("teacher", vectors, dtype=pl.List(pl.Float64)))
     with pytest.raises(DataError, match=r"column 'teacher', row \d+ \(id .*\): expected a vector"):
-        training.train_fold(cfg, bad, folds, demo_tokenizer, tmp_path / "b", target_columns=["teacher"],
-                            progress=False)
+        training.train_fold(
+            cfg, bad, folds, demo_tokenizer, tmp_path / "b", target_columns=["teacher"], progress=False
+        )
 
 
-def test_step_callbacks_see_step_tokens_examples_and_model(train_data, demo_tokenizer, demo_base_dir, tmp_path):
+def test_step_callbacks_see_step_tokens_examples_and_model(
+    train_data, demo_tokenizer, demo_base_dir, tmp_path
+):
     frame = train_data.frame.head(60)
     folds = make_folds(frame, FoldConfig(n_folds=3, seed=0))
     cfg = _tiny_run_config(demo_base_dir)
     seen: list[training.StepInfo] = []
     models = []
 
-    result = training.train_fold(cfg, frame, folds, demo_tokenizer, tmp_path, progress=False,
-                                 on_step=[seen.append, lambda info: models.append(info.model)])
+    result = training.train_fold(
+        cfg,
+        frame,
+        folds,
+        demo_tokenizer,
+        tmp_path,
+        progress=False,
+        on_step=[seen.append, lambda info: models.append(info.model)],
+    )
 
     assert [info.step for info in seen] == [1, 2, 3, 4] and all(info.total_steps == 4 for info in seen)
     assert [info.examples_seen for info in seen] == [8, 16, 24, 32]  # batches of 4, accumulation 2
@@ -525,7 +673,11 @@ def test_training_stops_at_the_first_non_finite_loss(train_data, demo_tokenizer,
         return loss * float("nan") if calls["n"] >= 3 else loss
 
     cfg = _tiny_run_config(demo_base_dir)
-    with pytest.raises(training.NonFiniteLossError,
-                       match=r"^training stopped at step \d+: the loss is nan \(parameters float32, mixed precision "
-                             r"no\); .* use model.dtype=float32"):
-        training.train_fold(cfg, frame, folds, demo_tokenizer, tmp_path / "run", progress=False, loss_fn=turns_nan)
+    with pytest.raises(
+        training.NonFiniteLossError,
+        match=r"^training stopped at step \d+: the loss is nan \(parameters float32, mixed precision "
+        r"no\); .* use model.dtype=float32",
+    ):
+        training.train_fold(
+            cfg, frame, folds, demo_tokenizer, tmp_path / "run", progress=False, loss_fn=turns_nan
+        )

@@ -64,21 +64,56 @@ def _command(processes: int, ordering: str | None, config: Path, train_csv: Path
     # `accelerate launch --cpu --num_processes 2` starts ONE process (accelerate 1.15 has no CPU multi-process
     # launcher without mpirun); --multi_gpu goes through torchrun and train_fold's Accelerator(cpu=True) then
     # joins a gloo process group.
-    launcher = ([str(ACCELERATE), "launch", "--multi_gpu", "--num_processes", str(processes), "--num_machines", "1",
-                 "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port())]
-                if processes > 1 else [sys.executable])
+    launcher = (
+        [
+            str(ACCELERATE),
+            "launch",
+            "--multi_gpu",
+            "--num_processes",
+            str(processes),
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "--main_process_port",
+            str(_free_port()),
+        ]
+        if processes > 1
+        else [sys.executable]
+    )
     command = ["train", "--ordering", ordering] if ordering else ["compare-orderings"]
-    return [*launcher, "-m", "kaggle_utils", *command, "--config", str(config), "--train", str(train_csv),
-            "--out", str(out), "--threads", "1"]
+    return [
+        *launcher,
+        "-m",
+        "kaggle_utils",
+        *command,
+        "--config",
+        str(config),
+        "--train",
+        str(train_csv),
+        "--out",
+        str(out),
+        "--threads",
+        "1",
+    ]
 
 
 def _env() -> dict:
     return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
-def _launch(processes: int, ordering: str | None, config: Path, train_csv: Path, out: Path) -> subprocess.CompletedProcess:
-    done = subprocess.run(_command(processes, ordering, config, train_csv, out), env=_env(), capture_output=True,
-                          text=True, timeout=300)
+def _launch(
+    processes: int, ordering: str | None, config: Path, train_csv: Path, out: Path
+) -> subprocess.CompletedProcess:
+    done = subprocess.run(
+        _command(processes, ordering, config, train_csv, out),
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return done
 
@@ -130,7 +165,11 @@ def _files(out: Path) -> set[str]:
 
 
 def _oof(out: Path, ordering: str) -> pl.DataFrame:
-    return pl.read_parquet(out / "oof.parquet").filter(pl.col("name").str.starts_with(ordering)).sort("name", "id")
+    return (
+        pl.read_parquet(out / "oof.parquet")
+        .filter(pl.col("name").str.starts_with(ordering))
+        .sort("name", "id")
+    )
 
 
 @pytest.mark.slow
@@ -140,14 +179,19 @@ def test_two_processes_match_one_with_the_same_global_batch(runs, ordering):
     one_ckpt, two_ckpt = _final_checkpoint(one, ordering), _final_checkpoint(two, ordering)
 
     # Two processes really ran: each saved its RNG state into the one checkpoint the main process renamed.
-    assert sorted(p.name for p in two_ckpt.glob("random_states_*")) == ["random_states_0.pkl", "random_states_1.pkl"]
+    assert sorted(p.name for p in two_ckpt.glob("random_states_*")) == [
+        "random_states_0.pkl",
+        "random_states_1.pkl",
+    ]
     # Everything else was written once, by the main process: the same files as the one-process run, less what
     # only compare-orderings writes (the report and the ship decision over both orderings).
     other = "quant-then-ft" if ordering == "ft-then-quant" else "ft-then-quant"
     compare_only = {"report.json", "report.md", "report.png", "ship.json", "reliability.png"}
-    assert (_files(two) - {str(two_ckpt.relative_to(two) / "random_states_1.pkl")}
-            == {f for f in _files(one) if not f.startswith((f"runs/seed42/{other}/", "shipped/"))
-                and f not in compare_only})
+    assert _files(two) - {str(two_ckpt.relative_to(two) / "random_states_1.pkl")} == {
+        f
+        for f in _files(one)
+        if not f.startswith((f"runs/seed42/{other}/", "shipped/")) and f not in compare_only
+    }
     assert done_two.stdout.count("artifact:") == 1  # one report line, from the main process
 
     weights_one, weights_two = _trainable(one_ckpt), _trainable(two_ckpt)
@@ -178,11 +222,14 @@ def test_two_process_run_killed_after_a_checkpoint_resumes_to_the_same_result(se
     out = setup["root"] / "killed"
     command = _command(2, ordering, setup["configs"][2], setup["train"], out)
     checkpoints = _fold_dir(out, ordering) / "train" / "checkpoints"
-    launcher = subprocess.Popen(command, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                start_new_session=True)
+    launcher = subprocess.Popen(
+        command, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     try:
         deadline = time.monotonic() + 240
-        while not list(checkpoints.glob("step-*")) and launcher.poll() is None and time.monotonic() < deadline:
+        while (
+            not list(checkpoints.glob("step-*")) and launcher.poll() is None and time.monotonic() < deadline
+        ):
             time.sleep(0.01)
     finally:
         # A crash of the whole job: torchrun starts each worker in its own session, so kill the tree, not a group.
@@ -193,7 +240,9 @@ def test_two_process_run_killed_after_a_checkpoint_resumes_to_the_same_result(se
         launcher.wait()
         psutil.wait_procs(tree, timeout=30)
     saved = sorted(checkpoints.glob("step-*"))
-    assert saved and not (_fold_dir(out, ordering) / "artifact").exists(), "the run ended before it was killed"
+    assert saved and not (_fold_dir(out, ordering) / "artifact").exists(), (
+        "the run ended before it was killed"
+    )
     state_file = saved[-1] / "trainer_state.json"
     state = json.loads(state_file.read_text())
     assert state["global_step"] < STEPS
@@ -207,11 +256,21 @@ def test_two_process_run_killed_after_a_checkpoint_resumes_to_the_same_result(se
     expected = json.loads((_final_checkpoint(reference, ordering) / "trainer_state.json").read_text())
     assert final["tokens_seen"] == expected["tokens_seen"]
     assert done.stdout.count("artifact:") == 1
-    diff = max(float((a - b).abs().max()) for a, b in zip(
-        _trainable(_final_checkpoint(out, ordering)).values(),
-        _trainable(_final_checkpoint(reference, ordering)).values(), strict=True))
+    diff = max(
+        float((a - b).abs().max())
+        for a, b in zip(
+            _trainable(_final_checkpoint(out, ordering)).values(),
+            _trainable(_final_checkpoint(reference, ordering)).values(),
+            strict=True,
+        )
+    )
     probs = ["p_a", "p_b", "p_tie"]
-    prob_diff = float(np.abs(_oof(out, ordering).select(probs).to_numpy()
-                             - _oof(reference, ordering).select(probs).to_numpy()).max())
-    print(f"resumed after step {state['global_step']}: max |weight diff| {diff:.3g}, max |prob diff| {prob_diff:.3g}")
+    prob_diff = float(
+        np.abs(
+            _oof(out, ordering).select(probs).to_numpy() - _oof(reference, ordering).select(probs).to_numpy()
+        ).max()
+    )
+    print(
+        f"resumed after step {state['global_step']}: max |weight diff| {diff:.3g}, max |prob diff| {prob_diff:.3g}"
+    )
     assert diff < WEIGHT_ATOL and prob_diff < PROB_ATOL

@@ -34,8 +34,9 @@ def test_one_hot_teacher_at_weight_one_and_t_one_is_cross_entropy():
 
 def test_weight_zero_ignores_the_teacher_and_is_cross_entropy():
     logits, batch = _batch()
-    torch.testing.assert_close(distillation_loss(logits, batch, weight=0.0, temperature=3.0),
-                               cross_entropy_loss(logits, batch))
+    torch.testing.assert_close(
+        distillation_loss(logits, batch, weight=0.0, temperature=3.0), cross_entropy_loss(logits, batch)
+    )
 
 
 @pytest.mark.parametrize("eps", [0.05, 0.1, 0.3])
@@ -72,8 +73,10 @@ def test_loss_from_config_picks_distillation_when_rows_carry_soft_targets():
     logits, batch = _batch()
     loss_fn, fields = loss_from_config(0.4, 1.5, 0.1, soft_targets=True)
     assert fields == (SOFT_LABELS,)
-    torch.testing.assert_close(loss_fn(logits, batch),
-                               distillation_loss(logits, batch, weight=0.4, temperature=1.5, label_smoothing=0.1))
+    torch.testing.assert_close(
+        loss_fn(logits, batch),
+        distillation_loss(logits, batch, weight=0.4, temperature=1.5, label_smoothing=0.1),
+    )
     assert loss_from_config(0.5, 1.0, 0.0, soft_targets=False) == (cross_entropy_loss, ())
 
 

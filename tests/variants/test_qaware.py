@@ -28,8 +28,15 @@ def short_config(ordering: str = "quant-then-ft") -> PipelineConfig:
     cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout = 8, 16, 0.0
     cfg.qaware.group_size, cfg.qaware.adapter_rank = 16, 4
     cfg.qaware.apiq_epochs, cfg.qaware.apiq_rows = 2, 16
-    cfg.train = TrainConfig(ordering=ordering, learning_rate=2e-3, max_steps=3, per_device_batch_size=8, grad_accum=1,
-                            eval_every_steps=3, save_every_steps=100)
+    cfg.train = TrainConfig(
+        ordering=ordering,
+        learning_rate=2e-3,
+        max_steps=3,
+        per_device_batch_size=8,
+        grad_accum=1,
+        eval_every_steps=3,
+        save_every_steps=100,
+    )
     return cfg
 
 
@@ -38,19 +45,30 @@ def held_out_ids(result, train_data, tokenizer, cfg):
 
     from kaggle_utils.text.formatting import encode_rows
 
-    return encode_rows(train_data.frame.filter(pl.col("id").is_in(result.val_ids)), tokenizer, cfg.format).input_ids
+    return encode_rows(
+        train_data.frame.filter(pl.col("id").is_in(result.val_ids)), tokenizer, cfg.format
+    ).input_ids
 
 
 @pytest.mark.parametrize("kind", ["qa-lora", "qa-hira"])
-def test_group_adapter_variant_trains_merges_exactly_and_has_a_16bit_reference(kind, train_data, folds,
-                                                                               demo_tokenizer, tmp_path):
+def test_group_adapter_variant_trains_merges_exactly_and_has_a_16bit_reference(
+    kind, train_data, folds, demo_tokenizer, tmp_path
+):
     from kaggle_utils.models.classifier import predict_probs
     from kaggle_utils.train.loop import train_fold
 
     torch.set_num_threads(2)
     cfg = short_config()
-    result = train_fold(cfg, train_data.frame, folds, demo_tokenizer, tmp_path, fold=0,
-                        build_model=variants.make_group_adapter_builder(kind), progress=False)
+    result = train_fold(
+        cfg,
+        train_data.frame,
+        folds,
+        demo_tokenizer,
+        tmp_path,
+        fold=0,
+        build_model=variants.make_group_adapter_builder(kind),
+        progress=False,
+    )
     trainable = {n for n, p in result.model.named_parameters() if p.requires_grad}
     assert trainable and all(".lora_" in n or ".hira_" in n or n.startswith("score.") for n in trainable)
     assert any(n.startswith("score.") for n in trainable)
@@ -98,18 +116,33 @@ def test_loftq_variant_trains_on_cpu_and_its_artifact_reloads(train_data, folds,
     cfg.qaware.loftq_iterations = 2
     (loftq,) = resolve_variants(["loftq"])
     assert loftq.unavailable is None or loftq.unavailable() is None
-    result = train_fold(cfg, train_data.frame, folds, demo_tokenizer, tmp_path / "run", fold=0,
-                        build_model=variants.build_loftq_model, progress=False)
+    result = train_fold(
+        cfg,
+        train_data.frame,
+        folds,
+        demo_tokenizer,
+        tmp_path / "run",
+        fold=0,
+        build_model=variants.build_loftq_model,
+        progress=False,
+    )
     assert sum(isinstance(m, bnb.nn.Linear4bit) for m in result.model.modules()) == 14
     lora_b = [p for n, p in result.model.named_parameters() if "lora_B" in n]
     assert len(lora_b) == 14 and all(float(p.detach().abs().max()) > 0 for p in lora_b)
     val_ids = held_out_ids(result, train_data, demo_tokenizer, cfg)[:16]
     trained = predict_probs(result.model.eval(), val_ids, demo_tokenizer.pad_token_id)
-    fields = {"ordering": "quant-then-ft", "variant": "loftq", "base_model": "tiny", "folds_file_hash": "x",
-              "cv_scores": {}}
+    fields = {
+        "ordering": "quant-then-ft",
+        "variant": "loftq",
+        "base_model": "tiny",
+        "folds_file_hash": "x",
+        "cv_scores": {},
+    }
     save_artifact(tmp_path / "artifact", result.model, demo_tokenizer, fields, cfg.format)
     loaded = load_artifact(tmp_path / "artifact", device="cpu", compute_dtype=torch.float32)
-    np.testing.assert_allclose(predict_probs(loaded.model, val_ids, demo_tokenizer.pad_token_id), trained, atol=1e-4)
+    np.testing.assert_allclose(
+        predict_probs(loaded.model, val_ids, demo_tokenizer.pad_token_id), trained, atol=1e-4
+    )
 
 
 def test_every_fine_tune_then_quantize_variant_provides_the_common_reference():
@@ -118,9 +151,15 @@ def test_every_fine_tune_then_quantize_variant_provides_the_common_reference():
 
     chosen = resolve_variants(["quant-then-ft", "ft-then-quant-int8", "ft-then-quant-nf4"])
     runs = [
-        {"variant": v.name, "seed": 42, "rows": 4, "provides_common_reference": v.common_reference,
-         "cv_log_loss_16bit": 0.90 + i / 100, "cv_log_loss_quantized": 0.91 + i / 100,
-         "per_fold": [{"fold": 0, "log_loss_16bit": 0.90 + i / 100, "log_loss_quantized": 0.91 + i / 100}]}
+        {
+            "variant": v.name,
+            "seed": 42,
+            "rows": 4,
+            "provides_common_reference": v.common_reference,
+            "cv_log_loss_16bit": 0.90 + i / 100,
+            "cv_log_loss_quantized": 0.91 + i / 100,
+            "per_fold": [{"fold": 0, "log_loss_16bit": 0.90 + i / 100, "log_loss_quantized": 0.91 + i / 100}],
+        }
         for i, v in enumerate(chosen)
     ]
     common = attach_common_reference(runs)
@@ -152,12 +191,22 @@ def test_gptq_group_size_is_checked_before_training(demo_tokenizer, demo_base_di
     from kaggle_utils.core.errors import UsageError
     from kaggle_utils.variants.registry import VARIANTS, FoldContext
 
-    cfg = PipelineConfig().with_overrides({"model": {"base_model": str(demo_base_dir)},
-                                           "train": {"ordering": "ft-then-quant"}})
-    ctx = FoldContext(cfg=cfg, fold=0, seed=0, train_frame=train_data.frame, tokenizer=demo_tokenizer,
-                      base_dir=demo_base_dir, device=torch.device("cpu"))
+    cfg = PipelineConfig().with_overrides(
+        {"model": {"base_model": str(demo_base_dir)}, "train": {"ordering": "ft-then-quant"}}
+    )
+    ctx = FoldContext(
+        cfg=cfg,
+        fold=0,
+        seed=0,
+        train_frame=train_data.frame,
+        tokenizer=demo_tokenizer,
+        base_dir=demo_base_dir,
+        device=torch.device("cpu"),
+    )
     build = VARIANTS["ft-then-quant-gptq8"].builder(ctx)
-    with pytest.raises(UsageError, match=r"gptq_group_size 128 must divide every layer's in_features \(not \[64"):
+    with pytest.raises(
+        UsageError, match=r"gptq_group_size 128 must divide every layer's in_features \(not \[64"
+    ):
         build(cfg, demo_tokenizer, torch.device("cpu"))
     small = cfg.with_overrides({"qaware": {"gptq_group_size": 32}})
     assert build(small, demo_tokenizer, torch.device("cpu")) is not None

@@ -21,6 +21,15 @@ from kaggle_utils.quant.backends.registry import (
 )
 
 __all__ = [
-    "BACKEND_FIELD", "BACKENDS", "LoadOptions", "QuantBackend", "backend_for_manifest", "backend_for_model",
-    "get_backend", "register_backend", "bnb", "gptq", "int4",
+    "BACKEND_FIELD",
+    "BACKENDS",
+    "LoadOptions",
+    "QuantBackend",
+    "backend_for_manifest",
+    "backend_for_model",
+    "get_backend",
+    "register_backend",
+    "bnb",
+    "gptq",
+    "int4",
 ]

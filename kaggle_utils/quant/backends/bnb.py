@@ -50,9 +50,10 @@ class TransformersCheckpoint(QuantBackend):
         # transformers only logs weights it had to initialise at random; a shipped model must have none.
         missing = list(loading_info.get("missing_keys") or [])
         if missing:
-            raise ArtifactError(f"{model_dir}: weights missing from the checkpoint, would be random: "
-                                f"{missing[:5]}" + (f" and {len(missing) - 5} more" if len(missing) > 5
-                                                    else ""))
+            raise ArtifactError(
+                f"{model_dir}: weights missing from the checkpoint, would be random: "
+                f"{missing[:5]}" + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+            )
         disable_cpu_weight_repacking(model)
         if str(manifest["quant_scheme"]) not in ("none", "int8"):
             set_compute_dtype(model, options.dtype)
@@ -80,12 +81,22 @@ class BitsAndBytesBackend(TransformersCheckpoint):
     def manifest_fields(self, model: nn.Module) -> dict:
         return {"quant_scheme": quant_scheme_of(model)}
 
-    def quantize(self, merged_model: nn.Module, cfg: PipelineConfig, device: str | torch.device | None = None,
-                 work_dir: str | Path | None = None) -> nn.Module:
+    def quantize(
+        self,
+        merged_model: nn.Module,
+        cfg: PipelineConfig,
+        device: str | torch.device | None = None,
+        work_dir: str | Path | None = None,
+    ) -> nn.Module:
         return quantize_merged(merged_model, cfg.quant, cfg.model, device=device, work_dir=work_dir)
 
-    def load_base(self, path: str | Path, cfg: PipelineConfig, pad_token_id: int | None = None,
-                  device: str | torch.device | None = None) -> nn.Module:
+    def load_base(
+        self,
+        path: str | Path,
+        cfg: PipelineConfig,
+        pad_token_id: int | None = None,
+        device: str | torch.device | None = None,
+    ) -> nn.Module:
         return load_quantized_base(path, cfg.quant, cfg.model, pad_token_id=pad_token_id, device=device)
 
 
@@ -105,14 +116,25 @@ class PlainBackend(TransformersCheckpoint):
     def manifest_fields(self, model: nn.Module) -> dict:
         return {"quant_scheme": "none"}
 
-    def quantize(self, merged_model: nn.Module, cfg: PipelineConfig, device: str | torch.device | None = None,
-                 work_dir: str | Path | None = None) -> nn.Module:
+    def quantize(
+        self,
+        merged_model: nn.Module,
+        cfg: PipelineConfig,
+        device: str | torch.device | None = None,
+        work_dir: str | Path | None = None,
+    ) -> nn.Module:
         return merged_model if device is None else merged_model.to(device)
 
-    def load_base(self, path: str | Path, cfg: PipelineConfig, pad_token_id: int | None = None,
-                  device: str | torch.device | None = None) -> nn.Module:
-        return build_classifier(dataclasses.replace(cfg.model, base_model=str(path)),
-                                pad_token_id=pad_token_id, device=device)
+    def load_base(
+        self,
+        path: str | Path,
+        cfg: PipelineConfig,
+        pad_token_id: int | None = None,
+        device: str | torch.device | None = None,
+    ) -> nn.Module:
+        return build_classifier(
+            dataclasses.replace(cfg.model, base_model=str(path)), pad_token_id=pad_token_id, device=device
+        )
 
 
 BITSANDBYTES = register_backend(BitsAndBytesBackend())

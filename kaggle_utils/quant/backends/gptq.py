@@ -50,8 +50,7 @@ def gptq_unavailable() -> str | None:
         import llmcompressor  # noqa: F401
         from llmcompressor.modifiers.quantization import GPTQModifier  # noqa: F401
     except Exception as error:  # an ImportError, or a version clash raised while importing
-        return (f"GPTQ needs the optional llmcompressor extra ({EXTRA_HINT}): "
-                f"{type(error).__name__}: {error}")
+        return f"GPTQ needs the optional llmcompressor extra ({EXTRA_HINT}): {type(error).__name__}: {error}"
     return None
 
 
@@ -93,10 +92,14 @@ class GptqBackend(TransformersCheckpoint):
         if len(args) != 1:
             raise UsageError(f"GPTQ artifact: expected one (bits, group size), found {sorted(args)}")
         bits, group = args.pop()
-        return {"quant_scheme": f"{GPTQ_SCHEME_PREFIX}w{bits}-g{group}", "gptq_bits": bits,
-                "gptq_group_size": group, "gptq_library": "llmcompressor",
-                "gptq_library_version": _version("llmcompressor"),
-                "compressed_tensors_version": _version("compressed-tensors")}
+        return {
+            "quant_scheme": f"{GPTQ_SCHEME_PREFIX}w{bits}-g{group}",
+            "gptq_bits": bits,
+            "gptq_group_size": group,
+            "gptq_library": "llmcompressor",
+            "gptq_library_version": _version("llmcompressor"),
+            "compressed_tensors_version": _version("compressed-tensors"),
+        }
 
     def save_model(self, model: nn.Module, out_dir: Path) -> bool:
         """The compressed-tensors checkpoint (packed int weights + scales), written by llmcompressor's
@@ -117,13 +120,22 @@ class GptqBackend(TransformersCheckpoint):
         written = json.loads((Path(out_dir) / "config.json").read_text())
         labels = len(written.get("id2label") or {}) or written.get("num_labels")
         if labels != model.config.num_labels:
-            raise ArtifactError(f"{out_dir}/config.json: written with {labels} labels, the model has "
-                                f"{model.config.num_labels}; the artifact would not reload")
+            raise ArtifactError(
+                f"{out_dir}/config.json: written with {labels} labels, the model has "
+                f"{model.config.num_labels}; the artifact would not reload"
+            )
         return True
 
-    def quantize(self, merged_model: nn.Module, cfg: PipelineConfig, device: str | torch.device | None = None,
-                 work_dir: str | Path | None = None, *, calibration_ids: Sequence[Sequence[int]] | None = None,
-                 tokenizer=None) -> nn.Module:
+    def quantize(
+        self,
+        merged_model: nn.Module,
+        cfg: PipelineConfig,
+        device: str | torch.device | None = None,
+        work_dir: str | Path | None = None,
+        *,
+        calibration_ids: Sequence[Sequence[int]] | None = None,
+        tokenizer=None,
+    ) -> nn.Module:
         """In place: GPTQ (`cfg.qaware.gptq_bits`, `.gptq_group_size`) of every linear layer but the head,
         calibrated on `calibration_ids` (the fold's training rows); the caller keeps a copy for its reference."""
         reason = gptq_unavailable()
@@ -141,18 +153,31 @@ class GptqBackend(TransformersCheckpoint):
         from llmcompressor.modifiers.quantization import GPTQModifier
 
         q = cfg.qaware
-        in_features = {m.in_features for n, m in merged_model.named_modules()
-                       if isinstance(m, nn.Linear) and n.split(".")[0] not in HEAD_MODULES}
+        in_features = {
+            m.in_features
+            for n, m in merged_model.named_modules()
+            if isinstance(m, nn.Linear) and n.split(".")[0] not in HEAD_MODULES
+        }
         bad = sorted(f for f in in_features if f % q.gptq_group_size)
         if bad:
-            raise UsageError(f"qaware.gptq_group_size {q.gptq_group_size} must divide every layer's in_features "
-                             f"(not {bad})")
+            raise UsageError(
+                f"qaware.gptq_group_size {q.gptq_group_size} must divide every layer's in_features "
+                f"(not {bad})"
+            )
         if device is not None:
             merged_model.to(device)
         rows = [list(map(int, row)) for row in calibration_ids]
         dataset = Dataset.from_dict({"input_ids": rows, "attention_mask": [[1] * len(row) for row in rows]})
-        scheme = QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(
-            num_bits=q.gptq_bits, type="int", symmetric=True, strategy="group", group_size=q.gptq_group_size))
+        scheme = QuantizationScheme(
+            targets=["Linear"],
+            weights=QuantizationArgs(
+                num_bits=q.gptq_bits,
+                type="int",
+                symmetric=True,
+                strategy="group",
+                group_size=q.gptq_group_size,
+            ),
+        )
         recipe = GPTQModifier(config_groups={"group_0": scheme}, ignore=list(HEAD_MODULES))
         original_name = merged_model.config._name_or_path
         with tempfile.TemporaryDirectory(prefix="gptq-config-", dir=work_dir) as tmp:
@@ -160,23 +185,38 @@ class GptqBackend(TransformersCheckpoint):
             merged_model.config.save_pretrained(tmp)
             merged_model.config._name_or_path = tmp
             try:
-                oneshot(model=merged_model, dataset=dataset, recipe=recipe, processor=tokenizer,
-                        max_seq_length=max(len(row) for row in rows), num_calibration_samples=len(rows))
+                oneshot(
+                    model=merged_model,
+                    dataset=dataset,
+                    recipe=recipe,
+                    processor=tokenizer,
+                    max_seq_length=max(len(row) for row in rows),
+                    num_calibration_samples=len(rows),
+                )
             finally:
                 merged_model.config._name_or_path = original_name
         return merged_model.eval()
 
-    def load_base(self, path: str | Path, cfg: PipelineConfig, pad_token_id: int | None = None,
-                  device: str | torch.device | None = None) -> nn.Module:
-        raise UsageError("the GPTQ backend quantizes a trained model (fine-tune -> quantize); it gives no base "
-                         "to train on (quant-then-ft uses bitsandbytes or int4)")
+    def load_base(
+        self,
+        path: str | Path,
+        cfg: PipelineConfig,
+        pad_token_id: int | None = None,
+        device: str | torch.device | None = None,
+    ) -> nn.Module:
+        raise UsageError(
+            "the GPTQ backend quantizes a trained model (fine-tune -> quantize); it gives no base "
+            "to train on (quant-then-ft uses bitsandbytes or int4)"
+        )
 
     def load_artifact(self, root: Path, manifest: dict, options: LoadOptions) -> nn.Module:
         reason = gptq_load_unavailable()
         if reason:
             raise ArtifactError(f"{root}: {reason}")
         if manifest.get("has_adapter"):
-            raise ArtifactError(f"{root}: a GPTQ artifact holds the merged model; the manifest says has_adapter")
+            raise ArtifactError(
+                f"{root}: a GPTQ artifact holds the merged model; the manifest says has_adapter"
+            )
         return super().load_artifact(root, manifest, options)
 
 

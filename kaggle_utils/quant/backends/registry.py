@@ -62,13 +62,23 @@ class QuantBackend(ABC):
         backend cannot ship."""
 
     @abstractmethod
-    def quantize(self, merged_model: nn.Module, cfg: PipelineConfig, device: str | torch.device | None = None,
-                 work_dir: str | Path | None = None) -> nn.Module:
+    def quantize(
+        self,
+        merged_model: nn.Module,
+        cfg: PipelineConfig,
+        device: str | torch.device | None = None,
+        work_dir: str | Path | None = None,
+    ) -> nn.Module:
         """The quantized model made from a merged (no adapter) 16-bit classifier (fine-tune -> quantize)."""
 
     @abstractmethod
-    def load_base(self, path: str | Path, cfg: PipelineConfig, pad_token_id: int | None = None,
-                  device: str | torch.device | None = None) -> nn.Module:
+    def load_base(
+        self,
+        path: str | Path,
+        cfg: PipelineConfig,
+        pad_token_id: int | None = None,
+        device: str | torch.device | None = None,
+    ) -> nn.Module:
         """A 16-bit checkpoint directory loaded quantized: the base an adapter trains on (quant-then-ft)."""
 
     def save_model(self, model: nn.Module, out_dir: Path) -> bool:
@@ -109,8 +119,9 @@ def backend_for_model(model: nn.Module) -> QuantBackend:
     for backend in BACKENDS.values():
         if backend.fallback:
             return backend
-    raise UsageError(f"no quantization backend handles {type(model).__name__} "
-                     f"(registered: {sorted(BACKENDS)})")
+    raise UsageError(
+        f"no quantization backend handles {type(model).__name__} (registered: {sorted(BACKENDS)})"
+    )
 
 
 def backend_name_for_manifest(manifest: dict) -> str:
@@ -133,6 +144,8 @@ def backend_for_manifest(manifest: dict, where: str | Path) -> QuantBackend:
         raise ArtifactError(f"{where}: unknown {what} in the manifest (backends here: {sorted(BACKENDS)})")
     backend = BACKENDS[name]
     if not backend.accepts_scheme(scheme):
-        raise ArtifactError(f"{where}: unknown quant_scheme {scheme!r} for the {name!r} quantization backend "
-                            f"({backend.description})")
+        raise ArtifactError(
+            f"{where}: unknown quant_scheme {scheme!r} for the {name!r} quantization backend "
+            f"({backend.description})"
+        )
     return backend
