@@ -22,9 +22,10 @@ import numpy as np
 import polars as pl
 
 import kaggle_utils
+from kaggle_utils.core.machine import cpu_name as cpu_model
+from kaggle_utils.core.machine import total_memory_gb
 from kaggle_utils.data.load import load_competition
 from kaggle_utils.data.sample import generate_competition_files, sample_stats
-from kaggle_utils.models.runtime import cpu_model, total_memory_gb
 
 REAL_TRAIN_ROWS = 57_477
 TARGET_SECONDS = 10.0

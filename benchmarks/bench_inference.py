@@ -41,8 +41,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from kaggle_utils.core.config import FormatConfig, InferenceConfig, ModelConfig, QuantConfig  # noqa: E402
+from kaggle_utils.core.machine import cpu_name as cpu_model  # noqa: E402
 from kaggle_utils.inference import predictor as inference  # noqa: E402
-from kaggle_utils.models.runtime import cpu_model  # noqa: E402
 
 NINE_B_CONFIG = Path("/work/shared/reference/gemma-2-9b-config.json")
 PUBLIC_T4_HOURS_NO_TTA = {"nf4": 4.0, "int8": 4.5}  # COMPETITION.md: public notebook, 25k rows, 2x T4

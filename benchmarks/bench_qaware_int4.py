@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from kaggle_utils.models.runtime import cpu_model
+from kaggle_utils.core.machine import cpu_name as cpu_model
 from kaggle_utils.quant.int4 import Int4Linear, dequantize, quantize_hqq, quantize_rtn
 
 RESULTS = Path(__file__).resolve().parent / "results" / "bench_qaware_int4.json"

@@ -42,10 +42,10 @@ import torch
 from torch import nn
 
 from kaggle_utils.core.config import FormatConfig, ModelConfig
+from kaggle_utils.core.machine import cpu_name as cpu_model
 from kaggle_utils.data.load import load_competition
 from kaggle_utils.data.sample import generate_competition_files
 from kaggle_utils.models.classifier import build_classifier
-from kaggle_utils.models.runtime import cpu_model
 from kaggle_utils.quant.int4 import (
     Int4Linear,
     Int4Weight,

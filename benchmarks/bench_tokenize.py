@@ -43,9 +43,10 @@ import transformers  # noqa: E402
 
 import kaggle_utils  # noqa: E402
 from kaggle_utils.core.config import FormatConfig, InferenceConfig  # noqa: E402
+from kaggle_utils.core.machine import cpu_name as cpu_model
+from kaggle_utils.core.machine import total_memory_gb
 from kaggle_utils.data.load import load_competition  # noqa: E402
 from kaggle_utils.data.sample import generate_competition_files  # noqa: E402
-from kaggle_utils.models.runtime import cpu_model, total_memory_gb  # noqa: E402
 from kaggle_utils.text.batching import LengthBucketSampler, padding_efficiency, token_budget_batches  # noqa: E402
 from kaggle_utils.text.formatting import (  # noqa: E402
     ROWS_PER_CHUNK,

@@ -191,7 +191,7 @@ def run_unsloth_check() -> dict:
 def device_description() -> dict:
     import torch
 
-    from kaggle_utils.models.runtime import cpu_model
+    from kaggle_utils.core.machine import cpu_name as cpu_model
 
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)

@@ -72,11 +72,11 @@ from pathlib import Path
 import polars as pl
 from IPython.display import Image, Markdown, display
 
-from kaggle_utils.studies.orderings import OOF_FILE, REPORT_MD, REPORT_PNG
+from kaggle_utils.core.environment import KAGGLE_INPUT, on_kaggle, run_output_dir
+from kaggle_utils.core.metrics import load_oof, score_oof
 from kaggle_utils.evaluate.cv_report import plot_learning_curves
 from kaggle_utils.studies.combine import combine_reports, find_report_dirs
-from kaggle_utils.core.metrics import load_oof, score_oof
-from kaggle_utils.models.runtime import KAGGLE_INPUT, on_kaggle, run_output_dir
+from kaggle_utils.studies.orderings import OOF_FILE, REPORT_MD, REPORT_PNG
 
 out_dir = run_output_dir("cv_report", OUT_DIR)
 root = Path(INPUT_ROOT) if INPUT_ROOT else (KAGGLE_INPUT if on_kaggle() else Path("runs"))

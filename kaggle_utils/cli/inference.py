@@ -9,9 +9,9 @@ import sys
 
 from kaggle_utils.cli.run_options import add_set_option, config_from_args
 from kaggle_utils.core.config import InferenceConfig
+from kaggle_utils.inference.inputs import find_inputs as find
 from kaggle_utils.inference.predictor import InferenceError, raise_if_fallback
 from kaggle_utils.inference.predictor import predict as run_predict
-from kaggle_utils.models.runtime import find_inputs as find
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

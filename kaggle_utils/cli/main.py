@@ -13,8 +13,8 @@ import argparse
 import sys
 
 from kaggle_utils.cli import data, inference, kaggle, modeling, models, study
+from kaggle_utils.core.environment import use_offline_hub
 from kaggle_utils.core.errors import UsageError
-from kaggle_utils.models.runtime import use_offline_hub
 
 # Imported above (not by name at run time), so the package's import graph is what the source says.
 COMMAND_MODULES = {

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import platform
+from pathlib import Path
 
 
 def cpu_name() -> str:
@@ -25,3 +26,14 @@ def cpu_name() -> str:
 def describe_machine() -> dict:
     """{"cpu": model name, "cores": logical cores} of this machine."""
     return {"cpu": cpu_name(), "cores": os.cpu_count()}
+
+
+def total_memory_gb() -> float | None:
+    """Total RAM in GB (Linux /proc/meminfo), or None where it cannot be read."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return round(int(line.split()[1]) / 1024**2, 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return None

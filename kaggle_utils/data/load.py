@@ -23,9 +23,9 @@ from typing import Any, Literal
 
 import numpy as np
 import polars as pl
-from tqdm.auto import tqdm
 
 from kaggle_utils.core.config import DataConfig
+from kaggle_utils.core.console import progress_bar
 from kaggle_utils.core.errors import DataError, one_line
 from kaggle_utils.data.dialects import dialect_names, get_dialect
 from kaggle_utils.data.labels import MAX_EXAMPLES, parse_one_hot_labels, parse_winner_labels  # noqa: F401  (re-exported)
@@ -335,7 +335,7 @@ def _closes_string(text: str, pos: int) -> bool:
 
 
 def _parse_json_column(
-    raws: list[str | None], ids: list[Any], column: str, report: DataReport, bar: tqdm
+    raws: list[str | None], ids: list[Any], column: str, report: DataReport, bar: Any
 ) -> tuple[list[list[str] | None], dict[int, str]]:
     """Parse a whole column: fast path for clean cells, `parse_turn_list` for the rest."""
     loads = json.loads
@@ -444,7 +444,7 @@ def load_competition(
     show = progress if progress is not None else raw.height >= 20_000
     texts: dict[str, list[list[str] | None]] = {}
     failures: dict[int, list[str]] = {}
-    with tqdm(total=raw.height * 3, desc=f"parsing {path.name}", unit="cell", disable=not show) as bar:
+    with progress_bar(total=raw.height * 3, desc=f"parsing {path.name}", unit="cell", enabled=show) as bar:
         for column in TEXT_COLUMNS:
             series = raw[column]
             if not isinstance(series.dtype, (pl.String, pl.List)):

@@ -22,9 +22,9 @@ from typing import Any
 
 import numpy as np
 import polars as pl
-from tqdm.auto import tqdm
 
 from kaggle_utils.core.config import LABEL_COLUMNS
+from kaggle_utils.core.console import progress_bar
 
 # ------------------------------------------------------------------------------------------------ vocabulary
 _NOUNS = (
@@ -378,7 +378,7 @@ def _generate_rows(
     label_noise = rng.random(n) < LABEL_NOISE
     noise_labels = rng.choice(3, size=n, p=[0.349, 0.342, 0.309])
     rows: list[_Row] = []
-    for i in tqdm(range(n), desc=desc, unit="row", disable=n < 20_000, mininterval=1.0):
+    for i in progress_bar(range(n), desc=desc, unit="row", enabled=n >= 20_000, mininterval=1.0):
         if shared[i] and rows:
             source = rows[int(rng.integers(len(rows)))]
             prompt = list(source.prompt)

@@ -1,7 +1,7 @@
 """Blend weights fitted on out-of-fold predictions, and the OOF tables lined up to fit them.
 
 Every top team averaged several models. A blend here is the weighted mean of its members' probabilities
-(`inference.blend_members` computes it, in CV and in `predict`), with non-negative weights summing to one,
+(`blend_members` computes it, in CV and in `predict`), with non-negative weights summing to one,
 chosen to minimise OOF log loss. The weights are a softmax of free parameters (so the constraints hold by
 construction) fitted by L-BFGS from equal weights: deterministic, and with a handful of members the problem is
 small and smooth (log loss of a mixture is convex in the weights). The gain over the best single member comes
@@ -117,3 +117,34 @@ def aligned_oof(
             raise UsageError(f"OOF labels of {name!r} and {names[0]!r} differ on the same ids")
     probs = {name: part.select(PROB_COLUMNS).to_numpy().astype(np.float64) for name, part in tables.items()}
     return first["id"], first["label"].to_numpy().astype(np.int64), probs
+
+
+@dataclass
+class BlendedRows:
+    """(n, 3) weighted mean over the members that served each row (NaN where none did) and how many did."""
+
+    probs: np.ndarray
+    members_served: np.ndarray
+    n_members: int
+
+
+def blend_members(member_probs: Sequence[np.ndarray], weights: Sequence[float]) -> BlendedRows:
+    """Weighted mean per row over the members whose row is finite (served); weights renormalised per row.
+    Weights are finite and >= 0 (`ensemble_members`); they are divided by their largest first, so huge or tiny
+    ones (1e308, 1e-320) neither overflow nor lose their ratio."""
+    stacked = np.stack([np.asarray(p, dtype=np.float64) for p in member_probs])
+    served = np.all(np.isfinite(stacked), axis=2)
+    scaled = np.asarray(weights, dtype=np.float64)
+    if scaled.size and scaled.max() > 0:
+        scaled = scaled / scaled.max()
+    w = scaled[:, None] * served
+    total = w.sum(axis=0)
+    blended = np.einsum("mr,mrc->rc", w, np.where(served[:, :, None], stacked, 0.0))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        blended = blended / total[:, None]
+    blended[total <= 0] = np.nan
+    return BlendedRows(
+        probs=blended,
+        members_served=(served & (np.asarray(weights)[:, None] > 0)).sum(axis=0),
+        n_members=int((np.asarray(weights) > 0).sum()),
+    )

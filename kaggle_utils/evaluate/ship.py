@@ -12,7 +12,7 @@ Candidates, all scored on the same out-of-fold rows (the ids every source has):
 Anything fitted on OOF rows (a calibration, blend weights) is scored cross-fitted: the OOF rows are split into
 `CROSS_FIT_SPLITS` parts by prompt group, each part scored by what was fitted on the others, so its CV is not
 the in-sample figure the fit optimised. What ships is then fitted on every OOF row. The post-processing is
-applied by the functions `predict` applies (`inference.blend_members`, `calibration.apply_calibration`), so the
+applied by the functions `predict` applies (`ensembles.blend_members`, `calibration.apply_calibration`), so the
 CV figure and the submission describe the same thing.
 
 `decide_ship` ranks them and applies the selection rule (`select`): the lowest CV ships unless a simpler
@@ -47,8 +47,7 @@ from kaggle_utils.core.errors import UsageError
 from kaggle_utils.core.fileio import atomic_write_bytes, check_output_apart, file_sha256, link_or_copy
 from kaggle_utils.core.metrics import log_loss, row_log_losses
 from kaggle_utils.evaluate.calibration import apply_calibration, fit_calibration, plot_reliability
-from kaggle_utils.evaluate.ensembles import fit_blend_weights
-from kaggle_utils.inference.predictor import blend_members
+from kaggle_utils.evaluate.ensembles import blend_members, fit_blend_weights
 from kaggle_utils.quant.artifacts import (
     ENSEMBLE_KIND,
     check_ensemble_manifest,
@@ -207,7 +206,7 @@ def cross_fitted_calibration(
 def cross_fitted_blend(
     labels: np.ndarray, member_probs: dict[str, np.ndarray], splits: np.ndarray
 ) -> np.ndarray:
-    """Each split's rows blended with weights fitted on the other splits (`inference.blend_members`; one split
+    """Each split's rows blended with weights fitted on the other splits (`ensembles.blend_members`; one split
     alone is fitted on its own rows)."""
     names = list(member_probs)
     n_rows = len(labels)

@@ -60,15 +60,22 @@ from typing import Any
 import numpy as np
 import polars as pl
 import torch
-from tqdm.auto import tqdm
 
 from kaggle_utils.core.config import LABEL_COLUMNS, DataConfig, InferenceConfig, validate_section
+from kaggle_utils.core.console import progress_bar
+from kaggle_utils.core.environment import (
+    default_submission_path,
+    is_competition_rerun,
+    on_kaggle,
+    use_offline_hub,
+)
 from kaggle_utils.core.errors import SubmissionError, UsageError
 from kaggle_utils.core.fileio import atomic_write_bytes, check_output_apart, check_output_target
 from kaggle_utils.data.dialects import dialect_names, dialect_of_manifest, get_dialect
 from kaggle_utils.data.load import load_competition
 from kaggle_utils.data.submission import read_test_ids
 from kaggle_utils.evaluate.calibration import apply_calibration
+from kaggle_utils.evaluate.ensembles import BlendedRows, blend_members
 from kaggle_utils.inference import tpu, workers
 from kaggle_utils.inference.device_forward import (  # WorkerLost, make_forward, is_out_of_memory: part of this API too
     ForwardFn,
@@ -79,15 +86,8 @@ from kaggle_utils.inference.device_forward import (  # WorkerLost, make_forward,
     make_forward,
     preflight_dtype,
 )
-from kaggle_utils.models.runtime import (
-    default_submission_path,
-    detect_runtime,
-    find_inputs,
-    find_test_file,
-    is_competition_rerun,
-    on_kaggle,
-    use_offline_hub,
-)
+from kaggle_utils.inference.inputs import find_inputs, find_test_file
+from kaggle_utils.models.runtime import detect_runtime
 from kaggle_utils.quant.artifacts import MANIFEST_NAME, check_ensemble_manifest, load_artifact
 from kaggle_utils.text.batching import token_budget_batches
 from kaggle_utils.text.formatting import (
@@ -249,7 +249,7 @@ class _Scheduler:
         self.real_tokens = 0
         self.padded_tokens = 0
         total = sum(len(task.rows) for queue in self.pending for task in queue)
-        self.bar = tqdm(total=total, unit="row", desc="inference", disable=not progress, smoothing=0.1)
+        self.bar = progress_bar(total=total, unit="row", desc="inference", enabled=progress, smoothing=0.1)
 
     # -- layout -------------------------------------------------------------------------------------------
     def _view_order(self, worker: int) -> list[int]:
@@ -1147,7 +1147,7 @@ def predict(
 
     # 4. Combine, fill, write, report.
     if blended is not None:
-        final, paths = blended.fill(fallback)
+        final, paths = fill_blend(blended, fallback)
         path_names: tuple[str, ...] = (PATH_ALL_MEMBERS, PATH_SOME_MEMBERS, PATH_FALLBACK)
     else:
         final, paths = model_probabilities(views, manifest)
@@ -1372,22 +1372,15 @@ class EnsembleMember:
 MEMBER_KINDS = ("model", "baseline", "prior")
 
 
-@dataclass
-class BlendedRows:
-    """(n, 3) weighted mean over the members that served each row (NaN where none did) and how many did."""
-
-    probs: np.ndarray
-    members_served: np.ndarray
-    n_members: int
-
-    def fill(self, fallback: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        final = np.array(fallback, dtype=np.float64, copy=True)
-        paths = np.full(len(final), PATH_FALLBACK, dtype=object)
-        some = self.members_served > 0
-        final[some] = self.probs[some]
-        paths[some] = PATH_SOME_MEMBERS
-        paths[self.members_served == self.n_members] = PATH_ALL_MEMBERS
-        return final, paths
+def fill_blend(blended: BlendedRows, fallback: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The blend where some member served a row, `fallback` elsewhere; and each row's path name."""
+    final = np.array(fallback, dtype=np.float64, copy=True)
+    paths = np.full(len(final), PATH_FALLBACK, dtype=object)
+    some = blended.members_served > 0
+    final[some] = blended.probs[some]
+    paths[some] = PATH_SOME_MEMBERS
+    paths[blended.members_served == blended.n_members] = PATH_ALL_MEMBERS
+    return final, paths
 
 
 def ensemble_members(
@@ -1448,28 +1441,6 @@ def ensemble_members(
     if repeated:
         raise UsageError(f"{where}: member names must be unique, repeated: {repeated}")
     return members
-
-
-def blend_members(member_probs: Sequence[np.ndarray], weights: Sequence[float]) -> BlendedRows:
-    """Weighted mean per row over the members whose row is finite (served); weights renormalised per row.
-    Weights are finite and >= 0 (`ensemble_members`); they are divided by their largest first, so huge or tiny
-    ones (1e308, 1e-320) neither overflow nor lose their ratio."""
-    stacked = np.stack([np.asarray(p, dtype=np.float64) for p in member_probs])
-    served = np.all(np.isfinite(stacked), axis=2)
-    scaled = np.asarray(weights, dtype=np.float64)
-    if scaled.size and scaled.max() > 0:
-        scaled = scaled / scaled.max()
-    w = scaled[:, None] * served
-    total = w.sum(axis=0)
-    blended = np.einsum("mr,mrc->rc", w, np.where(served[:, :, None], stacked, 0.0))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        blended = blended / total[:, None]
-    blended[total <= 0] = np.nan
-    return BlendedRows(
-        probs=blended,
-        members_served=(served & (np.asarray(weights)[:, None] > 0)).sum(axis=0),
-        n_members=int((np.asarray(weights) > 0).sum()),
-    )
 
 
 def _run_ensemble(

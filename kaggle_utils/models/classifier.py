@@ -31,10 +31,10 @@ import numpy as np
 import torch
 from peft import LoraConfig, TaskType, get_peft_model, prepare_model_for_kbit_training
 from torch import nn
-from tqdm.auto import tqdm
 from transformers import AutoModelForSequenceClassification, PreTrainedModel
 
 from kaggle_utils.core.config import LoraSettings, ModelConfig, QuantConfig
+from kaggle_utils.core.console import progress_bar
 from kaggle_utils.core.errors import UsageError
 from kaggle_utils.models.devices import default_device, model_device, resolve_dtype
 from kaggle_utils.models.model_config import (  # re-exported: modeling's API names the backbones it builds
@@ -302,7 +302,7 @@ def predict_probs(
         return out
     collate = PadCollator(pad_token_id)
     batches = token_budget_batches(lengths, token_budget, max_rows=max_rows)
-    for rows in tqdm(batches, desc="predict", unit="batch", disable=not progress, leave=False):
+    for rows in progress_bar(batches, desc="predict", unit="batch", enabled=progress, leave=False):
         batch = collate([{"input_ids": list(input_ids[row])} for row in rows])
         out[np.asarray(rows)] = forward_probs(model, batch)
     return out

@@ -28,8 +28,8 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
+from kaggle_utils.core.console import progress_bar
 from kaggle_utils.core.errors import UsageError
 from kaggle_utils.quant.int4 import Int4Weight, fake_quantize_rtn, iter_target_linears, quantize_rtn
 
@@ -387,7 +387,7 @@ def _fit_block(
     optimizer = torch.optim.AdamW(groups)
     order_generator = torch.Generator().manual_seed(settings.seed + index)
     block.train()
-    progress = tqdm(range(settings.epochs), desc=f"ApiQ block {index + 1}/{n_blocks}", leave=False)
+    progress = progress_bar(range(settings.epochs), desc=f"ApiQ block {index + 1}/{n_blocks}", leave=False)
     for _ in progress:
         total = 0.0
         for batch_index in torch.randperm(len(inputs), generator=order_generator).tolist():

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from kaggle_utils.core.config import PipelineConfig
+from kaggle_utils.core.environment import find_competition_file, run_output_dir
 from kaggle_utils.core.errors import UsageError
 from kaggle_utils.core.metrics import class_prior, exclusion_record, log_loss, make_oof
 from kaggle_utils.data.dialects import Dialect, get_dialect
@@ -39,7 +40,6 @@ from kaggle_utils.inference.predictor import ScoredRows, score_rows
 from kaggle_utils.models.classifier import base_has_weights, materialize_base
 from kaggle_utils.models.devices import default_device
 from kaggle_utils.models.real import has_real_weights, resolve_tokenizer
-from kaggle_utils.models.runtime import find_competition_file, run_output_dir
 from kaggle_utils.quant.artifacts import artifact_size_bytes, load_artifact, update_manifest
 from kaggle_utils.text.tokenizer import load_tokenizer
 from kaggle_utils.train.loop import PeakMemory, distributed_state, split_fold, train_fold

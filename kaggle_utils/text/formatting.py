@@ -68,10 +68,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import polars as pl
-from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerFast
 
 from kaggle_utils.core.config import FormatConfig, validate_section
+from kaggle_utils.core.console import progress_bar
 from kaggle_utils.core.errors import DataError, UsageError
 from kaggle_utils.text.tokenizer import END_OF_TURN, START_OF_TURN
 
@@ -647,7 +647,7 @@ def _encode(
     kept = [np.zeros((n_rows, 3), dtype=np.int64) for _ in orders]
     content = np.zeros((n_rows, 3), dtype=np.int64)
     show = n_rows >= 10_000 if progress is None else progress
-    with tqdm(total=n_rows, desc="tokenising", unit="row", disable=not show) as bar:
+    with progress_bar(total=n_rows, desc="tokenising", unit="row", enabled=show) as bar:
         for start in range(0, n_rows, ROWS_PER_CHUNK):
             chunk = frame.slice(start, ROWS_PER_CHUNK)
             n_turns = chunk["prompt"].list.len().to_list()

@@ -29,9 +29,9 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import FunctionTransformer, StandardScaler
 from sklearn.utils.extmath import softmax
 from threadpoolctl import threadpool_limits
-from tqdm.auto import tqdm
 
 from kaggle_utils.core.config import BaselineConfig
+from kaggle_utils.core.console import progress_bar
 from kaggle_utils.core.errors import ArtifactError, DataError
 from kaggle_utils.core.fileio import atomic_write_bytes
 from kaggle_utils.core.metrics import OofScore, class_prior, make_oof, score_oof
@@ -527,7 +527,7 @@ def run_baseline_cv(
     oof_probs = np.zeros((train.height, N_CLASSES))
     estimators = []
     fold_numbers = sorted(int(fold) for fold in np.unique(fold_of_row))
-    for fold in tqdm(fold_numbers, desc="baseline CV", unit="fold", leave=False):
+    for fold in progress_bar(fold_numbers, desc="baseline CV", unit="fold", leave=False):
         fit_rows, held_out = fold_of_row != fold, fold_of_row == fold
         fit_x, fit_y = features[fit_rows], labels[fit_rows]
         if swapped is not None:

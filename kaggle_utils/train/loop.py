@@ -58,6 +58,7 @@ import torch
 from torch import nn
 
 from kaggle_utils.core.config import PipelineConfig, TrainConfig
+from kaggle_utils.core.console import progress_bar
 from kaggle_utils.core.errors import DataError, UsageError
 from kaggle_utils.core.fileio import atomic_write_bytes
 from kaggle_utils.core.metrics import class_prior, log_loss, prior_log_loss, row_log_losses
@@ -1171,10 +1172,9 @@ def write_learning_curve(history: list[dict], out_dir: str | Path) -> Path:
 
 @contextlib.contextmanager
 def _progress(total: int, initial: int, enabled: bool, fold: int) -> Iterator[Any]:
-    from tqdm.auto import tqdm
 
-    bar = tqdm(
-        total=total, initial=initial, desc=f"train fold {fold}", unit="step", disable=not enabled, leave=False
+    bar = progress_bar(
+        total=total, initial=initial, desc=f"train fold {fold}", unit="step", enabled=enabled, leave=False
     )
     try:
         yield bar

@@ -439,7 +439,7 @@ def test_the_fallback_baseline_travels_inside_the_shipped_artifact(
 
     from kaggle_utils.core.config import BaselineConfig, FoldConfig
     from kaggle_utils.data.folds import make_folds
-    from kaggle_utils.models.runtime import find_inputs
+    from kaggle_utils.inference.inputs import find_inputs
     from kaggle_utils.quant.artifacts import read_manifest
     from kaggle_utils.train.baseline import BaselineModel, run_baseline_cv
 
@@ -567,8 +567,8 @@ def test_the_ship_command_puts_the_baseline_inside_a_fold_artifact_and_leaves_th
     from kaggle_utils.core.config import BaselineConfig, FoldConfig
     from kaggle_utils.core.fileio import file_sha256
     from kaggle_utils.data.folds import make_folds
+    from kaggle_utils.inference.inputs import find_inputs
     from kaggle_utils.kaggle.upload import plan_upload
-    from kaggle_utils.models.runtime import find_inputs
     from kaggle_utils.quant.artifacts import read_manifest
     from kaggle_utils.train.baseline import run_baseline_cv
 

@@ -15,6 +15,7 @@ from builders import CLASS_PRIOR, FakeClock, build_tiny_artifacts, predict_cfg, 
 from kaggle_utils.cli.main import main
 from kaggle_utils.core.errors import UsageError
 from kaggle_utils.data.submission import validate_submission
+from kaggle_utils.evaluate.ensembles import blend_members
 from kaggle_utils.inference import predictor as inference
 from kaggle_utils.quant.layout import MANIFEST_NAME
 
@@ -127,12 +128,12 @@ def test_a_failing_member_leaves_its_rows_to_the_others(tiny_artifacts, sample_f
 def test_blend_members_renormalises_over_the_members_that_served_a_row():
     a = np.array([[0.6, 0.3, 0.1], [np.nan] * 3, [np.nan] * 3])
     b = np.array([[0.2, 0.2, 0.6], [0.1, 0.8, 0.1], [np.nan] * 3])
-    blended = inference.blend_members([a, b], [0.75, 0.25])
+    blended = blend_members([a, b], [0.75, 0.25])
     np.testing.assert_allclose(blended.probs[0], 0.75 * a[0] + 0.25 * b[0])
     np.testing.assert_allclose(blended.probs[1], b[1])
     assert np.isnan(blended.probs[2]).all()
     assert blended.members_served.tolist() == [2, 1, 0]
-    final, paths = blended.fill(np.full((3, 3), 1 / 3))
+    final, paths = inference.fill_blend(blended, np.full((3, 3), 1 / 3))
     assert paths.tolist() == ["all_members", "some_members", "fallback"]
     np.testing.assert_allclose(final[2], 1 / 3)
 
@@ -356,7 +357,7 @@ def test_blend_members_normalises_huge_and_tiny_weights_safely():
     a = np.array([[0.6, 0.3, 0.1], [0.2, 0.2, 0.6]])
     b = np.array([[0.2, 0.2, 0.6], [0.1, 0.8, 0.1]])
     for weights, share in (([1e308, 1e308], 0.5), ([1e-320, 1e-320], 0.5), ([3e307, 1e307], 0.75)):
-        blended = inference.blend_members([a, b], weights)
+        blended = blend_members([a, b], weights)
         np.testing.assert_allclose(blended.probs, share * a + (1 - share) * b)
 
 

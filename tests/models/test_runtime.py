@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import contextlib
+import os
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 
+from kaggle_utils.core import environment
 from kaggle_utils.core.config import InferenceConfig
 from kaggle_utils.core.errors import UsageError
+from kaggle_utils.inference import inputs
 from kaggle_utils.models import runtime as rt
 
 
@@ -137,7 +141,7 @@ def _kaggle_like(root):
 
 def test_find_inputs_searches_instead_of_assuming_a_layout(tmp_path):
     artifact = _kaggle_like(tmp_path)
-    found = rt.find_inputs(tmp_path)
+    found = inputs.find_inputs(tmp_path)
     assert found.artifact_dir == artifact
     assert found.test_path == tmp_path / "competitions" / "llm-classification-finetuning" / "test.csv"
     assert found.wheels_dir == tmp_path / "arena-wheels"
@@ -148,7 +152,7 @@ def test_find_inputs_searches_instead_of_assuming_a_layout(tmp_path):
 def test_find_inputs_old_layout_without_extras(tmp_path):
     _touch(tmp_path / "lmsys-chatbot-arena" / "test.csv")
     _touch(tmp_path / "my-artifact" / "manifest.json", "{}")
-    found = rt.find_inputs(tmp_path)
+    found = inputs.find_inputs(tmp_path)
     assert found.test_path == tmp_path / "lmsys-chatbot-arena" / "test.csv"
     assert found.wheels_dir is None and found.baseline_path is None
 
@@ -159,11 +163,11 @@ def test_find_inputs_never_takes_a_baseline_from_another_artifact(tmp_path):
     _touch(tmp_path / "theirs" / "manifest.json", "{}")
     _touch(tmp_path / "theirs" / "baseline.json")
     _touch(tmp_path / "mine" / "baseline.joblib")  # pickles are not baselines any more
-    found = rt.find_inputs(tmp_path, artifact_hint="mine")
+    found = inputs.find_inputs(tmp_path, artifact_hint="mine")
     assert found.artifact_dir == tmp_path / "mine" and found.baseline_path is None
     _touch(tmp_path / "standalone" / "baseline.json")
     assert (
-        rt.find_inputs(tmp_path, artifact_hint="mine").baseline_path
+        inputs.find_inputs(tmp_path, artifact_hint="mine").baseline_path
         == tmp_path / "standalone" / "baseline.json"
     )
 
@@ -173,64 +177,70 @@ def test_find_inputs_ambiguity_is_an_error_naming_candidates_and_a_hint_resolves
     second = tmp_path / "other-artifact"
     _touch(second / "manifest.json", "{}")
     with pytest.raises(UsageError, match="2 candidates for the artifact.*other-artifact"):
-        rt.find_inputs(tmp_path)
-    assert rt.find_inputs(tmp_path, artifact_hint="other-artifact").artifact_dir == second
+        inputs.find_inputs(tmp_path)
+    assert inputs.find_inputs(tmp_path, artifact_hint="other-artifact").artifact_dir == second
     assert (
-        rt.find_inputs(tmp_path, artifact_hint="qlora", test_hint="lmsys-extra-data").test_path.parent.name
+        inputs.find_inputs(
+            tmp_path, artifact_hint="qlora", test_hint="lmsys-extra-data"
+        ).test_path.parent.name
         == "lmsys-extra-data"
     )
     with pytest.raises(UsageError, match="matches 'nothing-like-this'"):
-        rt.find_inputs(tmp_path, artifact_hint="nothing-like-this")
+        inputs.find_inputs(tmp_path, artifact_hint="nothing-like-this")
 
 
 def test_find_inputs_reports_what_is_missing(tmp_path):
     with pytest.raises(UsageError, match="not a directory"):
-        rt.find_inputs(tmp_path / "absent")
+        inputs.find_inputs(tmp_path / "absent")
     _touch(tmp_path / "comp" / "test.csv")
     with pytest.raises(UsageError, match="no model artifact"):
-        rt.find_inputs(tmp_path)
+        inputs.find_inputs(tmp_path)
     _touch(tmp_path / "art" / "manifest.json", "{}")
     (tmp_path / "comp" / "test.csv").unlink()
     with pytest.raises(UsageError, match="no test file"):
-        rt.find_inputs(tmp_path)
+        inputs.find_inputs(tmp_path)
 
 
 def test_default_paths_follow_the_environment(monkeypatch):
-    monkeypatch.setattr(rt, "KAGGLE_WORKING", rt.Path("/nonexistent-kaggle-working"))
+    monkeypatch.setattr(environment, "KAGGLE_WORKING", Path("/nonexistent-kaggle-working"))
     monkeypatch.delenv("KAGGLE_KERNEL_RUN_TYPE", raising=False)
-    assert not rt.on_kaggle()
-    assert rt.default_submission_path() == rt.Path("submissions") / "submission.csv"
+    assert not environment.on_kaggle()
+    assert environment.default_submission_path() == Path("submissions") / "submission.csv"
     monkeypatch.setenv("KAGGLE_KERNEL_RUN_TYPE", "Batch")
-    assert rt.on_kaggle()
-    assert rt.default_submission_path() == rt.Path("/nonexistent-kaggle-working") / "submission.csv"
+    assert environment.on_kaggle()
+    assert environment.default_submission_path() == Path("/nonexistent-kaggle-working") / "submission.csv"
 
 
 def test_competition_file_is_found_in_either_mount_layout_then_locally(tmp_path, monkeypatch):
-    monkeypatch.setattr(rt, "KAGGLE_INPUT", tmp_path / "input")
+    monkeypatch.setattr(environment, "KAGGLE_INPUT", tmp_path / "input")
     local = tmp_path / "data"
     with pytest.raises(UsageError, match=r"no train\.csv in .*competitions/arena.*data"):
-        rt.find_competition_file("arena", "train.csv", local_dir=local)
+        environment.find_competition_file("arena", "train.csv", local_dir=local)
     on_disk = _touch(local / "train.csv")
-    assert rt.find_competition_file("arena", local_dir=local) == on_disk
+    assert environment.find_competition_file("arena", local_dir=local) == on_disk
     newer = _touch(tmp_path / "input" / "competitions" / "arena" / "train.csv")
-    assert rt.find_competition_file("arena", local_dir=local) == newer
+    assert environment.find_competition_file("arena", local_dir=local) == newer
     older = _touch(tmp_path / "input" / "arena" / "train.csv")
-    assert rt.find_competition_file("arena", local_dir=local) == older
+    assert environment.find_competition_file("arena", local_dir=local) == older
     with pytest.raises(UsageError, match="no test.csv"):
-        rt.find_competition_file("arena", "test.csv", local_dir=local)
+        environment.find_competition_file("arena", "test.csv", local_dir=local)
 
 
 def test_run_output_dir_follows_the_environment_unless_given(monkeypatch):
-    monkeypatch.setattr(rt, "KAGGLE_WORKING", rt.Path("/nonexistent-kaggle-working"))
+    monkeypatch.setattr(environment, "KAGGLE_WORKING", Path("/nonexistent-kaggle-working"))
     monkeypatch.delenv("KAGGLE_KERNEL_RUN_TYPE", raising=False)
-    assert rt.run_output_dir("cv_report") == rt.Path("runs") / "cv_report"
-    assert rt.run_output_dir("cv_report", "elsewhere/out") == rt.Path("elsewhere/out")
+    assert environment.run_output_dir("cv_report") == Path("runs") / "cv_report"
+    assert environment.run_output_dir("cv_report", "elsewhere/out") == Path("elsewhere/out")
     monkeypatch.setenv("KAGGLE_KERNEL_RUN_TYPE", "Batch")
-    assert rt.run_output_dir("ft-then-quant") == rt.Path("/nonexistent-kaggle-working") / "ft-then-quant"
+    assert (
+        environment.run_output_dir("ft-then-quant")
+        == Path("/nonexistent-kaggle-working") / "ft-then-quant"
+    )
 
 
 def test_machine_facts_for_records_are_readable_here():
-    from kaggle_utils.models.runtime import cpu_model, total_memory_gb
+    from kaggle_utils.core.machine import cpu_name as cpu_model
+    from kaggle_utils.core.machine import total_memory_gb
 
     assert isinstance(cpu_model(), str) and cpu_model()
     memory = total_memory_gb()
@@ -243,12 +253,12 @@ def test_find_inputs_hints_match_whole_names_not_substrings(tmp_path):
     wanted = tmp_path / "me" / "arena-ensemble"
     _touch(wanted / "manifest.json", "{}")
     _touch(tmp_path / "me" / "arena-ensemble2" / "manifest.json", "{}")
-    assert rt.find_inputs(tmp_path, artifact_hint="arena-ensemble").artifact_dir == wanted
-    assert rt.find_inputs(tmp_path, artifact_hint="me/arena-ensemble").artifact_dir == wanted
+    assert inputs.find_inputs(tmp_path, artifact_hint="arena-ensemble").artifact_dir == wanted
+    assert inputs.find_inputs(tmp_path, artifact_hint="me/arena-ensemble").artifact_dir == wanted
     with pytest.raises(UsageError, match=r"no artifact under .* matches 'arena-ens' \(whole names"):
-        rt.find_inputs(tmp_path, artifact_hint="arena-ens")
+        inputs.find_inputs(tmp_path, artifact_hint="arena-ens")
     with pytest.raises(UsageError, match="no artifact under .* matches 'arena-ensemble/me'"):
-        rt.find_inputs(tmp_path, artifact_hint="arena-ensemble/me")
+        inputs.find_inputs(tmp_path, artifact_hint="arena-ensemble/me")
 
 
 def test_find_inputs_takes_a_given_artifact_or_test_file_without_searching_for_it(tmp_path):
@@ -256,30 +266,30 @@ def test_find_inputs_takes_a_given_artifact_or_test_file_without_searching_for_i
     artifact = _kaggle_like(tmp_path)
     _touch(tmp_path / "other-artifact" / "manifest.json", "{}")
     with pytest.raises(UsageError, match="2 candidates for the artifact"):
-        rt.find_inputs(tmp_path)
-    found = rt.find_inputs(tmp_path, artifact_dir=artifact)
+        inputs.find_inputs(tmp_path)
+    found = inputs.find_inputs(tmp_path, artifact_dir=artifact)
     assert found.artifact_dir == artifact and found.baseline_path == artifact / "baseline.json"
     assert found.test_path == tmp_path / "competitions" / "llm-classification-finetuning" / "test.csv"
     given_test = tmp_path / "lmsys-extra-data" / "test.csv"
-    found = rt.find_inputs(tmp_path, artifact_hint="qlora", test_path=given_test)
+    found = inputs.find_inputs(tmp_path, artifact_hint="qlora", test_path=given_test)
     assert found.test_path == given_test and found.artifact_dir == artifact
     # an explicit artifact outside the root is taken as it is
     outside = tmp_path.parent / f"{tmp_path.name}-outside-artifact"
-    assert rt.find_inputs(tmp_path, artifact_dir=outside).artifact_dir == outside
+    assert inputs.find_inputs(tmp_path, artifact_dir=outside).artifact_dir == outside
 
 
 def test_offline_hub_sets_what_the_user_did_not(monkeypatch):
     import huggingface_hub.constants
 
-    for name in rt.OFFLINE_ENV:
+    for name in environment.OFFLINE_ENV:
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "0")  # the user's own choice stays
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
-    assert rt.use_offline_hub() == ["HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"]
-    assert rt.os.environ["HF_HUB_OFFLINE"] == "1" and rt.os.environ["TRANSFORMERS_OFFLINE"] == "1"
-    assert rt.os.environ["HF_DATASETS_OFFLINE"] == "0"
+    assert environment.use_offline_hub() == ["HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"]
+    assert os.environ["HF_HUB_OFFLINE"] == "1" and os.environ["TRANSFORMERS_OFFLINE"] == "1"
+    assert os.environ["HF_DATASETS_OFFLINE"] == "0"
     assert huggingface_hub.constants.HF_HUB_OFFLINE  # read once at import: set for an imported hub too
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
-    rt.use_offline_hub()
+    environment.use_offline_hub()
     assert not huggingface_hub.constants.HF_HUB_OFFLINE  # HF_HUB_OFFLINE=0 set by the user wins
