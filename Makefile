@@ -13,7 +13,7 @@ REAL_MODEL_DIR ?= models/gemma-3-270m
 DEMO_REAL_OUT ?= runs/demo-real
 DEMO_REAL_ARGS ?=
 
-.PHONY: setup demo demo-real test lint bench clean tpu-setup tpu-check gptq-check lock
+.PHONY: setup demo demo-real test test-slow lint bench clean tpu-setup tpu-check gptq-check lock
 
 setup: $(VENV)/.installed
 
@@ -35,9 +35,18 @@ demo-real: setup
 	$(PY) -m kaggle_utils fetch-model gemma-3-270m --out $(REAL_MODEL_DIR)
 	$(PY) -m kaggle_utils demo --real --model-dir $(REAL_MODEL_DIR) --out $(DEMO_REAL_OUT) $(DEMO_REAL_ARGS)
 
+# Two tiers: `make test` runs everything a change can break (under 10 minutes on 2 cores) on TEST_WORKERS
+# pytest-xdist workers, a test file per worker (module fixtures train models once); `make test-slow` runs what
+# tests/conftest.py lists as slow (real weights, notebooks, GPTQ, TPU, multiprocess training, the fresh demo).
+# .ci/run runs both.
+TEST_WORKERS ?= 2
+
 test: setup
 	$(PY) -m ruff check kaggle_utils tests benchmarks
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not slow"
+
+test-slow: setup
+	$(PY) -m pytest -q -m slow
 
 # Rewrite constraints.txt from the venv (after changing requirements.txt and passing `make test`).
 lock: setup

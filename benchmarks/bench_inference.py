@@ -2,7 +2,7 @@
 
 Public policy (the most-forked Gemma-2 QLoRA notebook): rows sorted by length (longest first here), dealt
 alternately to the two devices, fixed batches of 4 rows padded to the batch's longest row; with TTA each view
-is dealt the same way. Ours (`kaggle_utils.inference.predictor.run_schedule`): token-budget batches longest first from
+is dealt the same way. Ours (`kaggle_utils.inference.schedule.run_schedule`): token-budget batches longest first from
 one shared queue pulled by every device (shared_queue), or the winners' layout (view_per_device).
 
 CPU part (always): the tiny 2-layer Gemma-2 classifier (random weights, fp32, no quantization) on generated
@@ -42,7 +42,8 @@ sys.path.insert(0, str(ROOT))
 
 from kaggle_utils.core.config import FormatConfig, InferenceConfig, ModelConfig, QuantConfig  # noqa: E402
 from kaggle_utils.core.machine import cpu_name as cpu_model  # noqa: E402
-from kaggle_utils.inference import predictor as inference  # noqa: E402
+from kaggle_utils.inference.device_forward import make_forward  # noqa: E402
+from kaggle_utils.inference.schedule import run_schedule  # noqa: E402
 
 NINE_B_CONFIG = Path("/work/shared/reference/gemma-2-9b-config.json")
 PUBLIC_T4_HOURS_NO_TTA = {"nf4": 4.0, "int8": 4.5}  # COMPETITION.md: public notebook, 25k rows, 2x T4
@@ -86,7 +87,7 @@ def public_policy(
 
 def our_policy(views, forwards, cfg: InferenceConfig, name: str) -> dict:
     started = time.perf_counter()
-    result, report = inference.run_schedule(views, forwards, cfg, clock=time.perf_counter)
+    result, report = run_schedule(views, forwards, cfg, clock=time.perf_counter)
     wall = time.perf_counter() - started
     padded = sum(w.padded_tokens for w in report.workers)
     real = sum(w.real_tokens for w in report.workers)
@@ -124,7 +125,7 @@ def tiny_setup(n_rows: int, max_length: int, seed: int):
     from kaggle_utils.data.load import load_competition
     from kaggle_utils.data.sample import generate_competition_files
     from kaggle_utils.models.classifier import build_classifier
-    from kaggle_utils.text.formatting import encode_both_orders
+    from kaggle_utils.text.encode import encode_both_orders
     from kaggle_utils.text.tokenizer import train_demo_tokenizer
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -192,10 +193,10 @@ def cpu_part(args) -> dict:
     torch.set_num_threads(1)  # one core per "device" thread
     views, model, pad = tiny_setup(args.rows, args.max_length, args.seed)
     replicas = [model, copy.deepcopy(model)]
-    forwards = [inference.make_forward(replica, pad, "cpu") for replica in replicas]
+    forwards = [make_forward(replica, pad, "cpu") for replica in replicas]
     lengths = np.array([len(seq) for seq in views[0]])
     # warm-up (allocator, first-call overheads) outside the timings
-    inference.run_schedule([views[0][:16]], forwards[:1], InferenceConfig(progress=False))
+    run_schedule([views[0][:16]], forwards[:1], InferenceConfig(progress=False))
     results = run_policies(views, forwards, args.repeats, args.budgets, args.max_rows)
     print_table(
         f"CPU, tiny Gemma-2 (2 layers, hidden 64), {args.rows} rows, max length {args.max_length}, "
@@ -239,7 +240,7 @@ def gpu_part(args, device: str = "cuda:0", config_path: Path = NINE_B_CONFIG) ->
             device=device,
         ).eval()
         seqs = [rng.integers(3, model.config.vocab_size, size=n).tolist() for n in lengths]
-        forward = inference.make_forward(model, 0, device)
+        forward = make_forward(model, 0, device)
 
         def synced(batch, forward=forward):
             probs = forward(batch)

@@ -13,7 +13,7 @@ group-wise INT4 (RTN and HQQ, group 64) -- over every q/k/v/o/gate/up/down proje
    outlier threshold acts on activations at matmul time, so it is in (3), not here;
 3. end to end: relative error ||h_q - h|| / ||h|| of the last hidden state at the last token (the vector the
    3-class score head reads), mean / max over generated conversation rows formatted by
-   `kaggle_utils.text.formatting` with the model's own tokenizer. The reference h is the fp32 model (bf16 weights are
+   `kaggle_utils.text.encode` with the model's own tokenizer. The reference h is the fp32 model (bf16 weights are
    exact in fp32); the quantized model swaps each projection for bitsandbytes `Linear4bit` / `Linear8bitLt`
    (eval mode: LLM.int8's mixed int8 matmul, fp16-cast activations) or the package's `Int4Linear`, on CPU;
    "int8_weight_only" runs the dequantized int8 weight in fp32, to tell weight rounding from activation rounding.
@@ -54,7 +54,7 @@ from kaggle_utils.quant.int4 import (
     quantize_rtn,
     replace_module,
 )
-from kaggle_utils.text.formatting import encode_rows
+from kaggle_utils.text.encode import encode_rows
 from kaggle_utils.text.tokenizer import load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]

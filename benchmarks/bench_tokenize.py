@@ -48,17 +48,10 @@ from kaggle_utils.core.machine import total_memory_gb
 from kaggle_utils.data.load import load_competition  # noqa: E402
 from kaggle_utils.data.sample import generate_competition_files  # noqa: E402
 from kaggle_utils.text.batching import LengthBucketSampler, padding_efficiency, token_budget_batches  # noqa: E402
-from kaggle_utils.text.formatting import (  # noqa: E402
-    ROWS_PER_CHUNK,
-    TEMPLATE_VERSION,
-    TURN_COLUMNS,
-    _head_tokens,
-    _template_ids,
-    _turn_keep,
-    encode_both_orders,
-    encode_rows,
-)
+from kaggle_utils.text.encode import ROWS_PER_CHUNK, TURN_COLUMNS, encode_both_orders, encode_rows  # noqa: E402
+from kaggle_utils.text.template import TEMPLATE_VERSION, template_ids  # noqa: E402
 from kaggle_utils.text.tokenizer import load_tokenizer, train_demo_tokenizer  # noqa: E402
+from kaggle_utils.text.truncation import _head_tokens, _turn_keep  # noqa: E402
 
 REAL_TRAIN_ROWS = 57_477
 TARGET_SECONDS = 60.0
@@ -138,7 +131,7 @@ def call_tokenizer(tokenizer, texts: list[str], **extra):
 def surviving_text(frame: pl.DataFrame, tokenizer, cfg: FormatConfig) -> tuple[list[str], dict[str, int]]:
     """Per piece, the characters under the tokens encode_rows keeps (all of a whole piece; the head and the
     end of a cut one, as two strings; nothing of a dropped turn), with token and character totals."""
-    ids = _template_ids(tokenizer, cfg)
+    ids = template_ids(tokenizer, cfg)
     survivors: list[str] = []
     totals = {"tokens": 0, "kept_tokens": 0, "chars": 0, "kept_chars": 0, "pieces": 0, "cut_pieces": 0}
     for start in range(0, frame.height, ROWS_PER_CHUNK):

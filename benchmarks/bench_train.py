@@ -51,7 +51,8 @@ def run_ordering(ordering: str, seq_len: int, steps: int, warmup: int) -> dict:
     from kaggle_utils.core.config import LoraSettings, ModelConfig, QuantConfig, TrainConfig
     from kaggle_utils.models.classifier import apply_lora, build_classifier, count_parameters
     from kaggle_utils.models.devices import resolve_dtype
-    from kaggle_utils.train.loop import PeakMemory, make_optimizer, mixed_precision_for, upcast_trainable
+    from kaggle_utils.train.model_setup import make_optimizer, mixed_precision_for, upcast_trainable
+    from kaggle_utils.train.results import PeakMemory
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda:0" if cuda else "cpu")
@@ -147,7 +148,8 @@ def run_unsloth_check() -> dict:
     from kaggle_utils.core.errors import UsageError
     from kaggle_utils.models.classifier import materialize_base
     from kaggle_utils.text.tokenizer import train_demo_tokenizer
-    from kaggle_utils.train.loop import build_unsloth_classifier, check_unsloth_head_roundtrip, make_optimizer
+    from kaggle_utils.train.head_roundtrip import check_unsloth_head_roundtrip
+    from kaggle_utils.train.model_setup import build_unsloth_classifier, make_optimizer
 
     try:
         import unsloth  # noqa: F401

@@ -1,5 +1,5 @@
-"""`python -m kaggle_utils`: the Hugging Face libraries are told to stay offline before any of them is imported
-(`runtime.use_offline_hub`; a variable the user set is kept), then the CLI runs."""
+"""`python -m kaggle_utils`: the Hugging Face libraries are told to stay offline before any of them is
+imported (`environment.use_offline_hub`; a variable the user set is kept), then the CLI runs."""
 
 from kaggle_utils.core.environment import use_offline_hub
 

@@ -74,7 +74,7 @@ from IPython.display import Image, Markdown, display
 
 from kaggle_utils.core.environment import KAGGLE_INPUT, on_kaggle, run_output_dir
 from kaggle_utils.core.metrics import load_oof, score_oof
-from kaggle_utils.evaluate.cv_report import plot_learning_curves
+from kaggle_utils.evaluate.report_render import plot_learning_curves
 from kaggle_utils.studies.combine import combine_reports, find_report_dirs
 from kaggle_utils.studies.orderings import OOF_FILE, REPORT_MD, REPORT_PNG
 

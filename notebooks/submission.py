@@ -96,7 +96,8 @@ if importlib.util.find_spec("kaggle_utils") is None:
 # artifact all leave a valid file (the fallback: baseline, else class prior) before it raises.
 
 # %%
-from kaggle_utils.inference.predictor import raise_if_fallback, run_submission  # noqa: E402 - after the install cell
+from kaggle_utils.inference.predictor import run_submission  # noqa: E402 - after the install cell
+from kaggle_utils.inference.report import raise_if_fallback  # noqa: E402 - after the install cell
 
 logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", force=True)
 cfg = {  # InferenceConfig's fields, checked inside run_submission (a refused one still leaves a file)

@@ -88,7 +88,7 @@ import logging
 
 from IPython.display import Image, Markdown, display
 
-from kaggle_utils.evaluate.cv_report import artifact_table, plot_learning_curves
+from kaggle_utils.evaluate.report_render import artifact_table, plot_learning_curves
 from kaggle_utils.studies.experiment import resolve_training_notebook
 from kaggle_utils.studies.orderings import OOF_FILE, REPORT_MD, REPORT_PNG, compare_orderings
 

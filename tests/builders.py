@@ -91,8 +91,9 @@ def read_probs(path) -> np.ndarray:
 def make_artifact(folder: Path, with_manifest: bool = True) -> Path:
     """A folder shaped like an artifact (subfolders included) whose manifest.json lists its files; the model
     files themselves are stand-ins (the upload never loads them)."""
-    from kaggle_utils.quant.artifacts import LAYOUT_VERSION, REQUIRED_FIELDS, _file_table
-    from kaggle_utils.text.formatting import TEMPLATE_VERSION
+    from kaggle_utils.quant.artifacts import LAYOUT_VERSION
+    from kaggle_utils.quant.manifest import REQUIRED_FIELDS, file_table
+    from kaggle_utils.text.template import TEMPLATE_VERSION
 
     (folder / "adapter").mkdir(parents=True)
     (folder / "adapter" / "adapter_config.json").write_text('{"r": 64}')
@@ -119,7 +120,7 @@ def make_artifact(folder: Path, with_manifest: bool = True) -> Path:
             layout_version=LAYOUT_VERSION,
             has_adapter=True,
             has_merged=False,
-            files=_file_table(folder),
+            files=file_table(folder),
         )
         assert set(manifest) >= set(REQUIRED_FIELDS)
         (folder / "manifest.json").write_text(json.dumps(manifest))

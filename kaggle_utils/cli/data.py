@@ -1,4 +1,8 @@
-"""Data commands: validate-data, folds, validate-submission, baseline, pseudo-label, demo. Thin: the package does the work."""
+"""Data commands: validate-data, folds, validate-submission, baseline, pseudo-label, demo.
+
+Thin: the package does the work. Registration imports only torch-free modules; `baseline`, `pseudo-label`
+and `demo` import their stage modules when they run, so `--help` and the light commands stay fast.
+"""
 
 from __future__ import annotations
 
@@ -12,23 +16,9 @@ from kaggle_utils.core.errors import DataError, UsageError
 from kaggle_utils.core.fileio import check_not_an_input, check_output_apart, check_output_target
 from kaggle_utils.core.metrics import exclusion_record, oof_probs, save_oof
 from kaggle_utils.data.dialects import get_dialect
-from kaggle_utils.data.folds import (
-    drop_folds,
-    fold_summary,
-    folds_file_hash,
-    load_folds,
-    make_folds,
-    save_folds,
-)
 from kaggle_utils.data.load import load_competition
-from kaggle_utils.demo import figures as demo_figures
-from kaggle_utils.demo import run as demo_module
-from kaggle_utils.train.baseline import run_baseline_cv
-from kaggle_utils.train.pseudo_labels import (
-    parse_teacher_option,
-    pseudo_labels_from_files,
-    save_pseudo_labels,
-)
+
+DEMO_N_TRAIN, DEMO_N_TEST = 2000, 200
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -127,7 +117,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     parser = subparsers.add_parser(
         "demo",
-        help="generated data -> folds -> baseline CV -> both Gemma-2 orderings -> LLM inference -> validated submission",
+        help="generated data -> folds -> baseline CV -> both Gemma-2 orderings -> LLM inference -> validated "
+        "submission",
     )
     parser.add_argument("--out", required=True, help="directory for data, folds, OOF, model and demo_report")
     parser.add_argument("--submission", default="submissions/submission.csv")
@@ -147,7 +138,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--real",
         action="store_true",
-        help="train both orderings on a real checkpoint (Gemma 3 270M from fetch-model) with its own tokenizer",
+        help="train both orderings on a real checkpoint (Gemma 3 270M from fetch-model) with its own "
+        "tokenizer",
     )
     parser.add_argument(
         "--model-dir",
@@ -159,8 +151,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--record",
         action="store_true",
-        help="write this run's headline figures to reports/demo/headline.json and re-render the README's demo "
-        "figures from them (run from the repository root, with the default sizes)",
+        help="write this run's headline figures to reports/demo/headline.json and re-render the README's "
+        "demo figures from them (run from the repository root, with the default sizes)",
     )
     parser.set_defaults(handler=demo)
 
@@ -198,9 +190,8 @@ def _command_config(args: argparse.Namespace) -> PipelineConfig:
 def _add_dialect(
     parser: argparse.ArgumentParser, help_text: str | None = None, default: str | None = "lmsys"
 ) -> None:
-    """`--dialect` (alias `--format`): a registered competition dialect, checked when the command runs
-    (kaggle_utils/data/dialects.py; an unknown name is a one-line usage error). Commands with --config default to
-    its data.format (`default=None`)."""
+    """`--dialect` (alias `--format`): a registered competition dialect, checked when the command runs (an
+    unknown name is a one-line usage error). Commands with --config default to its data.format (None)."""
     parser.add_argument(
         "--dialect",
         "--format",
@@ -219,13 +210,16 @@ def validate_data(args: argparse.Namespace) -> int:
 
 
 def folds(args: argparse.Namespace) -> int:
+    from kaggle_utils.data.folds import fold_summary, make_folds, save_folds
+
     cfg = _command_config(args)
     train = load_competition(args.train, cfg.data, split="train")
     fold_table = make_folds(train.frame, cfg.folds)
     digest = save_folds(fold_table, args.out)
     print(fold_summary(fold_table, train.frame))
     print(
-        f"{fold_table.height} rows, {fold_table['group'].n_unique()} prompt groups -> {args.out} (sha256 {digest})"
+        f"{fold_table.height} rows, {fold_table['group'].n_unique()} prompt groups -> {args.out} (sha256 "
+        f"{digest})"
     )
     return 0
 
@@ -237,6 +231,9 @@ def validate_submission(args: argparse.Namespace) -> int:
 
 
 def baseline(args: argparse.Namespace) -> int:
+    from kaggle_utils.data.folds import drop_folds, folds_file_hash, load_folds, make_folds
+    from kaggle_utils.train.baseline import run_baseline_cv
+
     if bool(args.test) != bool(args.out):
         raise UsageError(
             "baseline: --test and --out go together (the test file to predict, the CSV to write)"
@@ -295,6 +292,12 @@ def baseline(args: argparse.Namespace) -> int:
 
 
 def pseudo_label(args: argparse.Namespace) -> int:
+    from kaggle_utils.train.pseudo_labels import (
+        parse_teacher_option,
+        pseudo_labels_from_files,
+        save_pseudo_labels,
+    )
+
     teachers = [parse_teacher_option(value) for value in args.teacher]
     _check_outputs(
         [args.out],
@@ -355,7 +358,7 @@ def pseudo_label(args: argparse.Namespace) -> int:
 
 def _check_outputs(outputs: list[str | None], inputs: list[tuple[str, str | None]]) -> None:
     """Before any work: no output may be, contain or lie inside an input (it would be destroyed;
-    fileio.check_output_apart), nor be a symlink / device / folder, and no two outputs may be the same file."""
+    fileio.check_output_apart), nor be a symlink / device / folder, and no two outputs may be one file."""
     given = [output for output in outputs if output]
     for index, output in enumerate(given):
         check_output_apart(output, inputs)
@@ -364,6 +367,9 @@ def _check_outputs(outputs: list[str | None], inputs: list[tuple[str, str | None
 
 
 def demo(args: argparse.Namespace) -> int:
+    from kaggle_utils.demo import figures as demo_figures
+    from kaggle_utils.demo import run as demo_module
+
     dialect = get_dialect(args.format)  # an unknown name: one-line usage error before any work
     real_only = [
         flag
@@ -376,10 +382,18 @@ def demo(args: argparse.Namespace) -> int:
         raise UsageError(
             "demo: --real trains the real model; --record and --baseline-only are the tiny demo's"
         )
-    n_train = args.n_train if args.n_train is not None else (demo_module.REAL_N_TRAIN if args.real else 2000)
-    n_test = args.n_test if args.n_test is not None else (demo_module.REAL_N_TEST if args.real else 200)
+    n_train = (
+        args.n_train
+        if args.n_train is not None
+        else (demo_module.REAL_N_TRAIN if args.real else DEMO_N_TRAIN)
+    )
+    n_test = (
+        args.n_test if args.n_test is not None else (demo_module.REAL_N_TEST if args.real else DEMO_N_TEST)
+    )
     if args.record and (
-        args.baseline_only or (n_train, n_test, args.seed) != (2000, 200, 0) or dialect.name != "lmsys"
+        args.baseline_only
+        or (n_train, n_test, args.seed) != (DEMO_N_TRAIN, DEMO_N_TEST, 0)
+        or dialect.name != "lmsys"
     ):
         raise UsageError(
             "--record keeps the README's `make demo` figures: use it with the default sizes, seed "

@@ -1,24 +1,25 @@
-"""Inference commands: predict (artifact + test file -> submission.csv) and find-inputs. Thin: the package works."""
+"""Inference commands: predict (artifact + test file -> submission.csv) and find-inputs.
+
+Thin: the package does the work. `predict` imports the inference engine (torch) when it runs.
+"""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import logging
 import sys
 
 from kaggle_utils.cli.run_options import add_set_option, config_from_args
 from kaggle_utils.core.config import InferenceConfig
 from kaggle_utils.inference.inputs import find_inputs as find
-from kaggle_utils.inference.predictor import InferenceError, raise_if_fallback
-from kaggle_utils.inference.predictor import predict as run_predict
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     defaults = InferenceConfig()
     parser = subparsers.add_parser(
         "predict",
-        help="offline prediction with an artifact; always writes a valid submission (fallback for rows not reached)",
+        help="offline prediction with an artifact; always writes a valid submission (fallback for rows not "
+        "reached)",
     )
     parser.add_argument(
         "--artifact", required=True, help="artifact directory (with manifest.json), either ordering"
@@ -104,14 +105,12 @@ def inference_config(args: argparse.Namespace) -> InferenceConfig:
 
 
 def predict(args: argparse.Namespace) -> int:
-    """Exit 0 only when the model served every row. Invalid settings, an output that is an input, a file that
-    cannot be written (disk full): one line, exit 2, the previous file intact. Rows served by the fallback (a
-    broken artifact, an unreadable test row, the deadline) or an ensemble member that served none: the valid
-    file is written, the fallback count printed first, exit 1 (except in Kaggle's competition rerun, see
-    `inference.raise_if_fallback`). When no row came from the model a valid previous submission at --out is
-    kept and this run's file goes beside it, unless --write-fallback-over-previous (the rule:
-    `inference.predict`)."""
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    """Exit 0 when the model served every row; 1 when the fallback served some (the valid file is written,
+    except Kaggle's rerun: `report.raise_if_fallback`); 2 for a bad setting or an unwritable output (the
+    previous file intact). The keep-the-previous-file rule: `predictor.predict`."""
+    from kaggle_utils.inference.predictor import predict as run_predict
+    from kaggle_utils.inference.report import InferenceError, raise_if_fallback
+
     cfg = inference_config(args)
     try:
         report = run_predict(

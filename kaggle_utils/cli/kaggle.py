@@ -1,8 +1,9 @@
-"""`python -m kaggle_utils kaggle ...`: push, upload-artifact, build-wheels, download, submit, status, check-kernel,
-sync-install-cell.
+"""`python -m kaggle_utils kaggle ...`: push, upload-artifact, build-wheels, download, submit, status,
+check-kernel, metadata, sync-install-cell.
 
-Thin: kaggle_utils/kaggle/workflow.py does the work. The kaggle package is imported only by commands that talk to
-Kaggle, and only when they run.
+Thin: kaggle_utils/kaggle/ does the work. check-kernel, metadata, sync-install-cell and build-wheels use only
+torch-free modules; the commands that talk to Kaggle import `kaggle.workflow` (and the kaggle client) when
+they run.
 """
 
 from __future__ import annotations
@@ -13,19 +14,9 @@ import dataclasses
 from kaggle_utils.cli.run_options import add_set_option, config_from_args
 from kaggle_utils.core.config import KaggleConfig
 from kaggle_utils.kaggle.install_cell import sync_install_cells
-from kaggle_utils.kaggle.wheels import project_root
-from kaggle_utils.kaggle.workflow import (
-    build_wheels,
-    check_kernel_folder,
-    download_competition,
-    kernel_status,
-    parse_parameters,
-    push_notebook,
-    resolve_owner,
-    submit_kernel,
-    upload_dataset,
-    write_submission_metadata,
-)
+from kaggle_utils.kaggle.kernel_check import check_kernel_folder
+from kaggle_utils.kaggle.metadata import resolve_owner, write_submission_metadata
+from kaggle_utils.kaggle.wheels import build_wheels, project_root
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -51,7 +42,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "notebook",
-        help="notebooks/<name>.ipynb, or its py:percent script notebooks/<name>.py; notebooks/train is two kernels, "
+        help="notebooks/<name>.ipynb, or its py:percent script notebooks/<name>.py; notebooks/train is two "
+        "kernels, "
         "picked by -p ORDERING=quant-then-ft or -p ORDERING=ft-then-quant",
     )
     parser.add_argument("--accelerator", help="machine shape, e.g. NvidiaTeslaT4 (2xT4), NvidiaL4, TpuV5E8")
@@ -136,6 +128,8 @@ def _config(args: argparse.Namespace) -> KaggleConfig:
 
 
 def push(args: argparse.Namespace) -> int:
+    from kaggle_utils.kaggle.workflow import parse_parameters, push_notebook
+
     push_notebook(
         args.notebook,
         _config(args),
@@ -167,6 +161,8 @@ def metadata(args: argparse.Namespace) -> int:
 
 
 def upload_artifact(args: argparse.Namespace) -> int:
+    from kaggle_utils.kaggle.workflow import upload_dataset
+
     upload_dataset(
         args.directory,
         _config(args),
@@ -193,11 +189,15 @@ def wheels(args: argparse.Namespace) -> int:
 
 
 def download(args: argparse.Namespace) -> int:
+    from kaggle_utils.kaggle.workflow import download_competition
+
     download_competition(_config(args), args.path, competition=args.competition, force=args.force)
     return 0
 
 
 def submit(args: argparse.Namespace) -> int:
+    from kaggle_utils.kaggle.workflow import submit_kernel
+
     submit_kernel(
         _config(args),
         version=args.version,
@@ -210,5 +210,7 @@ def submit(args: argparse.Namespace) -> int:
 
 
 def status(args: argparse.Namespace) -> int:
+    from kaggle_utils.kaggle.workflow import kernel_status
+
     kernel_status(_config(args), kernel=args.kernel, submissions=args.submissions)
     return 0

@@ -1,23 +1,16 @@
-"""Modeling commands: `train` (one ordering, one fold: experiment.py), `compare-orderings` (every variant on the same
-folds: compare.py) and `combine-reports`. Thin: the package works."""
+"""Modeling commands: `train` (one ordering, one fold), `compare-orderings` (every variant on the same folds),
+`combine-reports`, `ship` and `lever-table`.
+
+Thin: the package does the work; each handler imports its stage modules (torch) when it runs.
+"""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-import polars as pl
-
 from kaggle_utils.cli.run_options import add_run_options, prepare_run
 from kaggle_utils.core.errors import UsageError
-from kaggle_utils.core.metrics import save_oof
-from kaggle_utils.evaluate.cv_report import RunRecord, aggregate_run
-from kaggle_utils.evaluate.ship import ship_artifact
-from kaggle_utils.studies.combine import combine_reports, lever_table, render_lever_table
-from kaggle_utils.studies.experiment import prepare_experiment, run_fold, variant_config
-from kaggle_utils.studies.orderings import OOF_FILE, REPORT_MD, compare_orderings
-from kaggle_utils.train.loop import finish_distributed
-from kaggle_utils.variants.registry import resolve_variants
 
 ORDERING_CHOICES = ("ft-then-quant", "quant-then-ft")
 
@@ -42,7 +35,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     parser = subparsers.add_parser(
         "combine-reports",
-        help="join compare-orderings reports made on identical folds and seeds (e.g. the two training kernels', "
+        help="join compare-orderings reports made on identical folds and seeds (e.g. the two training "
+        "kernels', "
         "or variants run in separate batches) into one report with the common-reference QiD",
     )
     parser.add_argument("reports", nargs="+", help="folders holding report.json and oof.parquet")
@@ -65,7 +59,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     parser = subparsers.add_parser(
         "lever-table",
-        help="runs trained with different levers (distillation, smoothing, full fine-tuning, GPTQ) on identical "
+        help="runs trained with different levers (distillation, smoothing, full fine-tuning, GPTQ) on "
+        "identical "
         "folds and seed, each against the first: shipped CV log loss, paired difference and its SE",
     )
     parser.add_argument(
@@ -86,6 +81,16 @@ def _common_options(parser: argparse.ArgumentParser) -> None:
 def train(args: argparse.Namespace) -> int:
     """One ordering on one fold, directly: the shared setup, then training, export and scoring of that fold
     (`experiment.run_fold`); writes the artifact and the fold's OOF rows under --out."""
+    import polars as pl
+
+    from kaggle_utils.core.metrics import save_oof
+    from kaggle_utils.evaluate.comparison_report import RunRecord
+    from kaggle_utils.evaluate.cv_report import aggregate_run
+    from kaggle_utils.studies.experiment import prepare_experiment, run_fold, variant_config
+    from kaggle_utils.studies.orderings import OOF_FILE
+    from kaggle_utils.train.model_setup import finish_distributed
+    from kaggle_utils.variants.registry import resolve_variants
+
     cfg, out_dir, train_path = prepare_run(args)
     fold = args.fold
     experiment = prepare_experiment(cfg, train_path, out_dir, args.folds, fold_ids=[fold])
@@ -115,6 +120,9 @@ def train(args: argparse.Namespace) -> int:
 
 
 def compare(args: argparse.Namespace) -> int:
+    from kaggle_utils.studies.orderings import REPORT_MD, compare_orderings
+    from kaggle_utils.train.model_setup import finish_distributed
+
     cfg, out_dir, train_path = prepare_run(args)
     report = compare_orderings(
         cfg,
@@ -124,7 +132,8 @@ def compare(args: argparse.Namespace) -> int:
         seeds=args.seeds or [cfg.train.seed],
         variants=args.variants,
     )
-    # Under `accelerate launch`: all ranks leave the process group together once the main one has written. (On an
+    # Under `accelerate launch`: all ranks leave the process group together once the main one has written. (On
+    # an
     # error the rank exits at once and torchrun stops the others, rather than waiting here for a barrier.)
     finish_distributed()
     if report is None:  # a non-main process of `accelerate launch`
@@ -138,6 +147,8 @@ def compare(args: argparse.Namespace) -> int:
 
 
 def levers(args: argparse.Namespace) -> int:
+    from kaggle_utils.studies.lever_table import lever_table, render_lever_table
+
     entries = []
     for spec in args.runs:
         label, sep, rest = spec.partition("=")
@@ -152,6 +163,8 @@ def levers(args: argparse.Namespace) -> int:
 
 
 def ship_command(args: argparse.Namespace) -> int:
+    from kaggle_utils.evaluate.ship import ship_artifact
+
     out = ship_artifact(args.artifact, args.out, args.baseline)
     print(
         f"shipped {args.artifact} with fallback baseline {args.baseline} -> {out}; upload it with "
@@ -161,6 +174,8 @@ def ship_command(args: argparse.Namespace) -> int:
 
 
 def combine(args: argparse.Namespace) -> int:
+    from kaggle_utils.studies.combine import combine_reports
+
     report = combine_reports(args.reports, args.out)
     print(report.statement)
     print(f"report: {Path(args.out) / 'report.md'}")

@@ -1,7 +1,6 @@
-"""What the training commands (`train`, `compare-orderings`, `qid-study`) share: the options naming the config,
-the training data, the folds and torch's threads, and how they become a config, an output folder and a file.
-
-Not a command group (cli.COMMAND_GROUPS does not list it): the groups import it.
+"""The options the training commands (`train`, `compare-orderings`, `qid-study`) share (config, training
+data, folds, torch threads, --set) and how they become a config, an output folder and a training file.
+Not a command group: the groups import it.
 """
 
 from __future__ import annotations
@@ -21,7 +20,8 @@ def add_run_options(parser: argparse.ArgumentParser, *, data_required: bool = Fa
     """--config, --train | --sample-rows (one of them required when `data_required`), --folds, --threads."""
     parser.add_argument(
         "--config",
-        help="pipeline YAML (default: the built-in defaults; kaggle_utils/resources/compare_demo.yaml is demo scale)",
+        help="pipeline YAML (default: the built-in defaults; kaggle_utils/resources/compare_demo.yaml is "
+        "demo scale)",
     )
     source = parser.add_mutually_exclusive_group(required=data_required)
     default = "" if data_required else " (default: config data.train_path)"
@@ -42,13 +42,13 @@ def add_set_option(parser: argparse.ArgumentParser) -> None:
         default=[],
         metavar="SECTION.FIELD=VALUE",
         dest="set_values",
-        help="override one config value, e.g. --set train.learning_rate=2e-4 --set lora.r=16 (YAML syntax for "
-        "the value; repeatable; applied after --config)",
+        help="override one config value, e.g. --set train.learning_rate=2e-4 --set lora.r=16 (YAML syntax "
+        "for the value; repeatable; applied after --config)",
     )
 
 
 def parse_set_values(items: list[str]) -> dict[str, dict[str, object]]:
-    """`["train.lr=1e-4", ...]` -> {"train": {"lr": 0.0001}}; the value is read as YAML (lists, true, null)."""
+    """`["train.lr=1e-4", ...]` -> {"train": {"lr": 0.0001}}; each value is read as YAML."""
     import yaml
 
     overrides: dict[str, dict[str, object]] = {}
@@ -68,7 +68,7 @@ def parse_set_values(items: list[str]) -> dict[str, dict[str, object]]:
 
 
 def config_from_args(args: argparse.Namespace) -> PipelineConfig:
-    """--config (the defaults without one) with every --set applied; any bad value is a one-line UsageError."""
+    """--config (the defaults without one) with every --set applied; a bad value is a one-line UsageError."""
     cfg = load_config(getattr(args, "config", None))
     items = getattr(args, "set_values", None) or []
     if not items:
@@ -103,7 +103,7 @@ def load_config(path: str | None) -> PipelineConfig:
 
 def prepare_run(args: argparse.Namespace) -> tuple[PipelineConfig, Path, str]:
     """(cfg, out_dir, train_path) from the parsed options: sets torch's threads, creates `args.out`, and
-    generates --sample-rows rows under <out>/data when asked (else --train, else the config's data.train_path)."""
+    generates --sample-rows rows under <out>/data when asked (else --train, else data.train_path)."""
     cfg = config_from_args(args)
     if args.threads:
         import torch

@@ -1,4 +1,7 @@
-"""Study commands: `qid-study` (QiD against fine-tuning tokens). Thin: kaggle_utils.studies.qid does the work."""
+"""Study commands: `qid-study` (QiD against fine-tuning tokens).
+
+Thin: `studies.qid` does the work, imported when the command runs.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +10,6 @@ import dataclasses
 import shlex
 
 from kaggle_utils.cli.run_options import add_run_options, prepare_run
-from kaggle_utils.studies.experiment import prepare_experiment
-from kaggle_utils.studies.qid import run_qid_study
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -53,6 +54,9 @@ def command_line(args: argparse.Namespace) -> str:
 
 
 def qid_study(args: argparse.Namespace) -> int:
+    from kaggle_utils.studies.experiment import prepare_experiment
+    from kaggle_utils.studies.qid import run_qid_study
+
     cfg, out_dir, train_path = prepare_run(args)
     # the setup compare-orderings and train share: frame, folds (made or read), tokenizer, the 16-bit base
     experiment = prepare_experiment(cfg, train_path, out_dir, args.folds, fold_ids=[args.fold])

@@ -1,33 +1,34 @@
 """Typed configuration for every stage: the one place where defaults live.
 
-Defaults follow the winners' published settings where they are known (COMPETITION.md): LoRA r64/alpha16 on all
-linear layers with no frozen layers (public ladder 0.913 -> 0.903), lr 1e-4 for QLoRA (3rd place), max length
-2048 with the end of the conversation kept (ladder 0.895 -> 0.885), swap augmentation and swap TTA, 5 grouped
-folds. Each stage reads only its own section; `PipelineConfig` bundles them for the CLI and YAML front.
+Each field states its default, one-line help and allowed range beside it (`setting`); a section checks itself
+when built (`validate_section`). Each stage reads only its own section; `PipelineConfig` bundles them for the
+CLI and YAML, and `save_resolved` writes the config a run used next to its outputs.
+
+    cfg = PipelineConfig.from_yaml("configs/demo.yaml").with_overrides({"train": {"max_steps": 2}})
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
-import types
 import typing
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
+from kaggle_utils.core.config_loading import build_section, check_value, load_yaml_unique, plain, setting
 from kaggle_utils.core.errors import ConfigError
+from kaggle_utils.core.fileio import atomic_write_bytes
 
-# The Kaggle image build-wheels targets (Python, platform, the torch it ships), written once: in this JSON file.
+# The Kaggle image build-wheels targets (Python, platform, the torch it ships), written once: in this file.
 KAGGLE_IMAGE_FILE = Path(__file__).resolve().parents[1] / "resources" / "kaggle_image.json"
 KAGGLE_IMAGE: dict[str, Any] = json.loads(KAGGLE_IMAGE_FILE.read_text(encoding="utf-8"))
 
 LABEL_COLUMNS: tuple[str, str, str] = ("winner_model_a", "winner_model_b", "winner_tie")
 CLASS_NAMES: tuple[str, str, str] = ("a", "b", "tie")
+RESOLVED_CONFIG_NAME = "resolved_config.yaml"
 
 
 @dataclass
@@ -37,50 +38,43 @@ class DataConfig:
     def __post_init__(self) -> None:
         validate_section(self)
 
-    # "lmsys": CSV with JSON-list columns and one-hot winner columns (lmsys-chatbot-arena,
-    # llm-classification-finetuning). "wsdm": parquet with plain-string columns and `winner` = model_a|model_b.
-    # The name of a registered competition dialect (kaggle_utils/data/dialects.py): it also fixes the metric and the
-    # submission file, and training records it in the artifact's manifest. A plain string, not a Literal, so a
-    # new dialect is one registration; an unregistered name fails when the data is read (dialects.get_dialect).
-    format: str = "lmsys"
-    train_path: str | None = None
-    test_path: str | None = None
-    # Rows whose turns cannot be recovered at all are dropped and reported by id (never silently); with
-    # strict=True they raise instead.
-    strict: bool = False
+    # A plain string, not a Literal: a new dialect is one registration; an unknown name fails on reading.
+    format: str = setting(
+        "lmsys", "registered competition dialect (data/dialects.py): files, metric, submission"
+    )
+    train_path: str | None = setting(None, "competition training file, CSV or parquet")
+    test_path: str | None = setting(None, "competition test file, CSV or parquet")
+    strict: bool = setting(False, "raise on rows whose turns cannot be recovered (default: drop them, by id)")
 
 
 @dataclass
 class FoldConfig:
-    """Stratified K-fold grouped by normalised prompt (2nd place's scheme; row folds leak)."""
+    """Stratified K-fold grouped by normalised prompt (row folds leak)."""
 
     def __post_init__(self) -> None:
         validate_section(self)
 
-    n_folds: int = 5
-    seed: int = 42
+    n_folds: int = setting(5, "number of folds", ge=2)
+    seed: int = setting(42, "fold assignment seed")
 
 
 @dataclass
 class BaselineConfig:
-    """Feature baseline (lengths, turns, formatting -> scikit-learn): the sanity check (~1.065 on real data)
-    and inference's cheap fallback predictor."""
+    """Feature baseline (lengths, turns, formatting -> scikit-learn): the sanity check and inference's cheap
+    fallback predictor."""
 
     def __post_init__(self) -> None:
         validate_section(self)
 
-    model: Literal["hgb", "logreg"] = "hgb"
-    max_iter: int = 100
-    learning_rate: float = 0.05
-    max_leaf_nodes: int = 15
-    min_samples_leaf: int = 40
-    l2_regularization: float = 1.0
-    # Train on each row and its A/B-swapped copy, predict as the mean of both orders (position symmetry).
-    swap_augmentation: bool = True
-    seed: int = 42
-    # OpenMP/BLAS threads while fitting and predicting (None: the libraries' default, all cores). The fits are
-    # small; on a shared 2-core box OpenMP's busy-waiting made them about 10x slower than one thread.
-    n_threads: int | None = 1
+    model: Literal["hgb", "logreg"] = setting("hgb", "hist gradient boosting or logistic regression")
+    max_iter: int = setting(100, "boosting / solver iterations", ge=1)
+    learning_rate: float = setting(0.05, "boosting learning rate", gt=0)
+    max_leaf_nodes: int = setting(15, "leaves per boosted tree", ge=2)
+    min_samples_leaf: int = setting(40, "rows per leaf at least", ge=1)
+    l2_regularization: float = setting(1.0, "L2 penalty", ge=0)
+    swap_augmentation: bool = setting(True, "train on both A/B orders, predict the mean of both")
+    seed: int = setting(42, "model seed")
+    n_threads: int | None = setting(1, "OpenMP/BLAS threads (None: the libraries' default)", ge=1)
 
 
 @dataclass
@@ -90,19 +84,27 @@ class FormatConfig:
     def __post_init__(self) -> None:
         validate_section(self)
 
-    template: Literal["gemma", "llama3", "chatml", "plain", "auto"] = "gemma"  # auto: the tokenizer's family
-    max_length: int = 2048
-    # Which turns survive when a conversation is too long: last first, first first, or alternating ends.
-    truncation: Literal["keep_end", "keep_start", "head_tail"] = "keep_end"
-    # A cut piece keeps this share of its kept tokens from its start and the rest from its end (0 < x < 1:
-    # both its first and last token survive; 0: only the end, 1: only the start).
-    head_fraction: float = 0.5
-    # Pieces of a cut turn that fit an equal share are kept whole; the pieces that must be cut split the rest
-    # in proportion to their lengths (each keeps at least half an equal share; the longer response keeps more,
-    # so the length signal survives) or equally ("equal": both cut responses keep the same amount).
-    cut_split: Literal["proportional", "equal"] = "proportional"
-    truncation_marker: str = " [...] "
-    tokenizer_path: str | None = None  # local Gemma tokenizer dir; None -> the locally trained demo tokenizer
+    template: Literal["gemma", "llama3", "chatml", "plain", "auto"] = setting(
+        "gemma", "prompt template (auto: the tokenizer's family)"
+    )
+    max_length: int = setting(
+        2048, "tokens per row", ge=1, note="encode_rows names the template's real minimum"
+    )
+    truncation: Literal["keep_end", "keep_start", "head_tail"] = setting(
+        "keep_end", "which turns survive a too-long conversation: last, first or alternating ends"
+    )
+    head_fraction: float = setting(
+        0.5,
+        "share of a cut piece kept from its start, the rest from its end",
+        ge=0,
+        le=1,
+        note="0: only the end survives, 1: only the start",
+    )
+    cut_split: Literal["proportional", "equal"] = setting(
+        "proportional", "how cut responses share the room: by their lengths, or equally"
+    )
+    truncation_marker: str = setting(" [...] ", "text put where a piece was cut")
+    tokenizer_path: str | None = setting(None, "tokenizer directory (None: the demo tokenizer)")
 
 
 @dataclass
@@ -112,38 +114,34 @@ class ModelConfig:
     def __post_init__(self) -> None:
         validate_section(self)
 
-    base_model: str = "tiny"  # "tiny" -> built-in 2-layer Gemma-2 config; a path -> local weights or config
-    num_labels: int = 3
-    # Gemma-2 soft-caps attention logits; eager is exact, SDPA ignores the cap.
-    attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] = "eager"
-    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"  # auto: bf16 native, fp16 T4, fp32 CPU
-    gradient_checkpointing: bool = True
-    init_seed: int = (
-        0  # random-weight bases (tiny / config.json): every ordering starts from the same weights
+    base_model: str = setting("tiny", "'tiny' (2-layer Gemma-2), a config.json or a checkpoint directory")
+    num_labels: int = setting(3, "classifier outputs", ge=2)
+    attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] = setting(
+        "eager", "attention kernel (Gemma-2 soft-caps logits: eager is exact, SDPA ignores the cap)"
     )
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = setting(
+        "auto", "weights dtype (auto: bf16 where native, fp16 on T4, fp32 on CPU)"
+    )
+    gradient_checkpointing: bool = setting(True, "recompute activations in backward to save memory")
+    init_seed: int = setting(0, "seed of random-weight bases, the same for every ordering")
 
 
 @dataclass
 class LoraSettings:
-    """peft LoRA; winners: r64 / alpha16 on all linear layers, nothing frozen, head trained in full."""
+    """peft LoRA: r64 / alpha16 on all linear layers, nothing frozen, head trained in full."""
 
     def __post_init__(self) -> None:
         validate_section(self)
 
-    r: int = 64
-    alpha: int = 16
-    dropout: float = 0.05
-    target_modules: tuple[str, ...] = (
-        "q_proj",
-        "k_proj",
-        "v_proj",
-        "o_proj",
-        "gate_proj",
-        "up_proj",
-        "down_proj",
+    r: int = setting(64, "LoRA rank", ge=1)
+    alpha: int = setting(16, "LoRA alpha (scale alpha / r)", gt=0)
+    dropout: float = setting(0.05, "LoRA dropout", ge=0, lt=1)
+    target_modules: tuple[str, ...] = setting(
+        ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+        "linear layers that get adapters",
     )
-    modules_to_save: tuple[str, ...] = ("score",)
-    frozen_layers: int = 0
+    modules_to_save: tuple[str, ...] = setting(("score",), "modules trained in full (the head)")
+    frozen_layers: int = setting(0, "first decoder layers left without adapters", ge=0)
 
 
 @dataclass
@@ -153,11 +151,16 @@ class QuantConfig:
     def __post_init__(self) -> None:
         validate_section(self)
 
-    # ft-then-quant: scheme applied to the merged model; quant-then-ft: base loaded in nf4 for QLoRA.
-    scheme: Literal["nf4", "int8"] = "nf4"
-    double_quant: bool = True
-    compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
-    merge_adapter_into_quantized: bool = False  # quant-then-ft: also ship a merged copy and measure its error
+    scheme: Literal["nf4", "int8"] = setting(
+        "nf4", "ft-then-quant: applied to the merged model; quant-then-ft: the QLoRA base"
+    )
+    double_quant: bool = setting(True, "NF4 double quantization")
+    compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = setting(
+        "auto", "4-bit layers' compute dtype"
+    )
+    merge_adapter_into_quantized: bool = setting(
+        False, "quant-then-ft: also ship a merged copy and measure its error"
+    )
 
 
 @dataclass
@@ -167,89 +170,92 @@ class TrainConfig:
     def __post_init__(self) -> None:
         validate_section(self)
 
-    ordering: Literal["ft-then-quant", "quant-then-ft"] = "quant-then-ft"
-    backend: Literal["hf", "unsloth"] = "hf"
-    # lora: peft adapters on a frozen base; full: every weight trains (no peft), ft-then-quant only: the trained
-    # model is quantized as a whole (`training.full_finetune_memory` states what that costs for a 9B model).
-    method: Literal["lora", "full"] = "lora"
-    learning_rate: float = 1e-4
-    head_learning_rate: float | None = None  # None -> same as learning_rate
-    epochs: float = 1.0
-    per_device_batch_size: int = 1
-    grad_accum: int = 8
-    warmup_ratio: float = 0.05
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    # A/B-swap augmentation. "double": every row in both orders each epoch (an epoch is twice the rows);
-    # "random": every row once per epoch, in an order drawn per row and epoch from a seeded RNG (resumable);
-    # "none": original order only. "double" measured better for quant-then-ft on the demo (README, "Training
-    # choices"); "random" costs half the steps per epoch.
-    swap_augment: Literal["none", "double", "random"] = "double"
-    # Which weights ship. "final": the last step's (what the winners did after one epoch). "inner": the best
-    # evaluation on an inner holdout carved from the training part (whole prompt groups, like the folds). Never
-    # the reported held-out fold: that fold is scored exactly once, by the shipped weights.
-    selection: Literal["final", "inner"] = "final"
-    inner_holdout_fraction: float = (
-        0.05  # "inner": share of the training rows held out (capped by eval_rows_cap)
+    ordering: Literal["ft-then-quant", "quant-then-ft"] = setting("quant-then-ft", "which comes first")
+    backend: Literal["hf", "unsloth"] = setting("hf", "training backend")
+    method: Literal["lora", "full"] = setting(
+        "lora", "lora: adapters on a frozen base; full: every weight trains (ft-then-quant only)"
     )
-    # Rows scored at each evaluation during training: the inner holdout ("inner"), or a fixed seeded sample of
-    # the held-out fold used only to draw the learning curve ("final"; 0: no evaluation during training).
-    eval_rows_cap: int = 512
-    evals_per_run: int = 10  # evaluations during training, evenly spaced (the last at the final step)
-    eval_every_steps: int | None = None  # explicit interval instead of evals_per_run
-    save_every_steps: int = 200
-    optimizer: Literal["auto", "adamw", "adamw_8bit"] = "auto"  # auto: 8-bit on CUDA, torch AdamW on CPU
-    seed: int = 42
-    max_steps: int | None = None  # cap for demos and tests
-    eval_token_budget: int = 8192  # tokens per evaluation batch (rows x padded length)
-    cv_folds: tuple[int, ...] | None = (
-        None  # folds compare-orderings trains (None: all); `train --fold` is one
+    learning_rate: float = setting(1e-4, "peak learning rate", gt=0)
+    head_learning_rate: float | None = setting(None, "head's learning rate (None: learning_rate)", gt=0)
+    epochs: float = setting(1.0, "passes over the training part", gt=0)
+    per_device_batch_size: int = setting(1, "rows per device per step", ge=1)
+    grad_accum: int = setting(8, "micro-batches per optimizer step", ge=1)
+    warmup_ratio: float = setting(0.05, "share of steps warming up the learning rate", ge=0, lt=1)
+    weight_decay: float = setting(0.0, "AdamW weight decay", ge=0)
+    max_grad_norm: float = setting(1.0, "gradient clipping norm", gt=0)
+    swap_augment: Literal["none", "double", "random"] = setting(
+        "double", "A/B swap: double: both orders each epoch; random: one seeded order per row and epoch"
     )
-    # Folds whose rows the experiment never uses, neither trained on nor scored: a teacher for students held out
-    # on those folds (nested folds: its OOF comes from models that never saw the students' held-out rows).
-    exclude_folds: tuple[int, ...] | None = None
-    # Soft targets (losses.distillation_loss, teacher.py). A teacher is an OOF-format parquet (id, p_a, p_b,
-    # p_tie[, name]; e.g. a larger backbone's oof.parquet): its probabilities become each training row's soft
-    # target. loss = distill_weight * T^2 * KL(teacher^(1/T) || softmax(logits / T))
-    #        + (1 - distill_weight) * CE(logits, hard label smoothed by label_smoothing).
-    # No teacher and label_smoothing > 0: plain label-smoothed cross-entropy (the teacher-free case).
-    teacher_path: str | None = None
-    teacher_name: str | None = None  # which `name` of the teacher file (optional when it holds one)
-    # A teacher (or pseudo-labels) must be shown to have left out the fold the student is scored on (teacher.py,
-    # pseudo_labels.py); true uses one that saw it, or whose file cannot tell, anyway: only to measure the leak
-    # (reports/regenerate.sh levers). The train summary's `fold_check` says what was allowed.
-    teacher_allow_leak: bool = False
-    distill_weight: float = 0.5  # alpha in [0, 1]: 1 = teacher only, 0 = hard labels only
-    distill_temperature: float = 1.0  # T > 0, on the teacher's probabilities and the student's logits
-    label_smoothing: float = 0.0  # eps in [0, 1): hard targets (1 - eps) * one-hot + eps / classes
-    # Pseudo-labelled rows (pseudo_labels.save_pseudo_labels) added to every fold's training part only; rows
-    # sharing a prompt group with that fold's held-out (or inner holdout) rows are dropped, counted.
-    pseudo_path: str | None = None
+    selection: Literal["final", "inner"] = setting(
+        "final", "weights shipped: the last step's, or the best on an inner holdout (never the held-out fold)"
+    )
+    inner_holdout_fraction: float = setting(
+        0.05, "inner: share of training rows held out (capped by eval_rows_cap)", gt=0, lt=1
+    )
+    eval_rows_cap: int = setting(512, "rows per evaluation during training (0: none in 'final')", ge=0)
+    evals_per_run: int = setting(10, "evaluations during training, evenly spaced", ge=0)
+    eval_every_steps: int | None = setting(None, "explicit interval instead of evals_per_run", ge=1)
+    save_every_steps: int = setting(200, "checkpoint interval", ge=1)
+    optimizer: Literal["auto", "adamw", "adamw_8bit"] = setting(
+        "auto", "auto: 8-bit AdamW on CUDA, torch AdamW on CPU"
+    )
+    seed: int = setting(42, "training seed")
+    max_steps: int | None = setting(None, "step cap for demos and tests", ge=1)
+    eval_token_budget: int = setting(8192, "tokens per evaluation batch (rows x padded length)", ge=1)
+    cv_folds: tuple[int, ...] | None = setting(None, "folds compare-orderings trains (None: all)")
+    exclude_folds: tuple[int, ...] | None = setting(
+        None, "folds never used, neither trained on nor scored (a teacher for nested folds)"
+    )
+    teacher_path: str | None = setting(
+        None,
+        "OOF-format parquet whose probabilities are soft targets (train/teacher.py)",
+        nonblank=True,
+        note="a parquet path (or null for no teacher)",
+    )
+    teacher_name: str | None = setting(None, "which `name` of the teacher file (optional when it holds one)")
+    teacher_allow_leak: bool = setting(
+        False, "use a teacher or pseudo-labels that saw the scored fold anyway (only to measure the leak)"
+    )
+    distill_weight: float = setting(
+        0.5,
+        "teacher's share of the loss (1: teacher only)",
+        ge=0,
+        le=1,
+        note="the teacher's share of the loss",
+    )
+    distill_temperature: float = setting(1.0, "temperature T on teacher and student", gt=0)
+    label_smoothing: float = setting(0.0, "eps: hard targets (1 - eps) * one-hot + eps / classes", ge=0, lt=1)
+    pseudo_path: str | None = setting(
+        None,
+        "pseudo-labelled rows added to every fold's training part",
+        nonblank=True,
+        note="a parquet path (or null for no pseudo-labels)",
+    )
 
 
 @dataclass
 class QAwareConfig:
-    """Quantization-aware variants (kaggle_utils.variants.qaware): group-wise INT4 base, QA-LoRA / QA-HiRA, ApiQ init."""
+    """Quantization-aware variants (variants/qaware.py): INT4 base, QA-LoRA / QA-HiRA, ApiQ, LoftQ, GPTQ."""
 
     def __post_init__(self) -> None:
         validate_section(self)
 
-    group_size: int = 64  # INT4 group along the input dim; must divide every target layer's in_features
-    int4_method: Literal["rtn", "hqq"] = "hqq"  # rtn: integer zero points; hqq: HQQ's optimised float ones
-    adapter_rank: int = 16  # QA-LoRA rank (a foldable update has rank <= in_features / group_size)
-    adapter_alpha: float = 16.0
-    hira_output_repeat: int | None = None  # QA-HiRA: None -> QA-LoRA rank's parameter count
-    apiq_rows: int = 128  # calibration rows (the ApiQ paper: 128 samples)
-    apiq_epochs: int = 20
-    apiq_batch_size: int = 8
-    apiq_lora_lr: float = 5e-4
-    apiq_clip_lr: float = 5e-3
-    loftq_iterations: int = 1  # LoftQ alternating steps (1: peft's one-step init; the paper uses up to 5)
-    gptq_bits: Literal[4, 8] = 8  # GPTQ (quant_backends.gptq, llmcompressor): weight bits, symmetric int
-    gptq_group_size: int = (
-        128  # GPTQ group along the input dim; must divide every quantized layer's in_features
+    group_size: int = setting(64, "INT4 group along the input dim (divides in_features)", ge=1)
+    int4_method: Literal["rtn", "hqq"] = setting("hqq", "rtn: integer zero points; hqq: optimised float ones")
+    adapter_rank: int = setting(16, "QA-LoRA rank", ge=1)
+    adapter_alpha: float = setting(16.0, "QA-LoRA alpha", gt=0)
+    hira_output_repeat: int | None = setting(
+        None, "QA-HiRA repeat (None: QA-LoRA rank's parameter count)", ge=1
     )
-    gptq_rows: int = 128  # GPTQ calibration rows, drawn from the fold's training part
+    apiq_rows: int = setting(128, "ApiQ calibration rows", ge=1)
+    apiq_epochs: int = setting(20, "ApiQ epochs per block", ge=1)
+    apiq_batch_size: int = setting(8, "ApiQ batch size", ge=1)
+    apiq_lora_lr: float = setting(5e-4, "ApiQ LoRA learning rate", gt=0)
+    apiq_clip_lr: float = setting(5e-3, "ApiQ clipping learning rate", gt=0)
+    loftq_iterations: int = setting(1, "LoftQ alternating steps (1: peft's one-step init)", ge=1)
+    gptq_bits: Literal[4, 8] = setting(8, "GPTQ weight bits (symmetric int)")
+    gptq_group_size: int = setting(128, "GPTQ group along the input dim (divides in_features)", ge=1)
+    gptq_rows: int = setting(128, "GPTQ calibration rows from the fold's training part", ge=1)
 
 
 @dataclass
@@ -259,99 +265,69 @@ class InferenceConfig:
     def __post_init__(self) -> None:
         validate_section(self)
 
-    token_budget: int = 8192  # tokens per batch (rows * padded length), per device
-    max_rows_per_batch: int | None = 64  # cap on rows per batch whatever the budget (short rows)
-    tta_swap: bool = True
-    # shared_queue: every device pulls the next longest batch (original order first, then swapped).
-    # view_per_device: the winners' 2-GPU layout (original on GPU0, swapped on GPU1); a device whose view is
-    # done helps with the other, so both stay busy to the end.
-    layout: Literal["shared_queue", "view_per_device"] = "shared_queue"
-    # An ensemble artifact (ensembles.py) predicts member by member. sequential: each member on every device,
-    # cheapest first, so the time guard cuts the most expensive member's remaining rows first.
-    # member_per_device: the winners' 2-GPU layout, one member per device side by side (needs as many devices
-    # as model members; otherwise sequential, said in the report).
-    ensemble_layout: Literal["sequential", "member_per_device"] = "sequential"
-    device: Literal["auto", "cuda", "cpu", "tpu"] = "auto"
-    num_gpus: int | None = None  # None -> all visible
-    # thread: one worker thread per device, all replicas in this process. process: one spawned worker process
-    # per device, each loading its own replica, the scheduler staying here; a worker that dies (killed, CUDA
-    # fault) has its batch redone by the others instead of taking the run down (kaggle_utils/inference/workers.py).
-    worker_backend: Literal["thread", "process"] = "thread"
-    cpu_replicas: int = 1  # on CPU: model replicas (workers) to run side by side; stand-ins for GPUs in tests
-    # process backend: a batch with no answer after this many seconds is a hung device; its process is killed
-    # and the batch redone by another worker. None: only the deadline does that (a thread cannot be killed).
-    batch_timeout_s: float | None = None
-    compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"  # auto: bf16 native, fp16 T4
-    deadline_hours: float = 9.0  # Kaggle's limit, counted from the notebook's start
-    safety_margin_hours: float = 0.75  # kept free for loading, the fallback and writing
-    warmup_batches: int = 3  # per device, excluded from the rate used for the projection
-    max_consecutive_failures: int = 3  # a device that fails this many batches in a row is retired
-    # False: batch errors are logged and their rows served by the fallback, and predict() returns normally
-    # (on Kaggle any exception fails the submission). True: re-raise after the valid file is written.
-    raise_after_write: bool = False
-    progress: bool = True
-    # Check every artifact file against its manifest sha256 before loading. hashlib sha256 ran at 0.65-0.97
-    # GB/s on a shared 2-core EPYC with SHA-NI: ~10-15 s for an 8-bit 9B artifact (~9.5 GB), ~6-9 s for a
-    # 4-bit one (~5.5 GB). False skips it: only for an artifact you just checked.
-    verify_hashes: bool = True
+    token_budget: int = setting(8192, "tokens per batch (rows x padded length), per device", ge=1)
+    max_rows_per_batch: int | None = setting(64, "rows per batch at most, whatever the budget", ge=1)
+    tta_swap: bool = setting(True, "also predict the A/B-swapped rows and average")
+    layout: Literal["shared_queue", "view_per_device"] = setting(
+        "shared_queue", "shared_queue: devices pull the next longest batch; view_per_device: one view each"
+    )
+    ensemble_layout: Literal["sequential", "member_per_device"] = setting(
+        "sequential", "ensemble members one after another (cheapest first), or one member per device"
+    )
+    device: Literal["auto", "cuda", "cpu", "tpu"] = setting("auto", "where to predict")
+    num_gpus: int | None = setting(None, "GPUs to use (None: all visible)", ge=1)
+    worker_backend: Literal["thread", "process"] = setting(
+        "thread", "one worker thread per device, or one process (a dying one has its batch redone)"
+    )
+    cpu_replicas: int = setting(1, "model replicas side by side on CPU", ge=1)
+    batch_timeout_s: float | None = setting(
+        None, "process backend: seconds before a silent batch's worker is killed", gt=0
+    )
+    compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = setting(
+        "auto", "auto: bf16 where native, fp16 on T4"
+    )
+    deadline_hours: float = setting(9.0, "Kaggle's limit, from the notebook's start", gt=0)
+    safety_margin_hours: float = setting(0.75, "kept free for loading, fallback and writing", ge=0)
+    warmup_batches: int = setting(3, "batches per device left out of the rate projection", ge=0)
+    max_consecutive_failures: int = setting(3, "failed batches in a row that retire a device", ge=1)
+    raise_after_write: bool = setting(False, "re-raise batch errors after the valid file is written")
+    progress: bool = setting(True, "progress bar")
+    verify_hashes: bool = setting(True, "check every artifact file's sha256 before loading")
 
 
 @dataclass
 class KaggleConfig:
-    """Kaggle accounts, slugs and kernel settings for `python -m kaggle_utils kaggle ...` (kaggle_cli.py)."""
+    """Kaggle accounts, slugs and kernel settings for `python -m kaggle_utils kaggle ...`."""
 
     def __post_init__(self) -> None:
         validate_section(self)
 
-    owner: str | None = (
-        None  # None -> the authenticated user (KAGGLE_USERNAME, kaggle.json or the token's user)
+    owner: str | None = setting(None, "Kaggle user (None: the authenticated one)")
+    competition: str = setting("llm-classification-finetuning", "competition slug")
+    submission_kernel: str = setting("arena-preference-submission", "kernel slug; its title is derived")
+    artifact_dataset: str = setting("arena-preference-artifact", "dataset holding the artifact")
+    wheels_dataset: str = setting("kaggle-utils-wheels", "dataset of third-party wheels the image lacks")
+    package_dataset: str | None = setting(
+        "kaggle-utils-package", "dataset of the kaggle_utils wheel alone (None: in the wheels)"
     )
-    competition: str = "llm-classification-finetuning"
-    submission_kernel: str = "arena-preference-submission"  # kernel slug; the title is derived from it
-    artifact_dataset: str = "arena-preference-artifact"
-    wheels_dataset: str = "kaggle-utils-wheels"  # third-party wheels the Kaggle image lacks
-    package_dataset: str | None = (
-        "kaggle-utils-package"  # the kaggle_utils wheel alone; None -> in the wheels
+    machine_shape: str = setting("NvidiaTeslaT4", "kernel accelerator (two T4s, as a submission runs)")
+    base_model_source: str | None = setting(
+        None, "Kaggle model the training kernels attach (owner/model/framework/variation/version)"
     )
-    machine_shape: str = "NvidiaTeslaT4"  # two T4s, the GPU a code-competition submission runs on
-    # Kaggle model the training kernels attach (owner/model/framework/variation/version), e.g. a Gemma-2 9B
-    # checkpoint; None: none attached (the notebooks then train the config-built model).
-    base_model_source: str | None = None
-    is_private: bool = True
-    build_dir: str = "build/kaggle"
-    # Wheels for an offline notebook: these packages at the versions installed here, plus their dependencies
-    # minus `wheel_exclude` (what Kaggle's image already ships and must keep: torch and its CUDA stack).
-    wheel_packages: tuple[str, ...] = (
-        "transformers",
-        "peft",
-        "accelerate",
-        "bitsandbytes",
-        "tokenizers",
-        "safetensors",
-        "huggingface-hub",
-        "polars",
-    )
-    wheel_exclude: tuple[str, ...] = (
-        "torch",
-        "triton",
-        "nvidia-*",
-        "numpy",
-        "sympy",
-        "mpmath",
-        "networkx",
-        "jinja2",
-        "markupsafe",
-        "filelock",
-        "fsspec",
-        "typing-extensions",
-        "setuptools",
-        "pip",
-        "wheel",
-    )
-    # Kaggle's image, as resources/kaggle_image.json states it (with the torch it ships): Python, and the platform
-    # (Ubuntu 22.04, glibc 2.35; every older manylinux tag of the same architecture fits too).
-    wheel_python_version: str = KAGGLE_IMAGE["python"]
-    wheel_platform: str = KAGGLE_IMAGE["platform"]
+    is_private: bool = setting(True, "kernels and datasets private")
+    build_dir: str = setting("build/kaggle", "where kernels and datasets are assembled")
+    wheel_packages: tuple[str, ...] = setting(
+        ("transformers", "peft", "accelerate", "bitsandbytes", "tokenizers", "safetensors", "huggingface-hub",
+         "polars"),
+        "packages whose installed versions (and dependencies) become wheels",
+    )  # fmt: skip
+    wheel_exclude: tuple[str, ...] = setting(
+        ("torch", "triton", "nvidia-*", "numpy", "sympy", "mpmath", "networkx", "jinja2", "markupsafe",
+         "filelock", "fsspec", "typing-extensions", "setuptools", "pip", "wheel"),
+        "what Kaggle's image ships and must keep (torch and its CUDA stack)",
+    )  # fmt: skip
+    wheel_python_version: str = setting(KAGGLE_IMAGE["python"], "Kaggle image's Python")
+    wheel_platform: str = setting(KAGGLE_IMAGE["platform"], "Kaggle image's platform tag")
 
 
 @dataclass
@@ -379,11 +355,13 @@ class PipelineConfig:
         unknown = set(raw) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise ValueError(f"unknown config sections: {sorted(unknown)}")
-        kwargs = {}
-        for f in dataclasses.fields(cls):
-            section_cls = type(getattr(cls(), f.name))
-            kwargs[f.name] = _build_section(section_cls, raw.get(f.name) or {}, f.name)
-        return cls(**kwargs)
+        hints = typing.get_type_hints(cls)
+        return cls(
+            **{
+                f.name: build_section(hints[f.name], raw.get(f.name) or {}, f.name)
+                for f in dataclasses.fields(cls)
+            }
+        )
 
     def with_overrides(self, overrides: dict[str, dict[str, Any]] | None) -> PipelineConfig:
         """A copy with some fields of some sections replaced (a notebook's OVERRIDES parameter), the other
@@ -404,122 +382,32 @@ class PipelineConfig:
         with open(path, encoding="utf-8") as handle:
             return cls.from_dict(load_yaml_unique(handle))
 
+    def to_yaml_text(self) -> str:
+        return yaml.safe_dump(plain(self.to_dict()), sort_keys=False)
+
     def to_yaml(self, path: str | Path) -> None:
-        Path(path).write_text(yaml.safe_dump(_plain(self.to_dict()), sort_keys=False), encoding="utf-8")
+        Path(path).write_text(self.to_yaml_text(), encoding="utf-8")
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """yaml.SafeLoader that refuses a mapping with the same key twice (PyYAML keeps the last one silently)."""
-
-
-def _construct_unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
-    seen: dict[Any, int] = {}
-    for key_node, _ in node.value:
-        key = loader.construct_object(key_node, deep=deep)
-        if key in seen:
-            raise ConfigError(
-                f"key {key!r} appears twice (lines {seen[key]} and {key_node.start_mark.line + 1}); keep one"
-            )
-        seen[key] = key_node.start_mark.line + 1
-    return loader.construct_mapping(node, deep=deep)
-
-
-_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_unique_mapping)
-
-
-def load_yaml_unique(stream: Any) -> Any:
-    """`yaml.safe_load`, but a key given twice in one mapping is a ConfigError naming the key and its lines."""
-    loader = _UniqueKeyLoader(stream)
-    try:
-        return loader.get_single_data()
-    finally:
-        loader.dispose()
-
-
-# ------------------------------------------------------------------------------------------------ validation
-
-# Ranges beyond the types. A predicate per `section.field` (the YAML's names); None values of optional fields are not checked.
-_POSITIVE: Callable[[Any], bool] = lambda v: v > 0  # noqa: E731
-_AT_LEAST_ONE: Callable[[Any], bool] = lambda v: v >= 1  # noqa: E731
-_NON_NEGATIVE: Callable[[Any], bool] = lambda v: v >= 0  # noqa: E731
-_OPEN_UNIT: Callable[[Any], bool] = lambda v: 0 < v < 1  # noqa: E731
-_RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "folds.n_folds": (lambda v: v >= 2, ">= 2"),
-    "baseline.max_iter": (_AT_LEAST_ONE, ">= 1"),
-    "baseline.learning_rate": (_POSITIVE, "> 0"),
-    "baseline.max_leaf_nodes": (lambda v: v >= 2, ">= 2"),
-    "baseline.min_samples_leaf": (_AT_LEAST_ONE, ">= 1"),
-    "baseline.l2_regularization": (_NON_NEGATIVE, ">= 0"),
-    "baseline.n_threads": (_AT_LEAST_ONE, ">= 1"),
-    "format.max_length": (_AT_LEAST_ONE, ">= 1 (encode_rows names the template's real minimum)"),
-    "format.head_fraction": (
-        lambda v: 0 <= v <= 1,
-        "in [0, 1] (0: only the end survives, 1: only the start)",
-    ),
-    "model.num_labels": (lambda v: v >= 2, ">= 2"),
-    "lora.r": (_AT_LEAST_ONE, ">= 1"),
-    "lora.alpha": (_POSITIVE, "> 0"),
-    "lora.dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
-    "lora.frozen_layers": (_NON_NEGATIVE, ">= 0"),
-    "train.learning_rate": (_POSITIVE, "> 0"),
-    "train.head_learning_rate": (_POSITIVE, "> 0"),
-    "train.epochs": (_POSITIVE, "> 0"),
-    "train.per_device_batch_size": (_AT_LEAST_ONE, ">= 1"),
-    "train.grad_accum": (_AT_LEAST_ONE, ">= 1"),
-    "train.warmup_ratio": (lambda v: 0 <= v < 1, "in [0, 1)"),
-    "train.weight_decay": (_NON_NEGATIVE, ">= 0"),
-    "train.max_grad_norm": (_POSITIVE, "> 0"),
-    "train.inner_holdout_fraction": (_OPEN_UNIT, "strictly between 0 and 1"),
-    "train.eval_rows_cap": (_NON_NEGATIVE, ">= 0"),
-    "train.evals_per_run": (_NON_NEGATIVE, ">= 0"),
-    "train.eval_every_steps": (_AT_LEAST_ONE, ">= 1"),
-    "train.save_every_steps": (_AT_LEAST_ONE, ">= 1"),
-    "train.max_steps": (_AT_LEAST_ONE, ">= 1"),
-    "train.eval_token_budget": (_AT_LEAST_ONE, ">= 1"),
-    "train.distill_weight": (lambda v: 0 <= v <= 1, "in [0, 1] (the teacher's share of the loss)"),
-    "train.distill_temperature": (_POSITIVE, "> 0"),
-    "train.label_smoothing": (lambda v: 0 <= v < 1, "in [0, 1)"),
-    "train.teacher_path": (lambda v: v.strip() != "", "a parquet path (or null for no teacher)"),
-    "train.pseudo_path": (lambda v: v.strip() != "", "a parquet path (or null for no pseudo-labels)"),
-    "qaware.group_size": (_AT_LEAST_ONE, ">= 1"),
-    "qaware.adapter_rank": (_AT_LEAST_ONE, ">= 1"),
-    "qaware.adapter_alpha": (_POSITIVE, "> 0"),
-    "qaware.hira_output_repeat": (_AT_LEAST_ONE, ">= 1"),
-    "qaware.apiq_rows": (_AT_LEAST_ONE, ">= 1"),
-    "qaware.apiq_epochs": (_AT_LEAST_ONE, ">= 1"),
-    "qaware.apiq_batch_size": (_AT_LEAST_ONE, ">= 1"),
-    "qaware.apiq_lora_lr": (_POSITIVE, "> 0"),
-    "qaware.apiq_clip_lr": (_POSITIVE, "> 0"),
-    "qaware.loftq_iterations": (_AT_LEAST_ONE, ">= 1"),
-    "qaware.gptq_group_size": (_AT_LEAST_ONE, ">= 1"),
-    "qaware.gptq_rows": (_AT_LEAST_ONE, ">= 1"),
-    "inference.token_budget": (_AT_LEAST_ONE, ">= 1"),
-    "inference.max_rows_per_batch": (_AT_LEAST_ONE, ">= 1"),
-    "inference.num_gpus": (_AT_LEAST_ONE, ">= 1"),
-    "inference.cpu_replicas": (_AT_LEAST_ONE, ">= 1"),
-    "inference.batch_timeout_s": (_POSITIVE, "> 0"),
-    "inference.deadline_hours": (_POSITIVE, "> 0"),
-    "inference.safety_margin_hours": (_NON_NEGATIVE, ">= 0"),
-    "inference.warmup_batches": (_NON_NEGATIVE, ">= 0"),
-    "inference.max_consecutive_failures": (_AT_LEAST_ONE, ">= 1"),
-}
+def save_resolved(cfg: PipelineConfig, out_dir: str | Path) -> Path:
+    """Write every value `cfg` holds (defaults included) to `<out_dir>/resolved_config.yaml`, atomically, so a
+    run's outputs say how they were made; `PipelineConfig.from_yaml` reads it back."""
+    return atomic_write_bytes(Path(out_dir) / RESOLVED_CONFIG_NAME, cfg.to_yaml_text().encode("utf-8"))
 
 
 def validate_section(section: Any) -> None:
     """Check every field of a config section against its annotation (Literal choices, bool/int/float/str,
-    optional, tuples) and `_RANGES`, at construction: a typo in a YAML file or a notebook's OVERRIDES fails
-    here, naming `section.field`, not hours later deep inside training. Two repairs, both lossless: an int
-    where a float is expected becomes that float, and a numeric string for a float field (PyYAML reads `1e-4`
-    as text) becomes the number. Lists become tuples."""
+    optional, tuples) and its `setting` range, at construction (and again by callers that change fields):
+    a bad value fails here naming `section.field`. Repairs are lossless (`config_loading.check_value`)."""
     cls = type(section)
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(section):
         where = f"{_SECTION_NAMES.get(cls.__name__, cls.__name__)}.{f.name}"
-        value = _checked(where, getattr(section, f.name), hints[f.name])
+        value = check_value(where, getattr(section, f.name), hints[f.name])
         object.__setattr__(section, f.name, value)
-        check = _RANGES.get(where)
-        if check is not None and value is not None and not check[0](value):
-            raise ConfigError(f"config {where} must be {check[1]}, got {value!r}")
+        bound = f.metadata.get("range")
+        if bound is not None and value is not None and not bound.allows(value):
+            raise ConfigError(f"config {where} must be {bound.describe()}, got {value!r}")
     if isinstance(section, InferenceConfig) and section.safety_margin_hours >= section.deadline_hours:
         raise ConfigError(
             f"config inference.safety_margin_hours ({section.safety_margin_hours}) must be below "
@@ -527,75 +415,7 @@ def validate_section(section: Any) -> None:
         )
 
 
-def _checked(where: str, value: Any, annotation: Any) -> Any:
-    """`value` if it fits `annotation` (after the repairs `validate_section` names), else ConfigError."""
-    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        options = [a for a in args if a is not type(None)]
-        errors = []
-        for option in options:
-            try:
-                return _checked(where, value, option)
-            except ConfigError as error:
-                errors.append(error)
-        raise errors[0]
-    if origin is Literal:
-        if value not in args or isinstance(value, bool) != any(isinstance(a, bool) for a in args):
-            raise ConfigError(f"config {where} must be one of {list(args)}, got {value!r}")
-        return value
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"config {where} must be a list, got {value!r}")
-        item_type = args[0] if args else Any
-        return tuple(_checked(f"{where}[{i}]", item, item_type) for i, item in enumerate(value))
-    if annotation is Any:
-        return value
-    if annotation is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"config {where} must be true or false, got {value!r}")
-        return value
-    if annotation is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"config {where} must be an integer, got {value!r}")
-        return value
-    if annotation is float:
-        if isinstance(value, str):
-            try:
-                value = float(value)
-            except ValueError:
-                raise ConfigError(f"config {where} must be a number, got {value!r}") from None
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise ConfigError(f"config {where} must be a finite number, got {value!r}")
-        return float(value)
-    if annotation is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"config {where} must be a string, got {value!r}")
-        return value
-    raise TypeError(f"config {where}: no check for the annotation {annotation!r}")
-
-
 # Section class -> its key in PipelineConfig / the YAML, for messages.
 _SECTION_NAMES: dict[str, str] = {
     typing.get_type_hints(PipelineConfig)[f.name].__name__: f.name for f in dataclasses.fields(PipelineConfig)
 }
-
-
-def _build_section(section_cls: type, values: dict[str, Any], name: str) -> Any:
-    known = {f.name: f for f in dataclasses.fields(section_cls)}
-    unknown = set(values) - set(known)
-    if unknown:
-        raise ConfigError(
-            f"unknown keys in config section '{name}': {sorted(unknown)} (known: {sorted(known)})"
-        )
-    coerced = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
-    return section_cls(**coerced)
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value

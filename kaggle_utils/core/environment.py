@@ -1,4 +1,5 @@
-"""Where this process runs (a Kaggle kernel or not, the competition's scoring rerun), its default input and output folders, and the Hugging Face libraries kept offline. No torch: the CLI calls `use_offline_hub()` before anything heavy is imported."""
+"""Where this process runs (a Kaggle kernel or not, the scoring rerun), its default input and output
+folders, and the Hugging Face libraries kept offline. No torch: the CLI calls `use_offline_hub()` first."""
 
 from __future__ import annotations
 
@@ -30,14 +31,12 @@ OFFLINE_ENV: dict[str, str] = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1
 
 
 def use_offline_hub() -> list[str]:
-    """Set each variable of `OFFLINE_ENV` the user has not set (a user's own value, "0" included, is kept);
-    returns the names set. huggingface_hub reads HF_HUB_OFFLINE once, when it is imported: when it already is,
-    its `constants.HF_HUB_OFFLINE` (what its requests check) is switched on too, unless the user set the
-    variable. Called at CLI start (before the libraries are imported), by `predict` and `run_submission`; the
-    notebooks set the same variables in their first cell."""
+    """Set each variable of `OFFLINE_ENV` the user has not set (a user's own value is kept); returns the
+    names set. Called at CLI start, by `predict` and `run_submission`."""
     user_set = {name for name in OFFLINE_ENV if name in os.environ}
     for name, value in OFFLINE_ENV.items():
         os.environ.setdefault(name, value)
+    # huggingface_hub reads HF_HUB_OFFLINE once, at import: when already imported, switch its constant too.
     hub = sys.modules.get("huggingface_hub.constants")
     if hub is not None and "HF_HUB_OFFLINE" not in user_set and "TRANSFORMERS_OFFLINE" not in user_set:
         hub.HF_HUB_OFFLINE = True
@@ -72,5 +71,5 @@ def find_competition_file(competition: str, name: str = "train.csv", local_dir: 
 
 
 def default_submission_path() -> Path:
-    """/kaggle/working/submission.csv on Kaggle (the only place it is scored), else submissions/submission.csv."""
+    """/kaggle/working/submission.csv on Kaggle (where it is scored), else submissions/submission.csv."""
     return KAGGLE_WORKING / "submission.csv" if on_kaggle() else Path("submissions") / "submission.csv"

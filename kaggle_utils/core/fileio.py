@@ -22,13 +22,13 @@ from kaggle_utils.core.errors import UsageError
 
 
 class WriteError(UsageError, OSError):
-    """An output that cannot be written (missing permission, a file where a folder should be, not a regular
-    file). A UsageError, so the CLI prints one line; an OSError, so callers catching OSError still do."""
+    """An output that cannot be written (no permission, a file where a folder should be, not a regular
+    file): a UsageError (the CLI prints one line) and an OSError (callers catching OSError still do)."""
 
 
 def check_output_target(path: str | Path) -> Path:
-    """Refuse a target that `os.replace` must not replace: a symlink, device, FIFO or folder. A missing path or
-    a regular file is fine."""
+    """Refuse a target that `os.replace` must not replace: a symlink, device, FIFO or folder (a missing path
+    or a regular file is fine)."""
     path = Path(path)
     try:
         info = os.lstat(path)
@@ -64,9 +64,8 @@ def check_not_an_input(output: str | Path, inputs: Iterable[tuple[str, str | Pat
 def check_output_apart(output: str | Path, inputs: Iterable[tuple[str, str | Path | None]]) -> None:
     """Refuse an output (file or folder) that is, contains, or lies inside any input (file or folder).
 
-    For commands that read reports or artifacts and write a folder (combine-reports, lever-table, ship,
-    pseudo-label, calibrate, blend, upload staging): call it before anything is read or written. `inputs` are
-    (what, path) pairs; None paths are skipped. Raises `UsageError` (exit 2) naming both paths."""
+    Call it before anything is read or written; `inputs` are (what, path) pairs, None paths skipped.
+    """
     target = Path(os.path.realpath(output))
     for what, path in inputs:
         if path is None:
@@ -113,12 +112,10 @@ def _new_file_mode() -> int:
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    """Write `data` to a temp file in the target's directory, fsync it, then `os.replace` it onto `path`.
+    """Write `data` to a temp file beside `path`, fsync it, then `os.replace` it onto `path`.
 
-    The new file gets the mode a plain `open()` would give it: an existing file's mode, else 0o666 & ~umask.
-    A symlink, device or folder at `path` is refused (replacing it is never what was meant), and an output
-    that cannot be created or written (no permission, disk full) raises `WriteError` naming the path; the
-    previous file, if any, is left as it was."""
+    The file gets the mode a plain `open()` would give; a failed write raises `WriteError` and leaves the
+    previous file as it was."""
     path = check_output_target(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -158,7 +155,7 @@ def atomic_write_parquet(frame: pl.DataFrame, path: str | Path) -> Path:
 
 
 def _fsync_directory(directory: Path) -> None:
-    """Make the rename itself durable where the OS allows opening a directory (POSIX); best effort elsewhere."""
+    """Make the rename durable where the OS allows opening a directory (POSIX); best effort elsewhere."""
     try:
         fd = os.open(directory, os.O_RDONLY)
     except OSError:

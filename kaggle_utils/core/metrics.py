@@ -1,21 +1,8 @@
-"""The competition metric and the out-of-fold (OOF) prediction store.
+"""The competition metric (Kaggle's multi-class log loss) and the out-of-fold (OOF) prediction store.
 
-Kaggle scores with multi-class log loss, `eps="auto"`: each probability is clipped to [eps, 1 - eps] with eps
-the float dtype's machine epsilon, then every row is divided by its sum (scikit-learn < 1.5 did exactly this).
-scikit-learn 1.9 (installed) clips the same way but no longer renormalises; it only warns. So `log_loss` here
-equals `sklearn.metrics.log_loss` whenever rows sum to one (exact 0/1 predictions included: the difference is
-below 1e-15), and for rows with no exact zeros it equals sklearn applied to the row-normalised input.
-
-OOF predictions live in one parquet layout keyed by (`name`, `id`): `name` says which model or variant
-produced them, `fold` the fold in which the row was held out. Training, comparison and ensembling all read it.
-
-An OOF file can be a distillation teacher (teacher.py), so it says which folds its run never used: the parquet's
-key-value metadata holds, under `OOF_RECORD_KEY`, a JSON object ``{name: record}`` with one record per name
-written through `save_oof(..., record=exclusion_record(folds, excluded))`:
-``{"excluded_folds": {"0": {"rows": 401, "ids_sha256": "..."}}, "folds_sha256": "..." | null}``. Each
-excluded fold is identified by its row count and the sha256 of its ids (`fold_ids_sha256`), so a student can
-check that the fold it is scored on is that very fold, whatever file its folds came from. The record is written
-in the same atomic write as the rows; `read_oof_records` reads it back ({} for files written without one).
+OOF predictions live in one parquet layout keyed by (`name`, `id`), with the fold each row was held out in;
+the file's metadata records which folds a run never used (see docs/DESIGN_NOTES.md).
+Usage: `save_oof(make_oof("m", ids, folds, probs, labels), "oof.parquet"); score_oof(load_oof(path), "m")`.
 """
 
 from __future__ import annotations
@@ -43,8 +30,7 @@ OOF_RECORD_KEY = "kaggle_utils.oof_records"  # parquet key-value metadata: {name
 def log_loss(labels: np.ndarray, probs: np.ndarray) -> float:
     """Mean multi-class log loss with Kaggle's eps=auto: clip to [eps, 1-eps] (eps of the dtype), renormalise.
 
-    `labels` are class indices 0..2 (A, B, tie); `probs` is (n, 3) in the same order. Integer or object
-    input is treated as float64, as scikit-learn does.
+    `labels` are class indices 0..2 (A, B, tie); `probs` is (n, 3) in the same order (ints become float64).
     """
     return float(np.mean(row_log_losses(labels, probs)))
 
@@ -149,7 +135,8 @@ def check_oof(oof: pl.DataFrame, source: str = "oof") -> None:
     duplicated = oof.filter(pl.struct("name", "id").is_duplicated())
     if duplicated.height:
         raise DataError(
-            f"{source}: {duplicated.height} rows share a (name, id) key (e.g. {duplicated.select('name', 'id').head(5).rows()})"
+            f"{source}: {duplicated.height} rows share a (name, id) key "
+            f"(e.g. {duplicated.select('name', 'id').head(5).rows()})"
         )
     bad_labels = oof.filter((pl.col("label") < 0) | (pl.col("label") >= N_CLASSES))
     if bad_labels.height:
@@ -165,18 +152,10 @@ def save_oof(
     replace: Literal["name_fold", "name"] = "name_fold",
     record: dict | None = None,
 ) -> Path:
-    """Write OOF rows atomically; one file can hold every model's OOF predictions.
+    """Write OOF rows atomically; one file holds every model's OOF predictions (an id once per name).
 
-    With `append`, rows already in the file are kept except those the new rows replace: with
-    `replace="name_fold"` (default) the rows of the same (name, fold), so folds written one at a time all
-    survive; with `replace="name"` every row of the names being written (a whole run written at once, which
-    also drops folds a previous run left behind). The combined table is checked: an id may appear only once
-    per name (a row is held out in one fold only), so a fold written twice under another fold number is refused.
-
-    `record` (`exclusion_record`) says which folds the run that made these rows left out; it is stored for
-    every name written (None: those names get no record, so they cannot verify as a teacher). Records of the
-    names kept from the file are kept; a name whose surviving rows came from a run with another record loses
-    its record (its rows no longer come from one run).
+    `append` keeps the file's other rows: `replace="name_fold"` replaces the same (name, fold), `"name"` every
+    row of the names written. `record` (`exclusion_record`) is stored for each name written.
     """
     if replace not in ("name_fold", "name"):
         raise ValueError(f"replace must be 'name_fold' or 'name', got {replace!r}")
@@ -196,6 +175,7 @@ def save_oof(
         kept_names = {str(name) for name in kept["name"].unique().to_list()}
         old_records = read_oof_records(path)
         records = {name: old for name, old in old_records.items() if name in kept_names and name not in names}
+        # a name whose surviving rows came from a run with another record loses it (not one run any more)
         mixed = {name for name in names if name in kept_names and old_records.get(name) != record}
         table = pl.concat([kept, table], how="vertical")
         check_oof(table, source=f"{path} (existing rows plus the new ones)")
@@ -217,10 +197,8 @@ def fold_ids_sha256(ids: Iterable) -> str:
 def exclusion_record(
     folds: pl.DataFrame, excluded: Sequence[int] | None, folds_sha256: str | None = None
 ) -> dict:
-    """The record `save_oof` stores for a run that left the `excluded` folds out altogether (train.exclude_folds,
-    `baseline --exclude-folds`; none: the run saw every fold). `folds` is the whole folds table (id, fold),
-    before `folds.drop_folds`; each excluded fold is named with its rows and `fold_ids_sha256`.
-    `folds_sha256`: the folds file's sha256 when there is one (provenance; the check uses the ids)."""
+    """The record `save_oof` stores for a run that never used the `excluded` folds; `folds` is the whole
+    (id, fold) table before `drop_folds`, `folds_sha256` the folds file's digest (provenance only)."""
     entries = {}
     for fold in sorted({int(fold) for fold in excluded or ()}):
         ids = folds.filter(pl.col("fold") == fold)["id"]
@@ -277,7 +255,7 @@ def oof_probs(oof: pl.DataFrame) -> np.ndarray:
 
 
 def score_oof(oof: pl.DataFrame, name: str | None = None) -> OofScore:
-    """Overall and per-fold log loss of one OOF set, with class-prior and uniform references on the same rows."""
+    """Overall and per-fold log loss of one OOF set, with class-prior and uniform references on its rows."""
     if name is not None:
         oof = oof.filter(pl.col("name") == name)
     names = oof["name"].unique().to_list()

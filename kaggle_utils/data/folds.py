@@ -1,8 +1,7 @@
 """Stratified K-fold grouped by normalised prompt text, saved to one parquet file that every stage reads.
 
-Row-wise folds leak: 57,477 training rows hold only 51,731 distinct prompts, and rows sharing a prompt are
-near-duplicates for the model. Rows whose prompts normalise to the same text form one group, and a group never
-crosses folds (the 2nd-place team's scheme). Folds are stratified by label and deterministic by seed.
+Rows whose prompts normalise to the same text form one group, and a group never crosses folds (row-wise folds
+leak near-duplicates). Usage: `folds = make_folds(train, FoldConfig(n_folds=5)); check_folds(folds, train)`.
 """
 
 from __future__ import annotations
@@ -26,11 +25,8 @@ _MAX_IDS_IN_MESSAGE = 10
 
 
 def prompt_group_key(turns: Sequence[str | None] | str | None) -> str:
-    """Normalised prompt text: turns joined, Unicode NFKC, casefolded, whitespace collapsed, stripped.
-
-    Two prompts that differ only in case, spacing or Unicode compatibility forms ("Hello  World" vs
-    "hello world", full-width letters) are the same question for leakage purposes.
-    """
+    """Normalised prompt text: turns joined, Unicode NFKC, casefolded, whitespace collapsed, stripped
+    ("Hello  World" and "hello world" are one question for leakage purposes)."""
     if turns is None:
         text = ""
     elif isinstance(turns, str):
@@ -58,8 +54,7 @@ def group_ids(frame: pl.DataFrame) -> pl.Series:
 def make_folds(frame: pl.DataFrame, cfg: FoldConfig | None = None) -> pl.DataFrame:
     """Assign every row of a labelled frame to a fold; returns columns `id`, `fold` (Int32), `group` (String).
 
-    Uses scikit-learn's StratifiedGroupKFold with shuffling seeded by `cfg.seed`. The result depends only on
-    the set of (group, label) pairs and the seed, so the same data gives the same folds on any machine.
+    StratifiedGroupKFold seeded by `cfg.seed`: the same data gives the same folds on any machine.
     """
     cfg = cfg or FoldConfig()
     _require_columns(frame, ("id", "prompt", "label"), "frame")
@@ -96,9 +91,8 @@ def make_folds(frame: pl.DataFrame, cfg: FoldConfig | None = None) -> pl.DataFra
 def check_folds(folds: pl.DataFrame, frame: pl.DataFrame | None = None) -> None:
     """Raise DataError if a group crosses folds, an id is duplicated, or (with `frame`) a frame id is missing.
 
-    With `frame`, groups are recomputed from its prompts, so a folds file made from other data (or with a
-    different normalisation) is caught even when its own `group` column looks consistent. Folds may cover
-    more ids than the frame (a subset of the training data can be trained on).
+    With `frame`, groups are recomputed from its prompts (catching folds made from other data); folds may
+    cover more ids than the frame.
     """
     _require_columns(folds, FOLD_COLUMNS, "folds")
     for column in FOLD_COLUMNS:
@@ -133,10 +127,8 @@ def check_folds(folds: pl.DataFrame, frame: pl.DataFrame | None = None) -> None:
 def drop_folds(
     frame: pl.DataFrame, folds: pl.DataFrame, excluded: Sequence[int] | None, source: str
 ) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """`frame` and `folds` without the rows of the `excluded` folds: a nested-fold teacher's data, whose OOF
-    predictions come from models that never saw a row of those folds (a student held out on one of them can
-    distil from it without that fold's labels reaching it). Every excluded fold must be in `folds`, and at
-    least two folds must remain; `source` names the folds file in the error."""
+    """`frame` and `folds` without the rows of the `excluded` folds (a nested-fold teacher's data). Every
+    excluded fold must exist and two folds must remain; `source` names the folds file in errors."""
     if not excluded:
         return frame, folds
     present = sorted(folds["fold"].unique().to_list())
@@ -154,7 +146,7 @@ def drop_folds(
 
 
 def fold_summary(folds: pl.DataFrame, frame: pl.DataFrame | None = None) -> pl.DataFrame:
-    """Per fold: rows, groups and (with a labelled frame) the share of each class; for printing and reports."""
+    """Per fold: rows, groups and (with a labelled frame) the share of each class, for reports."""
     summary = folds.group_by("fold").agg(rows=pl.len(), groups=pl.col("group").n_unique())
     if frame is not None and "label" in frame.columns:
         labelled = folds.join(frame.select("id", "label"), on="id", how="inner")

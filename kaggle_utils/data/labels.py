@@ -1,5 +1,5 @@
-"""Label columns of a competition file -> class indices (0 = A, 1 = B, 2 = tie), or a DataError naming the file,
-the column and the first bad rows. Shared by the reader (data.py) and the dialects that say which parser applies.
+"""Label columns of a competition file -> class indices (0 = A, 1 = B, 2 = tie), or a DataError naming the
+file, the column and the first bad rows. Used by the dialects (`parse_labels`) that `data.load` calls.
 """
 
 from __future__ import annotations

@@ -1,9 +1,8 @@
 """Writing and validating `submission.csv`: exact columns, the test file's ids, finite rows that sum to one.
 
-Kaggle reports a bad submission only as "Submission Scoring Error" or "CSV Not Found", with no log, so the
-writer repairs what can be repaired (and counts it) and the validator rejects, before upload, everything Kaggle
-would reject. The file is written atomically: a time-out or crash mid-write leaves the previous file, never a
-truncated one.
+Kaggle reports a bad submission with no log, so the writer repairs (and counts) what it can, atomically, and
+the validator rejects before upload what Kaggle would reject.
+Usage: `write_submission(ids, probs, "submission.csv", expected_ids=test["id"])`.
 """
 
 from __future__ import annotations
@@ -48,8 +47,8 @@ class SubmissionReport:
             text += f", {self.renormalised_rows} rows renormalised to sum 1"
         if self.fallback_rows:
             text += (
-                f", {self.fallback_rows} rows with non-finite, negative or all-zero probabilities replaced by "
-                f"the {self.fallback} (ids {_join(self.fallback_ids)})"
+                f", {self.fallback_rows} rows with non-finite, negative or all-zero probabilities "
+                f"replaced by the {self.fallback} (ids {_join(self.fallback_ids)})"
             )
         if self.tied_rows:
             text += f", {self.tied_rows} rows with equal probabilities decided by rule: {self.tie_rule}"
@@ -77,9 +76,8 @@ def write_submission(
 ) -> SubmissionReport:
     """Write `id, winner_model_a, winner_model_b, winner_tie` atomically; returns what was repaired.
 
-    Rows are renormalised to sum to one. A row that cannot be (any NaN/inf or negative value, or all zeros) is
-    replaced by `fallback_prior` (e.g. the training class prior) or, without one, the uniform distribution,
-    and counted. With `expected_ids` (the test file's ids), the id sets must match exactly.
+    Rows are renormalised; a row that cannot be (NaN/inf, negative, all zeros) becomes `fallback_prior`
+    (else uniform). With `expected_ids` (the test file's ids), the id sets must match exactly.
     """
     path = Path(path)
     ids_series = check_ids(ids, path, len(LABEL_COLUMNS), probs, expected_ids)
@@ -158,7 +156,8 @@ def repair_probabilities(
             or not fallback.sum() > 0
         ):
             raise SubmissionError(
-                f"{path}: fallback prior must be {n_columns} finite non-negative numbers, got {fallback_prior}"
+                f"{path}: fallback prior must be {n_columns} finite non-negative numbers, "
+                f"got {fallback_prior}"
             )
         fallback = fallback / fallback.sum()
         fallback_name = "class prior " + "/".join(f"{value:.4f}" for value in fallback)
@@ -194,9 +193,8 @@ def read_test_ids(test_path: str | Path) -> pl.Series:
 def validate_submission(path: str | Path, test_path: str | Path) -> SubmissionReport:
     """Raise SubmissionError naming the file and offending ids for anything Kaggle would reject or misread.
 
-    Checked: the header is exactly `id, winner_model_a, winner_model_b, winner_tie`; ids are unique and the
-    same set as the test file's; every value parses as a number, is finite, in [0, 1]; rows sum to one
-    within 1e-6. All problems found are listed in one message.
+    Checked: the exact header, unique ids equal to the test file's, finite values in [0, 1], rows summing to
+    one within 1e-6. All problems found are listed in one message.
     """
     table = read_submission_table(path, SUBMISSION_COLUMNS)
     path = Path(path)
@@ -211,7 +209,8 @@ def validate_submission(path: str | Path, test_path: str | Path) -> SubmissionRe
         unparsable = values[column].is_null()
         if unparsable.any():
             problems.append(
-                f"column '{column}' has unparsable or empty values {_join(table[column].filter(unparsable).to_list())} "
+                f"column '{column}' has unparsable or empty values "
+                f"{_join(table[column].filter(unparsable).to_list())} "
                 f"(ids {_join(ids.filter(unparsable).to_list())})"
             )
     matrix = values.to_numpy().astype(np.float64)

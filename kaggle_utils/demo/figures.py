@@ -1,14 +1,6 @@
-"""The README's demo figures: recorded from one `make demo` run, committed, and rendered into the README.
-
-The figures live in `reports/demo/headline.json` (written by `demo --record`, with the machine and library
-versions that made them) and the README block between `BEGIN`/`END` is rendered from that file. Two contracts,
-each with a test:
-- exact: the README block is the rendering of the committed file (any machine);
-- near: a fresh default demo on any machine lands within `FRESH_RUN_TOLERANCE` of every recorded log-loss
-  figure, names the same candidates, and picks the same ordering when the recorded verdict is beyond noise.
-  Which candidate ships, and the ship statement's wording, are not compared when the recorded lead was within
-  noise: another CPU's float rounding takes training down a slightly different path. docs/RESULTS.md says how
-  far the figures moved between machines.
+"""The README's demo figures: recorded from one `make demo` run into reports/demo/headline.json, rendered
+into the README between `BEGIN`/`END`, and compared with a fresh run (`compare_figures`). The two contracts
+and their tolerance: docs/DESIGN_NOTES.md (demo: the README figures).
 """
 
 from __future__ import annotations
@@ -27,8 +19,7 @@ BEGIN = (
     "<!-- demo-figures:begin (rendered from reports/demo/headline.json by `demo --record`; do not edit) -->"
 )
 END = "<!-- demo-figures:end -->"
-# Log-loss units. Measured moves of a fresh same-seed run on other 2-core machines: up to 0.0031 (docs/RESULTS.md);
-# the recorded ship lead's paired standard error is 0.0054 and the ordering difference's 0.020.
+# Log-loss units: how far a fresh same-seed run may move (measured moves: docs/RESULTS.md).
 FRESH_RUN_TOLERANCE = 0.01
 TOLERANCE = FRESH_RUN_TOLERANCE
 _NOT_COMPARED = ("total_seconds", "recorded_on")
@@ -45,7 +36,7 @@ _RECORDED_PACKAGES = (
 
 
 def machine_record() -> dict[str, Any]:
-    """Where figures were made: date, CPU model, core count, torch threads, Python and the libraries' versions."""
+    """Where figures were made: date, CPU model, core count, Python and the libraries' versions."""
     import datetime
     import platform
     from importlib import metadata
@@ -107,23 +98,24 @@ def render(figures: dict[str, Any]) -> str:
 
     orderings = "; ".join(
         f"{name}: 16-bit (own reference) {number(v['cv_log_loss_16bit'])}, shipped "
-        f"{number(v['cv_log_loss_quantized'])}, QiD vs the common 16-bit reference {number(v['qid_vs_common'], True)}"
+        f"{number(v['cv_log_loss_quantized'])}, QiD vs the common 16-bit reference "
+        f"{number(v['qid_vs_common'], True)}"
         for name, v in figures["orderings"].items()
     )
     verdict = "within noise" if figures["within_noise"] else f"{figures['winner']} wins"
+    candidates = ", ".join(f"{name} {number(loss)}" for name, loss in figures.get("candidates", {}).items())
     return "\n".join(
         [
             BEGIN,
             f"- `make demo` ({figures['n_train']:,} train / {figures['n_test']} test rows, fold 0, seed "
-            f"{figures['seed']}; {figures['total_seconds']:.0f} s of steps in the recording run): baseline OOF log loss "
-            f"{number(figures['baseline_log_loss'])} (class prior {number(figures['prior_log_loss'])}); {orderings}. "
-            f"{figures['winner']} has the lower shipped CV log loss by {number(figures['difference'])} with a paired "
-            f"standard error of {number(figures['standard_error'])}: **{verdict}**. The ship decision ranks every "
-            "candidate by cross-fitted CV on the same rows ("
-            + ", ".join(f"{name} {number(loss)}" for name, loss in figures.get("candidates", {}).items())
-            + "), ships the simplest candidate within noise (2 paired standard errors) of the lowest, and reports the "
-            f"nested CV of that rule (chosen inside each split, scored on it): {figures.get('ship_statement', '')}. "
-            f"Shipped: {figures['shipped']} "
+            f"{figures['seed']}; {figures['total_seconds']:.0f} s of steps in the recording run): baseline "
+            f"OOF log loss {number(figures['baseline_log_loss'])} (class prior "
+            f"{number(figures['prior_log_loss'])}); {orderings}. {figures['winner']} has the lower shipped "
+            f"CV log loss by {number(figures['difference'])} with a paired standard error of "
+            f"{number(figures['standard_error'])}: **{verdict}**. The ship decision ranks every candidate by "
+            f"cross-fitted CV on the same rows ({candidates}), ships the simplest candidate within noise "
+            "(2 paired standard errors) of the lowest, and reports the nested CV of that rule (chosen inside "
+            f"each split, scored on it): {figures.get('ship_statement', '')}. Shipped: {figures['shipped']} "
             f"(rows by path {figures['shipped_rows_by_path']}).",
             _machine_line(figures.get("recorded_on")),
             END,
@@ -174,10 +166,8 @@ def record(report: dict[str, Any], root: str | Path = ".") -> dict[str, Any]:
 def compare_figures(
     recorded: dict[str, Any], fresh: dict[str, Any], tolerance: float = FRESH_RUN_TOLERANCE
 ) -> list[str]:
-    """Where a fresh run's figures leave the recorded ones; empty if none. Numbers may move by `tolerance`;
-    names and counts must match; the winner must match when the recorded verdict was beyond noise; the shipped
-    candidate and its statement must match only when the recorded ship lead was beyond noise. Wall time and
-    the machine record are not compared."""
+    """Where a fresh run's figures leave the recorded ones; empty if none. Numbers may move by `tolerance`,
+    names and counts must match; the winner and shipped candidate only when recorded beyond noise."""
     differences: list[str] = []
     skip = set(_NOT_COMPARED)
     if recorded.get("within_noise"):

@@ -1,25 +1,14 @@
 """The demo behind `python -m kaggle_utils demo --out DIR`: the whole pipeline on generated data, offline.
 
-A list of steps run in order over one shared `DemoState`; each step does one thing, prints one line and
-records its results under its own key of the report (`demo_report.json` / `demo_report.md` in `out_dir`).
-`BASELINE_STEPS` end with a validated baseline submission, so a valid file exists whatever happens later;
-`LLM_STEPS` then train both quantization orderings on the same folds file (tiny random-weight Gemma-2, demo-scale
-settings from `compare.DEMO_CONFIG`), rank every candidate (both orderings' shipped models, the feature baseline,
-the class prior, their calibrated versions, the blend) by cross-fitted CV on the same rows, and ship the simplest
-within noise of the lowest (`ship.decide_ship`, nested CV) through the offline inference engine (swap TTA, time guard, baseline as the fallback), replacing the submission
-with a validated one.
-`dialect="wsdm"` runs the same steps on generated WSDM Cup files (parquet, `winner` A/B): its metric (accuracy)
-is reported beside log loss, and both submissions are WSDM's `id, winner` files, validated.
-
-`demo --real` (`real_demo_config`) runs the same steps with a real checkpoint as the base (Gemma 3 270M from
-`fetch-model`): its own tokenizer, `format.template: auto`, short sequences and a capped number of steps so it
-finishes on a small CPU; only the pipeline settings differ, not the steps.
+Usage: `run_demo("runs/demo")` runs `DEMO_STEPS` (or any list of `DemoStep`) over one `DemoState`, prints one
+line per step, and writes demo_report.json/.md and demo.log under the folder. What the steps do and why:
+docs/DESIGN_NOTES.md (kaggle_utils.demo.run).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,19 +21,24 @@ import polars as pl
 
 from kaggle_utils import __version__
 from kaggle_utils.core.config import BaselineConfig, FoldConfig, InferenceConfig, PipelineConfig
+from kaggle_utils.core.console import log_to_file, say
 from kaggle_utils.core.errors import UsageError
-from kaggle_utils.core.fileio import atomic_write_bytes
 from kaggle_utils.core.metrics import oof_probs, save_oof
-from kaggle_utils.data.dialects import Dialect, get_dialect
+from kaggle_utils.data.dialect_base import Dialect
+from kaggle_utils.data.dialects import get_dialect
 from kaggle_utils.data.folds import fold_summary, make_folds, save_folds
 from kaggle_utils.data.load import LoadedData, load_competition
 from kaggle_utils.data.sample import SampleFiles
-from kaggle_utils.evaluate.cv_report import ComparisonReport
+from kaggle_utils.demo.report import brief, step_line, write_reports
+from kaggle_utils.evaluate.comparison_report import ComparisonReport
 from kaggle_utils.inference.predictor import predict
 from kaggle_utils.models.real import has_real_weights
 from kaggle_utils.studies.experiment import demo_config
 from kaggle_utils.studies.orderings import compare_orderings
 from kaggle_utils.train.baseline import BaselineResult, run_baseline_cv
+
+logger = logging.getLogger(__name__)
+LOG_FILE = "demo.log"
 
 
 @dataclass
@@ -67,9 +61,9 @@ class DemoState:
     baseline: BaselineResult | None = None
     baseline_model_path: Path | None = None
     comparison: ComparisonReport | None = None
-    # The orderings' settings; None: compare.demo_config() (tiny random-weight Gemma-2).
+    # The orderings' settings; None: experiment.demo_config() (tiny random-weight Gemma-2).
     pipeline_config: PipelineConfig | None = None
-    # torch threads while training: 1 for the tiny model (far faster on a shared small box), None: torch's own.
+    # torch threads while training: 1 for the tiny model (far faster on a small box), None: torch's own.
     torch_threads: int | None = 1
     report: dict[str, Any] = field(default_factory=dict)
 
@@ -110,7 +104,8 @@ def step_load(state: DemoState) -> str:
     return (
         f"train {train_report.rows_kept}/{train_report.rows_read} rows kept "
         f"({sum(train_report.repairs.values())} repairs, {train_report.rows_dropped} dropped), "
-        f"test {test_report.rows_kept}/{test_report.rows_read} rows ({sum(test_report.repairs.values())} repairs)"
+        f"test {test_report.rows_kept}/{test_report.rows_read} rows "
+        f"({sum(test_report.repairs.values())} repairs)"
     )
 
 
@@ -149,13 +144,14 @@ def step_baseline(state: DemoState) -> str:
     }
     metric = state.dialect.metric
     competition = ""
-    if metric.name != "log_loss":  # the competition's own metric first (WSDM: accuracy of the written winner)
+    if metric.name != "log_loss":  # the competition's metric first (WSDM: accuracy of the written winner)
         scores = state.dialect.scores(state.baseline.oof["label"].to_numpy(), oof_probs(state.baseline.oof))
         state.report["baseline"]["competition_metric"] = {"name": metric.name, "scores": scores}
         competition = f"OOF {metric.name} {scores[metric.name]:.4f}; "
+    per_fold = ", ".join(f"{v:.4f}" for v in score.per_fold.values())
     return (
-        f"{competition}OOF log loss {score.log_loss:.4f} vs class prior {score.prior_log_loss:.4f} and uniform "
-        f"{score.uniform_log_loss:.4f}; per fold " + ", ".join(f"{v:.4f}" for v in score.per_fold.values())
+        f"{competition}OOF log loss {score.log_loss:.4f} vs class prior {score.prior_log_loss:.4f} and "
+        f"uniform {score.uniform_log_loss:.4f}; per fold {per_fold}"
     )
 
 
@@ -179,16 +175,28 @@ def step_submission(state: DemoState) -> str:
     return f"{validated.rows} rows written and validated -> {state.submission_path}"
 
 
+ORDERING_FIGURES = (
+    "cv_log_loss_16bit",
+    "cv_log_loss_quantized",
+    "qid_vs_common",
+    "gap_vs_own_reference",
+    "accuracy_quantized",
+    "cv_metric_quantized",
+    "train_wall_time_s",
+    "artifact_bytes",
+    "inference_rows_per_s",
+)
+
+
 def step_orderings(state: DemoState) -> str:
     """Both orderings on the demo's own folds file and seed: the comparison report (json, md, png)."""
     import torch
 
     cfg = (state.pipeline_config or demo_config()).with_overrides({"data": {"format": state.dialect.name}})
     threads = torch.get_num_threads()
-    if state.torch_threads:
-        torch.set_num_threads(
-            state.torch_threads
-        )  # tiny model on a shared small box: one thread is far faster
+    if state.torch_threads:  # tiny model on a shared small box: one thread is far faster
+        torch.set_num_threads(state.torch_threads)
+    baseline = (state.baseline.oof, state.baseline_model_path) if state.baseline is not None else None
     try:
         state.comparison = compare_orderings(
             cfg,
@@ -197,64 +205,47 @@ def step_orderings(state: DemoState) -> str:
             folds_path=state.folds_path,
             seeds=(state.seed,),
             progress=False,
-            baseline=(state.baseline.oof, state.baseline_model_path) if state.baseline is not None else None,
+            baseline=baseline,
         )
     finally:
         torch.set_num_threads(threads)
     comparison = state.comparison
     variants = {v["variant"]: v for v in comparison.variants}
-    decision = comparison.decision
     state.report["orderings"] = {
         "report_dir": str(state.out_dir / "orderings"),
         "base_model": comparison.setup["base_model"],
         "base_model_note": comparison.setup.get("base_model_note"),
-        "decision": decision,
+        "decision": comparison.decision,
         "variants": {
-            name: {
-                metric: (v[metric] or {}).get("mean")
-                for metric in (
-                    "cv_log_loss_16bit",
-                    "cv_log_loss_quantized",
-                    "qid_vs_common",
-                    "gap_vs_own_reference",
-                    "accuracy_quantized",
-                    "cv_metric_quantized",
-                    "train_wall_time_s",
-                    "artifact_bytes",
-                    "inference_rows_per_s",
-                )
-            }
+            name: {figure: (v[figure] or {}).get("mean") for figure in ORDERING_FIGURES}
             for name, v in variants.items()
         },
         "metric": state.dialect.metric.name,
         "ship": {key: comparison.ship[key] for key in ("shipped", "statement", "artifact")},
         "candidates": {c["name"]: c["cv_log_loss"] for c in comparison.ship["ranking"]},
     }
+    return _orderings_line(comparison, variants, state.dialect.metric.name)
+
+
+def _orderings_line(comparison: ComparisonReport, variants: dict[str, Any], metric: str) -> str:
     scores = ", ".join(
         f"{name} {v['cv_log_loss_quantized']['mean']:.4f} (QiD vs common 16-bit reference "
         f"{v['qid_vs_common']['mean']:+.4f})"
         for name, v in variants.items()
     )
-    metric = state.dialect.metric.name
-    competition = (
-        ""
-        if metric == "log_loss"
-        else "shipped CV "
-        + metric
-        + ": "
-        + ", ".join(f"{name} {v['cv_metric_quantized']['mean']:.4f}" for name, v in variants.items())
-        + "; "
-    )
+    competition = ""
+    if metric != "log_loss":
+        values = ", ".join(f"{name} {v['cv_metric_quantized']['mean']:.4f}" for name, v in variants.items())
+        competition = f"shipped CV {metric}: {values}; "
     return (
-        f"{competition}shipped CV log loss: {scores}; {decision['statement']} "
+        f"{competition}shipped CV log loss: {scores}; {comparison.decision['statement']} "
         f"Ship decision over every candidate: {comparison.ship['statement']}"
     )
 
 
 def step_inference(state: DemoState) -> str:
-    """What the ship decision chose (the simplest candidate within noise of the lowest CV among variants,
-    baseline, class prior, their calibrated versions and the blend), shipped: offline inference on the test file with swap TTA and the time
-    guard."""
+    """The candidate the ship decision chose, through offline inference on the test file (swap TTA, time
+    guard, the baseline as the fallback): the submission is replaced by its validated one."""
     ship = state.comparison.ship
     artifact_dir = state.comparison.shipped_artifact
     # A CPU-sized token budget: on CPU smaller batches are faster (benchmarks/bench_inference.py).
@@ -308,13 +299,13 @@ REAL_DEMO_STEPS: list[DemoStep] = [
 ]
 
 FETCH_HINT = "python -m kaggle_utils fetch-model gemma-3-270m --out {dir}"
-# `demo --real` defaults, sized for a shared 2-core CPU where 4-bit QLoRA steps take tens of seconds; the
-# runtime measured with them is in the README.
+# `demo --real` defaults, sized for a shared 2-core CPU (4-bit QLoRA steps take tens of seconds there).
 REAL_N_TRAIN, REAL_N_TEST, REAL_MAX_STEPS, REAL_MAX_LENGTH = 80, 16, 8, 256
 
 
 def check_real_model_dir(model_dir: str | Path) -> Path:
-    """The checkpoint `demo --real` trains: a directory with real weights, else a UsageError saying how to get one."""
+    """The checkpoint `demo --real` trains: a folder with real weights, else a UsageError saying how to
+    get one."""
     path = Path(model_dir).expanduser()
     if not path.is_dir():
         raise UsageError(
@@ -332,9 +323,9 @@ def check_real_model_dir(model_dir: str | Path) -> Path:
 def real_demo_config(
     model_dir: str | Path, max_steps: int = REAL_MAX_STEPS, max_length: int = REAL_MAX_LENGTH
 ) -> PipelineConfig:
-    """The demo's settings (`compare.demo_config`) with a real checkpoint as the base: its own tokenizer and chat
-    template (`auto`), fp32 on CPU, `max_length` tokens, at most `max_steps` optimizer steps of 4 pairs per
-    ordering, no evaluations during training (the held-out fold is scored once, at the end)."""
+    """The demo's settings (`experiment.demo_config`) with a real checkpoint as the base: its own tokenizer
+    and chat template, `max_length` tokens, at most `max_steps` steps of 4 pairs per ordering, no evaluations
+    during training (the held-out fold is scored once, at the end)."""
     if max_steps < 1 or max_length < 32:
         raise UsageError(
             f"demo --real: --max-steps must be >= 1 and --max-length >= 32 (got {max_steps}, {max_length})"
@@ -368,11 +359,9 @@ def run_demo(
     pipeline_config: PipelineConfig | None = None,
     torch_threads: int | None = 1,
 ) -> dict[str, Any]:
-    """Run every step in order; writes demo_report.json/.md under `out_dir` and returns the report dict.
-
-    `dialect` names the competition format generated and used throughout (lmsys or wsdm); `pipeline_config`
-    sets the orderings' model and training (None: the tiny demo's); `torch_threads` the threads they train with
-    (None: torch's default)."""
+    """Run every step in order, `echo` one line each; writes demo_report.json/.md and demo.log under `out_dir`
+    and returns the report dict. `dialect`: lmsys or wsdm; `pipeline_config`: the orderings' model and
+    training (None: the tiny demo's); `torch_threads`: their threads (None: torch's default)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     steps = DEMO_STEPS if steps is None else steps
@@ -396,126 +385,19 @@ def run_demo(
     }
     timings: dict[str, float] = {}
     lines: list[str] = []
-    for number, step in enumerate(steps, start=1):
-        started = time.perf_counter()
-        line = step.run(state)
-        timings[step.key] = round(time.perf_counter() - started, 3)
-        message = f"[{number}/{len(steps)}] {step.title}: {line} ({timings[step.key]:.1f}s)"
-        lines.append(message)
-        echo(message)
-    state.report["timings_s"] = timings
-    state.report["steps"] = lines
-    _write_reports(state.report, out_dir)
-    echo(f"report -> {out_dir / 'demo_report.md'}")
+    with log_to_file(out_dir / LOG_FILE) as log_path:
+        for number, step in enumerate(steps, start=1):
+            started = time.perf_counter()
+            line = step.run(state)
+            timings[step.key] = round(time.perf_counter() - started, 3)
+            seconds = timings[step.key]
+            lines.append(step_line(number, len(steps), step.title, line, seconds))
+            logger.info(lines[-1])
+            short = brief(step.key, state.report)
+            shown = lines[-1] if short is None else step_line(number, len(steps), step.key, short, seconds)
+            say(shown, logger, echo)
+        state.report["timings_s"] = timings
+        state.report["steps"] = lines
+        write_reports(state.report, out_dir)
+        say(f"report -> {out_dir / 'demo_report.md'} (log: {log_path})", logger, echo)
     return state.report
-
-
-def _write_reports(report: dict[str, Any], out_dir: Path) -> None:
-    atomic_write_bytes(
-        out_dir / "demo_report.json", json.dumps(report, indent=2, default=str).encode("utf-8")
-    )
-    atomic_write_bytes(out_dir / "demo_report.md", _markdown(report).encode("utf-8"))
-
-
-def _markdown(report: dict[str, Any]) -> str:
-    lines = [
-        "# Demo report",
-        "",
-        f"kaggle_utils {report['meta']['package_version']}, {report['meta']['created_at']}",
-        "",
-    ]
-    lines += ["## Steps", "", *[f"- {line}" for line in report.get("steps", [])], ""]
-    if "load_text" in report:
-        lines += ["## Data reports", ""]
-        for split, text in report["load_text"].items():
-            lines += [f"### {split}", "", "```", text, "```", ""]
-    if "folds" in report:
-        per_fold = report["folds"]["per_fold"]
-        if per_fold:
-            columns = list(per_fold[0])
-            lines += ["## Folds", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-            lines += ["| " + " | ".join(str(row[c]) for c in columns) + " |" for row in per_fold]
-            lines += ["", f"sha256 `{report['folds']['sha256']}`", ""]
-    if "baseline" in report:
-        base = report["baseline"]
-        lines += [
-            "## Baseline OOF log loss",
-            "",
-            "| predictor | log loss |",
-            "|---|---|",
-            f"| feature baseline ({base['model']}) | {base['log_loss']:.4f} |",
-            f"| class prior | {base['prior_log_loss']:.4f} |",
-            f"| uniform | {base['uniform_log_loss']:.4f} |",
-            "",
-            "per fold: " + ", ".join(f"{fold}: {value:.4f}" for fold, value in base["per_fold"].items()),
-            "",
-        ]
-        if "competition_metric" in base:
-            lines += [
-                "Competition metric (OOF): "
-                + ", ".join(
-                    f"{name} {value:.4f}" for name, value in base["competition_metric"]["scores"].items()
-                ),
-                "",
-            ]
-    if "orderings" in report:
-        orderings = report["orderings"]
-        lines += [
-            f"## Both orderings ({_base_name(orderings)}, same folds and seed)",
-            "",
-            *([orderings["base_model_note"], ""] if orderings.get("base_model_note") else []),
-            "| ordering | CV log loss own 16-bit reference | CV log loss shipped | QiD vs common reference "
-            "| shipped − own reference | accuracy | train s | artifact MB |",
-            "|---|---|---|---|---|---|---|---|",
-        ]
-        for name, v in orderings["variants"].items():
-            lines.append(
-                f"| {name} | {v['cv_log_loss_16bit']:.4f} | {v['cv_log_loss_quantized']:.4f} "
-                f"| {v['qid_vs_common']:+.4f} | {v['gap_vs_own_reference']:+.4f} "
-                f"| {v['accuracy_quantized']:.3f} | {v['train_wall_time_s']:.1f} | {v['artifact_bytes'] / 1e6:.2f} |"
-            )
-        if orderings.get("metric", "log_loss") != "log_loss":
-            lines += [
-                "",
-                f"Shipped CV {orderings['metric']}: "
-                + ", ".join(
-                    f"{name} {v['cv_metric_quantized']:.4f}" for name, v in orderings["variants"].items()
-                ),
-            ]
-        lines += ["", orderings["decision"]["statement"], ""]
-        if orderings.get("candidates"):
-            lines += [
-                "### What ships (every candidate, CV log loss on the same held-out rows)",
-                "",
-                "| candidate | CV log loss |",
-                "|---|---|",
-                *[f"| {name} | {loss:.4f} |" for name, loss in orderings["candidates"].items()],
-                "",
-                orderings["ship"]["statement"],
-                "",
-            ]
-        lines += [f"full report: `{orderings['report_dir']}/report.md`", ""]
-    if "inference" in report:
-        inference = report["inference"]
-        lines += [
-            "## LLM inference",
-            "",
-            f"{inference['shipped']} (`{inference['artifact_dir']}`): {inference['validated_rows']} rows "
-            f"validated; rows by path {inference['rows_by_path']}; fallback {inference['fallback_source']}",
-            "",
-        ]
-    if "submission" in report:
-        sub = report["submission"]
-        lines += [
-            "## Baseline submission",
-            "",
-            f"`{sub['path']}`: {sub['rows']} rows, validated; "
-            f"{sub['renormalised_rows']} renormalised, {sub['fallback_rows']} fallback rows",
-            "",
-        ]
-    return "\n".join(lines)
-
-
-def _base_name(orderings: dict[str, Any]) -> str:
-    base = str(orderings.get("base_model", "tiny"))
-    return "tiny Gemma-2" if base == "tiny" else f"base `{Path(base).name}`"

@@ -1,12 +1,7 @@
 """Calibration fitted on out-of-fold predictions: temperature scaling, optionally with a per-class bias.
 
-Log loss punishes over-confidence; a fine-tuned classifier's probabilities are rarely calibrated. The fix every
-top team used is one scalar (a temperature T: logits / T) or a few (plus a bias per class), fitted on OOF
-predictions, where the model never saw the labels. `fit_calibration` fits it; `apply_calibration` is what both
-CV and `predict` apply (an ensemble folder's manifest carries it: `ship.py`, `inference.py`). A calibration's
-own log loss on the rows it was fitted on is in-sample: `ship.py` scores it cross-fitted instead.
-
-`plot_reliability` draws the reliability diagram: top-label confidence against accuracy in bins, with counts.
+`fit_calibration(labels, probs)` fits it; `apply_calibration(probs, calibration)` is what both CV and
+`predict` apply (an ensemble manifest carries it). `plot_reliability` draws the reliability diagram.
 """
 
 from __future__ import annotations
@@ -28,7 +23,7 @@ TEMPERATURE_RANGE = (0.05, 20.0)
 
 @dataclass(frozen=True)
 class Calibration:
-    """log-probabilities / temperature + bias, then softmax. `log_loss_before/after` are on the fitted rows."""
+    """log-probabilities / temperature + bias, then softmax; `log_loss_before/after` on the fitted rows."""
 
     method: str = "none"
     temperature: float = 1.0
@@ -54,7 +49,7 @@ class Calibration:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> Calibration:
-        """From a manifest's `calibration` (None or absent: no calibration); a malformed one is a UsageError."""
+        """From a manifest's `calibration` (None or absent: none); a malformed one is a UsageError."""
         if data is None or (isinstance(data, dict) and not data):
             return cls()
         if not isinstance(data, dict):

@@ -1,12 +1,8 @@
 """Blend weights fitted on out-of-fold predictions, and the OOF tables lined up to fit them.
 
-Every top team averaged several models. A blend here is the weighted mean of its members' probabilities
-(`blend_members` computes it, in CV and in `predict`), with non-negative weights summing to one,
-chosen to minimise OOF log loss. The weights are a softmax of free parameters (so the constraints hold by
-construction) fitted by L-BFGS from equal weights: deterministic, and with a handful of members the problem is
-small and smooth (log loss of a mixture is convex in the weights). The gain over the best single member comes
-with its paired per-row standard error: on a few hundred rows most gains are noise, and the report says so.
-A fold ensemble or a seed ensemble is the same thing with equal weights (`average_members`).
+A blend is the weighted mean of its members' probabilities (`blend_members`, in CV and in `predict`), with
+non-negative weights summing to one fitted by `fit_blend_weights(labels, {name: probs})` to minimise OOF log
+loss; a fold or seed ensemble is the same with equal weights (`average_members`).
 """
 
 from __future__ import annotations

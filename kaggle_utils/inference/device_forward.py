@@ -1,5 +1,5 @@
-"""One device's forward callable and the errors the scheduler tells apart, shared by the in-process threads
-(`inference`) and the worker processes (`workers`); kept apart so that `inference` can import `workers`."""
+"""One device's forward callable and the errors the scheduler tells apart, shared by the in-process
+threads (`replicas`) and the worker processes (`workers`)."""
 
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ def is_out_of_memory(error: BaseException) -> bool:
 
 
 def make_forward(model: Any, pad_token_id: int, device: str) -> ForwardFn:
-    """token lists -> probs on one device, through the shared collator and `modeling.forward_probs`."""
+    """token lists -> probs on one device, through the shared collator and `classifier.forward_probs`."""
     collate = PadCollator(pad_token_id)
     # Each device's worker thread makes its GPU the current one (kernels that use the current device, e.g.
     # some bitsandbytes paths, would otherwise run against cuda:0).
@@ -61,14 +61,16 @@ def preflight_dtype(model: Any, pad_token_id: int, device: str, seqs: list[list[
     )
 
 
-def _pad_id(tokenizer: Any) -> int:
+def tokenizer_pad_id(tokenizer: Any) -> int:
+    """The tokenizer's pad token id; UsageError when it has none (rows could not be padded)."""
     pad = tokenizer.pad_token_id
     if pad is None:
         raise UsageError("the artifact's tokenizer has no pad token id")
     return int(pad)
 
 
-def _describe_error(error: BaseException) -> dict:
+def describe_error(error: BaseException) -> dict:
+    """An error as report data: type, message and the end of its traceback (truncated)."""
     return {
         "type": type(error).__name__,
         "message": str(error)[:500],

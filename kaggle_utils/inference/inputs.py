@@ -1,4 +1,8 @@
-"""Where a Kaggle run's inputs are: the artifact, the test file, the fallback baseline and the wheels, found under /kaggle/input (a path given is used as given; hints match whole path names). No torch."""
+"""Where a Kaggle run's inputs are: the artifact, the test file, the fallback baseline and the wheels,
+found under /kaggle/input (a path given is used as given; hints match whole path names). No torch.
+
+    found = find_inputs("/kaggle/input", artifact_hint="arena-ensemble")
+"""
 
 from __future__ import annotations
 
@@ -50,8 +54,8 @@ def _walk(root: Path) -> list[tuple[Path, list[str], list[str]]]:
 
 
 def hint_matches(hint: str, path: str | Path) -> bool:
-    """Whether `hint` names whole parts of `path`: one folder or file name (`arena-ensemble` names that folder,
-    not `arena-ensemble2`), or several consecutive ones written with `/` (`models/ftq`)."""
+    """Whether `hint` names whole parts of `path`: one folder or file name (`arena-ensemble` names that
+    folder, not `arena-ensemble2`), or several consecutive ones written with `/` (`models/ftq`)."""
     wanted = Path(hint).parts
     parts = Path(path).parts
     return bool(wanted) and any(
@@ -138,16 +142,10 @@ def find_inputs(
     test_names: tuple[str, ...] = ("test.csv", "test.parquet"),
     baseline_name: str = "baseline.json",
 ) -> FoundInputs:
-    """Search `root` (default /kaggle/input, else ./data) for the artifact (a directory with manifest.json),
-    the competition's test file, an attached wheels folder and a baseline model file.
-
-    Mounts differ between Kaggle images (/kaggle/input/<slug>/ or /kaggle/input/competitions/<slug>/, datasets
-    and models nested by owner and version), so nothing is assumed about the layout. A test file beside a
-    sample_submission.csv (a competition folder) wins over other files of that name. A given `artifact_dir` or
-    `test_path` is taken as it is and not searched for (so two attached artifacts are no ambiguity when one is
-    named). Ambiguity raises a UsageError listing the candidates; a hint chooses: whole names in the path (a
-    folder or file name, or consecutive ones as a/b; `arena-ensemble` does not choose `arena-ensemble2`).
-    """
+    """Search `root` (default /kaggle/input, else ./data), assuming no mount layout, for the artifact (a
+    directory with manifest.json), the test file (one beside sample_submission.csv wins), a wheels folder and
+    a baseline. A given `artifact_dir` / `test_path` is used as it is; ambiguity is a UsageError listing the
+    candidates, and a hint (`hint_matches`) chooses among them."""
     root = _input_root(root)
     found = _scan(root, test_names, baseline_name)
     artifacts = found["artifacts"]

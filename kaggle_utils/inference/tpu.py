@@ -1,18 +1,9 @@
-"""TPU inference path (Kaggle v3-8 / v5e-8): plain bf16 weights, sharded by torch_xla SPMD, static shapes.
+"""TPU inference (Kaggle v3-8 / v5e-8): the artifact dequantized to plain bf16 on the CPU (bitsandbytes has
+no TPU kernels), sharded by torch_xla SPMD over a (data, model) mesh, batches padded to a few static shapes
+so XLA compiles each once. Tested under torch_xla's CPU device (`make tpu-check`); see docs/DESIGN_NOTES.md.
 
-bitsandbytes has no TPU kernels, so the artifact (either ordering) is loaded on the CPU with
-`artifacts.load_artifact(dequantize=True)`: every bnb layer dequantized to the same values in bf16, the LoRA
-adapter (quant-then-ft) merged into those plain layers. Gemma-2-9B in bf16 (18.5 GB) does not fit one
-16 GB TPU core, so the mesh has a "model" axis wide enough to hold the weights (Megatron-style: q/k/v/gate/up
-split by output rows, o/down by input columns) and the rest of the cores form the "data" axis over which
-each batch's rows are split (the per-core work split). XLA recompiles for every
-new input shape, so batches are padded to a few static shapes (length rounded up to a bucket, row count
-fixed per length).
-
-The parts that need no torch_xla are tested in the main venv. `make_forward` itself runs under torch_xla's
-CPU device with 8 virtual devices (`make tpu-check`, tests/tpu/): the v3-8 mesh, one compiled graph per
-static shape, predictions equal to the CPU torch path. What only a real TPU shows (speed, HBM use, the real
-bf16 matmul numerics) is listed in the README.
+    loaded = load_plain(artifact_dir)
+    forward = make_forward(loaded.model, pad_token_id, cfg)
 """
 
 from __future__ import annotations

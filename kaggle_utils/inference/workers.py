@@ -1,27 +1,10 @@
-"""Process-based inference workers: one spawned process per device, each holding its own model replica.
+"""Process-based inference workers (`InferenceConfig.worker_backend="process"`): one spawned process per
+device, each holding its own replica, seen by the scheduler as an ordinary `forward(token_lists) -> probs`.
+A child's OOM comes back as `torch.OutOfMemoryError`, another error as `WorkerError`, a dead or hung child as
+`WorkerLost` (see docs/DESIGN_NOTES.md). `KAGGLE_UTILS_WORKER_FAULT` injects faults, for tests:
+`<worker>:exit:<n>` (SIGKILL at its n-th batch), `<worker>:hang:<n>`, `<worker>:oom:<rows>`.
 
-Why processes (`InferenceConfig.worker_backend="process"`): with threads every replica lives in the one
-process, so a device that takes its process down (the OS OOM killer, a CUDA fault that aborts) ends the whole
-run and only the early fallback file is left. With one process per device the scheduler (token-split queue,
-time guard, OOM backoff, fallback) stays in the parent, unchanged: each worker is seen by it as an ordinary
-`forward(list_of_token_lists) -> probs` callable that ships the batch to its process through a queue and waits
-for the probabilities. What crosses back:
-
-* probabilities: returned as from an in-process forward;
-* an out-of-memory error (the child frees its cache first): raised in the parent as `torch.OutOfMemoryError`,
-  so the scheduler halves the batch and retries on the same device exactly as with threads;
-* any other error: raised as `WorkerError` (a batch failure: logged, counted, the device retired after
-  `max_consecutive_failures`);
-* the process dying (exit, SIGKILL) before answering: detected from its liveness while waiting, raised as
-  `device_forward.WorkerLost`; the scheduler retires the device and re-queues the batch for the surviving workers;
-* no answer by the deadline, or within `InferenceConfig.batch_timeout_s`: the device is taken as hung, its
-  process killed, and the same `WorkerLost` raised (a hung thread is waited for even past the deadline).
-
-The parent loads only the tokenizer and format settings (to encode the rows once); each child loads the
-artifact onto its own device with hash checks off (the parent already checked the manifest's hashes).
-`KAGGLE_UTILS_WORKER_FAULT` injects faults into the children, for tests: `<worker index>:exit:<n>` SIGKILLs
-worker <index> when its n-th batch arrives; `<worker index>:hang:<n>` makes it sleep for an hour there;
-`<worker index>:oom:<rows>` raises an out-of-memory error in it for every batch of more than <rows> rows.
+    pool, errors = start_workers(artifact_dir, devices, names, compute_dtype, threads, deadline=deadline)
 """
 
 from __future__ import annotations
@@ -44,12 +27,13 @@ import torch
 from kaggle_utils.core.config import FormatConfig
 from kaggle_utils.inference.device_forward import (
     WorkerLost,
-    _describe_error,
-    _pad_id,
+    describe_error,
     is_out_of_memory,
     make_forward,
+    tokenizer_pad_id,
 )
-from kaggle_utils.quant.artifacts import TOKENIZER_DIR, _restore_tuples, load_artifact, read_manifest
+from kaggle_utils.quant.artifacts import TOKENIZER_DIR, _restore_tuples, load_artifact
+from kaggle_utils.quant.manifest import read_manifest
 from kaggle_utils.text.tokenizer import load_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -105,9 +89,9 @@ def _child_main(
         torch.set_num_threads(threads)
         fault = _fault(index, fault_spec)
         loaded = load_artifact(artifact_dir, device=device, compute_dtype=compute_dtype, verify_hashes=False)
-        forward = make_forward(loaded.model, _pad_id(loaded.tokenizer), device)
+        forward = make_forward(loaded.model, tokenizer_pad_id(loaded.tokenizer), device)
     except Exception as error:
-        results.put(("load_error", 0, _describe_error(error)))
+        results.put(("load_error", 0, describe_error(error)))
         return
     results.put(("ready", 0, os.getpid()))
     received = 0
@@ -125,7 +109,7 @@ def _child_main(
             reply: tuple = ("ok", task_id, np.asarray(forward(seqs), dtype=np.float64))
         except Exception as error:
             out_of_memory = is_out_of_memory(error)
-            reply = ("oom" if out_of_memory else "error", task_id, _describe_error(error))
+            reply = ("oom" if out_of_memory else "error", task_id, describe_error(error))
         if out_of_memory and str(device).startswith("cuda"):  # outside the except: failed frames are freed
             gc.collect()
             with torch.cuda.device(device):

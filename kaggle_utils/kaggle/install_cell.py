@@ -1,12 +1,15 @@
 """The one offline-install cell every notebook runs first on Kaggle, written here and nowhere else.
 
 The cell cannot call the package (it installs it), so its code is a template string. Each notebook of
-notebooks/ carries it as the code cell tagged `offline-install`: `build_kernel_folder` writes the template into
-that cell of every kernel it builds (so a pushed kernel always runs this text), and the copies in the repository
+notebooks/ carries it as the code cell tagged `offline-install`: `build_kernel_folder` writes the template
+into
+that cell of every kernel it builds (so a pushed kernel always runs this text), and the copies in the
+repository
 (which `kaggle kernels push -p .` and a local papermill run use as they are) are rewritten from it by
 `python -m kaggle_utils kaggle sync-install-cell`; a test fails when a copy differs.
 
-The cell needs no parameters: it looks for wheels anywhere under /kaggle/input (either mount layout, the wheels
+The cell needs no parameters: it looks for wheels anywhere under /kaggle/input (either mount layout, the
+wheels
 and the package in one dataset or two), so no notebook names its datasets.
 """
 

@@ -34,7 +34,8 @@ _MAGIC = re.compile(r"^\s*[!%]")
 
 @dataclass(frozen=True)
 class InputRef:
-    """One thing a notebook reads: `kind` is dataset, competition, kernel, model or any (a bare mount name)."""
+    """One thing a notebook reads: `kind` is dataset, competition, kernel, model or any (a bare mount
+    name)."""
 
     kind: str
     ref: str
@@ -149,7 +150,8 @@ def _provided_by(ref: InputRef, metadata: dict[str, Any]) -> bool:
     kernels = [s.lower() for s in metadata.get("kernel_sources") or []]
     models = [s.lower() for s in metadata.get("model_sources") or []]
     competitions = [s.lower() for s in metadata.get("competition_sources") or []]
-    # Kaggle mounts a source at /kaggle/input/<slug> whoever owns it, so an owner/slug reference is compared by
+    # Kaggle mounts a source at /kaggle/input/<slug> whoever owns it, so an owner/slug reference is compared
+    # by
     # its slug: the owner in the metadata is rewritten to the pushing user's (metadata.with_owner).
     pieces = ref.ref.lower().split("/")
     wanted = pieces[1] if len(pieces) > 1 else pieces[0]
@@ -233,7 +235,8 @@ def check_kernel_folder(folder: str | Path) -> KernelCheck:
     for ref in inputs.refs:
         if not _provided_by(ref, metadata):
             check.problems.append(
-                f"{code_path.name} {ref.where} reads {ref.kind} {ref.ref!r}, which no source in {meta_path.name} "
+                f"{code_path.name} {ref.where} reads {ref.kind} {ref.ref!r}, which no source in "
+                f"{meta_path.name} "
                 "provides (dataset_sources / competition_sources / kernel_sources / model_sources)"
             )
     return check

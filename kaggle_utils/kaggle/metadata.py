@@ -16,6 +16,7 @@ from typing import Any
 
 from kaggle_utils.core.config import KaggleConfig
 from kaggle_utils.core.errors import UsageError
+from kaggle_utils.kaggle.client import authenticated_user
 
 KERNEL_METADATA_FILE = "kernel-metadata.json"
 DATASET_METADATA_FILE = "dataset-metadata.json"
@@ -139,8 +140,10 @@ def notebook_kernels(cfg: KaggleConfig) -> dict[str, NotebookKernel]:
 def kernel_for_notebook(
     cfg: KaggleConfig, notebook: str | Path, parameters: Mapping[str, Any] | None = None
 ) -> NotebookKernel:
-    """The kernel a push of `notebook` (notebooks/<name>.ipynb or .py) with these parameters is: the notebook's
-    only kernel, or, for a notebook pushed as several, the one whose selecting parameters (ORDERING) it sets."""
+    """The kernel a push of `notebook` (notebooks/<name>.ipynb or .py) with these parameters is: the
+    notebook's
+    only kernel, or, for a notebook pushed as several, the one whose selecting parameters (ORDERING) it
+    sets."""
     kernels = notebook_kernels(cfg)
     candidates = [kernel for kernel in kernels.values() if kernel.notebook_name == Path(notebook).stem]
     if not candidates:
@@ -269,7 +272,8 @@ def validate_kernel_metadata(metadata: Mapping[str, Any], where: str = KERNEL_ME
                     problems.append(f"{where}: title {title!r} must be at least 5 characters")
                 elif slugify(title) != slug:
                     problems.append(
-                        f"{where}: title {title!r} slugifies to {slugify(title)!r}, not the id's slug {slug!r} "
+                        f"{where}: title {title!r} slugifies to {slugify(title)!r}, not the id's slug "
+                        f"{slug!r} "
                         "(a new kernel's URL comes from its title)"
                     )
 
@@ -381,3 +385,21 @@ def validate_dataset_metadata(metadata: Mapping[str, Any], where: str = DATASET_
     if subtitle and not 20 <= len(subtitle) <= 80:
         problems.append(f"{where}: subtitle must be 20-80 characters")
     return problems
+
+
+def resolve_owner(cfg: KaggleConfig, owner: str | None = None, api: Any = None) -> str:
+    """Explicit owner, else `cfg.owner`, else the user the client authenticated as."""
+    if owner or cfg.owner:
+        return str(owner or cfg.owner)
+    if api is None:
+        raise UsageError("no Kaggle owner: pass --owner NAME or set kaggle.owner in the config")
+    return authenticated_user(api)
+
+
+def write_submission_metadata(path: str | Path, cfg: KaggleConfig, owner: str) -> Path:
+    """(Re)write the top-level kernel-metadata.json of the submission kernel from the config."""
+    metadata = submission_metadata(cfg, owner)
+    problems = validate_kernel_metadata(metadata, str(path))
+    if problems:
+        raise UsageError("; ".join(problems))
+    return write_metadata(metadata, Path(path))

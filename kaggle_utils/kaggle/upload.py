@@ -6,7 +6,7 @@ them. `plan_upload` decides the exact file list instead:
 
 - an artifact (has manifest.json): the files its manifest lists, each checked for size and sha256, plus the
   manifest itself; an ensemble artifact (manifest `kind: ensemble`, `ship.write_shipped`) likewise, after
-  `artifacts.check_ensemble_manifest` (members inside the folder, every member file listed);
+  `manifest.check_ensemble_manifest` (members inside the folder, every member file listed);
 - a build-wheels folder (has wheels.json): top-level `*.whl`, requirements.txt and wheels.json (what
   build-wheels writes), the wheels checked against wheels.json's sha256 table when it has one;
 - any other folder: only the files matched by explicit `include` patterns (given for a build-wheels folder,
@@ -31,8 +31,8 @@ from kaggle_utils.core.fileio import check_output_apart, file_sha256, link_or_co
 from kaggle_utils.kaggle.metadata import DATASET_METADATA_FILE
 from kaggle_utils.kaggle.wheels import MANIFEST_FILE as WHEELS_MANIFEST
 from kaggle_utils.kaggle.wheels import REQUIREMENTS_FILE
-from kaggle_utils.quant.artifacts import ENSEMBLE_KIND, read_ensemble_manifest, read_manifest
 from kaggle_utils.quant.layout import MANIFEST_NAME
+from kaggle_utils.quant.manifest import ENSEMBLE_KIND, read_ensemble_manifest, read_manifest
 
 ARTIFACT_MANIFEST = MANIFEST_NAME  # the artifact's manifest (kaggle_utils.quant.layout)
 # File names (any path component) that hold credentials in the usual tools' layouts.
@@ -75,7 +75,8 @@ class UploadPlan:
     def summary(self) -> str:
         """Every file sent (path + bytes), then every file left out: nothing leaves the machine unlisted."""
         lines = [
-            f"sending {len(self.files)} files ({self.total_bytes:,} bytes) from {self.directory} ({self.kind}):"
+            f"sending {len(self.files)} files ({self.total_bytes:,} bytes) from {self.directory} "
+            f"({self.kind}):"
         ]
         lines += [f"  {path}  {size:,} bytes" for path, size in self.files.items()]
         if self.left_out:
@@ -153,7 +154,8 @@ def _wheels_files(directory: Path, available: dict[str, int]) -> list[str]:
     if isinstance(listed, dict) and listed:
         if sorted(listed) != wheels:
             raise UsageError(
-                f"{manifest_path}: lists wheels {sorted(listed)} but the folder has {wheels}; rerun build-wheels"
+                f"{manifest_path}: lists wheels {sorted(listed)} but the folder has {wheels}; rerun "
+                "build-wheels"
             )
         for name, digest in listed.items():
             if file_sha256(directory / name) != digest:
@@ -191,7 +193,8 @@ def plan_upload(directory: str | Path, include: list[str] | None = None) -> Uplo
         kind, selected = "wheels", _wheels_files(directory, available)
     else:
         raise UsageError(
-            f"{directory}: neither an artifact ({ARTIFACT_MANIFEST}) nor a build-wheels folder ({WHEELS_MANIFEST}); "
+            f"{directory}: neither an artifact ({ARTIFACT_MANIFEST}) nor a build-wheels folder "
+            f"({WHEELS_MANIFEST}); "
             "name the files to send with --include PATTERN"
         )
     if not selected:

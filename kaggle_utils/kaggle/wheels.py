@@ -129,7 +129,8 @@ def wheel_metadata(path: Path) -> email.message.Message:
 
 
 def _target_environment(python_version: str, platform: str) -> dict[str, str]:
-    """Marker values for the target image (extras off), for Requires-Dist lines such as `x; python_version < "3.12"`."""
+    """Marker values for the target image (extras off), for Requires-Dist lines such as `x; python_version <
+    "3.12"`."""
     environment = dict(default_environment())
     release = Version(python_version).release
     environment.update(
@@ -151,7 +152,8 @@ def _target_environment(python_version: str, platform: str) -> dict[str, str]:
 def check_against_image(
     wheels: Iterable[Path], python_version: str, image: KaggleImage, source: str | Path = IMAGE_FILE
 ) -> dict[str, str]:
-    """Raise a one-line UsageError naming the wheel and the requirement unless every wheel installs on `image`.
+    """Raise a one-line UsageError naming the wheel and the requirement unless every wheel installs on
+    `image`.
 
     Checked from each wheel's METADATA: Requires-Python against `python_version`; each Requires-Dist whose
     marker holds on the image against the version the image ships (`image.packages`) or, for a bundled
@@ -353,7 +355,8 @@ def build_wheels(
             local = {name: version for name, version in pins.items() if "+" in version}
             raise UsageError(f"build-wheels: local versions cannot be downloaded from an index: {local}")
         print(
-            f"build-wheels: downloading {len(pins)} wheels for Python {cfg.wheel_python_version}, {cfg.wheel_platform}"
+            f"build-wheels: downloading {len(pins)} wheels for Python {cfg.wheel_python_version}, "
+            f"{cfg.wheel_platform}"
         )
         download_wheels(pins, out, cfg.wheel_python_version, cfg.wheel_platform, pip_args)
         top_level = {canonicalize_name(entry.split("==")[0]) for entry in entries}

@@ -21,7 +21,7 @@ from typing import Any
 
 from kaggle_utils.core.config import KaggleConfig
 from kaggle_utils.core.errors import UsageError
-from kaggle_utils.kaggle.client import authenticated_user, kaggle_api, kaggle_errors
+from kaggle_utils.kaggle.client import kaggle_api, kaggle_errors
 from kaggle_utils.kaggle.install_cell import inject_install_cell
 from kaggle_utils.kaggle.kernel_check import KernelCheck, check_kernel_folder
 from kaggle_utils.kaggle.metadata import (
@@ -32,9 +32,8 @@ from kaggle_utils.kaggle.metadata import (
     kernel_for_notebook,
     kernel_metadata,
     read_metadata,
-    submission_metadata,
+    resolve_owner,
     validate_dataset_metadata,
-    validate_kernel_metadata,
     with_accelerator,
     with_owner,
     write_metadata,
@@ -56,29 +55,9 @@ __all__ = [
     "parse_parameters",
     "plan_upload",
     "push_notebook",
-    "resolve_owner",
     "submit_kernel",
     "upload_dataset",
-    "write_submission_metadata",
 ]
-
-
-def resolve_owner(cfg: KaggleConfig, owner: str | None = None, api: Any = None) -> str:
-    """Explicit owner, else `cfg.owner`, else the user the client authenticated as."""
-    if owner or cfg.owner:
-        return str(owner or cfg.owner)
-    if api is None:
-        raise UsageError("no Kaggle owner: pass --owner NAME or set kaggle.owner in the config")
-    return authenticated_user(api)
-
-
-def write_submission_metadata(path: str | Path, cfg: KaggleConfig, owner: str) -> Path:
-    """(Re)write the top-level kernel-metadata.json of the submission kernel from the config."""
-    metadata = submission_metadata(cfg, owner)
-    problems = validate_kernel_metadata(metadata, str(path))
-    if problems:
-        raise UsageError("; ".join(problems))
-    return write_metadata(metadata, Path(path))
 
 
 def _write_notebook(notebook: Path, target: Path) -> None:
@@ -96,7 +75,8 @@ def _write_notebook(notebook: Path, target: Path) -> None:
 
 
 def parse_parameters(pairs: list[str] | None) -> dict[str, Any]:
-    """`NAME=VALUE` pairs from the command line; VALUE is a Python literal when it parses as one, else a string."""
+    """`NAME=VALUE` pairs from the command line; VALUE is a Python literal when it parses as one, else a
+    string."""
     parameters: dict[str, Any] = {}
     for pair in pairs or []:
         name, sep, raw = pair.partition("=")
@@ -110,7 +90,8 @@ def parse_parameters(pairs: list[str] | None) -> dict[str, Any]:
 
 
 def _inject_parameters(path: Path, parameters: dict[str, Any]) -> None:
-    """Papermill's injected-parameters cell after the `parameters` cell, so the pushed run uses these values."""
+    """Papermill's injected-parameters cell after the `parameters` cell, so the pushed run uses these
+    values."""
     import nbformat
     from papermill.iorw import load_notebook_node
     from papermill.parameterize import parameterize_notebook
@@ -145,7 +126,8 @@ def build_kernel_folder(
     parameters: dict[str, Any] | None = None,
 ) -> Path:
     """`cfg.build_dir/kernels/<slug>/`: the notebook as .ipynb (its `offline-install` cell set to the one
-    template, `parameters` injected) plus its kernel-metadata.json. A notebook pushed as several kernels (train: one per ORDERING) is built as the
+    template, `parameters` injected) plus its kernel-metadata.json. A notebook pushed as several kernels
+    (train: one per ORDERING) is built as the
     kernel its parameters select.
 
     The submission kernel's metadata comes from the top-level kernel-metadata.json (the reviewed file); the
@@ -248,7 +230,8 @@ def _dataset_role(directory: Path) -> str:
         wheels = list(directory.glob("*.whl"))
         return "package" if wheels and all(w.name.startswith("kaggle_utils-") for w in wheels) else "wheels"
     raise UsageError(
-        f"{directory}: neither an artifact ({ARTIFACT_MANIFEST}) nor a build-wheels folder ({WHEELS_MANIFEST}); "
+        f"{directory}: neither an artifact ({ARTIFACT_MANIFEST}) nor a build-wheels folder "
+        f"({WHEELS_MANIFEST}); "
         "pass --role or --slug"
     )
 

@@ -3,18 +3,9 @@
 Gemma-2 by default; any family of `SUPPORTED_MODEL_TYPES` (Gemma-3 text, Llama-3, Qwen-2, Mistral) through
 ``AutoModelForSequenceClassification``, the architecture read from the config's ``model_type``.
 
-`ModelConfig.base_model` names where the backbone comes from:
-
-- ``"tiny"``: `tiny_gemma2_config()` (2 layers, hidden 64) with random weights: tests, the demo, CPU benchmarks.
-- a ``*.json`` file, or a directory holding only ``config.json``: that architecture with random weights (the real
-  9B shape is ``../shared/reference/gemma-2-9b-config.json``; build it on the ``meta`` device to count parameters).
-- a directory with ``config.json`` and weights: a real checkpoint, loaded offline.
-
-Random weights are drawn under `ModelConfig.init_seed`, so every ordering trained from one config starts from the
-same backbone. Gemma-2 soft-caps attention logits (50) and final logits (30): the ``eager`` attention
-implementation applies the cap exactly, SDPA silently drops it, so eager is the default. The dtype follows the
-hardware (`resolve_dtype`): bf16 where the GPU has it natively, fp16 on T4-class GPUs (compute capability < 8.0,
-whose bf16 is emulated and about twice as slow), fp32 on CPU.
+`ModelConfig.base_model` is ``"tiny"`` (2 layers, random weights), a ``config.json`` (that architecture,
+random weights under `ModelConfig.init_seed`) or a checkpoint directory (loaded offline).
+Usage: ``model = apply_lora(build_classifier(ModelConfig(base_model="tiny")), LoraSettings())``.
 """
 
 from __future__ import annotations
@@ -86,15 +77,12 @@ def build_classifier(
     pad_token_id: int | None = None,
     device: str | torch.device | None = None,
 ) -> PreTrainedModel:
-    """A sequence classifier (`AutoModelForSequenceClassification`: Gemma-2 by default, or any family of
-    `SUPPORTED_MODEL_TYPES` its config names) as `model_cfg` describes; with `quant`, a bitsandbytes base.
-
-    Config sources get random weights drawn under `model_cfg.init_seed`. ``device="meta"`` builds the shape
-    without memory (parameter counts for the 9B config). Quantizing a random-weight model goes through a
-    checkpoint written to a temporary directory, because transformers quantizes while loading weights.
+    """A sequence classifier as `model_cfg` describes (random weights under `init_seed` for config sources);
+    with `quant`, a bitsandbytes base. ``device="meta"`` builds the shape without memory.
     """
     device = torch.device(device) if device is not None else default_device()
     if quant is not None:
+        # transformers quantizes while loading: a random-weight base goes through a temporary checkpoint
         if base_has_weights(model_cfg.base_model):
             return load_quantized_base(
                 model_cfg.base_model, quant, model_cfg, pad_token_id=pad_token_id, device=device
@@ -133,11 +121,8 @@ def materialize_base(
     device: str | torch.device = "cpu",
     dtype: str = "float32",
 ) -> Path:
-    """Write the (seeded, random-weight) base as a checkpoint directory that every ordering loads.
-
-    A real checkpoint is returned as it is. By default config sources are built on CPU in fp32, so the 16-bit
-    and the quantized base hold exactly the same weights whatever hardware trains them later.
-    """
+    """Write the seeded random-weight base as a checkpoint directory every ordering loads (a real checkpoint
+    is returned as it is); built on CPU in fp32 by default, so every later base holds the same weights."""
     if base_has_weights(model_cfg.base_model):
         return Path(model_cfg.base_model).expanduser()
     out_dir = Path(out_dir)
@@ -184,7 +169,7 @@ def _seeded(seed: int, device: torch.device) -> Iterator[None]:
 
 
 def lora_config(lora: LoraSettings, num_hidden_layers: int | None = None):
-    """The peft `LoraConfig` for `lora`: all listed linear layers, head in `modules_to_save` (trained in full)."""
+    """The peft `LoraConfig` for `lora`: the listed linear layers, the head in `modules_to_save` (trained)."""
     layers = None
     if lora.frozen_layers:
         if num_hidden_layers is None or lora.frozen_layers >= num_hidden_layers:
@@ -206,11 +191,8 @@ def lora_config(lora: LoraSettings, num_hidden_layers: int | None = None):
 
 
 def apply_lora(model: PreTrainedModel, lora: LoraSettings):
-    """Wrap `model` in a peft LoRA model (in place). A bitsandbytes base is first prepared for k-bit training.
-
-    Gradient checkpointing is switched on by the training loop, not here, so that inference-only users of this
-    function (artifact loading) keep the plain forward.
-    """
+    """Wrap `model` in a peft LoRA model (in place); a bitsandbytes base is first prepared for k-bit training.
+    Gradient checkpointing is left to the training loop (artifact loading keeps the plain forward)."""
     if is_quantized(model):
         with warnings.catch_warnings():
             warnings.simplefilter(
@@ -225,9 +207,8 @@ ALL_LINEAR = "all-linear"
 
 
 def lora_targets(model: nn.Module, lora: LoraSettings) -> tuple[str, ...]:
-    """The LoRA target names for `model`: ``("all-linear",)`` = every linear layer of its decoder, whatever the
-    architecture calls them; a named list must each match a linear layer (a typo or another family's names
-    would otherwise train nothing there)."""
+    """The LoRA target names for `model`: ``("all-linear",)`` = every linear layer of its decoder; each name
+    of a named list must match a linear layer (a typo would otherwise train nothing there)."""
     linear_names = sorted(
         {
             name.rsplit(".", 1)[-1]
@@ -289,10 +270,8 @@ def predict_probs(
     max_rows: int | None = None,
     progress: bool = False,
 ) -> np.ndarray:
-    """Probabilities (n, 3) for every encoded row, in input order, on one device.
-
-    Rows are grouped into token-budget batches (longest first, little padding); the model is put in eval mode.
-    """
+    """Probabilities (n, 3) for every encoded row, in input order, on one device, in token-budget batches
+    (longest first); the model is put in eval mode."""
     if device is not None:
         model.to(device)
     model.eval()

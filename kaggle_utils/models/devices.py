@@ -1,7 +1,7 @@
 """Device and dtype choice, shared by model building, quantization backends, artifacts and training.
 
-Kept apart from `modeling` so that the quantization backends and the artifact loader can pick a device and a
-compute dtype without importing the model builder (which imports them).
+Apart from `classifier`, so backends and the artifact loader need not import the model builder.
+Usage: `dtype = resolve_dtype("auto", default_device())`.
 """
 
 from __future__ import annotations
@@ -19,11 +19,8 @@ DTYPES: dict[str, torch.dtype] = {
 
 
 def resolve_dtype(setting: str, device: str | torch.device | None = None) -> torch.dtype:
-    """The parameter/compute dtype for `setting` on `device`: explicit settings win; "auto" follows the hardware.
-
-    CUDA: bf16 when the GPU has it natively (``including_emulation=False``: a T4 reports emulated bf16 as
-    supported), else fp16. CPU (and anything else): fp32, where the bitsandbytes CPU kernels are exact.
-    """
+    """The parameter/compute dtype for `setting` on `device`; "auto": bf16 on a GPU that has it natively
+    (a T4 only emulates it), else fp16 on CUDA, fp32 elsewhere (exact bitsandbytes CPU kernels)."""
     if setting != "auto":
         if setting not in DTYPES:
             raise UsageError(f"model dtype must be one of auto, {', '.join(DTYPES)}; got {setting!r}")
@@ -51,12 +48,12 @@ def model_device(model: nn.Module) -> torch.device:
 
 
 class DtypeRangeError(UsageError):
-    """A model whose hidden states leave its dtype's range (fp16 overflow): it would predict NaN or garbage."""
+    """A model whose hidden states leave its dtype's range (fp16 overflow): it would predict NaN."""
 
 
 FP16_MAX = float(torch.finfo(torch.float16).max)  # 65,504
-# A preflight sees a few rows; others may run larger. Half the range is refused: Gemma 3 reaches 68,407 (inf in
-# fp16), SmolLM2-135M 25,177 (finite, logits within 0.003 of fp32): measured in docs/RESULTS.md.
+# A preflight sees a few rows and others may run larger, so half the range is refused (docs/RESULTS.md:
+# Gemma 3 reaches 68,407, inf in fp16; SmolLM2-135M 25,177, finite).
 FP16_PREFLIGHT_LIMIT = FP16_MAX / 2
 
 
@@ -66,12 +63,8 @@ def check_dtype_range(
     attention_mask: torch.Tensor | None = None,
     setting: str = "model.dtype",
 ) -> dict:
-    """Run one batch and watch every decoder layer's output: where a layer computes in float16, its largest
-    magnitude must stay below `FP16_PREFLIGHT_LIMIT` and every value must be finite. Returns
-    {"checked_layers", "float16_layers", "max_abs", "layer"}; raises `DtypeRangeError` naming the dtype, the
-    layer, the magnitude and a setting that works. bf16 and fp32 have fp32's range: nothing to refuse.
-
-        check_dtype_range(model, batch["input_ids"], batch["attention_mask"], setting="--dtype")
+    """Run one batch; each float16 decoder layer's output must be finite and below `FP16_PREFLIGHT_LIMIT`,
+    else `DtypeRangeError`. Returns {"checked_layers", "float16_layers", "max_abs", "layer"}.
     """
     layers = [
         (name, module)
@@ -112,8 +105,9 @@ def check_dtype_range(
         if broken is not None:
             what = "turn non-finite" if not broken[3] else f"reach {broken[2]:,.0f}"
             raise DtypeRangeError(
-                f"{setting} float16: hidden states {what} at {broken[0]} on {input_ids.shape[0]} preflight rows "
-                f"(float16 holds up to {FP16_MAX:,.0f}; refused above {FP16_PREFLIGHT_LIMIT:,.0f}): this model "
-                f"would predict NaN in float16; use float32 (or bfloat16 on a GPU that has it)"
+                f"{setting} float16: hidden states {what} at {broken[0]} on {input_ids.shape[0]} "
+                f"preflight rows (float16 holds up to {FP16_MAX:,.0f}; refused above "
+                f"{FP16_PREFLIGHT_LIMIT:,.0f}): this model would predict NaN in float16; "
+                "use float32 (or bfloat16 on a GPU that has it)"
             )
     return summary

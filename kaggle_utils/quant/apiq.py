@@ -1,20 +1,7 @@
-"""ApiQ-style initialisation: fit LoRA (and per-group clipping) so the quantized block reproduces the 16-bit one.
+"""ApiQ-style init: fit LoRA (and per-group clipping) so each quantized block reproduces the 16-bit one.
 
-For each decoder block i, in order, on a few hundred calibration rows:
-    minimise || block_i^16(X_i) - block_i^{q + LoRA}(Xq_i) ||^2   over the LoRA factors and clipping factors,
-where X_i is the input the 16-bit model gives block i and Xq_i is the input the *already fitted quantized*
-blocks 0..i-1 give it, so the error of earlier blocks is corrected instead of piling up with depth. The integer
-codes are not learned; they follow from the clipped range (round-to-nearest, straight-through gradient).
-
-Two quantizers, each matched value for value by a differentiable copy, so what is fitted is what ships:
-- "nf4": bitsandbytes NF4 (absmax per block of 64 flattened weights, the QLoRA base). Clipping shrinks a
-  block's absmax; `apply_clipping` writes the clipped 16-bit weights, and quantizing them with bitsandbytes
-  reproduces the fitted codes exactly (double quantization of the absmax adds its own small error).
-- "int4": the group-wise asymmetric INT4 of `int4` (min-max RTN), upper and lower clipping per group.
-
-The result holds LoRA factors in peft's layout (A: (r, in), B: (out, r), scaling alpha / r), loaded into a
-peft model with `load_lora_factors`. Default init = peft's (B = 0) on the unclipped quantizer, which is what
-the error columns compare against.
+`apiq_initialize(...)` fits block by block on calibration rows; `apply_clipping` writes the fitted
+clipping and `load_lora_factors` loads the factors into a peft model. The objective: docs/DESIGN_NOTES.md.
 """
 
 from __future__ import annotations
@@ -100,7 +87,7 @@ def _nf4_code(device: torch.device) -> Tensor:
 
 
 def fake_quantize_nf4(weight: Tensor, clip: Tensor | None = None, blocksize: int = NF4_BLOCKSIZE) -> Tensor:
-    """Differentiable bitsandbytes NF4 (no double quant): nearest NF4 level of W / absmax per flattened block."""
+    """Differentiable bitsandbytes NF4 (no double quant): nearest NF4 level of W / absmax per flat block."""
     if weight.numel() % blocksize:
         raise UsageError(f"nf4 blocksize {blocksize} must divide the weight size {tuple(weight.shape)}")
     code = _nf4_code(weight.device)
@@ -210,7 +197,7 @@ def pad_batches(
 def capture_block_inputs(
     model: nn.Module, batches: list[dict[str, Tensor]]
 ) -> tuple[list[Tensor], list[list[dict[str, Any]]]]:
-    """Block 0's input hidden states per batch, and every block's keyword arguments (masks, rotary) per batch."""
+    """Block 0's input hidden states per batch, and every block's keyword arguments (masks, rotary)."""
     layers = decoder_layers(model)
     first_inputs: list[Tensor] = []
     kwargs_per_layer: list[list[dict[str, Any]]] = [[] for _ in layers]
@@ -462,8 +449,8 @@ def block_output_errors(
     pad_token_id: int,
     batch_size: int = 8,
 ) -> list[float]:
-    """Per decoder block, ||out_model - out_reference||^2 / ||out_reference||^2 over non-pad tokens, each model
-    fed by its own earlier blocks (as at inference). Works on plain, bitsandbytes and peft-wrapped models."""
+    """Per decoder block, ||out_model - out_reference||^2 / ||out_reference||^2 over non-pad tokens, each
+    model fed by its own earlier blocks (as at inference); plain, bitsandbytes and peft-wrapped models."""
 
     def outputs_of(network: nn.Module) -> list[list[Tensor]]:
         layers = decoder_layers(network)

@@ -1,27 +1,7 @@
-"""Adapters whose weight update is constant within each quantization group, so they fold into the zero points.
+"""Adapters whose update is constant within each quantization group, so they fold into INT4 zero points.
 
-The merge, derived for this layout (`int4`): the base weight is W[o, i] = s[o, g] * (q[o, i] - z[o, g]) with
-g = i // group_size. An adapter that sees only the group means of its input,
-    pooled[g] = mean(x[i] for i in group g),
-adds y_o += sum_g D[o, g] * pooled[g] = sum_i (D[o, g(i)] / group_size) * x[i], i.e. a weight update
-    delta[o, i] = d[o, g(i)],  d = D / group_size,
-constant inside every (row, group) cell. Then
-    W + delta = s * (q - z) + d = s * (q - (z - d / s)),
-so the merged layer keeps q and s and stores z' = z - d / s (float32 zero points: `int4` explains why). The
-merged artifact is plain INT4 with no adapter tensors, and it computes the same function up to float rounding.
-
-Two ways to parameterise D (out, groups):
-- QA-LoRA: D = scaling * B @ A, A (r, groups), B (out, r) -- low rank r.
-- QA-HiRA: D = scaling * M, one matrix M (out / output_repeat, groups), each row repeated `output_repeat` times;
-  no B; scaling = alpha / (rank M can reach), by analogy with LoRA's alpha / r. The paper
-  pools the input by 4 and repeats the output x8 so that delta is constant over 8x4 *tiles*. Here zero points
-  are per (row, group of `group_size` inputs): a tile update folds only if it is constant over a whole input
-  group, so the input pooling window must be the quantization group (4 inputs would leave up to
-  group_size / 4 distinct values inside a group: not foldable); the output repeat is free (each row has its own
-  zero point) and only trades parameters for rank. Consequence: ANY zero-point-foldable update has
-  rank <= in_features / group_size (64 for a 4096-wide input at group 64), so QA-LoRA gains nothing above that
-  rank, and QA-HiRA with output_repeat=1 is the full foldable update with out * groups parameters -- fewer
-  than LoRA r64 (64 * (in + out)) for Gemma-2's shapes.
+QA-LoRA (D = scaling * B @ A) and QA-HiRA (D = scaling * M, rows repeated); `merge_group_adapters` folds D
+into the zero points (z' = z - d / s), leaving plain INT4. The derivation: docs/DESIGN_NOTES.md.
 """
 
 from __future__ import annotations
@@ -121,7 +101,7 @@ class GroupPooledAdapterLinear(nn.Module):
 
 
 def hira_output_repeat(out_features: int, groups: int, lora_rank: int) -> int:
-    """Smallest output repeat dividing out_features whose M has at most QA-LoRA rank `lora_rank`'s parameters."""
+    """Smallest output repeat dividing out_features whose M has at most QA-LoRA rank `lora_rank`'s params."""
     budget = lora_rank * (out_features + groups)
     for repeat in range(1, out_features + 1):
         if out_features % repeat == 0 and (out_features // repeat) * groups <= budget:

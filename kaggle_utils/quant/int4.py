@@ -1,19 +1,7 @@
-"""Group-wise asymmetric INT4 weights: W_deq = scale * (q - zero), one (scale, zero) per (output row, input group).
+"""Group-wise asymmetric INT4 weights: W_deq = scale * (q - zero), one (scale, zero) per (row, input group).
 
-Why this layout and not a library's packed tensor:
-- The zero point must be able to hold a *non-integer* value, because a QA-LoRA / QA-HiRA update that is constant
-  within a group is folded into it (`zero' = zero - delta / scale`, see `group_adapters`). HQQ's `HQQLinear`
-  keeps float zero points, but in the compute dtype (fp16 on a T4: a folded zero is rounded) and its fast
-  backends are CUDA-only. torchao's int4 weight-only (tinygemm) layout also uses float zero points, but packs
-  scales and zeros together in bf16 and runs through tinygemm kernels (CUDA, x86 CPU), not T4 fp16 or TPU;
-  torchao is not installed in this environment. So the *storage* is a small documented layout with a
-  plain-PyTorch dequantize that runs wherever torch runs (CPU tests, T4 fp16, TPU through XLA); the
-  *quantizer* is HQQ's half-quadratic optimiser (`method="hqq"`, the maintained library) or round-to-nearest
-  min-max (`method="rtn"`, integer zero points like GPTQ/AWQ, with the per-group clipping ApiQ learns).
-- Storage dtypes: codes packed two per byte (uint8), `scale` float16 (as GPTQ/AWQ/HQQ ship it; the fold never
-  changes it), `zero` float32. fp32 zero points make the fold lossless to ~1e-7 relative; fp16 would round a
-  folded zero by up to 2^-8 of a quantization step (|zero| < 16) -- small against the step/2 rounding error,
-  but not "no extra error". Cost: at group size 64, 4 + 16/64 + 32/64 = 4.75 bits per weight (4.5 with fp16).
+`quantize_linears(model, ...)` swaps target layers for `Int4Linear` (plain-PyTorch dequantize: CPU, T4, TPU);
+`save_int4_model` / `load_int4_model` write and read the checkpoint. Why this layout: docs/DESIGN_NOTES.md.
 """
 
 from __future__ import annotations
@@ -101,7 +89,7 @@ def _group_min_max(weight: Tensor, group_size: int) -> tuple[Tensor, Tensor, Ten
 def quantize_rtn(
     weight: Tensor, group_size: int, clip_upper: Tensor | None = None, clip_lower: Tensor | None = None
 ) -> Int4Weight:
-    """Round-to-nearest min-max INT4 with integer zero points; `clip_*` (out, groups) shrink each group's range."""
+    """Round-to-nearest min-max INT4, integer zero points; `clip_*` (out, groups) shrink group ranges."""
     check_group_size(weight.shape[1], group_size)
     grouped, low, high = _group_min_max(weight, group_size)
     if clip_upper is not None:
@@ -242,8 +230,8 @@ class Int4Linear(nn.Module):
         return F.linear(x, self.dequantized_weight(x.dtype), bias)
 
     def _apply(self, fn, recurse: bool = True):
-        """`.to(device)` moves the stored tensors; `.to(dtype)` / `.half()` must not round codes, scales or zero
-        points (a model-wide cast to bf16 would destroy a folded zero), so their storage dtypes are kept."""
+        """`.to(device)` moves the stored tensors; `.to(dtype)` / `.half()` must not round codes, scales or
+        zero points (a model-wide bf16 cast would destroy a folded zero): their storage dtypes are kept."""
         for name in ("qweight", "scale", "zero"):
             buffer = self._buffers[name]
             target_device = fn(torch.empty(0, dtype=torch.float32, device=buffer.device)).device
@@ -278,7 +266,7 @@ def replace_module(model: nn.Module, qualified_name: str, new_module: nn.Module)
 def quantize_linears(
     model: nn.Module, group_size: int, target_modules: Iterable[str], method: QuantMethod = "rtn"
 ) -> list[str]:
-    """Replace the targeted nn.Linear layers by Int4Linear in place; returns their names (for the manifest)."""
+    """Replace the targeted nn.Linear layers by Int4Linear in place; their names (for the manifest)."""
     names = []
     for name, linear in iter_target_linears(model, target_modules):
         check_group_size(linear.in_features, group_size, name)
@@ -300,7 +288,7 @@ def int4_layer_names(model: nn.Module) -> list[str]:
 
 
 def save_int4_model(model: nn.Module, out_dir: str | Path) -> Path:
-    """Write a classifier whose target layers are Int4Linear: config.json, model.safetensors, int4_layers.json.
+    """Write a classifier with Int4Linear target layers: config.json, model.safetensors, int4_layers.json.
 
     Refuses a model that still carries adapters (merge first): the shipped file holds plain INT4 only.
     """
@@ -351,7 +339,7 @@ def int4_layers_in_state(state: dict[str, Tensor]) -> dict[str, int]:
 def load_int4_model(
     model_dir: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
 ) -> nn.Module:
-    """Rebuild the classifier from a checkpoint directory holding INT4 layers (config.json + model.safetensors)
+    """Rebuild the classifier from a checkpoint directory with INT4 layers (config.json + model.safetensors)
     on any device: non-quantized tensors in `dtype`, INT4 layers dequantized to `dtype` on the fly in plain
     PyTorch (no CUDA kernel needed: CPU, T4 fp16, TPU). The INT4 layers are found from their tensor names."""
     model_dir = Path(model_dir)
@@ -397,5 +385,5 @@ def int4_storage_bits_per_weight(group_size: int) -> float:
     return 4 + (16 + 32) / group_size
 
 
-# Manifest `quant_scheme` of an INT4 artifact: this prefix and the group size (kaggle_utils.quant.backends.int4).
+# Manifest `quant_scheme` of an INT4 artifact: this prefix and the group size (quant/backends/int4.py).
 INT4_SCHEME_PREFIX = "int4-asym-g"

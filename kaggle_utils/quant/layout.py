@@ -1,7 +1,5 @@
 """Names of an inference artifact's parts: the one place `manifest.json` and the folder names are spelled.
-
-A leaf module (no torch), so that the light readers (input discovery in `runtime`, the upload in
-`kaggle_tools.upload`) and the quantization backends can name the parts without importing `artifacts`.
+A leaf module (no torch), so light readers and the backends can name the parts without importing `artifacts`.
 """
 
 from __future__ import annotations

@@ -1,24 +1,7 @@
 """LoftQ initialisation of a QLoRA (bitsandbytes NF4) model, with the paper's alternating iterations.
 
-LoftQ (Li et al., 2023) picks the quantized base Q and the LoRA factors so that Q + B A approximates the 16-bit
-weight W (a weight-space fit, unlike ApiQ's activation fit), by alternating T times:
-
-    Q_t = quant(W - B_{t-1} A_{t-1})        (B_0 A_0 = 0, so Q_1 = quant(W): the plain QLoRA base)
-    B_t, A_t = rank-r SVD of (W - Q_t)
-
-With T = 1 this is what peft's `replace_lora_weights_loftq` does. We compute it ourselves rather than through
-peft because peft 0.21's `loftq_utils` moves every weight to `compute_device = "cuda"/"xpu"` (no CPU path) and
-computes one step only. bitsandbytes 0.50 quantizes and dequantizes NF4 on CPU tensors too
-(`bitsandbytes.functional.quantize_4bit` / `dequantize_4bit`), so the whole variant runs on CPU and CUDA. The
-layer's 4-bit weight is replaced by the fitted Q, quantized with the layer's own settings (block size, double
-quantization, storage type), so the saved base is the one the adapter was fitted to.
-
-The 16-bit weights are read tensor by tensor from the checkpoint folder, single-file `model.safetensors` or
-sharded (`model.safetensors.index.json` + shards, as Gemma-2-9B ships), never all at once.
-
-Scaling: peft's LoRA computes scaling * B A with scaling = alpha / r; LoftQ's objective is B A itself, so B is
-divided by the layer's scaling (peft writes the SVD factors unscaled: peft issue #1982). `rescale_for_lora_scaling`
-does the same for factors written by other code.
+`apply_loftq(peft_model, base_checkpoint_dir, iterations=...)` sets each 4-bit layer's base to the fitted Q
+and its LoRA to the rank-r remainder, on CPU or CUDA. Why not peft's own LoftQ: docs/DESIGN_NOTES.md.
 """
 
 from __future__ import annotations
@@ -91,7 +74,7 @@ class NF4Settings:
 
 
 def nf4_quantizer(settings: NF4Settings) -> Callable[[torch.Tensor], tuple[torch.Tensor, tuple]]:
-    """x -> (dequantized x in float32, (packed, quant_state)) with bitsandbytes, on x's device (CPU or CUDA)."""
+    """x -> (dequantized x in float32, (packed, quant_state)) with bitsandbytes, on x's device."""
     import bitsandbytes.functional as bnbf
 
     def quantize(x: torch.Tensor) -> tuple[torch.Tensor, tuple]:
@@ -121,7 +104,7 @@ class LoftQFactors:
 
 
 def low_rank(matrix: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The best rank-`rank` factorisation B A of `matrix` (truncated SVD; sqrt(S) split between the factors)."""
+    """The best rank-`rank` factorisation B A of `matrix` (truncated SVD; sqrt(S) split between factors)."""
     u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
     root = s[:rank].sqrt()
     return u[:, :rank] * root, root[:, None] * vh[:rank]
@@ -136,8 +119,8 @@ def loftq_decompose(
 ) -> LoftQFactors:
     """`iterations` alternating steps Q = quant(W - B A); B, A = SVD_rank(W - Q).
 
-    The quantization step rounds to the nearest grid value but also re-derives each block's scale, so it is not
-    an exact minimiser and the error need not fall at every step: the iterate with the lowest error is kept."""
+    Quantizing also re-derives each block's scale, so it is not an exact minimiser and the error need not
+    fall at every step: the iterate with the lowest error is kept."""
     if iterations < 1:
         raise UsageError(f"LoftQ iterations must be >= 1, got {iterations}")
     if weight.dim() != 2:
@@ -200,9 +183,8 @@ def apply_loftq(
     peft_model: nn.Module, base_checkpoint_dir: str | Path, adapter_name: str = "default", iterations: int = 1
 ) -> LoftQReport:
     """LoftQ-initialise every 4-bit LoRA layer of a bitsandbytes-NF4 peft model from the 16-bit safetensors in
-    `base_checkpoint_dir` (single file or sharded). Sets lora_A / lora_B so that scaling * B A is the fitted
-    rank-r term, and sets the layer's 4-bit weight to the fitted Q (with one iteration: quant(W), the weight
-    QLoRA loads). Runs on the layers' device (CPU or CUDA)."""
+    `base_checkpoint_dir` (single file or sharded): lora_A / lora_B so that scaling * B A is the fitted rank-r
+    term, the layer's 4-bit weight the fitted Q. Runs on the layers' device (CPU or CUDA)."""
     try:
         import bitsandbytes as bnb
     except ImportError as error:

@@ -29,20 +29,25 @@ import polars as pl
 import torch
 from torch import nn
 
-from kaggle_utils.core.config import PipelineConfig
+from kaggle_utils.core.config import PipelineConfig, save_resolved
 from kaggle_utils.core.environment import find_competition_file, run_output_dir
 from kaggle_utils.core.errors import UsageError
 from kaggle_utils.core.metrics import class_prior, exclusion_record, log_loss, make_oof
-from kaggle_utils.data.dialects import Dialect, get_dialect
+from kaggle_utils.data.dialect_base import Dialect
+from kaggle_utils.data.dialects import get_dialect
 from kaggle_utils.data.folds import drop_folds, folds_file_hash, load_folds, make_folds, save_folds
 from kaggle_utils.data.load import load_competition
-from kaggle_utils.inference.predictor import ScoredRows, score_rows
+from kaggle_utils.inference.scoring import ScoredRows, score_rows
 from kaggle_utils.models.classifier import base_has_weights, materialize_base
 from kaggle_utils.models.devices import default_device
 from kaggle_utils.models.real import has_real_weights, resolve_tokenizer
-from kaggle_utils.quant.artifacts import artifact_size_bytes, load_artifact, update_manifest
+from kaggle_utils.quant.artifacts import artifact_size_bytes, load_artifact
+from kaggle_utils.quant.manifest import update_manifest
 from kaggle_utils.text.tokenizer import load_tokenizer
-from kaggle_utils.train.loop import PeakMemory, distributed_state, split_fold, train_fold
+from kaggle_utils.train.fold_data import split_fold
+from kaggle_utils.train.loop import train_fold
+from kaggle_utils.train.model_setup import distributed_state
+from kaggle_utils.train.results import PeakMemory
 from kaggle_utils.variants.registry import ORDERINGS, ExportContext, FoldContext, Variant
 
 logger = logging.getLogger(__name__)
@@ -83,6 +88,7 @@ def prepare_experiment(
     UsageError."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    save_resolved(cfg, out_dir)  # the config this run used, every value, beside its outputs
     frame = load_competition(train_path, cfg.data, split="train").frame
     dist = distributed_state()
     with dist.main_process_first():

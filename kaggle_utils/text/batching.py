@@ -18,10 +18,8 @@ from torch.utils.data import Sampler
 class PadCollator:
     """Pad a list of ``{"input_ids": list[int], "labels": int (optional)}`` to the batch's longest row.
 
-    Right padding by default: Gemma2ForSequenceClassification pools the last non-pad token, and the attention
-    mask keeps padded positions out of attention either way. ``padding_side="left"`` puts every row's last
-    token in the last column (handy for generation-style pooling). ``pad_to_multiple_of`` rounds the padded
-    length up (tensor-core friendly shapes on GPU).
+    Right padding by default (the classifier pools the last non-pad token); ``padding_side="left"`` puts each
+    row's last token in the last column; ``pad_to_multiple_of`` rounds the padded length up.
     """
 
     def __init__(self, pad_token_id: int, padding_side: str = "right", pad_to_multiple_of: int | None = None):
@@ -68,13 +66,10 @@ class PadCollator:
 
 
 class LengthBucketSampler(Sampler[list[int]]):
-    """Training batches of similar length, shuffled: every index exactly once per epoch.
+    """Training batches of similar length, shuffled (seed + epoch): every index exactly once per epoch.
 
-    Each epoch: shuffle all indices, cut them into buckets of ``batch_size * bucket_size_multiplier``, sort
-    each bucket by length (descending; ties keep the shuffled order), cut it into batches, shuffle the batches.
-    Seeded by ``seed + epoch``; the epoch advances on every ``__iter__`` or is set with ``set_epoch``.
-    ``shuffle=False`` gives the deterministic order: all indices sorted by length, longest batch first.
-    Pass it as ``batch_sampler=`` to a ``torch.utils.data.DataLoader``.
+    Shuffled indices are cut into buckets, each sorted by length and cut into batches; ``shuffle=False`` sorts
+    all by length. Usage: ``DataLoader(dataset, batch_sampler=LengthBucketSampler(lengths, 8))``.
     """
 
     def __init__(
@@ -134,11 +129,8 @@ class LengthBucketSampler(Sampler[list[int]]):
 def token_budget_batches(
     lengths: Sequence[int] | np.ndarray, token_budget: int, max_rows: int | None = None
 ) -> list[list[int]]:
-    """Inference batches, longest first: each holds as many rows as fit ``rows * max_len <= token_budget``.
-
-    A row longer than the budget gets a batch of its own (it has to run anyway). ``max_rows`` caps the rows
-    per batch (e.g. for attention implementations whose memory grows with the row count).
-    """
+    """Inference batches, longest first: each holds as many rows as fit ``rows * max_len <= token_budget``
+    (a longer row runs alone); ``max_rows`` caps the rows per batch."""
     if token_budget < 1:
         raise ValueError(f"token_budget must be >= 1, got {token_budget}")
     if max_rows is not None and max_rows < 1:

@@ -1,8 +1,6 @@
-"""Tokenizers: a small BPE trained locally with Gemma's special tokens, and loading a real one from disk.
+"""Tokenizers: a small byte-level BPE trained locally with Gemma's special tokens, and loading a real one.
 
-Everything must run offline, so tests and the demo use a byte-level BPE trained in seconds on the (generated)
-competition text. It is saved as a standard Hugging Face fast tokenizer (``save_pretrained`` /
-``from_pretrained`` round-trip) with Gemma's special-token layout where it matters to the model code:
+Tests and the demo run offline on the trained one (a standard fast tokenizer), laid out like Gemma:
 
 =================  ===  ==================================================
 token              id   why
@@ -15,8 +13,7 @@ token              id   why
 ``<end_of_turn>``  5    chat template delimiter (id 107 in Gemma)
 =================  ===  ==================================================
 
-A real Gemma tokenizer directory (``tokenizer.json`` + ``tokenizer_config.json``) loads through the same
-``load_tokenizer`` call, from a local path only: nothing here ever reaches the Hugging Face hub.
+Usage: ``tok = train_demo_tokenizer(texts, out_dir)``; ``load_tokenizer(dir)`` loads any local one (no hub).
 """
 
 from __future__ import annotations
@@ -49,7 +46,7 @@ GEMMA_SPECIAL_TOKENS: tuple[str, ...] = (
     END_OF_TURN,
 )
 # Special-token layouts of the families the classifier supports (ids 0.. in this order in a demo tokenizer):
-# the tokens each family's prompt template needs, with that family's bos / eos / pad / unk roles (None: absent).
+# the tokens each family's template needs, with its bos / eos / pad / unk roles (None: absent).
 FAMILY_SPECIAL_TOKENS: dict[str, dict] = {
     "gemma": {
         "tokens": GEMMA_SPECIAL_TOKENS,
@@ -99,12 +96,9 @@ DEMO_TOKENIZER_KEY = "kaggle_utils_demo_tokenizer"
 def train_demo_tokenizer(
     texts: Iterable[str], out_dir: str | Path | None = None, vocab_size: int = 2048, family: str = "gemma"
 ) -> PreTrainedTokenizerFast:
-    """Train a byte-level BPE on ``texts`` and wrap it as a Gemma-like ``PreTrainedTokenizerFast``.
+    """Train a byte-level BPE on ``texts`` as a ``PreTrainedTokenizerFast`` with ``family``'s token layout.
 
-    Byte-level means any UTF-8 text encodes without ``<unk>``, as with Gemma's byte fallback. When ``out_dir``
-    is given the tokenizer is saved there and the returned object is the one loaded back from disk, so what
-    tests use is exactly what an artifact ships. `family` picks another special-token layout
-    (`FAMILY_SPECIAL_TOKENS`: Llama-3 header tokens, ChatML), for tests of those backbones.
+    With ``out_dir`` it is saved there and the copy loaded back from disk is returned (what artifacts ship).
     """
     if family not in FAMILY_SPECIAL_TOKENS:
         raise UsageError(
@@ -123,7 +117,19 @@ def train_demo_tokenizer(
     if first is None:
         raise UsageError("train_demo_tokenizer got no texts to train on")
     corpus = itertools.chain([first], iterator)
+    tokenizer = _wrap_backend(_train_backend(corpus, layout, vocab_size), layout)
+    tokenizer.init_kwargs[DEMO_TOKENIZER_KEY] = True
+    if out_dir is None:
+        return tokenizer
+    out_path = Path(out_dir)
+    out_path.mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(str(out_path))
+    return load_tokenizer(out_path)
 
+
+def _train_backend(corpus: Iterable[str], layout: dict, vocab_size: int) -> Tokenizer:
+    """The trained byte-level BPE with the layout's special tokens at ids 0.. and its bos post-processor."""
+    special = tuple(layout["tokens"])
     backend = Tokenizer(models.BPE(unk_token=layout["unk"]))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
@@ -143,6 +149,13 @@ def train_demo_tokenizer(
         backend.post_processor = processors.TemplateProcessing(
             single=f"{bos} $A", pair=f"{bos} $A $B:1", special_tokens=[(bos, special.index(bos))]
         )
+    return backend
+
+
+def _wrap_backend(backend: Tokenizer, layout: dict) -> PreTrainedTokenizerFast:
+    """The Hugging Face fast tokenizer around ``backend``, with the layout's bos/eos/pad/unk roles."""
+    special = tuple(layout["tokens"])
+    bos = layout["bos"]
     roles = {
         f"{role}_token": layout[role] for role in ("bos", "eos", "pad", "unk") if layout[role] is not None
     }
@@ -155,13 +168,7 @@ def train_demo_tokenizer(
         padding_side="right",
         model_max_length=DEMO_MODEL_MAX_LENGTH,
     )
-    tokenizer.init_kwargs[DEMO_TOKENIZER_KEY] = True
-    if out_dir is None:
-        return tokenizer
-    out_path = Path(out_dir)
-    out_path.mkdir(parents=True, exist_ok=True)
-    tokenizer.save_pretrained(str(out_path))
-    return load_tokenizer(out_path)
+    return tokenizer
 
 
 def load_tokenizer(path: str | Path | None) -> PreTrainedTokenizerFast:
@@ -179,12 +186,14 @@ def load_tokenizer(path: str | Path | None) -> PreTrainedTokenizerFast:
         raise UsageError(f"tokenizer directory {directory} does not exist")
     if not directory.is_dir():
         raise UsageError(
-            f"tokenizer path {directory} is a file; give the directory that holds {' / '.join(_TOKENIZER_FILES)}"
+            f"tokenizer path {directory} is a file; "
+            f"give the directory that holds {' / '.join(_TOKENIZER_FILES)}"
         )
     if not any((directory / name).is_file() for name in _TOKENIZER_FILES):
         found = sorted(p.name for p in directory.iterdir())[:20]
         raise UsageError(
-            f"{directory} is not a tokenizer directory: none of {list(_TOKENIZER_FILES)} found (it holds {found})"
+            f"{directory} is not a tokenizer directory: "
+            f"none of {list(_TOKENIZER_FILES)} found (it holds {found})"
         )
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)

@@ -18,6 +18,7 @@ Only the main process writes files; every process takes part in `save_state` (ea
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import shutil
@@ -28,7 +29,9 @@ from typing import Any
 import numpy as np
 from torch import nn
 
+from kaggle_utils.core.config import PipelineConfig
 from kaggle_utils.core.errors import UsageError
+from kaggle_utils.text.template import TEMPLATE_VERSION
 
 CHECKPOINTS_DIR = "checkpoints"
 BEST_DIR = "best"
@@ -67,8 +70,9 @@ class Checkpointer:
         self.out_dir = Path(out_dir)
         self.accelerator = accelerator
         self.every_steps = every_steps
-        # Names as the unwrapped model has them: under DDP the prepared model's parameters are "module."-prefixed
-        # but accelerate saves the unwrapped state dict (filtering by the prefixed names kept nothing).
+        # Names as the unwrapped model has them: under DDP the prepared model's parameters are
+        # "module."-prefixed but accelerate saves the unwrapped state dict (filtering by the prefixed names
+        # kept nothing).
         self.trainable_names = {name.removeprefix("module.") for name in trainable_names}
         self._checkpointed_best = -1  # the best the latest checkpoint refers to: kept until superseded there
         self._register_trainable_only()
@@ -77,7 +81,7 @@ class Checkpointer:
 
     def resume(self, fingerprint: str, resume: bool) -> tuple[TrainState, int | None]:
         """(state to continue from, the step it was saved at or None): the newest complete checkpoint with
-        `resume`, else a fresh state (and, with resume=False, the old checkpoints and best weights are removed)."""
+        `resume`, else a fresh state (with resume=False the old checkpoints and best weights are removed)."""
         accelerator = self.accelerator
         state, resumed_from = TrainState(fingerprint=fingerprint), None
         latest = self.latest() if resume else None
@@ -106,7 +110,7 @@ class Checkpointer:
         complete = [p for p in (self.out_dir / CHECKPOINTS_DIR).glob("step-*") if (p / STATE_FILE).is_file()]
         return max(complete, key=lambda p: p.name) if complete else None
 
-    # ------------------------------------------------------------------------------------------ during the run
+    # -------------------------------------------------------------------------------------- during the run
 
     def after_step(self, state: TrainState, finished: bool) -> None:
         """Write a checkpoint when this step is due one (every `every_steps`, and the last step)."""
@@ -137,8 +141,8 @@ class Checkpointer:
         accelerator.wait_for_everyone()
 
     def keep_if_best(self, state: TrainState, model: nn.Module, probs: np.ndarray) -> bool:
-        """After an evaluation (`state.history[-1]`): if it beats the best so far, record it in `state` and write
-        its trainable weights and probabilities as best/step-N. Returns whether it was the best."""
+        """After an evaluation (`state.history[-1]`): if it beats the best so far, record it in `state` and
+        write its trainable weights and probabilities as best/step-N. Returns whether it was the best."""
         entry = state.history[-1]
         if not entry["eval_loss"] < state.best_eval_loss:
             return False
@@ -169,7 +173,7 @@ class Checkpointer:
     # ------------------------------------------------------------------------------------------ after the run
 
     def load_best(self, model: nn.Module, step: int) -> np.ndarray:
-        """Put best/step-N's trainable weights into `model` (unwrapped); returns their held-out probabilities."""
+        """Put best/step-N's trainable weights into `model` (unwrapped); returns their held-out probs."""
         from safetensors.torch import load_file
 
         best = best_dir(self.out_dir, step)
@@ -187,7 +191,7 @@ class Checkpointer:
     # ------------------------------------------------------------------------------------------ internals
 
     def _register_trainable_only(self) -> None:
-        """Checkpoints carry only the trainable tensors; loading puts them back into the already-built model."""
+        """Checkpoints carry only the trainable tensors; loading puts them back into the built model."""
         from safetensors.torch import load_file
 
         accelerator, names = self.accelerator, self.trainable_names
@@ -234,3 +238,30 @@ def prune_best(out_dir: Path, keep: set[int], newer_than: int | None = None) -> 
             continue
         if newer_than is None or step > newer_than or not path.name.startswith("step-"):
             shutil.rmtree(path, ignore_errors=True)
+
+
+def run_fingerprint(
+    cfg: PipelineConfig,
+    fold: int,
+    train_ids: list,
+    total_steps: int,
+    targets: dict[str, np.ndarray] | None = None,
+) -> str:
+    """sha256 over what determines a run's trajectory: the format/model/LoRA/quant/train settings, the
+    template version, the fold, the training row ids, the planned steps and, when rows carry soft targets
+    (a teacher, pseudo-labels), their values: a teacher file rewritten under the same path is another run."""
+    relevant = {name: getattr(cfg, name) for name in ("format", "model", "lora", "quant", "train")}
+    content = {
+        "sections": {k: asdict(v) for k, v in relevant.items()},
+        "fold": fold,
+        "template_version": TEMPLATE_VERSION,
+        "train_ids": [str(i) for i in train_ids],
+        "total_steps": total_steps,
+    }
+    if targets:  # absent without targets, so earlier runs' fingerprints (and their checkpoints) still match
+        content["targets"] = {
+            name: hashlib.sha256(np.ascontiguousarray(values, dtype=np.float64).tobytes()).hexdigest()
+            for name, values in sorted(targets.items())
+        }
+    payload = json.dumps(content, sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()

@@ -1,20 +1,16 @@
 """What full fine-tuning (`train.method: full`) costs in memory, from a model's shape, beside LoRA.
 
-Full fine-tuning makes every weight trainable, so each parameter carries its gradient and AdamW's two moment
-estimates; LoRA keeps the base frozen (weights only) and trains a few million adapter parameters. Counted here
-per parameter (activations, the CUDA context and allocator slack are workload-dependent and NOT included):
+Bytes per parameter for weights, gradients and AdamW's two moments (activations, the CUDA context and
+allocator slack are workload-dependent and NOT included):
 
-    full, mixed precision:  weights bf16 (2) + gradients bf16 (2) + fp32 master weights (4) + AdamW m, v fp32 (4+4)
-                            = 16 bytes / parameter
-    full, fp32 (what `training.upcast_trainable` does: trainable weights in fp32, no separate master copy):
-                            weights fp32 (4) + gradients fp32 (4) + AdamW m, v fp32 (4+4) = 16 bytes / parameter
-    LoRA:                   frozen base weights bf16 (2) x all parameters
-                            + trainable (adapters + head) x (fp32 weights 4 + gradients 4 + m 4 + v 4)
+    full, mixed precision: bf16 weights 2 + bf16 gradients 2 + fp32 master weights 4 + AdamW m, v 4 + 4 = 16
+    full, fp32 (`model_setup.upcast_trainable`: trainable weights in fp32, no master copy): 4 + 4 + 4 + 4 = 16
+    LoRA: frozen bf16 base 2 x all parameters + (adapters + head) x (fp32 weights, gradients, m, v: 16)
 
-Parameter count of a Gemma-2 classifier (tied embeddings, no biases; `score` replaces the tied LM head):
+Gemma-2 classifier parameters (tied embeddings, no biases; `score` replaces the tied LM head):
     vocab*hidden + layers * (attention + mlp + 4 norms) + final norm + hidden*num_labels
-    attention = hidden*(heads*head_dim) [q] + 2*hidden*(kv_heads*head_dim) [k, v, GQA] + (heads*head_dim)*hidden [o]
-    mlp = 3 * hidden*intermediate [gate, up, down];  norms = 4 * hidden (Gemma-2's pre/post attention and MLP norms)
+    attention = hidden*q_out [q] + 2*hidden*kv_out [k, v; GQA] + q_out*hidden [o], q_out = heads*head_dim
+    mlp = 3 * hidden*intermediate [gate, up, down]; norms = 4 * hidden (pre/post attention and MLP norms)
 
 Run `python -m kaggle_utils.train.full_finetune /path/to/config.json` to print the table.
 """
@@ -80,16 +76,16 @@ def gemma2_parameter_count(config: dict, num_labels: int = 3) -> dict[str, int]:
 def lora_parameter_count(
     config: dict, r: int = 16, targets: tuple[str, ...] = LORA_TARGETS, num_labels: int = 3
 ) -> int:
-    """Trainable parameters of LoRA rank `r` on `targets` in every layer (A: r x in, B: out x r) plus the head,
-    which the package trains in full (`lora.modules_to_save = ("score",)`)."""
+    """Trainable parameters of LoRA rank `r` on `targets` in every layer (A: r x in, B: out x r) plus the
+    head, which the package trains in full (`lora.modules_to_save = ("score",)`)."""
     shapes = linear_shapes(config)
     per_layer = sum(r * (shapes[name][0] + shapes[name][1]) for name in targets)
     return _shape(config)["layers"] * per_layer + _shape(config)["hidden"] * num_labels
 
 
 def full_finetune_memory(config_json: str | Path | dict, lora_r: int = 16, num_labels: int = 3) -> dict:
-    """Bytes that full fine-tuning needs for weights, gradients and AdamW states of a Gemma-2 classifier of this
-    shape, beside LoRA rank `lora_r`; activations excluded (they depend on batch and sequence length)."""
+    """Bytes that full fine-tuning needs for weights, gradients and AdamW states of a Gemma-2 classifier of
+    this shape, beside LoRA rank `lora_r`; activations excluded (they depend on batch and sequence length)."""
     config = (
         config_json if isinstance(config_json, dict) else json.loads(Path(config_json).read_text("utf-8"))
     )
@@ -117,8 +113,8 @@ def full_finetune_memory(config_json: str | Path | dict, lora_r: int = 16, num_l
         "full_mixed_precision": {**full_mixed, "total": sum(full_mixed.values())},
         "full_fp32": {**full_fp32, "total": sum(full_fp32.values())},
         "lora": {**lora, "total": sum(lora.values())},
-        "formula": "full: 16 B/param (bf16 w 2 + bf16 grad 2 + fp32 master 4 + Adam m 4 + v 4; or fp32 w, grad, "
-        "m, v 4 each); lora: 2 B/param frozen + 16 B/trainable param; activations excluded",
+        "formula": "full: 16 B/param (bf16 w 2 + bf16 grad 2 + fp32 master 4 + Adam m 4 + v 4; or fp32 w, "
+        "grad, m, v 4 each); lora: 2 B/param frozen + 16 B/trainable param; activations excluded",
     }
 
 

@@ -10,10 +10,13 @@ model. The loss is computed under the accelerator's autocast, as the model's own
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
+
+from kaggle_utils.core.config import TrainConfig
+from kaggle_utils.core.errors import UsageError
 
 LossFn = Callable[[torch.Tensor, dict[str, torch.Tensor]], torch.Tensor]
 
@@ -29,7 +32,7 @@ def cross_entropy_loss(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> 
 def soft_target_cross_entropy(
     logits: torch.Tensor, batch: dict[str, torch.Tensor], field: str = SOFT_LABELS
 ) -> torch.Tensor:
-    """Mean cross-entropy against target distributions in ``batch[field]`` (batch, classes), rows summing to 1.
+    """Mean cross-entropy against target distributions ``batch[field]`` (batch, classes), rows summing to 1.
 
     With a teacher's probabilities this is distillation (it differs from KL(teacher || student) by the
     teacher's entropy, a constant: the same gradients); with one-hot targets it equals `cross_entropy_loss`.
@@ -108,3 +111,39 @@ def loss_from_config(
 
         return smoothed, ()
     return cross_entropy_loss, ()
+
+
+def select_loss(
+    tc: TrainConfig, loss_fn: LossFn | None, target_columns: Sequence[str]
+) -> tuple[LossFn, tuple[str, ...], dict]:
+    """(loss, batch fields it needs, a record for the summary): the caller's `loss_fn` with `target_columns`,
+    or the one the config asks for (`loss_from_config`). Both at once is refused: which would win?"""
+    soft = tc.teacher_path is not None or tc.pseudo_path is not None
+    if loss_fn is not None:
+        if soft or tc.label_smoothing > 0:
+            raise UsageError(
+                "train_fold got a loss_fn and the config sets train.teacher_path / pseudo_path / "
+                "label_smoothing; use one or the other"
+            )
+        return (
+            loss_fn,
+            tuple(target_columns),
+            {
+                "loss": getattr(loss_fn, "__name__", type(loss_fn).__name__),
+                "target_columns": list(target_columns),
+            },
+        )
+    fn, fields = loss_from_config(tc.distill_weight, tc.distill_temperature, tc.label_smoothing, soft)
+    if soft:
+        info = {
+            "loss": "distillation",
+            "distill_weight": tc.distill_weight,
+            "distill_temperature": tc.distill_temperature,
+            "label_smoothing": tc.label_smoothing,
+        }
+    else:
+        info = {
+            "loss": "label_smoothed_cross_entropy" if tc.label_smoothing > 0 else "cross_entropy",
+            "label_smoothing": tc.label_smoothing,
+        }
+    return fn, (*target_columns, *(f for f in fields if f not in target_columns)), info

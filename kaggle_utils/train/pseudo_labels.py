@@ -18,12 +18,12 @@ teacher: `pseudo-label --teacher F=FILE` (repeated, one per fold; FILE e.g. `pre
 or of a run with ``train.exclude_folds=[F]``, a model trained without fold F; `--folds` names the folds file)
 or a teacher whose file records its excluded folds (teacher.py). Each teacher's kept rows are written once per
 fold it stands for, with that fold in the ``for_fold`` column (`FOR_FOLD`), and the file's parquet metadata
-(`PSEUDO_RECORD_KEY`) lists the teachers: path, folds ({"F": {"rows", "ids_sha256"}}, metrics.exclusion_record's
-form), and whether the file recorded them or the user declared them. A single teacher with no fold (a plain
-submission CSV) still works: its rows carry no ``for_fold`` and stand for any fold, unverified.
-`pseudo_for_fold` (what `train_fold` uses) gives fold F's student only rows whose teacher left out that very fold
-F, and refuses otherwise with one line (old files, an unverified teacher, a teacher for other folds or on other
-folds) unless ``train.teacher_allow_leak`` is true.
+(`PSEUDO_RECORD_KEY`) lists the teachers: path, folds ({"F": {"rows", "ids_sha256"}},
+metrics.exclusion_record's form), and whether the file recorded them or the user declared them. A single
+teacher with no fold (a plain submission CSV) still works: its rows carry no ``for_fold`` and stand for any
+fold, unverified. `pseudo_for_fold` (what `train_fold` uses) gives fold F's student only rows whose teacher
+left out that very fold F, and refuses otherwise with one line (old files, an unverified teacher, a teacher
+for other folds or on other folds) unless ``train.teacher_allow_leak`` is true.
 """
 
 from __future__ import annotations
@@ -64,8 +64,9 @@ class PseudoReport:
     min_confidence_kept: float | None = None
     dropped_train_prompt: int = 0  # dedupe_against: normalised prompt found in the training data
     dropped_duplicate_prompt: int = 0  # dedupe_against: a prompt seen earlier among the pseudo rows
-    # When the "unlabelled" file has labels (external conversations often do): how many kept rows have one, and
-    # the share whose teacher argmax agrees with it (the pseudo-labels' accuracy; the labels are not used).
+    # When the "unlabelled" file has labels (external conversations often do): how many kept rows have one,
+    # and the share whose teacher argmax agrees with it (the pseudo-labels' accuracy; the labels are not
+    # used).
     kept_with_file_label: int = 0
     agreement_with_file_label: float | None = None
     # One entry per teacher (the file's record): path, source ("teacher file", "declared" or "unverified"),

@@ -1,10 +1,10 @@
 """A teacher's probabilities -> per-row soft targets aligned to a training frame (distillation, losses.py).
 
 The teacher file is the OOF store's layout (metrics.py: ``name, id, fold, p_a, p_b, p_tie, label``), so one
-of our own runs can teach: a larger backbone's oof.parquet, or a fold ensemble's; a ``.csv`` path is read as an
-LMSYS submission (`predict`'s output). Only ``id`` and the three
-probability columns are required (``name`` when the file holds several models). Out-of-fold predictions are
-what a teacher should give: each row's prediction came from a model that did not train on it.
+of our own runs can teach: a larger backbone's oof.parquet, or a fold ensemble's; a ``.csv`` path is read as
+an LMSYS submission (`predict`'s output). Only ``id`` and the three probability columns are required (``name``
+when the file holds several models). Out-of-fold predictions are what a teacher should give: each row's
+prediction came from a model that did not train on it.
 
 Checks, each an error naming the file, the row and the id, or a counted repair in `TeacherReport`:
   * a training row whose id the teacher lacks: error with the count and the first ids (a silent fallback to
@@ -17,8 +17,8 @@ Checks, each an error naming the file, the row and the id, or a counted repair i
 Ids are matched as text, so an integer id column and a string one pair up (the competition's ids are integers,
 some exports write them as strings).
 
-The fold a student is scored on must be one its teacher never saw: a plain K-fold teacher's OOF prediction for a
-training row comes from a model that trained on the student's held-out fold, so that fold's labels reach the
+The fold a student is scored on must be one its teacher never saw: a plain K-fold teacher's OOF prediction for
+a training row comes from a model that trained on the student's held-out fold, so that fold's labels reach the
 student and its CV is optimistic. `teacher_targets(..., held_out=HeldOutFold.from_folds(folds, fold))` (what
 `train_fold` passes) therefore refuses, with one line naming the file and the fold:
   * a teacher whose file records no excluded folds (a submission CSV; an OOF file written without a record);
@@ -88,9 +88,9 @@ class HeldOutFold:
 def nested_teacher_hint(fold: int) -> str:
     """How to make a teacher that never saw `fold` (the end of every refusal here and in pseudo_labels.py)."""
     return (
-        f"make a nested teacher on the student's folds file (`baseline --exclude-folds {fold} --oof FILE`, or "
-        f"`--set train.exclude_folds=[{fold}]` on the teacher's run) or set train.teacher_allow_leak=true "
-        "to use it anyway"
+        "make a nested teacher on the student's folds file "
+        f"(`baseline --exclude-folds {fold} --oof FILE`, or `--set train.exclude_folds=[{fold}]` on the "
+        "teacher's run) or set train.teacher_allow_leak=true to use it anyway"
     )
 
 

@@ -1,18 +1,7 @@
 """The quantization-aware variants: how each builds its trainable model and what it ships.
 
-Every variant trains through `training.train_fold(..., build_model=...)` and then gives two models for the
-held-out fold: the *shipped* one (what the artifact holds) and its *16-bit reference* (the same trained
-adapter on the unquantized base), so that QiD = log loss(shipped) - log loss(reference) means the same for
-every variant:
-
-| variant | trains on | ships | 16-bit reference |
-|---|---|---|---|
-| apiq-init | NF4 base, clipped by ApiQ, LoRA initialised by ApiQ | NF4 base + adapter | adapter on the 16-bit base |
-| loftq | NF4 base and LoRA initialised by LoftQ (alternating fit) | NF4 base + adapter | adapter on the 16-bit base |
-| qa-lora-merged | INT4 base + QA-LoRA | INT4, update folded into zeros | update added to 16-bit W |
-| qa-hira-merged | INT4 base + QA-HiRA | INT4, update folded into zeros | update added to 16-bit W |
-| ft-then-quant-gptq8 / -gptq4 | LoRA on the 16-bit base | merged model, GPTQ int8 / int4 | LoRA merged in fp32 |
-| full-then-quant | every weight (no adapter) | the trained model, quant.scheme | the trained model |
+Each gives a shipped model and its 16-bit reference, so QiD = log loss(shipped) - log loss(reference)
+means the same for every variant (their table: docs/DESIGN_NOTES.md). Importing this module registers them.
 """
 
 from __future__ import annotations
@@ -39,7 +28,7 @@ from kaggle_utils.quant.group_adapters import (
     merge_group_adapters,
 )
 from kaggle_utils.quant.loftq import apply_loftq
-from kaggle_utils.text.formatting import encode_rows
+from kaggle_utils.text.encode import encode_rows
 from kaggle_utils.variants.registry import VARIANTS, Exported, Variant, merge_lora_fp32, register_variant
 
 HEAD_NAMES = ("score",)
@@ -63,7 +52,7 @@ def _fp_classifier(cfg, tokenizer, device) -> nn.Module:
 
 
 def make_group_adapter_builder(kind: str) -> Callable:
-    """`build_model` for train_fold: 16-bit base -> group-wise INT4 -> QA-LoRA / QA-HiRA; head trained in full."""
+    """`build_model` for train_fold: 16-bit base -> group-wise INT4 -> QA-LoRA / QA-HiRA; head in full."""
 
     def build(cfg, tokenizer, device) -> nn.Module:
         model = _fp_classifier(cfg, tokenizer, device)
@@ -106,7 +95,7 @@ def group_adapter_reference(cfg, trained: nn.Module, tokenizer, device=None) -> 
     return reference.eval()
 
 
-# ------------------------------------------------------------------------------------------------ ApiQ / LoftQ
+# -------------------------------------------------------------------------------------------- ApiQ / LoftQ
 
 
 def apiq_settings(cfg, device) -> object:
@@ -303,23 +292,23 @@ def _apiq_builder(ctx):
     return make_apiq_builder(rows, ctx.notes)
 
 
-def register_all() -> None:
-    """Add this module's variants to the variant registry (`variant_registry`, which compare.py runs from) (idempotent)."""
-    base_ft, base_qlora = VARIANTS["ft-then-quant"], VARIANTS["quant-then-ft"]
+def _scheme_variants(base_ft: Variant, base_qlora: Variant) -> list[Variant]:
+    """Both orderings with each bitsandbytes scheme pinned (int8 / nf4)."""
+    variants = []
     for scheme, label in (("int8", "8-bit LLM.int8"), ("nf4", "4-bit NF4")):
-        register_variant(
+        variants.append(
             Variant(
                 name=f"ft-then-quant-{scheme}",
                 ordering="ft-then-quant",
-                description=f"LoRA on the 16-bit base; merge; quantize the merged model to {label} (bitsandbytes)",
+                description=f"LoRA on the 16-bit base; merge; quantize the merged model to {label} "
+                "(bitsandbytes)",
                 builder=base_ft.builder,
                 export=base_ft.export,
                 configure=_configure_scheme(scheme),
                 common_reference=base_ft.common_reference,  # the same 16-bit LoRA model, merged in fp32
-            ),
-            replace=True,
+            )
         )
-        register_variant(
+        variants.append(
             Variant(
                 name=f"quant-then-ft-{scheme}",
                 ordering="quant-then-ft",
@@ -327,22 +316,23 @@ def register_all() -> None:
                 builder=base_qlora.builder,
                 export=base_qlora.export,
                 configure=_configure_scheme(scheme),
-            ),
-            replace=True,
+            )
         )
-    register_variant(
+    return variants
+
+
+def _init_variants(base_qlora: Variant) -> list[Variant]:
+    """QLoRA (NF4) with a fitted start: ApiQ and LoftQ."""
+    return [
         Variant(
             name="apiq-init",
             ordering="quant-then-ft",
-            description="QLoRA (NF4) whose base clipping and LoRA start are fitted block by block to reproduce "
-            "the 16-bit blocks' outputs (ApiQ-style); ship base + unmerged adapter",
+            description="QLoRA (NF4) whose base clipping and LoRA start are fitted block by block to "
+            "reproduce the 16-bit blocks' outputs (ApiQ-style); ship base + unmerged adapter",
             builder=_apiq_builder,
             export=base_qlora.export,
             configure=_configure_scheme("nf4"),
         ),
-        replace=True,
-    )
-    register_variant(
         Variant(
             name="loftq",
             ordering="quant-then-ft",
@@ -352,47 +342,62 @@ def register_all() -> None:
             export=base_qlora.export,
             configure=_configure_scheme("nf4"),
         ),
-        replace=True,
-    )
-    for bits in (8, 4):
-        register_variant(
-            Variant(
-                name=f"ft-then-quant-gptq{bits}",
-                ordering="ft-then-quant",
-                description=f"LoRA on the 16-bit base; merge; GPTQ {bits}-bit weights (llmcompressor, calibrated on "
-                "the fold's training rows; compressed-tensors artifact)",
-                builder=_gptq_builder,
-                export=_export_gptq,
-                configure=_configure_gptq(bits),
-                unavailable=gptq_unavailable,
-                common_reference=base_ft.common_reference,
-            ),
-            replace=True,
-        )
-    register_variant(
+    ]
+
+
+def _ft_then_quant_variants(base_ft: Variant) -> list[Variant]:
+    """Fine-tune -> quantize with GPTQ (8 / 4 bits), and with full fine-tuning instead of LoRA."""
+    gptq = [
         Variant(
-            name="full-then-quant",
+            name=f"ft-then-quant-gptq{bits}",
             ordering="ft-then-quant",
-            description="full fine-tuning (every weight trainable, no adapter); quantize the trained model "
-            "(quant.scheme, bitsandbytes)",
-            builder=base_ft.builder,
-            export=_export_full_then_quant,
-            configure=_configure_full,
-        ),
-        replace=True,
-    )
-    for kind in ("qa-lora", "qa-hira"):
-        register_variant(
-            Variant(
-                name=f"{kind}-merged",
-                ordering="quant-then-ft",
-                description=f"{kind.upper()} adapter on a group-wise asymmetric INT4 base, folded into the zero points: "
-                "ships plain INT4, no adapter",
-                builder=lambda ctx, kind=kind: make_group_adapter_builder(kind),
-                export=_group_adapter_export,
-            ),
-            replace=True,
+            description=f"LoRA on the 16-bit base; merge; GPTQ {bits}-bit weights (llmcompressor, "
+            "calibrated on the fold's training rows; compressed-tensors artifact)",
+            builder=_gptq_builder,
+            export=_export_gptq,
+            configure=_configure_gptq(bits),
+            unavailable=gptq_unavailable,
+            common_reference=base_ft.common_reference,
         )
+        for bits in (8, 4)
+    ]
+    full = Variant(
+        name="full-then-quant",
+        ordering="ft-then-quant",
+        description="full fine-tuning (every weight trainable, no adapter); quantize the trained model "
+        "(quant.scheme, bitsandbytes)",
+        builder=base_ft.builder,
+        export=_export_full_then_quant,
+        configure=_configure_full,
+    )
+    return [*gptq, full]
+
+
+def _group_adapter_variants() -> list[Variant]:
+    """QA-LoRA / QA-HiRA on a group-wise INT4 base, folded into the zero points."""
+    return [
+        Variant(
+            name=f"{kind}-merged",
+            ordering="quant-then-ft",
+            description=f"{kind.upper()} adapter on a group-wise asymmetric INT4 base, folded into the "
+            "zero points: ships plain INT4, no adapter",
+            builder=lambda ctx, kind=kind: make_group_adapter_builder(kind),
+            export=_group_adapter_export,
+        )
+        for kind in ("qa-lora", "qa-hira")
+    ]
+
+
+def register_all() -> None:
+    """Register this module's variants (idempotent: re-registering replaces them)."""
+    base_ft, base_qlora = VARIANTS["ft-then-quant"], VARIANTS["quant-then-ft"]
+    for variant in (
+        *_scheme_variants(base_ft, base_qlora),
+        *_init_variants(base_qlora),
+        *_ft_then_quant_variants(base_ft),
+        *_group_adapter_variants(),
+    ):
+        register_variant(variant, replace=True)
 
 
 QAWARE_VARIANTS: tuple[str, ...] = (

@@ -1,8 +1,7 @@
-"""The variant registry `compare.compare_orderings` runs from, with the two orderings' own variants.
+"""The variant registry compare-orderings runs from, with the two orderings' own variants.
 
-A variant says which ordering it belongs to and supplies `builder(ctx) -> build_model` and
-`export(ctx) -> Exported` (see `compare`'s docstring). Kept apart from `compare` so that modules adding
-variants (`qaware.variants`) import the registry without importing the comparison that imports them.
+A `Variant` names its ordering and supplies `builder(ctx) -> build_model` and `export(ctx) -> Exported`;
+`register_variant(Variant(...))` makes it runnable by name (`variants/qaware.py` adds more).
 """
 
 from __future__ import annotations
@@ -20,11 +19,13 @@ from torch import nn
 
 from kaggle_utils.core.config import PipelineConfig
 from kaggle_utils.core.errors import UsageError
+from kaggle_utils.core.registry import Registry
 from kaggle_utils.models.classifier import build_classifier
 from kaggle_utils.models.quantized import merge_adapter_into_quantized
 from kaggle_utils.quant.artifacts import attach_merged_copy, load_artifact, save_artifact
 from kaggle_utils.quant.backends.bnb import BITSANDBYTES
-from kaggle_utils.train.loop import BuildModel, TrainResult, default_build_model
+from kaggle_utils.train.model_setup import BuildModel, default_build_model
+from kaggle_utils.train.results import TrainResult
 
 ORDERINGS: tuple[str, str] = ("ft-then-quant", "quant-then-ft")
 
@@ -45,6 +46,8 @@ class FoldContext:
 
 @dataclass
 class ExportContext:
+    """What a variant's `export` gets: the fold, the training result and where to write the artifact."""
+
     fold_ctx: FoldContext
     result: TrainResult
     artifact_dir: Path
@@ -69,33 +72,33 @@ class Exported:
 
 @dataclass(frozen=True)
 class Variant:
+    """A registry entry: how one variant builds its trainable model per fold and what it ships."""
+
     name: str
     ordering: str  # "ft-then-quant" | "quant-then-ft"
     description: str
     builder: Callable[[FoldContext], BuildModel]
     export: Callable[[ExportContext], Exported]
     configure: Callable[[PipelineConfig], PipelineConfig] | None = None
-    # Why the variant cannot run on this machine (e.g. LoftQ needs CUDA), or None when it can. Checked before any
-    # training: an unavailable variant is skipped and listed in the report, the others still run.
+    # Why the variant cannot run on this machine, or None when it can. Checked before any training: an
+    # unavailable variant is skipped and listed in the report, the others still run.
     unavailable: Callable[[], str | None] | None = None
-    # True when the variant trains the 16-bit LoRA of fine-tune -> quantize with the default builder and its
-    # `Exported.reference_model` is that LoRA merged in fp32: the common reference every variant's shipped loss
-    # is compared with (`qid_vs_common`). ft-then-quant and its scheme variants (int8 / nf4) qualify.
+    # True when the variant trains ft-then-quant's 16-bit LoRA with the default builder and its
+    # `Exported.reference_model` is that LoRA merged in fp32: the common reference every variant's shipped
+    # loss is compared with (`qid_vs_common`).
     common_reference: bool = False
 
 
-VARIANTS: dict[str, Variant] = {}
+VARIANTS: Registry[Variant] = Registry("variant")
 
 
 def register_variant(variant: Variant, replace: bool = False) -> Variant:
+    """Make `variant` runnable by name (`compare-orderings --variants`); a same-named one needs `replace`."""
     if variant.ordering not in ORDERINGS:
         raise UsageError(
             f"variant {variant.name!r}: ordering must be one of {ORDERINGS}, got {variant.ordering!r}"
         )
-    if variant.name in VARIANTS and not replace and VARIANTS[variant.name] is not variant:
-        raise UsageError(f"a variant named {variant.name!r} is already registered")
-    VARIANTS[variant.name] = variant
-    return variant
+    return VARIANTS.register(variant, replace=replace)
 
 
 def _default_builder(ctx: FoldContext) -> BuildModel:
@@ -148,7 +151,8 @@ register_variant(
     Variant(
         name="ft-then-quant",
         ordering="ft-then-quant",
-        description="LoRA on the 16-bit base; merge; quantize the merged model with bitsandbytes (quant.scheme)",
+        description="LoRA on the 16-bit base; merge; quantize the merged model with bitsandbytes "
+        "(quant.scheme)",
         builder=_default_builder,
         export=_export_ft_then_quant,
         common_reference=True,

@@ -1,4 +1,5 @@
-"""The data commands through the real `cli.main`: exit 0 on success, exit 2 with one `error:` line otherwise."""
+"""The data commands through the real `cli.main`: exit 0 on success, exit 2 with one `error:` line
+otherwise."""
 
 from __future__ import annotations
 
@@ -134,7 +135,8 @@ def test_baseline_command_scores_and_writes_a_valid_submission(main, sample_file
 
 
 def test_a_nested_fold_baseline_teacher_never_sees_the_excluded_fold(main, sample_files, tmp_path, capsys):
-    """`baseline --exclude-folds 0`: its OOF covers the other folds only, and refitting without fold 0's rows at
+    """`baseline --exclude-folds 0`: its OOF covers the other folds only, and refitting without fold 0's rows
+    at
     all gives the same OOF (so no model of it saw them)."""
     import polars as pl
 
@@ -227,7 +229,8 @@ def test_demo_command_runs_small(main, tmp_path, capsys):
 
 
 def test_folds_and_baseline_read_the_config_and_flags_win(tmp_path, capsys):
-    """`folds` and `baseline` take --config/--set like the training commands; a flag given beats the config."""
+    """`folds` and `baseline` take --config/--set like the training commands; a flag given beats the
+    config."""
     import polars as pl
 
     from kaggle_utils.cli.main import main

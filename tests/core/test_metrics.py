@@ -66,7 +66,7 @@ def test_rows_not_summing_to_one_are_renormalised_like_kaggle():
 
 
 def test_exact_zero_in_an_unnormalised_row_is_clipped_before_renormalising():
-    """eps=auto order (scikit-learn < 1.5, which Kaggle's metric follows): clip first, then divide by the sum."""
+    """eps=auto order (scikit-learn < 1.5, as Kaggle's metric): clip first, then divide by the sum."""
     eps = np.finfo(np.float64).eps
     row = np.array([[0.7, 0.6, 0.0]])
     expected = -np.log(eps / (0.7 + 0.6 + eps))

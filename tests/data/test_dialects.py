@@ -16,19 +16,14 @@ from kaggle_utils.cli import main as cli
 from kaggle_utils.core.config import DataConfig
 from kaggle_utils.core.errors import DataError, SubmissionError, UsageError
 from kaggle_utils.data import dialects
-from kaggle_utils.data.dialects import (
-    TIE_RULE,
-    LmsysDialect,
-    ab_accuracy,
-    ab_log_loss,
-    ab_winners,
-    dialect_of_manifest,
-    get_dialect,
-)
-from kaggle_utils.data.load import load_competition, parse_winner_labels
+from kaggle_utils.data.dialects import dialect_of_manifest, get_dialect
+from kaggle_utils.data.labels import parse_winner_labels
+from kaggle_utils.data.lmsys import LmsysDialect
+from kaggle_utils.data.load import load_competition
 from kaggle_utils.data.sample import generate_wsdm_files
 from kaggle_utils.data.submission import write_submission
-from kaggle_utils.evaluate import cv_report
+from kaggle_utils.data.wsdm import TIE_RULE, ab_accuracy, ab_log_loss, ab_winners
+from kaggle_utils.evaluate import cv_report, report_render
 from kaggle_utils.variants import registry as variant_registry
 
 WSDM = get_dialect("wsdm")
@@ -213,7 +208,7 @@ def test_a_new_dialect_is_one_subclass_and_its_registration(tmp_path, monkeypatc
         def parse_labels(self, raw, ids, path):
             return parse_winner_labels(raw, ids, path, "preferred", {"left": 0, "right": 1})
 
-    monkeypatch.setitem(dialects._REGISTRY, "sides", SideDialect())
+    monkeypatch.setitem(dialects.DIALECTS, "sides", SideDialect())
     train = write_text(
         tmp_path / "train.csv",
         "id,prompt,response_a,response_b,preferred\n"
@@ -325,8 +320,10 @@ def wsdm_artifact(tmp_path_factory, demo_tokenizer):
 def test_predict_with_a_wsdm_artifact_writes_a_validated_id_winner_file(wsdm_artifact, wsdm_files, tmp_path):
     from kaggle_utils.core.config import InferenceConfig
     from kaggle_utils.inference import predictor as inference
-    from kaggle_utils.quant.artifacts import load_artifact, read_manifest
-    from kaggle_utils.text.formatting import encode_rows
+    from kaggle_utils.inference.report import report_path_for
+    from kaggle_utils.quant.artifacts import load_artifact
+    from kaggle_utils.quant.manifest import read_manifest
+    from kaggle_utils.text.encode import encode_rows
 
     assert read_manifest(wsdm_artifact)["dialect"] == "wsdm"
     cfg = InferenceConfig(
@@ -340,7 +337,7 @@ def test_predict_with_a_wsdm_artifact_writes_a_validated_id_winner_file(wsdm_art
     assert WSDM.validate(out, wsdm_files.test_path).rows == 30
     written = pl.read_csv(out)
     assert written.columns == ["id", "winner"]
-    saved = json.loads(inference.report_path_for(out).read_text())
+    saved = json.loads(report_path_for(out).read_text())
     assert saved["manifest"]["dialect"] == "wsdm" and saved["data_report"]["format"] == "wsdm"
 
     # Independently: each row alone through the model in both orders, exchanged back by index, averaged;
@@ -394,13 +391,13 @@ def test_predict_fallback_of_a_wsdm_artifact_is_a_valid_id_winner_file(wsdm_arti
 
 
 def test_submission_notebook_on_a_wsdm_competition_folder(wsdm_artifact, wsdm_files, tmp_path):
-    """The unchanged submission notebook, headless: WSDM's test.parquet beside sample_submission.csv and a WSDM
-    artifact under a Kaggle-like input root; the dialect comes from the manifest."""
+    """The unchanged submission notebook, headless: WSDM's test.parquet beside sample_submission.csv and a
+    WSDM artifact under a Kaggle-like input root; the dialect comes from the manifest."""
     import shutil
 
     import papermill
 
-    from kaggle_utils.inference.predictor import report_path_for
+    from kaggle_utils.inference.report import report_path_for
 
     root = tmp_path / "input"
     competition = root / "competitions" / "wsdm-cup-multilingual-chatbot-arena"
@@ -487,12 +484,12 @@ def test_compare_reports_the_dialect_metric_beside_log_loss():
         "runs": [run],
         "variants": [cv_report.summarise_variant([run], variant.name, variant.ordering, "")],
     }
-    text = "\n".join(cv_report._metric_lines(report))
+    text = "\n".join(report_render._metric_lines(report))
     assert (
         "Competition metric (wsdm): accuracy, higher is better" in text
         and "| ft-then-quant | 0.8000 |" in text
     )
-    assert cv_report._metric_lines({"dialect": LMSYS.describe(), "runs": [], "variants": []}) == []
+    assert report_render._metric_lines({"dialect": LMSYS.describe(), "runs": [], "variants": []}) == []
 
 
 # ------------------------------------------------------------------------------------------------ demo

@@ -1,4 +1,4 @@
-"""kaggle_utils.data.load: every trap of the real files parsed, repaired-and-counted, or dropped-and-reported."""
+"""kaggle_utils.data.load: every trap of the real files parsed, repaired and counted, or dropped."""
 
 from __future__ import annotations
 
@@ -12,7 +12,9 @@ from hypothesis import strategies as st
 
 from kaggle_utils.core.config import LABEL_COLUMNS, DataConfig
 from kaggle_utils.core.errors import DataError
-from kaggle_utils.data.load import (
+from kaggle_utils.data.cells import parse_turn_list
+from kaggle_utils.data.load import load_competition
+from kaggle_utils.data.repairs import (
     BARE_STRING,
     BOTH_RESPONSES_EMPTY,
     EMPTY_LIST,
@@ -28,8 +30,6 @@ from kaggle_utils.data.load import (
     TURN_COUNT_MISMATCH,
     UNPARSEABLE_KEPT,
     DataReport,
-    load_competition,
-    parse_turn_list,
 )
 
 TRAIN_HEADER = ["id", "model_a", "model_b", "prompt", "response_a", "response_b", *LABEL_COLUMNS]

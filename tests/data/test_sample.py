@@ -1,4 +1,4 @@
-"""kaggle_utils.data.sample: exact LMSYS format, deterministic, real-data shape, a learnable signal, every trap."""
+"""kaggle_utils.data.sample: exact LMSYS format, deterministic, real-data shape, a learnable signal, traps."""
 
 from __future__ import annotations
 
@@ -17,12 +17,8 @@ from sklearn.preprocessing import StandardScaler
 
 from kaggle_utils.core.config import LABEL_COLUMNS
 from kaggle_utils.data.load import load_competition
-from kaggle_utils.data.sample import (
-    TRAP_RATES,
-    generate_competition_files,
-    generate_competition_frames,
-    sample_stats,
-)
+from kaggle_utils.data.sample import generate_competition_files, generate_competition_frames, sample_stats
+from kaggle_utils.data.sample_traps import TRAP_RATES
 
 TRAIN_HEADER = ["id", "model_a", "model_b", "prompt", "response_a", "response_b", *LABEL_COLUMNS]
 TEST_HEADER = ["id", "prompt", "response_a", "response_b"]

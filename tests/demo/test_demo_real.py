@@ -1,6 +1,9 @@
-"""`demo --real`: the demo's steps with the real Gemma 3 270M (fetch-model's output, Q4_K_M-rounded weights) as
-the base, through the real CLI. A few rows and one step: the numbers say nothing about the model's quality; what
-is checked is that both orderings train and ship the real model with its own tokenizer, that predict reloads the
+"""`demo --real`: the demo's steps with the real Gemma 3 270M (fetch-model's output, Q4_K_M-rounded weights)
+as
+the base, through the real CLI. A few rows and one step: the numbers say nothing about the model's quality;
+what
+is checked is that both orderings train and ship the real model with its own tokenizer, that predict reloads
+the
 winner's artifact, and that the submission it writes validates."""
 
 from __future__ import annotations
@@ -81,7 +84,8 @@ def test_demo_real_trains_both_orderings_on_the_270m_and_submits(main, gemma3_27
         assert model_config["model_type"] == "gemma3_text" and model_config["vocab_size"] == 262_144
     assert not (out / "orderings" / "tokenizer").exists()  # the checkpoint's own tokenizer, no demo BPE
 
-    # predict served what the ship decision chose (the best CV of every candidate, or a simpler one within noise
+    # predict served what the ship decision chose (the best CV of every candidate, or a simpler one within
+    # noise
     # of it), no row from the fallback
     inference = report["inference"]
     candidates = report["orderings"]["candidates"]

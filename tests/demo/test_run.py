@@ -53,7 +53,8 @@ def test_demo_writes_a_valid_submission_and_reports(tmp_path):
     check_folds(folds)
     assert score_oof(load_oof(out / "oof.parquet")).log_loss == on_disk["baseline"]["log_loss"]
 
-    # both orderings ran on the demo's own folds file, and the shipped submission is the LLM's, not the baseline's
+    # both orderings ran on the demo's own folds file, and the shipped submission is the LLM's, not the
+    # baseline's
     comparison = json.loads((out / "orderings" / "report.json").read_text())
     assert comparison["setup"]["folds_file_hash"] == on_disk["folds"]["sha256"]
     assert set(on_disk["orderings"]["variants"]) == {"ft-then-quant", "quant-then-ft"}
@@ -62,8 +63,9 @@ def test_demo_writes_a_valid_submission_and_reports(tmp_path):
     assert inference["validated_rows"] == 40
     assert sum(inference["rows_by_path"].values()) == 40
     assert inference["rows_by_path"].get("fallback", 0) == 0
-    # it ships the candidate with the best CV of everything it trained (or the baseline, prior, blend ...), or a
-    # simpler candidate within noise of it (ship.select)
+    # it ships the candidate with the best CV of everything it trained (or the baseline, prior, blend ...), or
+    # a
+    # simpler candidate within noise of it (candidates.select)
     candidates = on_disk["orderings"]["candidates"]
     assert {"ft-then-quant", "quant-then-ft", "feature-baseline", "class-prior", "blend"} <= set(candidates)
     ship, complexity = comparison["ship"], {c["name"]: c["complexity"] for c in comparison["ship"]["ranking"]}

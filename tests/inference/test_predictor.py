@@ -1,5 +1,5 @@
-"""Offline inference: the scheduling engine with fake devices and a fake clock, TTA, the time guard, failure
-paths, and `predict` end to end on tiny artifacts of both orderings (CPU, bitsandbytes int8 / nf4)."""
+"""`predict` and `run_submission` end to end on tiny artifacts of both orderings (CPU, bitsandbytes int8 /
+nf4): TTA, the deadline, failure paths, worker processes, refused settings and which file a run leaves."""
 
 from __future__ import annotations
 
@@ -13,311 +13,30 @@ import polars as pl
 import pytest
 import torch
 from builders import CLASS_PRIOR, ORDERINGS, FakeClock, build_tiny_artifacts, predict_cfg, read_probs
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 from kaggle_utils.core.config import FormatConfig, InferenceConfig, ModelConfig
 from kaggle_utils.core.errors import UsageError
 from kaggle_utils.data.submission import validate_submission
 from kaggle_utils.inference import predictor as inference
-from kaggle_utils.inference import tpu
-from kaggle_utils.text.batching import padding_efficiency, token_budget_batches
-from kaggle_utils.text.formatting import encode_both_orders, encode_rows, swap_frame, swap_probs
-
-SWAP_MARKER = (
-    1  # first token of every swapped-view sequence in the fake data, so a fake device can tell views
+from kaggle_utils.inference import preflight, tpu
+from kaggle_utils.inference import report as inference_report
+from kaggle_utils.inference.report import (
+    InferenceError,
+    fallback_path_for,
+    raise_if_fallback,
+    report_path_for,
 )
-
+from kaggle_utils.text.encode import encode_both_orders, encode_rows
+from kaggle_utils.text.views import swap_probs
 
 # ----------------------------------------------------------------------------------------------------------
 # fakes
 # ----------------------------------------------------------------------------------------------------------
 
 
-def fake_probs(seq) -> np.ndarray:
-    """A deterministic, position-asymmetric 'model' of one row (depends on every token and the length)."""
-    seq = np.asarray(seq, dtype=np.float64)
-    logits = np.array([np.sin(seq).sum(), np.cos(seq[::2]).sum(), len(seq) / 50.0])
-    exp = np.exp(logits - logits.max())
-    return exp / exp.sum()
-
-
-class FakeDevice:
-    """forward(list of token lists) -> probs, recording calls; optional fake cost, OOM and failures."""
-
-    def __init__(
-        self,
-        clock=None,
-        seconds_per_token=0.0,
-        sleep_per_token=0.0,
-        oom_above=None,
-        fail_calls=(),
-        always_fail=False,
-    ):
-        self.clock, self.seconds_per_token, self.sleep_per_token = clock, seconds_per_token, sleep_per_token
-        self.oom_above, self.fail_calls, self.always_fail = oom_above, set(fail_calls), always_fail
-        self.calls: list[list[list[int]]] = []
-        self.tokens = 0
-
-    def __call__(self, seqs):
-        self.calls.append([list(seq) for seq in seqs])
-        padded = len(seqs) * max(len(seq) for seq in seqs)
-        if self.always_fail or len(self.calls) in self.fail_calls:
-            raise ValueError(f"fake failure on call {len(self.calls)}")
-        if self.oom_above is not None and padded > self.oom_above:
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (fake)")
-        if self.clock is not None:
-            self.clock.advance(padded * self.seconds_per_token)
-        if self.sleep_per_token:
-            time.sleep(padded * self.sleep_per_token)
-        self.tokens += padded
-        return np.stack([fake_probs(seq) for seq in seqs])
-
-
-def make_views(n: int = 120, seed: int = 0, tta: bool = True) -> list[list[list[int]]]:
-    rng = np.random.default_rng(seed)
-    lengths = rng.integers(4, 120, size=n)
-    original = [rng.integers(3, 1000, size=length).tolist() for length in lengths]
-    views = [original]
-    if tta:
-        views.append([[SWAP_MARKER, *seq[::-1][:-1]] for seq in original])  # same length, different tokens
-    return views
-
-
-def engine_cfg(**overrides) -> InferenceConfig:
-    values = {"token_budget": 512, "max_rows_per_batch": 16, "warmup_batches": 1, "progress": False}
-    return InferenceConfig(**{**values, **overrides})
-
-
-def expected(views) -> np.ndarray:
-    return np.stack([[fake_probs(seq) for seq in view] for view in views])
-
-
 # ----------------------------------------------------------------------------------------------------------
 # engine
 # ----------------------------------------------------------------------------------------------------------
-
-
-def test_every_row_is_served_once_per_view_longest_first():
-    views = make_views()
-    device = FakeDevice()
-    result, report = inference.run_schedule(views, [device], engine_cfg())
-    assert result.done.all()
-    np.testing.assert_allclose(result.probs, expected(views))
-    assert report.batches_done == report.batches_planned and report.batches_failed == 0
-    assert sum(len(call) for call in device.calls) == 2 * len(views[0])
-    first_lengths = [max(len(seq) for seq in call) for call in device.calls[: len(device.calls) // 2]]
-    assert first_lengths == sorted(first_lengths, reverse=True)  # original view, longest batch first
-    lengths = [len(seq) for seq in views[0]]
-    planned = token_budget_batches(lengths, 512, 16)
-    assert report.padding_efficiency == pytest.approx(padding_efficiency(lengths, planned))
-
-
-def test_two_devices_split_the_work_by_tokens_and_each_row_runs_once():
-    views = make_views(n=200)
-    devices = [FakeDevice(sleep_per_token=2e-6), FakeDevice(sleep_per_token=2e-6)]
-    result, report = inference.run_schedule(views, devices, engine_cfg(), names=["cuda:0", "cuda:1"])
-    assert result.done.all()
-    np.testing.assert_allclose(result.probs, expected(views))
-    seen = sorted(tuple(seq) for device in devices for call in device.calls for seq in call)
-    assert seen == sorted(tuple(seq) for view in views for seq in view)  # no row twice, none missing
-    shares = [device.tokens / sum(d.tokens for d in devices) for device in devices]
-    assert min(shares) > 0.3, shares  # a shared queue keeps both busy; a dead split would give ~0
-    assert [w.name for w in report.workers] == ["cuda:0", "cuda:1"]
-
-
-def test_view_per_device_layout_starts_each_device_on_its_own_view():
-    views = make_views(n=100)
-    devices = [FakeDevice(sleep_per_token=1e-6), FakeDevice(sleep_per_token=1e-6)]
-    result, _ = inference.run_schedule(views, devices, engine_cfg(layout="view_per_device"))
-    assert result.done.all()
-    np.testing.assert_allclose(result.probs, expected(views))
-    assert all(seq[0] != SWAP_MARKER for seq in devices[0].calls[0])  # GPU0: original order
-    assert all(seq[0] == SWAP_MARKER for seq in devices[1].calls[0])  # GPU1: swapped order
-
-
-def test_out_of_memory_halves_the_batch_and_retries_the_same_rows():
-    views = make_views(n=150, tta=False)
-    device = FakeDevice(oom_above=200)
-    result, report = inference.run_schedule(
-        views, [device], engine_cfg(token_budget=1024, max_rows_per_batch=64)
-    )
-    served = result.done[0]
-    lengths = np.array([len(seq) for seq in views[0]])
-    assert served[lengths <= 200].all()  # everything that fits in memory alone was served, exactly
-    np.testing.assert_allclose(result.probs[0, served], expected(views)[0, served])
-    assert report.oom_events and report.workers[0].oom_retries == len(report.oom_events)
-    assert report.workers[0].token_cap is not None and report.workers[0].token_cap <= 200
-    # The smaller size is remembered: far fewer OOMs than batches.
-    assert len(report.oom_events) < report.batches_done / 2
-
-
-def test_a_row_too_big_even_alone_is_a_logged_failure_not_a_crash():
-    views = [[[5] * 300, [6] * 10, [7] * 12]]
-    result, report = inference.run_schedule(views, [FakeDevice(oom_above=200)], engine_cfg(token_budget=4096))
-    assert result.done[0].tolist() == [False, True, True]  # the others in its batch are still served
-    assert report.rows_out_of_memory == 1 and report.batches_failed == 0 and report.nonfinite_rows == 0
-    assert report.errors[0]["where"] == "row" and report.errors[0]["type"] == "OutOfMemoryError"
-
-
-def test_time_guard_drops_tta_when_the_projection_overruns():
-    views = make_views(n=150)
-    clock = FakeClock()
-    cost = 1e-3
-    lengths = [len(seq) for seq in views[0]]
-    original_tokens = sum(len(b) * max(lengths[r] for r in b) for b in token_budget_batches(lengths, 512, 16))
-    deadline = clock() + original_tokens * cost * 1.3  # room for the original view, not for both
-    device = FakeDevice(clock=clock, seconds_per_token=cost)
-    result, report = inference.run_schedule(views, [device], engine_cfg(), deadline=deadline, clock=clock)
-    assert report.tta_dropped and report.tta_rows_dropped > 0
-    assert result.done[0].all()  # the original view still covers every row
-    assert result.done[1].sum() + report.tta_rows_dropped == len(lengths)
-    assert not report.stopped and clock() <= deadline
-    # Swapped passes are dropped longest first, so the time left keeps TTA for as many rows as possible.
-    kept, dropped = np.array(lengths)[result.done[1]], np.array(lengths)[~result.done[1]]
-    assert len(kept) > 0 and kept.max() <= dropped.min()
-
-
-def test_time_guard_stops_before_the_deadline_and_leaves_the_rest_to_the_fallback():
-    views = make_views(n=150)
-    clock = FakeClock()
-    cost = 1e-3
-    lengths = [len(seq) for seq in views[0]]
-    original_tokens = sum(len(b) * max(lengths[r] for r in b) for b in token_budget_batches(lengths, 512, 16))
-    deadline = clock() + original_tokens * cost * 0.5
-    device = FakeDevice(clock=clock, seconds_per_token=cost)
-    result, report = inference.run_schedule(views, [device], engine_cfg(), deadline=deadline, clock=clock)
-    assert report.tta_dropped and report.stopped == "deadline"
-    assert clock() <= deadline  # no batch was started that could not end in time (the fake rate is exact)
-    served = int(result.done.any(axis=0).sum())
-    assert 0 < served < len(lengths)
-    assert report.rows_not_reached == len(lengths) - served
-    final, paths = inference.combine_views(result, np.full((len(lengths), 3), 1 / 3))
-    assert (paths == inference.PATH_FALLBACK).sum() == len(lengths) - served
-    np.testing.assert_allclose(final.sum(axis=1), 1.0)
-
-
-def test_deadline_already_passed_runs_nothing():
-    clock = FakeClock()
-    device = FakeDevice()
-    result, report = inference.run_schedule(
-        make_views(20), [device], engine_cfg(), deadline=clock() - 1, clock=clock
-    )
-    assert not device.calls and not result.done.any() and report.stopped == "deadline"
-
-
-def test_an_exception_in_a_batch_is_logged_and_the_rest_still_served():
-    views = make_views(n=100)
-    device = FakeDevice(fail_calls={2})
-    result, report = inference.run_schedule(views, [device], engine_cfg())
-    failed_rows = len(device.calls[1])
-    assert report.batches_failed == 1 and report.errors[0]["type"] == "ValueError"
-    assert report.errors[0]["view"] == "original" and "fake failure" in report.errors[0]["message"]
-    assert result.done[0].sum() == 100 - failed_rows and result.done[1].all()
-    final, paths = inference.combine_views(result, np.full((100, 3), 1 / 3))
-    assert (paths == inference.PATH_SWAPPED).sum() == failed_rows  # the other view covers them
-
-
-def test_a_failing_device_is_retired_and_the_other_finishes_the_work():
-    views = make_views(n=100)
-    devices = [FakeDevice(always_fail=True), FakeDevice(sleep_per_token=1e-6)]
-    result, report = inference.run_schedule(views, devices, engine_cfg(max_consecutive_failures=2))
-    assert report.workers[0].retired and not report.workers[1].retired
-    assert report.batches_failed == 2
-    failed = {tuple(seq) for call in devices[0].calls for seq in call}
-    served = {
-        tuple(seq)
-        for view, done in zip(views, result.done, strict=True)
-        for seq, ok in zip(view, done, strict=True)
-        if ok
-    }
-    assert len(served) == 200 - len(failed)
-
-
-class LosingDevice(FakeDevice):
-    """A device whose worker process dies during call `lost_on` (after `delay` s): raises WorkerLost there."""
-
-    def __init__(self, lost_on=1, delay=0.0, **kwargs):
-        super().__init__(**kwargs)
-        self.lost_on, self.delay = lost_on, delay
-
-    def __call__(self, seqs):
-        if len(self.calls) + 1 >= self.lost_on:
-            self.calls.append([list(seq) for seq in seqs])
-            time.sleep(self.delay)
-            raise inference.WorkerLost("worker process cpu#0 (pid 1) exited with code -9 (fake)")
-        return super().__call__(seqs)
-
-
-def test_a_lost_worker_s_batch_is_redone_by_the_other_device_even_after_its_queue_ran_dry():
-    """The lost batch comes back after the healthy device emptied the queue: it must wait, not leave."""
-    views = make_views(60)
-    devices = [LosingDevice(lost_on=1, delay=0.5), FakeDevice()]
-    result, report = inference.run_schedule(views, devices, engine_cfg(), names=["cpu#0", "cpu#1"])
-    assert result.done.all()
-    np.testing.assert_allclose(result.probs, expected(views), atol=1e-12)
-    lost = len(devices[0].calls[0])
-    assert report.workers_lost == 1 and report.rows_requeued == lost and report.batches_failed == 0
-    assert report.workers[0].retired.startswith("worker lost") and report.workers[0].batches == 0
-    assert report.workers[1].rows == 2 * 60 and not report.stopped
-    assert [error["where"] for error in report.errors] == ["worker lost"]
-
-
-def test_a_device_waiting_for_the_others_in_flight_batches_reports_when_its_own_work_ended():
-    """finished_at feeds the benchmarks' tail-idle share: the wait for others' batches is idle time."""
-    views = make_views(40)
-    devices = [FakeDevice(sleep_per_token=4e-4), FakeDevice()]  # device0's first batch alone takes ~0.4 s
-    _, report = inference.run_schedule(views, devices, engine_cfg(token_budget=1024))
-    slow, fast = report.workers
-    assert slow.batches >= 1 and fast.batches > slow.batches
-    assert slow.finished_at - fast.finished_at > 0.2
-
-
-def test_every_worker_lost_stops_and_leaves_the_rows_to_the_fallback():
-    views = make_views(40)
-    devices = [LosingDevice(lost_on=2), LosingDevice(lost_on=3)]
-    result, report = inference.run_schedule(views, devices, engine_cfg())
-    assert report.workers_lost == 2 and report.stopped == "all devices retired"
-    assert report.rows_not_reached == 2 * 40 - int(result.done.sum()) and not result.done.all()
-
-
-def test_all_devices_failing_stops_and_leaves_everything_to_the_fallback():
-    result, report = inference.run_schedule(make_views(50), [FakeDevice(always_fail=True)], engine_cfg())
-    assert not result.done.any() and report.stopped == "all devices retired" and report.rows_not_reached > 0
-
-
-def test_combine_views_averages_the_unswapped_swapped_view():
-    probs = np.array(
-        [
-            [[0.6, 0.3, 0.1], [0.5, 0.2, 0.3], [0.1, 0.1, 0.8], [0.3, 0.3, 0.4]],
-            [[0.2, 0.7, 0.1], [0.6, 0.1, 0.3], [0.1, 0.5, 0.4], [0.3, 0.3, 0.4]],
-        ]
-    )
-    done = np.array([[True, True, False, False], [True, False, True, False]])
-    fallback = np.tile([0.35, 0.34, 0.31], (4, 1))
-    final, paths = inference.combine_views(inference.ViewPredictions(probs, done), fallback)
-    np.testing.assert_allclose(final[0], [(0.6 + 0.7) / 2, (0.3 + 0.2) / 2, 0.1])
-    np.testing.assert_allclose(final[1], [0.5, 0.2, 0.3])
-    np.testing.assert_allclose(final[2], [0.5, 0.1, 0.4])
-    np.testing.assert_allclose(final[3], [0.35, 0.34, 0.31])
-    assert paths.tolist() == ["tta", "original_only", "swapped_only", "fallback"]
-
-
-def test_class_prior_and_fallback_chain(tmp_path):
-    assert inference.class_prior_from_manifest({"class_prior": [2, 1, 1]}).tolist() == [0.5, 0.25, 0.25]
-    named = {"class_prior": {"winner_model_a": 0.4, "winner_model_b": 0.4, "winner_tie": 0.2}}
-    assert inference.class_prior_from_manifest(named).tolist() == pytest.approx([0.4, 0.4, 0.2])
-    assert inference.class_prior_from_manifest({"class_prior": {"a": 1, "b": 1, "tie": 2}})[2] == 0.5
-    for bad in ({}, {"class_prior": [1, 2]}, {"class_prior": [1, -1, 1]}, {"class_prior": "x"}, None):
-        assert inference.class_prior_from_manifest(bad) is None
-    frame = pl.DataFrame({"id": [1, 2]})
-    probs, source, errors = inference.fallback_predictions(
-        frame, 2, tmp_path / "missing.joblib", {"class_prior": [1, 1, 2]}
-    )
-    assert source == "class prior from manifest" and probs.tolist() == [[0.25, 0.25, 0.5]] * 2
-    assert errors and errors[0]["where"] == "fallback baseline"
-    probs, source, _ = inference.fallback_predictions(None, 3, None, None)
-    assert source == "uniform" and probs.shape == (3, 3)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -343,7 +62,7 @@ def test_predict_both_orderings_match_an_independent_tta_computation(
     validate_submission(out, sample_files.test_csv)
     rows = pl.read_csv(sample_files.test_csv).height
     assert report.rows == rows and report.rows_by_path["tta"] == rows and not report.errors
-    saved = json.loads(inference.report_path_for(out).read_text())
+    saved = json.loads(report_path_for(out).read_text())
     assert saved["rows_by_path"]["tta"] == rows and saved["manifest"]["ordering"] == ordering
     assert saved["runtime"]["kind"] == "cpu" and saved["fallback_source"] == "class prior from manifest"
 
@@ -395,41 +114,6 @@ def test_predict_on_the_swapped_file_gives_the_swapped_predictions(tiny_artifact
     )
 
 
-texts = st.text(alphabet=st.sampled_from(list("abcdefghij klmnop.,?!\n")), min_size=0, max_size=80)
-
-
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(st.lists(st.tuples(st.integers(1, 2), texts, texts, texts), min_size=1, max_size=6))
-def test_property_tta_prediction_of_a_swapped_row_is_the_swapped_prediction(demo_tokenizer, rows):
-    """Through the real formatting and the engine, with an asymmetric fake model: f(swap(x)) = swap(f(x))."""
-    frame = pl.DataFrame(
-        {
-            "id": list(range(len(rows))),
-            "prompt": [[p] * turns for turns, p, _, _ in rows],
-            "response_a": [[a] * turns for turns, _, a, _ in rows],
-            "response_b": [[b] * turns for turns, _, _, b in rows],
-        },
-        schema={
-            "id": pl.Int64,
-            "prompt": pl.List(pl.String),
-            "response_a": pl.List(pl.String),
-            "response_b": pl.List(pl.String),
-        },
-    )
-    fmt = FormatConfig(max_length=160)
-
-    def tta_predict(f: pl.DataFrame) -> np.ndarray:
-        original, swapped = encode_both_orders(f, demo_tokenizer, fmt, progress=False)
-        views, _ = inference.run_schedule(
-            [original.input_ids, swapped.input_ids], [FakeDevice()], engine_cfg()
-        )
-        final, paths = inference.combine_views(views, np.full((f.height, 3), 1 / 3))
-        assert (paths == inference.PATH_TTA).all()
-        return final
-
-    np.testing.assert_allclose(tta_predict(swap_frame(frame)), swap_probs(tta_predict(frame)), atol=1e-12)
-
-
 # ----------------------------------------------------------------------------------------------------------
 # predict(): the guarantees
 # ----------------------------------------------------------------------------------------------------------
@@ -452,7 +136,7 @@ def test_deadline_hit_mid_run_still_writes_a_full_valid_submission(tiny_artifact
         tiny_artifacts["ft-then-quant"], sample_files.test_csv, out, cfg, clock=clock, wrap_forward=slow
     )
     validate_submission(out, sample_files.test_csv)
-    counts = json.loads(inference.report_path_for(out).read_text())["rows_by_path"]
+    counts = json.loads(report_path_for(out).read_text())["rows_by_path"]
     assert sum(counts.values()) == report.rows
     assert counts["fallback"] > 0 and counts["original_only"] > 0
     assert report.schedule["tta_dropped"] and report.schedule["stopped"] == "deadline"
@@ -480,13 +164,13 @@ def test_exception_inside_a_batch_still_writes_a_full_valid_submission(
         tiny_artifacts["quant-then-ft"], sample_files.test_csv, out, cfg, wrap_forward=flaky
     )
     validate_submission(out, sample_files.test_csv)
-    saved = json.loads(inference.report_path_for(out).read_text())
+    saved = json.loads(report_path_for(out).read_text())
     assert saved["rows_by_path"]["fallback"] > 0 and saved["rows_by_path"]["original_only"] > 0
     assert any("device-side assert" in error["message"] for error in saved["errors"])
 
     calls["n"] = 0
     strict = tmp_path / "strict.csv"
-    with pytest.raises(inference.InferenceError, match="device-side assert"):
+    with pytest.raises(InferenceError, match="device-side assert"):
         inference.predict(
             tiny_artifacts["quant-then-ft"],
             sample_files.test_csv,
@@ -495,7 +179,7 @@ def test_exception_inside_a_batch_still_writes_a_full_valid_submission(
             wrap_forward=flaky,
         )
     validate_submission(strict, sample_files.test_csv)  # written before raising
-    assert report.rows_by_path == json.loads(inference.report_path_for(strict).read_text())["rows_by_path"]
+    assert report.rows_by_path == json.loads(report_path_for(strict).read_text())["rows_by_path"]
 
 
 def test_out_of_memory_at_predict_level_is_absorbed(tiny_artifacts, sample_files, tmp_path):
@@ -567,7 +251,7 @@ def test_a_worker_process_killed_mid_run_has_its_batch_redone_by_the_other(
     assert [error["where"] for error in report.errors] == ["worker lost"]
     assert "1 worker process(es) lost" in report.summary()
     np.testing.assert_allclose(read_probs(out), single_process_reference, atol=1e-5)
-    saved = json.loads(inference.report_path_for(out).read_text())
+    saved = json.loads(report_path_for(out).read_text())
     assert saved["schedule"]["workers_lost"] == 1 and saved["rows_by_path"]["tta"] == report.rows
 
 
@@ -891,7 +575,7 @@ def test_invalid_worker_settings_are_usage_errors(overrides, message):
     for name, value in overrides.items():
         setattr(cfg, name, value)
     with pytest.raises(UsageError, match=re.escape(message)):
-        inference.validate_inference_config(cfg)
+        preflight.validate_inference_config(cfg)
 
 
 @pytest.mark.parametrize(
@@ -946,7 +630,7 @@ def test_a_valid_previous_submission_survives_until_the_new_one_is_complete(
 
     def watch(forward, name):
         def wrapped(seqs):
-            seen.append((out.read_bytes() == previous, inference.fallback_path_for(out).is_file()))
+            seen.append((out.read_bytes() == previous, fallback_path_for(out).is_file()))
             return forward(seqs)
 
         return wrapped
@@ -955,8 +639,8 @@ def test_a_valid_previous_submission_survives_until_the_new_one_is_complete(
         tiny_artifacts["ft-then-quant"], sample_files.test_csv, out, predict_cfg(), wrap_forward=watch
     )
     assert seen and all(kept and fallback_beside for kept, fallback_beside in seen)
-    assert report.fallback_file == str(inference.fallback_path_for(out))
-    assert not inference.fallback_path_for(out).exists()  # removed once the new file is complete
+    assert report.fallback_file == str(fallback_path_for(out))
+    assert not fallback_path_for(out).exists()  # removed once the new file is complete
     validate_submission(out, sample_files.test_csv)
     assert out.read_bytes() != previous  # TTA this time
 
@@ -1017,16 +701,16 @@ def test_a_failed_report_write_keeps_the_submission_and_removes_the_stale_report
     inference.predict(
         tiny_artifacts["ft-then-quant"], sample_files.test_csv, out, predict_cfg(tta_swap=False)
     )
-    stale = inference.report_path_for(out)
+    stale = report_path_for(out)
     assert stale.is_file()
-    real_write = inference.atomic_write_bytes
+    real_write = inference_report.atomic_write_bytes
 
     def failing(path, data):
         if Path(path) == stale:
             raise OSError(28, "No space left on device")
         return real_write(path, data)
 
-    monkeypatch.setattr(inference, "atomic_write_bytes", failing)
+    monkeypatch.setattr(inference_report, "atomic_write_bytes", failing)
     report = inference.predict(tiny_artifacts["ft-then-quant"], sample_files.test_csv, out, predict_cfg())
     validate_submission(out, sample_files.test_csv)
     assert report.rows_by_path["tta"] == report.rows and not report.report_written
@@ -1079,9 +763,7 @@ def test_a_runtime_probe_that_crashes_still_leaves_a_file_and_counts_as_fallback
     def broken(cfg):
         raise RuntimeError("CUDA driver initialization failed (injected)")
 
-    monkeypatch.setattr(
-        inference, "detect_runtime", broken
-    )  # inference's own binding of runtime.detect_runtime
+    monkeypatch.setattr(preflight, "detect_runtime", broken)  # preflight's own binding of detect_runtime
     out = tmp_path / "submission.csv"
     report = inference.predict(tmp_path / "artifact", sample_files.test_csv, out, predict_cfg())
     validate_submission(out, sample_files.test_csv)
@@ -1103,7 +785,7 @@ def test_a_valid_previous_submission_is_kept_when_no_row_came_from_the_model(
     inference.predict(
         tiny_artifacts["ft-then-quant"], sample_files.test_csv, out, predict_cfg(tta_swap=False)
     )
-    previous, previous_report = out.read_bytes(), inference.report_path_for(out).read_bytes()
+    previous, previous_report = out.read_bytes(), report_path_for(out).read_bytes()
     argv = [
         "predict",
         "--artifact",
@@ -1118,11 +800,11 @@ def test_a_valid_previous_submission_is_kept_when_no_row_came_from_the_model(
     ]
     assert main(argv) == 1
     err = capsys.readouterr().err
-    beside = inference.fallback_path_for(out)
-    assert out.read_bytes() == previous and inference.report_path_for(out).read_bytes() == previous_report
+    beside = fallback_path_for(out)
+    assert out.read_bytes() == previous and report_path_for(out).read_bytes() == previous_report
     validate_submission(beside, sample_files.test_csv)
     np.testing.assert_allclose(read_probs(beside), 1 / 3)  # no manifest: uniform
-    written = json.loads(inference.report_path_for(beside).read_text())
+    written = json.loads(report_path_for(beside).read_text())
     assert written["previous_kept"] and written["rows_by_path"]["fallback"] == written["rows"]
     assert (
         f"error (previous submission kept): {written['rows']} of {written['rows']} rows were predicted by "
@@ -1135,7 +817,7 @@ def test_a_valid_previous_submission_is_kept_when_no_row_came_from_the_model(
     assert main([*argv, "--write-fallback-over-previous"]) == 1
     validate_submission(out, sample_files.test_csv)
     np.testing.assert_allclose(read_probs(out), 1 / 3)
-    assert not beside.exists() and not json.loads(inference.report_path_for(out).read_text())["previous_kept"]
+    assert not beside.exists() and not json.loads(report_path_for(out).read_text())["previous_kept"]
 
     # Kaggle's competition rerun: a valid file is what scores, so it is written at the output as before
     out.write_bytes(previous)
@@ -1148,7 +830,7 @@ def test_the_report_records_that_it_was_written(sample_files, tmp_path):
     out = tmp_path / "submission.csv"
     report = inference.predict(tmp_path / "no-artifact", sample_files.test_csv, out, predict_cfg())
     assert report.report_written
-    assert json.loads(inference.report_path_for(out).read_text())["report_written"] is True
+    assert json.loads(report_path_for(out).read_text())["report_written"] is True
 
 
 def test_disk_full_writing_the_submission_is_one_line_naming_it_and_the_previous_file_stays(
@@ -1196,7 +878,7 @@ def test_disk_full_writing_the_submission_is_one_line_naming_it_and_the_previous
         f"error: cannot write {out}: No space left on device (the previous file is intact)"
     )
     assert out.read_bytes() == previous
-    validate_submission(inference.fallback_path_for(out), sample_files.test_csv)
+    validate_submission(fallback_path_for(out), sample_files.test_csv)
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
 
 
@@ -1209,7 +891,8 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def _run_module_probe(argv: list[str], tmp_path) -> dict:
-    """`python -m kaggle_utils *argv` in a fresh interpreter without the offline variables; what it imported."""
+    """`python -m kaggle_utils *argv` in a fresh interpreter without the offline variables; what it
+    imported."""
     import os
     import subprocess
     import sys
@@ -1224,7 +907,8 @@ def _run_module_probe(argv: list[str], tmp_path) -> dict:
         "    code = exit.code\n"
         "import huggingface_hub.constants as hub\n"
         "print('PROBE ' + json.dumps({'code': code, 'bitsandbytes': 'bitsandbytes' in sys.modules,\n"
-        f"    'env': {{name: os.environ.get(name) for name in {OFFLINE_NAMES!r}}}, 'hub_offline': hub.HF_HUB_OFFLINE}}))\n"
+        f"    'env': {{name: os.environ.get(name) for name in {OFFLINE_NAMES!r}}},\n"
+        "    'hub_offline': hub.HF_HUB_OFFLINE}))\n"
     )
     env = {key: value for key, value in os.environ.items() if key not in OFFLINE_NAMES}
     done = subprocess.run(
@@ -1381,7 +1065,7 @@ def test_run_submission_writes_a_valid_file_before_raising_whatever_failed(
     ):
         inference.run_submission(root, out_path=out, cfg=predict_cfg())
     validate_submission(out, test)
-    report = json.loads(inference.report_path_for(out).read_text())
+    report = json.loads(report_path_for(out).read_text())
     assert (
         report["errors"][0]["where"] == "the inputs and settings" and report["rows_by_path"]["fallback"] == 40
     )
@@ -1444,12 +1128,12 @@ def test_non_finite_rows_are_an_error_that_counts_not_a_quiet_hand_off(
     validate_submission(out, sample_files.test_csv)
     assert report.nonfinite_rows > 0 and report.fallback_rows == 0 and "NON-FINITE" in report.summary()
     with pytest.raises(
-        inference.InferenceError,
+        InferenceError,
         match=r"^the model returned non-finite probabilities \(NaN/inf, "
         r"e.g. float16 overflow\) for \d+ row views of 40 rows; their "
         r"other view served them",
     ):
-        inference.raise_if_fallback(report)
+        raise_if_fallback(report)
 
 
 def test_a_float16_run_is_preflighted_on_real_rows(tiny_artifacts, sample_files, tmp_path):

@@ -1,5 +1,5 @@
-"""One scoring path: cross-validation scores the shipped artifact with the functions `predict` uses, so a change
-to how predictions are made or combined moves the CV figure and the submission together."""
+"""One scoring path: cross-validation scores the shipped artifact with the functions `predict` uses, so a
+change to how predictions are made or combined moves the CV figure and the submission together."""
 
 from __future__ import annotations
 
@@ -13,6 +13,9 @@ import torch
 from kaggle_utils.core.config import InferenceConfig
 from kaggle_utils.core.metrics import load_oof, oof_probs
 from kaggle_utils.inference import predictor as inference
+from kaggle_utils.inference import views as inference_views
+from kaggle_utils.inference.report import InferenceError
+from kaggle_utils.inference.scoring import score_rows
 from kaggle_utils.studies import experiment
 from kaggle_utils.studies import orderings as compare
 
@@ -32,7 +35,7 @@ def _sharpen(original_combine):
 
 
 def test_cv_and_predict_share_the_view_combination(sample_files, tmp_path, monkeypatch):
-    monkeypatch.setattr(inference, "combine_views", _sharpen(inference.combine_views))
+    monkeypatch.setattr(inference_views, "combine_views", _sharpen(inference_views.combine_views))
     cfg = experiment.demo_config()
     cfg.folds.n_folds = 4
     cfg.lora.r = 4
@@ -84,8 +87,8 @@ def test_score_rows_refuses_to_leave_a_row_unscored(train_data, demo_tokenizer):
             raise RuntimeError("device lost")
 
     rows = train_data.frame.head(4)
-    with pytest.raises(inference.InferenceError, match="4 of 4 rows unpredicted.*device lost"):
-        inference.score_rows(
+    with pytest.raises(InferenceError, match="4 of 4 rows unpredicted.*device lost"):
+        score_rows(
             Broken(),
             demo_tokenizer,
             FormatConfig(max_length=128),

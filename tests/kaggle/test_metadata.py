@@ -22,8 +22,9 @@ from kaggle_utils.kaggle.metadata import (
     validate_kernel_metadata,
     with_accelerator,
     with_owner,
+    write_submission_metadata,
 )
-from kaggle_utils.kaggle.workflow import build_kernel_folder, check_kernel_folder, write_submission_metadata
+from kaggle_utils.kaggle.workflow import build_kernel_folder, check_kernel_folder
 
 ROOT = Path(__file__).resolve().parents[2]
 TOP_LEVEL = ROOT / "kernel-metadata.json"
@@ -36,7 +37,8 @@ def run_cli(argv: list[str], monkeypatch) -> int:
 
 
 def write_notebook(path: Path, cells: list[tuple[str, str]]) -> Path:
-    """A notebook from (kind, source) pairs; kind "parameters" / "install" is a code cell tagged `parameters` /
+    """A notebook from (kind, source) pairs; kind "parameters" / "install" is a code cell tagged `parameters`
+    /
     `offline-install`."""
     notebook = nbformat.v4.new_notebook()
     for kind, source in cells:
@@ -260,7 +262,8 @@ def test_build_refuses_a_notebook_without_the_install_cell(tmp_path):
 
 
 def test_sync_install_cell_rewrites_every_copy_from_the_template(tmp_path, monkeypatch, capsys):
-    """After the template changes, one command rewrites the cell in each script and notebook, pairs kept equal."""
+    """After the template changes, one command rewrites the cell in each script and notebook, pairs kept
+    equal."""
     import jupytext
 
     from kaggle_utils.kaggle import install_cell
@@ -392,7 +395,8 @@ def test_check_kernel_command_exit_codes(tmp_path, monkeypatch, capsys):
 
 
 def test_repository_root_is_a_valid_kernel_folder_once_the_notebook_exists():
-    """`kaggle kernels push -p .` from the root must pass the same check (needs notebooks/submission.ipynb)."""
+    """`kaggle kernels push -p .` from the root must pass the same check (needs
+    notebooks/submission.ipynb)."""
     if not (ROOT / "notebooks" / "submission.ipynb").is_file():
         pytest.skip("notebooks/submission.ipynb is not written yet (inference issue)")
     check = check_kernel_folder(ROOT)

@@ -1,4 +1,4 @@
-"""The real kaggle client builds its requests from our folders; the network is faked at `requests.Session.send`.
+"""The real kaggle client builds its requests from our folders; the network is faked (requests.Session.send).
 
 Credentials are fake values in environment variables (HOME points at an empty folder), so nothing here can
 reach Kaggle: an unexpected request fails the test.
@@ -55,7 +55,7 @@ class Captured:
 
 @dataclass
 class FakeKaggle:
-    """Answers the kaggle client's RPCs by name (e.g. "SaveKernel") with canned JSON; records every request."""
+    """Answers the kaggle client's RPCs by name (e.g. "SaveKernel") with canned JSON; records requests."""
 
     routes: dict = field(default_factory=dict)
     requests: list[Captured] = field(default_factory=list)
@@ -656,7 +656,8 @@ def _pip_env() -> dict:
 
 
 def test_build_wheels_installs_offline_in_a_fresh_venv(tmp_path, monkeypatch):
-    """The folder installs with `pip install --no-index --find-links` into a new venv and imports kaggle_utils.
+    """The folder installs with `pip install --no-index --find-links` into a new venv and imports
+    kaggle_utils.
 
     The third-party part is a small local project here (no network in tests); `--no-deps` because the fresh
     venv has no torch, which the folder leaves to Kaggle's image on purpose."""
@@ -715,7 +716,10 @@ def test_build_wheels_installs_offline_in_a_fresh_venv(tmp_path, monkeypatch):
     install += ["-r", str(out / "requirements.txt")]
     result = subprocess.run(install, capture_output=True, text=True, env=_pip_env())
     assert result.returncode == 0, result.stderr
-    probe_import = "import arena_probe, kaggle_utils; print(arena_probe.VALUE, kaggle_utils.__version__, kaggle_utils.__file__)"
+    probe_import = (
+        "import arena_probe, kaggle_utils; "
+        "print(arena_probe.VALUE, kaggle_utils.__version__, kaggle_utils.__file__)"
+    )
     imported = subprocess.run([str(python), "-c", probe_import], capture_output=True, text=True, cwd=tmp_path)
     assert imported.returncode == 0, imported.stderr
     assert imported.stdout.startswith("probe ok 0.1.0 ")
@@ -740,7 +744,8 @@ def test_build_wheels_reports_pip_failure(tmp_path, monkeypatch):
         )
 
 
-# --------------------------------------------------------------------------- push --dry-run without credentials
+# --------------------------------------------------------------------------- push --dry-run without
+# credentials
 
 
 def test_dry_run_without_credentials_names_the_owner_option(fake_kaggle, tmp_path, monkeypatch, capsys):
@@ -769,7 +774,8 @@ def _shipped_ensemble(tmp_path: Path, train_data) -> tuple[Path, Path]:
     the baseline also shipped as the fallback; returns (shipped folder, first member's source folder)."""
     from kaggle_utils.core.config import BaselineConfig, FoldConfig
     from kaggle_utils.data.folds import make_folds
-    from kaggle_utils.evaluate.ship import Candidate, decide_ship, write_shipped
+    from kaggle_utils.evaluate.candidates import Candidate, decide_ship
+    from kaggle_utils.evaluate.ship import write_shipped
     from kaggle_utils.train.baseline import run_baseline_cv
 
     runs = tmp_path / "runs"
@@ -1037,7 +1043,8 @@ def test_the_target_image_is_stated_once():
 
 
 def test_pyproject_bounds_admit_only_what_the_bundled_versions_install_on():
-    """requires-python and the torch floor in pyproject.toml are at least what every wheel build-wheels bundles
+    """requires-python and the torch floor in pyproject.toml are at least what every wheel build-wheels
+    bundles
     (the versions installed here) requires: a Python or torch pyproject allows can install the bundle."""
     import tomllib
     from importlib import metadata

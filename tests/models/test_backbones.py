@@ -21,7 +21,7 @@ from kaggle_utils.models import classifier as modeling
 from kaggle_utils.quant.artifacts import load_artifact
 from kaggle_utils.studies import experiment
 from kaggle_utils.studies import orderings as compare
-from kaggle_utils.text.formatting import template_for_tokenizer
+from kaggle_utils.text.template import template_for_tokenizer
 from kaggle_utils.text.tokenizer import train_demo_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py
@@ -137,7 +137,7 @@ def test_auto_template_errors_name_the_resolved_template(texts, tmp_path):
     import polars as pl
 
     from kaggle_utils.core.config import FormatConfig
-    from kaggle_utils.text.formatting import encode_rows
+    from kaggle_utils.text.encode import encode_rows
 
     tokenizer = train_demo_tokenizer(texts, tmp_path / "tok", vocab_size=400, family="chatml")
     frame = pl.DataFrame({"id": [1], "prompt": [["hi"]], "response_a": [["a"]], "response_b": [["b"]]})

@@ -220,7 +220,7 @@ def test_the_float16_preflight_passes_a_model_in_range_and_refuses_one_that_over
 
 @pytest.mark.slow
 def test_real_gemma3_in_float16_is_refused_before_it_predicts_nan(gemma3_270m_dir):
-    """Gemma 3 270M's residual stream passes fp16's 65,504 (NaN logits in fp16); fp32 runs it, bf16 has the range."""
+    """Gemma 3 270M's residual stream passes fp16's 65,504 (NaN logits); fp32 runs it, bf16 has the range."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(gemma3_270m_dir)

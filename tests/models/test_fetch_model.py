@@ -1,4 +1,4 @@
-"""`python -m kaggle_utils fetch-model gemma-3-270m`: packaged GGUF -> bf16 safetensors + the model's tokenizer.
+"""`python -m kaggle_utils fetch-model gemma-3-270m`: packaged GGUF -> bf16 safetensors + its tokenizer.
 
 Real weights (Google's Gemma 3 270M, dequantized from Q4_K_M, so they carry its rounding). Converted once per
 GGUF into .cache/models by the session fixture `gemma3_270m_dir` (conftest.py); marked slow, run in CI.
@@ -232,3 +232,52 @@ def test_the_converted_gemma_records_verified_sha256s(gemma3_270m_dir):
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(record["files"])
     for name, entry in record["files"].items():
         assert file_sha256(gemma3_270m_dir / name) == entry["sha256"], name
+
+
+# ------------------------------------------- concurrent artifact loads (the root of a flaky GGUF conversion)
+
+
+def test_concurrent_artifact_loads_leave_transformers_tie_weights_in_place(monkeypatch, tmp_path):
+    """`from_pretrained` swaps `PreTrainedModel.tie_weights` for a no-op while it runs and puts back what it
+    saw on entry. Two loads at once (ensemble members side by side) left the no-op for the rest of the run,
+    so a later GGUF conversion kept SmolLM2's tied lm_head on the meta device. `load_artifact` lets them take
+    turns.
+    """
+    import threading
+    import time
+
+    from transformers import PreTrainedModel, initialization
+
+    from kaggle_utils.quant import artifacts
+
+    monkeypatch.setattr(
+        PreTrainedModel, "tie_weights", PreTrainedModel.tie_weights
+    )  # restored whatever happens
+    original = PreTrainedModel.tie_weights
+
+    class LoadingBackend:
+        """Holds transformers' loading context for a while, as a real `from_pretrained` does."""
+
+        def load_artifact(self, root, manifest, options):
+            with initialization.no_tie_weights():
+                time.sleep(0.4)
+            raise InterruptedError("loaded")  # load_artifact stops here: nothing else of it is under test
+
+    monkeypatch.setattr(artifacts, "read_manifest", lambda root, verify_hashes: {})
+    monkeypatch.setattr(artifacts, "backend_for_manifest", lambda manifest, path: LoadingBackend())
+    outcomes = []
+
+    def load() -> None:
+        try:
+            artifacts.load_artifact(tmp_path, device="cpu")
+        except InterruptedError as error:
+            outcomes.append(str(error))
+
+    first, second = threading.Thread(target=load), threading.Thread(target=load)
+    first.start()
+    time.sleep(0.1)  # the second load starts while the first is inside the loading context
+    second.start()
+    first.join(timeout=30)
+    second.join(timeout=30)
+    assert outcomes == ["loaded", "loaded"]
+    assert PreTrainedModel.tie_weights is original

@@ -1,4 +1,4 @@
-"""bitsandbytes NF4 / LLM.int8 on CPU: loading, quantizing a merged model, dequantizing, the CPU repacking trap."""
+"""bitsandbytes NF4 / LLM.int8 on CPU: loading, quantizing a merged model, dequantizing, CPU repacking."""
 
 from __future__ import annotations
 

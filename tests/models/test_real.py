@@ -1,7 +1,7 @@
-"""A checkpoint with real weights gets its own tokenizer; model and tokenizer must agree (training and artifacts).
+"""A checkpoint with real weights gets its own tokenizer; model and tokenizer must agree (train, artifacts).
 
-The "real" checkpoint here is a 2-layer Gemma-2 with Gemma-2's real vocabulary size (256,000 rows) saved without
-the random-weights mark, i.e. exactly what a downloaded checkpoint directory looks like to the pipeline.
+The "real" checkpoint here is a 2-layer Gemma-2 with Gemma-2's real vocabulary size (256,000 rows) saved
+without the random-weights mark, i.e. exactly what a downloaded checkpoint directory looks like.
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ from kaggle_utils.models import classifier as modeling
 from kaggle_utils.quant.artifacts import load_artifact
 from kaggle_utils.studies import experiment
 from kaggle_utils.studies import orderings as compare
-from kaggle_utils.text.formatting import template_for_tokenizer
+from kaggle_utils.text.template import template_for_tokenizer
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 

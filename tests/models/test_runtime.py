@@ -1,4 +1,4 @@
-"""Runtime detection: device kind, replicas and compute dtype from a (fake) hardware probe, config overrides."""
+"""Runtime detection: device kind, replicas and compute dtype from a fake hardware probe, config overrides."""
 
 from __future__ import annotations
 
@@ -59,7 +59,7 @@ def test_config_overrides_every_choice():
 
 
 def test_cpu_replicas_give_several_cpu_devices_with_distinct_report_names():
-    from kaggle_utils.inference.predictor import worker_names
+    from kaggle_utils.inference.replicas import worker_names
 
     runtime = rt.detect_runtime(InferenceConfig(device="cpu", cpu_replicas=2), probe=T4X2)
     assert runtime.devices == ("cpu", "cpu") and worker_names(runtime.devices) == ["cpu#0", "cpu#1"]
@@ -233,8 +233,7 @@ def test_run_output_dir_follows_the_environment_unless_given(monkeypatch):
     assert environment.run_output_dir("cv_report", "elsewhere/out") == Path("elsewhere/out")
     monkeypatch.setenv("KAGGLE_KERNEL_RUN_TYPE", "Batch")
     assert (
-        environment.run_output_dir("ft-then-quant")
-        == Path("/nonexistent-kaggle-working") / "ft-then-quant"
+        environment.run_output_dir("ft-then-quant") == Path("/nonexistent-kaggle-working") / "ft-then-quant"
     )
 
 
@@ -248,7 +247,7 @@ def test_machine_facts_for_records_are_readable_here():
 
 
 def test_find_inputs_hints_match_whole_names_not_substrings(tmp_path):
-    """`arena-ensemble` names that folder, not `arena-ensemble2` too; several names (a/b) must be consecutive."""
+    """`arena-ensemble` names that folder, not `arena-ensemble2` too; several names (a/b) are consecutive."""
     _touch(tmp_path / "comp" / "test.csv")
     wanted = tmp_path / "me" / "arena-ensemble"
     _touch(wanted / "manifest.json", "{}")

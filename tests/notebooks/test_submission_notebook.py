@@ -12,7 +12,7 @@ import nbformat
 import pytest
 
 from kaggle_utils.data.submission import validate_submission
-from kaggle_utils.inference.predictor import report_path_for
+from kaggle_utils.inference.report import report_path_for
 
 NOTEBOOK = Path(__file__).resolve().parents[2] / "notebooks" / "submission.ipynb"
 SCRIPT = NOTEBOOK.with_suffix(".py")

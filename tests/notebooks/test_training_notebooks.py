@@ -141,7 +141,7 @@ def trained(sample_files, tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.parametrize("ordering", ORDERINGS)
 def test_training_notebook_runs_end_to_end(trained, ordering):
-    from kaggle_utils.quant.artifacts import read_manifest
+    from kaggle_utils.quant.manifest import read_manifest
 
     _, outputs = trained
     executed, out_dir = outputs[ordering]

@@ -1,4 +1,4 @@
-"""ApiQ-style init: each quantized block (+ adapter) reproduces the 16-bit block better than the default init."""
+"""ApiQ-style init: each quantized block (+ adapter) reproduces the 16-bit block better than default init."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ RANK, ALPHA = 8, 16
 @pytest.fixture(scope="module")
 def calibration(train_data, demo_tokenizer):
     from kaggle_utils.core.config import FormatConfig
-    from kaggle_utils.text.formatting import encode_rows
+    from kaggle_utils.text.encode import encode_rows
 
     encoded = encode_rows(train_data.frame.head(56), demo_tokenizer, FormatConfig(max_length=128))
     return encoded.input_ids[:32], encoded.input_ids[32:], demo_tokenizer.pad_token_id

@@ -18,7 +18,8 @@ from kaggle_utils.core.errors import ArtifactError
 from kaggle_utils.models import classifier as modeling
 from kaggle_utils.models import quantized as quantization
 from kaggle_utils.quant import artifacts
-from kaggle_utils.text.formatting import TEMPLATE_VERSION
+from kaggle_utils.quant.manifest import REQUIRED_FIELDS, read_manifest, update_manifest
+from kaggle_utils.text.template import TEMPLATE_VERSION
 
 FIELDS = {
     "ordering": "quant-then-ft",
@@ -69,7 +70,7 @@ def test_quant_then_ft_artifact_reloads_with_identical_predictions(setup, demo_t
     assert sorted(p.name for p in path.iterdir()) == ["adapter", "manifest.json", "model", "tokenizer"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging directory left behind
     manifest = json.loads((path / "manifest.json").read_text())
-    assert set(artifacts.REQUIRED_FIELDS) <= set(manifest)
+    assert set(REQUIRED_FIELDS) <= set(manifest)
     assert manifest["quant_scheme"] == "nf4" and manifest["has_adapter"] and manifest["max_length"] == 256
     assert (
         manifest["template_version"] == TEMPLATE_VERSION and manifest["class_prior"] == FIELDS["class_prior"]
@@ -87,7 +88,7 @@ def test_quant_then_ft_artifact_reloads_with_identical_predictions(setup, demo_t
         info["bytes"] for info in manifest["files"].values()
     ) + len((path / "manifest.json").read_bytes())
 
-    # Runtimes without bitsandbytes: plain layers with the adapter merged, same predictions up to fp32 rounding.
+    # Runtimes without bitsandbytes: plain layers, adapter merged, same predictions up to fp32 rounding.
     plain = artifacts.load_artifact(path, compute_dtype=torch.float32, dequantize=True)
     assert quantization.quant_scheme_of(plain.model) is None and not isinstance(plain.model, PeftModel)
     np.testing.assert_allclose(_probs(plain.model, rows, pad), expected, atol=1e-5)
@@ -143,20 +144,20 @@ def _small_artifact(setup, demo_tokenizer, path):
 
 def test_template_version_mismatch_is_refused(setup, demo_tokenizer, tmp_path):
     path = _small_artifact(setup, demo_tokenizer, tmp_path / "art")
-    artifacts.update_manifest(path, template_version="some-older-template")
+    update_manifest(path, template_version="some-older-template")
     with pytest.raises(ArtifactError, match="template version 'some-older-template'"):
         artifacts.load_artifact(path, device="cpu")
 
 
 def test_incomplete_or_damaged_artifacts_are_refused(setup, demo_tokenizer, tmp_path):
     path = _small_artifact(setup, demo_tokenizer, tmp_path / "art")
-    artifacts.read_manifest(path, verify_hashes=True)
+    read_manifest(path, verify_hashes=True)
     weights = path / "model" / "model.safetensors"
     data = bytearray(weights.read_bytes())
     data[-1] ^= 0xFF
     weights.write_bytes(bytes(data))
     with pytest.raises(ArtifactError, match="sha256"):
-        artifacts.read_manifest(path, verify_hashes=True)
+        read_manifest(path, verify_hashes=True)
     weights.write_bytes(bytes(data[:-10]))
     with pytest.raises(ArtifactError, match="bytes"):
         artifacts.load_artifact(path, device="cpu")
@@ -291,7 +292,7 @@ def test_manifest_field_types_and_unlisted_files_are_refused(setup, demo_tokeniz
     path = _small_artifact(setup, demo_tokenizer, tmp_path / "art")
     (path / "manifest.json").write_text("[1, 2]")
     with pytest.raises(ArtifactError, match="expected a JSON object"):
-        artifacts.read_manifest(path)
+        read_manifest(path)
     path = _small_artifact(setup, demo_tokenizer, tmp_path / "art")
     _edit_manifest(path, lambda m: m.update(max_length="2048"))
     with pytest.raises(ArtifactError, match="'max_length' must be int"):

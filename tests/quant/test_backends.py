@@ -17,6 +17,7 @@ from kaggle_utils.quant import artifacts
 from kaggle_utils.quant import backends as quant_backends
 from kaggle_utils.quant.backends import BACKENDS, LoadOptions, QuantBackend, get_backend
 from kaggle_utils.quant.int4 import Int4Linear
+from kaggle_utils.quant.manifest import update_manifest
 
 FIELDS = {
     "ordering": "ft-then-quant",
@@ -102,16 +103,16 @@ def test_an_unknown_or_mismatched_backend_is_refused_naming_the_manifest(setup, 
     cfg, _, pad = setup
     model = modeling.build_classifier(cfg.model, pad_token_id=pad, device="cpu")
     path = artifacts.save_artifact(tmp_path / "art", model, demo_tokenizer, FIELDS, FormatConfig())
-    artifacts.update_manifest(path, quant_backend="awq")
+    update_manifest(path, quant_backend="awq")
     with pytest.raises(ArtifactError, match=r"manifest\.json: unknown quant_backend 'awq'"):
         artifacts.load_artifact(path, device="cpu")
-    artifacts.update_manifest(path, quant_backend="gptq")  # quant_scheme "none" is not a GPTQ scheme
+    update_manifest(path, quant_backend="gptq")  # quant_scheme "none" is not a GPTQ scheme
     with pytest.raises(ArtifactError, match=r"manifest\.json: unknown quant_scheme 'none' for the 'gptq'"):
         artifacts.load_artifact(path, device="cpu")
-    artifacts.update_manifest(path, quant_backend="int4")  # quant_scheme is still "none"
+    update_manifest(path, quant_backend="int4")  # quant_scheme is still "none"
     with pytest.raises(ArtifactError, match=r"manifest\.json: unknown quant_scheme 'none' for the 'int4'"):
         artifacts.load_artifact(path, device="cpu")
-    artifacts.update_manifest(path, quant_backend=3)
+    update_manifest(path, quant_backend=3)
     with pytest.raises(ArtifactError, match="field 'quant_backend' must be str"):
         artifacts.load_artifact(path, device="cpu")
 

@@ -1,4 +1,4 @@
-"""GPTQ backend (llmcompressor, optional extra): quantize a trained classifier on training rows, ship, reload."""
+"""GPTQ backend (llmcompressor, optional extra): quantize a trained classifier on training rows, reload."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ FIELDS = {
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py
 REASON = gptq_unavailable()
-# `make gptq-check` sets KAGGLE_UTILS_REQUIRE_GPTQ=1: there a missing extra fails (quantize raises the reason).
+# `make gptq-check` sets KAGGLE_UTILS_REQUIRE_GPTQ=1: there a missing extra fails (quantize says why).
 REQUIRED = os.environ.get("KAGGLE_UTILS_REQUIRE_GPTQ") == "1"
 needs_gptq = pytest.mark.skipif(
     REASON is not None and not REQUIRED, reason=f"optional GPTQ extra absent: {REASON}"
@@ -124,6 +124,7 @@ def test_the_gptq_variant_ships_the_merged_lora_calibrated_on_training_rows(
     from kaggle_utils.core.config import FoldConfig, TrainConfig
     from kaggle_utils.data.folds import make_folds
     from kaggle_utils.train import loop as training
+    from kaggle_utils.train.fold_data import split_fold
     from kaggle_utils.variants.registry import ExportContext, FoldContext
 
     frame = train_data.frame.head(60)
@@ -147,7 +148,7 @@ def test_the_gptq_variant_ships_the_merged_lora_calibrated_on_training_rows(
     cfg = variant.configure(cfg)
     assert cfg.qaware.gptq_bits == 4
     result = training.train_fold(cfg, frame, folds, demo_tokenizer, tmp_path / "run", progress=False)
-    train_part, _ = training.split_fold(frame, folds, 0)
+    train_part, _ = split_fold(frame, folds, 0)
     fold_ctx = FoldContext(
         cfg=cfg,
         fold=0,

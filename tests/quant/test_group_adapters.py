@@ -1,4 +1,4 @@
-"""QA-LoRA / QA-HiRA group-pooled adapters: the zero-point fold is exact and the shipped artifact is plain INT4."""
+"""QA-LoRA / QA-HiRA group-pooled adapters: the zero-point fold is exact; the artifact ships plain INT4."""
 
 from __future__ import annotations
 
@@ -72,7 +72,7 @@ def test_unknown_kind_and_missing_int4_layers_are_usage_errors():
 def test_merged_artifact_predicts_like_the_trained_unmerged_model(kind, tmp_path, train_data, demo_tokenizer):
     from kaggle_utils.core.config import FormatConfig
     from kaggle_utils.models.classifier import predict_probs
-    from kaggle_utils.text.formatting import encode_rows
+    from kaggle_utils.text.encode import encode_rows
 
     torch.manual_seed(0)
     fmt = FormatConfig(max_length=128)

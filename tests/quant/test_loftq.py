@@ -1,4 +1,4 @@
-"""LoftQ on CPU: sharded checkpoints read like single files; alternating iterations fit W better, never worse."""
+"""LoftQ on CPU: sharded checkpoints read like single files; more iterations fit W better, never worse."""
 
 from __future__ import annotations
 

@@ -11,7 +11,8 @@ import pytest
 from kaggle_utils.cli.main import main
 from kaggle_utils.core.errors import UsageError
 from kaggle_utils.data.folds import make_folds, save_folds
-from kaggle_utils.evaluate.cv_report import ComparisonReport, render_markdown
+from kaggle_utils.evaluate.comparison_report import ComparisonReport
+from kaggle_utils.evaluate.report_render import render_markdown
 from kaggle_utils.studies import experiment
 from kaggle_utils.studies import orderings as compare
 

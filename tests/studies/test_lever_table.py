@@ -10,7 +10,7 @@ import pytest
 from kaggle_utils.cli.main import main
 from kaggle_utils.core.errors import UsageError
 from kaggle_utils.core.metrics import make_oof, row_log_losses, save_oof
-from kaggle_utils.studies.combine import lever_table
+from kaggle_utils.studies.lever_table import lever_table
 
 
 def _run_dir(tmp_path, name, variant, probs, labels, ids, folds_hash="a" * 64, train=None):

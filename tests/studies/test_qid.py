@@ -1,4 +1,5 @@
-"""QiD: exactly the difference of the two competition log losses; the D^beta fit and its bootstrap interval."""
+"""QiD: exactly the difference of the two competition log losses; the D^beta fit and its bootstrap
+interval."""
 
 from __future__ import annotations
 
@@ -7,14 +8,8 @@ import pytest
 
 from kaggle_utils.core.errors import UsageError
 from kaggle_utils.core.metrics import log_loss
-from kaggle_utils.studies.qid import (
-    PAPER_BETA,
-    bootstrap_fit,
-    bootstrap_trend,
-    checkpoint_steps,
-    fit_log_log,
-    qid,
-)
+from kaggle_utils.studies.qid import checkpoint_steps
+from kaggle_utils.studies.qid_fit import PAPER_BETA, bootstrap_fit, bootstrap_trend, fit_log_log, qid
 
 
 def random_probs(rng, n):
@@ -40,7 +35,7 @@ def test_fit_recovers_a_known_exponent_and_refuses_non_positive_qid():
 
 
 def _synthetic_checkpoints(beta, scale, n_rows=400, noise=0.0, seed=0):
-    """16-bit and quantized probabilities whose per-row loss gap averages scale * D^beta at each checkpoint."""
+    """16-bit and quantized probabilities whose per-row loss gap averages scale * D^beta per checkpoint."""
     rng = np.random.default_rng(seed)
     labels = rng.integers(0, 3, n_rows)
     tokens = np.geomspace(1e3, 1e5, 6)
@@ -112,12 +107,13 @@ def test_checkpoint_steps_are_geometric_and_end_at_the_last_step():
 def test_study_checkpoints_count_the_tokens_trained_on_up_to_their_step(
     train_data, demo_tokenizer, demo_base_dir, tmp_path
 ):
-    """Each checkpoint's token count is the real (unpadded) tokens of the micro-batches of the steps before it,
-    recomputed here from the batch order alone (the study learns it from the training loop's step callback)."""
+    """Each checkpoint's token count is the real (unpadded) tokens of the micro-batches of the steps before
+    it, recomputed here from the batch order alone (the study learns it from the step callback)."""
     from kaggle_utils.core.config import FoldConfig, PipelineConfig, TrainConfig
     from kaggle_utils.data.folds import make_folds
     from kaggle_utils.studies.qid import run_qid_study
-    from kaggle_utils.train import loop as training
+    from kaggle_utils.train.fold_data import split_fold, training_examples
+    from kaggle_utils.train.steps import epoch_batches, epoch_examples
 
     frame = train_data.frame.head(60)
     folds = make_folds(frame, FoldConfig(n_folds=3, seed=0))
@@ -147,10 +143,10 @@ def test_study_checkpoints_count_the_tokens_trained_on_up_to_their_step(
         progress=False,
     )
 
-    train_part, _ = training.split_fold(frame, folds, 0)
-    lengths = training._training_examples(train_part, demo_tokenizer, cfg).lengths
-    chosen = training.epoch_examples(train_part.height, cfg.train, 0)
-    batches = training.epoch_batches(lengths[chosen], cfg.train, 0)
+    train_part, _ = split_fold(frame, folds, 0)
+    lengths = training_examples(train_part, demo_tokenizer, cfg).lengths
+    chosen = epoch_examples(train_part.height, cfg.train, 0)
+    batches = epoch_batches(lengths[chosen], cfg.train, 0)
     per_step = [
         sum(int(lengths[chosen][i]) for batch in batches[k : k + 2] for i in batch) for k in range(0, 8, 2)
     ]

@@ -54,7 +54,7 @@ def test_collator_rejects_inconsistent_batches():
 
 @pytest.mark.parametrize("padding_side", ["right", "left"])
 def test_padded_batch_gives_the_classifier_the_same_logits_as_single_rows(padding_side):
-    """Gemma2ForSequenceClassification pools the last non-pad token: padding must not change a row's logits."""
+    """The classifier pools the last non-pad token: padding must not change a row's logits."""
     torch.manual_seed(0)
     config = Gemma2Config(
         vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,

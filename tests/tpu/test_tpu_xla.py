@@ -29,7 +29,7 @@ from kaggle_utils.data.load import load_competition  # noqa: E402
 from kaggle_utils.inference import tpu  # noqa: E402
 from kaggle_utils.models.classifier import predict_probs  # noqa: E402
 from kaggle_utils.quant.artifacts import load_artifact  # noqa: E402
-from kaggle_utils.text.formatting import encode_both_orders  # noqa: E402
+from kaggle_utils.text.encode import encode_both_orders  # noqa: E402
 
 V3_8_CORES, V3_CORE_GB = 8, 16.0
 GEMMA2_9B_BF16 = int(9.24e9 * 2)  # parameters x 2 bytes

@@ -15,13 +15,8 @@ from kaggle_utils.core.config import BaselineConfig, FoldConfig
 from kaggle_utils.core.errors import ArtifactError, DataError
 from kaggle_utils.core.metrics import OOF_COLUMNS, log_loss
 from kaggle_utils.data.folds import make_folds
-from kaggle_utils.train.baseline import (
-    BaselineModel,
-    baseline_features,
-    baseline_manifest_path,
-    feature_names,
-    run_baseline_cv,
-)
+from kaggle_utils.train.baseline import BaselineModel, baseline_manifest_path, run_baseline_cv
+from kaggle_utils.train.baseline_features import baseline_features, feature_names
 
 SCHEMA = {
     "id": pl.Int64,
@@ -193,9 +188,9 @@ def test_cv_refuses_rows_without_a_fold_or_label(cv_result, train_frame):
 def test_the_baseline_oof_records_its_excluded_folds_so_a_student_can_check_its_teacher(
     sample_files, tmp_path, capsys
 ):
-    """`baseline --oof` writes the folds its run left out into the file: the nested teacher (--exclude-folds 0)
-    teaches fold 0's student, the plain one is refused for it (its models trained on fold 0); an output that
-    contains or lies inside an input is refused before anything is written."""
+    """`baseline --oof` writes the folds its run left out into the file: the nested teacher
+    (--exclude-folds 0) teaches fold 0's student, the plain one is refused for it (its models trained on
+    fold 0); an output that contains or lies inside an input is refused before anything is written."""
     from kaggle_utils.cli.main import main
     from kaggle_utils.core.fileio import file_sha256
     from kaggle_utils.core.metrics import exclusion_record, read_oof_records

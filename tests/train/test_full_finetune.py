@@ -23,11 +23,13 @@ from kaggle_utils.train.full_finetune import (
     gemma2_parameter_count,
     lora_parameter_count,
 )
+from kaggle_utils.train.model_setup import default_build_model
 from kaggle_utils.variants import qaware as _qaware_variants  # noqa: F401  (registers the variants)
 from kaggle_utils.variants.registry import VARIANTS, ExportContext, FoldContext
 
 GEMMA2_9B = Path("/work/shared/reference/gemma-2-9b-config.json")
-# The checked-in shape of google/gemma-2-9b (the fields the count uses), so the test runs without /work/shared.
+# The checked-in shape of google/gemma-2-9b (the fields the count uses), so the test runs
+# without /work/shared.
 GEMMA2_9B_SHAPE = {
     "vocab_size": 256000,
     "hidden_size": 3584,
@@ -98,7 +100,7 @@ def _full_config(base_dir) -> PipelineConfig:
 
 
 def test_full_method_makes_every_weight_trainable_without_peft(demo_tokenizer, demo_base_dir):
-    model = training.default_build_model(_full_config(demo_base_dir), demo_tokenizer, torch.device("cpu"))
+    model = default_build_model(_full_config(demo_base_dir), demo_tokenizer, torch.device("cpu"))
     assert not hasattr(model, "peft_config")
     assert all(p.requires_grad for p in model.parameters())
 
@@ -107,7 +109,7 @@ def test_quant_then_ft_with_full_method_is_refused(demo_tokenizer, demo_base_dir
     cfg = _full_config(demo_base_dir)
     cfg.train.ordering = "quant-then-ft"
     with pytest.raises(UsageError, match="train.method 'full' needs train.ordering 'ft-then-quant'"):
-        training.default_build_model(cfg, demo_tokenizer, torch.device("cpu"))
+        default_build_model(cfg, demo_tokenizer, torch.device("cpu"))
 
 
 def test_full_then_quant_trains_every_weight_and_ships_a_loadable_artifact(

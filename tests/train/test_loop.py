@@ -1,4 +1,4 @@
-"""The training loop on CPU with a tiny Gemma-2: both orderings learn, resume is exact, settings are honoured."""
+"""The training loop on CPU with a tiny Gemma-2: both orderings learn, resume is exact, settings honoured."""
 
 from __future__ import annotations
 
@@ -15,8 +15,21 @@ from kaggle_utils.core.errors import DataError, UsageError
 from kaggle_utils.core.metrics import log_loss
 from kaggle_utils.data.folds import make_folds
 from kaggle_utils.models.classifier import predict_probs
+from kaggle_utils.train import checkpointing
 from kaggle_utils.train import loop as training
-from kaggle_utils.train.checkpointing import prune_best
+from kaggle_utils.train.checkpointing import prune_best, run_fingerprint
+from kaggle_utils.train.evaluation import LEARNING_CURVE_FILE, eval_interval
+from kaggle_utils.train.fold_data import split_fold, split_inner
+from kaggle_utils.train.head_roundtrip import check_unsloth_head_roundtrip
+from kaggle_utils.train.model_setup import default_build_model, make_optimizer
+from kaggle_utils.train.results import StepInfo
+from kaggle_utils.train.steps import (
+    NonFiniteLossError,
+    epoch_batches,
+    epoch_examples,
+    examples_per_epoch,
+    planned_steps,
+)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py
 
@@ -31,7 +44,7 @@ def folds(train_data):
 
 
 def learning_config(base_dir, ordering: str) -> PipelineConfig:
-    """Settings under which the tiny model learns the generated signal in ~225 steps (about 10-40 s on 2 cores)."""
+    """Settings under which the tiny model learns the generated signal in ~225 steps (10-40 s on 2 cores)."""
     cfg = PipelineConfig()
     cfg.model.base_model = str(base_dir)
     cfg.model.gradient_checkpointing = False
@@ -71,11 +84,11 @@ def test_each_ordering_learns_below_the_class_prior(
         log_loss(result.val_labels, result.val_probs), result.history[-1]["eval_loss"], atol=1e-12
     )
     # the learning curve is a file in the run folder, written as the run goes: one line per evaluation
-    curve = [json.loads(line) for line in (tmp_path / training.LEARNING_CURVE_FILE).read_text().splitlines()]
+    curve = [json.loads(line) for line in (tmp_path / LEARNING_CURVE_FILE).read_text().splitlines()]
     assert curve == json.loads(json.dumps(result.history))
     assert curve[-1]["tokens_seen"] == result.tokens_seen and curve[-1]["eval_rows"] == len(result.val_labels)
     assert 0 < curve[-1]["eval_loss_se"] < 0.2 and curve[0]["tokens_seen"] < curve[-1]["tokens_seen"]
-    from kaggle_utils.text.formatting import encode_rows
+    from kaggle_utils.text.encode import encode_rows
 
     val_rows = encode_rows(
         train_data.frame.filter(pl.col("id").is_in(result.val_ids)), demo_tokenizer, cfg.format
@@ -121,7 +134,7 @@ def test_an_interrupted_run_resumes_to_the_same_step_and_result(
     steps_per_epoch = int(np.ceil(np.ceil(straight.train_examples / 8) / 2))  # batches of 8, accumulation 2
     assert straight.total_steps == int(np.ceil(1.5 * steps_per_epoch)) > steps_per_epoch > 8
 
-    def crash_at_8(info: training.StepInfo) -> None:
+    def crash_at_8(info: StepInfo) -> None:
         if info.step == 8:
             raise SimulatedCrash
 
@@ -190,22 +203,17 @@ def test_resume_refuses_a_checkpoint_of_another_run(train_data, demo_tokenizer, 
 def test_epoch_batches_are_reproducible_and_split_between_processes():
     lengths = np.arange(10, 110)
     cfg = TrainConfig(per_device_batch_size=4, seed=3)
-    one = training.epoch_batches(lengths, cfg, epoch=0)
-    assert (
-        one == training.epoch_batches(lengths, cfg, epoch=0) != training.epoch_batches(lengths, cfg, epoch=1)
-    )
+    one = epoch_batches(lengths, cfg, epoch=0)
+    assert one == epoch_batches(lengths, cfg, epoch=0) != epoch_batches(lengths, cfg, epoch=1)
     assert sorted(i for batch in one for i in batch) == list(range(100))
-    rank0, rank1 = (training.epoch_batches(lengths, cfg, 0, rank=r, world=2) for r in (0, 1))
+    rank0, rank1 = (epoch_batches(lengths, cfg, 0, rank=r, world=2) for r in (0, 1))
     assert len(rank0) == len(rank1) == 12 and not {i for b in rank0 for i in b} & {
         i for b in rank1 for i in b
     }
-    assert training.planned_steps(100, TrainConfig(per_device_batch_size=4, grad_accum=3, epochs=2)) == 18
-    assert (
-        training.planned_steps(100, TrainConfig(per_device_batch_size=4, grad_accum=3, epochs=2, max_steps=5))
-        == 5
-    )
+    assert planned_steps(100, TrainConfig(per_device_batch_size=4, grad_accum=3, epochs=2)) == 18
+    assert planned_steps(100, TrainConfig(per_device_batch_size=4, grad_accum=3, epochs=2, max_steps=5)) == 5
     with pytest.raises(UsageError):
-        training.planned_steps(100, TrainConfig(epochs=0))
+        planned_steps(100, TrainConfig(epochs=0))
 
 
 def test_optimizer_is_8bit_on_cuda_and_torch_adamw_on_cpu():
@@ -214,12 +222,12 @@ def test_optimizer_is_8bit_on_cuda_and_torch_adamw_on_cpu():
     model.add_module("score", torch.nn.Module())
     model.score.add_module("modules_to_save", torch.nn.Linear(4, 3))
     cfg = TrainConfig(learning_rate=1e-4, head_learning_rate=1e-3)
-    cpu = training.make_optimizer(model, cfg, torch.device("cpu"))
+    cpu = make_optimizer(model, cfg, torch.device("cpu"))
     assert type(cpu) is torch.optim.AdamW
     assert [g["lr"] for g in cpu.param_groups] == [1e-4, 1e-3]
-    assert isinstance(training.make_optimizer(model, cfg, torch.device("cuda")), bnb.optim.AdamW8bit)
+    assert isinstance(make_optimizer(model, cfg, torch.device("cuda")), bnb.optim.AdamW8bit)
     assert isinstance(
-        training.make_optimizer(model, TrainConfig(optimizer="adamw_8bit"), torch.device("cpu")),
+        make_optimizer(model, TrainConfig(optimizer="adamw_8bit"), torch.device("cpu")),
         bnb.optim.AdamW8bit,
     )
 
@@ -228,34 +236,34 @@ def test_unsloth_backend_is_refused_on_cpu_with_one_clear_message(demo_tokenizer
     cfg = PipelineConfig()
     cfg.train.backend = "unsloth"
     with pytest.raises(UsageError, match="needs a CUDA GPU.*no classification head"):
-        training.default_build_model(cfg, demo_tokenizer, torch.device("cpu"))
+        default_build_model(cfg, demo_tokenizer, torch.device("cpu"))
 
 
 def test_fold_split_errors_name_the_problem(train_data, folds):
     frame = train_data.frame
     with pytest.raises(UsageError, match="fold 7 is not in the folds file"):
-        training.split_fold(frame, folds, 7)
+        split_fold(frame, folds, 7)
     unlabelled = frame.with_columns(
         pl.when(pl.int_range(pl.len()) == 3).then(None).otherwise(pl.col("label")).alias("label")
     )
     with pytest.raises(DataError, match="1 rows have no label"):
-        training.split_fold(unlabelled, folds, 0)
-    train, val = training.split_fold(frame, folds, 1)
+        split_fold(unlabelled, folds, 0)
+    train, val = split_fold(frame, folds, 1)
     assert train.height + val.height == frame.height and not set(train["id"]) & set(val["id"])
 
 
 def test_peak_memory_sees_an_allocation_inside_the_block():
-    """Run in a fresh process: inside the long test session the process holds GBs of cold pages that the host's
-    memory reclaim (DAMON) may page out while the block allocates, leaving the high-water mark flat."""
+    """Run in a fresh process: inside the long test session the process holds GBs of cold pages that the
+    host's memory reclaim (DAMON) may page out while the block allocates, leaving the high-water mark flat."""
     import subprocess
     import sys
 
     script = (
         "import numpy as np\n"
-        "from kaggle_utils.train import loop as training\n"
-        "with training.PeakMemory('cpu') as before:\n"
+        "from kaggle_utils.train.results import PeakMemory\n"
+        "with PeakMemory('cpu') as before:\n"
         "    pass\n"
-        "with training.PeakMemory('cpu') as during:\n"
+        "with PeakMemory('cpu') as during:\n"
         "    block = np.ones(40_000_000)  # 320 MB\n"
         "    block[::4096] = 2.0\n"
         "    del block\n"
@@ -269,8 +277,8 @@ def test_peak_memory_sees_an_allocation_inside_the_block():
 
 
 def test_a_best_saved_after_the_last_checkpoint_is_dropped_on_resume(tmp_path):
-    """The resumed state names the best as of its checkpoint; a newer best/ from the lost steps must not survive
-    (on GPU the replayed steps need not reproduce it bit for bit)."""
+    """The resumed state names the best as of its checkpoint; a newer best/ from the lost steps must not
+    survive (on GPU the replayed steps need not reproduce it bit for bit)."""
     for step in (3, 6, 9):
         (tmp_path / "best" / f"step-{step:07d}").mkdir(parents=True)
     (tmp_path / "best" / ".step-0000012.tmp").mkdir()
@@ -281,12 +289,12 @@ def test_a_best_saved_after_the_last_checkpoint_is_dropped_on_resume(tmp_path):
 
 
 def test_run_fingerprint_changes_with_the_template_version(monkeypatch):
-    """A checkpoint written under one encoding (template/truncation version) must not be resumed under another."""
+    """A checkpoint written under one encoding (template/truncation version) is not resumed under another."""
     cfg = PipelineConfig()
-    before = training.run_fingerprint(cfg, 0, [1, 2, 3], 10)
-    assert training.run_fingerprint(cfg, 0, [1, 2, 3], 10) == before
-    monkeypatch.setattr(training, "TEMPLATE_VERSION", "arena-pair-test")  # training's own binding of it
-    assert training.run_fingerprint(cfg, 0, [1, 2, 3], 10) != before
+    before = run_fingerprint(cfg, 0, [1, 2, 3], 10)
+    assert run_fingerprint(cfg, 0, [1, 2, 3], 10) == before
+    monkeypatch.setattr(checkpointing, "TEMPLATE_VERSION", "arena-pair-test")  # its own binding of it
+    assert run_fingerprint(cfg, 0, [1, 2, 3], 10) != before
 
 
 class _FakeUnslothSave:
@@ -328,7 +336,7 @@ def test_head_roundtrip_check_raises_when_the_reload_differs(demo_tokenizer, dem
     probe = [demo_tokenizer("a probe row " * k)["input_ids"] for k in range(1, 7)]
 
     model.save_pretrained_merged = _FakeUnslothSave(model)
-    good = training.check_unsloth_head_roundtrip(model, demo_tokenizer, tmp_path / "good", probe)
+    good = check_unsloth_head_roundtrip(model, demo_tokenizer, tmp_path / "good", probe)
     assert good["num_labels"] == 3 and good["head_max_abs_diff"] < 1e-6 and good["probs_max_abs_diff"] < 1e-5
 
     def drop_head(merged):  # the head re-initialised: what unsloth's merged save is known to do
@@ -337,7 +345,7 @@ def test_head_roundtrip_check_raises_when_the_reload_differs(demo_tokenizer, dem
 
     model.save_pretrained_merged = _FakeUnslothSave(model, drop_head)
     with pytest.raises(UsageError, match="score head differs"):
-        training.check_unsloth_head_roundtrip(model, demo_tokenizer, tmp_path / "no-head", probe)
+        check_unsloth_head_roundtrip(model, demo_tokenizer, tmp_path / "no-head", probe)
 
     def lose_the_adapter(merged):  # head intact, body wrong: only the probabilities show it
         with torch.no_grad():
@@ -346,19 +354,19 @@ def test_head_roundtrip_check_raises_when_the_reload_differs(demo_tokenizer, dem
 
     model.save_pretrained_merged = _FakeUnslothSave(model, lose_the_adapter)
     with pytest.raises(UsageError, match="probabilities on the probe rows differ"):
-        training.check_unsloth_head_roundtrip(model, demo_tokenizer, tmp_path / "no-body", probe)
+        check_unsloth_head_roundtrip(model, demo_tokenizer, tmp_path / "no-body", probe)
 
 
 def _counting_evaluate(monkeypatch) -> list[int]:
     """Record the number of rows of every evaluation train_fold makes."""
     calls: list[int] = []
-    original = training._evaluate
+    original = training.evaluate_rows
 
     def counting(accelerator, model, input_ids, *args, **kwargs):
         calls.append(len(input_ids))
         return original(accelerator, model, input_ids, *args, **kwargs)
 
-    monkeypatch.setattr(training, "_evaluate", counting)
+    monkeypatch.setattr(training, "evaluate_rows", counting)
     return calls
 
 
@@ -366,8 +374,8 @@ def _counting_evaluate(monkeypatch) -> list[int]:
 def test_reported_fold_is_scored_once_by_the_shipped_weights(
     train_data, demo_tokenizer, demo_base_dir, tmp_path, monkeypatch, selection
 ):
-    """Evaluation during training is bounded (evals_per_run x eval_rows_cap rows) and never on the whole reported
-    fold; that fold is scored exactly once, at the end, by the weights that ship."""
+    """Evaluation during training is bounded (evals_per_run x eval_rows_cap rows) and never on the whole
+    reported fold; that fold is scored exactly once, at the end, by the weights that ship."""
     frame = train_data.frame.head(160)
     folds = make_folds(frame, FoldConfig(n_folds=4, seed=0))
     cfg = _resume_config(demo_base_dir)
@@ -388,7 +396,7 @@ def test_reported_fold_is_scored_once_by_the_shipped_weights(
     calls = _counting_evaluate(monkeypatch)
     final_weights = {}
 
-    def remember(info: training.StepInfo) -> None:
+    def remember(info: StepInfo) -> None:
         if info.step == 12:
             model = holder["model"]
             final_weights.update(
@@ -398,7 +406,7 @@ def test_reported_fold_is_scored_once_by_the_shipped_weights(
     holder = {}
 
     def build(cfg_, tokenizer_, device):
-        holder["model"] = training.default_build_model(cfg_, tokenizer_, device)
+        holder["model"] = default_build_model(cfg_, tokenizer_, device)
         return holder["model"]
 
     result = training.train_fold(
@@ -436,68 +444,56 @@ def test_reported_fold_is_scored_once_by_the_shipped_weights(
         assert result.best_eval_loss == min(h["eval_loss"] for h in result.history)
         assert "inner holdout" in result.eval_set
         # the inner holdout came out of the training part: fewer rows trained than the fold split leaves
-        train_part, _ = training.split_fold(frame, folds, 0)
+        train_part, _ = split_fold(frame, folds, 0)
         assert result.train_rows == train_part.height - calls[0]
 
 
 def _val_input_ids(frame, result, tokenizer, cfg):
-    from kaggle_utils.text.formatting import encode_rows
+    from kaggle_utils.text.encode import encode_rows
 
     return encode_rows(frame.filter(pl.col("id").is_in(result.val_ids)), tokenizer, cfg.format).input_ids
 
 
 def test_inner_holdout_takes_whole_prompt_groups_from_the_training_part(train_data, folds):
-    train_part, val_part = training.split_fold(train_data.frame, folds, 0)
+    train_part, val_part = split_fold(train_data.frame, folds, 0)
     cfg = TrainConfig(selection="inner", inner_holdout_fraction=0.05, eval_rows_cap=512, seed=3)
-    rest, inner = training.split_inner(train_part, folds, cfg)
+    rest, inner = split_inner(train_part, folds, cfg)
     assert rest.height + inner.height == train_part.height
     assert 0 < inner.height <= int(np.ceil(0.05 * train_part.height))
     assert not set(inner["id"]) & set(rest["id"]) and not set(inner["id"]) & set(val_part["id"])
     group_of = dict(zip(folds["id"].to_list(), folds["group"].to_list(), strict=True))
     assert not {group_of[i] for i in inner["id"]} & {group_of[i] for i in rest["id"]}
-    again, _ = training.split_inner(train_part, folds, cfg)
+    again, _ = split_inner(train_part, folds, cfg)
     assert again["id"].to_list() == rest["id"].to_list()  # seeded: resumable
-    capped = training.split_inner(
-        train_part, folds, TrainConfig(inner_holdout_fraction=0.5, eval_rows_cap=7)
-    )[1]
+    capped = split_inner(train_part, folds, TrainConfig(inner_holdout_fraction=0.5, eval_rows_cap=7))[1]
     assert 0 < capped.height <= 7
     with pytest.raises(UsageError, match="inner_holdout_fraction"):
-        training.split_inner(train_part, folds, TrainConfig(inner_holdout_fraction=0.0))
+        split_inner(train_part, folds, TrainConfig(inner_holdout_fraction=0.0))
 
 
 def test_eval_interval_gives_a_fixed_number_of_evaluations():
-    assert training.eval_interval(11_500, TrainConfig()) == 1150  # 10 evaluations per run by default
-    assert training.eval_interval(7, TrainConfig(evals_per_run=10)) == 1
-    assert training.eval_interval(100, TrainConfig(eval_every_steps=30)) == 30
+    assert eval_interval(11_500, TrainConfig()) == 1150  # 10 evaluations per run by default
+    assert eval_interval(7, TrainConfig(evals_per_run=10)) == 1
+    assert eval_interval(100, TrainConfig(eval_every_steps=30)) == 30
     with pytest.raises(UsageError):
-        training.eval_interval(100, TrainConfig(evals_per_run=0))
+        eval_interval(100, TrainConfig(evals_per_run=0))
 
 
 def test_random_swap_shows_each_row_once_per_epoch_in_a_seeded_order():
     cfg = TrainConfig(swap_augment="random", seed=5)
     n = 1000
-    first = training.epoch_examples(n, cfg, epoch=0)
+    first = epoch_examples(n, cfg, epoch=0)
     assert len(first) == n and sorted(first % n) == list(range(n))  # every row exactly once
     assert 400 < int((first >= n).sum()) < 600  # about half in the swapped order
-    np.testing.assert_array_equal(first, training.epoch_examples(n, cfg, epoch=0))  # resumable
-    assert not np.array_equal(first, training.epoch_examples(n, cfg, epoch=1))  # a new draw each epoch
-    assert not np.array_equal(
-        first, training.epoch_examples(n, TrainConfig(swap_augment="random", seed=6), 0)
-    )
-    np.testing.assert_array_equal(
-        training.epoch_examples(n, TrainConfig(swap_augment="double"), 0), np.arange(2 * n)
-    )
-    np.testing.assert_array_equal(
-        training.epoch_examples(n, TrainConfig(swap_augment="none"), 0), np.arange(n)
-    )
-    assert (
-        training.examples_per_epoch(n, cfg)
-        == n
-        == training.examples_per_epoch(n, TrainConfig(swap_augment="none"))
-    )
-    assert training.examples_per_epoch(n, TrainConfig(swap_augment="double")) == 2 * n
+    np.testing.assert_array_equal(first, epoch_examples(n, cfg, epoch=0))  # resumable
+    assert not np.array_equal(first, epoch_examples(n, cfg, epoch=1))  # a new draw each epoch
+    assert not np.array_equal(first, epoch_examples(n, TrainConfig(swap_augment="random", seed=6), 0))
+    np.testing.assert_array_equal(epoch_examples(n, TrainConfig(swap_augment="double"), 0), np.arange(2 * n))
+    np.testing.assert_array_equal(epoch_examples(n, TrainConfig(swap_augment="none"), 0), np.arange(n))
+    assert examples_per_epoch(n, cfg) == n == examples_per_epoch(n, TrainConfig(swap_augment="none"))
+    assert examples_per_epoch(n, TrainConfig(swap_augment="double")) == 2 * n
     with pytest.raises(UsageError, match="swap_augment"):
-        training.examples_per_epoch(n, TrainConfig(swap_augment="sometimes"))
+        examples_per_epoch(n, TrainConfig(swap_augment="sometimes"))
 
 
 def test_random_swap_trains_one_order_per_row_and_epoch(train_data, demo_tokenizer, demo_base_dir, tmp_path):
@@ -519,7 +515,7 @@ def test_random_swap_trains_one_order_per_row_and_epoch(train_data, demo_tokeniz
     assert result.total_steps == result.global_step == int(np.ceil(result.train_rows / 8))
 
 
-# ------------------------------------------------------------------------------------------------ loss, callbacks
+# -------------------------------------------------------------------------------------- loss, callbacks
 
 
 def _tiny_run_config(base_dir) -> PipelineConfig:
@@ -545,11 +541,11 @@ def _trainable(model) -> dict[str, torch.Tensor]:
 
 def test_default_loss_is_the_classifiers_own_loss(train_data, demo_tokenizer, demo_base_dir):
     from kaggle_utils.text.batching import PadCollator
-    from kaggle_utils.text.formatting import encode_rows
+    from kaggle_utils.text.encode import encode_rows
     from kaggle_utils.train.losses import cross_entropy_loss
 
     cfg = _tiny_run_config(demo_base_dir)
-    model = training.default_build_model(cfg, demo_tokenizer, torch.device("cpu"))
+    model = default_build_model(cfg, demo_tokenizer, torch.device("cpu"))
     rows = encode_rows(train_data.frame.head(5), demo_tokenizer, cfg.format)
     batch = PadCollator(demo_tokenizer.pad_token_id)(
         [
@@ -636,7 +632,7 @@ def test_step_callbacks_see_step_tokens_examples_and_model(
     frame = train_data.frame.head(60)
     folds = make_folds(frame, FoldConfig(n_folds=3, seed=0))
     cfg = _tiny_run_config(demo_base_dir)
-    seen: list[training.StepInfo] = []
+    seen: list[StepInfo] = []
     models = []
 
     result = training.train_fold(
@@ -674,7 +670,7 @@ def test_training_stops_at_the_first_non_finite_loss(train_data, demo_tokenizer,
 
     cfg = _tiny_run_config(demo_base_dir)
     with pytest.raises(
-        training.NonFiniteLossError,
+        NonFiniteLossError,
         match=r"^training stopped at step \d+: the loss is nan \(parameters float32, mixed precision "
         r"no\); .* use model.dtype=float32",
     ):

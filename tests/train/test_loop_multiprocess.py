@@ -1,8 +1,8 @@
-"""`train` under two processes (accelerate's launcher, gloo on CPU) against one process with the same global batch.
+"""`train` under two processes (accelerate's launcher, gloo on CPU) against one process, same global batch.
 
 One process with per-device batch 4 and grad_accum 2 takes micro-batches (2k, 2k+1) at step k; two processes
-with batch 4 and grad_accum 1 take micro-batch 2k (rank 0) and 2k+1 (rank 1), and DDP averages their gradients:
-the same examples, the same loss, so the runs differ only by the gloo all-reduce's float rounding.
+with batch 4 and grad_accum 1 take micro-batch 2k (rank 0) and 2k+1 (rank 1), and DDP averages their
+gradients: the same examples, the same loss, so the runs differ only by the gloo all-reduce's float rounding.
 """
 
 from __future__ import annotations
@@ -232,7 +232,8 @@ def test_two_process_run_killed_after_a_checkpoint_resumes_to_the_same_result(se
         ):
             time.sleep(0.01)
     finally:
-        # A crash of the whole job: torchrun starts each worker in its own session, so kill the tree, not a group.
+        # A crash of the whole job: torchrun starts each worker in its own session, so kill the tree,
+        # not a group.
         tree = [*psutil.Process(launcher.pid).children(recursive=True), psutil.Process(launcher.pid)]
         for process in tree:
             with contextlib.suppress(psutil.NoSuchProcess):
@@ -271,6 +272,7 @@ def test_two_process_run_killed_after_a_checkpoint_resumes_to_the_same_result(se
         ).max()
     )
     print(
-        f"resumed after step {state['global_step']}: max |weight diff| {diff:.3g}, max |prob diff| {prob_diff:.3g}"
+        f"resumed after step {state['global_step']}: max |weight diff| {diff:.3g}, "
+        f"max |prob diff| {prob_diff:.3g}"
     )
     assert diff < WEIGHT_ATOL and prob_diff < PROB_ATOL

@@ -1,4 +1,4 @@
-"""Training losses: distillation reduces to cross-entropy in its special cases, temperature and mixing as stated."""
+"""Distillation loss: reduces to cross-entropy in its special cases, temperature and mixing as stated."""
 
 from __future__ import annotations
 

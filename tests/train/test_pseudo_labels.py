@@ -15,6 +15,7 @@ from kaggle_utils.core.metrics import exclusion_record, make_oof, save_oof
 from kaggle_utils.data.folds import group_ids, make_folds
 from kaggle_utils.data.load import load_competition
 from kaggle_utils.train import loop as training
+from kaggle_utils.train.fold_data import build_fold_data, split_fold, split_inner
 from kaggle_utils.train.losses import SOFT_LABELS
 from kaggle_utils.train.pseudo_labels import (
     FOR_FOLD,
@@ -132,7 +133,7 @@ def small(train_data):
 def test_join_never_adds_a_pseudo_row_sharing_a_prompt_group_with_validation_rows(small, test_frame):
     frame, folds = small
     for fold in range(3):
-        train_part, val_part = training.split_fold(frame, folds, fold)
+        train_part, val_part = split_fold(frame, folds, fold)
         train_part = train_part.with_columns(
             pl.Series(
                 SOFT_LABELS, np.eye(3)[train_part["label"].to_numpy()].tolist(), dtype=pl.List(pl.Float64)
@@ -154,7 +155,7 @@ def test_join_never_adds_a_pseudo_row_sharing_a_prompt_group_with_validation_row
 
 def test_join_refuses_pseudo_ids_that_are_training_ids(small, test_frame):
     frame, folds = small
-    train_part, val_part = training.split_fold(frame, folds, 0)
+    train_part, val_part = split_fold(frame, folds, 0)
     train_part = train_part.with_columns(pl.Series(SOFT_LABELS, [[1.0, 0.0, 0.0]] * train_part.height))
     clash = _pseudo_rows(test_frame.head(3), 0).with_columns(pl.Series("id", val_part["id"].head(3)))
     with pytest.raises(DataError, match="3 ids are also training-data ids"):
@@ -175,7 +176,7 @@ def test_train_fold_adds_pseudo_rows_to_the_training_part_only(
     small, test_frame, demo_tokenizer, demo_base_dir, tmp_path
 ):
     frame, folds = small
-    _, val_part = training.split_fold(frame, folds, 0)
+    _, val_part = split_fold(frame, folds, 0)
     pseudo = pl.concat(
         [_pseudo_rows(_shout(val_part.head(3)), 10**9), _pseudo_rows(test_frame.head(8), 2 * 10**9)]
     )
@@ -224,8 +225,8 @@ def test_with_an_inner_holdout_pseudo_rows_sharing_its_prompt_groups_are_dropped
     cfg = PipelineConfig()
     cfg.format.max_length = 128
     cfg.train = TrainConfig(selection="inner", inner_holdout_fraction=0.2, eval_rows_cap=8)
-    train_part, val_part = training.split_fold(frame, folds, 0)
-    _, inner_part = training.split_inner(train_part, folds, cfg.train)
+    train_part, val_part = split_fold(frame, folds, 0)
+    _, inner_part = split_inner(train_part, folds, cfg.train)
     pseudo = pl.concat(
         [
             _pseudo_rows(_shout(inner_part), 10**9),
@@ -234,7 +235,7 @@ def test_with_an_inner_holdout_pseudo_rows_sharing_its_prompt_groups_are_dropped
         ]
     )
     cfg.train.pseudo_path = str(_save_for_folds({0: pseudo}, folds, tmp_path / "pseudo.parquet"))
-    data = training._fold_data(cfg, frame, folds, 0, demo_tokenizer, (SOFT_LABELS,))
+    data = build_fold_data(cfg, frame, folds, 0, demo_tokenizer, (SOFT_LABELS,))
     added = [i for i in data.train_ids if i >= 10**9]
     assert added == pseudo["id"].tail(5).to_list()
     assert data.soft_targets["pseudo"]["pseudo_dropped_held_out_group"] == inner_part.height + 2
@@ -390,15 +391,16 @@ def test_the_agreement_with_labels_the_unlabelled_file_carried_is_counted(test_f
     assert unlabelled.agreement_with_file_label is None and unlabelled.kept_with_file_label == 0
 
 
-# ------------------------------------------------------------------ each fold's rows from a teacher without it
+# ------------------------------------------------------------- each fold's rows from a teacher without it
 
 
 def test_training_refuses_pseudo_labels_whose_teacher_saw_the_held_out_fold(
     small, test_frame, demo_tokenizer, tmp_path
 ):
-    """Fold 0's student gets only the rows labelled for fold 0 by a teacher that left that very fold out; a file
-    from one teacher with no record (any fold, e.g. predicted by a model trained on every fold), a file with no
-    rows for the fold and one made on other folds are refused with one line, unless the leak is allowed."""
+    """Fold 0's student gets only the rows labelled for fold 0 by a teacher that left that very fold out; a
+    file from one teacher with no record (any fold, e.g. predicted by a model trained on every fold), a file
+    with no rows for the fold and one made on other folds are refused with one line, unless the leak
+    is allowed."""
     frame, folds = small
     cfg = PipelineConfig()
     cfg.format.max_length = 128
@@ -407,7 +409,7 @@ def test_training_refuses_pseudo_labels_whose_teacher_saw_the_held_out_fold(
 
     def fold_data(path, fold=0, allow=False):
         cfg.train.pseudo_path, cfg.train.teacher_allow_leak = str(path), allow
-        return training._fold_data(cfg, frame, folds, fold, demo_tokenizer, (SOFT_LABELS,))
+        return build_fold_data(cfg, frame, folds, fold, demo_tokenizer, (SOFT_LABELS,))
 
     unverified = save_pseudo_labels(fresh0, tmp_path / "unverified.parquet")
     with pytest.raises(
@@ -519,8 +521,8 @@ def test_the_pseudo_label_command_labels_each_fold_with_its_own_teacher(
     refusals = [
         (
             ["--teacher", f"0={recorded}", "--folds", str(folds_path)],
-            r"nested.parquet: the teacher saw fold 0's labels \(its run excluded \[1, 2\]\); give fold 0 a teacher "
-            r"trained without it",
+            r"nested.parquet: the teacher saw fold 0's labels \(its run excluded \[1, 2\]\); "
+            r"give fold 0 a teacher trained without it",
         ),
         (["--teacher", f"0={t0}"], r"--teacher 0=\S*t0.csv names fold 0; give --folds"),
         (

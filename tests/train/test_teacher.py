@@ -1,4 +1,4 @@
-"""Teacher soft targets: the OOF file is checked (ids, duplicates, sums, values), and train_fold distils from it."""
+"""Teacher soft targets: the OOF file is checked (ids, duplicates, sums, values); train_fold distils."""
 
 from __future__ import annotations
 
@@ -14,6 +14,9 @@ from kaggle_utils.core.errors import DataError, UsageError
 from kaggle_utils.core.metrics import exclusion_record, load_oof, make_oof, read_oof_records, save_oof
 from kaggle_utils.data.folds import make_folds
 from kaggle_utils.train import loop as training
+from kaggle_utils.train.checkpointing import run_fingerprint
+from kaggle_utils.train.fold_data import build_fold_data
+from kaggle_utils.train.losses import select_loss
 from kaggle_utils.train.teacher import HeldOutFold, load_teacher, teacher_targets
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py
@@ -159,8 +162,8 @@ def _fold_teacher(tmp_path, frame, folds, excluded, file="teacher.parquet", rows
 
 
 def test_a_teacher_that_saw_the_held_out_fold_is_refused_a_nested_one_is_accepted(tmp_path):
-    """The student held out on fold 0 trains on folds 1 and 2. A plain K-fold teacher's models for folds 1 and 2
-    trained on fold 0, so its record (no fold excluded) is refused; a teacher with no record (an old file, a
+    """The student held out on fold 0 trains on folds 1 and 2. A plain K-fold teacher's models for folds 1 and
+    2 trained on fold 0, so its record (no fold excluded) is refused; a teacher with no record (an old file, a
     CSV) cannot show otherwise and is refused too; a nested teacher (fold 0 left out) is accepted."""
     frame, folds = _folded()
     student = frame.filter(pl.col("id").is_in(folds.filter(pl.col("fold") != 0)["id"].implode()))
@@ -289,12 +292,12 @@ def test_train_fold_refuses_a_teacher_that_saw_the_held_out_fold_unless_allowed(
         match=r"leaky.parquet: the teacher saw fold 0's labels \(its run excluded no "
         r"fold\); make a nested teacher",
     ):
-        training._fold_data(cfg, frame, folds, 0, demo_tokenizer, (SOFT_LABELS,))
+        build_fold_data(cfg, frame, folds, 0, demo_tokenizer, (SOFT_LABELS,))
     cfg.train.teacher_allow_leak = True
-    data = training._fold_data(cfg, frame, folds, 0, demo_tokenizer, (SOFT_LABELS,))
+    data = build_fold_data(cfg, frame, folds, 0, demo_tokenizer, (SOFT_LABELS,))
     assert data.soft_targets["teacher"]["fold_check"].startswith("allowed by train.teacher_allow_leak: ")
     cfg.train.teacher_allow_leak, cfg.train.teacher_path = False, str(nested)
-    data = training._fold_data(cfg, frame, folds, 0, demo_tokenizer, (SOFT_LABELS,))
+    data = build_fold_data(cfg, frame, folds, 0, demo_tokenizer, (SOFT_LABELS,))
     assert data.soft_targets["teacher"]["fold_check"] == "excluded fold 0"
     assert data.soft_targets["teacher"]["excluded_folds"] == [0]
 
@@ -451,22 +454,22 @@ def test_train_fold_refuses_a_teacher_missing_training_ids_and_a_loss_fn_beside_
 def test_label_smoothing_alone_selects_the_teacher_free_loss():
     from kaggle_utils.train.losses import SOFT_LABELS
 
-    loss_fn, fields, info = training._select_loss(TrainConfig(label_smoothing=0.1), None, ())
+    loss_fn, fields, info = select_loss(TrainConfig(label_smoothing=0.1), None, ())
     assert fields == () and info == {"loss": "label_smoothed_cross_entropy", "label_smoothing": 0.1}
     logits, labels = torch.randn(8, 3), torch.randint(0, 3, (8,))
     torch.testing.assert_close(
         loss_fn(logits, {"labels": labels}), torch.nn.CrossEntropyLoss(label_smoothing=0.1)(logits, labels)
     )
-    _, fields, info = training._select_loss(TrainConfig(teacher_path="t.parquet"), None, ())
+    _, fields, info = select_loss(TrainConfig(teacher_path="t.parquet"), None, ())
     assert fields == (SOFT_LABELS,) and info["loss"] == "distillation"
 
 
 def test_run_fingerprint_covers_soft_target_values_and_is_unchanged_without_them():
     cfg = PipelineConfig()
-    plain = training.run_fingerprint(cfg, 0, [1, 2], 10)
-    assert training.run_fingerprint(cfg, 0, [1, 2], 10, {}) == plain
+    plain = run_fingerprint(cfg, 0, [1, 2], 10)
+    assert run_fingerprint(cfg, 0, [1, 2], 10, {}) == plain
     targets = {"soft_labels": np.array([[0.2, 0.3, 0.5], [0.1, 0.8, 0.1]])}
-    taught = training.run_fingerprint(cfg, 0, [1, 2], 10, targets)
+    taught = run_fingerprint(cfg, 0, [1, 2], 10, targets)
     assert taught != plain
     targets["soft_labels"][0] = [0.3, 0.2, 0.5]  # the same teacher path, rewritten
-    assert training.run_fingerprint(cfg, 0, [1, 2], 10, targets) != taught
+    assert run_fingerprint(cfg, 0, [1, 2], 10, targets) != taught

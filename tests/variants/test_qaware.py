@@ -43,7 +43,7 @@ def short_config(ordering: str = "quant-then-ft") -> PipelineConfig:
 def held_out_ids(result, train_data, tokenizer, cfg):
     import polars as pl
 
-    from kaggle_utils.text.formatting import encode_rows
+    from kaggle_utils.text.encode import encode_rows
 
     return encode_rows(
         train_data.frame.filter(pl.col("id").is_in(result.val_ids)), tokenizer, cfg.format
@@ -105,7 +105,7 @@ def test_apiq_variant_builds_a_qlora_model_with_fitted_factors(train_data, demo_
 
 
 def test_loftq_variant_trains_on_cpu_and_its_artifact_reloads(train_data, folds, demo_tokenizer, tmp_path):
-    """LoftQ runs on CPU (bitsandbytes 0.50 NF4 on CPU tensors); the fitted 4-bit base survives the artifact."""
+    """LoftQ runs on CPU (bitsandbytes NF4 on CPU tensors); the fitted 4-bit base survives the artifact."""
     import bitsandbytes as bnb
 
     from kaggle_utils.models.classifier import predict_probs
@@ -146,7 +146,7 @@ def test_loftq_variant_trains_on_cpu_and_its_artifact_reloads(train_data, folds,
 
 
 def test_every_fine_tune_then_quantize_variant_provides_the_common_reference():
-    """A comparison of only the scheme variants (as reports/compare_qaware runs) must still get qid_vs_common."""
+    """A comparison of only the scheme variants (as reports/compare_qaware runs) still gets qid_vs_common."""
     from kaggle_utils.evaluate.cv_report import attach_common_reference
 
     chosen = resolve_variants(["quant-then-ft", "ft-then-quant-int8", "ft-then-quant-nf4"])

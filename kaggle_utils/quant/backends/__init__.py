@@ -1,11 +1,6 @@
-"""Quantization backends behind one registry (`registry.py`): name -> quantize / load_base / load_artifact.
-
-- `bnb`: bitsandbytes LLM.int8 / NF4 (``"bitsandbytes"``) and plain 16-bit weights (``"none"``);
-- `int4`: the group-wise asymmetric INT4 of `kaggle_utils.quant.int4`, HQQ or RTN rounding (``"int4"``);
-- `gptq`: GPTQ 8-/4-bit through llmcompressor, compressed-tensors checkpoint (``"gptq"``; optional extra).
-
-Importing this package registers them. `artifacts.save_artifact` records the backend of the model it writes
-in the manifest (`quant_backend`); `artifacts.load_artifact` dispatches on it.
+"""Quantization backends behind one registry (`registry.py`): bitsandbytes and plain 16-bit (`bnb`),
+group-wise INT4 (`int4`), GPTQ (`gptq`, optional extra). Importing this package registers them; a new
+backend is one module ending in `register_backend(...)` plus its name in the import line below.
 """
 
 from kaggle_utils.quant.backends import bnb, gptq, int4

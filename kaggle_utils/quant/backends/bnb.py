@@ -1,7 +1,5 @@
-"""bitsandbytes backend (LLM.int8 and 4-bit NF4), and the plain 16-bit one: both load through transformers.
-
-The bitsandbytes primitives (`BitsAndBytesConfig`, quantizing a merged model by reloading it, the CPU
-repacking switch, dequantizing) are in `kaggle_utils.models.quantized`; this module adapts them to the registry.
+"""bitsandbytes backend (LLM.int8 and 4-bit NF4) and the plain 16-bit one, both loaded through transformers;
+the bitsandbytes primitives themselves are in `kaggle_utils.models.quantized`.
 """
 
 from __future__ import annotations

@@ -1,18 +1,6 @@
-"""GPTQ backend: fine-tune -> merge -> GPTQ (8- or 4-bit weights), through llmcompressor, saved as compressed-tensors.
-
-GPTQ quantizes each linear layer column by column and corrects the not-yet-quantized columns with the inverse
-Hessian of the layer's inputs, so it needs calibration rows: `quantize` takes them (encoded rows of the fold's
-training part, never held-out ones) and runs `llmcompressor.oneshot` with a `GPTQModifier` (symmetric int,
-group-wise along the input dim, `score` head left in 16 bits). The artifact's `model/` is the compressed-tensors
-checkpoint llmcompressor writes (`pack-quantized`: int weights packed in int32, per-group scales, and a
-`quantization_config` in config.json); transformers reads it back through its compressed-tensors integration.
-
-Dependencies (optional extra, `requirements-gptq.txt`): quantizing needs `llmcompressor` (+ `datasets`);
-loading needs only `compressed-tensors`. llmcompressor 0.14.0.1 pins transformers<=5.17 and
-compressed-tensors==0.19.0, which the project's transformers 5.24 violates, so the extra is installed with
-`--no-deps`; with it, W8 and W4 GPTQ ran, saved and reloaded on CPU (tests/quant/test_gptq.py). On a CPU machine
-transformers decompresses the packed weights to dense ones at load time (no int kernels), so a GPTQ artifact
-is small on disk but not in CPU memory; on CUDA, compressed-tensors can keep them packed.
+"""GPTQ backend: fine-tune -> merge -> GPTQ (8- or 4-bit weights) through llmcompressor, saved as
+compressed-tensors. Optional extra (`requirements-gptq.txt`): quantizing needs llmcompressor, loading only
+compressed-tensors; `gptq_unavailable()` says why it cannot run here.
 """
 
 from __future__ import annotations
@@ -44,7 +32,7 @@ def _version(package: str) -> str | None:
 
 
 def gptq_unavailable() -> str | None:
-    """Why GPTQ quantizing cannot run here (the optional llmcompressor extra is missing or broken), or None."""
+    """Why GPTQ quantizing cannot run here (the optional llmcompressor extra missing or broken), or None."""
     try:
         import datasets  # noqa: F401
         import llmcompressor  # noqa: F401
@@ -59,7 +47,10 @@ def gptq_load_unavailable() -> str | None:
     try:
         import compressed_tensors  # noqa: F401
     except Exception as error:
-        return f"loading a GPTQ artifact needs compressed-tensors ({EXTRA_HINT}): {type(error).__name__}: {error}"
+        return (
+            f"loading a GPTQ artifact needs compressed-tensors ({EXTRA_HINT}): "
+            f"{type(error).__name__}: {error}"
+        )
     return None
 
 
@@ -72,6 +63,20 @@ def _weight_args(model: nn.Module) -> set[tuple[int, int | None]]:
         if weights is not None:
             found.add((int(weights.num_bits), weights.group_size))
     return found
+
+
+def _check_group_size(model: nn.Module, group_size: int) -> None:
+    """UsageError unless `group_size` divides the in_features of every linear layer GPTQ quantizes."""
+    in_features = {
+        m.in_features
+        for n, m in model.named_modules()
+        if isinstance(m, nn.Linear) and n.split(".")[0] not in HEAD_MODULES
+    }
+    bad = sorted(f for f in in_features if f % group_size)
+    if bad:
+        raise UsageError(
+            f"qaware.gptq_group_size {group_size} must divide every layer's in_features (not {bad})"
+        )
 
 
 class GptqBackend(TransformersCheckpoint):
@@ -137,7 +142,7 @@ class GptqBackend(TransformersCheckpoint):
         tokenizer=None,
     ) -> nn.Module:
         """In place: GPTQ (`cfg.qaware.gptq_bits`, `.gptq_group_size`) of every linear layer but the head,
-        calibrated on `calibration_ids` (the fold's training rows); the caller keeps a copy for its reference."""
+        calibrated on `calibration_ids` (the fold's training rows); the caller keeps a copy as reference."""
         reason = gptq_unavailable()
         if reason:
             raise UsageError(reason)
@@ -153,17 +158,7 @@ class GptqBackend(TransformersCheckpoint):
         from llmcompressor.modifiers.quantization import GPTQModifier
 
         q = cfg.qaware
-        in_features = {
-            m.in_features
-            for n, m in merged_model.named_modules()
-            if isinstance(m, nn.Linear) and n.split(".")[0] not in HEAD_MODULES
-        }
-        bad = sorted(f for f in in_features if f % q.gptq_group_size)
-        if bad:
-            raise UsageError(
-                f"qaware.gptq_group_size {q.gptq_group_size} must divide every layer's in_features "
-                f"(not {bad})"
-            )
+        _check_group_size(merged_model, q.gptq_group_size)
         if device is not None:
             merged_model.to(device)
         rows = [list(map(int, row)) for row in calibration_ids]

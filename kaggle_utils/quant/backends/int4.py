@@ -1,10 +1,7 @@
 """Group-wise asymmetric INT4 backend (`kaggle_utils.quant.int4`), HQQ or round-to-nearest rounding.
 
-The format, its layers and its checkpoint reader are in `qaware.int4`; this module adapts them to the
-registry. An INT4 artifact's `model/` holds each layer's `qweight`/`scale`/`zero` tensors plus
-`int4_layers.json`; its manifest records `quant_scheme="int4-asym-g<group>"`, `int4_format` and
-`int4_format_version`. Its forward is plain PyTorch (dequantize + matmul), so the same model serves CPU,
-CUDA and runtimes without bitsandbytes: `LoadOptions.dequantize` changes nothing here.
+`model/` holds each layer's qweight/scale/zero plus `int4_layers.json`; the forward is plain PyTorch, so the
+same model serves CPU, CUDA and TPU (`LoadOptions.dequantize` changes nothing).
 """
 
 from __future__ import annotations

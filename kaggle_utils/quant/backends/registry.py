@@ -1,10 +1,8 @@
-"""The quantization-backend registry: backend name -> object that quantizes, loads a base, loads an artifact.
+"""Quantization backends by name: each quantizes a model, loads a quantized base and reads its artifacts.
 
-As peft picks a LoRA layer class per quantization library (a list of dispatchers, each saying whether it
-handles a layer), the artifact code asks the backends: `backend_for_model` finds the one that made a model
-(for `save_artifact`, which records its name in the manifest as `quant_backend`), `backend_for_manifest`
-the one that reads an artifact (for `load_artifact`). Adding a backend is one module that subclasses
-`QuantBackend` and calls `register_backend`, imported by `kaggle_utils/quant/backends/__init__.py`.
+`backend_for_model` finds the backend that made a model (`save_artifact` records it as `quant_backend`),
+`backend_for_manifest` the one that reads an artifact. A new backend: one module subclassing `QuantBackend`
+and ending in `register_backend(...)`, plus its name in the import line of `quant/backends/__init__.py`.
 """
 
 from __future__ import annotations
@@ -19,6 +17,7 @@ from torch import nn
 
 from kaggle_utils.core.config import PipelineConfig
 from kaggle_utils.core.errors import ArtifactError, UsageError
+from kaggle_utils.core.registry import Registry
 
 # Manifest field naming the backend that wrote the artifact (artifacts written before it existed lack it:
 # `backend_name_for_manifest` tells their backend from `quant_scheme` / `int4_format`, which they do have).
@@ -88,27 +87,23 @@ class QuantBackend(ABC):
 
     @abstractmethod
     def load_artifact(self, root: Path, manifest: dict, options: LoadOptions) -> nn.Module:
-        """The artifact's model (with its adapter when it has one), from a manifest `artifacts.read_manifest`
+        """The artifact's model (with its adapter when it has one), from a manifest `manifest.read_manifest`
         already checked; `artifacts.load_artifact` adds the tokenizer and the checks every backend shares."""
 
 
-BACKENDS: dict[str, QuantBackend] = {}
+BACKENDS: Registry[QuantBackend] = Registry("quantization backend")
 
 
 def register_backend(backend: QuantBackend, replace: bool = False) -> QuantBackend:
-    """Add `backend` under its name; a second backend of the same name needs `replace=True`."""
-    if backend.name in BACKENDS and not replace and BACKENDS[backend.name] is not backend:
-        raise UsageError(f"a quantization backend named {backend.name!r} is already registered")
+    """Add `backend` under its name (a second of the same name needs `replace=True`); at most one fallback."""
     if backend.fallback and any(b.fallback and b.name != backend.name for b in BACKENDS.values()):
         raise UsageError(f"quantization backend {backend.name!r}: only one backend may be the fallback")
-    BACKENDS[backend.name] = backend
-    return backend
+    return BACKENDS.register(backend, replace=replace)
 
 
 def get_backend(name: str) -> QuantBackend:
-    if name not in BACKENDS:
-        raise UsageError(f"unknown quantization backend {name!r}; registered: {sorted(BACKENDS)}")
-    return BACKENDS[name]
+    """The registered backend called `name`; UsageError listing the known ones otherwise."""
+    return BACKENDS.get(name)
 
 
 def backend_for_model(model: nn.Module) -> QuantBackend:

@@ -1,5 +1,5 @@
-"""An ensemble artifact through `predict`: the blend by the manifest's weights, the time guard cutting the most
-expensive member first, a failing member, and a submission that stays valid throughout (fake clock, CPU)."""
+"""An ensemble artifact through `predict`: the blend by the manifest's weights, the time guard cutting the
+most expensive member first, a failing member, and a submission that stays valid throughout (fake clock)."""
 
 from __future__ import annotations
 
@@ -17,6 +17,8 @@ from kaggle_utils.core.errors import UsageError
 from kaggle_utils.data.submission import validate_submission
 from kaggle_utils.evaluate.ensembles import blend_members
 from kaggle_utils.inference import predictor as inference
+from kaggle_utils.inference.ensemble import EnsembleMember, ensemble_members, fill_blend
+from kaggle_utils.inference.report import report_path_for
 from kaggle_utils.quant.layout import MANIFEST_NAME
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py
@@ -74,7 +76,7 @@ def test_an_ensemble_predicts_the_weighted_mean_of_its_members(tiny_artifacts, s
     )
     validate_submission(out, sample_files.test_csv)
     np.testing.assert_allclose(read_probs(out), 0.7 * first + 0.3 * second, atol=1e-6)
-    report = json.loads(inference.report_path_for(out).read_text())
+    report = json.loads(report_path_for(out).read_text())
     rows = pl.read_csv(sample_files.test_csv).height
     assert report["rows_by_path"] == {"all_members": rows, "some_members": 0, "fallback": 0}
     assert [(m["name"], m["rows_served"]) for m in report["members"]] == [("ft", rows), ("q", rows)]
@@ -85,9 +87,7 @@ def test_the_time_guard_cuts_the_most_expensive_member_first(tiny_artifacts, sam
     then served by the cheap member alone; nothing falls back and the file is valid."""
     clock = FakeClock()
     first, second = tiny_artifacts["ft-then-quant"], tiny_artifacts["quant-then-ft"]
-    cheap, costly = sorted(
-        (first, second), key=lambda p: inference.EnsembleMember("", "model", 1.0, p).cost()
-    )
+    cheap, costly = sorted((first, second), key=lambda p: EnsembleMember("", "model", 1.0, p).cost())
 
     def slow(forward, name):  # every padded token costs 0.1 fake seconds, whichever member runs
         def wrapped(seqs):
@@ -133,7 +133,7 @@ def test_blend_members_renormalises_over_the_members_that_served_a_row():
     np.testing.assert_allclose(blended.probs[1], b[1])
     assert np.isnan(blended.probs[2]).all()
     assert blended.members_served.tolist() == [2, 1, 0]
-    final, paths = inference.fill_blend(blended, np.full((3, 3), 1 / 3))
+    final, paths = fill_blend(blended, np.full((3, 3), 1 / 3))
     assert paths.tolist() == ["all_members", "some_members", "fallback"]
     np.testing.assert_allclose(final[2], 1 / 3)
 
@@ -165,19 +165,19 @@ def test_a_prior_member_shrinks_the_model_towards_the_class_prior(tiny_artifacts
 )
 def test_malformed_ensemble_members_are_named(member, message, tmp_path):
     with pytest.raises(UsageError, match=message):
-        inference.ensemble_members(tmp_path, {"kind": "ensemble", "members": [member]})
+        ensemble_members(tmp_path, {"kind": "ensemble", "members": [member]})
 
 
 def test_ensemble_member_names_are_unique(tmp_path):
     twice = [{"name": "x", "path": "a", "weight": 0.5}, {"name": "x", "path": "b", "weight": 0.5}]
     with pytest.raises(UsageError, match=r"member names must be unique, repeated: \['x'\]"):
-        inference.ensemble_members(tmp_path, {"kind": "ensemble", "members": twice})
+        ensemble_members(tmp_path, {"kind": "ensemble", "members": twice})
 
 
 def test_member_per_device_runs_members_side_by_side_with_the_same_result(
     tiny_artifacts, sample_files, tmp_path
 ):
-    """The winners' 2-GPU layout, on two CPU replicas: one member per device, same blend as one after the other."""
+    """The winners' 2-GPU layout on two CPU replicas: one member per device, the same blend as in sequence."""
     ensemble = write_ensemble(
         tmp_path / "ens",
         [("ft", tiny_artifacts["ft-then-quant"], 0.5), ("q", tiny_artifacts["quant-then-ft"], 0.5)],
@@ -210,7 +210,8 @@ def test_a_tampered_member_file_of_a_shipped_ensemble_is_refused_naming_it(
     lists: a same-size edit of a member's weights is an ArtifactError naming the file, and `predict` serves no
     row from that ensemble (every row from the fallback, exit 1, the file named in the report)."""
     from kaggle_utils.core.errors import ArtifactError
-    from kaggle_utils.evaluate.ship import Candidate, decide_ship, write_shipped
+    from kaggle_utils.evaluate.candidates import Candidate, decide_ship
+    from kaggle_utils.evaluate.ship import write_shipped
 
     members = [
         {"name": "ft", "kind": "model", "path": str(tiny_artifacts["ft-then-quant"]), "weight": 0.5},
@@ -222,7 +223,7 @@ def test_a_tampered_member_file_of_a_shipped_ensemble_is_refused_naming_it(
         decide_ship(labels, [candidate]), tmp_path / "shipped", class_prior=CLASS_PRIOR, dialect="lmsys"
     )
     manifest = json.loads((shipped / MANIFEST_NAME).read_text())
-    assert len(inference.ensemble_members(shipped, manifest)) == 2  # intact: accepted
+    assert len(ensemble_members(shipped, manifest)) == 2  # intact: accepted
 
     weights = shipped / "members" / "q" / "model" / "model.safetensors"
     data = bytearray(weights.read_bytes())
@@ -232,7 +233,7 @@ def test_a_tampered_member_file_of_a_shipped_ensemble_is_refused_naming_it(
     with pytest.raises(
         ArtifactError, match=r"file members/q/model/model.safetensors does not match its sha256"
     ):
-        inference.ensemble_members(shipped, manifest)
+        ensemble_members(shipped, manifest)
 
     out = tmp_path / "submission.csv"
     assert (
@@ -252,7 +253,7 @@ def test_a_tampered_member_file_of_a_shipped_ensemble_is_refused_naming_it(
         == 1
     )
     validate_submission(out, sample_files.test_csv)
-    report = json.loads(inference.report_path_for(out).read_text())
+    report = json.loads(report_path_for(out).read_text())
     assert report["rows_by_path"]["fallback"] == report["rows"]
     assert any(
         "members/q/model/model.safetensors does not match its sha256" in e["message"]
@@ -332,7 +333,7 @@ def test_ensemble_weights_must_be_finite_with_a_finite_positive_sum(
     )
     manifest = json.loads((tmp_path / "ens" / MANIFEST_NAME).read_text())
     with pytest.raises(UsageError, match=message):
-        inference.ensemble_members(ensemble, manifest)
+        ensemble_members(ensemble, manifest)
     out = tmp_path / "submission.csv"
     code = main(
         [
@@ -387,7 +388,7 @@ def test_a_prior_member_with_nan_probabilities_is_recorded_and_counted(
     )
     err = capsys.readouterr().err
     validate_submission(out, sample_files.test_csv)
-    report = json.loads(inference.report_path_for(out).read_text())
+    report = json.loads(report_path_for(out).read_text())
     prior = next(m for m in report["members"] if m["name"] == "prior")
     assert prior["rows_served"] == 0 and prior["rows_nonfinite"] == 40
     error = next(e for e in report["errors"] if e["where"] == "ensemble member prior")

@@ -1,4 +1,4 @@
-"""Prompt template, token-budget truncation and the A/B swap, checked on two differently built tokenizers.
+"""kaggle_utils.text.encode (with text.template and text.truncation), checked on differently built tokenizers.
 
 * ``word_tok``: a WordLevel tokenizer whose every content word is its own token and names its origin
   ("p1x7" = prompt of turn 1, word 7). Counting and ordering those tokens in the output checks truncation
@@ -27,19 +27,11 @@ from transformers import PreTrainedTokenizerFast
 
 from kaggle_utils.core.config import FormatConfig
 from kaggle_utils.core.errors import DataError, UsageError
-from kaggle_utils.text.formatting import (
-    CUT_SPLITS,
-    TEMPLATE_VERSION,
-    TEMPLATES,
-    TRUNCATION_MODES,
-    encode_both_orders,
-    encode_rows,
-    minimum_max_length,
-    swap_frame,
-    swap_labels,
-    swap_probs,
-)
+from kaggle_utils.text.encode import encode_both_orders, encode_rows
+from kaggle_utils.text.template import TEMPLATE_VERSION, TEMPLATES, minimum_max_length
 from kaggle_utils.text.tokenizer import END_OF_TURN, START_OF_TURN, load_tokenizer, train_demo_tokenizer
+from kaggle_utils.text.truncation import CUT_SPLITS, TRUNCATION_MODES
+from kaggle_utils.text.views import swap_frame, swap_labels, swap_probs
 
 MAX_TURNS, MAX_WORDS = 4, 120
 CONTENT = re.compile(r"^([pab])(\d+)x(\d+)$")
@@ -129,8 +121,8 @@ def _pieces(tok, text_or_texts):
 
 def _template_parts(tok, cfg):
     template = TEMPLATES[cfg.template]
-    fixed = tok([template.turn_open, template.prompt_to_a, template.a_to_b, template.turn_close, template.suffix],
-                add_special_tokens=False)["input_ids"]  # fmt: skip
+    parts = [template.turn_open, template.prompt_to_a, template.a_to_b, template.turn_close, template.suffix]
+    fixed = tok(parts, add_special_tokens=False)["input_ids"]
     marker = _pieces(tok, cfg.truncation_marker)
     return fixed, marker
 
@@ -185,7 +177,7 @@ def test_truncation_properties_counted_word_by_word(
         # Never longer than max_length; bos first; the suffix whole at the end.
         assert len(ids) <= cfg.max_length
         assert ids[0] == word_tok.bos_token_id and ids[-len(suffix) :] == suffix
-        # Delimiters and special tokens never cut: without text and markers, bos + k whole turn templates + suffix.
+        # Delimiters and special tokens never cut: without text and markers, bos + k turn templates + suffix.
         skeleton = [i for i, t in zip(ids, tokens, strict=True) if not CONTENT.match(t) and i != marker[0]]
         kept_turns = (len(skeleton) - fixed_cost) // max(overhead, 1)
         assert skeleton == [word_tok.bos_token_id] + turn_template * kept_turns + suffix
@@ -233,8 +225,8 @@ def test_truncation_properties_counted_word_by_word(
             cut_pieces += 1
             if not kept:  # cut to nothing but its marker (tiny budget)
                 continue
-            # Head and end around the marker: head_fraction of the kept words from the start (rounded), and for
-            # 0 < head_fraction < 1 at least the first and the last word.
+            # Head and end around the marker: head_fraction of the kept words from the start (rounded),
+            # and for 0 < head_fraction < 1 at least the first and the last word.
             where = positions[(t, k)]
             head = math.floor(head_fraction * len(kept) + 0.5)
             if 0 < head_fraction < 1 and len(kept) >= 2:
@@ -293,99 +285,6 @@ def test_water_filling_keeps_a_short_response_whole(word_tok, split, three_cut):
     assert three.kept_tokens[0].tolist() == three_cut
 
 
-@pytest.mark.parametrize(
-    ("lengths", "budget", "expected"),
-    [
-        ((50, 3000, 500), 1900, [50, 1350, 500]),  # was [50, 1422, 427]
-        ((3000, 3000, 3000), 1900, [634, 633, 633]),  # remainder 1: the prompt
-        ((3000, 3000, 3000), 1901, [633, 634, 634]),  # remainder 2: A and B together
-        ((10, 3000, 3000), 1901, [10, 945, 945]),  # remainder 1 between A and B: stays unused
-        ((3000, 10, 3000), 1901, [946, 10, 945]),
-        ((100, 4000, 2000), 1000, [100, 450, 450]),  # both responses cut: the same amount, length hidden
-        ((100, 200, 300), 600, [100, 200, 300]),  # everything fits: nothing cut
-        ((100, 200, 300), 0, [0, 0, 0]),
-    ],
-)
-def test_equal_split_is_max_min_fair(lengths, budget, expected):
-    from kaggle_utils.text.formatting import _share
-
-    assert _share(lengths, budget, "equal") == expected
-
-
-@pytest.mark.parametrize(
-    ("lengths", "budget", "expected"),
-    [
-        ((50, 3000, 500), 1900, [50, 1350, 500]),  # short pieces first, as with "equal"
-        ((100, 4000, 2000), 1000, [100, 600, 300]),  # both responses cut: the longer keeps twice as much
-        (
-            (1000, 3000, 1500),
-            1900,
-            [345, 1037, 518],
-        ),  # 1900 * (1000, 3000, 1500) / 5500, remainder to the longest
-        ((700, 800, 100000), 1200, [200, 200, 800]),  # floor: half an equal share (200) for the starved two
-        (
-            (3000, 3000, 3000),
-            1900,
-            [634, 633, 633],
-        ),  # equal lengths: the equal split, remainder to the prompt
-        ((3000, 3000, 3000), 1901, [633, 634, 634]),  # remainder 2: A and B together
-        ((10, 3000, 3000), 1901, [10, 945, 945]),  # remainder 1 between A and B: stays unused
-        ((3000, 10, 3000), 1901, [945, 10, 946]),  # remainder 1 among equal prompt and B: the response first
-        ((100, 200, 300), 600, [100, 200, 300]),
-        ((100, 200, 300), 0, [0, 0, 0]),
-    ],
-)
-def test_proportional_split_keeps_the_length_signal(lengths, budget, expected):
-    from kaggle_utils.text.formatting import _share
-
-    assert _share(lengths, budget, "proportional") == expected
-
-
-def _water_filled(lengths: tuple[int, int, int], budget: int) -> tuple[set[int], int]:
-    """Reference first stage: the pieces that must be cut and the budget they share."""
-    left, cut = budget, sorted(range(3), key=lambda k: lengths[k])
-    while cut and lengths[cut[0]] * len(cut) <= left:
-        left -= lengths[cut.pop(0)]
-    return set(cut), left
-
-
-@given(lengths=st.tuples(*(st.integers(0, 5000) for _ in range(3))), budget=st.integers(0, 9000),
-       split=st.sampled_from(["proportional", "equal"]))  # fmt: skip
-def test_share_properties(lengths, budget, split):
-    from kaggle_utils.text.formatting import MIN_CUT_SHARE, _share
-
-    alloc = _share(lengths, budget, split)
-    assert all(0 <= a <= n for a, n in zip(alloc, lengths, strict=True))
-    assert _share((lengths[0], lengths[2], lengths[1]), budget, split) == [
-        alloc[0],
-        alloc[2],
-        alloc[1],
-    ]  # A/B
-    if sum(lengths) <= budget:
-        assert alloc == list(lengths)
-        return
-    assert budget - 1 <= sum(alloc) <= budget  # at most one token unused
-    cut, left = _water_filled(lengths, budget)
-    event(f"{split}, {len(cut)} cut")
-    for k in set(range(3)) - cut:  # short pieces first: those that fit what is left are kept whole
-        assert alloc[k] == lengths[k]
-    if split == "equal":
-        for k in cut:  # max-min fair: nobody keeps more than a cut piece (+1 rounding)
-            assert max(alloc) <= alloc[k] + 1
-        return
-    floor_share = math.floor(MIN_CUT_SHARE * left / len(cut))
-    for i in cut:
-        assert alloc[i] >= floor_share  # never starved
-        for j in cut:
-            if lengths[i] > lengths[j]:  # monotone: the longer never keeps fewer
-                assert alloc[i] >= alloc[j]
-    # Above the floor, shares follow the lengths (up to rounding).
-    above = [k for k in cut if alloc[k] > floor_share + 1]
-    kept_above, length_above = sum(alloc[k] for k in above), sum(lengths[k] for k in above)
-    for k in above:
-        assert abs(alloc[k] - kept_above * lengths[k] / length_above) <= 2
-
-
 @pytest.mark.parametrize("split", ["proportional", "equal"])
 def test_short_pieces_give_their_share_to_the_long_one(word_tok, split):
     cfg = FormatConfig(template="plain", max_length=100, cut_split=split)
@@ -440,9 +339,9 @@ bpe_rows = _rows_of(piece_text)
 
 
 def _check_cut_split(lengths: list[int], kept: list[int], split: str) -> None:
-    """The split of a cut turn's text between its pieces, seen from the output. Both modes: a piece kept whole
-    is never longer than a cut one (short pieces first; up to one rounding token). "equal": a cut piece keeps at least as much as any
-    other (+1 rounding). "proportional": among cut pieces the longer never keeps fewer tokens."""
+    """The split of a cut turn's text between its pieces, seen from the output. Both modes: a piece kept
+    whole is never longer than a cut one (up to one rounding token). "equal": a cut piece keeps at least as
+    much as any other (+1 rounding). "proportional": among cut pieces the longer never keeps fewer tokens."""
     cut = [k for k in range(3) if kept[k] < lengths[k]]
     for c in cut:
         for k in range(3):
@@ -457,7 +356,7 @@ def _check_cut_split(lengths: list[int], kept: list[int], split: str) -> None:
 def _cut_segment_ok(
     segment: list[int], piece: list[int], keep: int, marker: list[int], head_fraction: float
 ) -> bool:
-    """``segment`` is the piece's first h and last keep-h tokens around the marker, h ~ head_fraction * keep."""
+    """``segment``: the piece's first h and last keep-h tokens around the marker, h ~ head_fraction * keep."""
     for head in range(keep + 1):
         if abs(head - head_fraction * keep) > 1:
             continue
@@ -553,8 +452,9 @@ def gemma_tok() -> PreTrainedTokenizerFast:
     folder = _gemma2_dir()
     if not (folder / "tokenizer.json").is_file():
         message = (
-            f"Gemma-2 tokenizer not found: {folder / 'tokenizer.json'} is missing (expected the shared reference "
-            f"folder next to the repo clone, <repo>/../shared/reference/tokenizers/gemma2, or ${GEMMA2_ENV})"
+            f"Gemma-2 tokenizer not found: {folder / 'tokenizer.json'} is missing (expected the shared "
+            "reference folder next to the repo clone, <repo>/../shared/reference/tokenizers/gemma2, "
+            f"or ${GEMMA2_ENV})"
         )
         if os.environ.get("CI", "").strip().lower() in ("1", "true", "yes"):
             pytest.fail(message)
@@ -652,40 +552,6 @@ def test_swapped_encoding_exchanges_a_and_b_exactly(bpe_tok, rows, mode, slack, 
     np.testing.assert_array_equal(swapped.content_tokens, original.content_tokens[:, [0, 2, 1]])
 
 
-@given(labels=st.lists(st.integers(0, 2), max_size=50))
-def test_swap_label_and_probability_algebra(labels):
-    labels = np.asarray(labels, dtype=np.int64)
-    assert swap_labels(swap_labels(labels)).tolist() == labels.tolist()
-    assert ((swap_labels(labels) == 2) == (labels == 2)).all()
-    one_hot = np.eye(3)[labels]
-    np.testing.assert_array_equal(swap_probs(one_hot), np.eye(3)[swap_labels(labels)])
-    probs = np.random.default_rng(len(labels)).dirichlet(np.ones(3), size=len(labels))
-    np.testing.assert_array_equal(swap_probs(swap_probs(probs)), probs)
-    np.testing.assert_array_equal(swap_probs(probs)[:, 2], probs[:, 2])
-    assert swap_probs(np.array([[0.7, 0.3]])).tolist() == [[0.3, 0.7]]
-    with pytest.raises(ValueError, match="shape"):
-        swap_probs(np.ones((2, 4)))
-
-
-def test_swap_frame_exchanges_every_a_b_pair_and_is_an_involution():
-    frame = _frame(
-        [[("q", "left", "right")], [("q2", "x", "y")], [("q3", "s", "t")]], labels=[0, 1, 2]
-    ).with_columns(model_a=pl.Series(["m1", "m2", "m3"]), model_b=pl.Series(["n1", "n2", "n3"]))
-    swapped = swap_frame(frame)
-    assert swapped.columns == frame.columns
-    assert swapped["label"].dtype == pl.Int8 and swapped["label"].to_list() == [1, 0, 2]
-    assert swapped["response_a"].to_list() == [["right"], ["y"], ["t"]]
-    assert swapped["model_a"].to_list() == ["n1", "n2", "n3"] and swapped["model_b"].to_list() == [
-        "m1",
-        "m2",
-        "m3",
-    ]
-    assert swapped["prompt"].to_list() == frame["prompt"].to_list()
-    assert swap_frame(swapped).equals(frame)
-    test_frame = frame.drop("label")
-    assert swap_frame(swap_frame(test_frame)).equals(test_frame)
-
-
 # ----------------------------------------------------------------------------------- contract and errors
 def test_encoded_rows_carry_ids_labels_and_version(bpe_tok):
     frame = _frame([[("hi", "a", "b")], [("q", "long " * 50, "b")]], labels=[0, 2])
@@ -703,9 +569,10 @@ def test_encoded_rows_carry_ids_labels_and_version(bpe_tok):
 def test_default_gemma_template_text(bpe_tok):
     encoded = encode_rows(_frame([[("Hi?", "Hello!", "Hey.")]]), bpe_tok, FormatConfig())
     assert bpe_tok.decode(encoded.input_ids[0]) == (
-        "<bos><start_of_turn>user\nHi?<end_of_turn>\n<start_of_turn>model\n<response_a>\nHello!\n</response_a>\n"
-        "<response_b>\nHey.\n</response_b><end_of_turn>\n<start_of_turn>user\nWhich response is better? A, B or "
-        "tie?<end_of_turn>\n<start_of_turn>model\n"
+        "<bos><start_of_turn>user\nHi?<end_of_turn>\n<start_of_turn>model\n"
+        "<response_a>\nHello!\n</response_a>\n"
+        "<response_b>\nHey.\n</response_b><end_of_turn>\n"
+        "<start_of_turn>user\nWhich response is better? A, B or tie?<end_of_turn>\n<start_of_turn>model\n"
     )
 
 
@@ -764,23 +631,3 @@ def test_generated_competition_data_encodes_within_limits(demo_tokenizer, train_
     )
     assert original.truncated.any() and (original.kept_tokens <= original.content_tokens).all()
     np.testing.assert_array_equal(swapped.labels, swap_labels(original.labels))
-
-
-def test_average_views_in_probability_and_logit_space():
-    from kaggle_utils.text.formatting import average_views
-
-    original = np.array([[0.7, 0.2, 0.1], [0.2, 0.2, 0.6]])
-    swapped_view = np.array([[0.1, 0.5, 0.4], [0.3, 0.1, 0.6]])  # columns (B, A, tie) of the swapped row
-    unswapped = swapped_view[:, [1, 0, 2]]
-    np.testing.assert_allclose(average_views(original, swapped_view), (original + unswapped) / 2)
-    geometric = np.sqrt(original * unswapped)
-    np.testing.assert_allclose(
-        average_views(original, swapped_view, "logit"), geometric / geometric.sum(axis=1, keepdims=True)
-    )
-    # the two spaces differ, and a zero probability does not produce NaN in logit space
-    assert not np.allclose(
-        average_views(original, swapped_view), average_views(original, swapped_view, "logit")
-    )
-    assert np.isfinite(average_views(np.array([[1.0, 0.0, 0.0]]), np.array([[0.0, 1.0, 0.0]]), "logit")).all()
-    with pytest.raises(ValueError, match="TTA space"):
-        average_views(original, swapped_view, "median")
