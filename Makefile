@@ -43,10 +43,11 @@ TEST_WORKERS ?= 2
 
 test: setup
 	$(PY) -m ruff check kaggle_utils tests benchmarks
+	$(PY) -m ruff format --check --quiet kaggle_utils tests benchmarks
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not slow"
 
 test-slow: setup
-	$(PY) -m pytest -q -m slow
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m slow
 
 # Rewrite constraints.txt from the venv (after changing requirements.txt and passing `make test`).
 lock: setup

@@ -2,8 +2,8 @@
 
 Public policy (the most-forked Gemma-2 QLoRA notebook): rows sorted by length (longest first here), dealt
 alternately to the two devices, fixed batches of 4 rows padded to the batch's longest row; with TTA each view
-is dealt the same way. Ours (`kaggle_utils.inference.schedule.run_schedule`): token-budget batches longest first from
-one shared queue pulled by every device (shared_queue), or the winners' layout (view_per_device).
+is dealt the same way. Ours (`kaggle_utils.inference.schedule.run_schedule`): token-budget batches longest
+first from one shared queue pulled by every device (shared_queue), or the winners' layout (view_per_device).
 
 CPU part (always): the tiny 2-layer Gemma-2 classifier (random weights, fp32, no quantization) on generated
 competition data encoded by the real formatting code; "two devices" are two threads with one torch thread
@@ -172,7 +172,10 @@ def run_policies(views, forwards, repeats: int, budgets: Sequence[int], max_rows
 
 def print_table(title: str, results: list[dict]) -> None:
     print(f"\n{title}")
-    header = f"{'case':<30} {'wall s':>8} {'rows/s':>8} {'passes/s':>9} {'pad eff':>8} {'tail idle':>9} {'batches':>8}"
+    header = (
+        f"{'case':<30} {'wall s':>8} {'rows/s':>8} {'passes/s':>9} "
+        f"{'pad eff':>8} {'tail idle':>9} {'batches':>8}"
+    )
     print(header)
     print("-" * len(header))
     for r in results:
@@ -266,7 +269,8 @@ def gpu_part(args, device: str = "cuda:0", config_path: Path = NINE_B_CONFIG) ->
             "projected_hours_2xT4_25k_rows_tta": hours,
         }
         print(
-            f"{name} {scheme}: public {public['rows_per_s']:.2f} rows/s, ours {ours['rows_per_s']:.2f} rows/s "
+            f"{name} {scheme}: public {public['rows_per_s']:.2f} rows/s, "
+            f"ours {ours['rows_per_s']:.2f} rows/s "
             f"({speedup:.2f}x); projected 2x T4, {KAGGLE_ROWS} rows with TTA: {hours:.2f} h"
         )
         del model, forward

@@ -1,14 +1,15 @@
-"""Group-wise INT4 (kaggle_utils.quant.int4): quantizer error, zero-point fold precision by storage dtype, speed.
+"""Group-wise INT4 (kaggle_utils.quant.int4): quantizer error, zero-point fold precision by storage dtype,
+speed.
 
-Three measurements on Gemma-2-9B-shaped layers (hidden 3584, intermediate 14336; random Gaussian weights, so the
-errors are those of a Gaussian, not of trained weights):
+Three measurements on Gemma-2-9B-shaped layers (hidden 3584, intermediate 14336; random Gaussian weights, so
+the errors are those of a Gaussian, not of trained weights):
 1. relative weight MSE of RTN min-max vs HQQ at group 64 (and bitsandbytes NF4 for reference);
 2. the zero-point fold W + d = s (q - (z - d / s)): max |merged - (W_deq + d)| when the folded zero point is
    stored in float32 / float16 / bfloat16, against half a quantization step (the rounding error itself) --
    the evidence for storing zero points in float32;
 3. dequantize + matmul time on this CPU for a (rows x 3584) @ 3584x14336 layer, INT4 vs the 16-bit matmul.
-Run: `.venv/bin/python benchmarks/bench_qaware_int4.py` (about 4 minutes on 2 shared cores, mostly HQQ). Writes
-benchmarks/results/bench_qaware_int4.json with device, date and versions.
+Run: `.venv/bin/python benchmarks/bench_qaware_int4.py` (about 4 minutes on 2 shared cores, mostly HQQ).
+Writes benchmarks/results/bench_qaware_int4.json with device, date and versions.
 """
 
 from __future__ import annotations

@@ -1,22 +1,24 @@
-"""What quantization does to REAL vs RANDOM weights: per-layer weight error and the error of the scored vector.
+"""What quantization does to REAL vs RANDOM weights: per-layer weight error and the error of the scored
+vector.
 
 The project's random-weight test models show quantization-induced degradation (QiD) near zero because random
 (Gaussian) weights have no outliers. This benchmark measures, on a real checkpoint (by default Gemma 3 270M,
-converted from a Q4_K_M GGUF, so its weights already carry Q4_K_M rounding) and on a random-init model of the
-SAME config (built by `kaggle_utils.models.classifier.build_classifier` from its config.json, seed 0), for each shipped
-scheme -- bitsandbytes NF4 (double quant, block 64), bitsandbytes LLM.int8 (threshold 6.0), the package's
-group-wise INT4 (RTN and HQQ, group 64) -- over every q/k/v/o/gate/up/down projection:
+converted from a Q4_K_M GGUF, so its weights already carry Q4_K_M rounding) and on a random-init model of
+the SAME config (built by `kaggle_utils.models.classifier.build_classifier` from its config.json, seed 0), for
+each shipped scheme -- bitsandbytes NF4 (double quant, block 64), bitsandbytes LLM.int8 (threshold 6.0), the
+package's group-wise INT4 (RTN and HQQ, group 64) -- over every q/k/v/o/gate/up/down projection:
 
 1. weight statistics: excess kurtosis and outlier ratio max|w| / std;
-2. relative weight error ||W - dequant(quant(W))||_F / ||W||_F (median, max, worst layers). For int8 this is the
-   weight-only error of bitsandbytes' row-wise absmax int8 storage (`int8_vectorwise_quant`); the LLM.int8
+2. relative weight error ||W - dequant(quant(W))||_F / ||W||_F (median, max, worst layers). For int8 this is
+   the weight-only error of bitsandbytes' row-wise absmax int8 storage (`int8_vectorwise_quant`); the LLM.int8
    outlier threshold acts on activations at matmul time, so it is in (3), not here;
 3. end to end: relative error ||h_q - h|| / ||h|| of the last hidden state at the last token (the vector the
    3-class score head reads), mean / max over generated conversation rows formatted by
-   `kaggle_utils.text.encode` with the model's own tokenizer. The reference h is the fp32 model (bf16 weights are
-   exact in fp32); the quantized model swaps each projection for bitsandbytes `Linear4bit` / `Linear8bitLt`
-   (eval mode: LLM.int8's mixed int8 matmul, fp16-cast activations) or the package's `Int4Linear`, on CPU;
-   "int8_weight_only" runs the dequantized int8 weight in fp32, to tell weight rounding from activation rounding.
+   `kaggle_utils.text.encode` with the model's own tokenizer. The reference h is the fp32 model (bf16 weights
+   are exact in fp32); the quantized model swaps each projection for bitsandbytes `Linear4bit` /
+   `Linear8bitLt` (eval mode: LLM.int8's mixed int8 matmul, fp16-cast activations) or the package's
+   `Int4Linear`, on CPU; "int8_weight_only" runs the dequantized int8 weight in fp32, to tell weight rounding
+   from activation rounding.
 
 Run: `.venv/bin/python benchmarks/bench_quant_error.py` (1 thread, about 6 minutes; writes
 benchmarks/results/quant_error/bench_quant_error.json and a .md table, with device, date and command).
@@ -61,8 +63,9 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results" / "quant_error" / "bench_quant_error.json"
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 SCHEMES = ("nf4", "int8", "int4_rtn", "int4_hqq")
-# End to end only: the int8 storage error alone (fp32 matmul with the dequantized int8 weight), which separates
-# LLM.int8's weight rounding from its activation quantization (fp16 cast, int8 rows, outlier columns in 16-bit).
+# End to end only: the int8 storage error alone (fp32 matmul with the dequantized int8 weight), which
+# separates LLM.int8's weight rounding from its activation quantization (fp16 cast, int8 rows, outlier
+# columns in 16-bit).
 INT8_WEIGHT_ONLY = "int8_weight_only"
 INT8_THRESHOLD = 6.0  # transformers' BitsAndBytesConfig default (llm_int8_threshold), which the package ships
 
@@ -88,7 +91,10 @@ def weight_stats(weight: torch.Tensor) -> dict[str, float]:
 
 
 def dequantized(weight: torch.Tensor, scheme: str, group_size: int) -> tuple[torch.Tensor, Int4Weight | None]:
-    """dequant(quant(W)) for `scheme`, as the shipped backends store W (and the INT4 codes, reused end to end)."""
+    """dequant(quant(W)) for `scheme`, as the shipped backends store W.
+
+    Also returns the INT4 codes (None for other schemes), reused end to end.
+    """
     import bitsandbytes.functional as bnb_functional
 
     if scheme == "nf4":  # BitsAndBytesConfig(nf4, double quant): blocksize 64, absmax itself 8-bit quantized
@@ -214,7 +220,8 @@ def markdown(result: dict) -> str:
         f"{result['device']['torch_threads']} torch thread(s). {result['model']['note']}",
         "",
         f"{result['rows']} generated rows (max_length {result['params']['max_length']}, lengths "
-        f"{result['row_lengths']}); {result['models']['real']['layers_measured']} projection layers per model.",
+        f"{result['row_lengths']}); {result['models']['real']['layers_measured']} "
+        "projection layers per model.",
         "",
         "| weights | kurtosis (median) | max\\|w\\|/std (median / max) | scheme | weight rel. err "
         "median | max (worst layer) | hidden rel. err mean | max |",

@@ -7,7 +7,8 @@ length, in fp32 and under bf16 autocast. Each is turned into achieved FLOP/s (fo
 token: the frozen weights take no weight gradient; N = parameters outside the embeddings, whose lookup is no
 matmul) and a ratio to the best matmul rate. Prints a table and writes JSON with the date, threads and load.
 
-    .venv/bin/python benchmarks/bench_roofline.py --model-dir models/gemma-3-270m --model-dir models/smollm2-135m \
+    .venv/bin/python benchmarks/bench_roofline.py \
+        --model-dir models/gemma-3-270m --model-dir models/smollm2-135m \
         [--seq-len 256] [--batch 4] [--steps 3] [--threads N] [--out benchmarks/results/roofline.json]
     .venv/bin/python benchmarks/bench_roofline.py --tiny   # the 2-layer random model, a smoke run
 """
@@ -145,8 +146,8 @@ def main() -> None:
     torch.manual_seed(0)
     roofline = {name: matmul_rate(dtype) for name, dtype in DTYPES.items()}
     best = max(roofline.values())
-    # a dtype whose matmuls run at under a quarter of the best (bf16 on a CPU without AVX-512 BF16 / AMX) would
-    # take minutes a step: it is reported as a roofline figure only
+    # a dtype whose matmuls run at under a quarter of the best (bf16 on a CPU without AVX-512 BF16 / AMX)
+    # would take minutes a step: it is reported as a roofline figure only
     usable = {name: dtype for name, dtype in DTYPES.items() if roofline[name] >= best / 4}
     skipped = sorted(set(DTYPES) - set(usable))
     models = [measure(path, args.seq_len, args.batch, args.steps, usable) for path in args.model_dir]
@@ -168,8 +169,10 @@ def main() -> None:
         "models": models,
     }
     print(
-        f"{result['date']}, {result['cpu']}, {result['torch_threads']} threads, load {result['load_average_1m']:.2f}; "
-        f"matmul roofline fp32 {roofline['fp32'] / 1e9:.0f} GFLOP/s, bf16 {roofline['bf16'] / 1e9:.1f} GFLOP/s"
+        f"{result['date']}, {result['cpu']}, {result['torch_threads']} threads, "
+        f"load {result['load_average_1m']:.2f}; "
+        f"matmul roofline fp32 {roofline['fp32'] / 1e9:.0f} GFLOP/s, "
+        f"bf16 {roofline['bf16'] / 1e9:.1f} GFLOP/s"
         + "".join(f"; {name} not run ({why})" for name, why in result["dtypes_not_run"].items())
     )
     print("| model | seq x batch | what | dtype | tokens/s | GFLOP/s | of fp32 matmul | of best matmul |")

@@ -30,12 +30,14 @@ TARGET_FAST_SECONDS = 600.0
 def tier_commands(tier: str, workers: int, select: list[str]) -> list[list[str]]:
     """The commands `make test` (tier "fast") or `make test-slow` (tier "slow") runs, set-up left out."""
     pytest = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
+    trees = ["kaggle_utils", "tests", "benchmarks"]
     if tier == "fast":
         return [
-            [sys.executable, "-m", "ruff", "check", "kaggle_utils", "tests", "benchmarks"],
+            [sys.executable, "-m", "ruff", "check", *trees],
+            [sys.executable, "-m", "ruff", "format", "--check", "--quiet", *trees],
             [*pytest, "-n", str(workers), "--dist", "loadfile", "-m", "not slow", *select],
         ]
-    return [[*pytest, "-m", "slow", *select]]
+    return [[*pytest, "-n", str(workers), "--dist", "loadfile", "-m", "slow", *select]]
 
 
 def run_tier(tier: str, workers: int, select: list[str]) -> dict[str, object]:

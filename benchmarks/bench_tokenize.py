@@ -5,8 +5,8 @@ train the demo tokenizer on a subset, encode every row at max length 2048 and 10
 <= 60 s), then compare the padding efficiency (real tokens / computed tokens) of token-budget batches
 (target >= 0.95) with a fixed batch of 8 in file order. Also times the original+swapped pair (swap TTA).
 
-`--tokenizers demo gemma2 gemma3 PATH...` also times real tokenizers (each at the first max length; Gemma-2 from
-$KAGGLE_UTILS_GEMMA2_TOKENIZER or <repo>/../shared/reference/tokenizers/gemma2, Gemma-3 from
+`--tokenizers demo gemma2 gemma3 PATH...` also times real tokenizers (each at the first max length; Gemma-2
+from $KAGGLE_UTILS_GEMMA2_TOKENIZER or <repo>/../shared/reference/tokenizers/gemma2, Gemma-3 from
 <repo>/.cache/models/gemma-3-270m-*). `--long-cells N` puts N responses of 100k-400k characters into the data
 (the real files have such cells). `--survivors` measures, per tokenizer, how much of the tokenisation goes to
 text that truncation throws away: the share of tokens and characters kept, and the time of the tokenizer call
@@ -65,8 +65,8 @@ LONG_CELL_CHARS = (100_000, 400_000)
 def device_description() -> dict[str, object]:
     """CPU model, usable cores, memory and the load average (the machine is shared)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return {"cpu_model": cpu_model(), "cores": cores, "memory_gb": total_memory_gb(), "platform": platform.platform(),
-            "gpu": "none (CPU only)"}  # fmt: skip
+    return {"cpu_model": cpu_model(), "cores": cores, "memory_gb": total_memory_gb(),
+            "platform": platform.platform(), "gpu": "none (CPU only)"}  # fmt: skip
 
 
 def load_average() -> list[float] | None:
@@ -123,8 +123,9 @@ def with_long_cells(frame: pl.DataFrame, n: int, seed: int) -> pl.DataFrame:
 
 def call_tokenizer(tokenizer, texts: list[str], **extra):
     """The batch call encode_rows makes (ids only), or with ``extra`` outputs (offsets) as a BatchEncoding."""
-    encoded = tokenizer(texts, add_special_tokens=False, split_special_tokens=True, return_attention_mask=False,
-                        return_token_type_ids=False, verbose=False, **extra)  # fmt: skip
+    encoded = tokenizer(texts, add_special_tokens=False, split_special_tokens=True,
+                        return_attention_mask=False, return_token_type_ids=False, verbose=False,
+                        **extra)  # fmt: skip
     return encoded if extra else encoded["input_ids"]
 
 
@@ -158,8 +159,10 @@ def surviving_text(frame: pl.DataFrame, tokenizer, cfg: FormatConfig) -> tuple[l
                         continue
                     totals["cut_pieces"] += 1
                     head = _head_tokens(kept, cfg.head_fraction) if kept else 0
-                    parts = [text[: offsets[index][head - 1][1]] if head else "",
-                             text[offsets[index][length - (kept - head)][0] :] if kept - head else ""]  # fmt: skip
+                    parts = [
+                        text[: offsets[index][head - 1][1]] if head else "",
+                        text[offsets[index][length - (kept - head)][0] :] if kept - head else "",
+                    ]
                     survivors += [part for part in parts if part]
                     totals["kept_chars"] += sum(map(len, parts))
             position += count
@@ -168,7 +171,8 @@ def surviving_text(frame: pl.DataFrame, tokenizer, cfg: FormatConfig) -> tuple[l
 
 def all_pieces(frame: pl.DataFrame) -> list[list[str]]:
     """The texts of every piece in encode_rows' chunks (the same batch calls it makes)."""
-    return [[text for name in TURN_COLUMNS for text in frame.slice(start, ROWS_PER_CHUNK)[name].explode().to_list()]
+    return [[text for name in TURN_COLUMNS
+             for text in frame.slice(start, ROWS_PER_CHUNK)[name].explode().to_list()]
             for start in range(0, frame.height, ROWS_PER_CHUNK)]  # fmt: skip
 
 
@@ -182,8 +186,9 @@ def survivors_run(
     """
     survivors, totals = surviving_text(frame, tokenizer, cfg)
     if (totals["tokens"], totals["kept_tokens"]) != (run["content_tokens"], run["kept_tokens"]):
-        raise RuntimeError(f"surviving-text count {totals} disagrees with encode_rows {run['content_tokens']} / "
-                           f"{run['kept_tokens']} tokens (content / kept)")  # fmt: skip
+        raise RuntimeError(f"surviving-text count {totals} disagrees with encode_rows "
+                           f"{run['content_tokens']} / {run['kept_tokens']} tokens"
+                           " (content / kept)")  # fmt: skip
     batches = all_pieces(frame)
     size = max(1, len(survivors) // max(1, len(batches)) + 1)
     _, full_wall, full_cpu = timed(lambda: [call_tokenizer(tokenizer, batch) for batch in batches])
@@ -304,11 +309,13 @@ def main(argv: list[str] | None = None) -> int:
                 "rows_per_second": round(frame.height / wall, 1)}  # fmt: skip
     load_after = load_average()
 
-    print(f"\nbench_tokenize: {frame.height:,} rows kept of a generated {args.rows:,}-row train file (seed {args.seed});"
-          f" demo BPE vocab {len(tokenizer):,} trained on {len(texts):,} texts in {train_s:.1f} s;"
-          f" load average {load_before} -> {load_after} on {device_description()['cores']} cores")  # fmt: skip
-    header = (f"{'max_len':>7} {'wall s':>7} {'cpu s':>7} {'rows/s':>8} {'<=60s':>6} {'tok/row':>8} {'trunc':>6} "
-              f"{'eff budget':>10} {'eff fixed8':>10} {'eff bucket8':>11} {'batches b/f':>12}")  # fmt: skip
+    print(f"\nbench_tokenize: {frame.height:,} rows kept of a generated {args.rows:,}-row train file"
+          f" (seed {args.seed}); demo BPE vocab {len(tokenizer):,} trained on {len(texts):,} texts"
+          f" in {train_s:.1f} s; load average {load_before} -> {load_after}"
+          f" on {device_description()['cores']} cores")  # fmt: skip
+    header = (f"{'max_len':>7} {'wall s':>7} {'cpu s':>7} {'rows/s':>8} {'<=60s':>6} {'tok/row':>8} "
+              f"{'trunc':>6} {'eff budget':>10} {'eff fixed8':>10} {'eff bucket8':>11} "
+              f"{'batches b/f':>12}")  # fmt: skip
     print(header)
     print("-" * len(header))
     for run in runs:
@@ -318,13 +325,15 @@ def main(argv: list[str] | None = None) -> int:
               f"{run['token_budget']['padding_efficiency']:>10.4f} "
               f"{run['fixed_batch_file_order']['padding_efficiency']:>10.4f} "
               f"{run['length_buckets_train']['padding_efficiency']:>11.4f} "
-              f"{run['token_budget']['batches']:>5}/{run['fixed_batch_file_order']['batches']:<6}")  # fmt: skip
+              f"{run['token_budget']['batches']:>5}/"
+              f"{run['fixed_batch_file_order']['batches']:<6}")  # fmt: skip
     for entry in real:
         run = entry["run"]
         print(
             f"{entry['name']:>7} {run['wall_seconds']:>7.1f} {run['cpu_seconds']:>7.1f} "
             f"{run['rows_per_second']:>8,.0f} {'yes' if run['target_met'] else 'NO':>6} "
-            f"{run['content_tokens'] / frame.height:>8.0f} {run['truncated_share']:>6.1%}  (at {run['max_length']})"
+            f"{run['content_tokens'] / frame.height:>8.0f} {run['truncated_share']:>6.1%}  "
+            f"(at {run['max_length']})"
         )
     measured = ([("demo", survivors)] if survivors else []) + [
         (e["name"], e["survivors"]) for e in real if "survivors" in e
@@ -333,9 +342,11 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"{name}: truncation keeps {measure['kept_token_share']:.1%} of tokens, "
             f"{measure['kept_char_share']:.1%} of characters; tokenizer call on all pieces "
-            f"{measure['all_pieces_call_wall_seconds']:.1f} s wall / {measure['all_pieces_call_cpu_seconds']:.1f} s CPU, "
+            f"{measure['all_pieces_call_wall_seconds']:.1f} s wall / "
+            f"{measure['all_pieces_call_cpu_seconds']:.1f} s CPU, "
             f"on surviving text only {measure['surviving_text_call_wall_seconds']:.1f} s / "
-            f"{measure['surviving_text_call_cpu_seconds']:.1f} s (CPU ratio {measure['surviving_over_all_cpu']:.3f})"
+            f"{measure['surviving_text_call_cpu_seconds']:.1f} s "
+            f"(CPU ratio {measure['surviving_over_all_cpu']:.3f})"
         )
     if pair:
         print(

@@ -45,7 +45,10 @@ def nine_b_config_path() -> Path:
 
 
 def run_ordering(ordering: str, seq_len: int, steps: int, warmup: int) -> dict:
-    """Build the ordering's trainable model and time `steps` optimizer steps on random tokens (in this process)."""
+    """Build the ordering's trainable model and time `steps` optimizer steps on random tokens.
+
+    Runs in this process.
+    """
     import torch
 
     from kaggle_utils.core.config import LoraSettings, ModelConfig, QuantConfig, TrainConfig

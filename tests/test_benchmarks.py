@@ -1,9 +1,9 @@
 """The benchmark scripts stay runnable: each runs end to end at a tiny size and records its machine.
 
 These are smoke runs, not measurements (timings are never asserted); the recorded results in
-benchmarks/results/ come from full-size runs. bench_qaware_int4.py is left out: it times fixed 9B-shaped layers
-(minutes on 2 cores) and has no small size. bench_quant_error.py runs on a tiny random Gemma-3 checkpoint (the
-real one is Gemma 3 270M) and its JSON fields are checked.
+benchmarks/results/ come from full-size runs. bench_qaware_int4.py is left out: it times fixed 9B-shaped
+layers (minutes on 2 cores) and has no small size. bench_quant_error.py runs on a tiny random Gemma-3
+checkpoint (the real one is Gemma 3 270M) and its JSON fields are checked.
 """
 
 from __future__ import annotations

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from kaggle_utils.cli import data, inference, kaggle, modeling, models, study
-from kaggle_utils.core.console import configure_logging
+from kaggle_utils.core.console import configure_logging, log_to_file
 from kaggle_utils.core.environment import use_offline_hub
 from kaggle_utils.core.errors import UsageError
 
@@ -56,6 +57,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(verbose=args.verbose)
     try:
+        run_log = getattr(args, "run_log", None)  # commands whose --out is a run folder keep a log in it
+        if run_log and getattr(args, "out", None):
+            with log_to_file(Path(args.out) / run_log, mode="a"):
+                return int(args.handler(args) or 0)
         return int(args.handler(args) or 0)
     except UsageError as error:
         print(f"error: {error}", file=sys.stderr)

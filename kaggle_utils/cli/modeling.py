@@ -22,7 +22,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--ordering", required=True, choices=ORDERING_CHOICES)
     _common_options(parser)
     parser.add_argument("--fold", type=int, default=0, help="held-out fold (default: 0)")
-    parser.set_defaults(handler=train)
+    parser.set_defaults(handler=train, run_log="train.log")
 
     parser = subparsers.add_parser(
         "compare-orderings",
@@ -31,7 +31,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _common_options(parser)
     parser.add_argument("--seeds", type=int, nargs="+", help="training seeds (default: config train.seed)")
     parser.add_argument("--variants", nargs="+", help="registered variants to run (default: both orderings)")
-    parser.set_defaults(handler=compare)
+    parser.set_defaults(handler=compare, run_log="compare.log")
 
     parser = subparsers.add_parser(
         "combine-reports",

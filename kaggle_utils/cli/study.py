@@ -27,7 +27,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[42], help="training seeds (one run each)")
     parser.add_argument("--schemes", nargs="+", default=["int8", "nf4"], choices=("int8", "nf4"))
     parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for beta's interval")
-    parser.set_defaults(handler=qid_study)
+    parser.set_defaults(handler=qid_study, run_log="qid_study.log")
 
 
 def command_line(args: argparse.Namespace) -> str:

@@ -113,12 +113,13 @@ def quiet_third_party(verbose: bool = False) -> None:
 
 
 @contextmanager
-def log_to_file(path: str | Path) -> Iterator[Path]:
-    """Copy INFO-and-up records (and `say`'s lines) to `path`, replaced, while the block runs."""
+def log_to_file(path: str | Path, mode: str = "w") -> Iterator[Path]:
+    """Copy INFO-and-up records (and `say`'s lines) to `path` while the block runs; `mode="a"` appends
+    (a resumed run keeps its earlier log), `"w"` replaces."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     root = logging.getLogger()
-    handler = logging.FileHandler(path, mode="w", encoding="utf-8")
+    handler = logging.FileHandler(path, mode=mode, encoding="utf-8")
     handler.setLevel(logging.INFO)
     handler.setFormatter(logging.Formatter(FILE_LOG_FORMAT))
     # Without a console handler (a library call, not the CLI) warnings would reach only the file.

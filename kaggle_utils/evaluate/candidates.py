@@ -21,7 +21,7 @@ from kaggle_utils.core.errors import UsageError
 from kaggle_utils.core.metrics import log_loss, row_log_losses
 from kaggle_utils.evaluate.calibration import apply_calibration, fit_calibration
 from kaggle_utils.evaluate.ensembles import blend_members, fit_blend_weights
-from kaggle_utils.text.views import average_views
+from kaggle_utils.text.swap import average_views
 
 CROSS_FIT_SPLITS = 5
 NOISE_Z = 2.0  # a lead counts when it exceeds this many paired standard errors (as compare's decision)

@@ -29,7 +29,7 @@ from kaggle_utils.inference.report import InferenceReport
 from kaggle_utils.inference.views import PATH_FALLBACK, calibrate_served, model_probabilities
 from kaggle_utils.quant.artifacts import MANIFEST_NAME
 from kaggle_utils.quant.manifest import check_ensemble_manifest
-from kaggle_utils.text.views import TTA_SPACES
+from kaggle_utils.text.swap import TTA_SPACES
 from kaggle_utils.train.baseline import BaselineModel
 
 logger = logging.getLogger(__name__)

@@ -18,7 +18,7 @@ from kaggle_utils.core.config import LABEL_COLUMNS
 from kaggle_utils.evaluate.calibration import apply_calibration
 from kaggle_utils.inference.device_forward import describe_error
 from kaggle_utils.text.encode import encode_both_orders, encode_rows
-from kaggle_utils.text.views import average_views, swap_probs
+from kaggle_utils.text.swap import average_views, swap_probs
 from kaggle_utils.train.baseline import BaselineModel
 
 logger = logging.getLogger(__name__)
@@ -53,7 +53,7 @@ def combine_views(
     views: ViewPredictions, fallback: np.ndarray, tta_space: str = "prob"
 ) -> tuple[np.ndarray, np.ndarray]:
     """Final (n, 3) probabilities and each row's path: both views averaged where both ran
-    (`text.views.average_views` in `tta_space`), the one view that ran, else the fallback row."""
+    (`text.swap.average_views` in `tta_space`), the one view that ran, else the fallback row."""
 
     probs, done = views.probs, views.done
     has_original = done[ORIGINAL]

@@ -1,9 +1,10 @@
 """The kaggle package, imported lazily and authenticated without ever printing a credential.
 
-`import kaggle` authenticates at import time, prints a page of help and calls `exit(1)` when no credential is
-found (SystemExit, not ImportError); notebooks on Kaggle and the tests must import kaggle_utils without
-credentials, so the package is imported only here, inside `kaggle_api()`. Requests are made by the real
-`KaggleApi` (kaggle.api.kaggle_api_extended) through `requests.Session.send`, which the tests fake.
+`kaggle_api()` is the only place `import kaggle` happens:
+
+    api = kaggle_api()
+    with kaggle_errors("kernels push"):  # client errors become one UsageError line
+        api.kernels_push(folder)
 """
 
 from __future__ import annotations

@@ -1,16 +1,8 @@
 """The one offline-install cell every notebook runs first on Kaggle, written here and nowhere else.
 
-The cell cannot call the package (it installs it), so its code is a template string. Each notebook of
-notebooks/ carries it as the code cell tagged `offline-install`: `build_kernel_folder` writes the template
-into
-that cell of every kernel it builds (so a pushed kernel always runs this text), and the copies in the
-repository
-(which `kaggle kernels push -p .` and a local papermill run use as they are) are rewritten from it by
-`python -m kaggle_utils kaggle sync-install-cell`; a test fails when a copy differs.
-
-The cell needs no parameters: it looks for wheels anywhere under /kaggle/input (either mount layout, the
-wheels
-and the package in one dataset or two), so no notebook names its datasets.
+`INSTALL_CELL_SOURCE` is the text of the code cell tagged `offline-install`: `inject_install_cell` writes it
+into a built kernel, `sync_install_cells` (`kaggle sync-install-cell`) into notebooks/, and
+`install_cell_problem` says when a notebook's copy differs.
 """
 
 from __future__ import annotations
@@ -86,8 +78,8 @@ def inject_install_cell(path: str | Path, source_notebook: str | Path | None = N
 
 
 def sync_install_cells(notebooks_dir: str | Path) -> list[Path]:
-    """Rewrite the tagged cell of every notebooks/<name>.py and its paired .ipynb from the template; the files
-    changed. A notebook without exactly one tagged cell is an error (nothing is written)."""
+    """Rewrite the tagged cell of every notebooks/<name>.py and its paired .ipynb from the template; returns
+    the files changed. A notebook without exactly one tagged cell is an error (nothing is written)."""
     import jupytext
     import nbformat
 

@@ -1,13 +1,7 @@
-"""The local check of a kernel folder before `kaggle kernels push`.
+"""The local check of a kernel folder before `kaggle kernels push`: `check_kernel_folder(folder)`.
 
-A kernel that fails on Kaggle shows only "Notebook Threw Exception" after the queue and the run; the common
-causes are visible locally: a missing code file, incomplete metadata, internet left on (the CLI's default),
-or a notebook that reads `/kaggle/input/<name>` that no attached source provides. This module finds them.
-
-What a notebook reads is found statically: every string literal that starts with `/kaggle/input/` (code and
-`!pip ... /kaggle/input/...` lines alike), and the parameters cell's variables named `*_dataset`,
-`*_competition` / `competition`, `*_kernel` and `*_model` (upper or lower case), whose values are slugs or
-owner/slug references.
+Finds a missing code file, incomplete metadata, internet left on, or a `/kaggle/input/<name>` read that no
+attached source provides; `check.summary()` reports, `check.raise_if_failed()` blocks the push.
 """
 
 from __future__ import annotations
@@ -151,8 +145,7 @@ def _provided_by(ref: InputRef, metadata: dict[str, Any]) -> bool:
     models = [s.lower() for s in metadata.get("model_sources") or []]
     competitions = [s.lower() for s in metadata.get("competition_sources") or []]
     # Kaggle mounts a source at /kaggle/input/<slug> whoever owns it, so an owner/slug reference is compared
-    # by
-    # its slug: the owner in the metadata is rewritten to the pushing user's (metadata.with_owner).
+    # by its slug: the owner in the metadata is rewritten to the pushing user's (metadata.with_owner).
     pieces = ref.ref.lower().split("/")
     wanted = pieces[1] if len(pieces) > 1 else pieces[0]
 

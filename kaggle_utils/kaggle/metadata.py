@@ -1,8 +1,7 @@
 """kernel-metadata.json and dataset-metadata.json: generated from `KaggleConfig`, validated before any push.
 
-The Kaggle CLI checks little (an unknown key or a misspelt flag is silently ignored, and `enable_internet`
-defaults to TRUE, which disqualifies a code-competition kernel), so every field it reads is checked here
-first, with messages that name the file and the field.
+`kernel_metadata` / `dataset_metadata` build them; `validate_kernel_metadata` / `validate_dataset_metadata`
+list every problem, each naming the file and the field.
 """
 
 from __future__ import annotations
@@ -80,7 +79,8 @@ def title_for_slug(slug: str) -> str:
     return " ".join(part.capitalize() for part in slug.split("-"))
 
 
-TRAINING_ORDERINGS: tuple[str, str] = ("ft-then-quant", "quant-then-ft")  # compare.ORDERINGS, one kernel each
+# variants.registry.ORDERINGS, one training kernel each
+TRAINING_ORDERINGS: tuple[str, str] = ("ft-then-quant", "quant-then-ft")
 
 
 @dataclass(frozen=True)
@@ -141,9 +141,8 @@ def kernel_for_notebook(
     cfg: KaggleConfig, notebook: str | Path, parameters: Mapping[str, Any] | None = None
 ) -> NotebookKernel:
     """The kernel a push of `notebook` (notebooks/<name>.ipynb or .py) with these parameters is: the
-    notebook's
-    only kernel, or, for a notebook pushed as several, the one whose selecting parameters (ORDERING) it
-    sets."""
+    notebook's only kernel, or, for a notebook pushed as several, the one whose selecting parameters
+    (ORDERING) it sets."""
     kernels = notebook_kernels(cfg)
     candidates = [kernel for kernel in kernels.values() if kernel.notebook_name == Path(notebook).stem]
     if not candidates:

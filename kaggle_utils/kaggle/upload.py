@@ -1,21 +1,11 @@
 """What `upload-artifact` sends: an explicit list of files, never "whatever is in the folder".
 
-The kaggle client uploads every entry of the folder it is given (dot-files included; subfolders as archives),
-so a folder that also holds `.env`, a copied `kaggle.json`, checkpoints or notebook checkpoints would publish
-them. `plan_upload` decides the exact file list instead:
+`plan_upload` picks an artifact's manifest files, a build-wheels folder's files, or `include` matches, and
+refuses the upload when a credential-looking file is among them:
 
-- an artifact (has manifest.json): the files its manifest lists, each checked for size and sha256, plus the
-  manifest itself; an ensemble artifact (manifest `kind: ensemble`, `ship.write_shipped`) likewise, after
-  `manifest.check_ensemble_manifest` (members inside the folder, every member file listed);
-- a build-wheels folder (has wheels.json): top-level `*.whl`, requirements.txt and wheels.json (what
-  build-wheels writes), the wheels checked against wheels.json's sha256 table when it has one;
-- any other folder: only the files matched by explicit `include` patterns (given for a build-wheels folder,
-  they replace its rule; an artifact refuses them).
-
-Everything else is left out and listed. A credential-looking file (by name, or a small text file holding a
-Kaggle-looking key/token) among the files to send refuses the whole upload before anything is sent.
-`stage_upload` then links (or copies) exactly those files into a fresh folder, which is what the client sees;
-a staging folder that is, contains or lies inside the folder to upload is refused before anything is linked.
+    plan = plan_upload(folder)
+    print(plan.summary())  # every file sent, then every file left out
+    stage_upload(plan, staging)  # exactly those files, in the folder the kaggle client is given
 """
 
 from __future__ import annotations

@@ -1,19 +1,9 @@
-"""A dataset folder of wheels for a notebook that runs with internet off.
+"""A dataset folder of wheels for a notebook that runs with internet off: `build_wheels(out_dir, cfg)`.
 
-Kaggle's image already has torch and its CUDA stack (never bundled: the image's build matches its GPUs), but
-not the versions of transformers / peft / bitsandbytes / polars this repository is tested with. The folder
-holds: the kaggle_utils wheel (built from this checkout), the configured packages pinned to the versions
-installed HERE, and their dependencies minus the excluded ones, all for Kaggle's Python and platform.
-`requirements.txt` pins the top-level packages; the notebook installs with
+It holds the kaggle_utils wheel and the configured packages at the versions installed here, with their
+dependencies, for the image in kaggle_utils/resources/kaggle_image.json. The notebook installs with
 
     pip install --no-index --find-links /kaggle/input/<wheels> -r /kaggle/input/<wheels>/requirements.txt
-
-so pip keeps every dependency the image already satisfies and takes the rest from the folder.
-
-The target image (Python, platform, the torch it ships) is stated once, in
-kaggle_utils/resources/kaggle_image.json. Before the folder is declared built, every wheel's METADATA is
-checked against it (`check_against_image`): its Requires-Python, and each requirement on a package the image
-ships at a known version or on another bundled wheel; the first that cannot hold fails the build.
 """
 
 from __future__ import annotations
@@ -153,12 +143,8 @@ def check_against_image(
     wheels: Iterable[Path], python_version: str, image: KaggleImage, source: str | Path = IMAGE_FILE
 ) -> dict[str, str]:
     """Raise a one-line UsageError naming the wheel and the requirement unless every wheel installs on
-    `image`.
-
-    Checked from each wheel's METADATA: Requires-Python against `python_version`; each Requires-Dist whose
-    marker holds on the image against the version the image ships (`image.packages`) or, for a bundled
-    package, the bundled version. Returns the requirements that could not be checked (on a package neither
-    bundled nor listed with a version in the image): name -> "requirement (wheel)".
+    `image` (Requires-Python, and Requires-Dist against the image's or the bundled versions). Returns what
+    could not be checked (package not bundled, no version in the image): name -> "requirement (wheel)".
     """
     wheels = sorted(wheels)
     bundled: dict[str, str] = {}

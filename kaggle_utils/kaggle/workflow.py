@@ -1,13 +1,9 @@
 """From this repository to Kaggle: kernel folders, datasets, competition data, code submissions.
 
-Every call to Kaggle goes through the real kaggle client (`KaggleApi`, imported lazily by
-`kaggle_tools.client.kaggle_api`), so folders and metadata are exactly what `kaggle kernels push` /
-`kaggle datasets create|version` / `kaggle competitions submit` would send. Before a push, the kernel folder
-is built (code + kernel-metadata.json) and checked locally (`check_kernel_folder`); a push that fails the
-check is refused.
+Behind `python -m kaggle_utils kaggle push|upload-artifact|download|submit|status`, e.g.
 
-The top-level kernel-metadata.json describes the submission kernel; its owner is replaced by the pushing
-user (with the sources that belonged to the same owner), since a kernel can only be pushed to your account.
+    push_notebook("notebooks/train.py", cfg, dry_run=True, parameters={"ORDERING": "ft-then-quant"})
+    upload_dataset("runs/ft-then-quant/artifact", cfg)
 """
 
 from __future__ import annotations
@@ -125,13 +121,9 @@ def build_kernel_folder(
     submission_metadata_path: str | Path | None = None,
     parameters: dict[str, Any] | None = None,
 ) -> Path:
-    """`cfg.build_dir/kernels/<slug>/`: the notebook as .ipynb (its `offline-install` cell set to the one
-    template, `parameters` injected) plus its kernel-metadata.json. A notebook pushed as several kernels
-    (train: one per ORDERING) is built as the
-    kernel its parameters select.
-
-    The submission kernel's metadata comes from the top-level kernel-metadata.json (the reviewed file); the
-    other notebooks' metadata is generated from `cfg`."""
+    """Build the kernel folder (default `cfg.build_dir/kernels/<slug>/`): the notebook as .ipynb, with the
+    install-cell template and `parameters` (which pick the kernel of a notebook pushed as several), plus its
+    kernel-metadata.json (the submission kernel's is the top-level file; the others' come from `cfg`)."""
     notebook = Path(notebook)
     kernel = kernel_for_notebook(cfg, notebook, parameters)
     parameters = {**(parameters or {}), **dict(kernel.parameters)}  # the selecting values, stated in the copy
@@ -247,13 +239,10 @@ def upload_dataset(
     dir_mode: str = "zip",
     include: list[str] | None = None,
 ) -> dict[str, Any]:
-    """Upload exactly the files `plan_upload` lists (an artifact's manifest, a wheels folder's wheels, or the
-    `include` patterns) as `datasets create` (new) or `datasets version`; everything else stays here.
+    """Upload exactly the files `plan_upload` lists as `datasets create` (new) or `datasets version`.
 
-    The chosen files are staged (hard links) into a fresh folder with dataset-metadata.json, and the client
-    uploads that folder, so nothing unlisted can be sent. Subfolders (model/, adapter/, tokenizer/ of an
-    artifact) are uploaded as archives (`dir_mode` zip or tar): the client skips them otherwise. The list of
-    files sent (path + bytes) and of files left out is printed first."""
+    Prints the files sent and left out first; subfolders go up as `dir_mode` (zip or tar) archives, since the
+    client skips plain subfolders."""
     directory = Path(directory)
     if not directory.is_dir():
         raise UsageError(f"{directory}: not a directory")

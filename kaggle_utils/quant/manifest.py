@@ -16,9 +16,9 @@ from typing import Any
 
 from kaggle_utils.core.errors import ArtifactError
 from kaggle_utils.core.fileio import atomic_write_bytes, file_sha256
-from kaggle_utils.quant.backends import BACKEND_FIELD
 from kaggle_utils.quant.layout import (
     ADAPTER_DIR,
+    BACKEND_FIELD,
     LAYOUT_VERSION,
     MANIFEST_NAME,
     MERGED_DIR,

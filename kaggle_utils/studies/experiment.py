@@ -1,16 +1,12 @@
-"""One experiment's setup and its unit of work, shared by `train`, `compare-orderings`, `qid-study` and the demo.
+"""One experiment: the setup a run's variants share, and its unit of work (one variant on one fold).
 
-`prepare_experiment(cfg, train_path, out_dir)` makes what every variant of a run shares, once: the training
-frame, the folds (made and saved, or read from `folds_path`), the folds trained, the tokenizer (a real
-checkpoint's own, or the demo tokenizer trained here) and the 16-bit base every ordering starts from (a
-random-weight base is written once and loaded by all). Under `accelerate launch` the main process writes these
-and the others read them.
+Used by `train`, `compare-orderings`, `qid-study` and the demo:
 
-`run_fold(experiment, cfg, variant, fold, seed, run_dir)` is one unit of work: train the variant on every fold
-but `fold`, export its shipped artifact, and score the held-out fold once with the shipped weights through
-`inference.score_rows` (predict's encoding, batch schedule and view combination), the variant's own 16-bit
-reference and any extra models the export returns. It returns the fold's record (labels, probabilities,
-training summary, memory, sizes) and its OOF tables; `cv_report.aggregate_run` turns records into a run.
+    experiment = prepare_experiment(cfg, train_path, out_dir)  # frame, folds, tokenizer, 16-bit base, once
+    run_cfg = variant_config(cfg, variant, seed, experiment.base_dir)
+    record, oof_tables = run_fold(experiment, run_cfg, variant, fold, seed, run_dir)
+
+`cv_report.aggregate_run` turns the fold records into a run.
 """
 
 from __future__ import annotations
@@ -52,14 +48,13 @@ from kaggle_utils.variants.registry import ORDERINGS, ExportContext, FoldContext
 
 logger = logging.getLogger(__name__)
 
-# Demo scale (tiny Gemma-2, max length 128, one held-out fold, 2 epochs): learns the generated data's signal
-# well below the class prior; about 1.5 minutes for both orderings on ~2,000 generated rows, 1 CPU thread.
+# Demo scale: tiny Gemma-2, max length 128, one held-out fold, 2 epochs.
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "resources" / "compare_demo.yaml"
 
 
 @dataclass
 class Experiment:
-    """What every variant, seed and fold of one run shares (see the module docstring)."""
+    """What every variant, seed and fold of one run shares; made by `prepare_experiment`."""
 
     frame: pl.DataFrame
     folds: pl.DataFrame
@@ -71,8 +66,8 @@ class Experiment:
     device: torch.device
     dialect: Dialect
     out_dir: Path
-    # What the run left out (train.exclude_folds), for its OOF file (metrics.save_oof's record): a teacher made
-    # by this run is accepted for a student held out on one of those folds (teacher.py).
+    # What the run left out (train.exclude_folds), for its OOF file (metrics.save_oof's record): a teacher
+    # made by this run is accepted for a student held out on one of those folds (train/teacher.py).
     oof_record: dict | None = None
 
 
@@ -83,9 +78,11 @@ def prepare_experiment(
     folds_path: str | Path | None = None,
     fold_ids: Sequence[int] | None = None,
 ) -> Experiment:
-    """Load, fold, tokenize and materialise the base once (see the module docstring). `fold_ids`: the folds to
-    train (None: `cfg.train.cv_folds`, and None there: every fold of the folds file); a fold the file lacks is a
-    UsageError."""
+    """Load the frame, make (or read `folds_path`) the folds, make the tokenizer and the 16-bit base, once.
+
+    `fold_ids`: the folds to train (None: `cfg.train.cv_folds`, and None there: every fold of the folds file);
+    a fold the file lacks is a UsageError. Under `accelerate launch` the main process writes, the others read.
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_resolved(cfg, out_dir)  # the config this run used, every value, beside its outputs
@@ -133,7 +130,7 @@ def prepare_experiment(
 
 
 def demo_config() -> PipelineConfig:
-    """The demo-scale settings (`DEMO_CONFIG`), e.g. for `compare.compare_orderings(demo_config(), train_csv, out)`."""
+    """The demo-scale settings (`DEMO_CONFIG`), e.g. `compare_orderings(demo_config(), train_csv, out)`."""
     return PipelineConfig.from_yaml(DEMO_CONFIG)
 
 
@@ -178,8 +175,8 @@ def resolve_training_notebook(
 
 
 def _tokenizer(cfg: PipelineConfig, frame: pl.DataFrame, out_dir: Path, write: bool = True):
-    """The run's tokenizer; with `write` False (a non-main process) the demo tokenizer the main process trained
-    into out_dir/tokenizer is read back instead of being trained and written a second time."""
+    """The run's tokenizer; with `write` False (a non-main process) the demo tokenizer the main process
+    trained into out_dir/tokenizer is read back instead of being trained and written a second time."""
     if not write and not has_real_weights(cfg.model.base_model) and not cfg.format.tokenizer_path:
         return load_tokenizer(out_dir / "tokenizer")
     texts = (
@@ -208,8 +205,11 @@ def run_fold(
     run_dir: Path,
     progress: bool = True,
 ) -> tuple[dict | None, list[pl.DataFrame]]:
-    """Train, export and score one variant on one fold (see the module docstring); `cfg` is the variant's
-    (`variant_config`). (None, []) on a non-main process of `accelerate launch`: it only trains its share."""
+    """Train `variant` on every fold but `fold`, export its artifact and score the held-out fold with it.
+
+    `cfg` is the variant's (`variant_config`). Returns the fold's record and its OOF tables; (None, []) on a
+    non-main process of `accelerate launch`, which only trains its share.
+    """
     frame, folds, tokenizer = experiment.frame, experiment.folds, experiment.tokenizer
     base_dir, device, folds_hash = experiment.base_dir, experiment.device, experiment.folds_hash
     train_part, val_part = split_fold(frame, folds, fold)

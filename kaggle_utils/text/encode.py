@@ -16,9 +16,9 @@ from transformers import PreTrainedTokenizerFast
 from kaggle_utils.core.config import FormatConfig
 from kaggle_utils.core.console import progress_bar
 from kaggle_utils.core.errors import DataError, UsageError
+from kaggle_utils.text.swap import swap_labels
 from kaggle_utils.text.template import TEMPLATE_VERSION, minimum_length, resolve_template, template_ids
 from kaggle_utils.text.truncation import encode_row
-from kaggle_utils.text.views import swap_labels
 
 TURN_COLUMNS: tuple[str, str, str] = ("prompt", "response_a", "response_b")
 # Rows per batch call of the tokenizer: bounds the memory of the intermediate token lists.

@@ -25,12 +25,17 @@ store it and refuse another, so change it whenever the produced ids change.
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-from transformers import PreTrainedTokenizerFast
+from typing import TYPE_CHECKING
 
 from kaggle_utils.core.config import FormatConfig, validate_section
 from kaggle_utils.core.errors import UsageError
-from kaggle_utils.text.tokenizer import END_OF_TURN, START_OF_TURN
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast
+
+# Gemma's turn markers (the gemma template's; the demo tokenizer has them as special tokens).
+START_OF_TURN = "<start_of_turn>"
+END_OF_TURN = "<end_of_turn>"
 
 LLAMA3_HEADER_START = "<|start_header_id|>"
 LLAMA3_HEADER_END = "<|end_header_id|>"

@@ -27,6 +27,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from kaggle_utils.core.errors import UsageError
+from kaggle_utils.text.template import END_OF_TURN, START_OF_TURN
 
 logger = logging.getLogger(__name__)
 
@@ -34,8 +35,6 @@ PAD_TOKEN = "<pad>"
 EOS_TOKEN = "<eos>"
 BOS_TOKEN = "<bos>"
 UNK_TOKEN = "<unk>"
-START_OF_TURN = "<start_of_turn>"
-END_OF_TURN = "<end_of_turn>"
 # Order = ids 0..5 in the trained vocabulary (Gemma's layout for pad/eos/bos/unk).
 GEMMA_SPECIAL_TOKENS: tuple[str, ...] = (
     PAD_TOKEN,

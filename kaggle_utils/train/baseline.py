@@ -27,7 +27,7 @@ from kaggle_utils.core.errors import ArtifactError, DataError
 from kaggle_utils.core.fileio import atomic_write_bytes
 from kaggle_utils.core.metrics import OofScore, class_prior, make_oof, score_oof
 from kaggle_utils.data.folds import check_folds
-from kaggle_utils.text.views import average_views, swap_frame, swap_labels
+from kaggle_utils.text.swap import average_views, swap_frame, swap_labels
 from kaggle_utils.train.baseline_features import FEATURE_VERSION, baseline_features, feature_names
 from kaggle_utils.train.baseline_params import export_estimator, import_estimator, signed_log1p
 

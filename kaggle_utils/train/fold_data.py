@@ -22,7 +22,7 @@ from kaggle_utils.core.errors import DataError, UsageError
 from kaggle_utils.core.metrics import class_prior, prior_log_loss
 from kaggle_utils.data.folds import check_folds
 from kaggle_utils.text.encode import EncodedRows, encode_both_orders, encode_rows
-from kaggle_utils.text.views import swap_probs
+from kaggle_utils.text.swap import swap_probs
 from kaggle_utils.train.losses import SOFT_LABELS
 from kaggle_utils.train.pseudo_labels import join_pseudo, pseudo_for_fold
 from kaggle_utils.train.teacher import HeldOutFold, teacher_targets

@@ -27,7 +27,7 @@ from kaggle_utils.inference.report import (
     report_path_for,
 )
 from kaggle_utils.text.encode import encode_both_orders, encode_rows
-from kaggle_utils.text.views import swap_probs
+from kaggle_utils.text.swap import swap_probs
 
 # ----------------------------------------------------------------------------------------------------------
 # fakes

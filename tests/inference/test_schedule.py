@@ -19,7 +19,7 @@ from kaggle_utils.inference.schedule import run_schedule
 from kaggle_utils.inference.views import PATH_FALLBACK, PATH_SWAPPED, PATH_TTA, combine_views
 from kaggle_utils.text.batching import padding_efficiency, token_budget_batches
 from kaggle_utils.text.encode import encode_both_orders
-from kaggle_utils.text.views import swap_frame, swap_probs
+from kaggle_utils.text.swap import swap_frame, swap_probs
 
 SWAP_MARKER = (
     1  # first token of every swapped-view sequence in the fake data, so a fake device can tell views

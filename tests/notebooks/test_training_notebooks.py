@@ -96,7 +96,8 @@ def _execute(name: str, parameters: dict, workdir: Path, tag: str = "") -> nbfor
 
 
 def test_training_notebook_refuses_an_unknown_ordering(tmp_path):
-    """A misspelt ORDERING stops the run in its first package cell, naming the two orderings, before any work."""
+    """A misspelt ORDERING stops the run in its first package cell, naming the two orderings, before any
+    work."""
     import papermill
 
     with pytest.raises(papermill.PapermillExecutionError, match="ORDERING 'ft-then-qaunt' is not one of"):

@@ -1,5 +1,5 @@
-"""The experiment layer: the typed report reads and writes report.json unchanged, the shared setup reuses a folds
-file and refuses folds it lacks, and `train` runs its fold directly (not through compare_orderings)."""
+"""The experiment layer: the typed report reads and writes report.json unchanged, the shared setup reuses a
+folds file and refuses folds it lacks, and `train` runs its fold directly (not through compare_orderings)."""
 
 from __future__ import annotations
 

@@ -28,10 +28,16 @@ from transformers import PreTrainedTokenizerFast
 from kaggle_utils.core.config import FormatConfig
 from kaggle_utils.core.errors import DataError, UsageError
 from kaggle_utils.text.encode import encode_both_orders, encode_rows
-from kaggle_utils.text.template import TEMPLATE_VERSION, TEMPLATES, minimum_max_length
-from kaggle_utils.text.tokenizer import END_OF_TURN, START_OF_TURN, load_tokenizer, train_demo_tokenizer
+from kaggle_utils.text.swap import swap_frame, swap_labels, swap_probs
+from kaggle_utils.text.template import (
+    END_OF_TURN,
+    START_OF_TURN,
+    TEMPLATE_VERSION,
+    TEMPLATES,
+    minimum_max_length,
+)
+from kaggle_utils.text.tokenizer import load_tokenizer, train_demo_tokenizer
 from kaggle_utils.text.truncation import CUT_SPLITS, TRUNCATION_MODES
-from kaggle_utils.text.views import swap_frame, swap_labels, swap_probs
 
 MAX_TURNS, MAX_WORDS = 4, 120
 CONTENT = re.compile(r"^([pab])(\d+)x(\d+)$")

@@ -18,10 +18,10 @@ from torch import nn
 from kaggle_utils.core.config import PipelineConfig
 from kaggle_utils.core.errors import ArtifactError, UsageError
 from kaggle_utils.core.registry import Registry
+from kaggle_utils.quant.layout import BACKEND_FIELD
 
 # Manifest field naming the backend that wrote the artifact (artifacts written before it existed lack it:
 # `backend_name_for_manifest` tells their backend from `quant_scheme` / `int4_format`, which they do have).
-BACKEND_FIELD = "quant_backend"
 # What a manifest without `quant_backend` was written by: group-wise INT4 always set `int4_format`; every
 # other artifact of layout 1 was loaded through transformers with one of these schemes.
 LEGACY_BACKENDS: dict[str, str] = {"none": "none", "int8": "bitsandbytes", "nf4": "bitsandbytes"}

@@ -1,4 +1,4 @@
-"""kaggle_utils.text.views: the A/B swap of frames, labels and probabilities, and swap-TTA averaging."""
+"""kaggle_utils.text.swap: the A/B swap of frames, labels and probabilities, and swap-TTA averaging."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kaggle_utils.text.views import average_views, swap_frame, swap_labels, swap_probs
+from kaggle_utils.text.swap import average_views, swap_frame, swap_labels, swap_probs
 
 
 def _frame(rows: list[list[tuple[str, str, str]]], labels: list[int | None] | None = None) -> pl.DataFrame:
