@@ -10,6 +10,7 @@ import argparse
 from pathlib import Path
 
 from kaggle_utils.cli.run_options import add_run_options, prepare_run
+from kaggle_utils.core.console import RUN_LOG
 from kaggle_utils.core.errors import UsageError
 
 ORDERING_CHOICES = ("ft-then-quant", "quant-then-ft")
@@ -22,7 +23,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--ordering", required=True, choices=ORDERING_CHOICES)
     _common_options(parser)
     parser.add_argument("--fold", type=int, default=0, help="held-out fold (default: 0)")
-    parser.set_defaults(handler=train, run_log="train.log")
+    parser.set_defaults(handler=train, run_log=RUN_LOG)
 
     parser = subparsers.add_parser(
         "compare-orderings",
@@ -31,7 +32,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _common_options(parser)
     parser.add_argument("--seeds", type=int, nargs="+", help="training seeds (default: config train.seed)")
     parser.add_argument("--variants", nargs="+", help="registered variants to run (default: both orderings)")
-    parser.set_defaults(handler=compare, run_log="compare.log")
+    parser.set_defaults(handler=compare, run_log=RUN_LOG)
 
     parser = subparsers.add_parser(
         "combine-reports",

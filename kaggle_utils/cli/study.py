@@ -10,6 +10,7 @@ import dataclasses
 import shlex
 
 from kaggle_utils.cli.run_options import add_run_options, prepare_run
+from kaggle_utils.core.console import RUN_LOG
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -27,7 +28,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[42], help="training seeds (one run each)")
     parser.add_argument("--schemes", nargs="+", default=["int8", "nf4"], choices=("int8", "nf4"))
     parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for beta's interval")
-    parser.set_defaults(handler=qid_study, run_log="qid_study.log")
+    parser.set_defaults(handler=qid_study, run_log=RUN_LOG)
 
 
 def command_line(args: argparse.Namespace) -> str:

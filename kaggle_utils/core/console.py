@@ -19,6 +19,8 @@ from typing import Any
 from tqdm.auto import tqdm
 
 PROGRESS_ENV = "KAGGLE_UTILS_PROGRESS"
+# The log a run keeps in its output folder (train, compare-orderings, qid-study; appended on resume).
+RUN_LOG = "run.log"
 LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"
 FILE_LOG_FORMAT = "%(asctime)s " + LOG_FORMAT
 CONSOLE_HANDLER = "kaggle_utils.console"
