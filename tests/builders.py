@@ -125,3 +125,21 @@ def make_artifact(folder: Path, with_manifest: bool = True) -> Path:
         assert set(manifest) >= set(REQUIRED_FIELDS)
         (folder / "manifest.json").write_text(json.dumps(manifest))
     return folder
+
+
+def turns_frame(
+    rows: list[list[tuple[str, str, str]]], labels: list[int | None] | None = None
+) -> pl.DataFrame:
+    """A frame in `load_competition`'s shape from rows of (prompt, response_a, response_b) turns."""
+    data = {
+        "id": list(range(100, 100 + len(rows))),
+        "prompt": [[turn[0] for turn in row] for row in rows],
+        "response_a": [[turn[1] for turn in row] for row in rows],
+        "response_b": [[turn[2] for turn in row] for row in rows],
+    }
+    schema = {"id": pl.Int64, "prompt": pl.List(pl.String), "response_a": pl.List(pl.String),
+              "response_b": pl.List(pl.String)}  # fmt: skip
+    if labels is not None:
+        data["label"] = labels
+        schema["label"] = pl.Int8
+    return pl.DataFrame(data, schema=schema)

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
+from builders import turns_frame
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from tokenizers import Tokenizer, models, pre_tokenizers
@@ -95,21 +96,6 @@ def bpe_tok() -> PreTrainedTokenizerFast:
     return train_demo_tokenizer(corpus, None, vocab_size=400)
 
 
-def _frame(rows: list[list[tuple[str, str, str]]], labels: list[int | None] | None = None) -> pl.DataFrame:
-    data = {
-        "id": list(range(100, 100 + len(rows))),
-        "prompt": [[turn[0] for turn in row] for row in rows],
-        "response_a": [[turn[1] for turn in row] for row in rows],
-        "response_b": [[turn[2] for turn in row] for row in rows],
-    }
-    schema = {"id": pl.Int64, "prompt": pl.List(pl.String), "response_a": pl.List(pl.String),
-              "response_b": pl.List(pl.String)}  # fmt: skip
-    if labels is not None:
-        data["label"] = labels
-        schema["label"] = pl.Int8
-    return pl.DataFrame(data, schema=schema)
-
-
 def _words(piece: str, turn: int, n: int) -> str:
     return " ".join(f"{piece}{turn}x{i}" for i in range(n))
 
@@ -170,7 +156,7 @@ def test_truncation_properties_counted_word_by_word(
     base = FormatConfig(template=template, truncation=mode, head_fraction=head_fraction, cut_split=split)
     cfg = FormatConfig(template=template, truncation=mode, head_fraction=head_fraction, cut_split=split,
                        max_length=minimum_max_length(word_tok, base) + slack)  # fmt: skip
-    encoded = encode_rows(_frame(_word_rows(lengths)), word_tok, cfg)
+    encoded = encode_rows(turns_frame(_word_rows(lengths)), word_tok, cfg)
     (turn_open, prompt_to_a, a_to_b, turn_close, suffix), marker = _template_parts(word_tok, cfg)
     assert len(marker) == 1
     turn_template = turn_open + prompt_to_a + a_to_b + turn_close
@@ -282,12 +268,12 @@ def test_water_filling_keeps_a_short_response_whole(word_tok, split, three_cut):
     cfg = FormatConfig(
         template="plain", max_length=1 + len(suffix) + overhead + 100 + len(marker), cut_split=split
     )
-    encoded = encode_rows(_frame(_word_rows([[(5, 119, 40)]])), word_tok, cfg)
+    encoded = encode_rows(turns_frame(_word_rows([[(5, 119, 40)]])), word_tok, cfg)
     assert encoded.kept_tokens[0].tolist() == [5, 55, 40]
     # Three long pieces, each paying for a marker: 98 words. "equal": 32 each, the 2 spare ones to A and B
     # (A and B keep the same, hiding that A is longer); "proportional": 98 * (110, 118, 90) / 318 rounded
     # down, the 2 spare ones to the longest pieces (A, then the prompt): A keeps more than B.
-    three = encode_rows(_frame(_word_rows([[(110, 118, 90)]])), word_tok, cfg)
+    three = encode_rows(turns_frame(_word_rows([[(110, 118, 90)]])), word_tok, cfg)
     assert three.kept_tokens[0].tolist() == three_cut
 
 
@@ -296,7 +282,7 @@ def test_short_pieces_give_their_share_to_the_long_one(word_tok, split):
     cfg = FormatConfig(template="plain", max_length=100, cut_split=split)
     (turn_open, prompt_to_a, a_to_b, turn_close, suffix), marker = _template_parts(word_tok, cfg)
     content_budget = cfg.max_length - 1 - len(suffix) - len(turn_open + prompt_to_a + a_to_b + turn_close)
-    encoded = encode_rows(_frame(_word_rows([[(3, 119, 2)]])), word_tok, cfg)
+    encoded = encode_rows(turns_frame(_word_rows([[(3, 119, 2)]])), word_tok, cfg)
     assert encoded.kept_tokens[0].tolist() == [3, content_budget - len(marker) - 5, 2]
 
 
@@ -311,7 +297,7 @@ def test_text_that_truncation_throws_away_still_decides_the_proportional_split(w
     head, end = _words("a", 0, 60), " ".join(f"a0x{i}" for i in range(60, 120))
     short_a, long_a = f"{head} {end}", f"{head} {' '.join(['a0x60'] * 200)} {end}"
     rows = [[(_words("p", 0, 2), response_a, _words("b", 0, 119))] for response_a in (short_a, long_a)]
-    encoded = encode_rows(_frame(rows), word_tok, cfg)
+    encoded = encode_rows(turns_frame(rows), word_tok, cfg)
     kept_a = encoded.kept_tokens[:, 1].tolist()
     assert encoded.content_tokens[:, 1].tolist() == [120, 320]
     assert max(kept_a) < 60  # both A's keep less than their common head and end: the middle is gone in both
@@ -376,7 +362,7 @@ def _check_truncation_properties(tok, rows, mode: str, slack: int, head_fraction
     base = FormatConfig(truncation=mode, head_fraction=head_fraction, cut_split=split)
     cfg = FormatConfig(truncation=mode, head_fraction=head_fraction, cut_split=split,
                        max_length=minimum_max_length(tok, base) + slack)  # fmt: skip
-    encoded = encode_rows(_frame(rows), tok, cfg)
+    encoded = encode_rows(turns_frame(rows), tok, cfg)
     (turn_open, prompt_to_a, a_to_b, turn_close, suffix), marker = _template_parts(tok, cfg)
     delimiters = (turn_open, prompt_to_a, a_to_b, turn_close)
     start, end = tok.convert_tokens_to_ids([START_OF_TURN, END_OF_TURN])
@@ -492,7 +478,7 @@ def test_truncation_properties_with_gemma2_tokenizer(gemma_tok, rows, mode, slac
 def test_gemma2_keeps_a_refusal_and_the_end_of_a_long_response(gemma_tok):
     refusal = "I'm sorry, but I can't help with that. " + "Here is some general background instead. " * 200
     refusal += "In short: please consult a professional."
-    frame = _frame([[("How do I do this?", refusal, "Sure! Step one: open the file.")]])
+    frame = turns_frame([[("How do I do this?", refusal, "Sure! Step one: open the file.")]])
     encoded = encode_rows(frame, gemma_tok, FormatConfig(max_length=256))
     text = gemma_tok.decode(encoded.input_ids[0])
     assert len(encoded.input_ids[0]) <= 256
@@ -537,7 +523,7 @@ safe_text = st.text(alphabet=st.sampled_from(list("abcdefgh éü数😊,.?\n")),
        head_fraction=st.sampled_from(HEAD_FRACTIONS), split=st.sampled_from(CUT_SPLITS))  # fmt: skip
 def test_swapped_encoding_exchanges_a_and_b_exactly(bpe_tok, rows, mode, slack, head_fraction, split):
     labels = [i % 3 for i in range(len(rows))]
-    frame = _frame(rows, labels)
+    frame = turns_frame(rows, labels)
     base = FormatConfig(truncation=mode, head_fraction=head_fraction, cut_split=split)
     cfg = FormatConfig(truncation=mode, head_fraction=head_fraction, cut_split=split,
                        max_length=minimum_max_length(bpe_tok, base) + slack)  # fmt: skip
@@ -560,7 +546,7 @@ def test_swapped_encoding_exchanges_a_and_b_exactly(bpe_tok, rows, mode, slack, 
 
 # ----------------------------------------------------------------------------------- contract and errors
 def test_encoded_rows_carry_ids_labels_and_version(bpe_tok):
-    frame = _frame([[("hi", "a", "b")], [("q", "long " * 50, "b")]], labels=[0, 2])
+    frame = turns_frame([[("hi", "a", "b")], [("q", "long " * 50, "b")]], labels=[0, 2])
     encoded = encode_rows(frame, bpe_tok, FormatConfig(max_length=512))
     assert encoded.ids == [100, 101] and encoded.swapped is False
     assert encoded.labels.dtype == np.int64 and encoded.labels.tolist() == [0, 2]
@@ -573,7 +559,7 @@ def test_encoded_rows_carry_ids_labels_and_version(bpe_tok):
 
 
 def test_default_gemma_template_text(bpe_tok):
-    encoded = encode_rows(_frame([[("Hi?", "Hello!", "Hey.")]]), bpe_tok, FormatConfig())
+    encoded = encode_rows(turns_frame([[("Hi?", "Hello!", "Hey.")]]), bpe_tok, FormatConfig())
     assert bpe_tok.decode(encoded.input_ids[0]) == (
         "<bos><start_of_turn>user\nHi?<end_of_turn>\n<start_of_turn>model\n"
         "<response_a>\nHello!\n</response_a>\n"
@@ -586,14 +572,14 @@ def test_gemma_template_needs_the_turn_tokens(word_tok):
     backend = Tokenizer(models.WordLevel(vocab={"[UNK]": 0, "[BOS]": 1, "hi": 2}, unk_token="[UNK]"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     plain_tok = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", bos_token="[BOS]")
-    frame = _frame([[("hi", "hi", "hi")]])
+    frame = turns_frame([[("hi", "hi", "hi")]])
     with pytest.raises(UsageError, match="template='plain'"):
         encode_rows(frame, plain_tok, FormatConfig(template="gemma"))
     assert encode_rows(frame, plain_tok, FormatConfig(template="plain")).input_ids[0][0] == 1
 
 
 def test_config_and_length_errors_are_usage_errors(word_tok):
-    frame = _frame([[("p0x1", "a0x1", "b0x1")]])
+    frame = turns_frame([[("p0x1", "a0x1", "b0x1")]])
     with pytest.raises(UsageError, match="head_fraction"):
         FormatConfig(head_fraction=1.5)
     with pytest.raises(UsageError, match=r"format.cut_split must be one of \['proportional', 'equal'\]"):
@@ -609,7 +595,7 @@ def test_config_and_length_errors_are_usage_errors(word_tok):
 
 
 def test_bad_frames_raise_data_errors_naming_ids(word_tok):
-    good = _frame([[("a", "b", "c")], [("d", "e", "f")]], labels=[0, 1])
+    good = turns_frame([[("a", "b", "c")], [("d", "e", "f")]], labels=[0, 1])
     with pytest.raises(DataError, match="response_b"):
         encode_rows(good.drop("response_b"), word_tok, FormatConfig())
     uneven = good.with_columns(pl.Series("response_a", [["b"], ["e", "extra"]]))

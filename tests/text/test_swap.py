@@ -5,25 +5,11 @@ from __future__ import annotations
 import numpy as np
 import polars as pl
 import pytest
+from builders import turns_frame
 from hypothesis import given
 from hypothesis import strategies as st
 
 from kaggle_utils.text.swap import average_views, swap_frame, swap_labels, swap_probs
-
-
-def _frame(rows: list[list[tuple[str, str, str]]], labels: list[int | None] | None = None) -> pl.DataFrame:
-    data = {
-        "id": list(range(100, 100 + len(rows))),
-        "prompt": [[turn[0] for turn in row] for row in rows],
-        "response_a": [[turn[1] for turn in row] for row in rows],
-        "response_b": [[turn[2] for turn in row] for row in rows],
-    }
-    schema = {"id": pl.Int64, "prompt": pl.List(pl.String), "response_a": pl.List(pl.String),
-              "response_b": pl.List(pl.String)}  # fmt: skip
-    if labels is not None:
-        data["label"] = labels
-        schema["label"] = pl.Int8
-    return pl.DataFrame(data, schema=schema)
 
 
 @given(labels=st.lists(st.integers(0, 2), max_size=50))
@@ -42,7 +28,7 @@ def test_swap_label_and_probability_algebra(labels):
 
 
 def test_swap_frame_exchanges_every_a_b_pair_and_is_an_involution():
-    frame = _frame(
+    frame = turns_frame(
         [[("q", "left", "right")], [("q2", "x", "y")], [("q3", "s", "t")]], labels=[0, 1, 2]
     ).with_columns(model_a=pl.Series(["m1", "m2", "m3"]), model_b=pl.Series(["n1", "n2", "n3"]))
     swapped = swap_frame(frame)
