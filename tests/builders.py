@@ -143,3 +143,16 @@ def turns_frame(
         data["label"] = labels
         schema["label"] = pl.Int8
     return pl.DataFrame(data, schema=schema)
+
+
+def overconfident_rows(n: int = 600, temperature: float = 3.0, signal: float = 1.0, seed: int = 0):
+    """(labels, over-sharpened probs, true probs, prompt groups) of `n` rows whose true class
+    probabilities are softmax(N(0, signal)); `temperature` > 1 makes the predictions overconfident (what
+    calibration fixes)."""
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(0.0, signal, size=(n, 3))
+    true = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    labels = np.array([rng.choice(3, p=row) for row in true])
+    sharp = np.exp(logits * temperature)
+    groups = rng.integers(0, n // 3, size=n)  # prompts shared by ~3 rows
+    return labels, sharp / sharp.sum(axis=1, keepdims=True), true, groups

@@ -5,22 +5,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from builders import CLASS_PRIOR, overconfident_rows
 
 from kaggle_utils.core.metrics import log_loss
 from kaggle_utils.evaluate.calibration import fit_calibration
 from kaggle_utils.evaluate.candidates import Candidate, build_candidates, cross_fit_splits, decide_ship
 
-PRIOR = np.array([0.35, 0.34, 0.31])
-
-
-def data(n: int = 600, temperature: float = 3.0, signal: float = 1.0, seed: int = 0):
-    rng = np.random.default_rng(seed)
-    logits = rng.normal(0.0, signal, size=(n, 3))
-    true = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
-    labels = np.array([rng.choice(3, p=row) for row in true])
-    sharp = np.exp(logits * temperature)
-    groups = rng.integers(0, n // 3, size=n)  # prompts shared by ~3 rows
-    return labels, sharp / sharp.sum(axis=1, keepdims=True), true, groups
+PRIOR = np.array(CLASS_PRIOR)
 
 
 def test_splits_keep_prompt_groups_together():
@@ -32,7 +23,7 @@ def test_splits_keep_prompt_groups_together():
 
 
 def test_an_over_confident_model_ships_calibrated_and_the_figure_is_cross_fitted():
-    labels, sharp, true, groups = data()
+    labels, sharp, true, groups = overconfident_rows()
     candidates = build_candidates(
         labels,
         groups,
@@ -53,7 +44,7 @@ def test_an_over_confident_model_ships_calibrated_and_the_figure_is_cross_fitted
 
 
 def test_small_data_can_make_the_class_prior_the_best_thing_to_ship():
-    labels, _, _, groups = data(n=120, seed=3)
+    labels, _, _, groups = overconfident_rows(n=120, seed=3)
     rng = np.random.default_rng(4)
     useless = rng.dirichlet(np.full(3, 0.5), size=len(labels))  # a confident model that learned nothing
     candidates = build_candidates(
@@ -86,7 +77,7 @@ def test_choosing_among_equally_good_candidates_on_the_same_rows_is_optimistic_a
     candidate's expected loss); the nested figure chooses inside each split on the other splits' rows and
     scores the choice on the held-out split, so it is not below what the candidates do on average."""
 
-    labels, _, true, groups = data(n=300, seed=5)
+    labels, _, true, groups = overconfident_rows(n=300, seed=5)
     splits = cross_fit_splits(groups)
     candidates = [
         Candidate(name=f"m{index}", kind="model", probs=probs, members=[])
@@ -113,7 +104,7 @@ def test_a_lead_within_noise_ships_the_simplest_candidate_and_says_so():
     """Two equally good predictions, the lower one on these rows made a blend: its lead is noise, so the
     simpler single model ships; the report still names the lowest CV and the lead over what shipped."""
 
-    labels, _, true, groups = data(n=400, seed=7)
+    labels, _, true, groups = overconfident_rows(n=400, seed=7)
     first, second = noisy_copies(true, 2, noise=0.4, seed=8)
     if log_loss(labels, first) > log_loss(labels, second):
         first, second = second, first
@@ -141,7 +132,7 @@ def test_a_clear_lead_ships_the_best_and_its_nested_cv_is_its_held_out_score():
     the blend ships although it is the most complex, every split chooses it, and as nothing in it was fitted
     on OOF rows its nested CV is its own CV."""
 
-    labels, sharp, true, groups = data(n=400, seed=9)
+    labels, sharp, true, groups = overconfident_rows(n=400, seed=9)
     candidates = [
         Candidate(name="blend", kind="blend", probs=true, members=[]),
         Candidate(name="model", kind="model", probs=sharp, members=[]),
@@ -160,7 +151,7 @@ def test_a_clear_lead_ships_the_best_and_its_nested_cv_is_its_held_out_score():
 def test_the_choice_inside_a_split_never_sees_that_splits_labels():
     """Nested selection through build_candidates: every candidate's rows for choosing inside split 0 (a
     temperature and blend weights fitted there without split 0) are the same whatever split 0's labels are."""
-    labels, sharp, _, groups = data(n=300, seed=11)
+    labels, sharp, _, groups = overconfident_rows(n=300, seed=11)
     splits = cross_fit_splits(groups)
     shuffled = labels.copy()
     held = np.flatnonzero(splits == 0)
@@ -184,7 +175,7 @@ def test_the_choice_inside_a_split_never_sees_that_splits_labels():
 
 
 def test_one_candidate_has_its_own_cross_fitted_cv_as_its_nested_cv():
-    labels, sharp, _, groups = data(n=300, seed=12)
+    labels, sharp, _, groups = overconfident_rows(n=300, seed=12)
     candidates = build_candidates(
         labels,
         groups,

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from builders import build_tiny_artifacts, predict_cfg, read_probs
+from builders import CLASS_PRIOR, build_tiny_artifacts, overconfident_rows, predict_cfg, read_probs
 
 from kaggle_utils.evaluate.calibration import apply_calibration
 from kaggle_utils.evaluate.candidates import build_candidates, decide_ship
@@ -16,17 +16,7 @@ from kaggle_utils.evaluate.ship import write_shipped
 from kaggle_utils.inference import predictor as inference
 from kaggle_utils.inference.ensemble import ensemble_members
 
-PRIOR = np.array([0.35, 0.34, 0.31])
-
-
-def data(n: int = 600, temperature: float = 3.0, signal: float = 1.0, seed: int = 0):
-    rng = np.random.default_rng(seed)
-    logits = rng.normal(0.0, signal, size=(n, 3))
-    true = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
-    labels = np.array([rng.choice(3, p=row) for row in true])
-    sharp = np.exp(logits * temperature)
-    groups = rng.integers(0, n // 3, size=n)  # prompts shared by ~3 rows
-    return labels, sharp / sharp.sum(axis=1, keepdims=True), true, groups
+PRIOR = np.array(CLASS_PRIOR)
 
 
 def test_the_shipped_calibrated_model_predicts_what_its_cv_scored(tmp_path, demo_tokenizer, sample_files):
@@ -34,7 +24,7 @@ def test_the_shipped_calibrated_model_predicts_what_its_cv_scored(tmp_path, demo
     version of the plain model's predictions (the post-processing CV scored is the one predict applies)."""
     torch.set_num_threads(1)
     artifacts = build_tiny_artifacts(tmp_path / "artifacts", demo_tokenizer)
-    labels, sharp, _, groups = data(n=300)
+    labels, sharp, _, groups = overconfident_rows(n=300)
     candidates = build_candidates(
         labels,
         groups,
@@ -59,7 +49,7 @@ def test_the_shipped_calibrated_model_predicts_what_its_cv_scored(tmp_path, demo
 
 
 def test_a_plain_model_ships_as_its_own_artifact(tmp_path):
-    labels, _, true, groups = data(n=200)
+    labels, _, true, groups = overconfident_rows(n=200)
     candidates = build_candidates(
         labels,
         groups,
@@ -81,7 +71,7 @@ def test_tta_space_is_a_candidate_and_ships_through_the_ensemble_member(
     in logit space, exactly as its manifest saying tta_space=logit would."""
     torch.set_num_threads(1)
     artifacts = build_tiny_artifacts(tmp_path / "artifacts", demo_tokenizer)
-    labels, sharp, _, groups = data(n=300)
+    labels, sharp, _, groups = overconfident_rows(n=300)
     swapped_view = sharp[:, [1, 0, 2]] ** 0.5
     swapped_view /= swapped_view.sum(axis=1, keepdims=True)
     views = np.stack([sharp, swapped_view])
@@ -121,7 +111,7 @@ def test_a_blend_of_plain_and_logit_tta_members_is_a_valid_ensemble(tmp_path):
     from builders import make_artifact
 
     make_artifact(tmp_path / "m")  # write_shipped copies the member in: a stand-in artifact (never loaded)
-    labels, sharp, _, groups = data(n=300)
+    labels, sharp, _, groups = overconfident_rows(n=300)
     views = np.stack(
         [sharp, sharp[:, [1, 0, 2]] ** 0.5 / (sharp[:, [1, 0, 2]] ** 0.5).sum(axis=1, keepdims=True)]
     )
