@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 from kaggle_utils.cli import data, inference, kaggle, modeling, models, study
@@ -58,10 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(verbose=args.verbose)
     try:
         run_log = getattr(args, "run_log", None)  # commands whose --out is a run folder keep a log in it
-        if run_log and getattr(args, "out", None):
-            with log_to_file(Path(args.out) / run_log, mode="a"):
-                return int(args.handler(args) or 0)
-        return int(args.handler(args) or 0)
+        out = getattr(args, "out", None)
+        with log_to_file(Path(out) / run_log, mode="a") if run_log and out else nullcontext():
+            return int(args.handler(args) or 0)
     except UsageError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
